@@ -1,0 +1,221 @@
+"""The ``vibench`` command line: ``run`` a recipe, ``list`` the components.
+
+Results go to stdout; progress and errors to stderr. Torch is imported only by ``run``, so
+``vibench list`` and ``--help`` start fast.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Annotated, Any, Optional
+
+import typer
+
+from workbench.errors import VibenchError
+
+# Click's exception classes, found through typer so this works whether typer bundles click
+# (typer >= 0.2x) or depends on it.
+ClickException = next(c for c in typer.BadParameter.__mro__ if c.__name__ == "ClickException")
+ClickUsageError = next(c for c in typer.BadParameter.__mro__ if c.__name__ == "UsageError")
+
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    help="A workbench for stochastic variational inference on Pyro.",
+)
+
+
+@app.command()
+def run(
+    recipe: Annotated[Path, typer.Argument(help="The recipe, a YAML file.", show_default=False)],
+    set_: Annotated[
+        Optional[list[str]],
+        typer.Option("--set", metavar="KEY=VALUE", show_default=False,
+                     help="Change the recipe: loss.num_particles=16, or guide=auto_normal to "
+                          "swap a whole component. The value is YAML. Repeatable."),
+    ] = None,
+    out: Annotated[Optional[Path], typer.Option(
+        help="The run directory (new or empty). Default: runs/<name>-<timestamp>.")] = None,
+    device: Annotated[Optional[str], typer.Option(help="auto, cpu or cuda.")] = None,
+    seed: Annotated[Optional[int], typer.Option(help="The random seed.")] = None,
+    steps: Annotated[Optional[int], typer.Option(help="The number of SVI steps.")] = None,
+) -> None:
+    """Run SVI as a recipe says and report the posterior."""
+    from workbench import recipe as recipes
+    from workbench.registry import get_registry
+
+    sets = list(set_ or [])
+    shorthands = {"device": device, "seed": seed, "train.steps": steps}
+    sets += [f"{key}={value}" for key, value in shorthands.items() if value is not None]
+    raw, overridden = recipes.apply_overrides(recipes.load(recipe), sets)
+    registry = get_registry()
+    for problem in registry.problems:
+        _err(f"warning: {problem}")
+    resolved = recipes.resolve(raw, registry, str(recipe), overridden)
+
+    from workbench.runner import Run, make_run_dir
+
+    prepared = Run.setup(resolved, registry)
+    run_dir = make_run_dir(resolved["name"], out)
+    _err(f"run directory: {run_dir}")
+    with Progress(resolved["train"]["steps"]) as progress:
+        summary = prepared.train(run_dir, progress.update)
+    for line in report_lines(summary):
+        print(line)
+    print(f"final loss {summary['final_loss']:.4f} | {summary['steps']} steps in "
+          f"{summary['wall_seconds']:.1f} s ({summary['steps_per_second']:.0f} steps/s) | {run_dir}")
+
+
+@app.command("list")
+def list_components(
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+) -> None:
+    """List every component by kind, with its plugin, options and description."""
+    from workbench.registry import KINDS, get_registry
+
+    registry = get_registry()
+    listing: dict[str, Any] = {
+        kind: [
+            {
+                "name": c.name,
+                "plugin": c.plugin,
+                "description": c.description,
+                "options": {
+                    o.name: {"default": None if o.required else _plain(o.default),
+                             "required": o.required, "type": o.type_name()}
+                    for o in c.options.values()
+                },
+            }
+            for c in (registry.components[kind][n] for n in registry.names(kind))
+        ]
+        for kind in KINDS
+    }
+    listing["conflicts"] = [
+        {"kind": kind, "name": name, "plugins": plugins}
+        for (kind, name), plugins in registry.conflicts.items()
+    ]
+    listing["broken"] = [
+        {"plugin": p.plugin, "where": p.where, "error": p.error} for p in registry.problems
+    ]
+    if as_json:
+        print(json.dumps(listing, indent=2))
+        return
+    for kind in KINDS:
+        print(f"{kind}:")
+        for entry in listing[kind]:
+            options = ", ".join(
+                f"{name}" if o["required"] else f"{name}={o['default']!r}"
+                for name, o in entry["options"].items()
+            )
+            print(f"  {entry['name']:<16} {entry['description']}")
+            print(f"  {'':<16} options: {options or '-'}   [plugin {entry['plugin']}]")
+    for conflict in listing["conflicts"]:
+        print(f"conflict: {conflict['kind']} {conflict['name']!r} is registered by "
+              + " and ".join(conflict["plugins"]))
+    for problem in registry.problems:
+        print(f"broken: {problem}")
+
+
+def report_lines(summary: dict, limit: int = 10) -> list[str]:
+    """One line per latent site (per element for a tensor site, up to ``limit``): mean +- sd,
+    and the exact posterior's beside it where known."""
+    lines = []
+    for site, entry in summary["posterior"].items():
+        keys = [k for k in ("mean", "std", "exact_mean", "exact_std") if k in entry]
+        flat = {k: list(_flatten(entry[k])) for k in keys}
+        count = len(flat["mean"])
+        for i in range(min(count, limit)):
+            label = site if not isinstance(entry["mean"], list) else f"{site}[{i}]"
+            line = f"{label}: {flat['mean'][i]:.3f} +- {flat['std'][i]:.3f}"
+            if "exact_mean" in flat:
+                line += f" (exact {flat['exact_mean'][i]:.3f} +- {flat['exact_std'][i]:.3f})"
+            lines.append(line)
+        if count > limit:
+            lines.append(f"{site}: {count - limit} more elements in summary.json")
+    return lines
+
+
+def _flatten(value: Any):
+    if isinstance(value, list):
+        for item in value:
+            yield from _flatten(item)
+    else:
+        yield value
+
+
+class Progress:
+    """A progress bar with the current loss on a terminal; a line every tenth otherwise."""
+
+    def __init__(self, total: int):
+        self.total = total
+        self.last = 0.0
+        self.bar = None
+        if sys.stderr.isatty():
+            from rich.console import Console
+            from rich.progress import (BarColumn, MofNCompleteColumn, Progress as Bar,
+                                       TextColumn, TimeElapsedColumn, TimeRemainingColumn)
+
+            self.bar = Bar(TextColumn("SVI"), BarColumn(), MofNCompleteColumn(),
+                           TextColumn("loss {task.fields[loss]}"), TimeElapsedColumn(),
+                           TimeRemainingColumn(), console=Console(stderr=True))
+            self.task = self.bar.add_task("svi", total=total, loss="-")
+
+    def __enter__(self) -> Progress:
+        if self.bar is not None:
+            self.bar.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.bar is not None:
+            self.bar.stop()
+
+    def update(self, step: int, loss: float) -> None:
+        if self.bar is None:
+            if step == self.total or step % max(1, self.total // 10) == 0:
+                _err(f"step {step}/{self.total}  loss {loss:.4f}")
+            return
+        now = time.monotonic()
+        if step == self.total or now - self.last >= 0.1:
+            self.last = now
+            self.bar.update(self.task, completed=step, loss=f"{loss:.4f}")
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, tuple):
+        return [_plain(v) for v in value]
+    if value is None or isinstance(value, (bool, int, float, str, list, dict)):
+        return value
+    return repr(value)
+
+
+def _err(line: str) -> None:
+    print(line, file=sys.stderr)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """The console script: runs the app and turns our errors into one line each and an exit code."""
+    try:
+        code = app(args=argv, prog_name="vibench", standalone_mode=False)
+    except ClickUsageError as exc:
+        command = exc.ctx.command_path if exc.ctx else "vibench"
+        _err(f"error: {exc.format_message()} (see '{command} --help')")
+        code = 2
+    except ClickException as exc:
+        _err(f"error: {exc.format_message()}")
+        code = exc.exit_code
+    except (typer.Abort, KeyboardInterrupt):
+        _err("interrupted")
+        code = 130
+    except VibenchError as exc:
+        if os.environ.get("VIBENCH_DEBUG"):
+            raise
+        prefix = "" if exc.exit_code == 130 else "error: "
+        for line in exc.lines():
+            _err(prefix + line)
+        code = exc.exit_code
+    sys.exit(code if isinstance(code, int) else 0)

@@ -1,0 +1,50 @@
+"""The errors vibench shows to users, each with the exit code the CLI returns for it."""
+
+from __future__ import annotations
+
+import difflib
+from typing import Iterable
+
+
+class VibenchError(Exception):
+    """An error whose message is written for the user; the CLI prints it without a traceback."""
+
+    exit_code = 1
+
+    def lines(self) -> list[str]:
+        return [str(self)]
+
+
+class UsageError(VibenchError):
+    """Bad input: a recipe, an option, a file or a command-line argument (exit code 2)."""
+
+    exit_code = 2
+
+
+class RecipeError(UsageError):
+    """Everything wrong with one recipe, reported at once, one line per problem."""
+
+    def __init__(self, source: str, problems: list[str]):
+        self.source = source
+        self.problems = problems
+        super().__init__("\n".join(self.lines()))
+
+    def lines(self) -> list[str]:
+        return [f"{self.source}: {problem}" for problem in self.problems]
+
+
+class RunError(VibenchError):
+    """A failure while training, after the recipe was accepted (exit code 1)."""
+
+    exit_code = 1
+
+
+def did_you_mean(word: str, choices: Iterable[str]) -> str:
+    """A hint naming the closest choices to a misspelt word, or the choices when none is close."""
+    choices = sorted(set(choices))
+    close = difflib.get_close_matches(word, choices, n=3, cutoff=0.6)
+    if close:
+        return "did you mean " + " or ".join(repr(c) for c in close) + "?"
+    if not choices:
+        return "there are none"
+    return "choose from " + ", ".join(choices)

@@ -1,0 +1,73 @@
+"""The hooks a vibench plugin implements, one per kind of component.
+
+Each hook receives a ``register(name, factory)`` callable and calls it once per component.
+``factory`` is a function: its keyword parameters are the component's options (a recipe
+sets them, ``vibench list`` shows them with their defaults), and its docstring's first line
+is the component's description. A few parameter names are not options but are filled in by
+vibench from the run: ``device`` (the run's ``torch.device``) for any factory, ``model`` for
+guides and ``optim_args`` for optimizers. A hook implementation may leave out ``register``
+as pluggy allows, though then it registers nothing.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import pluggy
+
+PROJECT = "vibench"
+
+hookspec = pluggy.HookspecMarker(PROJECT)
+hookimpl = pluggy.HookimplMarker(PROJECT)
+
+Register = Callable[[str, Callable], None]
+
+
+@hookspec
+def register_models(register: Register) -> None:
+    """Register model factories.
+
+    A model factory returns a Pyro model: a callable whose keyword arguments are the
+    recipe's ``data`` keys (as tensors on the run's device). It may also have a method
+    ``exact_posterior(**data) -> {site: torch.distributions.Distribution}`` giving the exact
+    or reference posterior, which the report compares the guide against.
+    """
+
+
+@hookspec
+def register_guides(register: Register) -> None:
+    """Register guide (variational family) factories.
+
+    A guide factory takes the Pyro ``model`` and returns a guide callable with the model's
+    signature, such as a Pyro autoguide.
+    """
+
+
+@hookspec
+def register_losses(register: Register) -> None:
+    """Register loss factories.
+
+    A loss factory returns a Pyro ELBO instance (``Trace_ELBO`` and friends), which SVI
+    minimises.
+    """
+
+
+@hookspec
+def register_optimizers(register: Register) -> None:
+    """Register optimizer factories.
+
+    An optimizer factory takes ``optim_args``, a callable ``param_name -> dict`` that vibench
+    builds from the factory's own options merged with the recipe's per-parameter rules, and
+    returns a ``pyro.optim.PyroOptim`` made with it, e.g. ``pyro.optim.Adam(optim_args)``.
+    """
+
+
+@hookspec
+def register_optim_args(register: Register) -> None:
+    """Register optimizer-argument factories (Pyro's per-parameter ``optim_args``).
+
+    Such a factory returns a callable ``param_name -> dict`` of optimizer settings for that
+    parameter, which override the optimizer's own options; an empty dict keeps them. The
+    callable may have a method ``check(param_names)`` that raises ``ValueError`` when the
+    recipe's rules do not fit the model's parameters (a rule that matches nothing, say).
+    """

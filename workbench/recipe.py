@@ -1,0 +1,315 @@
+"""Recipes: read the YAML, apply ``--set`` overrides, and check the whole recipe at once.
+
+A checked recipe is a plain dict in which every component section holds its name and all of
+its options, defaults filled in: it is what a run saves, and what reproduces the run.
+"""
+
+from __future__ import annotations
+
+import copy
+import re
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+
+import yaml
+
+from workbench.errors import RecipeError, UsageError, did_you_mean
+from workbench.options import Option
+from workbench.registry import Registry
+
+# Component sections by their path in the recipe, with the kind of component each names.
+COMPONENTS: dict[tuple[str, ...], str] = {
+    ("model",): "model",
+    ("guide",): "guide",
+    ("loss",): "loss",
+    ("optimizer",): "optimizer",
+    ("optimizer", "optim_args"): "optim_args",
+}
+SECTIONS = ("name", "seed", "device", "data", "model", "guide", "loss", "optimizer", "train")
+TRAIN: dict[str, Option] = {
+    option.name: option
+    for option in (
+        Option("steps", 1000, int),
+        Option("eval_every", 100, int),  # 0: never evaluate
+        Option("log_params_every", 10, int),  # 0: never log the parameters
+    )
+}
+MAX_BYTES = 1_000_000
+NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
+DEVICE_PATTERN = re.compile(r"auto|cpu|cuda(:\d+)?")
+
+
+class _SafeLoader(yaml.SafeLoader):
+    """The safe loader, refusing duplicate keys, which YAML would silently drop."""
+
+
+def _construct_mapping(loader: yaml.SafeLoader, node: yaml.MappingNode) -> dict:
+    seen = set()
+    for key_node, _ in node.value:
+        key = loader.construct_object(key_node, deep=True)
+        try:
+            duplicate = key in seen
+            seen.add(key)
+        except TypeError:  # an unhashable key: construct_mapping says so
+            break
+        if duplicate:
+            raise yaml.constructor.ConstructorError(
+                None, None, f"duplicate key {key!r}", key_node.start_mark
+            )
+    return loader.construct_mapping(node, deep=True)
+
+
+_SafeLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_mapping)
+
+
+def load(path: Path) -> dict:
+    """Read a recipe file into a dict, or raise a UsageError saying what is wrong with it."""
+    source = str(path)
+    try:
+        if path.is_dir():
+            raise UsageError(f"{source}: is a directory, not a recipe file")
+        size = path.stat().st_size
+        if size > MAX_BYTES:
+            raise UsageError(f"{source}: {size} bytes is too large for a recipe (at most 1 MB)")
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise UsageError(f"{source}: no such recipe file") from None
+    except UnicodeDecodeError:
+        raise UsageError(f"{source}: is not UTF-8 text") from None
+    except OSError as exc:
+        raise UsageError(f"{source}: cannot read it: {exc.strerror}") from None
+    return parse(text, source)
+
+
+def parse(text: str, source: str) -> dict:
+    """Parse recipe text with the safe loader; ``source`` names it in error messages."""
+    try:
+        recipe = yaml.load(text, Loader=_SafeLoader)
+    except yaml.MarkedYAMLError as exc:
+        mark = exc.problem_mark or exc.context_mark
+        where = f"{source}:{mark.line + 1}:{mark.column + 1}" if mark else source
+        problem = exc.problem or str(exc)
+        if "constructor for the tag" in problem:
+            problem = f"YAML tag {problem.split('tag')[-1].strip()} is not allowed in a recipe"
+        raise UsageError(f"{where}: invalid YAML: {problem}") from None
+    except yaml.YAMLError as exc:
+        raise UsageError(f"{source}: invalid YAML: {exc}") from None
+    except RecursionError:
+        raise UsageError(f"{source}: nested too deeply to be a recipe") from None
+    if recipe is None:
+        raise UsageError(f"{source}: the recipe is empty")
+    if not isinstance(recipe, dict):
+        raise UsageError(
+            f"{source}: a recipe is a mapping of sections ({', '.join(SECTIONS)}), "
+            f"not {_describe(recipe)}"
+        )
+    return recipe
+
+
+def apply_overrides(recipe: dict, sets: Sequence[str]) -> tuple[dict, set[str]]:
+    """A copy of ``recipe`` with each ``KEY=VALUE`` applied, and the keys they set.
+
+    The value is YAML. Setting a component section to a name (``guide=auto_normal``)
+    replaces the whole section, so no option of the old component is left behind.
+    """
+    recipe = _expand_shorthands(copy.deepcopy(recipe))
+    problems: list[str] = []
+    overridden: set[str] = set()
+    for item in sets:
+        key, equals, text = item.partition("=")
+        key = key.strip()
+        parts = tuple(key.split("."))
+        if not equals:
+            problems.append(f"--set {item!r}: expected KEY=VALUE, e.g. --set loss.num_particles=16")
+            continue
+        if not all(parts):
+            problems.append(f"--set {item!r}: {key!r} is not a key like loss.num_particles")
+            continue
+        if parts[0] not in SECTIONS:
+            problems.append(
+                f"--set {item!r}: no recipe section {parts[0]!r}; {did_you_mean(parts[0], SECTIONS)}"
+            )
+            continue
+        try:
+            value = yaml.load(text, Loader=_SafeLoader)
+        except yaml.YAMLError as exc:
+            problems.append(f"--set {item!r}: the value is not valid YAML ({_first_line(exc)})")
+            continue
+        if parts in COMPONENTS and isinstance(value, str):
+            value = {"name": value}
+        target = recipe
+        for depth, part in enumerate(parts[:-1]):
+            child = target.setdefault(part, {})
+            if not isinstance(child, dict):
+                where = ".".join(parts[: depth + 1])
+                problems.append(f"--set {item!r}: {where} is {child!r}, not a mapping")
+                break
+            target = child
+        else:
+            target[parts[-1]] = value
+            overridden.add(key)
+    if problems:
+        raise RecipeError("command line", problems)
+    return recipe, overridden
+
+
+def resolve(
+    recipe: dict, registry: Registry, source: str, overridden: Iterable[str] = ()
+) -> dict:
+    """Check a recipe whole against the registry and fill in every default.
+
+    Every problem found is reported at once, in one RecipeError.
+    """
+    recipe = _expand_shorthands(recipe)
+    checker = _Checker(registry, set(overridden))
+    for key in recipe:
+        if key not in SECTIONS:
+            checker.problem(str(key), f"unknown section; {did_you_mean(str(key), SECTIONS)}")
+    resolved: dict[str, Any] = {}
+    resolved["name"] = checker.value(
+        recipe, "name", Path(source).stem or "run", str,
+        lambda v: NAME_PATTERN.fullmatch(v), "a name of letters, digits, '.', '_' and '-'",
+    )
+    resolved["seed"] = checker.value(recipe, "seed", 0, int, lambda v: v >= 0, "a whole number >= 0")
+    resolved["device"] = checker.value(
+        recipe, "device", "auto", str, DEVICE_PATTERN.fullmatch, "auto, cpu, cuda or cuda:N"
+    )
+    resolved["data"] = checker.data(recipe.get("data"))
+    for (section,), kind in ((p, k) for p, k in COMPONENTS.items() if len(p) == 1):
+        if section not in recipe:
+            checker.problem(
+                section,
+                f"missing; a recipe names its {kind}, e.g. '{section}: {{name: ...}}' with "
+                f"a name from: {', '.join(registry.names(kind)) or 'none installed'}",
+            )
+        else:
+            resolved[section] = checker.component((section,), recipe[section])
+    resolved["train"] = checker.train(recipe.get("train", {}))
+    if checker.problems:
+        raise RecipeError(source, checker.problems)
+    return resolved
+
+
+class _Checker:
+    """Collects every problem of one recipe, each naming the key it is about."""
+
+    def __init__(self, registry: Registry, overridden: set[str]):
+        self.registry = registry
+        self.overridden = overridden
+        self.problems: list[str] = []
+
+    def problem(self, path: str, message: str) -> None:
+        if any(path == key or key.startswith(path + ".") or path.startswith(key + ".")
+               for key in self.overridden):
+            message += " (set on the command line)"
+        self.problems.append(f"{path}: {message}")
+
+    def value(self, recipe: dict, key: str, default: Any, kind: type, valid, wanted: str) -> Any:
+        value = recipe.get(key, default)
+        if not Option(key, default, kind).accepts(value) or not valid(value):
+            self.problem(key, f"expected {wanted}, got {value!r}")
+        return value
+
+    def data(self, data: Any) -> dict:
+        if data is None:
+            return {}
+        if not isinstance(data, dict):
+            self.problem("data", f"expected a mapping of the model's arguments, got {_describe(data)}")
+            return {}
+        for key in data:
+            if not isinstance(key, str) or not key.isidentifier():
+                self.problem(f"data.{key}", "a data key names a model argument, like 'flips'")
+        return data
+
+    def train(self, train: Any) -> dict:
+        if not isinstance(train, dict):
+            self.problem("train", f"expected a mapping of training settings, got {_describe(train)}")
+            train = {}
+        for key, value in train.items():
+            option = TRAIN.get(key)
+            if option is None:
+                self.problem(f"train.{key}", f"unknown setting; {did_you_mean(str(key), TRAIN)}")
+            elif not option.accepts(value) or value < (1 if key == "steps" else 0):
+                low = "1" if key == "steps" else "0"
+                self.problem(f"train.{key}", f"expected a whole number >= {low}, got {value!r}")
+        return {name: train.get(name, option.default) for name, option in TRAIN.items()}
+
+    def component(self, path: tuple[str, ...], section: Any) -> dict | None:
+        kind, where = COMPONENTS[path], ".".join(path)
+        if not isinstance(section, dict):
+            self.problem(where, f"expected a mapping with a 'name' key, got {_describe(section)}")
+            return None
+        name = section.get("name")
+        if not isinstance(name, str):
+            choices = ", ".join(self.registry.names(kind)) or "none installed"
+            got = "missing" if name is None else f"expected a name, got {name!r}"
+            self.problem(f"{where}.name", f"{got}; choose a {kind} from: {choices}")
+            return None
+        try:
+            component = self.registry.get(kind, name)
+        except UsageError as exc:
+            self.problem(f"{where}.name", str(exc))
+            return None
+        nested = {p[-1]: p for p in COMPONENTS if p[:-1] == path}
+        resolved: dict[str, Any] = {"name": name}
+        for key, value in section.items():
+            option = component.options.get(key)
+            if key == "name":
+                continue
+            if key in nested:
+                if value is not None:
+                    resolved[key] = self.component(nested[key], value)
+            elif option is None and not component.open_options:
+                real = [*component.options, *nested]
+                self.problem(
+                    f"{where}.{key}",
+                    f"{kind} {name!r} has no option {key!r}; {did_you_mean(str(key), real)}",
+                )
+            elif option is not None and not option.accepts(value):
+                self.problem(f"{where}.{key}", f"expected {option.type_name()}, got {value!r}")
+        for option in component.options.values():
+            if option.name in section:
+                resolved[option.name] = section[option.name]
+            elif option.required:
+                self.problem(f"{where}.{option.name}", f"required by {kind} {name!r}")
+            else:
+                resolved[option.name] = option.default
+        for key, value in section.items():  # options a **kwargs factory takes unchecked
+            resolved.setdefault(key, value)
+        return resolved
+
+
+def _expand_shorthands(section: dict, path: tuple[str, ...] = ()) -> dict:
+    """``guide: beta`` means ``guide: {name: beta}``: a copy with every such shorthand expanded."""
+    expanded = dict(section)
+    for key, value in section.items():
+        sub = (*path, key)
+        if sub in COMPONENTS and isinstance(value, str):
+            expanded[key] = {"name": value}
+        elif isinstance(value, dict) and any(p[: len(sub)] == sub for p in COMPONENTS):
+            expanded[key] = _expand_shorthands(value, sub)
+    return expanded
+
+
+def dump(recipe: dict) -> str:
+    """A checked recipe as YAML, in section order; values YAML cannot hold are written as text."""
+    return yaml.dump(recipe, Dumper=_Dumper, sort_keys=False, default_flow_style=None)
+
+
+class _Dumper(yaml.SafeDumper):
+    pass
+
+
+_Dumper.add_representer(tuple, lambda d, v: d.represent_list(list(v)))
+_Dumper.add_multi_representer(object, lambda d, v: d.represent_str(repr(v)))
+
+
+def _describe(value: Any) -> str:
+    kind = {list: "a list", str: "a string", int: "a number", float: "a number",
+            bool: "true/false"}.get(type(value), type(value).__name__)
+    text = repr(value)
+    return f"{kind} ({text if len(text) <= 40 else text[:37] + '...'})"
+
+
+def _first_line(exc: Exception) -> str:
+    return str(exc).strip().splitlines()[0]

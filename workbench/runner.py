@@ -1,0 +1,335 @@
+"""Run SVI for a checked recipe: build its components, train, and write the run directory.
+
+``Run.setup`` does everything that can fail because of the recipe (a data key the model does
+not take, a guide that cannot fit the model) before anything is written; ``Run.train`` then
+trains and writes the run directory.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+import json
+import logging
+import math
+import os
+import time
+from datetime import datetime
+from pathlib import Path
+from typing import Any, Callable
+
+import pyro
+import torch
+from pyro import poutine
+from pyro.infer import SVI
+
+from workbench import posterior
+from workbench.errors import RunError, UsageError, VibenchError, did_you_mean
+from workbench.recipe import dump
+from workbench.registry import Component, Registry
+
+StepCallback = Callable[[int, float], None]
+
+
+class Interrupted(VibenchError):
+    """The user pressed Ctrl-C; what was learned so far is saved."""
+
+    exit_code = 130
+
+
+def pick_device(name: str) -> torch.device:
+    """The torch device for a recipe's ``device`` value; ``auto`` takes CUDA when present."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            build = "a CPU-only build" if torch.version.cuda is None else "no GPU found"
+            raise UsageError(
+                f"device {name!r}: CUDA is not available here (torch {torch.__version__}, "
+                f"{build}); use --device cpu"
+            )
+        if (device.index or 0) >= torch.cuda.device_count():
+            raise UsageError(f"device {name!r}: there are {torch.cuda.device_count()} GPUs")
+    return device
+
+
+def make_run_dir(name: str, out: Path | None = None) -> Path:
+    """A new, empty run directory: ``out`` if given, else ``runs/<name>-<timestamp>``.
+
+    Never an existing non-empty one, so no run writes over another.
+    """
+    if out is not None:
+        if out.exists() and (not out.is_dir() or any(out.iterdir())):
+            raise UsageError(f"--out {out}: already exists and is not an empty directory")
+        out.mkdir(parents=True, exist_ok=True)
+        return out
+    base = Path("runs") / f"{name}-{datetime.now():%Y%m%d-%H%M%S}"
+    base.parent.mkdir(parents=True, exist_ok=True)
+    for attempt in range(1000):
+        path = base if attempt == 0 else base.with_name(f"{base.name}-{attempt}")
+        try:
+            path.mkdir()
+            return path
+        except FileExistsError:
+            continue
+    raise UsageError(f"cannot find a free run directory next to {base}")
+
+
+class Run:
+    """A recipe's components, built and checked against each other, ready to train."""
+
+    def __init__(self, recipe: dict, device: torch.device, data: dict, model: Any,
+                 guide: Any, svi: SVI, sites: dict, nesting: int, exact: dict | None):
+        self.recipe = recipe
+        self.device = device
+        self.data = data
+        self.model = model
+        self.guide = guide
+        self.svi = svi
+        self.sites = sites
+        self.nesting = nesting
+        self.exact = exact
+
+    @classmethod
+    def setup(cls, recipe: dict, registry: Registry) -> Run:
+        """Build the recipe's components and try them once; any misfit is a UsageError."""
+        logging.getLogger("pyro").setLevel(logging.WARNING)
+        device = pick_device(recipe["device"])
+        pyro.clear_param_store()
+        pyro.set_rng_seed(recipe["seed"])
+        names = {kind: recipe[kind]["name"] for kind in ("model", "guide", "loss")}
+        with on_device(device):
+            data = to_tensors(recipe["data"], device)
+            model = build(registry, "model", recipe["model"], device=device)
+            check_data(model, data, names["model"])
+            guide = build(registry, "guide", recipe["guide"], model=model, device=device)
+            loss = build(registry, "loss", recipe["loss"], device=device)
+            optimizer_section = recipe["optimizer"]
+            optimizer_component = registry.get("optimizer", optimizer_section["name"])
+            optim_args = make_optim_args(registry, optimizer_section, optimizer_component, device)
+            optimizer = build(registry, "optimizer", optimizer_section,
+                              optim_args=optim_args, device=device)
+            svi = SVI(model, guide, optimizer, loss=loss)
+            try:
+                trace = poutine.trace(model).get_trace(**data)
+                svi.evaluate_loss(**data)  # creates the guide's parameters
+            except Exception as exc:
+                raise UsageError(
+                    f"model {names['model']!r}, guide {names['guide']!r} and loss "
+                    f"{names['loss']!r} do not work together: {_describe(exc)}"
+                ) from exc
+            optim_args.check(list(pyro.get_param_store().keys()))
+            exact = exact_posterior(model, data, names["model"])
+        sites = posterior.latent_sites(trace)
+        return cls(recipe, device, data, model, guide, svi, sites, posterior.plate_nesting(trace), exact)
+
+    def train(self, run_dir: Path, on_step: StepCallback | None = None) -> dict:
+        """Train for the recipe's steps, logging to TensorBoard in ``run_dir``; returns the
+        summary, which is also written there. Ctrl-C and a non-finite loss stop the run with
+        what was learned so far saved."""
+        from tensorboardX import SummaryWriter
+
+        (run_dir / "recipe.yaml").write_text(dump(self.recipe))
+        settings = self.recipe["train"]
+        steps, eval_every = settings["steps"], settings["eval_every"]
+        params_every = settings["log_params_every"]
+        losses: list[float] = []
+        writer = SummaryWriter(logdir=str(run_dir))
+        failure: VibenchError | None = None
+        start = time.perf_counter()
+        try:
+            with on_device(self.device):
+                for step in range(steps):
+                    loss = self.svi.step(**self.data)
+                    losses.append(loss)
+                    writer.add_scalar("Train/loss", loss, step)
+                    if not math.isfinite(loss):
+                        failure = RunError(
+                            f"step {step + 1}: the loss is {loss}; the run stopped, and what it "
+                            f"had learned is saved in {run_dir}"
+                        )
+                        break
+                    if eval_every and (step + 1) % eval_every == 0:
+                        writer.add_scalar("Eval/loss", self.svi.evaluate_loss(**self.data), step)
+                    if params_every and step % params_every == 0:
+                        log_params(writer, step)
+                    if on_step is not None:
+                        on_step(step + 1, loss)
+        except KeyboardInterrupt:
+            failure = Interrupted(
+                f"interrupted after {len(losses)} steps; what was learned is saved in {run_dir}"
+            )
+        wall = time.perf_counter() - start
+        log_params(writer, len(losses))
+        writer.close()
+        summary = self.summarize(losses, wall, report=not isinstance(failure, RunError))
+        write_results(run_dir, summary)
+        if failure is not None:
+            raise failure
+        return summary
+
+    def summarize(self, losses: list[float], wall: float, report: bool = True) -> dict:
+        """The run's summary.json content (DESIGN.md's contract)."""
+        tail = losses[-100:]
+        with on_device(self.device):
+            post = (posterior.summarize(self.guide, self.data, self.sites, self.nesting, self.exact)
+                    if report and losses else {})
+        return {
+            "recipe": self.recipe,
+            "steps": len(losses),
+            "wall_seconds": wall,
+            "steps_per_second": len(losses) / wall if wall > 0 else 0.0,
+            "final_loss": sum(tail) / len(tail) if tail else float("nan"),
+            "posterior": post,
+            "params": {name: posterior.to_plain(value)
+                       for name, value in pyro.get_param_store().items()},
+        }
+
+
+def build(registry: Registry, kind: str, section: dict, **context: Any) -> Any:
+    """Make one component from its recipe section; a factory that refuses its options is a
+    recipe problem."""
+    component = registry.get(kind, section["name"])
+    options = {k: v for k, v in section.items() if k != "name" and k not in _NESTED}
+    try:
+        return component.build(options, **context)
+    except Exception as exc:
+        raise UsageError(f"{kind} {component.name!r}: {_describe(exc)}") from exc
+
+
+_NESTED = {"optim_args"}
+
+
+class OptimArgs:
+    """Pyro's per-parameter ``optim_args``: the optimizer's options, overridden by what the
+    recipe's optim_args component gives each parameter."""
+
+    def __init__(self, defaults: dict, rules: Callable[[str], dict] | None,
+                 optimizer: Component, where: str):
+        self.defaults = defaults
+        self.rules = rules
+        self.optimizer = optimizer
+        self.where = where
+
+    def __call__(self, param_name: str) -> dict:
+        return {**self.defaults, **(self.rules(param_name) if self.rules else {})}
+
+    def check(self, param_names: list[str]) -> None:
+        """Refuse rules that match no parameter, or settings the optimizer does not take."""
+        if self.rules is None:
+            return
+        try:
+            check = getattr(self.rules, "check", None)
+            if check is not None:
+                check(param_names)
+            given = {name: self.rules(name) for name in param_names}
+        except (ValueError, TypeError) as exc:
+            raise UsageError(f"{self.where}: {exc}") from None
+        for param, settings in given.items():
+            for key, value in settings.items():
+                option = self.optimizer.options.get(key)
+                if option is None:
+                    hint = did_you_mean(key, self.optimizer.options)
+                    raise UsageError(
+                        f"{self.where}: gives parameter {param!r} setting {key!r}, which "
+                        f"optimizer {self.optimizer.name!r} does not take; {hint}"
+                    )
+                if not option.accepts(value):
+                    raise UsageError(
+                        f"{self.where}: gives parameter {param!r} {key}={value!r}; "
+                        f"expected {option.type_name()}"
+                    )
+
+
+def make_optim_args(registry: Registry, section: dict, optimizer: Component,
+                    device: torch.device) -> OptimArgs:
+    defaults = {k: v for k, v in section.items() if k in optimizer.options}
+    nested = section.get("optim_args")
+    rules = build(registry, "optim_args", nested, device=device) if nested else None
+    return OptimArgs(defaults, rules, optimizer, "optimizer.optim_args")
+
+
+def to_tensors(data: dict, device: torch.device) -> dict:
+    """The recipe's data as the model's arguments: numbers and lists become float tensors on
+    the run's device; text stays text."""
+    tensors = {}
+    for key, value in data.items():
+        if isinstance(value, str):
+            tensors[key] = value
+            continue
+        try:
+            tensors[key] = torch.as_tensor(value, dtype=torch.get_default_dtype(), device=device)
+        except (TypeError, ValueError, RuntimeError) as exc:
+            raise UsageError(f"data.{key}: not a number or a rectangular list of numbers ({exc})")
+    return tensors
+
+
+def check_data(model: Any, data: dict, name: str) -> None:
+    """The recipe's data keys must be exactly the arguments the model takes."""
+    try:
+        parameters = inspect.signature(model).parameters
+    except (TypeError, ValueError):
+        return
+    if any(p.kind is p.VAR_KEYWORD for p in parameters.values()):
+        return
+    takes = [p for p in parameters if parameters[p].kind is not parameters[p].VAR_POSITIONAL]
+    for key in data:
+        if key not in takes:
+            raise UsageError(
+                f"data.{key}: model {name!r} takes no argument {key!r}; "
+                f"{did_you_mean(key, takes)}"
+            )
+    for key, param in parameters.items():
+        if param.default is param.empty and param.kind is not param.VAR_POSITIONAL and key not in data:
+            raise UsageError(f"data.{key}: missing; model {name!r} needs it")
+
+
+def exact_posterior(model: Any, data: dict, name: str) -> dict | None:
+    """The model's exact or reference posterior per site, if it gives one."""
+    method = getattr(model, "exact_posterior", None)
+    if method is None:
+        return None
+    try:
+        return dict(method(**data))
+    except Exception as exc:
+        raise UsageError(f"model {name!r}: its exact posterior failed: {_describe(exc)}") from exc
+
+
+def log_params(writer: Any, step: int) -> None:
+    """Each parameter of the param store, as a scalar or (for a tensor) a histogram."""
+    for name, value in pyro.get_param_store().items():
+        value = value.detach()
+        if value.numel() == 1:
+            writer.add_scalar(f"Params/{name}", value.item(), step)
+        else:
+            writer.add_histogram(f"Params/{name}", value.cpu().numpy(), step)
+
+
+def write_results(run_dir: Path, summary: dict) -> None:
+    """summary.json and the learned parameters, each written whole or not at all."""
+    _write_atomic(run_dir / "summary.json", json.dumps(summary, indent=2, default=repr).encode())
+    tmp = run_dir / "params.pt.tmp"
+    pyro.get_param_store().save(str(tmp))
+    os.replace(tmp, run_dir / "params.pt")
+
+
+def _write_atomic(path: Path, content: bytes) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_bytes(content)
+    os.replace(tmp, path)
+
+
+@contextlib.contextmanager
+def on_device(device: torch.device):
+    """Make new tensors on the run's device, so plugins never name it."""
+    if device.type == "cpu":
+        yield
+    else:
+        with device:
+            yield
+
+
+def _describe(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return text[0] if text else type(exc).__name__
