@@ -89,8 +89,9 @@ def parse(text: str, source: str) -> dict:
         mark = exc.problem_mark or exc.context_mark
         where = f"{source}:{mark.line + 1}:{mark.column + 1}" if mark else source
         problem = exc.problem or str(exc)
-        if "constructor for the tag" in problem:
-            problem = f"YAML tag {problem.split('tag')[-1].strip()} is not allowed in a recipe"
+        tag = re.search(r"constructor for the tag '([^']*)'", problem)
+        if tag:
+            problem = f"the tag {tag.group(1)} is not allowed: a recipe holds plain data only"
         raise UsageError(f"{where}: invalid YAML: {problem}") from None
     except yaml.YAMLError as exc:
         raise UsageError(f"{source}: invalid YAML: {exc}") from None
@@ -243,7 +244,7 @@ class _Checker:
         if not isinstance(name, str):
             choices = ", ".join(self.registry.names(kind)) or "none installed"
             got = "missing" if name is None else f"expected a name, got {name!r}"
-            self.problem(f"{where}.name", f"{got}; choose a {kind} from: {choices}")
+            self.problem(f"{where}.name", f"{got}; name the {kind} component, one of: {choices}")
             return None
         try:
             component = self.registry.get(kind, name)

@@ -113,6 +113,10 @@ class Run:
             svi = SVI(model, guide, optimizer, loss=loss)
             try:
                 trace = poutine.trace(model).get_trace(**data)
+            except Exception as exc:
+                raise UsageError(f"model {names['model']!r}: {_describe(exc)}") from exc
+            check_support(trace, data)
+            try:
                 svi.evaluate_loss(**data)  # creates the guide's parameters
             except Exception as exc:
                 raise UsageError(
@@ -285,6 +289,35 @@ def check_data(model: Any, data: dict, name: str) -> None:
             raise UsageError(f"data.{key}: missing; model {name!r} needs it")
 
 
+def check_support(trace: poutine.Trace, data: dict) -> None:
+    """Observed values must be finite and lie in their likelihood's support (no 2 for a
+    Bernoulli); the error names the data key when the model observes it directly."""
+    for name, site in trace.nodes.items():
+        if site["type"] != "sample" or not site["is_observed"]:
+            continue
+        fn, value = site["fn"], site["value"]
+        if not torch.is_tensor(value):
+            continue
+        key = next((k for k, v in data.items() if v is value), None)
+        where = f"data.{key}" if key else f"data (observed at site {name!r})"
+        finite = torch.isfinite(value)
+        if not finite.all():
+            index = (~finite).nonzero()[0].tolist()
+            raise UsageError(f"{where}: {_at(value, index)} at index {index}")
+        inside = fn.support.check(value)
+        if not inside.all():
+            index = (~inside).nonzero()[0].tolist()
+            raise UsageError(
+                f"{where}: {_at(value, index)} at index {index} is outside the "
+                f"support of the {type(fn).__name__} likelihood ({fn.support})"
+            )
+
+
+def _at(value: torch.Tensor, index: list[int]) -> Any:
+    shown = value[tuple(index)]
+    return shown.item() if shown.numel() == 1 else shown.tolist()
+
+
 def exact_posterior(model: Any, data: dict, name: str) -> dict | None:
     """The model's exact or reference posterior per site, if it gives one."""
     method = getattr(model, "exact_posterior", None)
@@ -331,5 +364,11 @@ def on_device(device: torch.device):
 
 
 def _describe(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return text[0] if text else type(exc).__name__
+    """An exception's message on one line, without the trace tables Pyro appends."""
+    lines = []
+    for line in str(exc).strip().splitlines():
+        if line.strip().startswith("Trace Shapes"):
+            break
+        lines.append(line.strip())
+    text = " ".join(filter(None, lines)) or type(exc).__name__
+    return text if len(text) <= 300 else text[:297] + "..."
