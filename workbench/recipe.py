@@ -40,7 +40,16 @@ DEVICE_PATTERN = re.compile(r"auto|cpu|cuda(:\d+)?")
 
 
 class _SafeLoader(yaml.SafeLoader):
-    """The safe loader, refusing duplicate keys, which YAML would silently drop."""
+    """The safe loader, refusing duplicate keys (YAML keeps the last silently) and aliases
+    (they can expand a small file into a huge or recursive value)."""
+
+    def compose_node(self, parent, index):
+        if self.check_event(yaml.events.AliasEvent):
+            raise yaml.composer.ComposerError(
+                None, None, "aliases (*name) are not allowed in a recipe",
+                self.peek_event().start_mark,
+            )
+        return super().compose_node(parent, index)
 
 
 def _construct_mapping(loader: yaml.SafeLoader, node: yaml.MappingNode) -> dict:

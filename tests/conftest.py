@@ -1,0 +1,29 @@
+"""Shared helpers: run the real ``vibench`` command in a child process."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+COIN = REPO / "recipes" / "coin.yaml"
+
+
+def vibench(*args: str, cwd: Path = REPO, env: dict | None = None, timeout: float = 300
+            ) -> subprocess.CompletedProcess:
+    """Run ``vibench ARGS`` as a user would, in a child process, capturing its output."""
+    full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
+    full_env.pop("VIBENCH_DEBUG", None)
+    return subprocess.run(
+        [sys.executable, "-m", "workbench", *args],
+        cwd=cwd, env=full_env, capture_output=True, text=True, timeout=timeout,
+    )
+
+
+@pytest.fixture
+def run_vibench():
+    return vibench
