@@ -110,6 +110,9 @@ class Registry:
             self.problems.append(PluginProblem(plugin, where, f"cannot read its signature: {exc}"))
             return
         taken = self.components[kind].get(name)
+        if taken is not None and taken.plugin == plugin:
+            self.problems.append(PluginProblem(plugin, where, "registers this name twice"))
+            return
         if taken is not None or (kind, name) in self.conflicts:
             owners = self.conflicts.setdefault((kind, name), [taken.plugin] if taken else [])
             owners.append(plugin)
@@ -136,7 +139,7 @@ def make_plugin_manager() -> tuple[pluggy.PluginManager, list[PluginProblem]]:
             continue
         try:
             pm.register(ep.load(), name=ep.name)
-        except Exception as exc:  # a broken plugin must not take vibench down
+        except (Exception, SystemExit) as exc:  # a broken plugin must not take vibench down
             problems.append(PluginProblem(ep.name, f"entry point {ep.value}", _describe(exc)))
     return pm, problems
 
@@ -151,7 +154,7 @@ def collect(pm: pluggy.PluginManager, problems: Iterable[PluginProblem] = ()) ->
         except pluggy.PluginValidationError as exc:
             name = pm.get_name(exc.plugin) or repr(exc.plugin)
             pm.unregister(exc.plugin)
-            registry.problems.append(PluginProblem(name, "hooks", str(exc)))
+            registry.problems.append(PluginProblem(name, "hooks", _describe(exc)))
     for kind, hook_name in KINDS.items():
         for impl in getattr(pm.hook, hook_name).get_hookimpls():
             plugin = impl.plugin_name
@@ -161,7 +164,7 @@ def collect(pm: pluggy.PluginManager, problems: Iterable[PluginProblem] = ()) ->
 
             try:
                 impl.function(**{arg: register for arg in impl.argnames})
-            except Exception as exc:
+            except (Exception, SystemExit) as exc:
                 registry.problems.append(PluginProblem(plugin, hook_name, _describe(exc)))
     return registry
 
@@ -173,4 +176,5 @@ def get_registry() -> Registry:
 
 
 def _describe(exc: BaseException) -> str:
-    return f"{type(exc).__name__}: {exc}"
+    """An exception on one line, as a warning or a listing shows it."""
+    return f"{type(exc).__name__}: " + " ".join(str(exc).split())

@@ -1,0 +1,118 @@
+"""End-to-end runs of the seed's coin experiment through the real ``vibench`` command."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import COIN, vibench
+
+EXACT_MEAN = 16 / 30
+EXACT_STD = math.sqrt(16 * 14 / (30**2 * 31))
+
+
+@pytest.fixture(scope="module")
+def coin_run(tmp_path_factory) -> tuple[Path, object]:
+    """The coin recipe exactly as shipped: 4000 steps, seed 0."""
+    out = tmp_path_factory.mktemp("coin") / "run"
+    return out, vibench("run", str(COIN), "--out", str(out))
+
+
+def test_coin_reproduces_the_seed(coin_run):
+    out, result = coin_run
+    assert result.returncode == 0, result.stderr
+    summary = json.loads((out / "summary.json").read_text())
+    post = summary["posterior"]["latent_fairness"]
+    assert abs(post["mean"] - EXACT_MEAN) < 0.01
+    assert abs(post["std"] - EXACT_STD) < 0.005
+    assert post["exact_mean"] == pytest.approx(EXACT_MEAN, abs=1e-6)
+    assert post["exact_std"] == pytest.approx(EXACT_STD, abs=1e-6)
+    line = (f"latent_fairness: {post['mean']:.3f} +- {post['std']:.3f} "
+            f"(exact {EXACT_MEAN:.3f} +- {EXACT_STD:.3f})")
+    assert line in result.stdout.splitlines()
+
+
+def test_run_directory_holds_what_the_contract_says(coin_run):
+    out, result = coin_run
+    assert {"recipe.yaml", "summary.json", "params.pt"} <= {p.name for p in out.iterdir()}
+    assert list(out.glob("events.out.tfevents.*"))
+    summary = json.loads((out / "summary.json").read_text())
+    assert {"recipe", "steps", "wall_seconds", "steps_per_second", "final_loss", "posterior",
+            "params"} <= set(summary)
+    assert summary["steps"] == 4000
+    assert summary["recipe"]["guide"] == {"name": "beta", "init_alpha": 15.0, "init_beta": 15.0}
+    assert summary["steps_per_second"] == pytest.approx(4000 / summary["wall_seconds"])
+    assert set(summary["params"]) == {"log_alpha_q", "log_beta_q"}
+    alpha, beta = (math.exp(summary["params"][k]) for k in ("log_alpha_q", "log_beta_q"))
+    assert alpha / (alpha + beta) == pytest.approx(summary["posterior"]["latent_fairness"]["mean"])
+    assert math.isfinite(summary["final_loss"])
+    assert str(out) in result.stdout
+
+
+def test_tensorboard_reads_back_loss_eval_and_params(coin_run):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    out, _ = coin_run
+    events = EventAccumulator(str(out), size_guidance={"scalars": 0})
+    events.Reload()
+    tags = events.Tags()["scalars"]
+    train = events.Scalars("Train/loss")
+    assert [e.step for e in train] == list(range(4000))
+    assert all(math.isfinite(e.value) for e in train)
+    assert [e.step for e in events.Scalars("Eval/loss")] == list(range(99, 4000, 100))
+    assert {"Params/log_alpha_q", "Params/log_beta_q"} <= set(tags)
+    summary = json.loads((out / "summary.json").read_text())
+    last = events.Scalars("Params/log_alpha_q")[-1]
+    assert last.value == pytest.approx(summary["params"]["log_alpha_q"], abs=1e-6)
+
+
+def test_auto_normal_swapped_in_by_set_alone(tmp_path: Path):
+    result = vibench("run", str(COIN), "--set", "guide=auto_normal", "--out", str(tmp_path / "r"))
+    assert result.returncode == 0, result.stderr
+    summary = json.loads((tmp_path / "r" / "summary.json").read_text())
+    assert summary["recipe"]["guide"] == {"name": "auto_normal", "init_scale": 0.1}
+    assert abs(summary["posterior"]["latent_fairness"]["mean"] - EXACT_MEAN) < 0.02
+    assert summary["posterior"]["latent_fairness"]["method"] == "sampled"
+
+
+def test_same_recipe_and_seed_give_the_same_numbers(tmp_path: Path):
+    summaries = []
+    for name in ("a", "b"):
+        result = vibench("run", str(COIN), "--steps", "200", "--seed", "7",
+                         "--set", "loss.num_particles=3", "--out", str(tmp_path / name))
+        assert result.returncode == 0, result.stderr
+        summaries.append(json.loads((tmp_path / name / "summary.json").read_text()))
+    for key in ("params", "posterior", "final_loss", "recipe"):
+        assert summaries[0][key] == summaries[1][key]
+    other = vibench("run", str(COIN), "--steps", "200", "--seed", "8",
+                    "--set", "loss.num_particles=3", "--out", str(tmp_path / "c"))
+    assert json.loads((tmp_path / "c" / "summary.json").read_text())["params"] != summaries[0]["params"]
+    assert other.returncode == 0
+
+
+def test_default_run_directories_never_overwrite(tmp_path: Path):
+    first = vibench("run", str(COIN), "--steps", "3", cwd=tmp_path)
+    second = vibench("run", str(COIN), "--steps", "3", cwd=tmp_path)
+    assert first.returncode == second.returncode == 0
+    runs = sorted(p.name for p in (tmp_path / "runs").iterdir())
+    assert len(runs) == 2 and all(name.startswith("coin-") for name in runs)
+
+
+def test_out_directory_that_holds_something_is_refused(tmp_path: Path):
+    (tmp_path / "keep.txt").write_text("precious")
+    result = vibench("run", str(COIN), "--steps", "3", "--out", str(tmp_path))
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [
+        f"error: --out {tmp_path}: already exists and is not an empty directory"
+    ]
+    assert [p.name for p in tmp_path.iterdir()] == ["keep.txt"]
+
+
+def test_progress_and_results_go_to_their_streams(tmp_path: Path):
+    result = vibench("run", str(COIN), "--steps", "20", "--out", str(tmp_path / "r"))
+    assert "step 20/20  loss" in result.stderr
+    assert not [line for line in result.stdout.splitlines() if line.startswith("step ")]
+    assert result.stdout.splitlines()[0].startswith("latent_fairness: ")
