@@ -61,6 +61,12 @@ def test_set_changes_one_option_parsed_as_yaml():
     assert changed["guide"]["name"] == "beta"
 
 
+def test_scientific_notation_is_a_number_as_users_write_it():
+    changed = resolve(["optimizer.lr=1e-3", "optimizer.eps=2E-8", "model.prior_alpha=1e1"])
+    assert changed["optimizer"]["lr"] == 0.001 and changed["optimizer"]["eps"] == 2e-8
+    assert changed["model"]["prior_alpha"] == 10.0
+
+
 def test_set_per_parameter_rules_into_a_nested_component():
     changed = resolve(["optimizer.optim_args=per_param",
                        "optimizer.optim_args.rules.log_alpha_q.lr=0"])

@@ -164,6 +164,11 @@ class Run:
             failure = Interrupted(
                 f"interrupted after {len(losses)} steps; what was learned is saved in {run_dir}"
             )
+        except Exception as exc:  # the model, guide or optimizer broke mid-run: keep the rest
+            failure = RunError(
+                f"step {len(losses) + 1} failed: {_describe(exc)}; the run stopped, and what it "
+                f"had learned is saved in {run_dir}"
+            )
         wall = time.perf_counter() - start
         log_params(writer, len(losses))
         writer.close()

@@ -1,0 +1,137 @@
+"""The command line as a user meets it: bad input, listing, interruption, devices."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import COIN, REPO, vibench
+
+
+@pytest.mark.parametrize("args, expected", [
+    (["run", "missing.yaml"], "error: missing.yaml: no such recipe file"),
+    (["run", str(COIN), "--set", "guide=betta"],
+     f"error: {COIN}: guide.name: unknown guide 'betta'; did you mean 'beta'? "
+     "(set on the command line)"),
+    (["run", str(COIN), "--set", "loss.num_particle=16"],
+     f"error: {COIN}: loss.num_particle: loss 'elbo' has no option 'num_particle'; "
+     "did you mean 'num_particles'? (set on the command line)"),
+    (["run", str(COIN), "--set", "optimizer.lr=fast"],
+     f"error: {COIN}: optimizer.lr: expected float, got 'fast' (set on the command line)"),
+    (["run", str(COIN), "--set", "loss.num_particles"],
+     "error: command line: --set 'loss.num_particles': expected KEY=VALUE, "
+     "e.g. --set loss.num_particles=16"),
+    (["run", str(COIN), "--set", "data.flip=[1, 0]"],
+     "error: data.flip: model 'beta_bernoulli' takes no argument 'flip'; did you mean 'flips'?"),
+    (["run", str(COIN), "--set", "data.flips=[1, 2, 0]"],
+     "error: data.flips: 2.0 at index [1] is outside the support of the Bernoulli likelihood "
+     "(Boolean())"),
+    (["run", str(COIN), "--set", "model.prior_alpha=-1"],
+     "error: model 'beta_bernoulli': prior_alpha and prior_beta must be > 0"),
+    (["run", str(COIN), "--set", "optimizer.optim_args=per_param",
+      "--set", "optimizer.optim_args.rules.log_alpa_q.lr=0"],
+     "error: optimizer.optim_args: rule 'log_alpa_q' matches no parameter; the parameters are "
+     "log_alpha_q, log_beta_q"),
+    (["run", str(COIN), "--set", "optimizer.optim_args=per_param",
+      "--set", "optimizer.optim_args.rules.log_alpha_q.learning_rate=0"],
+     "error: optimizer.optim_args: gives parameter 'log_alpha_q' setting 'learning_rate', "
+     "which optimizer 'adam' does not take; choose from betas, eps, lr, weight_decay"),
+    (["run", str(COIN), "--steps", "many"], "error: Invalid value for '--steps'"),
+    (["run", str(COIN), "--bogus"], "error: No such option: --bogus"),
+    (["frobnicate"], "error: No such command 'frobnicate'"),
+])
+def test_bad_input_is_one_line_exit_2_and_writes_nothing(tmp_path: Path, args, expected):
+    result = vibench(*args, cwd=tmp_path)
+    assert result.returncode == 2, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(expected), lines
+    assert "Traceback" not in result.stderr and result.stdout == ""
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_recipe_with_several_problems_lists_them_all(tmp_path: Path):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("guid: beta\nmodel: beta_bernoulli\nloss: {name: elbo, particles: 3}\n")
+    result = vibench("run", str(recipe), cwd=tmp_path)
+    assert result.returncode == 2
+    assert [line.split(": ")[2] for line in result.stderr.strip().splitlines()] == [
+        "guid", "guide", "loss.particles", "optimizer"]
+
+
+def test_cuda_on_a_machine_without_it_is_a_clear_error(tmp_path: Path):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA; test_cuda_run covers it")
+    result = vibench("run", str(COIN), "--device", "cuda", "--steps", "3", cwd=tmp_path)
+    assert result.returncode == 2
+    assert result.stderr.startswith("error: device 'cuda': CUDA is not available here")
+
+
+def test_cuda_run(tmp_path: Path):
+    import torch
+
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA here")
+    result = vibench("run", str(COIN), "--device", "cuda", "--steps", "300", "--out",
+                     str(tmp_path / "r"))
+    assert result.returncode == 0, result.stderr
+    summary = json.loads((tmp_path / "r" / "summary.json").read_text())
+    assert summary["recipe"]["device"] == "cuda" and summary["steps"] == 300
+
+
+def test_list_shows_every_component_with_plugin_options_and_description():
+    result = vibench("list", "--json")
+    assert result.returncode == 0, result.stderr
+    listing = json.loads(result.stdout)
+    by_name = {(kind, c["name"]): c for kind in ("model", "guide", "loss", "optimizer",
+                                                 "optim_args") for c in listing[kind]}
+    assert {("model", "beta_bernoulli"), ("guide", "beta"), ("guide", "auto_normal"),
+            ("loss", "elbo"), ("optimizer", "adam"), ("optim_args", "per_param")} <= set(by_name)
+    beta = by_name[("guide", "beta")]
+    assert beta["plugin"] == "vibench.guides"
+    assert beta["options"]["init_alpha"] == {"default": 15.0, "required": False, "type": "float"}
+    assert "model" not in beta["options"]  # injected by vibench, not an option
+    assert by_name[("optimizer", "adam")]["options"]["betas"]["default"] == [0.9, 0.999]
+    assert all(c["description"] for c in by_name.values())
+    assert listing["broken"] == [] and listing["conflicts"] == []
+
+    text = vibench("list").stdout
+    assert "beta_bernoulli" in text and "init_alpha=15.0" in text and "[plugin vibench.guides]" in text
+
+
+def test_listing_and_help_do_not_import_torch():
+    code = ("import sys; from workbench.cli import app\n"
+            "for args in (['list'], ['run', '--help'], ['--help']):\n"
+            "    app(args=args, standalone_mode=False)\n"
+            "print('torch' in sys.modules, 'pyro' in sys.modules)")
+    result = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True,
+                            text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip().splitlines()[-1] == "False False"
+
+
+def test_ctrl_c_stops_saves_and_exits_130(tmp_path: Path):
+    out = tmp_path / "r"
+    child = subprocess.Popen(
+        [sys.executable, "-m", "workbench", "run", str(COIN), "--steps", "1000000", "--out", str(out)],
+        cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+    deadline = time.monotonic() + 120
+    while not list(out.glob("events.out.tfevents.*")) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    time.sleep(1.0)
+    child.send_signal(signal.SIGINT)
+    stdout, stderr = child.communicate(timeout=120)
+    assert child.returncode == 130, stderr
+    assert "interrupted after" in stderr and str(out) in stderr and "Traceback" not in stderr
+    summary = json.loads((out / "summary.json").read_text())
+    assert 0 < summary["steps"] < 1_000_000
+    assert summary["posterior"]["latent_fairness"]["mean"] > 0
+    assert (out / "params.pt").exists()

@@ -1,0 +1,72 @@
+"""Training behaviour through the runner: accuracy across seeds, per-parameter optimizer
+settings, and a loss that goes non-finite."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import COIN, vibench
+from workbench import recipe as recipes
+from workbench.errors import RunError
+from workbench.registry import get_registry
+from workbench.runner import Run
+
+EXACT_MEAN = 16 / 30
+EXACT_STD = math.sqrt(16 * 14 / (30**2 * 31))
+
+
+def train(tmp_path: Path, *sets: str) -> dict:
+    raw, overridden = recipes.apply_overrides(recipes.load(COIN), list(sets))
+    recipe = recipes.resolve(raw, get_registry(), str(COIN), overridden)
+    run_dir = tmp_path / f"run{len(list(tmp_path.iterdir()))}"
+    run_dir.mkdir()
+    return Run.setup(recipe, get_registry()).train(run_dir)
+
+
+@pytest.mark.parametrize("seed", [1, 2])
+def test_seed_numbers_hold_for_other_seeds(tmp_path: Path, seed: int):
+    post = train(tmp_path, f"seed={seed}")["posterior"]["latent_fairness"]
+    assert abs(post["mean"] - EXACT_MEAN) < 0.01
+    assert abs(post["std"] - EXACT_STD) < 0.005
+    assert post["method"] == "analytic"
+
+
+def test_per_param_rule_really_changes_the_named_parameter(tmp_path: Path):
+    start = math.log(15.0)
+    plain = train(tmp_path, "train.steps=300")["params"]
+    frozen = train(tmp_path, "train.steps=300", "optimizer.optim_args=per_param",
+                   "optimizer.optim_args.rules.log_alpha_q.lr=0")["params"]
+    assert frozen["log_alpha_q"] == pytest.approx(start, abs=1e-7)  # lr 0: never moves
+    assert plain["log_alpha_q"] != pytest.approx(start, abs=1e-3)
+    assert frozen["log_beta_q"] != pytest.approx(start, abs=1e-3)  # the other still learns
+
+    fast = train(tmp_path, "train.steps=300", "optimizer.optim_args=per_param",
+                 "optimizer.optim_args.rules.log_beta_q.lr=0.01")["params"]
+    assert abs(fast["log_beta_q"] - start) > 2 * abs(plain["log_beta_q"] - start)
+
+
+def test_glob_rules_match_several_parameters(tmp_path: Path):
+    params = train(tmp_path, "train.steps=50", "optimizer.optim_args=per_param",
+                   "optimizer.optim_args.rules={'log_*_q': {lr: 0}}")["params"]
+    assert params == {"log_alpha_q": pytest.approx(math.log(15.0)),
+                      "log_beta_q": pytest.approx(math.log(15.0))}
+
+
+def test_a_non_finite_loss_stops_the_run_with_exit_1_and_keeps_the_results(tmp_path: Path):
+    out = tmp_path / "r"
+    result = vibench("run", str(COIN), "--set", "optimizer.lr=1e30", "--steps", "200",
+                     "--out", str(out))
+    assert result.returncode == 1, result.stderr
+    assert result.stderr.strip().splitlines()[-1].startswith("error: step ")
+    assert "Traceback" not in result.stderr
+    summary = json.loads((out / "summary.json").read_text())
+    assert 0 < summary["steps"] < 200
+
+
+def test_run_error_is_raised_in_process(tmp_path: Path):
+    with pytest.raises(RunError, match="the run stopped"):
+        train(tmp_path, "optimizer.lr=1e30", "train.steps=200")
