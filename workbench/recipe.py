@@ -307,6 +307,11 @@ def _expand_shorthands(section: dict, path: tuple[str, ...] = ()) -> dict:
     return expanded
 
 
+def options(section: dict, path: tuple[str, ...]) -> dict:
+    """A checked component section's options: all but its name and nested component sections."""
+    return {k: v for k, v in section.items() if k != "name" and (*path, k) not in COMPONENTS}
+
+
 def dump(recipe: dict) -> str:
     """A checked recipe as YAML, in section order; values YAML cannot hold are written as text."""
     return yaml.dump(recipe, Dumper=_Dumper, sort_keys=False, default_flow_style=None)

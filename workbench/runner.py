@@ -14,6 +14,7 @@ import logging
 import math
 import os
 import time
+from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 from typing import Any, Callable
@@ -25,7 +26,7 @@ from pyro.infer import SVI
 
 from workbench import posterior
 from workbench.errors import RunError, UsageError, VibenchError, did_you_mean
-from workbench.recipe import dump
+from workbench.recipe import COMPONENTS, dump, options
 from workbench.registry import Component, Registry
 
 StepCallback = Callable[[int, float], None]
@@ -76,20 +77,18 @@ def make_run_dir(name: str, out: Path | None = None) -> Path:
     raise UsageError(f"cannot find a free run directory next to {base}")
 
 
+@dataclass
 class Run:
     """A recipe's components, built and checked against each other, ready to train."""
 
-    def __init__(self, recipe: dict, device: torch.device, data: dict, model: Any,
-                 guide: Any, svi: SVI, sites: dict, nesting: int, exact: dict | None):
-        self.recipe = recipe
-        self.device = device
-        self.data = data
-        self.model = model
-        self.guide = guide
-        self.svi = svi
-        self.sites = sites
-        self.nesting = nesting
-        self.exact = exact
+    recipe: dict
+    device: torch.device
+    data: dict
+    guide: Any
+    svi: SVI
+    sites: dict[str, torch.Size]  # the model's latent sites and their shapes
+    nesting: int  # how many batch dimensions the model's plates use
+    exact: dict | None  # the exact posterior per site, where the model gives it
 
     @classmethod
     def setup(cls, recipe: dict, registry: Registry) -> Run:
@@ -126,7 +125,7 @@ class Run:
             optim_args.check(list(pyro.get_param_store().keys()))
             exact = exact_posterior(model, data, names["model"])
         sites = posterior.latent_sites(trace)
-        return cls(recipe, device, data, model, guide, svi, sites, posterior.plate_nesting(trace), exact)
+        return cls(recipe, device, data, guide, svi, sites, posterior.plate_nesting(trace), exact)
 
     def train(self, run_dir: Path, on_step: StepCallback | None = None) -> dict:
         """Train for the recipe's steps, logging to TensorBoard in ``run_dir``; returns the
@@ -200,14 +199,11 @@ def build(registry: Registry, kind: str, section: dict, **context: Any) -> Any:
     """Make one component from its recipe section; a factory that refuses its options is a
     recipe problem."""
     component = registry.get(kind, section["name"])
-    options = {k: v for k, v in section.items() if k != "name" and k not in _NESTED}
+    path = next(p for p, k in COMPONENTS.items() if k == kind)
     try:
-        return component.build(options, **context)
+        return component.build(options(section, path), **context)
     except Exception as exc:
         raise UsageError(f"{kind} {component.name!r}: {_describe(exc)}") from exc
-
-
-_NESTED = {"optim_args"}
 
 
 class OptimArgs:
