@@ -1,12 +1,23 @@
-"""Default guides (variational families)."""
+"""Default guides (variational families): the seed's Beta guide and Pyro's autoguides."""
+
+from typing import Literal, Union
 
 from workbench import hookimpl
+
+# How an autoguide picks its starting point: a Pyro strategy by name, or values per site.
+InitLoc = Union[Literal["median", "mean", "sample", "feasible"], dict]
 
 
 @hookimpl
 def register_guides(register):
     register("beta", BetaGuide)
     register("auto_normal", auto_normal)
+    register("auto_diagonal_normal", auto_diagonal_normal)
+    register("auto_multivariate_normal", auto_multivariate_normal)
+    register("auto_lowrank_multivariate_normal", auto_lowrank_multivariate_normal)
+    register("auto_delta", auto_delta)
+    register("auto_laplace_approximation", auto_laplace_approximation)
+    register("auto_iaf_normal", auto_iaf_normal)
 
 
 class BetaGuide:
@@ -56,8 +67,85 @@ class BetaGuide:
         return sites
 
 
-def auto_normal(model, init_scale: float = 0.1):
+def auto_normal(model, init_scale: float = 0.1, init_loc: InitLoc = "feasible"):
     """Pyro's AutoNormal: an independent Normal per latent site, in unconstrained space."""
     from pyro.infer.autoguide import AutoNormal
 
-    return AutoNormal(model, init_scale=init_scale)
+    return AutoNormal(model, init_loc_fn=_init_loc(init_loc), init_scale=_positive(init_scale))
+
+
+def auto_diagonal_normal(model, init_scale: float = 0.1, init_loc: InitLoc = "median"):
+    """Pyro's AutoDiagonalNormal: one diagonal Normal over all latents, unconstrained."""
+    from pyro.infer.autoguide import AutoDiagonalNormal
+
+    return AutoDiagonalNormal(model, init_loc_fn=_init_loc(init_loc),
+                              init_scale=_positive(init_scale))
+
+
+def auto_multivariate_normal(model, init_scale: float = 0.1, init_loc: InitLoc = "median"):
+    """Pyro's AutoMultivariateNormal: a full-covariance Normal over all latents."""
+    from pyro.infer.autoguide import AutoMultivariateNormal
+
+    return AutoMultivariateNormal(model, init_loc_fn=_init_loc(init_loc),
+                                  init_scale=_positive(init_scale))
+
+
+def auto_lowrank_multivariate_normal(model, rank: int | None = None, init_scale: float = 0.1,
+                                     init_loc: InitLoc = "median"):
+    """Pyro's AutoLowRankMultivariateNormal: a Normal with low-rank plus diagonal covariance."""
+    from pyro.infer.autoguide import AutoLowRankMultivariateNormal
+
+    if rank is not None and rank < 1:
+        raise ValueError("rank must be >= 1 (or null for about the square root of the size)")
+    return AutoLowRankMultivariateNormal(model, rank=rank, init_loc_fn=_init_loc(init_loc),
+                                         init_scale=_positive(init_scale))
+
+
+def auto_delta(model, init_loc: InitLoc = "median"):
+    """Pyro's AutoDelta: a point mass per latent site, i.e. MAP estimation."""
+    from pyro.infer.autoguide import AutoDelta
+
+    return AutoDelta(model, init_loc_fn=_init_loc(init_loc))
+
+
+def auto_laplace_approximation(model, init_loc: InitLoc = "median"):
+    """Pyro's AutoLaplaceApproximation: MAP, then a Normal from the Hessian at the mode."""
+    from pyro.infer.autoguide import AutoLaplaceApproximation
+
+    class Laplace(AutoLaplaceApproximation):
+        def posterior_guide(self, *args, **kwargs):
+            """The Gaussian at the mode: what this guide says the posterior is."""
+            return self.laplace_approximation(*args, **kwargs)
+
+    return Laplace(model, init_loc_fn=_init_loc(init_loc))
+
+
+def auto_iaf_normal(model, num_transforms: int = 1, hidden_dim: list[int] | None = None,
+                    init_loc: InitLoc = "median"):
+    """Pyro's AutoIAFNormal: a Normal pushed through inverse autoregressive flows."""
+    from pyro.infer.autoguide import AutoIAFNormal
+
+    if num_transforms < 1:
+        raise ValueError("num_transforms must be >= 1")
+    return AutoIAFNormal(model, hidden_dim=hidden_dim, num_transforms=num_transforms,
+                         init_loc_fn=_init_loc(init_loc))
+
+
+def _init_loc(init_loc):
+    """Pyro's init strategy for a name, or init_to_value for per-site values."""
+    from pyro.infer import autoguide
+    import torch
+
+    strategies = {"median": autoguide.init_to_median, "mean": autoguide.init_to_mean,
+                  "sample": autoguide.init_to_sample, "feasible": autoguide.init_to_feasible}
+    if isinstance(init_loc, dict):
+        values = {site: torch.as_tensor(value, dtype=torch.get_default_dtype())
+                  for site, value in init_loc.items()}
+        return autoguide.init_to_value(values=values, fallback=autoguide.init_to_median)
+    return strategies[init_loc]
+
+
+def _positive(init_scale: float) -> float:
+    if init_scale <= 0:
+        raise ValueError("init_scale must be > 0")
+    return init_scale

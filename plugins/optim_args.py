@@ -8,6 +8,7 @@ from workbench import hookimpl
 @hookimpl
 def register_optim_args(register):
     register("per_param", PerParam)
+    register("lr_by_size", LrBySize)
 
 
 class PerParam:
@@ -34,3 +35,20 @@ class PerParam:
                     f"rule {pattern!r} matches no parameter; the parameters are "
                     + ", ".join(sorted(param_names))
                 )
+
+
+class LrBySize:
+    """Learning rate lr * (reference / size)**power: large tensors take smaller steps."""
+
+    def __init__(self, defaults, power: float = 0.5, reference: int = 1):
+        if "lr" not in defaults:
+            raise ValueError("the optimizer has no lr to scale")
+        if reference < 1:
+            raise ValueError("reference must be >= 1")
+        self.lr, self.power, self.reference = defaults["lr"], power, reference
+
+    def __call__(self, param_name: str) -> dict:
+        import pyro
+
+        size = pyro.get_param_store()[param_name].numel()
+        return {"lr": self.lr * (self.reference / size) ** self.power}

@@ -61,6 +61,8 @@ def run(
     from workbench.runner import Run, make_run_dir
 
     prepared = Run.setup(resolved, registry)
+    for note in prepared.notes:
+        _err(f"note: {note}")
     run_dir = make_run_dir(resolved["name"], out)
     _err(f"run directory: {run_dir}")
     with Progress(resolved["train"]["steps"]) as progress:
@@ -107,13 +109,14 @@ def list_components(
         return
     for kind in KINDS:
         print(f"{kind}:")
+        width = max((len(entry["name"]) for entry in listing[kind]), default=0)
         for entry in listing[kind]:
             options = ", ".join(
                 f"{name}" if o["required"] else f"{name}={o['default']!r}"
                 for name, o in entry["options"].items()
             )
-            print(f"  {entry['name']:<16} {entry['description']}")
-            print(f"  {'':<16} options: {options or '-'}   [plugin {entry['plugin']}]")
+            print(f"  {entry['name']:<{width}}  {entry['description']}")
+            print(f"  {'':<{width}}  options: {options or '-'}   [plugin {entry['plugin']}]")
     for conflict in listing["conflicts"]:
         print(f"conflict: {conflict['kind']} {conflict['name']!r} is registered by "
               + " and ".join(conflict["plugins"]))

@@ -4,9 +4,12 @@ Each hook receives a ``register(name, factory)`` callable and calls it once per 
 ``factory`` is a function: its keyword parameters are the component's options (a recipe
 sets them, ``vibench list`` shows them with their defaults), and its docstring's first line
 is the component's description. A few parameter names are not options but are filled in by
-vibench from the run: ``device`` (the run's ``torch.device``) for any factory, ``model`` for
-guides and ``optim_args`` for optimizers. A hook implementation may leave out ``register``
-as pluggy allows, though then it registers nothing.
+vibench from the run: ``device`` (the run's ``torch.device``) for any factory; ``model`` for
+guides; ``optim_args`` for optimizers; ``defaults`` (the optimizer's options) for
+optim_args; ``optimizer`` and ``steps`` (the run's length) for schedules.
+
+New tensors are made on the run's device already (vibench sets torch's default device), so a
+plugin rarely needs ``device``.
 """
 
 from __future__ import annotations
@@ -39,7 +42,9 @@ def register_guides(register: Register) -> None:
     """Register guide (variational family) factories.
 
     A guide factory takes the Pyro ``model`` and returns a guide callable with the model's
-    signature, such as a Pyro autoguide.
+    signature, such as a Pyro autoguide. A guide that is not itself the posterior it fits
+    (AutoLaplaceApproximation, say) may have a method ``posterior_guide(**data)`` returning the
+    guide that the posterior report should draw from.
     """
 
 
@@ -47,8 +52,9 @@ def register_guides(register: Register) -> None:
 def register_losses(register: Register) -> None:
     """Register loss factories.
 
-    A loss factory returns a Pyro ELBO instance (``Trace_ELBO`` and friends), which SVI
-    minimises.
+    A loss factory returns a Pyro ELBO instance (``Trace_ELBO`` and friends), or a plain
+    callable ``(model, guide, *args, **kwargs) -> loss`` as in Pyro's custom losses; SVI
+    minimises it.
     """
 
 
@@ -66,8 +72,20 @@ def register_optimizers(register: Register) -> None:
 def register_optim_args(register: Register) -> None:
     """Register optimizer-argument factories (Pyro's per-parameter ``optim_args``).
 
-    Such a factory returns a callable ``param_name -> dict`` of optimizer settings for that
-    parameter, which override the optimizer's own options; an empty dict keeps them. The
-    callable may have a method ``check(param_names)`` that raises ``ValueError`` when the
-    recipe's rules do not fit the model's parameters (a rule that matches nothing, say).
+    Such a factory (given ``defaults``, the optimizer's own options) returns a callable
+    ``param_name -> dict`` of optimizer settings for that parameter, which override the
+    defaults; an empty dict keeps them. The callable may have a method ``check(param_names)``
+    that raises ``ValueError`` when the recipe's rules do not fit the model's parameters (a rule
+    that matches nothing, say).
+    """
+
+
+@hookspec
+def register_schedules(register: Register) -> None:
+    """Register learning-rate schedule factories.
+
+    A schedule factory takes the ``optimizer`` (the ``PyroOptim`` the optimizer component
+    made) and the run's ``steps``, and returns a ``pyro.optim.PyroLRScheduler`` over the same
+    torch optimizer and ``optim_args``. vibench steps it after every SVI step, passing the
+    step's loss when the scheduler's ``step`` needs one (as ReduceLROnPlateau's does).
     """

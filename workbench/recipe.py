@@ -24,6 +24,7 @@ COMPONENTS: dict[tuple[str, ...], str] = {
     ("loss",): "loss",
     ("optimizer",): "optimizer",
     ("optimizer", "optim_args"): "optim_args",
+    ("optimizer", "schedule"): "schedule",
 }
 SECTIONS = ("name", "seed", "device", "data", "model", "guide", "loss", "optimizer", "train")
 TRAIN: dict[str, Option] = {

@@ -25,6 +25,7 @@ KINDS: dict[str, str] = {
     "loss": "register_losses",
     "optimizer": "register_optimizers",
     "optim_args": "register_optim_args",
+    "schedule": "register_schedules",
 }
 
 # Factory parameters vibench fills in from the run instead of the recipe, per kind.
@@ -33,7 +34,8 @@ INJECTED: dict[str, frozenset[str]] = {
     "guide": frozenset({"device", "model"}),
     "loss": frozenset({"device"}),
     "optimizer": frozenset({"device", "optim_args"}),
-    "optim_args": frozenset({"device"}),
+    "optim_args": frozenset({"device", "defaults"}),
+    "schedule": frozenset({"device", "optimizer", "steps"}),
 }
 
 

@@ -14,7 +14,7 @@ import logging
 import math
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 from typing import Any, Callable
@@ -23,6 +23,7 @@ import pyro
 import torch
 from pyro import poutine
 from pyro.infer import SVI
+from pyro.optim import PyroLRScheduler
 
 from workbench import posterior
 from workbench.errors import RunError, UsageError, VibenchError, did_you_mean
@@ -89,6 +90,9 @@ class Run:
     sites: dict[str, torch.Size]  # the model's latent sites and their shapes
     nesting: int  # how many batch dimensions the model's plates use
     exact: dict | None  # the exact posterior per site, where the model gives it
+    schedule: Callable[[float], None] | None = None  # steps the learning-rate schedule
+    can_evaluate: bool = True  # the loss has a gradient-free estimate for Eval/loss
+    notes: list[str] = field(default_factory=list)  # what the user should know before training
 
     @classmethod
     def setup(cls, recipe: dict, registry: Registry) -> Run:
@@ -109,23 +113,38 @@ class Run:
             optim_args = make_optim_args(registry, optimizer_section, optimizer_component, device)
             optimizer = build(registry, "optimizer", optimizer_section,
                               optim_args=optim_args, device=device)
+            if optimizer_section.get("schedule"):
+                optimizer = build(registry, "schedule", optimizer_section["schedule"],
+                                  optimizer=optimizer, steps=recipe["train"]["steps"], device=device)
             svi = SVI(model, guide, optimizer, loss=loss)
             try:
                 trace = poutine.trace(model).get_trace(**data)
             except Exception as exc:
                 raise UsageError(f"model {names['model']!r}: {_describe(exc)}") from exc
             check_support(trace, data)
-            try:
-                svi.evaluate_loss(**data)  # creates the guide's parameters
+            try:  # one loss and gradient, as a step takes them: creates the guide's parameters
+                svi.loss_and_grads(svi.model, svi.guide, **data)
             except Exception as exc:
                 raise UsageError(
                     f"model {names['model']!r}, guide {names['guide']!r} and loss "
                     f"{names['loss']!r} do not work together: {_describe(exc)}"
                 ) from exc
+            for _, param in pyro.get_param_store().named_parameters():
+                param.grad = None
+            notes = []
+            can_evaluate = recipe["train"]["eval_every"] > 0
+            if can_evaluate:
+                try:
+                    svi.evaluate_loss(**data)
+                except NotImplementedError:
+                    can_evaluate = False
+                    notes.append(f"loss {names['loss']!r} has no gradient-free estimate, so "
+                                 "Eval/loss is not logged")
             optim_args.check(list(pyro.get_param_store().keys()))
             exact = exact_posterior(model, data, names["model"])
         sites = posterior.latent_sites(trace)
-        return cls(recipe, device, data, guide, svi, sites, posterior.plate_nesting(trace), exact)
+        return cls(recipe, device, data, guide, svi, sites, posterior.plate_nesting(trace), exact,
+                   schedule_stepper(optimizer), can_evaluate, notes)
 
     def train(self, run_dir: Path, on_step: StepCallback | None = None) -> dict:
         """Train for the recipe's steps, logging to TensorBoard in ``run_dir``; returns the
@@ -145,6 +164,8 @@ class Run:
             with on_device(self.device):
                 for step in range(steps):
                     loss = self.svi.step(**self.data)
+                    if self.schedule is not None:
+                        self.schedule(loss)
                     losses.append(loss)
                     writer.add_scalar("Train/loss", loss, step)
                     if not math.isfinite(loss):
@@ -153,10 +174,10 @@ class Run:
                             f"had learned is saved in {run_dir}"
                         )
                         break
-                    if eval_every and (step + 1) % eval_every == 0:
+                    if self.can_evaluate and (step + 1) % eval_every == 0:
                         writer.add_scalar("Eval/loss", self.svi.evaluate_loss(**self.data), step)
                     if params_every and step % params_every == 0:
-                        log_params(writer, step)
+                        log_params(writer, step, self.svi.optim)
                     if on_step is not None:
                         on_step(step + 1, loss)
         except KeyboardInterrupt:
@@ -169,7 +190,7 @@ class Run:
                 f"had learned is saved in {run_dir}"
             )
         wall = time.perf_counter() - start
-        log_params(writer, len(losses))
+        log_params(writer, len(losses), self.svi.optim)
         writer.close()
         summary = self.summarize(losses, wall, report=not isinstance(failure, RunError))
         write_results(run_dir, summary)
@@ -180,9 +201,13 @@ class Run:
     def summarize(self, losses: list[float], wall: float, report: bool = True) -> dict:
         """The run's summary.json content (DESIGN.md's contract)."""
         tail = losses[-100:]
-        with on_device(self.device):
-            post = (posterior.summarize(self.guide, self.data, self.sites, self.nesting, self.exact)
-                    if report and losses else {})
+        post = {}
+        if report and losses:
+            with on_device(self.device):
+                guide = self.guide
+                if hasattr(guide, "posterior_guide"):
+                    guide = guide.posterior_guide(**self.data)
+                post = posterior.summarize(guide, self.data, self.sites, self.nesting, self.exact)
         return {
             "recipe": self.recipe,
             "steps": len(losses),
@@ -251,7 +276,8 @@ def make_optim_args(registry: Registry, section: dict, optimizer: Component,
                     device: torch.device) -> OptimArgs:
     defaults = {k: v for k, v in section.items() if k in optimizer.options}
     nested = section.get("optim_args")
-    rules = build(registry, "optim_args", nested, device=device) if nested else None
+    rules = (build(registry, "optim_args", nested, defaults=dict(defaults), device=device)
+             if nested else None)
     return OptimArgs(defaults, rules, optimizer, "optimizer.optim_args")
 
 
@@ -330,14 +356,32 @@ def exact_posterior(model: Any, data: dict, name: str) -> dict | None:
         raise UsageError(f"model {name!r}: its exact posterior failed: {_describe(exc)}") from exc
 
 
-def log_params(writer: Any, step: int) -> None:
-    """Each parameter of the param store, as a scalar or (for a tensor) a histogram."""
-    for name, value in pyro.get_param_store().items():
+def log_params(writer: Any, step: int, optim: Any) -> None:
+    """Each parameter of the param store, as a scalar or (for a tensor) a histogram, and the
+    learning rate each parameter's optimizer uses now."""
+    store = pyro.get_param_store()
+    for name, value in store.items():
         value = value.detach()
         if value.numel() == 1:
             writer.add_scalar(f"Params/{name}", value.item(), step)
         else:
             writer.add_histogram(f"Params/{name}", value.cpu().numpy(), step)
+    for param, optimizer in getattr(optim, "optim_objs", {}).items():
+        optimizer = getattr(optimizer, "optimizer", optimizer)  # a scheduler wraps one
+        groups = getattr(optimizer, "param_groups", None)
+        if groups and "lr" in groups[0]:
+            writer.add_scalar(f"LR/{store.param_name(param)}", float(groups[0]["lr"]), step)
+
+
+def schedule_stepper(optim: Any) -> Callable[[float], None] | None:
+    """How to step a learning-rate schedule after each SVI step: with the step's loss when
+    the torch scheduler's ``step`` needs one (ReduceLROnPlateau), else without."""
+    if not isinstance(optim, PyroLRScheduler):
+        return None
+    parameters = list(inspect.signature(optim.pt_scheduler_constructor.step).parameters.values())
+    if any(p.default is p.empty for p in parameters[1:]):
+        return lambda loss: optim.step(loss)
+    return lambda loss: optim.step()
 
 
 def write_results(run_dir: Path, summary: dict) -> None:
