@@ -77,17 +77,9 @@ def adagrad(optim_args, lr: float = 0.01, lr_decay: float = 0.0, weight_decay: f
 
 
 def _torch_args(optim_args):
-    """YAML has no tuples, torch wants betas as one; and a torch optimizer refuses bad values
-    only at its first step, so check them when Pyro asks."""
-
-    def args(param_name: str) -> dict:
-        settings = {k: tuple(v) if isinstance(v, list) else v
-                    for k, v in optim_args(param_name).items()}
-        if settings.get("lr", 0) < 0:
-            raise ValueError(f"parameter {param_name!r}: lr must be >= 0")
-        return settings
-
-    return args
+    """YAML has no tuples; torch wants betas as one."""
+    return lambda param_name: {k: tuple(v) if isinstance(v, list) else v
+                               for k, v in optim_args(param_name).items()}
 
 
 def step(optimizer, step_size: int = 1000, gamma: float = 0.1):

@@ -129,8 +129,15 @@ class Run:
                     f"model {names['model']!r}, guide {names['guide']!r} and loss "
                     f"{names['loss']!r} do not work together: {_describe(exc)}"
                 ) from exc
-            for _, param in pyro.get_param_store().named_parameters():
+            params = [param for _, param in pyro.get_param_store().named_parameters()]
+            for param in params:
                 param.grad = None
+            optim_args.check(list(pyro.get_param_store().keys()))
+            try:  # make each parameter's torch optimizer now (no gradients: no step), so
+                svi.optim(params)  # torch refuses bad settings here, not at step 1
+            except Exception as exc:
+                raise UsageError(
+                    f"optimizer {optimizer_section['name']!r}: {_describe(exc)}") from exc
             notes = []
             can_evaluate = recipe["train"]["eval_every"] > 0
             if can_evaluate:
@@ -140,7 +147,6 @@ class Run:
                     can_evaluate = False
                     notes.append(f"loss {names['loss']!r} has no gradient-free estimate, so "
                                  "Eval/loss is not logged")
-            optim_args.check(list(pyro.get_param_store().keys()))
             exact = exact_posterior(model, data, names["model"])
         sites = posterior.latent_sites(trace)
         return cls(recipe, device, data, guide, svi, sites, posterior.plate_nesting(trace), exact,
