@@ -54,7 +54,7 @@ def test_every_guide_with_every_loss(tmp_path: Path, guide: str, loss: str):
     _, summary = train(tmp_path, *sets)
     post = summary["posterior"]["latent_fairness"]
     if guide == "auto_delta":  # MAP: the posterior's mode, no spread
-        assert post["mean"] == pytest.approx(MODE, abs=0.002) and post["std"] == 0
+        assert post["mean"] == pytest.approx(MODE, abs=0.002) and post["std"] < 1e-5
     else:
         assert abs(post["mean"] - EXACT_MEAN) < 0.015, post
         assert abs(post["std"] - EXACT_STD) < 0.015, post
