@@ -41,7 +41,7 @@ from tests.conftest import COIN, REPO, vibench
     (["run", str(COIN), "--set", "optimizer.optim_args=per_param",
       "--set", "optimizer.optim_args.rules.log_alpha_q.learning_rate=0"],
      "error: optimizer.optim_args: gives parameter 'log_alpha_q' setting 'learning_rate', "
-     "which optimizer 'adam' does not take; choose from betas, eps, lr, weight_decay"),
+     "which optimizer 'adam' does not take; choose from amsgrad, betas, eps, lr, weight_decay"),
     (["run", str(COIN), "--steps", "many"], "error: Invalid value for '--steps'"),
     (["run", str(COIN), "--bogus"], "error: No such option: --bogus"),
     (["frobnicate"], "error: No such command 'frobnicate'"),

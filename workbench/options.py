@@ -36,8 +36,8 @@ def read_options(
     """The options of ``factory`` (its named parameters less the injected ones), the injected
     ones it takes, and whether it takes ``**kwargs`` (then further options pass unchecked)."""
     signature = inspect.signature(factory)
-    try:
-        hints = typing.get_type_hints(factory)
+    try:  # a class's option hints are on its __init__, not on the class
+        hints = typing.get_type_hints(factory.__init__ if inspect.isclass(factory) else factory)
     except Exception:  # an annotation naming something not importable: fall back to defaults
         hints = {}
     options: dict[str, Option] = {}

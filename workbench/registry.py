@@ -139,6 +139,11 @@ def make_plugin_manager() -> tuple[pluggy.PluginManager, list[PluginProblem]]:
     for ep in eps:
         if ep.name in blocked:
             continue
+        if pm.has_plugin(ep.name):
+            owner = getattr(ep.dist, "name", "?")
+            problems.append(PluginProblem(ep.name, f"entry point {ep.value}",
+                                          f"another plugin has this name; {owner}'s is left out"))
+            continue
         try:
             pm.register(ep.load(), name=ep.name)
         except (Exception, SystemExit) as exc:  # a broken plugin must not take vibench down

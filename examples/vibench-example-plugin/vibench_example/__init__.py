@@ -1,0 +1,1 @@
+"""An example third-party vibench plugin; see docs/plugins.md in the vibench repository."""
