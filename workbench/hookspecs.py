@@ -38,6 +38,17 @@ def register_models(register: Register) -> None:
 
 
 @hookspec
+def register_datasets(register: Register) -> None:
+    """Register data set factories, which a recipe names under ``data: {dataset: ...}``.
+
+    A data set factory returns a mapping of argument name to array (a list, a NumPy array or
+    a tensor), which vibench hands the model by name as it does a recipe's inline data. A
+    synthetic data set takes its size, true values and its own ``seed`` as options, so its
+    data stay the same when the run's seed changes.
+    """
+
+
+@hookspec
 def register_guides(register: Register) -> None:
     """Register guide (variational family) factories.
 

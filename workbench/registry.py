@@ -21,6 +21,7 @@ from workbench.options import Option, read_options
 # kind -> the hook that registers it; the kind is also the recipe section's name.
 KINDS: dict[str, str] = {
     "model": "register_models",
+    "dataset": "register_datasets",
     "guide": "register_guides",
     "loss": "register_losses",
     "optimizer": "register_optimizers",
@@ -31,6 +32,7 @@ KINDS: dict[str, str] = {
 # Factory parameters vibench fills in from the run instead of the recipe, per kind.
 INJECTED: dict[str, frozenset[str]] = {
     "model": frozenset({"device"}),
+    "dataset": frozenset({"device"}),
     "guide": frozenset({"device", "model"}),
     "loss": frozenset({"device"}),
     "optimizer": frozenset({"device", "optim_args"}),
