@@ -26,7 +26,7 @@ class BetaGuide:
     def __init__(self, model, init_alpha: float = 15.0, init_beta: float = 15.0):
         if init_alpha <= 0 or init_beta <= 0:
             raise ValueError("init_alpha and init_beta must be > 0")
-        self.model = model
+        self.model = _continuous(model)
         self.init = (init_alpha, init_beta)
         self.sites = None
 
@@ -71,14 +71,15 @@ def auto_normal(model, init_scale: float = 0.1, init_loc: InitLoc = "feasible"):
     """Pyro's AutoNormal: an independent Normal per latent site, in unconstrained space."""
     from pyro.infer.autoguide import AutoNormal
 
-    return AutoNormal(model, init_loc_fn=_init_loc(init_loc), init_scale=_positive(init_scale))
+    return AutoNormal(_continuous(model), init_loc_fn=_init_loc(init_loc),
+                      init_scale=_positive(init_scale))
 
 
 def auto_diagonal_normal(model, init_scale: float = 0.1, init_loc: InitLoc = "median"):
     """Pyro's AutoDiagonalNormal: one diagonal Normal over all latents, unconstrained."""
     from pyro.infer.autoguide import AutoDiagonalNormal
 
-    return AutoDiagonalNormal(model, init_loc_fn=_init_loc(init_loc),
+    return AutoDiagonalNormal(_continuous(model), init_loc_fn=_init_loc(init_loc),
                               init_scale=_positive(init_scale))
 
 
@@ -86,7 +87,7 @@ def auto_multivariate_normal(model, init_scale: float = 0.1, init_loc: InitLoc =
     """Pyro's AutoMultivariateNormal: a full-covariance Normal over all latents."""
     from pyro.infer.autoguide import AutoMultivariateNormal
 
-    return AutoMultivariateNormal(model, init_loc_fn=_init_loc(init_loc),
+    return AutoMultivariateNormal(_continuous(model), init_loc_fn=_init_loc(init_loc),
                                   init_scale=_positive(init_scale))
 
 
@@ -97,7 +98,8 @@ def auto_lowrank_multivariate_normal(model, rank: int | None = None, init_scale:
 
     if rank is not None and rank < 1:
         raise ValueError("rank must be >= 1 (or null for about the square root of the size)")
-    return AutoLowRankMultivariateNormal(model, rank=rank, init_loc_fn=_init_loc(init_loc),
+    return AutoLowRankMultivariateNormal(_continuous(model), rank=rank,
+                                         init_loc_fn=_init_loc(init_loc),
                                          init_scale=_positive(init_scale))
 
 
@@ -105,7 +107,7 @@ def auto_delta(model, init_loc: InitLoc = "median"):
     """Pyro's AutoDelta: a point mass per latent site, i.e. MAP estimation."""
     from pyro.infer.autoguide import AutoDelta
 
-    return AutoDelta(model, init_loc_fn=_init_loc(init_loc))
+    return AutoDelta(_continuous(model), init_loc_fn=_init_loc(init_loc))
 
 
 def auto_laplace_approximation(model, init_loc: InitLoc = "median"):
@@ -117,7 +119,7 @@ def auto_laplace_approximation(model, init_loc: InitLoc = "median"):
             """The Gaussian at the mode: what this guide says the posterior is."""
             return self.laplace_approximation(*args, **kwargs)
 
-    return Laplace(model, init_loc_fn=_init_loc(init_loc))
+    return Laplace(_continuous(model), init_loc_fn=_init_loc(init_loc))
 
 
 def auto_iaf_normal(model, num_transforms: int = 1, hidden_dim: list[int] | None = None,
@@ -127,8 +129,16 @@ def auto_iaf_normal(model, num_transforms: int = 1, hidden_dim: list[int] | None
 
     if num_transforms < 1:
         raise ValueError("num_transforms must be >= 1")
-    return AutoIAFNormal(model, hidden_dim=hidden_dim, num_transforms=num_transforms,
+    return AutoIAFNormal(_continuous(model), hidden_dim=hidden_dim, num_transforms=num_transforms,
                          init_loc_fn=_init_loc(init_loc))
+
+
+def _continuous(model):
+    """The model as a guide sees it: discrete sites marked for enumeration are summed out by
+    the loss (enum_elbo), so the guide must not sample them."""
+    from pyro import poutine
+
+    return poutine.block(model, hide_fn=lambda msg: bool(msg.get("infer", {}).get("enumerate")))
 
 
 def _init_loc(init_loc):

@@ -14,11 +14,13 @@ NUM_DRAWS = 10_000
 
 
 def latent_sites(trace: poutine.Trace) -> dict[str, torch.Size]:
-    """The model's latent sample sites and their shapes, in the order the model samples them."""
+    """The model's latent sample sites and their shapes, in the order the model samples them;
+    not the discrete ones a loss sums out by enumeration, which no guide samples."""
     return {
         name: site["value"].shape
         for name, site in trace.nodes.items()
         if site["type"] == "sample" and not site["is_observed"] and not site_is_subsample(site)
+        and not site["infer"].get("enumerate")
     }
 
 
@@ -87,7 +89,7 @@ def _sampled(guide: Callable, data: dict, sites: dict, nesting: int) -> dict:
     except (RuntimeError, ValueError, NotImplementedError):
         traces = [poutine.trace(guide).get_trace(**data) for _ in range(NUM_DRAWS // 10)]
         draws = {name: torch.stack([t.nodes[name]["value"] for t in traces]) for name in sites}
-    return {name: (d.mean(0), d.std(0), "sampled") for name, d in draws.items()}
+    return {name: (d.float().mean(0), d.float().std(0), "sampled") for name, d in draws.items()}
 
 
 def to_plain(value: torch.Tensor) -> float | list:

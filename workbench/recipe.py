@@ -25,6 +25,7 @@ COMPONENTS: dict[tuple[str, ...], str] = {
     ("optimizer",): "optimizer",
     ("optimizer", "optim_args"): "optim_args",
     ("optimizer", "schedule"): "schedule",
+    ("data", "dataset"): "dataset",
 }
 SECTIONS = ("name", "seed", "device", "data", "model", "guide", "loss", "optimizer", "train")
 TRAIN: dict[str, Option] = {
@@ -33,6 +34,8 @@ TRAIN: dict[str, Option] = {
         Option("steps", 1000, int),
         Option("eval_every", 100, int),  # 0: never evaluate
         Option("log_params_every", 10, int),  # 0: never log the parameters
+        Option("batch_size", None, int | None),  # subsample one plate of the model each step
+        Option("subsample_plate", None, str | None),  # which, when the model has several
     )
 }
 MAX_BYTES = 1_000_000
@@ -156,7 +159,9 @@ def apply_overrides(recipe: dict, sets: Sequence[str]) -> tuple[dict, set[str]]:
             value = {"name": value}
         target = recipe
         for depth, part in enumerate(parts[:-1]):
-            child = target.setdefault(part, {})
+            if target.get(part) is None:  # missing or null: a new mapping
+                target[part] = {}
+            child = target[part]
             if not isinstance(child, dict):
                 where = ".".join(parts[: depth + 1])
                 problems.append(f"--set {item!r}: {where} is {child!r}, not a mapping")
@@ -191,7 +196,7 @@ def resolve(
     resolved["device"] = checker.value(
         recipe, "device", "auto", str, DEVICE_PATTERN.fullmatch, "auto, cpu, cuda or cuda:N"
     )
-    resolved["data"] = checker.data(recipe.get("data"))
+    resolved["data"] = checker.data(recipe.get("data"), Path(source).parent)
     for (section,), kind in ((p, k) for p, k in COMPONENTS.items() if len(p) == 1):
         if section not in recipe:
             checker.problem(
@@ -227,28 +232,64 @@ class _Checker:
             self.problem(key, f"expected {wanted}, got {value!r}")
         return value
 
-    def data(self, data: Any) -> dict:
+    def data(self, data: Any, base: Path) -> dict:
+        """Inline arguments, plus at most one of ``file`` (made absolute, relative to the
+        recipe) and ``dataset`` (a component); ``columns`` maps arguments to a file's names."""
         if data is None:
             return {}
         if not isinstance(data, dict):
             self.problem("data", f"expected a mapping of the model's arguments, got {_describe(data)}")
             return {}
+        resolved = dict(data)
+        if "file" in data and "dataset" in data:
+            self.problem("data", "give either a file or a dataset, not both")
+        if "file" in data:
+            resolved["file"] = self.data_file(data["file"], base)
+        if "dataset" in data:
+            resolved["dataset"] = self.component(("data", "dataset"), data["dataset"])
+        columns = data.get("columns")
+        if columns is not None and not (
+            isinstance(columns, dict)
+            and all(isinstance(v, str) or (isinstance(v, list) and v and
+                                           all(isinstance(c, str) for c in v))
+                    for v in columns.values())
+        ):
+            self.problem("data.columns", "expected a mapping of model argument to a column name "
+                                         "or a list of column names")
+        elif columns is not None and not {"file", "dataset"} & set(data):
+            self.problem("data.columns", "names columns of a file or data set; give data.file")
         for key in data:
             if not isinstance(key, str) or not key.isidentifier():
                 self.problem(f"data.{key}", "a data key names a model argument, like 'flips'")
-        return data
+        return resolved
+
+    def data_file(self, file: Any, base: Path) -> str | None:
+        from workbench.data import SUFFIXES
+
+        if not isinstance(file, str) or not file:
+            self.problem("data.file", f"expected a path, got {file!r}")
+            return None
+        path = (base / file).resolve()
+        if path.suffix.lower() not in SUFFIXES:
+            self.problem("data.file", f"{file}: a data file is one of {', '.join(SUFFIXES)}")
+        elif not path.is_file():
+            self.problem("data.file", f"no such file {file} (looked for {path})")
+        return str(path)
 
     def train(self, train: Any) -> dict:
         if not isinstance(train, dict):
             self.problem("train", f"expected a mapping of training settings, got {_describe(train)}")
             train = {}
+        lowest = {"steps": 1, "batch_size": 1, "eval_every": 0, "log_params_every": 0}
         for key, value in train.items():
             option = TRAIN.get(key)
             if option is None:
                 self.problem(f"train.{key}", f"unknown setting; {did_you_mean(str(key), TRAIN)}")
-            elif not option.accepts(value) or value < (1 if key == "steps" else 0):
-                low = "1" if key == "steps" else "0"
-                self.problem(f"train.{key}", f"expected a whole number >= {low}, got {value!r}")
+            elif not option.accepts(value):
+                self.problem(f"train.{key}", f"expected {option.type_name()}, got {value!r}")
+            elif isinstance(value, int) and value < lowest[key]:
+                self.problem(f"train.{key}", f"expected a whole number >= {lowest[key]}, "
+                                             f"got {value!r}")
         return {name: train.get(name, option.default) for name, option in TRAIN.items()}
 
     def component(self, path: tuple[str, ...], section: Any) -> dict | None:

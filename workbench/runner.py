@@ -14,6 +14,7 @@ import logging
 import math
 import os
 import time
+import warnings
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -24,7 +25,10 @@ import torch
 from pyro import poutine
 from pyro.infer import SVI
 from pyro.optim import PyroLRScheduler
+from pyro.poutine.messenger import Messenger
+from pyro.poutine.util import site_is_subsample
 
+from workbench import data as data_module
 from workbench import posterior
 from workbench.errors import RunError, UsageError, VibenchError, did_you_mean
 from workbench.recipe import COMPONENTS, dump, options
@@ -93,6 +97,7 @@ class Run:
     schedule: Callable[[float], None] | None = None  # steps the learning-rate schedule
     can_evaluate: bool = True  # the loss has a gradient-free estimate for Eval/loss
     notes: list[str] = field(default_factory=list)  # what the user should know before training
+    minibatch: Minibatch | None = None  # draws each step's batch when the recipe asks for one
 
     @classmethod
     def setup(cls, recipe: dict, registry: Registry) -> Run:
@@ -102,33 +107,21 @@ class Run:
         pyro.clear_param_store()
         pyro.set_rng_seed(recipe["seed"])
         names = {kind: recipe[kind]["name"] for kind in ("model", "guide", "loss")}
+        notes: list[str] = []
         with on_device(device):
-            data = to_tensors(recipe["data"], device)
             model = build(registry, "model", recipe["model"], device=device)
-            check_data(model, data, names["model"])
-            guide = build(registry, "guide", recipe["guide"], model=model, device=device)
-            loss = build(registry, "loss", recipe["loss"], device=device)
-            optimizer_section = recipe["optimizer"]
-            optimizer_component = registry.get("optimizer", optimizer_section["name"])
-            optim_args = make_optim_args(registry, optimizer_section, optimizer_component, device)
-            optimizer = build(registry, "optimizer", optimizer_section,
-                              optim_args=optim_args, device=device)
-            if optimizer_section.get("schedule"):
-                optimizer = build(registry, "schedule", optimizer_section["schedule"],
-                                  optimizer=optimizer, steps=recipe["train"]["steps"], device=device)
-            svi = SVI(model, guide, optimizer, loss=loss)
+            data, origin = load_data(registry, recipe["data"], model, names["model"], device)
             try:
                 trace = poutine.trace(model).get_trace(**data)
             except Exception as exc:
                 raise UsageError(f"model {names['model']!r}: {_describe(exc)}") from exc
-            check_support(trace, data)
-            try:  # one loss and gradient, as a step takes them: creates the guide's parameters
-                svi.loss_and_grads(svi.model, svi.guide, **data)
-            except Exception as exc:
-                raise UsageError(
-                    f"model {names['model']!r}, guide {names['guide']!r} and loss "
-                    f"{names['loss']!r} do not work together: {_describe(exc)}"
-                ) from exc
+            check_support(trace, data, origin)
+            guide = build(registry, "guide", recipe["guide"], model=model, device=device)
+            loss = build(registry, "loss", recipe["loss"], device=device)
+            optimizer, optim_args = make_optimizer(registry, recipe, device)
+            minibatch = Minibatch.of(trace, recipe["train"], device)
+            svi = SVI(minibatch(model), minibatch(guide), optimizer, loss=loss)
+            try_once(svi, data, names)
             params = [param for _, param in pyro.get_param_store().named_parameters()]
             for param in params:
                 param.grad = None
@@ -137,11 +130,11 @@ class Run:
                 svi.optim(params)  # torch refuses bad settings here, not at step 1
             except Exception as exc:
                 raise UsageError(
-                    f"optimizer {optimizer_section['name']!r}: {_describe(exc)}") from exc
-            notes = []
+                    f"optimizer {recipe['optimizer']['name']!r}: {_describe(exc)}") from exc
             can_evaluate = recipe["train"]["eval_every"] > 0
             if can_evaluate:
                 try:
+                    minibatch.resample()
                     svi.evaluate_loss(**data)
                 except NotImplementedError:
                     can_evaluate = False
@@ -150,7 +143,7 @@ class Run:
             exact = exact_posterior(model, data, names["model"])
         sites = posterior.latent_sites(trace)
         return cls(recipe, device, data, guide, svi, sites, posterior.plate_nesting(trace), exact,
-                   schedule_stepper(optimizer), can_evaluate, notes)
+                   schedule_stepper(optimizer), can_evaluate, notes, minibatch)
 
     def train(self, run_dir: Path, on_step: StepCallback | None = None) -> dict:
         """Train for the recipe's steps, logging to TensorBoard in ``run_dir``; returns the
@@ -169,6 +162,7 @@ class Run:
         try:
             with on_device(self.device):
                 for step in range(steps):
+                    self.minibatch.resample()
                     loss = self.svi.step(**self.data)
                     if self.schedule is not None:
                         self.schedule(loss)
@@ -181,6 +175,7 @@ class Run:
                         )
                         break
                     if self.can_evaluate and (step + 1) % eval_every == 0:
+                        self.minibatch.resample()
                         writer.add_scalar("Eval/loss", self.svi.evaluate_loss(**self.data), step)
                     if params_every and step % params_every == 0:
                         log_params(writer, step, self.svi.optim)
@@ -287,56 +282,150 @@ def make_optim_args(registry: Registry, section: dict, optimizer: Component,
     return OptimArgs(defaults, rules, optimizer, "optimizer.optim_args")
 
 
-def to_tensors(data: dict, device: torch.device) -> dict:
-    """The recipe's data as the model's arguments: numbers and lists become float tensors on
-    the run's device; text stays text."""
+def make_optimizer(registry: Registry, recipe: dict, device: torch.device
+                   ) -> tuple[Any, OptimArgs]:
+    """The recipe's optimizer, wrapped in its schedule if it has one, and its optim_args."""
+    section = recipe["optimizer"]
+    optim_args = make_optim_args(registry, section, registry.get("optimizer", section["name"]),
+                                 device)
+    optimizer = build(registry, "optimizer", section, optim_args=optim_args, device=device)
+    if section.get("schedule"):
+        optimizer = build(registry, "schedule", section["schedule"], optimizer=optimizer,
+                          steps=recipe["train"]["steps"], device=device)
+        if not isinstance(optimizer, PyroLRScheduler):
+            raise UsageError(f"schedule {section['schedule']['name']!r}: made "
+                             f"{type(optimizer).__name__}, not a pyro.optim.PyroLRScheduler")
+    return optimizer, optim_args
+
+
+def try_once(svi: SVI, data: dict, names: dict[str, str]) -> None:
+    """One loss and gradient, as a step takes them (it also creates the guide's parameters):
+    what the model, guide and loss cannot do together fails here, before the run."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            svi.loss_and_grads(svi.model, svi.guide, **data)
+        except Exception as exc:
+            raise UsageError(
+                f"model {names['model']!r}, guide {names['guide']!r} and loss "
+                f"{names['loss']!r} do not work together: {_describe(exc)}"
+            ) from exc
+    for warning in caught:
+        if "in model but not guide" in str(warning.message):
+            raise UsageError(
+                f"guide {names['guide']!r} with loss {names['loss']!r} leaves latent sites of "
+                f"model {names['model']!r} unfitted ({warning.message}); a discrete site "
+                "marked for enumeration needs a loss that enumerates it")
+        warnings.warn_explicit(warning.message, warning.category, warning.filename,
+                               warning.lineno)
+
+
+class Minibatch(Messenger):
+    """Each step, a fresh random batch of one plate's indices, drawn with replacement in time
+    proportional to the batch, not to the data (Pyro's own subsampling permutes all of them).
+    The plate scales its sites by size / batch, so the loss stays unbiased."""
+
+    def __init__(self, plate: str | None = None, size: int = 0, batch_size: int = 0,
+                 device: torch.device | None = None):
+        super().__init__()
+        self.plate, self.size, self.batch_size, self.device = plate, size, batch_size, device
+        self.indices: torch.Tensor | None = None
+
+    @classmethod
+    def of(cls, trace: poutine.Trace, train: dict, device: torch.device) -> Minibatch:
+        """The minibatching the recipe's train section asks for (none without batch_size)."""
+        if not train["batch_size"]:
+            return cls()
+        plates = {name: site["fn"].size for name, site in trace.nodes.items()
+                  if site_is_subsample(site)}
+        name = train["subsample_plate"]
+        if name is None and len(plates) == 1:
+            name = next(iter(plates))
+        if name not in plates:
+            which = ", ".join(plates) or "none"
+            raise UsageError(f"train.subsample_plate: name the model's plate to subsample "
+                             f"(its plates: {which})")
+        if train["batch_size"] >= plates[name]:
+            raise UsageError(f"train.batch_size: {train['batch_size']} is not smaller than "
+                             f"plate {name!r} ({plates[name]}); leave batch_size out")
+        return cls(name, plates[name], train["batch_size"], device)
+
+    def __call__(self, fn: Callable) -> Callable:
+        return fn if self.plate is None else super().__call__(fn)
+
+    def resample(self) -> None:
+        if self.plate is not None:
+            self.indices = torch.randint(self.size, (self.batch_size,), device=self.device)
+
+    def _pyro_sample(self, msg: dict) -> None:
+        if msg["name"] == self.plate and site_is_subsample(msg):
+            msg["value"] = self.indices
+
+
+def model_arguments(model: Any) -> dict[str, bool] | None:
+    """The model's arguments, each with whether it is required; None when it takes any."""
+    try:
+        parameters = inspect.signature(model).parameters.values()
+    except (TypeError, ValueError):
+        return None
+    if any(p.kind is p.VAR_KEYWORD for p in parameters):
+        return None
+    return {p.name: p.default is p.empty for p in parameters if p.kind is not p.VAR_POSITIONAL}
+
+
+def load_data(registry: Registry, section: dict, model: Any, name: str,
+              device: torch.device) -> tuple[dict, dict[str, str]]:
+    """The recipe's data as tensors on the device, checked against the model's arguments, and
+    where each came from."""
+    takes = model_arguments(model)
+    dataset = (build(registry, "dataset", section["dataset"], device=device)
+               if "dataset" in section else None)
+    gathered = data_module.gather(section, takes if takes is not None else {}, dataset)
+    if takes is not None:
+        for key, where in gathered.origin.items():
+            if key not in takes:
+                raise UsageError(f"{where}: model {name!r} takes no argument {key!r}; "
+                                 f"{did_you_mean(key, takes)}")
+        for key, required in takes.items():
+            if required and key not in gathered.values:
+                raise UsageError(f"data.{key}: missing; model {name!r} needs it")
+    return to_tensors(gathered, device), gathered.origin
+
+
+def to_tensors(data: data_module.Data, device: torch.device) -> dict:
+    """Numbers and arrays become float tensors on the run's device, refusing NaN and infinity;
+    text stays text."""
     tensors = {}
-    for key, value in data.items():
+    for key, value in data.values.items():
+        where = data.origin[key]
         if isinstance(value, str):
             tensors[key] = value
             continue
         try:
-            tensors[key] = torch.as_tensor(value, dtype=torch.get_default_dtype(), device=device)
+            tensor = torch.as_tensor(value, dtype=torch.get_default_dtype(), device=device)
         except (TypeError, ValueError, RuntimeError) as exc:
-            raise UsageError(f"data.{key}: not a number or a rectangular list of numbers ({exc})")
+            raise UsageError(f"{where}: not a number or a rectangular array of numbers "
+                             f"({_describe(exc)})") from None
+        finite = torch.isfinite(tensor)
+        if not finite.all():
+            index = (~finite).nonzero()[0].tolist()
+            raise UsageError(f"{where}: {_at(tensor, index)} at index {index}")
+        tensors[key] = tensor
     return tensors
 
 
-def check_data(model: Any, data: dict, name: str) -> None:
-    """The recipe's data keys must be exactly the arguments the model takes."""
-    try:
-        parameters = inspect.signature(model).parameters
-    except (TypeError, ValueError):
-        return
-    if any(p.kind is p.VAR_KEYWORD for p in parameters.values()):
-        return
-    takes = [p for p in parameters if parameters[p].kind is not parameters[p].VAR_POSITIONAL]
-    for key in data:
-        if key not in takes:
-            raise UsageError(
-                f"data.{key}: model {name!r} takes no argument {key!r}; "
-                f"{did_you_mean(key, takes)}"
-            )
-    for key, param in parameters.items():
-        if param.default is param.empty and param.kind is not param.VAR_POSITIONAL and key not in data:
-            raise UsageError(f"data.{key}: missing; model {name!r} needs it")
-
-
-def check_support(trace: poutine.Trace, data: dict) -> None:
-    """Observed values must be finite and lie in their likelihood's support (no 2 for a
-    Bernoulli); the error names the data key when the model observes it directly."""
+def check_support(trace: poutine.Trace, data: dict, origin: dict[str, str]) -> None:
+    """Observed values must lie in their likelihood's support (no 2 for a Bernoulli); the
+    error names the data key (and file column) when the model observes it directly."""
     for name, site in trace.nodes.items():
         if site["type"] != "sample" or not site["is_observed"]:
             continue
         fn, value = site["fn"], site["value"]
         if not torch.is_tensor(value):
             continue
-        key = next((k for k, v in data.items() if v is value), None)
-        where = f"data.{key}" if key else f"data (observed at site {name!r})"
-        finite = torch.isfinite(value)
-        if not finite.all():
-            index = (~finite).nonzero()[0].tolist()
-            raise UsageError(f"{where}: {_at(value, index)} at index {index}")
+        key = next((k for k, v in data.items() if v is value or (
+            torch.is_tensor(v) and v.shape == value.shape and torch.equal(v, value))), None)
+        where = origin.get(key, f"data (observed at site {name!r})")
         inside = fn.support.check(value)
         if not inside.all():
             index = (~inside).nonzero()[0].tolist()
