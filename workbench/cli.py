@@ -32,7 +32,8 @@ app = typer.Typer(
 
 @app.command()
 def run(
-    recipe: Annotated[Path, typer.Argument(help="The recipe, a YAML file.", show_default=False)],
+    recipe: Annotated[Optional[Path], typer.Argument(
+        help="The recipe, a YAML file.", show_default=False)] = None,
     set_: Annotated[
         Optional[list[str]],
         typer.Option("--set", metavar="KEY=VALUE", show_default=False,
@@ -44,29 +45,47 @@ def run(
     device: Annotated[Optional[str], typer.Option(help="auto, cpu or cuda.")] = None,
     seed: Annotated[Optional[int], typer.Option(help="The random seed.")] = None,
     steps: Annotated[Optional[int], typer.Option(help="The number of SVI steps.")] = None,
+    resume: Annotated[Optional[Path], typer.Option(
+        help="Go on with a stopped run, in its directory, from its last checkpoint.",
+        show_default=False)] = None,
 ) -> None:
     """Run SVI as a recipe says and report the posterior."""
     from workbench import recipe as recipes
+    from workbench.errors import UsageError
     from workbench.registry import get_registry
 
+    if (recipe is None) == (resume is None):
+        raise UsageError("give a RECIPE to run, or --resume RUN_DIR to go on with a run")
+    if resume is not None and (set_ or out or device or seed is not None):
+        raise UsageError("--resume goes on with a run exactly as it was: only --steps may "
+                         "change (to run longer)")
+    state = None
+    if resume is not None:
+        from workbench import checkpoint
+
+        state = checkpoint.load(resume)
+    source = recipe if resume is None else resume / "recipe.yaml"
     sets = list(set_ or [])
     shorthands = {"device": device, "seed": seed, "train.steps": steps}
     sets += [f"{key}={value}" for key, value in shorthands.items() if value is not None]
-    raw, overridden = recipes.apply_overrides(recipes.load(recipe), sets)
+    raw, overridden = recipes.apply_overrides(recipes.load(source), sets)
     registry = get_registry()
     for problem in registry.problems:
         _err(f"warning: {problem}")
-    resolved = recipes.resolve(raw, registry, str(recipe), overridden)
+    resolved = recipes.resolve(raw, registry, str(source), overridden)
 
     from workbench.runner import Run, make_run_dir
 
+    if state is not None and state["progress"]["step"] >= resolved["train"]["steps"]:
+        raise UsageError(f"--resume {resume}: the run already took all its "
+                         f"{resolved['train']['steps']} steps; give --steps to run longer")
     prepared = Run.setup(resolved, registry)
     for note in prepared.notes:
         _err(f"note: {note}")
-    run_dir = make_run_dir(resolved["name"], out)
+    run_dir = resume if resume is not None else make_run_dir(resolved["name"], out)
     _err(f"run directory: {run_dir}")
     with Progress(resolved["train"]["steps"]) as progress:
-        summary = prepared.train(run_dir, progress.update)
+        summary = prepared.train(run_dir, progress.update, resume=state)
     for line in report_lines(summary):
         print(line)
     print(f"final loss {summary['final_loss']:.4f} | {summary['steps']} steps in "
@@ -122,6 +141,36 @@ def list_components(
               + " and ".join(conflict["plugins"]))
     for problem in registry.problems:
         print(f"broken: {problem}")
+
+
+@app.command()
+def compare(
+    recipe: Annotated[Path, typer.Argument(help="The recipe, a YAML file.", show_default=False)],
+    grid: Annotated[
+        Optional[list[str]],
+        typer.Option("--grid", metavar="KEY=V1,V2", show_default=False,
+                     help="Values to compare: optimizer.lr=0.01,0.05, or guide=beta,auto_normal "
+                          "to swap whole components. Each value is YAML, as for --set. "
+                          "Repeatable: every combination runs."),
+    ] = None,
+    seeds: Annotated[int, typer.Option(min=1, help="Run each combination with seeds 0..N-1.")] = 1,
+    set_: Annotated[
+        Optional[list[str]],
+        typer.Option("--set", metavar="KEY=VALUE", show_default=False,
+                     help="Change the recipe for every run (the grid goes on top). Repeatable."),
+    ] = None,
+    steps: Annotated[Optional[int], typer.Option(min=1, help="The number of SVI steps.")] = None,
+    jobs: Annotated[Optional[int], typer.Option(
+        min=1, help="Runs at a time. Default: one per CPU core.")] = None,
+    out: Annotated[Optional[Path], typer.Option(
+        help="The compare directory (new or empty). Default: runs/compare-<name>-<timestamp>.")
+    ] = None,
+) -> None:
+    """Run a recipe for every combination of --grid values and seeds, in parallel; print a
+    table and write compare.csv, compare.png and TensorBoard hparams."""
+    from workbench.compare import compare as run_compare
+
+    run_compare(recipe, grid or [], set_ or [], seeds, steps, jobs, out)
 
 
 def report_lines(summary: dict, limit: int = 10) -> list[str]:

@@ -36,6 +36,8 @@ TRAIN: dict[str, Option] = {
         Option("log_params_every", 10, int),  # 0: never log the parameters
         Option("batch_size", None, int | None),  # subsample one plate of the model each step
         Option("subsample_plate", None, str | None),  # which, when the model has several
+        Option("checkpoint_every", 500, int),  # 0: only at the end, on Ctrl-C and on failure
+        Option("skip_bad_steps", 0, int),  # steps with a non-finite loss or gradient to skip
     )
 }
 MAX_BYTES = 1_000_000
@@ -280,15 +282,15 @@ class _Checker:
         if not isinstance(train, dict):
             self.problem("train", f"expected a mapping of training settings, got {_describe(train)}")
             train = {}
-        lowest = {"steps": 1, "batch_size": 1, "eval_every": 0, "log_params_every": 0}
+        lowest = {"steps": 1, "batch_size": 1}
         for key, value in train.items():
             option = TRAIN.get(key)
             if option is None:
                 self.problem(f"train.{key}", f"unknown setting; {did_you_mean(str(key), TRAIN)}")
             elif not option.accepts(value):
                 self.problem(f"train.{key}", f"expected {option.type_name()}, got {value!r}")
-            elif isinstance(value, int) and value < lowest[key]:
-                self.problem(f"train.{key}", f"expected a whole number >= {lowest[key]}, "
+            elif isinstance(value, int) and value < lowest.get(key, 0):
+                self.problem(f"train.{key}", f"expected a whole number >= {lowest.get(key, 0)}, "
                                              f"got {value!r}")
         return {name: train.get(name, option.default) for name, option in TRAIN.items()}
 

@@ -13,6 +13,8 @@ import json
 import logging
 import math
 import os
+import signal
+import threading
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -24,10 +26,12 @@ import pyro
 import torch
 from pyro import poutine
 from pyro.infer import SVI
+from pyro.infer.util import torch_item, zero_grads
 from pyro.optim import PyroLRScheduler
 from pyro.poutine.messenger import Messenger
 from pyro.poutine.util import site_is_subsample
 
+from workbench import checkpoint
 from workbench import data as data_module
 from workbench import posterior
 from workbench.errors import RunError, UsageError, VibenchError, did_you_mean
@@ -145,79 +149,158 @@ class Run:
         return cls(recipe, device, data, guide, svi, sites, posterior.plate_nesting(trace), exact,
                    schedule_stepper(optimizer), can_evaluate, notes, minibatch)
 
-    def train(self, run_dir: Path, on_step: StepCallback | None = None) -> dict:
-        """Train for the recipe's steps, logging to TensorBoard in ``run_dir``; returns the
-        summary, which is also written there. Ctrl-C and a non-finite loss stop the run with
-        what was learned so far saved."""
-        from tensorboardX import SummaryWriter
+    def train(self, run_dir: Path, on_step: StepCallback | None = None,
+              resume: dict | None = None) -> dict:
+        """Train for the recipe's steps, logging to TensorBoard and checkpointing in
+        ``run_dir``; returns the summary, which is also written there.
 
-        (run_dir / "recipe.yaml").write_text(dump(self.recipe))
+        Ctrl-C stops at the end of the step in progress; a bad step (non-finite loss or
+        gradient) is skipped up to ``train.skip_bad_steps`` times, then stops the run. Either
+        way the last good state is checkpointed, and ``resume`` (a checkpoint) goes on from it.
+        """
+        from tensorboardX import SummaryWriter  # imported here: it is slow to import
+
         settings = self.recipe["train"]
-        steps, eval_every = settings["steps"], settings["eval_every"]
-        params_every = settings["log_params_every"]
-        losses: list[float] = []
-        writer = SummaryWriter(logdir=str(run_dir))
+        progress = {"step": 0, "losses": [], "skipped": 0, "wall": 0.0}
+        (run_dir / "recipe.yaml").write_text(dump(self.recipe))
+        if resume is not None:
+            progress = self.restore(resume)
+        else:  # a run killed before its first checkpoint can still be resumed, from the start
+            checkpoint.save(run_dir, self.svi.optim, progress)
+        losses: list[float] = progress["losses"]
+        writer = SummaryWriter(logdir=str(run_dir), purge_step=progress["step"] or None,
+                               filename_suffix=f".{progress['step']:09d}")
         failure: VibenchError | None = None
+        good = True  # whether the run's state is fit to checkpoint
         start = time.perf_counter()
-        try:
-            with on_device(self.device):
-                for step in range(steps):
-                    self.minibatch.resample()
-                    loss = self.svi.step(**self.data)
-                    if self.schedule is not None:
-                        self.schedule(loss)
-                    losses.append(loss)
-                    writer.add_scalar("Train/loss", loss, step)
-                    if not math.isfinite(loss):
-                        failure = RunError(
-                            f"step {step + 1}: the loss is {loss}; the run stopped, and what it "
-                            f"had learned is saved in {run_dir}"
-                        )
-                        break
-                    if self.can_evaluate and (step + 1) % eval_every == 0:
-                        self.minibatch.resample()
-                        writer.add_scalar("Eval/loss", self.svi.evaluate_loss(**self.data), step)
-                    if params_every and step % params_every == 0:
-                        log_params(writer, step, self.svi.optim)
+        with on_device(self.device), _deferred_interrupt() as interrupted:
+            try:
+                for step in range(progress["step"], settings["steps"]):
+                    loss, bad = self.step()
+                    if bad:
+                        progress["skipped"] += 1
+                        if progress["skipped"] > settings["skip_bad_steps"]:
+                            failure = RunError(f"step {step + 1}: {bad}")
+                            break
+                    else:
+                        losses.append(loss)
+                        writer.add_scalar("Train/loss", loss, step)
+                    progress["step"] = step + 1
+                    self.log(writer, step)
                     if on_step is not None:
                         on_step(step + 1, loss)
-        except KeyboardInterrupt:
-            failure = Interrupted(
-                f"interrupted after {len(losses)} steps; what was learned is saved in {run_dir}"
-            )
-        except Exception as exc:  # the model, guide or optimizer broke mid-run: keep the rest
-            failure = RunError(
-                f"step {len(losses) + 1} failed: {_describe(exc)}; the run stopped, and what it "
-                f"had learned is saved in {run_dir}"
-            )
-        wall = time.perf_counter() - start
-        log_params(writer, len(losses), self.svi.optim)
+                    if interrupted():
+                        failure = Interrupted(f"interrupted after step {step + 1}")
+                        break
+                    if settings["checkpoint_every"] and (step + 1) % settings["checkpoint_every"] == 0:
+                        # tensorboardX cannot flush its queue, only close: so that the event
+                        # files hold every step up to the checkpoint, start a new file here
+                        writer.close()
+                        writer = SummaryWriter(logdir=str(run_dir),
+                                               filename_suffix=f".{step + 1:09d}")
+                        self.checkpoint(run_dir, progress, start)
+            except Exception as exc:  # the model, guide or optimizer broke: keep the last good
+                good = False
+                failure = RunError(f"step {progress['step'] + 1} failed: {_describe(exc)}")
+            bad_params = [name for name, value in pyro.get_param_store().items()
+                          if not torch.isfinite(value).all()]
+            if bad_params:
+                good = False
+                detail = (f"parameters {', '.join(bad_params)} are not finite after step "
+                          f"{progress['step']}")
+                failure = RunError(f"{failure}; {detail}" if failure else detail)
+            if good:
+                self.checkpoint(run_dir, progress, start)
+                log_params(writer, progress["step"], self.svi.optim)
         writer.close()
-        summary = self.summarize(losses, wall, report=not isinstance(failure, RunError))
-        write_results(run_dir, summary)
+        wall = progress["wall"] + (time.perf_counter() - start if not good else 0.0)
+        summary = self.summarize(losses, progress, wall, report=good)
+        summary["status"] = ("completed" if failure is None else
+                             "interrupted" if isinstance(failure, Interrupted) else "failed")
         if failure is not None:
-            raise failure
+            summary["error"] = str(failure)
+        write_results(run_dir, summary, params=good)
+        if failure is not None:
+            kept = (f"saved in {run_dir}; go on with: vibench run --resume {run_dir}" if good
+                    else f"the last good checkpoint is in {run_dir}; go on from it with: "
+                         f"vibench run --resume {run_dir}")
+            raise type(failure)(f"{failure}; {kept}")
         return summary
 
-    def summarize(self, losses: list[float], wall: float, report: bool = True) -> dict:
+    def step(self) -> tuple[float, str]:
+        """One SVI step (Pyro's SVI.step, guarded): a non-finite loss or gradient is not
+        applied, and comes back as the reason the step was bad."""
+        self.minibatch.resample()
+        svi = self.svi
+        with poutine.trace(param_only=True) as capture:
+            loss = svi.loss_and_grads(svi.model, svi.guide, **self.data)
+        params = {site["value"].unconstrained() for site in capture.trace.nodes.values()}
+        loss = torch_item(loss)
+        bad = ""
+        if not math.isfinite(loss):
+            bad = f"the loss is {loss}"
+        elif params and not torch.isfinite(torch.stack(
+                [p.grad.sum() for p in params if p.grad is not None] or [torch.zeros(())])).all():
+            store = pyro.get_param_store()
+            names = [store.param_name(p) for p in params
+                     if p.grad is not None and not torch.isfinite(p.grad).all()]
+            bad = f"the gradient of {', '.join(sorted(names))} is not finite"
+        if not bad:
+            svi.optim(params)
+            if self.schedule is not None:
+                self.schedule(loss)
+        zero_grads(params)
+        return loss, bad
+
+    def log(self, writer: Any, step: int) -> None:
+        """What TensorBoard gets after a step besides its loss."""
+        settings = self.recipe["train"]
+        if self.can_evaluate and (step + 1) % settings["eval_every"] == 0:
+            self.minibatch.resample()
+            writer.add_scalar("Eval/loss", self.svi.evaluate_loss(**self.data), step)
+        if settings["log_params_every"] and step % settings["log_params_every"] == 0:
+            log_params(writer, step, self.svi.optim)
+
+    def checkpoint(self, run_dir: Path, progress: dict, start: float) -> None:
+        checkpoint.save(run_dir, self.svi.optim,
+                        {**progress, "wall": progress["wall"] + time.perf_counter() - start})
+
+    def restore(self, state: dict) -> dict:
+        """Put a checkpoint's state back, exactly: parameters, optimizers, random generators."""
+        store = pyro.get_param_store()
+        store.set_state(state["params"])
+        with torch.no_grad():  # modules take the restored tensors as their own parameters
+            poutine.trace(self.guide).get_trace(**self.data)
+        params = [param for _, param in store.named_parameters()]
+        optim = self.svi.optim
+        optim.optim_objs.clear()
+        optim.grad_clip.clear()
+        optim.set_state(state["optim"])
+        optim(params)  # no gradients: makes each optimizer and loads its state, no step
+        checkpoint.set_rng_state(state["rng"])
+        return dict(state["progress"])
+
+    def summarize(self, losses: list[float], progress: dict, wall: float,
+                  report: bool = True) -> dict:
         """The run's summary.json content (DESIGN.md's contract)."""
         tail = losses[-100:]
         post = {}
         if report and losses:
-            with on_device(self.device):
-                guide = self.guide
-                if hasattr(guide, "posterior_guide"):
-                    guide = guide.posterior_guide(**self.data)
-                post = posterior.summarize(guide, self.data, self.sites, self.nesting, self.exact)
+            guide = self.guide
+            if hasattr(guide, "posterior_guide"):
+                guide = guide.posterior_guide(**self.data)
+            post = posterior.summarize(guide, self.data, self.sites, self.nesting, self.exact)
+        steps = progress["step"]
         return {
             "recipe": self.recipe,
-            "steps": len(losses),
+            "steps": steps,
             "wall_seconds": wall,
-            "steps_per_second": len(losses) / wall if wall > 0 else 0.0,
+            "steps_per_second": steps / wall if wall > 0 else 0.0,
             "final_loss": sum(tail) / len(tail) if tail else float("nan"),
             "posterior": post,
             "params": {name: posterior.to_plain(value)
                        for name, value in pyro.get_param_store().items()},
+            "skipped_steps": progress["skipped"],
         }
 
 
@@ -479,18 +562,41 @@ def schedule_stepper(optim: Any) -> Callable[[float], None] | None:
     return lambda loss: optim.step()
 
 
-def write_results(run_dir: Path, summary: dict) -> None:
-    """summary.json and the learned parameters, each written whole or not at all."""
+def write_results(run_dir: Path, summary: dict, params: bool = True) -> None:
+    """summary.json and (unless they went bad) the learned parameters, each written whole or
+    not at all."""
     _write_atomic(run_dir / "summary.json", json.dumps(summary, indent=2, default=repr).encode())
-    tmp = run_dir / "params.pt.tmp"
-    pyro.get_param_store().save(str(tmp))
-    os.replace(tmp, run_dir / "params.pt")
+    if params:
+        tmp = run_dir / "params.pt.tmp"
+        pyro.get_param_store().save(str(tmp))
+        os.replace(tmp, run_dir / "params.pt")
 
 
 def _write_atomic(path: Path, content: bytes) -> None:
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_bytes(content)
     os.replace(tmp, path)
+
+
+@contextlib.contextmanager
+def _deferred_interrupt():
+    """Ctrl-C sets a flag that the loop reads after each step, so no step is left half done;
+    a second Ctrl-C interrupts at once."""
+    pressed = []
+
+    def handler(signum, frame):
+        if pressed:
+            raise KeyboardInterrupt
+        pressed.append(signum)
+
+    if threading.current_thread() is not threading.main_thread():
+        yield lambda: False
+        return
+    previous = signal.signal(signal.SIGINT, handler)
+    try:
+        yield lambda: bool(pressed)
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 @contextlib.contextmanager

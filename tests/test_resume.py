@@ -1,0 +1,151 @@
+"""Runs that survive: checkpoints, exact resume after SIGKILL, Ctrl-C, bad steps."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.conftest import COIN, REPO, vibench
+from workbench import hookimpl, recipe as recipes
+from workbench.errors import RunError
+from workbench.registry import collect, make_plugin_manager
+from workbench.runner import Run
+
+ARGS = ["--steps", "400", "--set", "train.checkpoint_every=25", "--set", "loss.num_particles=3"]
+
+
+def start(out: Path, *args: str) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "workbench", "run", str(COIN), *ARGS,
+                             "--out", str(out), *args],
+                            cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def checkpointed_step(out: Path) -> int:
+    return torch.load(out / "checkpoint.pt", weights_only=False)["progress"]["step"]
+
+
+def wait_for_checkpoint(out: Path, past: int, timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            if checkpointed_step(out) > past:
+                return
+        except (FileNotFoundError, EOFError, RuntimeError):
+            pass
+        time.sleep(0.02)
+    raise AssertionError("no checkpoint appeared")
+
+
+def test_sigkill_then_resume_ends_bitwise_equal_to_an_uninterrupted_run(tmp_path: Path):
+    whole = tmp_path / "whole"
+    assert vibench("run", str(COIN), *ARGS, "--out", str(whole)).returncode == 0
+
+    killed = tmp_path / "killed"
+    child = start(killed)
+    wait_for_checkpoint(killed, past=50)
+    child.send_signal(signal.SIGKILL)
+    child.wait(timeout=60)
+    stopped_at = checkpointed_step(killed)
+    assert 50 < stopped_at < 400
+
+    resumed = vibench("run", "--resume", str(killed))
+    assert resumed.returncode == 0, resumed.stderr
+    a = torch.load(whole / "params.pt", weights_only=False)["params"]
+    b = torch.load(killed / "params.pt", weights_only=False)["params"]
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    sa, sb = (json.loads((d / "summary.json").read_text()) for d in (whole, killed))
+    for key in ("params", "posterior", "final_loss", "steps", "recipe", "status"):
+        assert sa[key] == sb[key], key
+
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(killed), size_guidance={"scalars": 0})
+    events.Reload()
+    assert [e.step for e in events.Scalars("Train/loss")] == list(range(400))
+
+
+def test_ctrl_c_finishes_the_step_saves_and_says_how_to_resume(tmp_path: Path):
+    out = tmp_path / "r"
+    child = start(out, "--steps", "100000")
+    wait_for_checkpoint(out, past=25)
+    child.send_signal(signal.SIGINT)
+    _, stderr = child.communicate(timeout=120)
+    assert child.returncode == 130, stderr
+    assert f"vibench run --resume {out}" in stderr and "Traceback" not in stderr
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["status"] == "interrupted"
+    assert checkpointed_step(out) == summary["steps"]  # saved at the step it stopped
+    resumed = vibench("run", "--resume", str(out), "--steps", str(summary["steps"] + 10))
+    assert resumed.returncode == 0, resumed.stderr
+    assert json.loads((out / "summary.json").read_text())["steps"] == summary["steps"] + 10
+
+
+def test_resume_refuses_what_it_cannot_do(tmp_path: Path):
+    done = tmp_path / "done"
+    assert vibench("run", str(COIN), "--steps", "5", "--out", str(done)).returncode == 0
+    for args, expected in [
+        (["--resume", str(done)], "the run already took all its 5 steps"),
+        (["--resume", str(tmp_path)], "no checkpoint.pt there"),
+        (["--resume", str(done), "--seed", "3"], "only --steps may change"),
+        ([str(COIN), "--resume", str(done)], "give a RECIPE to run, or --resume"),
+    ]:
+        result = vibench("run", *args)
+        assert result.returncode == 2, result.stderr
+        assert expected in result.stderr and len(result.stderr.strip().splitlines()) == 1
+
+
+class Flaky:
+    """A model whose log density is -inf on about a third of its draws."""
+
+    def __call__(self, y):
+        import pyro
+        import pyro.distributions as dist
+
+        z = pyro.sample("z", dist.Normal(0.0, 1.0))
+        pyro.sample("y", dist.Normal(z, 1.0), obs=y)
+        if torch.rand(()) < 0.3:
+            pyro.factor("trouble", torch.tensor(float("-inf")))
+
+
+class FlakyPlugin:
+    @hookimpl
+    def register_models(self, register):
+        register("flaky", Flaky)
+
+
+def flaky_run(*sets: str) -> Run:
+    pm, problems = make_plugin_manager()
+    pm.register(FlakyPlugin(), name="test-flaky")
+    registry = collect(pm, problems)
+    raw = {"name": "flaky", "data": {"y": 0.5}, "model": "flaky", "guide": "auto_normal",
+           "loss": "elbo", "optimizer": {"name": "adam", "lr": 0.05}, "train": {"steps": 200}}
+    raw, overridden = recipes.apply_overrides(raw, list(sets))
+    resolved = recipes.resolve(raw, registry, "flaky.yaml", overridden)
+    for seed in range(50):  # a seed whose dry run draws a good step
+        try:
+            return Run.setup({**resolved, "seed": seed}, registry)
+        except Exception:
+            continue
+    raise AssertionError("no seed gave a good first step")
+
+
+def test_bad_steps_are_skipped_up_to_the_limit(tmp_path: Path):
+    summary = flaky_run("train.skip_bad_steps=1000").train(tmp_path)
+    assert summary["status"] == "completed"
+    assert 20 < summary["skipped_steps"] < 120
+    assert all(torch.isfinite(torch.tensor(v)).all() for v in summary["params"].values())
+
+
+def test_a_bad_step_stops_the_run_naming_it_and_keeps_a_good_checkpoint(tmp_path: Path):
+    with pytest.raises(RunError, match=r"step \d+: the loss is inf; saved in .*--resume"):
+        flaky_run().train(tmp_path)
+    state = torch.load(tmp_path / "checkpoint.pt", weights_only=False)
+    assert all(torch.isfinite(p).all() for p in state["params"]["params"].values())
+    assert json.loads((tmp_path / "summary.json").read_text())["status"] == "failed"
