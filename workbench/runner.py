@@ -17,12 +17,14 @@ import signal
 import threading
 import time
 import warnings
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 from typing import Any, Callable
 
 import pyro
+import pyro.optim
 import torch
 from pyro import poutine
 from pyro.infer import SVI
@@ -310,9 +312,15 @@ def build(registry: Registry, kind: str, section: dict, **context: Any) -> Any:
     component = registry.get(kind, section["name"])
     path = next(p for p, k in COMPONENTS.items() if k == kind)
     try:
-        return component.build(options(section, path), **context)
+        made = component.build(options(section, path), **context)
     except Exception as exc:
         raise UsageError(f"{kind} {component.name!r}: {_describe(exc)}") from exc
+    fits = {"optimizer": lambda m: isinstance(m, pyro.optim.PyroOptim),
+            "dataset": lambda m: isinstance(m, Mapping)}.get(kind, callable)
+    if not fits(made):
+        raise UsageError(f"{kind} {component.name!r} from plugin {component.plugin!r} made "
+                         f"{type(made).__name__}, which is not a {kind}: a bug in that plugin")
+    return made
 
 
 class OptimArgs:
