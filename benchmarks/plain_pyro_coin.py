@@ -37,7 +37,7 @@ def guide(flips: torch.Tensor) -> None:
 
 
 def train(steps: int, seed: int) -> dict:
-    """Run SVI for ``steps`` steps; the loop's wall time, the final loss and the guide's moments."""
+    """Run SVI for ``steps`` steps: the loop's wall time, the final loss, the guide's moments."""
     pyro.clear_param_store()
     pyro.set_rng_seed(seed)
     flips = torch.tensor(FLIPS)

@@ -166,8 +166,11 @@ def compare(
         help="The compare directory (new or empty). Default: runs/compare-<name>-<timestamp>.")
     ] = None,
 ) -> None:
-    """Run a recipe for every combination of --grid values and seeds, in parallel; print a
-    table and write compare.csv, compare.png and TensorBoard hparams."""
+    """Run a recipe for every combination of --grid values and seeds, side by side.
+
+    Each run is a `vibench run` in its own directory; they run in parallel.
+    At the end: a table (seeds averaged), compare.csv, compare.png, TensorBoard hparams.
+    """
     from workbench.compare import compare as run_compare
 
     run_compare(recipe, grid or [], set_ or [], seeds, steps, jobs, out)

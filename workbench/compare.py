@@ -1,0 +1,714 @@
+"""``vibench compare``: run a recipe over a grid of settings and seeds, side by side.
+
+Every combination of the ``--grid`` values, times each seed, is one ``vibench run`` in its own
+child process and its own run directory inside the compare directory. The combinations are
+checked in this process first (no torch needed), so a misspelt key or component name stops
+the comparison before anything runs. Then the runs go in parallel; a run that fails is
+reported beside the others and does not stop them. At the end: a table on stdout (seeds
+averaged), ``compare.csv`` (one row per run), ``compare.png``, and TensorBoard hparams in
+each successful run's directory.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import itertools
+import math
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor, as_completed
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+from workbench.errors import RecipeError, RunError, UsageError, VibenchError
+
+METRICS = ("final_loss", "mean_error", "std_error", "khat", "steps_per_second")
+CSV_TAIL = ("seed", "status", "exit_code", *METRICS, "steps", "wall_seconds", "process_seconds",
+            "run_dir", "error")
+SAFE = re.compile(r"[^A-Za-z0-9._,=+-]")
+MAX_NAME = 120
+
+
+class Interrupted(VibenchError):
+    """Ctrl-C: the runs still going are stopped (each saves what it learned)."""
+
+    exit_code = 130
+
+
+@dataclass
+class Grid:
+    """One ``--grid KEY=V1,V2``: the key and each value's text (YAML, as ``--set`` reads it)."""
+
+    key: str
+    values: list[str]
+
+
+@dataclass
+class Spec:
+    """One run: a combination of grid values and a seed."""
+
+    combo: tuple[str, ...]  # the value text for each grid key
+    seed: int
+    sets: list[str]  # the --set items the child gets, in order
+    name: str  # the run directory's name inside the compare directory
+    refused: list[str] = field(default_factory=list)  # problems found before it ran
+    hparams: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class Result:
+    spec: Spec
+    run_dir: Path
+    status: str  # ok | failed | interrupted
+    exit_code: int | None = None
+    error: str = ""
+    metrics: dict[str, float | None] = field(default_factory=dict)
+    steps: int | None = None
+    wall_seconds: float | None = None
+    process_seconds: float | None = None
+
+
+def parse_grid(items: Sequence[str]) -> list[Grid]:
+    """``KEY=V1,V2,...`` for each ``--grid``; commas inside brackets, braces or quotes do not
+    split, so ``optimizer.betas=[0.9,0.99],[0.8,0.99]`` is two values."""
+    grids: list[Grid] = []
+    problems: list[str] = []
+    for item in items:
+        key, equals, text = item.partition("=")
+        key = key.strip()
+        if not equals or not key:
+            problems.append(f"--grid {item!r}: expected KEY=V1,V2,..., e.g. "
+                            "--grid optimizer.lr=0.01,0.05")
+            continue
+        values = [v.strip() for v in _split(text)]
+        if not text.strip() or any(not v for v in values):
+            problems.append(f"--grid {item!r}: an empty value; give KEY=V1,V2,...")
+            continue
+        if key == "seed":
+            problems.append(f"--grid {item!r}: use --seeds N to run seeds 0..N-1")
+            continue
+        if any(g.key == key for g in grids):
+            problems.append(f"--grid {item!r}: {key} is given twice; put all its values in "
+                            "one --grid")
+            continue
+        repeated = sorted({v for v in values if values.count(v) > 1})
+        if repeated:
+            problems.append(f"--grid {item!r}: the value {repeated[0]!r} is given twice")
+            continue
+        grids.append(Grid(key, values))
+    if problems:
+        raise RecipeError("command line", problems)
+    return grids
+
+
+def _split(text: str) -> list[str]:
+    parts, depth, quote, start = [], 0, "", 0
+    for i, char in enumerate(text):
+        if quote:
+            if char == quote:
+                quote = ""
+        elif char in "'\"":
+            quote = char
+        elif char in "[{":
+            depth += 1
+        elif char in "]}":
+            depth = max(0, depth - 1)
+        elif char == "," and depth == 0:
+            parts.append(text[start:i])
+            start = i + 1
+    parts.append(text[start:])
+    return parts
+
+
+def plan(recipe: Path, grids: list[Grid], sets: Sequence[str], steps: int | None,
+         seeds: int) -> tuple[list[Spec], str]:
+    """Every run of the comparison, each checked as ``vibench run`` would check it, and the
+    recipe's name.
+
+    A problem with a grid value itself (an unknown key, component or a bad value), or one
+    that every combination has, is bad input: a UsageError listing every such problem. A
+    problem only some combinations have (``guide.name=auto_normal`` keeping options of the
+    old guide that do not fit) refuses just those combinations.
+    """
+    from workbench import recipe as recipes
+    from workbench.registry import get_registry
+
+    raw = recipes.load(recipe)
+    registry = get_registry()
+    for problem in registry.problems:
+        print(f"warning: {problem}", file=sys.stderr)
+    base_sets = list(sets) + ([f"train.steps={steps}"] if steps is not None else [])
+    base, base_keys = recipes.apply_overrides(raw, base_sets)  # a bad --set: exit 2 here
+    for item in sets:
+        key = item.partition("=")[0].strip()
+        hidden = [g.key for g in grids if key == g.key or key.startswith(g.key + ".")]
+        if hidden:
+            print(f"note: --grid {hidden[0]} goes on top of --set {item}, so each run has "
+                  f"the grid's {hidden[0]}", file=sys.stderr)
+    bad: list[str] = []
+    unsettable: set[str] = set()
+    for g in grids:  # each value's key, alone: a key vibench cannot set is bad whatever varies
+        for value in g.values:
+            try:
+                recipes.apply_overrides(base, [f"{g.key}={value}"])
+            except RecipeError as exc:
+                bad += [line.replace("--set ", "--grid ", 1) for line in exc.lines()]
+                unsettable.add(g.key)
+    grids = [g for g in grids if g.key not in unsettable]  # still check the others' values
+    checked: list[tuple[tuple[str, ...], list[str], list[str], str | None]] = []
+    for combo in itertools.product(*(g.values for g in grids)):
+        grid_sets = [f"{g.key}={v}" for g, v in zip(grids, combo)]
+        try:  # the grid goes on top of --set, as the child applies them
+            combined, grid_keys = recipes.apply_overrides(base, grid_sets)
+        except RecipeError as exc:  # keys that clash with each other
+            bad += [line.replace("--set ", "--grid ", 1) for line in exc.lines()]
+            continue
+        try:
+            resolved = recipes.resolve(combined, registry, str(recipe), base_keys | grid_keys)
+        except RecipeError as exc:
+            lines = [f"{exc.source}: {p}" for p in exc.problems]
+            bad += [line for p, line in zip(exc.problems, lines)
+                    if _inside(p, [g.key for g in grids])]
+            checked.append((combo, grid_sets, lines, None))
+            continue
+        checked.append((combo, grid_sets, [], resolved["name"]))
+    if checked and all(refused for _, _, refused, _ in checked):  # no combination can run:
+        common = set.intersection(*(set(r) for _, _, r, _ in checked))  # bad whatever varies
+        bad += [line for line in checked[0][2] if line in common]
+    if bad:
+        raise _Problems(_unique(bad))
+    name = next((n for *_, n in checked if n), raw.get("name") or recipe.stem)
+    specs: list[Spec] = []
+    names: set[str] = set()
+    for combo, grid_sets, refused, _ in checked:
+        for seed in range(seeds):
+            label = ",".join([*grid_sets, f"seed={seed}"])
+            run_name = _safe_name(label, names)
+            hparams = {g.key: _hparam(v) for g, v in zip(grids, combo)}
+            specs.append(Spec(combo, seed, [*base_sets, *grid_sets], run_name, refused,
+                              {**hparams, "seed": seed}))
+    _consistent_hparams(specs, grids)
+    return specs, str(name)
+
+
+class _Problems(UsageError):
+    """Lines that are already ``source: problem``."""
+
+    def __init__(self, lines: list[str]):
+        self._lines = lines
+        super().__init__("\n".join(lines))
+
+    def lines(self) -> list[str]:
+        return self._lines
+
+
+def _inside(problem: str, keys: list[str]) -> bool:
+    """Whether a ``path: message`` problem is about a grid key's own value."""
+    path = problem.partition(": ")[0]
+    return any(path == key or path.startswith(key + ".") for key in keys)
+
+
+def _unique(lines: list[str]) -> list[str]:
+    return list(dict.fromkeys(lines))
+
+
+def _safe_name(label: str, taken: set[str]) -> str:
+    name = SAFE.sub("_", label)
+    if len(name) > MAX_NAME:
+        name = name[: MAX_NAME - 9] + "-" + hashlib.sha1(label.encode()).hexdigest()[:8]
+    candidate, n = name, 1
+    while candidate in taken:
+        n += 1
+        candidate = f"{name}-{n}"
+    taken.add(candidate)
+    return candidate
+
+
+def _hparam(text: str) -> Any:
+    import yaml
+
+    try:
+        value = yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text
+    return value if isinstance(value, (bool, int, float, str)) else text
+
+
+def _consistent_hparams(specs: list[Spec], grids: list[Grid]) -> None:
+    """TensorBoard wants one type per hparam: a key whose values mix types becomes text."""
+    for grid in grids:
+        kinds = {_kind(s.hparams[grid.key]) for s in specs}
+        if len(kinds) > 1:
+            for s in specs:
+                s.hparams[grid.key] = s.combo[[g.key for g in grids].index(grid.key)]
+
+
+def _kind(value: Any) -> str:
+    if isinstance(value, bool):
+        return "bool"
+    return "number" if isinstance(value, (int, float)) else "str"
+
+
+def make_compare_dir(name: str, out: Path | None) -> Path:
+    """``out`` (new or empty), else a new ``runs/compare-<name>-<timestamp>``."""
+    if out is not None:
+        if out.exists() and (not out.is_dir() or any(out.iterdir())):
+            raise UsageError(f"--out {out}: already exists and is not an empty directory")
+        out.mkdir(parents=True, exist_ok=True)
+        return out
+    base = Path("runs") / f"compare-{name}-{datetime.now():%Y%m%d-%H%M%S}"
+    base.parent.mkdir(parents=True, exist_ok=True)
+    for attempt in range(1000):
+        path = base if attempt == 0 else base.with_name(f"{base.name}-{attempt}")
+        try:
+            path.mkdir()
+            return path
+        except FileExistsError:
+            continue
+    raise UsageError(f"cannot find a free directory next to {base}")
+
+
+class Runner:
+    """Runs specs in child processes, ``jobs`` at a time; Ctrl-C stops them all."""
+
+    def __init__(self, recipe: Path, compare_dir: Path, jobs: int):
+        self.recipe = recipe
+        self.compare_dir = compare_dir
+        self.jobs = jobs
+        self.lock = threading.Lock()
+        self.live: set[subprocess.Popen] = set()
+        self.stopping = False
+        self.env = dict(os.environ)
+        # Each child's torch would otherwise use every core, so parallel runs fight for them.
+        threads = str(max(1, (os.cpu_count() or 1) // jobs))
+        for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+            self.env.setdefault(var, threads)
+
+    def command(self, spec: Spec, run_dir: Path) -> list[str]:
+        command = [sys.executable, "-m", "workbench", "run", str(self.recipe),
+                   "--out", str(run_dir), "--seed", str(spec.seed)]
+        for item in spec.sets:
+            command += ["--set", item]
+        return command
+
+    def run_one(self, spec: Spec) -> Result:
+        run_dir = self.compare_dir / spec.name
+        if spec.refused:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            lines = [f"error: {line}" for line in spec.refused]
+            (run_dir / "stderr.txt").write_text("\n".join(lines) + "\n")
+            return Result(spec, run_dir, "failed", 2, lines[-1])
+        with self.lock:
+            if self.stopping:
+                return Result(spec, run_dir, "interrupted", error="not started: interrupted")
+            start = time.perf_counter()
+            process = subprocess.Popen(
+                self.command(spec, run_dir), stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE, text=True, env=self.env, start_new_session=True,
+            )
+            self.live.add(process)
+        try:
+            stdout, stderr = process.communicate()
+        finally:
+            with self.lock:
+                self.live.discard(process)
+        seconds = time.perf_counter() - start
+        run_dir.mkdir(parents=True, exist_ok=True)  # a run refused before training made none
+        (run_dir / "stderr.txt").write_text(stderr)
+        (run_dir / "stdout.txt").write_text(stdout)
+        code = process.returncode
+        status = "ok" if code == 0 else ("interrupted" if code in (130, -signal.SIGINT)
+                                         else "failed")
+        lines = [line for line in stderr.splitlines() if line.strip()]
+        if code == 0:
+            error = ""
+        elif code < 0 and code != -signal.SIGINT:
+            error = f"killed by {_signal_name(-code)}"
+        else:
+            error = lines[-1].strip() if lines else f"exit code {code}"
+        result = Result(spec, run_dir, status, code, error, process_seconds=seconds)
+        read_summary(result)
+        return result
+
+    def stop(self) -> None:
+        """Ask every running child to stop as on Ctrl-C (it saves what it learned)."""
+        with self.lock:
+            self.stopping = True
+            live = list(self.live)
+        for process in live:
+            try:
+                process.send_signal(signal.SIGINT)
+            except OSError:
+                pass
+        deadline = time.monotonic() + 15
+        for process in live:
+            try:
+                process.wait(max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                process.kill()
+
+    def run_all(self, specs: list[Spec], on_done: Callable[[Result], None]) -> list[Result]:
+        """Each spec's result, in order. Ctrl-C or SIGTERM stops the children (their own
+        sessions, so a terminal's Ctrl-C reaches them once, from here) and raises _Stopped."""
+        previous = signal.getsignal(signal.SIGTERM)
+        if threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGTERM, _raise_interrupt)
+        try:
+            return self._run_all(specs, on_done)
+        finally:
+            if threading.current_thread() is threading.main_thread():
+                signal.signal(signal.SIGTERM, previous)
+
+    def _run_all(self, specs: list[Spec], on_done: Callable[[Result], None]) -> list[Result]:
+        results: dict[int, Result] = {}
+        pool = ThreadPoolExecutor(max_workers=self.jobs)
+        futures = {pool.submit(self.run_one, spec): i for i, spec in enumerate(specs)}
+        try:
+            for future in as_completed(futures):
+                result = future.result()
+                results[futures[future]] = result
+                on_done(result)
+        except KeyboardInterrupt:
+            self.stop()
+            pool.shutdown(wait=True, cancel_futures=True)
+            for future, i in futures.items():
+                if i not in results:
+                    if future.done() and not future.cancelled() and future.exception() is None:
+                        results[i] = future.result()
+                    else:
+                        spec = specs[i]
+                        results[i] = Result(spec, self.compare_dir / spec.name, "interrupted",
+                                            error="interrupted")
+            raise _Stopped([results[i] for i in range(len(specs))]) from None
+        pool.shutdown(wait=True)
+        return [results[i] for i in range(len(specs))]
+
+
+def _raise_interrupt(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt
+
+
+def _signal_name(number: int) -> str:
+    try:
+        return signal.Signals(number).name
+    except ValueError:
+        return f"signal {number}"
+
+
+class _Stopped(Exception):
+    def __init__(self, results: list[Result]):
+        self.results = results
+
+
+def read_summary(result: Result) -> None:
+    """Fill in a result's metrics from its run's summary.json, where there is one."""
+    import json
+
+    path = result.run_dir / "summary.json"
+    try:
+        summary = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return
+    result.metrics = metrics(summary)
+    result.steps = summary.get("steps")
+    result.wall_seconds = _number(summary.get("wall_seconds"))
+
+
+def metrics(summary: dict) -> dict[str, float | None]:
+    """final_loss, the largest |mean - exact mean| and |std - exact std| over every site and
+    element where the exact posterior is known, k-hat where diagnosed, steps/s."""
+    mean_diffs: list[float] = []
+    std_diffs: list[float] = []
+    for entry in (summary.get("posterior") or {}).values():
+        if not isinstance(entry, dict):
+            continue
+        for key, diffs in (("mean", mean_diffs), ("std", std_diffs)):
+            if key in entry and f"exact_{key}" in entry:
+                got = list(_flatten(entry[key]))
+                exact = list(_flatten(entry[f"exact_{key}"]))
+                diffs += [abs(a - b) for a, b in zip(got, exact)
+                          if _number(a) is not None and _number(b) is not None]
+    diagnostics = summary.get("diagnostics")
+    khat = diagnostics.get("khat") if isinstance(diagnostics, dict) else None
+    return {
+        "final_loss": _number(summary.get("final_loss")),
+        "mean_error": _largest(mean_diffs),
+        "std_error": _largest(std_diffs),
+        "khat": _largest([v for v in _flatten(khat) if _number(v) is not None])
+        if khat is not None else None,
+        "steps_per_second": _number(summary.get("steps_per_second")),
+    }
+
+
+def _flatten(value: Any):
+    if isinstance(value, dict):
+        for item in value.values():
+            yield from _flatten(item)
+    elif isinstance(value, (list, tuple)):
+        for item in value:
+            yield from _flatten(item)
+    else:
+        yield value
+
+
+def _number(value: Any) -> float | None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    return float(value)
+
+
+def _largest(values: list[float]) -> float | None:
+    if not values:
+        return None
+    return math.nan if any(math.isnan(v) for v in values) else max(values)
+
+
+def _mean(values: list[float | None]) -> float | None:
+    known = [v for v in values if v is not None]
+    return sum(known) / len(known) if known else None
+
+
+def _sd(values: list[float | None]) -> float:
+    known = [v for v in values if v is not None and math.isfinite(v)]
+    if len(known) < 2:
+        return 0.0
+    mean = sum(known) / len(known)
+    return math.sqrt(sum((v - mean) ** 2 for v in known) / (len(known) - 1))
+
+
+def group(results: list[Result]) -> list[list[Result]]:
+    """The results per combination, in the grid's order."""
+    groups: dict[tuple[str, ...], list[Result]] = {}
+    for result in results:
+        groups.setdefault(result.spec.combo, []).append(result)
+    return list(groups.values())
+
+
+def write_csv(path: Path, grids: list[Grid], results: list[Result]) -> None:
+    with path.open("w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow([*(g.key for g in grids), *CSV_TAIL])
+        for r in results:
+            row = {"seed": r.spec.seed, "status": r.status, "exit_code": r.exit_code,
+                   **r.metrics, "steps": r.steps, "wall_seconds": r.wall_seconds,
+                   "process_seconds": r.process_seconds, "run_dir": str(r.run_dir),
+                   "error": r.error}
+            writer.writerow([*r.spec.combo,
+                             *("" if row.get(c) is None else row.get(c) for c in CSV_TAIL)])
+
+
+def label(grids: list[Grid], combo: tuple[str, ...]) -> str:
+    return ", ".join(f"{g.key}={v}" for g, v in zip(grids, combo)) or "recipe"
+
+
+def write_plot(path: Path, grids: list[Grid], results: list[Result]) -> bool:
+    """A bar per combination: the posterior mean's error where the exact posterior is known,
+    and the final loss, each the mean over seeds with the seeds' sd as error bars."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("warning: matplotlib is not installed, so there is no compare.png "
+              "(pip install matplotlib)", file=sys.stderr)
+        return False
+    groups = group(results)
+    labels = [label(grids, g[0].spec.combo) for g in groups]
+    panels = [("final_loss", "final loss (mean of the last 100 steps)")]
+    if any(r.metrics.get("mean_error") is not None for r in results):
+        panels.insert(0, ("mean_error", "posterior mean error, max |mean - exact mean|"))
+    height = max(2.5, 0.45 * len(groups) + 1.5)
+    figure, axes = plt.subplots(1, len(panels), figsize=(6 * len(panels), height),
+                                squeeze=False, sharey=True)
+    positions = list(range(len(groups)))
+    seeds = max(len(g) for g in groups)
+    for ax, (metric, title) in zip(axes[0], panels):
+        values, errors, colors = [], [], []
+        for g in groups:
+            ok = [r.metrics.get(metric) for r in g if r.status == "ok"]
+            mean = _mean(ok)
+            values.append(mean if mean is not None and math.isfinite(mean) else 0.0)
+            errors.append(_sd(ok))
+            colors.append("tab:blue" if mean is not None else "lightgray")
+        ax.barh(positions, values, xerr=errors if seeds > 1 else None, color=colors, capsize=3)
+        ax.set_xlabel(title)
+        ax.grid(axis="x", alpha=0.3)
+    axes[0][0].set_yticks(positions, labels)
+    axes[0][0].invert_yaxis()
+    axes[0][0].set_ylabel("combination")
+    notes = (["error bars: sd across seeds"] if seeds > 1 else []) + (
+        ["gray: every run failed"] if any(all(r.status != "ok" for r in g) for g in groups)
+        else [])
+    figure.suptitle(f"{seeds} seed{'s' if seeds > 1 else ''} per combination"
+                    + (f" ({'; '.join(notes)})" if notes else ""))
+    figure.tight_layout()
+    figure.savefig(path, dpi=100)
+    plt.close(figure)
+    return True
+
+
+def write_hparams(results: list[Result]) -> None:
+    """Each successful run's hparams (the grid's keys and the seed) and final metrics, as one
+    TensorBoard HParams session in its own run directory.
+
+    No experiment summary is written: TensorBoard then builds the table from the sessions,
+    with every value each key took, also when several comparisons share a log directory
+    (an experiment summary per run, as tensorboardX's add_hparams writes, lists only that
+    run's value, and TensorBoard would filter the other runs out). The events go in a file of
+    their own (suffix .hparams): tensorboardX names files by the second, and a second writer
+    in the same second would truncate the run's own events file.
+    """
+    done = [result for result in results if result.status == "ok"]
+    if not done:
+        return
+    from tensorboardX import SummaryWriter
+    from tensorboardX.summary import hparams
+
+    for result in done:
+        scalars = {f"hparam/{k}": v for k, v in result.metrics.items() if v is not None}
+        _, start, end = hparams(dict(result.spec.hparams), scalars)
+        writer = SummaryWriter(logdir=str(result.run_dir), filename_suffix=".hparams")
+        try:
+            writer.file_writer.add_summary(start)
+            for tag, value in scalars.items():
+                writer.add_scalar(tag, value, result.steps or 0)
+            writer.file_writer.add_summary(end)
+        finally:
+            writer.close()
+
+
+def print_table(grids: list[Grid], results: list[Result]) -> None:
+    """One row per combination, the seeds averaged; the status column gives way first on a
+    narrow terminal, and every failure's error follows the table in full."""
+    from rich import box
+    from rich.console import Console
+    from rich.table import Table
+
+    rows = []
+    for g in group(results):
+        ok = [r for r in g if r.status == "ok"]
+        failed = [r for r in g if r.status != "ok"]
+
+        def cell(key: str, digits: int) -> str:
+            value = _mean([r.metrics.get(key) for r in ok])
+            return "-" if value is None else f"{value:.{digits}f}"
+
+        wall = _mean([r.wall_seconds for r in ok])
+        status = "ok" if not failed else (
+            f"{'failed' if not ok else f'{len(failed)} of {len(g)} failed'}: "
+            + failed[0].error.removeprefix("error: "))
+        rows.append([*g[0].spec.combo, f"{len(ok)}/{len(g)}", cell("final_loss", 4),
+                     cell("mean_error", 4), cell("std_error", 4), cell("khat", 2),
+                     cell("steps_per_second", 0), "-" if wall is None else f"{wall:.1f}",
+                     status])
+    headers = [*(g.key for g in grids), "runs", "final loss", "mean err", "std err", "k-hat",
+               "steps/s", "wall s"]
+    console = Console() if sys.stdout.isatty() else Console(width=200, no_color=True)
+    # Column widths are set here, not by rich: the grid's values and the numbers keep their
+    # width (their headers wrap on a narrow terminal) and the status column gives way.
+    cells = [max(len(row[i]) for row in rows) for i in range(len(headers))]
+    natural = [max(len(h), c) for h, c in zip(headers, cells)]
+    compact = [max(max(len(w) for w in re.split(r"[ .]", h)), c) for h, c in zip(headers, cells)]
+    frame = 3 * (len(headers) + 1) + 1  # each column's padding and rule, and the edges
+    widths = natural if sum(natural) + frame + 12 <= console.width else compact
+    widths = [min(w, 24) if i < len(grids) else w for i, w in enumerate(widths)]
+    room = max(12, console.width - sum(widths) - frame)
+    if sum(widths) + frame + room > console.width:  # too narrow: keep every cell whole and
+        console = Console(width=sum(widths) + frame + room)  # let the terminal wrap lines
+    table = Table(box=box.SIMPLE_HEAD)
+    for i, header in enumerate(headers):
+        table.add_column(header, width=widths[i], overflow="fold",
+                         justify="left" if i < len(grids) else "right")
+    table.add_column("status", width=min(room, max(len(row[-1]) for row in rows + [["status"]])),
+                     no_wrap=True, overflow="ellipsis")
+    for row in rows:
+        table.add_row(*row)
+    console.print(table)
+    for r in results:  # the table may cut an error short: each in full
+        if r.status != "ok":
+            console.print(f"{r.status}: {r.run_dir.name}: {r.error}",
+                          markup=False, highlight=False, overflow="fold")
+
+
+class Reporter:
+    """Progress on stderr: a bar with runs done and failed on a terminal, else a line a run."""
+
+    def __init__(self, total: int, grids: list[Grid]):
+        self.total, self.done, self.failed = total, 0, 0
+        self.grids = grids
+        self.bar = None
+        if sys.stderr.isatty():
+            from rich.console import Console
+            from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn,
+                                       TimeElapsedColumn)
+
+            self.bar = Progress(TextColumn("compare"), BarColumn(), MofNCompleteColumn(),
+                                TextColumn("runs, {task.fields[failed]} failed"),
+                                TimeElapsedColumn(), console=Console(stderr=True))
+            self.task = self.bar.add_task("compare", total=total, failed=0)
+
+    def __enter__(self) -> Reporter:
+        if self.bar is not None:
+            self.bar.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.bar is not None:
+            self.bar.stop()
+
+    def __call__(self, result: Result) -> None:
+        self.done += 1
+        self.failed += result.status != "ok"
+        what = label(self.grids, result.spec.combo) + f", seed={result.spec.seed}"
+        if result.status == "ok":
+            loss = result.metrics.get("final_loss")
+            line = f"ok: {what}" + (f" (final loss {loss:.4f})" if loss is not None else "")
+        else:
+            line = f"{result.status}: {what}: {result.error}"
+        if self.bar is not None:
+            self.bar.console.print(line, markup=False, highlight=False)
+            self.bar.update(self.task, completed=self.done, failed=self.failed)
+        else:
+            print(f"[{self.done}/{self.total}] {line}", file=sys.stderr, flush=True)
+
+
+def compare(recipe: Path, grid: Sequence[str], sets: Sequence[str], seeds: int,
+            steps: int | None, jobs: int | None, out: Path | None) -> None:
+    """The ``vibench compare`` command; raises a VibenchError for a non-zero exit."""
+    grids = parse_grid(grid)
+    specs, name = plan(recipe, grids, sets, steps, seeds)
+    compare_dir = make_compare_dir(name, out)
+    jobs = max(1, min(jobs or os.cpu_count() or 1, sum(not s.refused for s in specs) or 1))
+    print(f"compare directory: {compare_dir}", file=sys.stderr)
+    print(f"{len(specs)} runs, {jobs} at a time", file=sys.stderr, flush=True)
+    runner = Runner(recipe, compare_dir, jobs)
+    interrupted = False
+    with Reporter(len(specs), grids) as reporter:
+        try:
+            results = runner.run_all(specs, reporter)
+        except _Stopped as stopped:
+            results, interrupted = stopped.results, True
+    print_table(grids, results)
+    failures = [r for r in results if r.status != "ok"]
+    csv_path = compare_dir / "compare.csv"
+    write_csv(csv_path, grids, results)
+    print(f"compare.csv: {csv_path}")
+    png_path = compare_dir / "compare.png"
+    if write_plot(png_path, grids, results):
+        print(f"compare.png: {png_path}")
+    write_hparams(results)
+    if interrupted:
+        raise Interrupted(f"interrupted: {len(results) - len(failures)} of {len(results)} runs "
+                          f"finished; results so far in {compare_dir}")
+    if failures:
+        raise RunError(f"{len(failures)} of {len(results)} runs failed; see the table and "
+                       f"each run's stderr.txt in {compare_dir}")
