@@ -70,3 +70,25 @@ def test_a_non_finite_loss_stops_the_run_with_exit_1_and_keeps_the_results(tmp_p
 def test_run_error_is_raised_in_process(tmp_path: Path):
     with pytest.raises(RunError, match="step 2 failed: .* the last good checkpoint is in"):
         train(tmp_path, "optimizer.lr=1e30", "train.steps=200")
+
+
+def test_iterate_averaging_brings_the_seed_within_a_thousandth(tmp_path: Path):
+    """Polyak-Ruppert averaging over the last half: with the seed's settings, 8 seeds land on
+    average within 0.001 of 16/30 (plain Adam: about 0.0022 here)."""
+    errors = []
+    for seed in range(8):
+        summary = train(tmp_path, f"seed={seed}", "train.average_last=0.5", "train.eval_every=0")
+        assert summary["averaged_steps"] == 2000
+        errors.append(abs(summary["posterior"]["latent_fairness"]["mean"] - EXACT_MEAN))
+    assert sum(errors) / len(errors) < 0.001, errors
+
+
+def test_early_stopping_when_the_smoothed_loss_stops_improving(tmp_path: Path):
+    summary = train(tmp_path, "optimizer.lr=0.05", "train.steps=20000",
+                    "train.early_stop_patience=300", "train.early_stop_window=100",
+                    "train.early_stop_min_delta=0.01")
+    assert summary["stopped_early"] == summary["steps"] < 20000
+    assert summary["status"] == "completed"
+    assert abs(summary["posterior"]["latent_fairness"]["mean"] - EXACT_MEAN) < 0.03
+    never = train(tmp_path, "train.steps=50")
+    assert never["stopped_early"] is None

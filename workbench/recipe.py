@@ -38,6 +38,10 @@ TRAIN: dict[str, Option] = {
         Option("subsample_plate", None, str | None),  # which, when the model has several
         Option("checkpoint_every", 500, int),  # 0: only at the end, on Ctrl-C and on failure
         Option("skip_bad_steps", 0, int),  # steps with a non-finite loss or gradient to skip
+        Option("average_last", None, float | None),  # Polyak-Ruppert: average this fraction
+        Option("early_stop_patience", 0, int),  # 0: never stop early
+        Option("early_stop_window", 100, int),  # steps the smoothed loss averages over
+        Option("early_stop_min_delta", 0.0, float),  # what counts as an improvement
     )
 }
 MAX_BYTES = 1_000_000
@@ -282,13 +286,15 @@ class _Checker:
         if not isinstance(train, dict):
             self.problem("train", f"expected a mapping of training settings, got {_describe(train)}")
             train = {}
-        lowest = {"steps": 1, "batch_size": 1}
+        lowest = {"steps": 1, "batch_size": 1, "early_stop_window": 1}
         for key, value in train.items():
             option = TRAIN.get(key)
             if option is None:
                 self.problem(f"train.{key}", f"unknown setting; {did_you_mean(str(key), TRAIN)}")
             elif not option.accepts(value):
                 self.problem(f"train.{key}", f"expected {option.type_name()}, got {value!r}")
+            elif key == "average_last" and value is not None and not 0 < value <= 1:
+                self.problem("train.average_last", f"expected a fraction in (0, 1], got {value!r}")
             elif isinstance(value, int) and value < lowest.get(key, 0):
                 self.problem(f"train.{key}", f"expected a whole number >= {lowest.get(key, 0)}, "
                                              f"got {value!r}")

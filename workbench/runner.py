@@ -187,12 +187,18 @@ class Run:
                     else:
                         losses.append(loss)
                         writer.add_scalar("Train/loss", loss, step)
+                        if step + 1 > settings["steps"] * (1 - (settings["average_last"] or 0)):
+                            average(progress)
+                        if settings["early_stop_patience"] and self.plateaued(progress, loss):
+                            progress["stopped_early"] = step + 1
                     progress["step"] = step + 1
                     self.log(writer, step)
                     if on_step is not None:
                         on_step(step + 1, loss)
                     if interrupted():
                         failure = Interrupted(f"interrupted after step {step + 1}")
+                        break
+                    if progress.get("stopped_early"):
                         break
                     if settings["checkpoint_every"] and (step + 1) % settings["checkpoint_every"] == 0:
                         # tensorboardX cannot flush its queue, only close: so that the event
@@ -212,10 +218,12 @@ class Run:
                           f"{progress['step']}")
                 failure = RunError(f"{failure}; {detail}" if failure else detail)
             if good:
+                if failure is None and "average" in progress:
+                    use_average(progress["average"])
                 self.checkpoint(run_dir, progress, start)
                 log_params(writer, progress["step"], self.svi.optim)
         writer.close()
-        wall = progress["wall"] + (time.perf_counter() - start if not good else 0.0)
+        wall = progress["wall"] + time.perf_counter() - start
         summary = self.summarize(losses, progress, wall, report=good)
         summary["status"] = ("completed" if failure is None else
                              "interrupted" if isinstance(failure, Interrupted) else "failed")
@@ -253,6 +261,19 @@ class Run:
                 self.schedule(loss)
         zero_grads(params)
         return loss, bad
+
+    def plateaued(self, progress: dict, loss: float) -> bool:
+        """Whether the smoothed loss (an exponential moving average over about
+        ``early_stop_window`` steps) has not improved by ``early_stop_min_delta`` for
+        ``early_stop_patience`` steps."""
+        settings = self.recipe["train"]
+        state = progress.setdefault("early", {"ema": loss, "best": math.inf, "since": 0})
+        state["ema"] += 2 / (settings["early_stop_window"] + 1) * (loss - state["ema"])
+        if state["ema"] < state["best"] - settings["early_stop_min_delta"]:
+            state["best"], state["since"] = state["ema"], 0
+        else:
+            state["since"] += 1
+        return state["since"] >= settings["early_stop_patience"]
 
     def log(self, writer: Any, step: int) -> None:
         """What TensorBoard gets after a step besides its loss."""
@@ -303,7 +324,30 @@ class Run:
             "params": {name: posterior.to_plain(value)
                        for name, value in pyro.get_param_store().items()},
             "skipped_steps": progress["skipped"],
+            "averaged_steps": progress.get("average", {}).get("count", 0),
+            "stopped_early": progress.get("stopped_early"),
         }
+
+
+def average(progress: dict) -> None:
+    """Add the parameters as they are now to their running (Polyak-Ruppert) average."""
+    state = progress.setdefault("average", {"count": 0, "params": {}})
+    state["count"] += 1
+    with torch.no_grad():
+        for name, param in pyro.get_param_store().named_parameters():
+            mean = state["params"].get(name)
+            if mean is None:
+                state["params"][name] = param.detach().clone()
+            else:
+                mean.add_(param.detach() - mean, alpha=1 / state["count"])
+
+
+def use_average(state: dict) -> None:
+    """Set the parameters to their averages."""
+    with torch.no_grad():
+        for name, param in pyro.get_param_store().named_parameters():
+            if name in state["params"]:
+                param.copy_(state["params"][name])
 
 
 def build(registry: Registry, kind: str, section: dict, **context: Any) -> Any:
