@@ -178,10 +178,12 @@ def compare(
 
 def report_lines(summary: dict, limit: int = 10) -> list[str]:
     """One line per latent site (per element for a tensor site, up to ``limit``): mean +- sd,
-    and the exact posterior's beside it where known."""
+    and the exact posterior's beside it where known; under it the 90% interval, the KL to the
+    exact posterior and the importance-weighted estimate; then PSIS k-hat and its reading."""
     lines = []
     for site, entry in summary["posterior"].items():
-        keys = [k for k in ("mean", "std", "exact_mean", "exact_std") if k in entry]
+        keys = [k for k in ("mean", "std", "exact_mean", "exact_std", "q05", "q95",
+                            "iw_mean", "iw_std") if k in entry]
         flat = {k: list(_flatten(entry[k])) for k in keys}
         count = len(flat["mean"])
         for i in range(min(count, limit)):
@@ -190,8 +192,25 @@ def report_lines(summary: dict, limit: int = 10) -> list[str]:
             if "exact_mean" in flat:
                 line += f" (exact {flat['exact_mean'][i]:.3f} +- {flat['exact_std'][i]:.3f})"
             lines.append(line)
+            details = []
+            if "q05" in flat:
+                details.append(f"90% in [{flat['q05'][i]:.3f}, {flat['q95'][i]:.3f}]")
+            if "iw_mean" in flat:
+                details.append(f"importance-weighted {flat['iw_mean'][i]:.3f} +- "
+                               f"{flat['iw_std'][i]:.3f}")
+            if details:
+                lines.append("    " + "; ".join(details))
+        if "kl" in entry:
+            lines.append(f"    KL(guide || exact) {entry['kl']:.4f} ({entry['kl_method']})")
         if count > limit:
             lines.append(f"{site}: {count - limit} more elements in summary.json")
+    diagnostics = summary.get("diagnostics") or {}
+    if diagnostics.get("khat") is not None:
+        lines.append(f"PSIS k-hat {diagnostics['khat']:.2f} ({diagnostics['reading']}); "
+                     f"importance-sampling ESS {diagnostics['ess']:.0f} of "
+                     f"{diagnostics['num_draws']}")
+    elif diagnostics.get("reason"):
+        lines.append(f"PSIS k-hat not computed: {diagnostics['reason']}")
     return lines
 
 

@@ -1,7 +1,20 @@
-"""What a fitted guide says about each latent site, beside the exact posterior where known."""
+"""What a fitted guide says about each latent site, beside the exact posterior where known,
+and whether to trust it (Pareto-smoothed importance sampling, Yao et al. 2018).
+
+Three entry points, each called inside the run's device context and after training:
+
+- ``summarize(guide, data, sites, nesting, exact)``: per site mean, sd, 5/50/95% quantiles and,
+  where the model knows its posterior, the errors of mean and sd and KL(guide || exact).
+- ``diagnostics(model, guide, data, nesting)``: the PSIS k-hat of the guide as an importance
+  proposal for the posterior, the effective sample size, and (when k-hat < 0.7) importance-
+  weighted posterior means and sds per site.
+- ``plot_sources(model, guide, data, sites, nesting, exact)``: per site, the prior, the guide
+  and the exact posterior as distributions or draws, for ``workbench.plots``.
+"""
 
 from __future__ import annotations
 
+import math
 from typing import Any, Callable
 
 import pyro
@@ -10,7 +23,12 @@ from pyro import poutine
 from pyro.distributions import Delta
 from pyro.poutine.util import site_is_subsample
 
-NUM_DRAWS = 10_000
+NUM_DRAWS = 10_000  # guide draws behind sampled moments, quantiles and Monte Carlo KL
+NUM_IS_DRAWS = 10_000  # importance-sampling draws behind diagnostics()
+NUM_PLOT_DRAWS = 4_000  # draws behind a density estimated from samples in a plot
+QUANTILES = {"q05": 0.05, "q50": 0.5, "q95": 0.95}
+DRAWS_PLATE = "_vibench_draws"
+MAX_ELEMENTS = 2**24  # numbers in one vectorised trace: diagnostics() chunks its draws to fit
 
 
 def latent_sites(trace: poutine.Trace) -> dict[str, torch.Size]:
@@ -36,23 +54,61 @@ def plate_nesting(trace: poutine.Trace) -> int:
     return max(dims, default=0)
 
 
+# --------------------------------------------------------------------------------------------
+# summarize
+
+
 def summarize(
     guide: Callable,
     data: dict[str, Any],
     sites: dict[str, torch.Size],
     nesting: int,
     exact: dict[str, torch.distributions.Distribution] | None = None,
+    num_draws: int = NUM_DRAWS,
 ) -> dict[str, dict[str, Any]]:
-    """Mean and sd of each latent site under the guide, analytic where the guide allows,
-    otherwise from guide draws; with the exact posterior's mean and sd where known."""
+    """Per latent site, what the guide says and how far that is from the exact posterior.
+
+    Each entry has ``mean``, ``std``, ``method`` ("analytic": read off the guide's
+    distribution; "sampled": over ``num_draws`` guide draws), ``q05``, ``q50``, ``q95``
+    (the guide's quantiles: by the distribution's inverse CDF where it has one, else over the
+    draws). Where ``exact`` gives the site's posterior it also has ``exact_mean``,
+    ``exact_std``, ``mean_error`` (guide mean - exact mean), ``std_error`` (guide sd - exact
+    sd), ``kl_method`` and, unless ``kl_method`` starts with "unavailable", ``kl``: KL(guide ||
+    exact) over the whole site (summed over its elements: one number, in nats), in closed form
+    ("closed_form") or as the mean of log q(z) - log p(z) over the guide draws ("monte_carlo",
+    then with ``kl_se``, its standard error). KL needs the guide's own density of the site
+    alone: a guide that samples the site from a distribution that does not depend on other
+    draws, Pyro's AutoNormal, a Gaussian AutoContinuous guide (its marginal for the site), or
+    any autoguide on a one-site model; otherwise, and for a point mass, it is unavailable.
+    Each site's KL compares the guide's marginal for that site with the exact marginal: with
+    several sites the numbers do not add up to the joint KL (correlations are not counted).
+
+    Values are floats for a scalar site, nested lists (the site's shape) otherwise. The draws
+    are fewer than ``num_draws`` where draws x the sites' numbers would pass ``MAX_ELEMENTS``.
+    """
+    total = sum(math.prod(shape) for shape in sites.values()) or 1
+    num_draws = max(min(num_draws, MAX_ELEMENTS // total), min(num_draws, 100))
     with torch.no_grad():
-        moments = _analytic(guide, data, sites) or _sampled(guide, data, sites, nesting)
+        fixed = _fixed_fns(guide, data, sites)
+        moments = _analytic(guide, data, sites)
+        draws, log_q = _guide_draws(guide, data, sites, nesting, num_draws, set(fixed))
+        if moments is None:
+            moments = {name: (d.float().mean(0), d.float().std(0), "sampled")
+                       for name, d in draws.items()}
         summary = {}
         for name, (mean, std, method) in moments.items():
-            entry = {"mean": to_plain(mean), "std": to_plain(std), "method": method}
+            entry: dict[str, Any] = {"mean": to_plain(mean), "std": to_plain(std),
+                                     "method": method}
+            for key, value in _quantiles(fixed.get(name), draws[name], sites[name]).items():
+                entry[key] = to_plain(value)
             if exact and name in exact:
-                entry["exact_mean"] = to_plain(exact[name].mean)
-                entry["exact_std"] = to_plain(exact[name].stddev)
+                target = exact[name]
+                exact_mean, exact_std = target.mean, target.stddev
+                entry["exact_mean"] = to_plain(exact_mean)
+                entry["exact_std"] = to_plain(exact_std)
+                entry["mean_error"] = to_plain(mean - exact_mean)
+                entry["std_error"] = to_plain(std - exact_std)
+                entry.update(_kl(fixed.get(name), draws[name], log_q[name], target))
             summary[name] = entry
     return summary
 
@@ -79,17 +135,394 @@ def _analytic(guide: Callable, data: dict, sites: dict) -> dict | None:
     return moments
 
 
-def _sampled(guide: Callable, data: dict, sites: dict, nesting: int) -> dict:
-    """Each site's mean and sd over draws from the guide, vectorised where the guide allows."""
+def _fixed_fns(fn_owner: Callable, data: dict, sites: dict) -> dict:
+    """The sites that ``fn_owner`` (a guide or a model) samples from one fixed distribution
+    (not a point mass, not depending on any other draw), each with that distribution: two
+    runs give the same density at the same value."""
+    first, second = (poutine.trace(fn_owner).get_trace(**data) for _ in range(2))
+    fixed = {}
+    for name in sites:
+        if name not in first.nodes or name not in second.nodes:
+            continue
+        one, two = first.nodes[name]["fn"], second.nodes[name]["fn"]
+        if isinstance(one, Delta) or isinstance(two, Delta):
+            continue
+        value = first.nodes[name]["value"]
+        try:
+            same = torch.equal(one.log_prob(value), two.log_prob(value))
+        except (NotImplementedError, ValueError, RuntimeError):
+            continue
+        if same:
+            fixed[name] = one
+    return fixed
+
+
+class _NoDensity(Exception):
+    """The guide's density of one site alone is not available; the message says why."""
+
+
+def _guide_draws(guide: Callable, data: dict, sites: dict, nesting: int, num_draws: int,
+                 fixed: set[str] = frozenset()) -> tuple[dict, dict]:
+    """Draws of each site from the guide, shaped ``(num_draws, *site shape)``, and each draw's
+    log density under the guide's marginal for that site (a ``(num_draws,)`` tensor, or the
+    reason it is unavailable; ``fixed``: the sites the guide samples from a distribution that
+    does not depend on other draws). One guide trace under a plate of draws where the guide
+    allows, else one trace per draw (a tenth as many)."""
     try:
-        with pyro.plate("_vibench_draws", NUM_DRAWS, dim=-(nesting + 1)):
+        with pyro.plate(DRAWS_PLATE, num_draws, dim=-(nesting + 1)):
             trace = poutine.trace(guide).get_trace(**data)
-        draws = {name: trace.nodes[name]["value"].reshape(NUM_DRAWS, *shape)
+        draws = {name: trace.nodes[name]["value"].reshape(num_draws, *shape)
                  for name, shape in sites.items()}
+        log_q = {name: _log_q_or_reason(trace, name, guide, sites, num_draws, nesting, fixed)
+                 for name in sites}
     except (RuntimeError, ValueError, NotImplementedError):
-        traces = [poutine.trace(guide).get_trace(**data) for _ in range(NUM_DRAWS // 10)]
+        traces = [poutine.trace(guide).get_trace(**data) for _ in range(max(1, num_draws // 10))]
         draws = {name: torch.stack([t.nodes[name]["value"] for t in traces]) for name in sites}
-    return {name: (d.float().mean(0), d.float().std(0), "sampled") for name, d in draws.items()}
+        log_q = {}
+        for name in sites:
+            parts = [_log_q_or_reason(t, name, guide, sites, 1, nesting, fixed)
+                     for t in traces]
+            bad = next((p for p in parts if isinstance(p, str)), None)
+            log_q[name] = bad if bad is not None else torch.cat(parts)
+    return draws, log_q
+
+
+def _log_q_or_reason(trace, name, guide, sites, n, nesting, fixed) -> torch.Tensor | str:
+    try:
+        return _site_log_q(trace, name, guide, sites, n, nesting, fixed)
+    except _NoDensity as exc:
+        return str(exc)
+    except (NotImplementedError, ValueError, RuntimeError) as exc:
+        return f"the guide's density of the site failed: {exc}"
+
+
+def _site_log_q(trace: poutine.Trace, name: str, guide: Callable, sites: dict, n: int,
+                nesting: int, fixed: set[str]) -> torch.Tensor:
+    """Log density of each draw of one site under the guide's marginal for that site.
+
+    A site the guide samples from a distribution that does not depend on other draws (one of
+    ``fixed``): that distribution's log_prob; from one that does, the marginal is unknown (its
+    log_prob is a conditional density). An autoguide's site is a Delta whose
+    log_prob is the log |Jacobian| of the map from its unconstrained auxiliary draw; add the
+    auxiliary's density: AutoNormal's ``<site>_unconstrained``, the whole auxiliary latent for
+    a one-site model, or the site's slice of a Gaussian AutoContinuous's latent (its
+    marginal). Raises ``_NoDensity`` otherwise."""
+    site = trace.nodes[name]
+    fn, value = site["fn"], site["value"]
+    if not isinstance(fn, Delta):
+        if name in fixed:
+            return _per_draw(fn.log_prob(value), n, nesting)
+        raise _NoDensity("the guide's distribution for this site depends on other draws, so "
+                         "its marginal density is not known")
+    auxiliaries = {k: s for k, s in trace.nodes.items()
+                   if s["type"] == "sample" and s["infer"].get("is_auxiliary")}
+    if not auxiliaries:
+        raise _NoDensity("the guide is a point mass at this site: it has no density")
+    jacobian = _per_draw(fn.log_prob(value), n, nesting)
+    own = auxiliaries.get(f"{name}_unconstrained")
+    if own is not None:
+        return jacobian + _per_draw(own["fn"].log_prob(own["value"]), n, nesting)
+    from pyro.infer.autoguide import AutoContinuous
+
+    if isinstance(guide, AutoContinuous) and len(auxiliaries) == 1:
+        (aux,) = auxiliaries.values()
+        if len(sites) == 1:
+            return jacobian + _per_draw(aux["fn"].log_prob(aux["value"]), n, nesting)
+        return jacobian + _gaussian_slice_log_prob(guide, name, aux["value"], n)
+    raise _NoDensity("the guide's density of this site alone is not known (its auxiliary "
+                     "draw is shared with other sites)")
+
+
+def _gaussian_slice_log_prob(guide: Any, name: str, latent: torch.Tensor, n: int
+                             ) -> torch.Tensor:
+    """The log density of a site's slice of a Gaussian AutoContinuous latent under the
+    Gaussian's marginal for that slice."""
+    posterior = guide.get_posterior()
+    start = 0
+    for other, _ in guide.prototype_trace.iter_stochastic_nodes():
+        size = math.prod(guide._unconstrained_shapes[other])
+        if other == name:
+            break
+        start += size
+    else:
+        raise _NoDensity(f"site {name!r} is not in the guide's latent")
+    part = slice(start, start + size)
+    draws = latent.reshape(n, -1)[:, part]
+    base = posterior.base_dist if isinstance(posterior, torch.distributions.Independent) \
+        else posterior
+    if isinstance(base, torch.distributions.Normal) and base.batch_shape[-1:] == latent.shape[-1:]:
+        return torch.distributions.Normal(base.loc[part], base.scale[part]).log_prob(draws).sum(-1)
+    if isinstance(posterior, (torch.distributions.MultivariateNormal,
+                              torch.distributions.LowRankMultivariateNormal)):
+        covariance = posterior.covariance_matrix[part, part]
+        return torch.distributions.MultivariateNormal(
+            posterior.loc[part], covariance_matrix=covariance).log_prob(draws)
+    raise _NoDensity(f"the guide's joint ({type(posterior).__name__}) has no known marginal "
+                     "for one site of several")
+
+
+def _per_draw(log_prob: torch.Tensor | float, n: int, nesting: int) -> torch.Tensor:
+    """A vectorised site's log-density summed over everything but the draws dimension (at
+    ``-(nesting + 1)``), as a ``(n,)`` tensor."""
+    log_prob = torch.as_tensor(log_prob)
+    dims = nesting + 1
+    if log_prob.dim() > dims:
+        raise ValueError(f"log-density of shape {tuple(log_prob.shape)} has more than "
+                         f"{dims} batch dims")
+    log_prob = log_prob.reshape((1,) * (dims - log_prob.dim()) + log_prob.shape)
+    return log_prob.reshape(log_prob.shape[0], -1).sum(-1).expand(n)
+
+
+def _quantiles(fn: Any, draws: torch.Tensor, shape: torch.Size) -> dict[str, torch.Tensor]:
+    """The guide's quantiles: its distribution's inverse CDF where it has one and does not
+    depend on other draws, else over the draws."""
+    if fn is not None:
+        base = fn
+        while isinstance(base, torch.distributions.Independent):
+            base = base.base_dist
+        try:
+            return {key: base.icdf(torch.tensor(q, dtype=draws.dtype, device=draws.device)
+                                   ).expand(shape).clone()
+                    for key, q in QUANTILES.items()}
+        except (NotImplementedError, AttributeError, RuntimeError, ValueError):
+            pass
+    return dict(zip(QUANTILES, quantiles(draws, list(QUANTILES.values()))))
+
+
+def quantiles(draws: torch.Tensor, qs: list[float]) -> list[torch.Tensor]:
+    """Quantiles over the first dimension of ``draws`` (linear interpolation, as
+    ``torch.quantile``, without its limit on the tensor's size)."""
+    ordered = draws.double().sort(0).values
+    last = ordered.shape[0] - 1
+    out = []
+    for q in qs:
+        position = q * last
+        low = int(math.floor(position))
+        high = min(low + 1, last)
+        frac = position - low
+        out.append((ordered[low] * (1 - frac) + ordered[high] * frac).to(draws.dtype))
+    return out
+
+
+def _kl(fn: Any, draws: torch.Tensor, log_q: torch.Tensor | str,
+        target: torch.distributions.Distribution) -> dict[str, Any]:
+    """KL(guide || exact) for one site: closed form where both are plain distributions with a
+    registered KL, else Monte Carlo over the guide draws."""
+    if fn is not None:
+        try:
+            kl = torch.distributions.kl_divergence(fn, target).sum()
+            if torch.isfinite(kl):  # >= 0: below it is rounding (float32 lgammas cancelling)
+                return {"kl": max(kl.item(), 0.0), "kl_method": "closed_form"}
+        except (NotImplementedError, ValueError, RuntimeError):
+            pass
+    if isinstance(log_q, str):
+        return {"kl_method": f"unavailable: {log_q}"}
+    try:
+        log_p = target.log_prob(draws)
+    except (ValueError, RuntimeError) as exc:
+        return {"kl_method": f"unavailable: the exact posterior's density failed: {exc}"}
+    log_p = log_p.reshape(draws.shape[0], -1).sum(-1)
+    diff = (log_q.double() - log_p.double())
+    if not torch.isfinite(diff).all():
+        return {"kl_method": "unavailable: a guide draw has zero exact density (or the guide "
+                             "zero density), so the estimate is not finite"}
+    kl = diff.mean().item()
+    se = (diff.std() / math.sqrt(diff.numel())).item() if diff.numel() > 1 else float("nan")
+    return {"kl": kl, "kl_se": se, "kl_method": "monte_carlo"}
+
+
+# --------------------------------------------------------------------------------------------
+# diagnostics
+
+
+def diagnostics(model: Callable, guide: Callable, data: dict[str, Any], nesting: int,
+                num_draws: int = NUM_IS_DRAWS) -> dict[str, Any]:
+    """Did it work? The guide as an importance sampler for the posterior (Yao, Vehtari,
+    Simpson and Gelman 2018, "Yes, but did it work?: Evaluating variational inference").
+
+    With ``num_draws`` guide draws z and log weights log p(x, z) - log q(z) (the model replayed
+    against one vectorised guide trace), returns::
+
+        {"khat": float,           # Pareto k-hat of the weights' tail
+         "reading": str,          # "good" (< 0.5), "ok" (0.5-0.7) or "bad: do not trust" (> 0.7)
+         "ess": float,            # effective sample size of the normalised weights, 1/sum w^2
+         "ess_fraction": float,   # ess / num_draws
+         "num_draws": int,
+         "sites": {SITE: {"iw_mean": ..., "iw_std": ...}}}   # only when khat < 0.7
+
+    ``iw_mean`` and ``iw_std`` are self-normalised importance-weighted estimates of the
+    posterior's mean and sd, with Pareto-smoothed weights (PSIS); floats for a scalar site,
+    nested lists otherwise. When the diagnostic cannot be computed the result is
+    ``{"khat": None, "reason": str}``: a model with sites a loss enumerates, a guide that
+    cannot be vectorised, a point-mass guide (no density), a guide that leaves latent sites
+    to the model, or non-finite weights.
+
+    Pass the model itself (not wrapped for minibatches) and the guide that ``summarize`` got.
+    """
+    with torch.no_grad():
+        try:
+            single = poutine.trace(model).get_trace(**data)
+        except Exception as exc:  # noqa: BLE001 - reported, not raised
+            return {"khat": None, "reason": f"the model failed: {exc}"}
+        enumerated = [name for name, site in single.nodes.items()
+                      if site["type"] == "sample" and site["infer"].get("enumerate")]
+        if enumerated:
+            return {"khat": None, "reason": "the loss sums out site(s) " + ", ".join(
+                repr(n) for n in enumerated) + " by enumeration; importance weights would "
+                "need that sum too"}
+        sites = latent_sites(single)
+        # Draws in chunks, so that a chunk's tensors (draws x the model's largest site) stay
+        # within MAX_ELEMENTS numbers.
+        per_draw = max((site["value"].numel() for site in single.nodes.values()
+                        if site["type"] == "sample" and torch.is_tensor(site["value"])),
+                       default=1)
+        chunk = max(1, min(num_draws, MAX_ELEMENTS // max(per_draw, 1)))
+        log_ws, parts = [], {name: [] for name in sites}
+        try:
+            for start in range(0, num_draws, chunk):
+                n = min(chunk, num_draws - start)
+                with pyro.plate(DRAWS_PLATE, n, dim=-(nesting + 1)):
+                    guide_trace = poutine.trace(guide).get_trace(**data)
+                    model_trace = poutine.trace(
+                        poutine.replay(model, trace=guide_trace)).get_trace(**data)
+                missing = [name for name in sites if name not in guide_trace.nodes]
+                if missing:
+                    return {"khat": None, "reason": "the guide does not sample " + ", ".join(
+                        repr(name) for name in missing)}
+                log_ws.append(_log_joint(model_trace, n, nesting)
+                              - _log_joint(guide_trace, n, nesting))
+                for name, shape in sites.items():
+                    parts[name].append(guide_trace.nodes[name]["value"].reshape(n, *shape))
+        except (RuntimeError, ValueError, NotImplementedError, IndexError) as exc:
+            return {"khat": None, "reason": f"the guide and model cannot be run vectorised "
+                                            f"over {num_draws} draws: {_first_line(exc)}"}
+        log_w = torch.cat(log_ws)
+        draws = {name: torch.cat(chunks) for name, chunks in parts.items()}
+        flat = [name for name, d in draws.items()
+                if d.shape[0] > 1 and (d == d[:1]).all()]
+        if flat:
+            return {"khat": None, "reason": "the guide is a point mass at " + ", ".join(
+                repr(n) for n in flat) + ": it has no density to weigh draws by"}
+        log_w = log_w.detach().double().cpu()
+        if torch.isnan(log_w).any() or (log_w == math.inf).any() or \
+                not torch.isfinite(log_w).any():
+            return {"khat": None, "reason": "the log importance weights are not finite"}
+        khat, smoothed = psis(log_w)
+        raw = torch.softmax(log_w, 0)
+        ess = 1.0 / float((raw * raw).sum())
+        result: dict[str, Any] = {
+            "khat": khat, "reading": reading(khat), "ess": ess,
+            "ess_fraction": ess / num_draws, "num_draws": num_draws,
+        }
+        if khat < 0.7:
+            weights = torch.softmax(smoothed, 0)
+            result["sites"] = {}
+            for name, d in draws.items():
+                w = weights.to(d.device).reshape(-1, *([1] * (d.dim() - 1)))
+                mean = (w * d.double()).sum(0)
+                var = (w * (d.double() - mean) ** 2).sum(0)
+                result["sites"][name] = {"iw_mean": to_plain(mean.to(d.dtype)),
+                                         "iw_std": to_plain(var.sqrt().to(d.dtype))}
+    return result
+
+
+def reading(khat: float) -> str:
+    """What a PSIS k-hat says (Yao et al. 2018)."""
+    if khat < 0.5:
+        return "good"
+    if khat <= 0.7:
+        return "ok"
+    return "bad: do not trust"
+
+
+def psis(log_w: torch.Tensor) -> tuple[float, torch.Tensor]:
+    """Pareto-smoothed importance sampling (Vehtari, Gelman and Gabry): the k-hat of a
+    generalised Pareto fitted to the largest weights, and the log weights with that tail
+    replaced by the fit's quantiles (capped at the largest raw weight). As Pyro's
+    ``psis_diagnostic``: the tail is the largest min(0.2 S, 3 sqrt S) of S weights."""
+    from pyro.ops.stats import fit_generalized_pareto
+
+    log_w = log_w.double().cpu()
+    log_w = log_w - log_w.max()
+    count = log_w.numel()
+    ordered, order = torch.sort(log_w)
+    cutoff_index = -int(math.ceil(min(0.2 * count, 3.0 * math.sqrt(count)))) - 1
+    cutoff = max(math.log(1.0e-15), ordered[cutoff_index].item())
+    in_tail = ordered > cutoff
+    tail = ordered[in_tail]
+    if tail.numel() < 10:
+        return math.inf, log_w
+    khat, sigma = fit_generalized_pareto(tail.exp() - math.exp(cutoff))
+    size = tail.numel()
+    p = (torch.arange(1, size + 1, dtype=torch.double) - 0.5) / size
+    if abs(khat) > 1e-8:
+        quantile = sigma * torch.expm1(-khat * torch.log1p(-p)) / khat
+    else:
+        quantile = -sigma * torch.log1p(-p)
+    smoothed_tail = torch.log(quantile + math.exp(cutoff)).clamp(max=0.0)
+    smoothed_sorted = ordered.clone()
+    smoothed_sorted[in_tail] = smoothed_tail
+    smoothed = torch.empty_like(log_w)
+    smoothed[order] = smoothed_sorted
+    return float(khat), smoothed
+
+
+def _log_joint(trace: poutine.Trace, n: int, nesting: int) -> torch.Tensor:
+    """Each draw's log density over all sample sites of a vectorised trace (scaled and masked
+    as Pyro's losses do), as a ``(n,)`` tensor."""
+    trace.compute_log_prob(site_filter=lambda name, site: not site_is_subsample(site))
+    total = torch.zeros(n)
+    for site in trace.nodes.values():
+        if site["type"] == "sample" and not site_is_subsample(site):
+            part = _per_draw(site["log_prob"], n, nesting)
+            total = total.to(part.device) + part
+    return total
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return text[0] if text else type(exc).__name__
+
+
+# --------------------------------------------------------------------------------------------
+# what the plots show
+
+
+def plot_sources(model: Callable, guide: Callable, data: dict[str, Any],
+                 sites: dict[str, torch.Size], nesting: int,
+                 exact: dict[str, torch.distributions.Distribution] | None = None,
+                 num_draws: int = NUM_PLOT_DRAWS) -> dict[str, dict[str, Any]]:
+    """Per latent site, what ``workbench.plots.site_figure`` draws::
+
+        {SITE: {"guide": Distribution | Tensor, "prior": Distribution | Tensor,
+                "exact": Distribution | None}}
+
+    A distribution where the site's is fixed (the guide's or the prior's does not depend on
+    any other draw: its density is drawn exactly), else draws shaped ``(num_draws, *site
+    shape)`` (a density estimated from them). The prior's draws come from running the whole
+    model, so for a site with latent parents they are its marginal prior, not a conditional.
+    """
+    with torch.no_grad():
+        guide_fixed = _fixed_fns(guide, data, sites)
+        prior_fixed = _fixed_fns(model, data, sites)
+        guide_draws, _ = _guide_draws(guide, data,
+                                      {n: s for n, s in sites.items() if n not in guide_fixed},
+                                      nesting, num_draws)
+        prior_draws = {}
+        wanted = [n for n in sites if n not in prior_fixed]
+        if wanted:
+            with pyro.plate(DRAWS_PLATE, num_draws, dim=-(nesting + 1)):
+                prior_trace = poutine.trace(model).get_trace(**data)
+            prior_draws = {n: prior_trace.nodes[n]["value"].reshape(num_draws, *sites[n])
+                           for n in wanted}
+        return {
+            name: {
+                "guide": guide_fixed.get(name, guide_draws.get(name)),
+                "prior": prior_fixed.get(name, prior_draws.get(name)),
+                "exact": (exact or {}).get(name),
+            }
+            for name in sites
+        }
 
 
 def to_plain(value: torch.Tensor) -> float | list:

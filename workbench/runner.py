@@ -95,6 +95,7 @@ class Run:
     recipe: dict
     device: torch.device
     data: dict
+    model: Any
     guide: Any
     svi: SVI
     sites: dict[str, torch.Size]  # the model's latent sites and their shapes
@@ -127,6 +128,7 @@ class Run:
             optimizer, optim_args = make_optimizer(registry, recipe, device)
             minibatch = Minibatch.of(trace, recipe["train"], device)
             svi = SVI(minibatch(model), minibatch(guide), optimizer, loss=loss)
+            minibatch.resample()
             try_once(svi, data, names)
             params = [param for _, param in pyro.get_param_store().named_parameters()]
             for param in params:
@@ -148,8 +150,8 @@ class Run:
                                  "Eval/loss is not logged")
             exact = exact_posterior(model, data, names["model"])
         sites = posterior.latent_sites(trace)
-        return cls(recipe, device, data, guide, svi, sites, posterior.plate_nesting(trace), exact,
-                   schedule_stepper(optimizer), can_evaluate, notes, minibatch)
+        return cls(recipe, device, data, model, guide, svi, sites, posterior.plate_nesting(trace),
+                   exact, schedule_stepper(optimizer), can_evaluate, notes, minibatch)
 
     def train(self, run_dir: Path, on_step: StepCallback | None = None,
               resume: dict | None = None) -> dict:
@@ -222,9 +224,10 @@ class Run:
                     use_average(progress["average"])
                 self.checkpoint(run_dir, progress, start)
                 log_params(writer, progress["step"], self.svi.optim)
+            wall = progress["wall"] + time.perf_counter() - start
+            report = self.report(run_dir, writer, losses) if good and losses else {}
         writer.close()
-        wall = progress["wall"] + time.perf_counter() - start
-        summary = self.summarize(losses, progress, wall, report=good)
+        summary = self.summarize(losses, progress, wall, report)
         summary["status"] = ("completed" if failure is None else
                              "interrupted" if isinstance(failure, Interrupted) else "failed")
         if failure is not None:
@@ -303,16 +306,40 @@ class Run:
         checkpoint.set_rng_state(state["rng"])
         return dict(state["progress"])
 
-    def summarize(self, losses: list[float], progress: dict, wall: float,
-                  report: bool = True) -> dict:
-        """The run's summary.json content (DESIGN.md's contract)."""
-        tail = losses[-100:]
-        post = {}
-        if report and losses:
-            guide = self.guide
-            if hasattr(guide, "posterior_guide"):
-                guide = guide.posterior_guide(**self.data)
+    def report(self, run_dir: Path, writer: Any, losses: list[float]) -> dict:
+        """What the fitted guide says of the posterior, how far to trust it (PSIS k-hat), and
+        the plots, as PNG files in ``run_dir/plots`` and images in TensorBoard.
+
+        A minibatch run gets no k-hat and no per-site plots: both need the whole data's
+        likelihood for every draw, which a minibatch run is there to avoid."""
+        from workbench import plots
+
+        guide = self.guide
+        if hasattr(guide, "posterior_guide"):
+            guide = guide.posterior_guide(**self.data)
+        with torch.no_grad():
             post = posterior.summarize(guide, self.data, self.sites, self.nesting, self.exact)
+            sources: dict = {}
+            diagnostics = {"khat": None, "reason": "not computed for a minibatch run"}
+            if self.minibatch.plate is None:
+                try:  # the report's extras must never cost the run its results
+                    diagnostics = posterior.diagnostics(self.model, guide, self.data, self.nesting)
+                    for site, estimates in diagnostics.pop("sites", {}).items():
+                        post[site].update(estimates)
+                    sources = posterior.plot_sources(self.model, guide, self.data, self.sites,
+                                                     self.nesting, self.exact)
+                except Exception as exc:
+                    diagnostics = {"khat": None, "reason": f"failed: {_describe(exc)}"}
+            try:
+                plots.write_plots(run_dir, losses, sources, writer=writer, step=len(losses))
+            except Exception as exc:
+                warnings.warn(f"vibench could not draw the plots: {_describe(exc)}")
+        return {"posterior": post, "diagnostics": diagnostics}
+
+    def summarize(self, losses: list[float], progress: dict, wall: float, report: dict) -> dict:
+        """The run's summary.json content (DESIGN.md's contract, plus diagnostics and how the
+        run went)."""
+        tail = losses[-100:]
         steps = progress["step"]
         return {
             "recipe": self.recipe,
@@ -320,7 +347,8 @@ class Run:
             "wall_seconds": wall,
             "steps_per_second": steps / wall if wall > 0 else 0.0,
             "final_loss": sum(tail) / len(tail) if tail else float("nan"),
-            "posterior": post,
+            "posterior": report.get("posterior", {}),
+            "diagnostics": report.get("diagnostics", {}),
             "params": {name: posterior.to_plain(value)
                        for name, value in pyro.get_param_store().items()},
             "skipped_steps": progress["skipped"],

@@ -1,0 +1,138 @@
+"""Figures: the loss curve and per-site densities are real PNGs of a sensible size, the same
+pictures come back as (H, W, 3) uint8 arrays for TensorBoard, and odd inputs do not break
+them."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pyro
+import pyro.distributions as dist
+import pytest
+import torch
+from pyro import poutine
+
+from vibench_plugins.models import BetaBernoulli
+from workbench import plots, posterior
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def png_size(path: Path) -> tuple[int, int]:
+    """(width, height) from the PNG header, checking the file is one."""
+    head = path.read_bytes()[:24]
+    assert head[:8] == PNG_MAGIC, f"{path} is not a PNG"
+    return int.from_bytes(head[16:20], "big"), int.from_bytes(head[20:24], "big")
+
+
+def check_png(path: Path, image: np.ndarray) -> None:
+    width, height = png_size(path)
+    assert image.dtype == np.uint8 and image.ndim == 3 and image.shape[2] == 3
+    assert image.shape[:2] == (height, width)
+    assert 300 <= width <= 2500 and 250 <= height <= 800
+    assert 10_000 < path.stat().st_size < 1_000_000
+    assert len(np.unique(image.reshape(-1, 3), axis=0)) > 20  # a picture, not a blank
+
+
+def test_loss_figure(tmp_path: Path):
+    torch.manual_seed(0)
+    steps = torch.arange(1, 501, dtype=torch.float64)
+    losses = (7 + 30 * torch.exp(-steps / 40) + 0.2 * torch.randn(500, dtype=torch.float64))
+    path = tmp_path / "loss.png"
+    image = plots.loss_figure(losses.tolist(), path)
+    check_png(path, image)
+
+
+@pytest.mark.parametrize("losses", [
+    [-3.0 + 0.01 * i for i in range(50)],  # negative: linear axis
+    [1e4 / (i + 1) for i in range(300)],  # positive over decades: log axis
+    [5.0, float("nan"), 4.0, float("inf")],  # a run that stopped on a non-finite loss
+    [2.0],
+    [],
+])
+def test_loss_figure_takes_odd_losses(tmp_path: Path, losses):
+    path = tmp_path / "loss.png"
+    image = plots.loss_figure(losses, path)
+    if losses:
+        check_png(path, image)
+    else:  # nothing to draw but the axes and a note
+        assert png_size(path) == image.shape[1::-1]
+
+
+def coin_sources(guide_kind: str) -> dict:
+    model = BetaBernoulli()
+    data = {"flips": torch.tensor([1.0, 1, 1, 1, 1, 1, 0, 0, 0, 0])}
+    trace = poutine.trace(model).get_trace(**data)
+    sites, nesting = posterior.latent_sites(trace), posterior.plate_nesting(trace)
+    if guide_kind == "beta":
+        def guide(flips):
+            pyro.sample("latent_fairness", dist.Beta(torch.tensor(16.4), torch.tensor(14.2)))
+    else:
+        def guide(flips):  # AutoNormal's shape: a Delta at the sigmoid of a Normal draw
+            u = pyro.sample("u", dist.Normal(torch.tensor(0.13), 0.37),
+                            infer={"is_auxiliary": True})
+            pyro.sample("latent_fairness", dist.Delta(torch.sigmoid(u)))
+    pyro.set_rng_seed(0)
+    return posterior.plot_sources(model, guide, data, sites, nesting,
+                                  model.exact_posterior(**data))
+
+
+def test_site_figure_for_the_coin(tmp_path: Path):
+    """The seed's figure: prior Beta(10, 10), the guide and the exact Beta(16, 14)."""
+    beta = coin_sources("beta")["latent_fairness"]
+    assert all(isinstance(beta[k], torch.distributions.Beta) for k in ("guide", "prior", "exact"))
+    sampled = coin_sources("sampled")["latent_fairness"]
+    assert torch.is_tensor(sampled["guide"]) and sampled["guide"].shape == (
+        posterior.NUM_PLOT_DRAWS,)
+    for name, src in [("beta", beta), ("sampled", sampled)]:
+        path = tmp_path / f"{name}.png"
+        image = plots.site_figure("latent_fairness", src["guide"], path, prior=src["prior"],
+                                  exact=src["exact"])
+        check_png(path, image)
+
+
+def test_site_figure_for_tensor_sites_and_point_masses(tmp_path: Path):
+    torch.manual_seed(0)
+    exact = dist.MultivariateNormal(torch.tensor([0.0, 1.0, 2.0, 3.0, 4.0, 5.0]),
+                                    torch.diag(torch.full((6,), 0.04)))
+    guide = exact.sample((3000,)) * 1.1
+    prior = dist.Normal(torch.zeros(6), 10.0).to_event(1)
+    path = tmp_path / "vector.png"
+    image = plots.site_figure("coefficients", guide, path, prior=prior, exact=exact)
+    check_png(path, image)
+    assert image.shape[1] > 3 * image.shape[0]  # four panels side by side
+
+    point = torch.full((500, 2, 2), 0.25)  # a point mass over a 2 x 2 site, no exact
+    path = tmp_path / "point.png"
+    check_png(path, plots.site_figure("w", point, path, prior=dist.HalfCauchy(
+        torch.ones(2, 2))))
+
+
+class Recorder:
+    """Stands in for a tensorboardX SummaryWriter."""
+
+    def __init__(self):
+        self.images = []
+
+    def add_image(self, tag, image, step, dataformats):
+        self.images.append((tag, image.shape, image.dtype, step, dataformats))
+
+
+def test_write_plots_for_a_run(tmp_path: Path):
+    from tensorboardX import SummaryWriter
+
+    sources = coin_sources("beta")
+    recorder = Recorder()
+    paths = plots.write_plots(tmp_path, [7.5, 7.2, 7.1], sources, writer=recorder, step=3)
+    assert paths == [tmp_path / "plots" / "loss.png",
+                     tmp_path / "plots" / "site-latent_fairness.png"]
+    assert all(png_size(p) for p in paths)
+    assert [(tag, step, fmt) for tag, _, _, step, fmt in recorder.images] == [
+        ("Plots/loss", 3, "HWC"), ("Plots/latent_fairness", 3, "HWC")]
+    assert all(dtype == np.uint8 and shape[2] == 3 for _, shape, dtype, _, _ in recorder.images)
+
+    writer = SummaryWriter(logdir=str(tmp_path / "tb"))  # the real writer takes them
+    plots.write_plots(tmp_path / "again", [1.0, 0.5], sources, writer=writer)
+    writer.close()
+    assert any((tmp_path / "tb").iterdir())

@@ -1,0 +1,358 @@
+"""Figures of a run: the training loss, and per latent site the prior, the guide and the exact
+posterior on one axis (as in the seed tutorial's Beta figure).
+
+Matplotlib is imported inside the functions and drives its Agg canvas directly (no pyplot, no
+GUI, no global figure state). Each figure function writes a PNG when given a path and returns
+the picture as an ``(H, W, 3)`` uint8 array, which TensorBoard takes as it is::
+
+    writer.add_image("Plots/loss", loss_figure(losses), step, dataformats="HWC")
+
+``write_plots`` does both for a whole run.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+DPI = 100
+COLOURS = {"prior": "#7f7f7f", "guide": "#1f77b4", "exact": "#d62728"}
+GRID = 400  # points on the x axis of a density plot
+KDE_DRAWS = 4000  # draws behind one estimated density (a random subset when there are more)
+MAX_POINTS = 20_000  # points of the loss curve drawn (a long run's curve is thinned)
+
+
+# --------------------------------------------------------------------------------------------
+# loss
+
+
+def loss_figure(losses: Sequence[float], path: Path | str | None = None) -> np.ndarray:
+    """The loss at each step and its exponential moving average, against the step.
+
+    The y axis is logarithmic when every loss is positive and they span more than a decade;
+    otherwise linear, cut at the 99.5th percentile so a few early spikes do not flatten the
+    rest (the title says so). Non-finite losses are left out. Writes a PNG to ``path`` when
+    given; returns the image as an ``(H, W, 3)`` uint8 array.
+    """
+    fig = _figure(7.0, 4.0)
+    ax = fig.add_subplot(1, 1, 1)
+    values = np.asarray(list(losses), dtype=float)
+    steps = np.arange(1, values.size + 1)
+    finite = np.isfinite(values)
+    title = f"training loss ({values.size} steps)"
+    if finite.any():
+        x, y = steps[finite], values[finite]
+        span = min(max(10, y.size // 100), 1000)
+        smooth = _ema(y, span)
+        stride = max(1, y.size // MAX_POINTS)  # a long run: every stride-th point is plenty
+        raw_label = "loss per step" if stride == 1 else f"loss, every {stride}th step"
+        ax.plot(x[::stride], y[::stride], color=COLOURS["guide"], alpha=0.45, linewidth=0.6,
+                label=raw_label)
+        ax.plot(x[::stride], smooth[::stride], color="black", linewidth=1.5,
+                label=f"moving average (EMA, span {span})")
+        tail = y[-100:]
+        ax.axhline(tail.mean(), color=COLOURS["exact"], linewidth=0.8, linestyle=":",
+                   label=f"mean of the last {tail.size}: {tail.mean():.4g}")
+        if (y > 0).all() and y.max() / y.min() > 10:
+            from matplotlib.ticker import LogFormatter
+
+            ax.set_yscale("log")
+            ax.yaxis.set_major_formatter(LogFormatter(labelOnlyBase=False))
+            ax.yaxis.set_minor_formatter(LogFormatter(labelOnlyBase=False,
+                                                      minor_thresholds=(2, 0.5)))
+        else:
+            top = float(max(np.percentile(y, 99.5), smooth[-1]))
+            low = float(min(y.min(), smooth.min()))
+            pad = 0.05 * (top - low) or 1.0
+            if y.max() > top + pad:
+                title += ", y axis cut at the 99.5th percentile"
+            ax.set_ylim(low - pad, top + pad)
+        ax.legend(loc="upper right", fontsize=8)
+    else:
+        ax.text(0.5, 0.5, "no finite loss to show", ha="center", va="center",
+                transform=ax.transAxes)
+    if not finite.all():
+        title += f", {int((~finite).sum())} non-finite left out"
+    ax.set_title(title, fontsize=10)
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss")
+    ax.grid(alpha=0.3)
+    return _finish(fig, path)
+
+
+def _ema(values: np.ndarray, span: int) -> np.ndarray:
+    """Exponential moving average with weight 2 / (span + 1), bias-corrected at the start."""
+    alpha = 2.0 / (span + 1.0)
+    out = np.empty_like(values)
+    level, weight = 0.0, 0.0
+    for i, value in enumerate(values):
+        level = (1 - alpha) * level + alpha * value
+        weight = (1 - alpha) * weight + alpha
+        out[i] = level / weight
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# one latent site
+
+
+def site_figure(site: str, guide: Any, path: Path | str | None = None, prior: Any = None,
+                exact: Any = None, max_elements: int = 4) -> np.ndarray:
+    """The prior, the guide and (where known) the exact posterior of one latent site on one
+    axis per element.
+
+    ``guide``, ``prior`` and ``exact`` are each a torch distribution over the whole site
+    (its batch and event shape together are the site's shape: its density is drawn exactly,
+    per element as that element's marginal) or a tensor of draws shaped ``(num_draws, *site
+    shape)`` (its density estimated by a Gaussian KDE, marked "(KDE)" in the legend); the
+    prior and exact may be None. A guide whose draws do not vary is a point mass, drawn as a
+    vertical line. A tensor site shows its first ``max_elements`` elements side by side,
+    each titled with its index. ``workbench.posterior.plot_sources`` gives all three per site.
+    Writes a PNG to ``path`` when given; returns the image as an ``(H, W, 3)`` uint8 array.
+    """
+    import torch
+
+    sources = {"prior": prior, "guide": guide, "exact": exact}
+    shape = _site_shape(guide)
+    count = math.prod(shape)
+    shown = min(count, max_elements)
+    fig = _figure(4.2 * shown + 0.6, 3.6)
+    samples = {key: _flat_draws(src) for key, src in sources.items() if src is not None}
+    for i in range(shown):
+        ax = fig.add_subplot(1, shown, i + 1)
+        label = site if not shape else f"{site}[{', '.join(map(str, np.unravel_index(i, shape)))}]"
+        _draw_element(ax, i, sources, samples, torch)
+        ax.set_title(label, fontsize=10)
+        ax.set_xlabel("value")
+        if i == 0:
+            ax.set_ylabel("density")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7, loc="upper right")
+    if count > shown:
+        fig.suptitle(f"{site}: the first {shown} of {count} elements", fontsize=10)
+    return _finish(fig, path)
+
+
+def _draw_element(ax: Any, i: int, sources: dict, samples: dict, torch: Any) -> None:
+    """One element's densities on one axis, over a range that covers the guide and the exact
+    posterior (the prior is drawn over the same range; it is usually wider), or the prior's
+    central 90% for a point mass without an exact posterior."""
+    ranges = []
+    for key in ("guide", "exact"):
+        if key in samples:
+            column = samples[key][:, i]
+            low, high = np.quantile(column, [0.005, 0.995])
+            ranges.append((low, high))
+    low = min(r[0] for r in ranges)
+    high = max(r[1] for r in ranges)
+    if high - low <= 0 and "prior" in samples:  # a point mass alone: show it in the prior
+        low, high = np.quantile(np.append(samples["prior"][:, i], low), [0.05, 0.95])
+        low, high = min(low, ranges[0][0]), max(high, ranges[0][1])
+    width = high - low
+    if width <= 0:  # only a point mass: show a neighbourhood of it
+        width = max(abs(low) * 0.2, 1e-3)
+    low, high = low - 0.3 * width, high + 0.3 * width
+    bounds = [_bounds(src) for src in sources.values() if _is_dist(src, torch)]
+    for lower, upper in bounds:
+        if lower is not None and low < lower:
+            low = lower + 1e-6 * width
+        if upper is not None and high > upper:
+            high = upper - 1e-6 * width
+    grid = np.linspace(low, high, GRID)
+    for key in ("prior", "guide", "exact"):
+        src = sources[key]
+        if src is None:
+            continue
+        name = {"prior": "prior", "guide": "guide", "exact": "exact posterior"}[key]
+        column = samples[key][:, i]
+        moments = _moments(src, i, column, torch)
+        stats = "no finite mean" if moments is None else f"{moments[0]:.3g} ± {moments[1]:.2g}"
+        if _is_dist(src, torch):
+            density = _marginal_density(src, i, grid, torch)
+            if density is None:  # no per-element density: estimate it from draws
+                density = _kde(column, grid)
+                name += " (KDE)"
+        elif column.std() <= 1e-6 * max(1.0, abs(column.mean())):
+            ax.axvline(column.mean(), color=COLOURS[key], linewidth=2,
+                       label=f"{name}: point mass at {column.mean():.3g}")
+            continue
+        else:
+            density = _kde(column, grid)
+            name += " (KDE)"
+        style = {"prior": ":", "guide": "-", "exact": "--"}[key]
+        ax.plot(grid, density, color=COLOURS[key], linestyle=style, linewidth=2,
+                label=f"{name}: {stats}")
+        if key == "guide":
+            ax.fill_between(grid, density, color=COLOURS[key], alpha=0.12)
+    ax.set_xlim(low, high)
+    ax.set_ylim(bottom=0)
+
+
+def _moments(src: Any, i: int, column: np.ndarray, torch: Any) -> tuple[float, float] | None:
+    """Element ``i``'s mean and sd: the distribution's own where it has them (None where they
+    are not finite), else the draws'."""
+    if _is_dist(src, torch):
+        try:
+            shape = tuple(src.batch_shape + src.event_shape)
+            mean = src.mean.expand(shape).reshape(-1)[i].item()
+            std = src.stddev.expand(shape).reshape(-1)[i].item()
+            if math.isfinite(mean) and math.isfinite(std):
+                return mean, std
+            return None  # no finite mean or sd (a Cauchy, say): draws would say nothing
+        except (NotImplementedError, RuntimeError, AttributeError):
+            pass
+    return float(column.mean()), float(column.std())
+
+
+def _is_dist(src: Any, torch: Any) -> bool:
+    return isinstance(src, torch.distributions.Distribution)
+
+
+def _site_shape(guide: Any) -> tuple:
+    import torch
+
+    if _is_dist(guide, torch):
+        return tuple(guide.batch_shape + guide.event_shape)
+    return tuple(guide.shape[1:])
+
+
+def _flat_draws(src: Any) -> np.ndarray:
+    """Draws of a source as ``(n, elements)`` float64 numbers: given, or drawn from it."""
+    import torch
+
+    if _is_dist(src, torch):
+        draws = src.sample((KDE_DRAWS,))
+    else:
+        draws = src
+        if draws.shape[0] > KDE_DRAWS:
+            generator = torch.Generator().manual_seed(0)
+            index = torch.randperm(draws.shape[0], generator=generator)[:KDE_DRAWS]
+            draws = draws[index.to(draws.device)]
+    draws = draws.detach().double().cpu()
+    return draws.reshape(draws.shape[0], -1).numpy()
+
+
+def _bounds(dist: Any) -> tuple[float | None, float | None]:
+    """The support's lower and upper bounds, where it has them."""
+    support = dist.support
+    while hasattr(support, "base_constraint"):
+        support = support.base_constraint
+    bounds = []
+    for attr in ("lower_bound", "upper_bound"):
+        value = getattr(support, attr, None)
+        try:
+            bounds.append(None if value is None else float(value))
+        except (TypeError, ValueError, RuntimeError):  # a tensor bound: not one number
+            bounds.append(None)
+    return bounds[0], bounds[1]
+
+
+def _marginal_density(dist: Any, i: int, grid: np.ndarray, torch: Any) -> np.ndarray | None:
+    """Element ``i``'s marginal density on the grid: exact for a factorised distribution
+    (univariate, or Independent over univariate ones) and for a multivariate Normal; None for
+    other joints."""
+    shape = tuple(dist.batch_shape + dist.event_shape)
+    base = dist
+    while isinstance(base, torch.distributions.Independent):
+        base = base.base_dist
+    if base.event_shape == ():
+        probe = base.sample()
+        points = torch.as_tensor(grid, dtype=probe.dtype, device=probe.device)
+        values = points.reshape((-1,) + (1,) * len(shape)).expand((grid.size,) + shape)
+        inside = base.support.check(values)
+        safe = torch.where(inside, values, values.new_tensor(float(_inside_point(base))))
+        log_prob = base.log_prob(safe).expand((grid.size,) + shape).reshape(grid.size, -1)
+        density = torch.where(inside.reshape(grid.size, -1), log_prob.exp(),
+                              torch.zeros_like(log_prob))
+        return density[:, i].double().cpu().numpy()
+    covariance = getattr(dist, "covariance_matrix", None)
+    if covariance is not None and len(dist.event_shape) == 1:
+        loc = dist.loc.expand(shape).reshape(-1)[i]
+        scale = covariance.diagonal(dim1=-2, dim2=-1).expand(shape).reshape(-1)[i].sqrt()
+        normal = torch.distributions.Normal(loc.double(), scale.double())
+        return normal.log_prob(torch.as_tensor(grid, dtype=torch.double,
+                                               device=loc.device)).exp().cpu().numpy()
+    return None
+
+
+def _inside_point(dist: Any) -> float:
+    """A value inside the distribution's support, standing in for grid points outside it."""
+    lower, upper = _bounds(dist)
+    if lower is not None and upper is not None:
+        return (lower + upper) / 2
+    if lower is not None:
+        return lower + 1.0
+    if upper is not None:
+        return upper - 1.0
+    return 0.0
+
+
+def _kde(draws: np.ndarray, grid: np.ndarray) -> np.ndarray:
+    """A Gaussian kernel density estimate with Scott's bandwidth."""
+    draws = draws[np.isfinite(draws)]
+    if draws.size == 0:
+        return np.zeros_like(grid)
+    spread = min(draws.std(), (np.quantile(draws, 0.75) - np.quantile(draws, 0.25)) / 1.349) \
+        if draws.size > 1 else 0.0
+    if not spread > 0:
+        spread = draws.std() or 1e-3
+    bandwidth = spread * draws.size ** (-1 / 5)
+    z = (grid[:, None] - draws[None, :]) / bandwidth
+    return np.exp(-0.5 * z * z).sum(1) / (draws.size * bandwidth * math.sqrt(2 * math.pi))
+
+
+# --------------------------------------------------------------------------------------------
+# a whole run
+
+
+def write_plots(run_dir: Path | str, losses: Sequence[float], sources: dict[str, dict],
+                writer: Any = None, step: int = 0) -> list[Path]:
+    """Every figure of a run as PNGs in ``run_dir/plots``: ``loss.png`` and one
+    ``site-<name>.png`` per latent site; also logged to TensorBoard as ``Plots/loss`` and
+    ``Plots/<site>`` when given a tensorboardX ``writer`` (at ``step``). ``sources`` is what
+    ``workbench.posterior.plot_sources`` returns. Returns the paths written."""
+    folder = Path(run_dir) / "plots"
+    folder.mkdir(parents=True, exist_ok=True)
+    written = []
+    path = folder / "loss.png"
+    image = loss_figure(losses, path)
+    written.append(path)
+    if writer is not None:
+        writer.add_image("Plots/loss", image, step, dataformats="HWC")
+    for name, src in sources.items():
+        path = folder / f"site-{_file_name(name)}.png"
+        image = site_figure(name, src["guide"], path, prior=src.get("prior"),
+                            exact=src.get("exact"))
+        written.append(path)
+        if writer is not None:
+            writer.add_image(f"Plots/{name}", image, step, dataformats="HWC")
+    return written
+
+
+def _file_name(name: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", name) or "site"
+
+
+def _figure(width: float, height: float) -> Any:
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(width, height), dpi=DPI)
+    FigureCanvasAgg(fig)
+    return fig
+
+
+def _finish(fig: Any, path: Path | str | None) -> np.ndarray:
+    """Lay out, write the PNG if asked, and return the pixels as (H, W, 3) uint8."""
+    fig.tight_layout()
+    fig.canvas.draw()
+    rgba = np.asarray(fig.canvas.buffer_rgba())
+    if path is not None:  # the pixels just drawn, not a second rendering
+        from matplotlib.image import imsave
+
+        imsave(str(path), rgba, format="png", dpi=DPI)
+    return rgba[..., :3].copy()
