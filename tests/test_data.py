@@ -127,3 +127,14 @@ def test_minibatches_subsample_the_data_plate_with_its_scale(tmp_path: Path):
 def test_bad_minibatch_settings(sets: list[str], expected: str):
     with pytest.raises(UsageError, match=expected.replace("(", r"\(").replace(")", r"\)")):
         prepare(*sets)
+
+
+def test_minibatches_with_local_latents_and_an_autoguide(tmp_path: Path):
+    """The autoguide's own plate is subsampled with the model's (its prototype saw all of it)."""
+    run = prepare("data=null", "data.dataset=synthetic_schools", "data.dataset.schools=1000",
+                  "model=eight_schools", "guide=auto_normal", "optimizer.lr=0.05",
+                  "train.batch_size=100", "train.steps=800", "train.eval_every=0",
+                  source=REPO / "recipes" / "eight_schools.yaml")
+    summary = run.train(tmp_path)
+    assert abs(summary["posterior"]["mu"]["mean"] - 5.0) < 0.3
+    assert abs(summary["posterior"]["tau"]["mean"] - 2.0) < 0.3

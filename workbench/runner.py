@@ -489,9 +489,10 @@ class Minibatch(Messenger):
     The plate scales its sites by size / batch, so the loss stays unbiased."""
 
     def __init__(self, plate: str | None = None, size: int = 0, batch_size: int = 0,
-                 device: torch.device | None = None):
+                 device: torch.device | None = None, dim: int | None = None):
         super().__init__()
         self.plate, self.size, self.batch_size, self.device = plate, size, batch_size, device
+        self.dim = dim
         self.indices: torch.Tensor | None = None
 
     @classmethod
@@ -511,10 +512,19 @@ class Minibatch(Messenger):
         if train["batch_size"] >= plates[name]:
             raise UsageError(f"train.batch_size: {train['batch_size']} is not smaller than "
                              f"plate {name!r} ({plates[name]}); leave batch_size out")
-        return cls(name, plates[name], train["batch_size"], device)
+        dims = [frame.dim for site in trace.nodes.values() if site["type"] == "sample"
+                for frame in site["cond_indep_stack"] if frame.name == name]
+        return cls(name, plates[name], train["batch_size"], device, dims[0] if dims else None)
 
     def __call__(self, fn: Callable) -> Callable:
-        return fn if self.plate is None else super().__call__(fn)
+        """``fn`` drawing this batch; a guide with Pyro's ``create_plates`` hook (the
+        autoguides, whose prototype sees the full plate) is told to subsample it too."""
+        if self.plate is None:
+            return fn
+        if hasattr(fn, "create_plates") and getattr(fn, "create_plates") is None:
+            fn.create_plates = lambda *args, **kwargs: pyro.plate(
+                self.plate, self.size, subsample=self.indices, dim=self.dim)
+        return super().__call__(fn)
 
     def resample(self) -> None:
         if self.plate is not None:
