@@ -9,6 +9,10 @@ from pathlib import Path
 
 import pytest
 
+# Tests run two at a time (pytest-xdist): one thread each keeps them from fighting over the
+# cores, in this process and in every vibench child it starts. Results do not depend on it.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
 REPO = Path(__file__).resolve().parent.parent
 COIN = REPO / "recipes" / "coin.yaml"
 

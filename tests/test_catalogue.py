@@ -17,8 +17,9 @@ from workbench.runner import Run
 EXACT_MEAN, MODE = 16 / 30, 15 / 28
 EXACT_STD = math.sqrt(16 * 14 / (30**2 * 31))
 # The seed's settings take 4000 steps; a decaying, larger learning rate gets there in 1000.
+QUICK = ["train.eval_every=0", "train.plots=false", "train.diagnostics=false"]
 FAST = ["optimizer.lr=0.05", "optimizer.schedule=exponential", "optimizer.schedule.gamma=0.997",
-        "train.steps=1000", "train.eval_every=0"]
+        "train.steps=1000", *QUICK]
 
 
 def defaults(kind: str) -> list[str]:
@@ -32,7 +33,7 @@ def prepare(*sets: str) -> Run:
 
 
 def train(tmp_path: Path, *sets: str) -> tuple[Run, dict]:
-    run = prepare(*sets)
+    run = prepare(*sets, *QUICK[1:])
     run_dir = tmp_path / f"run{len(list(tmp_path.iterdir()))}"
     run_dir.mkdir()
     return run, run.train(run_dir)
@@ -105,7 +106,7 @@ def test_every_default_optimizer_is_covered():
 def test_every_optimizer_fits_the_coin(tmp_path: Path, name: str):
     _, summary = train(tmp_path, f"optimizer={name}", *OPTIMIZERS[name],
                        "optimizer.schedule=exponential", "optimizer.schedule.gamma=0.997",
-                       "train.steps=1000", "train.eval_every=0")
+                       "train.steps=1000", *QUICK)
     post = summary["posterior"]["latent_fairness"]
     assert abs(post["mean"] - EXACT_MEAN) < 0.015 and abs(post["std"] - EXACT_STD) < 0.015
 

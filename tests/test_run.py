@@ -37,7 +37,9 @@ def test_coin_reproduces_the_seed(coin_run):
 
 def test_run_directory_holds_what_the_contract_says(coin_run):
     out, result = coin_run
-    assert {"recipe.yaml", "summary.json", "params.pt"} <= {p.name for p in out.iterdir()}
+    assert {"recipe.yaml", "summary.json", "params.pt", "checkpoint.pt"} <= {
+        p.name for p in out.iterdir()}
+    assert {p.name for p in (out / "plots").iterdir()} == {"loss.png", "site-latent_fairness.png"}
     assert list(out.glob("events.out.tfevents.*"))
     summary = json.loads((out / "summary.json").read_text())
     assert {"recipe", "steps", "wall_seconds", "steps_per_second", "final_loss", "posterior",
@@ -46,6 +48,11 @@ def test_run_directory_holds_what_the_contract_says(coin_run):
     assert summary["recipe"]["guide"] == {"name": "beta", "init_alpha": 15.0, "init_beta": 15.0}
     assert summary["steps_per_second"] == pytest.approx(4000 / summary["wall_seconds"])
     assert set(summary["params"]) == {"log_alpha_q", "log_beta_q"}
+    assert summary["status"] == "completed"
+    assert summary["diagnostics"]["reading"] == "good" and summary["diagnostics"]["khat"] < 0.5
+    post = summary["posterior"]["latent_fairness"]
+    assert post["q05"] < post["q50"] < post["q95"] and post["kl_method"] == "closed_form"
+    assert 0 <= post["kl"] < 0.01
     alpha, beta = (math.exp(summary["params"][k]) for k in ("log_alpha_q", "log_beta_q"))
     assert alpha / (alpha + beta) == pytest.approx(summary["posterior"]["latent_fairness"]["mean"])
     assert math.isfinite(summary["final_loss"])

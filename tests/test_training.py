@@ -77,7 +77,8 @@ def test_iterate_averaging_brings_the_seed_within_a_thousandth(tmp_path: Path):
     average within 0.001 of 16/30 (plain Adam: about 0.0022 here)."""
     errors = []
     for seed in range(8):
-        summary = train(tmp_path, f"seed={seed}", "train.average_last=0.5", "train.eval_every=0")
+        summary = train(tmp_path, f"seed={seed}", "train.average_last=0.5", "train.eval_every=0",
+                        "train.plots=false", "train.diagnostics=false")
         assert summary["averaged_steps"] == 2000
         errors.append(abs(summary["posterior"]["latent_fairness"]["mean"] - EXACT_MEAN))
     assert sum(errors) / len(errors) < 0.001, errors

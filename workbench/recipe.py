@@ -42,6 +42,8 @@ TRAIN: dict[str, Option] = {
         Option("early_stop_patience", 0, int),  # 0: never stop early
         Option("early_stop_window", 100, int),  # steps the smoothed loss averages over
         Option("early_stop_min_delta", 0.0, float),  # what counts as an improvement
+        Option("diagnostics", True, bool),  # PSIS k-hat and importance-weighted estimates
+        Option("plots", True, bool),  # the loss and per-site density plots
     )
 }
 MAX_BYTES = 1_000_000

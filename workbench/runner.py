@@ -317,21 +317,26 @@ class Run:
         guide = self.guide
         if hasattr(guide, "posterior_guide"):
             guide = guide.posterior_guide(**self.data)
+        settings = self.recipe["train"]
         with torch.no_grad():
             post = posterior.summarize(guide, self.data, self.sites, self.nesting, self.exact)
             sources: dict = {}
             diagnostics = {"khat": None, "reason": "not computed for a minibatch run"}
-            if self.minibatch.plate is None:
-                try:  # the report's extras must never cost the run its results
+            if not settings["diagnostics"]:
+                diagnostics = {"khat": None, "reason": "train.diagnostics is off"}
+            try:  # the report's extras must never cost the run its results
+                if self.minibatch.plate is None and settings["diagnostics"]:
                     diagnostics = posterior.diagnostics(self.model, guide, self.data, self.nesting)
                     for site, estimates in diagnostics.pop("sites", {}).items():
                         post[site].update(estimates)
+                if self.minibatch.plate is None and settings["plots"]:
                     sources = posterior.plot_sources(self.model, guide, self.data, self.sites,
                                                      self.nesting, self.exact)
-                except Exception as exc:
-                    diagnostics = {"khat": None, "reason": f"failed: {_describe(exc)}"}
+            except Exception as exc:
+                diagnostics = {"khat": None, "reason": f"failed: {_describe(exc)}"}
             try:
-                plots.write_plots(run_dir, losses, sources, writer=writer, step=len(losses))
+                if settings["plots"]:
+                    plots.write_plots(run_dir, losses, sources, writer=writer, step=len(losses))
             except Exception as exc:
                 warnings.warn(f"vibench could not draw the plots: {_describe(exc)}")
         return {"posterior": post, "diagnostics": diagnostics}
