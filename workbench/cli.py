@@ -74,7 +74,8 @@ def run(
         _err(f"warning: {problem}")
     resolved = recipes.resolve(raw, registry, str(source), overridden)
 
-    from workbench.runner import Run, make_run_dir
+    from workbench.rundir import make_run_dir
+    from workbench.runner import Run
 
     if state is not None and state["progress"]["step"] >= resolved["train"]["steps"]:
         raise UsageError(f"--resume {resume}: the run already took all its "

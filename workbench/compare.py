@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from workbench.errors import RecipeError, RunError, UsageError, VibenchError
+from workbench.rundir import make_run_dir
 
 METRICS = ("final_loss", "mean_error", "std_error", "khat", "steps_per_second")
 CSV_TAIL = ("seed", "status", "exit_code", *METRICS, "steps", "wall_seconds", "process_seconds",
@@ -255,25 +256,6 @@ def _kind(value: Any) -> str:
     if isinstance(value, bool):
         return "bool"
     return "number" if isinstance(value, (int, float)) else "str"
-
-
-def make_compare_dir(name: str, out: Path | None) -> Path:
-    """``out`` (new or empty), else a new ``runs/compare-<name>-<timestamp>``."""
-    if out is not None:
-        if out.exists() and (not out.is_dir() or any(out.iterdir())):
-            raise UsageError(f"--out {out}: already exists and is not an empty directory")
-        out.mkdir(parents=True, exist_ok=True)
-        return out
-    base = Path("runs") / f"compare-{name}-{datetime.now():%Y%m%d-%H%M%S}"
-    base.parent.mkdir(parents=True, exist_ok=True)
-    for attempt in range(1000):
-        path = base if attempt == 0 else base.with_name(f"{base.name}-{attempt}")
-        try:
-            path.mkdir()
-            return path
-        except FileExistsError:
-            continue
-    raise UsageError(f"cannot find a free directory next to {base}")
 
 
 class Runner:
@@ -686,7 +668,7 @@ def compare(recipe: Path, grid: Sequence[str], sets: Sequence[str], seeds: int,
     """The ``vibench compare`` command; raises a VibenchError for a non-zero exit."""
     grids = parse_grid(grid)
     specs, name = plan(recipe, grids, sets, steps, seeds)
-    compare_dir = make_compare_dir(name, out)
+    compare_dir = make_run_dir(f"compare-{name}", out)
     jobs = max(1, min(jobs or os.cpu_count() or 1, sum(not s.refused for s in specs) or 1))
     print(f"compare directory: {compare_dir}", file=sys.stderr)
     print(f"{len(specs)} runs, {jobs} at a time", file=sys.stderr, flush=True)
