@@ -48,3 +48,14 @@ def did_you_mean(word: str, choices: Iterable[str]) -> str:
     if not choices:
         return "there are none"
     return "choose from " + ", ".join(choices)
+
+
+def one_line(exc: BaseException) -> str:
+    """An exception's message on one line, without the trace tables Pyro appends."""
+    lines = []
+    for line in str(exc).strip().splitlines():
+        if line.strip().startswith("Trace Shapes"):
+            break
+        lines.append(line.strip())
+    text = " ".join(filter(None, lines)) or type(exc).__name__
+    return text if len(text) <= 300 else text[:297] + "..."

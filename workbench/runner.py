@@ -8,7 +8,6 @@ trains and writes the run directory.
 from __future__ import annotations
 
 import contextlib
-import inspect
 import json
 import logging
 import math
@@ -17,27 +16,24 @@ import signal
 import threading
 import time
 import warnings
-from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
 import pyro
-import pyro.optim
 import torch
 from pyro import poutine
 from pyro.infer import SVI
 from pyro.infer.util import torch_item, zero_grads
-from pyro.optim import PyroLRScheduler
-from pyro.poutine.messenger import Messenger
-from pyro.poutine.util import site_is_subsample
 
-from workbench import checkpoint
-from workbench import data as data_module
-from workbench import posterior
-from workbench.errors import RunError, UsageError, VibenchError, did_you_mean
-from workbench.recipe import COMPONENTS, dump, options
-from workbench.registry import Component, Registry
+from workbench import checkpoint, posterior
+from workbench.build import build
+from workbench.errors import RunError, UsageError, VibenchError, one_line
+from workbench.minibatch import Minibatch
+from workbench.optim import make_optimizer, schedule_stepper
+from workbench.recipe import dump
+from workbench.registry import Registry
+from workbench.tensors import check_support, load_data
 
 StepCallback = Callable[[int, float], None]
 
@@ -98,7 +94,7 @@ class Run:
             try:
                 trace = poutine.trace(model).get_trace(**data)
             except Exception as exc:
-                raise UsageError(f"model {names['model']!r}: {_describe(exc)}") from exc
+                raise UsageError(f"model {names['model']!r}: {one_line(exc)}") from exc
             check_support(trace, data, origin)
             guide = build(registry, "guide", recipe["guide"], model=model, device=device)
             loss = build(registry, "loss", recipe["loss"], device=device)
@@ -115,7 +111,7 @@ class Run:
                 svi.optim(params)  # torch refuses bad settings here, not at step 1
             except Exception as exc:
                 raise UsageError(
-                    f"optimizer {recipe['optimizer']['name']!r}: {_describe(exc)}") from exc
+                    f"optimizer {recipe['optimizer']['name']!r}: {one_line(exc)}") from exc
             can_evaluate = recipe["train"]["eval_every"] > 0
             if can_evaluate:
                 try:
@@ -188,7 +184,7 @@ class Run:
                         self.checkpoint(run_dir, progress, start)
             except Exception as exc:  # the model, guide or optimizer broke: keep the last good
                 good = False
-                failure = RunError(f"step {progress['step'] + 1} failed: {_describe(exc)}")
+                failure = RunError(f"step {progress['step'] + 1} failed: {one_line(exc)}")
             bad_params = [name for name, value in pyro.get_param_store().items()
                           if not torch.isfinite(value).all()]
             if bad_params:
@@ -310,12 +306,12 @@ class Run:
                     sources = posterior.plot_sources(self.model, guide, self.data, self.sites,
                                                      self.nesting, self.exact)
             except Exception as exc:
-                diagnostics = {"khat": None, "reason": f"failed: {_describe(exc)}"}
+                diagnostics = {"khat": None, "reason": f"failed: {one_line(exc)}"}
             try:
                 if settings["plots"]:
                     plots.write_plots(run_dir, losses, sources, writer=writer, step=len(losses))
             except Exception as exc:
-                warnings.warn(f"vibench could not draw the plots: {_describe(exc)}")
+                warnings.warn(f"vibench could not draw the plots: {one_line(exc)}")
         return {"posterior": post, "diagnostics": diagnostics}
 
     def summarize(self, losses: list[float], progress: dict, wall: float, report: dict) -> dict:
@@ -360,89 +356,6 @@ def use_average(state: dict) -> None:
                 param.copy_(state["params"][name])
 
 
-def build(registry: Registry, kind: str, section: dict, **context: Any) -> Any:
-    """Make one component from its recipe section; a factory that refuses its options is a
-    recipe problem."""
-    component = registry.get(kind, section["name"])
-    path = next(p for p, k in COMPONENTS.items() if k == kind)
-    try:
-        made = component.build(options(section, path), **context)
-    except Exception as exc:
-        raise UsageError(f"{kind} {component.name!r}: {_describe(exc)}") from exc
-    fits = {"optimizer": lambda m: isinstance(m, pyro.optim.PyroOptim),
-            "dataset": lambda m: isinstance(m, Mapping)}.get(kind, callable)
-    if not fits(made):
-        raise UsageError(f"{kind} {component.name!r} from plugin {component.plugin!r} made "
-                         f"{type(made).__name__}, which is not a {kind}: a bug in that plugin")
-    return made
-
-
-class OptimArgs:
-    """Pyro's per-parameter ``optim_args``: the optimizer's options, overridden by what the
-    recipe's optim_args component gives each parameter."""
-
-    def __init__(self, defaults: dict, rules: Callable[[str], dict] | None,
-                 optimizer: Component, where: str):
-        self.defaults = defaults
-        self.rules = rules
-        self.optimizer = optimizer
-        self.where = where
-
-    def __call__(self, param_name: str) -> dict:
-        return {**self.defaults, **(self.rules(param_name) if self.rules else {})}
-
-    def check(self, param_names: list[str]) -> None:
-        """Refuse rules that match no parameter, or settings the optimizer does not take."""
-        if self.rules is None:
-            return
-        try:
-            check = getattr(self.rules, "check", None)
-            if check is not None:
-                check(param_names)
-            given = {name: self.rules(name) for name in param_names}
-        except (ValueError, TypeError) as exc:
-            raise UsageError(f"{self.where}: {exc}") from None
-        for param, settings in given.items():
-            for key, value in settings.items():
-                option = self.optimizer.options.get(key)
-                if option is None:
-                    hint = did_you_mean(key, self.optimizer.options)
-                    raise UsageError(
-                        f"{self.where}: gives parameter {param!r} setting {key!r}, which "
-                        f"optimizer {self.optimizer.name!r} does not take; {hint}"
-                    )
-                if not option.accepts(value):
-                    raise UsageError(
-                        f"{self.where}: gives parameter {param!r} {key}={value!r}; "
-                        f"expected {option.type_name()}"
-                    )
-
-
-def make_optim_args(registry: Registry, section: dict, optimizer: Component,
-                    device: torch.device) -> OptimArgs:
-    defaults = {k: v for k, v in section.items() if k in optimizer.options}
-    nested = section.get("optim_args")
-    rules = (build(registry, "optim_args", nested, defaults=dict(defaults), device=device)
-             if nested else None)
-    return OptimArgs(defaults, rules, optimizer, "optimizer.optim_args")
-
-
-def make_optimizer(registry: Registry, recipe: dict, device: torch.device
-                   ) -> tuple[Any, OptimArgs]:
-    """The recipe's optimizer, wrapped in its schedule if it has one, and its optim_args."""
-    section = recipe["optimizer"]
-    optim_args = make_optim_args(registry, section, registry.get("optimizer", section["name"]),
-                                 device)
-    optimizer = build(registry, "optimizer", section, optim_args=optim_args, device=device)
-    if section.get("schedule"):
-        optimizer = build(registry, "schedule", section["schedule"], optimizer=optimizer,
-                          steps=recipe["train"]["steps"], device=device)
-        if not isinstance(optimizer, PyroLRScheduler):
-            raise UsageError(f"schedule {section['schedule']['name']!r}: made "
-                             f"{type(optimizer).__name__}, not a pyro.optim.PyroLRScheduler")
-    return optimizer, optim_args
-
-
 def try_once(svi: SVI, data: dict, names: dict[str, str]) -> None:
     """One loss and gradient, as a step takes them (it also creates the guide's parameters):
     what the model, guide and loss cannot do together fails here, before the run."""
@@ -453,7 +366,7 @@ def try_once(svi: SVI, data: dict, names: dict[str, str]) -> None:
         except Exception as exc:
             raise UsageError(
                 f"model {names['model']!r}, guide {names['guide']!r} and loss "
-                f"{names['loss']!r} do not work together: {_describe(exc)}"
+                f"{names['loss']!r} do not work together: {one_line(exc)}"
             ) from exc
     for warning in caught:
         if "in model but not guide" in str(warning.message):
@@ -465,136 +378,6 @@ def try_once(svi: SVI, data: dict, names: dict[str, str]) -> None:
                                warning.lineno)
 
 
-class Minibatch(Messenger):
-    """Each step, a fresh random batch of one plate's indices, drawn with replacement in time
-    proportional to the batch, not to the data (Pyro's own subsampling permutes all of them).
-    The plate scales its sites by size / batch, so the loss stays unbiased."""
-
-    def __init__(self, plate: str | None = None, size: int = 0, batch_size: int = 0,
-                 device: torch.device | None = None, dim: int | None = None):
-        super().__init__()
-        self.plate, self.size, self.batch_size, self.device = plate, size, batch_size, device
-        self.dim = dim
-        self.indices: torch.Tensor | None = None
-
-    @classmethod
-    def of(cls, trace: poutine.Trace, train: dict, device: torch.device) -> Minibatch:
-        """The minibatching the recipe's train section asks for (none without batch_size)."""
-        if not train["batch_size"]:
-            return cls()
-        plates = {name: site["fn"].size for name, site in trace.nodes.items()
-                  if site_is_subsample(site)}
-        name = train["subsample_plate"]
-        if name is None and len(plates) == 1:
-            name = next(iter(plates))
-        if name not in plates:
-            which = ", ".join(plates) or "none"
-            raise UsageError(f"train.subsample_plate: name the model's plate to subsample "
-                             f"(its plates: {which})")
-        if train["batch_size"] >= plates[name]:
-            raise UsageError(f"train.batch_size: {train['batch_size']} is not smaller than "
-                             f"plate {name!r} ({plates[name]}); leave batch_size out")
-        dims = [frame.dim for site in trace.nodes.values() if site["type"] == "sample"
-                for frame in site["cond_indep_stack"] if frame.name == name]
-        return cls(name, plates[name], train["batch_size"], device, dims[0] if dims else None)
-
-    def __call__(self, fn: Callable) -> Callable:
-        """``fn`` drawing this batch; a guide with Pyro's ``create_plates`` hook (the
-        autoguides, whose prototype sees the full plate) is told to subsample it too."""
-        if self.plate is None:
-            return fn
-        if hasattr(fn, "create_plates") and getattr(fn, "create_plates") is None:
-            fn.create_plates = lambda *args, **kwargs: pyro.plate(
-                self.plate, self.size, subsample=self.indices, dim=self.dim)
-        return super().__call__(fn)
-
-    def resample(self) -> None:
-        if self.plate is not None:
-            self.indices = torch.randint(self.size, (self.batch_size,), device=self.device)
-
-    def _pyro_sample(self, msg: dict) -> None:
-        if msg["name"] == self.plate and site_is_subsample(msg):
-            msg["value"] = self.indices
-
-
-def model_arguments(model: Any) -> dict[str, bool] | None:
-    """The model's arguments, each with whether it is required; None when it takes any."""
-    try:
-        parameters = inspect.signature(model).parameters.values()
-    except (TypeError, ValueError):
-        return None
-    if any(p.kind is p.VAR_KEYWORD for p in parameters):
-        return None
-    return {p.name: p.default is p.empty for p in parameters if p.kind is not p.VAR_POSITIONAL}
-
-
-def load_data(registry: Registry, section: dict, model: Any, name: str,
-              device: torch.device) -> tuple[dict, dict[str, str]]:
-    """The recipe's data as tensors on the device, checked against the model's arguments, and
-    where each came from."""
-    takes = model_arguments(model)
-    dataset = (build(registry, "dataset", section["dataset"], device=device)
-               if "dataset" in section else None)
-    gathered = data_module.gather(section, takes if takes is not None else {}, dataset)
-    if takes is not None:
-        for key, where in gathered.origin.items():
-            if key not in takes:
-                raise UsageError(f"{where}: model {name!r} takes no argument {key!r}; "
-                                 f"{did_you_mean(key, takes)}")
-        for key, required in takes.items():
-            if required and key not in gathered.values:
-                raise UsageError(f"data.{key}: missing; model {name!r} needs it")
-    return to_tensors(gathered, device), gathered.origin
-
-
-def to_tensors(data: data_module.Data, device: torch.device) -> dict:
-    """Numbers and arrays become float tensors on the run's device, refusing NaN and infinity;
-    text stays text."""
-    tensors = {}
-    for key, value in data.values.items():
-        where = data.origin[key]
-        if isinstance(value, str):
-            tensors[key] = value
-            continue
-        try:
-            tensor = torch.as_tensor(value, dtype=torch.get_default_dtype(), device=device)
-        except (TypeError, ValueError, RuntimeError) as exc:
-            raise UsageError(f"{where}: not a number or a rectangular array of numbers "
-                             f"({_describe(exc)})") from None
-        finite = torch.isfinite(tensor)
-        if not finite.all():
-            index = (~finite).nonzero()[0].tolist()
-            raise UsageError(f"{where}: {_at(tensor, index)} at index {index}")
-        tensors[key] = tensor
-    return tensors
-
-
-def check_support(trace: poutine.Trace, data: dict, origin: dict[str, str]) -> None:
-    """Observed values must lie in their likelihood's support (no 2 for a Bernoulli); the
-    error names the data key (and file column) when the model observes it directly."""
-    for name, site in trace.nodes.items():
-        if site["type"] != "sample" or not site["is_observed"]:
-            continue
-        fn, value = site["fn"], site["value"]
-        if not torch.is_tensor(value):
-            continue
-        key = next((k for k, v in data.items() if v is value or (
-            torch.is_tensor(v) and v.shape == value.shape and torch.equal(v, value))), None)
-        where = origin.get(key, f"data (observed at site {name!r})")
-        inside = fn.support.check(value)
-        if not inside.all():
-            index = (~inside).nonzero()[0].tolist()
-            raise UsageError(
-                f"{where}: {_at(value, index)} at index {index} is outside the "
-                f"support of the {type(fn).__name__} likelihood ({fn.support})"
-            )
-
-
-def _at(value: torch.Tensor, index: list[int]) -> Any:
-    shown = value[tuple(index)]
-    return shown.item() if shown.numel() == 1 else shown.tolist()
-
-
 def exact_posterior(model: Any, data: dict, name: str) -> dict | None:
     """The model's exact or reference posterior per site, if it gives one."""
     method = getattr(model, "exact_posterior", None)
@@ -603,7 +386,7 @@ def exact_posterior(model: Any, data: dict, name: str) -> dict | None:
     try:
         return dict(method(**data))
     except Exception as exc:
-        raise UsageError(f"model {name!r}: its exact posterior failed: {_describe(exc)}") from exc
+        raise UsageError(f"model {name!r}: its exact posterior failed: {one_line(exc)}") from exc
 
 
 def log_params(writer: Any, step: int, optim: Any) -> None:
@@ -621,17 +404,6 @@ def log_params(writer: Any, step: int, optim: Any) -> None:
         groups = getattr(optimizer, "param_groups", None)
         if groups and "lr" in groups[0]:
             writer.add_scalar(f"LR/{store.param_name(param)}", float(groups[0]["lr"]), step)
-
-
-def schedule_stepper(optim: Any) -> Callable[[float], None] | None:
-    """How to step a learning-rate schedule after each SVI step: with the step's loss when
-    the torch scheduler's ``step`` needs one (ReduceLROnPlateau), else without."""
-    if not isinstance(optim, PyroLRScheduler):
-        return None
-    parameters = list(inspect.signature(optim.pt_scheduler_constructor.step).parameters.values())
-    if any(p.default is p.empty for p in parameters[1:]):
-        return lambda loss: optim.step(loss)
-    return lambda loss: optim.step()
 
 
 def write_results(run_dir: Path, summary: dict, params: bool = True) -> None:
@@ -679,14 +451,3 @@ def on_device(device: torch.device):
     else:
         with device:
             yield
-
-
-def _describe(exc: BaseException) -> str:
-    """An exception's message on one line, without the trace tables Pyro appends."""
-    lines = []
-    for line in str(exc).strip().splitlines():
-        if line.strip().startswith("Trace Shapes"):
-            break
-        lines.append(line.strip())
-    text = " ".join(filter(None, lines)) or type(exc).__name__
-    return text if len(text) <= 300 else text[:297] + "..."

@@ -1,0 +1,30 @@
+"""Making a component from its recipe section: the factory's options from the recipe, the
+run's context where the factory asks for it, and a check that it made the right kind of thing."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from workbench.errors import UsageError, one_line
+from workbench.recipe import COMPONENTS, options
+from workbench.registry import Registry
+
+
+def build(registry: Registry, kind: str, section: dict, **context: Any) -> Any:
+    """Make one component from its recipe section; a factory that refuses its options is a
+    recipe problem."""
+    component = registry.get(kind, section["name"])
+    path = next(p for p, k in COMPONENTS.items() if k == kind)
+    try:
+        made = component.build(options(section, path), **context)
+    except Exception as exc:
+        raise UsageError(f"{kind} {component.name!r}: {one_line(exc)}") from exc
+    import pyro.optim
+
+    fits = {"optimizer": lambda m: isinstance(m, pyro.optim.PyroOptim),
+            "dataset": lambda m: isinstance(m, Mapping)}.get(kind, callable)
+    if not fits(made):
+        raise UsageError(f"{kind} {component.name!r} from plugin {component.plugin!r} made "
+                         f"{type(made).__name__}, which is not a {kind}: a bug in that plugin")
+    return made
