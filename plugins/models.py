@@ -76,10 +76,7 @@ class LinearRegression:
         import torch
 
         x = _design("x", x, y)
-        intercept = pyro.sample("intercept", dist.Normal(torch.zeros(()), self.prior_scale))
-        coefficients = pyro.sample(
-            "coefficients",
-            dist.Normal(torch.zeros(x.shape[1]), self.prior_scale).to_event(1))
+        intercept, coefficients = _weights(x.shape[1], self.prior_scale)
         if self.noise is None:
             noise = pyro.sample("noise", dist.HalfNormal(torch.full((), self.noise_prior_scale)))
         else:
@@ -123,13 +120,9 @@ class LogisticRegression:
     def __call__(self, x, y):
         import pyro
         import pyro.distributions as dist
-        import torch
 
         x = _design("x", x, y)
-        intercept = pyro.sample("intercept", dist.Normal(torch.zeros(()), self.prior_scale))
-        coefficients = pyro.sample(
-            "coefficients",
-            dist.Normal(torch.zeros(x.shape[1]), self.prior_scale).to_event(1))
+        intercept, coefficients = _weights(x.shape[1], self.prior_scale)
         with pyro.plate("data", x.shape[0]) as ind:
             logits = intercept + _dot(x.index_select(0, ind), coefficients)
             pyro.sample("obs", dist.Bernoulli(logits=logits), obs=y.index_select(0, ind))
@@ -255,3 +248,15 @@ def _dot(x, coefficients):
     if coefficients.dim() == 1:
         return x @ coefficients
     return (x * coefficients).sum(-1)
+
+
+def _weights(columns, prior_scale):
+    """A regression's intercept and one coefficient per column, each Normal(0, prior_scale)."""
+    import pyro
+    import pyro.distributions as dist
+    import torch
+
+    intercept = pyro.sample("intercept", dist.Normal(torch.zeros(()), prior_scale))
+    coefficients = pyro.sample(
+        "coefficients", dist.Normal(torch.zeros(columns), prior_scale).to_event(1))
+    return intercept, coefficients
