@@ -16,6 +16,7 @@ from typing import Annotated, Any, Optional
 import typer
 
 from workbench.errors import VibenchError
+from workbench.progress import TerminalBar
 
 # Click's exception classes, found through typer so this works whether typer bundles click
 # (typer >= 0.2x) or depends on it.
@@ -223,31 +224,16 @@ def _flatten(value: Any):
         yield value
 
 
-class Progress:
+class Progress(TerminalBar):
     """A progress bar with the current loss on a terminal; a line every tenth otherwise."""
 
     def __init__(self, total: int):
+        from rich.progress import TimeElapsedColumn, TimeRemainingColumn
+
+        super().__init__("SVI", total, ["loss {task.fields[loss]}", TimeElapsedColumn,
+                                        TimeRemainingColumn], loss="-")
         self.total = total
         self.last = 0.0
-        self.bar = None
-        if sys.stderr.isatty():
-            from rich.console import Console
-            from rich.progress import (BarColumn, MofNCompleteColumn, Progress as Bar,
-                                       TextColumn, TimeElapsedColumn, TimeRemainingColumn)
-
-            self.bar = Bar(TextColumn("SVI"), BarColumn(), MofNCompleteColumn(),
-                           TextColumn("loss {task.fields[loss]}"), TimeElapsedColumn(),
-                           TimeRemainingColumn(), console=Console(stderr=True))
-            self.task = self.bar.add_task("svi", total=total, loss="-")
-
-    def __enter__(self) -> Progress:
-        if self.bar is not None:
-            self.bar.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        if self.bar is not None:
-            self.bar.stop()
 
     def update(self, step: int, loss: float) -> None:
         if self.bar is None:

@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from workbench.errors import RecipeError, RunError, UsageError, VibenchError
+from workbench.progress import TerminalBar
 from workbench.rundir import make_run_dir
 
 METRICS = ("final_loss", "mean_error", "std_error", "khat", "steps_per_second")
@@ -620,31 +621,16 @@ def print_table(grids: list[Grid], results: list[Result]) -> None:
                           markup=False, highlight=False, overflow="fold")
 
 
-class Reporter:
+class Reporter(TerminalBar):
     """Progress on stderr: a bar with runs done and failed on a terminal, else a line a run."""
 
     def __init__(self, total: int, grids: list[Grid]):
+        from rich.progress import TimeElapsedColumn
+
+        super().__init__("compare", total, ["runs, {task.fields[failed]} failed",
+                                            TimeElapsedColumn], failed=0)
         self.total, self.done, self.failed = total, 0, 0
         self.grids = grids
-        self.bar = None
-        if sys.stderr.isatty():
-            from rich.console import Console
-            from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn,
-                                       TimeElapsedColumn)
-
-            self.bar = Progress(TextColumn("compare"), BarColumn(), MofNCompleteColumn(),
-                                TextColumn("runs, {task.fields[failed]} failed"),
-                                TimeElapsedColumn(), console=Console(stderr=True))
-            self.task = self.bar.add_task("compare", total=total, failed=0)
-
-    def __enter__(self) -> Reporter:
-        if self.bar is not None:
-            self.bar.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        if self.bar is not None:
-            self.bar.stop()
 
     def __call__(self, result: Result) -> None:
         self.done += 1

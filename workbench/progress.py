@@ -1,0 +1,32 @@
+"""A rich progress bar on stderr, when stderr is a terminal; the CLI's run and compare share it."""
+
+from __future__ import annotations
+
+import sys
+from typing import Any
+
+
+class TerminalBar:
+    """One task's bar on stderr: label, bar, done of total, then ``columns`` (a format string
+    over the task's ``fields``, or a rich column class). ``self.bar`` is None when stderr is no
+    terminal, and the subclass prints plain lines instead."""
+
+    def __init__(self, label: str, total: int, columns: list[Any], **fields: Any):
+        self.bar = None
+        if sys.stderr.isatty():
+            from rich.console import Console
+            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
+
+            self.bar = Progress(TextColumn(label), BarColumn(), MofNCompleteColumn(),
+                                *[TextColumn(c) if isinstance(c, str) else c() for c in columns],
+                                console=Console(stderr=True))
+            self.task = self.bar.add_task(label, total=total, **fields)
+
+    def __enter__(self) -> TerminalBar:
+        if self.bar is not None:
+            self.bar.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.bar is not None:
+            self.bar.stop()
