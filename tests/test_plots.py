@@ -109,30 +109,20 @@ def test_site_figure_for_tensor_sites_and_point_masses(tmp_path: Path):
         torch.ones(2, 2))))
 
 
-class Recorder:
-    """Stands in for a tensorboardX SummaryWriter."""
-
-    def __init__(self):
-        self.images = []
-
-    def add_image(self, tag, image, step, dataformats):
-        self.images.append((tag, image.shape, image.dtype, step, dataformats))
-
-
 def test_write_plots_for_a_run(tmp_path: Path):
-    from tensorboardX import SummaryWriter
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from workbench.events import EventLog
 
     sources = coin_sources("beta")
-    recorder = Recorder()
-    paths = plots.write_plots(tmp_path, [7.5, 7.2, 7.1], sources, writer=recorder, step=3)
+    log = EventLog(tmp_path)
+    paths = plots.write_plots(tmp_path, [7.5, 7.2, 7.1], sources, writer=log, step=3)
+    log.close()
     assert paths == [tmp_path / "plots" / "loss.png",
                      tmp_path / "plots" / "site-latent_fairness.png"]
     assert all(png_size(p) for p in paths)
-    assert [(tag, step, fmt) for tag, _, _, step, fmt in recorder.images] == [
-        ("Plots/loss", 3, "HWC"), ("Plots/latent_fairness", 3, "HWC")]
-    assert all(dtype == np.uint8 and shape[2] == 3 for _, shape, dtype, _, _ in recorder.images)
-
-    writer = SummaryWriter(logdir=str(tmp_path / "tb"))  # the real writer takes them
-    plots.write_plots(tmp_path / "again", [1.0, 0.5], sources, writer=writer)
-    writer.close()
-    assert any((tmp_path / "tb").iterdir())
+    events = EventAccumulator(str(tmp_path), size_guidance={"images": 0})
+    events.Reload()
+    assert sorted(events.Tags()["images"]) == ["Plots/latent_fairness", "Plots/loss"]
+    image = events.Images("Plots/loss")[0]
+    assert image.step == 3 and image.width > 100 and image.height > 100

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import sys
 import time
 from pathlib import Path
@@ -15,6 +16,7 @@ from typing import Annotated, Any, Optional
 
 import typer
 
+from workbench import signals
 from workbench.errors import VibenchError
 from workbench.progress import TerminalBar
 
@@ -50,48 +52,38 @@ def run(
         help="Go on with a stopped run, in its directory, from its last checkpoint.",
         show_default=False)] = None,
 ) -> None:
-    """Run SVI as a recipe says and report the posterior."""
-    from workbench import recipe as recipes
+    """Run SVI as a recipe says and report the posterior.
+
+    With --resume, go on with a stopped run from its last checkpoint; --steps and
+    --set optimizer.* may change (say, a smaller learning rate after a divergence).
+    """
+    from workbench import service
     from workbench.errors import UsageError
     from workbench.registry import get_registry
 
     if (recipe is None) == (resume is None):
         raise UsageError("give a RECIPE to run, or --resume RUN_DIR to go on with a run")
-    if resume is not None and (set_ or out or device or seed is not None):
-        raise UsageError("--resume goes on with a run exactly as it was: only --steps may "
-                         "change (to run longer)")
-    state = None
-    if resume is not None:
-        from workbench import checkpoint
-
-        state = checkpoint.load(resume)
-    source = recipe if resume is None else resume / "recipe.yaml"
+    if resume is not None and (out or device or seed is not None):
+        raise UsageError("--resume goes on with a run in its own directory, device and seed: "
+                         "only --steps and --set optimizer.* may change")
     sets = list(set_ or [])
     shorthands = {"device": device, "seed": seed, "train.steps": steps}
     sets += [f"{key}={value}" for key, value in shorthands.items() if value is not None]
-    raw, overridden = recipes.apply_overrides(recipes.load(source), sets)
     registry = get_registry()
     for problem in registry.problems:
         _err(f"warning: {problem}")
-    resolved = recipes.resolve(raw, registry, str(source), overridden)
-
-    from workbench.rundir import make_run_dir
-    from workbench.runner import Run
-
-    if state is not None and state["progress"]["step"] >= resolved["train"]["steps"]:
-        raise UsageError(f"--resume {resume}: the run already took all its "
-                         f"{resolved['train']['steps']} steps; give --steps to run longer")
-    prepared = Run.setup(resolved, registry)
-    for note in prepared.notes:
+    job = (service.start(recipe, sets, out, registry) if resume is None
+           else service.resume(resume, sets, registry))
+    for note in job.run.notes:
         _err(f"note: {note}")
-    run_dir = resume if resume is not None else make_run_dir(resolved["name"], out)
-    _err(f"run directory: {run_dir}")
-    with Progress(resolved["train"]["steps"]) as progress:
-        summary = prepared.train(run_dir, progress.update, resume=state)
+    _err(f"run directory: {job.path}")
+    with Progress(job.run.recipe["train"]["steps"]) as progress:
+        summary = job.train(progress.update)
     for line in report_lines(summary):
         print(line)
     print(f"final loss {summary['final_loss']:.4f} | {summary['steps']} steps in "
-          f"{summary['wall_seconds']:.1f} s ({summary['steps_per_second']:.0f} steps/s) | {run_dir}")
+          f"{summary['wall_seconds']:.1f} s ({summary['steps_per_second']:.0f} steps/s) | "
+          f"{job.path}")
 
 
 @app.command("list")
@@ -260,6 +252,7 @@ def _err(line: str) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     """The console script: runs the app and turns our errors into one line each and an exit code."""
+    signals.install()
     try:
         code = app(args=argv, prog_name="vibench", standalone_mode=False)
     except ClickUsageError as exc:
@@ -269,13 +262,14 @@ def main(argv: list[str] | None = None) -> None:
     except ClickException as exc:
         _err(f"error: {exc.format_message()}")
         code = exc.exit_code
-    except (typer.Abort, KeyboardInterrupt):
+    except (typer.Abort, KeyboardInterrupt) as exc:
+        signum = getattr(exc, "signum", None) or getattr(exc.__context__, "signum", None)
         _err("interrupted")
-        code = 130
+        code = signals.exit_code(signum or signal.SIGINT)
     except VibenchError as exc:
         if os.environ.get("VIBENCH_DEBUG"):
             raise
-        prefix = "" if exc.exit_code == 130 else "error: "
+        prefix = "" if exc.exit_code > 128 else "error: "
         for line in exc.lines():
             _err(prefix + line)
         code = exc.exit_code

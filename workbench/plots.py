@@ -5,7 +5,7 @@ Matplotlib is imported inside the functions and drives its Agg canvas directly (
 GUI, no global figure state). Each figure function writes a PNG when given a path and returns
 the picture as an ``(H, W, 3)`` uint8 array, which TensorBoard takes as it is::
 
-    writer.add_image("Plots/loss", loss_figure(losses), step, dataformats="HWC")
+    log.image("Plots/loss", loss_figure(losses), step)
 
 ``write_plots`` does both for a whole run.
 """
@@ -313,7 +313,7 @@ def write_plots(run_dir: Path | str, losses: Sequence[float], sources: dict[str,
                 writer: Any = None, step: int = 0) -> list[Path]:
     """Every figure of a run as PNGs in ``run_dir/plots``: ``loss.png`` and one
     ``site-<name>.png`` per latent site; also logged to TensorBoard as ``Plots/loss`` and
-    ``Plots/<site>`` when given a tensorboardX ``writer`` (at ``step``). ``sources`` is what
+    ``Plots/<site>`` when given an ``EventLog`` ``writer`` (at ``step``). ``sources`` is what
     ``workbench.posterior.plot_sources`` returns. Returns the paths written."""
     folder = Path(run_dir) / "plots"
     folder.mkdir(parents=True, exist_ok=True)
@@ -322,14 +322,14 @@ def write_plots(run_dir: Path | str, losses: Sequence[float], sources: dict[str,
     image = loss_figure(losses, path)
     written.append(path)
     if writer is not None:
-        writer.add_image("Plots/loss", image, step, dataformats="HWC")
+        writer.image("Plots/loss", image, step)
     for name, src in sources.items():
         path = folder / f"site-{_file_name(name)}.png"
         image = site_figure(name, src["guide"], path, prior=src.get("prior"),
                             exact=src.get("exact"))
         written.append(path)
         if writer is not None:
-            writer.add_image(f"Plots/{name}", image, step, dataformats="HWC")
+            writer.image(f"Plots/{name}", image, step)
     return written
 
 

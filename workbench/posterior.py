@@ -442,7 +442,7 @@ def psis(log_w: torch.Tensor) -> tuple[float, torch.Tensor]:
     ``psis_diagnostic``: the tail is the largest min(0.2 S, 3 sqrt S) of S weights."""
     from pyro.ops.stats import fit_generalized_pareto
 
-    log_w = log_w.double().cpu()
+    log_w = log_w.double()
     log_w = log_w - log_w.max()
     count = log_w.numel()
     ordered, order = torch.sort(log_w)
@@ -452,9 +452,9 @@ def psis(log_w: torch.Tensor) -> tuple[float, torch.Tensor]:
     tail = ordered[in_tail]
     if tail.numel() < 10:
         return math.inf, log_w
-    khat, sigma = fit_generalized_pareto(tail.exp() - math.exp(cutoff))
+    khat, sigma = fit_generalized_pareto((tail.exp() - math.exp(cutoff)).cpu())
     size = tail.numel()
-    p = (torch.arange(1, size + 1, dtype=torch.double) - 0.5) / size
+    p = (torch.arange(1, size + 1, dtype=torch.double, device=log_w.device) - 0.5) / size
     if abs(khat) > 1e-8:
         quantile = sigma * torch.expm1(-khat * torch.log1p(-p)) / khat
     else:

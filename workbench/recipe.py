@@ -27,7 +27,7 @@ COMPONENTS: dict[tuple[str, ...], str] = {
     ("optimizer", "schedule"): "schedule",
     ("data", "dataset"): "dataset",
 }
-SECTIONS = ("name", "seed", "device", "data", "model", "guide", "loss", "optimizer", "train")
+SECTIONS = ("name", "seed", "device", "dtype", "data", "model", "guide", "loss", "optimizer", "train")
 TRAIN: dict[str, Option] = {
     option.name: option
     for option in (
@@ -49,6 +49,7 @@ TRAIN: dict[str, Option] = {
 MAX_BYTES = 1_000_000
 NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 DEVICE_PATTERN = re.compile(r"auto|cpu|cuda(:\d+)?")
+DTYPES = ("float32", "float64")
 
 
 class _SafeLoader(yaml.SafeLoader):
@@ -203,6 +204,9 @@ def resolve(
     resolved["seed"] = checker.value(recipe, "seed", 0, int, lambda v: v >= 0, "a whole number >= 0")
     resolved["device"] = checker.value(
         recipe, "device", "auto", str, DEVICE_PATTERN.fullmatch, "auto, cpu, cuda or cuda:N"
+    )
+    resolved["dtype"] = checker.value(
+        recipe, "dtype", "float32", str, lambda v: v in DTYPES, "float32 or float64"
     )
     resolved["data"] = checker.data(recipe.get("data"), Path(source).parent)
     for (section,), kind in ((p, k) for p, k in COMPONENTS.items() if len(p) == 1):

@@ -1,24 +1,25 @@
 """Run SVI for a checked recipe: build its components, train, and write the run directory.
 
 ``Run.setup`` does everything that can fail because of the recipe (a data key the model does
-not take, a guide that cannot fit the model) before anything is written; ``Run.train`` then
-trains and writes the run directory.
+not take, a guide that cannot fit the model) before anything is written, in phases: device,
+model and data, guide and loss, optimizer. ``Run.train`` then loops over a ``TrainState``,
+taking Pyro's SVI step itself (so a bad step is never applied) and calling its callbacks
+(logging, averaging, early stopping) after each step; checkpoints hold the state and the
+callbacks' state, so a resumed run ends bitwise where an uninterrupted one would.
 """
 
 from __future__ import annotations
 
 import contextlib
-import json
+import hashlib
 import logging
 import math
 import os
-import signal
-import threading
 import time
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import pyro
 import torch
@@ -26,9 +27,11 @@ from pyro import poutine
 from pyro.infer import SVI
 from pyro.infer.util import torch_item, zero_grads
 
-from workbench import checkpoint, posterior
+from workbench import checkpoint, posterior, signals
 from workbench.build import build
+from workbench.callbacks import Averaging, Callback, EarlyStopping, EventLogging, log_params
 from workbench.errors import RunError, UsageError, VibenchError, one_line
+from workbench.events import EventLog
 from workbench.minibatch import Minibatch
 from workbench.optim import make_optimizer, schedule_stepper
 from workbench.recipe import dump
@@ -36,12 +39,18 @@ from workbench.registry import Registry
 from workbench.tensors import check_support, load_data
 
 StepCallback = Callable[[int, float], None]
+DTYPES = {"float32": torch.float32, "float64": torch.float64}
+LOSSES = "losses.f64"  # every good step's loss, as raw little-endian float64
 
 
 class Interrupted(VibenchError):
-    """The user pressed Ctrl-C; what was learned so far is saved."""
+    """A stop signal (Ctrl-C, SIGTERM); what was learned so far is saved."""
 
     exit_code = 130
+
+    def __init__(self, message: str, signum: int = 2):
+        super().__init__(message)
+        self.exit_code = signals.exit_code(signum)
 
 
 def pick_device(name: str) -> torch.device:
@@ -61,12 +70,46 @@ def pick_device(name: str) -> torch.device:
     return device
 
 
+@contextlib.contextmanager
+def run_context(device: torch.device, dtype: torch.dtype = torch.float32) -> Iterator[None]:
+    """Make new tensors on the run's device and in its dtype, so plugins never name either."""
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        if device.type == "cpu":
+            yield
+        else:
+            with device:
+                yield
+    finally:
+        torch.set_default_dtype(previous)
+
+
+@dataclass
+class TrainState:
+    """The loop's own state; with the callbacks' it is what a checkpoint adds to the
+    parameters, optimizers and random generators."""
+
+    step: int = 0
+    skipped: int = 0
+    wall: float = 0.0
+    losses: list[float] = field(default_factory=list)  # kept in losses.f64, not checkpoints
+    trained: bool = False  # every step taken (or stopped early): only the report may remain
+    reported: bool = False
+    stopped_early: int | None = None
+    resumes: list[dict] = field(default_factory=list)  # {"step", "changes"} per resume
+
+    def to_checkpoint(self) -> dict:
+        return {**asdict(self), "losses": len(self.losses)}
+
+
 @dataclass
 class Run:
     """A recipe's components, built and checked against each other, ready to train."""
 
     recipe: dict
     device: torch.device
+    dtype: torch.dtype
     data: dict
     model: Any
     guide: Any
@@ -74,21 +117,23 @@ class Run:
     sites: dict[str, torch.Size]  # the model's latent sites and their shapes
     nesting: int  # how many batch dimensions the model's plates use
     exact: dict | None  # the exact posterior per site, where the model gives it
+    data_hash: str = ""
     schedule: Callable[[float], None] | None = None  # steps the learning-rate schedule
     can_evaluate: bool = True  # the loss has a gradient-free estimate for Eval/loss
     notes: list[str] = field(default_factory=list)  # what the user should know before training
-    minibatch: Minibatch | None = None  # draws each step's batch when the recipe asks for one
+    minibatch: Minibatch = field(default_factory=Minibatch)
 
     @classmethod
     def setup(cls, recipe: dict, registry: Registry) -> Run:
         """Build the recipe's components and try them once; any misfit is a UsageError."""
         logging.getLogger("pyro").setLevel(logging.WARNING)
         device = pick_device(recipe["device"])
+        dtype = DTYPES[recipe.get("dtype", "float32")]
         pyro.clear_param_store()
         pyro.set_rng_seed(recipe["seed"])
         names = {kind: recipe[kind]["name"] for kind in ("model", "guide", "loss")}
         notes: list[str] = []
-        with on_device(device):
+        with run_context(device, dtype):
             model = build(registry, "model", recipe["model"], device=device)
             data, origin = load_data(registry, recipe["data"], model, names["model"], device)
             try:
@@ -98,6 +143,7 @@ class Run:
             check_support(trace, data, origin)
             guide = build(registry, "guide", recipe["guide"], model=model, device=device)
             loss = build(registry, "loss", recipe["loss"], device=device)
+            check_step_memory(trace, loss, device)
             optimizer, optim_args = make_optimizer(registry, recipe, device)
             minibatch = Minibatch.of(trace, recipe["train"], device)
             svi = SVI(minibatch(model), minibatch(guide), optimizer, loss=loss)
@@ -115,103 +161,142 @@ class Run:
             can_evaluate = recipe["train"]["eval_every"] > 0
             if can_evaluate:
                 try:
-                    minibatch.resample()
-                    svi.evaluate_loss(**data)
+                    with torch.random.fork_rng(devices=_rng_devices(device)):
+                        minibatch.resample()
+                        svi.evaluate_loss(**data)
                 except NotImplementedError:
                     can_evaluate = False
                     notes.append(f"loss {names['loss']!r} has no gradient-free estimate, so "
                                  "Eval/loss is not logged")
             exact = exact_posterior(model, data, names["model"])
         sites = posterior.latent_sites(trace)
-        return cls(recipe, device, data, model, guide, svi, sites, posterior.plate_nesting(trace),
-                   exact, schedule_stepper(optimizer), can_evaluate, notes, minibatch)
+        return cls(recipe, device, dtype, data, model, guide, svi, sites,
+                   posterior.plate_nesting(trace), exact, data_hash(data),
+                   schedule_stepper(optimizer), can_evaluate, notes, minibatch)
+
+    # ----------------------------------------------------------------------------------------
+    # training
+
+    def callbacks(self) -> list[Callback]:
+        """What runs after each step besides the step itself, in order."""
+        settings = self.recipe["train"]
+        found: list[Callback] = [EventLogging(settings, self.svi.optim,
+                                              self.evaluate if self.can_evaluate else None)]
+        if settings["average_last"]:
+            found.append(Averaging(settings["steps"] * (1 - settings["average_last"])))
+        if settings["early_stop_patience"]:
+            found.append(EarlyStopping(settings["early_stop_patience"],
+                                       settings["early_stop_window"],
+                                       settings["early_stop_min_delta"]))
+        return found
 
     def train(self, run_dir: Path, on_step: StepCallback | None = None,
-              resume: dict | None = None) -> dict:
+              resume: dict | None = None, changes: dict | None = None) -> dict:
         """Train for the recipe's steps, logging to TensorBoard and checkpointing in
         ``run_dir``; returns the summary, which is also written there.
 
-        Ctrl-C stops at the end of the step in progress; a bad step (non-finite loss or
-        gradient) is skipped up to ``train.skip_bad_steps`` times, then stops the run. Either
-        way the last good state is checkpointed, and ``resume`` (a checkpoint) goes on from it.
+        A stop signal ends the step in progress; a bad step (non-finite loss or gradient) is
+        skipped up to ``train.skip_bad_steps`` times, then stops the run; either way the last
+        good state is checkpointed and ``resume`` (a checkpoint) goes on from it, with
+        ``changes`` (key -> [old, new]) recorded. params.pt and summary.json are written
+        before the report, so a report that fails or is killed costs nothing else.
         """
-        from tensorboardX import SummaryWriter  # imported here: it is slow to import
-
-        settings = self.recipe["train"]
-        progress = {"step": 0, "losses": [], "skipped": 0, "wall": 0.0}
-        (run_dir / "recipe.yaml").write_text(dump(self.recipe))
-        if resume is not None:
-            progress = self.restore(resume)
-        else:  # a run killed before its first checkpoint can still be resumed, from the start
-            checkpoint.save(run_dir, self.svi.optim, progress)
-        losses: list[float] = progress["losses"]
-        writer = SummaryWriter(logdir=str(run_dir), purge_step=progress["step"] or None,
-                               filename_suffix=f".{progress['step']:09d}")
+        run_dir = Path(run_dir)
+        callbacks = self.callbacks()
+        state = TrainState()
+        with run_context(self.device, self.dtype):
+            if resume is not None:
+                state = self.restore(resume, callbacks, run_dir, changes)
+        losses = LossFile(run_dir / LOSSES, len(state.losses))
+        try:
+            (run_dir / "recipe.yaml").write_text(recipe_text(self.recipe, state.resumes))
+            if resume is None:  # a run killed before its first checkpoint can still resume
+                self.save(run_dir, state, callbacks, losses)
+            log = EventLog(run_dir, state.step)
+        except OSError as exc:
+            raise RunError(f"cannot write to {run_dir}: {_reason(exc)}") from None
         failure: VibenchError | None = None
         good = True  # whether the run's state is fit to checkpoint
         start = time.perf_counter()
-        with on_device(self.device), _deferred_interrupt() as interrupted:
+        report: dict = {}
+        with run_context(self.device, self.dtype), signals.deferred() as stop:
             try:
-                for step in range(progress["step"], settings["steps"]):
-                    loss, bad = self.step()
-                    if bad:
-                        progress["skipped"] += 1
-                        if progress["skipped"] > settings["skip_bad_steps"]:
-                            failure = RunError(f"step {step + 1}: {bad}")
-                            break
-                    else:
-                        losses.append(loss)
-                        writer.add_scalar("Train/loss", loss, step)
-                        if step + 1 > settings["steps"] * (1 - (settings["average_last"] or 0)):
-                            average(progress)
-                        if settings["early_stop_patience"] and self.plateaued(progress, loss):
-                            progress["stopped_early"] = step + 1
-                    progress["step"] = step + 1
-                    self.log(writer, step)
-                    if on_step is not None:
-                        on_step(step + 1, loss)
-                    if interrupted():
-                        failure = Interrupted(f"interrupted after step {step + 1}")
-                        break
-                    if progress.get("stopped_early"):
-                        break
-                    if settings["checkpoint_every"] and (step + 1) % settings["checkpoint_every"] == 0:
-                        # tensorboardX cannot flush its queue, only close: so that the event
-                        # files hold every step up to the checkpoint, start a new file here
-                        writer.close()
-                        writer = SummaryWriter(logdir=str(run_dir),
-                                               filename_suffix=f".{step + 1:09d}")
-                        self.checkpoint(run_dir, progress, start)
+                if not state.trained:
+                    failure = self.fit(state, callbacks, log, stop, on_step,
+                                       lambda: self.save(run_dir, state, callbacks, losses,
+                                                         start, log))
+            except OSError as exc:
+                failure = RunError(f"cannot write to {run_dir}: {_reason(exc)}")
             except Exception as exc:  # the model, guide or optimizer broke: keep the last good
                 good = False
-                failure = RunError(f"step {progress['step'] + 1} failed: {one_line(exc)}")
-            bad_params = [name for name, value in pyro.get_param_store().items()
-                          if not torch.isfinite(value).all()]
-            if bad_params:
+                failure = RunError(f"step {state.step + 1} failed: {one_line(exc)}")
+            bad = [name for name, value in pyro.get_param_store().items()
+                   if not torch.isfinite(value).all()]
+            if bad:
                 good = False
-                detail = (f"parameters {', '.join(bad_params)} are not finite after step "
-                          f"{progress['step']}")
+                detail = f"parameters {', '.join(bad)} are not finite after step {state.step}"
                 failure = RunError(f"{failure}; {detail}" if failure else detail)
-            if good:
-                if failure is None and "average" in progress:
-                    use_average(progress["average"])
-                self.checkpoint(run_dir, progress, start)
-                log_params(writer, progress["step"], self.svi.optim)
-            wall = progress["wall"] + time.perf_counter() - start
-            report = self.report(run_dir, writer, losses) if good and losses else {}
-        writer.close()
-        summary = self.summarize(losses, progress, wall, report)
-        summary["status"] = ("completed" if failure is None else
-                             "interrupted" if isinstance(failure, Interrupted) else "failed")
+            if failure is None and stop:
+                failure = Interrupted(f"interrupted after step {state.step}", stop.signum)
+            if failure is None and not state.trained:
+                for callback in callbacks:
+                    callback.on_train_end()
+                state.trained = True
+            wall = state.wall + time.perf_counter() - start
+            try:
+                if good:
+                    self.save(run_dir, state, callbacks, losses, start, log)
+                    log_params(log, state.step, self.svi.optim)
+                write_results(run_dir, self.summarize(state, callbacks, wall, report, failure),
+                              params=good)
+                if good and state.losses and not stop.hurry:
+                    report = self.report(run_dir, log, state.losses, stop)
+                    if failure is None and stop:
+                        failure = Interrupted(f"interrupted while writing the report after "
+                                              f"step {state.step}", stop.signum)
+                    elif failure is None:
+                        state.reported = True
+                        self.save(run_dir, state, callbacks, losses, start, log)
+                    write_results(run_dir, self.summarize(state, callbacks, wall, report,
+                                                          failure), params=False)
+                log.close()
+            except OSError as exc:
+                failure = RunError(f"cannot write to {run_dir}: {_reason(exc)}")
         if failure is not None:
-            summary["error"] = str(failure)
-        write_results(run_dir, summary, params=good)
-        if failure is not None:
-            kept = (f"saved in {run_dir}; go on with: vibench run --resume {run_dir}" if good
-                    else f"the last good checkpoint is in {run_dir}; go on from it with: "
-                         f"vibench run --resume {run_dir}")
-            raise type(failure)(f"{failure}; {kept}")
-        return summary
+            failure.args = (f"{failure}; {self.how_to_go_on(run_dir, good, failure)}",)
+            raise failure
+        return self.summarize(state, callbacks, wall, report, failure)
+
+    def fit(self, state: TrainState, callbacks: list[Callback], log: EventLog,
+            stop: signals.StopRequest, on_step: StepCallback | None,
+            save: Callable[[], None]) -> VibenchError | None:
+        """The loop: a step, its callbacks, a checkpoint now and then; returns why it
+        stopped before the last step, if it did."""
+        settings = self.recipe["train"]
+        every = settings["checkpoint_every"]
+        for step in range(state.step, settings["steps"]):
+            loss, bad = self.step()
+            if bad:
+                state.skipped += 1
+                if state.skipped > settings["skip_bad_steps"]:
+                    return RunError(f"step {step + 1}: {bad}")
+            else:
+                state.losses.append(loss)
+                log.scalar("Train/loss", loss, step)
+            state.step = step + 1
+            for callback in callbacks:
+                callback.after_step(step, None if bad else loss, log)
+            if on_step is not None:
+                on_step(step + 1, loss)
+            stopped = next((c.stopped for c in callbacks if c.stopped), None)
+            if stopped:
+                state.stopped_early = step + 1
+                return None
+            if stop:
+                return None
+            if every and (step + 1) % every == 0 and step + 1 < settings["steps"]:
+                save()
+        return None
 
     def step(self) -> tuple[float, str]:
         """One SVI step (Pyro's SVI.step, guarded): a non-finite loss or gradient is not
@@ -225,12 +310,13 @@ class Run:
         bad = ""
         if not math.isfinite(loss):
             bad = f"the loss is {loss}"
-        elif params and not torch.isfinite(torch.stack(
-                [p.grad.sum() for p in params if p.grad is not None] or [torch.zeros(())])).all():
-            store = pyro.get_param_store()
-            names = [store.param_name(p) for p in params
-                     if p.grad is not None and not torch.isfinite(p.grad).all()]
-            bad = f"the gradient of {', '.join(sorted(names))} is not finite"
+        else:
+            grads = [p.grad for p in params if p.grad is not None]
+            if grads and not torch.isfinite(torch.stack([g.sum() for g in grads])).all():
+                store = pyro.get_param_store()
+                names = [store.param_name(p) for p in params
+                         if p.grad is not None and not torch.isfinite(p.grad).all()]
+                bad = f"the gradient of {', '.join(sorted(names))} is not finite"
         if not bad:
             svi.optim(params)
             if self.schedule is not None:
@@ -238,122 +324,244 @@ class Run:
         zero_grads(params)
         return loss, bad
 
-    def plateaued(self, progress: dict, loss: float) -> bool:
-        """Whether the smoothed loss (an exponential moving average over about
-        ``early_stop_window`` steps) has not improved by ``early_stop_min_delta`` for
-        ``early_stop_patience`` steps."""
-        settings = self.recipe["train"]
-        state = progress.setdefault("early", {"ema": loss, "best": math.inf, "since": 0})
-        state["ema"] += 2 / (settings["early_stop_window"] + 1) * (loss - state["ema"])
-        if state["ema"] < state["best"] - settings["early_stop_min_delta"]:
-            state["best"], state["since"] = state["ema"], 0
-        else:
-            state["since"] += 1
-        return state["since"] >= settings["early_stop_patience"]
-
-    def log(self, writer: Any, step: int) -> None:
-        """What TensorBoard gets after a step besides its loss."""
-        settings = self.recipe["train"]
-        if self.can_evaluate and (step + 1) % settings["eval_every"] == 0:
+    def evaluate(self, step: int) -> float:
+        """SVI's gradient-free loss estimate, on its own random stream (seeded by the run's
+        seed and the step), so logging it never changes the fit."""
+        with torch.random.fork_rng(devices=_rng_devices(self.device)):
+            torch.manual_seed(self.recipe["seed"] * 1_000_003 + step)
             self.minibatch.resample()
-            writer.add_scalar("Eval/loss", self.svi.evaluate_loss(**self.data), step)
-        if settings["log_params_every"] and step % settings["log_params_every"] == 0:
-            log_params(writer, step, self.svi.optim)
+            return self.svi.evaluate_loss(**self.data)
 
-    def checkpoint(self, run_dir: Path, progress: dict, start: float) -> None:
-        checkpoint.save(run_dir, self.svi.optim,
-                        {**progress, "wall": progress["wall"] + time.perf_counter() - start})
+    # ----------------------------------------------------------------------------------------
+    # checkpoints
 
-    def restore(self, state: dict) -> dict:
-        """Put a checkpoint's state back, exactly: parameters, optimizers, random generators."""
-        store = pyro.get_param_store()
-        store.set_state(state["params"])
-        with torch.no_grad():  # modules take the restored tensors as their own parameters
-            poutine.trace(self.guide).get_trace(**self.data)
-        params = [param for _, param in store.named_parameters()]
+    def save(self, run_dir: Path, state: TrainState, callbacks: list[Callback],
+             losses: LossFile, start: float | None = None, log: EventLog | None = None) -> None:
+        """A checkpoint of the run as it is now; the losses and events up to it are made
+        durable first, so a resume finds all of them."""
+        losses.write(state.losses)
+        if log is not None:
+            log.flush()
+        wall = state.wall + (time.perf_counter() - start if start is not None else 0.0)
+        params, buffers = checkpoint.params_state(self.guide)
+        checkpoint.save(run_dir, {
+            "recipe": self.recipe, "data_hash": self.data_hash,
+            "state": {**state.to_checkpoint(), "wall": wall},
+            "callbacks": {type(c).__name__: c.state_dict() for c in callbacks},
+            "params": params, "buffers": buffers,
+            "optim": self.svi.optim.get_state(), "rng": checkpoint.rng_state(),
+        })
+
+    def restore(self, saved: dict, callbacks: list[Callback], run_dir: Path,
+                changes: dict | None) -> TrainState:
+        """Put a checkpoint's state back, exactly: parameters, buffers, optimizers (unless the
+        resume changes their settings: then they start afresh), random generators, callbacks."""
+        where = f"--resume {run_dir}"
+        checkpoint.restore_params(saved["params"], saved["buffers"], self.guide, where)
         optim = self.svi.optim
-        optim.optim_objs.clear()
-        optim.grad_clip.clear()
-        optim.set_state(state["optim"])
-        optim(params)  # no gradients: makes each optimizer and loads its state, no step
-        checkpoint.set_rng_state(state["rng"])
-        return dict(state["progress"])
+        if not any(key.startswith("optimizer") for key in changes or {}):
+            optim.optim_objs.clear()
+            optim.grad_clip.clear()
+            optim.set_state(saved["optim"])
+            optim([p for _, p in pyro.get_param_store().named_parameters()])  # no gradients
+        checkpoint.set_rng_state(saved["rng"])
+        for callback in callbacks:
+            callback.load_state_dict(saved.get("callbacks", {}).get(type(callback).__name__))
+        fields = dict(saved["state"])
+        state = TrainState(**{**fields, "losses": LossFile.read(run_dir / LOSSES,
+                                                                 fields["losses"], where)})
+        if state.step < self.recipe["train"]["steps"] and state.trained:
+            state.trained = state.reported = False  # asked to run longer
+            state.stopped_early = None
+            for callback in callbacks:
+                callback.go_on()
+        if changes:
+            state.resumes.append({"step": state.step, "changes": changes})
+        return state
 
-    def report(self, run_dir: Path, writer: Any, losses: list[float]) -> dict:
+    def how_to_go_on(self, run_dir: Path, good: bool, failure: VibenchError) -> str:
+        resume = f"vibench run --resume {run_dir}"
+        if isinstance(failure, Interrupted):
+            return f"saved in {run_dir}; go on with: {resume}"
+        lr = self.recipe["optimizer"].get("lr")
+        lower = f" --set optimizer.lr={lr / 10:g}" if isinstance(lr, (int, float)) else ""
+        kept = f"saved in {run_dir}" if good else f"the last good checkpoint is in {run_dir}"
+        return f"{kept}; go on from it (with a smaller step size, say) with: {resume}{lower}"
+
+    # ----------------------------------------------------------------------------------------
+    # the report
+
+    def report(self, run_dir: Path, log: EventLog, losses: list[float],
+               stop: signals.StopRequest) -> dict:
         """What the fitted guide says of the posterior, how far to trust it (PSIS k-hat), and
-        the plots, as PNG files in ``run_dir/plots`` and images in TensorBoard.
+        the plots, as PNG files in ``run_dir/plots`` and images in TensorBoard. Each part that
+        fails is left out with its reason; a stop signal skips the parts not yet begun.
 
         A minibatch run gets no k-hat and no per-site plots: both need the whole data's
         likelihood for every draw, which a minibatch run is there to avoid."""
         from workbench import plots
 
-        guide = self.guide
-        if hasattr(guide, "posterior_guide"):
-            guide = guide.posterior_guide(**self.data)
         settings = self.recipe["train"]
+        post: dict = {}
+        diagnostics: dict = {"khat": None, "reason": "not computed for a minibatch run"}
+        sources: dict = {}
+        whole = self.minibatch.plate is None
         with torch.no_grad():
-            post = posterior.summarize(guide, self.data, self.sites, self.nesting, self.exact)
-            sources: dict = {}
-            diagnostics = {"khat": None, "reason": "not computed for a minibatch run"}
-            if not settings["diagnostics"]:
-                diagnostics = {"khat": None, "reason": "train.diagnostics is off"}
-            try:  # the report's extras must never cost the run its results
-                if self.minibatch.plate is None and settings["diagnostics"]:
-                    diagnostics = posterior.diagnostics(self.model, guide, self.data, self.nesting)
+            try:
+                guide = self.guide
+                if hasattr(guide, "posterior_guide"):
+                    guide = guide.posterior_guide(**self.data)
+                post = posterior.summarize(guide, self.data, self.sites, self.nesting,
+                                           self.exact)
+                if not settings["diagnostics"]:
+                    diagnostics = {"khat": None, "reason": "train.diagnostics is off"}
+                elif stop:
+                    diagnostics = {"khat": None, "reason": "interrupted"}
+                elif whole:
+                    diagnostics = posterior.diagnostics(self.model, guide, self.data,
+                                                        self.nesting)
                     for site, estimates in diagnostics.pop("sites", {}).items():
                         post[site].update(estimates)
-                if self.minibatch.plate is None and settings["plots"]:
+                if whole and settings["plots"] and not stop:
                     sources = posterior.plot_sources(self.model, guide, self.data, self.sites,
                                                      self.nesting, self.exact)
-            except Exception as exc:
-                diagnostics = {"khat": None, "reason": f"failed: {one_line(exc)}"}
+            except Exception as exc:  # the report must never cost the run its results
+                diagnostics = {"khat": None, "reason": f"the report failed: {one_line(exc)}"}
             try:
-                if settings["plots"]:
-                    plots.write_plots(run_dir, losses, sources, writer=writer, step=len(losses))
+                if settings["plots"] and not stop:
+                    plots.write_plots(run_dir, losses, sources, writer=log, step=len(losses))
+            except OSError:
+                raise
             except Exception as exc:
                 warnings.warn(f"vibench could not draw the plots: {one_line(exc)}")
         return {"posterior": post, "diagnostics": diagnostics}
 
-    def summarize(self, losses: list[float], progress: dict, wall: float, report: dict) -> dict:
-        """The run's summary.json content (DESIGN.md's contract, plus diagnostics and how the
-        run went)."""
-        tail = losses[-100:]
-        steps = progress["step"]
-        return {
+    def summarize(self, state: TrainState, callbacks: list[Callback], wall: float,
+                  report: dict, failure: VibenchError | None) -> dict:
+        """The run's summary.json content (DESIGN.md's contract, plus how the run went)."""
+        tail = state.losses[-100:]
+        summary = {
             "recipe": self.recipe,
-            "steps": steps,
+            "steps": state.step,
             "wall_seconds": wall,
-            "steps_per_second": steps / wall if wall > 0 else 0.0,
-            "final_loss": sum(tail) / len(tail) if tail else float("nan"),
+            "steps_per_second": state.step / wall if wall > 0 else 0.0,
+            "final_loss": sum(tail) / len(tail) if tail else None,
             "posterior": report.get("posterior", {}),
             "diagnostics": report.get("diagnostics", {}),
             "params": {name: posterior.to_plain(value)
                        for name, value in pyro.get_param_store().items()},
-            "skipped_steps": progress["skipped"],
-            "averaged_steps": progress.get("average", {}).get("count", 0),
-            "stopped_early": progress.get("stopped_early"),
+            "status": _status(failure),
+            "skipped_steps": state.skipped,
+            "averaged_steps": 0,
+            "stopped_early": state.stopped_early,
+            "resumes": state.resumes,
+            "device": str(self.device),
+            "dtype": str(self.dtype).removeprefix("torch."),
+            "versions": versions(),
+            "data_hash": self.data_hash,
+            "world_size": 1,
         }
+        for callback in callbacks:
+            summary.update(callback.summary())
+        if failure is not None:
+            summary["error"] = str(failure)
+        return summary
 
 
-def average(progress: dict) -> None:
-    """Add the parameters as they are now to their running (Polyak-Ruppert) average."""
-    state = progress.setdefault("average", {"count": 0, "params": {}})
-    state["count"] += 1
-    with torch.no_grad():
-        for name, param in pyro.get_param_store().named_parameters():
-            mean = state["params"].get(name)
-            if mean is None:
-                state["params"][name] = param.detach().clone()
-            else:
-                mean.add_(param.detach() - mean, alpha=1 / state["count"])
+class LossFile:
+    """Every good step's loss, appended as raw float64 at each checkpoint: a checkpoint then
+    costs the same at step 10 as at step 10^6."""
+
+    def __init__(self, path: Path, written: int):
+        self.path = path
+        self.written = written
+
+    def write(self, losses: list[float]) -> None:
+        import array
+
+        with open(self.path, "r+b" if self.path.exists() else "wb") as handle:
+            handle.seek(self.written * 8)
+            handle.truncate()
+            array.array("d", losses[self.written:]).tofile(handle)
+        self.written = len(losses)
+
+    @staticmethod
+    def read(path: Path, count: int, where: str) -> list[float]:
+        import array
+
+        values = array.array("d")
+        try:
+            with open(path, "rb") as handle:
+                values.fromfile(handle, count)
+        except (OSError, EOFError) as exc:
+            raise UsageError(f"{where}: {path.name} lacks the losses of the checkpoint "
+                             f"({count}): {exc}") from None
+        return values.tolist()
 
 
-def use_average(state: dict) -> None:
-    """Set the parameters to their averages."""
-    with torch.no_grad():
-        for name, param in pyro.get_param_store().named_parameters():
-            if name in state["params"]:
-                param.copy_(state["params"][name])
+def recipe_text(recipe: dict, resumes: list[dict]) -> str:
+    """recipe.yaml: the recipe as it runs now, then what each resume changed, as comments, so
+    the file still runs and still says what happened."""
+    lines = [dump(recipe).rstrip("\n")]
+    for resume in resumes:
+        changed = ", ".join(f"{key}: {old!r} -> {new!r}"
+                            for key, (old, new) in resume["changes"].items())
+        lines.append(f"# resumed at step {resume['step']}: {changed}")
+    return "\n".join(lines) + "\n"
+
+
+def check_step_memory(trace: poutine.Trace, loss: Any, device: torch.device) -> None:
+    """Refuse a loss whose vectorised particles would need more memory in one step than the
+    device has: a huge ``num_particles`` is a typo, not a run."""
+    particles = getattr(loss, "num_particles", 1)
+    if not getattr(loss, "vectorize_particles", False) or particles <= 1:
+        return
+    numbers = sum(site["value"].numel() for site in trace.nodes.values()
+                  if site["type"] in ("sample", "param") and torch.is_tensor(site["value"]))
+    need = 4 * numbers * particles * torch.get_default_dtype().itemsize  # values, densities,
+    have = available_memory(device)  # gradients and the guide's copy of each
+    if have is not None and need > have:
+        raise UsageError(f"loss.num_particles: {particles} particles need about "
+                         f"{need / 1e9:.1f} GB a step ({numbers} numbers a trace), more than "
+                         f"the {have / 1e9:.1f} GB free on {device}; use fewer")
+
+
+def available_memory(device: torch.device) -> int | None:
+    """Bytes free for a step's tensors on ``device``, where it can be known."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    try:
+        with open("/proc/meminfo") as handle:
+            for line in handle:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def data_hash(data: dict) -> str:
+    """A hash of the data as the model gets it (names, shapes, dtypes, values)."""
+    digest = hashlib.sha256()
+    for key in sorted(data):
+        value = data[key]
+        digest.update(key.encode())
+        if torch.is_tensor(value):
+            digest.update(f"{tuple(value.shape)}{value.dtype}".encode())
+            digest.update(value.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+        else:
+            digest.update(repr(value).encode())
+    return "sha256:" + digest.hexdigest()
+
+
+def versions() -> dict[str, str]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        own = version("vibench")
+    except PackageNotFoundError:
+        own = "unknown"
+    return {"vibench": own, "torch": torch.__version__, "pyro": pyro.__version__}
 
 
 def try_once(svi: SVI, data: dict, names: dict[str, str]) -> None:
@@ -389,27 +597,12 @@ def exact_posterior(model: Any, data: dict, name: str) -> dict | None:
         raise UsageError(f"model {name!r}: its exact posterior failed: {one_line(exc)}") from exc
 
 
-def log_params(writer: Any, step: int, optim: Any) -> None:
-    """Each parameter of the param store, as a scalar or (for a tensor) a histogram, and the
-    learning rate each parameter's optimizer uses now."""
-    store = pyro.get_param_store()
-    for name, value in store.items():
-        value = value.detach()
-        if value.numel() == 1:
-            writer.add_scalar(f"Params/{name}", value.item(), step)
-        else:
-            writer.add_histogram(f"Params/{name}", value.cpu().numpy(), step)
-    for param, optimizer in getattr(optim, "optim_objs", {}).items():
-        optimizer = getattr(optimizer, "optimizer", optimizer)  # a scheduler wraps one
-        groups = getattr(optimizer, "param_groups", None)
-        if groups and "lr" in groups[0]:
-            writer.add_scalar(f"LR/{store.param_name(param)}", float(groups[0]["lr"]), step)
-
-
 def write_results(run_dir: Path, summary: dict, params: bool = True) -> None:
-    """summary.json and (unless they went bad) the learned parameters, each written whole or
-    not at all."""
-    _write_atomic(run_dir / "summary.json", json.dumps(summary, indent=2, default=repr).encode())
+    """summary.json (strict JSON) and (unless they went bad) the learned parameters, each
+    written whole or not at all."""
+    from workbench import jsonsafe
+
+    _write_atomic(run_dir / "summary.json", jsonsafe.dumps(summary, indent=2).encode())
     if params:
         tmp = run_dir / "params.pt.tmp"
         pyro.get_param_store().save(str(tmp))
@@ -422,32 +615,14 @@ def _write_atomic(path: Path, content: bytes) -> None:
     os.replace(tmp, path)
 
 
-@contextlib.contextmanager
-def _deferred_interrupt():
-    """Ctrl-C sets a flag that the loop reads after each step, so no step is left half done;
-    a second Ctrl-C interrupts at once."""
-    pressed = []
-
-    def handler(signum, frame):
-        if pressed:
-            raise KeyboardInterrupt
-        pressed.append(signum)
-
-    if threading.current_thread() is not threading.main_thread():
-        yield lambda: False
-        return
-    previous = signal.signal(signal.SIGINT, handler)
-    try:
-        yield lambda: bool(pressed)
-    finally:
-        signal.signal(signal.SIGINT, previous)
+def _status(failure: VibenchError | None) -> str:
+    return ("completed" if failure is None else
+            "interrupted" if isinstance(failure, Interrupted) else "failed")
 
 
-@contextlib.contextmanager
-def on_device(device: torch.device):
-    """Make new tensors on the run's device, so plugins never name it."""
-    if device.type == "cpu":
-        yield
-    else:
-        with device:
-            yield
+def _reason(exc: OSError) -> str:
+    return exc.strerror or one_line(exc)
+
+
+def _rng_devices(device: torch.device) -> list[int]:
+    return [device.index or 0] if device.type == "cuda" else []

@@ -1,0 +1,144 @@
+"""What the training loop does after each step besides the step: logging to TensorBoard,
+Polyak-Ruppert averaging, early stopping. Each keeps its own state, which checkpoints save and
+restore, so a resumed run's callbacks go on exactly as an uninterrupted run's would."""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Callable
+
+import pyro
+import torch
+
+from workbench.events import EventLog
+
+
+class Callback:
+    """Called after every step (``loss`` is None for a bad step, which was not applied)."""
+
+    stopped = False  # set to end training early
+
+    def after_step(self, step: int, loss: float | None, log: EventLog) -> None:
+        pass
+
+    def on_train_end(self) -> None:
+        """The last step is done (not called when the run stops on a failure or signal)."""
+
+    def go_on(self) -> None:
+        """A finished run was resumed to run longer."""
+
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, state: dict | None) -> None:
+        pass
+
+    def summary(self) -> dict:
+        """What this callback adds to summary.json."""
+        return {}
+
+
+class EventLogging(Callback):
+    """``Eval/loss`` every ``eval_every`` steps, ``Params/*`` and ``LR/*`` every
+    ``log_params_every`` steps (``Train/loss`` is the loop's own)."""
+
+    def __init__(self, settings: dict, optim: Any, evaluate: Callable[[int], float] | None):
+        self.eval_every = settings["eval_every"]
+        self.params_every = settings["log_params_every"]
+        self.optim = optim
+        self.evaluate = evaluate
+
+    def after_step(self, step: int, loss: float | None, log: EventLog) -> None:
+        if self.evaluate is not None and (step + 1) % self.eval_every == 0:
+            log.scalar("Eval/loss", self.evaluate(step), step)
+        if self.params_every and step % self.params_every == 0:
+            log_params(log, step, self.optim)
+
+
+class Averaging(Callback):
+    """Polyak-Ruppert averaging: the parameters' running mean over the steps after ``start``,
+    which replace the parameters at the end."""
+
+    def __init__(self, start: float):
+        self.start = start
+        self.count = 0
+        self.params: dict[str, torch.Tensor] = {}
+
+    def after_step(self, step: int, loss: float | None, log: EventLog) -> None:
+        if loss is None or step + 1 <= self.start:
+            return
+        self.count += 1
+        with torch.no_grad():
+            for name, param in pyro.get_param_store().named_parameters():
+                mean = self.params.get(name)
+                if mean is None:
+                    self.params[name] = param.detach().clone()
+                else:
+                    mean.add_(param.detach() - mean, alpha=1 / self.count)
+
+    def on_train_end(self) -> None:
+        with torch.no_grad():
+            for name, param in pyro.get_param_store().named_parameters():
+                if name in self.params:
+                    param.copy_(self.params[name])
+
+    def state_dict(self) -> dict:
+        return {"count": self.count, "params": self.params}
+
+    def load_state_dict(self, state: dict | None) -> None:
+        if state:
+            self.count = state["count"]
+            self.params = {name: value.to(torch.get_default_device())
+                           for name, value in state["params"].items()}
+
+    def summary(self) -> dict:
+        return {"averaged_steps": self.count}
+
+
+class EarlyStopping(Callback):
+    """Stop when the smoothed loss (an exponential moving average over about ``window``
+    steps) has not improved by ``min_delta`` for ``patience`` steps."""
+
+    def __init__(self, patience: int, window: int, min_delta: float):
+        self.patience, self.window, self.min_delta = patience, window, min_delta
+        self.ema: float | None = None
+        self.best = math.inf
+        self.since = 0
+
+    def after_step(self, step: int, loss: float | None, log: EventLog) -> None:
+        if loss is None:
+            return
+        self.ema = loss if self.ema is None else self.ema + 2 / (self.window + 1) * (
+            loss - self.ema)
+        if self.ema < self.best - self.min_delta:
+            self.best, self.since = self.ema, 0
+        else:
+            self.since += 1
+        self.stopped = self.since >= self.patience
+
+    def go_on(self) -> None:
+        self.since, self.stopped = 0, False
+
+    def state_dict(self) -> dict:
+        return {"ema": self.ema, "best": self.best, "since": self.since}
+
+    def load_state_dict(self, state: dict | None) -> None:
+        if state:
+            self.ema, self.best, self.since = state["ema"], state["best"], state["since"]
+
+
+def log_params(log: EventLog, step: int, optim: Any) -> None:
+    """Each parameter of the param store, as a scalar or (for a tensor) a histogram, and the
+    learning rate each parameter's optimizer uses now."""
+    store = pyro.get_param_store()
+    for name, value in store.items():
+        value = value.detach()
+        if value.numel() == 1:
+            log.scalar(f"Params/{name}", value.item(), step)
+        else:
+            log.histogram(f"Params/{name}", value.float().cpu().numpy(), step)
+    for param, optimizer in getattr(optim, "optim_objs", {}).items():
+        optimizer = getattr(optimizer, "optimizer", optimizer)  # a scheduler wraps one
+        groups = getattr(optimizer, "param_groups", None)
+        if groups and "lr" in groups[0]:
+            log.scalar(f"LR/{store.param_name(param)}", float(groups[0]["lr"]), step)
