@@ -142,7 +142,7 @@ def _uniform(rng, n):
 def _linear(x, coefficients):
     import torch
 
-    return x @ torch.tensor([float(c) for c in coefficients], device="cpu")
+    return x @ torch.tensor([float(c) for c in coefficients], dtype=x.dtype, device="cpu")
 
 
 def _size(name, value):

@@ -8,6 +8,7 @@ every event up to it durable with one ``flush``, and a write error reaches the r
 
 from __future__ import annotations
 
+import functools
 import socket
 import time
 from pathlib import Path
@@ -16,6 +17,16 @@ from typing import Any
 from tensorboardX.proto.event_pb2 import Event, SessionLog
 from tensorboardX.proto.summary_pb2 import Summary
 from tensorboardX.record_writer import RecordWriter
+
+
+@functools.cache
+def _tensorflow_bins() -> list[float]:
+    """TensorBoard's own histogram buckets: +-1e-12 to 1e20, each 1.1 times the last."""
+    edges, v = [], 1e-12
+    while v < 1e20:
+        edges.append(v)
+        v *= 1.1
+    return [-e for e in reversed(edges)] + [0.0] + edges
 
 
 class EventLog:
@@ -38,7 +49,7 @@ class EventLog:
     def histogram(self, tag: str, values: Any, step: int) -> None:
         from tensorboardX.summary import histogram
 
-        self._summary(histogram(tag, values, "tensorflow"), step)
+        self._summary(histogram(tag, values, _tensorflow_bins()), step)
 
     def image(self, tag: str, image: Any, step: int) -> None:
         """An HxWxC uint8 or float image array."""

@@ -202,6 +202,7 @@ class Run:
         before the report, so a report that fails or is killed costs nothing else.
         """
         run_dir = Path(run_dir)
+        settings = self.recipe["train"]
         callbacks = self.callbacks()
         state = TrainState()
         with run_context(self.device, self.dtype):
@@ -236,7 +237,8 @@ class Run:
                 good = False
                 detail = f"parameters {', '.join(bad)} are not finite after step {state.step}"
                 failure = RunError(f"{failure}; {detail}" if failure else detail)
-            if failure is None and stop:
+            finished = state.stopped_early is not None or state.step >= settings["steps"]
+            if failure is None and stop and not finished:
                 failure = Interrupted(f"interrupted after step {state.step}", stop.signum)
             if failure is None and not state.trained:
                 for callback in callbacks:
@@ -370,8 +372,9 @@ class Run:
         fields = dict(saved["state"])
         state = TrainState(**{**fields, "losses": LossFile.read(run_dir / LOSSES,
                                                                  fields["losses"], where)})
-        if state.step < self.recipe["train"]["steps"] and state.trained:
-            state.trained = state.reported = False  # asked to run longer
+        if state.trained and state.step < self.recipe["train"]["steps"] and \
+                "train.steps" in (changes or {}):  # asked to run longer
+            state.trained = state.reported = False
             state.stopped_early = None
             for callback in callbacks:
                 callback.go_on()
@@ -406,7 +409,8 @@ class Run:
         diagnostics: dict = {"khat": None, "reason": "not computed for a minibatch run"}
         sources: dict = {}
         whole = self.minibatch.plate is None
-        with torch.no_grad():
+        with torch.no_grad(), torch.random.fork_rng(devices=_rng_devices(self.device)):
+            torch.manual_seed(self.recipe["seed"])  # the same numbers after any resume
             try:
                 guide = self.guide
                 if hasattr(guide, "posterior_guide"):

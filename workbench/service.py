@@ -85,7 +85,7 @@ def resume(run_dir: Path, sets: Sequence[str], registry: Registry) -> Job:
         changes = differences(plain(saved["recipe"]), plain(resolved))
         edited = [key for key in changes if not _resumable(key)]
         if edited:
-            key = edited[0]
+            key = next((k for k in edited if k.endswith(".name")), edited[0])
             raise UsageError(
                 f"{where}: recipe.yaml no longer describes this run ({key}: "
                 f"{changes[key][0]!r} -> {changes[key][1]!r}); a run goes on with its own "
