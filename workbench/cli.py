@@ -128,13 +128,19 @@ def list_components(
     if as_json:
         print(json.dumps(listing, indent=2))
         return
+
+    def shown(default: Any) -> str:
+        plain = _plain(default)
+        return plain if isinstance(plain, str) and not isinstance(default, str) else repr(plain)
+
     for kind in KINDS:
         print(f"{kind}:")
         width = max((len(entry["name"]) for entry in listing[kind]), default=0)
         for entry in listing[kind]:
+            component = registry.components[kind][entry["name"]]
             options = ", ".join(
-                f"{name}" if o["required"] else f"{name}={o['default']!r}"
-                for name, o in entry["options"].items()
+                o.name if o.required else f"{o.name}={shown(o.default)}"
+                for o in component.options.values()
             )
             print(f"  {entry['name']:<{width}}  {entry['description']}")
             print(f"  {'':<{width}}  options: {options or '-'}   [plugin {entry['plugin']}]")
@@ -246,12 +252,15 @@ class Progress(TerminalBar):
             self.bar.update(self.task, completed=step, loss=f"{loss:.4f}")
 
 
-def _plain(value: Any) -> Any:
+def _plain(value: Any, limit: int = 200) -> Any:
+    """A default as JSON holds it: tuples as lists, anything else not JSON as its repr on one
+    line (an array's repr spans lines), cut to ``limit`` characters."""
     if isinstance(value, tuple):
         return [_plain(v) for v in value]
     if value is None or isinstance(value, (bool, int, float, str, list, dict)):
         return value
-    return repr(value)
+    text = " ".join(repr(value).split())
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def _err(line: str) -> None:

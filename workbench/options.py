@@ -50,10 +50,22 @@ def read_options(
         if param.kind is param.VAR_POSITIONAL or param.name in injected:
             continue
         annotation = hints.get(param.name, REQUIRED)
-        if annotation is REQUIRED and param.default not in (REQUIRED, None):
-            annotation = type(param.default)
+        if annotation is REQUIRED:
+            annotation = _type_of_default(param.default)
         options[param.name] = Option(param.name, param.default, annotation)
     return options, wants, var_keyword
+
+
+def _type_of_default(default: Any) -> Any:
+    """The type an unannotated option takes, judged by its default: a builtin's type, else any.
+
+    Defaults are tested by identity, never ``==``: an array or tensor default compares
+    elementwise and cannot say whether it equals ``REQUIRED``.
+    """
+    if default is REQUIRED or default is None:
+        return REQUIRED
+    kind = type(default)
+    return kind if kind.__module__ == "builtins" else Any
 
 
 def accepts(value: Any, annotation: Any) -> bool:

@@ -1,0 +1,103 @@
+"""Plugins and options that misbehave must neither take vibench down nor make it lie.
+
+Each case was found by an adversarial tester. Plugins that act at import are real packages,
+pip-installed into a private directory (helpers from ``test_third_party_plugins``); hooks and
+factories are tested in process, on a plugin manager holding only the plugin under test.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pluggy
+import pytest
+import torch
+
+from tests.test_third_party_plugins import by_name, pip_install, vibench, write_package
+from workbench import hookimpl, hookspecs
+from workbench.options import Option, read_options
+from workbench.registry import collect
+
+
+def manager(*plugins: object) -> pluggy.PluginManager:
+    """A plugin manager with vibench's hook specs and only ``plugins``, each under its own name."""
+    pm = pluggy.PluginManager(hookspecs.PROJECT)
+    pm.add_hookspecs(hookspecs)
+    for plugin in plugins:
+        pm.register(plugin, name=type(plugin).__name__)
+    return pm
+
+
+# -- an array or tensor default ----------------------------------------------------------
+
+
+def tensor_and_array_defaults(loc=torch.zeros(3), weights=np.ones(2), scale=1.5):
+    """A factory whose defaults cannot be compared with ==."""
+
+
+def test_array_and_tensor_defaults_are_options_of_any_value():
+    options, _, _ = read_options(tensor_and_array_defaults, frozenset())
+    assert list(options) == ["loc", "weights", "scale"]
+    for name in ("loc", "weights"):
+        assert not options[name].required
+        assert options[name].type_name() == "any value"
+        assert options[name].accepts([1.0, 2.0, 3.0])
+    assert options["scale"].type_name() == "float"
+
+
+class ArrayDefaults:
+    @hookimpl
+    def register_guides(self, register):
+        register("array_guide", tensor_and_array_defaults)
+
+
+def test_component_with_array_defaults_is_registered():
+    registry = collect(manager(ArrayDefaults()))
+    assert registry.problems == []
+    assert registry.get("guide", "array_guide").options["loc"].default is not None
+
+
+ARRAY_DEFAULTS_SOURCE = '''
+    import numpy
+    import torch
+
+    from workbench import hookimpl
+
+
+    @hookimpl
+    def register_models(register):
+        register("tp_array_model", array_model)
+
+
+    def array_model(loc=torch.zeros(3), weights=numpy.ones(2), scale: float = 1.0):
+        """A model whose defaults are a tensor and an array."""
+'''
+
+
+@pytest.fixture(scope="module")
+def odd_site(tmp_path_factory):
+    """Plugins that are odd but not broken: they must be listed, and listed truthfully."""
+    root = tmp_path_factory.mktemp("odd")
+    packages = [
+        write_package(root / "src", "vibench-tp-arrays", "tp_arrays", "tp_arrays",
+                      ARRAY_DEFAULTS_SOURCE),
+    ]
+    return pip_install(packages, root / "site")
+
+
+def test_list_shows_array_defaults_as_their_repr(odd_site):
+    result = vibench("list", "--json", site=odd_site)
+    assert result.returncode == 0, result.stderr
+    found = json.loads(result.stdout)
+    assert found["broken"] == []
+    options = by_name(found["model"])["tp_array_model"]["options"]
+    assert options["loc"] == {"default": "tensor([0., 0., 0.])", "required": False,
+                              "type": "any value"}
+    assert options["weights"] == {"default": "array([1., 1.])", "required": False,
+                                  "type": "any value"}
+
+    text = vibench("list", site=odd_site)
+    assert text.returncode == 0, text.stderr
+    assert "options: loc=tensor([0., 0., 0.]), weights=array([1., 1.]), scale=1.0" in text.stdout
