@@ -15,6 +15,8 @@ import pluggy
 import pytest
 import torch
 
+from tests.conftest import COIN
+from tests.conftest import vibench as run_vibench
 from tests.test_third_party_plugins import by_name, pip_install, vibench, write_package
 from workbench import hookimpl, hookspecs
 from workbench.options import Option, read_options
@@ -101,3 +103,41 @@ def test_list_shows_array_defaults_as_their_repr(odd_site):
     text = vibench("list", site=odd_site)
     assert text.returncode == 0, text.stderr
     assert "options: loc=tensor([0., 0., 0.]), weights=array([1., 1.]), scale=1.0" in text.stdout
+
+
+# -- non-finite option values ------------------------------------------------------------
+
+
+@pytest.mark.parametrize("value", [math.nan, math.inf, -math.inf, 10**400])
+def test_float_options_refuse_non_finite_numbers(value):
+    option = Option("lr", 0.001, float)
+    assert not option.accepts(value)
+    assert option.refusal(value) == f"expected a finite number, got {value!r}"
+    assert not Option("lr", None, float | None).accepts(value)
+    assert Option("lr", 0.001, float).accepts(1e300)
+
+
+def test_list_of_floats_refuses_a_non_finite_item():
+    option = Option("betas", (0.9, 0.999), tuple[float, float])
+    assert not option.accepts([0.9, math.nan])
+    assert "finite" in option.refusal([0.9, math.nan])
+    assert option.refusal([0.9]) == "expected list of 2 float/float, got [0.9]"
+
+
+def test_a_non_finite_default_still_fits_so_a_saved_recipe_runs_again():
+    assert Option("max_norm", math.inf, float).accepts(math.inf)
+    assert Option("delta", math.nan, float).accepts(math.nan)
+    assert not Option("max_norm", math.inf, float).accepts(-math.inf)
+
+
+@pytest.mark.parametrize("key, value", [("optimizer.lr", ".inf"),
+                                        ("train.early_stop_min_delta", ".nan"),
+                                        ("guide.init_alpha", "-.inf")])
+def test_recipe_with_non_finite_number_is_refused_before_training(key, value, tmp_path):
+    out = tmp_path / "run"
+    result = run_vibench("run", str(COIN), "--set", f"{key}={value}", "--out", str(out))
+    assert result.returncode == 2, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert key in lines[0] and "expected a finite number" in lines[0], result.stderr
+    assert not out.exists()
