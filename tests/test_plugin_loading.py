@@ -75,6 +75,15 @@ ARRAY_DEFAULTS_SOURCE = '''
 
     def array_model(loc=torch.zeros(3), weights=numpy.ones(2), scale: float = 1.0):
         """A model whose defaults are a tensor and an array."""
+
+
+    @hookimpl
+    def register_losses(register):
+        register("tp_nan_loss", nan_loss)
+
+
+    def nan_loss(delta: float = float("nan"), cap: float = float("inf")):
+        """A loss whose defaults are not finite."""
 '''
 
 
@@ -141,3 +150,22 @@ def test_recipe_with_non_finite_number_is_refused_before_training(key, value, tm
     assert len(lines) == 1, result.stderr
     assert key in lines[0] and "expected a finite number" in lines[0], result.stderr
     assert not out.exists()
+
+
+# -- vibench list --json with a NaN default ---------------------------------------------
+
+
+def strict_json(text: str) -> dict:
+    """JSON as a strict reader takes it: a bare NaN or Infinity is an error."""
+    def refuse(constant: str):
+        raise ValueError(f"not JSON: {constant}")
+
+    return json.loads(text, parse_constant=refuse)
+
+
+def test_list_json_writes_non_finite_defaults_as_null(odd_site):
+    result = vibench("list", "--json", site=odd_site)
+    assert result.returncode == 0, result.stderr
+    options = by_name(strict_json(result.stdout)["loss"])["tp_nan_loss"]["options"]
+    assert options["delta"] == {"default": None, "required": False, "type": "float"}
+    assert options["cap"]["default"] is None

@@ -99,6 +99,7 @@ def list_components(
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
 ) -> None:
     """List every component by kind, with its plugin, options and description."""
+    from workbench import jsonsafe
     from workbench.registry import KINDS, get_registry
 
     registry = get_registry()
@@ -126,7 +127,7 @@ def list_components(
         {"plugin": p.plugin, "where": p.where, "error": p.error} for p in registry.problems
     ]
     if as_json:
-        print(json.dumps(listing, indent=2))
+        print(jsonsafe.dumps(listing, indent=2))
         return
 
     def shown(default: Any) -> str:
