@@ -19,6 +19,7 @@ from tests.conftest import COIN
 from tests.conftest import vibench as run_vibench
 from tests.test_third_party_plugins import by_name, pip_install, vibench, write_package
 from workbench import hookimpl, hookspecs
+from workbench.errors import UsageError, did_you_mean
 from workbench.options import Option, read_options
 from workbench.registry import collect
 
@@ -169,3 +170,49 @@ def test_list_json_writes_non_finite_defaults_as_null(odd_site):
     options = by_name(strict_json(result.stdout)["loss"])["tp_nan_loss"]["options"]
     assert options["delta"] == {"default": None, "required": False, "type": "float"}
     assert options["cap"]["default"] is None
+
+
+# -- an unknown name among very many -----------------------------------------------------
+
+
+def test_did_you_mean_names_a_few_of_many_choices():
+    names = [f"guide_{i:05d}" for i in range(10_000)]
+    hint = did_you_mean("zzz", names, see="'vibench list guide'")
+    assert len(hint) < 300, hint
+    assert hint.startswith("choose from guide_00000, ")
+    assert hint.endswith("... and 9990 more; see 'vibench list guide'")
+    assert did_you_mean("guide_0042x", names).startswith("did you mean 'guide_")
+    assert did_you_mean("zzz", names[:20]) == "choose from " + ", ".join(names[:20])
+
+
+class ManyGuides:
+    @hookimpl
+    def register_guides(self, register):
+        for i in range(10_000):
+            register(f"guide_{i:05d}", tensor_and_array_defaults)
+
+
+def test_unknown_name_among_ten_thousand_is_one_short_line():
+    registry = collect(manager(ManyGuides()))
+    assert len(registry.names("guide")) == 10_000
+    with pytest.raises(UsageError) as caught:
+        registry.get("guide", "zzz")
+    message = str(caught.value)
+    assert len(message) < 400 and "\n" not in message, message
+    assert "9990 more; see 'vibench list guide'" in message
+
+
+def test_list_one_kind():
+    result = run_vibench("list", "schedule", "--json")
+    assert result.returncode == 0, result.stderr
+    found = json.loads(result.stdout)
+    assert set(found) == {"schedule", "conflicts", "broken"}
+    assert "exponential" in by_name(found["schedule"])
+
+    text = run_vibench("list", "schedule")
+    assert text.returncode == 0, text.stderr
+    assert text.stdout.startswith("schedule:\n") and "model:" not in text.stdout
+
+    wrong = run_vibench("list", "guid")
+    assert wrong.returncode == 2
+    assert wrong.stderr.strip() == "error: unknown kind 'guid'; did you mean 'guide'?"

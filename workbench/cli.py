@@ -96,15 +96,22 @@ def run(
 
 @app.command("list")
 def list_components(
+    kind: Annotated[Optional[str], typer.Argument(
+        help="Only this kind: model, dataset, guide, loss, optimizer, optim_args or schedule.",
+        metavar="KIND", show_default=False)] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
 ) -> None:
     """List every component by kind, with its plugin, options and description."""
     from workbench import jsonsafe
+    from workbench.errors import UsageError, did_you_mean
     from workbench.registry import KINDS, get_registry
 
+    if kind is not None and kind not in KINDS:
+        raise UsageError(f"unknown kind {kind!r}; {did_you_mean(kind, KINDS)}")
+    kinds = [kind] if kind else list(KINDS)
     registry = get_registry()
     listing: dict[str, Any] = {
-        kind: [
+        k: [
             {
                 "name": c.name,
                 "plugin": c.plugin,
@@ -115,13 +122,13 @@ def list_components(
                     for o in c.options.values()
                 },
             }
-            for c in (registry.components[kind][n] for n in registry.names(kind))
+            for c in (registry.components[k][n] for n in registry.names(k))
         ]
-        for kind in KINDS
+        for k in kinds
     }
     listing["conflicts"] = [
-        {"kind": kind, "name": name, "plugins": plugins}
-        for (kind, name), plugins in registry.conflicts.items()
+        {"kind": k, "name": name, "plugins": plugins}
+        for (k, name), plugins in registry.conflicts.items() if k in kinds
     ]
     listing["broken"] = [
         {"plugin": p.plugin, "where": p.where, "error": p.error} for p in registry.problems
@@ -134,11 +141,11 @@ def list_components(
         plain = _plain(default)
         return plain if isinstance(plain, str) and not isinstance(default, str) else repr(plain)
 
-    for kind in KINDS:
-        print(f"{kind}:")
-        width = max((len(entry["name"]) for entry in listing[kind]), default=0)
-        for entry in listing[kind]:
-            component = registry.components[kind][entry["name"]]
+    for k in kinds:
+        print(f"{k}:")
+        width = max((len(entry["name"]) for entry in listing[k]), default=0)
+        for entry in listing[k]:
+            component = registry.components[k][entry["name"]]
             options = ", ".join(
                 o.name if o.required else f"{o.name}={shown(o.default)}"
                 for o in component.options.values()

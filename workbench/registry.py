@@ -95,7 +95,7 @@ class Registry:
             return self.components[kind][name]
         except KeyError:
             pass
-        hint = did_you_mean(name, self.components[kind])
+        hint = did_you_mean(name, self.components[kind], see=f"'vibench list {kind}'")
         if self.problems:
             hint += " (some plugins failed to load: see 'vibench list')"
         raise UsageError(f"unknown {kind} {name!r}; {hint}")
