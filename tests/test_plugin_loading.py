@@ -99,6 +99,17 @@ def odd_site(tmp_path_factory):
     return pip_install(packages, root / "site")
 
 
+@pytest.fixture(scope="module")
+def bad_site(tmp_path_factory):
+    """Plugins that misbehave at import or in their hooks, each to be named as broken."""
+    root = tmp_path_factory.mktemp("bad")
+    packages = [
+        write_package(root / "src", "vibench-tp-greedy", "tp_greedy", "tp_greedy",
+                      GREEDY_SOURCE),
+    ]
+    return pip_install(packages, root / "site")
+
+
 def test_list_shows_array_defaults_as_their_repr(odd_site):
     result = vibench("list", "--json", site=odd_site)
     assert result.returncode == 0, result.stderr
@@ -154,6 +165,14 @@ def test_recipe_with_non_finite_number_is_refused_before_training(key, value, tm
 
 
 # -- vibench list --json with a NaN default ---------------------------------------------
+
+
+def listing_of(site, **env: str) -> dict:
+    """``vibench list --json`` with the plugins in ``site``: it must succeed and print JSON."""
+    result = vibench("list", "--json", site=site, env=env)
+    assert result.returncode == 0, result.stderr
+    assert "Traceback" not in result.stderr, result.stderr
+    return strict_json(result.stdout)
 
 
 def strict_json(text: str) -> dict:
@@ -216,3 +235,57 @@ def test_list_one_kind():
     wrong = run_vibench("list", "guid")
     assert wrong.returncode == 2
     assert wrong.stderr.strip() == "error: unknown kind 'guid'; did you mean 'guide'?"
+
+
+# -- what a hook is given ----------------------------------------------------------------
+
+
+class QuietHooks:
+    """Hooks that take no register, or a further argument with a default: both are valid."""
+
+    seen: list = []
+
+    @hookimpl
+    def register_models(self):
+        QuietHooks.seen.append("no arguments")
+
+    @hookimpl
+    def register_guides(self, register, prefix="quiet_"):
+        QuietHooks.seen.append(prefix)
+        register(prefix + "guide", tensor_and_array_defaults)
+
+
+def test_register_goes_only_to_the_argument_named_register():
+    registry = collect(manager(QuietHooks()))
+    assert registry.problems == []
+    assert QuietHooks.seen == ["no arguments", "quiet_"]
+    assert registry.names("guide") == ["quiet_guide"]
+
+
+def test_hook_asking_for_more_than_register_is_refused_by_pluggy():
+    class Greedy:
+        @hookimpl
+        def register_models(self, register, device):
+            register("greedy", device)
+
+    with pytest.raises(pluggy.PluginValidationError, match="device"):
+        manager(Greedy())
+
+
+GREEDY_SOURCE = '''
+    from workbench import hookimpl
+
+
+    @hookimpl
+    def register_models(register, device):
+        register("tp_greedy_model", device)
+'''
+
+
+def test_hook_asking_for_more_than_register_is_a_broken_plugin(bad_site):
+    found = listing_of(bad_site)
+    greedy = [b for b in found["broken"] if b["plugin"] == "tp_greedy"]
+    assert len(greedy) == 1, found["broken"]
+    assert "device" in greedy[0]["error"] and "register_models" in greedy[0]["error"]
+    assert "tp_greedy_model" not in by_name(found["model"])
+    assert "beta_bernoulli" in by_name(found["model"])

@@ -171,8 +171,15 @@ def collect(pm: pluggy.PluginManager, problems: Iterable[PluginProblem] = ()) ->
             def register(name: str, factory: Callable, _kind=kind, _plugin=plugin) -> None:
                 registry.add(_kind, name, factory, _plugin)
 
+            given = {"register": register}
+            unknown = [arg for arg in impl.argnames if arg not in given]
+            if unknown:  # pluggy refuses these at registration; a hook never guesses
+                registry.problems.append(PluginProblem(
+                    plugin, hook_name, f"asks for {', '.join(map(repr, unknown))}, but a "
+                                       "registration hook is given only 'register'"))
+                continue
             try:
-                impl.function(**{arg: register for arg in impl.argnames})
+                impl.function(**{arg: given[arg] for arg in impl.argnames})
             except (Exception, SystemExit) as exc:
                 registry.problems.append(PluginProblem(plugin, hook_name, _describe(exc)))
     return registry
