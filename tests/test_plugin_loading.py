@@ -9,13 +9,16 @@ from __future__ import annotations
 
 import json
 import math
+import signal
+import subprocess
+import time
 
 import numpy as np
 import pluggy
 import pytest
 import torch
 
-from tests.conftest import COIN
+from tests.conftest import COIN, REPO
 from tests.conftest import vibench as run_vibench
 from tests.test_third_party_plugins import by_name, pip_install, vibench, write_package
 from workbench import hookimpl, hookspecs
@@ -106,8 +109,20 @@ def bad_site(tmp_path_factory):
     packages = [
         write_package(root / "src", "vibench-tp-greedy", "tp_greedy", "tp_greedy",
                       GREEDY_SOURCE),
+        write_package(root / "src", "vibench-tp-noisy", "tp_noisy", "tp_noisy", NOISY_SOURCE),
+        write_package(root / "src", "vibench-tp-ctrl-c", "tp_ctrl_c", "tp_ctrl_c",
+                      CTRL_C_SOURCE),
     ]
     return pip_install(packages, root / "site")
+
+
+@pytest.fixture(scope="module")
+def sleepy_site(tmp_path_factory):
+    """A plugin whose import blocks, printing to stdout after 3 s."""
+    root = tmp_path_factory.mktemp("sleepy")
+    package = write_package(root / "src", "vibench-tp-sleepy", "tp_sleepy", "tp_sleepy",
+                            SLEEPY_SOURCE)
+    return pip_install([package], root / "site")
 
 
 def test_list_shows_array_defaults_as_their_repr(odd_site):
@@ -281,6 +296,41 @@ GREEDY_SOURCE = '''
         register("tp_greedy_model", device)
 '''
 
+NOISY_SOURCE = '''
+    import sys
+
+    from workbench import hookimpl
+
+    print("hello from tp_noisy at import")
+
+
+    @hookimpl
+    def register_models(register):
+        sys.stdout.write("hello from tp_noisy.register_models\\n")
+        register("tp_noisy_model", noisy_model)
+
+
+    def noisy_model(scale: float = 1.0):
+        """A model from a plugin that prints."""
+'''
+
+CTRL_C_SOURCE = '''
+    raise KeyboardInterrupt
+'''
+
+SLEEPY_SOURCE = '''
+    import os
+    import pathlib
+    import time
+
+    marker = os.environ.get("TP_SLEEPY_MARKER")
+    if marker:
+        pathlib.Path(marker).write_text("importing")
+    time.sleep(3)
+    print("LATE OUTPUT from tp_sleepy")
+    time.sleep(600)
+'''
+
 
 def test_hook_asking_for_more_than_register_is_a_broken_plugin(bad_site):
     found = listing_of(bad_site)
@@ -289,3 +339,169 @@ def test_hook_asking_for_more_than_register_is_a_broken_plugin(bad_site):
     assert "device" in greedy[0]["error"] and "register_models" in greedy[0]["error"]
     assert "tp_greedy_model" not in by_name(found["model"])
     assert "beta_bernoulli" in by_name(found["model"])
+
+
+# -- a plugin that prints to stdout ------------------------------------------------------
+
+
+def test_plugin_printing_to_stdout_leaves_list_json_intact(bad_site):
+    result = vibench("list", "--json", site=bad_site)
+    assert result.returncode == 0, result.stderr
+    found = strict_json(result.stdout)
+    assert by_name(found["model"])["tp_noisy_model"]["plugin"] == "tp_noisy"
+    assert not [b for b in found["broken"] if b["plugin"] == "tp_noisy"]
+    warnings = [l for l in result.stderr.splitlines() if l.startswith("warning: plugin 'tp_noisy'")]
+    assert len(warnings) == 2, result.stderr
+    assert "importing tp_noisy.plugin" in warnings[0]
+    assert "hello from tp_noisy at import" in warnings[0]
+    assert "register_models" in warnings[1] and "hello from tp_noisy.register_models" in warnings[1]
+
+
+class Chatty:
+    @hookimpl
+    def register_guides(self, register):
+        print("chatty says hi")
+        register("chatty_guide", tensor_and_array_defaults)
+
+
+def test_hook_output_goes_to_stderr(capsys):
+    registry = collect(manager(Chatty()))
+    assert registry.names("guide") == ["chatty_guide"]
+    out, err = capsys.readouterr()
+    assert out == ""
+    assert "warning: plugin 'Chatty' printed to stdout while register_guides" in err
+    assert "chatty says hi" in err
+    import sys
+    assert type(sys.stdout).__name__ != "_RoutedStdout"  # stdout is given back
+
+
+# -- a plugin that raises KeyboardInterrupt itself ---------------------------------------
+
+
+def test_keyboard_interrupt_at_import_is_a_broken_plugin(bad_site):
+    found = listing_of(bad_site)
+    ctrl_c = [b for b in found["broken"] if b["plugin"] == "tp_ctrl_c"]
+    assert len(ctrl_c) == 1, found["broken"]
+    assert "KeyboardInterrupt" in ctrl_c[0]["error"] and "tp_ctrl_c.plugin" in ctrl_c[0]["where"]
+
+    text = vibench("list", site=bad_site)
+    assert text.returncode == 0, text.stderr
+    assert any(l.startswith("broken: plugin 'tp_ctrl_c'") for l in text.stdout.splitlines())
+
+
+class InterruptingHook:
+    @hookimpl
+    def register_losses(self, register):
+        raise KeyboardInterrupt
+
+
+def test_keyboard_interrupt_in_a_hook_is_a_plugin_problem():
+    registry = collect(manager(InterruptingHook(), ArrayDefaults()))
+    assert [(p.plugin, p.where) for p in registry.problems] == [
+        ("InterruptingHook", "register_losses")]
+    assert "KeyboardInterrupt" in registry.problems[0].error
+    assert registry.names("guide") == ["array_guide"]
+
+
+# -- a plugin that blocks ----------------------------------------------------------------
+
+
+def test_plugin_that_blocks_at_import_is_left_behind(sleepy_site):
+    started = time.monotonic()
+    result = vibench("list", "--json", site=sleepy_site, env={"VIBENCH_PLUGIN_TIMEOUT": "1"},
+                     timeout=60)
+    assert time.monotonic() - started < 30  # it does not wait the plugin's 600 s to exit
+    assert result.returncode == 0, result.stderr
+    found = strict_json(result.stdout)
+    sleepy = [b for b in found["broken"] if b["plugin"] == "tp_sleepy"]
+    assert len(sleepy) == 1, found["broken"]
+    assert "tp_sleepy.plugin" in sleepy[0]["where"]
+    assert "did not finish importing within 1 s" in sleepy[0]["error"]
+    assert "VIBENCH_PLUGIN_TIMEOUT" in sleepy[0]["error"]
+    assert "beta_bernoulli" in by_name(found["model"])
+
+
+def test_run_goes_on_without_a_blocked_plugin_and_keeps_its_late_output_off_stdout(
+        sleepy_site, tmp_path):
+    out = tmp_path / "run"
+    result = vibench("run", str(COIN), "--steps", "20", "--out", str(out), site=sleepy_site,
+                     env={"VIBENCH_PLUGIN_TIMEOUT": "1"}, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert any(l.startswith("warning: plugin 'tp_sleepy'") and "within 1 s" in l
+               for l in result.stderr.splitlines()), result.stderr
+    assert "latent_fairness:" in result.stdout
+    assert "LATE OUTPUT" not in result.stdout + result.stderr  # printed after the plugin's 3 s
+    assert (out / "summary.json").exists()
+
+
+def test_ctrl_c_while_a_plugin_loads_exits_130_naming_it(sleepy_site, tmp_path):
+    from tests.test_third_party_plugins import _env, _vibench_script
+
+    marker = tmp_path / "importing"
+    env = {**_env(sleepy_site), "TP_SLEEPY_MARKER": str(marker)}
+    child = subprocess.Popen(
+        [_vibench_script(), "list"], cwd=REPO, env=env, text=True,
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+    )
+    try:
+        deadline = time.monotonic() + 60
+        while not marker.exists() and time.monotonic() < deadline and child.poll() is None:
+            time.sleep(0.05)
+        assert marker.exists(), "the plugin never started importing"
+        child.send_signal(signal.SIGINT)
+        stdout, stderr = child.communicate(timeout=60)
+    finally:
+        child.kill()
+    assert child.returncode == 130, stderr
+    assert stderr.strip().splitlines() == [
+        "interrupted while loading plugin 'tp_sleepy' (importing tp_sleepy.plugin)"], stderr
+    assert stdout == ""
+
+
+class SlowHook:
+    @hookimpl
+    def register_guides(self, register):
+        register("slow_early", tensor_and_array_defaults)
+        time.sleep(1)
+        register("slow_late", tensor_and_array_defaults)
+
+    @hookimpl
+    def register_losses(self, register):
+        register("slow_loss", tensor_and_array_defaults)
+
+
+def test_hook_that_overruns_is_left_out_with_the_plugins_later_hooks(monkeypatch):
+    monkeypatch.setenv("VIBENCH_PLUGIN_TIMEOUT", "0.2")
+    registry = collect(manager(SlowHook(), ArrayDefaults()))
+    assert [(p.plugin, p.where) for p in registry.problems] == [("SlowHook", "register_guides")]
+    assert "did not return within 0.2 s" in registry.problems[0].error
+    assert registry.names("guide") == ["array_guide"]
+    assert registry.names("loss") == []
+    time.sleep(1.2)  # the hook goes on in its thread; what it registers late is not taken
+    assert registry.names("guide") == ["array_guide"]
+
+
+@pytest.mark.parametrize("value", ["abc", "0", "-1", "nan", "inf"])
+def test_a_bad_timeout_setting_is_warned_about(monkeypatch, capsys, value):
+    from workbench.registry import PLUGIN_TIMEOUT, plugin_timeout
+
+    monkeypatch.setenv("VIBENCH_PLUGIN_TIMEOUT", value)
+    assert plugin_timeout() == PLUGIN_TIMEOUT
+    assert "VIBENCH_PLUGIN_TIMEOUT" in capsys.readouterr().err
+    monkeypatch.setenv("VIBENCH_PLUGIN_TIMEOUT", "2.5")
+    assert plugin_timeout() == 2.5
+
+
+# -- tracing -----------------------------------------------------------------------------
+
+
+def test_trace_plugins_says_what_each_plugin_does_on_stderr(bad_site):
+    result = vibench("list", "--json", site=bad_site, env={"VIBENCH_TRACE_PLUGINS": "1"})
+    assert result.returncode == 0, result.stderr
+    strict_json(result.stdout)
+    trace = [l for l in result.stderr.splitlines() if l.startswith("trace: ")]
+    assert "trace: plugin 'vibench.models': importing vibench_plugins.models ..." in trace
+    assert any(l.startswith("trace: plugin 'tp_noisy': register_models: done") for l in trace)
+    assert any(l.startswith("trace: plugin 'tp_ctrl_c': importing tp_ctrl_c.plugin: raised "
+                            "KeyboardInterrupt") for l in trace), trace
