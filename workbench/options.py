@@ -136,7 +136,7 @@ def type_name(annotation: Any) -> str:
 
 
 def _finite(number: int | float) -> bool:
-    """Whether a number is finite as a float: NaN, infinities and ints too big for a float are not."""
+    """Whether a number is finite as a float (an int too big for a float is not)."""
     try:
         return math.isfinite(number)
     except OverflowError:
