@@ -11,7 +11,9 @@ import json
 import math
 import signal
 import subprocess
+import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import pluggy
@@ -20,7 +22,8 @@ import torch
 
 from tests.conftest import COIN, REPO
 from tests.conftest import vibench as run_vibench
-from tests.test_third_party_plugins import by_name, pip_install, vibench, write_package
+from tests.test_third_party_plugins import (_env, _vibench_script, by_name, pip_install, vibench,
+                                            write_package)
 from workbench import hookimpl, hookspecs
 from workbench.errors import UsageError, did_you_mean
 from workbench.options import Option, read_options
@@ -36,33 +39,24 @@ def manager(*plugins: object) -> pluggy.PluginManager:
     return pm
 
 
-# -- an array or tensor default ----------------------------------------------------------
+def listing_of(site: Path) -> dict:
+    """``vibench list --json`` with the plugins in ``site``: it must succeed and print JSON."""
+    result = vibench("list", "--json", site=site)
+    assert result.returncode == 0, result.stderr
+    assert "Traceback" not in result.stderr, result.stderr
+    return strict_json(result.stdout)
 
 
-def tensor_and_array_defaults(loc=torch.zeros(3), weights=np.ones(2), scale=1.5):
-    """A factory whose defaults cannot be compared with ==."""
+def strict_json(text: str) -> dict:
+    """JSON as a strict reader takes it: a bare NaN or Infinity is an error."""
+
+    def refuse(constant: str):
+        raise ValueError(f"not JSON: {constant}")
+
+    return json.loads(text, parse_constant=refuse)
 
 
-def test_array_and_tensor_defaults_are_options_of_any_value():
-    options, _, _ = read_options(tensor_and_array_defaults, frozenset())
-    assert list(options) == ["loc", "weights", "scale"]
-    for name in ("loc", "weights"):
-        assert not options[name].required
-        assert options[name].type_name() == "any value"
-        assert options[name].accepts([1.0, 2.0, 3.0])
-    assert options["scale"].type_name() == "float"
-
-
-class ArrayDefaults:
-    @hookimpl
-    def register_guides(self, register):
-        register("array_guide", tensor_and_array_defaults)
-
-
-def test_component_with_array_defaults_is_registered():
-    registry = collect(manager(ArrayDefaults()))
-    assert registry.problems == []
-    assert registry.get("guide", "array_guide").options["loc"].default is not None
+# -- the plugin packages ---------------------------------------------------------------
 
 
 ARRAY_DEFAULTS_SOURCE = '''
@@ -88,6 +82,50 @@ ARRAY_DEFAULTS_SOURCE = '''
 
     def nan_loss(delta: float = float("nan"), cap: float = float("inf")):
         """A loss whose defaults are not finite."""
+'''
+
+GREEDY_SOURCE = '''
+    from workbench import hookimpl
+
+
+    @hookimpl
+    def register_models(register, device):
+        register("tp_greedy_model", device)
+'''
+
+NOISY_SOURCE = '''
+    import sys
+
+    from workbench import hookimpl
+
+    print("hello from tp_noisy at import")
+
+
+    @hookimpl
+    def register_models(register):
+        sys.stdout.write("hello from tp_noisy.register_models\\n")
+        register("tp_noisy_model", noisy_model)
+
+
+    def noisy_model(scale: float = 1.0):
+        """A model from a plugin that prints."""
+'''
+
+CTRL_C_SOURCE = '''
+    raise KeyboardInterrupt
+'''
+
+SLEEPY_SOURCE = '''
+    import os
+    import pathlib
+    import time
+
+    marker = os.environ.get("TP_SLEEPY_MARKER")
+    if marker:
+        pathlib.Path(marker).write_text("importing")
+    time.sleep(3)
+    print("LATE OUTPUT from tp_sleepy")
+    time.sleep(600)
 '''
 
 
@@ -125,10 +163,37 @@ def sleepy_site(tmp_path_factory):
     return pip_install([package], root / "site")
 
 
+# -- an array or tensor default ----------------------------------------------------------
+
+
+def tensor_and_array_defaults(loc=torch.zeros(3), weights=np.ones(2), scale=1.5):
+    """A factory whose defaults cannot be compared with ==."""
+
+
+def test_array_and_tensor_defaults_are_options_of_any_value():
+    options, _, _ = read_options(tensor_and_array_defaults, frozenset())
+    assert list(options) == ["loc", "weights", "scale"]
+    for name in ("loc", "weights"):
+        assert not options[name].required
+        assert options[name].type_name() == "any value"
+        assert options[name].accepts([1.0, 2.0, 3.0])
+    assert options["scale"].type_name() == "float"
+
+
+class ArrayDefaults:
+    @hookimpl
+    def register_guides(self, register):
+        register("array_guide", tensor_and_array_defaults)
+
+
+def test_component_with_array_defaults_is_registered():
+    registry = collect(manager(ArrayDefaults()))
+    assert registry.problems == []
+    assert registry.get("guide", "array_guide").options["loc"].default is not None
+
+
 def test_list_shows_array_defaults_as_their_repr(odd_site):
-    result = vibench("list", "--json", site=odd_site)
-    assert result.returncode == 0, result.stderr
-    found = json.loads(result.stdout)
+    found = listing_of(odd_site)
     assert found["broken"] == []
     options = by_name(found["model"])["tp_array_model"]["options"]
     assert options["loc"] == {"default": "tensor([0., 0., 0.])", "required": False,
@@ -182,26 +247,8 @@ def test_recipe_with_non_finite_number_is_refused_before_training(key, value, tm
 # -- vibench list --json with a NaN default ---------------------------------------------
 
 
-def listing_of(site, **env: str) -> dict:
-    """``vibench list --json`` with the plugins in ``site``: it must succeed and print JSON."""
-    result = vibench("list", "--json", site=site, env=env)
-    assert result.returncode == 0, result.stderr
-    assert "Traceback" not in result.stderr, result.stderr
-    return strict_json(result.stdout)
-
-
-def strict_json(text: str) -> dict:
-    """JSON as a strict reader takes it: a bare NaN or Infinity is an error."""
-    def refuse(constant: str):
-        raise ValueError(f"not JSON: {constant}")
-
-    return json.loads(text, parse_constant=refuse)
-
-
 def test_list_json_writes_non_finite_defaults_as_null(odd_site):
-    result = vibench("list", "--json", site=odd_site)
-    assert result.returncode == 0, result.stderr
-    options = by_name(strict_json(result.stdout)["loss"])["tp_nan_loss"]["options"]
+    options = by_name(listing_of(odd_site)["loss"])["tp_nan_loss"]["options"]
     assert options["delta"] == {"default": None, "required": False, "type": "float"}
     assert options["cap"]["default"] is None
 
@@ -287,51 +334,6 @@ def test_hook_asking_for_more_than_register_is_refused_by_pluggy():
         manager(Greedy())
 
 
-GREEDY_SOURCE = '''
-    from workbench import hookimpl
-
-
-    @hookimpl
-    def register_models(register, device):
-        register("tp_greedy_model", device)
-'''
-
-NOISY_SOURCE = '''
-    import sys
-
-    from workbench import hookimpl
-
-    print("hello from tp_noisy at import")
-
-
-    @hookimpl
-    def register_models(register):
-        sys.stdout.write("hello from tp_noisy.register_models\\n")
-        register("tp_noisy_model", noisy_model)
-
-
-    def noisy_model(scale: float = 1.0):
-        """A model from a plugin that prints."""
-'''
-
-CTRL_C_SOURCE = '''
-    raise KeyboardInterrupt
-'''
-
-SLEEPY_SOURCE = '''
-    import os
-    import pathlib
-    import time
-
-    marker = os.environ.get("TP_SLEEPY_MARKER")
-    if marker:
-        pathlib.Path(marker).write_text("importing")
-    time.sleep(3)
-    print("LATE OUTPUT from tp_sleepy")
-    time.sleep(600)
-'''
-
-
 def test_hook_asking_for_more_than_register_is_a_broken_plugin(bad_site):
     found = listing_of(bad_site)
     greedy = [b for b in found["broken"] if b["plugin"] == "tp_greedy"]
@@ -371,7 +373,6 @@ def test_hook_output_goes_to_stderr(capsys):
     assert out == ""
     assert "warning: plugin 'Chatty' printed to stdout while register_guides" in err
     assert "chatty says hi" in err
-    import sys
     assert type(sys.stdout).__name__ != "_RoutedStdout"  # stdout is given back
 
 
@@ -435,8 +436,6 @@ def test_run_goes_on_without_a_blocked_plugin_and_keeps_its_late_output_off_stdo
 
 
 def test_ctrl_c_while_a_plugin_loads_exits_130_naming_it(sleepy_site, tmp_path):
-    from tests.test_third_party_plugins import _env, _vibench_script
-
     marker = tmp_path / "importing"
     env = {**_env(sleepy_site), "TP_SLEEPY_MARKER": str(marker)}
     child = subprocess.Popen(
