@@ -35,7 +35,8 @@ def _vibench_script() -> str:
 
 def _env(site: Path | None) -> dict[str, str]:
     env = dict(os.environ)
-    for name in ("PYTHONPATH", "VIBENCH_DISABLE_PLUGINS", "VIBENCH_DEBUG"):
+    for name in ("PYTHONPATH", "VIBENCH_DISABLE_PLUGINS", "VIBENCH_DEBUG",
+                 "VIBENCH_PLUGIN_TIMEOUT", "VIBENCH_TRACE_PLUGINS"):
         env.pop(name, None)
     if site is not None:
         env["PYTHONPATH"] = str(site)
@@ -43,11 +44,13 @@ def _env(site: Path | None) -> dict[str, str]:
     return env
 
 
-def vibench(*args: str, site: Path | None = None) -> subprocess.CompletedProcess:
-    """Run ``vibench ARGS`` from the repo root, with the plugins installed in ``site``."""
+def vibench(*args: str, site: Path | None = None, env: dict[str, str] | None = None,
+            timeout: float = TIMEOUT) -> subprocess.CompletedProcess:
+    """Run ``vibench ARGS`` from the repo root, with the plugins installed in ``site`` and
+    ``env`` added to the environment."""
     return subprocess.run(
-        [_vibench_script(), *args], cwd=REPO, env=_env(site), capture_output=True, text=True,
-        timeout=TIMEOUT,
+        [_vibench_script(), *args], cwd=REPO, env={**_env(site), **(env or {})},
+        capture_output=True, text=True, timeout=timeout,
     )
 
 

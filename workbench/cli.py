@@ -88,14 +88,22 @@ def run(
 
 @app.command("list")
 def list_components(
+    kind: Annotated[Optional[str], typer.Argument(
+        help="Only this kind: model, dataset, guide, loss, optimizer, optim_args or schedule.",
+        metavar="KIND", show_default=False)] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
 ) -> None:
     """List every component by kind, with its plugin, options and description."""
+    from workbench import jsonsafe
+    from workbench.errors import UsageError, did_you_mean
     from workbench.registry import KINDS, get_registry
 
+    if kind is not None and kind not in KINDS:
+        raise UsageError(f"unknown kind {kind!r}; {did_you_mean(kind, KINDS)}")
+    kinds = [kind] if kind else list(KINDS)
     registry = get_registry()
     listing: dict[str, Any] = {
-        kind: [
+        k: [
             {
                 "name": c.name,
                 "plugin": c.plugin,
@@ -106,27 +114,33 @@ def list_components(
                     for o in c.options.values()
                 },
             }
-            for c in (registry.components[kind][n] for n in registry.names(kind))
+            for c in (registry.components[k][n] for n in registry.names(k))
         ]
-        for kind in KINDS
+        for k in kinds
     }
     listing["conflicts"] = [
-        {"kind": kind, "name": name, "plugins": plugins}
-        for (kind, name), plugins in registry.conflicts.items()
+        {"kind": k, "name": name, "plugins": plugins}
+        for (k, name), plugins in registry.conflicts.items() if k in kinds
     ]
     listing["broken"] = [
         {"plugin": p.plugin, "where": p.where, "error": p.error} for p in registry.problems
     ]
     if as_json:
-        print(json.dumps(listing, indent=2))
+        print(jsonsafe.dumps(listing, indent=2))
         return
-    for kind in KINDS:
-        print(f"{kind}:")
-        width = max((len(entry["name"]) for entry in listing[kind]), default=0)
-        for entry in listing[kind]:
+
+    def shown(default: Any) -> str:
+        plain = _plain(default)
+        return plain if isinstance(plain, str) and not isinstance(default, str) else repr(plain)
+
+    for k in kinds:
+        print(f"{k}:")
+        width = max((len(entry["name"]) for entry in listing[k]), default=0)
+        for entry in listing[k]:
+            component = registry.components[k][entry["name"]]
             options = ", ".join(
-                f"{name}" if o["required"] else f"{name}={o['default']!r}"
-                for name, o in entry["options"].items()
+                o.name if o.required else f"{o.name}={shown(o.default)}"
+                for o in component.options.values()
             )
             print(f"  {entry['name']:<{width}}  {entry['description']}")
             print(f"  {'':<{width}}  options: {options or '-'}   [plugin {entry['plugin']}]")
@@ -238,12 +252,15 @@ class Progress(TerminalBar):
             self.bar.update(self.task, completed=step, loss=f"{loss:.4f}")
 
 
-def _plain(value: Any) -> Any:
+def _plain(value: Any, limit: int = 200) -> Any:
+    """A default as JSON holds it: tuples as lists, anything else not JSON as its repr on one
+    line (an array's repr spans lines), cut to ``limit`` characters."""
     if isinstance(value, tuple):
         return [_plain(v) for v in value]
     if value is None or isinstance(value, (bool, int, float, str, list, dict)):
         return value
-    return repr(value)
+    text = " ".join(repr(value).split())
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def _err(line: str) -> None:

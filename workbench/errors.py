@@ -39,15 +39,24 @@ class RunError(VibenchError):
     exit_code = 1
 
 
-def did_you_mean(word: str, choices: Iterable[str]) -> str:
-    """A hint naming the closest choices to a misspelt word, or the choices when none is close."""
+MAX_CHOICES = 20  # a hint lists at most this many choices ...
+FEW_CHOICES = 10  # ... else names this many and counts the rest
+
+
+def did_you_mean(word: str, choices: Iterable[str], see: str = "") -> str:
+    """A hint naming the closest choices to a misspelt word, or the choices when none is close:
+    a few of them when there are many (ten thousand names make no hint), and ``see``, where
+    to find them all."""
     choices = sorted(set(choices))
     close = difflib.get_close_matches(word, choices, n=3, cutoff=0.6)
     if close:
         return "did you mean " + " or ".join(repr(c) for c in close) + "?"
     if not choices:
         return "there are none"
-    return "choose from " + ", ".join(choices)
+    if len(choices) <= MAX_CHOICES:
+        return "choose from " + ", ".join(choices)
+    more = f"... and {len(choices) - FEW_CHOICES} more" + (f"; see {see}" if see else "")
+    return "choose from " + ", ".join(choices[:FEW_CHOICES]) + ", " + more
 
 
 def one_line(exc: BaseException) -> str:

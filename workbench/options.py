@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import inspect
+import math
 import types
 import typing
 from dataclasses import dataclass
@@ -27,7 +28,17 @@ class Option:
         return type_name(self.annotation)
 
     def accepts(self, value: Any) -> bool:
-        return accepts(value, self.annotation)
+        """Whether a recipe may set this option to ``value``; the factory's own default always
+        fits, even a non-finite one, so a saved recipe runs again."""
+        return accepts(value, self.annotation) or _same_float(value, self.default)
+
+    def refusal(self, value: Any) -> str:
+        """What the recipe check says of a value this option does not accept."""
+        if _non_finite(value) and self.accepts(_made_finite(value)):
+            if not isinstance(value, (list, dict)):
+                return f"expected a finite number, got {value!r}"
+            return f"expected {self.type_name()} of finite numbers, got {value!r}"
+        return f"expected {self.type_name()}, got {value!r}"
 
 
 def read_options(
@@ -50,10 +61,22 @@ def read_options(
         if param.kind is param.VAR_POSITIONAL or param.name in injected:
             continue
         annotation = hints.get(param.name, REQUIRED)
-        if annotation is REQUIRED and param.default not in (REQUIRED, None):
-            annotation = type(param.default)
+        if annotation is REQUIRED:
+            annotation = _type_of_default(param.default)
         options[param.name] = Option(param.name, param.default, annotation)
     return options, wants, var_keyword
+
+
+def _type_of_default(default: Any) -> Any:
+    """The type an unannotated option takes, judged by its default: a builtin's type, else any.
+
+    Defaults are tested by identity, never ``==``: an array or tensor default compares
+    elementwise and cannot say whether it equals ``REQUIRED``.
+    """
+    if default is REQUIRED or default is None:
+        return REQUIRED
+    kind = type(default)
+    return kind if kind.__module__ == "builtins" else Any
 
 
 def accepts(value: Any, annotation: Any) -> bool:
@@ -66,8 +89,8 @@ def accepts(value: Any, annotation: Any) -> bool:
         return isinstance(value, bool)
     if annotation is int:
         return isinstance(value, int) and not isinstance(value, bool)
-    if annotation is float:
-        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if annotation is float:  # NaN and infinities fail a run at its first step, so not here
+        return isinstance(value, (int, float)) and not isinstance(value, bool) and _finite(value)
     if annotation in (str, list, dict, tuple):
         return isinstance(value, list if annotation is tuple else annotation)
     origin, args = typing.get_origin(annotation), typing.get_args(annotation)
@@ -110,6 +133,39 @@ def type_name(annotation: Any) -> str:
     if annotation is dict:
         return "mapping"
     return getattr(annotation, "__name__", str(annotation))
+
+
+def _finite(number: int | float) -> bool:
+    """Whether a number is finite as a float (an int too big for a float is not)."""
+    try:
+        return math.isfinite(number)
+    except OverflowError:
+        return False
+
+
+def _non_finite(value: Any) -> bool:
+    """Whether a YAML value is or holds a number that is not finite."""
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return not _finite(value)
+    if isinstance(value, dict):
+        return any(map(_non_finite, value.values()))
+    return isinstance(value, list) and any(map(_non_finite, value))
+
+
+def _made_finite(value: Any) -> Any:
+    """``value`` with each non-finite number made 0.0: does it fit but for those numbers?"""
+    if isinstance(value, dict):
+        return {key: _made_finite(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [_made_finite(item) for item in value]
+    return 0.0 if _non_finite(value) else value
+
+
+def _same_float(value: Any, default: Any) -> bool:
+    """Whether both are the same float, NaN included (NaN != NaN)."""
+    if not (isinstance(value, float) and isinstance(default, float)):
+        return False
+    return value == default or (math.isnan(value) and math.isnan(default))
 
 
 def _is_abc(origin: Any, name: str) -> bool:

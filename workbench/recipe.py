@@ -298,7 +298,7 @@ class _Checker:
             if option is None:
                 self.problem(f"train.{key}", f"unknown setting; {did_you_mean(str(key), TRAIN)}")
             elif not option.accepts(value):
-                self.problem(f"train.{key}", f"expected {option.type_name()}, got {value!r}")
+                self.problem(f"train.{key}", option.refusal(value))
             elif key == "average_last" and value is not None and not 0 < value <= 1:
                 self.problem("train.average_last", f"expected a fraction in (0, 1], got {value!r}")
             elif isinstance(value, int) and value < lowest.get(key, 0):
@@ -338,7 +338,7 @@ class _Checker:
                     f"{kind} {name!r} has no option {key!r}; {did_you_mean(str(key), real)}",
                 )
             elif option is not None and not option.accepts(value):
-                self.problem(f"{where}.{key}", f"expected {option.type_name()}, got {value!r}")
+                self.problem(f"{where}.{key}", option.refusal(value))
         for option in component.options.values():
             if option.name in section:
                 resolved[option.name] = section[option.name]

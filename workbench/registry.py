@@ -1,13 +1,21 @@
 """The plugin manager and the registry of components it collects.
 
-Plugins are found through the ``vibench`` entry-point group, vibench's own first. Each is
-loaded inside its own try, so a broken plugin is reported by name and the rest keep working.
+Plugins are found through the ``vibench`` entry-point group, vibench's own first. Each import
+and each registration hook runs on its own, in a daemon thread under a time limit, with what
+it prints to stdout moved to stderr: a plugin that raises, hangs or prints is reported by name
+and the rest keep working.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import io
+import math
 import os
+import sys
+import threading
+import time
 from dataclasses import dataclass, field
 from importlib.metadata import entry_points
 from typing import Any, Callable, Iterable
@@ -15,8 +23,10 @@ from typing import Any, Callable, Iterable
 import pluggy
 
 from workbench import hookspecs
-from workbench.errors import UsageError, did_you_mean
+from workbench.errors import UsageError, VibenchError, did_you_mean
 from workbench.options import Option, read_options
+
+PLUGIN_TIMEOUT = 30.0  # seconds a plugin may take to import, or to run one registration hook
 
 # kind -> the hook that registers it; the kind is also the recipe section's name.
 KINDS: dict[str, str] = {
@@ -95,7 +105,7 @@ class Registry:
             return self.components[kind][name]
         except KeyError:
             pass
-        hint = did_you_mean(name, self.components[kind])
+        hint = did_you_mean(name, self.components[kind], see=f"'vibench list {kind}'")
         if self.problems:
             hint += " (some plugins failed to load: see 'vibench list')"
         raise UsageError(f"unknown {kind} {name!r}; {hint}")
@@ -128,8 +138,9 @@ class Registry:
         )
 
 
-def make_plugin_manager() -> tuple[pluggy.PluginManager, list[PluginProblem]]:
-    """A plugin manager with every installed plugin that loads and fits the hook specs."""
+def make_plugin_manager(loader: _Loader | None = None
+                        ) -> tuple[pluggy.PluginManager, list[PluginProblem]]:
+    """A plugin manager with every installed plugin that loads in time and fits the hook specs."""
     pm = pluggy.PluginManager(hookspecs.PROJECT)
     pm.add_hookspecs(hookspecs)
     problems: list[PluginProblem] = []
@@ -138,22 +149,35 @@ def make_plugin_manager() -> tuple[pluggy.PluginManager, list[PluginProblem]]:
         entry_points(group=hookspecs.PROJECT),
         key=lambda ep: (getattr(ep.dist, "name", "") != "vibench", ep.name),
     )
-    for ep in eps:
-        if ep.name in blocked:
-            continue
-        if pm.has_plugin(ep.name):
-            owner = getattr(ep.dist, "name", "?")
-            problems.append(PluginProblem(ep.name, f"entry point {ep.value}",
-                                          f"another plugin has this name; {owner}'s is left out"))
-            continue
-        try:
-            pm.register(ep.load(), name=ep.name)
-        except (Exception, SystemExit) as exc:  # a broken plugin must not take vibench down
-            problems.append(PluginProblem(ep.name, f"entry point {ep.value}", _describe(exc)))
+    with _loading(loader) as loader:
+        for ep in eps:
+            if ep.name in blocked:
+                continue
+            where = f"entry point {ep.value}"
+            if pm.has_plugin(ep.name):
+                owner = getattr(ep.dist, "name", "?")
+                problems.append(PluginProblem(
+                    ep.name, where, f"another plugin has this name; {owner}'s is left out"))
+                continue
+            outcome = loader.call(ep.name, f"importing {ep.value}", ep.load)
+            if outcome.timed_out:
+                problems.append(PluginProblem(ep.name, where, (
+                    f"did not finish importing within {loader.limit:g} s, so vibench goes on "
+                    f"without it; set VIBENCH_PLUGIN_TIMEOUT to wait longer, or "
+                    f"VIBENCH_DISABLE_PLUGINS={ep.name} to skip it")))
+                continue
+            if outcome.error is not None:
+                problems.append(PluginProblem(ep.name, where, _describe(outcome.error)))
+                continue
+            try:
+                pm.register(outcome.value, name=ep.name)
+            except Exception as exc:  # its hooks do not fit the specs
+                problems.append(PluginProblem(ep.name, where, _describe(exc)))
     return pm, problems
 
 
-def collect(pm: pluggy.PluginManager, problems: Iterable[PluginProblem] = ()) -> Registry:
+def collect(pm: pluggy.PluginManager, problems: Iterable[PluginProblem] = (),
+            loader: _Loader | None = None) -> Registry:
     """Call each plugin's registration hooks in turn, recording which plugin gave what."""
     registry = Registry(problems=list(problems))
     while True:  # a hook name no spec knows is a plugin bug (a typo): drop that plugin
@@ -164,26 +188,218 @@ def collect(pm: pluggy.PluginManager, problems: Iterable[PluginProblem] = ()) ->
             name = pm.get_name(exc.plugin) or repr(exc.plugin)
             pm.unregister(exc.plugin)
             registry.problems.append(PluginProblem(name, "hooks", _describe(exc)))
-    for kind, hook_name in KINDS.items():
-        for impl in getattr(pm.hook, hook_name).get_hookimpls():
-            plugin = impl.plugin_name
-
-            def register(name: str, factory: Callable, _kind=kind, _plugin=plugin) -> None:
-                registry.add(_kind, name, factory, _plugin)
-
-            try:
-                impl.function(**{arg: register for arg in impl.argnames})
-            except (Exception, SystemExit) as exc:
-                registry.problems.append(PluginProblem(plugin, hook_name, _describe(exc)))
+    stalled: set[str] = set()  # a plugin whose hook overran: its later hooks are not called
+    with _loading(loader) as loader:
+        for kind, hook_name in KINDS.items():
+            for impl in getattr(pm.hook, hook_name).get_hookimpls():
+                if impl.plugin_name in stalled:
+                    continue
+                if not _call_hook(loader, registry, kind, impl):
+                    stalled.add(impl.plugin_name)
     return registry
+
+
+def _call_hook(loader: _Loader, registry: Registry, kind: str, impl: pluggy.HookImpl) -> bool:
+    """Call one plugin's registration hook and add what it registered; False if it overran."""
+    plugin, hook_name = impl.plugin_name, KINDS[kind]
+    added: list[tuple[Any, Any]] = []
+    given = {"register": _recorder(added)}
+    unknown = [arg for arg in impl.argnames if arg not in given]
+    if unknown:  # pluggy refuses these at registration; a hook never guesses
+        registry.problems.append(PluginProblem(
+            plugin, hook_name, f"asks for {', '.join(map(repr, unknown))}, but a "
+                               "registration hook is given only 'register'"))
+        return True
+    outcome = loader.call(plugin, hook_name,
+                          lambda: impl.function(**{arg: given[arg] for arg in impl.argnames}))
+    if outcome.timed_out:
+        registry.problems.append(PluginProblem(plugin, hook_name, (
+            f"did not return within {loader.limit:g} s, so vibench goes on without this "
+            f"hook and the plugin's later ones; set VIBENCH_PLUGIN_TIMEOUT to wait longer")))
+        return False
+    for name, factory in added:
+        registry.add(kind, name, factory, plugin)
+    if outcome.error is not None:
+        registry.problems.append(PluginProblem(plugin, hook_name, _describe(outcome.error)))
+    return True
+
+
+def _recorder(into: list[tuple[Any, Any]]) -> Callable[[str, Callable], None]:
+    """The ``register`` a hook is given: it only notes each call, for the registry to check
+    once the hook has returned (a hook that overran may still call it, from its thread)."""
+
+    def register(name: str, factory: Callable) -> None:
+        into.append((name, factory))
+
+    return register
 
 
 @functools.lru_cache(maxsize=None)
 def get_registry() -> Registry:
     """The registry of every installed plugin, loaded once per process."""
-    return collect(*make_plugin_manager())
+    with _Loader() as loader:
+        return collect(*make_plugin_manager(loader), loader=loader)
 
 
 def _describe(exc: BaseException) -> str:
     """An exception on one line, as a warning or a listing shows it."""
-    return f"{type(exc).__name__}: " + " ".join(str(exc).split())
+    if isinstance(exc, KeyboardInterrupt):  # raised by the plugin itself: Ctrl-C stops loading
+        return "raised KeyboardInterrupt, though no Ctrl-C was pressed"
+    message = " ".join(str(exc).split())
+    return f"{type(exc).__name__}: {message}" if message else type(exc).__name__
+
+
+class LoadInterrupted(VibenchError):
+    """Ctrl-C while a plugin was loading."""
+
+    exit_code = 130
+
+
+@dataclass
+class _Outcome:
+    """What one call into a plugin came to: its value, or the exception it raised, or neither
+    because it was still running when its time was up."""
+
+    value: Any = None
+    error: BaseException | None = None
+    timed_out: bool = False
+
+
+class _Loader:
+    """Calls into plugins one at a time, each in a daemon thread under the time limit, while
+    standing in for sys.stdout so that what a plugin prints goes to stderr, never to stdout."""
+
+    def __init__(self) -> None:
+        self.limit = plugin_timeout()
+        self.tracing = bool(os.environ.get("VIBENCH_TRACE_PLUGINS"))
+        self.stdout = _RoutedStdout(sys.stdout)
+        self.overran: list[threading.Thread] = []
+
+    def __enter__(self) -> _Loader:
+        sys.stdout = self.stdout
+        return self
+
+    def __exit__(self, *exc_info: Any) -> None:
+        """Give stdout back, unless a plugin that overran could still print to it."""
+        if sys.stdout is self.stdout and not any(t.is_alive() for t in self.overran):
+            sys.stdout = self.stdout.real
+
+    def call(self, plugin: str, what: str, function: Callable[[], Any]) -> _Outcome:
+        """Run ``function`` for ``plugin`` and wait for it at most ``limit`` seconds."""
+        outcome, printed = _Outcome(), io.StringIO()
+        self.trace(f"plugin {plugin!r}: {what} ...")
+        started = time.perf_counter()
+        thread = self._start(plugin, function, outcome, printed)
+        outcome.timed_out = not self._wait(thread, f"plugin {plugin!r} ({what})")
+        self.trace(f"plugin {plugin!r}: {what}: {_result(outcome, self.limit)} "
+                   f"({time.perf_counter() - started:.3f} s)")
+        if printed.getvalue():
+            _warn(f"plugin {plugin!r} printed to stdout while {what}, but stdout is kept for "
+                  f"vibench's own output (a plugin should write to stderr); it printed: "
+                  f"{_clip(printed.getvalue())}")
+        return outcome
+
+    def _start(self, plugin: str, function: Callable[[], Any], outcome: _Outcome,
+               printed: io.StringIO) -> threading.Thread:
+        """A daemon thread running ``function`` into ``outcome``, what it prints to ``printed``."""
+
+        def target() -> None:
+            self.stdout.routes.setdefault(threading.get_ident(), printed)
+            try:
+                outcome.value = function()
+            except BaseException as exc:  # even SystemExit or KeyboardInterrupt: the plugin's
+                outcome.error = exc
+
+        thread = threading.Thread(target=target, name=f"vibench {plugin}", daemon=True)
+        thread.start()
+        return thread
+
+    def _wait(self, thread: threading.Thread, doing: str) -> bool:
+        """Wait out the time limit for a plugin's thread; False, its later output dropped, if
+        it is still running. Ctrl-C here is the user's: a plugin's own is raised in its thread."""
+        try:
+            thread.join(self.limit)
+        except KeyboardInterrupt:
+            raise LoadInterrupted(f"interrupted while loading {doing}") from None
+        finally:
+            done = not thread.is_alive()
+            if done:
+                self.stdout.routes.pop(thread.ident, None)
+            else:
+                self.stdout.routes[thread.ident] = _Discard()
+                self.overran.append(thread)
+        return done
+
+    def trace(self, line: str) -> None:
+        """With VIBENCH_TRACE_PLUGINS set, say on stderr what each plugin is doing."""
+        if self.tracing:
+            print(f"trace: {line}", file=sys.stderr, flush=True)
+
+
+def _loading(loader: _Loader | None) -> contextlib.AbstractContextManager[_Loader]:
+    """The loader to use: the one given, already in charge, or a new one."""
+    return contextlib.nullcontext(loader) if loader is not None else _Loader()
+
+
+class _RoutedStdout:
+    """sys.stdout while plugins load: each plugin thread's writes go where ``routes`` says,
+    everyone else's to the real stdout."""
+
+    def __init__(self, real: Any) -> None:
+        self.real = real
+        self.routes: dict[int | None, Any] = {}  # thread id -> where its writes go
+
+    def write(self, text: str) -> int:
+        return self.routes.get(threading.get_ident(), self.real).write(text)
+
+    def writelines(self, lines: Iterable[str]) -> None:
+        for line in lines:
+            self.write(line)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.real, name)
+
+
+class _Discard:
+    """Where a plugin that overran its time writes: nowhere."""
+
+    def write(self, text: str) -> int:
+        return len(text)
+
+    def flush(self) -> None:
+        pass
+
+
+def plugin_timeout() -> float:
+    """Seconds a plugin may take to import or to run one hook: VIBENCH_PLUGIN_TIMEOUT, if set."""
+    raw = os.environ.get("VIBENCH_PLUGIN_TIMEOUT", "").strip()
+    if not raw:
+        return PLUGIN_TIMEOUT
+    try:
+        seconds = float(raw)
+    except ValueError:
+        seconds = math.nan
+    if math.isfinite(seconds) and seconds > 0:
+        return seconds
+    _warn(f"VIBENCH_PLUGIN_TIMEOUT={raw!r} is not a number of seconds above 0; "
+          f"using {PLUGIN_TIMEOUT:g}")
+    return PLUGIN_TIMEOUT
+
+
+def _result(outcome: _Outcome, limit: float) -> str:
+    """How a call into a plugin ended, for the trace."""
+    if outcome.timed_out:
+        return f"still running after {limit:g} s, left behind"
+    if outcome.error is not None:
+        return _describe(outcome.error)
+    return "done"
+
+
+def _clip(text: str, limit: int = 300) -> str:
+    """Text a plugin printed, on one line and not too long."""
+    shown = repr(text.strip())
+    return shown if len(shown) <= limit else shown[: limit - 3] + "..."
+
+
+def _warn(line: str) -> None:
+    print(f"warning: {line}", file=sys.stderr, flush=True)
