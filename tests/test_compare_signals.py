@@ -1,0 +1,86 @@
+"""``vibench compare`` under signals and with bad children: real processes, real signals."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import COIN
+from tests.test_compare import read_csv
+
+pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+
+LONG = "1000000"  # steps: a run that goes on until it is stopped
+
+def start_compare(tmp_path: Path, out: Path, *args: str, env: dict | None = None
+                  ) -> subprocess.Popen:
+    """``vibench compare COIN ARGS --out OUT`` in a child process, as a user would start it,
+    with ``env`` added to this environment."""
+    full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
+    full_env.pop("VIBENCH_DEBUG", None)
+    return subprocess.Popen(
+        [sys.executable, "-m", "workbench", "compare", str(COIN), *args, "--out", str(out)],
+        cwd=tmp_path, env=full_env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+
+
+def wait_training(out: Path, names: list[str], timeout: float = 120) -> None:
+    """Wait until each named run in ``out`` has logged to TensorBoard, i.e. is training."""
+    deadline = time.monotonic() + timeout
+    while not all(list((out / name).glob("events.out.tfevents.*")) for name in names):
+        assert time.monotonic() < deadline, f"the runs did not start: {names}"
+        time.sleep(0.1)
+    time.sleep(0.5)
+
+
+def runs_of(out: Path) -> dict[int, list[str]]:
+    """Each live ``vibench run`` process whose run directory is inside ``out``: its pid and
+    command line."""
+    found = {}
+    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+        try:
+            args = cmdline.read_bytes().decode().split("\0")
+        except OSError:
+            continue
+        if args[1:4] == ["-m", "workbench", "run"] and any(
+                a.startswith(f"{out}{os.sep}") for a in args):
+            pid = int(cmdline.parent.name)
+            if alive(pid):
+                found[pid] = args
+    return found
+
+
+def alive(pid: int) -> bool:
+    """Whether a process exists and has not ended (a zombie has ended)."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[0]
+    except OSError:
+        return False
+    return state not in ("Z", "X")
+
+
+def test_two_quick_ctrl_cs_kill_the_runs_and_still_write_the_results(tmp_path: Path):
+    out = tmp_path / "cmp"
+    child = start_compare(tmp_path, out, "--grid", "optimizer.lr=0.01,0.02", "--steps", LONG,
+                          "--jobs", "2")
+    wait_training(out, ["optimizer.lr=0.01,seed=0", "optimizer.lr=0.02,seed=0"])
+    runs = runs_of(out)
+    assert len(runs) == 2
+    child.send_signal(signal.SIGINT)
+    time.sleep(0.1)
+    child.send_signal(signal.SIGINT)
+    stdout, stderr = child.communicate(timeout=60)
+    assert child.returncode == 130, stderr
+    assert "Traceback" not in stderr
+    assert stderr.strip().splitlines()[-1].startswith("interrupted: 0 of 2 runs finished")
+    rows = read_csv(out / "compare.csv")
+    assert [r["optimizer.lr"] for r in rows] == ["0.01", "0.02"]
+    assert all(r["status"] == "interrupted" for r in rows), rows
+    assert "optimizer.lr" in stdout and f"compare.csv: {out / 'compare.csv'}" in stdout
+    assert not any(alive(pid) for pid in runs)
