@@ -14,7 +14,8 @@ import pytest
 from tests.conftest import COIN
 from tests.test_compare import read_csv
 
-pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"),
+                                reason="reads /proc and relies on Linux's parent-death signal")
 
 LONG = "1000000"  # steps: a run that goes on until it is stopped
 
@@ -84,3 +85,22 @@ def test_two_quick_ctrl_cs_kill_the_runs_and_still_write_the_results(tmp_path: P
     assert all(r["status"] == "interrupted" for r in rows), rows
     assert "optimizer.lr" in stdout and f"compare.csv: {out / 'compare.csv'}" in stdout
     assert not any(alive(pid) for pid in runs)
+
+
+def test_the_runs_die_with_compare_even_when_it_is_killed(tmp_path: Path):
+    out = tmp_path / "cmp"
+    child = start_compare(tmp_path, out, "--grid", "optimizer.lr=0.01,0.02", "--steps", LONG,
+                          "--jobs", "2")
+    try:
+        wait_training(out, ["optimizer.lr=0.01,seed=0", "optimizer.lr=0.02,seed=0"])
+        runs = runs_of(out)
+        assert len(runs) == 2
+        child.kill()
+        child.wait(timeout=10)
+        deadline = time.monotonic() + 30
+        while any(alive(pid) for pid in runs) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not any(alive(pid) for pid in runs), "runs outlived compare"
+    finally:
+        for pid in runs_of(out):
+            os.kill(pid, signal.SIGKILL)

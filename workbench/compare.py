@@ -9,13 +9,14 @@ averaged), ``compare.csv`` (one row per run), ``compare.png``, and TensorBoard h
 each successful run's directory.
 
 Ctrl-C, SIGTERM or SIGHUP asks the runs to save and stop, a second one kills them; the results
-so far are written either way.
+so far are written either way. The children die with compare, even when it is killed.
 """
 
 from __future__ import annotations
 
 import contextlib
 import csv
+import ctypes
 import hashlib
 import itertools
 import math
@@ -44,6 +45,7 @@ NOT_STARTED = "not started: interrupted"
 STOPPED_CODES = (130, 143, -signal.SIGINT, -signal.SIGTERM)  # a run that stopped as asked
 POLL_SECONDS = 0.25
 STOP_GRACE = 15.0  # a run asked to stop is killed after this long
+PR_SET_PDEATHSIG = 1
 
 
 class Interrupted(VibenchError):
@@ -288,6 +290,7 @@ class Runner:
         threads = str(max(1, (os.cpu_count() or 1) // jobs))
         for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
             self.env.setdefault(var, threads)
+        self.preexec = die_with_parent()
 
     def command(self, spec: Spec, run_dir: Path) -> list[str]:
         command = [sys.executable, "-m", "workbench", "run", str(self.recipe),
@@ -311,6 +314,7 @@ class Runner:
             process = subprocess.Popen(
                 self.command(spec, run_dir), stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                 stderr=subprocess.PIPE, text=True, env=self.env, start_new_session=True,
+                preexec_fn=self.preexec,
             )
         stdout, stderr, reason = self.watch(process, run_dir)
         seconds = time.perf_counter() - start
@@ -388,6 +392,26 @@ class Runner:
         if self.signals > 1 and not self.killing:
             self.killing = True
             _quietly(on_note, "killing the runs still going")
+
+
+def die_with_parent() -> Callable[[], None] | None:
+    """A ``preexec_fn`` that has Linux send the child SIGTERM when compare dies, even by
+    SIGKILL, so no run is orphaned; None elsewhere. Linux sends it when the thread that
+    started the child ends: that thread waits for the child, so not before compare ends."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        prctl = ctypes.CDLL(None, use_errno=True).prctl
+    except (OSError, AttributeError):
+        return None
+    parent = os.getpid()
+
+    def preexec() -> None:
+        prctl(PR_SET_PDEATHSIG, ctypes.c_ulong(signal.SIGTERM))
+        if os.getppid() != parent:  # compare died before prctl took hold
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    return preexec
 
 
 @contextlib.contextmanager
