@@ -4,9 +4,9 @@ Every combination of the ``--grid`` values, times each seed, is one ``vibench ru
 child process and its own run directory inside the compare directory. The combinations are
 checked in this process first (no torch needed), so a misspelt key or component name stops
 the comparison before anything runs. Then the runs go in parallel; a run that fails is
-reported beside the others and does not stop them. At the end: a table on stdout (seeds
-averaged), ``compare.csv`` (one row per run), ``compare.png``, and TensorBoard hparams in
-each successful run's directory.
+reported beside the others and does not stop them, as is a run over ``--timeout``. At the
+end: a table on stdout (seeds averaged), ``compare.csv`` (one row per run), ``compare.png``,
+and TensorBoard hparams in each successful run's directory.
 
 Ctrl-C, SIGTERM or SIGHUP asks the runs to save and stop, a second one kills them; the results
 so far are written either way. The children die with compare, even when it is killed.
@@ -270,17 +270,19 @@ def _kind(value: Any) -> str:
 
 
 class Runner:
-    """Runs specs in child processes, ``jobs`` at a time.
+    """Runs specs in child processes, ``jobs`` at a time, each for at most ``timeout`` seconds.
 
     ``signals`` counts Ctrl-C, SIGTERM and SIGHUP (see ``counting_signals``): the first stops
     new runs and asks the live ones to save and stop, the second kills them. Every spec gets a
     result either way.
     """
 
-    def __init__(self, recipe: Path, compare_dir: Path, jobs: int):
+    def __init__(self, recipe: Path, compare_dir: Path, jobs: int,
+                 timeout: float | None = None):
         self.recipe = recipe
         self.compare_dir = compare_dir
         self.jobs = jobs
+        self.timeout = timeout
         self.lock = threading.Lock()
         self.signals = 0
         self.stopping = False  # no new runs; the live ones are asked to stop
@@ -327,8 +329,10 @@ class Runner:
 
     def watch(self, process: subprocess.Popen, run_dir: Path) -> tuple[str, str, str]:
         """A child's stdout and stderr once it ends, and why compare stopped it ("" if it did
-        not): on the first signal it is asked to stop (SIGINT), then killed on a second
-        signal or STOP_GRACE seconds after it was asked."""
+        not): on the first signal it is asked to stop (SIGINT), when its time is up told to
+        (SIGTERM); then it is killed on a second signal or STOP_GRACE seconds after it was
+        asked."""
+        started = time.monotonic()
         reason, asked = "", 0.0
         while True:
             try:
@@ -338,8 +342,13 @@ class Runner:
             now = time.monotonic()
             if not reason:
                 if self.stopping:
-                    reason, asked = "interrupted", now
-                    process.send_signal(signal.SIGINT)
+                    reason, signum = "interrupted", signal.SIGINT
+                elif self.timeout is not None and now - started >= self.timeout:
+                    reason, signum = "timed out", signal.SIGTERM
+                else:
+                    continue
+                process.send_signal(signum)
+                asked = now
             elif self.killing or now - asked > STOP_GRACE:
                 _kill(process)
 
@@ -352,6 +361,9 @@ class Runner:
         last = lines[-1] if lines else ""
         if code == 0:
             result.status, result.error = "ok", ""
+        elif reason == "timed out":
+            at = f", at step {result.steps}" if result.steps is not None else ""
+            result.status, result.error = "failed", f"timed out after {self.timeout:g} s{at}"
         else:
             stopped = bool(reason) or code in STOPPED_CODES
             result.status = "interrupted" if stopped else "failed"
@@ -727,15 +739,19 @@ class Reporter(TerminalBar):
 
 
 def compare(recipe: Path, grid: Sequence[str], sets: Sequence[str], seeds: int,
-            steps: int | None, jobs: int | None, out: Path | None) -> None:
+            steps: int | None, jobs: int | None, out: Path | None,
+            timeout: float | None = None) -> None:
     """The ``vibench compare`` command; raises a VibenchError for a non-zero exit."""
+    if timeout is not None and not timeout > 0:
+        raise UsageError(f"--timeout {timeout:g}: give the seconds each run may take, more than 0")
     grids = parse_grid(grid)
     specs, name = plan(recipe, grids, sets, steps, seeds)
     compare_dir = make_run_dir(f"compare-{name}", out)
     jobs = max(1, min(jobs or os.cpu_count() or 1, sum(not s.refused for s in specs) or 1))
     print(f"compare directory: {compare_dir}", file=sys.stderr)
-    print(f"{len(specs)} runs, {jobs} at a time", file=sys.stderr, flush=True)
-    runner = Runner(recipe, compare_dir, jobs)
+    limit = f", each for at most {timeout:g} s" if timeout is not None else ""
+    print(f"{len(specs)} runs, {jobs} at a time{limit}", file=sys.stderr, flush=True)
+    runner = Runner(recipe, compare_dir, jobs, timeout)
     with counting_signals(runner):
         with Reporter(len(specs), grids) as reporter:
             results = runner.run_all(specs, reporter, reporter.note)
