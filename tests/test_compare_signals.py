@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -18,6 +19,34 @@ pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"),
                                 reason="reads /proc and relies on Linux's parent-death signal")
 
 LONG = "1000000"  # steps: a run that goes on until it is stopped
+
+# A child that, once it has saved an interrupted run, goes on writing to its run directory
+# (as a slow report would) for LINGER_SECONDS, longer than compare once waited, then exits
+# with an unusual code. Put on PYTHONPATH, Python imports it in every process it starts.
+LINGER = '''
+import atexit, json, os, sys, time
+from pathlib import Path
+
+
+def linger():
+    if "run" not in sys.argv or "--out" not in sys.argv:
+        return
+    run_dir = Path(sys.argv[sys.argv.index("--out") + 1])
+    try:
+        status = json.loads((run_dir / "summary.json").read_text())["status"]
+    except OSError:
+        return
+    if status == "interrupted":
+        for i in range(int(float(os.environ["LINGER_SECONDS"]) * 4)):
+            (run_dir / "linger.txt").write_text(str(i))
+            time.sleep(0.25)
+        (run_dir / "lingered").touch()
+        os._exit(3)
+
+
+atexit.register(linger)
+'''
+
 
 def start_compare(tmp_path: Path, out: Path, *args: str, env: dict | None = None
                   ) -> subprocess.Popen:
@@ -126,3 +155,28 @@ def test_the_runs_die_with_compare_even_when_it_is_killed(tmp_path: Path):
     finally:
         for pid in runs_of(out):
             os.kill(pid, signal.SIGKILL)
+
+
+def test_a_run_that_saved_is_waited_for_and_shown_with_its_numbers(tmp_path: Path):
+    """After Ctrl-C a run that saved, then goes on working for 16 s (longer than compare once
+    waited) and exits 3, is not killed, and is reported as interrupted with its numbers."""
+    hook = tmp_path / "hook"
+    hook.mkdir()
+    (hook / "sitecustomize.py").write_text(LINGER)
+    out = tmp_path / "cmp"
+    path = os.pathsep.join(filter(None, [str(hook), os.environ.get("PYTHONPATH")]))
+    child = start_compare(tmp_path, out, "--grid", "optimizer.lr=0.01", "--steps", LONG,
+                          env={"PYTHONPATH": path, "LINGER_SECONDS": "16"})
+    run = out / "optimizer.lr=0.01,seed=0"
+    wait_training(out, [run.name])
+    child.send_signal(signal.SIGINT)
+    stdout, stderr = child.communicate(timeout=120)
+    assert child.returncode == 130, stderr
+    assert (run / "lingered").is_file()  # it was left to finish
+    [row] = read_csv(out / "compare.csv")
+    assert row["status"] == "interrupted" and row["exit_code"] == "3"
+    steps = json.loads((run / "summary.json").read_text())["steps"]
+    assert row["steps"] == str(steps) and float(row["final_loss"]) > 0
+    assert row["error"].startswith(f"interrupted after step {steps}")
+    table = next(line for line in stdout.splitlines() if line.strip().startswith("0.01"))
+    assert f"{float(row['final_loss']):.4f}" in table and "interrupted after step" in table

@@ -44,7 +44,8 @@ MAX_NAME = 120
 NOT_STARTED = "not started: interrupted"
 STOPPED_CODES = (130, 143, -signal.SIGINT, -signal.SIGTERM)  # a run that stopped as asked
 POLL_SECONDS = 0.25
-STOP_GRACE = 15.0  # a run asked to stop is killed after this long
+STOP_IDLE = 30.0  # a run asked to stop is killed after this long without progress
+STOP_LIMIT = 120.0  # or this long after it was asked, whatever it does
 PR_SET_PDEATHSIG = 1
 
 
@@ -330,10 +331,10 @@ class Runner:
     def watch(self, process: subprocess.Popen, run_dir: Path) -> tuple[str, str, str]:
         """A child's stdout and stderr once it ends, and why compare stopped it ("" if it did
         not): on the first signal it is asked to stop (SIGINT), when its time is up told to
-        (SIGTERM); then it is killed on a second signal or STOP_GRACE seconds after it was
-        asked."""
+        (SIGTERM); then it is killed on a second signal, or when it has made no progress for
+        STOP_IDLE seconds, or STOP_LIMIT seconds after it was asked."""
         started = time.monotonic()
-        reason, asked = "", 0.0
+        reason, asked, seen, activity = "", 0.0, 0.0, None
         while True:
             try:
                 return (*process.communicate(timeout=POLL_SECONDS), reason)
@@ -348,22 +349,32 @@ class Runner:
                 else:
                     continue
                 process.send_signal(signum)
-                asked = now
-            elif self.killing or now - asked > STOP_GRACE:
+                asked = seen = now
+                activity = _activity(process.pid, run_dir)
+                continue
+            latest = _activity(process.pid, run_dir)
+            if latest != activity:
+                activity, seen = latest, now
+            if self.killing or now - seen > STOP_IDLE or now - asked > STOP_LIMIT:
                 _kill(process)
 
     def classify(self, result: Result, stderr: str, reason: str) -> None:
-        """A finished child's status and error, from its exit code and why compare stopped
-        it, and its numbers."""
-        read_summary(result)
+        """A finished child's status, error and numbers. What it saved decides: a run whose
+        summary.json says completed or interrupted is ok or interrupted whatever its exit
+        code (it may have been killed after saving); else its exit code does."""
+        summary = read_summary(result)
+        saved = summary.get("status") if summary else None
         code = result.exit_code
         lines = [line.strip() for line in stderr.splitlines() if line.strip()]
         last = lines[-1] if lines else ""
-        if code == 0:
+        if saved == "completed" or (saved is None and code == 0):
             result.status, result.error = "ok", ""
         elif reason == "timed out":
             at = f", at step {result.steps}" if result.steps is not None else ""
             result.status, result.error = "failed", f"timed out after {self.timeout:g} s{at}"
+        elif saved in ("interrupted", "failed"):
+            result.status = saved
+            result.error = last or str(summary.get("error") or saved)
         else:
             stopped = bool(reason) or code in STOPPED_CODES
             result.status = "interrupted" if stopped else "failed"
@@ -449,6 +460,23 @@ def counting_signals(runner: Runner) -> Iterator[None]:
             signal.signal(signum, handler)
 
 
+def _activity(pid: int, run_dir: Path) -> tuple:
+    """Something that changes while a child works: its CPU time (where /proc has it) and its
+    run directory's files, their sizes and times."""
+    try:
+        cpu = tuple(Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[11:13])
+    except OSError:
+        cpu = ()
+    files = []
+    for path in run_dir.rglob("*") if run_dir.is_dir() else []:
+        try:
+            info = path.stat()
+        except OSError:  # replaced as we looked
+            continue
+        files.append((str(path), info.st_size, info.st_mtime_ns))
+    return cpu, sorted(files)
+
+
 def _kill(process: subprocess.Popen) -> None:
     """SIGKILL a child and whatever it started (its process group: it leads its session),
     which could otherwise hold its output open."""
@@ -473,18 +501,22 @@ def _signal_name(number: int) -> str:
         return f"signal {number}"
 
 
-def read_summary(result: Result) -> None:
-    """Fill in a result's metrics from its run's summary.json, where there is one."""
+def read_summary(result: Result) -> dict | None:
+    """Fill in a result's metrics from its run's summary.json, and return it, where there is
+    one."""
     import json
 
     path = result.run_dir / "summary.json"
     try:
         summary = json.loads(path.read_text())
     except (OSError, ValueError):
-        return
+        return None
+    if not isinstance(summary, dict):
+        return None
     result.metrics = metrics(summary)
     result.steps = summary.get("steps")
     result.wall_seconds = _number(summary.get("wall_seconds"))
+    return summary
 
 
 def metrics(summary: dict) -> dict[str, float | None]:
@@ -661,20 +693,17 @@ def print_table(grids: list[Grid], results: list[Result]) -> None:
     rows = []
     for g in group(results):
         ok = [r for r in g if r.status == "ok"]
-        failed = [r for r in g if r.status != "ok"]
+        shown = ok or [r for r in g if r.status == "interrupted"]  # what it had learned
 
         def cell(key: str, digits: int) -> str:
-            value = _mean([r.metrics.get(key) for r in ok])
+            value = _mean([r.metrics.get(key) for r in shown])
             return "-" if value is None else f"{value:.{digits}f}"
 
-        wall = _mean([r.wall_seconds for r in ok])
-        status = "ok" if not failed else (
-            f"{'failed' if not ok else f'{len(failed)} of {len(g)} failed'}: "
-            + failed[0].error.removeprefix("error: "))
+        wall = _mean([r.wall_seconds for r in shown])
         rows.append([*g[0].spec.combo, f"{len(ok)}/{len(g)}", cell("final_loss", 4),
                      cell("mean_error", 4), cell("std_error", 4), cell("khat", 2),
                      cell("steps_per_second", 0), "-" if wall is None else f"{wall:.1f}",
-                     status])
+                     _status_cell(g)])
     headers = [*(g.key for g in grids), "runs", "final loss", "mean err", "std err", "k-hat",
                "steps/s", "wall s"]
     console = Console() if sys.stdout.isatty() else Console(width=200, no_color=True)
@@ -702,6 +731,20 @@ def print_table(grids: list[Grid], results: list[Result]) -> None:
         if r.status != "ok":
             console.print(f"{r.status}: {r.run_dir.name}: {r.error}",
                           markup=False, highlight=False, overflow="fold")
+
+
+def _status_cell(runs: list[Result]) -> str:
+    """ok, or how many of a combination's runs failed or were interrupted, and the first one's
+    error."""
+    bad = [r for r in runs if r.status != "ok"]
+    if not bad:
+        return "ok"
+    word = "interrupted" if all(r.status == "interrupted" for r in bad) else "failed"
+    first = next(r for r in bad if r.status == word)
+    error = first.error.removeprefix("error: ")
+    if len(bad) < len(runs):
+        return f"{len(bad)} of {len(runs)} {word}: {error}"
+    return error if error.startswith(word) else f"{word}: {error}"
 
 
 class Reporter(TerminalBar):
