@@ -48,12 +48,13 @@ atexit.register(linger)
 '''
 
 
-def start_compare(tmp_path: Path, out: Path, *args: str, env: dict | None = None
-                  ) -> subprocess.Popen:
+def start_compare(tmp_path: Path, out: Path, *args: str, env: dict | None = None,
+                  unset: tuple[str, ...] = ()) -> subprocess.Popen:
     """``vibench compare COIN ARGS --out OUT`` in a child process, as a user would start it,
-    with ``env`` added to this environment."""
+    with ``env`` added to this environment and ``unset`` taken out."""
     full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
-    full_env.pop("VIBENCH_DEBUG", None)
+    for name in ("VIBENCH_DEBUG", *unset):
+        full_env.pop(name, None)
     return subprocess.Popen(
         [sys.executable, "-m", "workbench", "compare", str(COIN), *args, "--out", str(out)],
         cwd=tmp_path, env=full_env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
@@ -95,6 +96,11 @@ def alive(pid: int) -> bool:
     return state not in ("Z", "X")
 
 
+def environ(pid: int) -> dict[str, str]:
+    entries = Path(f"/proc/{pid}/environ").read_bytes().decode().split("\0")
+    return dict(e.split("=", 1) for e in entries if "=" in e)
+
+
 def test_a_run_over_the_timeout_is_stopped_and_reported_and_the_others_finish(tmp_path: Path):
     out = tmp_path / "cmp"
     child = start_compare(tmp_path, out, "--grid", f"train.steps=10,{LONG}", "--jobs", "2",
@@ -120,10 +126,11 @@ def test_a_run_over_the_timeout_is_stopped_and_reported_and_the_others_finish(tm
 def test_two_quick_ctrl_cs_kill_the_runs_and_still_write_the_results(tmp_path: Path):
     out = tmp_path / "cmp"
     child = start_compare(tmp_path, out, "--grid", "optimizer.lr=0.01,0.02", "--steps", LONG,
-                          "--jobs", "2")
+                          "--jobs", "2", env={"OMP_NUM_THREADS": "2"})
     wait_training(out, ["optimizer.lr=0.01,seed=0", "optimizer.lr=0.02,seed=0"])
     runs = runs_of(out)
     assert len(runs) == 2
+    assert all(environ(pid)["OMP_NUM_THREADS"] == "2" for pid in runs)  # the user's choice
     child.send_signal(signal.SIGINT)
     time.sleep(0.1)
     child.send_signal(signal.SIGINT)
@@ -141,11 +148,13 @@ def test_two_quick_ctrl_cs_kill_the_runs_and_still_write_the_results(tmp_path: P
 def test_the_runs_die_with_compare_even_when_it_is_killed(tmp_path: Path):
     out = tmp_path / "cmp"
     child = start_compare(tmp_path, out, "--grid", "optimizer.lr=0.01,0.02", "--steps", LONG,
-                          "--jobs", "2")
+                          "--jobs", "2", unset=("OMP_NUM_THREADS", "MKL_NUM_THREADS"))
     try:
         wait_training(out, ["optimizer.lr=0.01,seed=0", "optimizer.lr=0.02,seed=0"])
         runs = runs_of(out)
         assert len(runs) == 2
+        threads = str(max(1, len(os.sched_getaffinity(0)) // 2))  # the cores shared by 2 jobs
+        assert all(environ(pid)["OMP_NUM_THREADS"] == threads for pid in runs)
         child.kill()
         child.wait(timeout=10)
         deadline = time.monotonic() + 30

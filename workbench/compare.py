@@ -288,11 +288,7 @@ class Runner:
         self.signals = 0
         self.stopping = False  # no new runs; the live ones are asked to stop
         self.killing = False  # the live ones are killed
-        self.env = dict(os.environ)
-        # Each child's torch would otherwise use every core, so parallel runs fight for them.
-        threads = str(max(1, (os.cpu_count() or 1) // jobs))
-        for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
-            self.env.setdefault(var, threads)
+        self.env = child_env(jobs)
         self.preexec = die_with_parent()
 
     def command(self, spec: Spec, run_dir: Path) -> list[str]:
@@ -415,6 +411,26 @@ class Runner:
         if self.signals > 1 and not self.killing:
             self.killing = True
             _quietly(on_note, "killing the runs still going")
+
+
+def child_env(jobs: int) -> dict[str, str]:
+    """This environment, with each child's torch on its share of the cores unless the user
+    set OMP_NUM_THREADS: parallel runs that each use every core slow one another down."""
+    env = dict(os.environ)
+    if "OMP_NUM_THREADS" not in env:
+        threads = str(max(1, cpu_count() // jobs))
+        env["OMP_NUM_THREADS"] = threads
+        env.setdefault("MKL_NUM_THREADS", threads)
+    return env
+
+
+def cpu_count() -> int:
+    """The cores this process may use: in a container or under taskset, fewer than the
+    machine has."""
+    try:
+        return len(os.sched_getaffinity(0)) or 1
+    except AttributeError:
+        return os.cpu_count() or 1
 
 
 def die_with_parent() -> Callable[[], None] | None:
@@ -790,7 +806,7 @@ def compare(recipe: Path, grid: Sequence[str], sets: Sequence[str], seeds: int,
     grids = parse_grid(grid)
     specs, name = plan(recipe, grids, sets, steps, seeds)
     compare_dir = make_run_dir(f"compare-{name}", out)
-    jobs = max(1, min(jobs or os.cpu_count() or 1, sum(not s.refused for s in specs) or 1))
+    jobs = max(1, min(jobs or cpu_count(), sum(not s.refused for s in specs) or 1))
     print(f"compare directory: {compare_dir}", file=sys.stderr)
     limit = f", each for at most {timeout:g} s" if timeout is not None else ""
     print(f"{len(specs)} runs, {jobs} at a time{limit}", file=sys.stderr, flush=True)
