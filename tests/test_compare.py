@@ -211,7 +211,9 @@ def test_metrics_take_the_largest_error_over_sites_and_elements():
         "steps_per_second": None}
 
 
-def test_ctrl_c_stops_every_run_reports_what_finished_and_exits_130(tmp_path: Path):
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGHUP])
+def test_ctrl_c_stops_every_run_reports_what_finished_and_exits_130(tmp_path: Path, signum):
+    """Ctrl-C, and the terminal closing (SIGHUP), stop the runs; each saves."""
     out = tmp_path / "cmp"
     child = subprocess.Popen(
         [sys.executable, "-m", "workbench", "compare", str(COIN), "--grid",
@@ -223,7 +225,7 @@ def test_ctrl_c_stops_every_run_reports_what_finished_and_exits_130(tmp_path: Pa
     while not list(run.glob("events.out.tfevents.*")) and time.monotonic() < deadline:
         time.sleep(0.1)
     time.sleep(0.5)
-    child.send_signal(signal.SIGINT)
+    child.send_signal(signum)
     stdout, stderr = child.communicate(timeout=120)
     assert child.returncode == 130, stderr
     assert "Traceback" not in stderr

@@ -173,15 +173,22 @@ def compare(
     out: Annotated[Optional[Path], typer.Option(
         help="The compare directory (new or empty). Default: runs/compare-<name>-<timestamp>.")
     ] = None,
+    timeout: Annotated[Optional[float], typer.Option(
+        metavar="SECONDS", show_default=False,
+        help="Stop a run that takes longer (SIGTERM: it saves, then is killed if it does not "
+             "stop); it is reported as timed out and the others go on. Default: no limit.")
+    ] = None,
 ) -> None:
     """Run a recipe for every combination of --grid values and seeds, side by side.
 
     Each run is a `vibench run` in its own directory; they run in parallel.
     At the end: a table (seeds averaged), compare.csv, compare.png, TensorBoard hparams.
+    Ctrl-C stops the runs (each saves); a second Ctrl-C kills them. Either way the results
+    so far are written.
     """
     from workbench.compare import compare as run_compare
 
-    run_compare(recipe, grid or [], set_ or [], seeds, steps, jobs, out)
+    run_compare(recipe, grid or [], set_ or [], seeds, steps, jobs, out, timeout)
 
 
 def report_lines(summary: dict, limit: int = 10) -> list[str]:

@@ -4,14 +4,19 @@ Every combination of the ``--grid`` values, times each seed, is one ``vibench ru
 child process and its own run directory inside the compare directory. The combinations are
 checked in this process first (no torch needed), so a misspelt key or component name stops
 the comparison before anything runs. Then the runs go in parallel; a run that fails is
-reported beside the others and does not stop them. At the end: a table on stdout (seeds
-averaged), ``compare.csv`` (one row per run), ``compare.png``, and TensorBoard hparams in
-each successful run's directory.
+reported beside the others and does not stop them, as is a run over ``--timeout``. At the
+end: a table on stdout (seeds averaged), ``compare.csv`` (one row per run), ``compare.png``,
+and TensorBoard hparams in each successful run's directory.
+
+Ctrl-C, SIGTERM or SIGHUP asks the runs to save and stop, a second one kills them; the results
+so far are written either way. The children die with compare, even when it is killed.
 """
 
 from __future__ import annotations
 
+import contextlib
 import csv
+import ctypes
 import hashlib
 import itertools
 import math
@@ -22,10 +27,10 @@ import subprocess
 import sys
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor, as_completed
+from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 from workbench.errors import RecipeError, RunError, UsageError, VibenchError
 from workbench.progress import TerminalBar
@@ -36,10 +41,17 @@ CSV_TAIL = ("seed", "status", "exit_code", *METRICS, "steps", "wall_seconds", "p
             "run_dir", "error")
 SAFE = re.compile(r"[^A-Za-z0-9._,=+-]")
 MAX_NAME = 120
+NOT_STARTED = "not started: interrupted"
+STOPPED_CODES = (130, 143, -signal.SIGINT, -signal.SIGTERM)  # a run that stopped as asked
+POLL_SECONDS = 0.25
+STOP_IDLE = 30.0  # a run asked to stop is killed after this long without progress
+STOP_LIMIT = 120.0  # or this long after it was asked, whatever it does
+PR_SET_PDEATHSIG = 1
 
 
 class Interrupted(VibenchError):
-    """Ctrl-C: the runs still going are stopped (each saves what it learned)."""
+    """Ctrl-C, SIGTERM or SIGHUP: the runs still going are stopped (each saves what it
+    learned) or, on a second signal, killed."""
 
     exit_code = 130
 
@@ -259,20 +271,25 @@ def _kind(value: Any) -> str:
 
 
 class Runner:
-    """Runs specs in child processes, ``jobs`` at a time; Ctrl-C stops them all."""
+    """Runs specs in child processes, ``jobs`` at a time, each for at most ``timeout`` seconds.
 
-    def __init__(self, recipe: Path, compare_dir: Path, jobs: int):
+    ``signals`` counts Ctrl-C, SIGTERM and SIGHUP (see ``counting_signals``): the first stops
+    new runs and asks the live ones to save and stop, the second kills them. Every spec gets a
+    result either way.
+    """
+
+    def __init__(self, recipe: Path, compare_dir: Path, jobs: int,
+                 timeout: float | None = None):
         self.recipe = recipe
         self.compare_dir = compare_dir
         self.jobs = jobs
+        self.timeout = timeout
         self.lock = threading.Lock()
-        self.live: set[subprocess.Popen] = set()
-        self.stopping = False
-        self.env = dict(os.environ)
-        # Each child's torch would otherwise use every core, so parallel runs fight for them.
-        threads = str(max(1, (os.cpu_count() or 1) // jobs))
-        for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
-            self.env.setdefault(var, threads)
+        self.signals = 0
+        self.stopping = False  # no new runs; the live ones are asked to stop
+        self.killing = False  # the live ones are killed
+        self.env = child_env(jobs)
+        self.preexec = die_with_parent()
 
     def command(self, spec: Spec, run_dir: Path) -> list[str]:
         command = [sys.executable, "-m", "workbench", "run", str(self.recipe),
@@ -282,6 +299,7 @@ class Runner:
         return command
 
     def run_one(self, spec: Spec) -> Result:
+        """Run one spec in a child process (its own session, out of the terminal's reach)."""
         run_dir = self.compare_dir / spec.name
         if spec.refused:
             run_dir.mkdir(parents=True, exist_ok=True)
@@ -290,92 +308,206 @@ class Runner:
             return Result(spec, run_dir, "failed", 2, lines[-1])
         with self.lock:
             if self.stopping:
-                return Result(spec, run_dir, "interrupted", error="not started: interrupted")
+                return Result(spec, run_dir, "interrupted", error=NOT_STARTED)
             start = time.perf_counter()
             process = subprocess.Popen(
                 self.command(spec, run_dir), stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                 stderr=subprocess.PIPE, text=True, env=self.env, start_new_session=True,
+                preexec_fn=self.preexec,
             )
-            self.live.add(process)
-        try:
-            stdout, stderr = process.communicate()
-        finally:
-            with self.lock:
-                self.live.discard(process)
+        stdout, stderr, reason = self.watch(process, run_dir)
         seconds = time.perf_counter() - start
         run_dir.mkdir(parents=True, exist_ok=True)  # a run refused before training made none
         (run_dir / "stderr.txt").write_text(stderr)
         (run_dir / "stdout.txt").write_text(stdout)
-        code = process.returncode
-        status = "ok" if code == 0 else ("interrupted" if code in (130, -signal.SIGINT)
-                                         else "failed")
-        lines = [line for line in stderr.splitlines() if line.strip()]
-        if code == 0:
-            error = ""
-        elif code < 0 and code != -signal.SIGINT:
-            error = f"killed by {_signal_name(-code)}"
-        else:
-            error = lines[-1].strip() if lines else f"exit code {code}"
-        result = Result(spec, run_dir, status, code, error, process_seconds=seconds)
-        read_summary(result)
+        result = Result(spec, run_dir, "failed", process.returncode, process_seconds=seconds)
+        self.classify(result, stderr, reason)
         return result
 
-    def stop(self) -> None:
-        """Ask every running child to stop as on Ctrl-C (it saves what it learned)."""
-        with self.lock:
-            self.stopping = True
-            live = list(self.live)
-        for process in live:
+    def watch(self, process: subprocess.Popen, run_dir: Path) -> tuple[str, str, str]:
+        """A child's stdout and stderr once it ends, and why compare stopped it ("" if it did
+        not): on the first signal it is asked to stop (SIGINT), when its time is up told to
+        (SIGTERM); then it is killed on a second signal, or when it has made no progress for
+        STOP_IDLE seconds, or STOP_LIMIT seconds after it was asked."""
+        started = time.monotonic()
+        reason, asked, seen, activity = "", 0.0, 0.0, None
+        while True:
             try:
-                process.send_signal(signal.SIGINT)
-            except OSError:
-                pass
-        deadline = time.monotonic() + 15
-        for process in live:
-            try:
-                process.wait(max(0.1, deadline - time.monotonic()))
+                return (*process.communicate(timeout=POLL_SECONDS), reason)
             except subprocess.TimeoutExpired:
-                process.kill()
+                pass
+            now = time.monotonic()
+            if not reason:
+                if self.stopping:
+                    reason, signum = "interrupted", signal.SIGINT
+                elif self.timeout is not None and now - started >= self.timeout:
+                    reason, signum = "timed out", signal.SIGTERM
+                else:
+                    continue
+                process.send_signal(signum)
+                asked = seen = now
+                activity = _activity(process.pid, run_dir)
+                continue
+            latest = _activity(process.pid, run_dir)
+            if latest != activity:
+                activity, seen = latest, now
+            if self.killing or now - seen > STOP_IDLE or now - asked > STOP_LIMIT:
+                _kill(process)
 
-    def run_all(self, specs: list[Spec], on_done: Callable[[Result], None]) -> list[Result]:
-        """Each spec's result, in order. Ctrl-C or SIGTERM stops the children (their own
-        sessions, so a terminal's Ctrl-C reaches them once, from here) and raises _Stopped."""
-        previous = signal.getsignal(signal.SIGTERM)
-        if threading.current_thread() is threading.main_thread():
-            signal.signal(signal.SIGTERM, _raise_interrupt)
-        try:
-            return self._run_all(specs, on_done)
-        finally:
-            if threading.current_thread() is threading.main_thread():
-                signal.signal(signal.SIGTERM, previous)
+    def classify(self, result: Result, stderr: str, reason: str) -> None:
+        """A finished child's status, error and numbers. What it saved decides: a run whose
+        summary.json says completed or interrupted is ok or interrupted whatever its exit
+        code (it may have been killed after saving); else its exit code does."""
+        summary = read_summary(result)
+        saved = summary.get("status") if summary else None
+        code = result.exit_code
+        lines = [line.strip() for line in stderr.splitlines() if line.strip()]
+        last = lines[-1] if lines else ""
+        if saved == "completed" or (saved is None and code == 0):
+            result.status, result.error = "ok", ""
+        elif reason == "timed out":
+            at = f", at step {result.steps}" if result.steps is not None else ""
+            result.status, result.error = "failed", f"timed out after {self.timeout:g} s{at}"
+        elif saved in ("interrupted", "failed"):
+            result.status = saved
+            result.error = last or str(summary.get("error") or saved)
+        else:
+            stopped = bool(reason) or code in STOPPED_CODES
+            result.status = "interrupted" if stopped else "failed"
+            killed = code < 0 and code != -signal.SIGINT
+            result.error = (f"killed by {_signal_name(-code)}" if killed
+                            else last or f"exit code {code}")
 
-    def _run_all(self, specs: list[Spec], on_done: Callable[[Result], None]) -> list[Result]:
+    def run_all(self, specs: list[Spec], on_done: Callable[[Result], None],
+                on_note: Callable[[str], None]) -> list[Result]:
+        """Each spec's result, in order; ``on_done`` gets each as it finishes (but not the runs
+        a stop kept from starting), ``on_note`` a line when the signals stop or kill the runs."""
         results: dict[int, Result] = {}
-        pool = ThreadPoolExecutor(max_workers=self.jobs)
-        futures = {pool.submit(self.run_one, spec): i for i, spec in enumerate(specs)}
-        try:
-            for future in as_completed(futures):
-                result = future.result()
-                results[futures[future]] = result
-                on_done(result)
-        except KeyboardInterrupt:
-            self.stop()
-            pool.shutdown(wait=True, cancel_futures=True)
-            for future, i in futures.items():
-                if i not in results:
-                    if future.done() and not future.cancelled() and future.exception() is None:
-                        results[i] = future.result()
-                    else:
-                        spec = specs[i]
-                        results[i] = Result(spec, self.compare_dir / spec.name, "interrupted",
-                                            error="interrupted")
-            raise _Stopped([results[i] for i in range(len(specs))]) from None
-        pool.shutdown(wait=True)
+        with ThreadPoolExecutor(max_workers=self.jobs) as pool:
+            futures = {pool.submit(self.run_one, spec): i for i, spec in enumerate(specs)}
+            pending = set(futures)
+            while pending:
+                done, pending = wait(pending, timeout=POLL_SECONDS, return_when=FIRST_COMPLETED)
+                for future in done:
+                    spec = specs[futures[future]]
+                    try:
+                        result = future.result()
+                    except Exception as exc:  # e.g. no more processes or files: this run only
+                        result = Result(spec, self.compare_dir / spec.name, "failed",
+                                        error=f"could not run it: {exc}")
+                    results[futures[future]] = result
+                    if result.error != NOT_STARTED:
+                        _quietly(on_done, result)
+                self.heed(on_note)
         return [results[i] for i in range(len(specs))]
 
+    def heed(self, on_note: Callable[[str], None]) -> None:
+        """Act on the signals counted so far: the first stops, the second kills."""
+        if self.signals and not self.stopping:
+            with self.lock:
+                self.stopping = True
+            _quietly(on_note, "stopping: no new runs; each running one saves what it learned "
+                              "and stops (Ctrl-C again to kill them)")
+        if self.signals > 1 and not self.killing:
+            self.killing = True
+            _quietly(on_note, "killing the runs still going")
 
-def _raise_interrupt(signum: int, frame: Any) -> None:
-    raise KeyboardInterrupt
+
+def child_env(jobs: int) -> dict[str, str]:
+    """This environment, with each child's torch on its share of the cores unless the user
+    set OMP_NUM_THREADS: parallel runs that each use every core slow one another down."""
+    env = dict(os.environ)
+    if "OMP_NUM_THREADS" not in env:
+        threads = str(max(1, cpu_count() // jobs))
+        env["OMP_NUM_THREADS"] = threads
+        env.setdefault("MKL_NUM_THREADS", threads)
+    return env
+
+
+def cpu_count() -> int:
+    """The cores this process may use: in a container or under taskset, fewer than the
+    machine has."""
+    try:
+        return len(os.sched_getaffinity(0)) or 1
+    except AttributeError:
+        return os.cpu_count() or 1
+
+
+def die_with_parent() -> Callable[[], None] | None:
+    """A ``preexec_fn`` that has Linux send the child SIGTERM when compare dies, even by
+    SIGKILL, so no run is orphaned; None elsewhere. Linux sends it when the thread that
+    started the child ends: that thread waits for the child, so not before compare ends."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        prctl = ctypes.CDLL(None, use_errno=True).prctl
+    except (OSError, AttributeError):
+        return None
+    parent = os.getpid()
+
+    def preexec() -> None:
+        prctl(PR_SET_PDEATHSIG, ctypes.c_ulong(signal.SIGTERM))
+        if os.getppid() != parent:  # compare died before prctl took hold
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    return preexec
+
+
+@contextlib.contextmanager
+def counting_signals(runner: Runner) -> Iterator[None]:
+    """While this lasts, Ctrl-C, SIGTERM and SIGHUP only count in ``runner.signals``, so no
+    signal cuts the runs' results or the writing of them short (the main thread only; a
+    signal ignored when compare started, as under nohup, stays ignored)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def count(signum: int, frame: Any) -> None:
+        runner.signals += 1
+
+    previous = {}
+    for signum in (signal.SIGINT, signal.SIGTERM, getattr(signal, "SIGHUP", None)):
+        if signum is not None and signal.getsignal(signum) is not signal.SIG_IGN:
+            previous[signum] = signal.signal(signum, count)
+    try:
+        yield
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+
+
+def _activity(pid: int, run_dir: Path) -> tuple:
+    """Something that changes while a child works: its CPU time (where /proc has it) and its
+    run directory's files, their sizes and times."""
+    try:
+        cpu = tuple(Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[11:13])
+    except OSError:
+        cpu = ()
+    files = []
+    for path in run_dir.rglob("*") if run_dir.is_dir() else []:
+        try:
+            info = path.stat()
+        except OSError:  # replaced as we looked
+            continue
+        files.append((str(path), info.st_size, info.st_mtime_ns))
+    return cpu, sorted(files)
+
+
+def _kill(process: subprocess.Popen) -> None:
+    """SIGKILL a child and whatever it started (its process group: it leads its session),
+    which could otherwise hold its output open."""
+    try:
+        os.killpg(process.pid, signal.SIGKILL)
+    except OSError:
+        process.kill()
+
+
+def _quietly(call: Callable[[Any], None], arg: Any) -> None:
+    """Call a progress callback; a terminal gone (SIGHUP) must not stop the runs."""
+    try:
+        call(arg)
+    except OSError:
+        pass
 
 
 def _signal_name(number: int) -> str:
@@ -385,23 +517,22 @@ def _signal_name(number: int) -> str:
         return f"signal {number}"
 
 
-class _Stopped(Exception):
-    def __init__(self, results: list[Result]):
-        self.results = results
-
-
-def read_summary(result: Result) -> None:
-    """Fill in a result's metrics from its run's summary.json, where there is one."""
+def read_summary(result: Result) -> dict | None:
+    """Fill in a result's metrics from its run's summary.json, and return it, where there is
+    one."""
     import json
 
     path = result.run_dir / "summary.json"
     try:
         summary = json.loads(path.read_text())
     except (OSError, ValueError):
-        return
+        return None
+    if not isinstance(summary, dict):
+        return None
     result.metrics = metrics(summary)
     result.steps = summary.get("steps")
     result.wall_seconds = _number(summary.get("wall_seconds"))
+    return summary
 
 
 def metrics(summary: dict) -> dict[str, float | None]:
@@ -578,20 +709,17 @@ def print_table(grids: list[Grid], results: list[Result]) -> None:
     rows = []
     for g in group(results):
         ok = [r for r in g if r.status == "ok"]
-        failed = [r for r in g if r.status != "ok"]
+        shown = ok or [r for r in g if r.status == "interrupted"]  # what it had learned
 
         def cell(key: str, digits: int) -> str:
-            value = _mean([r.metrics.get(key) for r in ok])
+            value = _mean([r.metrics.get(key) for r in shown])
             return "-" if value is None else f"{value:.{digits}f}"
 
-        wall = _mean([r.wall_seconds for r in ok])
-        status = "ok" if not failed else (
-            f"{'failed' if not ok else f'{len(failed)} of {len(g)} failed'}: "
-            + failed[0].error.removeprefix("error: "))
+        wall = _mean([r.wall_seconds for r in shown])
         rows.append([*g[0].spec.combo, f"{len(ok)}/{len(g)}", cell("final_loss", 4),
                      cell("mean_error", 4), cell("std_error", 4), cell("khat", 2),
                      cell("steps_per_second", 0), "-" if wall is None else f"{wall:.1f}",
-                     status])
+                     _status_cell(g)])
     headers = [*(g.key for g in grids), "runs", "final loss", "mean err", "std err", "k-hat",
                "steps/s", "wall s"]
     console = Console() if sys.stdout.isatty() else Console(width=200, no_color=True)
@@ -621,6 +749,20 @@ def print_table(grids: list[Grid], results: list[Result]) -> None:
                           markup=False, highlight=False, overflow="fold")
 
 
+def _status_cell(runs: list[Result]) -> str:
+    """ok, or how many of a combination's runs failed or were interrupted, and the first one's
+    error."""
+    bad = [r for r in runs if r.status != "ok"]
+    if not bad:
+        return "ok"
+    word = "interrupted" if all(r.status == "interrupted" for r in bad) else "failed"
+    first = next(r for r in bad if r.status == word)
+    error = first.error.removeprefix("error: ")
+    if len(bad) < len(runs):
+        return f"{len(bad)} of {len(runs)} {word}: {error}"
+    return error if error.startswith(word) else f"{word}: {error}"
+
+
 class Reporter(TerminalBar):
     """Progress on stderr: a bar with runs done and failed on a terminal, else a line a run."""
 
@@ -647,35 +789,50 @@ class Reporter(TerminalBar):
         else:
             print(f"[{self.done}/{self.total}] {line}", file=sys.stderr, flush=True)
 
+    def note(self, line: str) -> None:
+        """A line about the comparison as a whole, above the bar on a terminal."""
+        if self.bar is not None:
+            self.bar.console.print(line, markup=False, highlight=False)
+        else:
+            print(line, file=sys.stderr, flush=True)
+
 
 def compare(recipe: Path, grid: Sequence[str], sets: Sequence[str], seeds: int,
-            steps: int | None, jobs: int | None, out: Path | None) -> None:
+            steps: int | None, jobs: int | None, out: Path | None,
+            timeout: float | None = None) -> None:
     """The ``vibench compare`` command; raises a VibenchError for a non-zero exit."""
+    if timeout is not None and not timeout > 0:
+        raise UsageError(f"--timeout {timeout:g}: give the seconds each run may take, more than 0")
     grids = parse_grid(grid)
     specs, name = plan(recipe, grids, sets, steps, seeds)
     compare_dir = make_run_dir(f"compare-{name}", out)
-    jobs = max(1, min(jobs or os.cpu_count() or 1, sum(not s.refused for s in specs) or 1))
+    jobs = max(1, min(jobs or cpu_count(), sum(not s.refused for s in specs) or 1))
     print(f"compare directory: {compare_dir}", file=sys.stderr)
-    print(f"{len(specs)} runs, {jobs} at a time", file=sys.stderr, flush=True)
-    runner = Runner(recipe, compare_dir, jobs)
-    interrupted = False
-    with Reporter(len(specs), grids) as reporter:
-        try:
-            results = runner.run_all(specs, reporter)
-        except _Stopped as stopped:
-            results, interrupted = stopped.results, True
-    print_table(grids, results)
+    limit = f", each for at most {timeout:g} s" if timeout is not None else ""
+    print(f"{len(specs)} runs, {jobs} at a time{limit}", file=sys.stderr, flush=True)
+    runner = Runner(recipe, compare_dir, jobs, timeout)
+    with counting_signals(runner):
+        with Reporter(len(specs), grids) as reporter:
+            results = runner.run_all(specs, reporter, reporter.note)
+        write_report(compare_dir, grids, results)
     failures = [r for r in results if r.status != "ok"]
-    csv_path = compare_dir / "compare.csv"
-    write_csv(csv_path, grids, results)
-    print(f"compare.csv: {csv_path}")
-    png_path = compare_dir / "compare.png"
-    if write_plot(png_path, grids, results):
-        print(f"compare.png: {png_path}")
-    write_hparams(results)
-    if interrupted:
+    if runner.signals:
         raise Interrupted(f"interrupted: {len(results) - len(failures)} of {len(results)} runs "
                           f"finished; results so far in {compare_dir}")
     if failures:
         raise RunError(f"{len(failures)} of {len(results)} runs failed; see the table and "
                        f"each run's stderr.txt in {compare_dir}")
+
+
+def write_report(compare_dir: Path, grids: list[Grid], results: list[Result]) -> None:
+    """compare.csv, compare.png and the hparams, then the table: the files first, so that
+    they are written even when the terminal has gone."""
+    csv_path = compare_dir / "compare.csv"
+    write_csv(csv_path, grids, results)
+    png_path = compare_dir / "compare.png"
+    plotted = write_plot(png_path, grids, results)
+    write_hparams(results)
+    print_table(grids, results)
+    print(f"compare.csv: {csv_path}")
+    if plotted:
+        print(f"compare.png: {png_path}")
