@@ -13,15 +13,26 @@ import pytest
 # cores, in this process and in every vibench child it starts. Results do not depend on it.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
+# The suite trains on the CPU, where the device is not the point, so a GPU machine runs it in
+# the same time and with the same random streams; tests/test_gpu.py gives the GPU back to the
+# vibench children it starts (``vibench(..., gpu=True)``).
+GPU_DEVICES = os.environ.get("CUDA_VISIBLE_DEVICES")
+os.environ["CUDA_VISIBLE_DEVICES"] = ""
+
 REPO = Path(__file__).resolve().parent.parent
 COIN = REPO / "recipes" / "coin.yaml"
 
 
-def vibench(*args: str, cwd: Path = REPO, env: dict | None = None, timeout: float = 300
-            ) -> subprocess.CompletedProcess:
-    """Run ``vibench ARGS`` as a user would, in a child process, capturing its output."""
+def vibench(*args: str, cwd: Path = REPO, env: dict | None = None, timeout: float = 300,
+            gpu: bool = False) -> subprocess.CompletedProcess:
+    """Run ``vibench ARGS`` as a user would, in a child process, capturing its output; with
+    ``gpu``, the child sees the machine's GPUs."""
     full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
     full_env.pop("VIBENCH_DEBUG", None)
+    if gpu:
+        full_env.pop("CUDA_VISIBLE_DEVICES")
+        if GPU_DEVICES is not None:
+            full_env["CUDA_VISIBLE_DEVICES"] = GPU_DEVICES
     return subprocess.run(
         [sys.executable, "-m", "workbench", *args],
         cwd=cwd, env=full_env, capture_output=True, text=True, timeout=timeout,

@@ -348,3 +348,42 @@ def test_huge_num_particles_is_refused_with_an_estimate():
     result = vibench("run", str(COIN), "--set", "loss.num_particles=1000000000")
     assert result.returncode == 2
     assert "loss.num_particles: 1000000000 particles need about" in result.stderr
+
+
+def test_a_finished_run_loads_back_with_its_guide(tmp_path: Path):
+    from workbench import service
+    from workbench.registry import get_registry
+
+    out = tmp_path / "r"
+    result = vibench("run", str(LINEAR), "--steps", "50", "--set", "guide=auto_iaf_normal",
+                     "--set", "train.plots=false", "--out", str(out))
+    assert result.returncode == 0, result.stderr
+    run = service.load(out, get_registry())
+    saved = params(out)
+    store = dict(pyro_params())
+    assert saved.keys() == store.keys()
+    assert all(torch.equal(saved[k], store[k]) for k in saved)
+    masks = torch.load(out / "checkpoint.pt", weights_only=True)["buffers"]
+    assert masks and all(torch.equal(masks[k], b) for k, b in run.guide.named_buffers())
+    draw = run.guide(**run.data)
+    assert all(torch.isfinite(v).all() for v in draw.values())
+
+
+def pyro_params():
+    import pyro
+
+    return ((name, p.detach()) for name, p in pyro.get_param_store().named_parameters())
+
+
+def test_a_stop_signal_during_set_up_is_one_line_and_leaves_nothing(tmp_path: Path):
+    child = start(COIN, tmp_path / "r")
+    time.sleep(0.7)  # importing torch and building the run
+    child.send_signal(signal.SIGTERM)
+    _, stderr = child.communicate(timeout=60)
+    assert child.returncode == 143, stderr
+    assert "Traceback" not in stderr
+    if (tmp_path / "r" / "summary.json").exists():  # the signal came once training had begun
+        assert strict_json(tmp_path / "r" / "summary.json")["status"] == "interrupted"
+    else:
+        assert stderr.strip().splitlines()[-1] == "interrupted"
+        assert not (tmp_path / "r").exists()

@@ -9,6 +9,7 @@ kill at any instant leaves the last complete checkpoint readable.
 
 from __future__ import annotations
 
+import io
 import os
 import pickle
 import random
@@ -76,9 +77,11 @@ def restore_params(params: dict[str, torch.Tensor], buffers: dict[str, torch.Ten
 
 def save(run_dir: Path, checkpoint: dict[str, Any]) -> None:
     """Write ``checkpoint`` (the keys in KEYS but ``version``) whole or not at all."""
+    buffer = io.BytesIO()  # torch.save reports a full disk as "iostream error": write the
+    torch.save({"version": VERSION, **checkpoint}, buffer)  # bytes ourselves, for an OSError
     tmp = run_dir / (FILENAME + ".tmp")
     with open(tmp, "wb") as handle:
-        torch.save({"version": VERSION, **checkpoint}, handle)
+        handle.write(buffer.getbuffer())
         handle.flush()
         os.fsync(handle.fileno())
     os.replace(tmp, run_dir / FILENAME)

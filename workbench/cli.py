@@ -6,13 +6,14 @@ Results go to stdout; progress and errors to stderr. Torch is imported only by `
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import signal
 import sys
 import time
 from pathlib import Path
-from typing import Annotated, Any, Optional
+from typing import Annotated, Any, Callable, Optional
 
 import typer
 
@@ -33,7 +34,25 @@ app = typer.Typer(
 )
 
 
+def _stoppable(command: Callable) -> Callable:
+    """A command whose stop signals (outside training, which saves first) end it with one line
+    and the signal's exit code; typer would turn them into a silent exit 130."""
+
+    @functools.wraps(command)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return command(*args, **kwargs)
+        except KeyboardInterrupt as exc:
+            from workbench.errors import Interrupted
+
+            raise Interrupted("interrupted",
+                              getattr(exc, "signum", signal.SIGINT)) from None
+
+    return wrapper
+
+
 @app.command()
+@_stoppable
 def run(
     recipe: Annotated[Optional[Path], typer.Argument(
         help="The recipe, a YAML file.", show_default=False)] = None,
@@ -287,9 +306,8 @@ def main(argv: list[str] | None = None) -> None:
         _err(f"error: {exc.format_message()}")
         code = exc.exit_code
     except (typer.Abort, KeyboardInterrupt) as exc:
-        signum = getattr(exc, "signum", None) or getattr(exc.__context__, "signum", None)
         _err("interrupted")
-        code = signals.exit_code(signum or signal.SIGINT)
+        code = 128 + getattr(exc, "signum", signal.SIGINT)
     except VibenchError as exc:
         if os.environ.get("VIBENCH_DEBUG"):
             raise
@@ -297,4 +315,12 @@ def main(argv: list[str] | None = None) -> None:
         for line in exc.lines():
             _err(prefix + line)
         code = exc.exit_code
+    except Exception as exc:  # a bug, ours or a plugin's: still one line, and how to see more
+        if os.environ.get("VIBENCH_DEBUG"):
+            raise
+        from workbench.errors import one_line
+
+        _err(f"error: unexpected {type(exc).__name__}: {one_line(exc)} (a bug: VIBENCH_DEBUG=1 "
+             "shows the traceback; please report it)")
+        code = 1
     sys.exit(code if isinstance(code, int) else 0)

@@ -33,6 +33,15 @@ class RecipeError(UsageError):
         return [f"{self.source}: {problem}" for problem in self.problems]
 
 
+class Interrupted(VibenchError):
+    """A stop signal (Ctrl-C, SIGTERM, SIGHUP); what was learned so far is saved. The exit
+    code is the shell's: 128 + the signal's number."""
+
+    def __init__(self, message: str, signum: int = 2):
+        super().__init__(message)
+        self.exit_code = 128 + signum
+
+
 class RunError(VibenchError):
     """A failure while training, after the recipe was accepted (exit code 1)."""
 

@@ -452,7 +452,9 @@ def psis(log_w: torch.Tensor) -> tuple[float, torch.Tensor]:
     tail = ordered[in_tail]
     if tail.numel() < 10:
         return math.inf, log_w
-    khat, sigma = fit_generalized_pareto((tail.exp() - math.exp(cutoff)).cpu())
+    excess = tail.exp() - math.exp(cutoff)
+    with torch.device(excess.device):  # Pyro's fit makes its tensors on the default device
+        khat, sigma = fit_generalized_pareto(excess)
     size = tail.numel()
     p = (torch.arange(1, size + 1, dtype=torch.double, device=log_w.device) - 0.5) / size
     if abs(khat) > 1e-8:

@@ -30,7 +30,7 @@ from pyro.infer.util import torch_item, zero_grads
 from workbench import checkpoint, posterior, signals
 from workbench.build import build
 from workbench.callbacks import Averaging, Callback, EarlyStopping, EventLogging, log_params
-from workbench.errors import RunError, UsageError, VibenchError, one_line
+from workbench.errors import Interrupted, RunError, UsageError, VibenchError, one_line
 from workbench.events import EventLog
 from workbench.minibatch import Minibatch
 from workbench.optim import make_optimizer, schedule_stepper
@@ -41,16 +41,6 @@ from workbench.tensors import check_support, load_data
 StepCallback = Callable[[int, float], None]
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
 LOSSES = "losses.f64"  # every good step's loss, as raw little-endian float64
-
-
-class Interrupted(VibenchError):
-    """A stop signal (Ctrl-C, SIGTERM); what was learned so far is saved."""
-
-    exit_code = 130
-
-    def __init__(self, message: str, signum: int = 2):
-        super().__init__(message)
-        self.exit_code = signals.exit_code(signum)
 
 
 def pick_device(name: str) -> torch.device:
@@ -414,7 +404,8 @@ class Run:
             try:
                 guide = self.guide
                 if hasattr(guide, "posterior_guide"):
-                    guide = guide.posterior_guide(**self.data)
+                    with torch.enable_grad():  # a Laplace approximation takes a Hessian
+                        guide = guide.posterior_guide(**self.data)
                 post = posterior.summarize(guide, self.data, self.sites, self.nesting,
                                            self.exact)
                 if not settings["diagnostics"]:

@@ -102,6 +102,21 @@ def resume(run_dir: Path, sets: Sequence[str], registry: Registry) -> Job:
         raise
 
 
+def load(run_dir: Path, registry: Registry) -> Any:
+    """A run rebuilt from its directory with what it learned (its last checkpoint), for use
+    in Python: ``load(path, get_registry()).guide`` draws from the fitted posterior. Reads
+    the checkpoint safely; takes no lock, changes nothing."""
+    from workbench import checkpoint
+    from workbench.runner import Run, run_context
+
+    saved = checkpoint.load(run_dir)
+    resolved = recipes.resolve(saved["recipe"], registry, str(run_dir / "recipe.yaml"))
+    run = Run.setup(resolved, registry)
+    with run_context(run.device, run.dtype):
+        checkpoint.restore_params(saved["params"], saved["buffers"], run.guide, str(run_dir))
+    return run
+
+
 def differences(old: Any, new: Any, prefix: str = "") -> dict[str, list]:
     """The dotted keys whose values differ between two recipes, each with [old, new]."""
     if isinstance(old, dict) and isinstance(new, dict):

@@ -19,11 +19,6 @@ class Signalled(KeyboardInterrupt):
         self.signum = signum
 
 
-def exit_code(signum: int) -> int:
-    """The shell's convention: 128 + the signal's number (130 for Ctrl-C, 143 for SIGTERM)."""
-    return 128 + signum
-
-
 def _raise(signum: int, frame: object) -> None:
     raise Signalled(signum)
 

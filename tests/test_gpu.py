@@ -1,0 +1,93 @@
+"""The GPU path, where a GPU is at hand (skipped elsewhere): the coin with its PSIS report, a
+checkpointed run killed and resumed, a minibatch run and float64, all on CUDA, in real child
+processes that see the GPU (the rest of the suite hides it). Tolerances come from the
+posterior's sd, since CUDA's random stream is not the CPU's."""
+
+from __future__ import annotations
+
+import functools
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.conftest import COIN, GPU_DEVICES, REPO, vibench
+
+EXACT_MEAN, EXACT_STD = 16 / 30, math.sqrt(16 * 14 / (30**2 * 31))
+
+
+@functools.cache
+def cuda_here() -> bool:
+    env = {k: v for k, v in os.environ.items() if k != "CUDA_VISIBLE_DEVICES"}
+    if GPU_DEVICES is not None:
+        env["CUDA_VISIBLE_DEVICES"] = GPU_DEVICES
+    probe = subprocess.run([sys.executable, "-c", "import torch; print(torch.cuda.is_available())"],
+                           env=env, capture_output=True, text=True)
+    return probe.stdout.strip() == "True"
+
+
+pytestmark = pytest.mark.skipif("not cuda_here()", reason="no CUDA here")
+
+
+def summary(out: Path) -> dict:
+    return json.loads((out / "summary.json").read_text())
+
+
+def test_the_coin_and_its_psis_report_on_cuda(tmp_path: Path):
+    out = tmp_path / "r"
+    result = vibench("run", str(COIN), "--device", "cuda", "--steps", "1500",
+                     "--set", "optimizer.lr=0.01", "--out", str(out), gpu=True)
+    assert result.returncode == 0, result.stderr
+    done = summary(out)
+    assert done["device"] == "cuda:0" and done["steps"] == 1500
+    assert done["diagnostics"]["khat"] is not None, done["diagnostics"]
+    post = done["posterior"]["latent_fairness"]
+    assert abs(post["mean"] - EXACT_MEAN) < 0.25 * EXACT_STD
+    assert abs(post["std"] - EXACT_STD) < 0.25 * EXACT_STD
+    assert (out / "plots" / "site-latent_fairness.png").is_file()
+
+
+def test_a_checkpointed_run_killed_and_resumed_on_cuda(tmp_path: Path):
+    args = ["--device", "cuda", "--steps", "400", "--set", "guide=auto_multivariate_normal",
+            "--set", "train.checkpoint_every=10", "--set", "optimizer.lr=0.01"]
+    whole, killed = tmp_path / "whole", tmp_path / "killed"
+    assert vibench("run", str(COIN), *args, "--out", str(whole), gpu=True).returncode == 0
+    env = {k: v for k, v in os.environ.items() if k != "CUDA_VISIBLE_DEVICES"}
+    if GPU_DEVICES is not None:
+        env["CUDA_VISIBLE_DEVICES"] = GPU_DEVICES
+    child = subprocess.Popen([sys.executable, "-m", "workbench", "run", str(COIN), *args,
+                              "--out", str(killed)], cwd=REPO, env=env,
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline:
+        try:
+            if torch.load(killed / "checkpoint.pt", weights_only=True)["state"]["step"] > 20:
+                break
+        except (FileNotFoundError, EOFError, RuntimeError):
+            time.sleep(0.05)
+    child.send_signal(signal.SIGKILL)
+    child.wait()
+    resumed = vibench("run", "--resume", str(killed), gpu=True)
+    assert resumed.returncode == 0, resumed.stderr
+    a, b = summary(whole), summary(killed)
+    assert a["steps"] == b["steps"] == 400 and b["device"] == "cuda:0"
+    for name, value in a["params"].items():
+        assert torch.allclose(torch.tensor(value), torch.tensor(b["params"][name]),
+                              rtol=1e-5, atol=1e-6), name
+
+
+def test_minibatch_and_float64_on_cuda(tmp_path: Path):
+    recipe = REPO / "recipes" / "logistic_regression.yaml"
+    for extra in (["--set", "train.batch_size=64"], ["--set", "dtype=float64"]):
+        out = tmp_path / extra[-1].replace("=", "-")
+        result = vibench("run", str(recipe), "--device", "cuda", "--steps", "300", *extra,
+                         "--out", str(out), gpu=True)
+        assert result.returncode == 0, result.stderr
+        assert summary(out)["status"] == "completed"
