@@ -18,7 +18,7 @@ from numpy.lib import format as npy
 
 from tests.conftest import COIN, vibench
 from workbench import data as data_module
-from workbench.data import read_file
+from workbench.data import gather, read_file
 from workbench.errors import UsageError
 
 MB = 2**20
@@ -90,6 +90,24 @@ BAD_FILES: list[tuple[str, Callable[[], bytes], str]] = [
      "flips.npz member 'flips.npy': holds object values"),
     ("flips.npz", lambda: b"PK\x05\x06" + struct.pack("<HHHHIIH", 0, 0, 1, 1, 50 * MB, 0, 0),
      "lists too many arrays"),
+    ("flips.csv", lambda: "flips,flips\n1,0\n1,1\n0,0\n".encode(),
+     "flips.csv: the header names column 'flips' twice (columns 1 and 2); give each column "
+     "its own name"),
+    ("flips.csv", lambda: b'flips\n"' + b"1" * 200_000 + b'"\n',
+     "flips.csv line 2: not valid CSV (field larger than field limit (131072))"),
+    ("flips.csv", lambda: "flips\n1\né\n".encode("latin-1"),
+     "flips.csv: is not UTF-8 text; save it as UTF-8"),
+    ("flips.csv", lambda: b"flips\n1\n" + b"x" * 1000 + b"\n",
+     "flips.csv line 3 column 'flips': 'xxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxx'... is not a "
+     "number"),
+    ("flips.json", lambda: b"[" * 100_000 + b"]" * 100_000,
+     "flips.json: nested too deeply to be data"),
+    ("flips.json", lambda: b'{"flips": [1], "flips": [0, 1]}',
+     "flips.json: names 'flips' twice; give each array its own name"),
+    ("flips.json", lambda: b'{"flips": [1, 0,]}', "flips.json line 1 column 17: not valid JSON"),
+    ("flips.json", lambda: b'{"flips": [' + b"9" * 5000 + b"]}",
+     "flips.json: not valid JSON: Exceeds the limit (4300 digits)"),
+    ("flips.json", lambda: b"\xff\xfe{}", "flips.json: is not UTF-8 text"),
 ]
 
 
@@ -121,6 +139,8 @@ def test_a_pipe_is_refused_without_waiting_for_a_writer(tmp_path: Path):
      "x.npy: 2.0 MB is over the 1 MB limit for an NPY or NPZ data file"),
     ("x.npz", "MAX_BINARY_BYTES", savez_bytes(x=numpy.zeros(MB // 4)),
      "x.npz: 2.0 MB is over the 1 MB limit for an NPY or NPZ data file"),
+    ("x.csv", "MAX_LINE_CHARS", b"x\n" + b"1," * MB + b"1\n", "x.csv line 2: over 1048576 "
+                                                             "characters long"),
 ])
 def test_files_over_their_limit_are_refused_before_reading(
         tmp_path: Path, monkeypatch, name: str, limit: str, content: bytes, expected: str):
@@ -140,6 +160,12 @@ def test_an_npz_that_inflates_past_the_limit_is_refused_unread(tmp_path: Path, m
                                     "NPZ data file")
 
 
+def test_a_csv_with_a_byte_order_mark_names_its_first_column_plainly(tmp_path: Path):
+    path = tmp_path / "x.csv"
+    path.write_bytes("flips,other\n1,7\n0,7\n".encode("utf-8-sig"))
+    assert gather({"file": str(path)}, {"flips": True}).values["flips"].tolist() == [1.0, 0.0]
+
+
 def test_binary_arrays_keep_their_values_shape_and_order(tmp_path: Path):
     fortran = numpy.asfortranarray(numpy.arange(6.0).reshape(2, 3))
     numpy.savez_compressed(tmp_path / "x.npz", f=fortran, b=numpy.array([1, 2], ">i4"),
@@ -154,6 +180,8 @@ def test_binary_arrays_keep_their_values_shape_and_order(tmp_path: Path):
 @pytest.mark.parametrize("name, good", [
     ("x.npy", npy_bytes(numpy.arange(5.0))),
     ("x.npz", savez_bytes(a=numpy.arange(5.0), b=numpy.ones((2, 2), bool))),
+    ("x.csv", b'a,"b c"\n1,2.5\n3,-4e3\n'),
+    ("x.json", json.dumps({"a": [1, 2.5], "b": [[1, 2], [3, 4]]}).encode()),
 ])
 def test_damaged_files_are_read_or_refused_never_anything_else(tmp_path: Path, name, good):
     """Every truncation, and each byte overwritten in turn: a value or a UsageError."""
@@ -173,6 +201,8 @@ def test_damaged_files_are_read_or_refused_never_anything_else(tmp_path: Path, n
 @pytest.mark.parametrize("name, content, expected", [
     ("flips.npy", b"", "error: flips.npy: is empty (0 bytes)"),  # was "interrupted", exit 130
     ("flips.npy", npy_header((10**12,)), "error: flips.npy: its header promises"),
+    ("flips.csv", b"flips,flips\n1,0\n1,1\n0,0\n", "error: flips.csv: the header names column "
+                                                   "'flips' twice"),
     ("flips.npz", b"PK\x03\x04 not a zip", "error: flips.npz: not a readable NPZ file"),
 ])
 def test_the_cli_refuses_bad_data_files_in_one_line(tmp_path: Path, name, content, expected):

@@ -12,7 +12,8 @@ import json
 import math
 import stat
 import struct
-from collections.abc import Mapping
+from array import array
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -24,6 +25,7 @@ RESERVED = ("file", "columns", "dataset")
 MB = 2**20
 MAX_BINARY_BYTES = 512 * MB  # an NPY file, or what all the arrays of an NPZ file inflate to
 MAX_TEXT_BYTES = 64 * MB  # a CSV or JSON file: parsed text takes several times its size
+MAX_LINE_CHARS = MB  # one CSV line, so that one row cannot hold millions of fields
 MAX_ZIP_DIRECTORY = MB  # an NPZ file's list of members: thousands of arrays
 NPY_HEADER_BYTES = 2**16 + 16  # the magic string, the header's length and the header
 ZIP_TAIL = 2**16 + 22 + 20  # a zip's end record, its comment, and a ZIP64 locator
@@ -108,8 +110,6 @@ def read_file(path: Path) -> dict[str, Any]:
         raise UsageError(f"{name}: is not UTF-8 text; save it as UTF-8{excel}") from None
     except OSError as exc:
         raise UsageError(f"{name}: cannot read it: {exc.strerror or exc}") from None
-    except ValueError as exc:
-        raise UsageError(f"{name}: cannot read it: {exc}") from None
 
 
 def _file_size(path: Path) -> int:
@@ -133,36 +133,96 @@ def _check_size(name: str, size: int, limit: int, kind: str, advice: str) -> Non
 
 def _read_json(path: Path) -> dict[str, Any]:
     """A JSON object of named arrays."""
-    content = json.loads(path.read_text(encoding="utf-8"))
+    name = path.name
+    with path.open("rb") as handle:
+        content = handle.read(MAX_TEXT_BYTES + 1)
+    _check_size(name, len(content), MAX_TEXT_BYTES, "a CSV or JSON", _TEXT_ADVICE)
+    text = content.decode("utf-8-sig")
+    try:
+        content = json.loads(text, object_pairs_hook=lambda pairs: _unique_keys(pairs, name))
+    except json.JSONDecodeError as exc:
+        raise UsageError(f"{name} line {exc.lineno} column {exc.colno}: not valid JSON: "
+                         f"{exc.msg}") from None
+    except RecursionError:
+        raise UsageError(f"{name}: nested too deeply to be data; a JSON data file is an "
+                         "object of arrays") from None
+    except ValueError as exc:  # an integer of thousands of digits
+        raise UsageError(f"{name}: not valid JSON: {one_line(exc).split(';')[0]}") from None
     if not isinstance(content, dict):
-        raise UsageError(f"{path.name}: expected a JSON object of named arrays")
+        raise UsageError(f"{name}: expected a JSON object of named arrays")
     return content
 
 
-def _read_csv(path: Path) -> dict[str, list[float]]:
-    with path.open(newline="", encoding="utf-8") as handle:
-        rows = csv.reader(handle)
-        header = next(rows, None)
-        if not header:
-            raise UsageError(f"{path.name}: empty; a CSV file starts with a header of column names")
-        header = [column.strip() for column in header]
-        columns: dict[str, list[float]] = {column: [] for column in header}
-        for line, row in enumerate(rows, start=2):
-            if not row:
-                continue
-            if len(row) != len(header):
-                raise UsageError(
-                    f"{path.name} line {line}: {len(row)} values for {len(header)} columns")
-            for column, text in zip(header, row):
-                try:
-                    columns[column].append(float(text))
-                except ValueError:
+def _unique_keys(pairs: list[tuple[str, Any]], name: str) -> dict[str, Any]:
+    """A JSON object's pairs as a dict, refusing a name given twice (JSON keeps the last)."""
+    content: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in content:
+            raise UsageError(f"{name}: names {key!r} twice; give each array its own name")
+        content[key] = value
+    return content
+
+
+def _read_csv(path: Path) -> dict[str, Any]:
+    """Each column of numbers by its header's name, as one float64 array."""
+    import numpy
+
+    name = path.name
+    with path.open(newline="", encoding="utf-8-sig") as handle:
+        rows = csv.reader(_lines(handle, name))
+        try:
+            header = next(rows, None)
+            if not header:
+                raise UsageError(f"{name}: empty; a CSV file starts with a header of column names")
+            header = [column.strip() for column in header]
+            _check_header(header, name)
+            values = array("d")  # row after row: 8 bytes a number, not a float object's 32
+            for row in rows:
+                if not row:
+                    continue
+                if len(row) != len(header):
                     raise UsageError(
-                        f"{path.name} line {line} column {column!r}: {text!r} is not a number"
-                    ) from None
-    if not next(iter(columns.values()), []):
-        raise UsageError(f"{path.name}: has a header but no rows")
-    return columns
+                        f"{name} line {rows.line_num}: {len(row)} values for {len(header)} columns")
+                try:
+                    values.extend(map(float, row))
+                except ValueError:
+                    _refuse_row(row, header, f"{name} line {rows.line_num}")
+        except csv.Error as exc:
+            raise UsageError(f"{name} line {rows.line_num}: not valid CSV ({exc}); is it a "
+                             "CSV file?") from None
+    if not values:
+        raise UsageError(f"{name}: has a header but no rows")
+    table = numpy.frombuffer(values, dtype=numpy.float64).reshape(-1, len(header))
+    return {column: table[:, index] for index, column in enumerate(header)}
+
+
+def _lines(handle: Iterable[str], name: str) -> Iterator[str]:
+    """A text file's lines, refusing one so long that its row alone could take gigabytes."""
+    for number, line in enumerate(handle, start=1):
+        if len(line) > MAX_LINE_CHARS:
+            raise UsageError(f"{name} line {number}: over {MAX_LINE_CHARS} characters long; "
+                             "is it a CSV file?")
+        yield line
+
+
+def _check_header(header: list[str], name: str) -> None:
+    """Refuse a header naming a column twice: the columns' values would be mixed up."""
+    seen: dict[str, int] = {}
+    for number, column in enumerate(header, start=1):
+        if column in seen:
+            raise UsageError(f"{name}: the header names column {column!r} twice (columns "
+                             f"{seen[column]} and {number}); give each column its own name")
+        seen[column] = number
+
+
+def _refuse_row(row: list[str], header: list[str], where: str) -> None:
+    """Name the first value in a row that is not a number."""
+    for column, text in zip(header, row):
+        try:
+            float(text)
+        except ValueError:
+            shown = repr(text) if len(text) <= 40 else repr(text[:37]) + "..."
+            raise UsageError(f"{where} column {column!r}: {shown} is not a number") from None
 
 
 def _read_npz(path: Path, size: int) -> dict[str, Any]:
