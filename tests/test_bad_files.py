@@ -166,6 +166,28 @@ def test_a_csv_with_a_byte_order_mark_names_its_first_column_plainly(tmp_path: P
     assert gather({"file": str(path)}, {"flips": True}).values["flips"].tolist() == [1.0, 0.0]
 
 
+@pytest.mark.parametrize("name, write", [
+    ("x.npy", lambda path: numpy.save(path, numpy.zeros(0))),
+    ("x.npz", lambda path: numpy.savez(path, flips=numpy.zeros((0, 3)))),
+    ("x.json", lambda path: path.write_text('{"flips": [[]]}')),
+])
+def test_an_empty_array_from_a_file_is_refused_naming_it(tmp_path: Path, name: str, write):
+    path = tmp_path / name
+    write(path)
+    column = "x" if name == "x.npy" else "flips"
+    with pytest.raises(UsageError) as caught:
+        gather({"file": str(path), "columns": {"flips": column}}, {"flips": True})
+    assert str(caught.value) == (f"{name} column {column!r}: has no values; the model's "
+                                 "argument 'flips' needs at least one")
+
+
+def test_stacking_a_column_that_is_not_a_list_is_refused(tmp_path: Path):
+    path = tmp_path / "x.json"
+    path.write_text('{"a": [1, 2], "J": 3}')
+    with pytest.raises(UsageError, match="x.json column 'J': not a list of numbers"):
+        gather({"file": str(path), "columns": {"x": ["a", "J"]}}, {"x": True})
+
+
 def test_binary_arrays_keep_their_values_shape_and_order(tmp_path: Path):
     fortran = numpy.asfortranarray(numpy.arange(6.0).reshape(2, 3))
     numpy.savez_compressed(tmp_path / "x.npz", f=fortran, b=numpy.array([1, 2], ">i4"),
@@ -200,6 +222,7 @@ def test_damaged_files_are_read_or_refused_never_anything_else(tmp_path: Path, n
 
 @pytest.mark.parametrize("name, content, expected", [
     ("flips.npy", b"", "error: flips.npy: is empty (0 bytes)"),  # was "interrupted", exit 130
+    ("flips.npy", npy_bytes(numpy.zeros(0)), "error: flips.npy column 'flips': has no values"),
     ("flips.npy", npy_header((10**12,)), "error: flips.npy: its header promises"),
     ("flips.csv", b"flips,flips\n1,0\n1,1\n0,0\n", "error: flips.csv: the header names column "
                                                    "'flips' twice"),

@@ -79,6 +79,10 @@ def gather(section: dict, takes: dict[str, bool], dataset: Any = None) -> Data:
                                  f"{arg!r}; {did_you_mean(missing[0], arrays)}")
             continue
         values = [arrays[name] for name in names]
+        for name, value in zip(names, values):
+            if _has_no_values(value):
+                raise UsageError(f"{source} column {name!r}: has no values; the model's "
+                                 f"argument {arg!r} needs at least one")
         data.values[arg] = _stack(values, source, names) if isinstance(wanted, list) else values[0]
         data.origin[arg] = f"{source} column " + ", ".join(repr(name) for name in names)
     return data
@@ -350,7 +354,24 @@ class _Capped:
 
 def _stack(arrays: list, source: str, names: list[str]) -> Any:
     """Columns side by side, as one (rows x columns) matrix."""
-    lengths = {len(array) for array in arrays}
+    import numpy
+
+    for values, name in zip(arrays, names):
+        if not isinstance(values, (list, tuple)) and getattr(values, "ndim", None) != 1:
+            raise UsageError(f"{source} column {name!r}: not a list of numbers, so it cannot "
+                             "be a column of a matrix")
+    lengths = {len(values) for values in arrays}
     if len(lengths) > 1:
         raise UsageError(f"{source}: columns {names} have different lengths")
+    if all(isinstance(values, numpy.ndarray) for values in arrays):
+        return numpy.column_stack(arrays)
     return [list(row) for row in zip(*arrays)]
+
+
+def _has_no_values(value: Any) -> bool:
+    """Whether an array (a list, numpy array or tensor) has a dimension of length 0."""
+    while isinstance(value, (list, tuple)):
+        if not value:
+            return True
+        value = value[0]
+    return 0 in tuple(getattr(value, "shape", ()))
