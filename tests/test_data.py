@@ -65,7 +65,8 @@ def test_columns_stack_into_a_matrix(tmp_path: Path):
     path.write_text("a,b,target\n1,4,0\n2,5,1\n3,6,0\n")
     data = gather({"file": str(path), "columns": {"x": ["a", "b"], "y": "target"}},
                   {"x": True, "y": True})
-    assert data.values == {"x": [[1.0, 4.0], [2.0, 5.0], [3.0, 6.0]], "y": [0.0, 1.0, 0.0]}
+    assert {key: numpy.asarray(value).tolist() for key, value in data.values.items()} == {
+        "x": [[1.0, 4.0], [2.0, 5.0], [3.0, 6.0]], "y": [0.0, 1.0, 0.0]}
     assert data.origin["x"] == "xy.csv column 'a', 'b'"
 
 

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
 
-from tests.conftest import COIN
+from tests.conftest import COIN, vibench
 from workbench import recipe as recipes
 from workbench.errors import RecipeError, UsageError
 from workbench.registry import get_registry
@@ -145,3 +146,25 @@ def test_missing_directory_and_huge_files_are_refused(tmp_path: Path):
             path.write_text("x: " + "y" * 2_000_000)
         with pytest.raises(UsageError, match=expected):
             recipes.load(path)
+
+
+@pytest.mark.skipif(not Path("/dev/zero").exists(), reason="needs /dev/zero")
+def test_devices_are_refused_without_reading_them():
+    with pytest.raises(UsageError, match="is not a regular file"):
+        recipes.load(Path("/dev/zero"))
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="needs named pipes")
+def test_a_pipe_is_refused_without_waiting_for_a_writer(tmp_path: Path):
+    fifo = tmp_path / "r.yaml"
+    os.mkfifo(fifo)
+    with pytest.raises(UsageError, match="is not a regular file"):
+        recipes.load(fifo)
+
+
+@pytest.mark.skipif(not Path("/dev/zero").exists(), reason="needs /dev/zero")
+def test_the_cli_refuses_dev_zero_in_one_line():
+    result = vibench("run", "/dev/zero", timeout=60)
+    assert result.returncode == 2
+    assert result.stderr == "error: /dev/zero: is not a regular file (a device or a pipe); " \
+                            "give a recipe file\n"

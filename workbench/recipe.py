@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import re
+import stat
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
@@ -94,12 +95,18 @@ def load(path: Path) -> dict:
     """Read a recipe file into a dict, or raise a UsageError saying what is wrong with it."""
     source = str(path)
     try:
-        if path.is_dir():
+        info = path.stat()
+        if stat.S_ISDIR(info.st_mode):
             raise UsageError(f"{source}: is a directory, not a recipe file")
-        size = path.stat().st_size
+        if not stat.S_ISREG(info.st_mode):
+            raise UsageError(f"{source}: is not a regular file (a device or a pipe); "
+                             "give a recipe file")
+        with path.open("rb") as handle:  # bounded: the file may grow after stat
+            content = handle.read(MAX_BYTES + 1)
+        size = max(info.st_size, len(content))
         if size > MAX_BYTES:
             raise UsageError(f"{source}: {size} bytes is too large for a recipe (at most 1 MB)")
-        text = path.read_text(encoding="utf-8")
+        text = content.decode("utf-8")
     except FileNotFoundError:
         raise UsageError(f"{source}: no such recipe file") from None
     except UnicodeDecodeError:
