@@ -36,7 +36,8 @@ app = typer.Typer(
 
 def _stoppable(command: Callable) -> Callable:
     """A command whose stop signals (outside training, which saves first) end it with one line
-    and the signal's exit code; typer would turn them into a silent exit 130."""
+    and the signal's exit code; typer would turn them into a silent exit 130, and an EOFError
+    into "interrupted"."""
 
     @functools.wraps(command)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
@@ -47,6 +48,8 @@ def _stoppable(command: Callable) -> Callable:
 
             raise Interrupted("interrupted",
                               getattr(exc, "signum", signal.SIGINT)) from None
+        except EOFError as exc:  # typer would report it as a Ctrl-C
+            raise RuntimeError(f"EOFError: {exc}") from exc
 
     return wrapper
 
