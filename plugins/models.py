@@ -129,7 +129,8 @@ class LogisticRegression:
 
 
 class EightSchools:
-    """Eight schools, non-centred: y ~ Normal(mu + tau * theta_tilde, sigma), sigma known."""
+    """Eight schools, non-centred: y ~ Normal(theta, sigma), sigma known, with each school's
+    effect theta = mu + tau * theta_tilde recorded as a deterministic site."""
 
     def __init__(self, mu_prior_scale: float = 5.0, tau_prior_scale: float = 5.0):
         if mu_prior_scale <= 0 or tau_prior_scale <= 0:
@@ -156,7 +157,8 @@ class EightSchools:
         tau = pyro.sample("tau", dist.HalfCauchy(torch.full((), self.tau_prior_scale)))
         with pyro.plate("schools", y.shape[0]) as ind:
             theta_tilde = pyro.sample("theta_tilde", dist.Normal(torch.zeros(()), 1.0))
-            pyro.sample("obs", dist.Normal(mu + tau * theta_tilde, sigma.index_select(0, ind)),
+            theta = pyro.deterministic("theta", mu + tau * theta_tilde, event_dim=0)
+            pyro.sample("obs", dist.Normal(theta, sigma.index_select(0, ind)),
                         obs=y.index_select(0, ind))
 
 
