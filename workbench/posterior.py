@@ -3,8 +3,9 @@ and whether to trust it (Pareto-smoothed importance sampling, Yao et al. 2018).
 
 Three entry points, each called inside the run's device context and after training:
 
-- ``summarize(guide, data, sites, nesting, exact)``: per site mean, sd, 5/50/95% quantiles and,
-  where the model knows its posterior, the errors of mean and sd and KL(guide || exact).
+- ``summarize(guide, data, sites, nesting, exact, model=model)``: per site mean, sd, 5/50/95%
+  quantiles and, where the model knows its posterior, the errors of mean and sd and
+  KL(guide || exact); with the model, its ``pyro.deterministic`` sites too.
 - ``diagnostics(model, guide, data, nesting)``: the PSIS k-hat of the guide as an importance
   proposal for the posterior, the effective sample size, and (when k-hat < 0.7) importance-
   weighted posterior means and sds per site.
@@ -14,8 +15,9 @@ Three entry points, each called inside the run's device context and after traini
 
 from __future__ import annotations
 
+import contextlib
 import math
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import pyro
 import torch
@@ -42,6 +44,36 @@ def latent_sites(trace: poutine.Trace) -> dict[str, torch.Size]:
     }
 
 
+def deterministic_sites(trace: poutine.Trace) -> dict[str, torch.Size]:
+    """The model's ``pyro.deterministic`` sites and their shapes, in the order the model
+    records them: functions of the latent sites, summarised over the same draws."""
+    return {name: site["value"].shape for name, site in trace.nodes.items()
+            if site["type"] == "sample" and site["infer"].get("_deterministic")}
+
+
+def observed_sites(trace: poutine.Trace) -> dict[str, torch.Size]:
+    """The model's observed sample sites (its likelihood, not its deterministic sites) and
+    their shapes."""
+    return {name: site["value"].shape for name, site in trace.nodes.items()
+            if site["type"] == "sample" and site["is_observed"]
+            and not site["infer"].get("_deterministic") and not site_is_subsample(site)}
+
+
+@contextlib.contextmanager
+def whole_data(minibatch: Any) -> Iterator[None]:
+    """A minibatch run's subsampled plate (the model's and the guide's) made whole while the
+    posterior is drawn: the batch is every index, so local sites come out at full size."""
+    if minibatch.plate is None:
+        yield
+        return
+    saved = minibatch.indices
+    minibatch.indices = torch.arange(minibatch.size, device=minibatch.device)
+    try:
+        yield
+    finally:
+        minibatch.indices = saved
+
+
 def plate_nesting(trace: poutine.Trace) -> int:
     """How many batch dimensions the model's plates use."""
     dims = [
@@ -65,8 +97,10 @@ def summarize(
     nesting: int,
     exact: dict[str, torch.distributions.Distribution] | None = None,
     num_draws: int = NUM_DRAWS,
+    model: Callable | None = None,
 ) -> dict[str, dict[str, Any]]:
-    """Per latent site, what the guide says and how far that is from the exact posterior.
+    """Per latent site, what the guide says and how far that is from the exact posterior;
+    given the ``model``, per ``pyro.deterministic`` site too.
 
     Each entry has ``mean``, ``std``, ``method`` ("analytic": read off the guide's
     distribution; "sampled": over ``num_draws`` guide draws), ``q05``, ``q50``, ``q95``
@@ -82,6 +116,9 @@ def summarize(
     any autoguide on a one-site model; otherwise, and for a point mass, it is unavailable.
     Each site's KL compares the guide's marginal for that site with the exact marginal: with
     several sites the numbers do not add up to the joint KL (correlations are not counted).
+
+    A deterministic site's entry has ``mean``, ``std`` and the quantiles over the model
+    replayed against guide draws (``method`` "sampled"), as ``deterministic_summary`` gives.
 
     Values are floats for a scalar site, nested lists (the site's shape) otherwise. The draws
     are fewer than ``num_draws`` where draws x the sites' numbers would pass ``MAX_ELEMENTS``.
@@ -110,7 +147,82 @@ def summarize(
                 entry["std_error"] = to_plain(std - exact_std)
                 entry.update(_kl(fixed.get(name), draws[name], log_q[name], target))
             summary[name] = entry
+        if model is not None:
+            summary.update(deterministic_summary(model, guide, data, nesting, num_draws))
     return summary
+
+
+def deterministic_summary(model: Callable, guide: Callable, data: dict, nesting: int,
+                          num_draws: int = NUM_DRAWS) -> dict[str, dict[str, Any]]:
+    """Per ``pyro.deterministic`` site of the model: ``mean``, ``std``, ``method``
+    ("sampled") and the quantiles, over the model replayed against guide draws (fewer than
+    ``num_draws`` where draws x the model's numbers would pass ``MAX_ELEMENTS``)."""
+    trace = poutine.trace(model).get_trace(**data)
+    sites = deterministic_sites(trace)
+    if not sites:
+        return {}
+    per_draw = trace_numbers(trace)
+    num_draws = max(min(num_draws, MAX_ELEMENTS // per_draw), min(num_draws, 100))
+    parts: dict[str, list] = {name: [] for name in sites}
+    for n, _, model_trace in replayed(model, guide, data, nesting, num_draws, per_draw):
+        for name, shape in sites.items():
+            parts[name].append(draws_of(model_trace.nodes[name]["value"], n, shape))
+    summary = {}
+    for name, chunks in parts.items():
+        draws = torch.cat(chunks)
+        entry: dict[str, Any] = {"mean": to_plain(draws.double().mean(0).to(draws.dtype)),
+                                 "std": to_plain(draws.double().std(0).to(draws.dtype)),
+                                 "method": "sampled"}
+        for key, value in zip(QUANTILES, quantiles(draws, list(QUANTILES.values()))):
+            entry[key] = to_plain(value)
+        summary[name] = entry
+    return summary
+
+
+def trace_numbers(trace: poutine.Trace) -> int:
+    """How many numbers one trace's sample sites hold: what one more draw of it costs."""
+    return max(1, sum(site["value"].numel() for site in trace.nodes.values()
+                      if site["type"] == "sample" and torch.is_tensor(site["value"])))
+
+
+def replayed(model: Callable | None, guide: Callable, data: dict, nesting: int,
+             num_draws: int, per_draw: int
+             ) -> Iterator[tuple[int, poutine.Trace, poutine.Trace | None]]:
+    """``num_draws`` guide draws, each with the model replayed against it, as ``(n, guide
+    trace, model trace)``: vectorised under a plate of n draws, in chunks of at most
+    ``MAX_ELEMENTS`` numbers (``per_draw`` a draw); one trace per draw (a tenth as many, n = 1)
+    where the guide or the model cannot be vectorised. No model trace without a ``model``."""
+    chunk = max(1, min(num_draws, MAX_ELEMENTS // max(per_draw, 1)))
+    try:
+        first = _replay(model, guide, data, min(chunk, num_draws), nesting)
+    except (RuntimeError, ValueError, NotImplementedError, IndexError):
+        for _ in range(max(1, num_draws // 10)):
+            yield (1, *_replay(model, guide, data))
+        return
+    yield first
+    for start in range(chunk, num_draws, chunk):
+        yield _replay(model, guide, data, min(chunk, num_draws - start), nesting)
+
+
+def _replay(model: Callable | None, guide: Callable, data: dict, n: int | None = None,
+            nesting: int = 0) -> tuple:
+    """One guide trace (under a plate of ``n`` draws, unless n is None) and the model replayed
+    against it."""
+    plate = (pyro.plate(DRAWS_PLATE, n, dim=-(nesting + 1)) if n is not None
+             else contextlib.nullcontext())
+    with plate:
+        guide_trace = poutine.trace(guide).get_trace(**data)
+        model_trace = None if model is None else poutine.trace(
+            poutine.replay(model, trace=guide_trace)).get_trace(**data)
+    return (guide_trace, model_trace) if n is None else (n, guide_trace, model_trace)
+
+
+def draws_of(value: torch.Tensor, n: int, shape: torch.Size) -> torch.Tensor:
+    """A vectorised site's value as ``(n, *shape)``; a value that is the same for every draw
+    (it depends on no draw) is repeated."""
+    if value.numel() == n * math.prod(shape):
+        return value.reshape(n, *shape)
+    return value.reshape(1, *shape).expand(n, *shape)
 
 
 def _analytic(guide: Callable, data: dict, sites: dict) -> dict | None:
@@ -389,8 +501,8 @@ def diagnostics(model: Callable, guide: Callable, data: dict[str, Any], nesting:
                 if missing:
                     return {"khat": None, "reason": "the guide does not sample " + ", ".join(
                         repr(name) for name in missing)}
-                log_ws.append(_log_joint(model_trace, n, nesting)
-                              - _log_joint(guide_trace, n, nesting))
+                log_ws.append(log_joint(model_trace, n, nesting)
+                              - log_joint(guide_trace, n, nesting))
                 for name, shape in sites.items():
                     parts[name].append(guide_trace.nodes[name]["value"].reshape(n, *shape))
         except (RuntimeError, ValueError, NotImplementedError, IndexError) as exc:
@@ -469,7 +581,7 @@ def psis(log_w: torch.Tensor) -> tuple[float, torch.Tensor]:
     return float(khat), smoothed
 
 
-def _log_joint(trace: poutine.Trace, n: int, nesting: int) -> torch.Tensor:
+def log_joint(trace: poutine.Trace, n: int, nesting: int) -> torch.Tensor:
     """Each draw's log density over all sample sites of a vectorised trace (scaled and masked
     as Pyro's losses do), as a ``(n,)`` tensor."""
     trace.compute_log_prob(site_filter=lambda name, site: not site_is_subsample(site))
