@@ -1,5 +1,6 @@
-"""Figures of a run: the training loss, and per latent site the prior, the guide and the exact
-posterior on one axis (as in the seed tutorial's Beta figure).
+"""Figures of a run: the training loss, per latent site the prior, the guide and the exact
+posterior on one axis (as in the seed tutorial's Beta figure), and the posterior predictive
+check of the observed sites.
 
 Matplotlib is imported inside the functions and drives its Agg canvas directly (no pyplot, no
 GUI, no global figure state). Each figure function writes a PNG when given a path and returns
@@ -24,6 +25,8 @@ COLOURS = {"prior": "#7f7f7f", "guide": "#1f77b4", "exact": "#d62728"}
 GRID = 400  # points on the x axis of a density plot
 KDE_DRAWS = 4000  # draws behind one estimated density (a random subset when there are more)
 MAX_POINTS = 20_000  # points of the loss curve drawn (a long run's curve is thinned)
+PPC_DRAWS = 50  # replicated data sets drawn as densities in a posterior predictive check
+PPC_VALUES = 30  # discrete data with at most this many distinct values are counted per value
 
 
 # --------------------------------------------------------------------------------------------
@@ -306,14 +309,117 @@ def _kde(draws: np.ndarray, grid: np.ndarray) -> np.ndarray:
 
 
 # --------------------------------------------------------------------------------------------
+# posterior predictive check
+
+
+def ppc_figure(sources: dict[str, dict], path: Path | str | None = None,
+               max_sites: int = 4) -> np.ndarray:
+    """The posterior predictive check: per observed site, its data against data sets drawn
+    from the model at guide draws; data that look unlike their replicates are data the fit
+    does not explain.
+
+    ``sources`` is ``{SITE: {"observed": array, "replicated": array (draws first),
+    "discrete": bool}}``, as ``workbench.inference_data.ppc_sources`` gives. Binary data (a
+    coin's flips) show the observed number of ones against the histogram of the replicated
+    numbers, with the share of replicates at least as large; other discrete data with few
+    values, the observed count of each value against the replicated counts' median and 90%
+    range; anything else, the observed values' density against ``PPC_DRAWS`` replicated data
+    sets' densities (Gaussian KDEs; a site's elements are pooled). The first ``max_sites``
+    sites, side by side. Writes a PNG to ``path`` when given; returns the image as an
+    ``(H, W, 3)`` uint8 array.
+    """
+    shown = list(sources.items())[:max_sites]
+    fig = _figure(5.2 * len(shown) + 0.4, 4.2)
+    for i, (site, src) in enumerate(shown):
+        ax = fig.add_subplot(1, len(shown), i + 1)
+        observed = np.asarray(src["observed"], dtype=float).reshape(-1)
+        replicated = np.asarray(src["replicated"], dtype=float)
+        replicated = replicated.reshape(replicated.shape[0], -1)
+        values = np.unique(np.concatenate([observed, replicated[:PPC_DRAWS].reshape(-1)]))
+        if src.get("discrete") and np.isin(values, (0.0, 1.0)).all():
+            _ppc_ones(ax, site, observed, replicated)
+        elif src.get("discrete") and values.size <= PPC_VALUES:
+            _ppc_counts(ax, site, observed, replicated)
+        else:
+            _ppc_densities(ax, site, observed, replicated)
+        ax.grid(alpha=0.3)
+        legend = ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.16),
+                           ncol=2, frameon=False)
+        for handle in legend.legend_handles:  # faint replicate curves, a clear key
+            handle.set_alpha(1.0)
+    if len(sources) > len(shown):
+        fig.suptitle(f"the first {len(shown)} of {len(sources)} observed sites", fontsize=10)
+    return _finish(fig, path)
+
+
+def _ppc_ones(ax: Any, site: str, observed: np.ndarray, replicated: np.ndarray) -> None:
+    """Binary data: the observed number of ones against the replicated numbers' histogram."""
+    counts = replicated.sum(1).round().astype(int)
+    seen = int(round(observed.sum()))
+    shares = np.bincount(counts, minlength=observed.size + 1) / counts.size
+    ax.bar(np.arange(shares.size), shares, width=0.9, color=COLOURS["guide"], alpha=0.6,
+           label=f"replicated data sets ({counts.size})")
+    above = float((counts >= seen).mean())
+    ax.axvline(seen, color="black", linewidth=2.5,
+               label=f"observed: {seen} of {observed.size}; "
+                     f"{above:.0%} of replicates have as many or more")
+    low, high = min(counts.min(), seen), max(counts.max(), seen)
+    ax.set_xlim(low - 1, high + 1)
+    ax.set_title(f"{site}: number of ones in {observed.size} values", fontsize=10)
+    ax.set_xlabel("number of ones in a data set")
+    ax.set_ylabel("share of replicated data sets")
+
+
+def _ppc_counts(ax: Any, site: str, observed: np.ndarray, replicated: np.ndarray) -> None:
+    """Discrete data with few values: each value's observed count against its replicated
+    counts' median and 90% range."""
+    values = np.unique(np.concatenate([observed, replicated.reshape(-1)]))
+    counts = (replicated[:, :, None] == values).sum(1)
+    low, mid, high = np.quantile(counts, [0.05, 0.5, 0.95], axis=0)
+    ax.bar(values, (observed[:, None] == values).sum(0), width=0.8, color="#bbbbbb",
+           edgecolor="black", label="observed count")
+    ax.errorbar(values, mid, yerr=[mid - low, high - mid], fmt="o", color=COLOURS["guide"],
+                capsize=3, label=f"replicated: median and 90% range ({counts.shape[0]} sets)")
+    ax.set_title(f"{site}: count of each value in {observed.size} values", fontsize=10)
+    ax.set_xlabel("value")
+    ax.set_ylabel("count")
+
+
+def _ppc_densities(ax: Any, site: str, observed: np.ndarray, replicated: np.ndarray) -> None:
+    """Continuous data: the observed values' density against replicated data sets'."""
+    pick = np.unique(np.linspace(0, replicated.shape[0] - 1, PPC_DRAWS).round().astype(int))
+    sets = replicated[pick]
+    finite = sets[np.isfinite(sets)]
+    low, high = np.quantile(np.concatenate([observed, finite]), [0.005, 0.995])
+    low, high = min(low, observed.min()), max(high, observed.max())
+    pad = 0.1 * (high - low) or 1.0
+    grid = np.linspace(low - pad, high + pad, GRID)
+    for j, values in enumerate(sets):
+        ax.plot(grid, _kde(values, grid), color=COLOURS["guide"], alpha=0.25, linewidth=0.8,
+                label=f"replicated data sets ({len(pick)})" if j == 0 else None)
+    ax.plot(grid, _kde(observed, grid), color="black", linewidth=2.2,
+            label=f"observed ({observed.size} values)")
+    if observed.size <= 200:
+        ax.plot(observed, np.zeros_like(observed), "|", color="black", markersize=10)
+    ax.set_xlim(grid[0], grid[-1])
+    ax.set_ylim(bottom=0)
+    ax.set_title(f"{site}: density of the values", fontsize=10)
+    ax.set_xlabel("value")
+    ax.set_ylabel("density")
+
+
+# --------------------------------------------------------------------------------------------
 # a whole run
 
 
 def write_plots(run_dir: Path | str, losses: Sequence[float], sources: dict[str, dict],
-                writer: Any = None, step: int = 0) -> list[Path]:
-    """Every figure of a run as PNGs in ``run_dir/plots``: ``loss.png`` and one
-    ``site-<name>.png`` per latent site; also logged to TensorBoard as ``Plots/loss`` and
-    ``Plots/<site>`` when given an ``EventLog`` ``writer`` (at ``step``). ``sources`` is what
+                writer: Any = None, step: int = 0, ppc: dict[str, dict] | None = None
+                ) -> list[Path]:
+    """Every figure of a run as PNGs in ``run_dir/plots``: ``loss.png``, one
+    ``site-<name>.png`` per latent site and, given ``ppc`` (what
+    ``workbench.inference_data.ppc_sources`` returns), ``ppc.png``; also logged to
+    TensorBoard as ``Plots/loss``, ``Plots/<site>`` and ``Plots/ppc`` when given an
+    ``EventLog`` ``writer`` (at ``step``). ``sources`` is what
     ``workbench.posterior.plot_sources`` returns. Returns the paths written."""
     folder = Path(run_dir) / "plots"
     folder.mkdir(parents=True, exist_ok=True)
@@ -330,6 +436,12 @@ def write_plots(run_dir: Path | str, losses: Sequence[float], sources: dict[str,
         written.append(path)
         if writer is not None:
             writer.image(f"Plots/{name}", image, step)
+    if ppc:
+        path = folder / "ppc.png"
+        image = ppc_figure(ppc, path)
+        written.append(path)
+        if writer is not None:
+            writer.image("Plots/ppc", image, step)
     return written
 
 

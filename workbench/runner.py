@@ -391,23 +391,26 @@ class Run:
         fails is left out with its reason; a stop signal skips the parts not yet begun.
 
         A minibatch run gets no k-hat and no per-site plots: both need the whole data's
-        likelihood for every draw, which a minibatch run is there to avoid."""
-        from workbench import plots
+        likelihood for every draw, which a minibatch run is there to avoid. posterior.nc
+        (``workbench.inference_data``) is written on its own random stream; when it fails,
+        the summary's ``diagnostics.inference_data`` says why."""
+        from workbench import inference_data, plots
 
         settings = self.recipe["train"]
         post: dict = {}
         diagnostics: dict = {"khat": None, "reason": "not computed for a minibatch run"}
         sources: dict = {}
         whole = self.minibatch.plate is None
-        with torch.no_grad(), torch.random.fork_rng(devices=_rng_devices(self.device)):
+        guide = self.guide
+        with torch.no_grad(), torch.random.fork_rng(devices=_rng_devices(self.device)), \
+                posterior.whole_data(self.minibatch):
             torch.manual_seed(self.recipe["seed"])  # the same numbers after any resume
             try:
-                guide = self.guide
                 if hasattr(guide, "posterior_guide"):
                     with torch.enable_grad():  # a Laplace approximation takes a Hessian
                         guide = guide.posterior_guide(**self.data)
                 post = posterior.summarize(guide, self.data, self.sites, self.nesting,
-                                           self.exact)
+                                           self.exact, model=self.model)
                 if not settings["diagnostics"]:
                     diagnostics = {"khat": None, "reason": "train.diagnostics is off"}
                 elif stop:
@@ -422,9 +425,20 @@ class Run:
                                                      self.nesting, self.exact)
             except Exception as exc:  # the report must never cost the run its results
                 diagnostics = {"khat": None, "reason": f"the report failed: {one_line(exc)}"}
+            written = None
+            if not stop:
+                try:
+                    written = inference_data.write(self, run_dir, guide)
+                    diagnostics["inference_data"] = "written"
+                except Exception as exc:
+                    diagnostics["inference_data"] = f"failed: {one_line(exc)}"
+                    warnings.warn(f"vibench could not write {inference_data.FILENAME}: "
+                                  f"{one_line(exc)}")
             try:
                 if settings["plots"] and not stop:
-                    plots.write_plots(run_dir, losses, sources, writer=log, step=len(losses))
+                    ppc = inference_data.ppc_sources(written) if written else {}
+                    plots.write_plots(run_dir, losses, sources, writer=log, step=len(losses),
+                                      ppc=ppc)
             except OSError:
                 raise
             except Exception as exc:

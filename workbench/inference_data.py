@@ -1,0 +1,311 @@
+"""A run's posterior draws as ArviZ InferenceData, ``posterior.nc`` in the run directory, so
+that ArviZ (``az.from_netcdf``, ``az.summary``, ``az.loo``, ``az.plot_ppc``) and any NetCDF
+reader take a fit as they take an MCMC run.
+
+The groups follow ArviZ's conventions, dims ``chain`` and ``draw`` first (one chain: a guide
+is one fit), a plate's name for the dims it indexes and ``<site>_dim_<i>`` for the others:
+
+- ``posterior``: every latent site and every ``pyro.deterministic`` site, per guide draw;
+- ``posterior_predictive``: each observed site drawn again from the model given each draw;
+- ``log_likelihood``: each observed site's log density per observation and draw (``az.loo``);
+- ``observed_data``: the observed values;
+- ``sample_stats``: ``lp`` (log p(x, z)) and ``log_weight`` (log p(x, z) - log q(z)) per draw,
+  with the PSIS k-hat of those weights as the attribute ``khat``.
+
+The draws are ``NUM_DRAWS``, fewer where draws x the numbers a draw stores would pass
+``MAX_NUMBERS``. Data so big that ``MIN_DRAWS`` draws of their replicated values and
+pointwise log-likelihood would pass it get the latent sites and the observed data only (the
+model is not run over the whole data once per draw), and the file's ``left_out`` attribute
+says so. A minibatch run is drawn over its whole data, under the same rule. Every group's
+``num_draws`` attribute is the draw count; the draws come from their own random stream,
+seeded by the run's seed, so ``vibench export`` writes what the run's report wrote.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+from pyro import poutine
+
+from workbench import posterior
+
+FILENAME = "posterior.nc"
+ENGINE = "h5netcdf"  # ArviZ's default NetCDF engine
+NUM_DRAWS = 1000  # guide draws in posterior.nc
+MIN_DRAWS = 100  # fewer than this and the per-observation groups are left out
+MAX_NUMBERS = 2**23  # numbers posterior.nc may hold (32 MB of float32)
+
+
+def write(run: Any, run_dir: Path, guide: Callable | None = None,
+          num_draws: int = NUM_DRAWS) -> Path:
+    """Draw from the run's fitted guide (``guide``: the one the report summarised, if it has
+    it) and write ``posterior.nc`` in ``run_dir``, whole or not at all; returns its path."""
+    import pyro
+
+    path = Path(run_dir) / FILENAME
+    devices = [run.device.index or 0] if run.device.type == "cuda" else []
+    with torch.no_grad(), torch.random.fork_rng(devices=devices), \
+            posterior.whole_data(run.minibatch):
+        torch.manual_seed(run.recipe["seed"])
+        if guide is None:
+            guide = fitted_guide(run)
+        groups, attrs = draw(run.model, guide, run.data, run.nesting, num_draws)
+    attrs[""].update({"inference_library": "pyro",
+                      "inference_library_version": pyro.__version__,
+                      "method": "stochastic variational inference",
+                      "guide": run.recipe["guide"]["name"], "seed": run.recipe["seed"]})
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        save(datasets(groups, attrs), tmp)
+        tmp.replace(path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
+
+
+def fitted_guide(run: Any) -> Callable:
+    """The guide to draw the posterior from: a Laplace approximation's Gaussian, else the
+    run's guide."""
+    if hasattr(run.guide, "posterior_guide"):
+        with torch.enable_grad():  # the Laplace approximation takes a Hessian
+            return run.guide.posterior_guide(**run.data)
+    return run.guide
+
+
+def draw(model: Callable, guide: Callable, data: dict, nesting: int,
+         num_draws: int = NUM_DRAWS) -> tuple[dict[str, dict], dict[str, dict[str, Any]]]:
+    """The groups as ``{group: {variable: (numpy array, dims)}}`` (dims after chain and draw)
+    and the attributes of each group (under ``""`` those every group gets)."""
+    trace = poutine.trace(model).get_trace(**data)
+    latent = posterior.latent_sites(trace)
+    derived = posterior.deterministic_sites(trace)
+    observed = posterior.observed_sites(trace)
+    count, whole = _draw_count(latent, derived, observed, num_draws)
+    left_out = [] if whole else [
+        f"deterministic sites, posterior_predictive, log_likelihood and sample_stats: "
+        f"{min(num_draws, MIN_DRAWS)} draws of the data's replicated values and pointwise "
+        f"log-likelihood would pass {MAX_NUMBERS} numbers"]
+    enumerated = [name for name, site in trace.nodes.items()
+                  if site["type"] == "sample" and site["infer"].get("enumerate")]
+    if whole and enumerated:
+        left_out.append("log_likelihood and sample_stats: the loss sums out site(s) "
+                        + ", ".join(enumerated) + " by enumeration; the likelihood would "
+                        "need that sum too")
+    parts = _collect(model if whole else None, guide, data, nesting, count,
+                     {**latent, **(derived if whole else {})}, observed, not enumerated,
+                     posterior.trace_numbers(trace))
+    groups = _named(parts, trace, observed, left_out)
+    return groups, _attrs(groups, trace, observed, count, left_out)
+
+
+def _draw_count(latent: dict, derived: dict, observed: dict, num_draws: int
+                ) -> tuple[int, bool]:
+    """How many draws posterior.nc holds, and whether they come with the groups that run
+    the model over the whole data (the deterministic sites, the replicated data, the
+    pointwise log-likelihood and the weights): only if ``MIN_DRAWS`` of them fit
+    ``MAX_NUMBERS``."""
+    numbers = sum(math.prod(shape) for shape in (*latent.values(), *derived.values()))
+    per_obs = sum(math.prod(shape) for shape in observed.values())
+    count = min(num_draws, MAX_NUMBERS // (numbers + 2 * per_obs + 2))
+    if count >= min(num_draws, MIN_DRAWS):
+        return count, True
+    numbers = max(1, sum(math.prod(shape) for shape in latent.values()))
+    return max(min(num_draws, MAX_NUMBERS // numbers), min(num_draws, MIN_DRAWS)), False
+
+
+def _collect(model: Callable | None, guide: Callable, data: dict, nesting: int, count: int,
+             sites: dict, observed: dict, likelihood: bool, per_draw: int
+             ) -> dict[str, dict[str, np.ndarray]]:
+    """The draws, group by group, as numpy arrays with the draws first: ``sites`` from the
+    guide (and, with the model, the model replayed against it: its deterministic sites, the
+    replicated ``observed`` sites and, where ``likelihood``, their pointwise log density and
+    each draw's log p(x, z) and log weight)."""
+    chunks: dict[str, dict[str, list]] = {}
+
+    def add(group: str, name: str, values: torch.Tensor) -> None:
+        chunks.setdefault(group, {}).setdefault(name, []).append(_numpy(values))
+
+    for n, guide_trace, model_trace in posterior.replayed(model, guide, data, nesting, count,
+                                                          per_draw):
+        source = guide_trace if model_trace is None else model_trace
+        for name, shape in sites.items():
+            add("posterior", name, posterior.draws_of(source.nodes[name]["value"], n, shape))
+        if model_trace is None:
+            continue
+        for name, shape in observed.items():
+            site = model_trace.nodes[name]
+            add("posterior_predictive", name, posterior.draws_of(site["fn"].sample(), n, shape))
+            if likelihood:
+                batch = shape[:len(shape) - site["fn"].event_dim]
+                add("log_likelihood", name,
+                    posterior.draws_of(site["fn"].log_prob(site["value"]), n, batch))
+        if likelihood:
+            lp = posterior.log_joint(model_trace, n, nesting)
+            add("sample_stats", "lp", lp)
+            add("sample_stats", "log_weight", lp - posterior.log_joint(guide_trace, n, nesting))
+    return {group: {name: np.concatenate(parts) for name, parts in variables.items()}
+            for group, variables in chunks.items()}
+
+
+def _named(parts: dict[str, dict[str, np.ndarray]], trace: poutine.Trace, observed: dict,
+           left_out: list[str]) -> dict[str, dict]:
+    """The draws with their dims, and the observed data unless it alone passes
+    ``MAX_NUMBERS`` (then ``left_out`` says so)."""
+    dims = Dims()
+    groups: dict[str, dict] = {}
+    for group, variables in parts.items():
+        groups[group] = {}
+        for name, values in variables.items():
+            names = [] if group == "sample_stats" else dims.of(name, trace.nodes[name])
+            groups[group][name] = (values, names[:values.ndim - 1])
+    if sum(math.prod(shape) for shape in observed.values()) > MAX_NUMBERS:
+        left_out.append(f"observed_data: more than {MAX_NUMBERS} numbers")
+    elif observed:
+        groups["observed_data"] = {name: (_numpy(trace.nodes[name]["value"]),
+                                          dims.of(name, trace.nodes[name]))
+                                   for name in observed}
+    return groups
+
+
+def _attrs(groups: dict[str, dict], trace: poutine.Trace, observed: dict, count: int,
+           left_out: list[str]) -> dict[str, dict[str, Any]]:
+    """Each group's attributes: for all, the draw count and what was left out and why; for
+    posterior_predictive, its discrete sites; for sample_stats, the PSIS k-hat (a point-mass
+    guide's log weights are dropped: it has no density)."""
+    drawn = next(iter(groups.get("posterior", {}).values()), None)
+    attrs: dict[str, dict[str, Any]] = {"": {"num_draws": count if drawn is None
+                                             else len(drawn[0])}}
+    if "posterior_predictive" in groups:
+        attrs["posterior_predictive"] = {"discrete_sites": ",".join(
+            name for name in observed if trace.nodes[name]["fn"].support.is_discrete)}
+    if "sample_stats" in groups:
+        stats = _khat(groups["sample_stats"]["log_weight"][0],
+                      {name: values for name, (values, _) in groups["posterior"].items()})
+        attrs["sample_stats"] = stats
+        if "khat_reason" in stats:
+            del groups["sample_stats"]["log_weight"]
+            left_out.append(f"sample_stats log_weight: {stats['khat_reason']}")
+    if left_out:
+        attrs[""]["left_out"] = "; ".join(left_out)
+    return attrs
+
+
+def datasets(groups: dict[str, dict], attrs: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """``draw``'s groups as xarray Datasets as ArviZ makes them: dims chain (one) and draw
+    first, except for the observed data; each with the common attributes, ArviZ's
+    (``created_at``, ``arviz_version``) and its own."""
+    import xarray as xr
+
+    made = {"created_at": datetime.now(timezone.utc).replace(tzinfo=None).isoformat(),
+            "arviz_version": _version("arviz")}
+    out = {}
+    for group, variables in groups.items():
+        sampled = group != "observed_data"
+        data_vars = {}
+        for name, (values, names) in variables.items():
+            if sampled:
+                values, names = values[None], ["chain", "draw", *names]
+            data_vars[name] = xr.DataArray(values, dims=names)
+        coords = {"chain": [0], "draw": np.arange(attrs[""]["num_draws"])} if sampled else None
+        out[group] = xr.Dataset(data_vars, coords=coords,
+                                attrs={**made, **attrs[""], **attrs.get(group, {})})
+    return out
+
+
+def save(groups: dict[str, Any], path: Path) -> None:
+    """The Datasets as one NetCDF file with a group each, compressed, as ArviZ's
+    ``InferenceData.to_netcdf`` writes it (without importing ArviZ, a second a run)."""
+    mode = "w"
+    for group, dataset in groups.items():
+        encoding = {name: {"zlib": True} for name, variable in dataset.variables.items()
+                    if variable.dtype.kind in "biufc"}
+        dataset.to_netcdf(str(path), mode=mode, group=group, engine=ENGINE, encoding=encoding)
+        mode = "a"
+
+
+def ppc_sources(path: Path) -> dict[str, dict[str, Any]]:
+    """What ``plots.ppc_figure`` draws, read from posterior.nc: per observed site its values
+    (``observed``), every draw's replicated values (``replicated``, draws first) and whether
+    its likelihood is discrete. Empty without a posterior_predictive group."""
+    import xarray as xr
+
+    try:
+        with xr.open_dataset(str(path), group="posterior_predictive", engine=ENGINE) as rep, \
+                xr.open_dataset(str(path), group="observed_data", engine=ENGINE) as seen:
+            discrete = set(str(rep.attrs.get("discrete_sites", "")).split(","))
+            return {str(name): {"observed": seen[name].values,
+                                "replicated": values.values.reshape(-1, *values.shape[2:]),
+                                "discrete": name in discrete}
+                    for name, values in rep.data_vars.items() if name in seen}
+    except OSError:  # no such group: the data were too big for replicates
+        return {}
+
+
+def read(path: Path) -> Any:
+    """posterior.nc as ArviZ InferenceData."""
+    return _arviz().from_netcdf(str(path))
+
+
+class Dims:
+    """Dimension names for the sites' values: a plate's name for the dims it indexes (shared
+    by every site in it), ``<site>_dim_<i>`` for the rest, one size per name."""
+
+    def __init__(self) -> None:
+        self.sizes: dict[str, int] = {}
+
+    def of(self, name: str, site: dict) -> list[str]:
+        value = site["value"]
+        shape = tuple(value.shape)
+        event_dim = getattr(site["fn"], "event_dim", 0)
+        batch = len(shape) - event_dim
+        plates = {frame.dim: frame.name for frame in site["cond_indep_stack"]
+                  if frame.vectorized and frame.dim is not None}
+        names = []
+        for i, size in enumerate(shape):
+            dim = plates.get(i - batch) if i < batch else None
+            if dim is None or self.sizes.setdefault(dim, size) != size:
+                dim = f"{name}_dim_{i}"
+            names.append(dim)
+        return names
+
+
+def _khat(log_weight: np.ndarray, draws: dict[str, np.ndarray]) -> dict[str, Any]:
+    """The PSIS k-hat of the log weights and its reading, or why there is none."""
+    flat = [name for name, values in draws.items()
+            if len(values) > 1 and (values == values[:1]).all()]
+    if flat:
+        return {"khat_reason": "the guide is a point mass at " + ", ".join(flat)
+                + ": it has no density to weigh draws by"}
+    log_w = torch.as_tensor(log_weight, dtype=torch.float64)
+    if torch.isnan(log_w).any() or (log_w == math.inf).any() or not torch.isfinite(log_w).any():
+        return {"khat": math.nan, "khat_reading": "the log weights are not finite"}
+    khat, _ = posterior.psis(log_w)
+    return {"khat": khat, "khat_reading": posterior.reading(khat)}
+
+
+def _numpy(values: torch.Tensor) -> np.ndarray:
+    return values.detach().cpu().numpy()
+
+
+def _version(package: str) -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version(package)
+    except PackageNotFoundError:
+        return "unknown"
+
+
+def _arviz() -> Any:
+    """ArviZ, imported quietly (its import warns of its next major version)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        import arviz
+
+    return arviz
