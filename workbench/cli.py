@@ -213,6 +213,24 @@ def compare(
     run_compare(recipe, grid or [], set_ or [], seeds, steps, jobs, out, timeout)
 
 
+@app.command()
+@_stoppable
+def export(
+    run_dir: Annotated[Path, typer.Argument(help="A run directory.", show_default=False)],
+) -> None:
+    """Write a run's posterior draws as ArviZ InferenceData, posterior.nc in its directory.
+
+    For runs from before every run wrote it; read it with arviz.from_netcdf.
+    """
+    from workbench import service
+    from workbench.registry import get_registry
+
+    registry = get_registry()
+    for problem in registry.problems:
+        _err(f"warning: {problem}")
+    print(service.export(run_dir, registry))
+
+
 def report_lines(summary: dict, limit: int = 10) -> list[str]:
     """One line per latent site (per element for a tensor site, up to ``limit``): mean +- sd,
     and the exact posterior's beside it where known; under it the 90% interval, the KL to the

@@ -1,4 +1,5 @@
-"""The work behind the commands: check a recipe, start a run, go on with a stopped one.
+"""The work behind the commands: check a recipe, start a run, go on with a stopped one, load
+a finished one back, export its posterior.
 
 The CLI parses and prints; ``run``, ``compare``, the tests and any later command share these
 functions, so a recipe is checked, a run directory claimed and a checkpoint trusted in one way.
@@ -115,6 +116,28 @@ def load(run_dir: Path, registry: Registry) -> Any:
     with run_context(run.device, run.dtype):
         checkpoint.restore_params(saved["params"], saved["buffers"], run.guide, str(run_dir))
     return run
+
+
+def export(run_dir: Path, registry: Registry) -> Path:
+    """posterior.nc (ArviZ InferenceData) for a run, written from what it learned (its last
+    checkpoint) on the random stream its report uses, so a run from before posterior.nc
+    gets the file its report would have written. Holds the run directory's lock meanwhile."""
+    from workbench import checkpoint, inference_data
+    from workbench.runner import run_context
+
+    if not (run_dir / checkpoint.FILENAME).is_file():
+        raise UsageError(f"{run_dir}: not a vibench run directory (no {checkpoint.FILENAME}); "
+                         "give the directory `vibench run` wrote")
+    held = reopen(run_dir, f"export {run_dir}")
+    try:
+        run = load(run_dir, registry)
+        if run.data_hash != checkpoint.load(run_dir)["data_hash"]:
+            raise UsageError(f"export {run_dir}: the data are not the data this run was fitted "
+                             "to (a data file changed?); its posterior would not match them")
+        with run_context(run.device, run.dtype):
+            return inference_data.write(run, run_dir)
+    finally:
+        held.release()
 
 
 def differences(old: Any, new: Any, prefix: str = "") -> dict[str, list]:
