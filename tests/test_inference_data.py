@@ -1,0 +1,211 @@
+"""posterior.nc: every run's draws as ArviZ InferenceData, read back with ArviZ's own reader;
+deterministic sites in the report; the posterior predictive plot; ``vibench export``."""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import subprocess
+import sys
+import warnings
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from tests.conftest import COIN, REPO, vibench
+
+SCHOOLS = REPO / "recipes" / "eight_schools.yaml"
+GROUPS = {"posterior", "posterior_predictive", "log_likelihood", "sample_stats",
+          "observed_data"}
+
+
+def arviz():
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # ArviZ announces its 1.0 on import
+        import arviz
+
+    return arviz
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory) -> dict[str, tuple[Path, subprocess.CompletedProcess]]:
+    """The coin and eight schools recipes, a few hundred steps each, side by side."""
+    base = tmp_path_factory.mktemp("runs")
+    recipes = {"coin": COIN, "schools": SCHOOLS}
+    with ThreadPoolExecutor(2) as pool:
+        done = {name: pool.submit(vibench, "run", str(recipe), "--steps", "300",
+                                  "--out", str(base / name))
+                for name, recipe in recipes.items()}
+        results = {name: (base / name, future.result()) for name, future in done.items()}
+    for _, result in results.values():
+        assert result.returncode == 0, result.stderr
+    return results
+
+
+def summary(out: Path) -> dict:
+    return json.loads((out / "summary.json").read_text())
+
+
+def test_posterior_nc_holds_the_groups_arviz_expects(runs):
+    out, _ = runs["coin"]
+    assert summary(out)["diagnostics"]["inference_data"] == "written"
+    idata = arviz().from_netcdf(out / "posterior.nc")
+    assert set(idata.groups()) == GROUPS
+    draws = int(idata.posterior.attrs["num_draws"])
+    assert draws == 1000
+    assert dict(idata.posterior.sizes) == {"chain": 1, "draw": draws}
+    assert idata.posterior["latent_fairness"].dims == ("chain", "draw")
+    for group in ("posterior_predictive", "log_likelihood"):
+        assert idata[group]["obs"].dims == ("chain", "draw", "flips")
+        assert idata[group]["obs"].shape == (1, draws, 10)
+    assert idata.observed_data["obs"].dims == ("flips",)
+    assert idata.observed_data["obs"].values.tolist() == [1] * 6 + [0] * 4
+    assert set(np.unique(idata.posterior_predictive["obs"].values)) <= {0.0, 1.0}
+    assert set(idata.sample_stats.data_vars) == {"lp", "log_weight"}
+    assert idata.sample_stats["log_weight"].shape == (1, draws)
+    assert math.isfinite(idata.sample_stats.attrs["khat"]) and \
+        idata.sample_stats.attrs["khat"] < 0.7
+    flips = idata.log_likelihood["obs"].values[0]  # log Bernoulli(flip | fairness)
+    fairness = idata.posterior["latent_fairness"].values[0][:, None]
+    expected = np.where(idata.observed_data["obs"].values == 1, np.log(fairness),
+                        np.log1p(-fairness))
+    assert np.allclose(flips, expected, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["coin", "schools"])
+def test_arviz_summary_agrees_with_summary_json_and_loo_runs(runs, name):
+    out, _ = runs[name]
+    az = arviz()
+    idata = az.from_netcdf(out / "posterior.nc")
+    table = az.summary(idata, kind="stats")
+    draws = int(idata.posterior.attrs["num_draws"])
+    for site, entry in summary(out)["posterior"].items():
+        means = np.atleast_1d(entry["mean"])
+        stds = np.atleast_1d(entry["std"])
+        rows = [site] if len(means) == 1 and not isinstance(entry["mean"], list) else \
+            [f"{site}[{i}]" for i in range(len(means))]
+        for row, mean, std in zip(rows, means, stds):
+            assert abs(table.loc[row, "mean"] - mean) < 5 * std / math.sqrt(draws) + 1e-3, row
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # a few schools are influential: Pareto k warnings
+        loo = az.loo(idata, pointwise=True)
+    assert math.isfinite(loo.elpd_loo) and loo.n_data_points == len(idata.observed_data.obs)
+
+
+def test_eight_schools_theta_is_a_deterministic_site_everywhere(runs):
+    out, result = runs["schools"]
+    idata = arviz().from_netcdf(out / "posterior.nc")
+    post = idata.posterior
+    assert set(post.data_vars) == {"mu", "tau", "theta_tilde", "theta"}
+    assert post["theta"].dims == post["theta_tilde"].dims == ("chain", "draw", "schools")
+    assert np.allclose(post["theta"], post["mu"] + post["tau"] * post["theta_tilde"],
+                       atol=1e-4)
+    theta = summary(out)["posterior"]["theta"]
+    assert theta["method"] == "sampled" and len(theta["mean"]) == 8
+    assert all(low < mid < high for low, mid, high in
+               zip(theta["q05"], theta["q50"], theta["q95"]))
+    assert any(line.startswith("theta[0]: ") for line in result.stdout.splitlines())
+
+
+def test_a_posterior_predictive_plot_for_each_run(runs):
+    for out, _ in runs.values():
+        assert (out / "plots" / "ppc.png").stat().st_size > 10_000
+
+
+def test_export_rewrites_a_missing_posterior_nc(runs, tmp_path: Path):
+    original, _ = runs["coin"]
+    copy = tmp_path / "old-run"
+    shutil.copytree(original, copy)
+    (copy / "posterior.nc").unlink()
+    result = vibench("export", str(copy))
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == str(copy / "posterior.nc")
+    az = arviz()
+    old, new = az.from_netcdf(original / "posterior.nc"), az.from_netcdf(copy / "posterior.nc")
+    assert old.groups() == new.groups()
+    for group in old.groups():
+        before, after = old[group], new[group]
+        assert dict(before.sizes) == dict(after.sizes), group
+        assert set(before.attrs) == set(after.attrs), group
+        for name in before.data_vars:  # the report's random stream: the same draws
+            assert before[name].dims == after[name].dims
+            assert np.array_equal(before[name].values, after[name].values), (group, name)
+
+
+def test_export_of_a_directory_that_is_not_a_run_is_one_line(tmp_path: Path):
+    result = vibench("export", str(tmp_path))
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [
+        f"error: {tmp_path}: not a vibench run directory (no checkpoint.pt); give the "
+        "directory `vibench run` wrote"]
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_listing_and_help_import_neither_arviz_nor_xarray():
+    code = ("import sys; from workbench.cli import app\n"
+            "for args in (['list'], ['--help'], ['run', '--help'], ['export', '--help']):\n"
+            "    app(args=args, standalone_mode=False)\n"
+            "print(*(name in sys.modules for name in ('arviz', 'xarray', 'h5netcdf', 'torch')))")
+    result = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True,
+                            text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip().splitlines()[-1] == "False False False False"
+
+
+def coin_model(flips):
+    import pyro
+    import pyro.distributions as dist
+
+    fairness = pyro.sample("fairness", dist.Beta(10.0, 10.0))
+    with pyro.plate("flips", flips.shape[0]):
+        pyro.sample("obs", dist.Bernoulli(fairness), obs=flips)
+
+
+def coin_guide(flips):
+    import pyro
+    import pyro.distributions as dist
+
+    pyro.sample("fairness", dist.Beta(16.0, 14.0))
+
+
+def test_data_too_big_for_replicates_keep_the_posterior_only(monkeypatch):
+    """Where MIN_DRAWS draws of the replicated data would pass MAX_NUMBERS, posterior.nc holds
+    the latent sites and the data, and says what it left out."""
+    import torch
+
+    from workbench import inference_data
+
+    monkeypatch.setattr(inference_data, "MAX_NUMBERS", 10_000)
+    flips = (torch.arange(100) % 2).float()
+    groups, attrs = inference_data.draw(coin_model, coin_guide, {"flips": flips}, 1)
+    assert set(groups) == {"posterior", "observed_data"}
+    assert attrs[""]["num_draws"] == 1000 and groups["posterior"]["fairness"][0].shape == (1000,)
+    assert "posterior_predictive, log_likelihood and sample_stats" in attrs[""]["left_out"]
+
+    groups, attrs = inference_data.draw(coin_model, coin_guide, {"flips": flips[:20]}, 1)
+    assert set(groups) == GROUPS and "left_out" not in attrs[""]
+    assert attrs[""]["num_draws"] == 10_000 // (1 + 2 * 20 + 2)
+
+
+def test_a_failing_writer_costs_the_run_nothing(tmp_path: Path, monkeypatch):
+    from workbench import inference_data, service
+    from workbench.registry import get_registry
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("no space for draws")
+
+    monkeypatch.setattr(inference_data, "write", broken)
+    job = service.start(COIN, ["train.steps=20", "train.eval_every=0"], tmp_path / "r",
+                        get_registry())
+    with pytest.warns(UserWarning, match="could not write posterior.nc"):
+        result = job.train()
+    assert result["status"] == "completed"
+    assert result["diagnostics"]["inference_data"] == "failed: no space for draws"
+    assert result["diagnostics"]["khat"] is not None
+    assert summary(tmp_path / "r")["diagnostics"]["inference_data"].startswith("failed")
+    assert not (tmp_path / "r" / "posterior.nc").exists()
+    assert {p.name for p in (tmp_path / "r" / "plots").iterdir()} == {
+        "loss.png", "site-latent_fairness.png"}
