@@ -324,9 +324,9 @@ def ppc_figure(sources: dict[str, dict], path: Path | str | None = None,
     numbers, with the share of replicates at least as large; other discrete data with few
     values, the observed count of each value against the replicated counts' median and 90%
     range; anything else, the observed values' density against ``PPC_DRAWS`` replicated data
-    sets' densities (Gaussian KDEs; a site's elements are pooled). The first ``max_sites``
-    sites, side by side. Writes a PNG to ``path`` when given; returns the image as an
-    ``(H, W, 3)`` uint8 array.
+    sets' densities (Gaussian KDEs over at most ``KDE_DRAWS`` values each, a random subset of
+    more; a site's elements are pooled). The first ``max_sites`` sites, side by side. Writes a
+    PNG to ``path`` when given; returns the image as an ``(H, W, 3)`` uint8 array.
     """
     shown = list(sources.items())[:max_sites]
     fig = _figure(5.2 * len(shown) + 0.4, 4.2)
@@ -335,11 +335,12 @@ def ppc_figure(sources: dict[str, dict], path: Path | str | None = None,
         observed = np.asarray(src["observed"], dtype=float).reshape(-1)
         replicated = np.asarray(src["replicated"], dtype=float)
         replicated = replicated.reshape(replicated.shape[0], -1)
-        values = np.unique(np.concatenate([observed, replicated[:PPC_DRAWS].reshape(-1)]))
-        if src.get("discrete") and np.isin(values, (0.0, 1.0)).all():
+        values = np.unique(np.concatenate([observed, replicated.reshape(-1)])) \
+            if src.get("discrete") else None
+        if values is not None and np.isin(values, (0.0, 1.0)).all():
             _ppc_ones(ax, site, observed, replicated)
-        elif src.get("discrete") and values.size <= PPC_VALUES:
-            _ppc_counts(ax, site, observed, replicated)
+        elif values is not None and values.size <= PPC_VALUES:
+            _ppc_counts(ax, site, observed, replicated, values)
         else:
             _ppc_densities(ax, site, observed, replicated)
         ax.grid(alpha=0.3)
@@ -370,11 +371,11 @@ def _ppc_ones(ax: Any, site: str, observed: np.ndarray, replicated: np.ndarray) 
     ax.set_ylabel("share of replicated data sets")
 
 
-def _ppc_counts(ax: Any, site: str, observed: np.ndarray, replicated: np.ndarray) -> None:
+def _ppc_counts(ax: Any, site: str, observed: np.ndarray, replicated: np.ndarray,
+                values: np.ndarray) -> None:
     """Discrete data with few values: each value's observed count against its replicated
     counts' median and 90% range."""
-    values = np.unique(np.concatenate([observed, replicated.reshape(-1)]))
-    counts = (replicated[:, :, None] == values).sum(1)
+    counts = np.stack([(replicated == value).sum(1) for value in values], axis=1)
     low, mid, high = np.quantile(counts, [0.05, 0.5, 0.95], axis=0)
     ax.bar(values, (observed[:, None] == values).sum(0), width=0.8, color="#bbbbbb",
            edgecolor="black", label="observed count")
@@ -388,6 +389,10 @@ def _ppc_counts(ax: Any, site: str, observed: np.ndarray, replicated: np.ndarray
 def _ppc_densities(ax: Any, site: str, observed: np.ndarray, replicated: np.ndarray) -> None:
     """Continuous data: the observed values' density against replicated data sets'."""
     pick = np.unique(np.linspace(0, replicated.shape[0] - 1, PPC_DRAWS).round().astype(int))
+    size = observed.size
+    if size > KDE_DRAWS:  # a density from a random subset: the KDE costs grid x values
+        keep = np.random.default_rng(0).choice(size, KDE_DRAWS, replace=False)
+        observed, replicated = observed[keep], replicated[:, keep]
     sets = replicated[pick]
     finite = sets[np.isfinite(sets)]
     low, high = np.quantile(np.concatenate([observed, finite]), [0.005, 0.995])
@@ -398,8 +403,8 @@ def _ppc_densities(ax: Any, site: str, observed: np.ndarray, replicated: np.ndar
         ax.plot(grid, _kde(values, grid), color=COLOURS["guide"], alpha=0.25, linewidth=0.8,
                 label=f"replicated data sets ({len(pick)})" if j == 0 else None)
     ax.plot(grid, _kde(observed, grid), color="black", linewidth=2.2,
-            label=f"observed ({observed.size} values)")
-    if observed.size <= 200:
+            label=f"observed ({size} values)")
+    if size <= 200:
         ax.plot(observed, np.zeros_like(observed), "|", color="black", markersize=10)
     ax.set_xlim(grid[0], grid[-1])
     ax.set_ylim(bottom=0)
