@@ -313,7 +313,7 @@ def write_plots(run_dir: Path | str, losses: Sequence[float], sources: dict[str,
                 writer: Any = None, step: int = 0) -> list[Path]:
     """Every figure of a run as PNGs in ``run_dir/plots``: ``loss.png`` and one
     ``site-<name>.png`` per latent site; also logged to TensorBoard as ``Plots/loss`` and
-    ``Plots/<site>`` when given an ``EventLog`` ``writer`` (at ``step``). ``sources`` is what
+    ``Plots/<site>`` when given the run's ``Loggers`` as ``writer`` (at ``step``). ``sources`` is what
     ``workbench.posterior.plot_sources`` returns. Returns the paths written."""
     folder = Path(run_dir) / "plots"
     folder.mkdir(parents=True, exist_ok=True)

@@ -28,7 +28,11 @@ COMPONENTS: dict[tuple[str, ...], str] = {
     ("optimizer", "schedule"): "schedule",
     ("data", "dataset"): "dataset",
 }
-SECTIONS = ("name", "seed", "device", "dtype", "data", "model", "guide", "loss", "optimizer", "train")
+# Sections that list components of one kind, each item a name or a component section.
+LISTS: dict[tuple[str, ...], str] = {("loggers",): "logger"}
+DEFAULT_LOGGERS = ["tensorboard"]
+SECTIONS = ("name", "seed", "device", "dtype", "data", "model", "guide", "loss", "optimizer",
+            "train", "loggers")
 TRAIN: dict[str, Option] = {
     option.name: option
     for option in (
@@ -226,6 +230,8 @@ def resolve(
         else:
             resolved[section] = checker.component((section,), recipe[section])
     resolved["train"] = checker.train(recipe.get("train", {}))
+    resolved["loggers"] = checker.component_list(("loggers",),
+                                                 recipe.get("loggers", DEFAULT_LOGGERS))
     if checker.problems:
         raise RecipeError(source, checker.problems)
     return resolved
@@ -313,8 +319,20 @@ class _Checker:
                                              f"got {value!r}")
         return {name: train.get(name, option.default) for name, option in TRAIN.items()}
 
+    def component_list(self, path: tuple[str, ...], items: Any) -> list:
+        """A list of components of one kind (``loggers: [tensorboard, {name: csv}]``)."""
+        if isinstance(items, (str, dict)):
+            items = [items]
+        if not isinstance(items, list):
+            self.problem(".".join(path), f"expected a list of {LISTS[path]} names, got "
+                                         f"{_describe(items)}")
+            return []
+        sections = [{"name": item} if isinstance(item, str) else item for item in items]
+        return [resolved for resolved in (self.component(path, s) for s in sections)
+                if resolved is not None]
+
     def component(self, path: tuple[str, ...], section: Any) -> dict | None:
-        kind, where = COMPONENTS[path], ".".join(path)
+        kind, where = {**COMPONENTS, **LISTS}[path], ".".join(path)
         if not isinstance(section, dict):
             self.problem(where, f"expected a mapping with a 'name' key, got {_describe(section)}")
             return None

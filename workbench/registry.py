@@ -37,6 +37,7 @@ KINDS: dict[str, str] = {
     "optimizer": "register_optimizers",
     "optim_args": "register_optim_args",
     "schedule": "register_schedules",
+    "logger": "register_loggers",
 }
 
 # Factory parameters vibench fills in from the run instead of the recipe, per kind.
@@ -48,6 +49,7 @@ INJECTED: dict[str, frozenset[str]] = {
     "optimizer": frozenset({"device", "optim_args"}),
     "optim_args": frozenset({"device", "defaults"}),
     "schedule": frozenset({"device", "optimizer", "steps"}),
+    "logger": frozenset({"device", "run_dir", "start_step", "recipe"}),
 }
 
 
