@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import COIN, vibench
+from tests.conftest import COIN, start, vibench, wait_for_checkpoint
 from workbench import hookimpl
 
 STEPS = ["--steps", "60", "--set", "train.plots=false", "--set", "train.diagnostics=false"]
@@ -52,8 +52,6 @@ def test_no_loggers_writes_no_event_file(tmp_path: Path):
 
 
 def test_a_resumed_run_logs_each_step_once(tmp_path: Path):
-    from tests.test_trust import start, wait_for_checkpoint
-
     out = tmp_path / "r"
     child = start(COIN, out, "--steps", "100000", "--set", "train.checkpoint_every=20",
                   "--set", "loggers=[tensorboard, csv]")
