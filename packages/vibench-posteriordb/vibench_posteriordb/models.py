@@ -277,6 +277,33 @@ class HmmDrive(_Port):
         pyro.factor("forward", torch.logsumexp(gamma, dim=-1))
 
 
+def init_to_uniform_flat(site=None, radius: float = 2.0):
+    """Pyro's init_to_uniform, for ImproperUniform sites too: a point drawn uniformly from
+    (-radius, radius) in unconstrained space, mapped into the site's support.
+
+    Pyro's own init strategies draw from the site's distribution first, which an
+    ImproperUniform cannot do, so NUTS and autoguides need this (or per-site values) for
+    the flat-prior ports: ``NUTS(model, init_strategy=init_to_uniform_flat)``.
+    """
+    import pyro.distributions as dist
+    import torch
+    from pyro.distributions.transforms import biject_to
+    from pyro.infer.autoguide.initialization import init_to_uniform
+
+    if site is None:
+        return lambda site: init_to_uniform_flat(site, radius)
+    fn = site["fn"]
+    while isinstance(fn, (dist.Independent, dist.ExpandedDistribution)):
+        fn = fn.base_dist
+    if not isinstance(fn, dist.ImproperUniform):
+        return init_to_uniform(site, radius=radius)
+    transform = biject_to(site["fn"].support)
+    unconstrained = torch.empty(transform.inverse_shape(site["fn"].shape())).uniform_(-radius, radius)
+    value = transform(unconstrained)
+    value._pyro_custom_init = False
+    return value
+
+
 def _flat(constraint, event_shape=()):
     """Stan's implicit flat prior over a declared support."""
     import pyro.distributions as dist
