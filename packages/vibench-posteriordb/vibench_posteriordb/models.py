@@ -8,12 +8,12 @@ names as site names (GARCH's ``beta1`` is the one exception: see ``Garch11``):
   restricted to it, so ``sigma ~ normal(0, 2)`` with ``<lower=0>`` is a HalfNormal up to a
   constant);
 - a parameter without one has Stan's implicit flat prior over its declared support: an
-  ``ImproperUniform`` site with that support, which autoguides and NUTS map to unconstrained
-  space with the matching bijection (exp for positive, sigmoid for (0, 1), Pyro's ordered
-  and stick-breaking transforms);
+  ``ImproperUniform`` site with that support (``flat.FlatPrior``, which can also draw a
+  starting point), which autoguides and NUTS map to unconstrained space with the matching
+  bijection (exp for positive, sigmoid for (0, 1), Pyro's ordered transforms);
 - a constrained parameter whose prior is not a Pyro distribution with the right support (an
-  ordered vector with Normal priors) is an ``ImproperUniform`` site plus a ``pyro.factor``
-  with the prior's log density.
+  ordered vector with Normal priors) is such a flat site plus a ``pyro.factor`` with the
+  prior's log density.
 
 Data arrive as keyword tensors named as in the posterior's ``data.json``; sizes (``N``,
 ``T``, ``K``) are optional and, when given, checked against the data (they arrive as float
@@ -64,7 +64,7 @@ class Kilpisjarvi(_Port):
         _vectors("N", N, x=x, y=y)
         alpha = pyro.sample("alpha", dist.Normal(_like(y, pmualpha), _like(y, psalpha)))
         beta = pyro.sample("beta", dist.Normal(_like(y, pmubeta), _like(y, psbeta)))
-        sigma = pyro.sample("sigma", _flat(constraints.positive))  # no prior: flat on (0, inf)
+        sigma = pyro.sample("sigma", _flat(y, constraints.positive))  # no prior: flat on (0, inf)
         with pyro.plate("data", y.shape[0]) as ind:
             pyro.sample("y", dist.Normal(alpha + beta * x.index_select(0, ind), sigma),
                         obs=y.index_select(0, ind))
@@ -85,8 +85,8 @@ class Earnings(_Port):
         if not torch.jit.is_tracing() and not (earn > 0).all():
             raise ValueError("earn must be > 0: the model regresses log(earn)")
         design = torch.stack([torch.ones_like(height), height, male, height * male], dim=-1)
-        beta = pyro.sample("beta", _flat(constraints.real, (4,)))
-        sigma = pyro.sample("sigma", _flat(constraints.positive))
+        beta = pyro.sample("beta", _flat(earn, constraints.real, (4,)))
+        sigma = pyro.sample("sigma", _flat(earn, constraints.positive))
         with pyro.plate("data", earn.shape[0]) as ind:
             mean = _dot(design.index_select(0, ind), beta)
             pyro.sample("log_earn", dist.Normal(mean, sigma), obs=earn.index_select(0, ind).log())
@@ -112,8 +112,8 @@ class Nes(_Port):
             (age == 2).to(partyid7.dtype), (age == 3).to(partyid7.dtype),
             (age == 4).to(partyid7.dtype), educ1, gender, income,
         ], dim=-1)
-        beta = pyro.sample("beta", _flat(constraints.real, (9,)))
-        sigma = pyro.sample("sigma", _flat(constraints.positive))
+        beta = pyro.sample("beta", _flat(partyid7, constraints.real, (9,)))
+        sigma = pyro.sample("sigma", _flat(partyid7, constraints.positive))
         with pyro.plate("data", partyid7.shape[0]) as ind:
             mean = _dot(design.index_select(0, ind), beta)
             pyro.sample("partyid7", dist.Normal(mean, sigma), obs=partyid7.index_select(0, ind))
@@ -194,10 +194,10 @@ class Garch11(_Port):
         from pyro.distributions import constraints
 
         _vectors("T", T, y=y)
-        mu = pyro.sample("mu", _flat(constraints.real))
-        alpha0 = pyro.sample("alpha0", _flat(constraints.positive))
-        alpha1 = pyro.sample("alpha1", _flat(constraints.unit_interval))
-        beta1_unit = pyro.sample("beta1_unit", _flat(constraints.unit_interval))
+        mu = pyro.sample("mu", _flat(y, constraints.real))
+        alpha0 = pyro.sample("alpha0", _flat(y, constraints.positive))
+        alpha1 = pyro.sample("alpha1", _flat(y, constraints.unit_interval))
+        beta1_unit = pyro.sample("beta1_unit", _flat(y, constraints.unit_interval))
         beta1 = pyro.deterministic("beta1", beta1_unit * (1 - alpha1))
         pyro.factor("beta1_jacobian", torch.log1p(-alpha1))
         mu, alpha0, alpha1 = mu.unsqueeze(-1), alpha0.unsqueeze(-1), alpha1.unsqueeze(-1)
@@ -228,7 +228,7 @@ class GaussMix(_Port):
         from pyro.distributions import constraints
 
         _vectors("N", N, y=y)
-        mu = pyro.sample("mu", _flat(constraints.ordered_vector, (2,)))
+        mu = pyro.sample("mu", _flat(y, constraints.ordered_vector, (2,)))
         pyro.factor("mu_prior", dist.Normal(_like(y, 0.0), 2.0).log_prob(mu).sum(-1))
         sigma = pyro.sample("sigma", dist.HalfNormal(_like(y, 2.0)).expand([2]).to_event(1))
         theta = pyro.sample("theta", dist.Beta(_like(y, 5.0), _like(y, 5.0)))
@@ -259,8 +259,8 @@ class HmmDrive(_Port):
                                  f"{tuple(alpha.shape)}")
         theta1 = pyro.sample("theta1", dist.Dirichlet(alpha[0]))  # transitions from state 1
         theta2 = pyro.sample("theta2", dist.Dirichlet(alpha[1]))  # and from state 2
-        phi = pyro.sample("phi", _flat(constraints.positive_ordered_vector, (2,)))
-        lam = pyro.sample("lambda", _flat(constraints.positive_ordered_vector, (2,)))
+        phi = pyro.sample("phi", _flat(u, constraints.positive_ordered_vector, (2,)))
+        lam = pyro.sample("lambda", _flat(u, constraints.positive_ordered_vector, (2,)))
         prior = dist.Normal(torch.stack([_like(u, 0.0), _like(u, 3.0)]), 1.0)
         pyro.factor("phi_prior", prior.log_prob(phi).sum(-1))
         pyro.factor("lambda_prior", prior.log_prob(lam).sum(-1))
@@ -277,38 +277,12 @@ class HmmDrive(_Port):
         pyro.factor("forward", torch.logsumexp(gamma, dim=-1))
 
 
-def init_to_uniform_flat(site=None, radius: float = 2.0):
-    """Pyro's init_to_uniform, for ImproperUniform sites too: a point drawn uniformly from
-    (-radius, radius) in unconstrained space, mapped into the site's support.
+def _flat(like, constraint, event_shape=()):
+    """Stan's implicit flat prior over a declared support: an ImproperUniform that can give a
+    starting point (see ``flat.FlatPrior``), in the dtype and device of ``like``."""
+    from vibench_posteriordb.flat import FlatPrior
 
-    Pyro's own init strategies draw from the site's distribution first, which an
-    ImproperUniform cannot do, so NUTS and autoguides need this (or per-site values) for
-    the flat-prior ports: ``NUTS(model, init_strategy=init_to_uniform_flat)``.
-    """
-    import pyro.distributions as dist
-    import torch
-    from pyro.distributions.transforms import biject_to
-    from pyro.infer.autoguide.initialization import init_to_uniform
-
-    if site is None:
-        return lambda site: init_to_uniform_flat(site, radius)
-    fn = site["fn"]
-    while isinstance(fn, (dist.Independent, dist.ExpandedDistribution)):
-        fn = fn.base_dist
-    if not isinstance(fn, dist.ImproperUniform):
-        return init_to_uniform(site, radius=radius)
-    transform = biject_to(site["fn"].support)
-    unconstrained = torch.empty(transform.inverse_shape(site["fn"].shape())).uniform_(-radius, radius)
-    value = transform(unconstrained)
-    value._pyro_custom_init = False
-    return value
-
-
-def _flat(constraint, event_shape=()):
-    """Stan's implicit flat prior over a declared support."""
-    import pyro.distributions as dist
-
-    return dist.ImproperUniform(constraint, (), event_shape)
+    return FlatPrior.over(constraint, event_shape, like=like)
 
 
 def _like(reference, value):

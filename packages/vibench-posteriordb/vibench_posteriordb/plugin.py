@@ -24,7 +24,7 @@ MODELS = {
 
 # vibench name -> what its data set holds (the keys of data.json), for `vibench list`.
 DATA = {
-    "pdb_kilpisjarvi": "62 years x and temperatures y, the priors' pmualpha, psalpha, pmubeta, "
+    "pdb_kilpisjarvi": "62 values of a year-like x and temperatures y, the priors' pmualpha, psalpha, pmubeta, "
                        "psbeta, and N, xpred",
     "pdb_earnings": "earn, height and male of 1,192 people, and N",
     "pdb_nes": "partyid7, real_ideo, race_adj, educ1, gender, income, age_discrete and year of "
