@@ -27,7 +27,9 @@ from pyro.infer.autoguide.initialization import InitMessenger, init_to_value
 from pyro.poutine.util import site_is_subsample
 
 from workbench import hookspecs
-from workbench.registry import collect
+from workbench import recipe as recipes
+from workbench.registry import collect, make_plugin_manager
+from workbench.runner import Run
 from workbench.tensors import load_data
 
 PACKAGE = Path(__file__).resolve().parents[1] / "packages" / "vibench-posteriordb"
@@ -46,6 +48,17 @@ def registry():
     pm.add_hookspecs(hookspecs)
     pm.register(plugin, name="vibench_posteriordb")
     found = collect(pm)
+    assert not found.problems, found.problems
+    return found
+
+
+@pytest.fixture(scope="module")
+def full_registry():
+    """vibench's own plugins, as installed, and this package's."""
+    pm, problems = make_plugin_manager()
+    if not pm.is_registered(plugin):  # unless the package is installed too
+        pm.register(plugin, name="vibench_posteriordb")
+    found = collect(pm, problems)
     assert not found.problems, found.problems
     return found
 
@@ -257,6 +270,15 @@ def test_latent_sites_are_what_the_stan_names_map_to(registry, name):
     for site_name, site in latent.items():
         assert site["value"].shape == values[site_name].shape, site_name
         assert site["value"].shape == site["fn"].shape(), site_name
+    # vibench first traces the model as it is (no values given): flat-prior sites must then
+    # draw a starting point inside their support, with a log density of zero.
+    prior = poutine.trace(model).get_trace(**data)
+    for site_name, site in latent.items():
+        fn, value = prior.nodes[site_name]["fn"], prior.nodes[site_name]["value"]
+        assert value.shape == site["value"].shape, site_name
+        assert bool(fn.support.check(value).all()), site_name
+        if isinstance(fn, dist.ImproperUniform):
+            assert float(fn.log_prob(value)) == 0.0
     # Each Stan name reads back its own value from the traced sites (sample or deterministic):
     # the map's sites exist, its indices fit and every element of a site has a name.
     traced = {n: s["value"] for n, s in trace.nodes.items() if s["type"] == "sample"}
@@ -297,17 +319,38 @@ def test_the_data_dtype_decides(registry, name, dtype):
         values = model.latent_values({key: value[0] for key, value in draws.items()}, dtype)
         trace = poutine.trace(poutine.condition(model, values)).get_trace(**data)
         trace.compute_log_prob()
+        prior = poutine.trace(model).get_trace(**data)  # flat sites draw in the data's dtype
+        for name in values:
+            assert prior.nodes[name]["value"].dtype == dtype, name
     finally:
         torch.set_default_dtype(previous)
     exact = float(log_joint(model, {k: v.double() for k, v in data.items()},
                             {key: value[0] for key, value in draws.items()}))
     for site in trace.nodes.values():
-        # Pyro's ImproperUniform and deterministic sites give a zero log density in torch's
-        # default dtype; every other term (priors, likelihood, factors) is in the data's.
+        # A deterministic site's zero log density has torch's default dtype (Pyro's doing);
+        # every other term (flat and proper priors, likelihood, factors) is in the data's.
         if (site["type"] == "sample" and not site_is_subsample(site)
-                and not isinstance(site["fn"], dist.ImproperUniform)
                 and not site["infer"].get("_deterministic")):
             assert site["log_prob"].dtype == dtype, site["name"]
     total = float(trace.log_prob_sum())
     assert math.isfinite(total)
     assert total == pytest.approx(exact, rel=1e-4, abs=1e-2)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_recipe_sets_up_a_run(full_registry, name):
+    """Each shipped recipe resolves, and vibench builds its run: the model traced as it is
+    (flat-prior sites give a starting point), the guide, the loss and one step."""
+    import pyro
+
+    path = PACKAGE / "recipes" / f"{name}.yaml"
+    resolved = recipes.resolve(recipes.load(path), full_registry, str(path))
+    assert resolved["model"]["name"] == name
+    assert resolved["data"] == {"dataset": {"name": name}}
+    assert resolved["guide"]["name"] == "auto_multivariate_normal"
+    assert resolved["loss"]["name"] == "elbo"
+    assert (resolved["optimizer"]["name"], resolved["optimizer"]["lr"]) == ("adam", 0.01)
+    assert 1000 <= resolved["train"]["steps"] <= 10000
+    run = Run.setup({**resolved, "device": "cpu"}, full_registry)
+    assert run.exact is None or not run.exact  # the model offers no exact_posterior
+    pyro.clear_param_store()
