@@ -1,7 +1,8 @@
 """The eight Stan programs as Pyro models.
 
 Each model reproduces its Stan program's log density up to a constant, with Stan's parameter
-names as site names (GARCH's ``beta1`` is the one exception: see ``Garch11``):
+names as site names (GARCH's ``beta1`` is a deterministic site, computed from the latent
+``beta1_unit``: see ``Garch11``):
 
 - a parameter with a ``~`` statement or ``target +=`` prior gets that distribution, over the
   parameter's declared support (a Stan prior on a constrained parameter is the distribution
