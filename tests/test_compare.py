@@ -14,7 +14,7 @@ import pytest
 
 from tests.conftest import COIN, vibench
 from workbench.compare import (CSV_TAIL, METRICS, Result, Spec, combined, metrics, parse_grid,
-                               print_table, write_csv)
+                               print_table, write_csv, write_plot)
 from workbench.errors import UsageError
 
 
@@ -327,6 +327,13 @@ def test_the_csv_has_every_run_with_the_standardised_errors_and_the_k_hat_readin
     assert (untrusted["mean_error_sd"], untrusted["sd_ratio"]) == ("0.07", "1.5")
     assert rows[4]["mean_error_sd"] == "" and rows[4]["khat_reading"] == "good"
     assert rows[6]["status"] == "failed" and rows[6]["elbo"] == ""
+
+
+def test_the_plot_draws_every_combination_whatever_it_lacks(tmp_path: Path):
+    grids = parse_grid(["guide=beta,auto_normal,no_exact,broken"])
+    assert write_plot(tmp_path / "compare.png", grids, SYNTHETIC)
+    assert (tmp_path / "compare.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert write_plot(tmp_path / "failed.png", grids, SYNTHETIC[-2:])
 
 
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGHUP])
