@@ -5,7 +5,8 @@ child process and its own run directory inside the compare directory. The combin
 checked in this process first (no torch needed), so a misspelt key or component name stops
 the comparison before anything runs. Then the runs go in parallel; a run that fails is
 reported beside the others and does not stop them, as is a run over ``--timeout``. At the
-end: a table on stdout (seeds averaged), ``compare.csv`` (one row per run), ``compare.png``,
+end: a table on stdout (seeds combined; the ELBO and log evidence as the common yardstick,
+errors in exact sds, untrusted fits marked), ``compare.csv`` (one row per run), ``compare.png``,
 and TensorBoard hparams in each successful run's directory.
 
 Ctrl-C, SIGTERM or SIGHUP asks the runs to save and stop, a second one kills them; the results
