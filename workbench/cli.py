@@ -216,7 +216,8 @@ def compare(
 def report_lines(summary: dict, limit: int = 10) -> list[str]:
     """One line per latent site (per element for a tensor site, up to ``limit``): mean +- sd,
     and the exact posterior's beside it where known; under it the 90% interval, the KL to the
-    exact posterior and the importance-weighted estimate; then PSIS k-hat and its reading."""
+    exact posterior and the importance-weighted estimate; then PSIS k-hat and its reading,
+    and the ELBO and log evidence from the same draws."""
     lines = []
     for site, entry in summary["posterior"].items():
         keys = [k for k in ("mean", "std", "exact_mean", "exact_std", "q05", "q95",
@@ -246,6 +247,12 @@ def report_lines(summary: dict, limit: int = 10) -> list[str]:
         lines.append(f"PSIS k-hat {diagnostics['khat']:.2f} ({diagnostics['reading']}); "
                      f"importance-sampling ESS {diagnostics['ess']:.0f} of "
                      f"{diagnostics['num_draws']}")
+        if diagnostics.get("log_evidence") is not None:
+            elbo = "-inf" if diagnostics.get("elbo") is None else f"{diagnostics['elbo']:.4f}"
+            se = diagnostics.get("log_evidence_se")
+            lines.append(f"ELBO {elbo}; log evidence {diagnostics['log_evidence']:.4f}"
+                         + ("" if se is None else f" +- {se:.4f}")
+                         + " (importance-sampled, from the same draws)")
     elif diagnostics.get("reason"):
         lines.append(f"PSIS k-hat not computed: {diagnostics['reason']}")
     return lines
