@@ -25,6 +25,7 @@ def build(registry: Registry, kind: str, section: dict, **context: Any) -> Any:
     fits = {"optimizer": lambda m: isinstance(m, pyro.optim.PyroOptim),
             "dataset": lambda m: isinstance(m, Mapping)}.get(kind, callable)
     if not fits(made):
-        raise UsageError(f"{kind} {component.name!r} from plugin {component.plugin!r} made "
-                         f"{type(made).__name__}, which is not a {kind}: a bug in that plugin")
+        origin = "that file" if component.plugin.endswith(".py") else "that plugin"
+        raise UsageError(f"{kind} {component.name!r} from {component.plugin!r} made "
+                         f"{type(made).__name__}, which is not a {kind}: a bug in {origin}")
     return made
