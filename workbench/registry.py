@@ -263,7 +263,20 @@ def _component(kind: str, name: str, value: Any, source: str, shown: str) -> Com
         options, wants, open_options = read_options(value, INJECTED[kind])
     except (TypeError, ValueError) as exc:
         raise UsageError(f"{shown}: cannot read its signature: {exc}") from None
-    return Component(kind, name, value, source, description, options, wants, open_options)
+    settable = {key: option for key, option in options.items()
+                if option.required or _plain(option.default)}
+    return Component(kind, name, value, source, description, settable, wants, open_options)
+
+
+def _plain(value: Any) -> bool:
+    """Whether a default is data a recipe can hold; a parameter defaulting to an object (a
+    function, a tensor) is no option, since the saved recipe could not give it back."""
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return True
+    if isinstance(value, (list, tuple)):
+        return all(map(_plain, value))
+    return isinstance(value, dict) and all(
+        isinstance(key, str) and _plain(item) for key, item in value.items())
 
 
 def _itself(value: Any) -> Any:
