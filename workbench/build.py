@@ -30,6 +30,7 @@ def build(registry: Registry, kind: str, section: dict, **context: Any) -> Any:
             "logger": lambda m: any(hasattr(m, method) for method in LOGGER_METHODS),
             }.get(kind, callable)
     if not fits(made):
-        raise UsageError(f"{kind} {component.name!r} from plugin {component.plugin!r} made "
-                         f"{type(made).__name__}, which is not a {kind}: a bug in that plugin")
+        origin = "that file" if component.plugin.endswith(".py") else "that plugin"
+        raise UsageError(f"{kind} {component.name!r} from {component.plugin!r} made "
+                         f"{type(made).__name__}, which is not a {kind}: a bug in {origin}")
     return made
