@@ -93,6 +93,10 @@ def resume(run_dir: Path, sets: Sequence[str], registry: Registry) -> Job:
         _check_steps(saved["state"], resolved["train"]["steps"], "train.steps" in changes,
                      where)
         run = Run.setup(resolved, registry)
+        code = named_code(resolved)
+        if code:
+            run.notes.append(f"this run's recipe.yaml names code ({', '.join(code)}), which "
+                             "--resume runs: resume only run directories you trust")
         if run.data_hash != saved["data_hash"]:
             raise UsageError(f"{where}: the data are not the data this run started with "
                              "(a data file changed?); start a new run for new data")
@@ -115,6 +119,13 @@ def load(run_dir: Path, registry: Registry) -> Any:
     with run_context(run.device, run.dtype):
         checkpoint.restore_params(saved["params"], saved["buffers"], run.guide, str(run_dir))
     return run
+
+
+def named_code(recipe: dict) -> list[str]:
+    """The ``file.py:attr`` and ``package.module:attr`` names a checked recipe gives."""
+    sections = [recipe.get(path[0]) if len(path) == 1 else (recipe.get(path[0]) or {}).get(
+        path[1]) for path in recipes.COMPONENTS] + list(recipe.get("loggers", []))
+    return [s["name"] for s in sections if isinstance(s, dict) and ":" in str(s.get("name"))]
 
 
 def differences(old: Any, new: Any, prefix: str = "") -> dict[str, list]:
