@@ -1,7 +1,8 @@
-"""The ``vibench`` command line: ``run`` a recipe, ``list`` the components.
+"""The ``vibench`` command line: ``run`` a recipe, ``list`` the components, ``compare``
+recipes, ``runs`` and ``show`` what was run.
 
-Results go to stdout; progress and errors to stderr. Torch is imported only by ``run``, so
-``vibench list`` and ``--help`` start fast.
+Results go to stdout; progress and errors to stderr. Torch is imported only by ``run`` (and by
+``runs`` for a run without a summary), so ``vibench list`` and ``--help`` start fast.
 """
 
 from __future__ import annotations
@@ -103,9 +104,7 @@ def run(
         summary = job.train(progress.update)
     for line in report_lines(summary):
         print(line)
-    print(f"final loss {summary['final_loss']:.4f} | {summary['steps']} steps in "
-          f"{summary['wall_seconds']:.1f} s ({summary['steps_per_second']:.0f} steps/s) | "
-          f"{job.path}")
+    print(final_line(summary, job.path))
 
 
 @app.command("list")
@@ -213,6 +212,74 @@ def compare(
     run_compare(recipe, grid or [], set_ or [], seeds, steps, jobs, out, timeout)
 
 
+@app.command()
+def runs(
+    directory: Annotated[Path, typer.Argument(
+        metavar="DIR", help="Where to look: its run directories and its compare "
+                            "directories' runs.")] = Path("runs"),
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON: a list, newest first.")
+                       ] = False,
+) -> None:
+    """List the runs in DIR, newest first, with their status and results.
+
+    One line a run: its recipe's name, status, steps, final loss, k-hat, wall
+    time and directory. A run is "running" while a vibench process writes it;
+    one killed before its first summary shows what its checkpoint says.
+
+    Examples:
+      vibench runs
+      vibench runs runs/compare-coin-20261125-141502
+      vibench runs --json
+    """
+    from workbench import jsonsafe, service
+
+    found = service.list_runs(directory)
+    if as_json:
+        print(jsonsafe.dumps(found, indent=2))
+        return
+    if not found:
+        _err(f"no runs in {directory}")
+        return
+    header = ["name", "status", "steps", "final loss", "k-hat", "wall", "directory"]
+    rows = [[info["name"] or "?", info["status"], _shown(info["steps"], "d"),
+             _shown(info["final_loss"], ".4f"), _shown(info["khat"], ".2f"),
+             _duration(info["wall_seconds"]), info["path"]] for info in found]
+    for line in _table(header, rows, right={2, 3, 4, 5}):
+        print(line)
+
+
+@app.command()
+def show(
+    run_dir: Annotated[Path, typer.Argument(
+        metavar="RUN_DIR", help="A run directory.", show_default=False)],
+    as_json: Annotated[bool, typer.Option("--json", help="Print its summary.json.")] = False,
+) -> None:
+    """Print a run's report again from its summary.json, computing nothing.
+
+    The lines `vibench run` printed at its end: the posterior, k-hat, the final
+    loss. With --json, summary.json as it is.
+
+    Examples:
+      vibench show runs/coin-20261125-141502
+      vibench show runs/coin-20261125-141502 --json
+    """
+    from workbench import jsonsafe, service
+
+    summary = service.read_summary(run_dir)
+    if as_json:
+        print(jsonsafe.dumps(summary, indent=2))
+        return
+    status = summary.get("status", "completed")
+    if service.is_running(run_dir):
+        _err("note: a vibench process is writing this run; this is its last summary")
+    elif status != "completed":
+        _err(f"note: this run is {status}" + (f": {summary['error']}" if summary.get("error")
+                                              else ""))
+    for line in report_lines(summary):
+        print(line)
+    print(final_line(summary, run_dir))
+
+
 def report_lines(summary: dict, limit: int = 10) -> list[str]:
     """One line per latent site (per element for a tensor site, up to ``limit``): mean +- sd,
     and the exact posterior's beside it where known; under it the 90% interval, the KL to the
@@ -249,6 +316,41 @@ def report_lines(summary: dict, limit: int = 10) -> list[str]:
     elif diagnostics.get("reason"):
         lines.append(f"PSIS k-hat not computed: {diagnostics['reason']}")
     return lines
+
+
+def final_line(summary: dict, run_dir: Path | str) -> str:
+    """The report's last line: final loss, steps, time and speed, and where the run is."""
+    loss = summary["final_loss"]
+    return (f"final loss {'-' if loss is None else format(loss, '.4f')} | {summary['steps']} "
+            f"steps in {summary['wall_seconds']:.1f} s ({summary['steps_per_second']:.0f} "
+            f"steps/s) | {run_dir}")
+
+
+def _shown(value: Any, spec: str) -> str:
+    """A number for a table, "-" where there is none."""
+    return "-" if value is None else format(value, spec)
+
+
+def _duration(seconds: float | None) -> str:
+    """Seconds as 6.2 s, or as 1:02:03 from a minute on."""
+    if seconds is None:
+        return "-"
+    if seconds < 60:
+        return f"{seconds:.1f} s"
+    minutes, secs = divmod(round(seconds), 60)
+    return f"{minutes // 60}:{minutes % 60:02d}:{secs:02d}"
+
+
+def _table(header: list[str], rows: list[list[str]], right: set[int]) -> list[str]:
+    """Rows in columns as wide as their widest cell, the columns in ``right`` (numbers)
+    aligned right."""
+    widths = [max(len(row[i]) for row in (header, *rows)) for i in range(len(header))]
+
+    def line(cells: list[str]) -> str:
+        return "  ".join(cell.rjust(width) if i in right else cell.ljust(width)
+                         for i, (cell, width) in enumerate(zip(cells, widths))).rstrip()
+
+    return [line(header), *map(line, rows)]
 
 
 def _flatten(value: Any):
