@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Annotated, Any, Callable, Optional
 
 import typer
+from typer.core import TyperGroup
 
 from workbench import signals
 from workbench.errors import VibenchError
@@ -27,12 +28,62 @@ from workbench.progress import TerminalBar
 ClickException = next(c for c in typer.BadParameter.__mro__ if c.__name__ == "ClickException")
 ClickUsageError = next(c for c in typer.BadParameter.__mro__ if c.__name__ == "UsageError")
 
+
+class _Group(TyperGroup):
+    """The app's commands, with flags shown in help without a type: typer labels each flag
+    (--json, --help) "<bool>", as if it took a value."""
+
+    def get_command(self, ctx: Any, cmd_name: str) -> Any:
+        command = super().get_command(ctx, cmd_name)
+        if command is not None:
+            _plain_flags(command, ctx)
+        return command
+
+    def format_help(self, ctx: Any, formatter: Any) -> None:
+        _plain_flags(self, ctx)
+        super().format_help(ctx, formatter)
+
+
+def _plain_flags(command: Any, ctx: Any) -> None:
+    """Give each flag of ``command``, its --help included, an empty metavar, which help
+    shows in place of the flag's type."""
+    for param in command.get_params(ctx):
+        if getattr(param, "is_flag", False) and param.metavar is None:
+            param.metavar = ""
+
+
 app = typer.Typer(
-    add_completion=False,
-    no_args_is_help=True,
+    cls=_Group,
+    add_completion=True,
     pretty_exceptions_enable=False,
-    help="A workbench for stochastic variational inference on Pyro.",
 )
+
+
+def _show_version(value: bool) -> None:
+    """--version: the installed vibench's version, then exit."""
+    if value:
+        from importlib.metadata import PackageNotFoundError, version
+
+        try:
+            number = version("vibench")
+        except PackageNotFoundError:  # run from a source tree that was never installed
+            from workbench import __version__ as number
+        print(f"vibench {number}")
+        raise typer.Exit()
+
+
+@app.callback(invoke_without_command=True)
+def _app_options(
+    ctx: typer.Context,
+    version: Annotated[bool, typer.Option(
+        "--version", callback=_show_version, is_eager=True,
+        help="Print vibench's version and exit.")] = False,
+) -> None:
+    """A workbench for stochastic variational inference on Pyro."""
+    if ctx.invoked_subcommand is None and not ctx.resilient_parsing:
+        text = ctx.get_help()  # rich prints the help itself and gives back ""
+        if text:
+            print(text)
 
 
 def _stoppable(command: Callable) -> Callable:
@@ -77,8 +128,15 @@ def run(
 ) -> None:
     """Run SVI as a recipe says and report the posterior.
 
-    With --resume, go on with a stopped run from its last checkpoint; --steps and
-    --set optimizer.* may change (say, a smaller learning rate after a divergence).
+    With --resume, go on with a stopped run from its last checkpoint; --steps
+    and --set optimizer.* may change (say, a smaller learning rate after a
+    divergence).
+
+    Examples:
+      vibench run recipes/coin.yaml
+      vibench run recipes/coin.yaml --set guide=auto_normal --steps 2000
+      vibench run recipes/coin.yaml --set loss.num_particles=16 --out runs/p16
+      vibench run --resume runs/coin-20261125-141502 --steps 8000
     """
     from workbench import service
     from workbench.errors import UsageError
@@ -114,7 +172,13 @@ def list_components(
         metavar="KIND", show_default=False)] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
 ) -> None:
-    """List every component by kind, with its plugin, options and description."""
+    """List every component by kind, with its plugin, options and description.
+
+    Examples:
+      vibench list
+      vibench list guide
+      vibench list model --json
+    """
     from workbench import jsonsafe
     from workbench.errors import UsageError, did_you_mean
     from workbench.registry import KINDS, get_registry
@@ -202,10 +266,15 @@ def compare(
 ) -> None:
     """Run a recipe for every combination of --grid values and seeds, side by side.
 
-    Each run is a `vibench run` in its own directory; they run in parallel.
-    At the end: a table (seeds averaged), compare.csv, compare.png, TensorBoard hparams.
-    Ctrl-C stops the runs (each saves); a second Ctrl-C kills them. Either way the results
-    so far are written.
+    Each run is a `vibench run` in its own directory; they run in parallel. At
+    the end: a table (seeds averaged), compare.csv, compare.png, TensorBoard
+    hparams. Ctrl-C stops the runs (each saves); a second Ctrl-C kills them.
+    Either way the results so far are written.
+
+    Examples:
+      vibench compare recipes/coin.yaml --grid guide=beta,auto_normal
+      vibench compare recipes/coin.yaml --grid optimizer.lr=0.01,0.05 --seeds 3
+      vibench compare recipes/coin.yaml --grid loss=elbo,renyi_elbo --jobs 2
     """
     from workbench.compare import compare as run_compare
 
