@@ -89,9 +89,40 @@ def test_list_shows_every_component_with_plugin_options_and_description():
     assert by_name[("optimizer", "adam")]["options"]["betas"]["default"] == [0.9, 0.999]
     assert all(c["description"] for c in by_name.values())
     assert listing["broken"] == [] and listing["conflicts"] == []
+    models = {c["name"]: c for c in listing["model"]}
+    assert models["beta_bernoulli"]["data_arguments"] == ["flips"]
+    assert models["linear_regression"]["data_arguments"] == ["x", "y"]
+    assert "data_arguments" not in beta
 
     text = vibench("list").stdout
     assert "beta_bernoulli" in text and "init_alpha=15.0" in text and "[plugin vibench.guides]" in text
+    assert "data: flips" in text
+
+
+class _Model:
+    def __call__(self, x, y=None):
+        pass
+
+
+class _Static:
+    @staticmethod
+    def __call__(counts):
+        pass
+
+
+class _AnyData:
+    def __call__(self, *args, **kwargs):
+        pass
+
+
+@pytest.mark.parametrize("factory, expected", [
+    (_Model, ["x", "y"]), (_Static, ["counts"]), (_AnyData, None), (dict, None),
+    (lambda scale=1.0: _Model(), None),
+])
+def test_data_arguments_are_read_from_the_model_class_without_building_it(factory, expected):
+    from workbench.service import data_arguments
+
+    assert data_arguments(factory) == expected
 
 
 def test_listing_and_help_do_not_import_torch():

@@ -174,6 +174,8 @@ def list_components(
 ) -> None:
     """List every component by kind, with its plugin, options and description.
 
+    A model also shows the data it takes: the recipe's data keys.
+
     Examples:
       vibench list
       vibench list guide
@@ -182,6 +184,7 @@ def list_components(
     from workbench import jsonsafe
     from workbench.errors import UsageError, did_you_mean
     from workbench.registry import KINDS, get_registry
+    from workbench.service import data_arguments
 
     if kind is not None and kind not in KINDS:
         raise UsageError(f"unknown kind {kind!r}; {did_you_mean(kind, KINDS)}")
@@ -198,6 +201,7 @@ def list_components(
                              "required": o.required, "type": o.type_name()}
                     for o in c.options.values()
                 },
+                **({"data_arguments": data_arguments(c.factory)} if k == "model" else {}),
             }
             for c in (registry.components[k][n] for n in registry.names(k))
         ]
@@ -229,6 +233,8 @@ def list_components(
             )
             print(f"  {entry['name']:<{width}}  {entry['description']}")
             print(f"  {'':<{width}}  options: {options or '-'}   [plugin {entry['plugin']}]")
+            if entry.get("data_arguments") is not None:
+                print(f"  {'':<{width}}  data: {', '.join(entry['data_arguments']) or '-'}")
     for conflict in listing["conflicts"]:
         print(f"conflict: {conflict['kind']} {conflict['name']!r} is registered by "
               + " and ".join(conflict["plugins"]))

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import array
 import fcntl
+import inspect
 import json
 import math
 import os
@@ -16,7 +17,7 @@ import shutil
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 from workbench import recipe as recipes
 from workbench.errors import UsageError, one_line
@@ -260,6 +261,24 @@ def is_running(run_dir: Path) -> bool:
         return False
     finally:
         os.close(fd)
+
+
+def data_arguments(factory: Callable) -> list[str] | None:
+    """The data a model takes, read from its class's ``__call__`` without building it (which
+    may need torch); None when the factory is no class or its model takes any argument."""
+    if not inspect.isclass(factory) or not any("__call__" in vars(c) for c in factory.__mro__):
+        return None
+    raw = inspect.getattr_static(factory, "__call__")
+    try:
+        signature = inspect.signature(factory.__call__)
+    except (TypeError, ValueError):
+        return None
+    parameters = list(signature.parameters.values())
+    if not isinstance(raw, (staticmethod, classmethod)):
+        parameters = parameters[1:]  # self
+    if any(p.kind is p.VAR_KEYWORD for p in parameters):
+        return None
+    return [p.name for p in parameters if p.kind is not p.VAR_POSITIONAL]
 
 
 def _from_summary(summary: dict) -> dict:
