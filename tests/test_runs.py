@@ -102,6 +102,9 @@ def test_runs_marks_a_locked_run_running_and_a_killed_one_by_its_checkpoint(tmp_
     [info] = strict_json(vibench("runs", str(tmp_path), "--json").stdout)
     assert info["status"] == "interrupted" and info["source"] == "checkpoint.pt"
     assert info["name"] == "coin" and info["steps"] >= 0 and "pid" not in info
+    assert vibench("show", str(live)).stderr == (
+        f"error: {live}: no summary.json: the run was stopped before writing one; go on "
+        f"with: vibench run --resume {live}\n")
 
 
 def test_runs_shows_an_unreadable_summary_and_looks_in_compare_directories(tmp_path: Path):

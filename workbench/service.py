@@ -229,9 +229,10 @@ def read_summary(run_dir: Path) -> dict:
         raise UsageError(f"{run_dir}: no such run directory")
     if not path.is_file():
         if (run_dir / CHECKPOINT).is_file():
-            doing = ("is still running" if is_running(run_dir)
-                     else f"was stopped first; go on with: vibench run --resume {run_dir}")
-            raise UsageError(f"{run_dir}: no {SUMMARY} yet: the run {doing}")
+            if is_running(run_dir):
+                raise UsageError(f"{run_dir}: no {SUMMARY} yet: the run is still running")
+            raise UsageError(f"{run_dir}: no {SUMMARY}: the run was stopped before writing "
+                             f"one; go on with: vibench run --resume {run_dir}")
         raise UsageError(f"{run_dir}: not a run directory (no {SUMMARY} or {CHECKPOINT})")
     try:
         summary = json.loads(path.read_bytes())
