@@ -193,3 +193,12 @@ def test_ctrl_c_stops_saves_and_exits_130(tmp_path: Path):
     assert 0 < summary["steps"] < 1_000_000
     assert summary["posterior"]["latent_fairness"]["mean"] > 0
     assert (out / "params.pt").exists()
+
+
+def test_threads_sets_torch_s_thread_count(tmp_path: Path):
+    out = tmp_path / "r"
+    result = vibench("run", str(COIN), "--steps", "5", "--threads", "2", "--out", str(out))
+    assert result.returncode == 0, result.stderr
+    assert json.loads((out / "summary.json").read_text())["threads"] == 2
+    bad = vibench("run", str(COIN), "--threads", "0")
+    assert bad.returncode == 2 and "--threads" in bad.stderr

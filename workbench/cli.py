@@ -8,7 +8,6 @@ Results go to stdout; progress and errors to stderr. Torch is imported only by `
 from __future__ import annotations
 
 import functools
-import json
 import os
 import signal
 import sys
@@ -125,6 +124,9 @@ def run(
     resume: Annotated[Optional[Path], typer.Option(
         help="Go on with a stopped run, in its directory, from its last checkpoint.",
         show_default=False)] = None,
+    threads: Annotated[Optional[int], typer.Option(
+        min=1, help="CPU threads for torch. Default: torch's (every core); fewer when "
+                    "several runs share the machine.")] = None,
 ) -> None:
     """Run SVI as a recipe says and report the posterior.
 
@@ -137,6 +139,7 @@ def run(
       vibench run recipes/coin.yaml --set guide=auto_normal --steps 2000
       vibench run recipes/coin.yaml --set loss.num_particles=16 --out runs/p16
       vibench run --resume runs/coin-20261125-141502 --steps 8000
+      vibench run recipes/coin.yaml --threads 1
     """
     from workbench import service
     from workbench.errors import UsageError
@@ -153,6 +156,7 @@ def run(
     registry = get_registry()
     for problem in registry.problems:
         _err(f"warning: {problem}")
+    service.set_threads(threads)
     job = (service.start(recipe, sets, out, registry) if resume is None
            else service.resume(resume, sets, registry))
     for note in job.run.notes:

@@ -456,6 +456,7 @@ class Run:
             "versions": versions(),
             "data_hash": self.data_hash,
             "world_size": 1,
+            "threads": torch.get_num_threads(),
         }
         for callback in callbacks:
             summary.update(callback.summary())
