@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -42,3 +43,32 @@ def vibench(*args: str, cwd: Path = REPO, env: dict | None = None, timeout: floa
 @pytest.fixture
 def run_vibench():
     return vibench
+
+
+def start(recipe: Path, out: Path, *args: str) -> subprocess.Popen:
+    """``vibench run RECIPE ARGS --out OUT`` started in a child process, not waited for."""
+    return subprocess.Popen([sys.executable, "-m", "workbench", "run", str(recipe), *args,
+                             "--out", str(out)], cwd=REPO, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+
+
+def checkpointed_step(out: Path) -> int:
+    """The step of the run directory's checkpoint, read as --resume reads it."""
+    import torch
+
+    return torch.load(out / "checkpoint.pt", weights_only=True)["state"]["step"]
+
+
+def wait_for_checkpoint(out: Path, past: int, child: subprocess.Popen | None = None,
+                        timeout: float = 120) -> None:
+    """Wait until the run has checkpointed a step after ``past`` (the child still running)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            if checkpointed_step(out) > past:
+                return
+        except (FileNotFoundError, EOFError, RuntimeError):
+            pass
+        assert child is None or child.poll() is None, child.communicate()
+        time.sleep(0.01)
+    raise AssertionError("no checkpoint appeared")

@@ -89,20 +89,90 @@ def test_list_shows_every_component_with_plugin_options_and_description():
     assert by_name[("optimizer", "adam")]["options"]["betas"]["default"] == [0.9, 0.999]
     assert all(c["description"] for c in by_name.values())
     assert listing["broken"] == [] and listing["conflicts"] == []
+    models = {c["name"]: c for c in listing["model"]}
+    assert models["beta_bernoulli"]["data_arguments"] == ["flips"]
+    assert models["linear_regression"]["data_arguments"] == ["x", "y"]
+    assert "data_arguments" not in beta
 
     text = vibench("list").stdout
     assert "beta_bernoulli" in text and "init_alpha=15.0" in text and "[plugin vibench.guides]" in text
+    assert "data: flips" in text
+
+
+class _Model:
+    def __call__(self, x, y=None):
+        pass
+
+
+class _Static:
+    @staticmethod
+    def __call__(counts):
+        pass
+
+
+class _AnyData:
+    def __call__(self, *args, **kwargs):
+        pass
+
+
+@pytest.mark.parametrize("factory, expected", [
+    (_Model, ["x", "y"]), (_Static, ["counts"]), (_AnyData, None), (dict, None),
+    (lambda scale=1.0: _Model(), None),
+])
+def test_data_arguments_are_read_from_the_model_class_without_building_it(factory, expected):
+    from workbench.service import data_arguments
+
+    assert data_arguments(factory) == expected
 
 
 def test_listing_and_help_do_not_import_torch():
     code = ("import sys; from workbench.cli import app\n"
-            "for args in (['list'], ['run', '--help'], ['--help']):\n"
+            "for args in (['list'], ['run', '--help'], ['--help'], ['runs', '--help'],\n"
+            "             ['show', '--help'], ['--version'], []):\n"
             "    app(args=args, standalone_mode=False)\n"
             "print('torch' in sys.modules, 'pyro' in sys.modules)")
     result = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True,
                             text=True, timeout=60)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip().splitlines()[-1] == "False False"
+
+
+def test_version_is_the_installed_package_version():
+    from importlib.metadata import version
+
+    result = vibench("--version")
+    assert (result.returncode, result.stdout, result.stderr) == (0, f"vibench {version('vibench')}\n", "")
+
+
+def test_bare_vibench_shows_the_help_and_exits_0():
+    result = vibench()
+    assert result.returncode == 0 and result.stderr == ""
+    assert "Usage: vibench [OPTIONS] COMMAND" in result.stdout and "runs" in result.stdout
+
+
+def _commands() -> list[str]:
+    import typer
+
+    from workbench.cli import app
+
+    return sorted(typer.main.get_command(app).commands)
+
+
+@pytest.mark.parametrize("command", _commands())
+def test_each_command_s_help_has_examples_and_shows_flags_as_flags(command: str):
+    result = vibench(command, "--help")
+    assert result.returncode == 0, result.stderr
+    examples = result.stdout.split("Examples:", 1)[1].split("╭", 1)[0]
+    assert f"vibench {command}" in examples
+    assert "<bool>" not in result.stdout and "--help " in result.stdout
+
+
+def test_the_app_s_help_shows_completion_and_no_bool_labels():
+    result = vibench("--help")
+    assert result.returncode == 0
+    for option in ("--version", "--install-completion", "--show-completion"):
+        assert option in result.stdout
+    assert "<bool>" not in result.stdout
 
 
 def test_ctrl_c_stops_saves_and_exits_130(tmp_path: Path):
@@ -123,3 +193,12 @@ def test_ctrl_c_stops_saves_and_exits_130(tmp_path: Path):
     assert 0 < summary["steps"] < 1_000_000
     assert summary["posterior"]["latent_fairness"]["mean"] > 0
     assert (out / "params.pt").exists()
+
+
+def test_threads_sets_torch_s_thread_count(tmp_path: Path):
+    out = tmp_path / "r"
+    result = vibench("run", str(COIN), "--steps", "5", "--threads", "2", "--out", str(out))
+    assert result.returncode == 0, result.stderr
+    assert json.loads((out / "summary.json").read_text())["threads"] == 2
+    bad = vibench("run", str(COIN), "--threads", "0")
+    assert bad.returncode == 2 and "--threads" in bad.stderr

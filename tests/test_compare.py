@@ -13,7 +13,8 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import COIN, vibench
-from workbench.compare import CSV_TAIL, metrics, parse_grid
+from workbench.compare import (CSV_TAIL, METRICS, Result, Spec, combined, metrics, parse_grid,
+                               print_table, write_csv, write_plot)
 from workbench.errors import UsageError
 
 
@@ -38,7 +39,8 @@ def session_hparams(run_dir: Path) -> dict:
     scalars = acc.Tags()["scalars"]
     assert "Train/loss" in scalars  # the run's own events are intact beside the hparams
     assert {"hparam/final_loss", "hparam/mean_error", "hparam/std_error",
-            "hparam/steps_per_second"} <= set(scalars)
+            "hparam/steps_per_second", "hparam/elbo", "hparam/log_evidence",
+            "hparam/mean_error_sd", "hparam/sd_ratio"} <= set(scalars)
     return {name: value.WhichOneof("kind") and getattr(value, value.WhichOneof("kind"))
             for name, value in start.hparams.items()}
 
@@ -56,6 +58,8 @@ def test_a_grid_runs_every_combination_and_reports_them(tmp_path: Path):
     for name in names:
         summary = json.loads((out / name / "summary.json").read_text())
         assert summary["steps"] == 30
+        assert {"elbo", "elbo_se", "log_evidence", "log_evidence_se"} <= set(
+            summary["diagnostics"])
         guide, particles = name.split(",")[:2]
         assert summary["recipe"]["guide"]["name"] == guide.split("=")[1]
         assert summary["recipe"]["loss"]["num_particles"] == int(particles.split("=")[1])
@@ -74,13 +78,24 @@ def test_a_grid_runs_every_combination_and_reports_them(tmp_path: Path):
         assert row["status"] == "ok" and row["seed"] == "0" and row["error"] == ""
         assert float(row["final_loss"]) > 0
         assert 0 <= float(row["mean_error"]) < 0.2 and 0 <= float(row["std_error"]) < 0.2
+        assert float(row["elbo"]) < float(row["log_evidence"]) < 0
+        assert float(row["log_evidence_se"]) > 0 and float(row["mean_error_sd"]) >= 0
+    # 30 steps leave auto_normal's sd far too small: k-hat says so, and compare marks it
+    for row in rows:
+        bad = row["guide"] == "auto_normal"
+        assert (float(row["khat"]) > 0.7) == bad
+        assert (row["khat_reading"] == "bad: do not trust") == bad
+        assert (float(row["sd_ratio"]) < 0.5) == bad
 
     assert (out / "compare.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    for header in ("guide", "loss.num_particles", "final loss", "mean err", "std err",
-                   "k-hat", "steps/s", "wall s"):
+    for header in ("guide", "loss.num_particles", "ELBO", "log evidence", "mean error / sd",
+                   "sd ratio", "k-hat", "train loss", "steps/s", "wall s"):
         assert header in result.stdout
     table_rows = [line for line in result.stdout.splitlines() if "auto_normal" in line]
-    assert len(table_rows) == 2 and all("ok" in line for line in table_rows)
+    assert len(table_rows) == 2 and all("ok" in line and " ! " in line for line in table_rows)
+    assert not any(" ! " in line for line in result.stdout.splitlines()
+                   if line.strip().startswith("beta"))
+    assert "! k-hat > 0.7 in at least one seed: do not trust this fit" in result.stdout
     assert f"compare.csv: {out / 'compare.csv'}" in result.stdout
     assert f"compare.png: {out / 'compare.png'}" in result.stdout
     assert "4 runs" in result.stderr
@@ -207,8 +222,118 @@ def test_metrics_take_the_largest_error_over_sites_and_elements():
     assert got["mean_error"] == pytest.approx(0.5) and got["std_error"] == pytest.approx(0.2)
     assert got["khat"] == 0.3
     assert metrics({"final_loss": 1.0, "posterior": {"c": {"mean": 1.0, "std": 1.0}}}) == {
-        "final_loss": 1.0, "mean_error": None, "std_error": None, "khat": None,
-        "steps_per_second": None}
+        **{key: None for key in METRICS}, "final_loss": 1.0}
+
+
+def test_errors_are_in_exact_sds_and_the_sd_ratio_is_the_one_furthest_from_one():
+    """|mean - exact| / exact sd, worst over sites and elements; the sd ratio furthest from 1
+    on a log scale (0.5 is further off than 1.8); the common yardstick from the diagnostics."""
+    summary = {
+        "posterior": {
+            "a": {"mean": 0.5, "std": 0.1, "exact_mean": 0.4, "exact_std": 0.2},
+            "b": {"mean": [10.0, 20.0], "std": [18.0, 10.0], "exact_mean": [10.0, 21.0],
+                  "exact_std": [10.0, 10.0]},
+        },
+        "diagnostics": {"khat": 0.85, "reading": "bad: do not trust", "elbo": -7.7,
+                        "elbo_se": 0.01, "log_evidence": -7.2, "log_evidence_se": 0.04},
+    }
+    got = metrics(summary)
+    assert got["mean_error_sd"] == pytest.approx(0.5)  # site a: 0.1 / 0.2 (b: 1 / 10)
+    assert got["sd_ratio"] == pytest.approx(0.5)
+    assert got["mean_error"] == pytest.approx(1.0)  # the raw one: site b's 20 vs 21
+    assert (got["elbo"], got["elbo_se"], got["log_evidence"], got["log_evidence_se"]) == (
+        -7.7, 0.01, -7.2, 0.04)
+    assert metrics({"posterior": {"a": {"mean": 1.0, "std": 3.0, "exact_mean": 1.0,
+                                        "exact_std": 2.0}}})["sd_ratio"] == 1.5
+
+
+def test_importance_weighted_estimates_are_not_taken_for_the_exact_posterior():
+    summary = {"posterior": {"a": {"mean": 1.0, "std": 0.5, "iw_mean": 1.2, "iw_std": 1.0}},
+               "diagnostics": {"khat": 0.2, "elbo": -3.0, "log_evidence": -2.9}}
+    got = metrics(summary)
+    assert got["mean_error_sd"] is got["sd_ratio"] is got["mean_error"] is None
+    assert got["elbo"] == -3.0
+
+
+def synthetic(combo: tuple[str, ...], seed: int, khat: float, mean_error_sd: float | None,
+              sd_ratio: float | None, status: str = "ok") -> Result:
+    """A finished run with the given numbers, as read_summary would make it."""
+    spec = Spec(combo, seed, [], f"guide={combo[0]},seed={seed}")
+    numbers = {"elbo": -7.0 - khat, "elbo_se": 0.01, "log_evidence": -7.0, "log_evidence_se":
+               0.02, "mean_error_sd": mean_error_sd, "sd_ratio": sd_ratio, "khat": khat,
+               "final_loss": 7.0 + seed, "steps_per_second": 100.0}
+    result = Result(spec, Path(spec.name), status, metrics={key: None for key in METRICS})
+    if status == "ok":
+        result.metrics.update(numbers)
+        result.khat_reading = "bad: do not trust" if khat > 0.7 else "good"
+        result.draws, result.wall_seconds = 10_000, 1.0
+    else:
+        result.error = "error: it broke"
+    return result
+
+
+SYNTHETIC = [  # auto_normal's mean looks best, but one seed's k-hat says not to trust it
+    synthetic(("beta",), 0, 0.1, 0.20, 1.01), synthetic(("beta",), 1, 0.2, 0.30, 0.98),
+    synthetic(("auto_normal",), 0, 0.6, 0.05, 0.50), synthetic(("auto_normal",), 1, 0.85, 0.07,
+                                                               1.50),
+    synthetic(("no_exact",), 0, 0.3, None, None), synthetic(("no_exact",), 1, 0.3, None, None),
+    synthetic(("broken",), 0, 0.0, None, None, "failed"),
+    synthetic(("broken",), 1, 0.0, None, None, "failed"),
+]
+
+
+def test_seeds_combine_to_the_worst_for_accuracy_and_the_mean_for_the_yardstick():
+    runs = SYNTHETIC[2:4]
+    assert combined(runs, "khat") == 0.85  # one untrusted seed makes the fit untrusted
+    assert combined(runs, "sd_ratio") == 0.5  # not the mean, 1.0, which looks perfect
+    assert combined(runs, "mean_error_sd") == 0.07
+    assert combined(runs, "elbo") == pytest.approx(-7.725)
+    assert combined(runs, "log_evidence_se") == pytest.approx(0.02 / 2**0.5)
+
+
+def test_the_table_marks_an_untrusted_fit_and_says_n_a_without_an_exact_posterior(capsys):
+    grids = parse_grid(["guide=beta,auto_normal,no_exact,broken"])
+    print_table(grids, SYNTHETIC)
+    out = capsys.readouterr().out
+    header = next(line for line in out.splitlines() if "guide" in line)
+    assert header.split() == ["guide", "runs", "ELBO", "log", "evidence", "mean", "error", "/",
+                              "sd", "sd", "ratio", "k-hat", "train", "loss", "steps/s", "wall",
+                              "s", "status"]
+    rows = {line.split()[0]: line.split() for line in out.splitlines()
+            if line.strip().split(" ")[0] in ("beta", "auto_normal", "no_exact", "broken")}
+    assert rows["beta"][:9] == ["beta", "2/2", "-7.150", "-7.000", "±", "0.014", "0.300",
+                                "0.98", "0.20"]
+    assert rows["auto_normal"][6:10] == ["0.070", "0.50", "0.85", "!"]
+    assert rows["no_exact"][6:9] == ["n/a", "n/a", "0.30"]
+    assert rows["broken"][1:4] == ["0/2", "-", "-"]
+    assert "! k-hat > 0.7 in at least one seed: do not trust this fit" in out
+    assert "n/a: not known for these runs" in out
+    assert "from the same 10000 guide draws for every run" in out
+    assert "failed: guide=broken,seed=0: error: it broke" in out
+
+
+def test_the_csv_has_every_run_with_the_standardised_errors_and_the_k_hat_reading(
+        tmp_path: Path):
+    grids = parse_grid(["guide=beta,auto_normal,no_exact,broken"])
+    write_csv(tmp_path / "compare.csv", grids, SYNTHETIC)
+    rows = read_csv(tmp_path / "compare.csv")
+    assert list(rows[0]) == ["guide", *CSV_TAIL]
+    for name in ("elbo", "log_evidence", "log_evidence_se", "mean_error_sd", "sd_ratio",
+                 "khat", "khat_reading", "final_loss", "mean_error", "std_error"):
+        assert name in CSV_TAIL
+    untrusted = rows[3]
+    assert (untrusted["guide"], untrusted["khat"], untrusted["khat_reading"]) == (
+        "auto_normal", "0.85", "bad: do not trust")
+    assert (untrusted["mean_error_sd"], untrusted["sd_ratio"]) == ("0.07", "1.5")
+    assert rows[4]["mean_error_sd"] == "" and rows[4]["khat_reading"] == "good"
+    assert rows[6]["status"] == "failed" and rows[6]["elbo"] == ""
+
+
+def test_the_plot_draws_every_combination_whatever_it_lacks(tmp_path: Path):
+    grids = parse_grid(["guide=beta,auto_normal,no_exact,broken"])
+    assert write_plot(tmp_path / "compare.png", grids, SYNTHETIC)
+    assert (tmp_path / "compare.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert write_plot(tmp_path / "failed.png", grids, SYNTHETIC[-2:])
 
 
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGHUP])

@@ -112,7 +112,7 @@ def test_site_figure_for_tensor_sites_and_point_masses(tmp_path: Path):
 def test_write_plots_for_a_run(tmp_path: Path):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    from workbench.events import EventLog
+    from vibench_plugins.tensorboard_events import EventLog
 
     sources = coin_sources("beta")
     log = EventLog(tmp_path)

@@ -345,3 +345,19 @@ def test_diagnostics_in_chunks_equal_diagnostics_at_once(coin, monkeypatch):
     chunked = diagnose(coin, guide, num_draws=3000)
     assert chunked.pop("sites") == whole.pop("sites")
     assert chunked == pytest.approx(whole)
+
+
+def test_elbo_and_log_evidence_are_estimated_from_the_same_draws(coin, fitted_beta):
+    """The coin's evidence is known in closed form, log p(x) = log B(16, 14) - log B(10, 10):
+    the importance-sampled estimate is within 4 standard errors of it for a good guide and a
+    poor one, and the ELBO sits below it by about KL(guide || exact)."""
+    exact = (math.lgamma(16) + math.lgamma(14) - math.lgamma(30)) - (
+        2 * math.lgamma(10) - math.lgamma(20))
+    for alpha, beta in (fitted_beta, (15, 15)):
+        guide = fixed_beta_guide(alpha, beta)
+        result = diagnose(coin, guide)
+        assert abs(result["log_evidence"] - exact) < 4 * result["log_evidence_se"]
+        assert 0 < result["log_evidence_se"] < 0.01
+        kl = summarize(coin, guide)["kl"]
+        assert result["elbo"] == pytest.approx(exact - kl, abs=4 * result["elbo_se"] + 1e-4)
+        assert result["elbo"] < result["log_evidence"]

@@ -5,14 +5,13 @@ from __future__ import annotations
 import json
 import signal
 import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
 
-from tests.conftest import COIN, REPO, vibench
+from tests.conftest import COIN, checkpointed_step, vibench, wait_for_checkpoint
+from tests.conftest import start as start_run
 from workbench import hookimpl, recipe as recipes
 from workbench.errors import RunError
 from workbench.registry import collect, make_plugin_manager
@@ -22,25 +21,7 @@ ARGS = ["--steps", "400", "--set", "train.checkpoint_every=25", "--set", "loss.n
 
 
 def start(out: Path, *args: str) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "workbench", "run", str(COIN), *ARGS,
-                             "--out", str(out), *args],
-                            cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-
-
-def checkpointed_step(out: Path) -> int:
-    return torch.load(out / "checkpoint.pt", weights_only=True)["state"]["step"]
-
-
-def wait_for_checkpoint(out: Path, past: int, timeout: float = 120) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            if checkpointed_step(out) > past:
-                return
-        except (FileNotFoundError, EOFError, RuntimeError):
-            pass
-        time.sleep(0.02)
-    raise AssertionError("no checkpoint appeared")
+    return start_run(COIN, out, *ARGS, *args)
 
 
 def test_sigkill_then_resume_ends_bitwise_equal_to_an_uninterrupted_run(tmp_path: Path):

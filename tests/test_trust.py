@@ -8,8 +8,6 @@ import json
 import math
 import os
 import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -17,35 +15,12 @@ import pytest
 import torch
 import yaml
 
-from tests.conftest import COIN, REPO, vibench
+from tests.conftest import (COIN, REPO, checkpointed_step, start, vibench,
+                            wait_for_checkpoint)
 from workbench import hookimpl
 
 LINEAR = REPO / "recipes" / "linear_regression.yaml"
 QUIET = ["--set", "train.plots=false", "--set", "train.eval_every=7"]
-
-
-def start(recipe: Path, out: Path, *args: str) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "workbench", "run", str(recipe), *args,
-                             "--out", str(out)], cwd=REPO, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
-
-
-def checkpointed_step(out: Path) -> int:
-    return torch.load(out / "checkpoint.pt", weights_only=True)["state"]["step"]
-
-
-def wait_for_checkpoint(out: Path, past: int, child: subprocess.Popen, timeout: float = 120
-                        ) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            if checkpointed_step(out) > past:
-                return
-        except (FileNotFoundError, EOFError, RuntimeError):
-            pass
-        assert child.poll() is None, child.communicate()
-        time.sleep(0.01)
-    raise AssertionError("no checkpoint appeared")
 
 
 def strict_json(path: Path) -> dict:

@@ -7,15 +7,18 @@ from collections.abc import Mapping
 from typing import Any
 
 from workbench.errors import UsageError, one_line
-from workbench.recipe import COMPONENTS, options
+from workbench.recipe import COMPONENTS, LISTS, options
 from workbench.registry import Registry
+
+
+LOGGER_METHODS = ("scalar", "histogram", "image", "flush", "close")
 
 
 def build(registry: Registry, kind: str, section: dict, **context: Any) -> Any:
     """Make one component from its recipe section; a factory that refuses its options is a
     recipe problem."""
     component = registry.get(kind, section["name"])
-    path = next(p for p, k in COMPONENTS.items() if k == kind)
+    path = next(p for p, k in {**COMPONENTS, **LISTS}.items() if k == kind)
     try:
         made = component.build(options(section, path), **context)
     except Exception as exc:
@@ -23,8 +26,11 @@ def build(registry: Registry, kind: str, section: dict, **context: Any) -> Any:
     import pyro.optim
 
     fits = {"optimizer": lambda m: isinstance(m, pyro.optim.PyroOptim),
-            "dataset": lambda m: isinstance(m, Mapping)}.get(kind, callable)
+            "dataset": lambda m: isinstance(m, Mapping),
+            "logger": lambda m: any(hasattr(m, method) for method in LOGGER_METHODS),
+            }.get(kind, callable)
     if not fits(made):
-        raise UsageError(f"{kind} {component.name!r} from plugin {component.plugin!r} made "
-                         f"{type(made).__name__}, which is not a {kind}: a bug in that plugin")
+        origin = "that file" if component.plugin.endswith(".py") else "that plugin"
+        raise UsageError(f"{kind} {component.name!r} from {component.plugin!r} made "
+                         f"{type(made).__name__}, which is not a {kind}: a bug in {origin}")
     return made

@@ -10,7 +10,7 @@ from typing import Any, Callable
 import pyro
 import torch
 
-from workbench.events import EventLog
+from workbench.loggers import Loggers
 
 
 class Callback:
@@ -18,7 +18,7 @@ class Callback:
 
     stopped = False  # set to end training early
 
-    def after_step(self, step: int, loss: float | None, log: EventLog) -> None:
+    def after_step(self, step: int, loss: float | None, log: Loggers) -> None:
         pass
 
     def on_train_end(self) -> None:
@@ -38,7 +38,7 @@ class Callback:
         return {}
 
 
-class EventLogging(Callback):
+class Loggersging(Callback):
     """``Eval/loss`` every ``eval_every`` steps, ``Params/*`` and ``LR/*`` every
     ``log_params_every`` steps (``Train/loss`` is the loop's own)."""
 
@@ -48,7 +48,7 @@ class EventLogging(Callback):
         self.optim = optim
         self.evaluate = evaluate
 
-    def after_step(self, step: int, loss: float | None, log: EventLog) -> None:
+    def after_step(self, step: int, loss: float | None, log: Loggers) -> None:
         if self.evaluate is not None and (step + 1) % self.eval_every == 0:
             log.scalar("Eval/loss", self.evaluate(step), step)
         if self.params_every and step % self.params_every == 0:
@@ -64,7 +64,7 @@ class Averaging(Callback):
         self.count = 0
         self.params: dict[str, torch.Tensor] = {}
 
-    def after_step(self, step: int, loss: float | None, log: EventLog) -> None:
+    def after_step(self, step: int, loss: float | None, log: Loggers) -> None:
         if loss is None or step + 1 <= self.start:
             return
         self.count += 1
@@ -105,7 +105,7 @@ class EarlyStopping(Callback):
         self.best = math.inf
         self.since = 0
 
-    def after_step(self, step: int, loss: float | None, log: EventLog) -> None:
+    def after_step(self, step: int, loss: float | None, log: Loggers) -> None:
         if loss is None:
             return
         self.ema = loss if self.ema is None else self.ema + 2 / (self.window + 1) * (
@@ -127,7 +127,7 @@ class EarlyStopping(Callback):
             self.ema, self.best, self.since = state["ema"], state["best"], state["since"]
 
 
-def log_params(log: EventLog, step: int, optim: Any) -> None:
+def log_params(log: Loggers, step: int, optim: Any) -> None:
     """Each parameter of the param store, as a scalar or (for a tensor) a histogram, and the
     learning rate each parameter's optimizer uses now."""
     store = pyro.get_param_store()

@@ -1,13 +1,13 @@
-"""The ``vibench`` command line: ``run`` a recipe, ``list`` the components.
+"""The ``vibench`` command line: ``run`` a recipe, ``list`` the components, ``compare``
+recipes, ``runs`` and ``show`` what was run.
 
-Results go to stdout; progress and errors to stderr. Torch is imported only by ``run``, so
-``vibench list`` and ``--help`` start fast.
+Results go to stdout; progress and errors to stderr. Torch is imported only by ``run`` (and by
+``runs`` for a run without a summary), so ``vibench list`` and ``--help`` start fast.
 """
 
 from __future__ import annotations
 
 import functools
-import json
 import os
 import signal
 import sys
@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Annotated, Any, Callable, Optional
 
 import typer
+from typer.core import TyperGroup
 
 from workbench import signals
 from workbench.errors import VibenchError
@@ -26,12 +27,62 @@ from workbench.progress import TerminalBar
 ClickException = next(c for c in typer.BadParameter.__mro__ if c.__name__ == "ClickException")
 ClickUsageError = next(c for c in typer.BadParameter.__mro__ if c.__name__ == "UsageError")
 
+
+class _Group(TyperGroup):
+    """The app's commands, with flags shown in help without a type: typer labels each flag
+    (--json, --help) "<bool>", as if it took a value."""
+
+    def get_command(self, ctx: Any, cmd_name: str) -> Any:
+        command = super().get_command(ctx, cmd_name)
+        if command is not None:
+            _plain_flags(command, ctx)
+        return command
+
+    def format_help(self, ctx: Any, formatter: Any) -> None:
+        _plain_flags(self, ctx)
+        super().format_help(ctx, formatter)
+
+
+def _plain_flags(command: Any, ctx: Any) -> None:
+    """Give each flag of ``command``, its --help included, an empty metavar, which help
+    shows in place of the flag's type."""
+    for param in command.get_params(ctx):
+        if getattr(param, "is_flag", False) and param.metavar is None:
+            param.metavar = ""
+
+
 app = typer.Typer(
-    add_completion=False,
-    no_args_is_help=True,
+    cls=_Group,
+    add_completion=True,
     pretty_exceptions_enable=False,
-    help="A workbench for stochastic variational inference on Pyro.",
 )
+
+
+def _show_version(value: bool) -> None:
+    """--version: the installed vibench's version, then exit."""
+    if value:
+        from importlib.metadata import PackageNotFoundError, version
+
+        try:
+            number = version("vibench")
+        except PackageNotFoundError:  # run from a source tree that was never installed
+            from workbench import __version__ as number
+        print(f"vibench {number}")
+        raise typer.Exit()
+
+
+@app.callback(invoke_without_command=True)
+def _app_options(
+    ctx: typer.Context,
+    version: Annotated[bool, typer.Option(
+        "--version", callback=_show_version, is_eager=True,
+        help="Print vibench's version and exit.")] = False,
+) -> None:
+    """A workbench for stochastic variational inference on Pyro."""
+    if ctx.invoked_subcommand is None and not ctx.resilient_parsing:
+        text = ctx.get_help()  # rich prints the help itself and gives back ""
+        if text:
+            print(text)
 
 
 def _stoppable(command: Callable) -> Callable:
@@ -73,11 +124,22 @@ def run(
     resume: Annotated[Optional[Path], typer.Option(
         help="Go on with a stopped run, in its directory, from its last checkpoint.",
         show_default=False)] = None,
+    threads: Annotated[Optional[int], typer.Option(
+        min=1, help="CPU threads for torch. Default: torch's (every core); fewer when "
+                    "several runs share the machine.")] = None,
 ) -> None:
     """Run SVI as a recipe says and report the posterior.
 
-    With --resume, go on with a stopped run from its last checkpoint; --steps and
-    --set optimizer.* may change (say, a smaller learning rate after a divergence).
+    With --resume, go on with a stopped run from its last checkpoint; --steps
+    and --set optimizer.* may change (say, a smaller learning rate after a
+    divergence).
+
+    Examples:
+      vibench run recipes/coin.yaml
+      vibench run recipes/coin.yaml --set guide=auto_normal --steps 2000
+      vibench run recipes/coin.yaml --set loss.num_particles=16 --out runs/p16
+      vibench run --resume runs/coin-20261125-141502 --steps 8000
+      vibench run recipes/coin.yaml --threads 1
     """
     from workbench import service
     from workbench.errors import UsageError
@@ -94,6 +156,7 @@ def run(
     registry = get_registry()
     for problem in registry.problems:
         _err(f"warning: {problem}")
+    service.set_threads(threads)
     job = (service.start(recipe, sets, out, registry) if resume is None
            else service.resume(resume, sets, registry))
     for note in job.run.notes:
@@ -103,9 +166,7 @@ def run(
         summary = job.train(progress.update)
     for line in report_lines(summary):
         print(line)
-    print(f"final loss {summary['final_loss']:.4f} | {summary['steps']} steps in "
-          f"{summary['wall_seconds']:.1f} s ({summary['steps_per_second']:.0f} steps/s) | "
-          f"{job.path}")
+    print(final_line(summary, job.path))
 
 
 @app.command("list")
@@ -115,10 +176,19 @@ def list_components(
         metavar="KIND", show_default=False)] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
 ) -> None:
-    """List every component by kind, with its plugin, options and description."""
+    """List every component by kind, with its plugin, options and description.
+
+    A model also shows the data it takes: the recipe's data keys.
+
+    Examples:
+      vibench list
+      vibench list guide
+      vibench list model --json
+    """
     from workbench import jsonsafe
     from workbench.errors import UsageError, did_you_mean
     from workbench.registry import KINDS, get_registry
+    from workbench.service import data_arguments
 
     if kind is not None and kind not in KINDS:
         raise UsageError(f"unknown kind {kind!r}; {did_you_mean(kind, KINDS)}")
@@ -135,6 +205,7 @@ def list_components(
                              "required": o.required, "type": o.type_name()}
                     for o in c.options.values()
                 },
+                **({"data_arguments": data_arguments(c.factory)} if k == "model" else {}),
             }
             for c in (registry.components[k][n] for n in registry.names(k))
         ]
@@ -166,6 +237,8 @@ def list_components(
             )
             print(f"  {entry['name']:<{width}}  {entry['description']}")
             print(f"  {'':<{width}}  options: {options or '-'}   [plugin {entry['plugin']}]")
+            if entry.get("data_arguments") is not None:
+                print(f"  {'':<{width}}  data: {', '.join(entry['data_arguments']) or '-'}")
     for conflict in listing["conflicts"]:
         print(f"conflict: {conflict['kind']} {conflict['name']!r} is registered by "
               + " and ".join(conflict["plugins"]))
@@ -203,10 +276,15 @@ def compare(
 ) -> None:
     """Run a recipe for every combination of --grid values and seeds, side by side.
 
-    Each run is a `vibench run` in its own directory; they run in parallel.
-    At the end: a table (seeds averaged), compare.csv, compare.png, TensorBoard hparams.
-    Ctrl-C stops the runs (each saves); a second Ctrl-C kills them. Either way the results
-    so far are written.
+    Each run is a `vibench run` in its own directory; they run in parallel. At
+    the end: a table (seeds averaged), compare.csv, compare.png, TensorBoard
+    hparams. Ctrl-C stops the runs (each saves); a second Ctrl-C kills them.
+    Either way the results so far are written.
+
+    Examples:
+      vibench compare recipes/coin.yaml --grid guide=beta,auto_normal
+      vibench compare recipes/coin.yaml --grid optimizer.lr=0.01,0.05 --seeds 3
+      vibench compare recipes/coin.yaml --grid loss=elbo,renyi_elbo --jobs 2
     """
     from workbench.compare import compare as run_compare
 
@@ -214,9 +292,78 @@ def compare(
 
 
 @app.command()
+def runs(
+    directory: Annotated[Path, typer.Argument(
+        metavar="DIR", help="Where to look: its run directories and its compare "
+                            "directories' runs.")] = Path("runs"),
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON: a list, newest first.")
+                       ] = False,
+) -> None:
+    """List the runs in DIR, newest first, with their status and results.
+
+    One line a run: its recipe's name, status, steps, final loss, k-hat, wall
+    time and directory. A run is "running" while a vibench process writes it;
+    one killed before its first summary shows what its checkpoint says.
+
+    Examples:
+      vibench runs
+      vibench runs runs/compare-coin-20261125-141502
+      vibench runs --json
+    """
+    from workbench import jsonsafe, service
+
+    found = service.list_runs(directory)
+    if as_json:
+        print(jsonsafe.dumps(found, indent=2))
+        return
+    if not found:
+        _err(f"no runs in {directory}")
+        return
+    header = ["name", "status", "steps", "final loss", "k-hat", "wall", "directory"]
+    rows = [[info["name"] or "?", info["status"], _shown(info["steps"], "d"),
+             _shown(info["final_loss"], ".4f"), _shown(info["khat"], ".2f"),
+             _duration(info["wall_seconds"]), info["path"]] for info in found]
+    for line in _table(header, rows, right={2, 3, 4, 5}):
+        print(line)
+
+
+@app.command()
+def show(
+    run_dir: Annotated[Path, typer.Argument(
+        metavar="RUN_DIR", help="A run directory.", show_default=False)],
+    as_json: Annotated[bool, typer.Option("--json", help="Print its summary.json.")] = False,
+) -> None:
+    """Print a run's report again from its summary.json, computing nothing.
+
+    The lines `vibench run` printed at its end: the posterior, k-hat, the final
+    loss. With --json, summary.json as it is.
+
+    Examples:
+      vibench show runs/coin-20261125-141502
+      vibench show runs/coin-20261125-141502 --json
+    """
+    from workbench import jsonsafe, service
+
+    summary = service.read_summary(run_dir)
+    if as_json:
+        print(jsonsafe.dumps(summary, indent=2))
+        return
+    status = summary.get("status", "completed")
+    if service.is_running(run_dir):
+        _err("note: a vibench process is writing this run; this is its last summary")
+    elif status != "completed":
+        _err(f"note: this run is {status}" + (f": {summary['error']}" if summary.get("error")
+                                              else ""))
+    for line in report_lines(summary):
+        print(line)
+    print(final_line(summary, run_dir))
+
+
+@app.command()
 @_stoppable
 def export(
-    run_dir: Annotated[Path, typer.Argument(help="A run directory.", show_default=False)],
+    run_dir: Annotated[Path, typer.Argument(
+        metavar="RUN_DIR", help="A run directory.", show_default=False)],
 ) -> None:
     """Write a run's posterior draws as ArviZ InferenceData, posterior.nc in its directory.
 
@@ -234,7 +381,8 @@ def export(
 def report_lines(summary: dict, limit: int = 10) -> list[str]:
     """One line per latent site (per element for a tensor site, up to ``limit``): mean +- sd,
     and the exact posterior's beside it where known; under it the 90% interval, the KL to the
-    exact posterior and the importance-weighted estimate; then PSIS k-hat and its reading."""
+    exact posterior and the importance-weighted estimate; then PSIS k-hat and its reading,
+    and the ELBO and log evidence from the same draws."""
     lines = []
     for site, entry in summary["posterior"].items():
         keys = [k for k in ("mean", "std", "exact_mean", "exact_std", "q05", "q95",
@@ -264,9 +412,50 @@ def report_lines(summary: dict, limit: int = 10) -> list[str]:
         lines.append(f"PSIS k-hat {diagnostics['khat']:.2f} ({diagnostics['reading']}); "
                      f"importance-sampling ESS {diagnostics['ess']:.0f} of "
                      f"{diagnostics['num_draws']}")
+        if diagnostics.get("log_evidence") is not None:
+            elbo = "-inf" if diagnostics.get("elbo") is None else f"{diagnostics['elbo']:.4f}"
+            se = diagnostics.get("log_evidence_se")
+            lines.append(f"ELBO {elbo}; log evidence {diagnostics['log_evidence']:.4f}"
+                         + ("" if se is None else f" +- {se:.4f}")
+                         + " (importance-sampled, from the same draws)")
     elif diagnostics.get("reason"):
         lines.append(f"PSIS k-hat not computed: {diagnostics['reason']}")
     return lines
+
+
+def final_line(summary: dict, run_dir: Path | str) -> str:
+    """The report's last line: final loss, steps, time and speed, and where the run is."""
+    loss = summary["final_loss"]
+    return (f"final loss {'-' if loss is None else format(loss, '.4f')} | {summary['steps']} "
+            f"steps in {summary['wall_seconds']:.1f} s ({summary['steps_per_second']:.0f} "
+            f"steps/s) | {run_dir}")
+
+
+def _shown(value: Any, spec: str) -> str:
+    """A number for a table, "-" where there is none."""
+    return "-" if value is None else format(value, spec)
+
+
+def _duration(seconds: float | None) -> str:
+    """Seconds as 6.2 s, or as 1:02:03 from a minute on."""
+    if seconds is None:
+        return "-"
+    if seconds < 60:
+        return f"{seconds:.1f} s"
+    minutes, secs = divmod(round(seconds), 60)
+    return f"{minutes // 60}:{minutes % 60:02d}:{secs:02d}"
+
+
+def _table(header: list[str], rows: list[list[str]], right: set[int]) -> list[str]:
+    """Rows in columns as wide as their widest cell, the columns in ``right`` (numbers)
+    aligned right."""
+    widths = [max(len(row[i]) for row in (header, *rows)) for i in range(len(header))]
+
+    def line(cells: list[str]) -> str:
+        return "  ".join(cell.rjust(width) if i in right else cell.ljust(width)
+                         for i, (cell, width) in enumerate(zip(cells, widths))).rstrip()
+
+    return [line(header), *map(line, rows)]
 
 
 def _flatten(value: Any):

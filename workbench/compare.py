@@ -5,7 +5,8 @@ child process and its own run directory inside the compare directory. The combin
 checked in this process first (no torch needed), so a misspelt key or component name stops
 the comparison before anything runs. Then the runs go in parallel; a run that fails is
 reported beside the others and does not stop them, as is a run over ``--timeout``. At the
-end: a table on stdout (seeds averaged), ``compare.csv`` (one row per run), ``compare.png``,
+end: a table on stdout (seeds combined; the ELBO and log evidence as the common yardstick,
+errors in exact sds, untrusted fits marked), ``compare.csv`` (one row per run), ``compare.png``,
 and TensorBoard hparams in each successful run's directory.
 
 Ctrl-C, SIGTERM or SIGHUP asks the runs to save and stop, a second one kills them; the results
@@ -36,9 +37,12 @@ from workbench.errors import RecipeError, RunError, UsageError, VibenchError
 from workbench.progress import TerminalBar
 from workbench.rundir import make_run_dir
 
-METRICS = ("final_loss", "mean_error", "std_error", "khat", "steps_per_second")
-CSV_TAIL = ("seed", "status", "exit_code", *METRICS, "steps", "wall_seconds", "process_seconds",
-            "run_dir", "error")
+METRICS = ("elbo", "elbo_se", "log_evidence", "log_evidence_se", "mean_error_sd", "sd_ratio",
+           "khat", "final_loss", "mean_error", "std_error", "steps_per_second")
+CSV_TAIL = ("seed", "status", "exit_code", *METRICS, "khat_reading", "steps", "wall_seconds",
+            "process_seconds", "run_dir", "error")
+KHAT_LIMIT = 0.7  # over it, PSIS says the guide misses the posterior's tails (Yao et al. 2018)
+WORST_OF_SEEDS = ("mean_error_sd", "sd_ratio", "khat")  # the rest: the mean over seeds
 SAFE = re.compile(r"[^A-Za-z0-9._,=+-]")
 MAX_NAME = 120
 NOT_STARTED = "not started: interrupted"
@@ -84,6 +88,8 @@ class Result:
     exit_code: int | None = None
     error: str = ""
     metrics: dict[str, float | None] = field(default_factory=dict)
+    khat_reading: str = ""  # what the run's k-hat says: good, ok or bad: do not trust
+    draws: int | None = None  # the guide draws behind its k-hat, ELBO and log evidence
     steps: int | None = None
     wall_seconds: float | None = None
     process_seconds: float | None = None
@@ -530,35 +536,57 @@ def read_summary(result: Result) -> dict | None:
     if not isinstance(summary, dict):
         return None
     result.metrics = metrics(summary)
+    diagnostics = summary.get("diagnostics")
+    if isinstance(diagnostics, dict):
+        result.khat_reading = str(diagnostics.get("reading") or "")
+        draws = diagnostics.get("num_draws")
+        result.draws = draws if isinstance(draws, int) else None
     result.steps = summary.get("steps")
     result.wall_seconds = _number(summary.get("wall_seconds"))
     return summary
 
 
 def metrics(summary: dict) -> dict[str, float | None]:
-    """final_loss, the largest |mean - exact mean| and |std - exact std| over every site and
-    element where the exact posterior is known, k-hat where diagnosed, steps/s."""
-    mean_diffs: list[float] = []
-    std_diffs: list[float] = []
-    for entry in (summary.get("posterior") or {}).values():
-        if not isinstance(entry, dict):
-            continue
-        for key, diffs in (("mean", mean_diffs), ("std", std_diffs)):
-            if key in entry and f"exact_{key}" in entry:
-                got = list(_flatten(entry[key]))
-                exact = list(_flatten(entry[f"exact_{key}"]))
-                diffs += [abs(a - b) for a, b in zip(got, exact)
-                          if _number(a) is not None and _number(b) is not None]
+    """One run's numbers from its summary.json.
+
+    The same yardstick for every run whatever its loss: the ELBO and the importance-sampled
+    log evidence, each with its Monte Carlo se, from the report's guide draws. Where the exact
+    posterior is known, errors in units of the exact sd, so sites of any scale compare:
+    ``mean_error_sd`` the largest |mean - exact mean| / exact sd, ``sd_ratio`` the guide sd /
+    exact sd furthest from 1, over every site and element; and the raw ``mean_error`` and
+    ``std_error`` (largest absolute differences) that compare.csv always had. Then k-hat, the
+    run's own final loss and steps/s. None where the run has no such number.
+    """
+    entries = [e for e in (summary.get("posterior") or {}).values() if isinstance(e, dict)]
+    both = [(m, s, em, es) for e in entries
+            for m, s, em, es in _elements(e, ("mean", "std", "exact_mean", "exact_std"))
+            if es > 0]
     diagnostics = summary.get("diagnostics")
-    khat = diagnostics.get("khat") if isinstance(diagnostics, dict) else None
+    diagnostics = diagnostics if isinstance(diagnostics, dict) else {}
+    khat = [v for v in _flatten(diagnostics.get("khat")) if _number(v) is not None]
     return {
+        **{key: _number(diagnostics.get(key))
+           for key in ("elbo", "elbo_se", "log_evidence", "log_evidence_se")},
+        "mean_error_sd": _largest([abs(m - em) / es for m, _, em, es in both]),
+        "sd_ratio": _furthest_from_one([s / es for _, s, _, es in both]),
+        "khat": _largest(khat),
         "final_loss": _number(summary.get("final_loss")),
-        "mean_error": _largest(mean_diffs),
-        "std_error": _largest(std_diffs),
-        "khat": _largest([v for v in _flatten(khat) if _number(v) is not None])
-        if khat is not None else None,
+        "mean_error": _largest([abs(a - b) for e in entries
+                                for a, b in _elements(e, ("mean", "exact_mean"))]),
+        "std_error": _largest([abs(a - b) for e in entries
+                               for a, b in _elements(e, ("std", "exact_std"))]),
         "steps_per_second": _number(summary.get("steps_per_second")),
     }
+
+
+def _elements(entry: dict, keys: tuple[str, ...]) -> list[tuple[float, ...]]:
+    """A posterior entry's values under ``keys``, element by element, where each is a number
+    (none where a key is missing: the exact posterior is not known)."""
+    if not all(key in entry for key in keys):
+        return []
+    columns = zip(*(_flatten(entry[key]) for key in keys))
+    return [tuple(map(float, row)) for row in columns
+            if all(_number(v) is not None for v in row)]
 
 
 def _flatten(value: Any):
@@ -584,17 +612,39 @@ def _largest(values: list[float]) -> float | None:
     return math.nan if any(math.isnan(v) for v in values) else max(values)
 
 
+def _furthest_from_one(ratios: list[float]) -> float | None:
+    """The ratio furthest from 1 on a log scale, where half is as far off as twice; NaN if
+    any is."""
+    if not ratios:
+        return None
+    if any(math.isnan(r) for r in ratios):
+        return math.nan
+    return max(ratios, key=lambda r: abs(math.log(r)) if 0 < r < math.inf else math.inf)
+
+
 def _mean(values: list[float | None]) -> float | None:
     known = [v for v in values if v is not None]
     return sum(known) / len(known) if known else None
 
 
-def _sd(values: list[float | None]) -> float:
-    known = [v for v in values if v is not None and math.isfinite(v)]
-    if len(known) < 2:
-        return 0.0
-    mean = sum(known) / len(known)
-    return math.sqrt(sum((v - mean) ** 2 for v in known) / (len(known) - 1))
+def combined(runs: list[Result], key: str) -> float | None:
+    """A combination's number over its seeds: the worst seed for the accuracy numbers (one
+    seed's bad fit must not hide behind a good one), the se of the mean for a standard error,
+    the mean for the rest."""
+    values = [r.metrics.get(key) for r in runs]
+    known = [v for v in values if v is not None]
+    if key == "sd_ratio":
+        return _furthest_from_one(known)
+    if key in WORST_OF_SEEDS:
+        return _largest(known)
+    if key.endswith("_se") and known:
+        return math.sqrt(sum(v * v for v in known)) / len(known)
+    return _mean(values)
+
+
+def untrusted(khat: float | None) -> bool:
+    """Whether a k-hat says not to trust the fit: over KHAT_LIMIT, or not a number."""
+    return khat is not None and not khat <= KHAT_LIMIT
 
 
 def group(results: list[Result]) -> list[list[Result]]:
@@ -611,7 +661,8 @@ def write_csv(path: Path, grids: list[Grid], results: list[Result]) -> None:
         writer.writerow([*(g.key for g in grids), *CSV_TAIL])
         for r in results:
             row = {"seed": r.spec.seed, "status": r.status, "exit_code": r.exit_code,
-                   **r.metrics, "steps": r.steps, "wall_seconds": r.wall_seconds,
+                   **r.metrics, "khat_reading": r.khat_reading, "steps": r.steps,
+                   "wall_seconds": r.wall_seconds,
                    "process_seconds": r.process_seconds, "run_dir": str(r.run_dir),
                    "error": r.error}
             writer.writerow([*r.spec.combo,
@@ -622,51 +673,172 @@ def label(grids: list[Grid], combo: tuple[str, ...]) -> str:
     return ", ".join(f"{g.key}={v}" for g, v in zip(grids, combo)) or "recipe"
 
 
+PANELS = (  # the plot's panels: metric, axis label, format of the written values
+    ("elbo", "ELBO (nats, higher is better)", ".3f"),
+    ("log_evidence", "log evidence, importance-sampled (nats)", ".3f"),
+    ("mean_error_sd", "mean error / sd:\n|guide mean - exact mean| / exact sd", ".3f"),
+    ("sd_ratio", "sd ratio: guide sd / exact sd\n(log scale; 1 is right)", ".2f"),
+    ("khat", f"PSIS k-hat\n(shaded: over {KHAT_LIMIT}, do not trust)", ".2f"),
+)
+RATIO_TICKS = (0.1, 0.2, 0.3, 0.5, 0.7, 1, 1.5, 2, 3, 5, 10)
+UNTRUSTED = "tab:red"
+
+
 def write_plot(path: Path, grids: list[Grid], results: list[Result]) -> bool:
-    """A bar per combination: the posterior mean's error where the exact posterior is known,
-    and the final loss, each the mean over seeds with the seeds' sd as error bars."""
+    """A dot plot, a row per combination and a dot per run, of the numbers that compare
+    across losses: ELBO, log evidence, the errors in exact sds where the exact posterior is
+    known, and k-hat. Each axis spans the values (written above them), not 0 onwards; a run
+    with k-hat over KHAT_LIMIT is an open red dot and its combination's label and values are
+    red and marked "!"."""
     try:
         import matplotlib
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
+        from matplotlib.lines import Line2D
     except ImportError:
         print("warning: matplotlib is not installed, so there is no compare.png "
               "(pip install matplotlib)", file=sys.stderr)
         return False
     groups = group(results)
-    labels = [label(grids, g[0].spec.combo) for g in groups]
-    panels = [("final_loss", "final loss (mean of the last 100 steps)")]
-    if any(r.metrics.get("mean_error") is not None for r in results):
-        panels.insert(0, ("mean_error", "posterior mean error, max |mean - exact mean|"))
-    height = max(2.5, 0.45 * len(groups) + 1.5)
-    figure, axes = plt.subplots(1, len(panels), figsize=(6 * len(panels), height),
-                                squeeze=False, sharey=True)
-    positions = list(range(len(groups)))
+    runs = [[r for r in g if r.status == "ok"] for g in groups]
+    panels = [p for p in PANELS if p[0] in ("elbo", "log_evidence")
+              or any(r.metrics.get(p[0]) is not None for rs in runs for r in rs)]
     seeds = max(len(g) for g in groups)
-    for ax, (metric, title) in zip(axes[0], panels):
-        values, errors, colors = [], [], []
-        for g in groups:
-            ok = [r.metrics.get(metric) for r in g if r.status == "ok"]
-            mean = _mean(ok)
-            values.append(mean if mean is not None and math.isfinite(mean) else 0.0)
-            errors.append(_sd(ok))
-            colors.append("tab:blue" if mean is not None else "lightgray")
-        ax.barh(positions, values, xerr=errors if seeds > 1 else None, color=colors, capsize=3)
-        ax.set_xlabel(title)
-        ax.grid(axis="x", alpha=0.3)
-    axes[0][0].set_yticks(positions, labels)
-    axes[0][0].invert_yaxis()
-    axes[0][0].set_ylabel("combination")
-    notes = (["error bars: sd across seeds"] if seeds > 1 else []) + (
-        ["gray: every run failed"] if any(all(r.status != "ok" for r in g) for g in groups)
-        else [])
-    figure.suptitle(f"{seeds} seed{'s' if seeds > 1 else ''} per combination"
-                    + (f" ({'; '.join(notes)})" if notes else ""))
-    figure.tight_layout()
+    note = _plot_note(results)
+    bottom = 0.75 + 0.15 * note.count("\n")  # inches for the legend and the note
+    height = 0.6 * len(groups) + 1.6 + bottom
+    figure, axes = plt.subplots(1, len(panels), figsize=(3.3 * len(panels) + 2.5, height),
+                                squeeze=False, sharey=True)
+    for ax, panel in zip(axes[0], panels):
+        _dot_panel(ax, panel, runs)
+    first = axes[0][0]
+    first.set_yticks(range(len(groups)), [_plot_label(grids, g, rs)
+                                          for g, rs in zip(groups, runs)])
+    for tick, rs in zip(first.get_yticklabels(), runs):
+        tick.set_color(UNTRUSTED if untrusted(combined(rs, "khat")) else
+                       "0.5" if not rs else "black")
+    first.set_ylim(len(groups) - 0.5, -0.7)
+    first.set_ylabel("combination")
+    handles = [Line2D([], [], ls="", marker="o", color="tab:blue", label="one run"),
+               Line2D([], [], ls="", marker="o", mfc="white", mec=UNTRUSTED,
+                      label=f"k-hat > {KHAT_LIMIT}: do not trust (red, !)"),
+               Line2D([], [], color="0.4", lw=1, label="± 2 Monte Carlo se")]
+    figure.legend(handles=handles, loc="lower center", ncol=3, frameon=False,
+                  bbox_to_anchor=(0.5, (bottom - 0.4) / height))
+    figure.text(0.5, 0.08 / height, note, ha="center", va="bottom", fontsize=8, color="0.3")
+    per = f"{seeds} seeds per combination, a dot per run; written: the mean over seeds " \
+          "(ELBO, log evidence), the worst seed (the rest)" if seeds > 1 else \
+          "one run per combination"
+    figure.suptitle(per, fontsize=10)
+    figure.tight_layout(rect=(0, bottom / height, 1, 1))
     figure.savefig(path, dpi=100)
     plt.close(figure)
     return True
+
+
+def _plot_label(grids: list[Grid], runs: list[Result], ok: list[Result]) -> str:
+    """A combination's row label: its grid values, and why it has no dots if it has none."""
+    text = label(grids, runs[0].spec.combo)
+    return text if ok else f"{text} (failed)"
+
+
+def _plot_note(results: list[Result]) -> str:
+    """The plot's footnote: why these numbers, and which are missing."""
+    draws = {r.draws for r in results if r.draws is not None}
+    counted = f"the same {draws.pop()}" if len(draws) == 1 else "the same number of"
+    note = (f"ELBO and log evidence: importance weights of {counted} guide draws for every "
+            "run, whatever loss trained it (training losses are different objectives: "
+            "final_loss in compare.csv)")
+    if not any(r.metrics.get("mean_error_sd") is not None for r in results):
+        note += "\nno exact posterior: mean error / sd and sd ratio are n/a"
+    return note
+
+
+def _dot_panel(ax: Any, panel: tuple[str, str, str], runs: list[list[Result]]) -> None:
+    """One metric's panel: each run a dot (with ± 2 se where it has one), each combination's
+    value written above its dots."""
+    metric, title, spec = panel
+    extents: list[float] = []
+    for y, rs in enumerate(runs):
+        step = min(0.12, 0.4 / max(len(rs) - 1, 1))
+        for i, run in enumerate(rs):
+            value = run.metrics.get(metric)
+            if value is None or not math.isfinite(value):
+                continue
+            se = run.metrics.get(f"{metric}_se")
+            spread = 2 * se if se is not None and math.isfinite(se) else 0.0
+            bad = untrusted(run.metrics.get("khat"))
+            ax.errorbar(value, y + (i - (len(rs) - 1) / 2) * step, xerr=spread or None,
+                        fmt="o", ms=6, mfc="white" if bad else "tab:blue",
+                        mec=UNTRUSTED if bad else "tab:blue", ecolor="0.4", elinewidth=1,
+                        capsize=2, zorder=3)
+            extents += [value - spread, value + spread]
+    low, high = _span(metric, extents)
+    _axis(ax, metric, low, high)
+    for y, rs in enumerate(runs):
+        _write_value(ax, y, rs, metric, spec, low, high)
+    ax.set_xlabel(title)
+    ax.grid(axis="x", alpha=0.3)
+
+
+def _span(metric: str, values: list[float]) -> tuple[float, float]:
+    """The x range of a panel: the values and room to write them; 0 for an error, 1 for a
+    ratio, KHAT_LIMIT for k-hat; at least 0.1 nats wide for ELBO and log evidence, so Monte
+    Carlo noise does not fill the panel."""
+    if metric == "sd_ratio":
+        values = [v for v in values if v > 0] + [1.0]
+        return min(values) / 1.6, max(values) * 1.6
+    if metric == "mean_error_sd":
+        high = max(values + [0.1]) * 1.25
+        return -0.1 * high, high
+    if metric == "khat":
+        low, high = min(values + [0.0]), max(values + [1.0])
+        return low - 0.15 * (high - low), high + 0.15 * (high - low)
+    if not values:
+        return -1.0, 1.0
+    low, high = min(values), max(values)
+    middle, half = (low + high) / 2, max(high - low, 0.1) / 2
+    return middle - 1.3 * half, middle + 1.3 * half
+
+
+def _axis(ax: Any, metric: str, low: float, high: float) -> None:
+    """A panel's x axis from ``low`` to ``high``, with plain tick labels (no offset) and its
+    reference: 1 for a ratio (log scale), the k-hat limit, 0 for an error."""
+    from matplotlib.ticker import FixedLocator, MaxNLocator, NullLocator, ScalarFormatter
+
+    if metric == "sd_ratio":
+        ax.set_xscale("log")
+        ax.xaxis.set_major_locator(FixedLocator([t for t in RATIO_TICKS if low <= t <= high]))
+        ax.xaxis.set_major_formatter(ScalarFormatter())
+        ax.xaxis.set_minor_locator(NullLocator())
+        ax.axvline(1.0, color="0.3", lw=1, zorder=1)
+    else:
+        ax.xaxis.set_major_locator(MaxNLocator(nbins=4))
+        ax.ticklabel_format(axis="x", style="plain", useOffset=False)
+    if metric == "mean_error_sd":
+        ax.axvline(0.0, color="0.3", lw=1, zorder=1)
+    if metric == "khat":
+        ax.axvspan(KHAT_LIMIT, high, color=UNTRUSTED, alpha=0.1, lw=0, zorder=0)
+        ax.axvline(KHAT_LIMIT, color=UNTRUSTED, lw=1, ls="--", zorder=1)
+    ax.set_xlim(low, high)
+
+
+def _write_value(ax: Any, y: int, runs: list[Result], metric: str, spec: str, low: float,
+                 high: float) -> None:
+    """A combination's value for a panel, above its dots: red and marked "!" where a seed's
+    k-hat says not to trust it; "n/a" where its runs have no such number."""
+    if not runs:
+        return
+    value = combined(runs, metric)
+    bad = untrusted(combined(runs, "khat"))
+    text = "n/a" if value is None else format(value, spec) + (" !" if bad else "")
+    if value is not None and math.isfinite(value) and low <= value <= high:
+        x = value
+    else:  # in the middle of the panel
+        x = math.sqrt(low * high) if metric == "sd_ratio" else (low + high) / 2
+    ax.text(x, y - 0.3, text, ha="center", va="bottom", fontsize=8,
+            color=UNTRUSTED if bad else "0.15")
 
 
 def write_hparams(results: list[Result]) -> None:
@@ -699,29 +871,27 @@ def write_hparams(results: list[Result]) -> None:
             writer.close()
 
 
+COLUMNS = (  # the table's number columns: header, the metric, its format
+    ("ELBO", "elbo", ".3f"),
+    ("log evidence", "log_evidence", ".3f"),
+    ("mean error / sd", "mean_error_sd", ".3f"),
+    ("sd ratio", "sd_ratio", ".2f"),
+    ("k-hat", "khat", ".2f"),
+    ("train loss", "final_loss", ".4f"),
+    ("steps/s", "steps_per_second", ".0f"),
+)
+
+
 def print_table(grids: list[Grid], results: list[Result]) -> None:
-    """One row per combination, the seeds averaged; the status column gives way first on a
-    narrow terminal, and every failure's error follows the table in full."""
+    """One row per combination, the seeds combined, and under it what the columns mean; the
+    status column gives way first on a narrow terminal, and every failure's error follows the
+    table in full."""
     from rich import box
     from rich.console import Console
     from rich.table import Table
 
-    rows = []
-    for g in group(results):
-        ok = [r for r in g if r.status == "ok"]
-        shown = ok or [r for r in g if r.status == "interrupted"]  # what it had learned
-
-        def cell(key: str, digits: int) -> str:
-            value = _mean([r.metrics.get(key) for r in shown])
-            return "-" if value is None else f"{value:.{digits}f}"
-
-        wall = _mean([r.wall_seconds for r in shown])
-        rows.append([*g[0].spec.combo, f"{len(ok)}/{len(g)}", cell("final_loss", 4),
-                     cell("mean_error", 4), cell("std_error", 4), cell("khat", 2),
-                     cell("steps_per_second", 0), "-" if wall is None else f"{wall:.1f}",
-                     _status_cell(g)])
-    headers = [*(g.key for g in grids), "runs", "final loss", "mean err", "std err", "k-hat",
-               "steps/s", "wall s"]
+    rows = [[*g[0].spec.combo, *_row(g)] for g in group(results)]
+    headers = [*(g.key for g in grids), "runs", *(c[0] for c in COLUMNS), "wall s"]
     console = Console() if sys.stdout.isatty() else Console(width=200, no_color=True)
     # Column widths are set here, not by rich: the grid's values and the numbers keep their
     # width (their headers wrap on a narrow terminal) and the status column gives way.
@@ -743,10 +913,55 @@ def print_table(grids: list[Grid], results: list[Result]) -> None:
     for row in rows:
         table.add_row(*row)
     console.print(table)
+    for line in table_notes(results):
+        console.print(line, markup=False, highlight=False, overflow="fold")
     for r in results:  # the table may cut an error short: each in full
         if r.status != "ok":
             console.print(f"{r.status}: {r.run_dir.name}: {r.error}",
                           markup=False, highlight=False, overflow="fold")
+
+
+def _row(runs: list[Result]) -> list[str]:
+    """A combination's cells after its grid values: runs done, the COLUMNS, wall time and
+    status. "-": no run to read it from; "n/a": the runs do not have it (no exact posterior,
+    no diagnostics); "!" after the k-hat: do not trust this fit."""
+    ok = [r for r in runs if r.status == "ok"]
+    shown = ok or [r for r in runs if r.status == "interrupted"]  # what it had learned
+    cells = [f"{len(ok)}/{len(runs)}"]
+    for _, key, spec in COLUMNS:
+        value = combined(shown, key)
+        cells.append("-" if not shown else "n/a" if value is None else format(value, spec))
+    if untrusted(combined(shown, "khat")):
+        cells[1 + [c[1] for c in COLUMNS].index("khat")] += " !"
+    se = combined(shown, "log_evidence_se")
+    if se is not None and cells[2] not in ("-", "n/a"):
+        cells[2] += f" ± {se:.3f}"
+    wall = _mean([r.wall_seconds for r in shown])
+    return [*cells, "-" if wall is None else f"{wall:.1f}", _status_cell(runs)]
+
+
+def table_notes(results: list[Result]) -> list[str]:
+    """What the table's columns mean, the lines that apply to these results."""
+    shown = [r for r in results if r.status in ("ok", "interrupted")]
+    draws = {r.draws for r in shown if r.draws is not None}
+    counted = f"the same {draws.pop()}" if len(draws) == 1 else "the same number of"
+    notes = [f"ELBO, log evidence ± se: from {counted} guide draws for every run, whatever its "
+             "loss; train loss is each run's own objective, not comparable across losses or "
+             "guides."]
+    if any(r.metrics.get("mean_error_sd") is not None for r in shown):
+        notes.append("mean error / sd = |guide mean - exact mean| / exact sd, sd ratio = guide "
+                     "sd / exact sd (1 is right): the worst site or element.")
+    if any(r.metrics.get(key) is None for r in shown for _, key, _ in COLUMNS):
+        notes.append("n/a: not known for these runs (mean error / sd, sd ratio: no exact "
+                     "posterior; ELBO, log evidence, k-hat: no diagnostics).")
+    if any(len(g) > 1 for g in group(results)):
+        notes.append("seeds: mean error / sd, sd ratio and k-hat are the worst seed's; the "
+                     "other numbers, the mean over seeds.")
+    if any(untrusted(r.metrics.get("khat")) for r in shown):
+        notes.append(f"! k-hat > {KHAT_LIMIT} in at least one seed: do not trust this fit; the "
+                     "guide misses the posterior's tails and its numbers, log evidence "
+                     "included, may be far off.")
+    return notes
 
 
 def _status_cell(runs: list[Result]) -> str:
@@ -779,8 +994,7 @@ class Reporter(TerminalBar):
         self.failed += result.status != "ok"
         what = label(self.grids, result.spec.combo) + f", seed={result.spec.seed}"
         if result.status == "ok":
-            loss = result.metrics.get("final_loss")
-            line = f"ok: {what}" + (f" (final loss {loss:.4f})" if loss is not None else "")
+            line = f"ok: {what}" + _run_numbers(result)
         else:
             line = f"{result.status}: {what}: {result.error}"
         if self.bar is not None:
@@ -795,6 +1009,15 @@ class Reporter(TerminalBar):
             self.bar.console.print(line, markup=False, highlight=False)
         else:
             print(line, file=sys.stderr, flush=True)
+
+
+def _run_numbers(result: Result) -> str:
+    """A finished run's ELBO and k-hat, marked where it is not to be trusted, for its line."""
+    elbo, khat = result.metrics.get("elbo"), result.metrics.get("khat")
+    parts = ([f"ELBO {elbo:.3f}"] if elbo is not None else []) + (
+        [f"k-hat {khat:.2f}" + (": do not trust" if untrusted(khat) else "")]
+        if khat is not None else [])
+    return f" ({', '.join(parts)})" if parts else ""
 
 
 def compare(recipe: Path, grid: Sequence[str], sets: Sequence[str], seeds: int,

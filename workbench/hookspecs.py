@@ -6,7 +6,8 @@ sets them, ``vibench list`` shows them with their defaults), and its docstring's
 is the component's description. A few parameter names are not options but are filled in by
 vibench from the run: ``device`` (the run's ``torch.device``) for any factory; ``model`` for
 guides; ``optim_args`` for optimizers; ``defaults`` (the optimizer's options) for
-optim_args; ``optimizer`` and ``steps`` (the run's length) for schedules.
+optim_args; ``optimizer`` and ``steps`` (the run's length) for schedules; ``run_dir``,
+``start_step`` and ``recipe`` for loggers.
 
 New tensors are made on the run's device already (vibench sets torch's default device), so a
 plugin rarely needs ``device``.
@@ -99,4 +100,24 @@ def register_schedules(register: Register) -> None:
     made) and the run's ``steps``, and returns a ``pyro.optim.PyroLRScheduler`` over the same
     torch optimizer and ``optim_args``. vibench steps it after every SVI step, passing the
     step's loss when the scheduler's ``step`` needs one (as ReduceLROnPlateau's does).
+    """
+
+
+@hookspec
+def register_loggers(register: Register) -> None:
+    """Register logger (experiment tracker) factories, which a recipe lists under ``loggers``.
+
+    A logger factory takes ``run_dir`` (the run directory, a ``pathlib.Path``),
+    ``start_step`` (0, or the step a resumed run goes on from: drop what was logged from there
+    on) and ``recipe`` (the resolved recipe, to record as the run's parameters), and returns
+    an object with any of these methods, each called in the run's own thread:
+
+    - ``scalar(tag, value, step)``: a number, e.g. ``Train/loss`` after every step;
+    - ``histogram(tag, values, step)``: a NumPy array, e.g. a tensor parameter;
+    - ``image(tag, image, step)``: an ``(H, W, 3)`` uint8 array, e.g. a plot;
+    - ``flush()``: make everything logged so far durable (called at every checkpoint);
+    - ``close(summary)``: the run ended; ``summary`` is what summary.json holds.
+
+    A method a logger lacks is skipped. A logger that raises is reported once, on stderr, and
+    left out for the rest of the run: losing a tracker never costs the run.
     """

@@ -423,8 +423,8 @@ def write_plots(run_dir: Path | str, losses: Sequence[float], sources: dict[str,
     """Every figure of a run as PNGs in ``run_dir/plots``: ``loss.png``, one
     ``site-<name>.png`` per latent site and, given ``ppc`` (what
     ``workbench.inference_data.ppc_sources`` returns), ``ppc.png``; also logged to
-    TensorBoard as ``Plots/loss``, ``Plots/<site>`` and ``Plots/ppc`` when given an
-    ``EventLog`` ``writer`` (at ``step``). ``sources`` is what
+    TensorBoard as ``Plots/loss``, ``Plots/<site>`` and ``Plots/ppc`` when given the
+    run's ``Loggers`` as ``writer`` (at ``step``). ``sources`` is what
     ``workbench.posterior.plot_sources`` returns. Returns the paths written."""
     folder = Path(run_dir) / "plots"
     folder.mkdir(parents=True, exist_ok=True)

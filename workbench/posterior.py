@@ -460,7 +460,16 @@ def diagnostics(model: Callable, guide: Callable, data: dict[str, Any], nesting:
          "ess": float,            # effective sample size of the normalised weights, 1/sum w^2
          "ess_fraction": float,   # ess / num_draws
          "num_draws": int,
+         "elbo": float,           # mean log weight: an estimate of the ELBO, and its
+         "elbo_se": float,        #   Monte Carlo standard error
+         "log_evidence": float,   # log mean exp of the log weights: log p(x) by importance
+         "log_evidence_se": float,  # sampling, and its standard error (delta method)
          "sites": {SITE: {"iw_mean": ..., "iw_std": ...}}}   # only when khat < 0.7
+
+    ``elbo`` and ``log_evidence`` are one yardstick for every fit, whatever loss trained it:
+    the same draws, the same estimators. The log evidence estimate is below log p(x) in
+    expectation, and its standard error means something only while the weights' variance is
+    finite, which a k-hat over 0.7 says it is not.
 
     ``iw_mean`` and ``iw_std`` are self-normalised importance-weighted estimates of the
     posterior's mean and sd, with Pareto-smoothed weights (PSIS); floats for a scalar site,
@@ -525,6 +534,7 @@ def diagnostics(model: Callable, guide: Callable, data: dict[str, Any], nesting:
         result: dict[str, Any] = {
             "khat": khat, "reading": reading(khat), "ess": ess,
             "ess_fraction": ess / num_draws, "num_draws": num_draws,
+            **_evidence(log_w),
         }
         if khat < 0.7:
             weights = torch.softmax(smoothed, 0)
@@ -536,6 +546,24 @@ def diagnostics(model: Callable, guide: Callable, data: dict[str, Any], nesting:
                 result["sites"][name] = {"iw_mean": to_plain(mean.to(d.dtype)),
                                          "iw_std": to_plain(var.sqrt().to(d.dtype))}
     return result
+
+
+def _evidence(log_w: torch.Tensor) -> dict[str, float]:
+    """The ELBO (mean log weight) and the log evidence (log mean weight) from one set of log
+    importance weights, each with its Monte Carlo standard error; the log evidence's by the
+    delta method, sd(w) / (sqrt(S) mean(w)), on weights scaled by the largest."""
+    weights = torch.exp(log_w - log_w.max())
+    return {
+        "elbo": float(log_w.mean()), "elbo_se": _se(log_w),
+        "log_evidence": float(torch.logsumexp(log_w, 0)) - math.log(log_w.numel()),
+        "log_evidence_se": _se(weights) / float(weights.mean()),
+    }
+
+
+def _se(values: torch.Tensor) -> float:
+    """The standard error of the mean of ``values`` (NaN for a single value)."""
+    count = values.numel()
+    return float(values.std()) / math.sqrt(count) if count > 1 else math.nan
 
 
 def reading(khat: float) -> str:

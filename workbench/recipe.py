@@ -28,7 +28,11 @@ COMPONENTS: dict[tuple[str, ...], str] = {
     ("optimizer", "schedule"): "schedule",
     ("data", "dataset"): "dataset",
 }
-SECTIONS = ("name", "seed", "device", "dtype", "data", "model", "guide", "loss", "optimizer", "train")
+# Sections that list components of one kind, each item a name or a component section.
+LISTS: dict[tuple[str, ...], str] = {("loggers",): "logger"}
+DEFAULT_LOGGERS = ["tensorboard"]
+SECTIONS = ("name", "seed", "device", "dtype", "data", "model", "guide", "loss", "optimizer",
+            "train", "loggers")
 TRAIN: dict[str, Option] = {
     option.name: option
     for option in (
@@ -199,7 +203,7 @@ def resolve(
     Every problem found is reported at once, in one RecipeError.
     """
     recipe = _expand_shorthands(recipe)
-    checker = _Checker(registry, set(overridden))
+    checker = _Checker(registry, set(overridden), Path(source).parent)
     for key in recipe:
         if key not in SECTIONS:
             checker.problem(str(key), f"unknown section; {did_you_mean(str(key), SECTIONS)}")
@@ -226,6 +230,8 @@ def resolve(
         else:
             resolved[section] = checker.component((section,), recipe[section])
     resolved["train"] = checker.train(recipe.get("train", {}))
+    resolved["loggers"] = checker.component_list(("loggers",),
+                                                 recipe.get("loggers", DEFAULT_LOGGERS))
     if checker.problems:
         raise RecipeError(source, checker.problems)
     return resolved
@@ -234,9 +240,10 @@ def resolve(
 class _Checker:
     """Collects every problem of one recipe, each naming the key it is about."""
 
-    def __init__(self, registry: Registry, overridden: set[str]):
+    def __init__(self, registry: Registry, overridden: set[str], base: Path):
         self.registry = registry
         self.overridden = overridden
+        self.base = base  # the recipe's directory: where file.py:attr names start from
         self.problems: list[str] = []
 
     def problem(self, path: str, message: str) -> None:
@@ -313,8 +320,20 @@ class _Checker:
                                              f"got {value!r}")
         return {name: train.get(name, option.default) for name, option in TRAIN.items()}
 
+    def component_list(self, path: tuple[str, ...], items: Any) -> list:
+        """A list of components of one kind (``loggers: [tensorboard, {name: csv}]``)."""
+        if isinstance(items, (str, dict)):
+            items = [items]
+        if not isinstance(items, list):
+            self.problem(".".join(path), f"expected a list of {LISTS[path]} names, got "
+                                         f"{_describe(items)}")
+            return []
+        sections = [{"name": item} if isinstance(item, str) else item for item in items]
+        return [resolved for resolved in (self.component(path, s) for s in sections)
+                if resolved is not None]
+
     def component(self, path: tuple[str, ...], section: Any) -> dict | None:
-        kind, where = COMPONENTS[path], ".".join(path)
+        kind, where = {**COMPONENTS, **LISTS}[path], ".".join(path)
         if not isinstance(section, dict):
             self.problem(where, f"expected a mapping with a 'name' key, got {_describe(section)}")
             return None
@@ -325,12 +344,12 @@ class _Checker:
             self.problem(f"{where}.name", f"{got}; name the {kind} component, one of: {choices}")
             return None
         try:
-            component = self.registry.get(kind, name)
+            component = self.registry.get(kind, name, self.base)
         except UsageError as exc:
             self.problem(f"{where}.name", str(exc))
             return None
         nested = {p[-1]: p for p in COMPONENTS if p[:-1] == path}
-        resolved: dict[str, Any] = {"name": name}
+        resolved: dict[str, Any] = {"name": component.name}  # a file's path made absolute
         for key, value in section.items():
             option = component.options.get(key)
             if key == "name":
@@ -340,10 +359,9 @@ class _Checker:
                     resolved[key] = self.component(nested[key], value)
             elif option is None and not component.open_options:
                 real = [*component.options, *nested]
-                self.problem(
-                    f"{where}.{key}",
-                    f"{kind} {name!r} has no option {key!r}; {did_you_mean(str(key), real)}",
-                )
+                hint = component.note if not real and component.note else did_you_mean(
+                    str(key), real)
+                self.problem(f"{where}.{key}", f"{kind} {name!r} has no option {key!r}; {hint}")
             elif option is not None and not option.accepts(value):
                 self.problem(f"{where}.{key}", option.refusal(value))
         for option in component.options.values():

@@ -4,20 +4,33 @@ Plugins are found through the ``vibench`` entry-point group, vibench's own first
 and each registration hook runs on its own, in a daemon thread under a time limit, with what
 it prints to stdout moved to stderr: a plugin that raises, hangs or prints is reported by name
 and the rest keep working.
+
+A component may also be named by where its code is, ``path/to/file.py:attr`` or
+``package.module:attr``, for a user's own model without a package: ``Registry.get`` imports it
+(a file once per process) and reads it exactly as it reads a registered factory.
 """
 
 from __future__ import annotations
 
 import contextlib
 import functools
+import hashlib
+import importlib
+import importlib.util
+import inspect
 import io
+import keyword
 import math
 import os
+import re
 import sys
 import threading
 import time
+import traceback
 from dataclasses import dataclass, field
 from importlib.metadata import entry_points
+from pathlib import Path
+from types import ModuleType
 from typing import Any, Callable, Iterable
 
 import pluggy
@@ -37,6 +50,7 @@ KINDS: dict[str, str] = {
     "optimizer": "register_optimizers",
     "optim_args": "register_optim_args",
     "schedule": "register_schedules",
+    "logger": "register_loggers",
 }
 
 # Factory parameters vibench fills in from the run instead of the recipe, per kind.
@@ -48,7 +62,12 @@ INJECTED: dict[str, frozenset[str]] = {
     "optimizer": frozenset({"device", "optim_args"}),
     "optim_args": frozenset({"device", "defaults"}),
     "schedule": frozenset({"device", "optimizer", "steps"}),
+    "logger": frozenset({"device", "run_dir", "start_step", "recipe"}),
 }
+
+# Kinds for which a function named by its place (``file.py:attr``) is the component itself,
+# as Pyro writes models and guides; a class is a factory for every kind.
+ITSELF = frozenset({"model", "guide"})
 
 
 @dataclass(frozen=True)
@@ -63,6 +82,7 @@ class Component:
     options: dict[str, Option]
     wants: frozenset[str] = frozenset()  # the injected parameters the factory takes
     open_options: bool = False  # the factory takes **kwargs
+    note: str = ""  # why it takes no options, where an option given to it needs saying
 
     def build(self, options: dict[str, Any], **context: Any) -> Any:
         """Call the factory with the recipe's options and the context values it asks for."""
@@ -94,8 +114,10 @@ class Registry:
     def names(self, kind: str) -> list[str]:
         return sorted(self.components[kind])
 
-    def get(self, kind: str, name: str) -> Component:
-        """The component of that kind and name, or a UsageError saying what there is."""
+    def get(self, kind: str, name: str, base: Path | None = None) -> Component:
+        """The component of that kind and name, or a UsageError saying what there is; a name
+        with a ``:`` is a file's or module's attribute, a relative file path taken from
+        ``base`` (the recipe's directory; the working directory if None)."""
         if (kind, name) in self.conflicts:
             plugins = " and ".join(repr(p) for p in self.conflicts[(kind, name)])
             raise UsageError(
@@ -105,6 +127,11 @@ class Registry:
             return self.components[kind][name]
         except KeyError:
             pass
+        if ":" in name:
+            return locate(kind, name, base)
+        if name.endswith(".py"):
+            raise UsageError(f"unknown {kind} {name!r}; to use a file, name its function or "
+                             f"class too: '{name}:{kind}'")
         hint = did_you_mean(name, self.components[kind], see=f"'vibench list {kind}'")
         if self.problems:
             hint += " (some plugins failed to load: see 'vibench list')"
@@ -136,6 +163,127 @@ class Registry:
         self.components[kind][name] = Component(
             kind, name, factory, plugin, doc[0] if doc else "", options, wants, open_options
         )
+
+
+def locate(kind: str, name: str, base: Path | None = None) -> Component:
+    """The component ``path/to/file.py:attr`` or ``package.module:attr`` names, its name made
+    absolute so that the run directory's recipe finds it from anywhere."""
+    where, _, attr = name.rpartition(":")
+    if not attr.isidentifier() or keyword.iskeyword(attr):
+        raise UsageError(f"{name}: {attr!r} is not a Python name; expected "
+                         "path/to/file.py:attr or package.module:attr")
+    if where.endswith(".py"):
+        path = (Path(base or ".") / Path(where).expanduser()).resolve()
+        module, source, canonical = _import_file(path, where, name), str(path), f"{path}:{attr}"
+    elif where and all(part.isidentifier() for part in where.split(".")):
+        module, source, canonical = _import_module(where, name), where, name
+    else:
+        raise UsageError(f"{name}: expected a registered name, path/to/file.py:attr or "
+                         "package.module:attr")
+    return _component(kind, canonical, _attribute(module, attr, where, name), source, name)
+
+
+# A file's module by its resolved path: a recipe's file is imported once per process.
+_FILES: dict[Path, ModuleType] = {}
+
+
+def _import_file(path: Path, shown: str, name: str) -> ModuleType:
+    """Import a user's Python file under a module name of its own, as ``python file.py``
+    would run it; any failure is one line naming the file."""
+    if path in _FILES:
+        return _FILES[path]
+    if not path.exists():
+        raise UsageError(f"{name}: no such file {shown} (looked for {path})")
+    if not path.is_file():
+        raise UsageError(f"{name}: {shown} is not a regular file")
+    stem = re.sub(r"\W", "_", path.stem)
+    module_name = f"vibench_file_{stem}_{hashlib.sha1(str(path).encode()).hexdigest()[:12]}"
+    spec = importlib.util.spec_from_file_location(module_name, path)
+    if spec is None or spec.loader is None:
+        raise UsageError(f"{name}: cannot import {shown}")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[module_name] = module  # as for any import: dataclasses and pickle look here
+    try:
+        spec.loader.exec_module(module)
+    except BaseException as exc:
+        sys.modules.pop(module_name, None)
+        if isinstance(exc, KeyboardInterrupt):
+            raise
+        raise UsageError(f"{name}: {_import_failure(exc, shown, str(path))}") from exc
+    _FILES[path] = module
+    return module
+
+
+def _import_module(module: str, name: str) -> ModuleType:
+    """Import an installed module (or one on PYTHONPATH); any failure is one line."""
+    try:
+        return importlib.import_module(module)
+    except ModuleNotFoundError as exc:
+        if exc.name and (module == exc.name or module.startswith(exc.name + ".")):
+            raise UsageError(f"{name}: no module named {exc.name!r} (is it installed, or its "
+                             "directory on PYTHONPATH?)") from exc
+        raise UsageError(f"{name}: {_import_failure(exc, module, None)}") from exc
+    except BaseException as exc:
+        if isinstance(exc, KeyboardInterrupt):
+            raise
+        raise UsageError(f"{name}: {_import_failure(exc, module, None)}") from exc
+
+
+def _import_failure(exc: BaseException, shown: str, filename: str | None) -> str:
+    """What went wrong importing ``shown``; for a user's file (``filename``), at which line."""
+    if isinstance(exc, SyntaxError):
+        where = shown if exc.filename == filename else exc.filename or shown
+        return f"syntax error in {where} at line {exc.lineno}: {exc.msg}"
+    lines = [f.lineno for f in traceback.extract_tb(exc.__traceback__) if f.filename == filename]
+    at = f" at line {lines[-1]}" if lines else ""
+    return f"importing {shown} raised {_describe(exc)}{at}"
+
+
+def _attribute(module: ModuleType, attr: str, shown: str, name: str) -> Any:
+    """The attribute a name points at, or a UsageError suggesting the module's public ones."""
+    try:
+        return getattr(module, attr)
+    except AttributeError:
+        public = [n for n, v in vars(module).items() if not n.startswith("_") and callable(v)]
+        raise UsageError(f"{name}: no attribute {attr!r} in {shown}; "
+                         f"{did_you_mean(attr, public)}") from None
+
+
+def _component(kind: str, name: str, value: Any, source: str, shown: str) -> Component:
+    """A file's or module's attribute as a component: a factory as a plugin would register
+    it, or, for a model or guide, a function that is the component itself (no options)."""
+    if not callable(value):
+        raise UsageError(f"{shown}: not a function or class (it is {type(value).__name__})")
+    doc = (inspect.getdoc(value) or "").splitlines()
+    description = doc[0] if doc else ""
+    if kind in ITSELF and not inspect.isclass(value):
+        note = (f"a function is the {kind} itself (its parameters are the data), so it takes "
+                f"no options; to give it options, make it a class whose __init__ takes them")
+        return Component(kind, name, functools.partial(_itself, value), source, description,
+                         {}, note=note)
+    try:
+        options, wants, open_options = read_options(value, INJECTED[kind])
+    except (TypeError, ValueError) as exc:
+        raise UsageError(f"{shown}: cannot read its signature: {exc}") from None
+    settable = {key: option for key, option in options.items()
+                if option.required or _plain(option.default)}
+    return Component(kind, name, value, source, description, settable, wants, open_options)
+
+
+def _plain(value: Any) -> bool:
+    """Whether a default is data a recipe can hold; a parameter defaulting to an object (a
+    function, a tensor) is no option, since the saved recipe could not give it back."""
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return True
+    if isinstance(value, (list, tuple)):
+        return all(map(_plain, value))
+    return isinstance(value, dict) and all(
+        isinstance(key, str) and _plain(item) for key, item in value.items())
+
+
+def _itself(value: Any) -> Any:
+    """The factory of a component that is its own: it returns it."""
+    return value
 
 
 def make_plugin_manager(loader: _Loader | None = None

@@ -29,9 +29,9 @@ from pyro.infer.util import torch_item, zero_grads
 
 from workbench import checkpoint, posterior, signals
 from workbench.build import build
-from workbench.callbacks import Averaging, Callback, EarlyStopping, EventLogging, log_params
+from workbench.callbacks import Averaging, Callback, EarlyStopping, Loggersging, log_params
 from workbench.errors import Interrupted, RunError, UsageError, VibenchError, one_line
-from workbench.events import EventLog
+from workbench.loggers import Loggers
 from workbench.minibatch import Minibatch
 from workbench.optim import make_optimizer, schedule_stepper
 from workbench.recipe import dump
@@ -112,6 +112,7 @@ class Run:
     can_evaluate: bool = True  # the loss has a gradient-free estimate for Eval/loss
     notes: list[str] = field(default_factory=list)  # what the user should know before training
     minibatch: Minibatch = field(default_factory=Minibatch)
+    registry: Registry | None = None  # builds the loggers, once the run directory is known
 
     @classmethod
     def setup(cls, recipe: dict, registry: Registry) -> Run:
@@ -162,7 +163,7 @@ class Run:
         sites = posterior.latent_sites(trace)
         return cls(recipe, device, dtype, data, model, guide, svi, sites,
                    posterior.plate_nesting(trace), exact, data_hash(data),
-                   schedule_stepper(optimizer), can_evaluate, notes, minibatch)
+                   schedule_stepper(optimizer), can_evaluate, notes, minibatch, registry)
 
     # ----------------------------------------------------------------------------------------
     # training
@@ -170,7 +171,7 @@ class Run:
     def callbacks(self) -> list[Callback]:
         """What runs after each step besides the step itself, in order."""
         settings = self.recipe["train"]
-        found: list[Callback] = [EventLogging(settings, self.svi.optim,
+        found: list[Callback] = [Loggersging(settings, self.svi.optim,
                                               self.evaluate if self.can_evaluate else None)]
         if settings["average_last"]:
             found.append(Averaging(settings["steps"] * (1 - settings["average_last"])))
@@ -200,10 +201,10 @@ class Run:
                 state = self.restore(resume, callbacks, run_dir, changes)
         losses = LossFile(run_dir / LOSSES, len(state.losses))
         try:
+            log = Loggers.of(self.registry, self.recipe, run_dir, state.step)
             (run_dir / "recipe.yaml").write_text(recipe_text(self.recipe, state.resumes))
             if resume is None:  # a run killed before its first checkpoint can still resume
                 self.save(run_dir, state, callbacks, losses)
-            log = EventLog(run_dir, state.step)
         except OSError as exc:
             raise RunError(f"cannot write to {run_dir}: {_reason(exc)}") from None
         failure: VibenchError | None = None
@@ -251,7 +252,7 @@ class Run:
                         self.save(run_dir, state, callbacks, losses, start, log)
                     write_results(run_dir, self.summarize(state, callbacks, wall, report,
                                                           failure), params=False)
-                log.close()
+                log.close(self.summarize(state, callbacks, wall, report, failure))
             except OSError as exc:
                 failure = RunError(f"cannot write to {run_dir}: {_reason(exc)}")
         if failure is not None:
@@ -259,7 +260,7 @@ class Run:
             raise failure
         return self.summarize(state, callbacks, wall, report, failure)
 
-    def fit(self, state: TrainState, callbacks: list[Callback], log: EventLog,
+    def fit(self, state: TrainState, callbacks: list[Callback], log: Loggers,
             stop: signals.StopRequest, on_step: StepCallback | None,
             save: Callable[[], None]) -> VibenchError | None:
         """The loop: a step, its callbacks, a checkpoint now and then; returns why it
@@ -328,7 +329,7 @@ class Run:
     # checkpoints
 
     def save(self, run_dir: Path, state: TrainState, callbacks: list[Callback],
-             losses: LossFile, start: float | None = None, log: EventLog | None = None) -> None:
+             losses: LossFile, start: float | None = None, log: Loggers | None = None) -> None:
         """A checkpoint of the run as it is now; the losses and events up to it are made
         durable first, so a resume finds all of them."""
         losses.write(state.losses)
@@ -384,7 +385,7 @@ class Run:
     # ----------------------------------------------------------------------------------------
     # the report
 
-    def report(self, run_dir: Path, log: EventLog, losses: list[float],
+    def report(self, run_dir: Path, log: Loggers, losses: list[float],
                stop: signals.StopRequest) -> dict:
         """What the fitted guide says of the posterior, how far to trust it (PSIS k-hat), and
         the plots, as PNG files in ``run_dir/plots`` and images in TensorBoard. Each part that
@@ -469,6 +470,7 @@ class Run:
             "versions": versions(),
             "data_hash": self.data_hash,
             "world_size": 1,
+            "threads": torch.get_num_threads(),
         }
         for callback in callbacks:
             summary.update(callback.summary())

@@ -1,5 +1,5 @@
-"""The work behind the commands: check a recipe, start a run, go on with a stopped one, load
-a finished one back, export its posterior.
+"""The work behind the commands: check a recipe, start a run, go on with a stopped one, find
+and read the runs already made, export a run's posterior.
 
 The CLI parses and prints; ``run``, ``compare``, the tests and any later command share these
 functions, so a recipe is checked, a run directory claimed and a checkpoint trusted in one way.
@@ -7,18 +7,29 @@ functions, so a recipe is checked, a run directory claimed and a checkpoint trus
 
 from __future__ import annotations
 
+import array
+import fcntl
+import inspect
+import json
+import math
+import os
 import shutil
 from dataclasses import dataclass, field
+from datetime import datetime
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 from workbench import recipe as recipes
-from workbench.errors import UsageError
+from workbench.errors import UsageError, one_line
 from workbench.registry import Registry
 from workbench.rundir import LOCK, RunDir, claim, reopen
 
 # What --resume may change: the remedies for a run that diverged or needs more steps.
 RESUMABLE = ("optimizer", "train.steps", "train.skip_bad_steps")
+SUMMARY = "summary.json"
+CHECKPOINT = "checkpoint.pt"  # workbench.checkpoint.FILENAME, named here to keep torch out
+LOSSES = "losses.f64"  # workbench.runner.LOSSES
+FINAL_LOSS_STEPS = 100  # summary.json's final_loss is the mean loss of the last 100 steps
 
 
 @dataclass
@@ -40,6 +51,15 @@ class Job:
             return self.run.train(self.run_dir.path, on_step, self.resume, self.changes)
         finally:
             self.run_dir.release()
+
+
+def set_threads(count: int | None) -> None:
+    """Use ``count`` CPU threads for torch's operations (None: torch's default, every core).
+    Small models run faster on one thread when other runs share the cores."""
+    if count is not None:
+        import torch
+
+        torch.set_num_threads(count)
 
 
 def prepare(source: Path, sets: Sequence[str], registry: Registry) -> dict:
@@ -94,6 +114,10 @@ def resume(run_dir: Path, sets: Sequence[str], registry: Registry) -> Job:
         _check_steps(saved["state"], resolved["train"]["steps"], "train.steps" in changes,
                      where)
         run = Run.setup(resolved, registry)
+        code = named_code(resolved)
+        if code:
+            run.notes.append(f"this run's recipe.yaml names code ({', '.join(code)}), which "
+                             "--resume runs: resume only run directories you trust")
         if run.data_hash != saved["data_hash"]:
             raise UsageError(f"{where}: the data are not the data this run started with "
                              "(a data file changed?); start a new run for new data")
@@ -116,6 +140,13 @@ def load(run_dir: Path, registry: Registry) -> Any:
     with run_context(run.device, run.dtype):
         checkpoint.restore_params(saved["params"], saved["buffers"], run.guide, str(run_dir))
     return run
+
+
+def named_code(recipe: dict) -> list[str]:
+    """The ``file.py:attr`` and ``package.module:attr`` names a checked recipe gives."""
+    sections = [recipe.get(path[0]) if len(path) == 1 else (recipe.get(path[0]) or {}).get(
+        path[1]) for path in recipes.COMPONENTS] + list(recipe.get("loggers", []))
+    return [s["name"] for s in sections if isinstance(s, dict) and ":" in str(s.get("name"))]
 
 
 def export(run_dir: Path, registry: Registry) -> Path:
@@ -174,3 +205,237 @@ def _remove_unused(held: RunDir) -> None:
                 shutil.rmtree(path)
         except OSError:
             return
+
+
+def list_runs(root: Path) -> list[dict]:
+    """The runs under ``root``, newest first, each as ``run_info`` reads it. Torch is imported
+    only for a run without summary.json, so listing finished runs is quick."""
+    if not root.is_dir():
+        raise UsageError(f"{root}: no such directory")
+    found = sorted(((_updated(path), path) for path in find_runs(root)), reverse=True)
+    return [run_info(path) for _, path in found]
+
+
+def find_runs(root: Path) -> list[Path]:
+    """The run directories ``root`` holds: itself, its folders, and the folders of a folder
+    that is no run (a compare directory keeps its runs there)."""
+    found = [root] if is_run_dir(root) else []
+    for child in _folders(root):
+        if is_run_dir(child):
+            found.append(child)
+        else:
+            found.extend(grandchild for grandchild in _folders(child) if is_run_dir(grandchild))
+    return found
+
+
+def is_run_dir(path: Path) -> bool:
+    """Whether a run wrote ``path``: it holds summary.json or a checkpoint."""
+    return path.is_dir() and ((path / SUMMARY).is_file() or (path / CHECKPOINT).is_file())
+
+
+def run_info(run_dir: Path) -> dict:
+    """One line's worth of a run: its recipe's name, status, steps, final loss, k-hat and wall
+    time, from summary.json, or from the checkpoint while the run is running or when it was
+    killed before its first summary. The status is "running" while a live process holds the
+    directory's lock, and "unreadable" (with ``error``) when neither file can be read."""
+    info: dict[str, Any] = {
+        "name": None, "status": "unreadable", "steps": None, "final_loss": None, "khat": None,
+        "wall_seconds": None, "path": str(run_dir),
+        "updated": datetime.fromtimestamp(_updated(run_dir)).isoformat(timespec="seconds"),
+        "source": None,
+    }
+    running = is_running(run_dir)
+    errors = []
+    if (run_dir / SUMMARY).is_file():
+        try:
+            info.update(_from_summary(read_summary(run_dir)), source=SUMMARY)
+        except UsageError as exc:
+            errors.append(str(exc))
+    if (running or info["source"] is None) and (run_dir / CHECKPOINT).is_file():
+        try:
+            info.update(_from_checkpoint(run_dir), source=CHECKPOINT)
+        except UsageError as exc:
+            errors.append(str(exc))
+    if running:
+        info.update(status="running", pid=_lock_pid(run_dir))
+    if info["source"] is None:
+        info["error"] = "; ".join(errors)
+    return info
+
+
+def read_summary(run_dir: Path) -> dict:
+    """A run's summary.json, checked to hold what a report needs, or a UsageError saying why
+    it cannot be shown."""
+    path = run_dir / SUMMARY
+    if not run_dir.is_dir():
+        raise UsageError(f"{run_dir}: no such run directory")
+    if not path.is_file():
+        if (run_dir / CHECKPOINT).is_file():
+            if is_running(run_dir):
+                raise UsageError(f"{run_dir}: no {SUMMARY} yet: the run is still running")
+            raise UsageError(f"{run_dir}: no {SUMMARY}: the run was stopped before writing "
+                             f"one; go on with: vibench run --resume {run_dir}")
+        raise UsageError(f"{run_dir}: not a run directory (no {SUMMARY} or {CHECKPOINT})")
+    try:
+        summary = json.loads(path.read_bytes())
+    except (OSError, ValueError, RecursionError) as exc:  # JSON and UTF-8 errors are ValueErrors
+        raise UsageError(f"{path}: cannot be read: {one_line(exc)}") from None
+    problem = _summary_problem(summary)
+    if problem:
+        raise UsageError(f"{path}: not a vibench summary ({problem})")
+    return summary
+
+
+def is_running(run_dir: Path) -> bool:
+    """Whether a live process holds the run directory's lock: then a shared lock cannot be had
+    (the kernel drops a dead process's lock, so a killed run never looks alive)."""
+    try:
+        fd = os.open(run_dir / LOCK, os.O_RDONLY)
+    except OSError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    except OSError:
+        return False
+    else:
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        return False
+    finally:
+        os.close(fd)
+
+
+def data_arguments(factory: Callable) -> list[str] | None:
+    """The data a model takes, read from its class's ``__call__`` without building it (which
+    may need torch); None when the factory is no class or its model takes any argument."""
+    if not inspect.isclass(factory) or not any("__call__" in vars(c) for c in factory.__mro__):
+        return None
+    raw = inspect.getattr_static(factory, "__call__")
+    try:
+        signature = inspect.signature(factory.__call__)
+    except (TypeError, ValueError):
+        return None
+    parameters = list(signature.parameters.values())
+    if not isinstance(raw, (staticmethod, classmethod)):
+        parameters = parameters[1:]  # self
+    if any(p.kind is p.VAR_KEYWORD for p in parameters):
+        return None
+    return [p.name for p in parameters if p.kind is not p.VAR_POSITIONAL]
+
+
+def _from_summary(summary: dict) -> dict:
+    recipe = summary.get("recipe")
+    diagnostics = summary.get("diagnostics") or {}
+    return {
+        "name": recipe.get("name") if isinstance(recipe, dict) else None,
+        "status": summary.get("status", "completed"),
+        "steps": summary["steps"],
+        "final_loss": summary["final_loss"],
+        "khat": diagnostics.get("khat"),
+        "wall_seconds": summary["wall_seconds"],
+    }
+
+
+def _from_checkpoint(run_dir: Path) -> dict:
+    """What the checkpoint says of a run that has no summary yet (or a stale one): a stopped
+    run, which ``--resume`` goes on with."""
+    saved = _read_checkpoint(run_dir)
+    state, recipe = saved["state"], saved.get("recipe")
+    return {
+        "name": recipe.get("name") if isinstance(recipe, dict) else None,
+        "status": "interrupted",
+        "steps": state["step"],
+        "final_loss": _final_loss(run_dir / LOSSES, state.get("losses")),
+        "khat": None,
+        "wall_seconds": state.get("wall"),
+    }
+
+
+def _read_checkpoint(run_dir: Path) -> dict:
+    """The checkpoint read as ``--resume`` reads it, without running code it may hold
+    (``weights_only``), and memory-mapped, so a large guide costs no time."""
+    import torch
+
+    path = run_dir / CHECKPOINT
+    try:
+        saved = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as exc:
+        raise UsageError(f"{path}: cannot be read: {one_line(exc)[:200]}") from None
+    state = saved.get("state") if isinstance(saved, dict) else None
+    if not isinstance(state, dict) or not isinstance(state.get("step"), int):
+        raise UsageError(f"{path}: not a vibench checkpoint")
+    return saved
+
+
+def _final_loss(path: Path, count: Any) -> float | None:
+    """The mean of the last losses a checkpoint counts, as summary.json's final_loss is."""
+    if not isinstance(count, int) or count <= 0:
+        return None
+    tail = array.array("d")
+    start = max(0, count - FINAL_LOSS_STEPS)
+    try:
+        with open(path, "rb") as handle:
+            handle.seek(start * tail.itemsize)
+            tail.fromfile(handle, count - start)
+    except (OSError, EOFError):
+        return None
+    return sum(tail) / len(tail)
+
+
+def _summary_problem(summary: Any) -> str:
+    """What a summary lacks that a report shows, or "" when it holds all of it."""
+    if not isinstance(summary, dict):
+        return "not a JSON object"
+    numbers = {"steps": int, "wall_seconds": (int, float), "steps_per_second": (int, float)}
+    for key, kind in numbers.items():
+        if not isinstance(summary.get(key), kind) or isinstance(summary.get(key), bool):
+            return f"{key} is not a number"
+    if summary.get("final_loss") is not None and not _is_number(summary["final_loss"]):
+        return "final_loss is not a number"
+    posterior = summary.get("posterior")
+    if not isinstance(posterior, dict) or not all(
+            isinstance(entry, dict) and "mean" in entry and "std" in entry
+            for entry in posterior.values()):
+        return "posterior is not a mean and sd per site"
+    if not isinstance(summary.get("diagnostics", {}), dict):
+        return "diagnostics is not an object"
+    return ""
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _folders(path: Path) -> list[Path]:
+    """The folders in ``path``, none if it cannot be read."""
+    try:
+        return [child for child in path.iterdir() if child.is_dir()]
+    except OSError:
+        return []
+
+
+def _updated(run_dir: Path) -> float:
+    """When the run last wrote its summary or checkpoint (its folder's time if neither can be
+    read)."""
+    times = []
+    for path in (run_dir / SUMMARY, run_dir / CHECKPOINT):
+        try:
+            times.append(path.stat().st_mtime)
+        except OSError:
+            pass
+    if not times:
+        try:
+            times.append(run_dir.stat().st_mtime)
+        except OSError:
+            pass
+    return max(times, default=0.0)
+
+
+def _lock_pid(run_dir: Path) -> int | None:
+    """The pid the run directory's writer wrote into its lock."""
+    try:
+        text = (run_dir / LOCK).read_text().strip()
+    except OSError:
+        return None
+    return int(text) if text.isdigit() else None

@@ -1,4 +1,4 @@
-"""TensorBoard's event file, written in the run's own thread.
+"""TensorBoard's event file, written in the run's own thread: the default logger.
 
 tensorboardX's SummaryWriter queues events for a background thread that it can only close,
 not drain, and that dies silently on a full disk. Writing synchronously lets a checkpoint make
@@ -60,7 +60,7 @@ class EventLog:
     def flush(self) -> None:
         self._writer.flush()
 
-    def close(self) -> None:
+    def close(self, summary: dict | None = None) -> None:
         self._writer.flush()
         self._writer.close()
 

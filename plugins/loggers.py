@@ -1,0 +1,121 @@
+"""Default loggers: TensorBoard (every run's, unless a recipe lists others), a CSV file, and
+MLflow (with the optional ``mlflow`` extra)."""
+
+from __future__ import annotations
+
+import csv
+import time
+from pathlib import Path
+
+from workbench import hookimpl
+
+
+@hookimpl
+def register_loggers(register):
+    register("tensorboard", tensorboard)
+    register("csv", csv_logger)
+    register("mlflow", mlflow_logger)
+
+
+def tensorboard(run_dir, start_step):
+    """TensorBoard event files in the run directory (tensorboard --logdir runs)."""
+    from vibench_plugins.tensorboard_events import EventLog
+
+    return EventLog(Path(run_dir), start_step)
+
+
+def csv_logger(run_dir, start_step, file: str = "metrics.csv"):
+    """Every scalar as a row of step, tag, value in a CSV file in the run directory."""
+    return CsvLog(Path(run_dir) / file, start_step)
+
+
+class CsvLog:
+    """Rows of step, tag, value; a resumed run keeps the rows from before its start step."""
+
+    def __init__(self, path: Path, start_step: int):
+        kept = []
+        if start_step and path.exists():
+            with path.open(newline="") as handle:
+                kept = [row for row in csv.DictReader(handle) if int(row["step"]) < start_step]
+        self.handle = path.open("w", newline="")
+        self.writer = csv.writer(self.handle)
+        self.writer.writerow(["step", "tag", "value"])
+        self.writer.writerows([row["step"], row["tag"], row["value"]] for row in kept)
+
+    def scalar(self, tag: str, value: float, step: int) -> None:
+        self.writer.writerow([step, tag, repr(float(value))])
+
+    def flush(self) -> None:
+        self.handle.flush()
+
+    def close(self, summary=None) -> None:
+        self.handle.close()
+
+
+def mlflow_logger(run_dir, start_step, recipe, tracking_uri: str | None = None,
+                  experiment: str = "vibench"):
+    """MLflow: the recipe as params, scalars as metrics, summary.json and plots as artifacts.
+
+    One MLflow run per vibench run; a resumed run goes on in the same one."""
+    return MlflowLog(Path(run_dir), start_step, recipe, tracking_uri, experiment)
+
+
+class MlflowLog:
+    """Logs to MLflow through its client, so no global active run is left behind."""
+
+    RUN_ID = "mlflow_run_id"
+
+    def __init__(self, run_dir: Path, start_step: int, recipe: dict, tracking_uri: str | None,
+                 experiment: str):
+        try:
+            from mlflow.tracking import MlflowClient
+        except ImportError:
+            raise ValueError("needs MLflow: pip install 'vibench[mlflow]'") from None
+        self.run_dir = run_dir
+        self.pending: list = []
+        self.client = MlflowClient(tracking_uri=tracking_uri)
+        saved = run_dir / self.RUN_ID
+        if start_step and saved.exists():
+            self.run_id = saved.read_text().strip()
+        else:
+            found = self.client.get_experiment_by_name(experiment)
+            experiment_id = (found.experiment_id if found is not None
+                             else self.client.create_experiment(experiment))
+            run = self.client.create_run(experiment_id, run_name=run_dir.name)
+            self.run_id = run.info.run_id
+            saved.write_text(self.run_id)
+            for key, value in _flat(recipe).items():
+                self.client.log_param(self.run_id, key, str(value)[:500])
+
+    def scalar(self, tag: str, value: float, step: int) -> None:
+        from mlflow.entities import Metric
+
+        self.pending.append(Metric(tag.replace("/", "."), float(value), int(time.time() * 1000),
+                                   step))
+
+    def flush(self) -> None:
+        """Send the metrics in batches: one request per step would slow training down."""
+        while self.pending:
+            batch, self.pending = self.pending[:1000], self.pending[1000:]
+            self.client.log_batch(self.run_id, metrics=batch)
+
+    def close(self, summary=None) -> None:
+        self.flush()
+        for name in ("summary.json", "plots"):
+            path = self.run_dir / name
+            if path.is_file():
+                self.client.log_artifact(self.run_id, str(path))
+            elif path.is_dir():
+                self.client.log_artifacts(self.run_id, str(path), artifact_path="plots")
+        status = {"completed": "FINISHED", "interrupted": "KILLED"}.get(
+            (summary or {}).get("status"), "FAILED")
+        self.client.set_terminated(self.run_id, status)
+
+
+def _flat(value, prefix: str = "") -> dict:
+    if isinstance(value, dict):
+        out = {}
+        for key, item in value.items():
+            out.update(_flat(item, f"{prefix}{key}."))
+        return out
+    return {prefix.rstrip("."): value}

@@ -1,0 +1,54 @@
+"""The run's loggers (experiment trackers) as one: each call goes to every logger that has
+the method. A logger that raises is reported once and left out, so losing a tracker never
+costs the run (see ``hookspecs.register_loggers`` for what a logger is)."""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+from typing import Any
+
+from workbench.build import build
+from workbench.errors import one_line
+from workbench.registry import Registry
+
+
+class Loggers:
+    """Every logger a recipe lists, called in turn."""
+
+    def __init__(self, loggers: list[tuple[str, Any]]):
+        self.loggers = loggers  # (name, logger)
+
+    @classmethod
+    def of(cls, registry: Registry, recipe: dict, run_dir: Path, start_step: int) -> Loggers:
+        return cls([(section["name"], build(registry, "logger", section, run_dir=run_dir,
+                                            start_step=start_step, recipe=recipe))
+                    for section in recipe.get("loggers", [])])
+
+    def scalar(self, tag: str, value: float, step: int) -> None:
+        self._call("scalar", tag, value, step)
+
+    def histogram(self, tag: str, values: Any, step: int) -> None:
+        self._call("histogram", tag, values, step)
+
+    def image(self, tag: str, image: Any, step: int) -> None:
+        self._call("image", tag, image, step)
+
+    def flush(self) -> None:
+        self._call("flush")
+
+    def close(self, summary: dict | None = None) -> None:
+        self._call("close", summary)
+
+    def _call(self, method: str, *args: Any) -> None:
+        for entry in list(self.loggers):
+            name, logger = entry
+            fn = getattr(logger, method, None)
+            if fn is None:
+                continue
+            try:
+                fn(*args)
+            except Exception as exc:
+                self.loggers.remove(entry)
+                warnings.warn(f"logger {name!r} failed in {method} and is left out for the rest "
+                              f"of the run: {one_line(exc)}", stacklevel=2)
