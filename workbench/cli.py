@@ -367,7 +367,11 @@ def export(
 ) -> None:
     """Write a run's posterior draws as ArviZ InferenceData, posterior.nc in its directory.
 
-    For runs from before every run wrote it; read it with arviz.from_netcdf.
+    For a run from before every run wrote it: the draws its report would have
+    written, from its last checkpoint. Read it with arviz.from_netcdf.
+
+    Examples:
+      vibench export runs/coin-20261125-141502
     """
     from workbench import service
     from workbench.registry import get_registry
