@@ -39,7 +39,8 @@ def test_run_directory_holds_what_the_contract_says(coin_run):
     out, result = coin_run
     assert {"recipe.yaml", "summary.json", "params.pt", "checkpoint.pt"} <= {
         p.name for p in out.iterdir()}
-    assert {p.name for p in (out / "plots").iterdir()} == {"loss.png", "site-latent_fairness.png"}
+    assert {p.name for p in (out / "plots").iterdir()} == {
+        "loss.png", "ppc.png", "site-latent_fairness.png"}
     assert list(out.glob("events.out.tfevents.*"))
     summary = json.loads((out / "summary.json").read_text())
     assert {"recipe", "steps", "wall_seconds", "steps_per_second", "final_loss", "posterior",
