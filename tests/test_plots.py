@@ -100,8 +100,12 @@ def test_site_figure_for_tensor_sites_and_point_masses(tmp_path: Path):
     prior = dist.Normal(torch.zeros(6), 10.0).to_event(1)
     path = tmp_path / "vector.png"
     image = plots.site_figure("coefficients", guide, path, prior=prior, exact=exact)
-    check_png(path, image)
-    assert image.shape[1] > 3 * image.shape[0]  # four panels side by side
+    check_png(path, image)  # six elements: a forest plot, a row each, taller with more rows
+    many = plots.site_figure("c", torch.randn(3000, 30), tmp_path / "many.png")
+    assert many.shape[0] > 2 * image.shape[0] and many.shape[1] == image.shape[1]
+
+    three = plots.site_figure("b", guide[:, :3], tmp_path / "three.png", exact=None)
+    assert three.shape[1] > 2.5 * three.shape[0]  # three panels side by side
 
     point = torch.full((500, 2, 2), 0.25)  # a point mass over a 2 x 2 site, no exact
     path = tmp_path / "point.png"
@@ -126,3 +130,23 @@ def test_write_plots_for_a_run(tmp_path: Path):
     assert sorted(events.Tags()["images"]) == ["Plots/latent_fairness", "Plots/loss"]
     image = events.Images("Plots/loss")[0]
     assert image.step == 3 and image.width > 100 and image.height > 100
+
+
+def test_a_gaussian_autoguide_s_marginal_is_drawn_from_its_density_inside_the_support():
+    from pyro.infer.autoguide import AutoMultivariateNormal, AutoNormal
+
+    def model():
+        pyro.sample("scale", dist.LogNormal(0.0, 1.0))
+        pyro.sample("w", dist.Normal(0.0, 1.0).expand([3]).to_event(1))
+
+    for kind in (AutoNormal, AutoMultivariateNormal):
+        pyro.clear_param_store()
+        guide = kind(model)
+        guide()
+        scale = posterior.guide_marginal(guide, "scale")
+        assert plots._bounds(scale) == (0.0, None)
+        grid = np.linspace(1e-4, 60, 200_000)
+        density = plots._marginal_density(scale, 0, grid, torch)
+        assert np.trapezoid(density, grid) == pytest.approx(1.0, abs=1e-3)
+        assert tuple(posterior.guide_marginal(guide, "w").batch_shape) == (3,)
+    pyro.clear_param_store()

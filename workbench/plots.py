@@ -25,6 +25,7 @@ COLOURS = {"prior": "#7f7f7f", "guide": "#1f77b4", "exact": "#d62728"}
 GRID = 400  # points on the x axis of a density plot
 KDE_DRAWS = 4000  # draws behind one estimated density (a random subset when there are more)
 MAX_POINTS = 20_000  # points of the loss curve drawn (a long run's curve is thinned)
+MAX_FOREST_ROWS = 60  # elements of a tensor site drawn in its forest plot
 PPC_DRAWS = 50  # replicated data sets drawn as densities in a posterior predictive check
 PPC_VALUES = 30  # discrete data with at most this many distinct values are counted per value
 
@@ -113,8 +114,9 @@ def site_figure(site: str, guide: Any, path: Path | str | None = None, prior: An
     per element as that element's marginal) or a tensor of draws shaped ``(num_draws, *site
     shape)`` (its density estimated by a Gaussian KDE, marked "(KDE)" in the legend); the
     prior and exact may be None. A guide whose draws do not vary is a point mass, drawn as a
-    vertical line. A tensor site shows its first ``max_elements`` elements side by side,
-    each titled with its index. ``workbench.posterior.plot_sources`` gives all three per site.
+    vertical line. A tensor site of up to ``max_elements`` elements shows them side by side,
+    each titled with its index; a larger one is a forest plot of every element (up to
+    MAX_FOREST_ROWS). ``workbench.posterior.plot_sources`` gives all three per site.
     Writes a PNG to ``path`` when given; returns the image as an ``(H, W, 3)`` uint8 array.
     """
     import torch
@@ -122,9 +124,11 @@ def site_figure(site: str, guide: Any, path: Path | str | None = None, prior: An
     sources = {"prior": prior, "guide": guide, "exact": exact}
     shape = _site_shape(guide)
     count = math.prod(shape)
-    shown = min(count, max_elements)
-    fig = _figure(4.2 * shown + 0.6, 3.6)
     samples = {key: _flat_draws(src) for key, src in sources.items() if src is not None}
+    if count > max_elements:
+        return forest_figure(site, shape, samples, path)
+    shown = count
+    fig = _figure(4.2 * shown + 0.6, 4.4)
     for i in range(shown):
         ax = fig.add_subplot(1, shown, i + 1)
         label = site if not shape else f"{site}[{', '.join(map(str, np.unravel_index(i, shape)))}]"
@@ -134,9 +138,40 @@ def site_figure(site: str, guide: Any, path: Path | str | None = None, prior: An
         if i == 0:
             ax.set_ylabel("density")
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=7, loc="upper right")
-    if count > shown:
-        fig.suptitle(f"{site}: the first {shown} of {count} elements", fontsize=10)
+        ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.2), frameon=False)
+    return _finish(fig, path)
+
+
+def forest_figure(site: str, shape: tuple, samples: dict[str, np.ndarray],
+                  path: Path | str | None = None, max_rows: int = MAX_FOREST_ROWS) -> np.ndarray:
+    """A tensor site with many elements as a forest plot: per element (a row), the guide's
+    mean and central 50% and 90% intervals, with the exact posterior's and the prior's 90%
+    intervals beside it where given; all from draws (``samples``: source -> (n, elements))."""
+    count = math.prod(shape)
+    rows = min(count, max_rows)
+    fig = _figure(7.0, 1.6 + 0.28 * rows)
+    ax = fig.add_subplot(1, 1, 1)
+    offsets = {"prior": 0.25, "guide": 0.0, "exact": -0.25}
+    for key in ("prior", "exact", "guide"):
+        if key not in samples:
+            continue
+        draws = samples[key][:, :rows]
+        q05, q25, q75, q95 = np.quantile(draws, [0.05, 0.25, 0.75, 0.95], axis=0)
+        y = np.arange(rows)[::-1] + offsets[key]
+        name = {"prior": "prior", "guide": "guide", "exact": "exact posterior"}[key]
+        ax.hlines(y, q05, q95, color=COLOURS[key], linewidth=1.2,
+                  label=f"{name}: 90% interval" + ("; 50%, mean" if key == "guide" else ""))
+        if key == "guide":
+            ax.hlines(y, q25, q75, color=COLOURS[key], linewidth=3.5)
+            ax.plot(draws.mean(0), y, "o", color=COLOURS[key], markersize=4)
+    labels = [f"{site}[{', '.join(map(str, np.unravel_index(i, shape)))}]" for i in range(rows)]
+    ax.set_yticks(np.arange(rows)[::-1], labels, fontsize=8)
+    ax.set_xlabel("value")
+    ax.grid(alpha=0.3, axis="x")
+    title = site if rows == count else f"{site}: the first {rows} of {count} elements"
+    ax.set_title(title, fontsize=10)
+    ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.08 - 1.0 / (rows + 4)),
+              ncol=3, frameon=False)
     return _finish(fig, path)
 
 

@@ -345,20 +345,75 @@ def _site_log_q(trace: poutine.Trace, name: str, guide: Callable, sites: dict, n
                      "draw is shared with other sites)")
 
 
+def _latent_slice(guide: Any, name: str) -> slice | None:
+    """Where a site's unconstrained values sit in an AutoContinuous guide's flat latent."""
+    start = 0
+    for other, _ in guide.prototype_trace.iter_stochastic_nodes():
+        size = math.prod(guide._unconstrained_shapes[other])
+        if other == name:
+            return slice(start, start + size)
+        start += size
+    return None
+
+
+class _Marginal(torch.distributions.TransformedDistribution):
+    """A Normal pushed through a site's bijection, keeping the site's own support (the
+    composed transform's codomain can read as the whole real line)."""
+
+    def __init__(self, base: Any, transform: Any, support: Any):
+        super().__init__(base, [transform], validate_args=False)
+        self._support = support
+
+    @property
+    def support(self) -> Any:
+        return self._support
+
+
+def guide_marginal(guide: Any, name: str) -> torch.distributions.Distribution | None:
+    """A Gaussian autoguide's exact marginal for one site, in the site's own (constrained)
+    space: its unconstrained Normal, per element, pushed through the site's elementwise
+    bijection (exp for a positive site, ...). None for other guides and for sites whose
+    bijection mixes elements (a simplex, an ordered vector): those get draws."""
+    from pyro.infer.autoguide import AutoContinuous, AutoNormal
+    from torch.distributions import Normal, biject_to
+    from torch.distributions.transforms import IndependentTransform
+
+    try:
+        site = guide.prototype_trace.nodes[name]
+        transform = biject_to(site["fn"].support)
+        while isinstance(transform, IndependentTransform):
+            transform = transform.base_transform
+        if transform.domain.event_dim or transform.codomain.event_dim:
+            return None
+        shape = site["value"].shape
+        if isinstance(guide, AutoNormal):
+            loc, scale = guide._get_loc_and_scale(name)
+        elif isinstance(guide, AutoContinuous):
+            posterior, part = guide.get_posterior(), _latent_slice(guide, name)
+            if part is None or not hasattr(posterior, "variance"):
+                return None
+            loc, scale = posterior.mean[part], posterior.variance[part].sqrt()
+        else:
+            return None
+        if loc.numel() != math.prod(shape):
+            return None
+        base = Normal(loc.detach().reshape(shape), scale.detach().reshape(shape))
+        support = site["fn"].support
+        while hasattr(support, "base_constraint"):
+            support = support.base_constraint
+        return _Marginal(base, transform, support)
+    except (AttributeError, KeyError, NotImplementedError, RuntimeError, ValueError):
+        return None
+
+
 def _gaussian_slice_log_prob(guide: Any, name: str, latent: torch.Tensor, n: int
                              ) -> torch.Tensor:
     """The log density of a site's slice of a Gaussian AutoContinuous latent under the
     Gaussian's marginal for that slice."""
     posterior = guide.get_posterior()
-    start = 0
-    for other, _ in guide.prototype_trace.iter_stochastic_nodes():
-        size = math.prod(guide._unconstrained_shapes[other])
-        if other == name:
-            break
-        start += size
-    else:
+    part = _latent_slice(guide, name)
+    if part is None:
         raise _NoDensity(f"site {name!r} is not in the guide's latent")
-    part = slice(start, start + size)
     draws = latent.reshape(n, -1)[:, part]
     base = posterior.base_dist if isinstance(posterior, torch.distributions.Independent) \
         else posterior
@@ -640,12 +695,17 @@ def plot_sources(model: Callable, guide: Callable, data: dict[str, Any],
                 "exact": Distribution | None}}
 
     A distribution where the site's is fixed (the guide's or the prior's does not depend on
-    any other draw: its density is drawn exactly), else draws shaped ``(num_draws, *site
+    any other draw, or a Gaussian autoguide's marginal: its density is drawn exactly), else
+    draws shaped ``(num_draws, *site
     shape)`` (a density estimated from them). The prior's draws come from running the whole
     model, so for a site with latent parents they are its marginal prior, not a conditional.
     """
     with torch.no_grad():
         guide_fixed = _fixed_fns(guide, data, sites)
+        for name in sites:
+            marginal = None if name in guide_fixed else guide_marginal(guide, name)
+            if marginal is not None:
+                guide_fixed[name] = marginal
         prior_fixed = _fixed_fns(model, data, sites)
         guide_draws, _ = _guide_draws(guide, data,
                                       {n: s for n, s in sites.items() if n not in guide_fixed},
