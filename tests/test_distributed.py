@@ -207,7 +207,7 @@ def test_a_run_goes_on_with_as_many_processes_as_it_trained_on():
 
     _check_world({"world_size": 2}, 2, "--resume r")
     _check_world({}, 1, "--resume r")
-    with pytest.raises(UsageError, match="trained on 2 process.* go on under torchrun"):
+    with pytest.raises(UsageError, match="trained on 2 process.* go on under torchrun with 2"):
         _check_world({"world_size": 2}, 1, "--resume r")
     with pytest.raises(UsageError, match="as one process, without torchrun"):
         _check_world({}, 2, "--resume r")

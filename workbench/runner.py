@@ -150,6 +150,8 @@ class Run:
             optimizer, optim_args = make_optimizer(registry, recipe, device)
             minibatch = Minibatch.of(trace, recipe["train"], device, world)
             whole, data = data, rank_data(data, minibatch)
+            if world.distributed:
+                notes.append(parallel_note(minibatch, world))
             svi = SVI(minibatch(model), minibatch(guide), optimizer, loss=loss)
             minibatch.resample()
             try_once(svi, data, names)
@@ -551,6 +553,18 @@ class Run:
 
 class _Follower(Exception):
     """Ends a rank other than 0's part in ``Run.train``: rank 0 writes the results."""
+
+
+def parallel_note(minibatch: Minibatch, world: World) -> str:
+    """What the user should know of how the ranks split the work."""
+    found = minibatch.shard
+    if found is None:
+        return (f"training on {world.size} processes, each on the whole data (no single plate "
+                "to split: name it with train.subsample_plate), as more particles")
+    kept = ("each keeps only its rows" if found.local else
+            "each keeps the data whole, since latent sites live in the plate")
+    return (f"training data-parallel on {world.size} processes: plate {minibatch.plate!r} "
+            f"({found.size}) is split, {found.count} on rank 0; {kept}")
 
 
 def rank_data(data: dict, minibatch: Minibatch) -> dict:

@@ -163,10 +163,10 @@ def _check_world(saved: dict, size: int, where: str) -> None:
     streams are part of its state."""
     was = saved.get("world_size", 1)
     if was != size:
-        how = ("under torchrun with --nproc-per-node (times nodes) " + str(was) if was > 1
-               else "as one process, without torchrun")
-        raise UsageError(f"{where}: the run trained on {was} process(es) and this is {size}; "
-                         f"go on {how}, so it continues exactly")
+        how = (f"under torchrun with {was} processes in all (--nproc-per-node times nodes)"
+               if was > 1 else "as one process, without torchrun")
+        raise UsageError(f"{where}: the run trained on {was} process(es), not {size}; go on "
+                         f"{how}, so that it continues exactly")
 
 
 def _resumable(key: str) -> bool:
