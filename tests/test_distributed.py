@@ -85,7 +85,8 @@ def kill_all(agent: int) -> None:
         os.kill(pid, signal.SIGKILL)
 
 
-RESUMABLE = [*FAST, "--steps", "600", "--set", "train.checkpoint_every=25"]
+SHORT = ["--steps", "400", "--set", "optimizer.schedule.gamma=0.9886"]  # lr / 100 at the end
+RESUMABLE = [*FAST, *SHORT, "--set", "train.checkpoint_every=25"]
 
 
 @pytest.fixture(scope="module")
@@ -179,13 +180,13 @@ def test_two_processes_reach_the_exact_posterior_and_rank_0_alone_writes(whole_r
 
 def test_a_minibatch_run_under_torchrun_reaches_the_posterior(tmp_path: Path):
     out = tmp_path / "mb"
-    done = torchrun("run", str(LINEAR), *FAST, "--set", "train.batch_size=25",
+    done = torchrun("run", str(LINEAR), *FAST, *SHORT, "--set", "train.batch_size=25",
                     "--out", str(out))
     assert done.returncode == 0, done.stderr[-3000:]
     assert done.stderr.count("run directory:") == 1  # rank 1 prints nothing
     for site, entry in summary(out)["posterior"].items():
         mean, exact = torch.tensor(entry["mean"]), torch.tensor(entry["exact_mean"])
-        assert ((mean - exact).abs() < 0.5 * torch.tensor(entry["exact_std"])).all(), site
+        assert ((mean - exact).abs() < 0.4 * torch.tensor(entry["exact_std"])).all(), site
 
 
 def test_under_torchrun_rank_0_claims_the_run_directory_named_by_out(tmp_path: Path):
@@ -228,7 +229,7 @@ def test_a_dead_rank_stops_the_others_with_one_line_and_keeps_the_checkpoint(tmp
             os.killpg(child.pid, signal.SIGKILL)
     assert child.returncode != 0
     assert "lost contact with the other processes" in stderr, stderr[-3000:]
-    assert 50 < checkpointed_step(out) < 600
+    assert 50 < checkpointed_step(out) < 400
     assert summary(out)["status"] == "failed"  # rank 0 wrote what it could
 
 
@@ -241,7 +242,7 @@ def test_resume_after_killing_the_whole_torchrun_group_continues_exactly(whole_r
     finally:
         kill_all(child.pid)
         child.wait(timeout=60)
-    assert checkpointed_step(out) < 600
+    assert checkpointed_step(out) < 400
     resumed = torchrun("run", "--resume", str(out))
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     a, b = params(whole_run), params(out)
