@@ -141,7 +141,7 @@ def run(
       vibench run --resume runs/coin-20261125-141502 --steps 8000
       vibench run recipes/coin.yaml --threads 1
     """
-    from workbench import service
+    from workbench import distributed, service
     from workbench.errors import UsageError
     from workbench.registry import get_registry
 
@@ -154,11 +154,15 @@ def run(
     shorthands = {"device": device, "seed": seed, "train.steps": steps}
     sets += [f"{key}={value}" for key, value in shorthands.items() if value is not None]
     registry = get_registry()
-    for problem in registry.problems:
+    leader = distributed.detect().leader  # under torchrun rank 0 speaks for all
+    for problem in registry.problems if leader else []:
         _err(f"warning: {problem}")
     service.set_threads(threads)
     job = (service.start(recipe, sets, out, registry) if resume is None
            else service.resume(resume, sets, registry))
+    if not leader:
+        job.train()
+        return
     for note in job.run.notes:
         _err(f"note: {note}")
     _err(f"run directory: {job.path}")
@@ -503,6 +507,11 @@ def _plain(value: Any, limit: int = 200) -> Any:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
+def _leads() -> bool:
+    """Whether this process speaks for the run: always, but under torchrun only rank 0."""
+    return os.environ.get("RANK", "0") in ("", "0") or os.environ.get("WORLD_SIZE") in ("1", None)
+
+
 def _err(line: str) -> None:
     print(line, file=sys.stderr)
 
@@ -526,8 +535,9 @@ def main(argv: list[str] | None = None) -> None:
         if os.environ.get("VIBENCH_DEBUG"):
             raise
         prefix = "" if exc.exit_code > 128 else "error: "
-        for line in exc.lines():
-            _err(prefix + line)
+        if exc.exit_code <= 128 or _leads():  # rank 0 alone says it was interrupted
+            for line in exc.lines():
+                _err(prefix + line)
         code = exc.exit_code
     except Exception as exc:  # a bug, ours or a plugin's: still one line, and how to see more
         if os.environ.get("VIBENCH_DEBUG"):

@@ -48,6 +48,11 @@ class RunError(VibenchError):
     exit_code = 1
 
 
+class PeerLost(RunError):
+    """Under torchrun, another process of the run stopped or stopped answering (exit code 1);
+    the last checkpoint stands."""
+
+
 MAX_CHOICES = 20  # a hint lists at most this many choices ...
 FEW_CHOICES = 10  # ... else names this many and counts the rest
 

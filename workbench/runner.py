@@ -27,27 +27,34 @@ from pyro import poutine
 from pyro.infer import SVI
 from pyro.infer.util import torch_item, zero_grads
 
-from workbench import checkpoint, posterior, signals
+from workbench import checkpoint, distributed, posterior, signals
 from workbench.build import build
 from workbench.callbacks import Averaging, Callback, EarlyStopping, Loggersging, log_params
-from workbench.errors import Interrupted, RunError, UsageError, VibenchError, one_line
+from workbench.distributed import World
+from workbench.errors import Interrupted, PeerLost, RunError, UsageError, VibenchError, one_line
 from workbench.loggers import Loggers
 from workbench.minibatch import Minibatch
 from workbench.optim import make_optimizer, schedule_stepper
 from workbench.recipe import dump
 from workbench.registry import Registry
-from workbench.tensors import check_support, load_data
+from workbench.tensors import check_support, load_data, shard
 
 StepCallback = Callable[[int, float], None]
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
 LOSSES = "losses.f64"  # every good step's loss, as raw little-endian float64
 
 
-def pick_device(name: str) -> torch.device:
-    """The torch device for a recipe's ``device`` value; ``auto`` takes CUDA when present."""
+def pick_device(name: str, world: World = World()) -> torch.device:
+    """The torch device for a recipe's ``device`` value; ``auto`` takes CUDA when present.
+    Under torchrun each process takes the GPU of its local rank."""
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        name = "cuda" if torch.cuda.is_available() else "cpu"
     device = torch.device(name)
+    if world.distributed and device.type == "cuda":
+        if device.index is not None:
+            raise UsageError(f"device {name!r}: under torchrun each process takes the GPU of "
+                             "its local rank; set device: cuda")
+        device = torch.device("cuda", world.local_rank)
     if device.type == "cuda":
         if not torch.cuda.is_available():
             build = "a CPU-only build" if torch.version.cuda is None else "no GPU found"
@@ -113,12 +120,17 @@ class Run:
     notes: list[str] = field(default_factory=list)  # what the user should know before training
     minibatch: Minibatch = field(default_factory=Minibatch)
     registry: Registry | None = None  # builds the loggers, once the run directory is known
+    world: World = field(default_factory=World)  # the processes training this run together
+    whole_data: dict | None = None  # under torchrun, on rank 0: the whole data, for the report
+    peers_stop: bool = False  # under torchrun: some rank was asked to stop at the last step
+    rank_rngs: list[dict] = field(default_factory=list)  # every rank's, at the last checkpoint
 
     @classmethod
     def setup(cls, recipe: dict, registry: Registry) -> Run:
         """Build the recipe's components and try them once; any misfit is a UsageError."""
         logging.getLogger("pyro").setLevel(logging.WARNING)
-        device = pick_device(recipe["device"])
+        world = distributed.world()
+        device = pick_device(recipe["device"], world)
         dtype = DTYPES[recipe.get("dtype", "float32")]
         pyro.clear_param_store()
         pyro.set_rng_seed(recipe["seed"])
@@ -136,7 +148,10 @@ class Run:
             loss = build(registry, "loss", recipe["loss"], device=device)
             check_step_memory(trace, loss, device)
             optimizer, optim_args = make_optimizer(registry, recipe, device)
-            minibatch = Minibatch.of(trace, recipe["train"], device)
+            minibatch = Minibatch.of(trace, recipe["train"], device, world)
+            whole, data = data, rank_data(data, minibatch)
+            if world.distributed:
+                notes.append(parallel_note(minibatch, world))
             svi = SVI(minibatch(model), minibatch(guide), optimizer, loss=loss)
             minibatch.resample()
             try_once(svi, data, names)
@@ -159,11 +174,15 @@ class Run:
                     can_evaluate = False
                     notes.append(f"loss {names['loss']!r} has no gradient-free estimate, so "
                                  "Eval/loss is not logged")
-            exact = exact_posterior(model, data, names["model"])
+            exact = exact_posterior(model, whole, names["model"])
+            if world.distributed:
+                distributed.broadcast_params()
+                pyro.set_rng_seed(distributed.rank_seed(recipe["seed"], world.rank))
         sites = posterior.latent_sites(trace)
         return cls(recipe, device, dtype, data, model, guide, svi, sites,
-                   posterior.plate_nesting(trace), exact, data_hash(data),
-                   schedule_stepper(optimizer), can_evaluate, notes, minibatch, registry)
+                   posterior.plate_nesting(trace), exact, data_hash(whole),
+                   schedule_stepper(optimizer), can_evaluate, notes, minibatch, registry,
+                   world, whole if world.distributed and world.leader else None)
 
     # ----------------------------------------------------------------------------------------
     # training
@@ -201,8 +220,10 @@ class Run:
                 state = self.restore(resume, callbacks, run_dir, changes)
         losses = LossFile(run_dir / LOSSES, len(state.losses))
         try:
-            log = Loggers.of(self.registry, self.recipe, run_dir, state.step)
-            (run_dir / "recipe.yaml").write_text(recipe_text(self.recipe, state.resumes))
+            log = Loggers([])  # only rank 0 writes the run directory
+            if self.world.leader:
+                log = Loggers.of(self.registry, self.recipe, run_dir, state.step)
+                (run_dir / "recipe.yaml").write_text(recipe_text(self.recipe, state.resumes))
             if resume is None:  # a run killed before its first checkpoint can still resume
                 self.save(run_dir, state, callbacks, losses)
         except OSError as exc:
@@ -219,6 +240,9 @@ class Run:
                                                          start, log))
             except OSError as exc:
                 failure = RunError(f"cannot write to {run_dir}: {_reason(exc)}")
+            except PeerLost as exc:  # another rank is gone: no more collectives, no checkpoint
+                good = False
+                failure = exc
             except Exception as exc:  # the model, guide or optimizer broke: keep the last good
                 good = False
                 failure = RunError(f"step {state.step + 1} failed: {one_line(exc)}")
@@ -229,7 +253,7 @@ class Run:
                 detail = f"parameters {', '.join(bad)} are not finite after step {state.step}"
                 failure = RunError(f"{failure}; {detail}" if failure else detail)
             finished = state.stopped_early is not None or state.step >= settings["steps"]
-            if failure is None and stop and not finished:
+            if failure is None and self.stopping(stop) and not finished:
                 failure = Interrupted(f"interrupted after step {state.step}", stop.signum)
             if failure is None and not state.trained:
                 for callback in callbacks:
@@ -240,21 +264,26 @@ class Run:
                 if good:
                     self.save(run_dir, state, callbacks, losses, start, log)
                     log_params(log, state.step, self.svi.optim)
+                if not self.world.leader:
+                    raise _Follower()
                 write_results(run_dir, self.summarize(state, callbacks, wall, report, failure),
                               params=good)
                 if good and state.losses and not stop.hurry:
+                    self.use_whole_data()
                     report = self.report(run_dir, log, state.losses, stop)
                     if failure is None and stop:
                         failure = Interrupted(f"interrupted while writing the report after "
                                               f"step {state.step}", stop.signum)
                     elif failure is None:
                         state.reported = True
-                        self.save(run_dir, state, callbacks, losses, start, log)
+                        self.save(run_dir, state, callbacks, losses, start, log, gather=False)
                     write_results(run_dir, self.summarize(state, callbacks, wall, report,
                                                           failure), params=False)
                 log.close(self.summarize(state, callbacks, wall, report, failure))
             except OSError as exc:
                 failure = RunError(f"cannot write to {run_dir}: {_reason(exc)}")
+            except _Follower:
+                pass
         if failure is not None:
             failure.args = (f"{failure}; {self.how_to_go_on(run_dir, good, failure)}",)
             raise failure
@@ -268,7 +297,7 @@ class Run:
         settings = self.recipe["train"]
         every = settings["checkpoint_every"]
         for step in range(state.step, settings["steps"]):
-            loss, bad = self.step()
+            loss, bad = self.step(stop)
             if bad:
                 state.skipped += 1
                 if state.skipped > settings["skip_bad_steps"]:
@@ -285,20 +314,24 @@ class Run:
             if stopped:
                 state.stopped_early = step + 1
                 return None
-            if stop:
+            if self.stopping(stop):
                 return None
             if every and (step + 1) % every == 0 and step + 1 < settings["steps"]:
                 save()
         return None
 
-    def step(self) -> tuple[float, str]:
+    def step(self, stop: signals.StopRequest | None = None) -> tuple[float, str]:
         """One SVI step (Pyro's SVI.step, guarded): a non-finite loss or gradient is not
-        applied, and comes back as the reason the step was bad."""
+        applied, and comes back as the reason the step was bad. Under torchrun the ranks'
+        losses and gradients are averaged first (and whether any was asked to stop)."""
         self.minibatch.resample()
         svi = self.svi
         with poutine.trace(param_only=True) as capture:
             loss = svi.loss_and_grads(svi.model, svi.guide, **self.data)
         params = {site["value"].unconstrained() for site in capture.trace.nodes.values()}
+        if self.world.distributed:
+            loss, params, self.peers_stop = distributed.reduce_step(
+                loss, params, self.weight, bool(stop))
         loss = torch_item(loss)
         bad = ""
         if not math.isfinite(loss):
@@ -323,15 +356,51 @@ class Run:
         with torch.random.fork_rng(devices=_rng_devices(self.device)):
             torch.manual_seed(self.recipe["seed"] * 1_000_003 + step)
             self.minibatch.resample()
-            return self.svi.evaluate_loss(**self.data)
+            value = self.svi.evaluate_loss(**self.data)
+        if self.world.distributed:
+            value = distributed.weighted_sum(value, self.weight, self.device)
+        return value
+
+    @property
+    def weight(self) -> float:
+        """This rank's weight in the sum of the ranks' estimates: its share of the data."""
+        share = self.minibatch.weight
+        return share if share is not None else 1 / self.world.size
+
+    def stopping(self, stop: signals.StopRequest) -> bool:
+        """Whether to stop after this step: asked to, or, under torchrun, some rank was (all
+        ranks must stop after the same step)."""
+        return self.peers_stop if self.world.distributed else bool(stop)
+
+    def use_whole_data(self) -> None:
+        """Rank 0 under torchrun goes back to the whole data and an unsharded plate for the
+        report, as a single process would have them."""
+        if self.whole_data is None:
+            return
+        old = self.minibatch
+        self.data, self.whole_data = self.whole_data, None
+        self.minibatch = Minibatch()
+        if old.shard is not None and old.batch_size:
+            self.minibatch = Minibatch(old.plate, old.shard.size, old.batch_size, self.device,
+                                       old.dim)
+            self.minibatch.indices = old.shard.owned[old.indices] if old.shard.local \
+                else old.indices
+        if getattr(self.guide, "create_plates", None) == old.guide_plates:
+            self.guide.create_plates = (self.minibatch.guide_plates
+                                        if self.minibatch.plate is not None else None)
 
     # ----------------------------------------------------------------------------------------
     # checkpoints
 
     def save(self, run_dir: Path, state: TrainState, callbacks: list[Callback],
-             losses: LossFile, start: float | None = None, log: Loggers | None = None) -> None:
+             losses: LossFile, start: float | None = None, log: Loggers | None = None,
+             gather: bool = True) -> None:
         """A checkpoint of the run as it is now; the losses and events up to it are made
-        durable first, so a resume finds all of them."""
+        durable first, so a resume finds all of them. Under torchrun every rank takes part
+        (``gather``: its random generators' state goes to rank 0), and rank 0 writes."""
+        rngs = self.rng_states(gather)
+        if not self.world.leader:
+            return
         losses.write(state.losses)
         if log is not None:
             log.flush()
@@ -342,8 +411,20 @@ class Run:
             "state": {**state.to_checkpoint(), "wall": wall},
             "callbacks": {type(c).__name__: c.state_dict() for c in callbacks},
             "params": params, "buffers": buffers,
-            "optim": self.svi.optim.get_state(), "rng": checkpoint.rng_state(),
+            "optim": self.svi.optim.get_state(), "rng": rngs[0],
+            **({"world_size": self.world.size, "rng_ranks": rngs}
+               if self.world.distributed else {}),
         })
+
+    def rng_states(self, gather: bool = True) -> list[dict]:
+        """Every rank's random generators' state (on rank 0; the others get []): gathered
+        now, or (without ``gather``, when only rank 0 went on, drawing from forked streams)
+        as last gathered."""
+        if not self.world.distributed:
+            return [checkpoint.rng_state()]
+        if gather:
+            self.rank_rngs = distributed.gather(checkpoint.rng_state()) or []
+        return self.rank_rngs
 
     def restore(self, saved: dict, callbacks: list[Callback], run_dir: Path,
                 changes: dict | None) -> TrainState:
@@ -357,7 +438,8 @@ class Run:
             optim.grad_clip.clear()
             optim.set_state(saved["optim"])
             optim([p for _, p in pyro.get_param_store().named_parameters()])  # no gradients
-        checkpoint.set_rng_state(saved["rng"])
+        checkpoint.set_rng_state(saved["rng_ranks"][self.world.rank] if self.world.distributed
+                                 else saved["rng"])
         for callback in callbacks:
             callback.load_state_dict(saved.get("callbacks", {}).get(type(callback).__name__))
         fields = dict(saved["state"])
@@ -375,8 +457,13 @@ class Run:
 
     def how_to_go_on(self, run_dir: Path, good: bool, failure: VibenchError) -> str:
         resume = f"vibench run --resume {run_dir}"
+        if self.world.distributed:
+            resume = (f"torchrun --nproc-per-node {self.world.size} -m workbench run "
+                      f"--resume {run_dir} (the same number of processes)")
         if isinstance(failure, Interrupted):
             return f"saved in {run_dir}; go on with: {resume}"
+        if isinstance(failure, PeerLost):
+            return f"the last checkpoint is in {run_dir}; go on from it with: {resume}"
         lr = self.recipe["optimizer"].get("lr")
         lower = f" --set optimizer.lr={lr / 10:g}" if isinstance(lr, (int, float)) else ""
         kept = f"saved in {run_dir}" if good else f"the last good checkpoint is in {run_dir}"
@@ -469,7 +556,7 @@ class Run:
             "dtype": str(self.dtype).removeprefix("torch."),
             "versions": versions(),
             "data_hash": self.data_hash,
-            "world_size": 1,
+            "world_size": self.world.size,
             "threads": torch.get_num_threads(),
         }
         for callback in callbacks:
@@ -477,6 +564,30 @@ class Run:
         if failure is not None:
             summary["error"] = str(failure)
         return summary
+
+
+class _Follower(Exception):
+    """Ends a rank other than 0's part in ``Run.train``: rank 0 writes the results."""
+
+
+def parallel_note(minibatch: Minibatch, world: World) -> str:
+    """What the user should know of how the ranks split the work."""
+    found = minibatch.shard
+    if found is None:
+        return (f"training on {world.size} processes, each on the whole data (no single plate "
+                "to split: name it with train.subsample_plate), as more particles")
+    kept = ("each keeps only its rows" if found.local else
+            "each keeps the data whole, since latent sites live in the plate")
+    return (f"training data-parallel on {world.size} processes: plate {minibatch.plate!r} "
+            f"({found.size}) is split, {found.count} on rank 0; {kept}")
+
+
+def rank_data(data: dict, minibatch: Minibatch) -> dict:
+    """This rank's data: the rows of its shard where the plate is sharded, else all of it."""
+    found = minibatch.shard
+    if found is None or not found.local:
+        return data
+    return shard(data, found.size, found.owned)
 
 
 class LossFile:

@@ -46,11 +46,15 @@ class Job:
         return self.run_dir.path
 
     def train(self, on_step=None) -> dict:
-        """Train (or go on), write the run directory, and let the directory go."""
+        """Train (or go on), write the run directory, and let the directory go (and, under
+        torchrun, the other processes)."""
+        from workbench import distributed
+
         try:
             return self.run.train(self.run_dir.path, on_step, self.resume, self.changes)
         finally:
             self.run_dir.release()
+            distributed.finish()
 
 
 def set_threads(count: int | None) -> None:
@@ -71,10 +75,12 @@ def prepare(source: Path, sets: Sequence[str], registry: Registry) -> dict:
 def start(source: Path, sets: Sequence[str], out: Path | None, registry: Registry) -> Job:
     """A new run of a recipe: checked, its run directory claimed, its components built. A
     recipe that fails to set up leaves no run directory behind."""
+    from workbench import distributed
     from workbench.runner import Run
 
+    world = distributed.start()
     resolved = prepare(source, sets, registry)
-    held = claim(resolved["name"], out)
+    held = _claim_as(world, resolved["name"], out)
     try:
         return Job(Run.setup(resolved, registry), held)
     except BaseException:
@@ -87,19 +93,21 @@ def resume(run_dir: Path, sets: Sequence[str], registry: Registry) -> Job:
     """A stopped run, set up to go on from its checkpoint. ``sets`` may change only what
     RESUMABLE names; a recipe.yaml edited to another model, guide, loss or data, or data that
     changed on disk, is refused, since the result would be no run at all."""
-    from workbench import checkpoint
+    from workbench import checkpoint, distributed
     from workbench.jsonsafe import plain
     from workbench.runner import Run
 
+    world = distributed.start()
     where = f"--resume {run_dir}"
     for item in sets:
         key = item.partition("=")[0].strip()
         if not _resumable(key):
             raise UsageError(f"{where}: --set {key} cannot change when a run goes on; only "
                              "--steps and --set optimizer.* (or train.skip_bad_steps) can")
-    held = reopen(run_dir, where)
+    held = reopen(run_dir, where) if world.leader else RunDir(run_dir, -1)
     try:
         saved = checkpoint.load(run_dir)
+        _check_world(saved, world.size, where)
         source = run_dir / "recipe.yaml"
         raw, overridden = recipes.apply_overrides(recipes.load(source), list(sets))
         resolved = recipes.resolve(raw, registry, str(source), overridden)
@@ -191,6 +199,28 @@ def _check_steps(state: dict, steps: int, more: bool, where: str) -> None:
     if state["reported"] and state["step"] >= steps:
         raise UsageError(f"{where}: the run already took all its {steps} steps; give --steps "
                          "to run longer")
+
+
+def _claim_as(world: Any, name: str, out: Path | None) -> RunDir:
+    """The run directory: claimed (made and locked) by rank 0 alone; under torchrun it must be
+    named with --out, so every rank knows it."""
+    if not world.distributed:
+        return claim(name, out)
+    if out is None:
+        raise UsageError("under torchrun give --out RUN_DIR: every process must know the run "
+                         "directory (rank 0 alone writes it)")
+    return claim(name, out) if world.leader else RunDir(out, -1)
+
+
+def _check_world(saved: dict, size: int, where: str) -> None:
+    """A run goes on with as many processes as it trained on: the ranks' shards and random
+    streams are part of its state."""
+    was = saved.get("world_size", 1)
+    if was != size:
+        how = (f"under torchrun with {was} processes in all (--nproc-per-node times nodes)"
+               if was > 1 else "as one process, without torchrun")
+        raise UsageError(f"{where}: the run trained on {was} process(es), not {size}; go on "
+                         f"{how}, so that it continues exactly")
 
 
 def _resumable(key: str) -> bool:

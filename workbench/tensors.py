@@ -91,3 +91,13 @@ def check_support(trace: poutine.Trace, data: dict, origin: dict[str, str]) -> N
 def _at(value: torch.Tensor, index: list[int]) -> Any:
     shown = value[tuple(index)]
     return shown.item() if shown.numel() == 1 else shown.tolist()
+
+
+def shard(data: dict, size: int, owned: torch.Tensor) -> dict:
+    """One rank's rows of the data: every tensor whose first dimension is the plate's
+    ``size`` is cut down to the rows ``owned``, so the rank does not hold the whole data;
+    anything else (text, scalars, tensors of another length) is kept whole."""
+    return {key: value.index_select(0, owned.to(value.device)).contiguous()
+            if torch.is_tensor(value) and value.dim() > 0 and value.shape[0] == size
+            else value
+            for key, value in data.items()}
