@@ -38,7 +38,7 @@ class Callback:
         return {}
 
 
-class Loggersging(Callback):
+class MetricLogging(Callback):
     """``Eval/loss`` every ``eval_every`` steps, ``Params/*`` and ``LR/*`` every
     ``log_params_every`` steps (``Train/loss`` is the loop's own)."""
 

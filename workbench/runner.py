@@ -29,7 +29,7 @@ from pyro.infer.util import torch_item, zero_grads
 
 from workbench import checkpoint, distributed, posterior, signals
 from workbench.build import build
-from workbench.callbacks import Averaging, Callback, EarlyStopping, Loggersging, log_params
+from workbench.callbacks import Averaging, Callback, EarlyStopping, MetricLogging, log_params
 from workbench.distributed import World
 from workbench.errors import Interrupted, PeerLost, RunError, UsageError, VibenchError, one_line
 from workbench.loggers import Loggers
@@ -190,7 +190,7 @@ class Run:
     def callbacks(self) -> list[Callback]:
         """What runs after each step besides the step itself, in order."""
         settings = self.recipe["train"]
-        found: list[Callback] = [Loggersging(settings, self.svi.optim,
+        found: list[Callback] = [MetricLogging(settings, self.svi.optim,
                                               self.evaluate if self.can_evaluate else None)]
         if settings["average_last"]:
             found.append(Averaging(settings["steps"] * (1 - settings["average_last"])))
