@@ -509,7 +509,12 @@ def _plain(value: Any, limit: int = 200) -> Any:
 
 def _leads() -> bool:
     """Whether this process speaks for the run: always, but under torchrun only rank 0."""
-    return os.environ.get("RANK", "0") in ("", "0") or os.environ.get("WORLD_SIZE") in ("1", None)
+    from workbench import distributed
+
+    try:
+        return distributed.detect().leader
+    except VibenchError:
+        return True
 
 
 def _err(line: str) -> None:

@@ -1,4 +1,5 @@
 """Data-parallel training under ``torchrun``: one posterior, fitted by several processes.
+Torch is imported inside the functions, so the CLI can ask ``detect`` without it.
 
 torchrun starts one process per device and tells each its place by environment variables
 (``WORLD_SIZE``, ``RANK``, ``LOCAL_RANK``). Each process (a rank) computes the loss on its shard
@@ -16,11 +17,12 @@ import os
 import warnings
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import Any, Iterable, Mapping
-
-import torch
+from typing import TYPE_CHECKING, Any, Iterable, Mapping
 
 from workbench.errors import PeerLost, UsageError, one_line
+
+if TYPE_CHECKING:
+    import torch
 
 TIMEOUT_ENV = "VIBENCH_DIST_TIMEOUT"
 DEFAULT_TIMEOUT = 300.0  # seconds a collective may wait for the other ranks
@@ -86,6 +88,7 @@ def start() -> World:
     found = detect()
     if not found.distributed:
         return found
+    import torch
     import torch.distributed as dist
 
     if not dist.is_initialized():
@@ -136,6 +139,7 @@ def reduce_step(loss: Any, params: Iterable[torch.Tensor], weight: float, stop: 
     share of the data), in one all_reduce; returns the loss, the parameters some rank touched
     (each now holding the averaged gradient) and whether any rank was asked to stop."""
     import pyro
+    import torch
     import torch.distributed as dist
 
     named = sorted(pyro.get_param_store().named_parameters())
@@ -166,6 +170,7 @@ def reduce_step(loss: Any, params: Iterable[torch.Tensor], weight: float, stop: 
 
 def weighted_sum(value: float, weight: float, device: torch.device) -> float:
     """A per-rank estimate combined over the ranks, each weighted by its share of the data."""
+    import torch
     import torch.distributed as dist
 
     tensor = torch.tensor([value * weight], dtype=torch.float64, device=device)
@@ -176,6 +181,7 @@ def weighted_sum(value: float, weight: float, device: torch.device) -> float:
 def broadcast_params() -> None:
     """Rank 0's parameters on every rank, so all start from the same point."""
     import pyro
+    import torch
     import torch.distributed as dist
 
     with torch.no_grad():
