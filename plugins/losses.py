@@ -62,9 +62,9 @@ def renyi_elbo(alpha: float = 0.0, num_particles: int = 2, vectorize_particles: 
     return _make(RenyiELBO, num_particles, vectorize_particles, max_plate_nesting, alpha=alpha)
 
 
-def iwae(num_particles: int = 8, estimator: Literal["reparam", "dreg"] = "reparam",
+def iwae(num_particles: int = 8, estimator: Literal["reparam", "dreg"] = "dreg",
          vectorize_particles: bool = True, max_plate_nesting: int | None = None):
-    """The importance-weighted bound (Burda et al. 2016); estimator dreg lowers its variance."""
+    """The importance-weighted bound (Burda et al. 2016), by default with DReG gradients."""
     from pyro.infer import RenyiELBO
 
     if num_particles < 2:
