@@ -124,7 +124,11 @@ def potential_fn(model, sites: list[Site], args: tuple,
             values[site.name] = site.transform(unconstrained)
             log_jacobian = log_jacobian + site.transform.log_abs_det_jacobian(
                 unconstrained, values[site.name]).sum()
-        trace = poutine.trace(poutine.condition(model, data=values)).get_trace(*args, **kwargs)
+        try:
+            trace = poutine.trace(poutine.condition(model, data=values)).get_trace(*args,
+                                                                                 **kwargs)
+        except ValueError:  # a parameter the model's validation refuses, from a long step
+            return flat.new_tensor(math.inf)
         return -(trace.log_prob_sum() + log_jacobian)
 
     return potential
@@ -166,7 +170,9 @@ def _descend(potential: Callable, start: torch.Tensor, with_hessian: bool) -> Fi
         value = potential(point)
         if torch.isfinite(value):
             value.backward()
-        return value
+        else:
+            point.grad = torch.zeros_like(point)
+        return value.detach()
 
     try:
         optimizer.step(closure)
