@@ -47,7 +47,8 @@ class Site:
 
 @dataclass
 class Fit:
-    """A start's result: the point, its potential (-log joint), gradient and Hessian."""
+    """A start's result: the point, its potential (-log joint), the Hessian there, and
+    whether the Newton decrement says it is a mode."""
 
     point: torch.Tensor
     potential: float
