@@ -1,11 +1,15 @@
 """Default guides (variational families): the seed's Beta guide and Pyro's autoguides."""
 
+from functools import lru_cache
 from typing import Literal, Union
 
 from workbench import hookimpl
 
 # How an autoguide picks its starting point: a Pyro strategy by name, or values per site.
 InitLoc = Union[Literal["median", "mean", "sample", "feasible"], dict]
+# How a Gaussian autoguide starts: at init_loc with init_scale, or at the Laplace approximation
+# (the mode, found from init_loc, and the inverse Hessian there; see laplace.py).
+Init = Literal["init_loc", "laplace"]
 
 
 @hookimpl
@@ -67,40 +71,42 @@ class BetaGuide:
         return sites
 
 
-def auto_normal(model, init_scale: float = 0.1, init_loc: InitLoc = "feasible"):
+def auto_normal(model, init_scale: float = 0.1, init_loc: InitLoc = "feasible",
+                init: Init = "init_loc"):
     """Pyro's AutoNormal: an independent Normal per latent site, in unconstrained space."""
     from pyro.infer.autoguide import AutoNormal
 
-    return AutoNormal(_continuous(model), init_loc_fn=_init_loc(init_loc),
-                      init_scale=_positive(init_scale))
+    return _gaussian(AutoNormal, model, init, init_loc_fn=_init_loc(init_loc),
+                     init_scale=_positive(init_scale))
 
 
-def auto_diagonal_normal(model, init_scale: float = 0.1, init_loc: InitLoc = "median"):
+def auto_diagonal_normal(model, init_scale: float = 0.1, init_loc: InitLoc = "median",
+                         init: Init = "init_loc"):
     """Pyro's AutoDiagonalNormal: one diagonal Normal over all latents, unconstrained."""
     from pyro.infer.autoguide import AutoDiagonalNormal
 
-    return AutoDiagonalNormal(_continuous(model), init_loc_fn=_init_loc(init_loc),
-                              init_scale=_positive(init_scale))
+    return _gaussian(AutoDiagonalNormal, model, init, init_loc_fn=_init_loc(init_loc),
+                     init_scale=_positive(init_scale))
 
 
-def auto_multivariate_normal(model, init_scale: float = 0.1, init_loc: InitLoc = "median"):
+def auto_multivariate_normal(model, init_scale: float = 0.1, init_loc: InitLoc = "median",
+                             init: Init = "init_loc"):
     """Pyro's AutoMultivariateNormal: a full-covariance Normal over all latents."""
     from pyro.infer.autoguide import AutoMultivariateNormal
 
-    return AutoMultivariateNormal(_continuous(model), init_loc_fn=_init_loc(init_loc),
-                                  init_scale=_positive(init_scale))
+    return _gaussian(AutoMultivariateNormal, model, init, init_loc_fn=_init_loc(init_loc),
+                     init_scale=_positive(init_scale))
 
 
 def auto_lowrank_multivariate_normal(model, rank: int | None = None, init_scale: float = 0.1,
-                                     init_loc: InitLoc = "median"):
+                                     init_loc: InitLoc = "median", init: Init = "init_loc"):
     """Pyro's AutoLowRankMultivariateNormal: a Normal with low-rank plus diagonal covariance."""
     from pyro.infer.autoguide import AutoLowRankMultivariateNormal
 
     if rank is not None and rank < 1:
         raise ValueError("rank must be >= 1 (or null for about the square root of the size)")
-    return AutoLowRankMultivariateNormal(_continuous(model), rank=rank,
-                                         init_loc_fn=_init_loc(init_loc),
-                                         init_scale=_positive(init_scale))
+    return _gaussian(AutoLowRankMultivariateNormal, model, init, rank=rank,
+                     init_loc_fn=_init_loc(init_loc), init_scale=_positive(init_scale))
 
 
 def auto_delta(model, init_loc: InitLoc = "median"):
@@ -131,6 +137,24 @@ def auto_iaf_normal(model, num_transforms: int = 1, hidden_dim: list[int] | None
         raise ValueError("num_transforms must be >= 1")
     return AutoIAFNormal(_continuous(model), hidden_dim=hidden_dim, num_transforms=num_transforms,
                          init_loc_fn=_init_loc(init_loc))
+
+
+def _gaussian(cls, model, init: str, **options):
+    """A Gaussian autoguide of class ``cls``; with init laplace, one that vibench's
+    ``initialise`` call moves to the Laplace approximation before training."""
+    if init == "init_loc":
+        return cls(_continuous(model), **options)
+    guide = _laplace_class(cls)(_continuous(model), **options)
+    guide.source_model = (model,)  # a tuple, so that a PyroModule model is no submodule
+    return guide
+
+
+@lru_cache(maxsize=None)
+def _laplace_class(cls):
+    """``cls`` with the Laplace start, under the same name: its parameters keep their names."""
+    from vibench_plugins.laplace import LaplaceStart
+
+    return type(cls.__name__, (LaplaceStart, cls), {"__module__": __name__})
 
 
 def _continuous(model):

@@ -1,6 +1,8 @@
 """Default losses: Pyro's ELBO family, and one plain-callable loss as an example of a
 user-defined loss."""
 
+from typing import Literal
+
 from workbench import hookimpl
 
 
@@ -10,16 +12,24 @@ def register_losses(register):
     register("mean_field_elbo", mean_field_elbo)
     register("graph_elbo", graph_elbo)
     register("renyi_elbo", renyi_elbo)
+    register("iwae", iwae)
     register("tail_adaptive_elbo", tail_adaptive_elbo)
     register("enum_elbo", enum_elbo)
     register("analytic_kl_elbo", analytic_kl_elbo)
 
 
 def elbo(num_particles: int = 1, vectorize_particles: bool = True,
-         max_plate_nesting: int | None = None, jit: bool = False):
+         max_plate_nesting: int | None = None, jit: bool = False,
+         estimator: Literal["reparam", "stl"] = "reparam"):
     """Pyro's Trace_ELBO: the evidence lower bound by Monte Carlo (Ranganath et al. 2014)."""
     from pyro.infer import JitTrace_ELBO, Trace_ELBO
 
+    if estimator == "stl":
+        from vibench_plugins.estimators import STLTrace_ELBO
+
+        if jit:
+            raise ValueError("estimator 'stl' does not run under jit; leave jit off")
+        return _make(STLTrace_ELBO, num_particles, vectorize_particles, max_plate_nesting)
     return _make(JitTrace_ELBO if jit else Trace_ELBO, num_particles, vectorize_particles,
                  max_plate_nesting)
 
@@ -50,6 +60,20 @@ def renyi_elbo(alpha: float = 0.0, num_particles: int = 2, vectorize_particles: 
     if alpha == 1:
         raise ValueError("alpha 1 is the ordinary ELBO: use loss 'elbo'")
     return _make(RenyiELBO, num_particles, vectorize_particles, max_plate_nesting, alpha=alpha)
+
+
+def iwae(num_particles: int = 8, estimator: Literal["reparam", "dreg"] = "dreg",
+         vectorize_particles: bool = True, max_plate_nesting: int | None = None):
+    """The importance-weighted bound (Burda et al. 2016), by default with DReG gradients."""
+    from pyro.infer import RenyiELBO
+
+    if num_particles < 2:
+        raise ValueError("num_particles must be >= 2: with 1 the bound is the ELBO")
+    if estimator == "dreg":
+        from vibench_plugins.estimators import DReGRenyiELBO
+
+        return _make(DReGRenyiELBO, num_particles, vectorize_particles, max_plate_nesting)
+    return _make(RenyiELBO, num_particles, vectorize_particles, max_plate_nesting, alpha=0.0)
 
 
 def tail_adaptive_elbo(num_particles: int = 8, tail_adaptive_beta: float = -1.0,

@@ -57,6 +57,14 @@ def register_guides(register: Register) -> None:
     signature, such as a Pyro autoguide. A guide that is not itself the posterior it fits
     (AutoLaplaceApproximation, say) may have a method ``posterior_guide(**data)`` returning the
     guide that the posterior report should draw from.
+
+    A guide may also have a method ``initialise(**data)``, which vibench calls once at set-up
+    with the whole data, after the one loss-and-gradient it tries has created the guide's
+    parameters and before the optimizer and training start (``Run.setup``): the place to set
+    a data-dependent start, overwriting the parameters in place (the Gaussian autoguides'
+    ``init: laplace`` does). It returns a list of notes for the user (or None); an exception
+    there is a recipe problem, reported in one line before the run. A resumed run calls it
+    too, then puts the checkpoint's parameters back over what it set.
     """
 
 

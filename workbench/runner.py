@@ -155,6 +155,11 @@ class Run:
             svi = SVI(minibatch(model), minibatch(guide), optimizer, loss=loss)
             minibatch.resample()
             try_once(svi, data, names)
+            if hasattr(guide, "initialise"):  # its parameters exist now: set their start
+                try:
+                    notes.extend(guide.initialise(**data) or [])
+                except Exception as exc:
+                    raise UsageError(f"guide {names['guide']!r}: {one_line(exc)}") from exc
             params = [param for _, param in pyro.get_param_store().named_parameters()]
             for param in params:
                 param.grad = None

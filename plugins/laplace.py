@@ -1,0 +1,320 @@
+"""The Laplace start for Gaussian autoguides (guide option ``init: laplace``): the posterior's
+mode in the guide's unconstrained space, found with L-BFGS, and the Gaussian whose covariance is
+the inverse Hessian of the negative log joint there (the Laplace approximation, MacKay 2003,
+ch. 27). SVI then starts from what a second-order fit already knows: the location, the scales
+and, for a full-rank guide, the correlations, which Adam's per-coordinate steps of size about
+``lr`` learn slowly or not at all where the posterior's scales differ by orders of magnitude.
+
+vibench calls ``initialise(**data)`` once at set-up, after the first loss and gradient have
+created the guide's parameters and before training; it overwrites them in place.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+from pyro import poutine
+
+from pyro.nn.module import PyroModule
+from pyro.poutine.util import site_is_subsample
+from torch.distributions import biject_to, transform_to
+
+MAX_ITER = 500  # L-BFGS iterations from each start
+RESTARTS = 3  # further starts, uniform in (-2, 2) unconstrained (Stan's, Pyro's init_to_uniform)
+NEWTON_STEPS = 5  # Newton steps that polish L-BFGS's answer where the Hessian allows
+MAX_HESSIAN_DIM = 2000  # beyond it, the mode only: the Hessian costs a backward pass a dimension
+# The largest Newton decrement g' H^-1 g (twice the potential a Newton step would still gain) at
+# which a start counts as converged: rounding in float32 leaves about this much.
+TOLERANCE = {torch.float64: 1e-8, torch.float32: 1e-3}
+
+
+@dataclass
+class Site:
+    """Where one latent site lives in the flat unconstrained vector, and how to constrain it."""
+
+    name: str
+    shape: torch.Size
+    start: int
+    transform: torch.distributions.Transform
+
+    @property
+    def stop(self) -> int:
+        return self.start + math.prod(self.shape)
+
+
+@dataclass
+class Fit:
+    """A start's result: the point, its potential (-log joint), the Hessian there, and
+    whether the Newton decrement says it is a mode."""
+
+    point: torch.Tensor
+    potential: float
+    hessian: torch.Tensor | None
+    converged: bool
+
+
+class LaplaceStart:
+    """Mixin for a Gaussian autoguide: ``initialise`` puts it at the Laplace approximation."""
+
+    def initialise(self, *args, **kwargs) -> list[str]:
+        """Overwrite the guide's location and scale with the Laplace approximation; returns
+        notes for the user where it had to fall back."""
+        return initialise(self, *args, **kwargs)
+
+
+def initialise(guide, *args, **kwargs) -> list[str]:
+    """Find the mode, take the Hessian there and write both into ``guide`` (see the module)."""
+    sites = layout(guide)
+    check_continuous(guide, args, kwargs)
+    dimension = sites[-1].stop
+    potential = potential_fn(guide.model, sites, args, kwargs)
+    start = current_loc(guide, sites)
+    fit = find_mode(potential, start, dimension <= MAX_HESSIAN_DIM)
+    notes = []
+    if fit is None:
+        return ["init laplace: no start gave a finite log density; the guide keeps its "
+                "default start"]
+    if not fit.converged:
+        notes.append(f"init laplace: L-BFGS did not converge from {1 + RESTARTS} starts; the "
+                     f"guide starts at the best point found (potential {fit.potential:.4g})")
+    covariance, precision_diag, note = curvature(fit.hessian)
+    if note:
+        notes.append(note)
+    write(guide, sites, fit.point, covariance, precision_diag)
+    return notes
+
+
+def layout(guide) -> list[Site]:
+    """The guide's latent sites in the order of its flat latent vector (AutoContinuous's
+    ``_unpack_latent``), each with its unconstrained shape (full plate sizes)."""
+    sites, start = [], 0
+    for name, site in guide.prototype_trace.iter_stochastic_nodes():
+        if hasattr(guide, "_unconstrained_shapes"):
+            shape = guide._unconstrained_shapes[name]
+        else:
+            shape = _leaf(guide.locs, name).shape
+        sites.append(Site(name, torch.Size(shape), start, biject_to(site["fn"].support)))
+        start = sites[-1].stop
+    return sites
+
+
+def check_continuous(guide, args: tuple, kwargs: dict) -> None:
+    """Refuse a model with discrete latent sites (summed out by enum_elbo): their values are
+    not the guide's, so the log joint the mode is sought on would be a random draw."""
+    model = getattr(guide, "source_model", (guide.model,))[0]
+    trace = poutine.trace(model).get_trace(*args, **kwargs)
+    for name, site in trace.nodes.items():
+        if site["type"] == "sample" and not site["is_observed"] and not site_is_subsample(site) \
+                and (site["infer"].get("enumerate") or site["fn"].support.is_discrete):
+            raise ValueError(f"init 'laplace' needs continuous latent sites; {name!r} is "
+                             "discrete")
+
+
+def potential_fn(model, sites: list[Site], args: tuple,
+                 kwargs: dict) -> Callable[[torch.Tensor], torch.Tensor]:
+    """-log p(data, z) as a function of the flat unconstrained z, with the log-Jacobian of
+    each site's bijection, so its mode and Hessian are those of the density the guide fits."""
+
+    def potential(flat: torch.Tensor) -> torch.Tensor:
+        values, log_jacobian = {}, 0.0
+        for site in sites:
+            unconstrained = flat[site.start:site.stop].reshape(site.shape)
+            values[site.name] = site.transform(unconstrained)
+            log_jacobian = log_jacobian + site.transform.log_abs_det_jacobian(
+                unconstrained, values[site.name]).sum()
+        try:
+            trace = poutine.trace(poutine.condition(model, data=values)).get_trace(*args,
+                                                                                 **kwargs)
+        except ValueError:  # a parameter the model's validation refuses, from a long step
+            return flat.new_tensor(math.inf)
+        return -(trace.log_prob_sum() + log_jacobian)
+
+    return potential
+
+
+def current_loc(guide, sites: list[Site]) -> torch.Tensor:
+    """The guide's location now (its init_loc strategy's), as one flat unconstrained vector."""
+    with torch.no_grad():
+        if hasattr(guide, "_unconstrained_shapes"):
+            return _leaf(guide, "loc").detach().clone()
+        return torch.cat([_leaf(guide.locs, site.name).detach().reshape(-1) for site in sites])
+
+
+def find_mode(potential: Callable, start: torch.Tensor, with_hessian: bool) -> Fit | None:
+    """The mode by L-BFGS (strong Wolfe line search) from ``start``, then from random starts
+    while none converges; the best converged fit, else the lowest finite one."""
+    fits = []
+    for attempt in range(1 + RESTARTS):
+        point = start if attempt == 0 else torch.rand_like(start) * 4 - 2
+        fit = _descend(potential, point, with_hessian)
+        if fit is not None:
+            fits.append(fit)
+            if fit.converged:
+                break
+    converged = [fit for fit in fits if fit.converged]
+    return min(converged or fits, key=lambda fit: fit.potential, default=None)
+
+
+def _descend(potential: Callable, start: torch.Tensor, with_hessian: bool) -> Fit | None:
+    """L-BFGS from one start, then a few Newton steps where the Hessian is positive definite
+    (they fix what L-BFGS leaves along badly scaled directions, such as kilpisjarvi's)."""
+    point = start.detach().clone().requires_grad_(True)
+    optimizer = torch.optim.LBFGS([point], lr=1.0, max_iter=MAX_ITER, history_size=20,
+                                  tolerance_grad=1e-12, tolerance_change=1e-14,
+                                  line_search_fn="strong_wolfe")
+
+    def closure() -> torch.Tensor:
+        optimizer.zero_grad()
+        value = potential(point)
+        if torch.isfinite(value):
+            value.backward()
+        else:
+            point.grad = torch.zeros_like(point)
+        return value.detach()
+
+    try:
+        optimizer.step(closure)
+    except (RuntimeError, ValueError):  # a line search into a region the model refuses
+        pass
+    point = point.detach()
+    value, gradient = _value_and_grad(potential, point)
+    if not (math.isfinite(value) and torch.isfinite(gradient).all()):
+        return None
+    if not with_hessian:
+        return Fit(point, value, None, True)
+    hessian = _hessian(potential, point)
+    for _ in range(NEWTON_STEPS):
+        step = _newton_step(hessian, gradient)
+        if step is None:
+            break
+        decrement = float(gradient @ step)
+        if decrement <= TOLERANCE.get(point.dtype, 1e-3):
+            return Fit(point, value, hessian, True)
+        candidate = point - step
+        new_value, new_gradient = _value_and_grad(potential, candidate)
+        if not (math.isfinite(new_value) and new_value <= value):
+            break
+        point, value, gradient = candidate, new_value, new_gradient
+        hessian = _hessian(potential, point)
+    step = _newton_step(hessian, gradient)
+    converged = step is not None and float(gradient @ step) <= TOLERANCE.get(point.dtype, 1e-3)
+    return Fit(point, value, hessian, converged)
+
+
+def _value_and_grad(potential: Callable, point: torch.Tensor) -> tuple[float, torch.Tensor]:
+    point = point.detach().requires_grad_(True)
+    value = potential(point)
+    if not torch.isfinite(value):
+        return math.inf, torch.full_like(point, math.nan)
+    (gradient,) = torch.autograd.grad(value, point)
+    return value.item(), gradient
+
+
+def _hessian(potential: Callable, point: torch.Tensor) -> torch.Tensor:
+    hessian = torch.autograd.functional.hessian(potential, point.detach())
+    return (hessian + hessian.T) / 2
+
+
+def _newton_step(hessian: torch.Tensor, gradient: torch.Tensor) -> torch.Tensor | None:
+    """H^-1 g, or None where H is not positive definite (no Newton step to a maximum)."""
+    cholesky, info = torch.linalg.cholesky_ex(hessian)
+    if info.item() != 0 or not torch.isfinite(hessian).all():
+        return None
+    return torch.cholesky_solve(gradient[:, None], cholesky)[:, 0]
+
+
+def curvature(hessian: torch.Tensor | None) -> tuple[torch.Tensor | None, torch.Tensor | None,
+                                                     str]:
+    """The covariance (inverse Hessian) where the Hessian is positive definite, else the
+    Hessian's diagonal where that is positive, else neither; with a note on any fallback."""
+    if hessian is None:
+        return None, None, (f"init laplace: more than {MAX_HESSIAN_DIM} unconstrained "
+                            "dimensions, so only the location is set; the scale stays init_scale")
+    diagonal = hessian.diagonal()
+    cholesky, info = torch.linalg.cholesky_ex(hessian)
+    if info.item() == 0:
+        covariance = torch.cholesky_inverse(cholesky)
+        return (covariance + covariance.T) / 2, diagonal, ""
+    if (diagonal > 0).all():
+        return None, diagonal, ("init laplace: the Hessian at the mode is not positive "
+                                "definite; the scale comes from its diagonal")
+    return None, None, ("init laplace: the Hessian at the mode is not positive definite, nor "
+                        "its diagonal; the scale stays init_scale")
+
+
+def write(guide, sites: list[Site], mode: torch.Tensor, covariance: torch.Tensor | None,
+          precision_diag: torch.Tensor | None) -> None:
+    """Overwrite the guide's parameters in place: its location with the mode, its scales with
+    the Laplace Gaussian's (as much of it as the family holds)."""
+    from pyro.infer.autoguide import (AutoDiagonalNormal, AutoLowRankMultivariateNormal,
+                                      AutoMultivariateNormal, AutoNormal)
+
+    positive = transform_to(guide.scale_constraint)
+    with torch.no_grad():
+        if isinstance(guide, AutoNormal):
+            for site in sites:
+                _leaf(guide.locs, site.name).copy_(mode[site.start:site.stop].reshape(site.shape))
+            if precision_diag is not None:
+                scale = precision_diag.rsqrt()
+                for site in sites:
+                    _leaf(guide.scales, site.name).copy_(
+                        positive.inv(scale[site.start:site.stop].reshape(site.shape)))
+            return
+        _leaf(guide, "loc").copy_(mode)
+        if isinstance(guide, AutoDiagonalNormal) and precision_diag is not None:
+            _leaf(guide, "scale").copy_(positive.inv(precision_diag.rsqrt()))
+        elif isinstance(guide, AutoMultivariateNormal):
+            _write_full_rank(guide, positive, covariance, precision_diag)
+        elif isinstance(guide, AutoLowRankMultivariateNormal):
+            _write_low_rank(guide, positive, covariance, precision_diag)
+
+
+def _write_full_rank(guide, positive, covariance, precision_diag) -> None:
+    """scale * scale_tril (unit diagonal) = the Cholesky factor of the covariance; with only
+    a diagonal, independent scales."""
+    if covariance is not None:
+        tril, info = torch.linalg.cholesky_ex(covariance)
+        if info.item() == 0:
+            scale = tril.diagonal()
+            _leaf(guide, "scale").copy_(positive.inv(scale))
+            _leaf(guide, "scale_tril").copy_(tril / scale[:, None])
+            return
+    if precision_diag is not None:
+        _leaf(guide, "scale").copy_(positive.inv(precision_diag.rsqrt()))
+        _leaf(guide, "scale_tril").copy_(torch.diag_embed(torch.ones_like(precision_diag)))
+
+
+def _write_low_rank(guide, positive, covariance, precision_diag) -> None:
+    """Pyro's covariance is diag(s) (C C' + I) diag(s): take the covariance's top ``rank``
+    principal directions (probabilistic PCA, Tipping and Bishop 1999) for C and the rest of
+    each variance for s, so every marginal variance is the Laplace one."""
+    if covariance is None:
+        if precision_diag is not None:
+            spread = (1 + guide.cov_factor.pow(2).sum(-1)).sqrt()
+            _leaf(guide, "scale").copy_(positive.inv(precision_diag.rsqrt() / spread))
+        return
+    eigenvalues, eigenvectors = torch.linalg.eigh(covariance)
+    eigenvalues, eigenvectors = eigenvalues.flip(0), eigenvectors.flip(1)
+    rank = guide.rank
+    rest = eigenvalues[rank:]
+    floor = rest.mean() if len(rest) else eigenvalues[-1] / 2
+    factor = eigenvectors[:, :rank] * (eigenvalues[:rank] - floor).clamp(min=0).sqrt()
+    variance = covariance.diagonal()
+    residual = (variance - factor.pow(2).sum(-1)).clamp(min=1e-6 * variance)
+    scale = residual.sqrt()
+    _leaf(guide, "scale").copy_(positive.inv(scale))
+    _leaf(guide, "cov_factor").copy_(factor / scale[:, None])
+
+
+def _leaf(module: PyroModule, name: str) -> torch.Tensor:
+    """The unconstrained tensor behind a (dotted) parameter of ``module``, a PyroParam or a
+    plain ``nn.Parameter``: the one the parameter store holds, so writing it in place is what
+    the optimiser then steps."""
+    *path, last = name.split(".")
+    for part in path:
+        module = getattr(module, part)
+    params = dict(module.named_parameters(recurse=False))
+    return params.get(f"{last}_unconstrained", params.get(last))
