@@ -130,7 +130,7 @@ def summarize(
         moments = _analytic(guide, data, sites)
         draws, log_q = _guide_draws(guide, data, sites, nesting, num_draws, set(fixed))
         if moments is None:
-            moments = {name: (d.float().mean(0), d.float().std(0), "sampled")
+            moments = {name: (_real(d).mean(0), _real(d).std(0), "sampled")
                        for name, d in draws.items()}
         summary = {}
         for name, (mean, std, method) in moments.items():
@@ -223,6 +223,11 @@ def draws_of(value: torch.Tensor, n: int, shape: torch.Size) -> torch.Tensor:
     if value.numel() == n * math.prod(shape):
         return value.reshape(n, *shape)
     return value.reshape(1, *shape).expand(n, *shape)
+
+
+def _real(draws: torch.Tensor) -> torch.Tensor:
+    """Draws as floating point, keeping a float64 run's precision."""
+    return draws if draws.is_floating_point() else draws.float()
 
 
 def _analytic(guide: Callable, data: dict, sites: dict) -> dict | None:
