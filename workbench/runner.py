@@ -393,10 +393,11 @@ class Run:
 
         A minibatch run gets no k-hat and no per-site plots: both need the whole data's
         likelihood for every draw, which a minibatch run is there to avoid."""
-        from workbench import plots
+        from workbench import plots, reference
 
         settings = self.recipe["train"]
         post: dict = {}
+        compared: dict = {}  # {"reference": ...} where the model offers a reference posterior
         diagnostics: dict = {"khat": None, "reason": "not computed for a minibatch run"}
         sources: dict = {}
         whole = self.minibatch.plate is None
@@ -421,6 +422,8 @@ class Run:
                 if whole and settings["plots"] and not stop:
                     sources = posterior.plot_sources(self.model, guide, self.data, self.sites,
                                                      self.nesting, self.exact)
+                if not stop:
+                    compared = reference.section(self.model, guide, self.data, self.nesting, post)
             except Exception as exc:  # the report must never cost the run its results
                 diagnostics = {"khat": None, "reason": f"the report failed: {one_line(exc)}"}
             try:
@@ -430,7 +433,7 @@ class Run:
                 raise
             except Exception as exc:
                 warnings.warn(f"vibench could not draw the plots: {one_line(exc)}")
-        return {"posterior": post, "diagnostics": diagnostics}
+        return {"posterior": post, "diagnostics": diagnostics, **compared}
 
     def summarize(self, state: TrainState, callbacks: list[Callback], wall: float,
                   report: dict, failure: VibenchError | None) -> dict:
@@ -444,6 +447,7 @@ class Run:
             "final_loss": sum(tail) / len(tail) if tail else None,
             "posterior": report.get("posterior", {}),
             "diagnostics": report.get("diagnostics", {}),
+            **{key: report[key] for key in ("reference",) if key in report},
             "params": {name: posterior.to_plain(value)
                        for name, value in pyro.get_param_store().items()},
             "status": _status(failure),
