@@ -112,27 +112,26 @@ def element(value: Any, index: tuple[int, ...]) -> float:
 
 
 def extremes(rows, prefix: str) -> dict:
-    """max z, min r and max r over the rows (``prefix`` "iw_" for the weighted ones); NaN
-    counts as the worst, so a broken fit never reads as good."""
+    """max z, min r and max r over the rows (``prefix`` "iw_" for the weighted ones); a NaN
+    anywhere makes its extremes NaN, which never passes."""
     rows = list(rows)
     if not rows:
         return {f"{prefix}max_z": None, f"{prefix}min_r": None, f"{prefix}max_r": None}
-    zs = [_worst_if_nan(row[f"{prefix}z"], math.inf) for row in rows]
+    zs = [row[f"{prefix}z"] for row in rows]
     rs = [row[f"{prefix}r"] for row in rows]
-    return {f"{prefix}max_z": max(zs),
-            f"{prefix}min_r": min(_worst_if_nan(r, -math.inf) for r in rs),
-            f"{prefix}max_r": max(_worst_if_nan(r, math.inf) for r in rs)}
+    return {f"{prefix}max_z": _nan_or(max, zs), f"{prefix}min_r": _nan_or(min, rs),
+            f"{prefix}max_r": _nan_or(max, rs)}
 
 
 def passes(result: dict, prefix: str = "") -> bool:
-    """Every z <= MAX_Z and every r within R_RANGE."""
+    """Every z <= MAX_Z and every r within R_RANGE (False for NaN)."""
     low, high = R_RANGE
-    return (result[f"{prefix}max_z"] <= MAX_Z and low <= result[f"{prefix}min_r"]
-            and result[f"{prefix}max_r"] <= high)
+    return bool(result[f"{prefix}max_z"] <= MAX_Z and low <= result[f"{prefix}min_r"]
+                and result[f"{prefix}max_r"] <= high)
 
 
-def _worst_if_nan(value: float, worst: float) -> float:
-    return worst if math.isnan(value) else value
+def _nan_or(pick: Callable, values: list[float]) -> float:
+    return math.nan if any(math.isnan(v) for v in values) else pick(values)
 
 
 # --------------------------------------------------------------------------------------------
