@@ -182,7 +182,7 @@ def _replayed(model: Callable, guide: Callable, data: dict, nesting: int, names:
     shapes = {name: single.nodes[name]["value"].shape for name in names
               if name in single.nodes and torch.is_tensor(single.nodes[name]["value"])}
     parts: dict[str, list] = {name: [] for name in shapes}
-    log_ws = []
+    log_ws: list | None = [] if weighted else None
     for start in range(0, num_draws, CHUNK):
         n = min(CHUNK, num_draws - start)
         with pyro.plate(posterior.DRAWS_PLATE, n, dim=-(nesting + 1)):
@@ -191,11 +191,23 @@ def _replayed(model: Callable, guide: Callable, data: dict, nesting: int, names:
                                         ).get_trace(**data)
         for name, shape in shapes.items():
             parts[name].append(model_trace.nodes[name]["value"].reshape(n, *shape))
-        if weighted:
-            log_ws.append(posterior._log_joint(model_trace, n, nesting)
-                          - posterior._log_joint(guide_trace, n, nesting))
+        if log_ws is not None:
+            part = _log_weight(model_trace, guide_trace, n, nesting)
+            log_ws = None if part is None else [*log_ws, part]
     draws = {name: torch.cat(chunks) for name, chunks in parts.items()}
     return draws, torch.cat(log_ws) if log_ws else None
+
+
+def _log_weight(model_trace: Any, guide_trace: Any, n: int, nesting: int) -> Any:
+    """Each draw's log p(x, z) - log q(z), or None where it cannot be had: the weighted
+    estimates are then left out, not the section."""
+    from workbench import posterior
+
+    try:
+        return (posterior._log_joint(model_trace, n, nesting)
+                - posterior._log_joint(guide_trace, n, nesting))
+    except (AttributeError, RuntimeError, ValueError, NotImplementedError):
+        return None
 
 
 # --------------------------------------------------------------------------------------------
