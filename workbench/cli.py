@@ -390,7 +390,8 @@ def report_lines(summary: dict, limit: int = 10) -> list[str]:
     """One line per latent site (per element for a tensor site, up to ``limit``): mean +- sd,
     and the exact posterior's beside it where known; under it the 90% interval, the KL to the
     exact posterior and the importance-weighted estimate; then PSIS k-hat and its reading,
-    and the ELBO and log evidence from the same draws."""
+    and the ELBO and log evidence from the same draws; then, where the model has a reference
+    posterior, z and r per parameter and the verdict."""
     lines = []
     for site, entry in summary["posterior"].items():
         keys = [k for k in ("mean", "std", "exact_mean", "exact_std", "q05", "q95",
@@ -428,6 +429,10 @@ def report_lines(summary: dict, limit: int = 10) -> list[str]:
                          + " (importance-sampled, from the same draws)")
     elif diagnostics.get("reason"):
         lines.append(f"PSIS k-hat not computed: {diagnostics['reason']}")
+    if summary.get("reference"):
+        from workbench import reference
+
+        lines += reference.lines(summary["reference"])
     return lines
 
 

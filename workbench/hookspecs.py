@@ -35,6 +35,21 @@ def register_models(register: Register) -> None:
     recipe's ``data`` keys (as tensors on the run's device). It may also have a method
     ``exact_posterior(**data) -> {site: torch.distributions.Distribution}`` giving the exact
     or reference posterior, which the report compares the guide against.
+
+    Where the posterior is known only by its moments (long MCMC runs, as posteriordb's), the
+    model may instead or as well have ``reference_posterior(**data)`` returning::
+
+        {"params": {name: {"mean": float, "sd": float, ...}},  # quantiles etc. are ignored
+         "sites": {name: (site, index)},  # the model's site and the 0-based index into its value
+         "draws": path}                   # optional: where the reference draws are
+
+    ``name`` is the reference's own name for one number (Stan's ``beta[2]``, say, with
+    ``("beta", (1,))``). The site may be a latent one or a ``pyro.deterministic`` one (then
+    scored from guide draws run through the model). The report scores each parameter by
+    z = |guide mean - ref mean| / ref sd and r = guide sd / ref sd, also for the importance-
+    weighted estimates where PSIS allows, and calls the fit good when every z <= 0.2 and
+    0.8 <= r <= 1.2; summary.json's ``reference`` section holds it all. A parameter whose
+    site or index the model lacks is listed with the reason, not scored.
     """
 
 

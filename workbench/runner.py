@@ -486,11 +486,13 @@ class Run:
         A minibatch run gets no k-hat and no per-site plots: both need the whole data's
         likelihood for every draw, which a minibatch run is there to avoid. posterior.nc
         (``workbench.inference_data``) is written on its own random stream; when it fails,
-        the summary's ``diagnostics.inference_data`` says why."""
-        from workbench import inference_data, plots
+        the summary's ``diagnostics.inference_data`` says why. Where the model offers a
+        reference posterior, ``workbench.reference`` scores the guide against it."""
+        from workbench import inference_data, plots, reference
 
         settings = self.recipe["train"]
         post: dict = {}
+        compared: dict = {}  # {"reference": ...} where the model offers a reference posterior
         diagnostics: dict = {"khat": None, "reason": "not computed for a minibatch run"}
         sources: dict = {}
         whole = self.minibatch.plate is None
@@ -516,6 +518,8 @@ class Run:
                 if whole and settings["plots"] and not stop:
                     sources = posterior.plot_sources(self.model, guide, self.data, self.sites,
                                                      self.nesting, self.exact)
+                if not stop:
+                    compared = reference.section(self.model, guide, self.data, self.nesting, post)
             except Exception as exc:  # the report must never cost the run its results
                 diagnostics = {"khat": None, "reason": f"the report failed: {one_line(exc)}"}
             written = None
@@ -536,7 +540,7 @@ class Run:
                 raise
             except Exception as exc:
                 warnings.warn(f"vibench could not draw the plots: {one_line(exc)}")
-        return {"posterior": post, "diagnostics": diagnostics}
+        return {"posterior": post, "diagnostics": diagnostics, **compared}
 
     def summarize(self, state: TrainState, callbacks: list[Callback], wall: float,
                   report: dict, failure: VibenchError | None) -> dict:
@@ -550,6 +554,7 @@ class Run:
             "final_loss": sum(tail) / len(tail) if tail else None,
             "posterior": report.get("posterior", {}),
             "diagnostics": report.get("diagnostics", {}),
+            **{key: report[key] for key in ("reference",) if key in report},
             "params": {name: posterior.to_plain(value)
                        for name, value in pyro.get_param_store().items()},
             "status": _status(failure),
