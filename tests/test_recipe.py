@@ -46,7 +46,7 @@ def test_resolved_recipe_fills_every_default_and_round_trips(tmp_path: Path):
 
 def test_set_swaps_a_whole_component_leaving_no_old_option():
     swapped = resolve(["guide=auto_normal"])
-    assert swapped["guide"] == {"name": "auto_normal", "init_scale": 0.1,
+    assert swapped["guide"] == {"name": "auto_normal", "init": "init_loc", "init_scale": 0.1,
                                    "init_loc": "feasible"}
 
 

@@ -162,7 +162,7 @@ def test_a_failing_reference_posterior_is_reported_in_the_section():
         def reference_posterior(self, **data):
             raise ValueError("no reference here")
 
-    found = reference.section(Failing(), None, {}, 0, {})
+    found = reference.section(Failing(), {}, {})
     assert found == {"reference": {"reason": "the comparison failed: no reference here"}}
     assert reference.lines(found["reference"]) == [
         "reference: not compared: the comparison failed: no reference here"]

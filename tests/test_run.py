@@ -81,7 +81,7 @@ def test_auto_normal_swapped_in_by_set_alone(tmp_path: Path):
     result = vibench("run", str(COIN), "--set", "guide=auto_normal", "--out", str(tmp_path / "r"))
     assert result.returncode == 0, result.stderr
     summary = json.loads((tmp_path / "r" / "summary.json").read_text())
-    assert summary["recipe"]["guide"] == {"name": "auto_normal", "init_scale": 0.1,
+    assert summary["recipe"]["guide"] == {"name": "auto_normal", "init": "init_loc", "init_scale": 0.1,
                                    "init_loc": "feasible"}
     assert abs(summary["posterior"]["latent_fairness"]["mean"] - EXACT_MEAN) < 0.02
     assert summary["posterior"]["latent_fairness"]["method"] == "sampled"

@@ -552,13 +552,14 @@ def diagnostics(model: Callable, guide: Callable, data: dict[str, Any], nesting:
                 repr(n) for n in enumerated) + " by enumeration; importance weights would "
                 "need that sum too"}
         sites = latent_sites(single)
+        derived = deterministic_sites(single)  # weighed too: e.g. eight schools' theta
         # Draws in chunks, so that a chunk's tensors (draws x the model's largest site) stay
         # within MAX_ELEMENTS numbers.
         per_draw = max((site["value"].numel() for site in single.nodes.values()
                         if site["type"] == "sample" and torch.is_tensor(site["value"])),
                        default=1)
         chunk = max(1, min(num_draws, MAX_ELEMENTS // max(per_draw, 1)))
-        log_ws, parts = [], {name: [] for name in sites}
+        log_ws, parts = [], {name: [] for name in {**sites, **derived}}
         try:
             for start in range(0, num_draws, chunk):
                 n = min(chunk, num_draws - start)
@@ -574,13 +575,15 @@ def diagnostics(model: Callable, guide: Callable, data: dict[str, Any], nesting:
                               - log_joint(guide_trace, n, nesting))
                 for name, shape in sites.items():
                     parts[name].append(guide_trace.nodes[name]["value"].reshape(n, *shape))
+                for name, shape in derived.items():
+                    parts[name].append(model_trace.nodes[name]["value"].reshape(n, *shape))
         except (RuntimeError, ValueError, NotImplementedError, IndexError) as exc:
             return {"khat": None, "reason": f"the guide and model cannot be run vectorised "
                                             f"over {num_draws} draws: {_first_line(exc)}"}
         log_w = torch.cat(log_ws)
         draws = {name: torch.cat(chunks) for name, chunks in parts.items()}
         flat = [name for name, d in draws.items()
-                if d.shape[0] > 1 and (d == d[:1]).all()]
+                if name in sites and d.shape[0] > 1 and (d == d[:1]).all()]
         if flat:
             return {"khat": None, "reason": "the guide is a point mass at " + ", ".join(
                 repr(n) for n in flat) + ": it has no density to weigh draws by"}

@@ -6,13 +6,10 @@ A model may have ``reference_posterior(**data)`` (see ``hookspecs.register_model
      "sites": {name: (site, index)},                      # where the guide's value is
      "draws": path}                                       # optional, not read here
 
-``section`` reads each parameter's guide mean and sd off the run's posterior summary (for a
-site the summary lacks, a ``pyro.deterministic`` one, off guide draws run through the model)
-and scores them against the reference: z = |mean - ref mean| / ref sd, r = sd / ref sd, and
+``section`` reads each parameter's guide mean and sd off the run's posterior summary (its
+``pyro.deterministic`` sites included, as ``posterior.summarize`` gives them) and scores them against the reference: z = |mean - ref mean| / ref sd, r = sd / ref sd, and
 the same for the importance-weighted estimates where PSIS gave them. The fit is good when
 every z <= ``MAX_Z`` and every r lies in ``R_RANGE``. ``lines`` says it on the terminal.
-
-Torch and Pyro are imported inside the functions that draw, so ``lines`` stays light.
 """
 
 from __future__ import annotations
@@ -22,12 +19,10 @@ from typing import Any, Callable
 
 MAX_Z = 0.2
 R_RANGE = (0.8, 1.2)
-NUM_DRAWS = 10_000  # guide draws behind a derived site's moments, as posterior.summarize's
-CHUNK = 500  # draws per model run: a time-series model holds a T x T matrix per draw
 MAX_LINES = 12
 
 
-def section(model: Any, guide: Callable, data: dict, nesting: int, post: dict) -> dict:
+def section(model: Any, data: dict, post: dict) -> dict:
     """``{"reference": ...}`` for summary.json when the model offers a reference posterior,
     else ``{}``; a failure becomes the section's ``reason``, so it never costs the report."""
     method = getattr(model, "reference_posterior", None)
@@ -36,12 +31,7 @@ def section(model: Any, guide: Callable, data: dict, nesting: int, post: dict) -
     try:
         reference = method(**data)
         params, sites = dict(reference["params"]), dict(reference.get("sites") or {})
-        moments = dict(post)
-        missing = {site for site, _ in sites.values() if site not in moments}
-        if missing:
-            weighted = any("iw_mean" in entry for entry in post.values())
-            moments.update(derived_moments(model, guide, data, nesting, missing, weighted))
-        return {"reference": compare(params, sites, moments)}
+        return {"reference": compare(params, sites, dict(post))}
     except Exception as exc:  # noqa: BLE001 - reported in the section, not raised
         from workbench.errors import one_line
 
@@ -132,82 +122,6 @@ def passes(result: dict, prefix: str = "") -> bool:
 
 def _nan_or(pick: Callable, values: list[float]) -> float:
     return math.nan if any(math.isnan(v) for v in values) else pick(values)
-
-
-# --------------------------------------------------------------------------------------------
-# sites the posterior summary lacks
-
-
-def derived_moments(model: Callable, guide: Callable, data: dict, nesting: int,
-                    names: set[str], weighted: bool, num_draws: int = NUM_DRAWS) -> dict:
-    """Mean and sd of model sites that are not latent (``pyro.deterministic`` ones), over
-    guide draws run through the model; with ``weighted``, also their PSIS importance-weighted
-    estimates (``iw_mean``, ``iw_std``) when the draws' own k-hat is below 0.7."""
-    import torch
-
-    from workbench import posterior
-
-    draws, log_w = _replayed(model, guide, data, nesting, names, num_draws, weighted)
-    moments = {}
-    weights = None
-    if weighted and log_w is not None and torch.isfinite(log_w).any():
-        khat, smoothed = posterior.psis(log_w.double().cpu())
-        if khat < 0.7:
-            weights = torch.softmax(smoothed, 0)
-    for name, values in draws.items():
-        values = values.double().cpu()
-        entry = {"mean": posterior.to_plain(values.mean(0)),
-                 "std": posterior.to_plain(values.std(0)), "method": "sampled"}
-        if weights is not None:
-            w = weights.reshape(-1, *([1] * (values.dim() - 1)))
-            mean = (w * values).sum(0)
-            entry["iw_mean"] = posterior.to_plain(mean)
-            entry["iw_std"] = posterior.to_plain((w * (values - mean) ** 2).sum(0).sqrt())
-        moments[name] = entry
-    return moments
-
-
-def _replayed(model: Callable, guide: Callable, data: dict, nesting: int, names: set[str],
-              num_draws: int, weighted: bool) -> tuple[dict, Any]:
-    """Draws of the model's ``names`` sites with the latent sites replayed from the guide,
-    ``(num_draws, *site shape)`` each, and (with ``weighted``) each draw's log importance
-    weight log p(x, z) - log q(z)."""
-    import pyro
-    import torch
-    from pyro import poutine
-
-    from workbench import posterior
-
-    single = poutine.trace(model).get_trace(**data)
-    shapes = {name: single.nodes[name]["value"].shape for name in names
-              if name in single.nodes and torch.is_tensor(single.nodes[name]["value"])}
-    parts: dict[str, list] = {name: [] for name in shapes}
-    log_ws: list | None = [] if weighted else None
-    for start in range(0, num_draws, CHUNK):
-        n = min(CHUNK, num_draws - start)
-        with pyro.plate(posterior.DRAWS_PLATE, n, dim=-(nesting + 1)):
-            guide_trace = poutine.trace(guide).get_trace(**data)
-            model_trace = poutine.trace(poutine.replay(model, trace=guide_trace)
-                                        ).get_trace(**data)
-        for name, shape in shapes.items():
-            parts[name].append(model_trace.nodes[name]["value"].reshape(n, *shape))
-        if log_ws is not None:
-            part = _log_weight(model_trace, guide_trace, n, nesting)
-            log_ws = None if part is None else [*log_ws, part]
-    draws = {name: torch.cat(chunks) for name, chunks in parts.items()}
-    return draws, torch.cat(log_ws) if log_ws else None
-
-
-def _log_weight(model_trace: Any, guide_trace: Any, n: int, nesting: int) -> Any:
-    """Each draw's log p(x, z) - log q(z), or None where it cannot be had: the weighted
-    estimates are then left out, not the section."""
-    from workbench import posterior
-
-    try:
-        return (posterior._log_joint(model_trace, n, nesting)
-                - posterior._log_joint(guide_trace, n, nesting))
-    except (AttributeError, RuntimeError, ValueError, NotImplementedError):
-        return None
 
 
 # --------------------------------------------------------------------------------------------

@@ -519,7 +519,7 @@ class Run:
                     sources = posterior.plot_sources(self.model, guide, self.data, self.sites,
                                                      self.nesting, self.exact)
                 if not stop:
-                    compared = reference.section(self.model, guide, self.data, self.nesting, post)
+                    compared = reference.section(self.model, self.data, post)
             except Exception as exc:  # the report must never cost the run its results
                 diagnostics = {"khat": None, "reason": f"the report failed: {one_line(exc)}"}
             written = None
