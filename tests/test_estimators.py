@@ -263,6 +263,7 @@ def test_laplace_refuses_discrete_sites_and_notes_its_fallbacks(float64):
     assert "scale comes from its diagonal" in note
 
 
+@pytest.mark.slow
 def test_laplace_gets_kilpisjarvi_right_in_far_fewer_steps(tmp_path: Path):
     """kilpisjarvi's intercept and slope correlate at -0.99999 and their sds differ 4000-fold.
     With the Laplace start auto_multivariate_normal is within 0.2 sd of the reference means
