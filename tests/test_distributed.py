@@ -18,7 +18,7 @@ import torch
 from pyro import poutine
 from pyro.infer import Trace_ELBO
 
-from tests.conftest import REPO
+from tests.conftest import REPO, checkpointed_step, wait_for_checkpoint
 from workbench.distributed import World
 from workbench.minibatch import Minibatch
 from workbench.tensors import shard
@@ -47,22 +47,6 @@ def summary(out: Path) -> dict:
 
 def params(out: Path) -> dict:
     return torch.load(out / "params.pt", weights_only=False)["params"]
-
-
-def checkpointed_step(out: Path) -> int:
-    return torch.load(out / "checkpoint.pt", weights_only=True)["state"]["step"]
-
-
-def wait_for_checkpoint(out: Path, past: int, timeout: float = 120) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            if checkpointed_step(out) > past:
-                return
-        except (FileNotFoundError, EOFError, RuntimeError):
-            pass
-        time.sleep(0.02)
-    raise AssertionError("no checkpoint appeared")
 
 
 def children(pid: int) -> list[int]:
