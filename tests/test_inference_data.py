@@ -7,7 +7,6 @@ import json
 import math
 import shutil
 import subprocess
-import sys
 import warnings
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -142,17 +141,6 @@ def test_export_of_a_directory_that_is_not_a_run_is_one_line(tmp_path: Path):
         f"error: {tmp_path}: not a vibench run directory (no checkpoint.pt); give the "
         "directory `vibench run` wrote"]
     assert list(tmp_path.iterdir()) == []
-
-
-def test_listing_and_help_import_neither_arviz_nor_xarray():
-    code = ("import sys; from workbench.cli import app\n"
-            "for args in (['list'], ['--help'], ['run', '--help'], ['export', '--help']):\n"
-            "    app(args=args, standalone_mode=False)\n"
-            "print(*(name in sys.modules for name in ('arviz', 'xarray', 'h5netcdf', 'torch')))")
-    result = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True,
-                            text=True, timeout=60)
-    assert result.returncode == 0, result.stderr
-    assert result.stdout.strip().splitlines()[-1] == "False False False False"
 
 
 def coin_model(flips):

@@ -269,10 +269,10 @@ class Run:
                 if good:
                     self.save(run_dir, state, callbacks, losses, start, log)
                     log_params(log, state.step, self.svi.optim)
+                summary = self.summarize(state, callbacks, wall, report, failure)
                 if not self.world.leader:
                     raise _Follower()
-                write_results(run_dir, self.summarize(state, callbacks, wall, report, failure),
-                              params=good)
+                write_results(run_dir, summary, params=good)
                 if good and state.losses and not stop.hurry:
                     self.use_whole_data()
                     report = self.report(run_dir, log, state.losses, stop)
@@ -282,9 +282,9 @@ class Run:
                     elif failure is None:
                         state.reported = True
                         self.save(run_dir, state, callbacks, losses, start, log, gather=False)
-                    write_results(run_dir, self.summarize(state, callbacks, wall, report,
-                                                          failure), params=False)
-                log.close(self.summarize(state, callbacks, wall, report, failure))
+                    summary = self.summarize(state, callbacks, wall, report, failure)
+                    write_results(run_dir, summary, params=False)
+                log.close(summary)
             except OSError as exc:
                 failure = RunError(f"cannot write to {run_dir}: {_reason(exc)}")
             except _Follower:
@@ -292,7 +292,7 @@ class Run:
         if failure is not None:
             failure.args = (f"{failure}; {self.how_to_go_on(run_dir, good, failure)}",)
             raise failure
-        return self.summarize(state, callbacks, wall, report, failure)
+        return summary
 
     def fit(self, state: TrainState, callbacks: list[Callback], log: Loggers,
             stop: signals.StopRequest, on_step: StepCallback | None,
