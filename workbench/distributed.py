@@ -107,13 +107,20 @@ def start() -> World:
     return found
 
 
-def finish() -> None:
-    """Leave the process group, if this process joined one."""
+def finish(together: bool = False) -> None:
+    """Leave the process group, if this process joined one. ``together``: first wait for the
+    other ranks, so none exits while another still talks to it (gloo aborts a process that
+    tears its group down under a live peer)."""
     global _world
     if _world.distributed:
         import torch.distributed as dist
 
         if dist.is_initialized():
+            if together:
+                try:
+                    _collective("finishing", dist.barrier)
+                except PeerLost:
+                    pass
             dist.destroy_process_group()
     _world = World()
 

@@ -270,6 +270,8 @@ class Run:
                     self.save(run_dir, state, callbacks, losses, start, log)
                     log_params(log, state.step, self.svi.optim)
                 summary = self.summarize(state, callbacks, wall, report, failure)
+                if good:  # the last collective is behind us: the report is rank 0's alone
+                    distributed.finish(together=True)
                 if not self.world.leader:
                     raise _Follower()
                 write_results(run_dir, summary, params=good)
