@@ -268,7 +268,8 @@ def compare(
     ] = None,
     steps: Annotated[Optional[int], typer.Option(min=1, help="The number of SVI steps.")] = None,
     jobs: Annotated[Optional[int], typer.Option(
-        min=1, help="Runs at a time. Default: one per CPU core.")] = None,
+        min=1, help="Runs at a time. Default: one per CPU core (with --backend ray: all, "
+                     "as the cluster has room).")] = None,
     out: Annotated[Optional[Path], typer.Option(
         help="The compare directory (new or empty). Default: runs/compare-<name>-<timestamp>.")
     ] = None,
@@ -277,22 +278,40 @@ def compare(
         help="Stop a run that takes longer (SIGTERM: it saves, then is killed if it does not "
              "stop); it is reported as timed out and the others go on. Default: no limit.")
     ] = None,
+    backend: Annotated[str, typer.Option(
+        metavar="local|ray",
+        help="Where the runs go: child processes here, or Ray tasks on a Ray cluster "
+             "(pip install 'vibench[ray]').")] = "local",
+    address: Annotated[Optional[str], typer.Option(
+        show_default=False,
+        help="With --backend ray: the cluster to use (as for ray.init; default RAY_ADDRESS, "
+             "else a Ray started for this comparison on this machine's cores).")] = None,
+    cpus_per_run: Annotated[Optional[float], typer.Option(
+        show_default=False, help="With --backend ray: CPUs each run's task asks for. "
+                                 "Default: 1.")] = None,
+    gpus_per_run: Annotated[Optional[float], typer.Option(
+        show_default=False, help="With --backend ray: GPUs each run's task asks for (a run "
+                                 "with device auto uses the one Ray gives it). Default: 0.")
+    ] = None,
 ) -> None:
     """Run a recipe for every combination of --grid values and seeds, side by side.
 
     Each run is a `vibench run` in its own directory; they run in parallel. At
     the end: a table (seeds averaged), compare.csv, compare.png, TensorBoard
     hparams. Ctrl-C stops the runs (each saves); a second Ctrl-C kills them.
-    Either way the results so far are written.
+    Either way the results so far are written. With --backend ray each run is a
+    Ray task on a cluster instead.
 
     Examples:
       vibench compare recipes/coin.yaml --grid guide=beta,auto_normal
       vibench compare recipes/coin.yaml --grid optimizer.lr=0.01,0.05 --seeds 3
       vibench compare recipes/coin.yaml --grid loss=elbo,renyi_elbo --jobs 2
+      vibench compare recipes/coin.yaml --grid guide=beta,auto_normal --backend ray --address HOST:6379
     """
     from workbench.compare import compare as run_compare
 
-    run_compare(recipe, grid or [], set_ or [], seeds, steps, jobs, out, timeout)
+    run_compare(recipe, grid or [], set_ or [], seeds, steps, jobs, out, timeout, backend,
+                address, cpus_per_run, gpus_per_run)
 
 
 @app.command()

@@ -17,23 +17,21 @@ from __future__ import annotations
 
 import contextlib
 import csv
-import ctypes
 import hashlib
 import itertools
 import math
-import os
 import re
 import signal
-import subprocess
 import sys
 import threading
-import time
 from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
-from workbench.errors import RecipeError, RunError, UsageError, VibenchError
+from workbench.backends import (BACKENDS, NOT_STARTED, POLL_SECONDS, Backend, Control, Job,
+                                LocalBackend, Outcome, RayBackend, cpu_count, import_ray)
+from workbench.errors import RecipeError, RunError, UsageError, VibenchError, one_line
 from workbench.progress import TerminalBar
 from workbench.rundir import make_run_dir
 
@@ -45,12 +43,7 @@ KHAT_LIMIT = 0.7  # over it, PSIS says the guide misses the posterior's tails (Y
 WORST_OF_SEEDS = ("mean_error_sd", "sd_ratio", "khat")  # the rest: the mean over seeds
 SAFE = re.compile(r"[^A-Za-z0-9._,=+-]")
 MAX_NAME = 120
-NOT_STARTED = "not started: interrupted"
 STOPPED_CODES = (130, 143, -signal.SIGINT, -signal.SIGTERM)  # a run that stopped as asked
-POLL_SECONDS = 0.25
-STOP_IDLE = 30.0  # a run asked to stop is killed after this long without progress
-STOP_LIMIT = 120.0  # or this long after it was asked, whatever it does
-PR_SET_PDEATHSIG = 1
 
 
 class Interrupted(VibenchError):
@@ -277,97 +270,62 @@ def _kind(value: Any) -> str:
 
 
 class Runner:
-    """Runs specs in child processes, ``jobs`` at a time, each for at most ``timeout`` seconds.
+    """Runs specs on a backend (child processes here, or Ray tasks), ``jobs`` at a time, each
+    for at most ``timeout`` seconds.
 
     ``signals`` counts Ctrl-C, SIGTERM and SIGHUP (see ``counting_signals``): the first stops
     new runs and asks the live ones to save and stop, the second kills them. Every spec gets a
     result either way.
     """
 
-    def __init__(self, recipe: Path, compare_dir: Path, jobs: int,
+    def __init__(self, recipe: Path, compare_dir: Path, jobs: int, backend: Backend,
                  timeout: float | None = None):
         self.recipe = recipe
         self.compare_dir = compare_dir
         self.jobs = jobs
-        self.timeout = timeout
+        self.backend = backend
         self.lock = threading.Lock()
         self.signals = 0
-        self.stopping = False  # no new runs; the live ones are asked to stop
-        self.killing = False  # the live ones are killed
-        self.env = child_env(jobs)
-        self.preexec = die_with_parent()
+        self.control = Control(timeout)
 
-    def command(self, spec: Spec, run_dir: Path) -> list[str]:
-        command = [sys.executable, "-m", "workbench", "run", str(self.recipe),
-                   "--out", str(run_dir), "--seed", str(spec.seed)]
-        for item in spec.sets:
-            command += ["--set", item]
-        return command
+    @property
+    def timeout(self) -> float | None:
+        return self.control.timeout
 
     def run_one(self, spec: Spec) -> Result:
-        """Run one spec in a child process (its own session, out of the terminal's reach)."""
+        """Run one spec on the backend and read what it left."""
         run_dir = self.compare_dir / spec.name
         if spec.refused:
             run_dir.mkdir(parents=True, exist_ok=True)
             lines = [f"error: {line}" for line in spec.refused]
             (run_dir / "stderr.txt").write_text("\n".join(lines) + "\n")
             return Result(spec, run_dir, "failed", 2, lines[-1])
+        job = Job(self.recipe, run_dir, spec.seed, spec.sets)
         with self.lock:
-            if self.stopping:
+            if self.control.stopping:
                 return Result(spec, run_dir, "interrupted", error=NOT_STARTED)
-            start = time.perf_counter()
-            process = subprocess.Popen(
-                self.command(spec, run_dir), stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                stderr=subprocess.PIPE, text=True, env=self.env, start_new_session=True,
-                preexec_fn=self.preexec,
-            )
-        stdout, stderr, reason = self.watch(process, run_dir)
-        seconds = time.perf_counter() - start
+            handle = self.backend.start(job)
+        outcome = self.backend.wait(handle, job, self.control)
+        if outcome.lost == NOT_STARTED:
+            return Result(spec, run_dir, "interrupted", error=NOT_STARTED)
         run_dir.mkdir(parents=True, exist_ok=True)  # a run refused before training made none
+        stderr = outcome.stderr + (f"error: {outcome.lost}\n" if outcome.lost else "")
         (run_dir / "stderr.txt").write_text(stderr)
-        (run_dir / "stdout.txt").write_text(stdout)
-        result = Result(spec, run_dir, "failed", process.returncode, process_seconds=seconds)
-        self.classify(result, stderr, reason)
+        (run_dir / "stdout.txt").write_text(outcome.stdout)
+        result = Result(spec, run_dir, "failed", outcome.exit_code,
+                        process_seconds=outcome.seconds)
+        self.classify(result, outcome)
         return result
 
-    def watch(self, process: subprocess.Popen, run_dir: Path) -> tuple[str, str, str]:
-        """A child's stdout and stderr once it ends, and why compare stopped it ("" if it did
-        not): on the first signal it is asked to stop (SIGINT), when its time is up told to
-        (SIGTERM); then it is killed on a second signal, or when it has made no progress for
-        STOP_IDLE seconds, or STOP_LIMIT seconds after it was asked."""
-        started = time.monotonic()
-        reason, asked, seen, activity = "", 0.0, 0.0, None
-        while True:
-            try:
-                return (*process.communicate(timeout=POLL_SECONDS), reason)
-            except subprocess.TimeoutExpired:
-                pass
-            now = time.monotonic()
-            if not reason:
-                if self.stopping:
-                    reason, signum = "interrupted", signal.SIGINT
-                elif self.timeout is not None and now - started >= self.timeout:
-                    reason, signum = "timed out", signal.SIGTERM
-                else:
-                    continue
-                process.send_signal(signum)
-                asked = seen = now
-                activity = _activity(process.pid, run_dir)
-                continue
-            latest = _activity(process.pid, run_dir)
-            if latest != activity:
-                activity, seen = latest, now
-            if self.killing or now - seen > STOP_IDLE or now - asked > STOP_LIMIT:
-                _kill(process)
-
-    def classify(self, result: Result, stderr: str, reason: str) -> None:
-        """A finished child's status, error and numbers. What it saved decides: a run whose
+    def classify(self, result: Result, outcome: Outcome) -> None:
+        """A finished run's status, error and numbers. What it saved decides: a run whose
         summary.json says completed or interrupted is ok or interrupted whatever its exit
-        code (it may have been killed after saving); else its exit code does."""
+        code (it may have been killed after saving); else its exit code, or why its task
+        was lost, does."""
         summary = read_summary(result)
         saved = summary.get("status") if summary else None
-        code = result.exit_code
-        lines = [line.strip() for line in stderr.splitlines() if line.strip()]
+        code, reason = outcome.exit_code, outcome.reason
+        lines = [line.strip() for line in outcome.stderr.splitlines() if line.strip()]
         last = lines[-1] if lines else ""
         if saved == "completed" or (saved is None and code == 0):
             result.status, result.error = "ok", ""
@@ -377,6 +335,9 @@ class Runner:
         elif saved in ("interrupted", "failed"):
             result.status = saved
             result.error = last or str(summary.get("error") or saved)
+        elif code is None:
+            result.status = "interrupted" if reason else "failed"
+            result.error = outcome.lost or "lost"
         else:
             stopped = bool(reason) or code in STOPPED_CODES
             result.status = "interrupted" if stopped else "failed"
@@ -400,7 +361,7 @@ class Runner:
                         result = future.result()
                     except Exception as exc:  # e.g. no more processes or files: this run only
                         result = Result(spec, self.compare_dir / spec.name, "failed",
-                                        error=f"could not run it: {exc}")
+                                        error=f"could not run it: {one_line(exc)}")
                     results[futures[future]] = result
                     if result.error != NOT_STARTED:
                         _quietly(on_done, result)
@@ -409,54 +370,14 @@ class Runner:
 
     def heed(self, on_note: Callable[[str], None]) -> None:
         """Act on the signals counted so far: the first stops, the second kills."""
-        if self.signals and not self.stopping:
+        if self.signals and not self.control.stopping:
             with self.lock:
-                self.stopping = True
+                self.control.stopping = True
             _quietly(on_note, "stopping: no new runs; each running one saves what it learned "
                               "and stops (Ctrl-C again to kill them)")
-        if self.signals > 1 and not self.killing:
-            self.killing = True
+        if self.signals > 1 and not self.control.killing:
+            self.control.killing = True
             _quietly(on_note, "killing the runs still going")
-
-
-def child_env(jobs: int) -> dict[str, str]:
-    """This environment, with each child's torch on its share of the cores unless the user
-    set OMP_NUM_THREADS: parallel runs that each use every core slow one another down."""
-    env = dict(os.environ)
-    if "OMP_NUM_THREADS" not in env:
-        threads = str(max(1, cpu_count() // jobs))
-        env["OMP_NUM_THREADS"] = threads
-        env.setdefault("MKL_NUM_THREADS", threads)
-    return env
-
-
-def cpu_count() -> int:
-    """The cores this process may use: in a container or under taskset, fewer than the
-    machine has."""
-    try:
-        return len(os.sched_getaffinity(0)) or 1
-    except AttributeError:
-        return os.cpu_count() or 1
-
-
-def die_with_parent() -> Callable[[], None] | None:
-    """A ``preexec_fn`` that has Linux send the child SIGTERM when compare dies, even by
-    SIGKILL, so no run is orphaned; None elsewhere. Linux sends it when the thread that
-    started the child ends: that thread waits for the child, so not before compare ends."""
-    if not sys.platform.startswith("linux"):
-        return None
-    try:
-        prctl = ctypes.CDLL(None, use_errno=True).prctl
-    except (OSError, AttributeError):
-        return None
-    parent = os.getpid()
-
-    def preexec() -> None:
-        prctl(PR_SET_PDEATHSIG, ctypes.c_ulong(signal.SIGTERM))
-        if os.getppid() != parent:  # compare died before prctl took hold
-            os.kill(os.getpid(), signal.SIGTERM)
-
-    return preexec
 
 
 @contextlib.contextmanager
@@ -480,32 +401,6 @@ def counting_signals(runner: Runner) -> Iterator[None]:
     finally:
         for signum, handler in previous.items():
             signal.signal(signum, handler)
-
-
-def _activity(pid: int, run_dir: Path) -> tuple:
-    """Something that changes while a child works: its CPU time (where /proc has it) and its
-    run directory's files, their sizes and times."""
-    try:
-        cpu = tuple(Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[11:13])
-    except OSError:
-        cpu = ()
-    files = []
-    for path in run_dir.rglob("*") if run_dir.is_dir() else []:
-        try:
-            info = path.stat()
-        except OSError:  # replaced as we looked
-            continue
-        files.append((str(path), info.st_size, info.st_mtime_ns))
-    return cpu, sorted(files)
-
-
-def _kill(process: subprocess.Popen) -> None:
-    """SIGKILL a child and whatever it started (its process group: it leads its session),
-    which could otherwise hold its output open."""
-    try:
-        os.killpg(process.pid, signal.SIGKILL)
-    except OSError:
-        process.kill()
 
 
 def _quietly(call: Callable[[Any], None], arg: Any) -> None:
@@ -1022,22 +917,32 @@ def _run_numbers(result: Result) -> str:
 
 def compare(recipe: Path, grid: Sequence[str], sets: Sequence[str], seeds: int,
             steps: int | None, jobs: int | None, out: Path | None,
-            timeout: float | None = None) -> None:
+            timeout: float | None = None, backend: str = "local", address: str | None = None,
+            cpus_per_run: float | None = None, gpus_per_run: float | None = None) -> None:
     """The ``vibench compare`` command; raises a VibenchError for a non-zero exit."""
     if timeout is not None and not timeout > 0:
         raise UsageError(f"--timeout {timeout:g}: give the seconds each run may take, more than 0")
+    check_backend(backend, address, cpus_per_run, gpus_per_run)
     grids = parse_grid(grid)
     specs, name = plan(recipe, grids, sets, steps, seeds)
     compare_dir = make_run_dir(f"compare-{name}", out)
-    jobs = max(1, min(jobs or cpu_count(), sum(not s.refused for s in specs) or 1))
+    runs = sum(not s.refused for s in specs) or 1
+    if backend == "ray":
+        jobs = max(1, min(jobs or runs, runs))
+        chosen: Backend = RayBackend(compare_dir, address, cpus_per_run or 1.0,
+                                     gpus_per_run or 0.0, timeout)
+    else:
+        jobs = max(1, min(jobs or cpu_count(), runs))
+        chosen = LocalBackend(jobs)
     print(f"compare directory: {compare_dir}", file=sys.stderr)
-    limit = f", each for at most {timeout:g} s" if timeout is not None else ""
-    print(f"{len(specs)} runs, {jobs} at a time{limit}", file=sys.stderr, flush=True)
-    runner = Runner(recipe, compare_dir, jobs, timeout)
-    with counting_signals(runner):
-        with Reporter(len(specs), grids) as reporter:
-            results = runner.run_all(specs, reporter, reporter.note)
-        write_report(compare_dir, grids, results)
+    with chosen:
+        limit = f", each for at most {timeout:g} s" if timeout is not None else ""
+        print(chosen.describe(len(specs), jobs) + limit, file=sys.stderr, flush=True)
+        runner = Runner(recipe, compare_dir, jobs, chosen, timeout)
+        with counting_signals(runner):
+            with Reporter(len(specs), grids) as reporter:
+                results = runner.run_all(specs, reporter, reporter.note)
+            write_report(compare_dir, grids, results)
     failures = [r for r in results if r.status != "ok"]
     if runner.signals:
         raise Interrupted(f"interrupted: {len(results) - len(failures)} of {len(results)} runs "
@@ -1045,6 +950,25 @@ def compare(recipe: Path, grid: Sequence[str], sets: Sequence[str], seeds: int,
     if failures:
         raise RunError(f"{len(failures)} of {len(results)} runs failed; see the table and "
                        f"each run's stderr.txt in {compare_dir}")
+
+
+def check_backend(backend: str, address: str | None, cpus_per_run: float | None,
+                  gpus_per_run: float | None) -> None:
+    """The backend options make sense together, and Ray is there if asked for; before
+    anything is written."""
+    if backend not in BACKENDS:
+        raise UsageError(f"--backend {backend}: choose from {', '.join(BACKENDS)}")
+    if backend != "ray":
+        given = [name for name, value in (("--address", address), ("--cpus-per-run", cpus_per_run),
+                                          ("--gpus-per-run", gpus_per_run)) if value is not None]
+        if given:
+            raise UsageError(f"{given[0]} is for --backend ray")
+        return
+    if cpus_per_run is not None and not cpus_per_run > 0:
+        raise UsageError(f"--cpus-per-run {cpus_per_run:g}: give a number more than 0")
+    if gpus_per_run is not None and not gpus_per_run >= 0:
+        raise UsageError(f"--gpus-per-run {gpus_per_run:g}: give 0 or more")
+    import_ray()
 
 
 def write_report(compare_dir: Path, grids: list[Grid], results: list[Result]) -> None:
