@@ -34,6 +34,7 @@ POLL_SECONDS = 0.25
 STOP_IDLE = 30.0  # a run asked to stop is killed after this long without progress
 STOP_LIMIT = 120.0  # or this long after it was asked, whatever it does
 PR_SET_PDEATHSIG = 1
+STOP_SIGNALS = {signal.SIGINT, signal.SIGTERM, getattr(signal, "SIGHUP", signal.SIGTERM)}
 MARKER = ".vibench-compare"  # in the compare directory: a task that reads it shares the driver's files
 
 
@@ -126,10 +127,18 @@ class LocalBackend:
 def spawn(command: list[str], env: dict[str, str],
           preexec: Callable[[], None] | None) -> subprocess.Popen:
     """A run's child process, in its own session (out of the terminal's reach: compare alone
-    decides when to stop it)."""
+    decides when to stop it), with the stop signals unblocked: a Ray worker blocks SIGINT,
+    and a child inherits that."""
+
+    def prepare() -> None:
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
+        if preexec is not None:
+            preexec()
+
+    posix = hasattr(signal, "pthread_sigmask")
     return subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, env=env,
-                            start_new_session=True, preexec_fn=preexec)
+                            start_new_session=True, preexec_fn=prepare if posix else preexec)
 
 
 def watch(process: subprocess.Popen, run_dir: Path, control: Control) -> tuple[str, str, str]:
@@ -248,6 +257,9 @@ class RayBackend:
         self.address = address
         self.cpus, self.gpus = cpus, gpus
         self.token = secrets.token_hex(16)
+        # the token the tasks look for: one no marker holds has them copy every run back, as
+        # on a cluster without a shared file system (VIBENCH_RAY_COPY_BACK=1, to try that path)
+        self.sought = "-" if os.environ.get("VIBENCH_RAY_COPY_BACK") == "1" else self.token
         self.ray: Any = None
         self.task: Any = None
         self.where = ""
@@ -304,7 +316,7 @@ class RayBackend:
     def start(self, job: Job) -> Any:
         job = Job(job.recipe.resolve(), job.run_dir.resolve(), job.seed, list(job.sets))
         threads = os.environ.get("OMP_NUM_THREADS") or str(max(1, int(self.cpus)))
-        return self.task.remote(job, self.token, self.timeout, threads)
+        return self.task.remote(job, self.sought, self.timeout, threads)
 
     def wait(self, handle: Any, job: Job, control: Control) -> Outcome:
         ray = self.ray

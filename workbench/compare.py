@@ -332,12 +332,12 @@ class Runner:
         elif reason == "timed out":
             at = f", at step {result.steps}" if result.steps is not None else ""
             result.status, result.error = "failed", f"timed out after {self.timeout:g} s{at}"
+        elif code is None:  # its task was lost; what the run saved may still be there
+            result.status = "interrupted" if reason else "failed"
+            result.error = outcome.lost or "lost"
         elif saved in ("interrupted", "failed"):
             result.status = saved
             result.error = last or str(summary.get("error") or saved)
-        elif code is None:
-            result.status = "interrupted" if reason else "failed"
-            result.error = outcome.lost or "lost"
         else:
             stopped = bool(reason) or code in STOPPED_CODES
             result.status = "interrupted" if stopped else "failed"
