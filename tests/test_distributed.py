@@ -19,9 +19,11 @@ from pyro import poutine
 from pyro.infer import Trace_ELBO
 
 from tests.conftest import REPO, checkpointed_step, wait_for_checkpoint
+from workbench.data import Rows, read_file
 from workbench.distributed import World
 from workbench.minibatch import Minibatch
-from workbench.tensors import shard
+from workbench.registry import get_registry
+from workbench.tensors import load_data, shard
 
 LINEAR = REPO / "recipes" / "linear_regression.yaml"
 FAST = ["--set", "device=cpu", "--set", "loggers=[]", "--set", "train.plots=false",
@@ -146,6 +148,80 @@ def test_the_ranks_losses_weighted_by_share_add_up_to_the_whole_data_loss():
     assert total == pytest.approx(whole, rel=1e-5)
 
 
+def test_a_rank_reads_only_its_rows_of_an_npy_or_csv_file(tmp_path: Path):
+    import numpy
+
+    table = numpy.arange(33.0).reshape(11, 3)
+    numpy.save(tmp_path / "x.npy", table)
+    numpy.save(tmp_path / "fortran.npy", numpy.asfortranarray(table))
+    numpy.save(tmp_path / "big_endian.npy", table.astype(">f8"))
+    lines = ["a,b,c", *(",".join(map(str, row)) for row in table)]
+    (tmp_path / "t.csv").write_text("\n".join(lines) + "\n")
+    for rank in range(3):
+        for name in ("x.npy", "fortran.npy", "big_endian.npy"):
+            rows = Rows(rank, 3)
+            [part] = read_file(tmp_path / name, rows).values()
+            assert rows.total == 11 and numpy.array_equal(part, table[rank::3]), name
+        rows = Rows(rank, 3)
+        columns = read_file(tmp_path / "t.csv", rows)
+        assert rows.total == 11
+        assert numpy.array_equal(columns["b"], table[rank::3, 1])
+
+
+DATASET = """
+import numpy
+
+
+def make(n: int = 11, rows=None):
+    pick = slice(None) if rows is None else rows.of(n)
+    x = numpy.linspace(-1, 1, n)[pick]
+    return {"x": x, "y": 2 * x + 0.1 * numpy.cos(7 * x)}
+"""
+
+
+def test_data_read_as_a_ranks_rows_give_the_shard_that_cutting_the_whole_data_gives(
+        tmp_path: Path):
+    """A data set plugin that takes ``rows`` makes only the rank's rows; the rank's minibatch
+    then has the same shard, the same data and the same loss as one made from the whole
+    data and cut down."""
+    (tmp_path / "rows_dataset.py").write_text(DATASET)
+    section = {"dataset": {"name": f"{tmp_path / 'rows_dataset.py'}:make", "n": 11}}
+    train = {"batch_size": None, "subsample_plate": None}
+    cpu = torch.device("cpu")
+    whole, _ = load_data(get_registry(), section, _regression, "m", cpu)
+    for rank in range(2):
+        world, rows = World(rank, 2), Rows(rank, 2)
+        read, _ = load_data(get_registry(), section, _regression, "m", cpu, rows)
+        assert rows.total == 11 and len(read["x"]) == len(range(rank, 11, 2))
+        trace = poutine.trace(_regression).get_trace(**read)
+        assert Minibatch.fits_rows(trace, train, world, rows.total)
+        batch = Minibatch.of(trace, train, cpu, world, rows.total)
+        cut = _minibatch(world, None, whole)
+        assert torch.equal(batch.shard.owned, cut.shard.owned) and batch.weight == cut.weight
+        part = shard(read, batch.shard.size, batch.shard.owned)  # what the run does: nothing
+        assert all(torch.equal(part[k], v) for k, v in shard(
+            whole, cut.shard.size, cut.shard.owned).items())
+        losses = []
+        for mb, data in ((batch, part), (cut, shard(whole, cut.shard.size, cut.shard.owned))):
+            mb.resample()
+            losses.append(Trace_ELBO().loss(mb(_regression), mb(_guide), **data))
+        assert losses[0] == losses[1]
+
+
+def test_rows_that_do_not_fit_the_plate_send_the_rank_back_to_the_whole_data():
+    def per_datum(x, y):  # a latent site in the plate: every rank needs the whole data
+        with pyro.plate("data", x.shape[0]):
+            z = pyro.sample("z", dist.Normal(0.0, 1.0))
+            pyro.sample("obs", dist.Normal(z * x, 1.0), obs=y)
+
+    train = {"batch_size": None, "subsample_plate": None}
+    part = {key: value[1::2] for key, value in _data().items()}
+    assert not Minibatch.fits_rows(poutine.trace(per_datum).get_trace(**part), train,
+                                   World(1, 2), 11)
+    trace = poutine.trace(_regression).get_trace(**part)
+    assert not Minibatch.fits_rows(trace, train, World(1, 2), 12)  # not this rank's rows
+
+
 # ------------------------------------------------------------------------------------------
 # torchrun
 
@@ -163,9 +239,17 @@ def test_two_processes_reach_the_exact_posterior_and_rank_0_alone_writes(whole_r
 
 
 def test_a_minibatch_run_under_torchrun_reaches_the_posterior(tmp_path: Path):
+    """... from a CSV file, which rank 1 reads only its rows of."""
+    from plugins.datasets import synthetic_regression
+
+    made = synthetic_regression(n=200, coefficients=[1.5, -2.0, 0.5], intercept=1.0, noise=0.5)
+    rows = torch.cat([made["x"], made["y"][:, None]], 1).double().tolist()
+    lines = ["x0,x1,x2,y", *(",".join(repr(v) for v in row) for row in rows)]
+    (tmp_path / "xy.csv").write_text("\n".join(lines) + "\n")
+    data = f"data={{file: {tmp_path / 'xy.csv'}, columns: {{x: [x0, x1, x2], y: y}}}}"
     out = tmp_path / "mb"
     done = torchrun("run", str(LINEAR), *FAST, *SHORT, "--set", "train.batch_size=25",
-                    "--out", str(out))
+                    "--set", data, "--out", str(out))
     assert done.returncode == 0, done.stderr[-3000:]
     assert done.stderr.count("run directory:") == 1  # rank 1 prints nothing
     for site, entry in summary(out)["posterior"].items():

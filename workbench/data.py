@@ -42,9 +42,31 @@ class Data:
     origin: dict[str, str] = field(default_factory=dict)
 
 
-def gather(section: dict, takes: dict[str, bool], dataset: Any = None) -> Data:
+@dataclass
+class Rows:
+    """The rows of the data one process holds under torchrun: rank ``rank`` of ``size`` takes
+    rows rank, rank + size, rank + 2 size, ... A reader that reads only these sets ``total``,
+    the whole data's number of rows; it stays None where the data came whole."""
+
+    rank: int
+    size: int
+    total: int | None = None
+
+    def of(self, total: int) -> slice:
+        """The rows to keep of data with ``total`` rows (what a data set plugin that can read
+        part of its data asks), noting ``total``."""
+        if self.total is not None and self.total != total:
+            raise UsageError(f"the data's arrays have different numbers of rows ({self.total} "
+                             f"and {total}), so they cannot be split by rows")
+        self.total = total
+        return slice(self.rank, total, self.size)
+
+
+def gather(section: dict, takes: dict[str, bool], dataset: Any = None,
+           rows: Rows | None = None) -> Data:
     """The arrays a data section gives a model whose arguments are ``takes`` (name -> whether
-    required). ``dataset`` is what the section's data set returned, if it names one.
+    required). ``dataset`` is what the section's data set returned, if it names one. With
+    ``rows``, an NPY or CSV file is read for those rows only (see ``read_file``).
 
     Inline values win; then ``columns`` picks arrays by name (a list of names stacks columns
     into a matrix); then arrays named as arguments are taken as they are.
@@ -54,7 +76,7 @@ def gather(section: dict, takes: dict[str, bool], dataset: Any = None) -> Data:
         if key not in RESERVED:
             data.values[key], data.origin[key] = value, f"data.{key}"
     if "file" in section:
-        source, arrays = Path(section["file"]).name, read_file(Path(section["file"]))
+        source, arrays = Path(section["file"]).name, read_file(Path(section["file"]), rows)
     elif "dataset" in section:
         source = f"data set {section['dataset']['name']!r}"
         if not isinstance(dataset, Mapping):
@@ -88,22 +110,26 @@ def gather(section: dict, takes: dict[str, bool], dataset: Any = None) -> Data:
     return data
 
 
-def read_file(path: Path) -> dict[str, Any]:
+def read_file(path: Path, rows: Rows | None = None) -> dict[str, Any]:
     """The named arrays in a CSV (by header), JSON (a mapping), NPY (named by the file's stem)
-    or NPZ file; a file too large, damaged or holding other than numbers is a UsageError."""
+    or NPZ file; a file too large, damaged or holding other than numbers is a UsageError.
+
+    With ``rows`` a CSV file's columns and an NPY array hold only those rows (its first
+    dimension), and ``rows.total`` is set: the process holds its share of the data, never the
+    whole. JSON and NPZ files are read whole (the rows are kept later)."""
     name, suffix = path.name, path.suffix.lower()
     try:
         size = _file_size(path)
         if suffix in (".csv", ".json"):
             _check_size(name, size, MAX_TEXT_BYTES, "a CSV or JSON", _TEXT_ADVICE)
-            return _read_csv(path) if suffix == ".csv" else _read_json(path)
+            return _read_csv(path, rows) if suffix == ".csv" else _read_json(path)
         _check_size(name, size, MAX_BINARY_BYTES, "an NPY or NPZ", _BINARY_ADVICE)
         if size == 0:
             raise UsageError(f"{name}: is empty (0 bytes); write arrays into it with "
                              "numpy.save or numpy.savez")
         if suffix == ".npy":
             with path.open("rb") as handle:
-                return {path.stem: _read_npy(handle, size, name)}
+                return {path.stem: _read_npy(handle, size, name, rows, path)}
         return _read_npz(path, size)
     except UsageError:
         raise
@@ -167,8 +193,9 @@ def _unique_keys(pairs: list[tuple[str, Any]], name: str) -> dict[str, Any]:
     return content
 
 
-def _read_csv(path: Path) -> dict[str, Any]:
-    """Each column of numbers by its header's name, as one float64 array."""
+def _read_csv(path: Path, keep: Rows | None = None) -> dict[str, Any]:
+    """Each column of numbers by its header's name, as one float64 array; with ``keep``, of
+    its rows only (the others are counted, not parsed)."""
     import numpy
 
     name = path.name
@@ -181,8 +208,12 @@ def _read_csv(path: Path) -> dict[str, Any]:
             header = [column.strip() for column in header]
             _check_header(header, name)
             values = array("d")  # row after row: 8 bytes a number, not a float object's 32
+            count = 0
             for row in rows:
                 if not row:
+                    continue
+                count += 1
+                if keep is not None and (count - 1) % keep.size != keep.rank:
                     continue
                 if len(row) != len(header):
                     raise UsageError(
@@ -194,8 +225,10 @@ def _read_csv(path: Path) -> dict[str, Any]:
         except csv.Error as exc:
             raise UsageError(f"{name} line {rows.line_num}: not valid CSV ({exc}); is it a "
                              "CSV file?") from None
-    if not values:
+    if not count:
         raise UsageError(f"{name}: has a header but no rows")
+    if keep is not None:
+        keep.of(count)
     table = numpy.frombuffer(values, dtype=numpy.float64).reshape(-1, len(header))
     return {column: table[:, index] for index, column in enumerate(header)}
 
@@ -287,10 +320,13 @@ def _check_members(members: list, name: str) -> None:
     _check_size(name, total, MAX_BINARY_BYTES, "the arrays of an NPZ", _BINARY_ADVICE)
 
 
-def _read_npy(handle: BinaryIO, size: int, where: str) -> Any:
+def _read_npy(handle: BinaryIO, size: int, where: str, rows: Rows | None = None,
+              path: Path | None = None) -> Any:
     """One array from an open NPY stream of ``size`` bytes. Its header is read first and
     must describe plain numbers filling exactly the rest of the stream, so no memory is
-    taken for an array the file does not hold; nothing in it can run code."""
+    taken for an array the file does not hold; nothing in it can run code. With ``rows`` and
+    the file's ``path``, only those rows are read (the file mapped into memory, the rows
+    copied out of it)."""
     import numpy
 
     shape, fortran_order, dtype = _npy_header(_Capped(handle, NPY_HEADER_BYTES), where)
@@ -303,6 +339,12 @@ def _read_npy(handle: BinaryIO, size: int, where: str) -> Any:
         raise UsageError(f"{where}: its header promises {count} values of {dtype} "
                          f"({nbytes} bytes) in shape {shape}, but {data_bytes} bytes follow "
                          "it; the file is damaged or cut short: save it again")
+    if rows is not None and path is not None and shape and count:
+        mapped = numpy.memmap(path, dtype=dtype, mode="r", offset=handle.tell(), shape=shape,
+                              order="F" if fortran_order else "C")
+        part = numpy.array(mapped[rows.of(shape[0])])
+        del mapped
+        return part if dtype.isnative else part.astype(dtype.newbyteorder("="))
     flat = numpy.empty(count, dtype=dtype)
     buffer, done = flat.view(numpy.uint8), 0
     while done < nbytes:

@@ -55,16 +55,16 @@ class Minibatch(Messenger):
 
     @classmethod
     def of(cls, trace: poutine.Trace, train: dict, device: torch.device,
-           world: World = World()) -> Minibatch:
+           world: World = World(), total: int | None = None) -> Minibatch:
         """The minibatching the recipe's train section asks for (none without batch_size),
-        and under torchrun the rank's shard of the plate."""
+        and under torchrun the rank's shard of the plate. ``total``: the data were read as
+        this rank's rows of that many (see ``fits_rows``), so the plate in ``trace`` has the
+        rank's rows and the whole plate has ``total``."""
         if not train["batch_size"] and not world.distributed:
             return cls()
-        plates = {name: site["fn"].size for name, site in trace.nodes.items()
-                  if site_is_subsample(site)}
-        name = train["subsample_plate"]
-        if name is None and len(plates) == 1:
-            name = next(iter(plates))
+        plates, name = _plates(trace), _plate_name(trace, train)
+        if total is not None and name in plates:
+            plates[name] = total
         if name not in plates:
             if not train["batch_size"] and name is None:
                 return cls()  # nothing to shard: every rank fits the whole data
@@ -92,11 +92,16 @@ class Minibatch(Messenger):
             raise UsageError(f"plate {plate!r} has {size} elements, fewer than the "
                              f"{world.size} processes; use fewer processes")
         owned = torch.arange(world.rank, size, world.size, device=device)
-        latent = [name for name, site in trace.nodes.items()
-                  if site["type"] == "sample" and not site["is_observed"]
-                  and not site_is_subsample(site)
-                  and any(f.name == plate for f in site["cond_indep_stack"])]
-        return Shard(owned, size, local=not latent)
+        return Shard(owned, size, local=not _latent_in(trace, plate))
+
+    @staticmethod
+    def fits_rows(trace: poutine.Trace, train: dict, world: World, total: int) -> bool:
+        """Whether data read as this rank's rows of ``total`` (``data.Rows``) are what its
+        shard would have cut: the plate to split has exactly those rows and no latent site
+        lives in it. If not, the rank must read the data whole."""
+        plates, name = _plates(trace), _plate_name(trace, train)
+        return (name in plates and plates[name] == len(range(world.rank, total, world.size))
+                and not _latent_in(trace, name))
 
     @property
     def weight(self) -> float | None:
@@ -133,3 +138,25 @@ class Minibatch(Messenger):
         elif self.shard is not None and self.shard.local and any(
                 frame.name == self.plate for frame in msg["cond_indep_stack"]):
             msg["scale"] = msg["scale"] * (self.shard.size / self.shard.count)
+
+
+def _plates(trace: poutine.Trace) -> dict[str, int]:
+    """The model's plates that can be subsampled, with their sizes."""
+    return {name: site["fn"].size for name, site in trace.nodes.items()
+            if site_is_subsample(site)}
+
+
+def _plate_name(trace: poutine.Trace, train: dict) -> str | None:
+    """The plate to subsample or split: the recipe's, else the model's only one."""
+    plates = _plates(trace)
+    name = train["subsample_plate"]
+    return next(iter(plates)) if name is None and len(plates) == 1 else name
+
+
+def _latent_in(trace: poutine.Trace, plate: str) -> bool:
+    """Whether a latent site lives in the plate (the guide then has per-datum parameters
+    spanning it)."""
+    return any(site["type"] == "sample" and not site["is_observed"]
+               and not site_is_subsample(site)
+               and any(f.name == plate for f in site["cond_indep_stack"])
+               for site in trace.nodes.values())

@@ -56,7 +56,7 @@ KINDS: dict[str, str] = {
 # Factory parameters vibench fills in from the run instead of the recipe, per kind.
 INJECTED: dict[str, frozenset[str]] = {
     "model": frozenset({"device"}),
-    "dataset": frozenset({"device"}),
+    "dataset": frozenset({"device", "rows"}),
     "guide": frozenset({"device", "model"}),
     "loss": frozenset({"device"}),
     "optimizer": frozenset({"device", "optim_args"}),

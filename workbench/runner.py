@@ -30,6 +30,7 @@ from pyro.infer.util import torch_item, zero_grads
 from workbench import checkpoint, distributed, posterior, signals
 from workbench.build import build
 from workbench.callbacks import Averaging, Callback, EarlyStopping, MetricLogging, log_params
+from workbench.data import Rows
 from workbench.distributed import World
 from workbench.errors import Interrupted, PeerLost, RunError, UsageError, VibenchError, one_line
 from workbench.loggers import Loggers
@@ -138,17 +139,26 @@ class Run:
         notes: list[str] = []
         with run_context(device, dtype):
             model = build(registry, "model", recipe["model"], device=device)
-            data, origin = load_data(registry, recipe["data"], model, names["model"], device)
-            try:
-                trace = poutine.trace(model).get_trace(**data)
-            except Exception as exc:
-                raise UsageError(f"model {names['model']!r}: {one_line(exc)}") from exc
+            # under torchrun a rank other than 0 reads only its rows where the data allow;
+            # rank 0 reads the whole data, for the report
+            rows = Rows(world.rank, world.size) if world.distributed and not world.leader \
+                else None
+            data, origin = load_data(registry, recipe["data"], model, names["model"], device,
+                                     rows)
+            trace = trace_model(model, data, names["model"])
+            if rows is not None and rows.total is not None and not Minibatch.fits_rows(
+                    trace, recipe["train"], world, rows.total):
+                rows = None
+                data, origin = load_data(registry, recipe["data"], model, names["model"],
+                                         device)
+                trace = trace_model(model, data, names["model"])
+            total = rows.total if rows is not None else None
             check_support(trace, data, origin)
             guide = build(registry, "guide", recipe["guide"], model=model, device=device)
             loss = build(registry, "loss", recipe["loss"], device=device)
             check_step_memory(trace, loss, device)
             optimizer, optim_args = make_optimizer(registry, recipe, device)
-            minibatch = Minibatch.of(trace, recipe["train"], device, world)
+            minibatch = Minibatch.of(trace, recipe["train"], device, world, total)
             whole, data = data, rank_data(data, minibatch)
             if world.distributed:
                 notes.append(parallel_note(minibatch, world))
@@ -179,13 +189,15 @@ class Run:
                     can_evaluate = False
                     notes.append(f"loss {names['loss']!r} has no gradient-free estimate, so "
                                  "Eval/loss is not logged")
-            exact = exact_posterior(model, whole, names["model"])
+            # a rank holding only its rows neither reports nor checks the data on --resume
+            exact = exact_posterior(model, whole, names["model"]) if total is None else None
             if world.distributed:
                 distributed.broadcast_params()
                 pyro.set_rng_seed(distributed.rank_seed(recipe["seed"], world.rank))
         sites = posterior.latent_sites(trace)
         return cls(recipe, device, dtype, data, model, guide, svi, sites,
-                   posterior.plate_nesting(trace), exact, data_hash(whole),
+                   posterior.plate_nesting(trace), exact,
+                   data_hash(whole) if total is None else "",
                    schedule_stepper(optimizer), can_evaluate, notes, minibatch, registry,
                    world, whole if world.distributed and world.leader else None)
 
@@ -592,6 +604,14 @@ def parallel_note(minibatch: Minibatch, world: World) -> str:
             "each keeps the data whole, since latent sites live in the plate")
     return (f"training data-parallel on {world.size} processes: plate {minibatch.plate!r} "
             f"({found.size}) is split, {found.count} on rank 0; {kept}")
+
+
+def trace_model(model: Any, data: dict, name: str) -> poutine.Trace:
+    """The model run once on the data; a model that fails on them is a UsageError."""
+    try:
+        return poutine.trace(model).get_trace(**data)
+    except Exception as exc:
+        raise UsageError(f"model {name!r}: {one_line(exc)}") from exc
 
 
 def rank_data(data: dict, minibatch: Minibatch) -> dict:

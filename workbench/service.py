@@ -126,7 +126,7 @@ def resume(run_dir: Path, sets: Sequence[str], registry: Registry) -> Job:
         if code:
             run.notes.append(f"this run's recipe.yaml names code ({', '.join(code)}), which "
                              "--resume runs: resume only run directories you trust")
-        if run.data_hash != saved["data_hash"]:
+        if run.data_hash and run.data_hash != saved["data_hash"]:  # "": a rank's rows only
             raise UsageError(f"{where}: the data are not the data this run started with "
                              "(a data file changed?); start a new run for new data")
         return Job(run, held, saved, changes)

@@ -27,13 +27,15 @@ def model_arguments(model: Any) -> dict[str, bool] | None:
 
 
 def load_data(registry: Registry, section: dict, model: Any, name: str,
-              device: torch.device) -> tuple[dict, dict[str, str]]:
+              device: torch.device, rows: data_module.Rows | None = None
+              ) -> tuple[dict, dict[str, str]]:
     """The recipe's data as tensors on the device, checked against the model's arguments, and
-    where each came from."""
+    where each came from. With ``rows`` (under torchrun), a data file or data set that can
+    read part of its data reads only those rows and sets ``rows.total``."""
     takes = model_arguments(model)
-    dataset = (build(registry, "dataset", section["dataset"], device=device)
+    dataset = (build(registry, "dataset", section["dataset"], device=device, rows=rows)
                if "dataset" in section else None)
-    gathered = data_module.gather(section, takes if takes is not None else {}, dataset)
+    gathered = data_module.gather(section, takes if takes is not None else {}, dataset, rows)
     if takes is not None:
         for key, where in gathered.origin.items():
             if key not in takes:
