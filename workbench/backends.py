@@ -35,7 +35,7 @@ STOP_IDLE = 30.0  # a run asked to stop is killed after this long without progre
 STOP_LIMIT = 120.0  # or this long after it was asked, whatever it does
 PR_SET_PDEATHSIG = 1
 STOP_SIGNALS = {signal.SIGINT, signal.SIGTERM, getattr(signal, "SIGHUP", signal.SIGTERM)}
-MARKER = ".vibench-compare"  # in the compare directory: a task that reads it shares the driver's files
+MARKER = ".vibench-compare"  # in the compare directory: a task that reads it sees its files
 
 
 @dataclass

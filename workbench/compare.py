@@ -1,7 +1,8 @@
 """``vibench compare``: run a recipe over a grid of settings and seeds, side by side.
 
 Every combination of the ``--grid`` values, times each seed, is one ``vibench run`` in its own
-child process and its own run directory inside the compare directory. The combinations are
+child process and its own run directory inside the compare directory; a backend
+(``workbench.backends``) starts it here or, as a Ray task, on a Ray cluster. The combinations are
 checked in this process first (no torch needed), so a misspelt key or component name stops
 the comparison before anything runs. Then the runs go in parallel; a run that fails is
 reported beside the others and does not stop them, as is a run over ``--timeout``. At the
@@ -10,7 +11,8 @@ errors in exact sds, untrusted fits marked), ``compare.csv`` (one row per run), 
 and TensorBoard hparams in each successful run's directory.
 
 Ctrl-C, SIGTERM or SIGHUP asks the runs to save and stop, a second one kills them; the results
-so far are written either way. The children die with compare, even when it is killed.
+so far are written either way. The children die with compare (or with their Ray worker),
+even when it is killed.
 """
 
 from __future__ import annotations
