@@ -191,3 +191,13 @@ def test_ray_options_without_the_ray_backend_are_usage_errors(tmp_path: Path, op
                     None, out, **options)
     assert str(caught.value) == line
     assert not out.exists()
+
+
+def test_an_address_where_no_cluster_answers_is_refused_at_once(tmp_path: Path):
+    pytest.importorskip("ray", reason="Ray is not installed (pip install 'vibench[ray]')")
+    out = tmp_path / "cmp"
+    with pytest.raises(UsageError, match=r"^--address 127\.0\.0\.1:1: no Ray cluster answers "
+                                         r"there \(.*\); start one with `ray start --head`$"):
+        run_compare(REPO / "recipes" / "coin.yaml", ["guide=beta,auto_normal"], [], 1, None,
+                    None, out, backend="ray", address="127.0.0.1:1")
+    assert not out.exists()

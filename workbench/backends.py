@@ -16,6 +16,7 @@ import os
 import secrets
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tarfile
@@ -86,6 +87,9 @@ class Backend(Protocol):
 
     def __exit__(self, *exc: Any) -> None: ...
 
+    def prepare(self, compare_dir: Path) -> None:
+        """Get ready to run into ``compare_dir``, made once the backend is up."""
+
     def describe(self, runs: int, jobs: int) -> str:
         """A line for stderr saying where the runs go."""
 
@@ -109,6 +113,9 @@ class LocalBackend:
         return self
 
     def __exit__(self, *exc: Any) -> None:
+        pass
+
+    def prepare(self, compare_dir: Path) -> None:
         pass
 
     def describe(self, runs: int, jobs: int) -> str:
@@ -250,9 +257,9 @@ class RayBackend:
     scratch directory that it sends back whole for compare to write under the compare
     directory."""
 
-    def __init__(self, compare_dir: Path, address: str | None, cpus: float, gpus: float,
+    def __init__(self, address: str | None, cpus: float, gpus: float,
                  timeout: float | None = None):
-        self.compare_dir = compare_dir.resolve()
+        self.marker: Path | None = None
         self.timeout = timeout  # each task limits its own run: time queued does not count
         self.address = address
         self.cpus, self.gpus = cpus, gpus
@@ -269,6 +276,8 @@ class RayBackend:
 
         self.ray = ray = import_ray()
         connect = self.address or os.environ.get("RAY_ADDRESS")
+        if connect:
+            _check_reachable(connect)
         try:
             if connect:
                 ray.init(address=self.address, logging_level=logging.ERROR,
@@ -282,7 +291,6 @@ class RayBackend:
         self.where = f"the Ray cluster at {connect}" if connect else "a Ray started here"
         try:
             self._check_resources(bool(connect))
-            (self.compare_dir / MARKER).write_text(self.token)
         except BaseException:
             ray.shutdown()
             raise
@@ -303,8 +311,14 @@ class RayBackend:
         for line in short:
             print(f"warning: {line}: the runs wait until it has them", file=sys.stderr)
 
+    def prepare(self, compare_dir: Path) -> None:
+        """Leave the token in the compare directory, for tasks to tell whether they see it."""
+        self.marker = compare_dir.resolve() / MARKER
+        self.marker.write_text(self.token)
+
     def __exit__(self, *exc: Any) -> None:
-        (self.compare_dir / MARKER).unlink(missing_ok=True)
+        if self.marker is not None:
+            self.marker.unlink(missing_ok=True)
         self.ray.shutdown()
 
     def describe(self, runs: int, jobs: int) -> str:
@@ -339,6 +353,19 @@ class RayBackend:
             unpack(outcome.files, job.run_dir)
             outcome.files = None
         return outcome
+
+
+def _check_reachable(address: str, seconds: float = 5.0) -> None:
+    """Refuse a cluster address where nothing answers, at once: Ray itself would retry for
+    minutes. Addresses without a port ("auto") are left to Ray."""
+    host, _, port = address.removeprefix("ray://").rpartition(":")
+    if not host or not port.isdigit():
+        return
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=seconds).close()
+    except OSError as exc:
+        raise UsageError(f"--address {address}: no Ray cluster answers there "
+                         f"({exc.strerror or exc}); start one with `ray start --head`") from None
 
 
 def import_ray() -> Any:

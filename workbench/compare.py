@@ -927,17 +927,18 @@ def compare(recipe: Path, grid: Sequence[str], sets: Sequence[str], seeds: int,
     check_backend(backend, address, cpus_per_run, gpus_per_run)
     grids = parse_grid(grid)
     specs, name = plan(recipe, grids, sets, steps, seeds)
-    compare_dir = make_run_dir(f"compare-{name}", out)
     runs = sum(not s.refused for s in specs) or 1
     if backend == "ray":
         jobs = max(1, min(jobs or runs, runs))
-        chosen: Backend = RayBackend(compare_dir, address, cpus_per_run or 1.0,
-                                     gpus_per_run or 0.0, timeout)
+        chosen: Backend = RayBackend(address, cpus_per_run or 1.0, gpus_per_run or 0.0,
+                                     timeout)
     else:
         jobs = max(1, min(jobs or cpu_count(), runs))
         chosen = LocalBackend(jobs)
-    print(f"compare directory: {compare_dir}", file=sys.stderr)
-    with chosen:
+    with chosen:  # a cluster that is not there stops compare before it writes anything
+        compare_dir = make_run_dir(f"compare-{name}", out)
+        chosen.prepare(compare_dir)
+        print(f"compare directory: {compare_dir}", file=sys.stderr)
         limit = f", each for at most {timeout:g} s" if timeout is not None else ""
         print(chosen.describe(len(specs), jobs) + limit, file=sys.stderr, flush=True)
         runner = Runner(recipe, compare_dir, jobs, chosen, timeout)
