@@ -344,9 +344,10 @@ class RayBackend:
                 asked = True
         try:
             outcome = ray.get(handle)
-        except ray.exceptions.TaskCancelledError:
+        except ray.exceptions.TaskCancelledError:  # still queued, unless its run began
+            began = forced or job.run_dir.resolve().exists()
             outcome = Outcome(None, reason="interrupted", lost="killed: its Ray task was "
-                              "cancelled" if forced else NOT_STARTED)
+                              "cancelled" if began else NOT_STARTED)
         except ray.exceptions.RayError as exc:
             outcome = Outcome(None, reason="interrupted" if asked else "", lost=lost(exc))
         if outcome.files is not None:
