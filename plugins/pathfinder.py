@@ -7,12 +7,15 @@ Multi-path Pathfinder runs ``num_paths`` paths from different starts, pools draw
 path's best Gaussian and importance-resamples them with Pareto smoothing (PSIS); its k-hat
 says how far the Gaussians are from the posterior.
 
-A Gaussian autoguide with ``init: pathfinder`` starts at the best Gaussian of all paths, and
-the ``pathfinder`` guide is a full-rank Gaussian started there. Departures from the paper:
-the first path starts from the guide's ``init_loc`` (the others uniformly in (-2, 2), as Stan's
-and Pyro's ``init_to_uniform``); the line search is Armijo backtracking (pairs with
-s'y <= 1e-12 |y|^2 are dropped, as the paper's Algorithm 3 does), not a Wolfe search; the
-guide gets one path's Gaussian, not the resampled draws, which only give the notes' k-hat.
+A Gaussian autoguide with ``init: pathfinder`` starts at the mean and covariance of the
+importance-weighted draws where k-hat < 0.7 trusts them (an L-BFGS history of 6 pairs often
+leaves the best Gaussian too narrow along the directions it did not see, as on nes), else at
+the best Gaussian of all paths; the ``pathfinder`` guide is a full-rank Gaussian started so.
+Other departures from the paper: the first path starts from the guide's ``init_loc`` (the
+others uniformly in (-2, 2), as Stan's and Pyro's ``init_to_uniform``); the line search is
+Armijo backtracking, not a Wolfe search (pairs with s'y <= 1e-12 |y|^2 are dropped, as the
+paper's Algorithm 3 does); the ELBO choice uses common random numbers and a second look at
+the finalists, and the pooled weights divide by the paths' mixture (see the functions).
 """
 
 from __future__ import annotations
@@ -29,10 +32,15 @@ from vibench_plugins import laplace
 NUM_PATHS = 4
 MAX_ITER = 1000  # L-BFGS iterations per path at most
 HISTORY = 6  # L-BFGS (s, y) pairs the inverse Hessian is built from (the paper's J)
+OPTIMISER_HISTORY = 20  # pairs L-BFGS's own steps use, at least (torch's LBFGS: 100)
 DRAWS = 10  # draws per iterate for its ELBO estimate (the paper's K)
 FINALISTS = 5  # a path's best iterates by that estimate, scored again ...
 FINAL_DRAWS = 50  # ... from this many draws
-PSIS_DRAWS = 1000  # draws from the paths' best Gaussians, pooled, for PSIS's k-hat
+PSIS_DRAWS = 1000
+# Below this k-hat the weighted draws' moments are trusted (Yao et al. 2018) and the guide
+# takes them, if their effective sample size is MOMENT_ESS times the dimension or more.
+KHAT_TRUSTED = 0.7
+MOMENT_ESS = 5  # draws from the paths' best Gaussians, pooled, for PSIS's k-hat
 MAX_DENSE_DIM = laplace.MAX_HESSIAN_DIM  # beyond it the guide gets the location and scales
 CURVATURE_EPS = 1e-12  # a pair with s'y <= this |y|^2 is dropped (Algorithm 3)
 ARMIJO = 1e-4
@@ -111,13 +119,15 @@ class Path:
 @dataclass
 class Result:
     """Multi-path Pathfinder: every path, the best Gaussian over all, and from the pooled
-    draws the PSIS k-hat and the importance-resampled draws (unconstrained)."""
+    draws the PSIS k-hat, the importance-resampled draws (unconstrained) and the weighted
+    draws' mean and covariance (where the weights' effective sample size allows)."""
 
     paths: list[Path]
     best: Gaussian | None
     elbo: float
     khat: float
     draws: torch.Tensor | None
+    moments: tuple[torch.Tensor, torch.Tensor] | None = None
 
     @property
     def gradient_evaluations(self) -> int:
@@ -166,7 +176,7 @@ def lbfgs_path(potential: Callable, start: torch.Tensor, max_iter: int, history:
             return points, gradients, evaluations, True
         s, y = candidate - point, new_gradient - gradient
         if float(s @ y) > CURVATURE_EPS * float(y @ y):
-            pairs = [*pairs, (s, y)][-history:]
+            pairs = [*pairs, (s, y)][-max(history, OPTIMISER_HISTORY):]
         change = abs(value - new_value)
         point, value, gradient = candidate, new_value, new_gradient
         points.append(point)
@@ -365,8 +375,26 @@ def multi_path(potential: Callable, potentials: Callable, starts: list[torch.Ten
     if log_w.numel() == 0:
         return Result(paths, best, best_elbo, math.inf, None)
     khat, smoothed = psis(log_w)
-    chosen = torch.multinomial(torch.softmax(smoothed, 0), log_w.numel(), replacement=True)
-    return Result(paths, best, best_elbo, khat, points[chosen.to(points.device)])
+    weights = torch.softmax(smoothed, 0).to(points.dtype)
+    chosen = torch.multinomial(weights, log_w.numel(), replacement=True)
+    return Result(paths, best, best_elbo, khat, points[chosen.to(points.device)],
+                  _moments(points, weights))
+
+
+def _moments(points: torch.Tensor, weights: torch.Tensor
+             ) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """The weighted draws' mean and covariance, where their effective sample size is at least
+    ``MOMENT_ESS`` times the dimension and the covariance is positive definite."""
+    dimension = points.shape[1]
+    if dimension > MAX_DENSE_DIM or 1 / float(weights.pow(2).sum()) < MOMENT_ESS * dimension:
+        return None
+    mean = weights @ points
+    centred = points - mean
+    covariance = (weights[:, None] * centred).T @ centred
+    covariance = (covariance + covariance.T) / 2
+    if torch.linalg.cholesky_ex(covariance)[1].item() != 0:
+        return None
+    return mean, covariance
 
 
 def _cast(value, dtype: torch.dtype):
@@ -383,22 +411,22 @@ def _cast(value, dtype: torch.dtype):
 
 
 class PathfinderStart:
-    """Mixin for a Gaussian autoguide: ``initialise`` puts it at Pathfinder's best Gaussian.
+    """Mixin for a Gaussian autoguide: ``initialise`` puts it where Pathfinder says.
     The options live in ``pathfinder_options`` (num_paths, max_iter, history, draws)."""
 
     pathfinder_options: dict = {}
 
     def initialise(self, *args, **kwargs) -> list[str]:
-        """Run multi-path Pathfinder and write its best Gaussian into the guide; returns
-        notes for the user on what it found."""
+        """Run multi-path Pathfinder and write its answer into the guide; returns notes for
+        the user on what it found."""
         return initialise(self, *args, **self.pathfinder_options, data_kwargs=kwargs)
 
 
 def initialise(guide, *args, num_paths: int = NUM_PATHS, max_iter: int = MAX_ITER,
                history: int = HISTORY, draws: int = DRAWS, data_kwargs: dict | None = None
                ) -> list[str]:
-    """Pathfinder from the guide's start and ``num_paths - 1`` uniform starts; write the best
-    Gaussian's mean and as much of its covariance as the family holds into ``guide``."""
+    """Pathfinder from the guide's start and ``num_paths - 1`` uniform starts; write its
+    answer's mean and as much of its covariance as the family holds into ``guide``."""
     kwargs = data_kwargs or {}
     check_options(num_paths, max_iter, history, draws)
     sites = laplace.layout(guide)
@@ -429,14 +457,20 @@ def initialise(guide, *args, num_paths: int = NUM_PATHS, max_iter: int = MAX_ITE
                 "its default start"]
     best = result.best
     dense = best.mean.numel() <= MAX_DENSE_DIM
-    covariance = best.covariance() if dense else None
+    if result.moments is not None and result.khat < KHAT_TRUSTED:
+        mean, covariance = result.moments
+        precision_diag = torch.linalg.inv(covariance).diagonal()
+        source = "the importance-weighted draws' mean and covariance"
+    else:
+        mean, covariance = best.mean, best.covariance() if dense else None
+        precision_diag = best.precision_diagonal()
+        source = "the best path's Gaussian"
     dtype = first.dtype
-    laplace.write(guide, sites, best.mean.to(dtype),
-                  None if covariance is None else covariance.to(dtype),
-                  best.precision_diagonal().to(dtype))
+    laplace.write(guide, sites, mean.to(dtype),
+                  None if covariance is None else covariance.to(dtype), precision_diag.to(dtype))
     notes = [f"pathfinder: {num_paths} path{'s' * (num_paths > 1)}, "
              f"{result.gradient_evaluations} gradient evaluations, ELBO {result.elbo:.4g}, "
-             f"PSIS k-hat {result.khat:.2f}"]
+             f"PSIS k-hat {result.khat:.2f}; the guide starts at {source}"]
     stopped = sum(not path.converged for path in result.paths)
     if stopped:
         notes.append(f"pathfinder: {stopped} of {num_paths} paths stopped before L-BFGS "

@@ -3,7 +3,6 @@ guide): on Gaussian posteriors known in closed form, then through a run."""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import pyro
@@ -11,7 +10,6 @@ import pyro.distributions as dist
 import pytest
 import torch
 
-from tests.conftest import COIN, vibench
 from tests.test_catalogue import EXACT_MEAN, EXACT_STD, TOLERANCE, prepare, train
 from tests.test_estimators import GAUSSIAN, data_for, regression, regression_posterior
 from workbench.errors import UsageError
@@ -54,10 +52,11 @@ def started(model, name: str, data: dict, **options):
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_pathfinder_finds_a_correlated_gaussian(float64, seed):
     """On a Gaussian target the L-BFGS inverse Hessian near the mode is the covariance: the
-    best Gaussian's mean is within 0.1 sd and its sds within 15% of the target's, PSIS's k-hat
-    below 0.7, and the resampled draws' means within 8 sd / sqrt(draws) (their standard
-    error is at least sd / sqrt(draws)). Measured over seeds 0-59: worst mean error 0.04 sd,
-    worst sd error 10%, worst k-hat 0.32, worst resampled mean 3.3 sd / sqrt(draws)."""
+    guide (the weighted draws' moments) has means within 6 sd / sqrt(draws) and sds within
+    15% of the target's, PSIS's k-hat is below 0.7, and the resampled draws' means are within
+    8 sd / sqrt(draws) (their standard error is at least sd / sqrt(draws)). Measured over
+    seeds 0-39: worst mean error 2.8 sd / sqrt(draws), worst sd error 7.5%, worst k-hat 0.24,
+    worst resampled mean 3.5 sd / sqrt(draws)."""
     pyro.set_rng_seed(seed)
     guide, notes = started(correlated, "pathfinder", {})
     assert len(notes) == 1 and notes[0].startswith("pathfinder: 4 paths, "), notes
@@ -65,7 +64,7 @@ def test_pathfinder_finds_a_correlated_gaussian(float64, seed):
         posterior = guide.get_posterior()
         z = (posterior.mean - MEAN).abs() / SDS
         ratio = posterior.variance.sqrt() / SDS
-    assert z.max() < 0.1, z
+    assert z.max() < 6 / len(guide.pathfinder_result.draws) ** 0.5, z
     assert (ratio - 1).abs().max() < 0.15, ratio
     result = guide.pathfinder_result
     assert result.khat < 0.7
@@ -105,13 +104,8 @@ def test_init_pathfinder_then_svi_on_the_coin(tmp_path: Path):
 
 
 def test_pathfinder_guide_with_no_steps_is_pathfinder_alone(tmp_path: Path):
-    result = vibench("run", str(COIN), "--set", "guide=pathfinder", "--set", "guide.num_paths=2",
-                     "--steps", "0", "--set", "loggers=[]", "--set", "train.plots=false", "--set",
-                     "train.diagnostics=false",
-                     "--out", str(tmp_path / "run"), cwd=tmp_path)
-    assert result.returncode == 0, result.stderr
-    assert "pathfinder: 2 paths" in result.stdout + result.stderr
-    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    run, summary = train(tmp_path, "guide=pathfinder", "guide.num_paths=2", "train.steps=0")
+    assert run.notes[0].startswith("pathfinder: 2 paths, "), run.notes
     assert summary["steps"] == 0
     post = summary["posterior"]["latent_fairness"]
     assert abs(post["mean"] - EXACT_MEAN) < TOLERANCE and abs(post["std"] - EXACT_STD) < TOLERANCE
