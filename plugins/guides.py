@@ -111,7 +111,7 @@ def auto_lowrank_multivariate_normal(model, rank: int | None = None, init_scale:
                      init_loc_fn=_init_loc(init_loc), init_scale=_positive(init_scale))
 
 
-def pathfinder(model, num_paths: int = 4, max_iter: int = 1000, history: int = 6,
+def pathfinder(model, num_paths: int = 4, max_iter: int = 1000, history: int = 20,
                draws: int = 10, init_loc: InitLoc = "median"):
     """Pathfinder (Zhang et al. 2022): a full-rank Gaussian set at set-up to the best of
     ``num_paths`` Pathfinder paths (L-BFGS iterations at most ``max_iter``, inverse Hessian

@@ -8,14 +8,16 @@ path's best Gaussian and importance-resamples them with Pareto smoothing (PSIS);
 says how far the Gaussians are from the posterior.
 
 A Gaussian autoguide with ``init: pathfinder`` starts at the mean and covariance of the
-importance-weighted draws where k-hat < 0.7 trusts them (an L-BFGS history of 6 pairs often
-leaves the best Gaussian too narrow along the directions it did not see, as on nes), else at
-the best Gaussian of all paths; the ``pathfinder`` guide is a full-rank Gaussian started so.
-Other departures from the paper: the first path starts from the guide's ``init_loc`` (the
-others uniformly in (-2, 2), as Stan's and Pyro's ``init_to_uniform``); the line search is a
-weak Wolfe bisection, not Moré-Thuente's (pairs with s'y <= 1e-12 |y|^2 are dropped, as the
-paper's Algorithm 3 does); L-BFGS steps on 20 pairs, the Gaussians use ``history``; the ELBO choice uses common random numbers and a second look at
-the finalists, and the pooled weights divide by the paths' mixture (see the functions).
+importance-weighted draws where k-hat < 0.7 trusts them (a short L-BFGS history leaves the
+best Gaussian too narrow along the directions it did not see, as on nes), else at the best
+Gaussian of all paths; the ``pathfinder`` guide is a full-rank Gaussian started so. Other
+departures from the paper: the Gaussians use the last 20 pairs by default, not 6 (on the
+development set, benchmarks/README.md, 12 of 16 Pathfinder-only fits good against 9); the
+first path starts from the guide's ``init_loc`` (the others uniformly in (-2, 2), as Stan's
+and Pyro's ``init_to_uniform``); the line search is a weak Wolfe bisection, not
+More-Thuente's (pairs with s'y <= 1e-12 |y|^2 are dropped, as the paper's Algorithm 3 does);
+the ELBO choice uses common random numbers and a second look at the finalists; the pooled
+weights divide by the paths' mixture (see the functions).
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ from vibench_plugins import laplace
 
 NUM_PATHS = 4
 MAX_ITER = 1000  # L-BFGS iterations per path at most
-HISTORY = 6  # L-BFGS (s, y) pairs the inverse Hessian is built from (the paper's J)
+HISTORY = 20  # L-BFGS (s, y) pairs the inverse Hessian is built from (the paper's J is 6)
 OPTIMISER_HISTORY = 20  # pairs L-BFGS's own steps use, at least (torch's LBFGS: 100)
 DRAWS = 10  # draws per iterate for its ELBO estimate (the paper's K)
 FINALISTS = 5  # a path's best iterates by that estimate, scored again ...
