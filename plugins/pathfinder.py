@@ -98,11 +98,14 @@ class Gaussian:
         return torch.distributions.MultivariateNormal(self.mean, scale_tril=tril).log_prob(points)
 
     def precision_diagonal(self) -> torch.Tensor:
-        """diag of the inverse covariance by Woodbury, without the (d, d) matrix: the
-        conditional variances' inverses, which a mean-field guide takes (as laplace.py's)."""
+        """diag of the inverse covariance: the conditional variances' inverses, which a
+        mean-field guide takes (as laplace.py's); beyond ``MAX_DENSE_DIM`` by Woodbury,
+        without the (d, d) matrix."""
         inverse_alpha = 1 / self.alpha
         if self.beta.shape[1] == 0:
             return inverse_alpha
+        if self.mean.numel() <= MAX_DENSE_DIM:
+            return torch.linalg.inv(self.covariance()).diagonal()
         scaled = self.beta * inverse_alpha[:, None]
         inner = torch.linalg.inv(self.gamma) + self.beta.T @ scaled
         return inverse_alpha - ((scaled @ torch.linalg.inv(inner)) * scaled).sum(-1)

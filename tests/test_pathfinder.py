@@ -127,7 +127,7 @@ def test_bad_pathfinder_options_are_one_line():
                 "loss=enum_elbo", "data={dataset: {name: synthetic_mixture, n: 50}}")
 
 
-def test_lbfgs_history_gives_the_exact_inverse_hessian_on_a_quadratic(float64):
+def test_lbfgs_history_gives_the_exact_inverse_hessian_on_a_quadratic(float64, monkeypatch):
     """After steps along as many Hessian-conjugate directions as dimensions, formula II.2's
     inverse Hessian is the quadratic's: BFGS keeps every earlier secant condition H y = s
     along conjugate steps (Nocedal and Wright, Theorem 6.4's argument)."""
@@ -147,6 +147,8 @@ def test_lbfgs_history_gives_the_exact_inverse_hessian_on_a_quadratic(float64):
     assert torch.allclose(last.covariance(), torch.linalg.inv(hessian), atol=1e-10)
     assert torch.allclose(last.mean, torch.linalg.solve(hessian, torch.ones(3)), atol=1e-10)
     assert torch.allclose(last.precision_diagonal(), hessian.diagonal(), atol=1e-10)
+    monkeypatch.setattr(pathfinder, "MAX_DENSE_DIM", 0)  # Woodbury, as for a large model
+    assert torch.allclose(last.precision_diagonal(), hessian.diagonal(), atol=1e-8)
     draws, log_q = last.sample(5)
     exact = dist.MultivariateNormal(last.mean, last.covariance()).log_prob(draws)
     assert torch.allclose(log_q, exact, atol=1e-10)
