@@ -164,7 +164,7 @@ def lbfgs_path(potential: Callable, start: torch.Tensor, max_iter: int, history:
     points, gradients = [point], [gradient]
     pairs: list[tuple[torch.Tensor, torch.Tensor]] = []
     tolerance = RELATIVE_TOLERANCE.get(point.dtype, 1e-3)
-    for iteration in range(max_iter):
+    for _ in range(max_iter):
         direction = -_two_loop(gradient, pairs)
         slope = float(gradient @ direction)
         if not slope < 0:  # not a descent direction: restart from steepest descent
