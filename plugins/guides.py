@@ -113,10 +113,11 @@ def auto_lowrank_multivariate_normal(model, rank: int | None = None, init_scale:
 
 def pathfinder(model, num_paths: int = 4, max_iter: int = 1000, history: int = 20,
                draws: int = 10, init_loc: InitLoc = "median"):
-    """Pathfinder (Zhang et al. 2022): a full-rank Gaussian set at set-up to the best of
-    ``num_paths`` Pathfinder paths (L-BFGS iterations at most ``max_iter``, inverse Hessian
-    from ``history`` pairs, ELBO from ``draws`` draws per iterate); train.steps 0 keeps it as
-    Pathfinder left it, more steps go on with SVI from there."""
+    """Pathfinder (Zhang et al. 2022): a full-rank Gaussian set at set-up by ``num_paths``
+    Pathfinder paths (L-BFGS iterations at most ``max_iter``, inverse Hessian from
+    ``history`` pairs, ELBO from ``draws`` draws per iterate), to their importance-weighted
+    draws' moments where k-hat < 0.7, else the best path's Gaussian; train.steps 0 keeps it
+    as Pathfinder left it, more steps go on with SVI from there."""
     from pyro.infer.autoguide import AutoMultivariateNormal
     from vibench_plugins.pathfinder import check_options
 
