@@ -7,9 +7,10 @@ from workbench import hookimpl
 
 # How an autoguide picks its starting point: a Pyro strategy by name, or values per site.
 InitLoc = Union[Literal["median", "mean", "sample", "feasible"], dict]
-# How a Gaussian autoguide starts: at init_loc with init_scale, or at the Laplace approximation
-# (the mode, found from init_loc, and the inverse Hessian there; see laplace.py).
-Init = Literal["init_loc", "laplace"]
+# How a Gaussian autoguide starts: at init_loc with init_scale, at the Laplace approximation
+# (the mode, found from init_loc, and the inverse Hessian there; see laplace.py), or at
+# Pathfinder's best Gaussian (4 paths, the first from init_loc; see pathfinder.py).
+Init = Literal["init_loc", "laplace", "pathfinder"]
 
 
 @hookimpl
@@ -22,6 +23,7 @@ def register_guides(register):
     register("auto_delta", auto_delta)
     register("auto_laplace_approximation", auto_laplace_approximation)
     register("auto_iaf_normal", auto_iaf_normal)
+    register("pathfinder", pathfinder)
 
 
 class BetaGuide:
@@ -109,6 +111,24 @@ def auto_lowrank_multivariate_normal(model, rank: int | None = None, init_scale:
                      init_loc_fn=_init_loc(init_loc), init_scale=_positive(init_scale))
 
 
+def pathfinder(model, num_paths: int = 4, max_iter: int = 1000, history: int = 20,
+               draws: int = 10, init_loc: InitLoc = "median"):
+    """Pathfinder (Zhang et al. 2022): a full-rank Gaussian set at set-up by ``num_paths``
+    Pathfinder paths (L-BFGS iterations at most ``max_iter``, inverse Hessian from
+    ``history`` pairs, ELBO from ``draws`` draws per iterate), to their importance-weighted
+    draws' moments where k-hat < 0.7, else the best path's Gaussian; train.steps 0 keeps it
+    as Pathfinder left it, more steps go on with SVI from there."""
+    from pyro.infer.autoguide import AutoMultivariateNormal
+    from vibench_plugins.pathfinder import check_options
+
+    check_options(num_paths, max_iter, history, draws)
+    guide = _gaussian(AutoMultivariateNormal, model, "pathfinder",
+                      init_loc_fn=_init_loc(init_loc))
+    guide.pathfinder_options = {"num_paths": num_paths, "max_iter": max_iter,
+                                "history": history, "draws": draws}
+    return guide
+
+
 def auto_delta(model, init_loc: InitLoc = "median"):
     """Pyro's AutoDelta: a point mass per latent site, i.e. MAP estimation."""
     from pyro.infer.autoguide import AutoDelta
@@ -140,21 +160,25 @@ def auto_iaf_normal(model, num_transforms: int = 1, hidden_dim: list[int] | None
 
 
 def _gaussian(cls, model, init: str, **options):
-    """A Gaussian autoguide of class ``cls``; with init laplace, one that vibench's
-    ``initialise`` call moves to the Laplace approximation before training."""
+    """A Gaussian autoguide of class ``cls``; with init laplace or pathfinder, one that
+    vibench's ``initialise`` call moves to that start before training."""
     if init == "init_loc":
         return cls(_continuous(model), **options)
-    guide = _laplace_class(cls)(_continuous(model), **options)
+    guide = _start_class(cls, init)(_continuous(model), **options)
     guide.source_model = (model,)  # a tuple, so that a PyroModule model is no submodule
     return guide
 
 
 @lru_cache(maxsize=None)
-def _laplace_class(cls):
-    """``cls`` with the Laplace start, under the same name: its parameters keep their names."""
-    from vibench_plugins.laplace import LaplaceStart
+def _start_class(cls, init: str):
+    """``cls`` with the start ``init`` names, under the same name: its parameters keep their
+    names."""
+    if init == "laplace":
+        from vibench_plugins.laplace import LaplaceStart as start
+    else:
+        from vibench_plugins.pathfinder import PathfinderStart as start
 
-    return type(cls.__name__, (LaplaceStart, cls), {"__module__": __name__})
+    return type(cls.__name__, (start, cls), {"__module__": __name__})
 
 
 def _continuous(model):

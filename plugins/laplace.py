@@ -101,7 +101,7 @@ def layout(guide) -> list[Site]:
     return sites
 
 
-def check_continuous(guide, args: tuple, kwargs: dict) -> None:
+def check_continuous(guide, args: tuple, kwargs: dict, method: str = "laplace") -> None:
     """Refuse a model with discrete latent sites (summed out by enum_elbo): their values are
     not the guide's, so the log joint the mode is sought on would be a random draw."""
     model = getattr(guide, "source_model", (guide.model,))[0]
@@ -109,7 +109,7 @@ def check_continuous(guide, args: tuple, kwargs: dict) -> None:
     for name, site in trace.nodes.items():
         if site["type"] == "sample" and not site["is_observed"] and not site_is_subsample(site) \
                 and (site["infer"].get("enumerate") or site["fn"].support.is_discrete):
-            raise ValueError(f"init 'laplace' needs continuous latent sites; {name!r} is "
+            raise ValueError(f"init {method!r} needs continuous latent sites; {name!r} is "
                              "discrete")
 
 

@@ -306,7 +306,7 @@ class _Checker:
         if not isinstance(train, dict):
             self.problem("train", f"expected a mapping of training settings, got {_describe(train)}")
             train = {}
-        lowest = {"steps": 1, "batch_size": 1, "early_stop_window": 1}
+        lowest = {"steps": 0, "batch_size": 1, "early_stop_window": 1}
         for key, value in train.items():
             option = TRAIN.get(key)
             if option is None:

@@ -287,7 +287,7 @@ class Run:
                 if not self.world.leader:
                     raise _Follower()
                 write_results(run_dir, summary, params=good)
-                if good and state.losses and not stop.hurry:
+                if good and (state.losses or settings["steps"] == 0) and not stop.hurry:
                     self.use_whole_data()
                     report = self.report(run_dir, log, state.losses, stop)
                     if failure is None and stop:
