@@ -7,6 +7,11 @@ Each run goes through vibench's own path (``workbench.service.start`` and ``Job.
 ref sd <= 0.2 and 0.8 <= r = sd / ref sd <= 1.2 for every parameter). Rows:
 
 - the variant: each posterior's shipped recipe, with ``--set`` overrides and ``--steps``;
+- the automatic pipeline (``--auto``, on by default): ``--set guide=auto`` on the same
+  recipe, so its stages (workbench/auto.py, plugins/stages.py) pick the guide, loss, step size
+  and steps; scored with the estimates it reports (importance-weighted where k-hat < 0.7).
+  "flagged?" is whether its summary's ``auto.flags`` warn (R-hat > 1.01, k-hat > 0.7); for
+  the other rows, whether k-hat > 0.7;
 - an ADVI-like baseline (``--advi``, on by default): mean-field ``auto_normal`` and Adam,
   its step size picked from ``--advi-lrs`` by the lowest final loss (-ELBO) after
   ``--advi-search-steps`` steps, as Stan's ADVI adapts eta, then trained for ``--steps``.
@@ -16,7 +21,7 @@ Every run has TensorBoard, plots and Eval/loss off (``loggers=[]``, ``train.plot
 ``train.eval_every=0``): they cost time and never change the fit.
 
     python benchmarks/posteriordb.py [--steps N] [--set KEY=VALUE ...] [--seeds N]
-        [--posteriors garch11,nes] [--no-advi] [--advi-lrs 0.1,0.03,0.01]
+        [--posteriors garch11,nes] [--no-auto] [--no-recipe] [--no-advi] [--advi-lrs 0.1,0.03,0.01]
         [--advi-search-steps 100] [--out DIR] [--threads N]
 """
 
@@ -36,7 +41,7 @@ POSTERIORS = ["kilpisjarvi", "earnings", "nes", "diamonds", "arma11", "garch11",
               "hmm_drive"]
 QUIET = ["loggers=[]", "train.plots=false", "train.eval_every=0"]
 COLUMNS = ["posterior", "guide", "seed", "steps", "wall s", "max z", "min r", "max r", "k-hat",
-           "good?"]
+           "good?", "flagged?"]
 
 
 def run_once(posterior: str, sets: list[str], out: Path) -> tuple[dict | None, float, str]:
@@ -80,12 +85,15 @@ def row(posterior: str, guide: str, seed: int, summary: dict | None, wall: float
     reference = (summary or {}).get("reference") or {}
     khat = ((summary or {}).get("diagnostics") or {}).get("khat")
     good = reference.get("good")
+    auto = (summary or {}).get("auto")
+    flagged = (bool(auto["flags"]) if auto else None if khat is None else khat > 0.7)
     return {"posterior": posterior, "guide": guide, "seed": seed,
             "steps": summary["steps"] if summary else None, "wall s": wall,
             "max z": reference.get("max_z"), "min r": reference.get("min_r"),
             "max r": reference.get("max_r"), "k-hat": khat,
             "good?": "failed: " + error if summary is None else
-                     "yes" if good else "no" if good is False else "?"}
+                     "yes" if good else "no" if good is False else "?",
+            "flagged?": "-" if flagged is None else "yes" if flagged else "no"}
 
 
 def table(rows: list[dict]) -> str:
@@ -116,6 +124,10 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, default=1, help="seeds 0..N-1 for every row")
     parser.add_argument("--posteriors", default=",".join(POSTERIORS),
                         help="which, comma-separated (default: all eight)")
+    parser.add_argument("--no-auto", dest="auto", action="store_false",
+                        help="leave out the automatic pipeline")
+    parser.add_argument("--no-recipe", dest="recipe", action="store_false",
+                        help="leave out the shipped recipe's rows")
     parser.add_argument("--no-advi", dest="advi", action="store_false",
                         help="leave out the ADVI-like baseline")
     parser.add_argument("--advi-lrs", default="0.1,0.03,0.01",
@@ -149,11 +161,17 @@ def benchmark(names: list[str], args: argparse.Namespace, out: Path) -> list[dic
     rows = []
     for name in names:
         for seed in range(args.seeds):
-            sets = [*args.sets, *steps, f"seed={seed}"]
-            summary, wall, error = run_once(name, sets, out / name / f"variant-s{seed}")
-            guide = summary["recipe"]["guide"]["name"] if summary else "recipe"
-            rows.append(row(name, guide, seed, summary, wall, error))
-            _say(rows[-1])
+            if args.auto:
+                summary, wall, error = run_once(name, ["guide=auto", f"seed={seed}"],
+                                                out / name / f"auto-s{seed}")
+                rows.append(row(name, "auto", seed, summary, wall, error))
+                _say(rows[-1])
+            if args.recipe:
+                sets = [*args.sets, *steps, f"seed={seed}"]
+                summary, wall, error = run_once(name, sets, out / name / f"variant-s{seed}")
+                guide = summary["recipe"]["guide"]["name"] if summary else "recipe"
+                rows.append(row(name, guide, seed, summary, wall, error))
+                _say(rows[-1])
             if not args.advi:
                 continue
             lr, searched, notes = search_lr(name, seed, lrs, args.advi_search_steps,
