@@ -40,25 +40,32 @@ RECIPES = REPO / "packages" / "vibench-posteriordb" / "recipes"
 POSTERIORS = ["kilpisjarvi", "earnings", "nes", "diamonds", "arma11", "garch11", "gauss_mix",
               "hmm_drive"]
 QUIET = ["loggers=[]", "train.plots=false", "train.eval_every=0"]
-COLUMNS = ["posterior", "guide", "seed", "steps", "wall s", "max z", "min r", "max r", "k-hat",
+COLUMNS = ["posterior", "guide", "seed", "steps", "wall s", "cpu s", "max z", "min r", "max r", "k-hat",
            "good?", "flagged?"]
 
 
 def run_once(posterior: str, sets: list[str], out: Path) -> tuple[dict | None, float, str]:
     """One ``vibench run`` of a posterior's recipe with ``sets``: its summary (None if it
-    failed), the wall time of setup, training and report, and the error, if any."""
+    failed), the wall time of setup, training and report, and the error, if any. The CPU
+    time it took (this process's, all threads) goes to ``CPU[-1]``."""
     from workbench import service
     from workbench.errors import VibenchError
     from workbench.registry import get_registry
 
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), time.process_time()
+    CPU.append(0.0)
     try:
         job = service.start(RECIPES / f"pdb_{posterior}.yaml", [*QUIET, *sets], out,
                             get_registry())
         summary = job.train()
     except VibenchError as exc:
+        CPU[-1] = time.process_time() - cpu
         return None, time.perf_counter() - start, str(exc).splitlines()[0]
+    CPU[-1] = time.process_time() - cpu
     return summary, time.perf_counter() - start, ""
+
+
+CPU: list[float] = []  # the CPU seconds of each run_once, in order
 
 
 def search_lr(posterior: str, seed: int, lrs: list[float], steps: int, out: Path
@@ -89,6 +96,7 @@ def row(posterior: str, guide: str, seed: int, summary: dict | None, wall: float
     flagged = (bool(auto["flags"]) if auto else None if khat is None else khat > 0.7)
     return {"posterior": posterior, "guide": guide, "seed": seed,
             "steps": summary["steps"] if summary else None, "wall s": wall,
+            "cpu s": CPU[-1] if CPU else None,
             "max z": reference.get("max_z"), "min r": reference.get("min_r"),
             "max r": reference.get("max_r"), "k-hat": khat,
             "good?": "failed: " + error if summary is None else
@@ -105,7 +113,7 @@ def table(rows: list[dict]) -> str:
         if isinstance(value, float):
             if not math.isfinite(value):
                 return str(value)
-            return f"{value:.0f}" if key == "wall s" else f"{value:.2f}"
+            return f"{value:.0f}" if key in ("wall s", "cpu s") else f"{value:.2f}"
         return str(value)
 
     lines = ["| " + " | ".join(COLUMNS) + " |",
@@ -174,14 +182,17 @@ def benchmark(names: list[str], args: argparse.Namespace, out: Path) -> list[dic
                 _say(rows[-1])
             if not args.advi:
                 continue
+            before = len(CPU)
             lr, searched, notes = search_lr(name, seed, lrs, args.advi_search_steps,
                                             out / name)
             print(f"{name} seed {seed} ADVI search: " + "; ".join(notes), file=sys.stderr)
             if lr is None:
+                CPU.append(sum(CPU[before:]))
                 rows.append(row(name, "advi", seed, None, searched, "every step size failed"))
             else:
                 sets = ["guide=auto_normal", f"optimizer.lr={lr}", *steps, f"seed={seed}"]
                 summary, wall, error = run_once(name, sets, out / name / f"advi-s{seed}")
+                CPU.append(sum(CPU[before:]))  # the search's runs and this one
                 rows.append(row(name, f"advi (auto_normal, lr {lr:g})", seed, summary,
                                 searched + wall, error))
             _say(rows[-1])

@@ -173,6 +173,9 @@ def fitted_gaussian(guide: Any) -> tuple | None:
     """(loc, scale_tril) of a Gaussian autoguide's fitted distribution, unconstrained."""
     import torch
 
+    if hasattr(guide, "gaussian"):  # a Gaussian of its own making (plugins/flows.py)
+        loc, tril = guide.gaussian()
+        return loc.detach().clone(), tril.detach().clone()
     get = getattr(guide, "get_posterior", None)
     if get is None or not hasattr(guide, "latent_dim"):
         return None
@@ -295,6 +298,13 @@ def pool(estimates: list[dict]) -> dict:
         variance = (sds.pow(2) + means.pow(2)).mean(0) - mean.pow(2)
         pooled[site] = {"mean": mean.tolist(), "std": variance.clamp(min=0).sqrt().tolist()}
     return pooled
+
+
+def _flat_list(value: Any) -> list[float]:
+    """A nested list of numbers (or a number) as one flat list."""
+    if isinstance(value, list):
+        return [x for item in value for x in _flat_list(item)]
+    return [float(value)]
 
 
 def lines(summary: dict) -> list[str]:

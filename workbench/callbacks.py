@@ -129,11 +129,11 @@ class EarlyStopping(Callback):
 
 class Converged(Callback):
     """``train.stop: converged``: stop once the variational parameters' iterates are
-    stationary, and then use their mean over the window (iterate averaging), which removes most
-    of the step-to-step noise of stochastic gradients (Dhaka et al. 2020, Welandawe et al.
-    2022). Stationary means: every parameter coordinate's R-hat over the last ``window``
-    iterates, cut into four quarters taken as chains, is below ``threshold``; checked each
-    quarter window."""
+    stationary (Dhaka et al. 2020, Welandawe et al. 2022): every parameter coordinate's R-hat
+    over the last ``window`` iterates, cut into four quarters taken as chains, is below
+    ``threshold``; checked each quarter window. At the end, converged or out of steps, the
+    parameters become the mean of the window's iterates (iterate averaging), which removes most
+    of the step-to-step noise of stochastic gradients."""
 
     CHAINS = 4
 
@@ -142,6 +142,7 @@ class Converged(Callback):
         self.iterates: list[torch.Tensor] = []
         self.rhat: float | None = None
         self.at: int | None = None
+        self.averaged = False
 
     def after_step(self, step: int, loss: float | None, log: Loggers) -> None:
         if loss is None:
@@ -156,8 +157,9 @@ class Converged(Callback):
             self.stopped, self.at = True, step + 1
 
     def on_train_end(self) -> None:
-        if self.at is None or not self.iterates:
+        if len(self.iterates) < self.window:
             return
+        self.averaged = True
         mean = torch.stack(self.iterates).mean(0)
         with torch.no_grad():
             start = 0
@@ -170,18 +172,20 @@ class Converged(Callback):
         self.stopped, self.at = False, None
 
     def state_dict(self) -> dict:
-        return {"iterates": self.iterates, "rhat": self.rhat, "at": self.at}
+        return {"iterates": self.iterates, "rhat": self.rhat, "at": self.at,
+                "averaged": self.averaged}
 
     def load_state_dict(self, state: dict | None) -> None:
         if state:
             device = torch.get_default_device()
             self.iterates = [value.to(device) for value in state["iterates"]]
             self.rhat, self.at = state["rhat"], state["at"]
+            self.averaged = state.get("averaged", False)
 
     def summary(self) -> dict:
         return {"converged": {"at_step": self.at, "iterate_rhat": self.rhat,
                               "window": self.window, "threshold": self.threshold,
-                              "averaged": self.at is not None}}
+                              "averaged": self.averaged}}
 
 
 def _flat_params() -> torch.Tensor:

@@ -13,7 +13,7 @@ from typing import Any
 
 from workbench.recipe import AUTO
 
-CANDIDATES = (0.1, 0.03, 0.01, 0.003, 0.001)
+CANDIDATES = (0.1, 0.03, 0.01, 0.003, 0.001, 0.0003, 0.0001)
 TRIAL_STEPS = 30
 
 
@@ -43,11 +43,10 @@ def adapt(run: Any, candidates: tuple[float, ...] = CANDIDATES,
     store = pyro.get_param_store()
     params = [param for _, param in store.named_parameters()]
     start = [param.detach().clone() for param in params]
-    svi, trials, best = run.svi, {}, None
+    svi, trials, best = run.svi, {}, None  # each trial swaps in its own optimizer
     with run_context(run.device, run.dtype):
         for lr in sorted(candidates, reverse=True):
-            trial = _optimizer(run, lr)
-            run.svi = pyro.infer.SVI(svi.model, svi.guide, trial, loss=svi.loss)
+            svi.optim = _optimizer(run, lr)
             losses = []
             try:
                 for _ in range(steps):
@@ -65,7 +64,6 @@ def adapt(run: Any, candidates: tuple[float, ...] = CANDIDATES,
                 best = lr
             elif best is not None:
                 break
-        run.svi = svi
         if best is None:
             from workbench.errors import RunError
 
@@ -74,7 +72,7 @@ def adapt(run: Any, candidates: tuple[float, ...] = CANDIDATES,
         run.recipe["optimizer"]["lr"] = best
         optimizer, _ = make_optimizer(run.registry, run.recipe, run.device)
         optimizer(params)  # no gradients yet: this makes each parameter's torch optimizer
-        run.svi = pyro.infer.SVI(svi.model, svi.guide, optimizer, loss=svi.loss)
+        svi.optim = optimizer
         run.schedule = schedule_stepper(optimizer)
     tried = ", ".join(f"{lr:g}: " + ("failed" if value is None else f"{value:.4g}")
                       for lr, value in trials.items())
