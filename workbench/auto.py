@@ -146,6 +146,7 @@ def latent_dimension(recipe: dict, registry: Registry) -> int:
     """The number of unconstrained numbers a guide over the model's latent sites holds."""
     import torch
     from pyro import poutine
+    from pyro.infer.autoguide.initialization import InitMessenger, init_to_feasible
     from pyro.poutine.util import site_is_subsample
     from torch.distributions import biject_to
 
@@ -157,8 +158,9 @@ def latent_dimension(recipe: dict, registry: Registry) -> int:
     with run_context(device, DTYPES[recipe["dtype"]]), torch.no_grad():
         model = build(registry, "model", recipe["model"], device=device)
         data, _ = load_data(registry, recipe["data"], model, recipe["model"]["name"], device)
-        try:
-            trace = poutine.trace(model).get_trace(**data)
+        try:  # at feasible values, not prior draws: an improper prior's draw may be no number
+            with InitMessenger(init_to_feasible):
+                trace = poutine.trace(model).get_trace(**data)
         except Exception as exc:
             raise UsageError(f"model {recipe['model']['name']!r}: {one_line(exc)}") from exc
         total = 0

@@ -245,7 +245,8 @@ def resolve(
             checker.problem(
                 section,
                 f"missing; a recipe names its {kind}, e.g. '{section}: {{name: ...}}' with "
-                f"a name from: {', '.join(registry.names(kind)) or 'none installed'}",
+                f"a name from: {', '.join(registry.names(kind)) or 'none installed'}"
+                + (f" (or '{AUTO}', for the automatic pipeline)" if kind == "guide" else ""),
             )
         else:
             resolved[section] = checker.component((section,), recipe[section])
@@ -424,10 +425,12 @@ class _Checker:
 
 
 def _automatic(recipe: dict) -> bool:
-    """Whether a recipe asks for the automatic pipeline: it names no guide, or guide auto."""
+    """Whether a recipe asks for the automatic pipeline: guide auto, or no guide, loss or
+    optimizer at all (a recipe that names only its model and data)."""
     guide = recipe.get("guide")
-    return guide is None or guide == AUTO or (isinstance(guide, dict)
-                                              and guide.get("name") == AUTO)
+    if guide is None:
+        return "loss" not in recipe and "optimizer" not in recipe
+    return guide == AUTO or (isinstance(guide, dict) and guide.get("name") == AUTO)
 
 
 def _expand_shorthands(section: dict, path: tuple[str, ...] = ()) -> dict:
