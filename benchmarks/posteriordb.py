@@ -21,7 +21,7 @@ Every run has TensorBoard, plots and Eval/loss off (``loggers=[]``, ``train.plot
 ``train.eval_every=0``): they cost time and never change the fit.
 
     python benchmarks/posteriordb.py [--steps N] [--set KEY=VALUE ...] [--seeds N]
-        [--posteriors garch11,nes] [--no-auto] [--no-recipe] [--no-advi] [--advi-lrs 0.1,0.03,0.01]
+        [--first-seed F] [--posteriors garch11,nes] [--no-auto] [--no-recipe] [--no-advi] [--advi-lrs 0.1,0.03,0.01]
         [--advi-search-steps 100] [--out DIR] [--threads N]
 """
 
@@ -129,7 +129,9 @@ def main() -> None:
                         help="SVI steps for every row (default: each recipe's)")
     parser.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
                         help="a recipe override for the variant's rows, as vibench run's")
-    parser.add_argument("--seeds", type=int, default=1, help="seeds 0..N-1 for every row")
+    parser.add_argument("--seeds", type=int, default=1,
+                        help="seeds F..F+N-1 (F: --first-seed) for every row")
+    parser.add_argument("--first-seed", type=int, default=0)
     parser.add_argument("--posteriors", default=",".join(POSTERIORS),
                         help="which, comma-separated (default: all eight)")
     parser.add_argument("--no-auto", dest="auto", action="store_false",
@@ -168,7 +170,7 @@ def benchmark(names: list[str], args: argparse.Namespace, out: Path) -> list[dic
     lrs = [float(v) for v in args.advi_lrs.split(",")]
     rows = []
     for name in names:
-        for seed in range(args.seeds):
+        for seed in range(args.first_seed, args.first_seed + args.seeds):
             if args.auto:
                 summary, wall, error = run_once(name, ["guide=auto", f"seed={seed}"],
                                                 out / name / f"auto-s{seed}")

@@ -159,11 +159,13 @@ def register_stages(register: Register) -> None:
 
     - ``pipeline.guide``: the guide section the next fit uses (a dict; a start stage sets its
       ``init``), and ``pipeline.dimension``: the number of unconstrained latent dimensions;
-    - ``pipeline.fit(label, guide=..., loss=..., optimizer=..., train=..., seed=...,
-      start=None)``: one ordinary vibench run (``Run.setup`` and ``Run.train``) in the run
-      directory's ``fits/<label>``, returning a ``workbench.auto.Fit`` (its summary, k-hat,
-      ELBO, the fitted Gaussian where the guide has one); ``start(guide)`` may overwrite the
-      guide's parameters after set-up;
+    - ``pipeline.fit(label, guide=..., loss=..., optimizer=..., train=..., seed_offset=0,
+      start=None)``: one ordinary vibench run (``Run.setup`` and ``Run.train``) of those
+      recipe sections (``optimizer.lr`` may be ``auto``) on the recipe's model and data, with
+      seed + ``seed_offset``, in the run directory's ``fits/<label>``; returns a
+      ``workbench.auto.Fit`` (its summary, k-hat, ELBO, the fitted Gaussian where the guide
+      has one; a fit that failed has ``ok`` False and its ``error``); ``start(guide)``, if
+      given, may overwrite the guide's parameters after set-up, before any step;
     - ``pipeline.fits``: every fit so far; ``pipeline.candidates``: the fits the final
       estimates come from (a stage that fits replaces them); ``pipeline.weighted``: the k-hat
       below which a fit's importance-weighted (PSIS) estimates are reported, None for the
