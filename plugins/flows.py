@@ -75,8 +75,11 @@ def laplace_start(guide, args: tuple, kwargs: dict) -> list[str]:
     the inverse Hessian there (or its diagonal's inverse where that is all there is)."""
     from vibench_plugins import laplace
 
+    from pyro.infer.autoguide.initialization import InitMessenger, init_to_feasible
+
     sites = laplace.layout(guide)
-    laplace.check_continuous(guide, args, kwargs)
+    with InitMessenger(init_to_feasible):  # a draw from an improper prior may be no number
+        laplace.check_continuous(guide, args, kwargs)
     potential = laplace.potential_fn(guide.model, sites, args, kwargs)
     fit = laplace.find_mode(potential, guide.transform[-1].loc.detach().clone(), True)
     if fit is None:

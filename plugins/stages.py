@@ -237,8 +237,7 @@ class Flow:
             return f"escalated to a flow ({why}), which failed ({fit.error}); kept the Gaussian"
         new = fit.khat
         if new is not None and (khat is None or new < khat):
-            pipeline.candidates = [fit]
-            pipeline.rhat = None
+            pipeline.candidates = [fit]  # the R-hat across the Gaussians stays reported
             return (f"escalated to a flow: {why}; the flow's k-hat {new:.2f} ({fit.ending()}); "
                     "reporting the flow")
         shown = "none" if new is None else f"{new:.2f}"
