@@ -92,8 +92,9 @@ class Pipeline:
 
     def fit(self, label: str, guide: dict, loss: dict, optimizer: dict, train: dict,
             seed_offset: int = 0, start: Callable[[Any], None] | None = None) -> Fit:
-        """One vibench run with these sections in ``fits/<label>``; a run that fails is a
-        Fit with the error (an interruption stops the pipeline)."""
+        """One vibench run with these sections in ``fits/<label>``; a run that fails to set up
+        or to train is a Fit with the error (an interruption stops the pipeline, and a recipe
+        the checks refuse is the user's error)."""
         from workbench import recipe as recipes
         from workbench import stepsize
         from workbench.rundir import claim
@@ -118,6 +119,11 @@ class Pipeline:
                     start(run.guide)
             if searching:
                 stepsize.adapt(run)
+        except VibenchError as exc:  # the recipe was checked: this fit, not the recipe, failed
+            held.release()
+            found = Fit(label, path, None, error=one_line(exc))
+            self.fits.append(found)
+            return found
         except BaseException:
             held.release()
             raise
