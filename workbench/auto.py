@@ -240,9 +240,11 @@ def assemble(pipeline: Pipeline, records: list[dict], wall: float) -> dict:
     worst = max((k for k in khats if k is not None), default=None)
     best = pipeline.best(used)
     flags = list(pipeline.flags)
-    if worst is None:
-        flags.append("no k-hat: the estimates could not be checked by importance sampling")
-    elif worst > 0.7:
+    unchecked = [fit.label for fit, k in zip(used, khats) if k is None]
+    if unchecked:
+        flags.append(f"no k-hat for {', '.join(unchecked)} (see its summary.json): its "
+                     "estimates could not be checked by importance sampling")
+    if worst is not None and worst > 0.7:
         flags.append(f"k-hat {worst:.2f} > 0.7: the fit is not a good importance sampler of "
                      "the posterior; do not trust its estimates")
     source = ("importance-weighted (PSIS)" if len(weighted) == len(used) else
