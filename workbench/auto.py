@@ -235,6 +235,8 @@ def assemble(pipeline: Pipeline, records: list[dict], wall: float) -> dict:
     used = fits if agree else [pipeline.best(fits)]
     parts = [fit.estimates(pipeline.weighted) for fit in used]
     post = pool([estimates for estimates, _ in parts])
+    for site, entry in pipeline.best(used).summary["posterior"].items():  # the exact answer
+        post[site].update({k: entry[k] for k in ("exact_mean", "exact_std") if k in entry})
     weighted = [fit.label for fit, (_, w) in zip(used, parts) if w]
     khats = [fit.khat for fit in used]
     worst = max((k for k in khats if k is not None), default=None)
