@@ -99,7 +99,6 @@ class Pipeline:
         from workbench import stepsize
         from workbench.rundir import claim
         from workbench.runner import Run, run_context
-        from workbench.service import Job
 
         base = {key: self.recipe[key] for key in ("seed", "device", "dtype", "data", "model",
                                                   "loggers")}
@@ -129,13 +128,15 @@ class Pipeline:
             raise
         self.last_run = run
         try:
-            summary = Job(run, held).train(self.on_step)
+            summary = run.train(held.path, self.on_step)
         except Interrupted:
             raise
         except VibenchError as exc:
             found = Fit(label, path, None, error=one_line(exc))
             self.fits.append(found)
             return found
+        finally:
+            held.release()
         with run_context(run.device, run.dtype):
             gaussian = fitted_gaussian(run.guide)
         found = Fit(label, path, summary, gaussian, run.recipe["optimizer"].get("lr"))
