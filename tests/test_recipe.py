@@ -99,7 +99,7 @@ def test_bad_overrides_are_named(item: str, expected: str):
     (["loss.vectorize_particles=1"], "loss.vectorize_particles: expected bool, got 1"),
     (["optimizer.betas=[0.9]"], "optimizer.betas: expected list of 2 float/float, got [0.9]"),
     (["optimizer.lr=fast"], "optimizer.lr: expected float, got 'fast'"),
-    (["train.step=10"], "train.step: unknown setting; did you mean 'steps'?"),
+    (["train.step=10"], "train.step: unknown setting; did you mean 'steps'"),  # or 'stop'
     (["train.steps=-1"], "train.steps: expected a whole number >= 0, got -1"),
     (["seed=-1"], "seed: expected a whole number >= 0, got -1"),
     (["device=gpu"], "device: expected auto, cpu, cuda or cuda:N, got 'gpu'"),

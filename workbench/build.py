@@ -28,6 +28,7 @@ def build(registry: Registry, kind: str, section: dict, **context: Any) -> Any:
     fits = {"optimizer": lambda m: isinstance(m, pyro.optim.PyroOptim),
             "dataset": lambda m: isinstance(m, Mapping),
             "logger": lambda m: any(hasattr(m, method) for method in LOGGER_METHODS),
+            "stage": lambda m: callable(getattr(m, "run", None)),
             }.get(kind, callable)
     if not fits(made):
         origin = "that file" if component.plugin.endswith(".py") else "that plugin"

@@ -127,6 +127,89 @@ class EarlyStopping(Callback):
             self.ema, self.best, self.since = state["ema"], state["best"], state["since"]
 
 
+class Converged(Callback):
+    """``train.stop: converged``: stop once the variational parameters' iterates are
+    stationary (Dhaka et al. 2020, Welandawe et al. 2022): every parameter coordinate's R-hat
+    over the last ``window`` iterates, cut into four quarters taken as chains, is below
+    ``threshold``; checked each quarter window. At the end, converged or out of steps, the
+    parameters become the mean of the window's iterates (iterate averaging), which removes most
+    of the step-to-step noise of stochastic gradients."""
+
+    CHAINS = 4
+
+    def __init__(self, window: int, threshold: float):
+        self.window, self.threshold = window, threshold
+        self.iterates: list[torch.Tensor] = []
+        self.rhat: float | None = None
+        self.at: int | None = None
+        self.averaged = False
+
+    def after_step(self, step: int, loss: float | None, log: Loggers) -> None:
+        if loss is None:
+            return
+        self.iterates.append(_flat_params())
+        del self.iterates[:-self.window]
+        if len(self.iterates) < self.window or (step + 1) % max(1, self.window // 4):
+            return
+        self.rhat = iterate_rhat(torch.stack(self.iterates), self.CHAINS)
+        log.scalar("Train/iterate_rhat", self.rhat, step)
+        if self.rhat < self.threshold:
+            self.stopped, self.at = True, step + 1
+
+    def on_train_end(self) -> None:
+        if len(self.iterates) < self.window:
+            return
+        self.averaged = True
+        mean = torch.stack(self.iterates).mean(0)
+        with torch.no_grad():
+            start = 0
+            for _, param in sorted(pyro.get_param_store().named_parameters()):
+                count = param.numel()
+                param.copy_(mean[start:start + count].reshape(param.shape).to(param.dtype))
+                start += count
+
+    def go_on(self) -> None:
+        self.stopped, self.at = False, None
+
+    def state_dict(self) -> dict:
+        return {"iterates": self.iterates, "rhat": self.rhat, "at": self.at,
+                "averaged": self.averaged}
+
+    def load_state_dict(self, state: dict | None) -> None:
+        if state:
+            device = torch.get_default_device()
+            self.iterates = [value.to(device) for value in state["iterates"]]
+            self.rhat, self.at = state["rhat"], state["at"]
+            self.averaged = state.get("averaged", False)
+
+    def summary(self) -> dict:
+        return {"converged": {"at_step": self.at, "iterate_rhat": self.rhat,
+                              "window": self.window, "threshold": self.threshold,
+                              "averaged": self.averaged}}
+
+
+def _flat_params() -> torch.Tensor:
+    """Every parameter of the param store (unconstrained), in name order, as one vector."""
+    values = [param.detach().reshape(-1)
+              for _, param in sorted(pyro.get_param_store().named_parameters())]
+    return torch.cat(values).clone() if values else torch.zeros(0)
+
+
+def iterate_rhat(iterates: torch.Tensor, chains: int) -> float:
+    """The largest R-hat (Gelman and Rubin's, without splitting) over the coordinates of
+    ``iterates`` (steps x coordinates), its rows cut into ``chains`` consecutive chains; a
+    coordinate that does not move counts as 1."""
+    n = iterates.shape[0] // chains
+    x = iterates[: n * chains].double().reshape(chains, n, -1)
+    within = x.var(dim=1).mean(0)
+    between = n * x.mean(dim=1).var(dim=0)
+    moving = within > 0
+    if not moving.any():
+        return 1.0
+    pooled = (n - 1) / n * within[moving] + between[moving] / n
+    return float((pooled / within[moving]).sqrt().max())
+
+
 def log_params(log: Loggers, step: int, optim: Any) -> None:
     """Each parameter of the param store, as a scalar or (for a tensor) a histogram, and the
     learning rate each parameter's optimizer uses now."""

@@ -436,6 +436,10 @@ def report_lines(summary: dict, limit: int = 10) -> list[str]:
         if count > limit:
             lines.append(f"{site}: {count - limit} more elements in summary.json")
     diagnostics = summary.get("diagnostics") or {}
+    if "auto" in summary:
+        from workbench.auto import lines as auto_lines
+
+        lines.extend(auto_lines(summary))
     if diagnostics.get("khat") is not None:
         lines.append(f"PSIS k-hat {diagnostics['khat']:.2f} ({diagnostics['reading']}); "
                      f"importance-sampling ESS {diagnostics['ess']:.0f} of "

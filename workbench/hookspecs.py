@@ -144,3 +144,33 @@ def register_loggers(register: Register) -> None:
     A method a logger lacks is skipped. A logger that raises is reported once, on stderr, and
     left out for the rest of the run: losing a tracker never costs the run.
     """
+
+
+@hookspec
+def register_stages(register: Register) -> None:
+    """Register stages of the automatic pipeline, which a recipe lists under
+    ``auto: {stages: [...]}`` (a recipe with no guide, or ``guide: {name: auto}``, runs them).
+
+    A stage factory's options are the stage's settings; it returns an object with a method
+    ``run(pipeline) -> str``, which ``workbench.auto.Pipeline`` calls once, in the listed
+    order, and which returns one line saying what the stage did and why ("escalated to a
+    flow: k-hat 0.93 > 0.7"; "skipped: k-hat 0.31 <= 0.7"); the report shows these lines. A
+    stage works through the pipeline, which offers:
+
+    - ``pipeline.guide``: the guide section the next fit uses (a dict; a start stage sets its
+      ``init``), and ``pipeline.dimension``: the number of unconstrained latent dimensions;
+    - ``pipeline.fit(label, guide=..., loss=..., optimizer=..., train=..., seed_offset=0,
+      start=None)``: one ordinary vibench run (``Run.setup`` and ``Run.train``) of those
+      recipe sections (``optimizer.lr`` may be ``auto``) on the recipe's model and data, with
+      seed + ``seed_offset``, in the run directory's ``fits/<label>``; returns a
+      ``workbench.auto.Fit`` (its summary, k-hat, ELBO, the fitted Gaussian where the guide
+      has one; a fit that failed has ``ok`` False and its ``error``); ``start(guide)``, if
+      given, may overwrite the guide's parameters after set-up, before any step;
+    - ``pipeline.fits``: every fit so far; ``pipeline.candidates``: the fits the final
+      estimates come from (a stage that fits replaces them); ``pipeline.weighted``: the k-hat
+      below which a fit's importance-weighted (PSIS) estimates are reported, None for the
+      guide's own moments; ``pipeline.rhat``: R-hat across the candidates, once computed;
+    - ``pipeline.flags``: the reasons not to trust the result, which a stage appends to.
+
+    An exception from ``run`` ends the pipeline with a run failure naming the stage.
+    """

@@ -29,10 +29,14 @@ COMPONENTS: dict[tuple[str, ...], str] = {
     ("data", "dataset"): "dataset",
 }
 # Sections that list components of one kind, each item a name or a component section.
-LISTS: dict[tuple[str, ...], str] = {("loggers",): "logger"}
+LISTS: dict[tuple[str, ...], str] = {("loggers",): "logger", ("auto", "stages"): "stage"}
 DEFAULT_LOGGERS = ["tensorboard"]
 SECTIONS = ("name", "seed", "device", "dtype", "data", "model", "guide", "loss", "optimizer",
-            "train", "loggers")
+            "train", "loggers", "auto")
+AUTO = "auto"  # the guide name (or a missing guide) that asks for the automatic pipeline
+# The automatic pipeline's stages when the recipe lists none (plugins/stages.py).
+DEFAULT_STAGES = ["start", "gaussian", "rhat", "flow", "psis"]
+STOPS = ("converged",)  # train.stop: how a run may end before train.steps
 TRAIN: dict[str, Option] = {
     option.name: option
     for option in (
@@ -47,6 +51,9 @@ TRAIN: dict[str, Option] = {
         Option("early_stop_patience", 0, int),  # 0: never stop early
         Option("early_stop_window", 100, int),  # steps the smoothed loss averages over
         Option("early_stop_min_delta", 0.0, float),  # what counts as an improvement
+        Option("stop", None, str | None),  # converged: end when the iterates are stationary
+        Option("converge_window", 100, int),  # iterates the R-hat of train.stop looks at
+        Option("converge_rhat", 1.1, float),  # stationary when every R-hat is below this
         Option("diagnostics", True, bool),  # PSIS k-hat and importance-weighted estimates
         Option("plots", True, bool),  # the loss and per-site density plots
     )
@@ -220,18 +227,37 @@ def resolve(
         recipe, "dtype", "float32", str, lambda v: v in DTYPES, "float32 or float64"
     )
     resolved["data"] = checker.data(recipe.get("data"), Path(source).parent)
+    automatic = _automatic(recipe)
     for (section,), kind in ((p, k) for p, k in COMPONENTS.items() if len(p) == 1):
+        if automatic and section in ("guide", "loss", "optimizer"):
+            if section == "guide":
+                resolved["guide"] = {"name": AUTO}
+                extra = sorted(set(recipe.get("guide") or {}) - {"name"}) if isinstance(
+                    recipe.get("guide"), dict) else []
+                if extra:
+                    checker.problem(f"guide.{extra[0]}", f"guide {AUTO!r} takes no options; "
+                                                         "set them on its stages (auto.stages)")
+            elif section in recipe and "guide" not in checker.overridden:  # --set guide=auto
+                checker.problem(section, f"the automatic pipeline (guide {AUTO!r}) picks its "
+                                         f"own {kind}; remove this section, or name a guide")
+            continue
         if section not in recipe:
             checker.problem(
                 section,
                 f"missing; a recipe names its {kind}, e.g. '{section}: {{name: ...}}' with "
-                f"a name from: {', '.join(registry.names(kind)) or 'none installed'}",
+                f"a name from: {', '.join(registry.names(kind)) or 'none installed'}"
+                + (f" (or '{AUTO}', for the automatic pipeline)" if kind == "guide" else ""),
             )
         else:
             resolved[section] = checker.component((section,), recipe[section])
     resolved["train"] = checker.train(recipe.get("train", {}))
     resolved["loggers"] = checker.component_list(("loggers",),
                                                  recipe.get("loggers", DEFAULT_LOGGERS))
+    if automatic:
+        resolved["auto"] = checker.auto(recipe.get("auto") or {})
+    elif "auto" in recipe:
+        checker.problem("auto", f"the automatic pipeline's stages; it runs only with no guide "
+                                f"or 'guide: {{name: {AUTO}}}'")
     if checker.problems:
         raise RecipeError(source, checker.problems)
     return resolved
@@ -313,12 +339,30 @@ class _Checker:
                 self.problem(f"train.{key}", f"unknown setting; {did_you_mean(str(key), TRAIN)}")
             elif not option.accepts(value):
                 self.problem(f"train.{key}", option.refusal(value))
+            elif key == "stop" and value is not None and value not in STOPS:
+                self.problem("train.stop", f"expected one of {', '.join(STOPS)} (or null), "
+                                           f"got {value!r}")
+            elif key == "converge_window" and value < 8:
+                self.problem("train.converge_window", f"expected a whole number >= 8, got "
+                                                      f"{value!r}")
             elif key == "average_last" and value is not None and not 0 < value <= 1:
                 self.problem("train.average_last", f"expected a fraction in (0, 1], got {value!r}")
             elif isinstance(value, int) and value < lowest.get(key, 0):
                 self.problem(f"train.{key}", f"expected a whole number >= {lowest.get(key, 0)}, "
                                              f"got {value!r}")
         return {name: train.get(name, option.default) for name, option in TRAIN.items()}
+
+    def auto(self, section: Any) -> dict:
+        """The automatic pipeline's section: its stages, in order, each with every option."""
+        if not isinstance(section, dict):
+            self.problem("auto", f"expected a mapping like '{{stages: [...]}}', got "
+                                 f"{_describe(section)}")
+            return {"stages": []}
+        for key in section:
+            if key != "stages":
+                self.problem(f"auto.{key}", f"unknown setting; {did_you_mean(str(key), ['stages'])}")
+        return {"stages": self.component_list(("auto", "stages"),
+                                              section.get("stages", DEFAULT_STAGES))}
 
     def component_list(self, path: tuple[str, ...], items: Any) -> list:
         """A list of components of one kind (``loggers: [tensorboard, {name: csv}]``)."""
@@ -362,7 +406,8 @@ class _Checker:
                 hint = component.note if not real and component.note else did_you_mean(
                     str(key), real)
                 self.problem(f"{where}.{key}", f"{kind} {name!r} has no option {key!r}; {hint}")
-            elif option is not None and not option.accepts(value):
+            elif option is not None and not option.accepts(value) and not (
+                    path == ("optimizer",) and key == "lr" and value == AUTO):
                 self.problem(f"{where}.{key}", option.refusal(value))
         for option in component.options.values():
             if option.name in section:
@@ -371,9 +416,21 @@ class _Checker:
                 self.problem(f"{where}.{option.name}", f"required by {kind} {name!r}")
             else:
                 resolved[option.name] = option.default
+        if path == ("optimizer",) and section.get("lr") == AUTO and section.get("schedule"):
+            self.problem(f"{where}.lr", "lr auto searches one step size for the whole run; "
+                                        "it does not combine with a schedule")
         for key, value in section.items():  # options a **kwargs factory takes unchecked
             resolved.setdefault(key, value)
         return resolved
+
+
+def _automatic(recipe: dict) -> bool:
+    """Whether a recipe asks for the automatic pipeline: guide auto, or no guide, loss or
+    optimizer at all (a recipe that names only its model and data)."""
+    guide = recipe.get("guide")
+    if guide is None:
+        return "loss" not in recipe and "optimizer" not in recipe
+    return guide == AUTO or (isinstance(guide, dict) and guide.get("name") == AUTO)
 
 
 def _expand_shorthands(section: dict, path: tuple[str, ...] = ()) -> dict:

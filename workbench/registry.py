@@ -51,6 +51,7 @@ KINDS: dict[str, str] = {
     "optim_args": "register_optim_args",
     "schedule": "register_schedules",
     "logger": "register_loggers",
+    "stage": "register_stages",
 }
 
 # Factory parameters vibench fills in from the run instead of the recipe, per kind.
@@ -63,6 +64,7 @@ INJECTED: dict[str, frozenset[str]] = {
     "optim_args": frozenset({"device", "defaults"}),
     "schedule": frozenset({"device", "optimizer", "steps"}),
     "logger": frozenset({"device", "run_dir", "start_step", "recipe"}),
+    "stage": frozenset({"device"}),
 }
 
 # Kinds for which a function named by its place (``file.py:attr``) is the component itself,

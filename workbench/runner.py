@@ -29,7 +29,8 @@ from pyro.infer.util import torch_item, zero_grads
 
 from workbench import checkpoint, distributed, posterior, signals
 from workbench.build import build
-from workbench.callbacks import Averaging, Callback, EarlyStopping, MetricLogging, log_params
+from workbench.callbacks import (Averaging, Callback, Converged, EarlyStopping, MetricLogging,
+                                 log_params)
 from workbench.data import Rows
 from workbench.distributed import World
 from workbench.errors import Interrupted, PeerLost, RunError, UsageError, VibenchError, one_line
@@ -215,6 +216,8 @@ class Run:
             found.append(EarlyStopping(settings["early_stop_patience"],
                                        settings["early_stop_window"],
                                        settings["early_stop_min_delta"]))
+        if settings.get("stop") == "converged":
+            found.append(Converged(settings["converge_window"], settings["converge_rhat"]))
         return found
 
     def train(self, run_dir: Path, on_step: StepCallback | None = None,

@@ -78,11 +78,21 @@ def start(source: Path, sets: Sequence[str], out: Path | None, registry: Registr
     from workbench import distributed
     from workbench.runner import Run
 
+    from workbench import stepsize
+
     world = distributed.start()
     resolved = prepare(source, sets, registry)
+    if "auto" in resolved:  # no guide named: the automatic pipeline (workbench/auto.py)
+        from workbench import auto
+
+        return auto.start(resolved, registry, _claim_as(world, resolved["name"], out), world)
     held = _claim_as(world, resolved["name"], out)
     try:
-        return Job(Run.setup(resolved, registry), held)
+        if not stepsize.wanted(resolved):
+            return Job(Run.setup(resolved, registry), held)
+        run = Run.setup(stepsize.placeholder(resolved), registry)
+        stepsize.adapt(run)
+        return Job(run, held)
     except BaseException:
         held.release()
         _remove_unused(held)

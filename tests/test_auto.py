@@ -1,0 +1,130 @@
+"""The automatic pipeline (workbench/auto.py, plugins/stages.py), train.stop: converged and
+optimizer lr: auto, through the service a ``vibench run`` uses."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+
+from conftest import vibench
+from workbench import auto, service
+from workbench.callbacks import iterate_rhat
+from workbench.recipe import DEFAULT_STAGES, resolve
+from workbench.registry import get_registry
+
+HERE = Path(__file__).resolve().parent
+QUIET = {"loggers": [], "train": {"plots": False, "eval_every": 0}}
+
+
+def write(tmp_path: Path, recipe: dict) -> Path:
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml.safe_dump({**QUIET, **recipe}))
+    return path
+
+
+def run(tmp_path: Path, recipe: dict) -> tuple[dict, Path]:
+    job = service.start(write(tmp_path, recipe), [], tmp_path / "run", get_registry())
+    return job.train(), job.path
+
+
+def test_a_recipe_without_a_guide_gets_the_default_stages():
+    resolved = resolve({"model": {"name": "beta_bernoulli"}, "data": {"flips": [1, 0]}},
+                       get_registry(), "r.yaml")
+    assert resolved["guide"] == {"name": "auto"}
+    assert [s["name"] for s in resolved["auto"]["stages"]] == DEFAULT_STAGES
+    gaussian = resolved["auto"]["stages"][1]
+    assert gaussian["lr"] == "auto" and gaussian["runs"] == 4  # every option filled in
+    assert "loss" not in resolved and "optimizer" not in resolved
+
+
+def test_a_bad_stage_name_is_one_clear_line(tmp_path):
+    path = write(tmp_path, {"model": {"name": "beta_bernoulli"}, "data": {"flips": [1, 0]},
+                            "auto": {"stages": ["start", "gausian"]}})
+    result = vibench("run", str(path), "--out", str(tmp_path / "run"))
+    assert result.returncode == 2
+    errors = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(errors) == 1 and "unknown stage 'gausian'" in errors[0]
+    assert "gaussian" in errors[0] and "Traceback" not in result.stderr
+
+
+def test_a_stage_of_ones_own_replaces_the_defaults_and_the_report_says_so(tmp_path):
+    summary, path = run(tmp_path, {
+        "model": {"name": "beta_bernoulli"}, "data": {"flips": [1, 1, 0, 1]},
+        "auto": {"stages": [{"name": f"{HERE / 'auto_models.py'}:OneFit", "steps": 15},
+                            "psis"]}})
+    stages = summary["auto"]["stages"]
+    assert [s["stage"] for s in stages][1] == "psis"
+    assert stages[0]["said"] == "my own stage: mine stopped at its 15 steps, not converged"
+    assert (path / "fits" / "mine" / "summary.json").is_file()
+    saved = yaml.safe_load((path / "recipe.yaml").read_text())
+    assert saved["auto"]["stages"][1] == {"name": "psis", "khat": 0.7}
+    assert json.loads((path / "summary.json").read_text())["auto"]["used"] == ["mine"]
+    shown = auto.lines(summary)
+    assert shown[0].startswith("auto: ") and "my own stage" in shown[0]
+
+
+def test_a_banana_escalates_to_a_flow(tmp_path):
+    summary, _ = run(tmp_path, {
+        "model": {"name": f"{HERE / 'auto_models.py'}:banana"},
+        "auto": {"stages": ["start",
+                            {"name": "gaussian", "runs": 1, "min_runs": 1, "lr": 0.01,
+                             "max_steps": 30},
+                            {"name": "flow", "max_steps": 30, "num_transforms": 1},
+                            "psis"]}})
+    stages = {s["stage"]: s["said"] for s in summary["auto"]["stages"]}
+    gaussian_khat = summary["auto"]["fits"][0]["khat"]
+    assert gaussian_khat > 0.7
+    assert stages["flow"].startswith(f"escalated to a flow: k-hat {gaussian_khat:.2f} > 0.7")
+    assert [fit["label"] for fit in summary["auto"]["fits"]] == ["gaussian-1", "flow"]
+    assert summary["auto"]["flags"] or summary["diagnostics"]["khat"] < 0.7
+
+
+def test_iterate_rhat_tells_a_trend_from_noise():
+    import torch
+
+    generator = torch.Generator().manual_seed(0)
+    noise = torch.randn(200, 3, generator=generator)
+    trend = noise + torch.linspace(0, 10, 200)[:, None]
+    assert iterate_rhat(noise, 4) < 1.1 < iterate_rhat(trend, 4)
+    assert iterate_rhat(torch.zeros(40, 2), 4) == 1.0
+
+
+def test_lr_auto_and_stop_converged_work_in_an_ordinary_recipe(tmp_path):
+    path = write(tmp_path, {"model": {"name": "beta_bernoulli"}, "data": {"flips": [1, 0, 1]},
+                            "guide": {"name": "auto_normal"}, "loss": {"name": "elbo"},
+                            "optimizer": {"name": "adam", "lr": "auto"},
+                            "train": {**QUIET["train"], "steps": 500, "stop": "converged",
+                                      "converge_window": 40, "converge_rhat": 1000.0}})
+    job = service.start(path, [], tmp_path / "run", get_registry())
+    assert any(note.startswith("optimizer.lr auto: ") for note in job.run.notes)
+    summary = job.train()
+    chosen = summary["recipe"]["optimizer"]["lr"]
+    assert isinstance(chosen, float) and chosen > 0
+    assert yaml.safe_load((job.path / "recipe.yaml").read_text())["optimizer"]["lr"] == chosen
+    # so lax a threshold passes at the first check, when the window first fills
+    assert summary["converged"]["at_step"] == summary["steps"] == 40
+    assert summary["stopped_early"] == 40 and summary["converged"]["averaged"]
+
+
+@pytest.mark.slow
+def test_the_pipeline_finds_a_conjugate_regressions_posterior(tmp_path):
+    summary, path = run(tmp_path, {
+        "data": {"dataset": {"name": "synthetic_regression", "n": 50,
+                             "coefficients": [1.5, -2.0], "noise": 0.5}},
+        "model": {"name": "linear_regression", "noise": 0.5},
+        "auto": {"stages": ["start", {"name": "gaussian", "runs": 2, "max_steps": 200},
+                            "rhat", "flow", "psis"]}})
+    exact = json.loads((path / "fits" / "gaussian-1" / "summary.json").read_text())["posterior"]
+    for site, entry in summary["posterior"].items():
+        means, sds = auto._flat_list(entry["mean"]), auto._flat_list(entry["std"])
+        true_means = auto._flat_list(exact[site]["exact_mean"])
+        true_sds = auto._flat_list(exact[site]["exact_std"])
+        for mean, sd, true_mean, true_sd in zip(means, sds, true_means, true_sds):
+            assert abs(mean - true_mean) <= 0.2 * true_sd
+            assert 0.8 <= sd / true_sd <= 1.2
+    assert [s["stage"] for s in summary["auto"]["stages"]] == ["start", "gaussian", "rhat",
+                                                                "flow", "psis"]
+    assert summary["auto"]["stages"][3]["said"].startswith("skipped: the best Gaussian's k-hat")

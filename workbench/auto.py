@@ -1,0 +1,377 @@
+"""The automatic pipeline: a recipe that names a model and its data but no guide (or
+``guide: {name: auto}``) runs the stages its ``auto: {stages: [...]}`` section lists (by
+default start, gaussian, rhat, flow, psis; ``plugins/stages.py``). Each stage fits through
+``Pipeline.fit``, which is an ordinary vibench run (``Run.setup``, ``Run.train``) in the run
+directory's ``fits/<label>``; the pipeline then reports one set of estimates, pooled over the
+fits that agree or taken from the best, importance-weighted where k-hat allows, with the
+reasons not to trust them (``flags``). summary.json's ``auto`` section says which stages ran
+and why.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any, Callable
+
+from workbench.errors import Interrupted, RunError, UsageError, VibenchError, one_line
+from workbench.registry import Registry
+
+
+@dataclass
+class Fit:
+    """One run of the pipeline: its summary (None if it failed) and its fitted Gaussian
+    (loc, scale_tril in the unconstrained space) where the guide has one."""
+
+    label: str
+    path: Path
+    summary: dict | None
+    gaussian: tuple | None = None
+    lr: float | None = None
+    error: str = ""
+
+    @property
+    def ok(self) -> bool:
+        return self.summary is not None
+
+    @property
+    def khat(self) -> float | None:
+        return ((self.summary or {}).get("diagnostics") or {}).get("khat")
+
+    @property
+    def elbo(self) -> float:
+        value = ((self.summary or {}).get("diagnostics") or {}).get("elbo")
+        return float("-inf") if value is None else value
+
+    def ending(self) -> str:
+        """How the fit ended, in a few words."""
+        if not self.ok:
+            return f"{self.label} failed"
+        at = (self.summary.get("converged") or {}).get("at_step")
+        steps = self.summary["steps"]
+        return (f"{self.label} converged at step {at}" if at else
+                f"{self.label} stopped at its {steps} steps, not converged")
+
+    def estimates(self, weighted: float | None) -> tuple[dict, bool]:
+        """Per site mean and sd: the importance-weighted ones where ``weighted`` is set and
+        the k-hat is below it, else the guide's own; and whether they are weighted."""
+        use = weighted is not None and self.khat is not None and self.khat < weighted
+        post = {}
+        for site, entry in self.summary["posterior"].items():
+            pick = use and "iw_mean" in entry
+            post[site] = {"mean": entry["iw_mean" if pick else "mean"],
+                          "std": entry["iw_std" if pick else "std"]}
+        return post, use
+
+
+@dataclass
+class Pipeline:
+    """What the stages share: the recipe, the fits so far and what the report needs."""
+
+    recipe: dict
+    registry: Registry
+    run_dir: Path
+    on_step: Callable[[int, float], None] | None = None
+    guide: dict = field(default_factory=dict)  # options every Gaussian fit's guide gets
+    fits: list[Fit] = field(default_factory=list)
+    candidates: list[Fit] = field(default_factory=list)  # where the estimates come from
+    weighted: float | None = None  # report PSIS estimates of fits with k-hat below this
+    rhat: dict | None = None
+    flags: list[str] = field(default_factory=list)
+    last_run: Any = None
+    _dimension: int | None = None
+
+    @property
+    def dimension(self) -> int:
+        """The number of unconstrained latent dimensions of the model."""
+        if self._dimension is None:
+            self._dimension = latent_dimension(self.recipe, self.registry)
+        return self._dimension
+
+    def fit(self, label: str, guide: dict, loss: dict, optimizer: dict, train: dict,
+            seed_offset: int = 0, start: Callable[[Any], None] | None = None) -> Fit:
+        """One vibench run with these sections in ``fits/<label>``; a run that fails to set up
+        or to train is a Fit with the error (an interruption stops the pipeline, and a recipe
+        the checks refuse is the user's error)."""
+        from workbench import recipe as recipes
+        from workbench import stepsize
+        from workbench.rundir import claim
+        from workbench.runner import Run, run_context
+
+        base = {key: self.recipe[key] for key in ("seed", "device", "dtype", "data", "model",
+                                                  "loggers")}
+        sub = {**base, "name": f"{self.recipe['name']}-{label}",
+               "seed": self.recipe["seed"] + seed_offset, "guide": guide, "loss": loss,
+               "optimizer": optimizer,
+               "train": {**self.recipe["train"], **train}}
+        path = self.run_dir / "fits" / label
+        resolved = recipes.resolve(sub, self.registry, str(self.run_dir / "recipe.yaml"))
+        held = claim(resolved["name"], path)
+        try:
+            searching = stepsize.wanted(resolved)
+            run = Run.setup(stepsize.placeholder(resolved) if searching else resolved,
+                            self.registry)
+            if start is not None:  # before the step-size search: it tries from the start
+                with run_context(run.device, run.dtype):
+                    start(run.guide)
+            if searching:
+                stepsize.adapt(run)
+        except VibenchError as exc:  # the recipe was checked: this fit, not the recipe, failed
+            held.release()
+            found = Fit(label, path, None, error=one_line(exc))
+            self.fits.append(found)
+            return found
+        except BaseException:
+            held.release()
+            raise
+        self.last_run = run
+        try:
+            summary = run.train(held.path, self.on_step)
+        except Interrupted:
+            raise
+        except VibenchError as exc:
+            found = Fit(label, path, None, error=one_line(exc))
+            self.fits.append(found)
+            return found
+        finally:
+            held.release()
+        with run_context(run.device, run.dtype):
+            gaussian = fitted_gaussian(run.guide)
+        found = Fit(label, path, summary, gaussian, run.recipe["optimizer"].get("lr"))
+        self.fits.append(found)
+        return found
+
+    @staticmethod
+    def best(fits: list[Fit]) -> Fit:
+        """The fit with the highest ELBO (the same draws' estimate as its k-hat's)."""
+        return max(fits, key=lambda fit: fit.elbo)
+
+
+def latent_dimension(recipe: dict, registry: Registry) -> int:
+    """The number of unconstrained numbers a guide over the model's latent sites holds."""
+    import torch
+    from pyro import poutine
+    from pyro.infer.autoguide.initialization import InitMessenger, init_to_feasible
+    from pyro.poutine.util import site_is_subsample
+    from torch.distributions import biject_to
+
+    from workbench.build import build
+    from workbench.runner import DTYPES, pick_device, run_context
+    from workbench.tensors import load_data
+
+    device = pick_device(recipe["device"])
+    with run_context(device, DTYPES[recipe["dtype"]]), torch.no_grad():
+        model = build(registry, "model", recipe["model"], device=device)
+        data, _ = load_data(registry, recipe["data"], model, recipe["model"]["name"], device)
+        try:  # at feasible values, not prior draws: an improper prior's draw may be no number
+            with InitMessenger(init_to_feasible):
+                trace = poutine.trace(model).get_trace(**data)
+        except Exception as exc:
+            raise UsageError(f"model {recipe['model']['name']!r}: {one_line(exc)}") from exc
+        total = 0
+        for site in trace.nodes.values():
+            if site["type"] == "sample" and not site["is_observed"] \
+                    and not site_is_subsample(site):
+                total += biject_to(site["fn"].support).inv(site["value"]).numel()
+    return total
+
+
+def fitted_gaussian(guide: Any) -> tuple | None:
+    """(loc, scale_tril) of a Gaussian autoguide's fitted distribution, unconstrained."""
+    import torch
+
+    if hasattr(guide, "gaussian"):  # a Gaussian of its own making (plugins/flows.py)
+        loc, tril = guide.gaussian()
+        return loc.detach().clone(), tril.detach().clone()
+    get = getattr(guide, "get_posterior", None)
+    if get is None or not hasattr(guide, "latent_dim"):
+        return None
+    with torch.no_grad():
+        try:
+            posterior = get()
+            loc = posterior.mean.detach().clone()
+            covariance = getattr(posterior, "covariance_matrix", None)
+            if covariance is None:
+                covariance = torch.diag_embed(posterior.variance)
+            return loc, torch.linalg.cholesky(covariance.detach())
+        except Exception:  # a guide whose posterior is no Gaussian (a flow)
+            return None
+
+
+def execute(pipeline: Pipeline) -> dict:
+    """Run the stages, then assemble, write and return the summary."""
+    from workbench.build import build
+
+    records, began = [], time.perf_counter()
+    for section in pipeline.recipe["auto"]["stages"]:
+        stage = build(pipeline.registry, "stage", section)
+        try:
+            said = stage.run(pipeline)
+        except (Interrupted, UsageError):
+            raise
+        except Exception as exc:
+            raise RunError(f"stage {section['name']!r} failed: {one_line(exc)}") from exc
+        records.append({"stage": section["name"], "said": said})
+    summary = assemble(pipeline, records, time.perf_counter() - began)
+    from workbench.runner import write_results
+
+    write_results(pipeline.run_dir, summary, params=False)
+    return summary
+
+
+def assemble(pipeline: Pipeline, records: list[dict], wall: float) -> dict:
+    """summary.json of the pipeline: the fits' estimates (pooled when R-hat says they agree,
+    else the highest-ELBO fit's), scored against the reference where the model has one."""
+    from workbench import reference
+
+    fits = [fit for fit in pipeline.candidates if fit.ok]
+    if not fits:
+        errors = "; ".join(f"{fit.label}: {fit.error}" for fit in pipeline.fits) or "none ran"
+        raise RunError(f"the automatic pipeline fitted nothing ({errors}); see "
+                       f"{pipeline.run_dir / 'fits'}")
+    agree = (len(fits) > 1 and pipeline.rhat is not None
+             and pipeline.rhat["max"] <= pipeline.rhat["threshold"])
+    used = fits if agree else [pipeline.best(fits)]
+    parts = [fit.estimates(pipeline.weighted) for fit in used]
+    post = pool([estimates for estimates, _ in parts])
+    for site, entry in pipeline.best(used).summary["posterior"].items():  # the exact answer
+        post[site].update({k: entry[k] for k in ("exact_mean", "exact_std") if k in entry})
+    weighted = [fit.label for fit, (_, w) in zip(used, parts) if w]
+    khats = [fit.khat for fit in used]
+    worst = max((k for k in khats if k is not None), default=None)
+    best = pipeline.best(used)
+    flags = list(pipeline.flags)
+    unchecked = [fit.label for fit, k in zip(used, khats) if k is None]
+    if unchecked:
+        flags.append(f"no k-hat for {', '.join(unchecked)} (see its summary.json): its "
+                     "estimates could not be checked by importance sampling")
+    if worst is not None and worst > 0.7:
+        flags.append(f"k-hat {worst:.2f} > 0.7: the fit is not a good importance sampler of "
+                     "the posterior; do not trust its estimates")
+    source = ("importance-weighted (PSIS)" if len(weighted) == len(used) else
+              "the guide's own" if not weighted else "mixed (importance-weighted where "
+              "k-hat allows)")
+    how = f"pooled over {len(used)} fits" if len(used) > 1 else f"from {used[0].label}"
+    diagnostics = {**(best.summary.get("diagnostics") or {}), "khat": worst,
+                   "khats": dict(zip([fit.label for fit in used], khats))}
+    diagnostics.pop("sites", None)
+    compared = {}
+    if pipeline.last_run is not None:
+        from workbench.runner import run_context
+
+        run = pipeline.last_run
+        with run_context(run.device, run.dtype):
+            compared = reference.section(run.model, run.data, post)
+    steps = sum(fit.summary["steps"] for fit in pipeline.fits if fit.ok)
+    return {
+        "recipe": pipeline.recipe,
+        "steps": steps,
+        "wall_seconds": wall,
+        "steps_per_second": steps / wall if wall > 0 else 0.0,
+        "final_loss": best.summary["final_loss"],
+        "posterior": post,
+        "diagnostics": diagnostics,
+        **compared,
+        "params": best.summary["params"],
+        "status": "completed",
+        "device": best.summary["device"],
+        "dtype": best.summary["dtype"],
+        "versions": best.summary["versions"],
+        "data_hash": best.summary["data_hash"],
+        "world_size": 1,
+        "auto": {
+            "stages": records,
+            "fits": [{"label": fit.label, "path": str(fit.path), "ok": fit.ok,
+                      "steps": fit.summary["steps"] if fit.ok else None, "lr": fit.lr,
+                      "khat": fit.khat, "elbo": fit.elbo if fit.ok else None,
+                      "ending": fit.ending(), **({"error": fit.error} if fit.error else {})}
+                     for fit in pipeline.fits],
+            "estimates": f"{source} estimates, {how}",
+            "used": [fit.label for fit in used],
+            "rhat": pipeline.rhat and {k: v for k, v in pipeline.rhat.items() if k != "params"},
+            "flags": flags,
+            "trusted": not flags,
+        },
+    }
+
+
+def pool(estimates: list[dict]) -> dict:
+    """The moments of an equal mixture of the fits' estimates, per site."""
+    import torch
+
+    if len(estimates) == 1:
+        return estimates[0]
+    pooled = {}
+    for site in estimates[0]:
+        means = torch.tensor([e[site]["mean"] for e in estimates], dtype=torch.float64)
+        sds = torch.tensor([e[site]["std"] for e in estimates], dtype=torch.float64)
+        mean = means.mean(0)
+        variance = (sds.pow(2) + means.pow(2)).mean(0) - mean.pow(2)
+        pooled[site] = {"mean": mean.tolist(), "std": variance.clamp(min=0).sqrt().tolist()}
+    return pooled
+
+
+def _flat_list(value: Any) -> list[float]:
+    """A nested list of numbers (or a number) as one flat list."""
+    if isinstance(value, list):
+        return [x for item in value for x in _flat_list(item)]
+    return [float(value)]
+
+
+def lines(summary: dict) -> list[str]:
+    """The pipeline's part of the terminal report: each stage and what it said, the
+    estimates' source, and the flags."""
+    section = summary.get("auto")
+    if not section:
+        return []
+    found = [f"auto: {record['stage']}: {record['said']}" for record in section["stages"]]
+    found.append(f"auto: {section['estimates']}")
+    found += [f"auto: FLAG: {flag}" for flag in section["flags"]]
+    if not section["flags"]:
+        found.append("auto: no flags (R-hat and k-hat within bounds)")
+    return found
+
+
+class AutoJob:
+    """The pipeline set up and holding its run directory, as ``service.Job`` is for one run;
+    ``run`` offers what the CLI reads before training (notes, the step count)."""
+
+    def __init__(self, pipeline: Pipeline, run_dir: Any):
+        self.pipeline = pipeline
+        self.run_dir = run_dir
+        stages = ", ".join(s["name"] for s in pipeline.recipe["auto"]["stages"])
+        self.run = SimpleNamespace(recipe=pipeline.recipe, notes=[
+            f"automatic pipeline: stages {stages}; each fit is a run in "
+            f"{run_dir.path / 'fits'}"])
+
+    @property
+    def path(self) -> Path:
+        return self.run_dir.path
+
+    def train(self, on_step=None) -> dict:
+        from workbench.runner import recipe_text
+
+        self.pipeline.on_step = on_step
+        try:
+            (self.path / "recipe.yaml").write_text(recipe_text(self.pipeline.recipe, []))
+            return execute(self.pipeline)
+        finally:
+            self.run_dir.release()
+
+
+def start(recipe: dict, registry: Registry, held: Any, world: Any) -> AutoJob:
+    """An automatic pipeline for a checked recipe, its run directory claimed (``held``)."""
+    if world.distributed:
+        held.release()
+        raise UsageError("the automatic pipeline runs as one process; run it without torchrun")
+    for section in recipe["auto"]["stages"]:
+        try:
+            from workbench.build import build
+
+            build(registry, "stage", section)
+        except UsageError:
+            held.release()
+            raise
+    return AutoJob(Pipeline(recipe, registry, held.path), held)
