@@ -39,6 +39,22 @@ def laplace_start(guide, args: tuple, kwargs: dict) -> list[str]:
     return notes
 
 
+def pathfinder_start(guide, args: tuple, kwargs: dict) -> list[str]:
+    """Put the guide's fixed affine map at multi-path Pathfinder's Gaussian (plugins/
+    pathfinder.py), from the guide's start and uniform ones."""
+    from vibench_plugins import laplace, pathfinder
+
+    sites = laplace.layout(guide)
+    answer, notes = pathfinder.approximate(guide, sites, args, kwargs,
+                                           first=guide.transform[-1].loc.detach().clone())
+    if answer is not None:
+        mean, covariance, precision_diag = answer
+        tril = (torch.linalg.cholesky(covariance) if covariance is not None
+                else torch.diag_embed(precision_diag.rsqrt()))
+        guide.start_at(mean, tril)
+    return notes
+
+
 def iaf_stack(dim: int, count: int, hidden_factor: int) -> list[TransformModule]:
     """``count`` affine autoregressive flows (alternating variable order), each the identity
     at first; none in one dimension, where an autoregressive network has nothing to condition

@@ -1,6 +1,6 @@
 """A full-rank Gaussian guide, optionally with normalizing flows, fitted in whitened
 coordinates: z = m + C (a + S f(eps)), with (m, C) a fixed start (the Laplace approximation
-with ``init: laplace``, or a fitted Gaussian given to ``start_at``), a and S (lower
+with ``init: laplace``, Pathfinder's with ``init: pathfinder``, or a fitted Gaussian given to ``start_at``), a and S (lower
 triangular) learnt, and f inverse autoregressive flows (Kingma et al. 2016) whose last layers
 start at zero, so that f starts as the identity and the guide as N(m, C C'). Learning a and S
 instead of the Gaussian's own location and Cholesky factor makes one step size fit every
@@ -22,14 +22,14 @@ def register_guides(register):
 
 def auto_gaussian_flow(model, num_transforms: int = 2, hidden_factor: int = 4,
                        init_scale: float = 0.1, init_loc: str = "median",
-                       init: Literal["init_loc", "laplace"] = "init_loc"):
+                       init: Literal["init_loc", "laplace", "pathfinder"] = "init_loc"):
     """A whitened full-rank Gaussian with inverse autoregressive flows, started as a Gaussian."""
     import torch
     from pyro.distributions.torch_transform import ComposeTransformModule
     from pyro.infer.autoguide import AutoNormalizingFlow
 
     from vibench_plugins.flow_transforms import (CholeskyAffine, FixedAffine, iaf_stack,
-                                                 laplace_start)
+                                                 laplace_start, pathfinder_start)
     from vibench_plugins.guides import _continuous, _init_loc, _positive
 
     if num_transforms < 0 or hidden_factor < 1:
@@ -61,8 +61,10 @@ def auto_gaussian_flow(model, num_transforms: int = 2, hidden_factor: int = 4,
                 return fixed.loc + fixed.tril @ learnt.loc, fixed.tril @ learnt.tril()
 
         def initialise(self, *args, **kwargs) -> list[str]:
-            """With init laplace: start at the Laplace approximation (plugins/laplace.py)."""
-            return laplace_start(self, args, kwargs) if init == "laplace" else []
+            """Start at the Laplace approximation (init laplace) or at Pathfinder's Gaussian
+            (init pathfinder)."""
+            starts = {"laplace": laplace_start, "pathfinder": pathfinder_start}
+            return starts[init](self, args, kwargs) if init in starts else []
 
     guide = AutoGaussianFlow(_continuous(model))
     guide.source_model = (model,)

@@ -454,11 +454,27 @@ def initialise(guide, *args, num_paths: int = NUM_PATHS, max_iter: int = MAX_ITE
                ) -> list[str]:
     """Pathfinder from the guide's start and ``num_paths - 1`` uniform starts; write its
     answer's mean and as much of its covariance as the family holds into ``guide``."""
-    kwargs = data_kwargs or {}
-    check_options(num_paths, max_iter, history, draws)
     sites = laplace.layout(guide)
+    answer, notes = approximate(guide, sites, args, data_kwargs or {}, num_paths, max_iter,
+                                history, draws)
+    if answer is not None:
+        mean, covariance, precision_diag = answer
+        laplace.write(guide, sites, mean, covariance, precision_diag)
+    return notes
+
+
+def approximate(guide, sites: list[laplace.Site], args: tuple, kwargs: dict,
+                num_paths: int = NUM_PATHS, max_iter: int = MAX_ITER, history: int = HISTORY,
+                draws: int = DRAWS, first: torch.Tensor | None = None
+                ) -> tuple[tuple[torch.Tensor, torch.Tensor | None, torch.Tensor] | None,
+                           list[str]]:
+    """Multi-path Pathfinder for ``guide``'s model: its answer as (mean, covariance or None
+    beyond MAX_DENSE_DIM, precision diagonal) in the guide's dtype, or None, and notes. The
+    first path starts at ``first`` (default: the guide's location now)."""
+    check_options(num_paths, max_iter, history, draws)
     laplace.check_continuous(guide, args, kwargs, method="pathfinder")
-    first = laplace.current_loc(guide, sites)
+    if first is None:
+        first = laplace.current_loc(guide, sites)
     result = None
     for dtype in dict.fromkeys([torch.float64, first.dtype]):
         wide_args, wide_kwargs = _cast((args, kwargs), dtype)
@@ -479,7 +495,7 @@ def initialise(guide, *args, num_paths: int = NUM_PATHS, max_iter: int = MAX_ITE
             torch.set_default_dtype(previous)
     guide.pathfinder_result = result
     if result.best is None:
-        return [f"pathfinder: no path found a Gaussian with a finite ELBO in {num_paths} "
+        return None, [f"pathfinder: no path found a Gaussian with a finite ELBO in {num_paths} "
                 f"paths ({result.gradient_evaluations} gradient evaluations); the guide keeps "
                 "its default start"]
     best = result.best
@@ -493,8 +509,8 @@ def initialise(guide, *args, num_paths: int = NUM_PATHS, max_iter: int = MAX_ITE
         precision_diag = best.precision_diagonal()
         source = "the best path's Gaussian"
     dtype = first.dtype
-    laplace.write(guide, sites, mean.to(dtype),
-                  None if covariance is None else covariance.to(dtype), precision_diag.to(dtype))
+    answer = (mean.to(dtype), None if covariance is None else covariance.to(dtype),
+              precision_diag.to(dtype))
     notes = [f"pathfinder: {num_paths} path{'s' * (num_paths > 1)}, "
              f"{result.gradient_evaluations} gradient evaluations, ELBO {result.elbo:.4g}, "
              f"PSIS k-hat {result.khat:.2f}; the guide starts at {source}"]
@@ -505,4 +521,4 @@ def initialise(guide, *args, num_paths: int = NUM_PATHS, max_iter: int = MAX_ITE
     if not dense:
         notes.append(f"pathfinder: more than {MAX_DENSE_DIM} unconstrained dimensions, so "
                      "the guide gets the location and the conditional scales only")
-    return notes
+    return answer, notes

@@ -31,8 +31,9 @@ def register_stages(register):
     register("psis", psis)
 
 
-def start(method: str = "laplace"):
-    """Start each Gaussian at the mode and its curvature (laplace) or another initialiser."""
+def start(method: Literal["laplace", "pathfinder", "init_loc", "none"] = "laplace"):
+    """Start each Gaussian at the mode and its curvature (laplace), at Pathfinder's Gaussian
+    (pathfinder), or at its guide's init_loc."""
     return Start(method)
 
 

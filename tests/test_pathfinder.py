@@ -95,6 +95,24 @@ def test_init_pathfinder_sets_every_gaussian_autoguide(float64, name):
     assert ((scale / expected) - 1).abs().max() < 0.2, (scale, expected)
 
 
+def test_the_flow_guide_starts_at_pathfinders_gaussian(float64):
+    """auto_gaussian_flow with init pathfinder (the automatic pipeline's ``start: {method:
+    pathfinder}``) holds Pathfinder's Gaussian as its start: the conjugate regression's
+    posterior mean and covariance."""
+    from vibench_plugins import flows, losses
+
+    data = data_for(regression)
+    mean, covariance = regression_posterior(data["y"])
+    sds = covariance.diagonal().sqrt()
+    guide = flows.auto_gaussian_flow(regression, init="pathfinder")
+    losses.elbo().loss_and_grads(regression, guide, **data)
+    notes = guide.initialise(**data)
+    assert notes[0].startswith("pathfinder: 4 paths, ")
+    loc, tril = guide.gaussian()
+    assert ((loc - mean).abs() / sds).max() < 0.2
+    assert ((tril @ tril.T).diagonal().sqrt() / sds - 1).abs().max() < 0.2
+
+
 def test_init_pathfinder_then_svi_on_the_coin(tmp_path: Path):
     run, summary = train(tmp_path, "guide=auto_multivariate_normal", "guide.init=pathfinder",
                          "train.steps=50", "optimizer.lr=0.01")
