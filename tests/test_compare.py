@@ -247,6 +247,38 @@ def test_errors_are_in_exact_sds_and_the_sd_ratio_is_the_one_furthest_from_one()
                                         "exact_std": 2.0}}})["sd_ratio"] == 1.5
 
 
+def test_against_a_reference_posterior_the_errors_are_the_reports_z_and_r():
+    """A posteriordb model has reference moments, not an exact posterior: the table's
+    mean error / sd and sd ratio are the worst of the report's z and r."""
+    summary = {"posterior": {"beta": {"mean": [1.0, 2.0], "std": [1.0, 1.0]}},
+               "reference": {"params": {"beta[1]": {"z": 0.1, "r": 1.1},
+                                        "beta[2]": {"z": 0.3, "r": 0.6},
+                                        "sigma": {"reason": "no such site"}}},
+               "diagnostics": {"khat": 0.2}}
+    got = metrics(summary)
+    assert got["mean_error_sd"] == pytest.approx(0.3) and got["sd_ratio"] == pytest.approx(0.6)
+
+
+def test_a_suite_of_recipes_runs_each_with_every_combination(tmp_path: Path):
+    """Several recipes: each runs with every grid value, the recipe is the table's first
+    column and the CSV's first key; the same recipe twice is refused."""
+    out = tmp_path / "suite"
+    linear = COIN.parent / "linear_regression.yaml"
+    result = vibench("compare", str(COIN), str(linear), "--grid", "guide=auto_normal",
+                     "--steps", "20", "--set", "train.plots=false", "--out", str(out),
+                     cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    rows = read_csv(out / "compare.csv")
+    assert [(r["recipe"], r["guide"], r["status"]) for r in rows] == [
+        ("coin", "auto_normal", "ok"), ("linear_regression", "auto_normal", "ok")]
+    table = result.stdout.splitlines()
+    assert "recipe" in table[1] and any(line.strip().startswith("linear_regression")
+                                        for line in table)
+    twice = vibench("compare", str(COIN), str(COIN), cwd=tmp_path)
+    assert twice.returncode == 2 and twice.stderr.strip().splitlines() == [
+        f"error: the recipe {COIN} is given twice"]
+
+
 def test_importance_weighted_estimates_are_not_taken_for_the_exact_posterior():
     summary = {"posterior": {"a": {"mean": 1.0, "std": 0.5, "iw_mean": 1.2, "iw_std": 1.0}},
                "diagnostics": {"khat": 0.2, "elbo": -3.0, "log_evidence": -2.9}}

@@ -252,7 +252,9 @@ def list_components(
 
 @app.command()
 def compare(
-    recipe: Annotated[Path, typer.Argument(help="The recipe, a YAML file.", show_default=False)],
+    recipe: Annotated[list[Path], typer.Argument(
+        help="The recipe, a YAML file; or several (a suite: each runs with every grid "
+             "combination, and the table has a row per recipe).", show_default=False)],
     grid: Annotated[
         Optional[list[str]],
         typer.Option("--grid", metavar="KEY=V1,V2", show_default=False,
@@ -281,7 +283,7 @@ def compare(
     backend: Annotated[str, typer.Option(
         metavar="local|ray",
         help="Where the runs go: child processes here, or Ray tasks on a Ray cluster "
-             "(pip install 'vibench[ray]').")] = "local",
+             "(pip install 'vibench\\[ray]').")] = "local",
     address: Annotated[Optional[str], typer.Option(
         show_default=False,
         help="With --backend ray: the cluster to use (as for ray.init; default RAY_ADDRESS, "
@@ -294,7 +296,8 @@ def compare(
                                  "with device auto uses the one Ray gives it). Default: 0.")
     ] = None,
 ) -> None:
-    """Run a recipe for every combination of --grid values and seeds, side by side.
+    """Run a recipe (or a suite of recipes) for every combination of --grid values and
+    seeds, side by side.
 
     Each run is a `vibench run` in its own directory; they run in parallel. At
     the end: a table (seeds averaged), compare.csv, compare.png, TensorBoard
@@ -307,6 +310,7 @@ def compare(
       vibench compare recipes/coin.yaml --grid optimizer.lr=0.01,0.05 --seeds 3
       vibench compare recipes/coin.yaml --grid loss=elbo,renyi_elbo --jobs 2
       vibench compare recipes/coin.yaml --grid guide=beta,auto_normal --backend ray --address HOST:6379
+      vibench compare packages/vibench-posteriordb/recipes/*.yaml --grid guide=auto,auto_normal
     """
     from workbench.compare import compare as run_compare
 

@@ -73,6 +73,7 @@ class Spec:
     name: str  # the run directory's name inside the compare directory
     refused: list[str] = field(default_factory=list)  # problems found before it ran
     hparams: dict[str, Any] = field(default_factory=dict)
+    recipe: Path | None = None  # the recipe it runs (set by ``plan``)
 
 
 @dataclass
@@ -208,9 +209,43 @@ def plan(recipe: Path, grids: list[Grid], sets: Sequence[str], steps: int | None
             run_name = _safe_name(label, names)
             hparams = {g.key: _hparam(v) for g, v in zip(grids, combo)}
             specs.append(Spec(combo, seed, [*base_sets, *grid_sets], run_name, refused,
-                              {**hparams, "seed": seed}))
+                              {**hparams, "seed": seed}, recipe))
     _consistent_hparams(specs, grids)
     return specs, str(name)
+
+
+def plan_suite(recipes: Sequence[Path], grids: list[Grid], sets: Sequence[str],
+               steps: int | None, seeds: int) -> tuple[list[Spec], list[Grid], str]:
+    """``plan`` for each of several recipes (a suite, such as the posteriordb recipes), the
+    recipe becoming the first grid key, named by its file's stem; one recipe is plain
+    ``plan``. Returns the specs, the grids the table shows, and the comparison's name."""
+    if len(recipes) == 1:
+        specs, name = plan(recipes[0], grids, sets, steps, seeds)
+        return specs, grids, name
+    labels = [r.stem for r in recipes]
+    if len(set(labels)) < len(labels):
+        labels = [str(r) for r in recipes]
+    if len(set(labels)) < len(labels):
+        twice = next(label for label in labels if labels.count(label) > 1)
+        raise UsageError(f"the recipe {twice} is given twice")
+    specs: list[Spec] = []
+    names: set[str] = set()
+    problems: list[str] = []
+    for recipe, label in zip(recipes, labels):
+        try:
+            found, _ = plan(recipe, grids, sets, steps, seeds)
+        except RecipeError as exc:
+            problems += [line if line.startswith(str(recipe)) else f"{recipe}: {line}"
+                         for line in exc.lines()]
+            continue
+        for spec in found:
+            spec.combo = (label, *spec.combo)
+            spec.name = _safe_name(f"recipe={label},{spec.name}", names)
+            spec.hparams = {"recipe": label, **spec.hparams}
+            specs.append(spec)
+    if problems:
+        raise _Problems(_unique(problems))
+    return specs, [Grid("recipe", labels), *grids], "suite"
 
 
 class _Problems(UsageError):
@@ -302,7 +337,7 @@ class Runner:
             lines = [f"error: {line}" for line in spec.refused]
             (run_dir / "stderr.txt").write_text("\n".join(lines) + "\n")
             return Result(spec, run_dir, "failed", 2, lines[-1])
-        job = Job(self.recipe, run_dir, spec.seed, spec.sets)
+        job = Job(spec.recipe or self.recipe, run_dir, spec.seed, spec.sets)
         with self.lock:
             if self.control.stopping:
                 return Result(spec, run_dir, "interrupted", error=NOT_STARTED)
@@ -448,7 +483,8 @@ def metrics(summary: dict) -> dict[str, float | None]:
 
     The same yardstick for every run whatever its loss: the ELBO and the importance-sampled
     log evidence, each with its Monte Carlo se, from the report's guide draws. Where the exact
-    posterior is known, errors in units of the exact sd, so sites of any scale compare:
+    posterior is known (or a reference one: its report's z and r), errors in units of its sd,
+    so sites of any scale compare:
     ``mean_error_sd`` the largest |mean - exact mean| / exact sd, ``sd_ratio`` the guide sd /
     exact sd furthest from 1, over every site and element; and the raw ``mean_error`` and
     ``std_error`` (largest absolute differences) that compare.csv always had. Then k-hat, the
@@ -461,11 +497,20 @@ def metrics(summary: dict) -> dict[str, float | None]:
     diagnostics = summary.get("diagnostics")
     diagnostics = diagnostics if isinstance(diagnostics, dict) else {}
     khat = [v for v in _flatten(diagnostics.get("khat")) if _number(v) is not None]
+    z = [abs(m - em) / es for m, _, em, es in both]
+    r = [s / es for _, s, _, es in both]
+    reference = summary.get("reference")
+    scored = reference.get("params") if isinstance(reference, dict) else None
+    if not both and isinstance(scored, dict):  # a reference posterior known by its moments
+        z = [v for e in scored.values() if isinstance(e, dict)
+             for v in [_number(e.get("z"))] if v is not None]
+        r = [v for e in scored.values() if isinstance(e, dict)
+             for v in [_number(e.get("r"))] if v is not None]
     return {
         **{key: _number(diagnostics.get(key))
            for key in ("elbo", "elbo_se", "log_evidence", "log_evidence_se")},
-        "mean_error_sd": _largest([abs(m - em) / es for m, _, em, es in both]),
-        "sd_ratio": _furthest_from_one([s / es for _, s, _, es in both]),
+        "mean_error_sd": _largest(z),
+        "sd_ratio": _furthest_from_one(r),
         "khat": _largest(khat),
         "final_loss": _number(summary.get("final_loss")),
         "mean_error": _largest([abs(a - b) for e in entries
@@ -847,7 +892,8 @@ def table_notes(results: list[Result]) -> list[str]:
              "guides."]
     if any(r.metrics.get("mean_error_sd") is not None for r in shown):
         notes.append("mean error / sd = |guide mean - exact mean| / exact sd, sd ratio = guide "
-                     "sd / exact sd (1 is right): the worst site or element.")
+                     "sd / exact sd (1 is right): the worst site or element (against a "
+                     "reference posterior: the report's z and r, worst parameter).")
     if any(r.metrics.get(key) is None for r in shown for _, key, _ in COLUMNS):
         notes.append("n/a: not known for these runs (mean error / sd, sd ratio: no exact "
                      "posterior; ELBO, log evidence, k-hat: no diagnostics).")
@@ -917,16 +963,20 @@ def _run_numbers(result: Result) -> str:
     return f" ({', '.join(parts)})" if parts else ""
 
 
-def compare(recipe: Path, grid: Sequence[str], sets: Sequence[str], seeds: int,
+def compare(recipe: Path | Sequence[Path], grid: Sequence[str], sets: Sequence[str], seeds: int,
             steps: int | None, jobs: int | None, out: Path | None,
             timeout: float | None = None, backend: str = "local", address: str | None = None,
             cpus_per_run: float | None = None, gpus_per_run: float | None = None) -> None:
-    """The ``vibench compare`` command; raises a VibenchError for a non-zero exit."""
+    """The ``vibench compare`` command, over one recipe or several (a suite); raises a
+    VibenchError for a non-zero exit."""
     if timeout is not None and not timeout > 0:
         raise UsageError(f"--timeout {timeout:g}: give the seconds each run may take, more than 0")
     check_backend(backend, address, cpus_per_run, gpus_per_run)
+    recipes = [recipe] if isinstance(recipe, (str, Path)) else list(recipe)
+    if not recipes:
+        raise UsageError("give a recipe (or several) to compare")
     grids = parse_grid(grid)
-    specs, name = plan(recipe, grids, sets, steps, seeds)
+    specs, grids, name = plan_suite([Path(r) for r in recipes], grids, sets, steps, seeds)
     runs = sum(not s.refused for s in specs) or 1
     if backend == "ray":
         jobs = max(1, min(jobs or runs, runs))
@@ -941,7 +991,7 @@ def compare(recipe: Path, grid: Sequence[str], sets: Sequence[str], seeds: int,
         print(f"compare directory: {compare_dir}", file=sys.stderr)
         limit = f", each for at most {timeout:g} s" if timeout is not None else ""
         print(chosen.describe(len(specs), jobs) + limit, file=sys.stderr, flush=True)
-        runner = Runner(recipe, compare_dir, jobs, chosen, timeout)
+        runner = Runner(Path(recipes[0]), compare_dir, jobs, chosen, timeout)
         with counting_signals(runner):
             with Reporter(len(specs), grids) as reporter:
                 results = runner.run_all(specs, reporter, reporter.note)
