@@ -10,7 +10,7 @@ import copy
 import re
 import stat
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any, Iterable, Literal, Sequence
 
 import yaml
 
@@ -49,6 +49,7 @@ TRAIN: dict[str, Option] = {
         Option("early_stop_min_delta", 0.0, float),  # what counts as an improvement
         Option("diagnostics", True, bool),  # PSIS k-hat and importance-weighted estimates
         Option("plots", True, bool),  # the loss and per-site density plots
+        Option("compile", "auto", Literal["auto", True, False]),  # workbench.compiled's step
     )
 }
 MAX_BYTES = 1_000_000
@@ -313,6 +314,8 @@ class _Checker:
                 self.problem(f"train.{key}", f"unknown setting; {did_you_mean(str(key), TRAIN)}")
             elif not option.accepts(value):
                 self.problem(f"train.{key}", option.refusal(value))
+            elif key == "compile" and not (value == "auto" or isinstance(value, bool)):
+                self.problem("train.compile", f"expected one of 'auto', true, false, got {value!r}")
             elif key == "average_last" and value is not None and not 0 < value <= 1:
                 self.problem("train.average_last", f"expected a fraction in (0, 1], got {value!r}")
             elif isinstance(value, int) and value < lowest.get(key, 0):

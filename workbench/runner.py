@@ -27,7 +27,7 @@ from pyro import poutine
 from pyro.infer import SVI
 from pyro.infer.util import torch_item, zero_grads
 
-from workbench import checkpoint, distributed, posterior, signals
+from workbench import checkpoint, compiled, distributed, posterior, signals
 from workbench.build import build
 from workbench.callbacks import Averaging, Callback, EarlyStopping, MetricLogging, log_params
 from workbench.distributed import World
@@ -124,6 +124,7 @@ class Run:
     whole_data: dict | None = None  # under torchrun, on rank 0: the whole data, for the report
     peers_stop: bool = False  # under torchrun: some rank was asked to stop at the last step
     rank_rngs: list[dict] = field(default_factory=list)  # every rank's, at the last checkpoint
+    compiled: compiled.CompiledStep | None = None  # the step, compiled (train.compile)
 
     @classmethod
     def setup(cls, recipe: dict, registry: Registry) -> Run:
@@ -180,6 +181,10 @@ class Run:
                     notes.append(f"loss {names['loss']!r} has no gradient-free estimate, so "
                                  "Eval/loss is not logged")
             exact = exact_posterior(model, whole, names["model"])
+            step, note = compiled.prepare(recipe["train"].get("compile", "auto"), svi, data,
+                                          device, recipe["train"]["steps"],
+                                          minibatch.plate is not None, world.size)
+            notes.extend([note] if note else [])
             if world.distributed:
                 distributed.broadcast_params()
                 pyro.set_rng_seed(distributed.rank_seed(recipe["seed"], world.rank))
@@ -187,7 +192,8 @@ class Run:
         return cls(recipe, device, dtype, data, model, guide, svi, sites,
                    posterior.plate_nesting(trace), exact, data_hash(whole),
                    schedule_stepper(optimizer), can_evaluate, notes, minibatch, registry,
-                   world, whole if world.distributed and world.leader else None)
+                   world, whole if world.distributed and world.leader else None,
+                   compiled=step)
 
     # ----------------------------------------------------------------------------------------
     # training
@@ -331,6 +337,11 @@ class Run:
         """One SVI step (Pyro's SVI.step, guarded): a non-finite loss or gradient is not
         applied, and comes back as the reason the step was bad. Under torchrun the ranks'
         losses and gradients are averaged first (and whether any was asked to stop)."""
+        if self.compiled is not None:
+            loss, bad = self.compiled()
+            if not bad and self.schedule is not None:
+                self.schedule(loss)
+            return loss, bad
         self.minibatch.resample()
         svi = self.svi
         with poutine.trace(param_only=True) as capture:
@@ -445,6 +456,8 @@ class Run:
             optim.grad_clip.clear()
             optim.set_state(saved["optim"])
             optim([p for _, p in pyro.get_param_store().named_parameters()])  # no gradients
+        if self.compiled is not None:
+            self.compiled.adopt_optimizer()
         checkpoint.set_rng_state(saved["rng_ranks"][self.world.rank] if self.world.distributed
                                  else saved["rng"])
         for callback in callbacks:
