@@ -173,9 +173,9 @@ def compile_step(svi: Any, data: dict, steps: int | None = None,
             if backend == "fx":
                 return CompiledStep(lambda values: stepper(*values), params, inputs, svi.optim,
                                     update.states if update else None, names)
-            run = torch.compile(stepper, fullgraph=True, dynamic=False,
-                                options={"compile_threads": 1})  # no worker processes
-            run(*[t.clone() for t in inputs])  # compiles now (or reads inductor's cache)
+            with torch._inductor.config.patch(compile_threads=1):  # no worker processes
+                run = torch._inductor.standalone_compile(  # reads inductor's cache, if it can
+                    stepper, [t.clone() for t in inputs], dynamic_shapes="from_example_inputs")
     except Exception as exc:
         raise CannotCompile(f"torch.compile failed: {one_line(exc)}") from exc
     return CompiledStep(_unwrap(run), params, inputs, svi.optim,
