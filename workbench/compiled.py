@@ -133,31 +133,30 @@ def compile_step(svi: Any, data: dict, steps: int | None = None,
         raise CannotCompile("the guide has no parameters")
     store = pyro.get_param_store()
     names = [store.param_name(p) or "?" for p in params]
-    keys = [key for key, value in data.items() if torch.is_tensor(value)]
-    data_values = [data[key] for key in keys]
 
-    def loss_and_grads(*values: torch.Tensor) -> tuple:  # values: the parameters, the data
-        given = dict(data, **dict(zip(keys, values[len(params):])))
+    def loss_and_grads(*values: torch.Tensor) -> tuple:  # values: the parameters
+        # the data are constants of the graph: they never change between steps, so what
+        # the model reads of them in Python (a size, say) may be read once
         for param in params:
             param.grad = None
         with _traceable():
-            value = svi.loss_and_grads(svi.model, svi.guide, **given)
+            value = svi.loss_and_grads(svi.model, svi.guide, **data)
         grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
         for param in params:
             param.grad = None
         return (torch.as_tensor(value, dtype=params[0].dtype), *grads)
 
-    graph = _trace(loss_and_grads, [*params, *data_values])
-    again = _trace(loss_and_grads, [*params, *data_values], seed_offset=1)
+    graph = _trace(loss_and_grads, params)
+    again = _trace(loss_and_grads, params, seed_offset=1)
     if graph.code != again.code:
         raise CannotCompile("the trace's structure changes from step to step")
-    _check_against_eager(svi, data, params, graph, data_values)
+    _check_against_eager(svi, data, params, graph)
     update = _adam_update(svi.optim, params)
     states = update.states if update else []
 
-    def step(*values: torch.Tensor) -> tuple:  # values: parameters, optimizer state, data
+    def step(*values: torch.Tensor) -> tuple:  # values: parameters, optimizer state
         at, to = len(params), len(params) + len(states)
-        loss_value, *grads = graph(*values[:at], *values[to:])
+        loss_value, *grads = graph(*values[:at])
         finite = torch.stack([torch.isfinite(g).all() for g in grads])
         ok = torch.isfinite(loss_value) & finite.all()
         if update is not None:
@@ -165,7 +164,7 @@ def compile_step(svi: Any, data: dict, steps: int | None = None,
             return loss_value, ok, finite
         return (loss_value, ok, finite, *grads)
 
-    inputs = [t.detach() for t in (*params, *states, *data_values)]  # same storage, no autograd
+    inputs = [t.detach() for t in (*params, *states)]  # the same storage, without autograd
     try:  # tracing runs the step: on copies, on a forked random stream
         with warnings.catch_warnings(), torch.no_grad(), torch.random.fork_rng():
             warnings.simplefilter("ignore")
@@ -216,7 +215,7 @@ def _trace(fn: Callable, inputs: list[torch.Tensor],
 
 
 def _check_against_eager(svi: Any, data: dict, params: list[torch.Tensor],
-                         graph: torch.fx.GraphModule, data_values: list[torch.Tensor]) -> None:
+                         graph: torch.fx.GraphModule) -> None:
     """The traced loss and gradients must be Pyro's eager ones for the same random draws."""
     seed = torch.initial_seed() + 2
     with torch.random.fork_rng():
@@ -229,7 +228,7 @@ def _check_against_eager(svi: Any, data: dict, params: list[torch.Tensor],
         param.grad = None
     with torch.random.fork_rng(), torch.no_grad():
         torch.manual_seed(seed)
-        traced_loss, *traced = graph(*params, *data_values)
+        traced_loss, *traced = graph(*params)
     same = math.isclose(float(traced_loss), eager_loss, rel_tol=1e-4, abs_tol=1e-5) or \
         not math.isfinite(eager_loss)
     for want, got in zip(eager, traced):
@@ -308,8 +307,9 @@ class _Counting(TorchDispatchMode):
 @contextlib.contextmanager
 def _traceable() -> Iterator[None]:
     """Pyro's ELBOs read their loss into a Python float and warn on NaN, both by reading a
-    value the trace cannot see; while tracing they keep the tensor, and validation (which
-    checks values in Python) is off."""
+    value the trace cannot see; while tracing they keep the tensor, validation (which
+    checks values in Python) is off, and ``torch.jit.is_tracing()`` is true, as under
+    Pyro's own JIT ELBOs."""
     patched = []
     for name, module in list(sys.modules.items()):
         if module is None or not (name.startswith("pyro.infer") or name.startswith("plugins")):
@@ -318,6 +318,8 @@ def _traceable() -> Iterator[None]:
             if getattr(module, attr, None) is not None and callable(getattr(module, attr)):
                 patched.append((module, attr, getattr(module, attr)))
                 setattr(module, attr, replacement)
+    patched.append((torch.jit, "is_tracing", torch.jit.is_tracing))
+    torch.jit.is_tracing = _tracing
     try:
         with pyro.validation_enabled(False):
             yield
@@ -328,3 +330,7 @@ def _traceable() -> Iterator[None]:
 
 def _keep(value: Any, *args: Any, **kwargs: Any) -> Any:
     return value
+
+
+def _tracing() -> bool:
+    return True
