@@ -96,9 +96,22 @@ def test_auto_falls_back_with_one_note_and_true_refuses_in_one_line():
 
 
 def test_auto_keeps_short_runs_eager_and_false_never_compiles():
-    assert prepare("train.steps=100").compiled is None
     run = prepare("train.compile=false", "train.steps=100000")
     assert run.compiled is None and not any("compiled" in n for n in run.notes)
+
+
+@pytest.mark.parametrize("sets", [["train.steps=100"], ["train.steps=100000", "loss=iwae"]])
+def test_a_run_auto_leaves_eager_is_bitwise_the_eager_run(sets: list[str]):
+    """Trying to compile (a few steps short, or a loss that cannot) leaves no trace: no random
+    draw taken, no gradient left over for the first real step."""
+    fits = []
+    for setting in ("auto", "false"):
+        run = prepare(*sets, f"train.compile={setting}", "train.eval_every=0")
+        assert run.compiled is None
+        for _ in range(3):
+            run.step()
+        fits.append(fitted())
+    assert all(torch.equal(fits[0][k], fits[1][k]) for k in fits[0])
 
 
 def test_minibatches_stay_eager():

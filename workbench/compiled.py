@@ -109,6 +109,9 @@ def prepare(setting: str | bool, svi: Any, data: dict, device: torch.device, ste
             raise UsageError(f"train.compile: true, but this step cannot be compiled: {exc}")\
                 from None
         return None, f"training eagerly, not compiled: {exc}"
+    finally:  # no gradient of the trial steps may reach the first real step
+        for _, param in pyro.get_param_store().named_parameters():
+            param.grad = None
 
 
 def compile_step(svi: Any, data: dict, steps: int | None = None,
@@ -123,12 +126,12 @@ def compile_step(svi: Any, data: dict, steps: int | None = None,
     with poutine.trace(param_only=True) as capture, torch.random.fork_rng(), \
             _Counting() as counted:
         svi.loss_and_grads(svi.model, svi.guide, **data)
-    if steps is not None and steps * counted.ops * EAGER_OP_SECONDS < PAYS_SECONDS:
-        return None
     params = list({id(p): p for p in (site["value"].unconstrained()
                                       for site in capture.trace.nodes.values())}.values())
-    for param in params:
+    for param in params:  # that step's gradients must not reach the first real one
         param.grad = None
+    if steps is not None and steps * counted.ops * EAGER_OP_SECONDS < PAYS_SECONDS:
+        return None
     if not params:
         raise CannotCompile("the guide has no parameters")
     store = pyro.get_param_store()
