@@ -114,9 +114,13 @@ def test_a_run_auto_leaves_eager_is_bitwise_the_eager_run(sets: list[str]):
     assert all(torch.equal(fits[0][k], fits[1][k]) for k in fits[0])
 
 
-def test_minibatches_stay_eager():
+def test_minibatches_stay_eager_saying_so_only_where_compiling_would_pay():
     with pytest.raises(UsageError, match="draws new indices each step"):
         prepare("train.compile=true", "train.batch_size=5")
+    assert prepare("train.batch_size=5", "train.steps=100").notes == []
+    assert prepare("train.batch_size=5", "train.steps=100000").notes == [
+        "training eagerly, not compiled: a minibatch (train.batch_size) draws new indices "
+        "each step"]
 
 
 def test_compiled_runs_resume_exactly_and_eager_can_take_over(tmp_path: Path):

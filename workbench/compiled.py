@@ -96,14 +96,15 @@ def prepare(setting: str | bool, svi: Any, data: dict, device: torch.device, ste
     if mode == "false":
         return None, None
     try:
+        refusal = None
         if minibatch:
-            raise CannotCompile("a minibatch (train.batch_size) draws new indices each step")
-        if processes > 1:
-            raise CannotCompile(f"training on {processes} processes")
-        if mode == "auto" and device.type != "cpu":
-            raise CannotCompile(f"compiled steps are tested on the CPU only, not {device.type}"
-                                " (train.compile: true tries anyway)")
-        return compile_step(svi, data, steps if mode == "auto" else None), None
+            refusal = "a minibatch (train.batch_size) draws new indices each step"
+        elif processes > 1:
+            refusal = f"training on {processes} processes"
+        elif mode == "auto" and device.type != "cpu":
+            refusal = (f"compiled steps are tested on the CPU only, not {device.type} "
+                       "(train.compile: true tries anyway)")
+        return compile_step(svi, data, steps if mode == "auto" else None, refusal=refusal), None
     except CannotCompile as exc:
         if mode == "true":
             raise UsageError(f"train.compile: true, but this step cannot be compiled: {exc}")\
@@ -114,15 +115,13 @@ def prepare(setting: str | bool, svi: Any, data: dict, device: torch.device, ste
             param.grad = None
 
 
-def compile_step(svi: Any, data: dict, steps: int | None = None,
-                 backend: str = "inductor") -> CompiledStep | None:
+def compile_step(svi: Any, data: dict, steps: int | None = None, backend: str = "inductor",
+                 refusal: str | None = None) -> CompiledStep | None:
     """Trace, check and compile one step of ``svi`` (whose parameters and optimizers exist).
     Given ``steps``, None where so few eager steps would cost less than compiling: the
     estimate counts the step's torch operations, so a resumed run decides as the first did.
-    ``backend="fx"`` replays the traced graph uncompiled (the same random draws as eager)."""
-    elbo = getattr(svi.loss_and_grads, "__self__", None)
-    if any("Enum" in cls.__name__ for cls in type(elbo).__mro__):
-        raise CannotCompile("the loss enumerates discrete sites")
+    ``backend="fx"`` replays the traced graph uncompiled (the same random draws as eager).
+    ``refusal``: the caller's reason not to compile, raised only where compiling would pay."""
     with poutine.trace(param_only=True) as capture, torch.random.fork_rng(), \
             _Counting() as counted:
         svi.loss_and_grads(svi.model, svi.guide, **data)
@@ -132,6 +131,11 @@ def compile_step(svi: Any, data: dict, steps: int | None = None,
         param.grad = None
     if steps is not None and steps * counted.ops * EAGER_OP_SECONDS < PAYS_SECONDS:
         return None
+    if refusal:
+        raise CannotCompile(refusal)
+    elbo = getattr(svi.loss_and_grads, "__self__", None)
+    if any("Enum" in cls.__name__ for cls in type(elbo).__mro__):
+        raise CannotCompile("the loss enumerates discrete sites")
     if not params:
         raise CannotCompile("the guide has no parameters")
     store = pyro.get_param_store()
