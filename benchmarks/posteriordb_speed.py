@@ -90,12 +90,22 @@ def main() -> None:
             if run.compiled is None:
                 print(f"| {posterior} | {guide} | - | - | - | not compiled |", flush=True)
                 continue
+            start = {name: value.detach().clone()
+                     for name, value in pyro.get_param_store().named_parameters()}
             plain = plain_side(run, guide)  # the same parameters (names), its own optimizer
             rates: dict[str, list[float]] = {"plain": [], "vibench": []}
-            for repeat in range(args.repeats):
-                for side in (("plain", "vibench") if repeat % 2 == 0 else ("vibench", "plain")):
-                    rates[side].append(per_second(plain if side == "plain" else run.step,
-                                                  args.steps))
+            try:
+                for repeat in range(args.repeats):
+                    for side in (("plain", "vibench") if repeat % 2 == 0
+                                 else ("vibench", "plain")):
+                        with torch.no_grad():  # each repeat from the same start, in place
+                            for name, value in pyro.get_param_store().named_parameters():
+                                value.copy_(start[name])
+                        rates[side].append(per_second(plain if side == "plain" else run.step,
+                                                      args.steps))
+            except Exception as exc:
+                print(f"| {posterior} | {guide} | - | - | - | failed: {exc} |", flush=True)
+                continue
             p, v = (statistics.median(rates[k]) for k in ("plain", "vibench"))
             print(f"| {posterior} | {guide} | {p:.0f} | {v:.0f} | {v / p:.1f}x | "
                   f"{compile_s:.1f} |", flush=True)
