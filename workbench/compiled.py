@@ -28,8 +28,6 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from workbench.errors import UsageError, one_line
 
-
-
 EAGER_OP_SECONDS = 5e-6  # what an eager step costs per torch operation (coin: 236 ops, 1.2 ms)
 PAYS_SECONDS = 2.0  # auto compiles where the eager steps would take longer (compiling: 1-3 s)
 
@@ -91,8 +89,7 @@ def prepare(setting: str | bool, svi: Any, data: dict, device: torch.device, ste
     note saying why not (no note for ``false``, nor where ``auto`` finds ``steps`` too few to
     pay for compiling). Under ``true`` a step that cannot compile is a UsageError;
     ``minibatch`` (new indices each step) and several ``processes`` cannot."""
-    mode = {True: "true", False: "false"}.get(setting, setting) if isinstance(setting, bool) \
-        else setting
+    mode = {True: "true", False: "false"}.get(setting, setting)  # YAML's true/false are bools
     if mode == "false":
         return None, None
     try:
