@@ -311,8 +311,9 @@ class _Counting(TorchDispatchMode):
 @contextlib.contextmanager
 def _traceable() -> Iterator[None]:
     """Pyro's ELBOs read their loss into a Python float and warn on NaN, both by reading a
-    value the trace cannot see; while tracing they keep the tensor, validation (which
-    checks values in Python) is off, and ``torch.jit.is_tracing()`` is true, as under
+    value the trace cannot see; while tracing they keep the tensor (``item()`` gives the
+    tensor itself: arithmetic on it is traced, a branch on it still fails), validation
+    (which checks values in Python) is off, and ``torch.jit.is_tracing()`` is true, as under
     Pyro's own JIT ELBOs."""
     patched = []
     for name, module in list(sys.modules.items()):
@@ -324,6 +325,8 @@ def _traceable() -> Iterator[None]:
                 setattr(module, attr, replacement)
     patched.append((torch.jit, "is_tracing", torch.jit.is_tracing))
     torch.jit.is_tracing = _tracing
+    patched.append((torch.Tensor, "item", torch.Tensor.item))
+    torch.Tensor.item = _keep  # arithmetic on it is traced; a branch on it still fails
     try:
         with pyro.validation_enabled(False):
             yield
