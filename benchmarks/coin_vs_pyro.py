@@ -1,6 +1,9 @@
-"""Time ``vibench run recipes/coin.yaml`` against the same experiment in plain Pyro.
+"""Time ``vibench run recipes/coin.yaml`` against the same experiment in plain Pyro and NumPyro.
 
-Each run is its own process, so process wall and CPU time include interpreter start-up,
+Sides: vibench as a user runs it (``train.compile: auto``, so the step is compiled), vibench
+with ``train.compile=false`` (Pyro's eager step), plain Pyro (plain_pyro_coin.py) and NumPyro
+(numpyro_coin.py, skipped with a message where the ``bench`` extra is not installed). Each run
+is its own process, so process wall and CPU time include interpreter start-up,
 imports and (for vibench) recipe checks, logging and writing the run directory; the
 training-loop time is what each side measures around its own SVI loop. One short untimed run
 of each side first warms the disk cache; then the two sides take turns, the first one
@@ -27,6 +30,7 @@ from typing import Callable
 ROOT = Path(__file__).resolve().parents[1]
 RECIPE = ROOT / "recipes" / "coin.yaml"
 PLAIN = Path(__file__).resolve().with_name("plain_pyro_coin.py")
+NUMPYRO = Path(__file__).resolve().with_name("numpyro_coin.py")
 
 # Beta(10, 10) prior, 6 heads and 4 tails: the exact posterior is Beta(16, 14).
 EXACT_ALPHA, EXACT_BETA = 10 + 6, 10 + 4
@@ -55,12 +59,15 @@ def timed(command: list[str], env: dict[str, str] | None) -> tuple[float, float,
     return wall, cpu, done.stdout
 
 
-def run_vibench(steps: int, seed: int, env: dict[str, str] | None) -> dict:
+def run_vibench(steps: int, seed: int, env: dict[str, str] | None,
+                *sets: str) -> dict:
     """One ``vibench run`` into a temporary run directory, read back from its summary.json."""
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "run"
         command = vibench_command() + ["run", str(RECIPE), "--out", str(out),
                                        "--steps", str(steps), "--seed", str(seed)]
+        for item in sets:
+            command += ["--set", item]
         wall, cpu, _ = timed(command, env)
         summary = json.loads((out / "summary.json").read_text())
     site = summary["posterior"]["latent_fairness"]
@@ -69,43 +76,60 @@ def run_vibench(steps: int, seed: int, env: dict[str, str] | None) -> dict:
             "mean": site["mean"], "std": site["std"]}
 
 
-def run_plain(steps: int, seed: int, env: dict[str, str] | None) -> dict:
-    """One run of plain_pyro_coin.py, read back from the JSON line it prints."""
-    wall, cpu, stdout = timed([sys.executable, str(PLAIN),
-                               "--steps", str(steps), "--seed", str(seed)], env)
-    result = json.loads(stdout.strip().splitlines()[-1])
-    return {"process": wall, "cpu": cpu, "loop": result["wall_seconds"],
-            "steps_per_second": result["steps_per_second"],
-            "mean": result["mean"], "std": result["std"]}
+def run_eager(steps: int, seed: int, env: dict[str, str] | None) -> dict:
+    return run_vibench(steps, seed, env, "train.compile=false")
+
+
+def run_script(script: Path) -> Callable[[int, int, dict[str, str] | None], dict]:
+    """A hand-written side: its script's process, read back from the JSON line it prints."""
+    def run(steps: int, seed: int, env: dict[str, str] | None) -> dict:
+        wall, cpu, stdout = timed([sys.executable, str(script),
+                                   "--steps", str(steps), "--seed", str(seed)], env)
+        result = json.loads(stdout.strip().splitlines()[-1])
+        return {"process": wall, "cpu": cpu, "loop": result["wall_seconds"],
+                "steps_per_second": result["steps_per_second"],
+                "mean": result["mean"], "std": result["std"]}
+    return run
 
 
 Side = Callable[[int, int, dict[str, str] | None], dict]
-SIDES: dict[str, Side] = {"vibench": run_vibench, "plain Pyro": run_plain}
+SIDES: dict[str, Side] = {"vibench": run_vibench, "vibench eager": run_eager,
+                          "plain Pyro": run_script(PLAIN), "NumPyro": run_script(NUMPYRO)}
 
 
-def measure(repeats: int, steps: int, seed: int,
-            threads: int | None = None) -> dict[str, list[dict]]:
-    """Every side ``repeats`` times after a warm-up, interleaved; each result gains ``outside``
-    (process - loop). ``threads`` sets OMP_NUM_THREADS for both sides."""
+def has_numpyro() -> bool:
+    import importlib.util
+
+    return all(importlib.util.find_spec(name) is not None for name in ("numpyro", "jax"))
+
+
+def measure(repeats: int, steps: int, seed: int, threads: int | None = None,
+            sides: dict[str, Side] = SIDES) -> dict[str, list[dict]]:
+    """Every side ``repeats`` times after a warm-up, interleaved (the order turns by one each
+    repeat); each result gains ``outside`` (process - loop) and ``per_step`` (loop / steps).
+    ``threads`` sets OMP_NUM_THREADS for every side."""
     env = {**os.environ, "OMP_NUM_THREADS": str(threads)} if threads else None
-    for run in SIDES.values():
+    for run in sides.values():
         run(WARMUP_STEPS, seed, env)
-    results: dict[str, list[dict]] = {name: [] for name in SIDES}
+    results: dict[str, list[dict]] = {name: [] for name in sides}
+    names = list(sides)
     for repeat in range(repeats):
-        order = list(SIDES) if repeat % 2 == 0 else list(reversed(SIDES))
-        for name in order:
-            result = SIDES[name](steps, seed, env)
+        shift = repeat % len(names)
+        for name in names[shift:] + names[:shift]:
+            result = sides[name](steps, seed, env)
             result["outside"] = result["process"] - result["loop"]
+            result["per_step"] = 1000 * result["loop"] / steps
             results[name].append(result)
-            print(f"  repeat {repeat + 1}/{repeats} {name:<10} process {result['process']:6.2f} s"
+            print(f"  repeat {repeat + 1}/{repeats} {name:<13} process {result['process']:6.2f} s"
                   f"  loop {result['loop']:6.2f} s", file=sys.stderr, flush=True)
     return results
 
 
 def report(results: dict[str, list[dict]], repeats: int, steps: int, seed: int,
            threads: int | None = None) -> list[str]:
-    """The table: medians over repeats (with min-max for times), and vibench/plain ratios."""
-    vib, plain = (results[name] for name in SIDES)
+    """The table: medians over repeats (with min-max for times) per side, and vibench's
+    ratios to plain Pyro and to NumPyro (where it ran)."""
+    names = list(results)
 
     def median(runs: list[dict], key: str) -> float:
         return statistics.median(r[key] for r in runs)
@@ -119,10 +143,12 @@ def report(results: dict[str, list[dict]], repeats: int, steps: int, seed: int,
         ("process CPU time (s)", "cpu", ".2f", True),
         ("training loop (s)", "loop", ".2f", True),
         ("outside the loop (s)", "outside", ".2f", True),
+        ("per step (ms, loop)", "per_step", ".3f", True),
         ("steps/s (loop)", "steps_per_second", ".0f", True),
         ("posterior mean", "mean", ".4f", False),
         ("posterior sd", "std", ".4f", False),
     ]
+    against = [name for name in ("plain Pyro", "NumPyro") if name in results]
     a, b = EXACT_ALPHA, EXACT_BETA
     exact_mean = a / (a + b)
     exact_sd = math.sqrt(a * b / ((a + b) ** 2 * (a + b + 1)))
@@ -131,14 +157,15 @@ def report(results: dict[str, list[dict]], repeats: int, steps: int, seed: int,
         f"coin: {steps} steps, seed {seed}, {threading}, {repeats} repeats per side, "
         "interleaved; medians [min-max]",
         "",
-        f"{'':<24}{'vibench':<24}{'plain Pyro':<24}vibench/plain",
+        f"{'':<24}" + "".join(f"{name:<24}" for name in names)
+        + "".join(f"vibench/{name:<10}" for name in against),
     ]
     for label, key, fmt, show_spread in rows:
-        cells = [spread(r, key, fmt) if show_spread else f"{median(r, key):{fmt}}"
-                 for r in (vib, plain)]
-        ratio = median(vib, key) / median(plain, key) if show_spread else None
-        lines.append(f"{label:<24}{cells[0]:<24}{cells[1]:<24}"
-                     + (f"{ratio:.2f}" if ratio is not None else "-"))
+        cells = [spread(results[n], key, fmt) if show_spread else f"{median(results[n], key):{fmt}}"
+                 for n in names]
+        ratios = [f"{median(results['vibench'], key) / median(results[n], key):<18.2f}"
+                  if show_spread else f"{'-':<18}" for n in against]
+        lines.append(f"{label:<24}" + "".join(f"{c:<24}" for c in cells) + "".join(ratios))
     lines += ["", f"exact posterior Beta({a}, {b}): mean {exact_mean:.4f}, sd {exact_sd:.4f}"]
     return lines
 
@@ -153,7 +180,12 @@ def main() -> None:
     args = parser.parse_args()
     if args.repeats < 1 or args.steps < 1 or (args.threads is not None and args.threads < 1):
         parser.error("--repeats, --steps and --threads must be >= 1")
-    results = measure(args.repeats, args.steps, args.seed, args.threads)
+    sides = dict(SIDES)
+    if not has_numpyro():
+        del sides["NumPyro"]
+        print("NumPyro is not installed: skipping it (pip install -e '.[bench]')",
+              file=sys.stderr)
+    results = measure(args.repeats, args.steps, args.seed, args.threads, sides)
     print("\n".join(report(results, args.repeats, args.steps, args.seed, args.threads)))
 
 

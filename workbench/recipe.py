@@ -10,7 +10,7 @@ import copy
 import re
 import stat
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any, Iterable, Literal, Sequence
 
 import yaml
 
@@ -56,6 +56,7 @@ TRAIN: dict[str, Option] = {
         Option("converge_rhat", 1.1, float),  # stationary when every R-hat is below this
         Option("diagnostics", True, bool),  # PSIS k-hat and importance-weighted estimates
         Option("plots", True, bool),  # the loss and per-site density plots
+        Option("compile", "auto", Literal["auto", True, False]),  # workbench.compiled's step
     )
 }
 MAX_BYTES = 1_000_000
@@ -345,6 +346,8 @@ class _Checker:
             elif key == "converge_window" and value < 8:
                 self.problem("train.converge_window", f"expected a whole number >= 8, got "
                                                       f"{value!r}")
+            elif key == "compile" and not (value == "auto" or isinstance(value, bool)):
+                self.problem("train.compile", f"expected one of 'auto', true, false, got {value!r}")
             elif key == "average_last" and value is not None and not 0 < value <= 1:
                 self.problem("train.average_last", f"expected a fraction in (0, 1], got {value!r}")
             elif isinstance(value, int) and value < lowest.get(key, 0):

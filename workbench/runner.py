@@ -27,7 +27,7 @@ from pyro import poutine
 from pyro.infer import SVI
 from pyro.infer.util import torch_item, zero_grads
 
-from workbench import checkpoint, distributed, posterior, signals
+from workbench import checkpoint, compiled, distributed, posterior, signals
 from workbench.build import build
 from workbench.callbacks import (Averaging, Callback, Converged, EarlyStopping, MetricLogging,
                                  log_params)
@@ -126,6 +126,7 @@ class Run:
     whole_data: dict | None = None  # under torchrun, on rank 0: the whole data, for the report
     peers_stop: bool = False  # under torchrun: some rank was asked to stop at the last step
     rank_rngs: list[dict] = field(default_factory=list)  # every rank's, at the last checkpoint
+    compiled: compiled.CompiledStep | None = None  # the step, compiled (train.compile)
 
     @classmethod
     def setup(cls, recipe: dict, registry: Registry) -> Run:
@@ -192,6 +193,10 @@ class Run:
                                  "Eval/loss is not logged")
             # a rank holding only its rows neither reports nor checks the data on --resume
             exact = exact_posterior(model, whole, names["model"]) if total is None else None
+            step, note = compiled.prepare(recipe["train"].get("compile", "auto"), svi, data,
+                                          device, recipe["train"]["steps"],
+                                          minibatch.plate is not None, world.size)
+            notes.extend([note] if note else [])
             if world.distributed:
                 distributed.broadcast_params()
                 pyro.set_rng_seed(distributed.rank_seed(recipe["seed"], world.rank))
@@ -200,7 +205,8 @@ class Run:
                    posterior.plate_nesting(trace), exact,
                    data_hash(whole) if total is None else "",
                    schedule_stepper(optimizer), can_evaluate, notes, minibatch, registry,
-                   world, whole if world.distributed and world.leader else None)
+                   world, whole if world.distributed and world.leader else None,
+                   compiled=step)
 
     # ----------------------------------------------------------------------------------------
     # training
@@ -346,6 +352,11 @@ class Run:
         """One SVI step (Pyro's SVI.step, guarded): a non-finite loss or gradient is not
         applied, and comes back as the reason the step was bad. Under torchrun the ranks'
         losses and gradients are averaged first (and whether any was asked to stop)."""
+        if self.compiled is not None:
+            loss, bad = self.compiled()
+            if not bad and self.schedule is not None:
+                self.schedule(loss)
+            return loss, bad
         self.minibatch.resample()
         svi = self.svi
         with poutine.trace(param_only=True) as capture:
@@ -460,6 +471,8 @@ class Run:
             optim.grad_clip.clear()
             optim.set_state(saved["optim"])
             optim([p for _, p in pyro.get_param_store().named_parameters()])  # no gradients
+        if self.compiled is not None:
+            self.compiled.adopt_optimizer()
         checkpoint.set_rng_state(saved["rng_ranks"][self.world.rank] if self.world.distributed
                                  else saved["rng"])
         for callback in callbacks:

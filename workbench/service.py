@@ -24,8 +24,10 @@ from workbench.errors import UsageError, one_line
 from workbench.registry import Registry
 from workbench.rundir import LOCK, RunDir, claim, reopen
 
-# What --resume may change: the remedies for a run that diverged or needs more steps.
-RESUMABLE = ("optimizer", "train.steps", "train.skip_bad_steps")
+# What --resume may change: the remedies for a run that diverged or needs more steps, and how
+# a step runs (train.compile: the state is the same either way; a run made before the key
+# existed resumes).
+RESUMABLE = ("optimizer", "train.steps", "train.skip_bad_steps", "train.compile")
 SUMMARY = "summary.json"
 CHECKPOINT = "checkpoint.pt"  # workbench.checkpoint.FILENAME, named here to keep torch out
 LOSSES = "losses.f64"  # workbench.runner.LOSSES

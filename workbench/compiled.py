@@ -1,0 +1,343 @@
+"""A compiled SVI step: loss, gradients and (for Adam) the update, traced once and replayed.
+
+The step is traced once through Pyro with ``make_fx`` into a graph of plain torch operations
+(random draws included, so each replay draws afresh from torch's generator), checked against
+Pyro's own eager step, and compiled with TorchInductor. Anything that would make the replay
+differ from the eager step refuses to trace or fails the checks, and the run stays eager:
+data-dependent control flow (a tensor's value read in Python), enumeration, minibatches (new
+indices each step), several processes, a trace whose structure changes between steps, or a
+gradient that is not the eager one. ``train.compile: auto`` then notes why in one line,
+``true`` stops with that line, ``false`` never tries.
+
+The optimizer's state stays in Pyro's optimizers (the update writes it in place), so
+checkpoints are the eager ones and a run resumes with or without compiling.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import sys
+import warnings
+from typing import Any, Callable, Iterator
+
+import pyro
+import torch
+from pyro import poutine
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from workbench.errors import UsageError, one_line
+
+EAGER_OP_SECONDS = 5e-6  # what an eager step costs per torch operation (coin: 236 ops, 1.2 ms)
+PAYS_SECONDS = 2.0  # auto compiles where the eager steps would take longer (compiling: 1-3 s)
+
+
+class CannotCompile(Exception):
+    """Why this run's step cannot be compiled, in one line."""
+
+
+class CompiledStep:
+    """One training step, compiled: call it for ``(loss, bad)`` as ``Run.step`` gives them (a
+    bad step, with a non-finite loss or gradient, is not applied)."""
+
+    def __init__(self, run: Callable, params: list[torch.Tensor], inputs: list[torch.Tensor],
+                 optim: Any, states: list[torch.Tensor] | None, names: list[str]):
+        self._run = run
+        self._states = states or []  # the optimizers' own state tensors the update writes
+        self.params = params
+        self._inputs = inputs
+        self._optim = optim
+        self.updates = states is not None  # the graph applies the optimizer's update itself
+        self._names = names
+
+    def __call__(self) -> tuple[float, str]:
+        with torch.no_grad():
+            loss, ok, finite, *grads = self._run(self._inputs)
+        value = loss.item()
+        if not bool(ok):
+            if not math.isfinite(value):
+                return value, f"the loss is {value}"
+            bad = [name for name, good in zip(self._names, finite.tolist()) if not good]
+            return value, f"the gradient of {', '.join(sorted(bad))} is not finite"
+        if not self.updates:
+            for param, grad in zip(self.params, grads):
+                param.grad = grad
+            self._optim(self.params)
+            for param in self.params:
+                param.grad = None
+        return value, ""
+
+    def adopt_optimizer(self) -> None:
+        """After the optimizers were made afresh (a resume): move their state into the
+        tensors the compiled update writes, and give them those tensors back."""
+        if not self.updates:
+            return
+        keys = ("step", "exp_avg", "exp_avg_sq")
+        for i, param in enumerate(self.params):
+            state = self._optim.optim_objs[param].state[param]
+            mine = self._states[3 * i:3 * i + 3]
+            with torch.no_grad():
+                for key, tensor in zip(keys, mine):
+                    tensor.copy_(state[key] if key in state else torch.zeros_like(tensor))
+            state.update(zip(keys, mine))
+
+
+def prepare(setting: str | bool, svi: Any, data: dict, device: torch.device, steps: int,
+            minibatch: bool = False, processes: int = 1
+            ) -> tuple[CompiledStep | None, str | None]:
+    """The compiled step for ``svi`` on ``data`` as ``train.compile`` asks, or None and the
+    note saying why not (no note for ``false``, nor where ``auto`` finds ``steps`` too few to
+    pay for compiling). Under ``true`` a step that cannot compile is a UsageError;
+    ``minibatch`` (new indices each step) and several ``processes`` cannot."""
+    mode = {True: "true", False: "false"}.get(setting, setting)  # YAML's true/false are bools
+    if mode == "false":
+        return None, None
+    try:
+        refusal = None
+        if minibatch:
+            refusal = "a minibatch (train.batch_size) draws new indices each step"
+        elif processes > 1:
+            refusal = f"training on {processes} processes"
+        elif mode == "auto" and device.type != "cpu":
+            refusal = (f"compiled steps are tested on the CPU only, not {device.type} "
+                       "(train.compile: true tries anyway)")
+        return compile_step(svi, data, steps if mode == "auto" else None, refusal=refusal), None
+    except CannotCompile as exc:
+        if mode == "true":
+            raise UsageError(f"train.compile: true, but this step cannot be compiled: {exc}")\
+                from None
+        return None, f"training eagerly, not compiled: {exc}"
+    finally:  # no gradient of the trial steps may reach the first real step
+        for _, param in pyro.get_param_store().named_parameters():
+            param.grad = None
+
+
+def compile_step(svi: Any, data: dict, steps: int | None = None, backend: str = "inductor",
+                 refusal: str | None = None) -> CompiledStep | None:
+    """Trace, check and compile one step of ``svi`` (whose parameters and optimizers exist).
+    Given ``steps``, None where so few eager steps would cost less than compiling: the
+    estimate counts the step's torch operations, so a resumed run decides as the first did.
+    ``backend="fx"`` replays the traced graph uncompiled (the same random draws as eager).
+    ``refusal``: the caller's reason not to compile, raised only where compiling would pay."""
+    with poutine.trace(param_only=True) as capture, torch.random.fork_rng(), \
+            _Counting() as counted:
+        svi.loss_and_grads(svi.model, svi.guide, **data)
+    params = list({id(p): p for p in (site["value"].unconstrained()
+                                      for site in capture.trace.nodes.values())}.values())
+    for param in params:  # that step's gradients must not reach the first real one
+        param.grad = None
+    if steps is not None and steps * counted.ops * EAGER_OP_SECONDS < PAYS_SECONDS:
+        return None
+    if refusal:
+        raise CannotCompile(refusal)
+    elbo = getattr(svi.loss_and_grads, "__self__", None)
+    if any("Enum" in cls.__name__ for cls in type(elbo).__mro__):
+        raise CannotCompile("the loss enumerates discrete sites")
+    if not params:
+        raise CannotCompile("the guide has no parameters")
+    store = pyro.get_param_store()
+    names = [store.param_name(p) or "?" for p in params]
+
+    def loss_and_grads(*values: torch.Tensor) -> tuple:  # values: the parameters
+        # the data are constants of the graph: they never change between steps, so what
+        # the model reads of them in Python (a size, say) may be read once
+        for param in params:
+            param.grad = None
+        with _traceable():
+            value = svi.loss_and_grads(svi.model, svi.guide, **data)
+        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+        for param in params:
+            param.grad = None
+        return (torch.as_tensor(value, dtype=params[0].dtype), *grads)
+
+    graph = _trace(loss_and_grads, params)
+    again = _trace(loss_and_grads, params, seed_offset=1)
+    if graph.code != again.code:
+        raise CannotCompile("the trace's structure changes from step to step")
+    _check_against_eager(svi, data, params, graph)
+    update = _adam_update(svi.optim, params)
+    states = update.states if update else []
+
+    def step(*values: torch.Tensor) -> tuple:  # values: parameters, optimizer state
+        at, to = len(params), len(params) + len(states)
+        loss_value, *grads = graph(*values[:at])
+        finite = torch.stack([torch.isfinite(g).all() for g in grads])
+        ok = torch.isfinite(loss_value) & finite.all()
+        if update is not None:
+            update(ok, grads, values[:at], values[at:to])
+            return loss_value, ok, finite
+        return (loss_value, ok, finite, *grads)
+
+    inputs = [t.detach() for t in (*params, *states)]  # the same storage, without autograd
+    try:  # tracing runs the step: on copies, on a forked random stream
+        with warnings.catch_warnings(), torch.no_grad(), torch.random.fork_rng():
+            warnings.simplefilter("ignore")
+            stepper = _make_fx(step, [t.clone() for t in inputs])
+            if backend == "fx":
+                return CompiledStep(lambda values: stepper(*values), params, inputs, svi.optim,
+                                    update.states if update else None, names)
+            with torch._inductor.config.patch(compile_threads=1):  # no worker processes
+                run = torch._inductor.standalone_compile(  # reads inductor's cache, if it can
+                    stepper, [t.clone() for t in inputs], dynamic_shapes="from_example_inputs")
+    except Exception as exc:
+        raise CannotCompile(f"torch.compile failed: {one_line(exc)}") from exc
+    return CompiledStep(_unwrap(run), params, inputs, svi.optim,
+                        update.states if update else None, names)
+
+
+def _unwrap(run: Callable) -> Callable:
+    return lambda values: run(*values)
+
+
+def _make_fx(fn: Callable, inputs: list[torch.Tensor]) -> torch.fx.GraphModule:
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    graph = make_fx(fn)(*inputs)
+    graph.graph.eliminate_dead_code()
+    graph.recompile()
+    return graph
+
+
+def _trace(fn: Callable, inputs: list[torch.Tensor],
+           seed_offset: int = 0) -> torch.fx.GraphModule:
+    """``fn`` as a graph of torch operations, on a forked random stream; a value read in
+    Python while tracing (data-dependent control flow) is a CannotCompile."""
+    with torch.random.fork_rng(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        if seed_offset:
+            torch.manual_seed(torch.initial_seed() + seed_offset)
+        try:
+            return _make_fx(fn, inputs)
+        except CannotCompile:
+            raise
+        except Exception as exc:
+            text = one_line(exc)
+            if "_local_scalar_dense" in text or "data-dependent" in text:
+                raise CannotCompile("data-dependent control flow (the model, guide or loss "
+                                    "reads a tensor's value in Python)") from exc
+            raise CannotCompile(f"tracing failed: {text}") from exc
+
+
+def _check_against_eager(svi: Any, data: dict, params: list[torch.Tensor],
+                         graph: torch.fx.GraphModule) -> None:
+    """The traced loss and gradients must be Pyro's eager ones for the same random draws."""
+    seed = torch.initial_seed() + 2
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        eager_loss = float(torch.as_tensor(svi.loss_and_grads(svi.model, svi.guide, **data))
+                           .detach())
+        eager = [p.grad.detach().clone() if p.grad is not None else torch.zeros_like(p)
+                 for p in params]
+    for param in params:
+        param.grad = None
+    with torch.random.fork_rng(), torch.no_grad():
+        torch.manual_seed(seed)
+        traced_loss, *traced = graph(*params)
+    same = math.isclose(float(traced_loss), eager_loss, rel_tol=1e-4, abs_tol=1e-5) or \
+        not math.isfinite(eager_loss)
+    for want, got in zip(eager, traced):
+        scale = want.abs().max().item() if want.numel() else 0.0
+        if not torch.allclose(got, want, rtol=1e-3, atol=1e-5 * max(scale, 1.0)):
+            same = False
+    if not same:
+        raise CannotCompile("the traced gradient differs from Pyro's eager one")
+
+
+class _AdamUpdate:
+    """torch.optim.Adam's update (no amsgrad), written in place into each parameter's own
+    optimizer state, applied only where ``ok``: Pyro's optimizers keep the state, so
+    checkpoints are unchanged."""
+
+    def __init__(self, settings: list[dict], states: list[torch.Tensor]):
+        self.settings = settings
+        self.states = states  # per parameter: step, exp_avg, exp_avg_sq
+
+    def __call__(self, ok: torch.Tensor, grads: list[torch.Tensor],
+                 params: tuple[torch.Tensor, ...], states: tuple[torch.Tensor, ...]) -> None:
+        for i, (param, grad, group) in enumerate(zip(params, grads, self.settings)):
+            step, exp_avg, exp_avg_sq = states[3 * i:3 * i + 3]
+            beta1, beta2 = group["betas"]
+            if group["weight_decay"]:
+                grad = grad + group["weight_decay"] * param
+            new_step = step + 1
+            new_avg = exp_avg.lerp(grad, 1 - beta1)
+            new_sq = exp_avg_sq * beta2 + (1 - beta2) * grad * grad
+            bias1 = 1 - torch.pow(beta1, new_step)
+            bias2 = 1 - torch.pow(beta2, new_step)
+            denom = new_sq.sqrt() / bias2.sqrt() + group["eps"]
+            new_param = param - (group["lr"] / bias1) * new_avg / denom
+            param.copy_(torch.where(ok, new_param, param))
+            step.copy_(torch.where(ok, new_step, step))
+            exp_avg.copy_(torch.where(ok, new_avg, exp_avg))
+            exp_avg_sq.copy_(torch.where(ok, new_sq, exp_avg_sq))
+
+
+def _adam_update(optim: Any, params: list[torch.Tensor]) -> _AdamUpdate | None:
+    """The in-graph update for plain Adam without a schedule; None (the optimizer steps
+    eagerly after the compiled gradients) for anything else."""
+    objs = getattr(optim, "optim_objs", None)
+    if objs is None or getattr(optim, "grad_clip", {}) and any(
+            v is not None for v in optim.grad_clip.values()):
+        return None
+    settings, states = [], []
+    for param in params:
+        torch_optim = objs.get(param)
+        if type(torch_optim) is not torch.optim.Adam or len(torch_optim.param_groups) != 1:
+            return None
+        group = torch_optim.param_groups[0]
+        if group.get("amsgrad") or group.get("maximize") or group.get("decoupled_weight_decay") \
+                or torch.is_tensor(group["lr"]):
+            return None
+        state = torch_optim.state[param]
+        if not state:  # torch creates it at the first step; create it now, as torch would
+            state["step"] = torch.tensor(0.0)
+            state["exp_avg"] = torch.zeros_like(param, memory_format=torch.preserve_format)
+            state["exp_avg_sq"] = torch.zeros_like(param, memory_format=torch.preserve_format)
+        settings.append(dict(group))
+        states += [state["step"], state["exp_avg"], state["exp_avg_sq"]]
+    return _AdamUpdate(settings, states)
+
+
+class _Counting(TorchDispatchMode):
+    """Counts the torch operations run inside it."""
+
+    ops = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops += 1
+        return func(*args, **(kwargs or {}))
+
+
+@contextlib.contextmanager
+def _traceable() -> Iterator[None]:
+    """Pyro's ELBOs read their loss into a Python float and warn on NaN, both by reading a
+    value the trace cannot see; while tracing they keep the tensor (``item()`` gives the
+    tensor itself: arithmetic on it is traced, a branch on it still fails), validation
+    (which checks values in Python) is off, and ``torch.jit.is_tracing()`` is true, as under
+    Pyro's own JIT ELBOs."""
+    patched = []
+    for name, module in list(sys.modules.items()):
+        if module is None or not (name.startswith("pyro.infer") or name.startswith("plugins")):
+            continue
+        for attr, replacement in (("torch_item", _keep), ("warn_if_nan", _keep)):
+            if getattr(module, attr, None) is not None and callable(getattr(module, attr)):
+                patched.append((module, attr, getattr(module, attr)))
+                setattr(module, attr, replacement)
+    patched.append((torch.jit, "is_tracing", torch.jit.is_tracing))
+    torch.jit.is_tracing = _tracing
+    patched.append((torch.Tensor, "item", torch.Tensor.item))
+    torch.Tensor.item = _keep  # arithmetic on it is traced; a branch on it still fails
+    try:
+        with pyro.validation_enabled(False):
+            yield
+    finally:
+        for module, attr, original in patched:
+            setattr(module, attr, original)
+
+
+def _keep(value: Any, *args: Any, **kwargs: Any) -> Any:
+    return value
+
+
+def _tracing() -> bool:
+    return True
