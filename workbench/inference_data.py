@@ -223,7 +223,9 @@ def save(groups: dict[str, Any], path: Path) -> None:
     ``InferenceData.to_netcdf`` writes it (without importing ArviZ, a second a run)."""
     mode = "w"
     for group, dataset in groups.items():
-        encoding = {name: {"zlib": True} for name, variable in dataset.variables.items()
+        # Level 1 after a byte shuffle: as small as zlib's default here, in half the time.
+        encoding = {name: {"zlib": True, "complevel": 1, "shuffle": True}
+                    for name, variable in dataset.variables.items()
                     if variable.dtype.kind in "biufc"}
         dataset.to_netcdf(str(path), mode=mode, group=group, engine=ENGINE, encoding=encoding)
         mode = "a"
