@@ -36,9 +36,9 @@ def logistic():
     data = synthetic_classification(n=ROWS)
     model = LogisticRegression()
     guide = AutoMultivariateNormal(model)
-    svi = SVI(model, guide, Adam({"lr": 0.1}),
+    svi = SVI(model, guide, Adam({"lr": 0.05}),
               Trace_ELBO(num_particles=2, vectorize_particles=True, max_plate_nesting=1))
-    for _ in range(200):
+    for _ in range(400):
         svi.step(**data)
     return model, guide, data
 
@@ -47,22 +47,22 @@ def test_subsampled_psis_agrees_with_the_full_one(logistic, monkeypatch):
     model, guide, data = logistic
     torch.manual_seed(1)
     full = posterior.diagnostics(model, guide, data, 1, num_draws=DRAWS)
-    assert "sized" not in full and "khat_se" not in full
+    assert "sized" not in full and "khat_se" not in full and full["num_draws"] == DRAWS
     sized_small(monkeypatch)
-    torch.manual_seed(2)
+    torch.manual_seed(1)  # the same guide draws: the difference is the subsample's alone
     sub = posterior.diagnostics(model, guide, data, 1, num_draws=DRAWS)
     assert (sub["rows"], sub["of_rows"], sub["plate"]) == (400, ROWS, "data")
     assert sub["num_draws"] == DRAWS and f"400 of {ROWS} rows of plate 'data'" in sub["sized"]
     # The Taylor remainder is second order: the subsample adds little to each log weight.
     assert sub["log_weight_se"] < 0.1 and sub["khat_se"] < 0.1
-    assert sub["khat"] < 0.7 and full["khat"] < 0.7
-    # Different draws and rows: agreement within the Monte Carlo errors of both.
-    assert abs(sub["elbo"] - full["elbo"]) < 4 * (sub["elbo_se"] + full["elbo_se"])
-    for site in ("intercept", "coefficients"):
-        got = torch.tensor(sub["sites"][site]["iw_mean"])
-        want = torch.tensor(full["sites"][site]["iw_mean"])
-        sd = torch.tensor(full["sites"][site]["iw_std"])
-        assert ((got - want).abs() < 0.2 * sd).all(), (site, got, want, sd)
+    assert abs(sub["khat"] - full["khat"]) < max(4 * sub["khat_se"], 0.05)
+    assert abs(sub["elbo"] - full["elbo"]) < 4 * sub["elbo_se"]
+    if full["khat"] < 0.7 and sub["khat"] < 0.7:
+        for site in ("intercept", "coefficients"):
+            got = torch.tensor(sub["sites"][site]["iw_mean"])
+            want = torch.tensor(full["sites"][site]["iw_mean"])
+            sd = torch.tensor(full["sites"][site]["iw_std"])
+            assert ((got - want).abs() < 0.1 * sd).all(), (site, got, want, sd)
 
 
 def unindexed_model(y):
@@ -97,5 +97,7 @@ def test_small_models_are_not_sized():
 
     guide = lambda flips: pyro.sample("f", dist.Beta(16.0, 14.0))  # noqa: E731
     result = posterior.diagnostics(model, guide, {"flips": flips}, 1)
+    # A draw's cost counts the sites' numbers, not the plate's indices.
+    assert sizing.draw_numbers(pyro.poutine.trace(model).get_trace(flips)) == 11
     assert result["num_draws"] == posterior.NUM_IS_DRAWS
     assert not {"sized", "khat_se", "rows"} & set(result)

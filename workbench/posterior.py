@@ -556,7 +556,7 @@ def diagnostics(model: Callable, guide: Callable, data: dict[str, Any], nesting:
         sites = latent_sites(single)
         derived = deterministic_sites(single)  # weighed too: e.g. eight schools' theta
         sized = ""
-        if num_draws * trace_numbers(single) > sizing.WORK:
+        if num_draws * sizing.draw_numbers(single) > sizing.WORK:
             found = sizing.subsampled(model, guide, data, nesting, single, num_draws)
             if isinstance(found, dict):
                 return found

@@ -74,12 +74,18 @@ def plate_of(trace: poutine.Trace) -> Plate | str:
     return Plate(name, size, dim, max(per_row, 1))
 
 
+def draw_numbers(trace: poutine.Trace) -> int:
+    """The numbers one draw of the model computes: its sample sites' (not a plate's
+    indices)."""
+    return max(1, sum(site["value"].numel() for site in trace.nodes.values()
+                      if site["type"] == "sample" and not site_is_subsample(site)
+                      and torch.is_tensor(site["value"])))
+
+
 def fewer_draws(trace: poutine.Trace, num_draws: int, why: str) -> tuple[int, str]:
     """The draws that fit ``WORK`` (at least ``MIN_DRAWS``, none when even those would pass
     eight times ``WORK``) and the line that says so."""
-    from workbench import posterior
-
-    per_draw = posterior.trace_numbers(trace)
+    per_draw = draw_numbers(trace)
     count = min(num_draws, max(MIN_DRAWS, WORK // per_draw))
     if count * per_draw > 8 * WORK:
         return 0, (f"the data are too big for {count} draws of the whole model and cannot be "
@@ -116,8 +122,6 @@ def subsampled(model: Callable, guide: Callable, data: dict, nesting: int,
     device = next(iter(trace.nodes[n]["value"].device for n in sites), torch.device("cpu"))
     if any(not trace.nodes[n]["value"].is_floating_point() for n in sites):
         return "a latent site is discrete (no gradient for the control variate)"
-    indices = torch.randperm(plate.size, device=device)[:rows]
-    groups = list(indices.chunk(GROUPS))
     # The guide's draws first: their mean is the control variate's centre.
     chunk = max(1, min(num_draws, posterior.MAX_ELEMENTS // max(
         posterior.trace_numbers(trace) * rows // plate.size, 1)))
@@ -137,6 +141,8 @@ def subsampled(model: Callable, guide: Callable, data: dict, nesting: int,
     draws = {name: torch.cat([t.nodes[name]["value"].reshape(n, *shape)
                               for n, t in guide_traces]) for name, shape in sites.items()}
     centre = {name: d.double().mean(0).to(d.dtype) for name, d in draws.items()}
+    indices = torch.randperm(plate.size, device=device)[:rows]  # after the draws: the same
+    groups = list(indices.chunk(GROUPS))  # draws as the whole-data diagnostic's, seed for seed
     observed = set(posterior.observed_sites(trace))
     anchor = _anchor(model, data, plate, centre, groups, derived, observed)
     if isinstance(anchor, str):
