@@ -223,9 +223,9 @@ def save(groups: dict[str, dict], attrs: dict[str, dict[str, Any]], path: Path) 
                 out.create_variable("chain", ("chain",), data=np.array([0]))
                 out.create_variable("draw", ("draw",), data=np.arange(count))
             for name, (values, names) in arrays.items():
-                values = np.ascontiguousarray(values)
+                values = np.require(values, requirements="C")  # keeps a 0-d array 0-d
                 options = ({"compression": "gzip", "compression_opts": 1, "shuffle": True}
-                           if values.dtype.kind in "biufc" and values.size else {})
+                           if values.dtype.kind in "biufc" and values.ndim else {})
                 if values.dtype.kind == "b":  # NetCDF has no bool: xarray's encoding
                     out.create_variable(name, tuple(names), data=values.astype("i1"),
                                         **options).attrs["dtype"] = "bool"
