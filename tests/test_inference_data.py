@@ -178,6 +178,29 @@ def test_data_too_big_for_replicates_keep_the_posterior_only(monkeypatch):
     assert attrs[""]["num_draws"] == 10_000 // (1 + 2 * 20 + 2)
 
 
+def test_a_scalar_observation_is_written_and_read_back(tmp_path: Path):
+    """A model observing one number: posterior.nc's 0-d observed data, uncompressed."""
+    import pyro
+    import pyro.distributions as dist
+    import torch
+
+    from workbench import inference_data
+
+    def model(y):
+        mu = pyro.sample("mu", dist.Normal(0.0, 1.0))
+        pyro.sample("obs", dist.Normal(mu, 1.0), obs=y)
+
+    def guide(y):
+        pyro.sample("mu", dist.Normal(0.25, 0.7))
+
+    groups, attrs = inference_data.draw(model, guide, {"y": torch.tensor(0.5)}, 0)
+    inference_data.save(groups, attrs, tmp_path / "posterior.nc")
+    idata = arviz().from_netcdf(tmp_path / "posterior.nc")
+    assert float(idata.observed_data["obs"]) == 0.5
+    assert idata.posterior["mu"].shape == (1, 1000)
+    assert idata.log_likelihood["obs"].shape == (1, 1000)
+
+
 def test_a_failing_writer_costs_the_run_nothing(tmp_path: Path, monkeypatch):
     from workbench import inference_data, service
     from workbench.registry import get_registry

@@ -445,9 +445,13 @@ def report_lines(summary: dict, limit: int = 10) -> list[str]:
 
         lines.extend(auto_lines(summary))
     if diagnostics.get("khat") is not None:
-        lines.append(f"PSIS k-hat {diagnostics['khat']:.2f} ({diagnostics['reading']}); "
-                     f"importance-sampling ESS {diagnostics['ess']:.0f} of "
-                     f"{diagnostics['num_draws']}")
+        se = diagnostics.get("khat_se")
+        lines.append(f"PSIS k-hat {diagnostics['khat']:.2f}"
+                     + ("" if se is None else f" +- {se:.2f}")
+                     + f" ({diagnostics['reading']}); importance-sampling ESS "
+                     f"{diagnostics['ess']:.0f} of {diagnostics['num_draws']}")
+        if diagnostics.get("sized"):
+            lines.append(f"    {diagnostics['sized']}")
         if diagnostics.get("log_evidence") is not None:
             elbo = "-inf" if diagnostics.get("elbo") is None else f"{diagnostics['elbo']:.4f}"
             se = diagnostics.get("log_evidence_se")

@@ -25,6 +25,8 @@ from pyro import poutine
 from pyro.distributions import Delta
 from pyro.poutine.util import site_is_subsample
 
+from workbench import sizing
+
 NUM_DRAWS = 10_000  # guide draws behind sampled moments, quantiles and Monte Carlo KL
 NUM_IS_DRAWS = 10_000  # importance-sampling draws behind diagnostics()
 NUM_PLOT_DRAWS = 4_000  # draws behind a density estimated from samples in a plot
@@ -553,6 +555,14 @@ def diagnostics(model: Callable, guide: Callable, data: dict[str, Any], nesting:
                 "need that sum too"}
         sites = latent_sites(single)
         derived = deterministic_sites(single)  # weighed too: e.g. eight schools' theta
+        sized = ""
+        if num_draws * sizing.draw_numbers(single) > sizing.WORK:
+            found = sizing.subsampled(model, guide, data, nesting, single, num_draws)
+            if isinstance(found, dict):
+                return found
+            num_draws, sized = sizing.fewer_draws(single, num_draws, found)
+            if not num_draws:
+                return {"khat": None, "reason": sized}
         # Draws in chunks, so that a chunk's tensors (draws x the model's largest site) stay
         # within MAX_ELEMENTS numbers.
         per_draw = max((site["value"].numel() for site in single.nodes.values()
@@ -582,32 +592,44 @@ def diagnostics(model: Callable, guide: Callable, data: dict[str, Any], nesting:
                                             f"over {num_draws} draws: {_first_line(exc)}"}
         log_w = torch.cat(log_ws)
         draws = {name: torch.cat(chunks) for name, chunks in parts.items()}
-        flat = [name for name, d in draws.items()
-                if name in sites and d.shape[0] > 1 and (d == d[:1]).all()]
-        if flat:
-            return {"khat": None, "reason": "the guide is a point mass at " + ", ".join(
-                repr(n) for n in flat) + ": it has no density to weigh draws by"}
-        log_w = log_w.detach().double().cpu()
-        if torch.isnan(log_w).any() or (log_w == math.inf).any() or \
-                not torch.isfinite(log_w).any():
-            return {"khat": None, "reason": "the log importance weights are not finite"}
-        khat, smoothed = psis(log_w)
-        raw = torch.softmax(log_w, 0)
-        ess = 1.0 / float((raw * raw).sum())
-        result: dict[str, Any] = {
-            "khat": khat, "reading": reading(khat), "ess": ess,
-            "ess_fraction": ess / num_draws, "num_draws": num_draws,
-            **_evidence(log_w),
-        }
-        if khat < 0.7:
-            weights = torch.softmax(smoothed, 0)
-            result["sites"] = {}
-            for name, d in draws.items():
-                w = weights.to(d.device).reshape(-1, *([1] * (d.dim() - 1)))
-                mean = (w * d.double()).sum(0)
-                var = (w * (d.double() - mean) ** 2).sum(0)
-                result["sites"][name] = {"iw_mean": to_plain(mean.to(d.dtype)),
-                                         "iw_std": to_plain(var.sqrt().to(d.dtype))}
+        result = weighed(log_w, draws, sites, num_draws)
+    if sized and result.get("khat") is not None:
+        result["khat_se"] = sizing.draws_khat_se(log_w.detach().double().cpu())
+        result["sized"] = sized
+    return result
+
+
+def weighed(log_w: torch.Tensor, draws: dict[str, torch.Tensor], sites: dict,
+            num_draws: int) -> dict[str, Any]:
+    """``diagnostics``' result from the draws' log importance weights and the draws of each
+    latent (``sites``) and deterministic site: k-hat, ESS, ELBO, log evidence and, when
+    k-hat < 0.7, the importance-weighted moments; or why there is no k-hat."""
+    flat = [name for name, d in draws.items()
+            if name in sites and d.shape[0] > 1 and (d == d[:1]).all()]
+    if flat:
+        return {"khat": None, "reason": "the guide is a point mass at " + ", ".join(
+            repr(n) for n in flat) + ": it has no density to weigh draws by"}
+    log_w = log_w.detach().double().cpu()
+    if torch.isnan(log_w).any() or (log_w == math.inf).any() or \
+            not torch.isfinite(log_w).any():
+        return {"khat": None, "reason": "the log importance weights are not finite"}
+    khat, smoothed = psis(log_w)
+    raw = torch.softmax(log_w, 0)
+    ess = 1.0 / float((raw * raw).sum())
+    result: dict[str, Any] = {
+        "khat": khat, "reading": reading(khat), "ess": ess,
+        "ess_fraction": ess / num_draws, "num_draws": num_draws,
+        **_evidence(log_w),
+    }
+    if khat < 0.7:
+        weights = torch.softmax(smoothed, 0)
+        result["sites"] = {}
+        for name, d in draws.items():
+            w = weights.to(d.device).reshape(-1, *([1] * (d.dim() - 1)))
+            mean = (w * d.double()).sum(0)
+            var = (w * (d.double() - mean) ** 2).sum(0)
+            result["sites"][name] = {"iw_mean": to_plain(mean.to(d.dtype)),
+                                     "iw_std": to_plain(var.sqrt().to(d.dtype))}
     return result
 
 

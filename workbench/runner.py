@@ -520,6 +520,7 @@ class Run:
         reference posterior, ``workbench.reference`` scores the guide against it."""
         from workbench import inference_data, plots, reference
 
+        began = time.perf_counter()
         settings = self.recipe["train"]
         post: dict = {}
         compared: dict = {}  # {"reference": ...} where the model offers a reference posterior
@@ -570,7 +571,8 @@ class Run:
                 raise
             except Exception as exc:
                 warnings.warn(f"vibench could not draw the plots: {one_line(exc)}")
-        return {"posterior": post, "diagnostics": diagnostics, **compared}
+        return {"posterior": post, "diagnostics": diagnostics, **compared,
+                "report_seconds": time.perf_counter() - began}
 
     def summarize(self, state: TrainState, callbacks: list[Callback], wall: float,
                   report: dict, failure: VibenchError | None) -> dict:
@@ -584,7 +586,7 @@ class Run:
             "final_loss": sum(tail) / len(tail) if tail else None,
             "posterior": report.get("posterior", {}),
             "diagnostics": report.get("diagnostics", {}),
-            **{key: report[key] for key in ("reference",) if key in report},
+            **{key: report[key] for key in ("reference", "report_seconds") if key in report},
             "params": {name: posterior.to_plain(value)
                        for name, value in pyro.get_param_store().items()},
             "status": _status(failure),
