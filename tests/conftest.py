@@ -20,6 +20,11 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 GPU_DEVICES = os.environ.get("CUDA_VISIBLE_DEVICES")
 os.environ["CUDA_VISIBLE_DEVICES"] = ""
 
+# Runs are eager unless a test asks for train.compile (tests/test_compile.py does): a fresh CI
+# machine meets a cold compile cache, tens of seconds per graph, which would be most of the
+# suite's time. The eager step is the reference every compiled one is tested against.
+os.environ["VIBENCH_COMPILE"] = "false"
+
 REPO = Path(__file__).resolve().parent.parent
 COIN = REPO / "recipes" / "coin.yaml"
 

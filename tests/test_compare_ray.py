@@ -48,6 +48,8 @@ optimizer: {name: adam, lr: 0.05}
 train: {steps: 10, plots: false}
 loggers: [tensorboard]
 '''
+# one pytest worker runs this module, so one local Ray starts for it (about 10 s each)
+pytestmark = pytest.mark.xdist_group("ray")
 TIMING = ("steps/s", "wall s")  # columns that differ from one run of the same fit to another
 
 

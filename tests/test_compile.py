@@ -71,7 +71,8 @@ def test_compiled_coin_reaches_the_exact_posterior(tmp_path: Path):
 
 
 def test_auto_falls_back_with_one_note_and_true_refuses_in_one_line():
-    run = prepare("loss=enum_elbo", "train.steps=100000", "train.eval_every=0")
+    run = prepare("loss=enum_elbo", "train.steps=100000", "train.eval_every=0",
+                  "train.compile=auto")
     assert run.compiled is None
     assert [n for n in run.notes if "compiled" in n] == [
         "training eagerly, not compiled: the loss enumerates discrete sites"]
@@ -114,8 +115,8 @@ def test_a_run_auto_leaves_eager_is_bitwise_the_eager_run(sets: list[str]):
 def test_minibatches_stay_eager_saying_so_only_where_compiling_would_pay():
     with pytest.raises(UsageError, match="draws new indices each step"):
         prepare("train.compile=true", "train.batch_size=5")
-    assert prepare("train.batch_size=5", "train.steps=100").notes == []
-    assert prepare("train.batch_size=5", "train.steps=100000").notes == [
+    assert prepare("train.batch_size=5", "train.steps=100", "train.compile=auto").notes == []
+    assert prepare("train.batch_size=5", "train.steps=100000", "train.compile=auto").notes == [
         "training eagerly, not compiled: a minibatch (train.batch_size) draws new indices "
         "each step"]
 
@@ -142,3 +143,16 @@ def test_compiled_runs_resume_exactly_and_eager_can_take_over(tmp_path: Path):
                 assert torch.equal(got[name], value), name
             else:  # another random stream from step 30: close, not equal
                 assert torch.allclose(got[name], value, atol=0.05), name
+
+
+def test_the_machine_default_comes_from_vibench_compile(monkeypatch):
+    """VIBENCH_COMPILE sets train.compile where a recipe leaves it out (the run's recipe.yaml
+    records it); a recipe's own value wins; a bad value is one line."""
+    monkeypatch.setenv("VIBENCH_COMPILE", "true")
+    assert recipes.compile_default() is True
+    monkeypatch.setenv("VIBENCH_COMPILE", "sometimes")
+    with pytest.raises(UsageError, match="VIBENCH_COMPILE='sometimes': expected auto, true or"):
+        recipes.compile_default()
+    monkeypatch.setenv("VIBENCH_COMPILE", "false")
+    assert prepare("train.steps=100000").recipe["train"]["compile"] is False
+    assert prepare("train.steps=100000", "train.compile=auto").recipe["train"]["compile"] == "auto"

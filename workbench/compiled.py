@@ -93,6 +93,8 @@ def prepare(setting: str | bool, svi: Any, data: dict, device: torch.device, ste
     if mode == "false":
         return None, None
     try:
+        if type(getattr(svi.loss_and_grads, "__self__", None)).__name__.startswith("Jit"):
+            raise CannotCompile("the loss is Pyro's JIT ELBO already (loss.jit: true)")
         refusal = None
         if minibatch:
             refusal = "a minibatch (train.batch_size) draws new indices each step"
@@ -107,6 +109,11 @@ def prepare(setting: str | bool, svi: Any, data: dict, device: torch.device, ste
             raise UsageError(f"train.compile: true, but this step cannot be compiled: {exc}")\
                 from None
         return None, f"training eagerly, not compiled: {exc}"
+    except Exception as exc:  # tracing broke (a JIT loss, say): eager is still right
+        if mode == "true":
+            raise UsageError(f"train.compile: true, but tracing the step failed: "
+                             f"{one_line(exc)}") from None
+        return None, f"training eagerly, not compiled: tracing the step failed: {one_line(exc)}"
     finally:  # no gradient of the trial steps may reach the first real step
         for _, param in pyro.get_param_store().named_parameters():
             param.grad = None

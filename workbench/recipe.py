@@ -7,6 +7,7 @@ its options, defaults filled in: it is what a run saves, and what reproduces the
 from __future__ import annotations
 
 import copy
+import os
 import re
 import stat
 from pathlib import Path
@@ -60,9 +61,23 @@ TRAIN: dict[str, Option] = {
     )
 }
 MAX_BYTES = 1_000_000
+# The machine's default for train.compile where a recipe leaves it out (VIBENCH_COMPILE=false
+# on a machine without a C++ compiler, or where every run meets a cold compile cache); the
+# run's recipe.yaml records what it got.
+COMPILE_ENV = "VIBENCH_COMPILE"
 NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 DEVICE_PATTERN = re.compile(r"auto|cpu|cuda(:\d+)?")
 DTYPES = ("float32", "float64")
+
+
+def compile_default() -> str | bool:
+    """train.compile where a recipe does not set it: VIBENCH_COMPILE, else auto."""
+    text = os.environ.get(COMPILE_ENV, "").strip().lower()
+    values = {"": "auto", "auto": "auto", "true": True, "false": False}
+    if text not in values:
+        raise UsageError(f"{COMPILE_ENV}={os.environ[COMPILE_ENV]!r}: expected auto, true or "
+                         "false")
+    return values[text]
 
 
 class _SafeLoader(yaml.SafeLoader):
@@ -353,7 +368,9 @@ class _Checker:
             elif isinstance(value, int) and value < lowest.get(key, 0):
                 self.problem(f"train.{key}", f"expected a whole number >= {lowest.get(key, 0)}, "
                                              f"got {value!r}")
-        return {name: train.get(name, option.default) for name, option in TRAIN.items()}
+        defaults = {name: option.default for name, option in TRAIN.items()}
+        defaults["compile"] = compile_default()
+        return {name: train.get(name, defaults[name]) for name in TRAIN}
 
     def auto(self, section: Any) -> dict:
         """The automatic pipeline's section: its stages, in order, each with every option."""
