@@ -208,6 +208,16 @@ class Run:
                    world, whole if world.distributed and world.leader else None,
                    compiled=step)
 
+    def compile_step(self) -> None:
+        """Compile the step afresh as train.compile asks, for the optimizer the run holds now
+        (``optimizer.lr: auto`` swaps it after set-up)."""
+        with run_context(self.device, self.dtype):
+            self.compiled, note = compiled.prepare(
+                self.recipe["train"].get("compile", "auto"), self.svi, self.data, self.device,
+                self.recipe["train"]["steps"], self.minibatch.plate is not None, self.world.size)
+        if note and note not in self.notes:
+            self.notes.append(note)
+
     # ----------------------------------------------------------------------------------------
     # training
 

@@ -27,6 +27,9 @@ def placeholder(recipe: dict) -> dict:
     can be built; ``adapt`` puts the chosen step size in its place."""
     recipe = copy.deepcopy(recipe)
     recipe["optimizer"]["lr"] = CANDIDATES[0]
+    # the trials run eagerly (a compiled step holds its optimizer); adapt compiles afterwards
+    recipe["train"]["compile_after_search"] = recipe["train"].get("compile", "auto")
+    recipe["train"]["compile"] = False
     return recipe
 
 
@@ -74,6 +77,8 @@ def adapt(run: Any, candidates: tuple[float, ...] = CANDIDATES,
         optimizer(params)  # no gradients yet: this makes each parameter's torch optimizer
         svi.optim = optimizer
         run.schedule = schedule_stepper(optimizer)
+        run.recipe["train"]["compile"] = run.recipe["train"].pop("compile_after_search", False)
+        run.compile_step()
     tried = ", ".join(f"{lr:g}: " + ("failed" if value is None else f"{value:.4g}")
                       for lr, value in trials.items())
     run.notes.append(f"optimizer.lr auto: {best:g} (mean loss over the second half of "
