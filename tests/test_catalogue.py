@@ -46,9 +46,17 @@ def train(tmp_path: Path, *sets: str) -> tuple[Run, dict]:
 REFUSED = {(g, "analytic_kl_elbo") for g in defaults("guide") if g != "beta"}
 
 
-@pytest.mark.parametrize("loss", defaults("loss"))
-# pathfinder is an auto_multivariate_normal with another start: tests/test_pathfinder.py
-@pytest.mark.parametrize("guide", [g for g in defaults("guide") if g != "pathfinder"])
+def _pairs() -> list:
+    """Every guide with every loss; each guide with elbo and each loss with auto_normal run
+    in the quick suite, the other pairs are marked slow (``pytest -m slow``)."""
+    # pathfinder is an auto_multivariate_normal with another start: tests/test_pathfinder.py
+    guides = [g for g in defaults("guide") if g != "pathfinder"]
+    return [pytest.param(g, loss, marks=() if loss == "elbo" or g == "auto_normal"
+                         else pytest.mark.slow)
+            for g in guides for loss in defaults("loss")]
+
+
+@pytest.mark.parametrize("guide,loss", _pairs())
 def test_every_guide_with_every_loss(tmp_path: Path, guide: str, loss: str):
     sets = [f"guide={guide}", f"loss={loss}", *FAST]
     if (guide, loss) in REFUSED:
