@@ -77,3 +77,17 @@ def wait_for_checkpoint(out: Path, past: int, child: subprocess.Popen | None = N
         assert child is None or child.poll() is None, child.communicate()
         time.sleep(0.01)
     raise AssertionError("no checkpoint appeared")
+
+
+@pytest.fixture
+def float64():
+    """torch's default dtype float64 for one test, with an empty Pyro parameter store."""
+    import pyro
+    import torch
+
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    pyro.clear_param_store()
+    yield
+    torch.set_default_dtype(previous)
+    pyro.clear_param_store()

@@ -23,15 +23,6 @@ COIN_SCALE = math.sqrt(30 / (16 * 14))  # 1 / sqrt of the potential's curvature 
 DESIGN = [[1.0, 0.9], [0.8, 1.0], [1.0, 1.1], [0.9, 0.7], [1.2, 1.0]]
 
 
-@pytest.fixture
-def float64():
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float64)
-    pyro.clear_param_store()
-    yield
-    torch.set_default_dtype(previous)
-
-
 def independent(y):
     """Two Normal means with unit-variance observations: the posterior is a diagonal Gaussian."""
     mu = pyro.sample("mu", dist.Normal(torch.zeros(2), 1.0).to_event(1))

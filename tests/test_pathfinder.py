@@ -21,16 +21,6 @@ CORRELATION = torch.tensor([[1.0, 0.9, 0.3, 0.0], [0.9, 1.0, 0.5, 0.2], [0.3, 0.
 MEAN = torch.tensor([1.0, -2.0, 5.0, 0.0], dtype=torch.float64)
 
 
-@pytest.fixture
-def float64():
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float64)
-    pyro.clear_param_store()
-    yield
-    torch.set_default_dtype(previous)
-    pyro.clear_param_store()
-
-
 def correlated():
     covariance = SDS[:, None] * CORRELATION * SDS
     pyro.sample("x", dist.MultivariateNormal(MEAN, covariance))
