@@ -17,7 +17,10 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 # The suite trains on the CPU, where the device is not the point, so a GPU machine runs it in
 # the same time and with the same random streams; tests/test_gpu.py gives the GPU back to the
 # vibench children it starts (``vibench(..., gpu=True)``).
-GPU_DEVICES = os.environ.get("CUDA_VISIBLE_DEVICES")
+# The machine's own setting is kept for pytest-xdist's workers, which inherit the hidden one.
+os.environ.setdefault("VIBENCH_TEST_GPUS", os.environ.get("CUDA_VISIBLE_DEVICES", "<unset>"))
+GPU_DEVICES = None if os.environ["VIBENCH_TEST_GPUS"] == "<unset>" else \
+    os.environ["VIBENCH_TEST_GPUS"]
 os.environ["CUDA_VISIBLE_DEVICES"] = ""
 
 # Runs are eager unless a test asks for train.compile (tests/test_compile.py does): a fresh CI

@@ -28,7 +28,9 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from workbench.errors import UsageError, one_line
 
-EAGER_OP_SECONDS = 5e-6  # what an eager step costs per torch operation (coin: 236 ops, 1.2 ms)
+# what an eager step costs per torch operation, by device type (coin: 236 ops, 1.2 ms on the
+# CPU here; 10 ms on an H100, where each operation is a kernel launch and a Python dispatch)
+EAGER_OP_SECONDS = {"cpu": 5e-6, "cuda": 4e-5}
 PAYS_SECONDS = 2.0  # auto compiles where the eager steps would take longer (compiling: 1-3 s)
 
 
@@ -52,9 +54,9 @@ class CompiledStep:
 
     def __call__(self) -> tuple[float, str]:
         with torch.no_grad():
-            loss, ok, finite, *grads = self._run(self._inputs)
-        value = loss.item()
-        if not bool(ok):
+            head, finite, *grads = self._run(self._inputs)
+        value, ok = head.tolist()  # one read of the device per step: loss and whether applied
+        if not ok:
             if not math.isfinite(value):
                 return value, f"the loss is {value}"
             bad = [name for name, good in zip(self._names, finite.tolist()) if not good]
@@ -100,9 +102,9 @@ def prepare(setting: str | bool, svi: Any, data: dict, device: torch.device, ste
             refusal = "a minibatch (train.batch_size) draws new indices each step"
         elif processes > 1:
             refusal = f"training on {processes} processes"
-        elif mode == "auto" and device.type != "cpu":
-            refusal = (f"compiled steps are tested on the CPU only, not {device.type} "
-                       "(train.compile: true tries anyway)")
+        elif mode == "auto" and device.type not in EAGER_OP_SECONDS:
+            refusal = (f"compiled steps are tested on the CPU and CUDA only, not "
+                       f"{device.type} (train.compile: true tries anyway)")
         return compile_step(svi, data, steps if mode == "auto" else None, refusal=refusal), None
     except CannotCompile as exc:
         if mode == "true":
@@ -133,7 +135,9 @@ def compile_step(svi: Any, data: dict, steps: int | None = None, backend: str = 
                                       for site in capture.trace.nodes.values())}.values())
     for param in params:  # that step's gradients must not reach the first real one
         param.grad = None
-    if steps is not None and steps * counted.ops * EAGER_OP_SECONDS < PAYS_SECONDS:
+    device = params[0].device if params else torch.device("cpu")
+    per_op = EAGER_OP_SECONDS.get(device.type, EAGER_OP_SECONDS["cpu"])
+    if steps is not None and steps * counted.ops * per_op < PAYS_SECONDS:
         return None
     if refusal:
         raise CannotCompile(refusal)
@@ -145,9 +149,12 @@ def compile_step(svi: Any, data: dict, steps: int | None = None, backend: str = 
     store = pyro.get_param_store()
     names = [store.param_name(p) or "?" for p in params]
 
-    def loss_and_grads(*values: torch.Tensor) -> tuple:  # values: the parameters
-        # the data are constants of the graph: they never change between steps, so what
-        # the model reads of them in Python (a size, say) may be read once
+    # the data's tensors are inputs of the graph, not constants (inductor would fold and hash
+    # constants: minutes at 10^8 rows); they never change between steps, so what the model
+    # reads of them in Python (a size, say) may be read once
+    feeds = [value for value in data.values() if torch.is_tensor(value)]
+
+    def loss_and_grads(*values: torch.Tensor) -> tuple:  # values: parameters, data (as traced)
         for param in params:
             param.grad = None
         with _traceable():
@@ -157,43 +164,83 @@ def compile_step(svi: Any, data: dict, steps: int | None = None, backend: str = 
             param.grad = None
         return (torch.as_tensor(value, dtype=params[0].dtype), *grads)
 
-    graph = _trace(loss_and_grads, params)
-    again = _trace(loss_and_grads, params, seed_offset=1)
+    graph = _trace(loss_and_grads, [*params, *feeds])
+    again = _trace(loss_and_grads, [*params, *feeds], seed_offset=1)
     if graph.code != again.code:
         raise CannotCompile("the trace's structure changes from step to step")
-    _check_against_eager(svi, data, params, graph)
+    _check_against_eager(svi, data, params, feeds, graph)
     update = _adam_update(svi.optim, params)
     states = update.states if update else []
 
-    def step(*values: torch.Tensor) -> tuple:  # values: parameters, optimizer state
+    def step(*values: torch.Tensor) -> tuple:  # values: parameters, optimizer state, data
         at, to = len(params), len(params) + len(states)
-        loss_value, *grads = graph(*values[:at])
+        loss_value, *grads = graph(*values[:at], *values[to:])
         finite = torch.stack([torch.isfinite(g).all() for g in grads])
         ok = torch.isfinite(loss_value) & finite.all()
+        head = torch.stack([loss_value.reshape(()), ok.to(loss_value.dtype)])
         if update is not None:
             update(ok, grads, values[:at], values[at:to])
-            return loss_value, ok, finite
-        return (loss_value, ok, finite, *grads)
+            return head, finite
+        return (head, finite, *grads)
 
-    inputs = [t.detach() for t in (*params, *states)]  # the same storage, without autograd
+    inputs = [t.detach() for t in (*params, *states, *feeds)]  # the same storage, no autograd
     try:  # tracing runs the step: on copies, on a forked random stream
         with warnings.catch_warnings(), torch.no_grad(), torch.random.fork_rng():
             warnings.simplefilter("ignore")
-            stepper = _make_fx(step, [t.clone() for t in inputs])
+            stepper = _make_fx(step, _copies(inputs, len(params) + len(states)))
             if backend == "fx":
                 return CompiledStep(lambda values: stepper(*values), params, inputs, svi.optim,
                                     update.states if update else None, names)
             with torch._inductor.config.patch(compile_threads=1):  # no worker processes
                 run = torch._inductor.standalone_compile(  # reads inductor's cache, if it can
-                    stepper, [t.clone() for t in inputs], dynamic_shapes="from_example_inputs")
+                    stepper, _copies(inputs, len(params) + len(states)),
+                    dynamic_shapes="from_example_inputs")
     except Exception as exc:
         raise CannotCompile(f"torch.compile failed: {one_line(exc)}") from exc
-    return CompiledStep(_unwrap(run), params, inputs, svi.optim,
+    if device.type != "cuda":
+        replay = _unwrap(run)
+    else:  # captured outside the forked stream: the graph's draws advance the run's own
+        try:
+            with torch.no_grad():
+                replay = _cuda_graph(run, inputs, len(params) + len(states))
+        except Exception as exc:
+            raise CannotCompile(f"capturing the step as a CUDA graph failed: "
+                                f"{one_line(exc)}") from exc
+    return CompiledStep(replay, params, inputs, svi.optim,
                         update.states if update else None, names)
+
+
+def _copies(inputs: list[torch.Tensor], mutable: int) -> list[torch.Tensor]:
+    """Inputs to trace or compile on: copies of the ``mutable`` first (the step writes them),
+    the data themselves (read only, and perhaps too large to copy)."""
+    return [t.clone() if i < mutable else t for i, t in enumerate(inputs)]
 
 
 def _unwrap(run: Callable) -> Callable:
     return lambda values: run(*values)
+
+
+def _cuda_graph(run: Callable, inputs: list[torch.Tensor], mutable: int) -> Callable:
+    """The compiled step captured as one CUDA graph and replayed: one launch per step instead
+    of one per kernel. The step reads and writes ``inputs`` in place, so their addresses stay
+    fixed; its random draws advance the captured generator's offset at each replay."""
+    copies = _copies(inputs, mutable)
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side), torch.random.fork_rng(devices=[inputs[0].device]):
+        for _ in range(2):  # warm up (Triton's lazy set-up) on copies: the real step waits
+            run(*copies)
+    torch.cuda.current_stream().wait_stream(side)
+    del copies
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        outputs = run(*inputs)
+
+    def replay(values: list[torch.Tensor]) -> tuple:
+        graph.replay()
+        return outputs
+
+    return replay
 
 
 def _make_fx(fn: Callable, inputs: list[torch.Tensor]) -> torch.fx.GraphModule:
@@ -226,7 +273,7 @@ def _trace(fn: Callable, inputs: list[torch.Tensor],
 
 
 def _check_against_eager(svi: Any, data: dict, params: list[torch.Tensor],
-                         graph: torch.fx.GraphModule) -> None:
+                         feeds: list[torch.Tensor], graph: torch.fx.GraphModule) -> None:
     """The traced loss and gradients must be Pyro's eager ones for the same random draws."""
     seed = torch.initial_seed() + 2
     with torch.random.fork_rng():
@@ -239,7 +286,7 @@ def _check_against_eager(svi: Any, data: dict, params: list[torch.Tensor],
         param.grad = None
     with torch.random.fork_rng(), torch.no_grad():
         torch.manual_seed(seed)
-        traced_loss, *traced = graph(*params)
+        traced_loss, *traced = graph(*params, *feeds)
     same = math.isclose(float(traced_loss), eager_loss, rel_tol=1e-4, abs_tol=1e-5) or \
         not math.isfinite(eager_loss)
     for want, got in zip(eager, traced):
@@ -296,8 +343,12 @@ def _adam_update(optim: Any, params: list[torch.Tensor]) -> _AdamUpdate | None:
                 or torch.is_tensor(group["lr"]):
             return None
         state = torch_optim.state[param]
+        if state and state["step"].device != param.device:
+            state["step"] = state["step"].to(param.device)
         if not state:  # torch creates it at the first step; create it now, as torch would
-            state["step"] = torch.tensor(0.0)
+            # (the step count on the parameter's device, as torch's capturable Adam keeps it:
+            # a CPU scalar would split a CUDA step in two and cannot be captured in a graph)
+            state["step"] = torch.tensor(0.0, device=param.device)
             state["exp_avg"] = torch.zeros_like(param, memory_format=torch.preserve_format)
             state["exp_avg_sq"] = torch.zeros_like(param, memory_format=torch.preserve_format)
         settings.append(dict(group))

@@ -66,6 +66,8 @@ def pick_device(name: str, world: World = World()) -> torch.device:
             )
         if (device.index or 0) >= torch.cuda.device_count():
             raise UsageError(f"device {name!r}: there are {torch.cuda.device_count()} GPUs")
+        if device.index is None:  # the one used, as summary.json records it: cuda:0, say
+            device = torch.device("cuda", torch.cuda.current_device())
     return device
 
 
@@ -610,6 +612,7 @@ class Run:
             "data_hash": self.data_hash,
             "world_size": self.world.size,
             "threads": torch.get_num_threads(),
+            "compiled": self.compiled is not None,  # train.compile: the step ran compiled
         }
         for callback in callbacks:
             summary.update(callback.summary())
