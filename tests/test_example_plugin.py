@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import re
+import os
 import shutil
 import subprocess
 import sys
@@ -47,7 +48,10 @@ def site(tmp_path_factory) -> Path:
 
 
 def with_plugin(site: Path, **extra: str) -> dict[str, str]:
-    return {"PYTHONPATH": str(site), "VIBENCH_DISABLE_PLUGINS": "", **extra}
+    """The environment of a user who installed the plugin: its site on the path before what
+    the machine has there (a machine whose packages come on PYTHONPATH keeps them)."""
+    path = os.pathsep.join(filter(None, [str(site), os.environ.get("PYTHONPATH")]))
+    return {"PYTHONPATH": path, "VIBENCH_DISABLE_PLUGINS": "", **extra}
 
 
 @pytest.fixture

@@ -4,6 +4,7 @@ user's own model, guide or loss without a package, checked and built like a regi
 from __future__ import annotations
 
 import json
+import os
 import textwrap
 from pathlib import Path
 
@@ -171,7 +172,8 @@ def test_a_package_module_attribute_on_the_python_path(tmp_path: Path):
     recipe = recipe_file(tmp_path, model={"name": "mypkg.models:Coin", "prior": 3.0})
     out = tmp_path / "run"
     result = vibench("run", str(recipe), "--out", str(out), cwd=tmp_path,
-                     env={"PYTHONPATH": str(tmp_path / "lib")})
+                     env={"PYTHONPATH": os.pathsep.join(
+                         filter(None, [str(tmp_path / "lib"), os.environ.get("PYTHONPATH")]))})
     assert result.returncode == 0, result.stderr
     saved = yaml.safe_load((out / "recipe.yaml").read_text())
     assert saved["model"] == {"name": "mypkg.models:Coin", "prior": 3.0}
