@@ -393,3 +393,22 @@ def test_ctrl_c_stops_every_run_reports_what_finished_and_exits_130(tmp_path: Pa
     summary = json.loads((run / "summary.json").read_text())  # saved as on Ctrl-C
     assert 0 < summary["steps"] < 1_000_000
     assert "optimizer.lr" in stdout
+
+
+def test_a_suites_plot_measures_each_elbo_from_the_best_of_its_recipe(tmp_path: Path):
+    """Two models' ELBOs (about -7 and -2000) share no scale: the suite's ELBO and log
+    evidence panels show each run's distance from its own recipe's best."""
+    from workbench.compare import _from_best, group
+
+    results = []
+    for recipe, shift in (("coin", 0.0), ("nes", -2000.0)):
+        for guide, khat in (("a", 0.1), ("b", 0.5)):
+            run = synthetic((recipe, guide), 0, khat, 0.1, 1.0)
+            run.metrics["elbo"] += shift
+            results.append(run)
+    shifted = _from_best(group(results), "elbo")
+    assert [[round(r.metrics["elbo"], 6) for r in rs] for rs in shifted] == [
+        [0.0], [-0.4], [0.0], [-0.4]]
+    assert results[3].metrics["elbo"] == pytest.approx(-2007.5)  # the runs are left as they were
+    grids = parse_grid(["recipe=coin,nes", "guide=a,b"])
+    assert write_plot(tmp_path / "suite.png", grids, results)

@@ -27,7 +27,7 @@ import signal
 import sys
 import threading
 from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
@@ -652,8 +652,15 @@ def write_plot(path: Path, grids: list[Grid], results: list[Result]) -> bool:
     height = 0.6 * len(groups) + 1.6 + bottom
     figure, axes = plt.subplots(1, len(panels), figsize=(3.3 * len(panels) + 2.5, height),
                                 squeeze=False, sharey=True)
+    suite = bool(grids) and grids[0].key == "recipe" and len(grids[0].values) > 1
     for ax, panel in zip(axes[0], panels):
-        _dot_panel(ax, panel, runs)
+        if suite and panel[0] in ("elbo", "log_evidence"):
+            metric, title, spec = panel
+            name = "ELBO" if metric == "elbo" else "log evidence"
+            panel = (metric, f"{name} - best of its recipe (nats)", spec)
+            _dot_panel(ax, panel, _from_best(runs, metric))
+        else:
+            _dot_panel(ax, panel, runs)
     first = axes[0][0]
     first.set_yticks(range(len(groups)), [_plot_label(grids, g, rs)
                                           for g, rs in zip(groups, runs)])
@@ -677,6 +684,20 @@ def write_plot(path: Path, grids: list[Grid], results: list[Result]) -> bool:
     figure.savefig(path, dpi=100)
     plt.close(figure)
     return True
+
+
+def _from_best(runs: list[list[Result]], metric: str) -> list[list[Result]]:
+    """In a suite each recipe is its own model, and ELBOs of different models share no scale:
+    each run's value less the best of its recipe's runs (0 for the best, negative below)."""
+    best: dict[Any, float] = {}
+    for run in (r for rs in runs for r in rs):
+        value = run.metrics.get(metric)
+        if value is not None and math.isfinite(value):
+            recipe = run.spec.combo[0]
+            best[recipe] = max(best.get(recipe, value), value)
+    return [[replace(r, metrics={**r.metrics, metric: r.metrics[metric] - best[r.spec.combo[0]]})
+             if r.metrics.get(metric) is not None and r.spec.combo[0] in best
+             and math.isfinite(r.metrics[metric]) else r for r in rs] for rs in runs]
 
 
 def _plot_label(grids: list[Grid], runs: list[Result], ok: list[Result]) -> str:
