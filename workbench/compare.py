@@ -772,7 +772,11 @@ def _axis(ax: Any, metric: str, low: float, high: float) -> None:
 
     if metric == "sd_ratio":
         ax.set_xscale("log")
-        ax.xaxis.set_major_locator(FixedLocator([t for t in RATIO_TICKS if low <= t <= high]))
+        ticks = [t for t in RATIO_TICKS if low <= t <= high]
+        if high / low > 50:  # a point mass's sd ratio, say: one tick a decade
+            ticks = [10.0 ** k for k in range(math.ceil(math.log10(low)),
+                                              math.floor(math.log10(high)) + 1)]
+        ax.xaxis.set_major_locator(FixedLocator(ticks))
         ax.xaxis.set_major_formatter(ScalarFormatter())
         ax.xaxis.set_minor_locator(NullLocator())
         ax.axvline(1.0, color="0.3", lw=1, zorder=1)
