@@ -4,6 +4,7 @@ where it cannot compile, and resumes exactly."""
 from __future__ import annotations
 
 import math
+import warnings
 from pathlib import Path
 
 import pyro
@@ -54,6 +55,37 @@ def test_every_guide_and_loss_compiles_to_the_eager_step_or_says_why_not(guide: 
     for name, value in fitted(run).items():
         # each step moves a parameter by about lr; rounding may differ, the fit may not
         assert torch.allclose(value, eager[name], rtol=1e-3, atol=1e-3), name
+
+
+@pytest.mark.parametrize("schedule", ["{name: exponential, gamma: 0.9}",
+                                      "{name: step, step_size: 3, gamma: 0.5}",
+                                      "{name: reduce_on_plateau, patience: 1}"])
+def test_a_scheduled_adam_updates_inside_the_graph_as_it_does_eagerly(schedule: str):
+    """The schedule moves the learning rate between steps; the graph reads it as an input, so
+    the compiled fit follows the eager one step for step, without torch's warning that the
+    schedule stepped before the optimizer."""
+    sets = ["guide=auto_normal", "train.compile=false", "train.eval_every=0",
+            "optimizer.lr=0.05", f"optimizer.schedule={schedule}"]
+    run = prepare(*sets)
+    for _ in range(STEPS):
+        assert run.step()[1] == ""
+    eager, eager_lr = fitted(run), _lrs(run)
+    run = prepare(*sets)
+    run.compiled = compiled.compile_step(run.svi, run.data, backend="fx")
+    assert run.compiled is not None and run.compiled.updates
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        for _ in range(STEPS):
+            assert run.step()[1] == ""
+    assert _lrs(run) == pytest.approx(eager_lr) and eager_lr != pytest.approx(
+        [0.05] * len(eager_lr))
+    for name, value in fitted(run).items():
+        assert torch.allclose(value, eager[name], rtol=1e-3, atol=1e-4), name
+
+
+def _lrs(run) -> list[float]:
+    return [getattr(o, "optimizer", o).param_groups[0]["lr"]
+            for o in run.svi.optim.optim_objs.values()]
 
 
 def test_compiled_coin_reaches_the_exact_posterior(tmp_path: Path):

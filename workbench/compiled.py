@@ -43,16 +43,18 @@ class CompiledStep:
     bad step, with a non-finite loss or gradient, is not applied)."""
 
     def __init__(self, run: Callable, params: list[torch.Tensor], inputs: list[torch.Tensor],
-                 optim: Any, states: list[torch.Tensor] | None, names: list[str]):
+                 optim: Any, update: _AdamUpdate | None, names: list[str]):
         self._run = run
-        self._states = states or []  # the optimizers' own state tensors the update writes
+        self._update = update
         self.params = params
         self._inputs = inputs
         self._optim = optim
-        self.updates = states is not None  # the graph applies the optimizer's update itself
+        self.updates = update is not None  # the graph applies the optimizer's update itself
         self._names = names
 
     def __call__(self) -> tuple[float, str]:
+        if self._update is not None:
+            self._update.refresh()
         with torch.no_grad():
             head, finite, *grads = self._run(self._inputs)
         value, ok = head.tolist()  # one read of the device per step: loss and whether applied
@@ -72,16 +74,8 @@ class CompiledStep:
     def adopt_optimizer(self) -> None:
         """After the optimizers were made afresh (a resume): move their state into the
         tensors the compiled update writes, and give them those tensors back."""
-        if not self.updates:
-            return
-        keys = ("step", "exp_avg", "exp_avg_sq")
-        for i, param in enumerate(self.params):
-            state = self._optim.optim_objs[param].state[param]
-            mine = self._states[3 * i:3 * i + 3]
-            with torch.no_grad():
-                for key, tensor in zip(keys, mine):
-                    tensor.copy_(state[key] if key in state else torch.zeros_like(tensor))
-            state.update(zip(keys, mine))
+        if self._update is not None:
+            self._update.adopt(self._optim.optim_objs, self.params)
 
 
 def prepare(setting: str | bool, svi: Any, data: dict, device: torch.device, steps: int,
@@ -170,7 +164,7 @@ def compile_step(svi: Any, data: dict, steps: int | None = None, backend: str = 
         raise CannotCompile("the trace's structure changes from step to step")
     _check_against_eager(svi, data, params, feeds, graph)
     update = _adam_update(svi.optim, params)
-    states = update.states if update else []
+    states = update.tensors if update else []
 
     def step(*values: torch.Tensor) -> tuple:  # values: parameters, optimizer state, data
         at, to = len(params), len(params) + len(states)
@@ -190,7 +184,7 @@ def compile_step(svi: Any, data: dict, steps: int | None = None, backend: str = 
             stepper = _make_fx(step, _copies(inputs, len(params) + len(states)))
             if backend == "fx":
                 return CompiledStep(lambda values: stepper(*values), params, inputs, svi.optim,
-                                    update.states if update else None, names)
+                                    update, names)
             with torch._inductor.config.patch(compile_threads=1):  # no worker processes
                 run = torch._inductor.standalone_compile(  # reads inductor's cache, if it can
                     stepper, _copies(inputs, len(params) + len(states)),
@@ -206,8 +200,7 @@ def compile_step(svi: Any, data: dict, steps: int | None = None, backend: str = 
         except Exception as exc:
             raise CannotCompile(f"capturing the step as a CUDA graph failed: "
                                 f"{one_line(exc)}") from exc
-    return CompiledStep(replay, params, inputs, svi.optim,
-                        update.states if update else None, names)
+    return CompiledStep(replay, params, inputs, svi.optim, update, names)
 
 
 def _copies(inputs: list[torch.Tensor], mutable: int) -> list[torch.Tensor]:
@@ -300,14 +293,44 @@ def _check_against_eager(svi: Any, data: dict, params: list[torch.Tensor],
 class _AdamUpdate:
     """torch.optim.Adam's update (no amsgrad), written in place into each parameter's own
     optimizer state, applied only where ``ok``: Pyro's optimizers keep the state, so
-    checkpoints are unchanged."""
+    checkpoints are unchanged. The learning rate is an input of the graph, refreshed from the
+    optimizer before each step, so a schedule (which changes only it) steps as it does eagerly."""
 
-    def __init__(self, settings: list[dict], states: list[torch.Tensor]):
-        self.settings = settings
+    def __init__(self, optimizers: list[torch.optim.Optimizer], states: list[torch.Tensor]):
+        self.optimizers = optimizers
+        self.settings = [dict(o.param_groups[0]) for o in optimizers]  # betas, eps: fixed
         self.states = states  # per parameter: step, exp_avg, exp_avg_sq
+        self.lrs = [torch.tensor(float(s["lr"]), dtype=st.dtype, device=st.device)
+                    for s, st in zip(self.settings, states[::3])]
+        self._now = [float(s["lr"]) for s in self.settings]
+        self.tensors = [*states, *self.lrs]  # the graph's inputs after the parameters
+
+    def adopt(self, objs: dict, params: list[torch.Tensor]) -> None:
+        """Take over optimizers made afresh (a resume): their state moves into the tensors
+        the graph writes, which they get back."""
+        keys = ("step", "exp_avg", "exp_avg_sq")
+        for i, param in enumerate(params):
+            optimizer = getattr(objs[param], "optimizer", objs[param])
+            optimizer._opt_called = True
+            self.optimizers[i], self._now[i] = optimizer, math.nan  # refreshed at the next step
+            state = optimizer.state[param]
+            mine = self.states[3 * i:3 * i + 3]
+            with torch.no_grad():
+                for key, tensor in zip(keys, mine):
+                    tensor.copy_(state[key] if key in state else torch.zeros_like(tensor))
+            state.update(zip(keys, mine))
+
+    def refresh(self) -> None:
+        """The learning rates as the optimizers hold them now (a schedule moved them)."""
+        for i, optimizer in enumerate(self.optimizers):
+            lr = optimizer.param_groups[0]["lr"]
+            if lr != self._now[i]:
+                self.lrs[i].fill_(lr)
+                self._now[i] = lr
 
     def __call__(self, ok: torch.Tensor, grads: list[torch.Tensor],
-                 params: tuple[torch.Tensor, ...], states: tuple[torch.Tensor, ...]) -> None:
+                 params: tuple[torch.Tensor, ...], tensors: tuple[torch.Tensor, ...]) -> None:
+        states, lrs = tensors[:3 * len(params)], tensors[3 * len(params):]
         for i, (param, grad, group) in enumerate(zip(params, grads, self.settings)):
             step, exp_avg, exp_avg_sq = states[3 * i:3 * i + 3]
             beta1, beta2 = group["betas"]
@@ -319,7 +342,7 @@ class _AdamUpdate:
             bias1 = 1 - torch.pow(beta1, new_step)
             bias2 = 1 - torch.pow(beta2, new_step)
             denom = new_sq.sqrt() / bias2.sqrt() + group["eps"]
-            new_param = param - (group["lr"] / bias1) * new_avg / denom
+            new_param = param - (lrs[i] / bias1) * new_avg / denom
             param.copy_(torch.where(ok, new_param, param))
             step.copy_(torch.where(ok, new_step, step))
             exp_avg.copy_(torch.where(ok, new_avg, exp_avg))
@@ -327,15 +350,18 @@ class _AdamUpdate:
 
 
 def _adam_update(optim: Any, params: list[torch.Tensor]) -> _AdamUpdate | None:
-    """The in-graph update for plain Adam without a schedule; None (the optimizer steps
-    eagerly after the compiled gradients) for anything else."""
+    """The in-graph update for plain Adam, with or without a learning-rate schedule; None
+    (the optimizer steps eagerly after the compiled gradients) for anything else."""
     objs = getattr(optim, "optim_objs", None)
     if objs is None or getattr(optim, "grad_clip", {}) and any(
             v is not None for v in optim.grad_clip.values()):
         return None
-    settings, states = [], []
+    optimizers, states = [], []
     for param in params:
         torch_optim = objs.get(param)
+        if getattr(torch_optim, "cycle_momentum", False):
+            return None  # the schedule moves Adam's betas too
+        torch_optim = getattr(torch_optim, "optimizer", torch_optim)  # a schedule's Adam
         if type(torch_optim) is not torch.optim.Adam or len(torch_optim.param_groups) != 1:
             return None
         group = torch_optim.param_groups[0]
@@ -351,9 +377,11 @@ def _adam_update(optim: Any, params: list[torch.Tensor]) -> _AdamUpdate | None:
             state["step"] = torch.tensor(0.0, device=param.device)
             state["exp_avg"] = torch.zeros_like(param, memory_format=torch.preserve_format)
             state["exp_avg_sq"] = torch.zeros_like(param, memory_format=torch.preserve_format)
-        settings.append(dict(group))
+        # the schedule's check that Adam stepped first: the graph steps it
+        torch_optim._opt_called = True
+        optimizers.append(torch_optim)
         states += [state["step"], state["exp_avg"], state["exp_avg_sq"]]
-    return _AdamUpdate(settings, states)
+    return _AdamUpdate(optimizers, states)
 
 
 class _Counting(TorchDispatchMode):
