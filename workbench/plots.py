@@ -27,7 +27,7 @@ KDE_DRAWS = 4000  # draws behind one estimated density (a random subset when the
 MAX_POINTS = 20_000  # points of the loss curve drawn (a long run's curve is thinned)
 MAX_FOREST_ROWS = 60  # elements of a tensor site drawn in its forest plot
 PPC_DRAWS = 50  # replicated data sets drawn as densities in a posterior predictive check
-MAX_BARS = 60  # a histogram over more values is drawn as one filled outline
+ONES_BINS = 40  # bars at most in the histogram of replicated numbers of ones (binary data)
 PPC_VALUES = 30  # discrete data with at most this many distinct values are counted per value
 
 
@@ -394,22 +394,22 @@ def _ppc_ones(ax: Any, site: str, observed: np.ndarray, replicated: np.ndarray) 
     counts = replicated.sum(1).round().astype(int)
     seen = int(round(observed.sum()))
     low, high = min(counts.min(), seen), max(counts.max(), seen)
-    # Bars over the counts that occur, not over 0..N: the cost does not grow with the data.
-    shares = np.bincount(counts - low, minlength=high - low + 1) / counts.size
+    # Bars over the counts that occur, not over 0..N: the cost does not grow with the data;
+    # beyond ONES_BINS counts, bins of several counts, so a thousand replicates read as a shape
+    width = max(1, -(-(high - low + 1) // ONES_BINS))
+    edges = np.arange(low, high + width + 1, width) - 0.5
+    shares = np.histogram(counts, bins=edges)[0] / counts.size
     label = f"replicated data sets ({counts.size})"
-    if shares.size <= MAX_BARS:
-        ax.bar(np.arange(low, high + 1), shares, width=0.9, color=COLOURS["guide"], alpha=0.6,
-               label=label)
-    else:  # one outline, not a patch per count
-        ax.stairs(shares, np.arange(low, high + 2) - 0.5, fill=True, color=COLOURS["guide"],
-                  alpha=0.6, label=label)
+    ax.bar(edges[:-1] + width / 2, shares, width=0.9 * width, color=COLOURS["guide"],
+           alpha=0.6, label=label)
     above = float((counts >= seen).mean())
     ax.axvline(seen, color="black", linewidth=2.5,
-               label=f"observed: {seen} of {observed.size}; "
+               label=f"observed: {seen} of {observed.size}\n"
                      f"{above:.0%} of replicates have as many or more")
-    ax.set_xlim(low - 1, high + 1)
+    ax.set_xlim(edges[0] - width / 2, edges[-1] + width / 2)
     ax.set_title(f"{site}: number of ones in {observed.size} values", fontsize=10)
-    ax.set_xlabel("number of ones in a data set")
+    ax.set_xlabel("number of ones in a data set"
+                  + (f" (bars of {width} counts)" if width > 1 else ""))
     ax.set_ylabel("share of replicated data sets")
 
 
