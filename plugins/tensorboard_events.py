@@ -14,6 +14,7 @@ Python overhead. The file is byte for byte a TFRecord file of ``Event`` protos e
 from __future__ import annotations
 
 import functools
+import math
 import os
 import socket
 import struct
@@ -55,11 +56,10 @@ class EventLog:
                               session_log=SessionLog(status=SessionLog.START)))
 
     def scalar(self, tag: str, value: float, step: int) -> None:
-        head = self._tags.get(tag)
-        if head is None:
-            encoded = tag.encode()
-            head = self._tags[tag] = b"\x0a" + _varint(len(encoded)) + encoded + b"\x15"
-        self._pending.append(scalar_event(time.time(), step, head, value))
+        fixed = self._tags.get(tag)
+        if fixed is None:
+            fixed = self._tags[tag] = scalar_summary(tag)
+        self._pending.append(scalar_event(time.time(), step, fixed, value))
         if len(self._pending) >= BATCH:
             self._drain()
 
@@ -98,18 +98,37 @@ class EventLog:
             self._file.write(frame(records))
 
 
-def scalar_event(wall_time: float, step: int, head: bytes, value: float) -> bytes:
+def scalar_summary(tag: str) -> bytes:
+    """What a scalar's encoded Event holds after its step, up to its value: the summary's
+    key and length, the Value's key and length, its tag field and simple_value's key."""
+    encoded = tag.encode()
+    value = b"\x0a" + _varint(len(encoded)) + encoded + b"\x15"
+    summary = b"\x0a" + _varint(len(value) + 4) + value
+    return b"\x2a" + _varint(len(summary) + 4) + summary
+
+
+def scalar_event(wall_time: float, step: int, fixed: bytes, value: float) -> bytes:
     """``Event(wall_time, step, summary=Summary(value=[Value(tag, simple_value)]))`` encoded
-    as protobuf does, given ``head``: the Value's encoded tag field and simple_value's key."""
+    as protobuf encodes it, given ``fixed = scalar_summary(tag)``."""
     try:
-        number = struct.pack("<f", value)
+        number = _FLOAT.pack(value)
     except OverflowError:  # protobuf rounds a double beyond float32's range to +-inf
-        number = struct.pack("<f", float("inf") if value > 0 else float("-inf"))
-    inner = head + number
-    outer = b"\x0a" + _varint(len(inner)) + inner
-    return (b"\x09" + struct.pack("<d", wall_time)
-            + (b"\x10" + _varint(step) if step else b"")
-            + b"\x2a" + _varint(len(outer)) + outer)
+        number = _FLOAT.pack(math.inf if value > 0 else -math.inf)
+    if 0 < step < 0x80:
+        at = _STEP1.pack(9, wall_time, 0x10, step)
+    elif step == 0:  # protobuf leaves a zero out
+        at = _WALL.pack(9, wall_time)
+    elif 0 < step < 0x4000:
+        at = _STEP2.pack(9, wall_time, 0x10, (step & 0x7F) | 0x80, step >> 7)
+    else:
+        at = _WALL.pack(9, wall_time) + b"\x10" + _varint(step)
+    return at + fixed + number
+
+
+_FLOAT = struct.Struct("<f")
+_WALL = struct.Struct("<Bd")
+_STEP1 = struct.Struct("<BdBB")
+_STEP2 = struct.Struct("<BdBBB")
 
 
 def _varint(value: int) -> bytes:
