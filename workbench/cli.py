@@ -517,10 +517,8 @@ class Progress(TerminalBar):
     """A progress bar with the current loss on a terminal; a line every tenth otherwise."""
 
     def __init__(self, total: int):
-        from rich.progress import TimeElapsedColumn, TimeRemainingColumn
-
-        super().__init__("SVI", total, ["loss {task.fields[loss]}", TimeElapsedColumn,
-                                        TimeRemainingColumn], loss="-")
+        super().__init__("SVI", total, ["loss {task.fields[loss]}", "TimeElapsedColumn",
+                                        "TimeRemainingColumn"], loss="-")
         self.total = total
         self.last = 0.0
 
