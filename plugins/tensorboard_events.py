@@ -26,6 +26,7 @@ from tensorboardX.proto.event_pb2 import Event, SessionLog
 from tensorboardX.proto.summary_pb2 import Summary
 
 BATCH = 4096  # records queued before they are written (a flush writes them too)
+TOGETHER = 16  # records of one length checksummed together, with numpy, from this many
 
 
 @functools.cache
@@ -169,13 +170,21 @@ def _crc_table() -> np.ndarray:
 
 def masked_crc32c_many(chunks: list[bytes]) -> list[int]:
     """TFRecord's masked CRC-32C of each chunk, computed for all chunks of one length at once
-    (a numpy operation per byte position instead of a Python loop per byte)."""
+    (a numpy operation per byte position instead of a Python loop per byte). A length shared
+    by fewer than ``TOGETHER`` chunks (an image, say: one numpy operation per byte would cost
+    more than tensorboardX's loop) goes through tensorboardX's CRC, chunk by chunk."""
+    from tensorboardX.record_writer import masked_crc32c
+
     table = _crc_table()
     by_length: dict[int, list[int]] = {}
     for i, chunk in enumerate(chunks):
         by_length.setdefault(len(chunk), []).append(i)
     out = [0] * len(chunks)
     for length, where in by_length.items():
+        if len(where) < TOGETHER:
+            for i in where:
+                out[i] = masked_crc32c(chunks[i])
+            continue
         data = np.frombuffer(b"".join(chunks[i] for i in where), dtype=np.uint8)
         columns = data.reshape(len(where), length).T.astype(np.uint32)
         crc = np.full(len(where), 0xFFFFFFFF, dtype=np.uint32)

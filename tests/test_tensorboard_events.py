@@ -26,6 +26,7 @@ def test_masked_crc32c_matches_tensorboardx_for_any_length():
 
     rng = random.Random(0)
     chunks = [bytes(rng.getrandbits(8) for _ in range(rng.randint(0, 70))) for _ in range(300)]
+    chunks += [bytes(rng.getrandbits(8) for _ in range(20))] * 40  # checksummed together
     assert tensorboard_events.masked_crc32c_many(chunks) == [masked_crc32c(c) for c in chunks]
 
 
