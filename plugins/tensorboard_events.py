@@ -6,9 +6,11 @@ every event up to it durable with one ``flush``, and a write error reaches the r
 ``OSError``, which it reports.
 
 A scalar, logged every step, is encoded by hand (the few bytes of its protobuf) and queued;
-the queue is framed and written in batches, its CRC-32C checksums computed together with
-numpy, since tensorboardX's pure-Python CRC alone cost more per step than a compiled step's
-Python overhead. The file is byte for byte a TFRecord file of ``Event`` protos either way.
+the queue is framed and written in batches (at each flush, every 4096 records, and at least
+every two seconds while scalars come, for a live TensorBoard), its CRC-32C checksums computed
+together with numpy, since tensorboardX's pure-Python CRC alone cost more per step than a
+compiled step's Python overhead. The file is byte for byte a TFRecord file of ``Event``
+protos either way.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from tensorboardX.proto.event_pb2 import Event, SessionLog
 from tensorboardX.proto.summary_pb2 import Summary
 
 BATCH = 4096  # records queued before they are written (a flush writes them too)
+LIVE_SECONDS = 2.0  # the longest a logged event waits in the queue, while scalars come
 TOGETHER = 16  # records of one length checksummed together, with numpy, from this many
 
 
@@ -49,7 +52,8 @@ class EventLog:
         self.path = run_dir / name
         self._file = open(self.path, "wb")
         self._pending: list[bytes] = []
-        self._tags: dict[str, bytes] = {}  # tag -> the encoded start of its Summary.Value
+        self._tags: dict[str, bytes] = {}  # tag -> scalar_summary(tag)
+        self._due = time.time() + LIVE_SECONDS  # when queued events go to the file anyway
         self._write(Event(wall_time=time.time(), file_version="brain.Event:2"))
         if start_step:
             self._write(Event(wall_time=time.time(), step=start_step,
@@ -59,9 +63,13 @@ class EventLog:
         fixed = self._tags.get(tag)
         if fixed is None:
             fixed = self._tags[tag] = scalar_summary(tag)
-        self._pending.append(scalar_event(time.time(), step, fixed, value))
+        now = time.time()
+        self._pending.append(scalar_event(now, step, fixed, value))
         if len(self._pending) >= BATCH:
             self._drain()
+        elif now >= self._due:  # a slow run's curve still reaches a live TensorBoard
+            self._drain()
+            self._file.flush()
 
     def histogram(self, tag: str, values: Any, step: int) -> None:
         from tensorboardX.summary import histogram
@@ -95,6 +103,7 @@ class EventLog:
             self._drain()
 
     def _drain(self) -> None:
+        self._due = time.time() + LIVE_SECONDS
         if self._pending:
             records, self._pending = self._pending, []
             self._file.write(frame(records))

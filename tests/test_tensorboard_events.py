@@ -62,3 +62,12 @@ def test_scalars_read_back_as_protobuf_wrote_them(tmp_path: Path, monkeypatch, b
             assert math.isnan(event.summary.value[0].simple_value)
         else:
             assert event.SerializeToString() == want.SerializeToString()
+
+
+def test_a_slow_run_s_scalars_reach_the_file_within_seconds(tmp_path: Path, monkeypatch):
+    monkeypatch.setattr(tensorboard_events, "LIVE_SECONDS", 0.0)
+    log = EventLog(tmp_path)
+    log.scalar("Train/loss", 7.0, 0)
+    log.scalar("Train/loss", 6.5, 1)  # before any flush: a live TensorBoard sees them
+    assert [e.step for e in read_events(log.path)[1:]] == [0, 1]
+    log.close()
