@@ -35,6 +35,7 @@ NUMPYRO = Path(__file__).resolve().with_name("numpyro_coin.py")
 # Beta(10, 10) prior, 6 heads and 4 tails: the exact posterior is Beta(16, 14).
 EXACT_ALPHA, EXACT_BETA = 10 + 6, 10 + 4
 WARMUP_STEPS = 10
+IMPORT = "import torch, pyro"  # the reference process of the outside-the-loop target
 
 
 def vibench_command() -> list[str]:
@@ -72,8 +73,14 @@ def run_vibench(steps: int, seed: int, env: dict[str, str] | None,
         summary = json.loads((out / "summary.json").read_text())
     site = summary["posterior"]["latent_fairness"]
     return {"process": wall, "cpu": cpu, "loop": summary["wall_seconds"],
+            "report": summary.get("report_seconds", math.nan),
             "steps_per_second": summary["steps_per_second"],
             "mean": site["mean"], "std": site["std"]}
+
+
+def import_seconds(env: dict[str, str] | None) -> float:
+    """Wall time of a process that only imports torch and Pyro: the floor of every side."""
+    return timed([sys.executable, "-c", "import torch, pyro"], env)[0]
 
 
 def run_eager(steps: int, seed: int, env: dict[str, str] | None) -> dict:
@@ -87,7 +94,7 @@ def run_script(script: Path) -> Callable[[int, int, dict[str, str] | None], dict
                                    "--steps", str(steps), "--seed", str(seed)], env)
         result = json.loads(stdout.strip().splitlines()[-1])
         return {"process": wall, "cpu": cpu, "loop": result["wall_seconds"],
-                "steps_per_second": result["steps_per_second"],
+                "report": math.nan, "steps_per_second": result["steps_per_second"],
                 "mean": result["mean"], "std": result["std"]}
     return run
 
@@ -106,18 +113,22 @@ def has_numpyro() -> bool:
 def measure(repeats: int, steps: int, seed: int, threads: int | None = None,
             sides: dict[str, Side] = SIDES) -> dict[str, list[dict]]:
     """Every side ``repeats`` times after a warm-up, interleaved (the order turns by one each
-    repeat); each result gains ``outside`` (process - loop) and ``per_step`` (loop / steps).
-    ``threads`` sets OMP_NUM_THREADS for every side."""
+    repeat); each result gains ``outside`` (process - loop), ``setup`` (outside - report) and
+    ``per_step`` (loop / steps). Each repeat also times ``import torch, pyro`` alone, under
+    ``IMPORT``. ``threads`` sets OMP_NUM_THREADS for every side."""
     env = {**os.environ, "OMP_NUM_THREADS": str(threads)} if threads else None
     for run in sides.values():
         run(WARMUP_STEPS, seed, env)
     results: dict[str, list[dict]] = {name: [] for name in sides}
+    results[IMPORT] = []
     names = list(sides)
     for repeat in range(repeats):
         shift = repeat % len(names)
+        results[IMPORT].append({"process": import_seconds(env)})
         for name in names[shift:] + names[:shift]:
             result = sides[name](steps, seed, env)
             result["outside"] = result["process"] - result["loop"]
+            result["setup"] = result["outside"] - result["report"]
             result["per_step"] = 1000 * result["loop"] / steps
             results[name].append(result)
             print(f"  repeat {repeat + 1}/{repeats} {name:<13} process {result['process']:6.2f} s"
@@ -129,20 +140,28 @@ def report(results: dict[str, list[dict]], repeats: int, steps: int, seed: int,
            threads: int | None = None) -> list[str]:
     """The table: medians over repeats (with min-max for times) per side, and vibench's
     ratios to plain Pyro and to NumPyro (where it ran)."""
-    names = list(results)
+    names = [name for name in results if name != IMPORT]
 
     def median(runs: list[dict], key: str) -> float:
         return statistics.median(r[key] for r in runs)
 
     def spread(runs: list[dict], key: str, fmt: str) -> str:
         values = [r[key] for r in runs]
+        if any(math.isnan(v) for v in values):  # the hand-written sides have no report
+            return "-"
         return f"{median(runs, key):{fmt}} [{min(values):{fmt}}-{max(values):{fmt}}]"
+
+    def ratio(key: str, other: str) -> str:
+        value = median(results["vibench"], key) / median(results[other], key)
+        return f"{'-' if math.isnan(value) else format(value, '.2f'):<19}"
 
     rows = [
         ("process wall time (s)", "process", ".2f", True),
         ("process CPU time (s)", "cpu", ".2f", True),
         ("training loop (s)", "loop", ".2f", True),
         ("outside the loop (s)", "outside", ".2f", True),
+        ("  report (s)", "report", ".2f", True),
+        ("  the rest (s)", "setup", ".2f", True),
         ("per step (ms, loop)", "per_step", ".3f", True),
         ("steps/s (loop)", "steps_per_second", ".0f", True),
         ("posterior mean", "mean", ".4f", False),
@@ -158,15 +177,18 @@ def report(results: dict[str, list[dict]], repeats: int, steps: int, seed: int,
         "interleaved; medians [min-max]",
         "",
         f"{'':<24}" + "".join(f"{name:<24}" for name in names)
-        + "".join(f"vibench/{name:<10}" for name in against),
+        + "".join(f"{'vibench/' + name:<19}" for name in against),
     ]
     for label, key, fmt, show_spread in rows:
         cells = [spread(results[n], key, fmt) if show_spread else f"{median(results[n], key):{fmt}}"
                  for n in names]
-        ratios = [f"{median(results['vibench'], key) / median(results[n], key):<18.2f}"
-                  if show_spread else f"{'-':<18}" for n in against]
+        ratios = [ratio(key, n) if show_spread else f"{'-':<19}" for n in against]
         lines.append(f"{label:<24}" + "".join(f"{c:<24}" for c in cells) + "".join(ratios))
     lines += ["", f"exact posterior Beta({a}, {b}): mean {exact_mean:.4f}, sd {exact_sd:.4f}"]
+    if results.get(IMPORT):
+        floor = median(results[IMPORT], "process")
+        lines.append(f"import torch, pyro alone: {floor:.2f} s; vibench outside the loop is "
+                     f"{median(results['vibench'], 'outside') - floor:.2f} s more (target 0.5 s)")
     return lines
 
 

@@ -18,6 +18,7 @@ class Loggers:
 
     def __init__(self, loggers: list[tuple[str, Any]]):
         self.loggers = loggers  # (name, logger)
+        self._scalars = self._methods("scalar")  # called every step: looked up once
 
     @classmethod
     def of(cls, registry: Registry, recipe: dict, run_dir: Path, start_step: int) -> Loggers:
@@ -26,7 +27,11 @@ class Loggers:
                     for section in recipe.get("loggers", [])])
 
     def scalar(self, tag: str, value: float, step: int) -> None:
-        self._call("scalar", tag, value, step)
+        for entry, fn in self._scalars:
+            try:
+                fn(tag, value, step)
+            except Exception as exc:
+                self._drop(entry, "scalar", exc)
 
     def histogram(self, tag: str, values: Any, step: int) -> None:
         self._call("histogram", tag, values, step)
@@ -40,15 +45,21 @@ class Loggers:
     def close(self, summary: dict | None = None) -> None:
         self._call("close", summary)
 
+    def _methods(self, method: str) -> list[tuple[tuple[str, Any], Any]]:
+        """Each logger's ``method`` (for the loggers that have it), with its entry."""
+        return [(entry, getattr(entry[1], method)) for entry in self.loggers
+                if getattr(entry[1], method, None) is not None]
+
     def _call(self, method: str, *args: Any) -> None:
-        for entry in list(self.loggers):
-            name, logger = entry
-            fn = getattr(logger, method, None)
-            if fn is None:
-                continue
+        for entry, fn in self._methods(method):
             try:
                 fn(*args)
             except Exception as exc:
-                self.loggers.remove(entry)
-                warnings.warn(f"logger {name!r} failed in {method} and is left out for the rest "
-                              f"of the run: {one_line(exc)}", stacklevel=2)
+                self._drop(entry, method, exc)
+
+    def _drop(self, entry: tuple[str, Any], method: str, exc: Exception) -> None:
+        if entry in self.loggers:
+            self.loggers.remove(entry)
+            self._scalars = self._methods("scalar")
+        warnings.warn(f"logger {entry[0]!r} failed in {method} and is left out for the rest "
+                      f"of the run: {one_line(exc)}", stacklevel=3)

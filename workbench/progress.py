@@ -8,18 +8,26 @@ from typing import Any
 
 class TerminalBar:
     """One task's bar on stderr: label, bar, done of total, then ``columns`` (a format string
-    over the task's ``fields``, or a rich column class). ``self.bar`` is None when stderr is no
-    terminal, and the subclass prints plain lines instead."""
+    over the task's ``fields``, or a rich column class, or a class's name in
+    ``rich.progress``, such as "TimeElapsedColumn", so that rich is imported only for a
+    terminal). ``self.bar`` is None when stderr is no terminal, and the subclass prints plain
+    lines instead."""
 
     def __init__(self, label: str, total: int, columns: list[Any], **fields: Any):
         self.bar = None
         if sys.stderr.isatty():
+            import rich.progress
             from rich.console import Console
             from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 
+            def column(c: Any) -> Any:
+                if isinstance(c, str):
+                    named = getattr(rich.progress, c, None) if c.endswith("Column") else None
+                    return named() if named is not None else TextColumn(c)
+                return c()
+
             self.bar = Progress(TextColumn(label), BarColumn(), MofNCompleteColumn(),
-                                *[TextColumn(c) if isinstance(c, str) else c() for c in columns],
-                                console=Console(stderr=True))
+                                *[column(c) for c in columns], console=Console(stderr=True))
             self.task = self.bar.add_task(label, total=total, **fields)
 
     def __enter__(self) -> TerminalBar:
