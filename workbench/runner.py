@@ -195,24 +195,20 @@ class Run:
                                  "Eval/loss is not logged")
             # a rank holding only its rows neither reports nor checks the data on --resume
             exact = exact_posterior(model, whole, names["model"]) if total is None else None
-            step, note = compiled.prepare(recipe["train"].get("compile", "auto"), svi, data,
-                                          device, recipe["train"]["steps"],
-                                          minibatch.plate is not None, world.size)
-            notes.extend([note] if note else [])
             if world.distributed:
                 distributed.broadcast_params()
                 pyro.set_rng_seed(distributed.rank_seed(recipe["seed"], world.rank))
         sites = posterior.latent_sites(trace)
-        return cls(recipe, device, dtype, data, model, guide, svi, sites,
-                   posterior.plate_nesting(trace), exact,
-                   data_hash(whole) if total is None else "",
-                   schedule_stepper(optimizer), can_evaluate, notes, minibatch, registry,
-                   world, whole if world.distributed and world.leader else None,
-                   compiled=step)
+        run = cls(recipe, device, dtype, data, model, guide, svi, sites,
+                  posterior.plate_nesting(trace), exact, data_hash(whole) if total is None else "",
+                  schedule_stepper(optimizer), can_evaluate, notes, minibatch, registry, world,
+                  whole if world.distributed and world.leader else None)
+        run.compile_step()
+        return run
 
     def compile_step(self) -> None:
-        """Compile the step afresh as train.compile asks, for the optimizer the run holds now
-        (``optimizer.lr: auto`` swaps it after set-up)."""
+        """Compile the step as train.compile asks, for the optimizer the run holds now: at the
+        end of set-up, and again where ``optimizer.lr: auto`` swaps the optimizer."""
         with run_context(self.device, self.dtype):
             self.compiled, note = compiled.prepare(
                 self.recipe["train"].get("compile", "auto"), self.svi, self.data, self.device,
