@@ -271,6 +271,8 @@ def assemble(pipeline: Pipeline, records: list[dict], wall: float) -> dict:
             "stages": records,
             "fits": [{"label": fit.label, "path": str(fit.path), "ok": fit.ok,
                       "steps": fit.summary["steps"] if fit.ok else None, "lr": fit.lr,
+                      "converged_at": ((fit.summary or {}).get("converged") or {}).get(
+                          "at_step"),
                       "khat": fit.khat, "elbo": fit.elbo if fit.ok else None,
                       "ending": fit.ending(), **({"error": fit.error} if fit.error else {})}
                      for fit in pipeline.fits],

@@ -53,7 +53,7 @@ TRAIN: dict[str, Option] = {
         Option("early_stop_window", 100, int),  # steps the smoothed loss averages over
         Option("early_stop_min_delta", 0.0, float),  # what counts as an improvement
         Option("stop", None, str | None),  # converged: end when the iterate averages settle
-        Option("converge_window", 50, int),  # iterates each check of train.stop looks at
+        Option("converge_window", 100, int),  # iterates each check of train.stop looks at
         Option("converge_skl", 0.01, float),  # settled: symmetric KL per dimension below this
         Option("converge_lr_factor", 0.5, float),  # the step size's decrease once settled
         Option("converge_rhat", 1.1, float),  # a guide that is no Gaussian: R-hat below this
