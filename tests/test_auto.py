@@ -199,3 +199,31 @@ def test_symmetric_kl_matches_torch():
     expected = float(kl_divergence(p, q) + kl_divergence(q, p))
     assert symmetric_kl(first, second) == pytest.approx(expected, rel=1e-5)
     assert symmetric_kl(first, first) == pytest.approx(0.0, abs=1e-9)
+
+
+def test_set_up_traces_a_model_its_prior_draw_breaks_at_the_supports_centre():
+    """arma11's case: a draw of the prior where the model cannot compute (here any draw but
+    0 overflows into a NaN) is traced again at the centre of the supports, and a set-up goes on."""
+    import pyro
+    import pyro.distributions as dist
+    import torch
+
+    from workbench.errors import UsageError
+    from workbench.runner import trace_model
+
+    def model():
+        theta = pyro.sample("theta", dist.Normal(0.0, 2.0))
+        scale = pyro.sample("scale", dist.LogNormal(0.0, 1.0))
+        big = torch.exp(1e6 * theta.abs())  # inf but at 0: the loc is NaN, as arma11's
+        pyro.sample("y", dist.Normal(big - big, scale), obs=torch.tensor(1.0))
+
+    trace = trace_model(model, {}, "overflowing")
+    assert float(trace.nodes["theta"]["value"]) == 0.0
+    assert float(trace.nodes["scale"]["value"]) == 1.0
+
+    def broken():
+        pyro.sample("theta", dist.Normal(0.0, 1.0))
+        raise ValueError("no model at all")
+
+    with pytest.raises(UsageError, match="model 'broken': no model at all"):
+        trace_model(broken, {}, "broken")
