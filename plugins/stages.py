@@ -4,7 +4,8 @@
   Hessian; ``init: laplace``) or another initialiser a Gaussian autoguide offers;
 - ``gaussian``: several independent Gaussian fits (full-rank, low-rank beyond
   ``low_rank_above`` dimensions) with the STL gradient, the step size searched (``lr: auto``)
-  and each stopped when its iterates are stationary (``train.stop: converged``);
+  and each stopped at convergence (``train.stop: converged``: its iterate average settles,
+  the step size halves, and the next average agrees with it);
 - ``rhat``: R-hat across those fits (Dhaka et al. 2020), flagged above ``threshold``;
 - ``flow``: when the best Gaussian's PSIS k-hat is above ``khat``, a flow started at it;
 - ``psis``: report the importance-weighted (PSIS) estimates of fits with k-hat below ``khat``.
