@@ -148,37 +148,38 @@ def test_lr_auto_searches_eagerly_then_compiles_with_the_chosen_step_size(tmp_pa
     job.train()
 
 
-def _regression(tmp_path: Path, guide: dict, optimizer: dict, steps: int) -> dict:
-    """A conjugate regression (its exact posterior known) fitted with train.stop: converged."""
-    summary, _ = run(tmp_path, {
-        "data": {"dataset": {"name": "synthetic_regression", "n": 50,
-                             "coefficients": [1.5, -2.0], "noise": 0.5}},
-        "model": {"name": "linear_regression", "noise": 0.5}, "guide": guide,
-        "loss": {"name": "elbo", "num_particles": 4}, "optimizer": optimizer,
-        "train": {**QUIET["train"], "steps": steps, "stop": "converged"}})
-    return summary
+REGRESSION = {"data": {"dataset": {"name": "synthetic_regression", "n": 50,
+                                    "coefficients": [1.5, -2.0], "noise": 0.5}},
+              "model": {"name": "linear_regression", "noise": 0.5}}
 
 
 def test_stop_converged_fires_once_the_fit_has_converged(tmp_path):
-    """Started at the prior, the fit settles, halves its step size, settles again and stops
-    well before its cap, within 0.2 posterior sds of the exact posterior's means."""
-    summary = _regression(tmp_path, {"name": "auto_multivariate_normal"},
-                          {"name": "adam", "lr": 0.1}, 1500)
-    converged = summary["converged"]
-    assert converged["at_step"] is not None and converged["at_step"] == summary["steps"] < 1500
-    assert converged["lr_decreases"] >= 1 and converged["averaged"]
-    last = converged["checks"][-1]
-    assert last["halves_skl"] < 0.01 and last["step_sizes_skl"] < 0.01
-    for entry in summary["posterior"].values():
-        for mean, sd, exact, exact_sd in zip(*(auto._flat_list(entry[key]) for key in (
-                "mean", "std", "exact_mean", "exact_std"))):
-            assert abs(mean - exact) <= 0.2 * exact_sd and 0.75 <= sd / exact_sd <= 1.25
+    """The pipeline's Gaussian fits, each started two posterior sds off (spread 2), settle,
+    halve the step size, settle again and stop long before their cap of 300 steps, within
+    0.2 sds of the exact posterior (measured over seeds 0-7: at steps 120-180, z <= 0.03)."""
+    summary, _ = run(tmp_path, {**REGRESSION, "auto": {"stages": [
+        "start", {"name": "gaussian", "runs": 2, "spread": 2.0}, "rhat"]}})
+    for fit in summary["auto"]["fits"]:
+        fitted = json.loads((Path(fit["path"]) / "summary.json").read_text())
+        converged = fitted["converged"]
+        assert fit["converged_at"] == converged["at_step"] == fitted["steps"] < 300
+        assert converged["lr_decreases"] >= 1 and converged["averaged"]
+        last = converged["checks"][-1]
+        assert last["halves_skl"] < 0.01 and last["step_sizes_skl"] < 0.01
+        assert f"{fit['label']} converged at step {fitted['steps']}" in fit["ending"]
+        for entry in fitted["posterior"].values():
+            for mean, sd, exact, exact_sd in zip(*(auto._flat_list(entry[key]) for key in (
+                    "mean", "std", "exact_mean", "exact_std"))):
+                assert abs(mean - exact) <= 0.2 * exact_sd and 0.8 <= sd / exact_sd <= 1.2
 
 
 def test_stop_converged_does_not_fire_while_the_fit_still_moves(tmp_path):
-    """The same fit with a step size too small to get there in 250 steps runs them all."""
-    summary = _regression(tmp_path, {"name": "auto_multivariate_normal"},
-                          {"name": "adam", "lr": 0.002}, 250)
+    """Started at the prior with a step size too small to get anywhere near the posterior
+    in 250 steps, the fit runs them all: its iterates' average keeps moving."""
+    summary, _ = run(tmp_path, {**REGRESSION, "guide": {"name": "auto_multivariate_normal"},
+                                "loss": {"name": "elbo", "num_particles": 4},
+                                "optimizer": {"name": "adam", "lr": 0.002},
+                                "train": {**QUIET["train"], "steps": 250, "stop": "converged"}})
     converged = summary["converged"]
     assert converged["at_step"] is None and summary["steps"] == 250
     assert converged["checks"] and all(c["halves_skl"] >= 0.01 for c in converged["checks"])
