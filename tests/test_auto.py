@@ -94,7 +94,7 @@ def test_iterate_rhat_tells_a_trend_from_noise():
 
 def test_lr_auto_and_stop_converged_work_in_an_ordinary_recipe(tmp_path):
     path = write(tmp_path, {"model": {"name": "beta_bernoulli"}, "data": {"flips": [1, 0, 1]},
-                            "guide": {"name": "auto_normal"}, "loss": {"name": "elbo"},
+                            "guide": {"name": "beta"}, "loss": {"name": "elbo"},
                             "optimizer": {"name": "adam", "lr": "auto"},
                             "train": {**QUIET["train"], "steps": 500, "stop": "converged",
                                       "converge_window": 40, "converge_rhat": 1000.0}})
@@ -104,7 +104,7 @@ def test_lr_auto_and_stop_converged_work_in_an_ordinary_recipe(tmp_path):
     chosen = summary["recipe"]["optimizer"]["lr"]
     assert isinstance(chosen, float) and chosen > 0
     assert yaml.safe_load((job.path / "recipe.yaml").read_text())["optimizer"]["lr"] == chosen
-    # auto_normal gives no Gaussian to compare (workbench/gaussians.py), so the rule falls
+    # a Beta guide gives no Gaussian to compare (workbench/gaussians.py), so the rule falls
     # back to R-hat over the iterates: so lax a threshold passes when the window first fills
     assert summary["converged"]["at_step"] == summary["steps"] == 40
     assert summary["stopped_early"] == 40 and summary["converged"]["averaged"]
@@ -228,3 +228,25 @@ def test_set_up_traces_a_model_its_prior_draw_breaks_at_the_supports_centre():
 
     with pytest.raises(UsageError, match="model 'broken': no model at all"):
         trace_model(broken, {}, "broken")
+
+
+def test_an_auto_normal_is_a_diagonal_gaussian_to_stop_converged():
+    import pyro
+    import pyro.distributions as dist
+    import torch
+    from pyro.infer.autoguide import AutoNormal
+
+    from workbench.gaussians import fitted_gaussian
+
+    def model():
+        pyro.sample("a", dist.Normal(torch.zeros(2), 1.0).to_event(1))
+        pyro.sample("b", dist.LogNormal(0.0, 1.0))
+
+    pyro.clear_param_store()
+    guide = AutoNormal(model, init_scale=0.3)
+    guide()
+    loc, scale_tril = fitted_gaussian(guide)
+    assert loc.shape == (3,) and torch.equal(scale_tril, torch.diag(scale_tril.diagonal()))
+    assert torch.allclose(scale_tril.diagonal(), torch.full((3,), 0.3))
+    assert torch.equal(loc[:2], guide.locs.a.detach())
+    pyro.clear_param_store()

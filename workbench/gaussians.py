@@ -19,6 +19,8 @@ def fitted_gaussian(guide: Any, whole: bool = False
             return None
         loc, tril = guide.gaussian()
         return loc.detach().clone(), tril.detach().clone()
+    if hasattr(guide, "_get_loc_and_scale") and hasattr(guide, "prototype_trace"):
+        return _mean_field(guide)  # Pyro's AutoNormal: a loc and a scale per site
     get = getattr(guide, "get_posterior", None)
     if get is None or not hasattr(guide, "latent_dim"):
         return None
@@ -32,6 +34,17 @@ def fitted_gaussian(guide: Any, whole: bool = False
             return loc, torch.linalg.cholesky(covariance.detach())
         except Exception:  # a guide whose posterior is no Gaussian (a flow)
             return None
+
+
+def _mean_field(guide: Any) -> tuple[torch.Tensor, torch.Tensor]:
+    """An AutoNormal's sites' locs and scales, in its sites' order, as one diagonal Gaussian."""
+    locs, scales = [], []
+    with torch.no_grad():
+        for name, _ in guide.prototype_trace.iter_stochastic_nodes():
+            loc, scale = guide._get_loc_and_scale(name)
+            locs.append(loc.detach().reshape(-1))
+            scales.append(scale.detach().expand_as(loc).reshape(-1))
+    return torch.cat(locs).clone(), torch.diag(torch.cat(scales))
 
 
 def symmetric_kl(first: tuple[torch.Tensor, torch.Tensor],
