@@ -10,6 +10,8 @@ ref sd <= 0.2 and 0.8 <= r = sd / ref sd <= 1.2 for every parameter). Rows:
 - the automatic pipeline (``--auto``, on by default): ``--set guide=auto`` on the same
   recipe, so its stages (workbench/auto.py, plugins/stages.py) pick the guide, loss, step size
   and steps; scored with the estimates it reports (importance-weighted where k-hat < 0.7).
+  "converged at" gives the step at which each of its fits stopped at convergence
+  (``train.stop: converged``), or "cap" where one ran all its steps;
   "flagged?" is whether its summary's ``auto.flags`` warn (R-hat > 1.01, k-hat > 0.7); for
   the other rows, whether k-hat > 0.7;
 - an ADVI-like baseline (``--advi``, on by default): mean-field ``auto_normal`` and Adam,
@@ -40,8 +42,8 @@ RECIPES = REPO / "packages" / "vibench-posteriordb" / "recipes"
 POSTERIORS = ["kilpisjarvi", "earnings", "nes", "diamonds", "arma11", "garch11", "gauss_mix",
               "hmm_drive"]
 QUIET = ["loggers=[]", "train.plots=false", "train.eval_every=0"]
-COLUMNS = ["posterior", "guide", "seed", "steps", "wall s", "cpu s", "max z", "min r", "max r", "k-hat",
-           "good?", "flagged?"]
+COLUMNS = ["posterior", "guide", "seed", "steps", "converged at", "wall s", "cpu s", "max z",
+           "min r", "max r", "k-hat", "good?", "flagged?"]
 
 
 def run_once(posterior: str, sets: list[str], out: Path) -> tuple[dict | None, float, str]:
@@ -95,13 +97,23 @@ def row(posterior: str, guide: str, seed: int, summary: dict | None, wall: float
     auto = (summary or {}).get("auto")
     flagged = (bool(auto["flags"]) if auto else None if khat is None else khat > 0.7)
     return {"posterior": posterior, "guide": guide, "seed": seed,
-            "steps": summary["steps"] if summary else None, "wall s": wall,
+            "steps": summary["steps"] if summary else None,
+            "converged at": converged_at(auto), "wall s": wall,
             "cpu s": CPU[-1] if CPU else None,
             "max z": reference.get("max_z"), "min r": reference.get("min_r"),
             "max r": reference.get("max_r"), "k-hat": khat,
             "good?": "failed: " + error if summary is None else
                      "yes" if good else "no" if good is False else "?",
             "flagged?": "-" if flagged is None else "yes" if flagged else "no"}
+
+
+def converged_at(auto: dict | None) -> str | None:
+    """Where each of the pipeline's fits stopped at convergence ("cap" where it ran out of
+    steps, "failed" where it failed), in order."""
+    if not auto:
+        return None
+    return " ".join("failed" if not fit["ok"] else str(fit.get("converged_at") or "cap")
+                    for fit in auto["fits"])
 
 
 def table(rows: list[dict]) -> str:

@@ -37,6 +37,8 @@ def auto_gaussian_flow(model, num_transforms: int = 2, hidden_factor: int = 4,
     scale = _positive(init_scale)
 
     class AutoGaussianFlow(AutoNormalizingFlow):
+        flows = num_transforms  # beyond the Gaussian: the guide is no Gaussian when > 0
+
         def __init__(self, model):
             super().__init__(model, self._make)
             self.init_loc_fn = _init_loc(init_loc)

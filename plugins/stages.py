@@ -4,7 +4,8 @@
   Hessian; ``init: laplace``) or another initialiser a Gaussian autoguide offers;
 - ``gaussian``: several independent Gaussian fits (full-rank, low-rank beyond
   ``low_rank_above`` dimensions) with the STL gradient, the step size searched (``lr: auto``)
-  and each stopped when its iterates are stationary (``train.stop: converged``);
+  and each stopped at convergence (``train.stop: converged``: its iterate average settles,
+  the step size halves, and the next average agrees with it);
 - ``rhat``: R-hat across those fits (Dhaka et al. 2020), flagged above ``threshold``;
 - ``flow``: when the best Gaussian's PSIS k-hat is above ``khat``, a flow started at it;
 - ``psis``: report the importance-weighted (PSIS) estimates of fits with k-hat below ``khat``.
@@ -54,25 +55,25 @@ def gaussian(family: Literal["auto", "full_rank", "low_rank", "diagonal"] = "aut
              low_rank_above: int = 200, runs: int = 4, min_runs: int = 2,
              budget_s: float = 20.0, num_particles: int = 4,
              estimator: Literal["stl", "reparam"] = "stl", lr: float | str = "auto",
-             max_steps: int | None = 300, window: int = 100, rhat: float = 1.1,
-             spread: float = 0.5):
+             max_steps: int | None = 300, window: int = 50, skl: float = 0.01,
+             lr_factor: float = 0.5, spread: float = 0.5):
     """Independent Gaussian fits: STL, searched step size, stopped at convergence."""
     if lr != "auto" and not (isinstance(lr, (int, float)) and lr > 0):
         raise ValueError(f"lr must be 'auto' or a positive number, got {lr!r}")
     if not 1 <= min_runs <= runs:
         raise ValueError(f"need 1 <= min_runs <= runs, got {min_runs} and {runs}")
     return Gaussian(family, low_rank_above, runs, min_runs, budget_s, num_particles, estimator,
-                    lr, max_steps, window, rhat, spread)
+                    lr, max_steps, _stop(window, skl, lr_factor), spread)
 
 
 class Gaussian:
     def __init__(self, family, low_rank_above, runs, min_runs, budget_s, num_particles,
-                 estimator, lr, max_steps, window, rhat, spread):
+                 estimator, lr, max_steps, train, spread):
         self.family, self.low_rank_above = family, low_rank_above
         self.runs, self.min_runs, self.budget_s = runs, min_runs, budget_s
         self.loss = {"name": "elbo", "num_particles": num_particles, "estimator": estimator}
         self.lr, self.max_steps, self.spread = lr, max_steps, spread
-        self.train = {"stop": "converged", "converge_window": window, "converge_rhat": rhat}
+        self.train = train
 
     def run(self, pipeline) -> str:
         import time
@@ -90,7 +91,7 @@ class Gaussian:
         captured: list = []  # the first fit's start (the Laplace Gaussian, say), for the rest
 
         def first_start(guide) -> None:
-            from workbench.auto import fitted_gaussian
+            from workbench.gaussians import fitted_gaussian
 
             captured.append(fitted_gaussian(guide))
             moved = _overdispersed(captured[0], self.spread, seed + 1)
@@ -122,6 +123,15 @@ class Gaussian:
                 f"dimensions, {self.loss['estimator']} gradient, lr {lr_text}; {stops}"
                 f"{skipped}; each starts at its own draw from the start's Gaussian (spread "
                 f"{self.spread:g})")
+
+
+def _stop(window: int, skl: float, lr_factor: float) -> dict:
+    """A fit's ``train.stop: converged`` settings (workbench/callbacks.py ``Converged``)."""
+    if window < 8 or not skl > 0 or not 0 < lr_factor <= 1:
+        raise ValueError(f"need window >= 8, skl > 0 and 0 < lr_factor <= 1, got {window}, "
+                         f"{skl} and {lr_factor}")
+    return {"stop": "converged", "converge_window": window, "converge_skl": skl,
+            "converge_lr_factor": lr_factor}
 
 
 def _overdispersed(gaussian, spread: float, seed: int):

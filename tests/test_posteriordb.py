@@ -29,6 +29,7 @@ from pyro.poutine.util import site_is_subsample
 from workbench import hookspecs
 from workbench import recipe as recipes
 from workbench.registry import collect, make_plugin_manager
+from workbench.posterior import site_trace
 from workbench.runner import Run
 from workbench.tensors import load_data
 
@@ -319,7 +320,9 @@ def test_the_data_dtype_decides(registry, name, dtype):
         values = model.latent_values({key: value[0] for key, value in draws.items()}, dtype)
         trace = poutine.trace(poutine.condition(model, values)).get_trace(**data)
         trace.compute_log_prob()
-        prior = poutine.trace(model).get_trace(**data)  # flat sites draw in the data's dtype
+        # flat sites draw in the data's dtype; arma11's draw of |theta| > 1.5 overflows its
+        # recursion in float32 (a quarter of random streams): site_trace then traces at 0
+        prior = site_trace(model, **data)
         for name in values:
             assert prior.nodes[name]["value"].dtype == dtype, name
     finally:

@@ -97,6 +97,7 @@ class Pipeline:
         the checks refuse is the user's error)."""
         from workbench import recipe as recipes
         from workbench import stepsize
+        from workbench.gaussians import fitted_gaussian
         from workbench.rundir import claim
         from workbench.runner import Run, run_context
 
@@ -139,6 +140,11 @@ class Pipeline:
             return found
         finally:
             held.release()
+        if not summary.get("posterior"):  # trained, but its report could not read the guide
+            reason = (summary.get("diagnostics") or {}).get("reason", "no posterior")
+            found = Fit(label, path, None, error=f"no estimates: {reason}")
+            self.fits.append(found)
+            return found
         with run_context(run.device, run.dtype):
             gaussian = fitted_gaussian(run.guide)
         found = Fit(label, path, summary, gaussian, run.recipe["optimizer"].get("lr"))
@@ -178,28 +184,6 @@ def latent_dimension(recipe: dict, registry: Registry) -> int:
                     and not site_is_subsample(site):
                 total += biject_to(site["fn"].support).inv(site["value"]).numel()
     return total
-
-
-def fitted_gaussian(guide: Any) -> tuple | None:
-    """(loc, scale_tril) of a Gaussian autoguide's fitted distribution, unconstrained."""
-    import torch
-
-    if hasattr(guide, "gaussian"):  # a Gaussian of its own making (plugins/flows.py)
-        loc, tril = guide.gaussian()
-        return loc.detach().clone(), tril.detach().clone()
-    get = getattr(guide, "get_posterior", None)
-    if get is None or not hasattr(guide, "latent_dim"):
-        return None
-    with torch.no_grad():
-        try:
-            posterior = get()
-            loc = posterior.mean.detach().clone()
-            covariance = getattr(posterior, "covariance_matrix", None)
-            if covariance is None:
-                covariance = torch.diag_embed(posterior.variance)
-            return loc, torch.linalg.cholesky(covariance.detach())
-        except Exception:  # a guide whose posterior is no Gaussian (a flow)
-            return None
 
 
 def execute(pipeline: Pipeline) -> dict:
@@ -287,6 +271,8 @@ def assemble(pipeline: Pipeline, records: list[dict], wall: float) -> dict:
             "stages": records,
             "fits": [{"label": fit.label, "path": str(fit.path), "ok": fit.ok,
                       "steps": fit.summary["steps"] if fit.ok else None, "lr": fit.lr,
+                      "converged_at": ((fit.summary or {}).get("converged") or {}).get(
+                          "at_step"),
                       "khat": fit.khat, "elbo": fit.elbo if fit.ok else None,
                       "ending": fit.ending(), **({"error": fit.error} if fit.error else {})}
                      for fit in pipeline.fits],

@@ -81,7 +81,7 @@ def draw(model: Callable, guide: Callable, data: dict, nesting: int,
          num_draws: int = NUM_DRAWS) -> tuple[dict[str, dict], dict[str, dict[str, Any]]]:
     """The groups as ``{group: {variable: (numpy array, dims)}}`` (dims after chain and draw)
     and the attributes of each group (under ``""`` those every group gets)."""
-    trace = poutine.trace(model).get_trace(**data)
+    trace = posterior.site_trace(model, **data)
     latent = posterior.latent_sites(trace)
     derived = posterior.deterministic_sites(trace)
     observed = posterior.observed_sites(trace)

@@ -154,12 +154,29 @@ def summarize(
     return summary
 
 
+def site_trace(model: Callable, *args: Any, **kwargs: Any) -> poutine.Trace:
+    """The model run once, to learn its sites: at a draw from the prior, or, where the model
+    cannot compute at that draw (an ARMA model's |theta| > 1 overflows its recursion), at the
+    centre of each latent site's support (0 unconstrained: where fits start by default).
+    Raises the first failure when both fail."""
+    from pyro.infer.autoguide.initialization import InitMessenger, init_to_feasible
+
+    try:
+        return poutine.trace(model).get_trace(*args, **kwargs)
+    except Exception as exc:
+        try:
+            with InitMessenger(init_to_feasible):
+                return poutine.trace(model).get_trace(*args, **kwargs)
+        except Exception:
+            raise exc from None
+
+
 def deterministic_summary(model: Callable, guide: Callable, data: dict, nesting: int,
                           num_draws: int = NUM_DRAWS) -> dict[str, dict[str, Any]]:
     """Per ``pyro.deterministic`` site of the model: ``mean``, ``std``, ``method``
     ("sampled") and the quantiles, over the model replayed against guide draws (fewer than
     ``num_draws`` where draws x the model's numbers would pass ``MAX_ELEMENTS``)."""
-    trace = poutine.trace(model).get_trace(**data)
+    trace = site_trace(model, **data)
     sites = deterministic_sites(trace)
     if not sites:
         return {}
@@ -544,7 +561,7 @@ def diagnostics(model: Callable, guide: Callable, data: dict[str, Any], nesting:
     """
     with torch.no_grad():
         try:
-            single = poutine.trace(model).get_trace(**data)
+            single = site_trace(model, **data)
         except Exception as exc:  # noqa: BLE001 - reported, not raised
             return {"khat": None, "reason": f"the model failed: {exc}"}
         enumerated = [name for name, site in single.nodes.items()

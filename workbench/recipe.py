@@ -52,9 +52,11 @@ TRAIN: dict[str, Option] = {
         Option("early_stop_patience", 0, int),  # 0: never stop early
         Option("early_stop_window", 100, int),  # steps the smoothed loss averages over
         Option("early_stop_min_delta", 0.0, float),  # what counts as an improvement
-        Option("stop", None, str | None),  # converged: end when the iterates are stationary
-        Option("converge_window", 100, int),  # iterates the R-hat of train.stop looks at
-        Option("converge_rhat", 1.1, float),  # stationary when every R-hat is below this
+        Option("stop", None, str | None),  # converged: end when the iterate averages settle
+        Option("converge_window", 100, int),  # iterates each check of train.stop looks at
+        Option("converge_skl", 0.01, float),  # settled: symmetric KL per dimension below this
+        Option("converge_lr_factor", 0.5, float),  # the step size's decrease once settled
+        Option("converge_rhat", 1.1, float),  # a guide that is no Gaussian: R-hat below this
         Option("diagnostics", True, bool),  # PSIS k-hat and importance-weighted estimates
         Option("plots", True, bool),  # the loss and per-site density plots
         Option("compile", "auto", Literal["auto", True, False]),  # workbench.compiled's step
@@ -361,6 +363,11 @@ class _Checker:
             elif key == "converge_window" and value < 8:
                 self.problem("train.converge_window", f"expected a whole number >= 8, got "
                                                       f"{value!r}")
+            elif key == "converge_skl" and not value > 0:
+                self.problem("train.converge_skl", f"expected a number > 0, got {value!r}")
+            elif key == "converge_lr_factor" and not 0 < value <= 1:
+                self.problem("train.converge_lr_factor", f"expected a factor in (0, 1], got "
+                                                         f"{value!r}")
             elif key == "compile" and not (value == "auto" or isinstance(value, bool)):
                 self.problem("train.compile", f"expected one of 'auto', true, false, got {value!r}")
             elif key == "average_last" and value is not None and not 0 < value <= 1:

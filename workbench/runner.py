@@ -216,6 +216,15 @@ class Run:
         if note and note not in self.notes:
             self.notes.append(note)
 
+    def scale_lr(self, factor: float) -> None:
+        """Multiply every parameter's step size by ``factor`` (``train.stop: converged``
+        lowers it), recompiling a compiled step, which holds the old one."""
+        for optimizer in getattr(self.svi.optim, "optim_objs", {}).values():
+            for group in getattr(optimizer, "optimizer", optimizer).param_groups:
+                group["lr"] *= factor
+        if self.compiled is not None:
+            self.compile_step()
+
     # ----------------------------------------------------------------------------------------
     # training
 
@@ -231,7 +240,9 @@ class Run:
                                        settings["early_stop_window"],
                                        settings["early_stop_min_delta"]))
         if settings.get("stop") == "converged":
-            found.append(Converged(settings["converge_window"], settings["converge_rhat"]))
+            found.append(Converged(settings["converge_window"], settings["converge_skl"],
+                                   settings["converge_lr_factor"], settings["converge_rhat"],
+                                   self.guide, self.scale_lr))
         return found
 
     def train(self, run_dir: Path, on_step: StepCallback | None = None,
@@ -634,9 +645,10 @@ def parallel_note(minibatch: Minibatch, world: World) -> str:
 
 
 def trace_model(model: Any, data: dict, name: str) -> poutine.Trace:
-    """The model run once on the data; a model that fails on them is a UsageError."""
+    """The model run once on the data (``posterior.site_trace``: at a prior draw, or at its
+    supports' centre where it cannot compute there); a model that fails is a UsageError."""
     try:
-        return poutine.trace(model).get_trace(**data)
+        return posterior.site_trace(model, **data)
     except Exception as exc:
         raise UsageError(f"model {name!r}: {one_line(exc)}") from exc
 

@@ -1,0 +1,63 @@
+"""The Gaussian a guide stands for, and the symmetric KL divergence between two Gaussians:
+what ``train.stop: converged`` compares iterate averages by (Welandawe et al. 2022) and what
+the automatic pipeline starts its fits from."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+
+def fitted_gaussian(guide: Any, whole: bool = False
+                    ) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """(loc, scale_tril) of a Gaussian guide's distribution in the unconstrained space, at the
+    param store's values; None for a guide that is no Gaussian. A Gaussian with flows on top
+    (plugins/flows.py) gives its Gaussian part, or None with ``whole``."""
+    if hasattr(guide, "gaussian"):  # a Gaussian of its own making (plugins/flows.py)
+        if whole and getattr(guide, "flows", 0):
+            return None
+        loc, tril = guide.gaussian()
+        return loc.detach().clone(), tril.detach().clone()
+    if hasattr(guide, "_get_loc_and_scale") and hasattr(guide, "prototype_trace"):
+        return _mean_field(guide)  # Pyro's AutoNormal: a loc and a scale per site
+    get = getattr(guide, "get_posterior", None)
+    if get is None or not hasattr(guide, "latent_dim"):
+        return None
+    with torch.no_grad():
+        try:
+            posterior = get()
+            loc = posterior.mean.detach().clone()
+            covariance = getattr(posterior, "covariance_matrix", None)
+            if covariance is None:
+                covariance = torch.diag_embed(posterior.variance)
+            return loc, torch.linalg.cholesky(covariance.detach())
+        except Exception:  # a guide whose posterior is no Gaussian (a flow)
+            return None
+
+
+def _mean_field(guide: Any) -> tuple[torch.Tensor, torch.Tensor]:
+    """An AutoNormal's sites' locs and scales, in its sites' order, as one diagonal Gaussian."""
+    locs, scales = [], []
+    with torch.no_grad():
+        for name, _ in guide.prototype_trace.iter_stochastic_nodes():
+            loc, scale = guide._get_loc_and_scale(name)
+            locs.append(loc.detach().reshape(-1))
+            scales.append(scale.detach().expand_as(loc).reshape(-1))
+    return torch.cat(locs).clone(), torch.diag(torch.cat(scales))
+
+
+def symmetric_kl(first: tuple[torch.Tensor, torch.Tensor],
+                 second: tuple[torch.Tensor, torch.Tensor]) -> float:
+    """KL(p || q) + KL(q || p) for two Gaussians given as (loc, scale_tril), in float64."""
+    (m1, l1), (m2, l2) = ((m.double(), t.double()) for m, t in (first, second))
+    dimension = m1.shape[-1]
+
+    def trace_term(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:  # tr(S_b^-1 S_a)
+        return torch.linalg.solve_triangular(b, a, upper=False).pow(2).sum()
+
+    delta = (m2 - m1).unsqueeze(-1)
+    mahalanobis = (torch.linalg.solve_triangular(l1, delta, upper=False).pow(2).sum()
+                   + torch.linalg.solve_triangular(l2, delta, upper=False).pow(2).sum())
+    value = 0.5 * (trace_term(l1, l2) + trace_term(l2, l1) + mahalanobis) - dimension
+    return max(float(value), 0.0)
