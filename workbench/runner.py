@@ -218,12 +218,10 @@ class Run:
 
     def scale_lr(self, factor: float) -> None:
         """Multiply every parameter's step size by ``factor`` (``train.stop: converged``
-        lowers it), recompiling a compiled step, which holds the old one."""
+        lowers it); a compiled step reads the step size afresh each step."""
         for optimizer in getattr(self.svi.optim, "optim_objs", {}).values():
             for group in getattr(optimizer, "optimizer", optimizer).param_groups:
                 group["lr"] *= factor
-        if self.compiled is not None:
-            self.compile_step()
 
     # ----------------------------------------------------------------------------------------
     # training
