@@ -3,6 +3,7 @@ where it cannot compile, and resumes exactly."""
 
 from __future__ import annotations
 
+import json
 import math
 import warnings
 from pathlib import Path
@@ -188,3 +189,22 @@ def test_the_machine_default_comes_from_vibench_compile(monkeypatch):
     monkeypatch.setenv("VIBENCH_COMPILE", "false")
     assert prepare("train.steps=100000").recipe["train"]["compile"] is False
     assert prepare("train.steps=100000", "train.compile=auto").recipe["train"]["compile"] == "auto"
+
+
+def test_the_vector_isa_probe_is_skipped_only_where_it_found_every_reported_set(
+        tmp_path: Path, monkeypatch):
+    """Inductor's probe of the CPU's vector instruction sets (a child process per set, about
+    1 s) runs once per machine and torch: its finding is noted, and trusted only while it
+    says that every set the CPU reports is usable."""
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path))
+    assert compiled._vector_isa_known() == {}
+    compiled._remember_vector_isa()
+    path, reported = compiled._vector_isa_file()
+    assert path.parent == tmp_path and path.is_file()
+    if not reported:
+        pytest.skip("not an x86 CPU: inductor probes every time")
+    assert compiled._vector_isa_known() == {"cpp.vec_isa_ok": True}
+    path.write_text(json.dumps({"reported": reported, "usable": reported[1:]}))
+    assert compiled._vector_isa_known() == {}
+    path.write_text("not json")
+    assert compiled._vector_isa_known() == {}

@@ -187,12 +187,15 @@ def compile_step(svi: Any, data: dict, steps: int | None = None, backend: str = 
                                     update, names)
             # no worker processes; no per-call checks of the inputs' sizes and strides: the
             # step is always given the same tensors (10-13 us a step of the coin's 60-75)
-            with torch._inductor.config.patch(compile_threads=1, size_asserts=False):
+            isa = _vector_isa_known() if device.type == "cpu" else {}
+            with torch._inductor.config.patch(compile_threads=1, size_asserts=False, **isa):
                 run = torch._inductor.standalone_compile(  # reads inductor's cache, if it can
                     stepper, _copies(inputs, len(params) + len(states)),
                     dynamic_shapes="from_example_inputs")
     except Exception as exc:
         raise CannotCompile(f"torch.compile failed: {one_line(exc)}") from exc
+    if device.type == "cpu" and not isa:
+        _remember_vector_isa()
     if device.type != "cuda":
         replay = _unwrap(run)
     else:  # captured outside the forked stream: the graph's draws advance the run's own
@@ -203,6 +206,51 @@ def compile_step(svi: Any, data: dict, steps: int | None = None, backend: str = 
             raise CannotCompile(f"capturing the step as a CUDA graph failed: "
                                 f"{one_line(exc)}") from exc
     return CompiledStep(replay, params, inputs, svi.optim, update, names)
+
+
+def _vector_isa_file() -> tuple[Any, list[str]]:
+    """Where the vector instruction sets this machine's CPU reports (x86 only) are noted as
+    usable, inside inductor's own cache, for this torch; and those sets."""
+    from pathlib import Path
+
+    from torch._inductor import cpu_vec_isa
+    from torch._inductor.runtime.cache_dir_utils import cache_dir
+
+    flags = cpu_vec_isa.x86_isa_checker()
+    reported = [str(isa) for isa in cpu_vec_isa.supported_vec_isa_list
+                if isinstance(isa, cpu_vec_isa.VecISA) and str(isa).startswith(("avx", "amx"))
+                and all(flag in flags for flag in str(isa).split())]
+    return Path(cache_dir()) / f"vibench-vector-isa-{torch.__version__}.json", reported
+
+
+def _vector_isa_known() -> dict:
+    """Inductor settings that skip its probe of the CPU's vector instruction sets (it builds
+    a library and loads it in a child process: about 1 s in every process that compiles)
+    where an earlier run here, with this torch, found every set the CPU reports usable."""
+    import json
+
+    try:
+        path, reported = _vector_isa_file()
+        noted = json.loads(path.read_text())
+    except Exception:  # none noted yet (or unreadable): inductor probes
+        return {}
+    if reported and noted == {"reported": reported, "usable": reported}:
+        return {"cpp.vec_isa_ok": True}
+    return {}
+
+
+def _remember_vector_isa() -> None:
+    """Note what inductor's probe found usable, for ``_vector_isa_known`` in later runs."""
+    import json
+
+    from torch._inductor import cpu_vec_isa
+
+    try:
+        path, reported = _vector_isa_file()
+        usable = [str(isa) for isa in cpu_vec_isa.valid_vec_isa_list()]
+        path.write_text(json.dumps({"reported": reported, "usable": usable}))
+    except Exception:  # a cache we cannot write only costs the probe next time
+        pass
 
 
 def _copies(inputs: list[torch.Tensor], mutable: int) -> list[torch.Tensor]:
