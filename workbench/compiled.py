@@ -143,9 +143,9 @@ def compile_step(svi: Any, data: dict, steps: int | None = None, backend: str = 
     store = pyro.get_param_store()
     names = [store.param_name(p) or "?" for p in params]
 
-    # the data's tensors are inputs of the graph, not constants (inductor would fold and hash
-    # constants: minutes at 10^8 rows); they never change between steps, so what the model
-    # reads of them in Python (a size, say) may be read once
+    # the data's tensors are inputs of the graph, not constants (which inductor would fold
+    # and hash, at a cost growing with the data); they never change between steps, so what
+    # the model reads of them in Python (a size, say) may be read once
     feeds = [value for value in data.values() if torch.is_tensor(value)]
 
     def loss_and_grads(*values: torch.Tensor) -> tuple:  # values: parameters, data (as traced)
