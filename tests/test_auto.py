@@ -250,3 +250,47 @@ def test_an_auto_normal_is_a_diagonal_gaussian_to_stop_converged():
     assert torch.allclose(scale_tril.diagonal(), torch.full((3,), 0.3))
     assert torch.equal(loc[:2], guide.locs.a.detach())
     pyro.clear_param_store()
+
+
+def test_a_run_interrupted_after_a_step_size_decrease_resumes_to_the_same_stop(tmp_path):
+    """stop: converged keeps its state (iterates, the last average, how often it lowered the
+    step size) in the checkpoint, and the optimizers keep the lowered step size: a run
+    stopped by a signal after its first decrease and resumed stops where an uninterrupted
+    one does, with the same parameters."""
+    import os
+    import signal
+
+    import pyro
+    import torch
+
+    from workbench.errors import Interrupted
+
+    recipe = {**REGRESSION, "guide": {"name": "auto_multivariate_normal", "init": "laplace"},
+              "loss": {"name": "elbo", "num_particles": 4, "estimator": "stl"},
+              "optimizer": {"name": "adam", "lr": 0.02},
+              "train": {**QUIET["train"], "steps": 400, "stop": "converged",
+                        "converge_window": 50, "checkpoint_every": 0}}
+    (tmp_path / "whole").mkdir()
+    whole, _ = run(tmp_path / "whole", recipe)
+    converged = whole["converged"]
+    assert converged["at_step"] is not None and converged["lr_decreases"] >= 1, converged
+    want = {name: value.detach().clone() for name, value in pyro.get_param_store().items()}
+
+    job = service.start(write(tmp_path, recipe), [], tmp_path / "cut", get_registry())
+    interrupted_at = []
+
+    def stop_after_the_first_decrease(step: int, loss: float) -> None:
+        lrs = {g["lr"] for o in job.run.svi.optim.optim_objs.values()
+               for g in getattr(o, "optimizer", o).param_groups}
+        if not interrupted_at and max(lrs) < 0.02:
+            interrupted_at.append(step)
+            os.kill(os.getpid(), signal.SIGINT)
+
+    with pytest.raises(Interrupted):
+        job.train(on_step=stop_after_the_first_decrease)
+    assert interrupted_at and interrupted_at[0] < converged["at_step"]
+    summary = service.resume(tmp_path / "cut", [], get_registry()).train()
+    assert summary["converged"]["at_step"] == converged["at_step"]
+    assert summary["converged"]["lr_decreases"] == converged["lr_decreases"]
+    for name, value in pyro.get_param_store().items():
+        assert torch.equal(value.detach(), want[name]), name
