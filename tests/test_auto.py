@@ -200,6 +200,12 @@ def test_symmetric_kl_matches_torch():
     expected = float(kl_divergence(p, q) + kl_divergence(q, p))
     assert symmetric_kl(first, second) == pytest.approx(expected, rel=1e-5)
     assert symmetric_kl(first, first) == pytest.approx(0.0, abs=1e-9)
+    # diagonal Gaussians as vectors of sds: the same number as their D x D matrices give
+    sds = (torch.rand(5, generator=generator) + 0.2, torch.rand(5, generator=generator) + 0.2)
+    locs = (torch.randn(5, generator=generator), torch.randn(5, generator=generator))
+    diagonal = symmetric_kl((locs[0], sds[0]), (locs[1], sds[1]))
+    assert diagonal == pytest.approx(symmetric_kl((locs[0], torch.diag(sds[0])),
+                                                  (locs[1], torch.diag(sds[1]))), rel=1e-9)
 
 
 def test_set_up_traces_a_model_its_prior_draw_breaks_at_the_supports_centre():
@@ -247,6 +253,7 @@ def test_an_auto_normal_is_a_diagonal_gaussian_to_stop_converged():
     guide()
     loc, scale_tril = fitted_gaussian(guide)
     assert loc.shape == (3,) and torch.equal(scale_tril, torch.diag(scale_tril.diagonal()))
+    assert torch.equal(fitted_gaussian(guide, diagonal=True)[1], scale_tril.diagonal())
     assert torch.allclose(scale_tril.diagonal(), torch.full((3,), 0.3))
     assert torch.equal(loc[:2], guide.locs.a.detach())
     pyro.clear_param_store()

@@ -215,7 +215,7 @@ class Converged(Callback):
         now = _flat_params()
         _write_flat(flat)
         try:
-            return fitted_gaussian(self.guide, whole=True)
+            return fitted_gaussian(self.guide, whole=True, diagonal=True)
         finally:
             _write_flat(now)
 

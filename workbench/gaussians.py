@@ -9,18 +9,21 @@ from typing import Any
 import torch
 
 
-def fitted_gaussian(guide: Any, whole: bool = False
+def fitted_gaussian(guide: Any, whole: bool = False, diagonal: bool = False
                     ) -> tuple[torch.Tensor, torch.Tensor] | None:
     """(loc, scale_tril) of a Gaussian guide's distribution in the unconstrained space, at the
     param store's values; None for a guide that is no Gaussian. A Gaussian with flows on top
-    (plugins/flows.py) gives its Gaussian part, or None with ``whole``."""
+    (plugins/flows.py) gives its Gaussian part, or None with ``whole``. With ``diagonal`` a
+    mean-field guide's scale is its vector of sds, not a D x D matrix (``symmetric_kl`` takes
+    either): a model with 10^5 latent values has a mean-field guide, not 80 GB of zeros."""
     if hasattr(guide, "gaussian"):  # a Gaussian of its own making (plugins/flows.py)
         if whole and getattr(guide, "flows", 0):
             return None
         loc, tril = guide.gaussian()
         return loc.detach().clone(), tril.detach().clone()
     if hasattr(guide, "_get_loc_and_scale") and hasattr(guide, "prototype_trace"):
-        return _mean_field(guide)  # Pyro's AutoNormal: a loc and a scale per site
+        loc, sd = _mean_field(guide)  # Pyro's AutoNormal: a loc and a scale per site
+        return loc, sd if diagonal else torch.diag(sd)
     get = getattr(guide, "get_posterior", None)
     if get is None or not hasattr(guide, "latent_dim"):
         return None
@@ -30,28 +33,37 @@ def fitted_gaussian(guide: Any, whole: bool = False
             loc = posterior.mean.detach().clone()
             covariance = getattr(posterior, "covariance_matrix", None)
             if covariance is None:
-                covariance = torch.diag_embed(posterior.variance)
+                sd = posterior.variance.detach().sqrt()
+                return loc, sd if diagonal else torch.diag_embed(sd)
             return loc, torch.linalg.cholesky(covariance.detach())
         except Exception:  # a guide whose posterior is no Gaussian (a flow)
             return None
 
 
 def _mean_field(guide: Any) -> tuple[torch.Tensor, torch.Tensor]:
-    """An AutoNormal's sites' locs and scales, in its sites' order, as one diagonal Gaussian."""
+    """An AutoNormal's sites' locs and sds, in its sites' order, as one diagonal Gaussian."""
     locs, scales = [], []
     with torch.no_grad():
         for name, _ in guide.prototype_trace.iter_stochastic_nodes():
             loc, scale = guide._get_loc_and_scale(name)
             locs.append(loc.detach().reshape(-1))
             scales.append(scale.detach().expand_as(loc).reshape(-1))
-    return torch.cat(locs).clone(), torch.diag(torch.cat(scales))
+    return torch.cat(locs).clone(), torch.cat(scales)
 
 
 def symmetric_kl(first: tuple[torch.Tensor, torch.Tensor],
                  second: tuple[torch.Tensor, torch.Tensor]) -> float:
-    """KL(p || q) + KL(q || p) for two Gaussians given as (loc, scale_tril), in float64."""
+    """KL(p || q) + KL(q || p) for two Gaussians given as (loc, scale_tril), in float64; a
+    1-D scale on both sides is a diagonal Gaussian's sds (O(D), not O(D^3))."""
     (m1, l1), (m2, l2) = ((m.double(), t.double()) for m, t in (first, second))
     dimension = m1.shape[-1]
+    if l1.dim() == 1 and l2.dim() == 1:
+        ratio = (l1 / l2).pow(2)
+        delta = (m2 - m1).pow(2)
+        value = 0.5 * (ratio + 1 / ratio + delta / l1.pow(2) + delta / l2.pow(2)).sum() \
+            - dimension
+        return max(float(value), 0.0)
+    l1, l2 = (torch.diag(t) if t.dim() == 1 else t for t in (l1, l2))
 
     def trace_term(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:  # tr(S_b^-1 S_a)
         return torch.linalg.solve_triangular(b, a, upper=False).pow(2).sum()
