@@ -301,3 +301,28 @@ def test_a_run_interrupted_after_a_step_size_decrease_resumes_to_the_same_stop(t
     assert summary["converged"]["lr_decreases"] == converged["lr_decreases"]
     for name, value in pyro.get_param_store().items():
         assert torch.equal(value.detach(), want[name]), name
+
+
+def test_beyond_full_up_to_dimensions_stop_converged_compares_marginals(monkeypatch):
+    """A full-rank or low-rank Gaussian of many dimensions is compared by its marginal sds,
+    not by a D x D Cholesky factorisation at every check."""
+    import pyro
+    import pyro.distributions as dist
+    import torch
+    from pyro.infer.autoguide import AutoLowRankMultivariateNormal
+
+    from workbench import gaussians
+
+    def model():
+        pyro.sample("a", dist.Normal(torch.zeros(4), 1.0).to_event(1))
+
+    pyro.clear_param_store()
+    guide = AutoLowRankMultivariateNormal(model, rank=2)
+    guide()
+    loc, tril = gaussians.fitted_gaussian(guide, diagonal=True)
+    assert tril.dim() == 2  # 4 dimensions: compared whole
+    monkeypatch.setattr(gaussians, "FULL_UP_TO", 3)
+    same, sds = gaussians.fitted_gaussian(guide, diagonal=True)
+    assert torch.equal(same, loc) and sds.dim() == 1
+    assert torch.allclose(sds, (tril @ tril.T).diagonal().sqrt(), rtol=1e-5)
+    pyro.clear_param_store()

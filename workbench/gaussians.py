@@ -9,13 +9,19 @@ from typing import Any
 import torch
 
 
+# With ``diagonal``, guides of more dimensions are compared by their marginals: a full
+# comparison is a D x D matrix and a Cholesky factorisation (O(D^3)) at every check.
+FULL_UP_TO = 1000
+
+
 def fitted_gaussian(guide: Any, whole: bool = False, diagonal: bool = False
                     ) -> tuple[torch.Tensor, torch.Tensor] | None:
     """(loc, scale_tril) of a Gaussian guide's distribution in the unconstrained space, at the
     param store's values; None for a guide that is no Gaussian. A Gaussian with flows on top
     (plugins/flows.py) gives its Gaussian part, or None with ``whole``. With ``diagonal`` a
     mean-field guide's scale is its vector of sds, not a D x D matrix (``symmetric_kl`` takes
-    either): a model with 10^5 latent values has a mean-field guide, not 80 GB of zeros."""
+    either): a model with 10^5 latent values has a mean-field guide, not 80 GB of zeros; so is
+    any Gaussian's beyond FULL_UP_TO dimensions (its marginals)."""
     if hasattr(guide, "gaussian"):  # a Gaussian of its own making (plugins/flows.py)
         if whole and getattr(guide, "flows", 0):
             return None
@@ -32,6 +38,8 @@ def fitted_gaussian(guide: Any, whole: bool = False, diagonal: bool = False
             posterior = get()
             loc = posterior.mean.detach().clone()
             covariance = getattr(posterior, "covariance_matrix", None)
+            if diagonal and loc.numel() > FULL_UP_TO:  # the marginals: O(D) per comparison
+                return loc, posterior.variance.detach().sqrt()
             if covariance is None:
                 sd = posterior.variance.detach().sqrt()
                 return loc, sd if diagonal else torch.diag_embed(sd)
