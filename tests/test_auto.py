@@ -326,3 +326,35 @@ def test_beyond_full_up_to_dimensions_stop_converged_compares_marginals(monkeypa
     assert torch.equal(same, loc) and sds.dim() == 1
     assert torch.allclose(sds, (tril @ tril.T).diagonal().sqrt(), rtol=1e-5)
     pyro.clear_param_store()
+
+
+def test_a_flow_stops_at_convergence_by_its_draws_moments(tmp_path):
+    """A normalizing flow has no Gaussian to compare: its iterate averages are compared by the
+    marginal moments of draws from one fixed base noise, so the same rule (settle, lower the
+    step size, settle again) stops it, and the check draws nothing from the run's stream."""
+    import pyro
+    import torch
+
+    from workbench.gaussians import sampled_gaussian
+
+    recipe = {**REGRESSION, "guide": {"name": "auto_gaussian_flow", "init": "laplace"},
+              "loss": {"name": "elbo", "num_particles": 4},
+              "optimizer": {"name": "adam", "lr": 0.01},
+              "train": {**QUIET["train"], "steps": 1500, "stop": "converged"}}
+    job = service.start(write(tmp_path, recipe), [], tmp_path / "run", get_registry())
+    summary = job.train()
+    converged = summary["converged"]
+    assert converged["at_step"] is not None and converged["at_step"] < 1500, converged
+    assert converged["lr_decreases"] >= 1 and converged["iterate_rhat"] is None
+    for entry in summary["posterior"].values():
+        for mean, exact, exact_sd in zip(*(auto._flat_list(entry[key]) for key in (
+                "mean", "exact_mean", "exact_std"))):
+            assert abs(mean - exact) <= 0.2 * exact_sd
+    guide = job.run.guide
+    torch.manual_seed(5)
+    first = sampled_gaussian(guide)
+    after = torch.rand(1)
+    torch.manual_seed(5)
+    assert torch.equal(torch.rand(1), after)  # the run's random stream is untouched
+    assert all(torch.equal(a, b) for a, b in zip(first, sampled_gaussian(guide)))
+    pyro.clear_param_store()

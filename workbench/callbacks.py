@@ -207,15 +207,17 @@ class Converged(Callback):
             self.stopped, self.at, self.result = True, step + 1, iterates.mean(0)
 
     def _gaussian(self, flat: torch.Tensor) -> tuple | None:
-        """The guide's Gaussian at the parameters ``flat``, or None if it has none."""
+        """The guide's Gaussian at the parameters ``flat`` (a flow's: its draws' marginal
+        moments), or None if it has neither."""
         if self.guide is None:
             return None
-        from workbench.gaussians import fitted_gaussian
+        from workbench.gaussians import fitted_gaussian, sampled_gaussian
 
         now = _flat_params()
         _write_flat(flat)
         try:
-            return fitted_gaussian(self.guide, whole=True, diagonal=True)
+            return (fitted_gaussian(self.guide, whole=True, diagonal=True)
+                    or sampled_gaussian(self.guide))
         finally:
             _write_flat(now)
 

@@ -48,6 +48,29 @@ def fitted_gaussian(guide: Any, whole: bool = False, diagonal: bool = False
             return None
 
 
+DRAWS = 1000  # a flow's draws for its moments
+
+
+def sampled_gaussian(guide: Any) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """The marginal means and sds of DRAWS draws from a guide's distribution in the
+    unconstrained space (a normalizing flow's), or None for a guide without one. The draws
+    come from the same base noise at every call (a fixed seed, on a forked random stream the
+    run never sees), so two parameter settings' moments differ by what changed in the guide,
+    not by Monte Carlo noise."""
+    get = getattr(guide, "get_posterior", None)
+    if get is None or not hasattr(guide, "latent_dim"):
+        return None
+    device = torch.get_default_device()
+    with torch.no_grad(), torch.random.fork_rng(
+            devices=[device.index or 0] if device.type == "cuda" else []):
+        torch.manual_seed(0)
+        try:
+            draws = get().rsample((DRAWS,)).reshape(DRAWS, -1)
+        except Exception:  # no distribution to draw from
+            return None
+    return draws.mean(0), draws.std(0)
+
+
 def _mean_field(guide: Any) -> tuple[torch.Tensor, torch.Tensor]:
     """An AutoNormal's sites' locs and sds, in its sites' order, as one diagonal Gaussian."""
     locs, scales = [], []
