@@ -213,13 +213,16 @@ def _flat(value) -> list[float]:
 def flow(khat: float = 0.7, num_transforms: int = 2, hidden_factor: int = 4,
          lr: float | str = "auto", num_particles: int = 4,
          estimator: Literal["stl", "reparam"] = "stl", max_steps: int | None = 300,
-         window: int = 100, rhat: float = 1.1):
-    """Escalate to a normalizing flow, started at the best Gaussian, when its k-hat > khat."""
+         window: int = 100, skl: float = 0.001, rhat: float = 1.1):
+    """Escalate to a normalizing flow, started at the best Gaussian, when its k-hat > khat.
+    Its stop compares the marginal moments of its draws, which do not see the tails a flow is
+    there for: ``skl`` is ten times tighter than the Gaussians' (at 0.01 kilpisjarvi's flow
+    stopped at 200 steps with k-hat 0.78, against 0.44 after its 300)."""
     return Flow(khat, {"name": "auto_gaussian_flow", "num_transforms": num_transforms,
                        "hidden_factor": hidden_factor},
                 {"name": "elbo", "num_particles": num_particles, "estimator": estimator}, lr,
                 max_steps, {"stop": "converged", "converge_window": window,
-                            "converge_rhat": rhat})
+                            "converge_skl": skl, "converge_rhat": rhat})
 
 
 class Flow:
