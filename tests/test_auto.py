@@ -144,7 +144,7 @@ def test_lr_auto_searches_eagerly_then_compiles_with_the_chosen_step_size(tmp_pa
     chosen = run.recipe["optimizer"]["lr"]
     assert all(group["lr"] == chosen for opt in run.svi.optim.optim_objs.values()
                for group in opt.param_groups)
-    assert run.recipe["train"]["compile"] is True and "compile_after_search" not in run.recipe["train"]
+    assert run.recipe["train"]["compile"] is True
     job.train()
 
 

@@ -115,7 +115,7 @@ class Pipeline:
         try:
             searching = stepsize.wanted(resolved)
             run = Run.setup(stepsize.placeholder(resolved) if searching else resolved,
-                            self.registry)
+                            self.registry, compile=not searching)
             if start is not None:  # before the step-size search: it tries from the start
                 with run_context(run.device, run.dtype):
                     start(run.guide)

@@ -131,8 +131,10 @@ class Run:
     compiled: compiled.CompiledStep | None = None  # the step, compiled (train.compile)
 
     @classmethod
-    def setup(cls, recipe: dict, registry: Registry) -> Run:
-        """Build the recipe's components and try them once; any misfit is a UsageError."""
+    def setup(cls, recipe: dict, registry: Registry, compile: bool = True) -> Run:
+        """Build the recipe's components and try them once; any misfit is a UsageError. The
+        step is compiled as train.compile asks unless ``compile`` is False (``lr: auto``
+        compiles after its search, for the optimizer it chose)."""
         logging.getLogger("pyro").setLevel(logging.WARNING)
         world = distributed.world()
         device = pick_device(recipe["device"], world)
@@ -203,7 +205,8 @@ class Run:
                   posterior.plate_nesting(trace), exact, data_hash(whole) if total is None else "",
                   schedule_stepper(optimizer), can_evaluate, notes, minibatch, registry, world,
                   whole if world.distributed and world.leader else None)
-        run.compile_step()
+        if compile:
+            run.compile_step()
         return run
 
     def compile_step(self) -> None:

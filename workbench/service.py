@@ -92,7 +92,7 @@ def start(source: Path, sets: Sequence[str], out: Path | None, registry: Registr
     try:
         if not stepsize.wanted(resolved):
             return Job(Run.setup(resolved, registry), held)
-        run = Run.setup(stepsize.placeholder(resolved), registry)
+        run = Run.setup(stepsize.placeholder(resolved), registry, compile=False)
         stepsize.adapt(run)
         return Job(run, held)
     except BaseException:

@@ -27,16 +27,15 @@ def placeholder(recipe: dict) -> dict:
     can be built; ``adapt`` puts the chosen step size in its place."""
     recipe = copy.deepcopy(recipe)
     recipe["optimizer"]["lr"] = CANDIDATES[0]
-    # the trials run eagerly (a compiled step holds its optimizer); adapt compiles afterwards
-    recipe["train"]["compile_after_search"] = recipe["train"].get("compile", "auto")
-    recipe["train"]["compile"] = False
     return recipe
 
 
 def adapt(run: Any, candidates: tuple[float, ...] = CANDIDATES,
           steps: int = TRIAL_STEPS) -> dict:
-    """Search the step size for a set-up ``Run`` and give its optimizer the winner; returns
-    ``{"lr": chosen, "trials": {lr: mean loss or None}}`` and notes it on the run."""
+    """Search the step size for a ``Run`` set up uncompiled (``Run.setup(..., compile=False)``:
+    a compiled step holds its optimizer) and give its optimizer the winner, then compile as
+    train.compile asks; returns ``{"lr": chosen, "trials": {lr: mean loss or None}}`` and
+    notes it on the run."""
     import pyro
     import torch
 
@@ -77,8 +76,7 @@ def adapt(run: Any, candidates: tuple[float, ...] = CANDIDATES,
         optimizer(params)  # no gradients yet: this makes each parameter's torch optimizer
         svi.optim = optimizer
         run.schedule = schedule_stepper(optimizer)
-        run.recipe["train"]["compile"] = run.recipe["train"].pop("compile_after_search", False)
-        run.compile_step()
+        run.compile_step()  # the run was set up uncompiled: the trials run eagerly
     tried = ", ".join(f"{lr:g}: " + ("failed" if value is None else f"{value:.4g}")
                       for lr, value in trials.items())
     run.notes.append(f"optimizer.lr auto: {best:g} (mean loss over the second half of "
