@@ -271,6 +271,7 @@ def test_a_run_interrupted_after_a_step_size_decrease_resumes_to_the_same_stop(t
     import torch
 
     from workbench.errors import Interrupted
+    from workbench.optim import torch_optimizer
 
     recipe = {**REGRESSION, "guide": {"name": "auto_multivariate_normal", "init": "laplace"},
               "loss": {"name": "elbo", "num_particles": 4, "estimator": "stl"},
@@ -288,7 +289,7 @@ def test_a_run_interrupted_after_a_step_size_decrease_resumes_to_the_same_stop(t
 
     def stop_after_the_first_decrease(step: int, loss: float) -> None:
         lrs = {g["lr"] for o in job.run.svi.optim.optim_objs.values()
-               for g in getattr(o, "optimizer", o).param_groups}
+               for g in torch_optimizer(o).param_groups}
         if not interrupted_at and max(lrs) < 0.02:
             interrupted_at.append(step)
             os.kill(os.getpid(), signal.SIGINT)

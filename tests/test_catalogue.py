@@ -11,6 +11,7 @@ import pytest
 from tests.conftest import COIN
 from workbench import recipe as recipes
 from workbench.errors import UsageError
+from workbench.optim import torch_optimizer
 from workbench.registry import get_registry
 from workbench.runner import Run
 
@@ -127,7 +128,7 @@ def learning_rate(run: Run, param: str = "log_alpha_q") -> float:
 
     for tensor, optimizer in run.svi.optim.optim_objs.items():
         if pyro.get_param_store().param_name(tensor) == param:
-            return getattr(optimizer, "optimizer", optimizer).param_groups[0]["lr"]
+            return torch_optimizer(optimizer).param_groups[0]["lr"]
     raise KeyError(param)
 
 

@@ -16,6 +16,7 @@ from tests.test_catalogue import EXACT_MEAN, EXACT_STD, REFUSED, defaults, prepa
 from tests.test_resume import FlakyPlugin
 from workbench import checkpoint, compiled, recipe as recipes
 from workbench.errors import UsageError
+from workbench.optim import torch_optimizer
 from workbench.registry import collect, make_plugin_manager
 from workbench.runner import Run
 
@@ -85,8 +86,7 @@ def test_a_scheduled_adam_updates_inside_the_graph_as_it_does_eagerly(schedule: 
 
 
 def _lrs(run) -> list[float]:
-    return [getattr(o, "optimizer", o).param_groups[0]["lr"]
-            for o in run.svi.optim.optim_objs.values()]
+    return [torch_optimizer(o).param_groups[0]["lr"] for o in run.svi.optim.optim_objs.values()]
 
 
 def test_compiled_coin_reaches_the_exact_posterior(tmp_path: Path):

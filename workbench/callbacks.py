@@ -12,6 +12,7 @@ import torch
 
 from workbench.gaussians import symmetric_kl
 from workbench.loggers import Loggers
+from workbench.optim import torch_optimizer
 
 
 class Callback:
@@ -142,8 +143,9 @@ class Converged(Callback):
     over Adam's iterates (autocorrelated over 10-20 steps, in 100 or more coordinates) stayed
     above 1.1 for 800 steps on posteriordb's nes, long after the average stopped moving. It
     sees how far the average moved within a window, not how far it has still to go: a fit
-    crawling from a far start at a small step size can look settled (benchmarks/README.md). A guide that is
-    no Gaussian (a flow), or a run without a guide to ask, falls back to that R-hat (every
+    crawling from a far start at a small step size can look settled (benchmarks/README.md). A
+    normalizing flow is compared by its draws' marginal moments (``gaussians.sampled_gaussian``);
+    a guide with neither, or a run without a guide to ask, falls back to that R-hat (every
     coordinate's, over the window cut into four chains, below ``rhat``) and one step size.
     """
 
@@ -302,7 +304,6 @@ def log_params(log: Loggers, step: int, optim: Any) -> None:
         else:
             log.histogram(f"Params/{name}", value.float().cpu().numpy(), step)
     for param, optimizer in getattr(optim, "optim_objs", {}).items():
-        optimizer = getattr(optimizer, "optimizer", optimizer)  # a scheduler wraps one
-        groups = getattr(optimizer, "param_groups", None)
+        groups = getattr(torch_optimizer(optimizer), "param_groups", None)
         if groups and "lr" in groups[0]:
             log.scalar(f"LR/{store.param_name(param)}", float(groups[0]["lr"]), step)

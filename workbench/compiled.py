@@ -27,6 +27,7 @@ from pyro import poutine
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from workbench.errors import UsageError, one_line
+from workbench.optim import torch_optimizer
 
 # what an eager step costs per torch operation, by device type (coin: 236 ops, 1.2 ms on the
 # CPU here; 10 ms on an H100, where each operation is a kernel launch and a Python dispatch)
@@ -360,7 +361,7 @@ class _AdamUpdate:
         the graph writes, which they get back."""
         keys = ("step", "exp_avg", "exp_avg_sq")
         for i, param in enumerate(params):
-            optimizer = getattr(objs[param], "optimizer", objs[param])
+            optimizer = torch_optimizer(objs[param])
             optimizer._opt_called = True
             self.optimizers[i], self._now[i] = optimizer, math.nan  # refreshed at the next step
             state = optimizer.state[param]
@@ -411,7 +412,7 @@ def _adam_update(optim: Any, params: list[torch.Tensor]) -> _AdamUpdate | None:
         torch_optim = objs.get(param)
         if getattr(torch_optim, "cycle_momentum", False):
             return None  # the schedule moves Adam's betas too
-        torch_optim = getattr(torch_optim, "optimizer", torch_optim)  # a schedule's Adam
+        torch_optim = torch_optimizer(torch_optim)
         if type(torch_optim) is not torch.optim.Adam or len(torch_optim.param_groups) != 1:
             return None
         group = torch_optim.param_groups[0]

@@ -14,6 +14,12 @@ from workbench.errors import UsageError, did_you_mean
 from workbench.registry import Component, Registry
 
 
+def torch_optimizer(obj: Any) -> torch.optim.Optimizer:
+    """The torch optimizer of one of a Pyro optim's per-parameter objects (``optim_objs``):
+    the object itself, or the optimizer its learning-rate schedule wraps."""
+    return getattr(obj, "optimizer", obj)
+
+
 class OptimArgs:
     """Pyro's per-parameter ``optim_args``: the optimizer's options, overridden by what the
     recipe's optim_args component gives each parameter."""

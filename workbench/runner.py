@@ -36,7 +36,7 @@ from workbench.distributed import World
 from workbench.errors import Interrupted, PeerLost, RunError, UsageError, VibenchError, one_line
 from workbench.loggers import Loggers
 from workbench.minibatch import Minibatch
-from workbench.optim import make_optimizer, schedule_stepper
+from workbench.optim import make_optimizer, schedule_stepper, torch_optimizer
 from workbench.recipe import dump
 from workbench.registry import Registry
 from workbench.tensors import check_support, load_data, shard
@@ -223,7 +223,7 @@ class Run:
         """Multiply every parameter's step size by ``factor`` (``train.stop: converged``
         lowers it); a compiled step reads the step size afresh each step."""
         for optimizer in getattr(self.svi.optim, "optim_objs", {}).values():
-            for group in getattr(optimizer, "optimizer", optimizer).param_groups:
+            for group in torch_optimizer(optimizer).param_groups:
                 group["lr"] *= factor
 
     # ----------------------------------------------------------------------------------------
