@@ -12,6 +12,7 @@ import yaml
 from conftest import vibench
 from workbench import auto, service
 from workbench.callbacks import iterate_rhat
+from workbench.jsonsafe import numbers
 from workbench.recipe import DEFAULT_STAGES, resolve
 from workbench.registry import get_registry
 
@@ -120,9 +121,9 @@ def test_the_pipeline_finds_a_conjugate_regressions_posterior(tmp_path):
                             "rhat", "flow", "psis"]}})
     exact = json.loads((path / "fits" / "gaussian-1" / "summary.json").read_text())["posterior"]
     for site, entry in summary["posterior"].items():
-        means, sds = auto._flat_list(entry["mean"]), auto._flat_list(entry["std"])
-        true_means = auto._flat_list(exact[site]["exact_mean"])
-        true_sds = auto._flat_list(exact[site]["exact_std"])
+        means, sds = numbers(entry["mean"]), numbers(entry["std"])
+        true_means = numbers(exact[site]["exact_mean"])
+        true_sds = numbers(exact[site]["exact_std"])
         for mean, sd, true_mean, true_sd in zip(means, sds, true_means, true_sds):
             assert abs(mean - true_mean) <= 0.2 * true_sd
             assert 0.8 <= sd / true_sd <= 1.2
@@ -168,7 +169,7 @@ def test_stop_converged_fires_once_the_fit_has_converged(tmp_path):
         assert last["halves_skl"] < 0.01 and last["step_sizes_skl"] < 0.01
         assert f"{fit['label']} converged at step {fitted['steps']}" in fit["ending"]
         for entry in fitted["posterior"].values():
-            for mean, sd, exact, exact_sd in zip(*(auto._flat_list(entry[key]) for key in (
+            for mean, sd, exact, exact_sd in zip(*(numbers(entry[key]) for key in (
                     "mean", "std", "exact_mean", "exact_std"))):
                 assert abs(mean - exact) <= 0.2 * exact_sd and 0.8 <= sd / exact_sd <= 1.2
 
@@ -348,7 +349,7 @@ def test_a_flow_stops_at_convergence_by_its_draws_moments(tmp_path):
     assert converged["at_step"] is not None and converged["at_step"] < 1500, converged
     assert converged["lr_decreases"] >= 1 and converged["iterate_rhat"] is None
     for entry in summary["posterior"].values():
-        for mean, exact, exact_sd in zip(*(auto._flat_list(entry[key]) for key in (
+        for mean, exact, exact_sd in zip(*(numbers(entry[key]) for key in (
                 "mean", "exact_mean", "exact_std"))):
             assert abs(mean - exact) <= 0.2 * exact_sd
     guide = job.run.guide

@@ -301,13 +301,6 @@ def pool(estimates: list[dict]) -> dict:
     return pooled
 
 
-def _flat_list(value: Any) -> list[float]:
-    """A nested list of numbers (or a number) as one flat list."""
-    if isinstance(value, list):
-        return [x for item in value for x in _flat_list(item)]
-    return [float(value)]
-
-
 def lines(summary: dict) -> list[str]:
     """The pipeline's part of the terminal report: each stage and what it said, the
     estimates' source, and the flags."""

@@ -18,6 +18,14 @@ def plain(value: Any) -> Any:
     return value
 
 
+def numbers(value: Any) -> list[float]:
+    """A summary.json value, a number or nested lists of numbers (a site's mean, say), as one
+    flat list of floats."""
+    if isinstance(value, list):
+        return [x for item in value for x in numbers(item)]
+    return [float(value)]
+
+
 def dumps(value: Any, **kwargs: Any) -> str:
     """``json.dumps`` of ``plain(value)``; what JSON cannot hold is written as its repr."""
     return json.dumps(plain(value), allow_nan=False, default=repr, **kwargs)
