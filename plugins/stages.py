@@ -17,6 +17,7 @@ import math
 from typing import Literal
 
 from workbench import hookimpl
+from workbench.jsonsafe import numbers
 
 # full rank: a Gaussian learnt in coordinates whitened by its start (plugins/flows.py)
 FAMILIES = {"full_rank": "auto_gaussian_flow",
@@ -191,8 +192,8 @@ def between_fits(posteriors: list[dict]) -> dict[str, float]:
     and Rubin's R-hat as the chains grow long)."""
     found = {}
     for site, first in posteriors[0].items():
-        means = [_flat(post[site]["mean"]) for post in posteriors]
-        sds = [_flat(post[site]["std"]) for post in posteriors]
+        means = [numbers(post[site]["mean"]) for post in posteriors]
+        sds = [numbers(post[site]["std"]) for post in posteriors]
         for i in range(len(means[0])):
             m = [values[i] for values in means]
             within = sum(values[i] ** 2 for values in sds) / len(sds)
@@ -204,16 +205,10 @@ def between_fits(posteriors: list[dict]) -> dict[str, float]:
     return found
 
 
-def _flat(value) -> list[float]:
-    if isinstance(value, list):
-        return [x for item in value for x in _flat(item)]
-    return [float(value)]
-
-
 def flow(khat: float = 0.7, num_transforms: int = 2, hidden_factor: int = 4,
          lr: float | str = "auto", num_particles: int = 4,
          estimator: Literal["stl", "reparam"] = "stl", max_steps: int | None = 300,
-         window: int = 100, skl: float = 0.001, rhat: float = 1.1):
+         window: int = 100, skl: float = 0.001, lr_factor: float = 0.5, rhat: float = 1.1):
     """Escalate to a normalizing flow, started at the best Gaussian, when its k-hat > khat.
     Its stop compares the marginal moments of its draws, which do not see the tails a flow is
     there for: ``skl`` is ten times tighter than the Gaussians' (at 0.01 kilpisjarvi's flow
@@ -221,8 +216,7 @@ def flow(khat: float = 0.7, num_transforms: int = 2, hidden_factor: int = 4,
     return Flow(khat, {"name": "auto_gaussian_flow", "num_transforms": num_transforms,
                        "hidden_factor": hidden_factor},
                 {"name": "elbo", "num_particles": num_particles, "estimator": estimator}, lr,
-                max_steps, {"stop": "converged", "converge_window": window,
-                            "converge_skl": skl, "converge_rhat": rhat})
+                max_steps, {**_stop(window, skl, lr_factor), "converge_rhat": rhat})
 
 
 class Flow:
