@@ -77,10 +77,8 @@ def prepare(source: Path, sets: Sequence[str], registry: Registry) -> dict:
 def start(source: Path, sets: Sequence[str], out: Path | None, registry: Registry) -> Job:
     """A new run of a recipe: checked, its run directory claimed, its components built. A
     recipe that fails to set up leaves no run directory behind."""
-    from workbench import distributed
+    from workbench import distributed, stepsize
     from workbench.runner import Run
-
-    from workbench import stepsize
 
     world = distributed.start()
     resolved = prepare(source, sets, registry)

@@ -39,7 +39,7 @@ def adapt(run: Any, candidates: tuple[float, ...] = CANDIDATES,
     import pyro
     import torch
 
-    from workbench.optim import make_optimizer, schedule_stepper
+    from workbench.optim import schedule_stepper
     from workbench.runner import run_context
 
     store = pyro.get_param_store()
@@ -72,7 +72,7 @@ def adapt(run: Any, candidates: tuple[float, ...] = CANDIDATES,
             raise RunError("optimizer.lr auto: every step size tried gave a non-finite loss "
                            f"({', '.join(f'{lr:g}' for lr in trials)})")
         run.recipe["optimizer"]["lr"] = best
-        optimizer, _ = make_optimizer(run.registry, run.recipe, run.device)
+        optimizer = _optimizer(run, best)
         optimizer(params)  # no gradients yet: this makes each parameter's torch optimizer
         svi.optim = optimizer
         run.schedule = schedule_stepper(optimizer)
