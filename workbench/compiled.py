@@ -166,15 +166,15 @@ def compile_step(svi: Any, data: dict, steps: int | None = None, backend: str = 
     _check_against_eager(svi, data, params, feeds, graph)
     update = _adam_update(svi.optim, params)
     states = update.tensors if update else []
+    at, mutable = len(params), len(params) + len(states)  # the inputs the step writes: [:mutable]
 
     def step(*values: torch.Tensor) -> tuple:  # values: parameters, optimizer state, data
-        at, to = len(params), len(params) + len(states)
-        loss_value, *grads = graph(*values[:at], *values[to:])
+        loss_value, *grads = graph(*values[:at], *values[mutable:])
         finite = torch.stack([torch.isfinite(g).all() for g in grads])
         ok = torch.isfinite(loss_value) & finite.all()
         head = torch.stack([loss_value.reshape(()), ok.to(loss_value.dtype)])
         if update is not None:
-            update(ok, grads, values[:at], values[at:to])
+            update(ok, grads, values[:at], values[at:mutable])
             return head, finite
         return (head, finite, *grads)
 
@@ -182,7 +182,7 @@ def compile_step(svi: Any, data: dict, steps: int | None = None, backend: str = 
     try:  # tracing runs the step: on copies, on a forked random stream
         with warnings.catch_warnings(), torch.no_grad(), torch.random.fork_rng():
             warnings.simplefilter("ignore")
-            stepper = _make_fx(step, _copies(inputs, len(params) + len(states)))
+            stepper = _make_fx(step, _copies(inputs, mutable))
             if backend == "fx":
                 return CompiledStep(lambda values: stepper(*values), params, inputs, svi.optim,
                                     update, names)
@@ -191,8 +191,7 @@ def compile_step(svi: Any, data: dict, steps: int | None = None, backend: str = 
             isa = _vector_isa_known() if device.type == "cpu" else {}
             with torch._inductor.config.patch(compile_threads=1, size_asserts=False, **isa):
                 run = torch._inductor.standalone_compile(  # reads inductor's cache, if it can
-                    stepper, _copies(inputs, len(params) + len(states)),
-                    dynamic_shapes="from_example_inputs")
+                    stepper, _copies(inputs, mutable), dynamic_shapes="from_example_inputs")
     except Exception as exc:
         raise CannotCompile(f"torch.compile failed: {one_line(exc)}") from exc
     if device.type == "cpu" and not isa:
@@ -202,7 +201,7 @@ def compile_step(svi: Any, data: dict, steps: int | None = None, backend: str = 
     else:  # captured outside the forked stream: the graph's draws advance the run's own
         try:
             with torch.no_grad():
-                replay = _cuda_graph(run, inputs, len(params) + len(states))
+                replay = _cuda_graph(run, inputs, mutable)
         except Exception as exc:
             raise CannotCompile(f"capturing the step as a CUDA graph failed: "
                                 f"{one_line(exc)}") from exc
