@@ -27,11 +27,7 @@ class Loggers:
                     for section in recipe.get("loggers", [])])
 
     def scalar(self, tag: str, value: float, step: int) -> None:
-        for entry, fn in self._scalars:
-            try:
-                fn(tag, value, step)
-            except Exception as exc:
-                self._drop(entry, "scalar", exc)
+        self._each(self._scalars, "scalar", tag, value, step)
 
     def histogram(self, tag: str, values: Any, step: int) -> None:
         self._call("histogram", tag, values, step)
@@ -51,15 +47,16 @@ class Loggers:
                 if getattr(entry[1], method, None) is not None]
 
     def _call(self, method: str, *args: Any) -> None:
-        for entry, fn in self._methods(method):
+        self._each(self._methods(method), method, *args)
+
+    def _each(self, found: list[tuple[tuple[str, Any], Any]], method: str, *args: Any) -> None:
+        """Call each of ``found`` (``_methods``); a logger that fails is left out."""
+        for entry, fn in found:
             try:
                 fn(*args)
             except Exception as exc:
-                self._drop(entry, method, exc)
-
-    def _drop(self, entry: tuple[str, Any], method: str, exc: Exception) -> None:
-        if entry in self.loggers:
-            self.loggers.remove(entry)
-            self._scalars = self._methods("scalar")
-        warnings.warn(f"logger {entry[0]!r} failed in {method} and is left out for the rest "
-                      f"of the run: {one_line(exc)}", stacklevel=3)
+                if entry in self.loggers:
+                    self.loggers.remove(entry)
+                    self._scalars = self._methods("scalar")
+                warnings.warn(f"logger {entry[0]!r} failed in {method} and is left out for the "
+                              f"rest of the run: {one_line(exc)}", stacklevel=3)
