@@ -80,7 +80,7 @@ def run_vibench(steps: int, seed: int, env: dict[str, str] | None,
 
 def import_seconds(env: dict[str, str] | None) -> float:
     """Wall time of a process that only imports torch and Pyro: the floor of every side."""
-    return timed([sys.executable, "-c", "import torch, pyro"], env)[0]
+    return timed([sys.executable, "-c", IMPORT], env)[0]
 
 
 def run_eager(steps: int, seed: int, env: dict[str, str] | None) -> dict:

@@ -56,7 +56,7 @@ TRAIN: dict[str, Option] = {
         Option("converge_window", 100, int),  # iterates each check of train.stop looks at
         Option("converge_skl", 0.01, float),  # settled: symmetric KL per dimension below this
         Option("converge_lr_factor", 0.5, float),  # the step size's decrease once settled
-        Option("converge_rhat", 1.1, float),  # a guide that is no Gaussian: R-hat below this
+        Option("converge_rhat", 1.1, float),  # a guide with no Gaussian nor draws: R-hat below
         Option("diagnostics", True, bool),  # PSIS k-hat and importance-weighted estimates
         Option("plots", True, bool),  # the loss and per-site density plots
         Option("compile", "auto", Literal["auto", True, False]),  # workbench.compiled's step

@@ -198,13 +198,14 @@ def subsampled(model: Callable, guide: Callable, data: dict, nesting: int,
     elbo_extra = scale * math.sqrt(GROUPS * float(remainder.mean(0).var()) * correction)
     result["elbo_se"] = math.hypot(result["elbo_se"], elbo_extra)
     khat_se = _spread(khats)  # nan where k-hat is infinite in the resamples
+    weight_se = float(log_w_se.median())
     result.update({
-        "khat_se": khat_se, "log_weight_se": float(log_w_se.median()),
+        "khat_se": khat_se, "log_weight_se": weight_se,
         "plate": plate.name, "rows": rows, "of_rows": plate.size,
         "sized": (f"PSIS on {rows} of {plate.size} rows of plate {plate.name!r}, sized to "
                   f"the data (difference estimator): "
                   + (f"k-hat +- {khat_se:.2f}, " if math.isfinite(khat_se) else "")
-                  + f"each log weight +- {float(log_w_se.median()):.2g}"),
+                  + f"each log weight +- {weight_se:.2g}"),
     })
     return result
 
