@@ -158,8 +158,9 @@ def subsampled(model: Callable, guide: Callable, data: dict, nesting: int,
                 model_trace = poutine.trace(
                     poutine.replay(rows_model, trace=guide_trace)).get_trace(**data)
             model_trace.compute_log_prob(site_filter=lambda _, s: not site_is_subsample(s))
-            rest = torch.zeros(n, dtype=torch.float64)
-            likelihood = torch.zeros(n, rows, dtype=torch.float64)
+            # the sums are made on the CPU: the model's device is the default one here
+            rest = torch.zeros(n, dtype=torch.float64, device="cpu")
+            likelihood = torch.zeros(n, rows, dtype=torch.float64, device="cpu")
             for name, site in model_trace.nodes.items():
                 if site["type"] != "sample" or site_is_subsample(site):
                     continue
@@ -192,7 +193,7 @@ def subsampled(model: Callable, guide: Callable, data: dict, nesting: int,
     gen = torch.Generator().manual_seed(0)
     khats = []
     for _ in range(BOOTSTRAP):
-        counts = torch.bincount(torch.randint(GROUPS, (GROUPS,), generator=gen),
+        counts = torch.bincount(torch.randint(GROUPS, (GROUPS,), generator=gen, device="cpu"),
                                 minlength=GROUPS).double()
         khats.append(posterior.psis(base + scale * remainder @ counts)[0])
     elbo_extra = scale * math.sqrt(GROUPS * float(remainder.mean(0).var()) * correction)
@@ -249,7 +250,8 @@ def _anchor(model: Callable, data: dict, plate: Plate, centre: dict, groups: lis
     for name in derived:
         if not torch.equal(whole.nodes[name]["value"], first.nodes[name]["value"]):
             return f"deterministic site {name!r} depends on the rows"
-    return (total, gradient, torch.tensor([p[0] for p in parts], dtype=torch.float64),
+    return (total, gradient, torch.tensor([p[0] for p in parts], dtype=torch.float64,
+                                          device="cpu"),
             torch.stack([p[1] for p in parts]))
 
 
