@@ -68,7 +68,8 @@ def test_a_checkpointed_run_killed_and_resumed_on_cuda(tmp_path: Path):
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline:
         try:
-            if torch.load(killed / "checkpoint.pt", weights_only=True)["state"]["step"] > 20:
+            if torch.load(killed / "checkpoint.pt", weights_only=True,
+                          map_location="cpu")["state"]["step"] > 20:
                 break
         except (FileNotFoundError, EOFError, RuntimeError):
             time.sleep(0.05)
