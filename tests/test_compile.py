@@ -208,3 +208,64 @@ def test_the_vector_isa_probe_is_skipped_only_where_it_found_every_reported_set(
     assert compiled._vector_isa_known() == {}
     path.write_text("not json")
     assert compiled._vector_isa_known() == {}
+
+
+def _graph(fn, *inputs: torch.Tensor) -> torch.fx.GraphModule:
+    from torch.fx.experimental.proxy_tensor import make_fx
+    return make_fx(fn)(*inputs)
+
+
+def _targets(graph: torch.fx.GraphModule) -> list:
+    return [node.target for node in graph.graph.nodes if node.op == "call_function"]
+
+
+def test_a_gather_of_every_row_in_order_is_dropped_and_any_other_kept():
+    """Pyro's ``x.index_select(0, ind)`` under a plate that is not subsampled reads x itself;
+    a subsample, a shorter range, or a gather written to in place stays a gather."""
+    x, y = torch.randn(6, 2), torch.randn(6)
+
+    def whole(x, y):
+        ind = torch.arange(x.shape[0])
+        return x.index_select(0, ind).sum(0), y[ind].sum()
+
+    def others(x, y):
+        some, short = torch.tensor([3, 0, 5]), torch.arange(5)
+        written = y.index_select(0, torch.arange(6))
+        written.add_(1.0)
+        return x.index_select(0, some).sum(0), y[short].sum(), written
+
+    aten = torch.ops.aten
+    for fn, left in ((whole, 0), (others, 3)):
+        graph = _graph(fn, x, y)
+        expected = graph(x, y)
+        compiled._drop_whole_gathers(graph)
+        gathers = [t for t in _targets(graph)
+                   if t in (aten.index_select.default, aten.index.Tensor)]
+        assert len(gathers) == left, graph.code
+        for got, want in zip(graph(x, y), expected):
+            assert torch.equal(got, want)
+    assert torch.equal(y, y.clone())  # the in-place write stayed on its own copy
+
+
+def test_long_sums_to_few_outputs_are_summed_in_two_stages():
+    """A GPU step sums a long dim to few outputs over a (blocks, rows / blocks) view; the
+    same sums, keepdim kept; many outputs, or a length with no divisor near its root, stay."""
+    rows = 2**16 + 2**10  # 66560 = 256 x 260
+    x, w = torch.randn(rows, 2, dtype=torch.float64), torch.randn(2, dtype=torch.float64)
+    prime = torch.randn(65537, dtype=torch.float64)
+
+    def sums(x, w, prime):
+        g = torch.sigmoid(x @ w).unsqueeze(-1) * x
+        return (g.sum(0, keepdim=True), (x * w).sum(-1).sum(0), prime.sum(0),
+                x.t().reshape(2, 64, -1).sum(-1), x.sum(-1))
+
+    graph = _graph(sums, x, w, prime)
+    expected = graph(x, w, prime)
+    compiled._split_long_sums(graph)
+    reductions = [node for node in graph.graph.nodes
+                  if node.target is torch.ops.aten.sum.dim_IntList]
+    assert len(reductions) == 2 * 2 + 4, graph.code  # two sums split in two, four not
+    for got, want in zip(graph(x, w, prime), expected):
+        assert got.shape == want.shape and torch.allclose(got, want)
+    assert compiled._divisor_near_root(10**8) == 10**4
+    assert compiled._divisor_near_root(65537) is None
