@@ -30,9 +30,11 @@ from workbench.errors import UsageError, one_line
 from workbench.optim import torch_optimizer
 
 # what an eager step costs per torch operation, by device type (coin: 236 ops, 1.2 ms on the
-# CPU here; 10 ms on an H100, where each operation is a kernel launch and a Python dispatch)
-EAGER_OP_SECONDS = {"cpu": 5e-6, "cuda": 4e-5}
-PAYS_SECONDS = 2.0  # auto compiles where the eager steps would take longer (compiling: 1-3 s)
+# CPU here; 5.8 ms on an H100, where each operation is a kernel launch and a Python dispatch)
+EAGER_OP_SECONDS = {"cpu": 5e-6, "cuda": 2.5e-5}
+# auto compiles where the eager steps would take longer than compiling costs: 1-3 s on the
+# CPU; on an H100 the coin's compiled run spent 6.3 s more outside its loop than an eager one
+PAYS_SECONDS = {"cpu": 2.0, "cuda": 6.0}
 
 
 class CannotCompile(Exception):
@@ -133,7 +135,8 @@ def compile_step(svi: Any, data: dict, steps: int | None = None, backend: str = 
         param.grad = None
     device = params[0].device if params else torch.device("cpu")
     per_op = EAGER_OP_SECONDS.get(device.type, EAGER_OP_SECONDS["cpu"])
-    if steps is not None and steps * counted.ops * per_op < PAYS_SECONDS:
+    pays = PAYS_SECONDS.get(device.type, PAYS_SECONDS["cpu"])
+    if steps is not None and steps * counted.ops * per_op < pays:
         return None
     if refusal:
         raise CannotCompile(refusal)
