@@ -5,11 +5,16 @@ directly, then the run's ms per step, report time and k-hat (with the whole trac
 the report could not compute it).
 
     python benchmarks/gpu_profile.py [--rows 100000000] [--steps 100] [--compile true]
+                                     [--stacks FILE]
+
+``--stacks`` writes every thread's stack to FILE each 30 s, so a set-up that does not end
+says where it is.
 """
 
 from __future__ import annotations
 
 import argparse
+import faulthandler
 import json
 import tempfile
 import time
@@ -57,7 +62,10 @@ def main() -> None:
     parser.add_argument("--rows", type=int, default=100_000_000)
     parser.add_argument("--steps", type=int, default=100)
     parser.add_argument("--compile", default="true")
+    parser.add_argument("--stacks", type=Path)
     args = parser.parse_args()
+    if args.stacks:
+        faulthandler.dump_traceback_later(30, repeat=True, file=args.stacks.open("w"))
     compiled._cuda_graph = profiled(compiled._cuda_graph)
     posterior._first_line = lambda exc: traceback.format_exc()[-1500:]
     out = Path(tempfile.mkdtemp()) / "run"
