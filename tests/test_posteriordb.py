@@ -26,7 +26,7 @@ from pyro import poutine
 from pyro.infer.autoguide.initialization import InitMessenger, init_to_value
 from pyro.poutine.util import site_is_subsample
 
-from workbench import hookspecs
+from workbench import compiled, hookspecs
 from workbench import recipe as recipes
 from workbench.registry import collect, make_plugin_manager
 from workbench.posterior import site_trace
@@ -357,3 +357,18 @@ def test_recipe_sets_up_a_run(full_registry, name):
     run = Run.setup({**resolved, "device": "cpu"}, full_registry)
     assert run.exact is None or not run.exact  # the model offers no exact_posterior
     pyro.clear_param_store()
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_every_port_compiles_to_the_eager_step(full_registry, name):
+    """Each port's step traces into one graph whose loss and gradients are eager Pyro's,
+    though some ports read a size or a flag of their data in Python (diamonds' prior_only)."""
+    import pyro
+
+    path = PACKAGE / "recipes" / f"{name}.yaml"
+    resolved = recipes.resolve(recipes.load(path), full_registry, str(path))
+    run = Run.setup({**resolved, "device": "cpu"}, full_registry)
+    try:
+        assert compiled.compile_step(run.svi, run.data, backend="fx") is not None
+    finally:
+        pyro.clear_param_store()

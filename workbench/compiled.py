@@ -149,9 +149,9 @@ def compile_step(svi: Any, data: dict, steps: int | None = None, backend: str = 
     names = [store.param_name(p) or "?" for p in params]
 
     # the data's tensors are inputs of the graph, not constants (which inductor would fold
-    # and hash, at a cost growing with the data); they never change between steps, so what
-    # the model reads of them in Python (a size, say) may be read once
-    feeds = [value for value in data.values() if torch.is_tensor(value)]
+    # and hash, at a cost growing with the data); single numbers stay constants, so a model
+    # may read a size or a flag given as data in Python (they never change between steps)
+    feeds = [value for value in data.values() if torch.is_tensor(value) and value.numel() > 1]
 
     def loss_and_grads(*values: torch.Tensor) -> tuple:  # values: parameters, data (as traced)
         for param in params:
