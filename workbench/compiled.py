@@ -309,8 +309,7 @@ _ARANGES = {torch.ops.aten.arange.default, torch.ops.aten.arange.start,
 def _drop_whole_gathers(graph: torch.fx.GraphModule) -> None:
     """Where a plate is not subsampled, Pyro's idiom ``x.index_select(0, ind)`` (or ``x[ind]``)
     gathers every row in order: ``ind`` is ``arange(len(x))``. Such gathers become ``x``
-    itself. Inductor cannot split a reduction whose reads are all indirect, so on a GPU the
-    gradient's sums over 10^8 gathered rows ran on a handful of blocks."""
+    itself, so the step reads the rows directly rather than through an index each step."""
     aten = torch.ops.aten
     for node in list(graph.graph.nodes):
         if node.op != "call_function":
@@ -345,8 +344,8 @@ def _whole_range(index: Any, source: Any) -> bool:
         and args[0] == 0 and args[2] == 1 and bool(shape) and args[1] == shape[0]
 
 
-LONG_SUM = 2**16  # rows summed to few outputs from which a GPU step sums in two stages
-FEW_OUTPUTS = 1024
+LONG_SUM = 2**16  # a GPU step sums a dim this long (or longer) to at most FEW_OUTPUTS
+FEW_OUTPUTS = 1024  # numbers in two stages
 
 
 def _split_long_sums(graph: torch.fx.GraphModule) -> None:
