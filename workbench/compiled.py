@@ -169,7 +169,7 @@ def compile_step(svi: Any, data: dict, steps: int | None = None, backend: str = 
         raise CannotCompile("the trace's structure changes from step to step")
     _drop_whole_gathers(graph)
     _check_against_eager(svi, data, params, feeds, graph)
-    if device.type == "cuda":  # after the check, like inductor's own reordering of sums
+    if _sums_in_two_stages(device):  # after the check, like inductor's own reordering of sums
         _split_long_sums(graph)
     update = _adam_update(svi.optim, params)
     states = update.tensors if update else []
@@ -346,6 +346,11 @@ def _whole_range(index: Any, source: Any) -> bool:
 
 LONG_SUM = 2**16  # a GPU step sums a dim this long (or longer) to at most FEW_OUTPUTS
 FEW_OUTPUTS = 1024  # numbers in two stages
+
+
+def _sums_in_two_stages(device: torch.device) -> bool:
+    """Whether a step on ``device`` gets ``_split_long_sums``: on GPUs only."""
+    return device.type == "cuda"
 
 
 def _split_long_sums(graph: torch.fx.GraphModule) -> None:
