@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import subprocess
+import sys
 import warnings
 from pathlib import Path
 
@@ -12,6 +15,7 @@ import pyro
 import pytest
 import torch
 
+from tests.conftest import COIN, REPO
 from tests.test_catalogue import EXACT_MEAN, EXACT_STD, REFUSED, defaults, prepare
 from tests.test_resume import FlakyPlugin
 from workbench import checkpoint, compiled, recipe as recipes
@@ -307,3 +311,85 @@ def test_two_stage_sums_train_as_eager_does(monkeypatch, guide: str, loss: str):
         assert run.step()[1] == ""
     for name, value in fitted(run).items():
         assert torch.allclose(value, eager[name], rtol=1e-3, atol=1e-3), name
+
+
+def _toy_step() -> tuple[torch.fx.GraphModule, list[torch.Tensor]]:
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    def step(param, data):
+        loss = ((param - data) ** 2).sum() * torch.tensor(0.5)
+        param.sub_(0.1 * (param - data).sum())
+        return (loss,)
+
+    inputs = [torch.zeros(2), torch.arange(6.0).reshape(3, 2)]
+    return make_fx(step)(*[t.clone() for t in inputs]), inputs
+
+
+def test_a_packaged_step_is_keyed_by_its_code_constants_and_layouts(tmp_path: Path,
+                                                                     monkeypatch):
+    """The package of a step is found again only for the same graph (code and constants)
+    on inputs of the same shapes, strides and dtypes; a damaged one, or one that could not be
+    built, is left for the caller to compile around, not rebuilt in every run."""
+    from workbench import stepcache
+
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path))
+    graph, inputs = _toy_step()
+    key = stepcache._key(graph, inputs)
+    assert key == stepcache._key(_toy_step()[0], inputs)
+    assert key != stepcache._key(graph, [inputs[0], inputs[1].double()])
+    assert key != stepcache._key(graph, [inputs[0], inputs[1].t().contiguous().t()])
+    other, _ = _toy_step()
+    constant = next(n.target for n in other.graph.nodes if n.op == "get_attr")
+    setattr(other, constant, torch.tensor(0.25))
+    assert key != stepcache._key(other, inputs)
+    path = stepcache._path(graph, inputs)
+    assert path.parent == tmp_path / "vibench-steps"
+    assert stepcache.load(graph, inputs) is None
+    path.parent.mkdir()
+    path.write_bytes(b"not a package")
+    assert stepcache.load(graph, inputs) is None and stepcache.build(graph, inputs) is None
+    assert path.read_bytes() == b"not a package"
+    path.unlink()
+    path.with_suffix(".failed").write_text("RuntimeError: no compiler\n")
+    assert stepcache.build(graph, inputs) is None and not path.exists()
+
+
+@pytest.mark.slow
+def test_a_packaged_step_runs_as_the_graph_does(tmp_path: Path, monkeypatch):
+    """Built once (AOTInductor), then loaded: the same loss, and the parameter written in
+    place, as the traced graph gives."""
+    from workbench import stepcache
+
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path))
+    graph, inputs = _toy_step()
+    expected = [t.clone() for t in inputs]
+    (want,) = graph(*expected)
+    assert stepcache.build(graph, [t.clone() for t in inputs]) is not None
+    run = stepcache.load(graph, inputs)
+    (got,) = run(inputs)
+    assert torch.allclose(got, want) and torch.allclose(inputs[0], expected[0])
+
+
+def test_a_second_run_loads_its_packaged_step_without_inductors_compiler(tmp_path: Path):
+    """The first compiled run of a recipe on a machine packages its step; the next loads it
+    and trains to the same numbers, without importing inductor's compiler (0.9 s)."""
+    env = {"TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "cache"), "VIBENCH_COMPILE": "true"}
+    probe = ("import runpy, sys; sys.argv = sys.argv[1:]\n"
+             "try:\n    runpy.run_module('workbench', run_name='__main__')\n"
+             "except SystemExit:\n    pass\n"
+             "print('compiler imported:', 'torch._inductor.compile_fx' in sys.modules)")
+    finals = []
+    for n in (1, 2):
+        out = tmp_path / f"run{n}"
+        done = subprocess.run(
+            [sys.executable, "-c", probe, "workbench", "run", str(COIN), "--steps", "300",
+             "--set", "train.plots=false", "--out", str(out)],
+            cwd=REPO, env={**os.environ, **env}, capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stderr
+        summary = json.loads((out / "summary.json").read_text())
+        assert summary["compiled"] is True
+        finals.append(summary["final_loss"])
+        if n == 2:
+            assert "compiler imported: False" in done.stdout, done.stdout
+    assert len(list((tmp_path / "cache" / "vibench-steps").glob("*.pt2"))) == 1
+    assert finals[0] == finals[1]

@@ -26,6 +26,7 @@ import torch
 from pyro import poutine
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from workbench import stepcache
 from workbench.errors import UsageError, one_line
 from workbench.optim import torch_optimizer
 
@@ -193,19 +194,25 @@ def compile_step(svi: Any, data: dict, steps: int | None = None, backend: str = 
             if backend == "fx":
                 return CompiledStep(lambda values: stepper(*values), params, inputs, svi.optim,
                                     update, names)
-            # no worker processes; no per-call checks of the inputs' sizes and strides: the
-            # step is always given the same tensors (10-13 us a step of the coin's 60-75)
-            isa = _vector_isa_known() if device.type == "cpu" else {}
-            with torch._inductor.config.patch(compile_threads=1, size_asserts=False, **isa):
-                run = torch._inductor.standalone_compile(  # reads inductor's cache, if it can
-                    stepper, _copies(inputs, mutable), dynamic_shapes="from_example_inputs")
+            cpu = device.type == "cpu"  # a CPU step runs from a package (stepcache)
+            replay = stepcache.load(stepper, inputs) if cpu else None
+            if replay is None:
+                # no worker processes; no per-call checks of the inputs' sizes and strides:
+                # the step is always given the same tensors (10-13 us a step of the coin's)
+                isa = _vector_isa_known() if cpu else {}
+                with torch._inductor.config.patch(compile_threads=1, size_asserts=False,
+                                                  **isa):
+                    replay = stepcache.build(stepper, _copies(inputs, mutable)) if cpu else None
+                    if replay is None:  # reads inductor's cache, if it can
+                        run = torch._inductor.standalone_compile(
+                            stepper, _copies(inputs, mutable),
+                            dynamic_shapes="from_example_inputs")
+                        replay = _unwrap(run)
+                if cpu and not isa:
+                    _remember_vector_isa()
     except Exception as exc:
         raise CannotCompile(f"torch.compile failed: {one_line(exc)}") from exc
-    if device.type == "cpu" and not isa:
-        _remember_vector_isa()
-    if device.type != "cuda":
-        replay = _unwrap(run)
-    else:  # captured outside the forked stream: the graph's draws advance the run's own
+    if device.type == "cuda":  # captured outside the forked stream: its draws advance the run's
         try:
             with torch.no_grad():
                 replay = _cuda_graph(run, inputs, mutable)
