@@ -54,10 +54,11 @@ def build(graph: torch.fx.GraphModule, inputs: list[torch.Tensor]) -> Callable |
             aoti_compile_and_package(program, package_path=str(partial))
         os.replace(partial, path)
     except Exception as exc:
-        partial.unlink(missing_ok=True)
         with contextlib.suppress(OSError):
             failed.write_text(f"{type(exc).__name__}: {(str(exc).splitlines() or [''])[0]}\n")
         return None
+    finally:  # an interrupted or failed build leaves nothing half-written
+        partial.unlink(missing_ok=True)
     return load(graph, inputs)
 
 
