@@ -21,7 +21,7 @@ from typing import Callable, Iterator
 
 import torch
 
-FORMAT = "1"  # part of every key: bump it when how a step is packaged (or set) changes
+FORMAT = "1"  # part of every key: bump it when the packaging or its inductor settings change
 
 
 def load(graph: torch.fx.GraphModule, inputs: list[torch.Tensor]) -> Callable | None:
