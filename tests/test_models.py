@@ -91,6 +91,7 @@ def test_logistic_regression_covers_the_truth(tmp_path: Path):
         assert 0 < std < 0.15 and abs(mean - true) < 4 * std, (means, stds)
 
 
+@pytest.mark.slow  # a statistical run of 7-9 s: the quick suite keeps CI under 10 min
 def test_schools_recover_mu_and_tau_from_many_schools(tmp_path: Path):
     run = prepare("eight_schools.yaml", *FAST, "data.dataset=synthetic_schools",
                   "data.dataset.schools=1000", "loss.num_particles=4")
@@ -108,6 +109,7 @@ def test_eight_schools_recipe_reads_the_real_data():
     assert run.data["sigma"].tolist() == [15, 10, 16, 11, 9, 11, 10, 18]
 
 
+@pytest.mark.slow  # a statistical run of 7-9 s: the quick suite keeps CI under 10 min
 def test_gaussian_mixture_finds_both_components(tmp_path: Path):
     run = prepare("gaussian_mixture.yaml", *FAST, "loss.num_particles=1")
     y = run.data["y"]
