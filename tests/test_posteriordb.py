@@ -359,8 +359,8 @@ def test_recipe_sets_up_a_run(full_registry, name):
     pyro.clear_param_store()
 
 
-@pytest.mark.parametrize("name", [n if n == "pdb_diamonds" else pytest.param(n, marks=pytest.mark.slow)
-                                  for n in NAMES])  # diamonds, which reads a flag, stays quick
+@pytest.mark.parametrize("name", [  # diamonds, which reads a flag of its data, stays quick
+    n if n == "pdb_diamonds" else pytest.param(n, marks=pytest.mark.slow) for n in NAMES])
 def test_every_port_compiles_to_the_eager_step(full_registry, name):
     """Each port's step traces into one graph whose loss and gradients are eager Pyro's,
     though some ports read a size or a flag of their data in Python (diamonds' prior_only)."""
