@@ -314,15 +314,13 @@ def test_two_stage_sums_train_as_eager_does(monkeypatch, guide: str, loss: str):
 
 
 def _toy_step() -> tuple[torch.fx.GraphModule, list[torch.Tensor]]:
-    from torch.fx.experimental.proxy_tensor import make_fx
-
     def step(param, data):
         loss = ((param - data) ** 2).sum() * torch.tensor(0.5)
         param.sub_(0.1 * (param - data).sum())
         return (loss,)
 
     inputs = [torch.zeros(2), torch.arange(6.0).reshape(3, 2)]
-    return make_fx(step)(*[t.clone() for t in inputs]), inputs
+    return _graph(step, *[t.clone() for t in inputs]), inputs
 
 
 def test_a_packaged_step_is_keyed_by_its_code_constants_and_layouts(tmp_path: Path,

@@ -28,13 +28,7 @@ def load(graph: torch.fx.GraphModule, inputs: list[torch.Tensor]) -> Callable | 
     """The packaged step for ``graph`` on ``inputs`` (a callable on the list of inputs,
     returning the list of outputs), or None where none is cached or it cannot be loaded."""
     path = _path(graph, inputs)
-    if not path.is_file():
-        return None
-    try:  # torch's own loader, as torch._inductor.package.load_package calls it (which
-        # spends a second in Python around these 2 ms)
-        return torch._C._aoti.AOTIModelPackageLoader(str(path), "model", False, 1, -1).run
-    except Exception:  # damaged, say: the caller compiles as before, leaving it be
-        return None
+    return _open(path) if path.is_file() else None
 
 
 def build(graph: torch.fx.GraphModule, inputs: list[torch.Tensor]) -> Callable | None:
@@ -59,7 +53,15 @@ def build(graph: torch.fx.GraphModule, inputs: list[torch.Tensor]) -> Callable |
         return None
     finally:  # an interrupted or failed build leaves nothing half-written
         partial.unlink(missing_ok=True)
-    return load(graph, inputs)
+    return _open(path)
+
+
+def _open(path: Path) -> Callable | None:
+    try:  # torch's own loader, as torch._inductor.package.load_package calls it (which
+        # spends a second in Python around these 2 ms)
+        return torch._C._aoti.AOTIModelPackageLoader(str(path), "model", False, 1, -1).run
+    except Exception:  # damaged, say: the caller compiles as before, leaving it be
+        return None
 
 
 @contextlib.contextmanager
