@@ -5,11 +5,13 @@ from __future__ import annotations
 
 import json
 import math
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
-from tests.conftest import COIN, vibench
+from tests.conftest import COIN, REPO, vibench
 from workbench import recipe as recipes
 from workbench.errors import RunError
 from workbench.registry import get_registry
@@ -113,3 +115,30 @@ def test_early_stopping_when_the_smoothed_loss_stops_improving(tmp_path: Path):
     assert abs(summary["posterior"]["latent_fairness"]["mean"] - EXACT_MEAN) < 0.03
     never = train(tmp_path, "train.steps=50")
     assert never["stopped_early"] is None
+
+
+def test_optimizers_are_made_saved_and_loaded_without_importing_dynamo():
+    """``make_optimizers`` and ``optimizer_state`` leave torch._dynamo unimported (a second
+    of every compiled run) and torch's guard as it was; the state is torch's own, and it loads
+    back into optimizers made afresh."""
+    probe = """
+import sys, torch, pyro
+from pyro.optim import Adam
+from workbench.optim import make_optimizers, optimizer_state
+param = pyro.param("w", torch.zeros(3)).unconstrained()
+optim = Adam({"lr": 0.1})
+make_optimizers(optim, [param])
+print("made", sorted(optimizer_state(optim)["w"]), "torch._dynamo" in sys.modules, any(
+    hasattr(getattr(torch.optim.Optimizer, name).__wrapped__, "__dynamo_disable")
+    for name in ("add_param_group", "state_dict", "load_state_dict")))
+param.grad = torch.ones(3)
+optim([param])
+fresh = Adam({"lr": 0.1})
+fresh.set_state(optimizer_state(optim))
+make_optimizers(fresh, [param])
+print("loaded", float(fresh.optim_objs[param].state[param]["step"]))
+"""
+    done = subprocess.run([sys.executable, "-c", probe], cwd=REPO, capture_output=True,
+                          text=True, timeout=120)
+    assert done.stdout.splitlines() == ["made ['param_groups', 'state'] False False",
+                                        "loaded 1.0"], done.stderr

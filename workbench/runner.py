@@ -36,7 +36,8 @@ from workbench.distributed import World
 from workbench.errors import Interrupted, PeerLost, RunError, UsageError, VibenchError, one_line
 from workbench.loggers import Loggers
 from workbench.minibatch import Minibatch
-from workbench.optim import make_optimizer, schedule_stepper, torch_optimizer
+from workbench.optim import (make_optimizer, make_optimizers, optimizer_state,
+                             schedule_stepper, torch_optimizer)
 from workbench.recipe import dump
 from workbench.registry import Registry
 from workbench.tensors import check_support, load_data, shard
@@ -180,8 +181,8 @@ class Run:
             for param in params:
                 param.grad = None
             optim_args.check(list(pyro.get_param_store().keys()))
-            try:  # make each parameter's torch optimizer now (no gradients: no step), so
-                svi.optim(params)  # torch refuses bad settings here, not at step 1
+            try:
+                make_optimizers(svi.optim, params)
             except Exception as exc:
                 raise UsageError(
                     f"optimizer {recipe['optimizer']['name']!r}: {one_line(exc)}") from exc
@@ -464,7 +465,7 @@ class Run:
             "state": {**state.to_checkpoint(), "wall": wall},
             "callbacks": {type(c).__name__: c.state_dict() for c in callbacks},
             "params": params, "buffers": buffers,
-            "optim": self.svi.optim.get_state(), "rng": rngs[0],
+            "optim": optimizer_state(self.svi.optim), "rng": rngs[0],
             **({"world_size": self.world.size, "rng_ranks": rngs}
                if self.world.distributed else {}),
         })
@@ -490,7 +491,7 @@ class Run:
             optim.optim_objs.clear()
             optim.grad_clip.clear()
             optim.set_state(saved["optim"])
-            optim([p for _, p in pyro.get_param_store().named_parameters()])  # no gradients
+            make_optimizers(optim, [p for _, p in pyro.get_param_store().named_parameters()])
         if self.compiled is not None:
             self.compiled.adopt_optimizer()
         checkpoint.set_rng_state(saved["rng_ranks"][self.world.rank] if self.world.distributed
