@@ -313,43 +313,70 @@ def test_two_stage_sums_train_as_eager_does(monkeypatch, guide: str, loss: str):
         assert torch.allclose(value, eager[name], rtol=1e-3, atol=1e-3), name
 
 
-def _toy_step() -> tuple[torch.fx.GraphModule, list[torch.Tensor]]:
+def _toy(scale: float = 0.1, constant: float = 0.5, noisy: bool = True):
+    """A step: a loss with a constant and (if ``noisy``) a random draw, and an in-place
+    update."""
     def step(param, data):
-        loss = ((param - data) ** 2).sum() * torch.tensor(0.5)
-        param.sub_(0.1 * (param - data).sum())
+        noise = torch.randn_like(param) if noisy else torch.zeros_like(param)
+        loss = ((param + noise - data) ** 2).sum() * torch.tensor(constant)
+        param.sub_(scale * (param - data).sum())
         return (loss,)
-
-    inputs = [torch.zeros(2), torch.arange(6.0).reshape(3, 2)]
-    return _graph(step, *[t.clone() for t in inputs]), inputs
+    return step
 
 
-def test_a_packaged_step_is_keyed_by_its_code_constants_and_layouts(tmp_path: Path,
-                                                                     monkeypatch):
-    """The package of a step is found again only for the same graph (code and constants)
-    on inputs of the same shapes, strides and dtypes; a damaged one, or one that could not be
-    built, is left for the caller to compile around, not rebuilt in every run."""
+def _toy_inputs() -> list[torch.Tensor]:
+    return [torch.zeros(2), torch.arange(6.0).reshape(3, 2)]
+
+
+def test_a_packaged_step_is_keyed_by_what_it_runs(tmp_path: Path, monkeypatch):
+    """The record behind a package's key is the same for the same operations on the same
+    layouts, whatever the random draws, and differs where a constant's contents, a number
+    argument, an input's dtype or strides, or where a tensor came from differ. A damaged
+    package, or one that could not be built, is left for the caller to compile around, not
+    rebuilt in every run."""
     from workbench import stepcache
 
     monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path))
-    graph, inputs = _toy_step()
-    key = stepcache._key(graph, inputs)
-    assert key == stepcache._key(_toy_step()[0], inputs)
-    assert key != stepcache._key(graph, [inputs[0], inputs[1].double()])
-    assert key != stepcache._key(graph, [inputs[0], inputs[1].t().contiguous().t()])
-    other, _ = _toy_step()
-    constant = next(n.target for n in other.graph.nodes if n.op == "get_attr")
-    setattr(other, constant, torch.tensor(0.25))
-    assert key != stepcache._key(other, inputs)
-    path = stepcache._path(graph, inputs)
+    inputs = _toy_inputs()
+    record = stepcache.record(_toy(), _toy_inputs())
+    assert record == stepcache.record(_toy(), _toy_inputs())
+    assert record == stepcache.record(_toy(), _toy_inputs(), seed_offset=1)
+    assert record != stepcache.record(_toy(constant=0.25), _toy_inputs())
+    assert record != stepcache.record(_toy(scale=0.2), _toy_inputs())
+    assert record != stepcache.record(_toy(), [inputs[0], inputs[1].double()])
+    assert record != stepcache.record(_toy(), [inputs[0], inputs[1].t().contiguous().t()])
+    a, b = torch.ones(3), torch.zeros(3)
+    assert stepcache.record(torch.sub, [a, b]) != stepcache.record(lambda x, y: y - x, [a, b])
+    key = stepcache.key(record, inputs, 2, [((0.9, 0.999), 1e-8, 0)])
+    assert key != stepcache.key(record, inputs, 2, [((0.9, 0.99), 1e-8, 0)])
+    path = stepcache._path(key)
     assert path.parent == tmp_path / "vibench-steps"
-    assert stepcache.load(graph, inputs) is None
+    assert stepcache.load(key) is None
+    graph = _graph(_toy(), *_toy_inputs())
     path.parent.mkdir()
     path.write_bytes(b"not a package")
-    assert stepcache.load(graph, inputs) is None and stepcache.build(graph, inputs) is None
+    assert stepcache.load(key) is None and stepcache.build(graph, inputs, key) is None
     assert path.read_bytes() == b"not a package"
     path.unlink()
     path.with_suffix(".failed").write_text("RuntimeError: no compiler\n")
-    assert stepcache.build(graph, inputs) is None and not path.exists()
+    assert stepcache.build(graph, inputs, key) is None and not path.exists()
+
+
+@pytest.mark.parametrize("given", [True, False])
+def test_the_package_folder_is_inductors_cache_found_without_importing_inductor(
+        tmp_path: Path, given: bool):
+    """``stepcache.cache_dir`` names the directory inductor's own ``cache_dir`` does, with
+    the variable set or not, and a process that asks imports neither inductor nor dynamo."""
+    env = {k: v for k, v in os.environ.items() if k != "TORCHINDUCTOR_CACHE_DIR"}
+    if given:
+        env["TORCHINDUCTOR_CACHE_DIR"] = str(tmp_path / "cache")
+    probe = ("import sys; from workbench import stepcache; mine = stepcache.cache_dir()\n"
+             "print(any(m.startswith(('torch._inductor', 'torch._dynamo')) for m in sys.modules))\n"
+             "from torch._inductor.runtime.cache_dir_utils import cache_dir\n"
+             "print(str(mine) == cache_dir())")
+    done = subprocess.run([sys.executable, "-c", probe], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert done.stdout.split() == ["False", "True"], done.stderr
 
 
 @pytest.mark.slow
@@ -359,24 +386,26 @@ def test_a_packaged_step_runs_as_the_graph_does(tmp_path: Path, monkeypatch):
     from workbench import stepcache
 
     monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path))
-    graph, inputs = _toy_step()
+    graph, inputs = _graph(_toy(noisy=False), *_toy_inputs()), _toy_inputs()
     expected = [t.clone() for t in inputs]
     (want,) = graph(*expected)
-    assert stepcache.build(graph, [t.clone() for t in inputs]) is not None
-    run = stepcache.load(graph, inputs)
+    key = stepcache.key(stepcache.record(_toy(noisy=False), _toy_inputs()), inputs)
+    assert stepcache.build(graph, _toy_inputs(), key) is not None
+    run = stepcache.load(key)
     (got,) = run(inputs)
     assert torch.allclose(got, want) and torch.allclose(inputs[0], expected[0])
 
 
-def test_a_second_run_loads_its_packaged_step_without_inductors_compiler(tmp_path: Path):
+def test_a_second_run_loads_its_packaged_step_without_importing_inductor(tmp_path: Path):
     """The first compiled run of a recipe on a machine packages its step (unless a test
     before it did: inductor's cache is the machine's); the next loads it and trains to the
-    same numbers, without importing inductor's compiler (0.9 s)."""
+    same numbers without importing inductor or torch._dynamo (a second between them)."""
     env = {"VIBENCH_COMPILE": "true"}
     probe = ("import runpy, sys; sys.argv = sys.argv[1:]\n"
              "try:\n    runpy.run_module('workbench', run_name='__main__')\n"
              "except SystemExit:\n    pass\n"
-             "print('compiler imported:', 'torch._inductor.compile_fx' in sys.modules)")
+             "print('imported:', [m for m in ('torch._inductor', 'torch._dynamo')\n"
+             "                    if m in sys.modules])")
     finals = []
     for n in (1, 2):
         out = tmp_path / f"run{n}"
@@ -389,5 +418,5 @@ def test_a_second_run_loads_its_packaged_step_without_inductors_compiler(tmp_pat
         assert summary["compiled"] is True
         finals.append(summary["final_loss"])
         if n == 2:
-            assert "compiler imported: False" in done.stdout, done.stdout
+            assert "imported: []" in done.stdout, done.stdout
     assert finals[0] == finals[1]

@@ -7,7 +7,8 @@ differ from the eager step refuses to trace or fails the checks, and the run sta
 data-dependent control flow (a tensor's value read in Python), enumeration, minibatches (new
 indices each step), several processes, a trace whose structure changes between steps, or a
 gradient that is not the eager one. ``train.compile: auto`` then notes why in one line,
-``true`` stops with that line, ``false`` never tries.
+``true`` stops with that line, ``false`` never tries. On the CPU a step compiled by an earlier
+run is found by a record of its operations (``stepcache``) and loaded, with no tracing.
 
 The optimizer's state stays in Pyro's optimizers (the update writes it in place), so
 checkpoints are the eager ones and a run resumes with or without compiling.
@@ -16,9 +17,11 @@ checkpoints are the eager ones and a run resumes with or without compiling.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import math
 import sys
 import warnings
+from pathlib import Path
 from typing import Any, Callable, Iterator
 
 import pyro
@@ -29,6 +32,10 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from workbench import stepcache
 from workbench.errors import UsageError, one_line
 from workbench.optim import torch_optimizer
+
+# the code that wraps, rewrites and compiles a step: part of a packaged step's key
+_SOURCE = hashlib.sha256(Path(__file__).read_bytes() + Path(stepcache.__file__).read_bytes()
+                         ).hexdigest()
 
 # what an eager step costs per torch operation, by device type (coin: 236 ops, 1.2 ms on the
 # CPU here; 5.8 ms on an H100, where each operation is a kernel launch and a Python dispatch)
@@ -164,6 +171,11 @@ def compile_step(svi: Any, data: dict, steps: int | None = None, backend: str = 
             param.grad = None
         return (torch.as_tensor(value, dtype=params[0].dtype), *grads)
 
+    key = None
+    if device.type == "cpu" and backend == "inductor":  # a CPU step runs from a package
+        packaged, key = _packaged(loss_and_grads, svi.optim, params, feeds, names)
+        if packaged is not None:
+            return packaged
     graph = _trace(loss_and_grads, [*params, *feeds])
     again = _trace(loss_and_grads, [*params, *feeds], seed_offset=1)
     if graph.code != again.code:
@@ -194,22 +206,18 @@ def compile_step(svi: Any, data: dict, steps: int | None = None, backend: str = 
             if backend == "fx":
                 return CompiledStep(lambda values: stepper(*values), params, inputs, svi.optim,
                                     update, names)
-            cpu = device.type == "cpu"  # a CPU step runs from a package (stepcache)
-            replay = stepcache.load(stepper, inputs) if cpu else None
-            if replay is None:
-                # no worker processes; no per-call checks of the inputs' sizes and strides:
-                # the step is always given the same tensors (10-13 us a step of the coin's)
-                isa = _vector_isa_known() if cpu else {}
-                with torch._inductor.config.patch(compile_threads=1, size_asserts=False,
-                                                  **isa):
-                    replay = stepcache.build(stepper, _copies(inputs, mutable)) if cpu else None
-                    if replay is None:  # reads inductor's cache, if it can
-                        run = torch._inductor.standalone_compile(
-                            stepper, _copies(inputs, mutable),
-                            dynamic_shapes="from_example_inputs")
-                        replay = _unwrap(run)
-                if cpu and not isa:
-                    _remember_vector_isa()
+            cpu = device.type == "cpu"
+            # no worker processes; no per-call checks of the inputs' sizes and strides: the
+            # step is always given the same tensors (10-13 us a step of the coin's)
+            isa = _vector_isa_known() if cpu else {}
+            with torch._inductor.config.patch(compile_threads=1, size_asserts=False, **isa):
+                replay = stepcache.build(stepper, _copies(inputs, mutable), key) if key else None
+                if replay is None:  # reads inductor's cache, if it can
+                    run = torch._inductor.standalone_compile(
+                        stepper, _copies(inputs, mutable), dynamic_shapes="from_example_inputs")
+                    replay = _unwrap(run)
+            if cpu and not isa:
+                _remember_vector_isa()
     except Exception as exc:
         raise CannotCompile(f"torch.compile failed: {one_line(exc)}") from exc
     if device.type == "cuda":  # captured outside the forked stream: its draws advance the run's
@@ -222,19 +230,35 @@ def compile_step(svi: Any, data: dict, steps: int | None = None, backend: str = 
     return CompiledStep(replay, params, inputs, svi.optim, update, names)
 
 
+def _packaged(loss_and_grads: Callable, optim: Any, params: list[torch.Tensor],
+              feeds: list[torch.Tensor], names: list[str]
+              ) -> tuple[CompiledStep | None, str | None]:
+    """The step from its package where a run before this one built it, else None; and the
+    key to build it under. The step is recorded twice, on two random streams, not traced:
+    where the records differ there is no key, and the traces' checks say why."""
+    first = stepcache.record(loss_and_grads, [*params, *feeds])
+    if first != stepcache.record(loss_and_grads, [*params, *feeds], seed_offset=1):
+        return None, None
+    update = _adam_update(optim, params)
+    settings = [(group["betas"], group["eps"], group["weight_decay"])
+                for group in update.settings] if update else None  # the rate is an input
+    inputs = [t.detach() for t in (*params, *(update.tensors if update else []), *feeds)]
+    key = stepcache.key(first, inputs, len(params), settings, _SOURCE)
+    replay = stepcache.load(key)
+    return (None if replay is None else
+            CompiledStep(replay, params, inputs, optim, update, names)), key
+
+
 def _vector_isa_file() -> tuple[Any, list[str]]:
     """Where the vector instruction sets this machine's CPU reports (x86 only) are noted as
     usable, inside inductor's own cache, for this torch; and those sets."""
-    from pathlib import Path
-
     from torch._inductor import cpu_vec_isa
-    from torch._inductor.runtime.cache_dir_utils import cache_dir
 
     flags = cpu_vec_isa.x86_isa_checker()
     reported = [str(isa) for isa in cpu_vec_isa.supported_vec_isa_list
                 if isinstance(isa, cpu_vec_isa.VecISA) and str(isa).startswith(("avx", "amx"))
                 and all(flag in flags for flag in str(isa).split())]
-    return Path(cache_dir()) / f"vibench-vector-isa-{torch.__version__}.json", reported
+    return stepcache.cache_dir() / f"vibench-vector-isa-{torch.__version__}.json", reported
 
 
 def _vector_isa_known() -> dict:
@@ -554,6 +578,10 @@ class _Counting(TorchDispatchMode):
     """Counts the torch operations run inside it."""
 
     ops = 0
+
+    @classmethod
+    def _should_skip_dynamo(cls) -> bool:
+        return False  # no dynamo runs here; guarding the mode would import it (a second)
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         self.ops += 1

@@ -1,42 +1,77 @@
 """Compiled CPU steps kept as AOTInductor packages, in a folder of inductor's cache directory.
 
 A later run of the same step on this machine and torch loads its package (a shared library)
-in milliseconds, without importing inductor's compiler (0.9 s) or looking the graph up in
-inductor's own cache (0.3 s). The key hashes the traced step's code and constants, its
-inputs' shapes, strides and dtypes, torch's version and this CPU, so a changed model, guide,
-loss, optimizer setting or data layout is a different package. Only vibench writes here, as
+in milliseconds. The key is a record of the step run once eagerly: every torch operation, its
+arguments' layouts and where each tensor came from (an input, an earlier operation, or a
+constant, whose contents are hashed), with torch's version, this CPU and the source of the
+code that wraps and compiles the step. A changed model, guide, loss, optimizer setting or data
+layout is a different record, so a different package. Recording needs neither ``make_fx`` nor
+inductor, whose imports pull in torch._dynamo (a second a run). Only vibench writes here, as
 only inductor writes the rest of that directory, whose compiled code inductor loads the same
 way."""
 
 from __future__ import annotations
 
 import contextlib
+import getpass
 import hashlib
 import logging
-import operator
 import os
 import platform
+import re
+import tempfile
+import warnings
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Any, Callable, Iterator
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
+from torch.utils.weak import WeakTensorKeyDictionary
 
-FORMAT = "1"  # part of every key: bump it when the packaging or its inductor settings change
+FORMAT = "2"  # part of every key: bump it when the packaging or its inductor settings change
 
 
-def load(graph: torch.fx.GraphModule, inputs: list[torch.Tensor]) -> Callable | None:
-    """The packaged step for ``graph`` on ``inputs`` (a callable on the list of inputs,
-    returning the list of outputs), or None where none is cached or it cannot be loaded."""
-    path = _path(graph, inputs)
+def record(fn: Callable, inputs: list[torch.Tensor], seed_offset: int = 0) -> str:
+    """A digest of the torch operations ``fn(*inputs)`` runs (on a forked random stream,
+    ``seed_offset`` from the run's seed): equal digests mean equal traced graphs."""
+    with torch.random.fork_rng(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        if seed_offset:
+            torch.manual_seed(torch.initial_seed() + seed_offset)
+        with _Recording(inputs) as recording:
+            out = fn(*inputs)
+        recording.note("return", tree_flatten(out)[0])
+    return recording.digest.hexdigest()
+
+
+def key(recorded: str, inputs: list[torch.Tensor], *parts: object) -> str:
+    """The package's key: the step's record, its inputs' layouts, what else shapes the
+    compiled step (``parts``), torch's version and this CPU."""
+    digest = hashlib.sha256()
+    for part in (FORMAT, torch.__version__, platform.machine(),
+                 torch.backends.cpu.get_cpu_capability(), _cpu_flags(), recorded,
+                 *map(repr, parts)):
+        digest.update(part.encode() + b"\0")
+    for tensor in inputs:
+        digest.update(_layout(tensor).encode())
+    return digest.hexdigest()[:40]
+
+
+def load(key: str) -> Callable | None:
+    """The packaged step under ``key`` (a callable on the list of inputs, returning the list
+    of outputs), or None where none is cached or it cannot be loaded."""
+    path = _path(key)
     return _open(path) if path.is_file() else None
 
 
-def build(graph: torch.fx.GraphModule, inputs: list[torch.Tensor]) -> Callable | None:
+def build(graph: torch.fx.GraphModule, inputs: list[torch.Tensor], key: str) -> Callable | None:
     """Compile ``graph`` with AOTInductor (under the caller's inductor settings) into the
-    cache and load it; None where it cannot be packaged (the caller compiles otherwise)."""
+    cache under ``key`` and load it; None where it cannot be packaged (the caller compiles
+    otherwise)."""
     from torch._inductor import aoti_compile_and_package
 
-    path = _path(graph, inputs)
+    path = _path(key)
     failed = path.with_suffix(".failed")  # why it could not be packaged, in one line
     if path.is_file() or failed.is_file():  # neither is tried again in every run
         return None
@@ -75,30 +110,71 @@ def _quiet(name: str) -> Iterator[None]:
         logger.setLevel(level)
 
 
-def _path(graph: torch.fx.GraphModule, inputs: list[torch.Tensor]) -> Path:
-    from torch._inductor.runtime.cache_dir_utils import cache_dir
-
-    return Path(cache_dir()) / "vibench-steps" / f"{_key(graph, inputs)}.pt2"
+def _path(key: str) -> Path:
+    return cache_dir() / "vibench-steps" / f"{key}.pt2"
 
 
-def _key(graph: torch.fx.GraphModule, inputs: list[torch.Tensor]) -> str:
-    digest = hashlib.sha256()
-    for part in (FORMAT, torch.__version__, platform.machine(),
-                 torch.backends.cpu.get_cpu_capability(), _cpu_flags(), graph.code):
-        digest.update(part.encode() + b"\0")
-    for node in graph.graph.nodes:
-        if node.op == "get_attr":
-            digest.update(_value_bytes(operator.attrgetter(node.target)(graph)))
-    for tensor in inputs:
-        digest.update(repr((tuple(tensor.shape), tensor.stride(), tensor.dtype,
-                            tensor.device.type)).encode())
-    return digest.hexdigest()[:40]
+def cache_dir() -> Path:
+    """Inductor's cache directory, as its ``cache_dir_utils.cache_dir`` names it, found
+    without importing inductor (whose package imports torch._dynamo)."""
+    given = os.environ.get("TORCHINDUCTOR_CACHE_DIR")
+    if given is None:
+        try:
+            user = getpass.getuser()
+        except (KeyError, ModuleNotFoundError, OSError):
+            getuid = getattr(os, "getuid", None)
+            user = f"uid_{getuid()}" if callable(getuid) else "unknown_user"
+        given = os.path.join(tempfile.gettempdir(),
+                             "torchinductor_" + re.sub(r'[\\/:*?"<>|]', "_", user))
+    return Path(os.path.abspath(given))
 
 
-def _value_bytes(value: object) -> bytes:
-    """A graph constant as bytes: a tensor's dtype, shape and contents; anything else's repr."""
-    if not torch.is_tensor(value):
-        return repr(value).encode()
+class _Recording(TorchDispatchMode):
+    """Hashes each torch operation run inside it as ``make_fx`` would trace it: the
+    operation, its other arguments, and each tensor argument's layout and origin (an input,
+    an earlier operation's output, or a constant, hashed by its contents)."""
+
+    @classmethod
+    def _should_skip_dynamo(cls) -> bool:
+        return False  # no dynamo runs here; guarding the mode would import it (a second)
+
+    def __init__(self, inputs: list[torch.Tensor]):
+        super().__init__()
+        self.digest = hashlib.sha256()
+        self.names = WeakTensorKeyDictionary()  # by identity, as make_fx tracks tensors
+        for i, tensor in enumerate(inputs):
+            self.names[tensor] = f"input {i}"
+        self.made = 0
+
+    def note(self, what: str, leaves: list[Any]) -> None:
+        self.digest.update((what + "|" + "|".join(map(self._token, leaves)) + "\n").encode())
+
+    def _token(self, value: Any) -> str:
+        if not isinstance(value, torch.Tensor):
+            return repr(value)
+        name = self.names.get(value)
+        if name is None:
+            name = self.names[value] = "constant " + hashlib.sha256(_contents(value)).hexdigest()
+        return f"{name} {_layout(value)}"
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        leaves, spec = tree_flatten((args, kwargs or {}))
+        self.note(f"{func} {spec}", leaves)  # before it runs: an in-place op changes them
+        out = func(*args, **(kwargs or {}))
+        for value in tree_flatten(out)[0]:
+            if isinstance(value, torch.Tensor) and value not in self.names:
+                self.names[value] = f"made {self.made}"
+                self.made += 1
+        return out
+
+
+def _layout(tensor: torch.Tensor) -> str:
+    strides = tensor.stride() if tensor.layout == torch.strided else None
+    return repr((tuple(tensor.shape), strides, tensor.dtype, tensor.device.type))
+
+
+def _contents(value: torch.Tensor) -> bytes:
+    """A constant tensor as bytes: its dtype, shape and contents."""
     flat = value.detach().to("cpu").contiguous().reshape(-1)
     return repr((value.dtype, tuple(value.shape))).encode() + \
         flat.view(torch.uint8).numpy().tobytes()
