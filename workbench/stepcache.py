@@ -80,7 +80,11 @@ def build(graph: torch.fx.GraphModule, inputs: list[torch.Tensor], key: str) -> 
         path.parent.mkdir(parents=True, exist_ok=True)
         program = torch.export.export(graph, tuple(inputs), strict=False)
         with _quiet("torch._inductor"):  # its notes on ops it runs through its fallback
-            aoti_compile_and_package(program, package_path=str(partial))
+            # constants folded when the package loads, not inlined: inlined, a number
+            # constant expanded and raised to a power fails to lower (torch 2.13; the prior
+            # scale of a logistic regression)
+            aoti_compile_and_package(program, package_path=str(partial), inductor_configs={
+                "aot_inductor.use_runtime_constant_folding": True})
         os.replace(partial, path)
     except Exception as exc:
         with contextlib.suppress(OSError):
