@@ -275,6 +275,12 @@ class Run:
                 self.save(run_dir, state, callbacks, losses)
         except OSError as exc:
             raise RunError(f"cannot write to {run_dir}: {_reason(exc)}") from None
+        if self.compiled is None or not self.compiled.updates:
+            # torch's first optimizer step imports torch._dynamo (a second; several where
+            # triton is installed): taken here with no gradients, which changes nothing,
+            # rather than in the timed loop
+            self.svi.optim([p for _, p in pyro.get_param_store().named_parameters()
+                            if p.grad is None])
         failure: VibenchError | None = None
         good = True  # whether the run's state is fit to checkpoint
         start = time.perf_counter()
