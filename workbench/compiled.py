@@ -235,7 +235,8 @@ def _packaged(loss_and_grads: Callable, optim: Any, params: list[torch.Tensor],
               ) -> tuple[CompiledStep | None, str | None]:
     """The step from its package where a run before this one built it, else None; and the
     key to build it under. The step is recorded twice, on two random streams, not traced:
-    where the records differ there is no key, and the traces' checks say why."""
+    where the records differ there is no key, and the traces' checks say why. A package is
+    built only from a graph that passed the check against eager, for the same record."""
     first = stepcache.record(loss_and_grads, [*params, *feeds])
     if first != stepcache.record(loss_and_grads, [*params, *feeds], seed_offset=1):
         return None, None
@@ -389,10 +390,10 @@ def _split_long_sums(graph: torch.fx.GraphModule) -> None:
     sums over a (blocks, rows / blocks) view of that dim. Inductor (torch 2.11) gave such a
     reduction one GPU block per output when no read spans all of its outputs' dims: 34 of
     the 38 ms of a step of logistic regression at 10^8 rows on an H100 (6.1 ms with this
-    rewrite). A dim with no
-    divisor near its square root stays whole. The sums are the same up to rounding, which
-    differs from eager Pyro's as inductor's own order of summing does, so the check against
-    eager runs before this rewrite (on a trace of eager's own operations)."""
+    rewrite). A dim with no divisor near its square root stays whole. The sums are the same
+    up to rounding, which differs from eager Pyro's as inductor's own order of summing does,
+    so the check against eager runs before this rewrite (on a trace of eager's own
+    operations)."""
     aten = torch.ops.aten
     for node in list(graph.graph.nodes):
         if node.target is not aten.sum.dim_IntList or node.kwargs.get("dtype") is not None:
