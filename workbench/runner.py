@@ -208,6 +208,12 @@ class Run:
                   whole if world.distributed and world.leader else None)
         if compile:
             run.compile_step()
+        if run.compiled is None or not run.compiled.updates:
+            # torch's first optimizer step imports torch._dynamo (a second; several where
+            # triton is installed): taken in set-up, with no gradients (it changes nothing),
+            # not in the loop; a step that updates in its graph never takes it
+            svi.optim([p for _, p in pyro.get_param_store().named_parameters()
+                       if p.grad is None])
         return run
 
     def compile_step(self) -> None:
@@ -275,12 +281,6 @@ class Run:
                 self.save(run_dir, state, callbacks, losses)
         except OSError as exc:
             raise RunError(f"cannot write to {run_dir}: {_reason(exc)}") from None
-        if self.compiled is None or not self.compiled.updates:
-            # torch's first optimizer step imports torch._dynamo (a second; several where
-            # triton is installed): taken here with no gradients, which changes nothing,
-            # rather than in the timed loop
-            self.svi.optim([p for _, p in pyro.get_param_store().named_parameters()
-                            if p.grad is None])
         failure: VibenchError | None = None
         good = True  # whether the run's state is fit to checkpoint
         start = time.perf_counter()
