@@ -20,7 +20,6 @@ import contextlib
 import hashlib
 import math
 import sys
-import warnings
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
@@ -33,7 +32,8 @@ from workbench import stepcache
 from workbench.errors import UsageError, one_line
 from workbench.optim import torch_optimizer
 
-# the code that wraps, rewrites and compiles a step: part of a packaged step's key
+# the code that wraps, rewrites, compiles and packages a step: part of a packaged step's key,
+# so that any change to it (AOTInductor's settings included) makes new packages
 _SOURCE = hashlib.sha256(Path(__file__).read_bytes() + Path(stepcache.__file__).read_bytes()
                          ).hexdigest()
 
@@ -200,8 +200,7 @@ def compile_step(svi: Any, data: dict, steps: int | None = None, backend: str = 
 
     inputs = [t.detach() for t in (*params, *states, *feeds)]  # the same storage, no autograd
     try:  # tracing runs the step: on copies, on a forked random stream
-        with warnings.catch_warnings(), torch.no_grad(), torch.random.fork_rng():
-            warnings.simplefilter("ignore")
+        with stepcache.trial_stream(), torch.no_grad():
             stepper = _make_fx(step, _copies(inputs, mutable))
             if backend == "fx":
                 return CompiledStep(lambda values: stepper(*values), params, inputs, svi.optim,
@@ -438,12 +437,9 @@ def _viewable(value: torch.Tensor, shape: list[int]) -> bool:
 
 def _trace(fn: Callable, inputs: list[torch.Tensor],
            seed_offset: int = 0) -> torch.fx.GraphModule:
-    """``fn`` as a graph of torch operations, on a forked random stream; a value read in
+    """``fn`` as a graph of torch operations, on a ``trial_stream``; a value read in
     Python while tracing (data-dependent control flow) is a CannotCompile."""
-    with torch.random.fork_rng(), warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        if seed_offset:
-            torch.manual_seed(torch.initial_seed() + seed_offset)
+    with stepcache.trial_stream(seed_offset):
         try:
             return _make_fx(fn, inputs)
         except CannotCompile:

@@ -29,16 +29,21 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 from torch.utils.weak import WeakTensorKeyDictionary
 
-FORMAT = "2"  # part of every key: bump it when the packaging or its inductor settings change
-
-
-def record(fn: Callable, inputs: list[torch.Tensor], seed_offset: int = 0) -> str:
-    """A digest of the torch operations ``fn(*inputs)`` runs (on a forked random stream,
-    ``seed_offset`` from the run's seed): equal digests mean equal traced graphs."""
+@contextlib.contextmanager
+def trial_stream(seed_offset: int = 0) -> Iterator[None]:
+    """A trial run of a step, recorded or traced: on a forked random stream (``seed_offset``
+    from the run's seed), its warnings silenced; the run's own stream is left as it was."""
     with torch.random.fork_rng(), warnings.catch_warnings():
         warnings.simplefilter("ignore")
         if seed_offset:
             torch.manual_seed(torch.initial_seed() + seed_offset)
+        yield
+
+
+def record(fn: Callable, inputs: list[torch.Tensor], seed_offset: int = 0) -> str:
+    """A digest of the torch operations ``fn(*inputs)`` runs (on a ``trial_stream``): equal
+    digests mean equal traced graphs."""
+    with trial_stream(seed_offset):
         with _Recording(inputs) as recording:
             out = fn(*inputs)
         recording.note("return", tree_flatten(out)[0])
@@ -47,9 +52,9 @@ def record(fn: Callable, inputs: list[torch.Tensor], seed_offset: int = 0) -> st
 
 def key(recorded: str, inputs: list[torch.Tensor], *parts: object) -> str:
     """The package's key: the step's record, its inputs' layouts, what else shapes the
-    compiled step (``parts``), torch's version and this CPU."""
+    compiled step (``parts``: the caller's code among them), torch's version and this CPU."""
     digest = hashlib.sha256()
-    for part in (FORMAT, torch.__version__, platform.machine(),
+    for part in (torch.__version__, platform.machine(),
                  torch.backends.cpu.get_cpu_capability(), _cpu_flags(), recorded,
                  *map(repr, parts)):
         digest.update(part.encode() + b"\0")

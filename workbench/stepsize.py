@@ -39,7 +39,7 @@ def adapt(run: Any, candidates: tuple[float, ...] = CANDIDATES,
     import pyro
     import torch
 
-    from workbench.optim import schedule_stepper
+    from workbench.optim import make_optimizers, schedule_stepper
     from workbench.runner import run_context
 
     store = pyro.get_param_store()
@@ -73,7 +73,7 @@ def adapt(run: Any, candidates: tuple[float, ...] = CANDIDATES,
                            f"({', '.join(f'{lr:g}' for lr in trials)})")
         run.recipe["optimizer"]["lr"] = best
         optimizer = _optimizer(run, best)
-        optimizer(params)  # no gradients yet: this makes each parameter's torch optimizer
+        make_optimizers(optimizer, params)
         svi.optim = optimizer
         run.schedule = schedule_stepper(optimizer)
         run.compile_step()  # the run was set up uncompiled: the trials run eagerly
