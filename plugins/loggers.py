@@ -4,10 +4,11 @@ MLflow (with the optional ``mlflow`` extra)."""
 from __future__ import annotations
 
 import csv
+import io
 import time
 from pathlib import Path
 
-from workbench import hookimpl
+from workbench import files, hookimpl
 
 
 @hookimpl
@@ -37,7 +38,7 @@ class CsvLog:
         if start_step and path.exists():
             with path.open(newline="") as handle:
                 kept = [row for row in csv.DictReader(handle) if int(row["step"]) < start_step]
-        self.handle = path.open("w", newline="")
+        self.handle = io.TextIOWrapper(files.open_for_writing(path), newline="")
         self.writer = csv.writer(self.handle)
         self.writer.writerow(["step", "tag", "value"])
         self.writer.writerows([row["step"], row["tag"], row["value"]] for row in kept)
@@ -83,7 +84,7 @@ class MlflowLog:
                              else self.client.create_experiment(experiment))
             run = self.client.create_run(experiment_id, run_name=run_dir.name)
             self.run_id = run.info.run_id
-            saved.write_text(self.run_id)
+            files.write_atomic(saved, self.run_id.encode())
             for key, value in _flat(recipe).items():
                 self.client.log_param(self.run_id, key, str(value)[:500])
 

@@ -27,6 +27,8 @@ import numpy as np
 from tensorboardX.proto.event_pb2 import Event, SessionLog
 from tensorboardX.proto.summary_pb2 import Summary
 
+from workbench import files
+
 BATCH = 4096  # records queued before they are written (a flush writes them too)
 LIVE_SECONDS = 2.0  # the longest a logged event waits in the queue, while scalars come
 TOGETHER = 16  # records of one length checksummed together, with numpy, from this many
@@ -50,7 +52,7 @@ class EventLog:
         name = (f"events.out.tfevents.{time.time():.0f}.{socket.gethostname()}"
                 f".{start_step:09d}")
         self.path = run_dir / name
-        self._file = open(self.path, "wb")
+        self._file = files.open_for_writing(self.path)
         self._pending: list[bytes] = []
         self._tags: dict[str, bytes] = {}  # tag -> scalar_summary(tag)
         self._due = time.time() + LIVE_SECONDS  # when queued events go to the file anyway

@@ -353,7 +353,7 @@ def test_a_packaged_step_is_keyed_by_what_it_runs(tmp_path: Path, monkeypatch):
     assert path.parent == tmp_path / "vibench-steps"
     assert stepcache.load(key) is None
     graph = _graph(_toy(), *_toy_inputs())
-    path.parent.mkdir()
+    path.parent.mkdir(exist_ok=True)
     path.write_bytes(b"not a package")
     assert stepcache.load(key) is None and stepcache.build(graph, inputs, key) is None
     assert path.read_bytes() == b"not a package"

@@ -58,9 +58,11 @@ def test_a_checkpoint_loads_onto_the_cpu_for_restoring(tmp_path):
     pyro.clear_param_store()
     pyro.param("w", torch.ones(2))
     params, buffers = checkpoint.params_state(guide=None)
-    checkpoint.save(tmp_path, {"recipe": {}, "data_hash": "", "state": {}, "params": params,
+    checkpoint.save(tmp_path, {"recipe": {}, "data_hash": "",
+                               "state": {"step": 0, "skipped": 0, "losses": 0, "wall": 0.0},
+                               "params": params,
                                "buffers": buffers, "optim": {}, "rng": checkpoint.rng_state()})
     state = checkpoint.load(tmp_path)
     assert state["params"]["w"].device.type == "cpu"
-    checkpoint.set_rng_state(state["rng"])
+    checkpoint.set_rng_state(state["rng"], "test")
     pyro.clear_param_store()

@@ -16,6 +16,7 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import Any, Callable
 
+from workbench import files
 from workbench.errors import Interrupted, RunError, UsageError, VibenchError, one_line
 from workbench.registry import Registry
 
@@ -336,7 +337,8 @@ class AutoJob:
 
         self.pipeline.on_step = on_step
         try:
-            (self.path / "recipe.yaml").write_text(recipe_text(self.pipeline.recipe, []))
+            files.write_atomic(self.path / "recipe.yaml",
+                               recipe_text(self.pipeline.recipe, []).encode())
             return execute(self.pipeline)
         finally:
             self.run_dir.release()

@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Protocol
 
+from workbench import files
 from workbench.errors import UsageError, one_line
 
 BACKENDS = ("local", "ray")
@@ -314,7 +315,7 @@ class RayBackend:
     def prepare(self, compare_dir: Path) -> None:
         """Leave the token in the compare directory, for tasks to tell whether they see it."""
         self.marker = compare_dir.resolve() / MARKER
-        self.marker.write_text(self.token)
+        files.write_atomic(self.marker, self.token.encode())
 
     def __exit__(self, *exc: Any) -> None:
         if self.marker is not None:

@@ -394,11 +394,15 @@ def show(
 def export(
     run_dir: Annotated[Path, typer.Argument(
         metavar="RUN_DIR", help="A run directory.", show_default=False)],
+    trust_code: Annotated[bool, typer.Option(
+        "--trust-code", help="Import the code the run's recipe names (file.py:attr); "
+                             "without it such a run is refused.")] = False,
 ) -> None:
     """Write a run's posterior draws as ArviZ InferenceData, posterior.nc in its directory.
 
     For a run from before every run wrote it: the draws its report would have
-    written, from its last checkpoint. Read it with arviz.from_netcdf.
+    written, from its last checkpoint. Read it with arviz.from_netcdf. A run whose
+    recipe names your own code needs --trust-code: read recipe.yaml first.
 
     Examples:
       vibench export runs/coin-20261125-141502
@@ -409,7 +413,7 @@ def export(
     registry = get_registry()
     for problem in registry.problems:
         _err(f"warning: {problem}")
-    print(service.export(run_dir, registry))
+    print(service.export(run_dir, registry, trust_code))
 
 
 def report_lines(summary: dict, limit: int = 10) -> list[str]:

@@ -31,6 +31,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
+from workbench import files
 from workbench.backends import (BACKENDS, NOT_STARTED, POLL_SECONDS, Backend, Control, Job,
                                 LocalBackend, Outcome, RayBackend, cpu_count, import_ray)
 from workbench.errors import RecipeError, RunError, UsageError, VibenchError, one_line
@@ -335,7 +336,7 @@ class Runner:
         if spec.refused:
             run_dir.mkdir(parents=True, exist_ok=True)
             lines = [f"error: {line}" for line in spec.refused]
-            (run_dir / "stderr.txt").write_text("\n".join(lines) + "\n")
+            files.write_atomic(run_dir / "stderr.txt", ("\n".join(lines) + "\n").encode())
             return Result(spec, run_dir, "failed", 2, lines[-1])
         job = Job(spec.recipe or self.recipe, run_dir, spec.seed, spec.sets)
         with self.lock:
@@ -347,8 +348,8 @@ class Runner:
             return Result(spec, run_dir, "interrupted", error=NOT_STARTED)
         run_dir.mkdir(parents=True, exist_ok=True)  # a run refused before training made none
         stderr = outcome.stderr + (f"error: {outcome.lost}\n" if outcome.lost else "")
-        (run_dir / "stderr.txt").write_text(stderr)
-        (run_dir / "stdout.txt").write_text(outcome.stdout)
+        files.write_atomic(run_dir / "stderr.txt", stderr.encode())
+        files.write_atomic(run_dir / "stdout.txt", outcome.stdout.encode())
         result = Result(spec, run_dir, "failed", outcome.exit_code,
                         process_seconds=outcome.seconds)
         self.classify(result, outcome)
@@ -462,8 +463,8 @@ def read_summary(result: Result) -> dict | None:
 
     path = result.run_dir / "summary.json"
     try:
-        summary = json.loads(path.read_text())
-    except (OSError, ValueError):
+        summary = json.loads(files.read_bounded(path))
+    except (OSError, ValueError, files.UnsafeFile):
         return None
     if not isinstance(summary, dict):
         return None

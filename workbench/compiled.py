@@ -28,7 +28,7 @@ import torch
 from pyro import poutine
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from workbench import stepcache
+from workbench import files, stepcache
 from workbench.errors import UsageError, one_line
 from workbench.optim import torch_optimizer
 
@@ -111,6 +111,10 @@ def prepare(setting: str | bool, svi: Any, data: dict, device: torch.device, ste
             refusal = (f"compiled steps are checked against the exact posterior on the CPU "
                        f"and CUDA only, not yet on {device.type} (train.compile: true uses "
                        f"them)")
+        try:  # inductor's cache and ours hold compiled code this process will load
+            stepcache.check_folders()
+        except files.UnsafeFile as exc:
+            raise CannotCompile(str(exc)) from None
         return compile_step(svi, data, steps if mode == "auto" else None, refusal=refusal), None
     except CannotCompile as exc:
         if mode == "true":
@@ -286,7 +290,8 @@ def _remember_vector_isa() -> None:
     try:
         path, reported = _vector_isa_file()
         usable = [str(isa) for isa in cpu_vec_isa.valid_vec_isa_list()]
-        path.write_text(json.dumps({"reported": reported, "usable": usable}))
+        files.write_atomic(path, json.dumps({"reported": reported, "usable": usable}).encode(),
+                           mode=0o600)
     except Exception:  # a cache we cannot write only costs the probe next time
         pass
 

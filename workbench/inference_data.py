@@ -33,7 +33,7 @@ import numpy as np
 import torch
 from pyro import poutine
 
-from workbench import posterior
+from workbench import files, posterior
 
 FILENAME = "posterior.nc"
 NUM_DRAWS = 1000  # guide draws in posterior.nc
@@ -59,12 +59,8 @@ def write(run: Any, run_dir: Path, guide: Callable | None = None,
                       "inference_library_version": pyro.__version__,
                       "method": "stochastic variational inference",
                       "guide": run.recipe["guide"]["name"], "seed": run.recipe["seed"]})
-    tmp = path.with_name(path.name + ".tmp")
-    try:
+    with files.atomic_path(path) as tmp:
         save(groups, attrs, tmp)
-        tmp.replace(path)
-    finally:
-        tmp.unlink(missing_ok=True)
     return path
 
 

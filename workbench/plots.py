@@ -20,6 +20,8 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from workbench import files
+
 DPI = 100
 COLOURS = {"prior": "#7f7f7f", "guide": "#1f77b4", "exact": "#d62728"}
 GRID = 400  # points on the x axis of a density plot
@@ -468,8 +470,7 @@ def write_plots(run_dir: Path | str, losses: Sequence[float], sources: dict[str,
     TensorBoard as ``Plots/loss``, ``Plots/<site>`` and ``Plots/ppc`` when given the
     run's ``Loggers`` as ``writer`` (at ``step``). ``sources`` is what
     ``workbench.posterior.plot_sources`` returns. Returns the paths written."""
-    folder = Path(run_dir) / "plots"
-    folder.mkdir(parents=True, exist_ok=True)
+    folder = files.make_folder(Path(run_dir) / "plots")
     written = []
     path = folder / "loss.png"
     image = loss_figure(losses, path)
@@ -513,5 +514,6 @@ def _finish(fig: Any, path: Path | str | None) -> np.ndarray:
     if path is not None:  # the pixels just drawn, not a second rendering
         from matplotlib.image import imsave
 
-        imsave(str(path), rgba, format="png", dpi=DPI)
+        files.write_atomic(Path(path), lambda handle: imsave(handle, rgba, format="png",
+                                                             dpi=DPI))
     return rgba[..., :3].copy()

@@ -11,7 +11,7 @@ import os
 import re
 import stat
 from pathlib import Path
-from typing import Any, Iterable, Literal, Sequence
+from typing import Any, Callable, Iterable, Literal, Sequence
 
 import yaml
 
@@ -221,14 +221,17 @@ def apply_overrides(recipe: dict, sets: Sequence[str]) -> tuple[dict, set[str]]:
 
 
 def resolve(
-    recipe: dict, registry: Registry, source: str, overridden: Iterable[str] = ()
+    recipe: dict, registry: Registry, source: str, overridden: Iterable[str] = (),
+    code: Callable[[str], None] | None = None,
 ) -> dict:
     """Check a recipe whole against the registry and fill in every default.
 
-    Every problem found is reported at once, in one RecipeError.
+    Every problem found is reported at once, in one RecipeError. ``code`` is called with each
+    ``file.py:attr`` or ``module:attr`` name before its code is imported; it may refuse the
+    name by raising a UsageError (then a problem of the recipe) or say that it runs code.
     """
     recipe = _expand_shorthands(recipe)
-    checker = _Checker(registry, set(overridden), Path(source).parent)
+    checker = _Checker(registry, set(overridden), Path(source).parent, code)
     for key in recipe:
         if key not in SECTIONS:
             checker.problem(str(key), f"unknown section; {did_you_mean(str(key), SECTIONS)}")
@@ -284,7 +287,9 @@ def resolve(
 class _Checker:
     """Collects every problem of one recipe, each naming the key it is about."""
 
-    def __init__(self, registry: Registry, overridden: set[str], base: Path):
+    def __init__(self, registry: Registry, overridden: set[str], base: Path,
+                 code: Callable[[str], None] | None = None):
+        self.code = code
         self.registry = registry
         self.overridden = overridden
         self.base = base  # the recipe's directory: where file.py:attr names start from
@@ -415,7 +420,7 @@ class _Checker:
             self.problem(f"{where}.name", f"{got}; name the {kind} component, one of: {choices}")
             return None
         try:
-            component = self.registry.get(kind, name, self.base)
+            component = self.registry.get(kind, name, self.base, self.code)
         except UsageError as exc:
             self.problem(f"{where}.name", str(exc))
             return None

@@ -116,10 +116,12 @@ class Registry:
     def names(self, kind: str) -> list[str]:
         return sorted(self.components[kind])
 
-    def get(self, kind: str, name: str, base: Path | None = None) -> Component:
+    def get(self, kind: str, name: str, base: Path | None = None,
+            code: Callable[[str], None] | None = None) -> Component:
         """The component of that kind and name, or a UsageError saying what there is; a name
         with a ``:`` is a file's or module's attribute, a relative file path taken from
-        ``base`` (the recipe's directory; the working directory if None)."""
+        ``base`` (the recipe's directory; the working directory if None). ``code`` is called
+        with such a name before its code is imported, and may refuse it by raising."""
         if (kind, name) in self.conflicts:
             plugins = " and ".join(repr(p) for p in self.conflicts[(kind, name)])
             raise UsageError(
@@ -130,6 +132,8 @@ class Registry:
         except KeyError:
             pass
         if ":" in name:
+            if code is not None:
+                code(name)
             return locate(kind, name, base)
         if name.endswith(".py"):
             raise UsageError(f"unknown {kind} {name!r}; to use a file, name its function or "

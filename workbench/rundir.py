@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 
+from workbench import files
 from workbench.errors import UsageError
 
 LOCK = ".lock"
@@ -89,7 +90,13 @@ def _missing(path: Path) -> tuple[Path, ...]:
 
 
 def _lock(path: Path, where: str, made: tuple[Path, ...] = ()) -> RunDir:
-    fd = os.open(path / LOCK, os.O_RDWR | os.O_CREAT, 0o644)
+    try:  # never through a link: a planted .lock would have us write over its target
+        fd = os.open(path / LOCK, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise files.UnsafeFile(f"{where}: {path / LOCK} is a symbolic link; vibench writes "
+                                   "no file through a link (remove it)") from None
+        raise
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:

@@ -11,6 +11,7 @@ callbacks' state, so a resumed run ends bitwise where an uninterrupted one would
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import logging
 import math
@@ -27,7 +28,7 @@ from pyro import poutine
 from pyro.infer import SVI
 from pyro.infer.util import torch_item, zero_grads
 
-from workbench import checkpoint, compiled, distributed, posterior, signals
+from workbench import checkpoint, compiled, distributed, files, posterior, signals
 from workbench.build import build
 from workbench.callbacks import (Averaging, Callback, Converged, EarlyStopping, MetricLogging,
                                  log_params)
@@ -276,7 +277,8 @@ class Run:
             log = Loggers([])  # only rank 0 writes the run directory
             if self.world.leader:
                 log = Loggers.of(self.registry, self.recipe, run_dir, state.step)
-                (run_dir / "recipe.yaml").write_text(recipe_text(self.recipe, state.resumes))
+                files.write_atomic(run_dir / "recipe.yaml",
+                                   recipe_text(self.recipe, state.resumes).encode())
             if resume is None:  # a run killed before its first checkpoint can still resume
                 self.save(run_dir, state, callbacks, losses)
         except OSError as exc:
@@ -501,10 +503,11 @@ class Run:
         if self.compiled is not None:
             self.compiled.adopt_optimizer()
         checkpoint.set_rng_state(saved["rng_ranks"][self.world.rank] if self.world.distributed
-                                 else saved["rng"])
+                                 else saved["rng"], where)
         for callback in callbacks:
             callback.load_state_dict(saved.get("callbacks", {}).get(type(callback).__name__))
-        fields = dict(saved["state"])
+        known = {f.name for f in dataclasses.fields(TrainState)}
+        fields = {key: value for key, value in saved["state"].items() if key in known}
         state = TrainState(**{**fields, "losses": LossFile.read(run_dir / LOSSES,
                                                                  fields["losses"], where)})
         if state.trained and state.step < self.recipe["train"]["steps"] and \
@@ -680,10 +683,11 @@ class LossFile:
     def write(self, losses: list[float]) -> None:
         import array
 
-        with open(self.path, "r+b" if self.path.exists() else "wb") as handle:
-            handle.seek(self.written * 8)
-            handle.truncate()
+        with files.open_for_writing(self.path, append=True) as handle:
+            handle.truncate(self.written * 8)  # what a checkpoint after this one counted
             array.array("d", losses[self.written:]).tofile(handle)
+            handle.flush()
+            os.fsync(handle.fileno())  # before the checkpoint that counts them
         self.written = len(losses)
 
     @staticmethod
@@ -803,17 +807,10 @@ def write_results(run_dir: Path, summary: dict, params: bool = True) -> None:
     written whole or not at all."""
     from workbench import jsonsafe
 
-    _write_atomic(run_dir / "summary.json", jsonsafe.dumps(summary, indent=2).encode())
+    files.write_atomic(run_dir / "summary.json", jsonsafe.dumps(summary, indent=2).encode())
     if params:
-        tmp = run_dir / "params.pt.tmp"
-        pyro.get_param_store().save(str(tmp))
-        os.replace(tmp, run_dir / "params.pt")
-
-
-def _write_atomic(path: Path, content: bytes) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_bytes(content)
-    os.replace(tmp, path)
+        with files.atomic_path(run_dir / "params.pt") as tmp:
+            pyro.get_param_store().save(str(tmp))
 
 
 def _status(failure: VibenchError | None) -> str:

@@ -14,11 +14,13 @@ import json
 import math
 import os
 import shutil
+import sys
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
+from workbench import files
 from workbench import recipe as recipes
 from workbench.errors import UsageError, one_line
 from workbench.registry import Registry
@@ -116,11 +118,12 @@ def resume(run_dir: Path, sets: Sequence[str], registry: Registry) -> Job:
                              "--steps and --set optimizer.* (or train.skip_bad_steps) can")
     held = reopen(run_dir, where) if world.leader else RunDir(run_dir, -1)
     try:
-        saved = checkpoint.load(run_dir)
+        saved = checkpoint.load(run_dir, where)
         _check_world(saved, world.size, where)
         source = run_dir / "recipe.yaml"
         raw, overridden = recipes.apply_overrides(recipes.load(source), list(sets))
-        resolved = recipes.resolve(raw, registry, str(source), overridden)
+        resolved = recipes.resolve(raw, registry, str(source), overridden,
+                                   code=_announce_code(where))
         changes = differences(plain(saved["recipe"]), plain(resolved))
         edited = [key for key in changes if not _resumable(key)]
         if edited:
@@ -132,10 +135,6 @@ def resume(run_dir: Path, sets: Sequence[str], registry: Registry) -> Job:
         _check_steps(saved["state"], resolved["train"]["steps"], "train.steps" in changes,
                      where)
         run = Run.setup(resolved, registry)
-        code = named_code(resolved)
-        if code:
-            run.notes.append(f"this run's recipe.yaml names code ({', '.join(code)}), which "
-                             "--resume runs: resume only run directories you trust")
         if run.data_hash and run.data_hash != saved["data_hash"]:  # "": a rank's rows only
             raise UsageError(f"{where}: the data are not the data this run started with "
                              "(a data file changed?); start a new run for new data")
@@ -145,29 +144,44 @@ def resume(run_dir: Path, sets: Sequence[str], registry: Registry) -> Job:
         raise
 
 
-def load(run_dir: Path, registry: Registry) -> Any:
+def load(run_dir: Path, registry: Registry, trust_code: bool = False,
+         where: str | None = None) -> Any:
     """A run rebuilt from its directory with what it learned (its last checkpoint), for use
     in Python: ``load(path, get_registry()).guide`` draws from the fitted posterior. Reads
-    the checkpoint safely; takes no lock, changes nothing."""
+    the checkpoint safely; takes no lock, changes nothing. A run whose recipe names code
+    (``file.py:attr``) is refused unless ``trust_code``: the directory may come from anyone."""
     from workbench import checkpoint
     from workbench.runner import Run, run_context
 
-    saved = checkpoint.load(run_dir)
-    resolved = recipes.resolve(saved["recipe"], registry, str(run_dir / "recipe.yaml"))
+    where = where or f"load {run_dir}"
+    saved = checkpoint.load(run_dir, where)
+    resolved = recipes.resolve(saved["recipe"], registry, str(run_dir / "recipe.yaml"),
+                               code=None if trust_code else _refuse_code(where))
     run = Run.setup(resolved, registry)
     with run_context(run.device, run.dtype):
         checkpoint.restore_params(saved["params"], saved["buffers"], run.guide, str(run_dir))
     return run
 
 
-def named_code(recipe: dict) -> list[str]:
-    """The ``file.py:attr`` and ``package.module:attr`` names a checked recipe gives."""
-    sections = [recipe.get(path[0]) if len(path) == 1 else (recipe.get(path[0]) or {}).get(
-        path[1]) for path in recipes.COMPONENTS] + list(recipe.get("loggers", []))
-    return [s["name"] for s in sections if isinstance(s, dict) and ":" in str(s.get("name"))]
+def _announce_code(where: str) -> Callable[[str], None]:
+    """For ``recipes.resolve``: say, before it is imported, that a run names code."""
+    def announce(name: str) -> None:
+        print(f"note: {where}: this run names code ({name}), which goes on running now: "
+              "resume only run directories you trust", file=sys.stderr, flush=True)
+    return announce
 
 
-def export(run_dir: Path, registry: Registry) -> Path:
+def _refuse_code(where: str) -> Callable[[str], None]:
+    """For ``recipes.resolve``: refuse a run directory's code, which only its user's say-so
+    on the command line (``--trust-code``) may import."""
+    def refuse(name: str) -> None:
+        raise UsageError(f"names code ({name}), which vibench imports only when you say so "
+                         f"({where.split()[0]} --trust-code, or trust_code=True in Python); "
+                         "read it first: a run directory may come from anyone")
+    return refuse
+
+
+def export(run_dir: Path, registry: Registry, trust_code: bool = False) -> Path:
     """posterior.nc (ArviZ InferenceData) for a run, written from what it learned (its last
     checkpoint) on the random stream its report uses, so a run from before posterior.nc
     gets the file its report would have written. Holds the run directory's lock meanwhile."""
@@ -177,10 +191,11 @@ def export(run_dir: Path, registry: Registry) -> Path:
     if not (run_dir / checkpoint.FILENAME).is_file():
         raise UsageError(f"{run_dir}: not a vibench run directory (no {checkpoint.FILENAME}); "
                          "give the directory `vibench run` wrote")
-    held = reopen(run_dir, f"export {run_dir}")
+    where = f"export {run_dir}"
+    held = reopen(run_dir, where)
     try:
-        run = load(run_dir, registry)
-        if run.data_hash != checkpoint.load(run_dir)["data_hash"]:
+        run = load(run_dir, registry, trust_code, where)
+        if run.data_hash != checkpoint.load(run_dir, where)["data_hash"]:
             raise UsageError(f"export {run_dir}: the data are not the data this run was fitted "
                              "to (a data file changed?); its posterior would not match them")
         with run_context(run.device, run.dtype):
@@ -317,7 +332,7 @@ def read_summary(run_dir: Path) -> dict:
                              f"one; go on with: vibench run --resume {run_dir}")
         raise UsageError(f"{run_dir}: not a run directory (no {SUMMARY} or {CHECKPOINT})")
     try:
-        summary = json.loads(path.read_bytes())
+        summary = json.loads(files.read_bounded(path))
     except (OSError, ValueError, RecursionError) as exc:  # JSON and UTF-8 errors are ValueErrors
         raise UsageError(f"{path}: cannot be read: {one_line(exc)}") from None
     problem = _summary_problem(summary)
@@ -395,17 +410,10 @@ def _from_checkpoint(run_dir: Path) -> dict:
 def _read_checkpoint(run_dir: Path) -> dict:
     """The checkpoint read as ``--resume`` reads it, without running code it may hold
     (``weights_only``), and memory-mapped, so a large guide costs no time."""
-    import torch
+    from workbench import checkpoint
 
     path = run_dir / CHECKPOINT
-    try:
-        saved = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except Exception as exc:
-        raise UsageError(f"{path}: cannot be read: {one_line(exc)[:200]}") from None
-    state = saved.get("state") if isinstance(saved, dict) else None
-    if not isinstance(state, dict) or not isinstance(state.get("step"), int):
-        raise UsageError(f"{path}: not a vibench checkpoint")
-    return saved
+    return checkpoint.read(path, str(path), mmap=True)
 
 
 def _final_loss(path: Path, count: Any) -> float | None:

@@ -8,7 +8,8 @@ code that wraps and compiles the step. A changed model, guide, loss, optimizer s
 layout is a different record, so a different package. Recording needs neither ``make_fx`` nor
 inductor, whose imports pull in torch._dynamo (a second a run). Only vibench writes here, as
 only inductor writes the rest of that directory, whose compiled code inductor loads the same
-way."""
+way: so both folders must be this user's alone (``check_folders``), and a package is opened
+only where the key written inside it is the key the run asked for."""
 
 from __future__ import annotations
 
@@ -28,6 +29,22 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 from torch.utils.weak import WeakTensorKeyDictionary
+
+from workbench import files
+
+FOLDER = "vibench-steps"
+METADATA_KEY = "vibench_key"  # the key a package was built under, kept inside it
+FIX = ("remove it, or set TORCHINDUCTOR_CACHE_DIR to a folder of your own (or train.compile: "
+       "false)")
+
+
+def check_folders() -> Path:
+    """Make inductor's cache folder and ours in it (mode 0700) or check that they are this
+    user's alone: compiled code is loaded from them. An UnsafeFile names the folder; else
+    ours is returned."""
+    files.private_folder(cache_dir(), FIX)
+    return files.private_folder(cache_dir() / FOLDER, FIX)
+
 
 @contextlib.contextmanager
 def trial_stream(seed_offset: int = 0) -> Iterator[None]:
@@ -67,7 +84,7 @@ def load(key: str) -> Callable | None:
     """The packaged step under ``key`` (a callable on the list of inputs, returning the list
     of outputs), or None where none is cached or it cannot be loaded."""
     path = _path(key)
-    return _open(path) if path.is_file() else None
+    return _open(path, key) if path.is_file() else None
 
 
 def build(graph: torch.fx.GraphModule, inputs: list[torch.Tensor], key: str) -> Callable | None:
@@ -82,28 +99,38 @@ def build(graph: torch.fx.GraphModule, inputs: list[torch.Tensor], key: str) -> 
         return None
     partial = path.with_name(f".{path.stem}-{os.getpid()}.pt2")  # renamed when whole
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
         program = torch.export.export(graph, tuple(inputs), strict=False)
         with _quiet("torch._inductor"):  # its notes on ops it runs through its fallback
             # constants folded when the package loads, not inlined: inlined, a number
-            # constant expanded and raised to a power fails to lower (torch 2.13; the prior
-            # scale of a logistic regression)
+            # constant expanded and raised to a power fails to lower (the prior scale of a
+            # logistic regression)
             aoti_compile_and_package(program, package_path=str(partial), inductor_configs={
-                "aot_inductor.use_runtime_constant_folding": True})
+                "aot_inductor.use_runtime_constant_folding": True,
+                "aot_inductor.metadata": {METADATA_KEY: key}})
+        os.chmod(partial, 0o600)
         os.replace(partial, path)
-    except Exception as exc:
+    except OSError:  # a full disk, say: tried again next time
+        return None
+    except Exception as exc:  # it cannot be lowered: noted, so no run tries again
         with contextlib.suppress(OSError):
-            failed.write_text(f"{type(exc).__name__}: {(str(exc).splitlines() or [''])[0]}\n")
+            files.write_atomic(failed, f"{type(exc).__name__}: "
+                               f"{(str(exc).splitlines() or [''])[0]}\n".encode(), mode=0o600)
         return None
     finally:  # an interrupted or failed build leaves nothing half-written
         partial.unlink(missing_ok=True)
-    return _open(path)
+    return _open(path, key)
 
 
-def _open(path: Path) -> Callable | None:
-    try:  # torch's own loader, as torch._inductor.package.load_package calls it (which
+def _open(path: Path, key: str) -> Callable | None:
+    """The package's step, where the key written inside it is ``key``: a package copied or
+    renamed from another key is refused before its code is loaded."""
+    loader = torch._C._aoti.AOTIModelPackageLoader
+    try:
+        if loader.load_metadata_from_package(str(path), "model").get(METADATA_KEY) != key:
+            return None
+        # torch's own loader, as torch._inductor.package.load_package calls it (which
         # spends a second in Python around these 2 ms)
-        return torch._C._aoti.AOTIModelPackageLoader(str(path), "model", False, 1, -1).run
+        return loader(str(path), "model", False, 1, -1).run
     except Exception:  # damaged, say: the caller compiles as before, leaving it be
         return None
 
@@ -120,7 +147,7 @@ def _quiet(name: str) -> Iterator[None]:
 
 
 def _path(key: str) -> Path:
-    return cache_dir() / "vibench-steps" / f"{key}.pt2"
+    return check_folders() / f"{key}.pt2"
 
 
 def cache_dir() -> Path:

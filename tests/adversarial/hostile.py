@@ -1,0 +1,87 @@
+"""Hostile inputs, made on demand: what an attacker or a damaged disk leaves in a run folder,
+a checkpoint or a cache folder. Each maker changes the files it is given and returns what a
+test needs to check that nothing was run, followed or exhausted."""
+
+from __future__ import annotations
+
+import io
+import os
+import zipfile
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+OTHER_UID = 65534  # "nobody": the other local user of a shared machine
+
+
+def rewrite_checkpoint(run_dir: Path, change: Callable[[dict], Any]) -> None:
+    """Load the run's checkpoint, let ``change`` edit it in place, save it back."""
+    path = run_dir / "checkpoint.pt"
+    saved = torch.load(path, weights_only=True)
+    change(saved)
+    torch.save(saved, path)
+
+
+def shared_list(depth: int) -> list:
+    """A list nested ``depth`` deep whose every level holds the level below twice: a few bytes
+    pickled, 2**depth items to walk naively."""
+    value: list = [0]
+    for _ in range(depth):
+        value = [value, value]
+    return value
+
+
+def inflating_checkpoint(run_dir: Path, megabytes: int = 64) -> None:
+    """The checkpoint archive rewritten with one extra entry that is all zeros, deflated: a
+    small file that would inflate to ``megabytes`` MB."""
+    path = run_dir / "checkpoint.pt"
+    with zipfile.ZipFile(path) as archive:
+        entries = [(info, archive.read(info)) for info in archive.infolist()]
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w") as archive:
+        for info, content in entries:
+            archive.writestr(info, content)
+        prefix = entries[0][0].filename.split("/")[0]
+        archive.writestr(f"{prefix}/padding", b"\0" * (megabytes * 2**20),
+                         compress_type=zipfile.ZIP_DEFLATED)
+    path.write_bytes(buffer.getvalue())
+
+
+def names_code(run_dir: Path, marker: Path) -> Path:
+    """A module beside the run whose import writes ``marker``; the checkpoint's recipe (not
+    recipe.yaml, which stays harmless) names it as the model."""
+    evil = run_dir.parent / "evil.py"
+    evil.write_text(f"from pathlib import Path\nPath({str(marker)!r}).write_text('ran')\n"
+                    "def model(**data):\n    pass\n")
+    rewrite_checkpoint(run_dir, lambda saved: saved["recipe"]["model"].update(
+        name=f"{evil}:model"))
+    return evil
+
+
+def link_to_victim(link: Path, victim: Path) -> None:
+    """``link`` made a symbolic link to ``victim`` (a file the user cares about)."""
+    victim.write_text("precious\n")
+    link.unlink(missing_ok=True)
+    link.symlink_to(victim)
+
+
+def sparse_file(path: Path, size: int) -> None:
+    """A file of ``size`` bytes that takes no room on disk."""
+    with open(path, "wb") as handle:
+        handle.truncate(size)
+
+
+def others_can_write(folder: Path) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    os.chmod(folder, 0o777)
+
+
+def owned_by_another_user(folder: Path) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    os.chown(folder, OTHER_UID, OTHER_UID)
+    os.chmod(folder, 0o755)
+
+
+def can_chown() -> bool:
+    return hasattr(os, "geteuid") and os.geteuid() == 0
