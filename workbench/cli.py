@@ -344,7 +344,8 @@ def runs(
 
     One line a run: its recipe's name, status, steps, final loss, k-hat, wall
     time and directory. A run is "running" while a vibench process writes it;
-    one killed before its first summary shows what its checkpoint says.
+    one killed before its first summary shows what its checkpoint says
+    (interrupted); one that stopped in set-up, before any checkpoint, is failed.
 
     Examples:
       vibench runs

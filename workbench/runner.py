@@ -274,9 +274,9 @@ class Run:
         losses = LossFile(run_dir / LOSSES, len(state.losses))
         try:
             log = Loggers([])  # only rank 0 writes the run directory
-            if self.world.leader:
-                log = Loggers.of(self.registry, self.recipe, run_dir, state.step)
+            if self.world.leader:  # the recipe first: a run whose logger fails says what it was
                 (run_dir / "recipe.yaml").write_text(recipe_text(self.recipe, state.resumes))
+                log = Loggers.of(self.registry, self.recipe, run_dir, state.step)
             if resume is None:  # a run killed before its first checkpoint can still resume
                 self.save(run_dir, state, callbacks, losses)
         except OSError as exc:
