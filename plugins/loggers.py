@@ -5,8 +5,11 @@ from __future__ import annotations
 
 import csv
 import io
+import os
 import time
+from contextlib import contextmanager
 from pathlib import Path
+from urllib.parse import urlparse
 
 from workbench import files, hookimpl
 
@@ -74,19 +77,43 @@ class MlflowLog:
             raise ValueError("needs MLflow: pip install 'vibench[mlflow]'") from None
         self.run_dir = run_dir
         self.pending: list = []
-        self.client = MlflowClient(tracking_uri=tracking_uri)
-        saved = run_dir / self.RUN_ID
-        if start_step and saved.exists():
-            self.run_id = saved.read_text().strip()
-        else:
-            found = self.client.get_experiment_by_name(experiment)
-            experiment_id = (found.experiment_id if found is not None
-                             else self.client.create_experiment(experiment))
-            run = self.client.create_run(experiment_id, run_name=run_dir.name)
-            self.run_id = run.info.run_id
-            files.write_atomic(saved, self.run_id.encode())
-            for key, value in _flat(recipe).items():
-                self.client.log_param(self.run_id, key, str(value)[:500])
+        scheme = urlparse(tracking_uri or "").scheme.split("+")[0]
+        # A folder path or file: URI that the recipe names is a file store chosen on purpose.
+        self.file_store = tracking_uri is not None and scheme in ("", "file")
+        _check_database_store(tracking_uri, scheme)
+        with self._mlflow():
+            self.client = MlflowClient(tracking_uri=tracking_uri)
+            saved = run_dir / self.RUN_ID
+            if start_step and saved.exists():
+                self.run_id = saved.read_text().strip()
+            else:
+                found = self.client.get_experiment_by_name(experiment)
+                experiment_id = (found.experiment_id if found is not None
+                                 else self.client.create_experiment(experiment))
+                run = self.client.create_run(experiment_id, run_name=run_dir.name)
+                self.run_id = run.info.run_id
+                files.write_atomic(saved, self.run_id.encode())
+                for key, value in _flat(recipe).items():
+                    self.client.log_param(self.run_id, key, str(value)[:500])
+
+    @contextmanager
+    def _mlflow(self):
+        """MLflow 3 refuses a file store (in maintenance mode there) unless
+        MLFLOW_ALLOW_FILE_STORE is true, its documented opt-in. For a file store the recipe
+        names, the opt-in holds while this logger calls MLflow and the variable is restored
+        after; a store MLflow picks by itself (no tracking_uri) is left to MLflow's rules."""
+        if not self.file_store:
+            yield
+            return
+        before = os.environ.get(ALLOW_FILE_STORE)
+        os.environ[ALLOW_FILE_STORE] = "true"
+        try:
+            yield
+        finally:
+            if before is None:
+                os.environ.pop(ALLOW_FILE_STORE, None)
+            else:
+                os.environ[ALLOW_FILE_STORE] = before
 
     def scalar(self, tag: str, value: float, step: int) -> None:
         from mlflow.entities import Metric
@@ -96,21 +123,41 @@ class MlflowLog:
 
     def flush(self) -> None:
         """Send the metrics in batches: one request per step would slow training down."""
-        while self.pending:
-            batch, self.pending = self.pending[:1000], self.pending[1000:]
-            self.client.log_batch(self.run_id, metrics=batch)
+        with self._mlflow():
+            while self.pending:
+                batch, self.pending = self.pending[:1000], self.pending[1000:]
+                self.client.log_batch(self.run_id, metrics=batch)
 
     def close(self, summary=None) -> None:
         self.flush()
-        for name in ("summary.json", "plots"):
-            path = self.run_dir / name
-            if path.is_file():
-                self.client.log_artifact(self.run_id, str(path))
-            elif path.is_dir():
-                self.client.log_artifacts(self.run_id, str(path), artifact_path="plots")
-        status = {"completed": "FINISHED", "interrupted": "KILLED"}.get(
-            (summary or {}).get("status"), "FAILED")
-        self.client.set_terminated(self.run_id, status)
+        with self._mlflow():
+            for name in ("summary.json", "plots"):
+                path = self.run_dir / name
+                if path.is_file():
+                    self.client.log_artifact(self.run_id, str(path))
+                elif path.is_dir():
+                    self.client.log_artifacts(self.run_id, str(path), artifact_path="plots")
+            status = {"completed": "FINISHED", "interrupted": "KILLED"}.get(
+                (summary or {}).get("status"), "FAILED")
+            self.client.set_terminated(self.run_id, status)
+
+
+ALLOW_FILE_STORE = "MLFLOW_ALLOW_FILE_STORE"
+
+
+def _check_database_store(tracking_uri: str | None, scheme: str) -> None:
+    """A database store (sqlite:///mlflow.db) needs SQLAlchemy and Alembic, which
+    mlflow-skinny leaves out; without them MLflow's store lookup fails with a message about
+    the model registry, which the run never uses."""
+    import importlib.util
+
+    from mlflow.store.db.db_types import DATABASE_ENGINES
+
+    missing = [name for name in ("sqlalchemy", "alembic") if importlib.util.find_spec(name) is None]
+    if scheme in DATABASE_ENGINES and missing:
+        raise ValueError(f"tracking_uri {tracking_uri!r} is a database store, which needs "
+                         f"{' and '.join(missing)} beside mlflow-skinny: "
+                         "pip install 'vibench[mlflow]'")
 
 
 def _flat(value, prefix: str = "") -> dict:

@@ -99,6 +99,40 @@ def test_list_shows_every_component_with_plugin_options_and_description():
     assert "data: flips" in text
 
 
+def test_list_shows_whole_descriptions_wrapped_and_guide_auto():
+    """A description is its docstring's first paragraph, whole; a terminal's width (COLUMNS)
+    wraps it at spaces under the first line. ``guide: auto`` is listed as built in: no plugin
+    registers it and no component is made of it."""
+    from workbench.registry import get_registry
+
+    listing = json.loads(vibench("list", "--json").stdout)
+    models = {c["name"]: c for c in listing["model"]}
+    guides = {c["name"]: c for c in listing["guide"]}
+    assert models["eight_schools"]["description"].endswith(
+        "with each school's effect theta = mu + tau * theta_tilde recorded as a deterministic "
+        "site.")
+    assert guides["pathfinder"]["description"].endswith("more steps go on with SVI from there.")
+    assert guides["auto"] == {
+        "name": "auto", "plugin": None, "built_in": True, "options": {},
+        "description": guides["auto"]["description"],
+        "stages": ["start", "gaussian", "rhat", "flow", "psis"]}
+    assert guides["auto"]["description"].startswith("The automatic pipeline")
+    assert [c["name"] for c in listing["guide"]][:2] == ["auto", "auto_delta"]
+    assert "auto" not in get_registry().components["guide"]
+
+    text = vibench("list", "guide", env={"COLUMNS": "80"}).stdout.splitlines()
+    for name in ("pathfinder", "auto"):
+        (at,) = [i for i, line in enumerate(text) if line.split()[:1] == [name]]
+        end = next(i for i in range(at, len(text)) if text[i].split()[:1] == ["options:"])
+        assert end - at > 2  # wrapped over several lines ...
+        assert all(len(line) <= 80 for line in text[at:end])  # ... to the terminal's width
+        column = text[at].index(text[at].split()[1])  # each line under the first
+        assert all(line[:column].strip() == "" for line in text[at + 1:end])
+        shown = " ".join(" ".join(text[at:end]).split()[1:])
+        assert shown == guides[name]["description"]  # every word, none broken
+    assert "[built in]" in text[end]
+
+
 class _Model:
     def __call__(self, x, y=None):
         pass

@@ -344,6 +344,16 @@ def test_the_table_marks_an_untrusted_fit_and_says_n_a_without_an_exact_posterio
     assert "failed: guide=broken,seed=0: error: it broke" in out
 
 
+def test_the_table_keeps_a_long_component_name_whole_on_one_line(capsys):
+    names = ("auto_lowrank_multivariate_normal", "beta")
+    print_table(parse_grid([f"guide={','.join(names)}"]),
+                [synthetic((name,), 0, 0.1, 0.2, 1.0) for name in names])
+    lines = capsys.readouterr().out.splitlines()
+    (row,) = [line for line in lines if "auto_lowrank" in line]
+    assert row.split()[:2] == ["auto_lowrank_multivariate_normal", "1/1"]
+    assert not any(line.split()[:1] == ["e_normal"] for line in lines)
+
+
 def test_the_csv_has_every_run_with_the_standardised_errors_and_the_k_hat_reading(
         tmp_path: Path):
     grids = parse_grid(["guide=beta,auto_normal,no_exact,broken"])

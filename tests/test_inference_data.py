@@ -109,6 +109,68 @@ def test_eight_schools_theta_is_a_deterministic_site_everywhere(runs):
     assert any(line.startswith("theta[0]: ") for line in result.stdout.splitlines())
 
 
+def test_discrete_observations_are_integers_that_plot_ppc_draws_as_a_histogram(runs):
+    """The coin's flips (Bernoulli, floats in Pyro) are read back by ArviZ as integers, in the
+    data and in their replicates, so ``az.plot_ppc`` draws steps (a histogram), not a KDE."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out, _ = runs["coin"]
+    az = arviz()
+    idata = az.from_netcdf(out / "posterior.nc")
+    assert idata.observed_data["obs"].dtype.kind == "i"
+    assert idata.posterior_predictive["obs"].dtype.kind == "i"
+    assert set(np.unique(idata.posterior_predictive["obs"].values)) <= {0, 1}
+    ax = az.plot_ppc(idata, num_pp_samples=20, random_seed=0)
+    try:
+        (observed,) = [line for line in np.ravel(ax)[0].get_lines()
+                       if line.get_label() == "Observed"]
+        assert observed.get_drawstyle() == "steps-pre"
+    finally:
+        plt.close("all")
+
+
+def test_binomial_poisson_and_categorical_sites_keep_an_integer_dtype(tmp_path: Path):
+    """Every discrete likelihood's data and replicates are integers in posterior.nc, as ArviZ
+    reads them; a continuous site's stay floats."""
+    import pyro
+    import pyro.distributions as dist
+    import torch
+
+    from workbench import inference_data
+
+    def model(trials, counts, events, classes, y):
+        rate = pyro.sample("rate", dist.Gamma(2.0, 1.0))
+        p = pyro.sample("p", dist.Beta(2.0, 2.0))
+        with pyro.plate("rows", 6):
+            pyro.sample("successes", dist.Binomial(trials, p), obs=counts)
+            pyro.sample("events", dist.Poisson(rate), obs=events)
+            pyro.sample("class", dist.Categorical(torch.tensor([0.2, 0.3, 0.5])), obs=classes)
+            pyro.sample("y", dist.Normal(rate, 1.0), obs=y)
+
+    def guide(trials, counts, events, classes, y):
+        pyro.sample("rate", dist.Gamma(20.0, 10.0))
+        pyro.sample("p", dist.Beta(5.0, 5.0))
+
+    data = {"trials": torch.full((6,), 10.0), "counts": torch.tensor([3.0, 5, 4, 6, 2, 5]),
+            "events": torch.tensor([1.0, 0, 3, 2, 2, 1]),
+            "classes": torch.tensor([0, 2, 1, 2, 2, 0]),
+            "y": torch.tensor([1.5, 2.0, 0.3, 2.2, 1.9, 2.4])}
+    groups, attrs = inference_data.draw(model, guide, data, 1, num_draws=200)
+    inference_data.save(groups, attrs, tmp_path / "posterior.nc")
+    idata = arviz().from_netcdf(tmp_path / "posterior.nc")
+    for name in ("successes", "events", "class"):
+        for group in ("observed_data", "posterior_predictive"):
+            assert idata[group][name].dtype.kind == "i", (group, name)
+    assert idata.observed_data["successes"].values.tolist() == [3, 5, 4, 6, 2, 5]
+    assert idata.posterior_predictive["successes"].values.max() <= 10
+    assert set(np.unique(idata.posterior_predictive["class"].values)) <= {0, 1, 2}
+    assert idata.observed_data["y"].dtype.kind == "f"
+    assert idata.posterior_predictive["y"].dtype.kind == "f"
+
+
 def test_a_posterior_predictive_plot_for_each_run(runs):
     for out, _ in runs.values():
         assert (out / "plots" / "ppc.png").stat().st_size > 10_000

@@ -4,8 +4,14 @@ back with its own reader; a resumed run logs each step once; a failing logger co
 from __future__ import annotations
 
 import csv
+import json
 import os
 import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -98,22 +104,115 @@ def test_a_failing_logger_is_reported_once_and_the_run_goes_on(tmp_path: Path):
     assert loss_steps(tmp_path / "metrics.csv") == list(range(30))
 
 
-def test_mlflow_gets_params_metrics_and_artifacts(tmp_path: Path):
-    pytest.importorskip("mlflow")
+def mlflow_store(tmp_path: Path, kind: str) -> str:
+    """A local store as a user names it: a folder, a file: URI, a SQLite database."""
+    return {"folder": str(tmp_path / "mlruns"),
+            "file_uri": (tmp_path / "mlruns").as_uri(),
+            "sqlite": f"sqlite:///{tmp_path / 'mlflow.db'}"}[kind]
+
+
+def read_mlflow_run(store: str, out: Path):
+    """The one run in the store's 'vibench' experiment, read with MLflow's own client, after
+    checking it holds the recipe, every step's loss and the run's summary and plots."""
     from mlflow.tracking import MlflowClient
 
-    store = f"file://{tmp_path / 'mlruns'}"
-    out = tmp_path / "r"
-    env = {"MLFLOW_ALLOW_FILE_STORE": "true"}
-    result = vibench("run", str(COIN), "--steps", "40", "--set",
-                     f"loggers=[{{name: mlflow, tracking_uri: '{store}'}}]", "--out", str(out),
-                     env=env)
-    assert result.returncode == 0, result.stderr
-    os.environ.update(env)
     client = MlflowClient(tracking_uri=store)
     (run,) = client.search_runs([client.get_experiment_by_name("vibench").experiment_id])
-    assert run.info.status == "FINISHED" and run.info.run_name == "r"
+    assert run.info.status == "FINISHED" and run.info.run_name == out.name
     assert run.data.params["loss.num_particles"] == "7"
+    assert run.data.params["model.name"] == "beta_bernoulli"
     history = client.get_metric_history(run.info.run_id, "Train.loss")
     assert sorted(m.step for m in history) == list(range(40))
     assert {a.path for a in client.list_artifacts(run.info.run_id)} >= {"summary.json", "plots"}
+    assert {a.path for a in client.list_artifacts(run.info.run_id, "plots")} >= {
+        "plots/loss.png", "plots/ppc.png"}
+    copied = client.download_artifacts(run.info.run_id, "summary.json", str(out.parent))
+    assert json.loads(Path(copied).read_text()) == json.loads((out / "summary.json").read_text())
+    return run
+
+
+@pytest.mark.parametrize("kind", ["folder", "file_uri", "sqlite"])
+def test_mlflow_logs_to_a_local_store_the_recipe_names(tmp_path: Path, kind: str, monkeypatch):
+    """A folder or file: URI needs no MLFLOW_ALLOW_FILE_STORE from the user (MLflow 3 refuses
+    a file store without it); SQLite needs no model registry."""
+    pytest.importorskip("mlflow")
+    monkeypatch.delenv("MLFLOW_ALLOW_FILE_STORE", raising=False)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    store = mlflow_store(tmp_path, kind)
+    out = tmp_path / "r"
+    # cwd: a database store keeps artifacts in ./mlruns, MLflow's default artifact root
+    result = vibench("run", str(COIN), "--steps", "40", "--set",
+                     f"loggers=[{{name: mlflow, tracking_uri: '{store}'}}]", "--out", str(out),
+                     cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert "warning" not in result.stderr.lower(), result.stderr
+    if kind != "sqlite":
+        monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")  # for the reader, this process
+    read_mlflow_run(store, out)
+
+
+def test_a_file_store_mlflow_picks_by_itself_is_refused_with_mlflows_remedy(tmp_path: Path):
+    """No tracking_uri: MLflow's own choice (here MLFLOW_TRACKING_URI, a folder) and its own
+    rules; the one line keeps the remedy at the end of MLflow's long message."""
+    pytest.importorskip("mlflow")
+    env = {"MLFLOW_TRACKING_URI": str(tmp_path / "mlruns"), "MLFLOW_ALLOW_FILE_STORE": "false"}
+    result = vibench("run", str(COIN), "--steps", "5", "--set", "loggers=[mlflow]",
+                     "--out", str(tmp_path / "r"), env=env)
+    assert result.returncode == 2
+    (line,) = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert line.startswith("error: logger 'mlflow': The filesystem tracking backend")
+    assert line.endswith("set `MLFLOW_ALLOW_FILE_STORE=true` to opt out of this exception.")
+    assert "Traceback" not in result.stderr
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+@pytest.fixture
+def mlflow_server(tmp_path: Path):
+    """A real ``mlflow server`` on SQLite in a child process (its own process group), ready
+    when its /health answers; stopped, with its workers, when the test ends."""
+    pytest.importorskip("mlflow.server", reason="mlflow server needs the full mlflow package")
+    port = free_port()
+    log = (tmp_path / "server.log").open("w")
+    server = subprocess.Popen(
+        [sys.executable, "-m", "mlflow", "server", "--backend-store-uri",
+         f"sqlite:///{tmp_path / 'server.db'}", "--host", "127.0.0.1", "--port", str(port),
+         "--workers", "1"],
+        cwd=tmp_path, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 180
+        while True:
+            try:
+                with urllib.request.urlopen(f"{url}/health", timeout=5) as answer:
+                    if answer.status == 200:
+                        break
+            except OSError:
+                pass
+            assert server.poll() is None, (tmp_path / "server.log").read_text()[-3000:]
+            assert time.monotonic() < deadline, "mlflow server not ready: " + (
+                tmp_path / "server.log").read_text()[-3000:]
+            time.sleep(0.5)
+        yield url
+    finally:
+        os.killpg(server.pid, signal.SIGTERM)
+        try:
+            server.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(server.pid, signal.SIGKILL)
+            server.wait()
+        log.close()
+
+
+@pytest.mark.slow
+def test_mlflow_logs_to_a_local_mlflow_server(tmp_path: Path, mlflow_server: str):
+    out = tmp_path / "r"
+    result = vibench("run", str(COIN), "--steps", "40", "--set",
+                     f"loggers=[{{name: mlflow, tracking_uri: '{mlflow_server}'}}]",
+                     "--out", str(out), cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    read_mlflow_run(mlflow_server, out)

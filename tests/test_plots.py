@@ -150,3 +150,44 @@ def test_a_gaussian_autoguide_s_marginal_is_drawn_from_its_density_inside_the_su
         assert np.trapezoid(density, grid) == pytest.approx(1.0, abs=1e-3)
         assert tuple(posterior.guide_marginal(guide, "w").batch_shape) == (3,)
     pyro.clear_param_store()
+
+
+def binary_data(slope_fit: float, slope_true: float = 3.0, size: int = 500, draws: int = 400,
+                seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Observations of a logistic trend in x with slope ``slope_true``, and replicates from
+    a fit with slope ``slope_fit`` (draws first)."""
+    rng = np.random.default_rng(seed)
+    x = rng.normal(size=size)
+    observed = (rng.random(size) < 1 / (1 + np.exp(-slope_true * x))).astype(float)
+    fitted = 1 / (1 + np.exp(-slope_fit * x))
+    return observed, (rng.random((draws, size)) < fitted).astype(float)
+
+
+def rates_outside(observed: np.ndarray, replicated: np.ndarray) -> int:
+    """Bins of predicted probability whose observed rate of ones is outside the replicated
+    rates' 90% range."""
+    _, seen, (low, _, high) = plots._binned_rates(observed, replicated,
+                                                  *plots._rate_bins(replicated))
+    return int(((seen < low) | (seen > high)).sum())
+
+
+def test_binary_ppc_bins_values_by_predicted_probability(tmp_path: Path):
+    """Binary data with a trend get a calibration panel beside the number of ones: a fit that
+    flattens the trend has the same number of ones but misses the rate of ones in most bins
+    of predicted probability; the right fit misses few (each bin's range holds 90%).
+    Exchangeable replicates (a coin's) get the count alone."""
+    observed, right = binary_data(slope_fit=3.0)
+    _, flat = binary_data(slope_fit=0.7)
+    assert len(plots._rate_bins(right)[0]) == 500
+    assert rates_outside(observed, right) <= 3
+    assert rates_outside(observed, flat) >= 6
+
+    wide = plots.ppc_figure({"obs": {"observed": observed, "replicated": flat,
+                                     "discrete": True}}, tmp_path / "trend.png")
+    check_png(tmp_path / "trend.png", wide)
+    flips = np.random.default_rng(1).random((400, 500)) < 0.6
+    assert plots._rate_bins(flips.astype(float)) is None
+    narrow = plots.ppc_figure({"obs": {"observed": observed, "replicated": flips,
+                                       "discrete": True}}, tmp_path / "coin.png")
+    check_png(tmp_path / "coin.png", narrow)
+    assert narrow.shape[1] < 700 < 1000 < wide.shape[1]  # one panel, and two

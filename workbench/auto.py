@@ -21,6 +21,24 @@ from workbench.errors import Interrupted, RunError, UsageError, VibenchError, on
 from workbench.registry import Registry
 
 
+# What ``vibench list guide`` says of ``guide: auto``.
+DESCRIPTION = ("The automatic pipeline: Gaussian fits from good starts, checked against each "
+               "other (R-hat) and by importance sampling (k-hat), a normalizing flow where they "
+               "fall short, and importance-weighted (PSIS) estimates; a recipe with it names no "
+               "loss or optimizer.")
+
+
+def catalogue_entry() -> dict:
+    """``guide: auto`` as ``vibench list`` shows it among the guides. No plugin registers it
+    and nothing builds it (the recipe runs this pipeline instead of a guide), so it has no
+    plugin and no options: ``built_in``, with the stages it runs when the recipe's
+    ``auto.stages`` lists none."""
+    from workbench.recipe import AUTO, DEFAULT_STAGES
+
+    return {"name": AUTO, "plugin": None, "built_in": True, "description": DESCRIPTION,
+            "options": {}, "stages": list(DEFAULT_STAGES)}
+
+
 @dataclass
 class Fit:
     """One run of the pipeline: its summary (None if it failed) and its fitted Gaussian

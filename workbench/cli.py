@@ -218,6 +218,11 @@ def list_components(
         ]
         for k in kinds
     }
+    if "guide" in listing:  # guide auto: the recipe takes it, though nothing registers it
+        from workbench.auto import catalogue_entry
+
+        listing["guide"] = sorted([*listing["guide"], catalogue_entry()],
+                                  key=lambda entry: entry["name"])
     listing["conflicts"] = [
         {"kind": k, "name": name, "plugins": plugins}
         for (k, name), plugins in registry.conflicts.items() if k in kinds
@@ -233,16 +238,22 @@ def list_components(
         plain = _plain(default)
         return plain if isinstance(plain, str) and not isinstance(default, str) else repr(plain)
 
+    columns = _text_width()
     for k in kinds:
         print(f"{k}:")
         width = max((len(entry["name"]) for entry in listing[k]), default=0)
         for entry in listing[k]:
+            if entry.get("built_in"):
+                print(_wrapped(entry["name"], width, entry["description"], columns))
+                print(f"  {'':<{width}}  options: -; its stages under auto.stages, default "
+                      f"{', '.join(entry['stages'])} (vibench list stage)   [built in]")
+                continue
             component = registry.components[k][entry["name"]]
             options = ", ".join(
                 o.name if o.required else f"{o.name}={shown(o.default)}"
                 for o in component.options.values()
             )
-            print(f"  {entry['name']:<{width}}  {entry['description']}")
+            print(_wrapped(entry["name"], width, entry["description"], columns))
             print(f"  {'':<{width}}  options: {options or '-'}   [plugin {entry['plugin']}]")
             if entry.get("data_arguments") is not None:
                 print(f"  {'':<{width}}  data: {', '.join(entry['data_arguments']) or '-'}")
@@ -333,7 +344,8 @@ def runs(
 
     One line a run: its recipe's name, status, steps, final loss, k-hat, wall
     time and directory. A run is "running" while a vibench process writes it;
-    one killed before its first summary shows what its checkpoint says.
+    one killed before its first summary shows what its checkpoint says
+    (interrupted); one that stopped in set-up, before any checkpoint, is failed.
 
     Examples:
       vibench runs
@@ -535,6 +547,32 @@ class Progress(TerminalBar):
         if step == self.total or now - self.last >= 0.1:
             self.last = now
             self.bar.update(self.task, completed=step, loss=f"{loss:.4f}")
+
+
+def _text_width() -> int | None:
+    """The width to wrap text to: COLUMNS, else the terminal's; None for a pipe or a file,
+    which get each description on one line."""
+    columns = os.environ.get("COLUMNS", "")
+    if columns.isdigit() and int(columns) > 0:
+        return int(columns)
+    if sys.stdout.isatty():
+        import shutil
+
+        return shutil.get_terminal_size().columns
+    return None
+
+
+def _wrapped(name: str, width: int, text: str, columns: int | None) -> str:
+    """A catalogue entry's first lines: its name, then its description wrapped at spaces to
+    ``columns`` (never inside a word), each further line under the first."""
+    indent = " " * (width + 4)
+    if columns is None:
+        return f"  {name:<{width}}  {text}"
+    import textwrap
+
+    return textwrap.fill(text, max(columns, len(indent) + 30), initial_indent=indent,
+                         subsequent_indent=indent, break_long_words=False,
+                         break_on_hyphens=False).replace(indent, f"  {name:<{width}}  ", 1)
 
 
 def _plain(value: Any, limit: int = 200) -> Any:

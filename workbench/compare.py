@@ -868,7 +868,10 @@ def print_table(grids: list[Grid], results: list[Result]) -> None:
     compact = [max(max(len(w) for w in re.split(r"[ .]", h)), c) for h, c in zip(headers, cells)]
     frame = 3 * (len(headers) + 1) + 1  # each column's padding and rule, and the edges
     widths = natural if sum(natural) + frame + 12 <= console.width else compact
-    widths = [min(w, 24) if i < len(grids) else w for i, w in enumerate(widths)]
+    # A grid value wraps at its spaces past 24 characters, never inside a word: a component's
+    # name (auto_lowrank_multivariate_normal) stays whole on one line.
+    words = [max(len(w) for row in rows for w in row[i].split() or [""]) for i in range(len(grids))]
+    widths = [min(w, max(24, words[i])) if i < len(grids) else w for i, w in enumerate(widths)]
     room = max(12, console.width - sum(widths) - frame)
     if sum(widths) + frame + room > console.width:  # too narrow: keep every cell whole and
         console = Console(width=sum(widths) + frame + room)  # let the terminal wrap lines

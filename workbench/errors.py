@@ -81,4 +81,9 @@ def one_line(exc: BaseException) -> str:
             break
         lines.append(line.strip())
     text = " ".join(filter(None, lines)) or type(exc).__name__
-    return text if len(text) <= 300 else text[:297] + "..."
+    if len(text) <= 300:
+        return text
+    # A long message keeps its start (what failed) and its end, where libraries put the remedy
+    # (MLflow's "set `MLFLOW_ALLOW_FILE_STORE=true` to opt out"), cut at spaces.
+    head, tail = text[:150].rsplit(" ", 1)[0], text[-145:].split(" ", 1)[-1]
+    return f"{head} ... {tail}"

@@ -8,7 +8,8 @@ is one fit), a plate's name for the dims it indexes and ``<site>_dim_<i>`` for t
 - ``posterior``: every latent site and every ``pyro.deterministic`` site, per guide draw;
 - ``posterior_predictive``: each observed site drawn again from the model given each draw;
 - ``log_likelihood``: each observed site's log density per observation and draw (``az.loo``);
-- ``observed_data``: the observed values;
+- ``observed_data``: the observed values (these and their replicates are integers for a
+  discrete likelihood, so ``az.plot_ppc`` draws them as a histogram);
 - ``sample_stats``: ``lp`` (log p(x, z)) and ``log_weight`` (log p(x, z) - log q(z)) per draw,
   with the PSIS k-hat of those weights as the attribute ``khat``.
 
@@ -158,14 +159,30 @@ def _named(parts: dict[str, dict[str, np.ndarray]], trace: poutine.Trace, observ
         groups[group] = {}
         for name, values in variables.items():
             names = [] if group == "sample_stats" else dims.of(name, trace.nodes[name])
+            if group == "posterior_predictive":
+                values = _integer_if_discrete(values, trace.nodes[name])
             groups[group][name] = (values, names[:values.ndim - 1])
     if sum(math.prod(shape) for shape in observed.values()) > MAX_NUMBERS:
         left_out.append(f"observed_data: more than {MAX_NUMBERS} numbers")
     elif observed:
-        groups["observed_data"] = {name: (_numpy(trace.nodes[name]["value"]),
+        groups["observed_data"] = {name: (_integer_if_discrete(_numpy(trace.nodes[name]["value"]),
+                                                               trace.nodes[name]),
                                           dims.of(name, trace.nodes[name]))
                                    for name in observed}
     return groups
+
+
+def _integer_if_discrete(values: np.ndarray, site: dict) -> np.ndarray:
+    """A discrete site's values (Bernoulli, Binomial, Poisson, Categorical: floats in Pyro)
+    as integers, as ArviZ keeps count data, so ``az.plot_ppc`` draws them as bars: int32,
+    the float32's size, or int64 for counts past it. Values that are not all whole numbers
+    (a missing one as NaN) stay as they are."""
+    if values.dtype.kind != "f" or not site["fn"].support.is_discrete or not values.size:
+        return values
+    if not (np.isfinite(values).all() and (values == np.rint(values)).all()):
+        return values
+    wide = np.abs(values).max() >= 2**31
+    return values.astype(np.int64 if wide else np.int32)
 
 
 def _attrs(groups: dict[str, dict], trace: poutine.Trace, observed: dict, count: int,

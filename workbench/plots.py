@@ -31,6 +31,9 @@ MAX_FOREST_ROWS = 60  # elements of a tensor site drawn in its forest plot
 PPC_DRAWS = 50  # replicated data sets drawn as densities in a posterior predictive check
 ONES_BINS = 40  # bars at most in the histogram of replicated numbers of ones (binary data)
 PPC_VALUES = 30  # discrete data with at most this many distinct values are counted per value
+RATE_BINS = 10  # bins of predicted probability at most in binary data's calibration panel
+PER_RATE_BIN = 10  # ... with at least this many values each
+PPC_COLUMNS = 4  # panels in a row of the posterior predictive check
 
 
 # --------------------------------------------------------------------------------------------
@@ -359,28 +362,39 @@ def ppc_figure(sources: dict[str, dict], path: Path | str | None = None,
     ``sources`` is ``{SITE: {"observed": array, "replicated": array (draws first),
     "discrete": bool}}``, as ``workbench.inference_data.ppc_sources`` gives. Binary data (a
     coin's flips) show the observed number of ones against the histogram of the replicated
-    numbers, with the share of replicates at least as large; other discrete data with few
-    values, the observed count of each value against the replicated counts' median and 90%
-    range; anything else, the observed values' density against ``PPC_DRAWS`` replicated data
-    sets' densities (Gaussian KDEs over at most ``KDE_DRAWS`` values each, a random subset of
-    more; a site's elements are pooled). The first ``max_sites`` sites, side by side. Writes a
-    PNG to ``path`` when given; returns the image as an ``(H, W, 3)`` uint8 array.
+    numbers, with the share of replicates at least as large; where the model predicts some
+    values likelier to be one than others (a regression's covariates, a group index), also the
+    observed rate of ones against the replicated rates in bins of predicted probability
+    (``_ppc_rates``); other discrete data with few values, the observed count of each value
+    against the replicated counts' median and 90% range; anything else, the observed values'
+    density against ``PPC_DRAWS`` replicated data sets' densities (Gaussian KDEs over at most
+    ``KDE_DRAWS`` values each, a random subset of more; a site's elements are pooled). The
+    first ``max_sites`` sites, ``PPC_COLUMNS`` panels a row. Writes a PNG to ``path`` when
+    given; returns the image as an ``(H, W, 3)`` uint8 array.
     """
     shown = list(sources.items())[:max_sites]
-    fig = _figure(5.2 * len(shown) + 0.4, 4.2)
-    for i, (site, src) in enumerate(shown):
-        ax = fig.add_subplot(1, len(shown), i + 1)
+    panels: list[tuple[Any, tuple]] = []
+    for site, src in shown:
         observed = np.asarray(src["observed"], dtype=float).reshape(-1)
         replicated = np.asarray(src["replicated"], dtype=float)
         replicated = replicated.reshape(replicated.shape[0], -1)
         values = np.unique(np.concatenate([observed, replicated.reshape(-1)])) \
             if src.get("discrete") else None
         if values is not None and np.isin(values, (0.0, 1.0)).all():
-            _ppc_ones(ax, site, observed, replicated)
+            panels.append((_ppc_ones, (site, observed, replicated)))
+            bins = _rate_bins(replicated)
+            if bins is not None:
+                panels.append((_ppc_rates, (site, observed, replicated, *bins)))
         elif values is not None and values.size <= PPC_VALUES:
-            _ppc_counts(ax, site, observed, replicated, values)
+            panels.append((_ppc_counts, (site, observed, replicated, values)))
         else:
-            _ppc_densities(ax, site, observed, replicated)
+            panels.append((_ppc_densities, (site, observed, replicated)))
+    columns = min(len(panels), PPC_COLUMNS)
+    rows = -(-len(panels) // columns)
+    fig = _figure(5.2 * columns + 0.4, 4.2 * rows)
+    for i, (draw, args) in enumerate(panels):
+        ax = fig.add_subplot(rows, columns, i + 1)
+        draw(ax, *args)
         ax.grid(alpha=0.3)
         legend = ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.16),
                            ncol=2, frameon=False)
@@ -413,6 +427,60 @@ def _ppc_ones(ax: Any, site: str, observed: np.ndarray, replicated: np.ndarray) 
     ax.set_xlabel("number of ones in a data set"
                   + (f" (bars of {width} counts)" if width > 1 else ""))
     ax.set_ylabel("share of replicated data sets")
+
+
+def _rate_bins(replicated: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
+    """Binary data: each value's predicted probability of a one (the share of replicates with
+    a one there) and its bin, bins of equal count by that probability; None where there are
+    too few values for two bins of ``PER_RATE_BIN``, or where the probabilities vary no more
+    than the Monte Carlo noise of a share of that many replicates (four times its variance):
+    exchangeable data, as a coin's flips, whose number of ones says it all."""
+    draws, size = replicated.shape
+    count = min(RATE_BINS, size // PER_RATE_BIN)
+    if count < 2:
+        return None
+    predicted = replicated.mean(0)
+    if predicted.var() <= 4 * float(np.mean(predicted * (1 - predicted))) / draws:
+        return None
+    bins = np.empty(size, dtype=int)
+    bins[np.argsort(predicted, kind="stable")] = np.arange(size) * count // size
+    return predicted, bins
+
+
+def _binned_rates(observed: np.ndarray, replicated: np.ndarray, predicted: np.ndarray,
+                  bins: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per bin (``_rate_bins``): the mean predicted probability, the observed rate of ones and
+    the replicated rates' 5%, 50% and 95% quantiles (rows)."""
+    members = [bins == b for b in range(int(bins.max()) + 1)]
+    where = np.array([predicted[m].mean() for m in members])
+    seen = np.array([observed[m].mean() for m in members])
+    rates = np.stack([replicated[:, m].mean(1) for m in members], axis=1)
+    return where, seen, np.quantile(rates, [0.05, 0.5, 0.95], axis=0)
+
+
+def _ppc_rates(ax: Any, site: str, observed: np.ndarray, replicated: np.ndarray,
+               predicted: np.ndarray, bins: np.ndarray) -> None:
+    """Binary data whose values' predicted probabilities differ: a binned calibration plot.
+    Per bin of predicted probability, the observed rate of ones against the replicated data
+    sets' rates (median and 90% range) in the same values. It needs nothing but the data and
+    the replicates, so it serves any model: values a regression's covariates or a group index
+    make likelier to be one fall in higher bins, and a fit that misses a trend or a group shows
+    observed rates outside the replicated range."""
+    where, seen, (low, mid, high) = _binned_rates(observed, replicated, predicted, bins)
+    count, draws = where.size, replicated.shape[0]
+    outside = int(((seen < low) | (seen > high)).sum())
+    ax.plot([0, 1], [0, 1], color=COLOURS["prior"], linestyle="--", linewidth=0.8,
+            label="rate = predicted probability")
+    ax.errorbar(where, mid, yerr=[mid - low, high - mid], fmt="o", color=COLOURS["guide"],
+                capsize=3, label=f"replicated: median and 90% range ({draws} sets)")
+    ax.plot(where, seen, "D", color="black", markersize=5,
+            label=f"observed rate ({outside} of {count} outside the range)")
+    ax.set_xlim(-0.02, 1.02)
+    ax.set_ylim(-0.02, 1.02)
+    ax.set_title(f"{site}: rate of ones in {count} bins of predicted probability", fontsize=10)
+    ax.set_xlabel(f"predicted probability of a one (bin mean; ~{observed.size // count} "
+                  "values a bin)")
+    ax.set_ylabel("rate of ones in the bin")
 
 
 def _ppc_counts(ax: Any, site: str, observed: np.ndarray, replicated: np.ndarray,

@@ -165,9 +165,9 @@ class Registry:
             owners.append(plugin)
             self.components[kind].pop(name, None)
             return
-        doc = (factory.__doc__ or "").strip().splitlines()
         self.components[kind][name] = Component(
-            kind, name, factory, plugin, doc[0] if doc else "", options, wants, open_options
+            kind, name, factory, plugin, _description(factory.__doc__), options, wants,
+            open_options
         )
 
 
@@ -260,8 +260,7 @@ def _component(kind: str, name: str, value: Any, source: str, shown: str) -> Com
     it, or, for a model or guide, a function that is the component itself (no options)."""
     if not callable(value):
         raise UsageError(f"{shown}: not a function or class (it is {type(value).__name__})")
-    doc = (inspect.getdoc(value) or "").splitlines()
-    description = doc[0] if doc else ""
+    description = _description(inspect.getdoc(value))
     if kind in ITSELF and not inspect.isclass(value):
         note = (f"a function is the {kind} itself (its parameters are the data), so it takes "
                 f"no options; to give it options, make it a class whose __init__ takes them")
@@ -274,6 +273,13 @@ def _component(kind: str, name: str, value: Any, source: str, shown: str) -> Com
     settable = {key: option for key, option in options.items()
                 if option.required or _plain(option.default)}
     return Component(kind, name, value, source, description, settable, wants, open_options)
+
+
+def _description(doc: str | None) -> str:
+    """A docstring's first paragraph on one line: a component's description (its first line
+    alone would stop mid-sentence where the sentence goes on to the next)."""
+    paragraph = re.split(r"\n\s*\n", inspect.cleandoc(doc or "").strip(), maxsplit=1)[0]
+    return " ".join(paragraph.split())
 
 
 def _plain(value: Any) -> bool:

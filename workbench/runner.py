@@ -275,10 +275,10 @@ class Run:
         losses = LossFile(run_dir / LOSSES, len(state.losses))
         try:
             log = Loggers([])  # only rank 0 writes the run directory
-            if self.world.leader:
-                log = Loggers.of(self.registry, self.recipe, run_dir, state.step)
+            if self.world.leader:  # the recipe first: a run whose logger fails says what it was
                 files.write_atomic(run_dir / "recipe.yaml",
                                    recipe_text(self.recipe, state.resumes).encode())
+                log = Loggers.of(self.registry, self.recipe, run_dir, state.step)
             if resume is None:  # a run killed before its first checkpoint can still resume
                 self.save(run_dir, state, callbacks, losses)
         except OSError as exc:

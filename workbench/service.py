@@ -33,6 +33,7 @@ RESUMABLE = ("optimizer", "train.steps", "train.skip_bad_steps", "train.compile"
 SUMMARY = "summary.json"
 CHECKPOINT = "checkpoint.pt"  # workbench.checkpoint.FILENAME, named here to keep torch out
 LOSSES = "losses.f64"  # workbench.runner.LOSSES
+RECIPE = "recipe.yaml"  # the recipe as the run goes, written as training starts
 FINAL_LOSS_STEPS = 100  # summary.json's final_loss is the mean loss of the last 100 steps
 
 
@@ -284,15 +285,20 @@ def find_runs(root: Path) -> list[Path]:
 
 
 def is_run_dir(path: Path) -> bool:
-    """Whether a run wrote ``path``: it holds summary.json or a checkpoint."""
-    return path.is_dir() and ((path / SUMMARY).is_file() or (path / CHECKPOINT).is_file())
+    """Whether a run wrote ``path``: it holds summary.json or a checkpoint, or only what a run
+    writes before them, its lock and recipe.yaml (a run still setting up, or one that failed
+    there)."""
+    return path.is_dir() and any((path / name).is_file()
+                                 for name in (SUMMARY, CHECKPOINT, RECIPE, LOCK))
 
 
 def run_info(run_dir: Path) -> dict:
     """One line's worth of a run: its recipe's name, status, steps, final loss, k-hat and wall
     time, from summary.json, or from the checkpoint while the run is running or when it was
     killed before its first summary. The status is "running" while a live process holds the
-    directory's lock, and "unreadable" (with ``error``) when neither file can be read."""
+    directory's lock, "failed" (with ``error``) for a run that stopped in set-up (neither
+    file; its name from recipe.yaml if it got that far), and "unreadable" (with ``error``)
+    when neither file can be read."""
     info: dict[str, Any] = {
         "name": None, "status": "unreadable", "steps": None, "final_loss": None, "khat": None,
         "wall_seconds": None, "path": str(run_dir),
@@ -313,9 +319,25 @@ def run_info(run_dir: Path) -> dict:
             errors.append(str(exc))
     if running:
         info.update(status="running", pid=_lock_pid(run_dir))
-    if info["source"] is None:
+    if info["source"] is None and not errors:  # neither file: set-up is going on, or failed
+        info["name"] = _recipe_name(run_dir)
+        if not running:
+            info.update(status="failed", error="stopped in set-up, before its first checkpoint")
+    elif info["source"] is None:
         info["error"] = "; ".join(errors)
     return info
+
+
+def _recipe_name(run_dir: Path) -> str | None:
+    """The name in the run's recipe.yaml, if it has one that can be read."""
+    import yaml
+
+    try:
+        recipe = yaml.safe_load((run_dir / RECIPE).read_text())
+    except (OSError, ValueError, yaml.YAMLError):
+        return None
+    name = recipe.get("name") if isinstance(recipe, dict) else None
+    return name if isinstance(name, str) else None
 
 
 def read_summary(run_dir: Path) -> dict:

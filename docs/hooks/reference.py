@@ -49,7 +49,9 @@ def workbench() -> SimpleNamespace:
         lists=LISTS,  # sections that list components: path -> kind
         default_stages=DEFAULT_STAGES,
         catalogue=catalogue,
-        own_plugin=lambda name: name.startswith("vibench."),  # vibench's default plugins
+        # vibench's default plugins, and what is built in (guide: auto)
+        own_plugin=lambda entry: entry.get("built_in") or str(entry["plugin"]).startswith(
+            "vibench."),
         sources=[ROOT / "workbench", ROOT / "plugins"],  # where environment variables are read
     )
 
@@ -176,7 +178,7 @@ def components() -> str:
     kinds = [kind for kind, entries in listing.items() if kind not in ("conflicts", "broken")]
     parts = []
     for kind in kinds:
-        entries = [e for e in listing[kind] if _wb().own_plugin(e["plugin"])]
+        entries = [e for e in listing[kind] if _wb().own_plugin(e)]
         parts += [f"## {kind}", ""]
         if not entries:
             parts += ["vibench ships none; plugins may add some.", ""]
@@ -194,7 +196,8 @@ def components() -> str:
             if data:
                 row += " " + (", ".join(f"`{a}`" for a in entry.get("data_arguments") or [])
                               or "-") + " |"
-            parts.append(row + f" `{entry['plugin']}` |")
+            plugin = "built in" if entry.get("built_in") else f"`{entry['plugin']}`"
+            parts.append(row + f" {plugin} |")
         parts.append("")
     return "\n".join(parts)
 
