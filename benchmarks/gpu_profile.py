@@ -23,17 +23,18 @@ from pathlib import Path
 
 import torch
 
-from workbench import compiled, posterior
+from workbench.compile import compiled_step
+from workbench.report import posterior
 from workbench.cli import main as vibench
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def profiled(capture):
-    """``compiled._cuda_graph`` that also profiles the step it captures."""
+    """``compiled_step._cuda_graph`` that also profiles the step it captures."""
     def wrapped(run, inputs, mutable):
         replay = capture(run, inputs, mutable)
-        copies = compiled._copies(inputs, mutable)
+        copies = compiled_step._copies(inputs, mutable)
         from torch.profiler import ProfilerActivity, profile
         for _ in range(2):
             run(*copies)
@@ -66,7 +67,7 @@ def main() -> None:
     args = parser.parse_args()
     if args.stacks:
         faulthandler.dump_traceback_later(30, repeat=True, file=args.stacks.open("w"))
-    compiled._cuda_graph = profiled(compiled._cuda_graph)
+    compiled_step._cuda_graph = profiled(compiled_step._cuda_graph)
     posterior._first_line = lambda exc: traceback.format_exc()[-1500:]
     out = Path(tempfile.mkdtemp()) / "run"
     began = time.perf_counter()

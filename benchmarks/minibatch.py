@@ -20,9 +20,9 @@ import pyro.distributions as dist
 import torch
 from pyro.infer import SVI, Trace_ELBO
 
-from workbench import recipe as recipes
-from workbench.registry import get_registry
-from workbench.runner import Run
+from workbench.config import recipe as recipes
+from workbench.plugins.registry import get_registry
+from workbench.train.runner import Run
 
 COIN = Path(__file__).resolve().parent.parent / "recipes" / "coin.yaml"
 

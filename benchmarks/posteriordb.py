@@ -8,7 +8,7 @@ ref sd <= 0.2 and 0.8 <= r = sd / ref sd <= 1.2 for every parameter). Rows:
 
 - the variant: each posterior's shipped recipe, with ``--set`` overrides and ``--steps``;
 - the automatic pipeline (``--auto``, on by default): ``--set guide=auto`` on the same
-  recipe, so its stages (workbench/auto.py, plugins/stages.py) pick the guide, loss, step size
+  recipe, so its stages (workbench/auto/pipeline.py, plugins/stages.py) pick the guide, loss, step size
   and steps; scored with the estimates it reports (importance-weighted where k-hat < 0.7).
   "converged at" gives the step at which each of its fits stopped at convergence
   (``train.stop: converged``), or "cap" where one ran all its steps;
@@ -52,7 +52,7 @@ def run_once(posterior: str, sets: list[str], out: Path) -> tuple[dict | None, f
     time it took (this process's, all threads) goes to ``CPU[-1]``."""
     from workbench import service
     from workbench.errors import VibenchError
-    from workbench.registry import get_registry
+    from workbench.plugins.registry import get_registry
 
     start, cpu = time.perf_counter(), time.process_time()
     CPU.append(0.0)

@@ -30,9 +30,9 @@ AUTOGUIDES = {"auto_normal": "AutoNormal", "auto_diagonal_normal": "AutoDiagonal
 
 def vibench_side(posterior: str, guide: str):
     """vibench's run of the shipped recipe, compiled: (one step, compile seconds)."""
-    from workbench import recipe as recipes
-    from workbench.registry import get_registry
-    from workbench.runner import Run
+    from workbench.config import recipe as recipes
+    from workbench.plugins.registry import get_registry
+    from workbench.train.runner import Run
 
     source = RECIPES / f"pdb_{posterior}.yaml"
     raw, overridden = recipes.apply_overrides(

@@ -11,7 +11,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from urllib.parse import urlparse
 
-from workbench import files, hookimpl
+from workbench import hookimpl
+from workbench.rundir import files
 
 
 @hookimpl

@@ -282,7 +282,7 @@ def batch_potential(model, sites: list[laplace.Site], args: tuple, kwargs: dict,
     plate of n draws where its first evaluation agrees with ``potential`` row by row (as
     Pyro's vectorised particles), else one trace a row."""
     from pyro import poutine
-    from workbench.posterior import log_joint, plate_nesting
+    from workbench.report.posterior import log_joint, plate_nesting
 
     nesting = plate_nesting(poutine.trace(model).get_trace(*args, **kwargs))
 
@@ -373,7 +373,7 @@ def multi_path(potential: Callable, potentials: Callable, starts: list[torch.Ten
     paper's): the balance heuristic (Veach and Guibas 1995), whose weights stay bounded
     wherever some path covers the posterior. The best Gaussian is the one whose ELBO from these fresh draws is
     highest: the path's own estimate, a maximum over its iterates, is biased up."""
-    from workbench.posterior import psis
+    from workbench.report.posterior import psis
 
     paths = [single_path(potential, potentials, start, max_iter, history, draws)
              for start in starts]

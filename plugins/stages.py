@@ -1,4 +1,4 @@
-"""The automatic pipeline's stages (``workbench/auto.py`` runs them in the recipe's order):
+"""The automatic pipeline's stages (``workbench/auto/pipeline.py`` runs them in the recipe's order):
 
 - ``start``: where each Gaussian begins: the Laplace approximation (L-BFGS mode, inverse
   Hessian; ``init: laplace``) or another initialiser a Gaussian autoguide offers;
@@ -17,7 +17,7 @@ import math
 from typing import Literal
 
 from workbench import hookimpl
-from workbench.jsonsafe import numbers
+from workbench.rundir.jsonsafe import numbers
 
 # full rank: a Gaussian learnt in coordinates whitened by its start (plugins/flows.py)
 FAMILIES = {"full_rank": "auto_gaussian_flow",
@@ -92,7 +92,7 @@ class Gaussian:
         captured: list = []  # the first fit's start (the Laplace Gaussian, say), for the rest
 
         def first_start(guide) -> None:
-            from workbench.gaussians import fitted_gaussian
+            from workbench.report.gaussians import fitted_gaussian
 
             captured.append(fitted_gaussian(guide))
             moved = _overdispersed(captured[0], self.spread, seed + 1)
@@ -127,7 +127,7 @@ class Gaussian:
 
 
 def _stop(window: int, skl: float, lr_factor: float) -> dict:
-    """A fit's ``train.stop: converged`` settings (workbench/callbacks.py ``Converged``)."""
+    """A fit's ``train.stop: converged`` settings (workbench/train/callbacks.py ``Converged``)."""
     if window < 8 or not skl > 0 or not 0 < lr_factor <= 1:
         raise ValueError(f"need window >= 8, skl > 0 and 0 < lr_factor <= 1, got {window}, "
                          f"{skl} and {lr_factor}")

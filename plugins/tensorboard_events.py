@@ -27,7 +27,7 @@ import numpy as np
 from tensorboardX.proto.event_pb2 import Event, SessionLog
 from tensorboardX.proto.summary_pb2 import Summary
 
-from workbench import files
+from workbench.rundir import files
 
 BATCH = 4096  # records queued before they are written (a flush writes them too)
 LIVE_SECONDS = 2.0  # the longest a logged event waits in the queue, while scalars come

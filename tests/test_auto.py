@@ -1,4 +1,4 @@
-"""The automatic pipeline (workbench/auto.py, plugins/stages.py), train.stop: converged and
+"""The automatic pipeline (workbench/pipeline.py, plugins/stages.py), train.stop: converged and
 optimizer lr: auto, through the service a ``vibench run`` uses."""
 
 from __future__ import annotations
@@ -10,11 +10,12 @@ import pytest
 import yaml
 
 from conftest import vibench
-from workbench import auto, service
-from workbench.callbacks import iterate_rhat
-from workbench.jsonsafe import numbers
-from workbench.recipe import DEFAULT_STAGES, resolve
-from workbench.registry import get_registry
+from workbench import service
+from workbench.auto import pipeline
+from workbench.train.callbacks import iterate_rhat
+from workbench.rundir.jsonsafe import numbers
+from workbench.config.recipe import DEFAULT_STAGES, resolve
+from workbench.plugins.registry import get_registry
 
 HERE = Path(__file__).resolve().parent
 QUIET = {"loggers": [], "train": {"plots": False, "eval_every": 0}}
@@ -63,7 +64,7 @@ def test_a_stage_of_ones_own_replaces_the_defaults_and_the_report_says_so(tmp_pa
     saved = yaml.safe_load((path / "recipe.yaml").read_text())
     assert saved["auto"]["stages"][1] == {"name": "psis", "khat": 0.7}
     assert json.loads((path / "summary.json").read_text())["auto"]["used"] == ["mine"]
-    shown = auto.lines(summary)
+    shown = pipeline.lines(summary)
     assert shown[0].startswith("auto: ") and "my own stage" in shown[0]
 
 
@@ -105,7 +106,7 @@ def test_lr_auto_and_stop_converged_work_in_an_ordinary_recipe(tmp_path):
     chosen = summary["recipe"]["optimizer"]["lr"]
     assert isinstance(chosen, float) and chosen > 0
     assert yaml.safe_load((job.path / "recipe.yaml").read_text())["optimizer"]["lr"] == chosen
-    # a Beta guide gives no Gaussian to compare (workbench/gaussians.py), so the rule falls
+    # a Beta guide gives no Gaussian to compare (workbench/report/gaussians.py), so the rule falls
     # back to R-hat over the iterates: so lax a threshold passes when the window first fills
     assert summary["converged"]["at_step"] == summary["steps"] == 40
     assert summary["stopped_early"] == 40 and summary["converged"]["averaged"]
@@ -190,7 +191,7 @@ def test_symmetric_kl_matches_torch():
     import torch
     from torch.distributions import MultivariateNormal, kl_divergence
 
-    from workbench.gaussians import symmetric_kl
+    from workbench.report.gaussians import symmetric_kl
 
     generator = torch.Generator().manual_seed(0)
     first = (torch.randn(3, generator=generator),
@@ -217,7 +218,7 @@ def test_set_up_traces_a_model_its_prior_draw_breaks_at_the_supports_centre():
     import torch
 
     from workbench.errors import UsageError
-    from workbench.runner import trace_model
+    from workbench.train.runner import trace_model
 
     def model():
         theta = pyro.sample("theta", dist.Normal(0.0, 2.0))
@@ -243,7 +244,7 @@ def test_an_auto_normal_is_a_diagonal_gaussian_to_stop_converged():
     import torch
     from pyro.infer.autoguide import AutoNormal
 
-    from workbench.gaussians import fitted_gaussian
+    from workbench.report.gaussians import fitted_gaussian
 
     def model():
         pyro.sample("a", dist.Normal(torch.zeros(2), 1.0).to_event(1))
@@ -272,7 +273,7 @@ def test_a_run_interrupted_after_a_step_size_decrease_resumes_to_the_same_stop(t
     import torch
 
     from workbench.errors import Interrupted
-    from workbench.optim import torch_optimizer
+    from workbench.seams import torch_optimizer
 
     recipe = {**REGRESSION, "guide": {"name": "auto_multivariate_normal", "init": "laplace"},
               "loss": {"name": "elbo", "num_particles": 4, "estimator": "stl"},
@@ -313,7 +314,7 @@ def test_beyond_full_up_to_dimensions_stop_converged_compares_marginals(monkeypa
     import torch
     from pyro.infer.autoguide import AutoLowRankMultivariateNormal
 
-    from workbench import gaussians
+    from workbench.report import gaussians
 
     def model():
         pyro.sample("a", dist.Normal(torch.zeros(4), 1.0).to_event(1))
@@ -337,7 +338,7 @@ def test_a_flow_stops_at_convergence_by_its_draws_moments(tmp_path):
     import pyro
     import torch
 
-    from workbench.gaussians import sampled_gaussian
+    from workbench.report.gaussians import sampled_gaussian
 
     recipe = {**REGRESSION, "guide": {"name": "auto_gaussian_flow", "init": "laplace"},
               "loss": {"name": "elbo", "num_particles": 4},

@@ -17,8 +17,8 @@ import pytest
 from numpy.lib import format as npy
 
 from tests.conftest import COIN, vibench
-from workbench import data as data_module
-from workbench.data import gather, read_file
+from workbench.data import sources as data_module
+from workbench.data.sources import gather, read_file
 from workbench.errors import UsageError
 
 MB = 2**20

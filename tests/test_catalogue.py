@@ -9,11 +9,11 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import COIN
-from workbench import recipe as recipes
+from workbench.config import recipe as recipes
 from workbench.errors import UsageError
-from workbench.optim import torch_optimizer
-from workbench.registry import get_registry
-from workbench.runner import Run
+from workbench.seams import torch_optimizer
+from workbench.plugins.registry import get_registry
+from workbench.train.runner import Run
 
 EXACT_MEAN, MODE = 16 / 30, 15 / 28
 EXACT_STD = math.sqrt(16 * 14 / (30**2 * 31))

@@ -103,7 +103,7 @@ def test_list_shows_whole_descriptions_wrapped_and_guide_auto():
     """A description is its docstring's first paragraph, whole; a terminal's width (COLUMNS)
     wraps it at spaces under the first line. ``guide: auto`` is listed as built in: no plugin
     registers it and no component is made of it."""
-    from workbench.registry import get_registry
+    from workbench.plugins.registry import get_registry
 
     listing = json.loads(vibench("list", "--json").stdout)
     models = {c["name"]: c for c in listing["model"]}

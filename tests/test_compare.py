@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import COIN, vibench
-from workbench.compare import (CSV_TAIL, METRICS, Result, Spec, combined, metrics, parse_grid,
+from workbench.compare.grid import (CSV_TAIL, METRICS, Result, Spec, combined, metrics, parse_grid,
                                print_table, write_csv, write_plot)
 from workbench.errors import UsageError
 
@@ -408,7 +408,7 @@ def test_ctrl_c_stops_every_run_reports_what_finished_and_exits_130(tmp_path: Pa
 def test_a_suites_plot_measures_each_elbo_from_the_best_of_its_recipe(tmp_path: Path):
     """Two models' ELBOs (about -7 and -2000) share no scale: the suite's ELBO and log
     evidence panels show each run's distance from its own recipe's best."""
-    from workbench.compare import _from_best, group
+    from workbench.compare.grid import _from_best, group
 
     results = []
     for recipe, shift in (("coin", 0.0), ("nes", -2000.0)):

@@ -15,7 +15,7 @@ import pytest
 from tests.conftest import REPO
 from tests.test_compare import read_csv
 from tests.test_compare_signals import LONG, alive, runs_of, wait_training
-from workbench.compare import compare as run_compare
+from workbench.compare.grid import compare as run_compare
 from workbench.errors import UsageError
 
 # A coin model that fails on purpose, or kills the process that started its run: under Ray,

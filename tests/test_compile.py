@@ -18,11 +18,13 @@ import torch
 from tests.conftest import COIN, REPO
 from tests.test_catalogue import EXACT_MEAN, EXACT_STD, REFUSED, defaults, prepare
 from tests.test_resume import FlakyPlugin
-from workbench import checkpoint, compiled, recipe as recipes
+from workbench.compile import compiled_step
+from workbench.config import recipe as recipes
+from workbench.train import checkpoint
 from workbench.errors import UsageError
-from workbench.optim import torch_optimizer
-from workbench.registry import collect, get_registry, make_plugin_manager
-from workbench.runner import Run
+from workbench.seams import torch_optimizer
+from workbench.plugins.registry import collect, get_registry, make_plugin_manager
+from workbench.train.runner import Run
 
 # What keeps a default loss from compiling; every other pair must compile.
 EAGER_ONLY = {"enum_elbo": "the loss enumerates discrete sites"}
@@ -47,14 +49,14 @@ def test_every_guide_and_loss_compiles_to_the_eager_step_or_says_why_not(guide: 
     run = prepare(*sets)  # seeded: the same start, the same random stream, each time
     why = EAGER_ONLY.get(loss) or EAGER_PAIRS.get((guide, loss))
     if why:
-        with pytest.raises(compiled.CannotCompile, match=why):
-            compiled.compile_step(run.svi, run.data, backend="fx")
+        with pytest.raises(compiled_step.CannotCompile, match=why):
+            compiled_step.compile_step(run.svi, run.data, backend="fx")
         return
     for _ in range(STEPS):
         assert run.step()[1] == ""
     eager = fitted(run)
     run = prepare(*sets)
-    run.compiled = compiled.compile_step(run.svi, run.data, backend="fx")
+    run.compiled = compiled_step.compile_step(run.svi, run.data, backend="fx")
     assert run.compiled is not None and run.compiled.updates
     for _ in range(STEPS):
         assert run.step()[1] == ""
@@ -77,7 +79,7 @@ def test_a_scheduled_adam_updates_inside_the_graph_as_it_does_eagerly(schedule: 
         assert run.step()[1] == ""
     eager, eager_lr = fitted(run), _lrs(run)
     run = prepare(*sets)
-    run.compiled = compiled.compile_step(run.svi, run.data, backend="fx")
+    run.compiled = compiled_step.compile_step(run.svi, run.data, backend="fx")
     assert run.compiled is not None and run.compiled.updates
     with warnings.catch_warnings():
         warnings.simplefilter("error", UserWarning)
@@ -201,17 +203,17 @@ def test_the_vector_isa_probe_is_skipped_only_where_it_found_every_reported_set(
     1 s) runs once per machine and torch: its finding is noted, and trusted only while it
     says that every set the CPU reports is usable."""
     monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path))
-    assert compiled._vector_isa_known() == {}
-    compiled._remember_vector_isa()
-    path, reported = compiled._vector_isa_file()
+    assert compiled_step._vector_isa_known() == {}
+    compiled_step._remember_vector_isa()
+    path, reported = compiled_step._vector_isa_file()
     assert path.parent == tmp_path and path.is_file()
     if not reported:
         pytest.skip("not an x86 CPU: inductor probes every time")
-    assert compiled._vector_isa_known() == {"cpp.vec_isa_ok": True}
+    assert compiled_step._vector_isa_known() == {"cpp.vec_isa_ok": True}
     path.write_text(json.dumps({"reported": reported, "usable": reported[1:]}))
-    assert compiled._vector_isa_known() == {}
+    assert compiled_step._vector_isa_known() == {}
     path.write_text("not json")
-    assert compiled._vector_isa_known() == {}
+    assert compiled_step._vector_isa_known() == {}
 
 
 def _graph(fn, *inputs: torch.Tensor) -> torch.fx.GraphModule:
@@ -242,7 +244,7 @@ def test_a_gather_of_every_row_in_order_is_dropped_and_any_other_kept():
     for fn, left in ((whole, 0), (others, 3)):
         graph = _graph(fn, x, y)
         expected = graph(x, y)
-        compiled._drop_whole_gathers(graph)
+        compiled_step._drop_whole_gathers(graph)
         gathers = [t for t in _targets(graph)
                    if t in (aten.index_select.default, aten.index.Tensor)]
         assert len(gathers) == left, graph.code
@@ -265,14 +267,14 @@ def test_long_sums_to_few_outputs_are_summed_in_two_stages():
 
     graph = _graph(sums, x, w, prime)
     expected = graph(x, w, prime)
-    compiled._split_long_sums(graph)
+    compiled_step._split_long_sums(graph)
     reductions = [node for node in graph.graph.nodes
                   if node.target is torch.ops.aten.sum.dim_IntList]
     assert len(reductions) == 2 * 2 + 4, graph.code  # two sums split in two, four not
     for got, want in zip(graph(x, w, prime), expected):
         assert got.shape == want.shape and torch.allclose(got, want)
-    assert compiled._divisor_near_root(10**8) == 10**4
-    assert compiled._divisor_near_root(65537) is None
+    assert compiled_step._divisor_near_root(10**8) == 10**4
+    assert compiled_step._divisor_near_root(65537) is None
 
 
 @pytest.mark.slow
@@ -296,16 +298,16 @@ def test_two_stage_sums_train_as_eager_does(monkeypatch, guide: str, loss: str):
     for _ in range(STEPS):
         assert run.step()[1] == ""
     eager = fitted(run)
-    split, rewrite = [], compiled._split_long_sums
+    split, rewrite = [], compiled_step._split_long_sums
 
     def counted(graph: torch.fx.GraphModule) -> None:
         rewrite(graph)
         split.append(graph.code.count("view"))
 
-    monkeypatch.setattr(compiled, "_sums_in_two_stages", lambda device: True)
-    monkeypatch.setattr(compiled, "_split_long_sums", counted)
+    monkeypatch.setattr(compiled_step, "_sums_in_two_stages", lambda device: True)
+    monkeypatch.setattr(compiled_step, "_split_long_sums", counted)
     run = setup()
-    run.compiled = compiled.compile_step(run.svi, run.data, backend="fx")
+    run.compiled = compiled_step.compile_step(run.svi, run.data, backend="fx")
     assert run.compiled is not None and split and split[0] > 0
     for _ in range(STEPS):
         assert run.step()[1] == ""
@@ -334,43 +336,43 @@ def test_a_packaged_step_is_keyed_by_what_it_runs(tmp_path: Path, monkeypatch):
     argument, an input's dtype or strides, or where a tensor came from differ. A damaged
     package, or one that could not be built, is left for the caller to compile around, not
     rebuilt in every run."""
-    from workbench import stepcache
+    from workbench.compile import package_cache
 
     monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path))
     inputs = _toy_inputs()
-    record = stepcache.record(_toy(), _toy_inputs())
-    assert record == stepcache.record(_toy(), _toy_inputs())
-    assert record == stepcache.record(_toy(), _toy_inputs(), seed_offset=1)
-    assert record != stepcache.record(_toy(constant=0.25), _toy_inputs())
-    assert record != stepcache.record(_toy(scale=0.2), _toy_inputs())
-    assert record != stepcache.record(_toy(), [inputs[0], inputs[1].double()])
-    assert record != stepcache.record(_toy(), [inputs[0], inputs[1].t().contiguous().t()])
+    record = package_cache.record(_toy(), _toy_inputs())
+    assert record == package_cache.record(_toy(), _toy_inputs())
+    assert record == package_cache.record(_toy(), _toy_inputs(), seed_offset=1)
+    assert record != package_cache.record(_toy(constant=0.25), _toy_inputs())
+    assert record != package_cache.record(_toy(scale=0.2), _toy_inputs())
+    assert record != package_cache.record(_toy(), [inputs[0], inputs[1].double()])
+    assert record != package_cache.record(_toy(), [inputs[0], inputs[1].t().contiguous().t()])
     a, b = torch.ones(3), torch.zeros(3)
-    assert stepcache.record(torch.sub, [a, b]) != stepcache.record(lambda x, y: y - x, [a, b])
-    key = stepcache.key(record, inputs, 2, [((0.9, 0.999), 1e-8, 0)])
-    assert key != stepcache.key(record, inputs, 2, [((0.9, 0.99), 1e-8, 0)])
-    path = stepcache._path(key)
+    assert package_cache.record(torch.sub, [a, b]) != package_cache.record(lambda x, y: y - x, [a, b])
+    key = package_cache.key(record, inputs, 2, [((0.9, 0.999), 1e-8, 0)])
+    assert key != package_cache.key(record, inputs, 2, [((0.9, 0.99), 1e-8, 0)])
+    path = package_cache._path(key)
     assert path.parent == tmp_path / "vibench-steps"
-    assert stepcache.load(key) is None
+    assert package_cache.load(key) is None
     graph = _graph(_toy(), *_toy_inputs())
     path.parent.mkdir(exist_ok=True)
     path.write_bytes(b"not a package")
-    assert stepcache.load(key) is None and stepcache.build(graph, inputs, key) is None
+    assert package_cache.load(key) is None and package_cache.build(graph, inputs, key) is None
     assert path.read_bytes() == b"not a package"
     path.unlink()
     path.with_suffix(".failed").write_text("RuntimeError: no compiler\n")
-    assert stepcache.build(graph, inputs, key) is None and not path.exists()
+    assert package_cache.build(graph, inputs, key) is None and not path.exists()
 
 
 @pytest.mark.parametrize("given", [True, False])
 def test_the_package_folder_is_inductors_cache_found_without_importing_inductor(
         tmp_path: Path, given: bool):
-    """``stepcache.cache_dir`` names the directory inductor's own ``cache_dir`` does, with
+    """``package_cache.cache_dir`` names the directory inductor's own ``cache_dir`` does, with
     the variable set or not, and a process that asks imports neither inductor nor dynamo."""
     env = {k: v for k, v in os.environ.items() if k != "TORCHINDUCTOR_CACHE_DIR"}
     if given:
         env["TORCHINDUCTOR_CACHE_DIR"] = str(tmp_path / "cache")
-    probe = ("import sys; from workbench import stepcache; mine = stepcache.cache_dir()\n"
+    probe = ("import sys; from workbench.compile import package_cache; mine = package_cache.cache_dir()\n"
              "print(any(m.startswith(('torch._inductor', 'torch._dynamo')) for m in sys.modules))\n"
              "from torch._inductor.runtime.cache_dir_utils import cache_dir\n"
              "print(str(mine) == cache_dir())")
@@ -383,15 +385,15 @@ def test_the_package_folder_is_inductors_cache_found_without_importing_inductor(
 def test_a_packaged_step_runs_as_the_graph_does(tmp_path: Path, monkeypatch):
     """Built once (AOTInductor), then loaded: the same loss, and the parameter written in
     place, as the traced graph gives."""
-    from workbench import stepcache
+    from workbench.compile import package_cache
 
     monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path))
     graph, inputs = _graph(_toy(noisy=False), *_toy_inputs()), _toy_inputs()
     expected = [t.clone() for t in inputs]
     (want,) = graph(*expected)
-    key = stepcache.key(stepcache.record(_toy(noisy=False), _toy_inputs()), inputs)
-    assert stepcache.build(graph, _toy_inputs(), key) is not None
-    run = stepcache.load(key)
+    key = package_cache.key(package_cache.record(_toy(noisy=False), _toy_inputs()), inputs)
+    assert package_cache.build(graph, _toy_inputs(), key) is not None
+    run = package_cache.load(key)
     (got,) = run(inputs)
     assert torch.allclose(got, want) and torch.allclose(inputs[0], expected[0])
 

@@ -10,11 +10,11 @@ import numpy
 import pytest
 
 from tests.conftest import COIN, REPO
-from workbench import recipe as recipes
-from workbench.data import gather
+from workbench.config import recipe as recipes
+from workbench.data.sources import gather
 from workbench.errors import UsageError
-from workbench.registry import get_registry
-from workbench.runner import Run
+from workbench.plugins.registry import get_registry
+from workbench.train.runner import Run
 
 FLIPS = [1, 1, 1, 1, 1, 1, 0, 0, 0, 0]
 

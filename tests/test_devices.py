@@ -9,11 +9,11 @@ import math
 import pyro
 import torch
 
-from workbench import checkpoint
-from workbench.callbacks import Averaging
-from workbench.minibatch import Minibatch
-from workbench.posterior import psis
-from workbench.runner import run_context
+from workbench.train import checkpoint
+from workbench.train.callbacks import Averaging
+from workbench.data.minibatch import Minibatch
+from workbench.report.posterior import psis
+from workbench.train.runner import run_context
 
 META = torch.device("meta")
 

@@ -19,11 +19,11 @@ from pyro import poutine
 from pyro.infer import Trace_ELBO
 
 from tests.conftest import REPO, checkpointed_step, wait_for_checkpoint
-from workbench.data import Rows, read_file
+from workbench.data.sources import Rows, read_file
 from workbench.distributed import World
-from workbench.minibatch import Minibatch
-from workbench.registry import get_registry
-from workbench.tensors import load_data, shard
+from workbench.data.minibatch import Minibatch
+from workbench.plugins.registry import get_registry
+from workbench.train.tensors import load_data, shard
 
 LINEAR = REPO / "recipes" / "linear_regression.yaml"
 FAST = ["--set", "device=cpu", "--set", "loggers=[]", "--set", "train.plots=false",

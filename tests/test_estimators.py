@@ -13,7 +13,7 @@ import torch
 
 from tests.test_catalogue import EXACT_STD, FAST, TOLERANCE, prepare, train
 from workbench.errors import UsageError
-from workbench.runner import run_context
+from workbench.train.runner import run_context
 
 GAUSSIAN = ["auto_normal", "auto_diagonal_normal", "auto_multivariate_normal",
             "auto_lowrank_multivariate_normal"]
@@ -262,7 +262,7 @@ def test_laplace_gets_kilpisjarvi_right_in_far_fewer_steps(tmp_path: Path):
     low, the mode of log sigma being below its mean); from Pyro's start it is not within
     2000 steps. A small lr keeps Adam's steps, about lr per coordinate, below the slope's sd."""
     pytest.importorskip("vibench_posteriordb")
-    from workbench import posterior
+    from workbench.report import posterior
 
     recipe = Path(__file__).resolve().parent.parent / "packages" / "vibench-posteriordb" / \
         "recipes" / "pdb_kilpisjarvi.yaml"
@@ -293,9 +293,9 @@ def test_laplace_gets_kilpisjarvi_right_in_far_fewer_steps(tmp_path: Path):
 
 
 def prepare_recipe(path: Path, *sets: str):
-    from workbench import recipe as recipes
-    from workbench.registry import get_registry
-    from workbench.runner import Run
+    from workbench.config import recipe as recipes
+    from workbench.plugins.registry import get_registry
+    from workbench.train.runner import Run
 
     raw, overridden = recipes.apply_overrides(recipes.load(path), list(sets))
     return Run.setup(recipes.resolve(raw, get_registry(), str(path), overridden), get_registry())

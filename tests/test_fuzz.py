@@ -9,9 +9,9 @@ import yaml
 from hypothesis import HealthCheck, given, settings, strategies as st
 
 from tests.conftest import COIN
-from workbench import recipe as recipes
+from workbench.config import recipe as recipes
 from workbench.errors import UsageError
-from workbench.registry import get_registry
+from workbench.plugins.registry import get_registry
 
 KEYS = ["name", "seed", "device", "data", "model", "guide", "loss", "optimizer", "train",
         "data.flips", "data.file", "data.dataset", "data.columns", "model.name",

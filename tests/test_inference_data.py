@@ -139,7 +139,7 @@ def test_binomial_poisson_and_categorical_sites_keep_an_integer_dtype(tmp_path: 
     import pyro.distributions as dist
     import torch
 
-    from workbench import inference_data
+    from workbench.report import inference_data
 
     def model(trials, counts, events, classes, y):
         rate = pyro.sample("rate", dist.Gamma(2.0, 1.0))
@@ -226,7 +226,7 @@ def test_data_too_big_for_replicates_keep_the_posterior_only(monkeypatch):
     the latent sites and the data, and says what it left out."""
     import torch
 
-    from workbench import inference_data
+    from workbench.report import inference_data
 
     monkeypatch.setattr(inference_data, "MAX_NUMBERS", 10_000)
     flips = (torch.arange(100) % 2).float()
@@ -246,7 +246,7 @@ def test_a_scalar_observation_is_written_and_read_back(tmp_path: Path):
     import pyro.distributions as dist
     import torch
 
-    from workbench import inference_data
+    from workbench.report import inference_data
 
     def model(y):
         mu = pyro.sample("mu", dist.Normal(0.0, 1.0))
@@ -264,8 +264,9 @@ def test_a_scalar_observation_is_written_and_read_back(tmp_path: Path):
 
 
 def test_a_failing_writer_costs_the_run_nothing(tmp_path: Path, monkeypatch):
-    from workbench import inference_data, service
-    from workbench.registry import get_registry
+    from workbench import service
+    from workbench.report import inference_data
+    from workbench.plugins.registry import get_registry
 
     def broken(*args, **kwargs):
         raise RuntimeError("no space for draws")

@@ -88,9 +88,9 @@ class BrokenPlugin:
 
 
 def test_a_failing_logger_is_reported_once_and_the_run_goes_on(tmp_path: Path):
-    from workbench import recipe as recipes
-    from workbench.registry import collect, make_plugin_manager
-    from workbench.runner import Run
+    from workbench.config import recipe as recipes
+    from workbench.plugins.registry import collect, make_plugin_manager
+    from workbench.train.runner import Run
 
     pm, problems = make_plugin_manager()
     pm.register(BrokenPlugin(), name="test-broken-logger")

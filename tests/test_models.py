@@ -25,10 +25,10 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import REPO, vibench
-from workbench import recipe as recipes
+from workbench.config import recipe as recipes
 from workbench.errors import UsageError
-from workbench.registry import get_registry
-from workbench.runner import Run
+from workbench.plugins.registry import get_registry
+from workbench.train.runner import Run
 
 RECIPES = REPO / "recipes"
 # Adam with a shorter memory of squared gradients than its default (0.999), so that the

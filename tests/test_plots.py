@@ -14,7 +14,7 @@ import torch
 from pyro import poutine
 
 from vibench_plugins.models import BetaBernoulli
-from workbench import plots, posterior
+from workbench.report import plots, posterior
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 

@@ -26,8 +26,8 @@ from tests.test_third_party_plugins import (_env, _vibench_script, by_name, pip_
                                             write_package)
 from workbench import hookimpl, hookspecs
 from workbench.errors import UsageError, did_you_mean
-from workbench.options import Option, read_options
-from workbench.registry import collect
+from workbench.config.options import Option, read_options
+from workbench.plugins.registry import collect
 
 
 def manager(*plugins: object) -> pluggy.PluginManager:
@@ -483,7 +483,7 @@ def test_hook_that_overruns_is_left_out_with_the_plugins_later_hooks(monkeypatch
 
 @pytest.mark.parametrize("value", ["abc", "0", "-1", "nan", "inf"])
 def test_a_bad_timeout_setting_is_warned_about(monkeypatch, capsys, value):
-    from workbench.registry import PLUGIN_TIMEOUT, plugin_timeout
+    from workbench.plugins.registry import PLUGIN_TIMEOUT, plugin_timeout
 
     monkeypatch.setenv("VIBENCH_PLUGIN_TIMEOUT", value)
     assert plugin_timeout() == PLUGIN_TIMEOUT

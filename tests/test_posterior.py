@@ -16,7 +16,7 @@ from pyro.optim import ClippedAdam
 from vibench_plugins.guides import (auto_delta, auto_diagonal_normal, auto_multivariate_normal,
                                     auto_normal)
 from vibench_plugins.models import BetaBernoulli
-from workbench import posterior
+from workbench.report import posterior
 
 FLIPS = torch.tensor([1.0, 1, 1, 1, 1, 1, 0, 0, 0, 0])
 EXACT = dist.Beta(torch.tensor(16.0), torch.tensor(14.0))

@@ -26,12 +26,13 @@ from pyro import poutine
 from pyro.infer.autoguide.initialization import InitMessenger, init_to_value
 from pyro.poutine.util import site_is_subsample
 
-from workbench import compiled, hookspecs
-from workbench import recipe as recipes
-from workbench.registry import collect, make_plugin_manager
-from workbench.posterior import site_trace
-from workbench.runner import Run
-from workbench.tensors import load_data
+from workbench import hookspecs
+from workbench.compile import compiled_step
+from workbench.config import recipe as recipes
+from workbench.plugins.registry import collect, make_plugin_manager
+from workbench.report.posterior import site_trace
+from workbench.train.runner import Run
+from workbench.train.tensors import load_data
 
 PACKAGE = Path(__file__).resolve().parents[1] / "packages" / "vibench-posteriordb"
 if str(PACKAGE) not in sys.path:
@@ -370,6 +371,6 @@ def test_every_port_compiles_to_the_eager_step(full_registry, name):
     resolved = recipes.resolve(recipes.load(path), full_registry, str(path))
     run = Run.setup({**resolved, "device": "cpu"}, full_registry)
     try:
-        assert compiled.compile_step(run.svi, run.data, backend="fx") is not None
+        assert compiled_step.compile_step(run.svi, run.data, backend="fx") is not None
     finally:
         pyro.clear_param_store()

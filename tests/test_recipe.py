@@ -8,9 +8,9 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import COIN, vibench
-from workbench import recipe as recipes
+from workbench.config import recipe as recipes
 from workbench.errors import RecipeError, UsageError
-from workbench.registry import get_registry
+from workbench.plugins.registry import get_registry
 
 
 def resolve(sets: list[str] = (), recipe: dict | None = None) -> dict:

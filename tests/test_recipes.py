@@ -7,9 +7,9 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import REPO
-from workbench import recipe as recipes
-from workbench.registry import get_registry
-from workbench.runner import Run
+from workbench.config import recipe as recipes
+from workbench.plugins.registry import get_registry
+from workbench.train.runner import Run
 
 RECIPES = sorted((REPO / "recipes").glob("*.yaml"))
 

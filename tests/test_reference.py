@@ -1,4 +1,4 @@
-"""The report against a model's reference posterior (workbench/reference.py): a small
+"""The report against a model's reference posterior (workbench/report/reference.py): a small
 conjugate model, trained for a few hundred steps in process, whose reference is its exact
 posterior in Stan-like names (``mu[1]``, ``mu[2]``, and ``total``, a deterministic site)."""
 
@@ -12,11 +12,11 @@ import pytest
 import torch
 
 from workbench import hookimpl
-from workbench import recipe as recipes
-from workbench import reference
+from workbench.config import recipe as recipes
+from workbench.report import reference
 from workbench.cli import report_lines
-from workbench.registry import collect, make_plugin_manager
-from workbench.runner import Run
+from workbench.plugins.registry import collect, make_plugin_manager
+from workbench.train.runner import Run
 
 X = [[0.5, -1.0], [1.5, -0.5], [1.0, -2.0], [0.0, -1.5], [2.0, -1.0]]
 PRIOR_SD = 10.0

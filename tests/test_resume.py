@@ -12,10 +12,11 @@ import torch
 
 from tests.conftest import COIN, checkpointed_step, vibench, wait_for_checkpoint
 from tests.conftest import start as start_run
-from workbench import hookimpl, recipe as recipes
+from workbench import hookimpl
+from workbench.config import recipe as recipes
 from workbench.errors import RunError
-from workbench.registry import collect, make_plugin_manager
-from workbench.runner import Run
+from workbench.plugins.registry import collect, make_plugin_manager
+from workbench.train.runner import Run
 
 ARGS = ["--steps", "400", "--set", "train.checkpoint_every=25", "--set", "loss.num_particles=3"]
 

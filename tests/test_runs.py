@@ -162,7 +162,7 @@ def test_runs_in_a_missing_directory_is_one_line_exit_2(tmp_path: Path):
 def test_runs_lists_runs_that_failed_in_set_up_and_one_still_setting_up(tmp_path: Path):
     """A run whose logger failed leaves its lock and recipe.yaml, no checkpoint: failed. A
     directory a live process has claimed, before any checkpoint: running."""
-    from workbench.rundir import claim
+    from workbench.rundir.claim import claim
 
     failed = tmp_path / "failed"
     result = vibench("run", str(COIN), *QUICK, "--set",

@@ -1,4 +1,4 @@
-"""The PSIS diagnostic sized to the data (workbench/sizing.py): the subsampled-likelihood
+"""The PSIS diagnostic sized to the data (workbench/sized_psis.py): the subsampled-likelihood
 estimate agrees with the full one within its errors, says what it sized, and models it cannot
 subsample get fewer draws instead; small models stay exact."""
 
@@ -14,7 +14,7 @@ from pyro.optim import Adam
 
 from vibench_plugins.datasets import synthetic_classification
 from vibench_plugins.models import LogisticRegression
-from workbench import posterior, sizing
+from workbench.report import posterior, sized_psis
 
 ROWS = 2000
 DRAWS = 2000
@@ -22,10 +22,10 @@ DRAWS = 2000
 
 def sized_small(monkeypatch) -> None:
     """Budgets small enough that ROWS rows and DRAWS draws are 'big data'."""
-    monkeypatch.setattr(sizing, "WORK", DRAWS * 100)
-    monkeypatch.setattr(sizing, "SUBSAMPLE_WORK", DRAWS * 400)
-    monkeypatch.setattr(sizing, "MIN_ROWS", 400)
-    monkeypatch.setattr(sizing, "MIN_DRAWS", 500)
+    monkeypatch.setattr(sized_psis, "WORK", DRAWS * 100)
+    monkeypatch.setattr(sized_psis, "SUBSAMPLE_WORK", DRAWS * 400)
+    monkeypatch.setattr(sized_psis, "MIN_ROWS", 400)
+    monkeypatch.setattr(sized_psis, "MIN_DRAWS", 500)
 
 
 @pytest.fixture(scope="module")
@@ -100,6 +100,6 @@ def test_small_models_are_not_sized():
     guide = lambda flips: pyro.sample("f", dist.Beta(16.0, 14.0))  # noqa: E731
     result = posterior.diagnostics(model, guide, {"flips": flips}, 1)
     # A draw's cost counts the sites' numbers, not the plate's indices.
-    assert sizing.draw_numbers(pyro.poutine.trace(model).get_trace(flips)) == 11
+    assert sized_psis.draw_numbers(pyro.poutine.trace(model).get_trace(flips)) == 11
     assert result["num_draws"] == posterior.NUM_IS_DRAWS
     assert not {"sized", "khat_se", "rows"} & set(result)

@@ -250,7 +250,8 @@ def test_third_party_guide_shows_in_text_listing(clean_site):
     lines = result.stdout.splitlines()
     at = [i for i, l in enumerate(lines) if l.split()[:1] == ["tp_diag_normal"]]
     assert len(at) == 1, result.stdout
-    options = lines[at[0] + 1]  # the entry's second line: its options and plugin
+    # the entry's options-and-plugin line, after its description (wrapped on a narrow screen)
+    options = next(line for line in lines[at[0]:] if "options:" in line)
     assert "init_scale=0.1" in options and "[plugin tp_guides]" in options, result.stdout
 
 

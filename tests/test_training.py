@@ -12,10 +12,10 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import COIN, REPO, vibench
-from workbench import recipe as recipes
+from workbench.config import recipe as recipes
 from workbench.errors import RunError
-from workbench.registry import get_registry
-from workbench.runner import Run
+from workbench.plugins.registry import get_registry
+from workbench.train.runner import Run
 
 EXACT_MEAN = 16 / 30
 EXACT_STD = math.sqrt(16 * 14 / (30**2 * 31))
@@ -124,7 +124,7 @@ def test_optimizers_are_made_saved_and_loaded_without_importing_dynamo():
     probe = """
 import sys, torch, pyro
 from pyro.optim import Adam
-from workbench.optim import make_optimizers, optimizer_state
+from workbench.train.optim import make_optimizers, optimizer_state
 param = pyro.param("w", torch.zeros(3)).unconstrained()
 optim = Adam({"lr": 0.1})
 make_optimizers(optim, [param])

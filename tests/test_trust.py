@@ -280,9 +280,9 @@ class BrokenReportPlugin:
 
 
 def test_a_failing_report_keeps_the_summary_and_parameters(tmp_path: Path):
-    from workbench import recipe as recipes
-    from workbench.registry import collect, make_plugin_manager
-    from workbench.runner import Run
+    from workbench.config import recipe as recipes
+    from workbench.plugins.registry import collect, make_plugin_manager
+    from workbench.train.runner import Run
 
     pm, problems = make_plugin_manager()
     pm.register(BrokenReportPlugin(), name="test-broken-report")
@@ -299,7 +299,7 @@ def test_a_failing_report_keeps_the_summary_and_parameters(tmp_path: Path):
 
 def test_logging_never_changes_the_fit(tmp_path: Path):
     from workbench import service
-    from workbench.registry import get_registry
+    from workbench.plugins.registry import get_registry
 
     summaries = []
     for every in (0, 3):
@@ -313,7 +313,7 @@ def test_logging_never_changes_the_fit(tmp_path: Path):
 
 def test_float64_runs_in_float64(tmp_path: Path):
     from workbench import service
-    from workbench.registry import get_registry
+    from workbench.plugins.registry import get_registry
 
     job = service.start(LINEAR, ["dtype=float64", "train.steps=30", "train.plots=false"],
                         tmp_path / "r", get_registry())
@@ -332,7 +332,7 @@ def test_huge_num_particles_is_refused_with_an_estimate():
 
 def test_a_finished_run_loads_back_with_its_guide(tmp_path: Path):
     from workbench import service
-    from workbench.registry import get_registry
+    from workbench.plugins.registry import get_registry
 
     out = tmp_path / "r"
     result = vibench("run", str(LINEAR), "--steps", "50", "--set", "guide=auto_iaf_normal",

@@ -12,10 +12,10 @@ import pytest
 import yaml
 
 from tests.conftest import REPO, vibench
-from workbench import recipe as recipes
+from workbench.config import recipe as recipes
 from workbench.errors import RecipeError
-from workbench.registry import get_registry
-from workbench.runner import Run
+from workbench.plugins.registry import get_registry
+from workbench.train.runner import Run
 
 COIN_MODEL = """
     import pyro

@@ -143,9 +143,10 @@ def run(
       vibench run --resume runs/coin-20261125-141502 --steps 8000
       vibench run recipes/coin.yaml --threads 1
     """
-    from workbench import distributed, service
+    from workbench import service
+    from workbench import distributed
     from workbench.errors import UsageError
-    from workbench.registry import get_registry
+    from workbench.plugins.registry import get_registry
 
     if (recipe is None) == (resume is None):
         raise UsageError("give a RECIPE to run, or --resume RUN_DIR to go on with a run")
@@ -192,9 +193,9 @@ def list_components(
       vibench list guide
       vibench list model --json
     """
-    from workbench import jsonsafe
+    from workbench.rundir import jsonsafe
     from workbench.errors import UsageError, did_you_mean
-    from workbench.registry import KINDS, get_registry
+    from workbench.plugins.registry import KINDS, get_registry
     from workbench.service import data_arguments
 
     if kind is not None and kind not in KINDS:
@@ -219,7 +220,7 @@ def list_components(
         for k in kinds
     }
     if "guide" in listing:  # guide auto: the recipe takes it, though nothing registers it
-        from workbench.auto import catalogue_entry
+        from workbench.auto.pipeline import catalogue_entry
 
         listing["guide"] = sorted([*listing["guide"], catalogue_entry()],
                                   key=lambda entry: entry["name"])
@@ -326,7 +327,7 @@ def compare(
       vibench compare recipes/coin.yaml --grid guide=beta,auto_normal --backend ray --address HOST:6379
       vibench compare packages/vibench-posteriordb/recipes/*.yaml --grid guide=auto,auto_normal
     """
-    from workbench.compare import compare as run_compare
+    from workbench.compare.grid import compare as run_compare
 
     run_compare(recipe, grid or [], set_ or [], seeds, steps, jobs, out, timeout, backend,
                 address, cpus_per_run, gpus_per_run)
@@ -352,7 +353,8 @@ def runs(
       vibench runs runs/compare-coin-20261125-141502
       vibench runs --json
     """
-    from workbench import jsonsafe, service
+    from workbench import service
+    from workbench.rundir import jsonsafe
 
     found = service.list_runs(directory)
     if as_json:
@@ -384,7 +386,8 @@ def show(
       vibench show runs/coin-20261125-141502
       vibench show runs/coin-20261125-141502 --json
     """
-    from workbench import jsonsafe, service
+    from workbench import service
+    from workbench.rundir import jsonsafe
 
     summary = service.read_summary(run_dir)
     if as_json:
@@ -420,7 +423,7 @@ def export(
       vibench export runs/coin-20261125-141502
     """
     from workbench import service
-    from workbench.registry import get_registry
+    from workbench.plugins.registry import get_registry
 
     registry = get_registry()
     for problem in registry.problems:
@@ -460,7 +463,7 @@ def report_lines(summary: dict, limit: int = 10) -> list[str]:
             lines.append(f"{site}: {count - limit} more elements in summary.json")
     diagnostics = summary.get("diagnostics") or {}
     if "auto" in summary:
-        from workbench.auto import lines as auto_lines
+        from workbench.auto.pipeline import lines as auto_lines
 
         lines.extend(auto_lines(summary))
     if diagnostics.get("khat") is not None:
@@ -480,7 +483,7 @@ def report_lines(summary: dict, limit: int = 10) -> list[str]:
     elif diagnostics.get("reason"):
         lines.append(f"PSIS k-hat not computed: {diagnostics['reason']}")
     if summary.get("reference"):
-        from workbench import reference
+        from workbench.report import reference
 
         lines += reference.lines(summary["reference"])
     return lines

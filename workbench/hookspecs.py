@@ -152,7 +152,7 @@ def register_stages(register: Register) -> None:
     ``auto: {stages: [...]}`` (a recipe with no guide, or ``guide: {name: auto}``, runs them).
 
     A stage factory's options are the stage's settings; it returns an object with a method
-    ``run(pipeline) -> str``, which ``workbench.auto.Pipeline`` calls once, in the listed
+    ``run(pipeline) -> str``, which ``workbench.auto.pipeline.Pipeline`` calls once, in the listed
     order, and which returns one line saying what the stage did and why ("escalated to a
     flow: k-hat 0.93 > 0.7"; "skipped: k-hat 0.31 <= 0.7"); the report shows these lines. A
     stage works through the pipeline, which offers:
@@ -163,7 +163,7 @@ def register_stages(register: Register) -> None:
       start=None)``: one ordinary vibench run (``Run.setup`` and ``Run.train``) of those
       recipe sections (``optimizer.lr`` may be ``auto``) on the recipe's model and data, with
       seed + ``seed_offset``, in the run directory's ``fits/<label>``; returns a
-      ``workbench.auto.Fit`` (its summary, k-hat, ELBO, the fitted Gaussian where the guide
+      ``workbench.auto.pipeline.Fit`` (its summary, k-hat, ELBO, the fitted Gaussian where the guide
       has one; a fit that failed has ``ok`` False and its ``error``); ``start(guide)``, if
       given, may overwrite the guide's parameters after set-up, before any step;
     - ``pipeline.fits``: every fit so far; ``pipeline.candidates``: the fits the final

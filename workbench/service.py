@@ -20,19 +20,19 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-from workbench import files
-from workbench import recipe as recipes
+from workbench.rundir import files
+from workbench.config import recipe as recipes
 from workbench.errors import UsageError, one_line
-from workbench.registry import Registry
-from workbench.rundir import LOCK, RunDir, claim, reopen
+from workbench.plugins.registry import Registry
+from workbench.rundir.claim import LOCK, RunDir, claim, reopen
 
 # What --resume may change: the remedies for a run that diverged or needs more steps, and how
 # a step runs (train.compile: the state is the same either way; a run made before the key
 # existed resumes).
 RESUMABLE = ("optimizer", "train.steps", "train.skip_bad_steps", "train.compile")
 SUMMARY = "summary.json"
-CHECKPOINT = "checkpoint.pt"  # workbench.checkpoint.FILENAME, named here to keep torch out
-LOSSES = "losses.f64"  # workbench.runner.LOSSES
+CHECKPOINT = "checkpoint.pt"  # workbench.train.checkpoint.FILENAME, named here to keep torch out
+LOSSES = "losses.f64"  # workbench.train.runner.LOSSES
 RECIPE = "recipe.yaml"  # the recipe as the run goes, written as training starts
 FINAL_LOSS_STEPS = 100  # summary.json's final_loss is the mean loss of the last 100 steps
 
@@ -41,7 +41,7 @@ FINAL_LOSS_STEPS = 100  # summary.json's final_loss is the mean loss of the last
 class Job:
     """A run set up and holding its run directory's lock, ready to train."""
 
-    run: Any  # workbench.runner.Run
+    run: Any  # workbench.train.runner.Run
     run_dir: RunDir
     resume: dict | None = None
     changes: dict = field(default_factory=dict)
@@ -80,15 +80,16 @@ def prepare(source: Path, sets: Sequence[str], registry: Registry) -> dict:
 def start(source: Path, sets: Sequence[str], out: Path | None, registry: Registry) -> Job:
     """A new run of a recipe: checked, its run directory claimed, its components built. A
     recipe that fails to set up leaves no run directory behind."""
-    from workbench import distributed, stepsize
-    from workbench.runner import Run
+    from workbench import distributed
+    from workbench.train import stepsize
+    from workbench.train.runner import Run
 
     world = distributed.start()
     resolved = prepare(source, sets, registry)
-    if "auto" in resolved:  # no guide named: the automatic pipeline (workbench/auto.py)
-        from workbench import auto
+    if "auto" in resolved:  # no guide named: the automatic pipeline (workbench/pipeline.py)
+        from workbench.auto import pipeline
 
-        return auto.start(resolved, registry, _claim_as(world, resolved["name"], out), world)
+        return pipeline.start(resolved, registry, _claim_as(world, resolved["name"], out), world)
     held = _claim_as(world, resolved["name"], out)
     try:
         if not stepsize.wanted(resolved):
@@ -106,9 +107,10 @@ def resume(run_dir: Path, sets: Sequence[str], registry: Registry) -> Job:
     """A stopped run, set up to go on from its checkpoint. ``sets`` may change only what
     RESUMABLE names; a recipe.yaml edited to another model, guide, loss or data, or data that
     changed on disk, is refused, since the result would be no run at all."""
-    from workbench import checkpoint, distributed
-    from workbench.jsonsafe import plain
-    from workbench.runner import Run
+    from workbench import distributed
+    from workbench.train import checkpoint
+    from workbench.rundir.jsonsafe import plain
+    from workbench.train.runner import Run
 
     world = distributed.start()
     where = f"--resume {run_dir}"
@@ -151,8 +153,8 @@ def load(run_dir: Path, registry: Registry, trust_code: bool = False,
     in Python: ``load(path, get_registry()).guide`` draws from the fitted posterior. Reads
     the checkpoint safely; takes no lock, changes nothing. A run whose recipe names code
     (``file.py:attr``) is refused unless ``trust_code``: the directory may come from anyone."""
-    from workbench import checkpoint
-    from workbench.runner import Run, run_context
+    from workbench.train import checkpoint
+    from workbench.train.runner import Run, run_context
 
     where = where or f"load {run_dir}"
     saved = checkpoint.load(run_dir, where)
@@ -186,8 +188,9 @@ def export(run_dir: Path, registry: Registry, trust_code: bool = False) -> Path:
     """posterior.nc (ArviZ InferenceData) for a run, written from what it learned (its last
     checkpoint) on the random stream its report uses, so a run from before posterior.nc
     gets the file its report would have written. Holds the run directory's lock meanwhile."""
-    from workbench import checkpoint, inference_data
-    from workbench.runner import run_context
+    from workbench.report import inference_data
+    from workbench.train import checkpoint
+    from workbench.train.runner import run_context
 
     if not (run_dir / checkpoint.FILENAME).is_file():
         raise UsageError(f"{run_dir}: not a vibench run directory (no {checkpoint.FILENAME}); "
@@ -432,7 +435,7 @@ def _from_checkpoint(run_dir: Path) -> dict:
 def _read_checkpoint(run_dir: Path) -> dict:
     """The checkpoint read as ``--resume`` reads it, without running code it may hold
     (``weights_only``), and memory-mapped, so a large guide costs no time."""
-    from workbench import checkpoint
+    from workbench.train import checkpoint
 
     path = run_dir / CHECKPOINT
     return checkpoint.read(path, str(path), mmap=True)

@@ -16,7 +16,9 @@ from hostile import (can_chown, inflating_checkpoint, link_to_victim, names_code
                      others_can_write, owned_by_another_user, rewrite_checkpoint, shared_list,
                      sparse_file)
 
-from workbench import checkpoint, files, stepcache
+from workbench.compile import package_cache
+from workbench.rundir import files
+from workbench.train import checkpoint
 from workbench.errors import UsageError
 
 QUICK = ["--steps", "40", "--set", "train.plots=false", "--set", "train.diagnostics=false"]
@@ -62,7 +64,7 @@ def test_a_cache_folder_others_can_write_is_never_compiled_into(tmp_path: Path, 
     refused = vibench("run", str(COIN), *QUICK, "--set", "train.compile=true",
                       "--out", str(tmp_path / "a"), env=env)
     one_line_exit_2(refused, str(cache), "TORCHINDUCTOR_CACHE_DIR")
-    assert not (cache / stepcache.FOLDER).exists()
+    assert not (cache / package_cache.FOLDER).exists()
     auto = vibench("run", str(COIN), *QUICK, "--steps", "4000", "--set", "train.compile=auto",
                    "--out", str(tmp_path / "b"), env=env)
     assert auto.returncode == 0, auto.stderr
@@ -72,7 +74,7 @@ def test_a_cache_folder_others_can_write_is_never_compiled_into(tmp_path: Path, 
 
 def test_cache_folders_are_made_for_this_user_alone(tmp_path: Path, monkeypatch):
     monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "fresh" / "cache"))
-    ours = stepcache.check_folders()
+    ours = package_cache.check_folders()
     for folder in (ours, ours.parent):
         assert stat.S_IMODE(folder.stat().st_mode) == 0o700
 
@@ -82,8 +84,8 @@ def test_a_damaged_or_foreign_package_is_not_opened(tmp_path: Path, monkeypatch)
     passed over (the run compiles afresh) without loading its library."""
     monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path))
     key = "0" * 40
-    (stepcache.check_folders() / f"{key}.pt2").write_bytes(b"PK\x03\x04 not a package")
-    assert stepcache.load(key) is None
+    (package_cache.check_folders() / f"{key}.pt2").write_bytes(b"PK\x03\x04 not a package")
+    assert package_cache.load(key) is None
 
 
 @pytest.mark.slow
@@ -96,13 +98,13 @@ def test_a_package_copied_over_another_key_is_refused(tmp_path: Path, monkeypatc
 
     inputs = [torch.ones(3)]
     graph = torch.fx.symbolic_trace(lambda x: (x * 2.0,))
-    key = stepcache.key(stepcache.record(step, inputs), inputs)
-    assert stepcache.build(graph, inputs, key) is not None
+    key = package_cache.key(package_cache.record(step, inputs), inputs)
+    assert package_cache.build(graph, inputs, key) is not None
     other = "f" * 40
-    folder = stepcache.check_folders()
+    folder = package_cache.check_folders()
     shutil.copy(folder / f"{key}.pt2", folder / f"{other}.pt2")
-    assert stepcache.load(key) is not None
-    assert stepcache.load(other) is None
+    assert package_cache.load(key) is not None
+    assert package_cache.load(other) is None
     assert stat.S_IMODE((folder / f"{key}.pt2").stat().st_mode) == 0o600
 
 
@@ -151,7 +153,7 @@ def test_a_run_folder_file_linked_elsewhere_is_replaced_not_written_through(run_
 def test_export_and_load_never_import_code_named_only_in_the_checkpoint(run_dir: Path,
                                                                        tmp_path: Path):
     from workbench import service
-    from workbench.registry import get_registry
+    from workbench.plugins.registry import get_registry
 
     marker = tmp_path / "ran"
     names_code(run_dir, marker)

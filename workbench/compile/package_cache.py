@@ -30,7 +30,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 from torch.utils.weak import WeakTensorKeyDictionary
 
-from workbench import files
+from workbench.rundir import files
 
 FOLDER = "vibench-steps"
 METADATA_KEY = "vibench_key"  # the key a package was built under, kept inside it

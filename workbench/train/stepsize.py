@@ -11,7 +11,7 @@ import copy
 import math
 from typing import Any
 
-from workbench.recipe import AUTO
+from workbench.config.recipe import AUTO
 
 CANDIDATES = (0.1, 0.03, 0.01, 0.003, 0.001, 0.0003, 0.0001)
 TRIAL_STEPS = 30
@@ -39,8 +39,8 @@ def adapt(run: Any, candidates: tuple[float, ...] = CANDIDATES,
     import pyro
     import torch
 
-    from workbench.optim import make_optimizers, schedule_stepper
-    from workbench.runner import run_context
+    from workbench.train.optim import make_optimizers, schedule_stepper
+    from workbench.train.runner import run_context
 
     store = pyro.get_param_store()
     params = [param for _, param in store.named_parameters()]
@@ -85,7 +85,7 @@ def adapt(run: Any, candidates: tuple[float, ...] = CANDIDATES,
 
 
 def _optimizer(run: Any, lr: float) -> Any:
-    from workbench.optim import make_optimizer
+    from workbench.train.optim import make_optimizer
 
     recipe = {**run.recipe, "optimizer": {**run.recipe["optimizer"], "lr": lr}}
     return make_optimizer(run.registry, recipe, run.device)[0]

@@ -51,7 +51,7 @@ class Plate:
 def plate_of(trace: poutine.Trace) -> Plate | str:
     """The plate holding every observed site and no latent or deterministic site, the
     largest if several; else why there is none."""
-    from workbench import posterior
+    from workbench.report import posterior
 
     observed = posterior.observed_sites(trace)
     if not observed:
@@ -96,7 +96,7 @@ def fewer_draws(trace: poutine.Trace, num_draws: int, why: str) -> tuple[int, st
 
 def draws_khat_se(log_w: torch.Tensor, seed: int = 0) -> float:
     """k-hat's Monte Carlo standard error: its spread over bootstrap resamples of the draws."""
-    from workbench import posterior
+    from workbench.report import posterior
 
     gen = torch.Generator().manual_seed(seed)
     count = log_w.numel()
@@ -109,7 +109,7 @@ def subsampled(model: Callable, guide: Callable, data: dict, nesting: int,
                trace: poutine.Trace, num_draws: int) -> dict[str, Any] | str:
     """``posterior.diagnostics``' result with each draw's likelihood estimated from a
     subset of rows, or why the rows cannot be subsampled."""
-    from workbench import posterior
+    from workbench.report import posterior
 
     plate = plate_of(trace)
     if isinstance(plate, str):
@@ -216,7 +216,7 @@ def _anchor(model: Callable, data: dict, plate: Plate, centre: dict, groups: lis
     """At the centre z0: the whole data's log likelihood and its gradient in the latent
     values, and each group's; or why the model cannot be subsampled (it does not index its
     data by the plate, or a deterministic site sees the rows)."""
-    from workbench import posterior
+    from workbench.report import posterior
 
     def likelihood(indices: torch.Tensor | None) -> tuple[float, torch.Tensor, dict]:
         values = {name: value.detach().clone().requires_grad_() for name, value in
@@ -257,7 +257,7 @@ def _anchor(model: Callable, data: dict, plate: Plate, centre: dict, groups: lis
 
 def _rows(model: Callable, plate: Plate, indices: torch.Tensor) -> Callable:
     """The model with the plate's batch fixed to ``indices``."""
-    from workbench.minibatch import Minibatch
+    from workbench.data.minibatch import Minibatch
 
     rows = Minibatch(plate.name, plate.size, len(indices), indices.device, plate.dim)
     rows.indices = indices

@@ -10,7 +10,6 @@ kill at any instant leaves the last complete checkpoint readable.
 from __future__ import annotations
 
 import io
-import os
 import pickle
 import random
 import zipfile
@@ -19,7 +18,7 @@ from typing import Any
 
 import torch
 
-from workbench import files
+from workbench.rundir import files
 from workbench.errors import UsageError, one_line
 
 FILENAME = "checkpoint.pt"

@@ -20,7 +20,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from workbench import files
+from workbench.rundir import files
 
 DPI = 100
 COLOURS = {"prior": "#7f7f7f", "guide": "#1f77b4", "exact": "#d62728"}
@@ -122,7 +122,7 @@ def site_figure(site: str, guide: Any, path: Path | str | None = None, prior: An
     prior and exact may be None. A guide whose draws do not vary is a point mass, drawn as a
     vertical line. A tensor site of up to ``max_elements`` elements shows them side by side,
     each titled with its index; a larger one is a forest plot of every element (up to
-    MAX_FOREST_ROWS). ``workbench.posterior.plot_sources`` gives all three per site.
+    MAX_FOREST_ROWS). ``workbench.report.posterior.plot_sources`` gives all three per site.
     Writes a PNG to ``path`` when given; returns the image as an ``(H, W, 3)`` uint8 array.
     """
     import torch
@@ -360,7 +360,7 @@ def ppc_figure(sources: dict[str, dict], path: Path | str | None = None,
     does not explain.
 
     ``sources`` is ``{SITE: {"observed": array, "replicated": array (draws first),
-    "discrete": bool}}``, as ``workbench.inference_data.ppc_sources`` gives. Binary data (a
+    "discrete": bool}}``, as ``workbench.report.inference_data.ppc_sources`` gives. Binary data (a
     coin's flips) show the observed number of ones against the histogram of the replicated
     numbers, with the share of replicates at least as large; where the model predicts some
     values likelier to be one than others (a regression's covariates, a group index), also the
@@ -534,10 +534,10 @@ def write_plots(run_dir: Path | str, losses: Sequence[float], sources: dict[str,
                 ) -> list[Path]:
     """Every figure of a run as PNGs in ``run_dir/plots``: ``loss.png``, one
     ``site-<name>.png`` per latent site and, given ``ppc`` (what
-    ``workbench.inference_data.ppc_sources`` returns), ``ppc.png``; also logged to
+    ``workbench.report.inference_data.ppc_sources`` returns), ``ppc.png``; also logged to
     TensorBoard as ``Plots/loss``, ``Plots/<site>`` and ``Plots/ppc`` when given the
     run's ``Loggers`` as ``writer`` (at ``step``). ``sources`` is what
-    ``workbench.posterior.plot_sources`` returns. Returns the paths written."""
+    ``workbench.report.posterior.plot_sources`` returns. Returns the paths written."""
     folder = files.make_folder(Path(run_dir) / "plots")
     written = []
     path = folder / "loss.png"

@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Protocol
 
-from workbench import files
+from workbench.rundir import files
 from workbench.errors import UsageError, one_line
 
 BACKENDS = ("local", "ray")

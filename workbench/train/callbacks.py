@@ -10,9 +10,9 @@ from typing import Any, Callable
 import pyro
 import torch
 
-from workbench.gaussians import symmetric_kl
-from workbench.loggers import Loggers
-from workbench.optim import torch_optimizer
+from workbench.report.gaussians import symmetric_kl
+from workbench.train.loggers import Loggers
+from workbench.seams import torch_optimizer
 
 
 class Callback:
@@ -213,7 +213,7 @@ class Converged(Callback):
         moments), or None if it has neither."""
         if self.guide is None:
             return None
-        from workbench.gaussians import fitted_gaussian, sampled_gaussian
+        from workbench.report.gaussians import fitted_gaussian, sampled_gaussian
 
         now = _flat_params()
         _write_flat(flat)

@@ -10,7 +10,7 @@ Three entry points, each called inside the run's device context and after traini
   proposal for the posterior, the effective sample size, and (when k-hat < 0.7) importance-
   weighted posterior means and sds per site.
 - ``plot_sources(model, guide, data, sites, nesting, exact)``: per site, the prior, the guide
-  and the exact posterior as distributions or draws, for ``workbench.plots``.
+  and the exact posterior as distributions or draws, for ``workbench.report.plots``.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ from pyro import poutine
 from pyro.distributions import Delta
 from pyro.poutine.util import site_is_subsample
 
-from workbench import sizing
+from workbench.report import sized_psis
 
 NUM_DRAWS = 10_000  # guide draws behind sampled moments, quantiles and Monte Carlo KL
 NUM_IS_DRAWS = 10_000  # importance-sampling draws behind diagnostics()
@@ -573,11 +573,11 @@ def diagnostics(model: Callable, guide: Callable, data: dict[str, Any], nesting:
         sites = latent_sites(single)
         derived = deterministic_sites(single)  # weighed too: e.g. eight schools' theta
         sized = ""
-        if num_draws * sizing.draw_numbers(single) > sizing.WORK:
-            found = sizing.subsampled(model, guide, data, nesting, single, num_draws)
+        if num_draws * sized_psis.draw_numbers(single) > sized_psis.WORK:
+            found = sized_psis.subsampled(model, guide, data, nesting, single, num_draws)
             if isinstance(found, dict):
                 return found
-            num_draws, sized = sizing.fewer_draws(single, num_draws, found)
+            num_draws, sized = sized_psis.fewer_draws(single, num_draws, found)
             if not num_draws:
                 return {"khat": None, "reason": sized}
         # Draws in chunks, so that a chunk's tensors (draws x the model's largest site) stay
@@ -611,7 +611,7 @@ def diagnostics(model: Callable, guide: Callable, data: dict[str, Any], nesting:
         draws = {name: torch.cat(chunks) for name, chunks in parts.items()}
         result = weighed(log_w, draws, sites, num_draws)
     if sized and result.get("khat") is not None:
-        result["khat_se"] = sizing.draws_khat_se(log_w.detach().double().cpu())
+        result["khat_se"] = sized_psis.draws_khat_se(log_w.detach().double().cpu())
         result["sized"] = sized
     return result
 
@@ -736,7 +736,7 @@ def plot_sources(model: Callable, guide: Callable, data: dict[str, Any],
                  sites: dict[str, torch.Size], nesting: int,
                  exact: dict[str, torch.distributions.Distribution] | None = None,
                  num_draws: int = NUM_PLOT_DRAWS) -> dict[str, dict[str, Any]]:
-    """Per latent site, what ``workbench.plots.site_figure`` draws::
+    """Per latent site, what ``workbench.report.plots.site_figure`` draws::
 
         {SITE: {"guide": Distribution | Tensor, "prior": Distribution | Tensor,
                 "exact": Distribution | None}}

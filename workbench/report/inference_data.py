@@ -34,7 +34,8 @@ import numpy as np
 import torch
 from pyro import poutine
 
-from workbench import files, posterior
+from workbench.report import posterior
+from workbench.rundir import files
 
 FILENAME = "posterior.nc"
 NUM_DRAWS = 1000  # guide draws in posterior.nc

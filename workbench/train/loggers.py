@@ -8,9 +8,9 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-from workbench.build import build
+from workbench.plugins.build import build
 from workbench.errors import one_line
-from workbench.registry import Registry
+from workbench.plugins.registry import Registry
 
 
 class Loggers:

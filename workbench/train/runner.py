@@ -28,20 +28,26 @@ from pyro import poutine
 from pyro.infer import SVI
 from pyro.infer.util import torch_item, zero_grads
 
-from workbench import checkpoint, compiled, distributed, files, posterior, signals
-from workbench.build import build
-from workbench.callbacks import (Averaging, Callback, Converged, EarlyStopping, MetricLogging,
+from workbench import signals
+from workbench.compile import compiled_step
+from workbench.report import posterior
+from workbench.rundir import files
+from workbench import distributed
+from workbench.train import checkpoint
+from workbench.plugins.build import build
+from workbench.train.callbacks import (Averaging, Callback, Converged, EarlyStopping, MetricLogging,
                                  log_params)
-from workbench.data import Rows
+from workbench.data.sources import Rows
 from workbench.distributed import World
 from workbench.errors import Interrupted, PeerLost, RunError, UsageError, VibenchError, one_line
-from workbench.loggers import Loggers
-from workbench.minibatch import Minibatch
-from workbench.optim import (make_optimizer, make_optimizers, optimizer_state,
-                             schedule_stepper, torch_optimizer)
-from workbench.recipe import dump
-from workbench.registry import Registry
-from workbench.tensors import check_support, load_data, shard
+from workbench.train.loggers import Loggers
+from workbench.data.minibatch import Minibatch
+from workbench.seams import torch_optimizer
+from workbench.train.optim import (make_optimizer, make_optimizers, optimizer_state,
+                                   schedule_stepper)
+from workbench.config.recipe import dump
+from workbench.plugins.registry import Registry
+from workbench.train.tensors import check_support, load_data, shard
 
 StepCallback = Callable[[int, float], None]
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
@@ -130,7 +136,7 @@ class Run:
     whole_data: dict | None = None  # under torchrun, on rank 0: the whole data, for the report
     peers_stop: bool = False  # under torchrun: some rank was asked to stop at the last step
     rank_rngs: list[dict] = field(default_factory=list)  # every rank's, at the last checkpoint
-    compiled: compiled.CompiledStep | None = None  # the step, compiled (train.compile)
+    compiled: compiled_step.CompiledStep | None = None  # the step, compiled (train.compile)
 
     @classmethod
     def setup(cls, recipe: dict, registry: Registry, compile: bool = True) -> Run:
@@ -221,7 +227,7 @@ class Run:
         """Compile the step as train.compile asks, for the optimizer the run holds now: at the
         end of set-up, and again where ``optimizer.lr: auto`` swaps the optimizer."""
         with run_context(self.device, self.dtype):
-            self.compiled, note = compiled.prepare(
+            self.compiled, note = compiled_step.prepare(
                 self.recipe["train"].get("compile", "auto"), self.svi, self.data, self.device,
                 self.recipe["train"]["steps"], self.minibatch.plate is not None, self.world.size)
         if note and note not in self.notes:
@@ -545,10 +551,10 @@ class Run:
 
         A minibatch run gets no k-hat and no per-site plots: both need the whole data's
         likelihood for every draw, which a minibatch run is there to avoid. posterior.nc
-        (``workbench.inference_data``) is written on its own random stream; when it fails,
+        (``workbench.report.inference_data``) is written on its own random stream; when it fails,
         the summary's ``diagnostics.inference_data`` says why. Where the model offers a
-        reference posterior, ``workbench.reference`` scores the guide against it."""
-        from workbench import inference_data, plots, reference
+        reference posterior, ``workbench.report.reference`` scores the guide against it."""
+        from workbench.report import inference_data, plots, reference
 
         began = time.perf_counter()
         settings = self.recipe["train"]
@@ -805,7 +811,7 @@ def exact_posterior(model: Any, data: dict, name: str) -> dict | None:
 def write_results(run_dir: Path, summary: dict, params: bool = True) -> None:
     """summary.json (strict JSON) and (unless they went bad) the learned parameters, each
     written whole or not at all."""
-    from workbench import jsonsafe
+    from workbench.rundir import jsonsafe
 
     files.write_atomic(run_dir / "summary.json", jsonsafe.dumps(summary, indent=2).encode())
     if params:

@@ -3,25 +3,18 @@ learning-rate schedule, and how the runner steps that schedule."""
 
 from __future__ import annotations
 
-import contextlib
 import inspect
-import sys
-from typing import Any, Callable, Iterator
+from typing import Any, Callable
 
 import pyro
 import torch
 from pyro.optim import PyroLRScheduler
 from pyro.optim.optim import _load_state_dict
 
-from workbench.build import build
+from workbench.plugins.build import build
+from workbench.seams import no_dynamo_import
 from workbench.errors import UsageError, did_you_mean
-from workbench.registry import Component, Registry
-
-
-def torch_optimizer(obj: Any) -> torch.optim.Optimizer:
-    """The torch optimizer of one of a Pyro optim's per-parameter objects (``optim_objs``):
-    the object itself, or the optimizer its learning-rate schedule wraps."""
-    return getattr(obj, "optimizer", obj)
+from workbench.plugins.registry import Component, Registry
 
 
 def make_optimizers(optim: Any, params: list[torch.Tensor]) -> None:
@@ -30,7 +23,7 @@ def make_optimizers(optim: Any, params: list[torch.Tensor]) -> None:
     a second), so torch refuses bad settings at set-up and a compiled step finds the
     optimizers it updates."""
     store = pyro.get_param_store()
-    with _no_dynamo_import():
+    with no_dynamo_import():
         for param in params:
             if param in optim.optim_objs:
                 continue
@@ -44,33 +37,8 @@ def make_optimizers(optim: Any, params: list[torch.Tensor]) -> None:
 def optimizer_state(optim: Any) -> dict:
     """Pyro's ``get_state`` (each parameter's optimizer state, by parameter name), for a
     checkpoint."""
-    with _no_dynamo_import():
+    with no_dynamo_import():
         return optim.get_state()
-
-
-# torch.optim.Optimizer's methods that import torch._dynamo on their first call, only to
-# keep dynamo from tracing into them (``torch._disable_dynamo``)
-_DYNAMO_GUARDED = ("add_param_group", "state_dict", "load_state_dict")
-
-
-@contextlib.contextmanager
-def _no_dynamo_import() -> Iterator[None]:
-    """Inside this block torch's optimizers are made, saved and loaded without importing
-    torch._dynamo. While it is not imported nothing can be tracing, so its guard has nothing
-    to do yet; this fills the guard's own cache (``fn.__dynamo_disable``) with the plain
-    method until the block ends. A torch without that seam gets a plain block."""
-    raw = [] if "torch._dynamo" in sys.modules else [
-        getattr(getattr(torch.optim.Optimizer, name, None), "__wrapped__", None)
-        for name in _DYNAMO_GUARDED]
-    raw = [fn for fn in raw if callable(fn) and not hasattr(fn, "__dynamo_disable")]
-    for fn in raw:
-        fn.__dynamo_disable = fn
-    try:
-        yield
-    finally:
-        for fn in raw:
-            if getattr(fn, "__dynamo_disable", None) is fn:
-                del fn.__dynamo_disable
 
 
 class OptimArgs:

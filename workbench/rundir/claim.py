@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 
-from workbench import files
+from workbench.rundir import files
 from workbench.errors import UsageError
 
 LOCK = ".lock"

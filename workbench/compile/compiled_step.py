@@ -28,13 +28,14 @@ import torch
 from pyro import poutine
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from workbench import files, stepcache
+from workbench.compile import package_cache
+from workbench.rundir import files
 from workbench.errors import UsageError, one_line
-from workbench.optim import torch_optimizer
+from workbench.seams import torch_optimizer
 
 # the code that wraps, rewrites, compiles and packages a step: part of a packaged step's key,
 # so that any change to it (AOTInductor's settings included) makes new packages
-_SOURCE = hashlib.sha256(Path(__file__).read_bytes() + Path(stepcache.__file__).read_bytes()
+_SOURCE = hashlib.sha256(Path(__file__).read_bytes() + Path(package_cache.__file__).read_bytes()
                          ).hexdigest()
 
 # what an eager step costs per torch operation, by device type (coin: 236 ops, 1.2 ms on the
@@ -112,7 +113,7 @@ def prepare(setting: str | bool, svi: Any, data: dict, device: torch.device, ste
                        f"and CUDA only, not yet on {device.type} (train.compile: true uses "
                        f"them)")
         try:  # inductor's cache and ours hold compiled code this process will load
-            stepcache.check_folders()
+            package_cache.check_folders()
         except files.UnsafeFile as exc:
             raise CannotCompile(str(exc)) from None
         return compile_step(svi, data, steps if mode == "auto" else None, refusal=refusal), None
@@ -204,7 +205,7 @@ def compile_step(svi: Any, data: dict, steps: int | None = None, backend: str = 
 
     inputs = [t.detach() for t in (*params, *states, *feeds)]  # the same storage, no autograd
     try:  # tracing runs the step: on copies, on a forked random stream
-        with stepcache.trial_stream(), torch.no_grad():
+        with package_cache.trial_stream(), torch.no_grad():
             stepper = _make_fx(step, _copies(inputs, mutable))
             if backend == "fx":
                 return CompiledStep(lambda values: stepper(*values), params, inputs, svi.optim,
@@ -214,7 +215,7 @@ def compile_step(svi: Any, data: dict, steps: int | None = None, backend: str = 
             # step is always given the same tensors (10-13 us a step of the coin's)
             isa = _vector_isa_known() if cpu else {}
             with torch._inductor.config.patch(compile_threads=1, size_asserts=False, **isa):
-                replay = stepcache.build(stepper, _copies(inputs, mutable), key) if key else None
+                replay = package_cache.build(stepper, _copies(inputs, mutable), key) if key else None
                 if replay is None:  # reads inductor's cache, if it can
                     run = torch._inductor.standalone_compile(
                         stepper, _copies(inputs, mutable), dynamic_shapes="from_example_inputs")
@@ -240,15 +241,15 @@ def _packaged(loss_and_grads: Callable, optim: Any, params: list[torch.Tensor],
     key to build it under. The step is recorded twice, on two random streams, not traced:
     where the records differ there is no key, and the traces' checks say why. A package is
     built only from a graph that passed the check against eager, for the same record."""
-    first = stepcache.record(loss_and_grads, [*params, *feeds])
-    if first != stepcache.record(loss_and_grads, [*params, *feeds], seed_offset=1):
+    first = package_cache.record(loss_and_grads, [*params, *feeds])
+    if first != package_cache.record(loss_and_grads, [*params, *feeds], seed_offset=1):
         return None, None
     update = _adam_update(optim, params)
     settings = [(group["betas"], group["eps"], group["weight_decay"])
                 for group in update.settings] if update else None  # the rate is an input
     inputs = [t.detach() for t in (*params, *(update.tensors if update else []), *feeds)]
-    key = stepcache.key(first, inputs, len(params), settings, _SOURCE)
-    replay = stepcache.load(key)
+    key = package_cache.key(first, inputs, len(params), settings, _SOURCE)
+    replay = package_cache.load(key)
     return (None if replay is None else
             CompiledStep(replay, params, inputs, optim, update, names)), key
 
@@ -262,7 +263,7 @@ def _vector_isa_file() -> tuple[Any, list[str]]:
     reported = [str(isa) for isa in cpu_vec_isa.supported_vec_isa_list
                 if isinstance(isa, cpu_vec_isa.VecISA) and str(isa).startswith(("avx", "amx"))
                 and all(flag in flags for flag in str(isa).split())]
-    return stepcache.cache_dir() / f"vibench-vector-isa-{torch.__version__}.json", reported
+    return package_cache.cache_dir() / f"vibench-vector-isa-{torch.__version__}.json", reported
 
 
 def _vector_isa_known() -> dict:
@@ -444,7 +445,7 @@ def _trace(fn: Callable, inputs: list[torch.Tensor],
            seed_offset: int = 0) -> torch.fx.GraphModule:
     """``fn`` as a graph of torch operations, on a ``trial_stream``; a value read in
     Python while tracing (data-dependent control flow) is a CannotCompile."""
-    with stepcache.trial_stream(seed_offset):
+    with package_cache.trial_stream(seed_offset):
         try:
             return _make_fx(fn, inputs)
         except CannotCompile:
@@ -597,14 +598,19 @@ def _traceable() -> Iterator[None]:
     tensor itself: arithmetic on it is traced, a branch on it still fails), validation
     (which checks values in Python) is off, and ``torch.jit.is_tracing()`` is true, as under
     Pyro's own JIT ELBOs."""
+    from pyro.infer.util import torch_item
+    from pyro.util import warn_if_nan
+
     patched = []
-    for name, module in list(sys.modules.items()):
-        if module is None or not (name.startswith("pyro.infer") or name.startswith("plugins")):
-            continue
-        for attr, replacement in (("torch_item", _keep), ("warn_if_nan", _keep)):
-            if getattr(module, attr, None) is not None and callable(getattr(module, attr)):
-                patched.append((module, attr, getattr(module, attr)))
-                setattr(module, attr, replacement)
+    for module in list(sys.modules.values()):  # Pyro's and any plugin's that imported them
+        for attr, original in (("torch_item", torch_item), ("warn_if_nan", warn_if_nan)):
+            try:  # a lazy module's __getattr__ may raise anything
+                found = getattr(module, attr, None)
+            except Exception:
+                continue
+            if found is original:
+                patched.append((module, attr, original))
+                setattr(module, attr, _keep)
     patched.append((torch.jit, "is_tracing", torch.jit.is_tracing))
     torch.jit.is_tracing = _tracing
     patched.append((torch.Tensor, "item", torch.Tensor.item))

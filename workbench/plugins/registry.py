@@ -37,7 +37,7 @@ import pluggy
 
 from workbench import hookspecs
 from workbench.errors import UsageError, VibenchError, did_you_mean
-from workbench.options import Option, read_options
+from workbench.config.options import Option, read_options
 
 PLUGIN_TIMEOUT = 30.0  # seconds a plugin may take to import, or to run one registration hook
 

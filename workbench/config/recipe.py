@@ -11,13 +11,15 @@ import os
 import re
 import stat
 from pathlib import Path
-from typing import Any, Callable, Iterable, Literal, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Literal, Sequence
 
 import yaml
 
 from workbench.errors import RecipeError, UsageError, did_you_mean
-from workbench.options import Option
-from workbench.registry import Registry
+from workbench.config.options import Option
+
+if TYPE_CHECKING:  # the registry is handed in; config sits below the plugins
+    from workbench.plugins.registry import Registry
 
 # Component sections by their path in the recipe, with the kind of component each names.
 COMPONENTS: dict[tuple[str, ...], str] = {
@@ -59,7 +61,7 @@ TRAIN: dict[str, Option] = {
         Option("converge_rhat", 1.1, float),  # a guide with no Gaussian nor draws: R-hat below
         Option("diagnostics", True, bool),  # PSIS k-hat and importance-weighted estimates
         Option("plots", True, bool),  # the loss and per-site density plots
-        Option("compile", "auto", Literal["auto", True, False]),  # workbench.compiled's step
+        Option("compile", "auto", Literal["auto", True, False]),  # workbench.compile.compiled_step's step
     )
 }
 MAX_BYTES = 1_000_000
@@ -339,7 +341,7 @@ class _Checker:
         return resolved
 
     def data_file(self, file: Any, base: Path) -> str | None:
-        from workbench.data import SUFFIXES
+        from workbench.data.sources import SUFFIXES
 
         if not isinstance(file, str) or not file:
             self.problem("data.file", f"expected a path, got {file!r}")

@@ -2,7 +2,7 @@
 
 Every combination of the ``--grid`` values, times each seed, is one ``vibench run`` in its own
 child process and its own run directory inside the compare directory; a backend
-(``workbench.backends``) starts it here or, as a Ray task, on a Ray cluster. The combinations are
+(``workbench.compare.backends``) starts it here or, as a Ray task, on a Ray cluster. The combinations are
 checked in this process first (no torch needed), so a misspelt key or component name stops
 the comparison before anything runs. Then the runs go in parallel; a run that fails is
 reported beside the others and does not stop them, as is a run over ``--timeout``. At the
@@ -31,12 +31,12 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
-from workbench import files
-from workbench.backends import (BACKENDS, NOT_STARTED, POLL_SECONDS, Backend, Control, Job,
+from workbench.rundir import files
+from workbench.compare.backends import (BACKENDS, NOT_STARTED, POLL_SECONDS, Backend, Control, Job,
                                 LocalBackend, Outcome, RayBackend, cpu_count, import_ray)
 from workbench.errors import RecipeError, RunError, UsageError, VibenchError, one_line
 from workbench.progress import TerminalBar
-from workbench.rundir import make_run_dir
+from workbench.rundir.claim import make_run_dir
 
 METRICS = ("elbo", "elbo_se", "log_evidence", "log_evidence_se", "mean_error_sd", "sd_ratio",
            "khat", "final_loss", "mean_error", "std_error", "steps_per_second")
@@ -154,8 +154,8 @@ def plan(recipe: Path, grids: list[Grid], sets: Sequence[str], steps: int | None
     problem only some combinations have (``guide.name=auto_normal`` keeping options of the
     old guide that do not fit) refuses just those combinations.
     """
-    from workbench import recipe as recipes
-    from workbench.registry import get_registry
+    from workbench.config import recipe as recipes
+    from workbench.plugins.registry import get_registry
 
     raw = recipes.load(recipe)
     registry = get_registry()

@@ -16,9 +16,9 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import Any, Callable
 
-from workbench import files
+from workbench.rundir import files
 from workbench.errors import Interrupted, RunError, UsageError, VibenchError, one_line
-from workbench.registry import Registry
+from workbench.plugins.registry import Registry
 
 
 # What ``vibench list guide`` says of ``guide: auto``.
@@ -33,7 +33,7 @@ def catalogue_entry() -> dict:
     and nothing builds it (the recipe runs this pipeline instead of a guide), so it has no
     plugin and no options: ``built_in``, with the stages it runs when the recipe's
     ``auto.stages`` lists none."""
-    from workbench.recipe import AUTO, DEFAULT_STAGES
+    from workbench.config.recipe import AUTO, DEFAULT_STAGES
 
     return {"name": AUTO, "plugin": None, "built_in": True, "description": DESCRIPTION,
             "options": {}, "stages": list(DEFAULT_STAGES)}
@@ -114,11 +114,11 @@ class Pipeline:
         """One vibench run with these sections in ``fits/<label>``; a run that fails to set up
         or to train is a Fit with the error (an interruption stops the pipeline, and a recipe
         the checks refuse is the user's error)."""
-        from workbench import recipe as recipes
-        from workbench import stepsize
-        from workbench.gaussians import fitted_gaussian
-        from workbench.rundir import claim
-        from workbench.runner import Run, run_context
+        from workbench.config import recipe as recipes
+        from workbench.train import stepsize
+        from workbench.report.gaussians import fitted_gaussian
+        from workbench.rundir.claim import claim
+        from workbench.train.runner import Run, run_context
 
         base = {key: self.recipe[key] for key in ("seed", "device", "dtype", "data", "model",
                                                   "loggers")}
@@ -184,9 +184,9 @@ def latent_dimension(recipe: dict, registry: Registry) -> int:
     from pyro.poutine.util import site_is_subsample
     from torch.distributions import biject_to
 
-    from workbench.build import build
-    from workbench.runner import DTYPES, pick_device, run_context
-    from workbench.tensors import load_data
+    from workbench.plugins.build import build
+    from workbench.train.runner import DTYPES, pick_device, run_context
+    from workbench.train.tensors import load_data
 
     device = pick_device(recipe["device"])
     with run_context(device, DTYPES[recipe["dtype"]]), torch.no_grad():
@@ -207,7 +207,7 @@ def latent_dimension(recipe: dict, registry: Registry) -> int:
 
 def execute(pipeline: Pipeline) -> dict:
     """Run the stages, then assemble, write and return the summary."""
-    from workbench.build import build
+    from workbench.plugins.build import build
 
     records, began = [], time.perf_counter()
     for section in pipeline.recipe["auto"]["stages"]:
@@ -220,7 +220,7 @@ def execute(pipeline: Pipeline) -> dict:
             raise RunError(f"stage {section['name']!r} failed: {one_line(exc)}") from exc
         records.append({"stage": section["name"], "said": said})
     summary = assemble(pipeline, records, time.perf_counter() - began)
-    from workbench.runner import write_results
+    from workbench.train.runner import write_results
 
     write_results(pipeline.run_dir, summary, params=False)
     return summary
@@ -229,7 +229,7 @@ def execute(pipeline: Pipeline) -> dict:
 def assemble(pipeline: Pipeline, records: list[dict], wall: float) -> dict:
     """summary.json of the pipeline: the fits' estimates (pooled when R-hat says they agree,
     else the highest-ELBO fit's), scored against the reference where the model has one."""
-    from workbench import reference
+    from workbench.report import reference
 
     fits = [fit for fit in pipeline.candidates if fit.ok]
     if not fits:
@@ -264,7 +264,7 @@ def assemble(pipeline: Pipeline, records: list[dict], wall: float) -> dict:
     diagnostics.pop("sites", None)
     compared = {}
     if pipeline.last_run is not None:
-        from workbench.runner import run_context
+        from workbench.train.runner import run_context
 
         run = pipeline.last_run
         with run_context(run.device, run.dtype):
@@ -351,7 +351,7 @@ class AutoJob:
         return self.run_dir.path
 
     def train(self, on_step=None) -> dict:
-        from workbench.runner import recipe_text
+        from workbench.train.runner import recipe_text
 
         self.pipeline.on_step = on_step
         try:
@@ -369,7 +369,7 @@ def start(recipe: dict, registry: Registry, held: Any, world: Any) -> AutoJob:
         raise UsageError("the automatic pipeline runs as one process; run it without torchrun")
     for section in recipe["auto"]["stages"]:
         try:
-            from workbench.build import build
+            from workbench.plugins.build import build
 
             build(registry, "stage", section)
         except UsageError:

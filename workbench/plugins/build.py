@@ -7,8 +7,8 @@ from collections.abc import Mapping
 from typing import Any
 
 from workbench.errors import UsageError, one_line
-from workbench.recipe import COMPONENTS, LISTS, options
-from workbench.registry import Registry
+from workbench.config.recipe import COMPONENTS, LISTS, options
+from workbench.plugins.registry import Registry
 
 
 LOGGER_METHODS = ("scalar", "histogram", "image", "flush", "close")

@@ -9,10 +9,10 @@ from typing import Any
 import torch
 from pyro import poutine
 
-from workbench import data as data_module
-from workbench.build import build
+from workbench.data import sources as data_module
+from workbench.plugins.build import build
 from workbench.errors import UsageError, did_you_mean, one_line
-from workbench.registry import Registry
+from workbench.plugins.registry import Registry
 
 
 def model_arguments(model: Any) -> dict[str, bool] | None:

@@ -1,0 +1,1 @@
+"""The automatic pipeline: a recipe that names a model and its data but no guide (``pipeline``)."""

@@ -1,0 +1,1 @@
+"""``vibench compare``: a recipe over a grid of settings and seeds (``grid``), run here or on Ray (``backends``)."""

@@ -1,0 +1,1 @@
+"""Training: the run and its loop (``runner``), callbacks and loggers, optimizers and the step-size search, checkpoints, and data-parallel training."""
