@@ -23,9 +23,9 @@ from pathlib import Path
 
 import torch
 
+from workbench.cli import main as vibench
 from workbench.compile import compiled_step
 from workbench.report import posterior
-from workbench.cli import main as vibench
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -8,8 +8,8 @@ ref sd <= 0.2 and 0.8 <= r = sd / ref sd <= 1.2 for every parameter). Rows:
 
 - the variant: each posterior's shipped recipe, with ``--set`` overrides and ``--steps``;
 - the automatic pipeline (``--auto``, on by default): ``--set guide=auto`` on the same
-  recipe, so its stages (workbench/auto/pipeline.py, plugins/stages.py) pick the guide, loss, step size
-  and steps; scored with the estimates it reports (importance-weighted where k-hat < 0.7).
+  recipe, so its stages (workbench/auto/pipeline.py, plugins/stages.py) pick the guide, loss,
+  step size and steps; scored with the estimates it reports (importance-weighted where k-hat < 0.7).
   "converged at" gives the step at which each of its fits stopped at convergence
   (``train.stop: converged``), or "cap" where one ran all its steps;
   "flagged?" is whether its summary's ``auto.flags`` warn (R-hat > 1.01, k-hat > 0.7); for
@@ -23,7 +23,8 @@ Every run has TensorBoard, plots and Eval/loss off (``loggers=[]``, ``train.plot
 ``train.eval_every=0``): they cost time and never change the fit.
 
     python benchmarks/posteriordb.py [--steps N] [--set KEY=VALUE ...] [--seeds N]
-        [--first-seed F] [--posteriors garch11,nes] [--no-auto] [--no-recipe] [--no-advi] [--advi-lrs 0.1,0.03,0.01]
+        [--first-seed F] [--posteriors garch11,nes] [--no-auto] [--no-recipe] [--no-advi]
+        [--advi-lrs 0.1,0.03,0.01]
         [--advi-search-steps 100] [--out DIR] [--threads N]
 """
 

@@ -78,8 +78,8 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     print(f"steps/s, medians of {args.repeats} alternated repeats of {args.steps} steps, "
           f"{args.threads} thread(s); torch {torch.__version__}, pyro {pyro.__version__}\n")
-    print(f"| posterior | guide | plain Pyro steps/s | vibench compiled steps/s | ratio | "
-          f"compile s |\n|---|---|---|---|---|---|")
+    print("| posterior | guide | plain Pyro steps/s | vibench compiled steps/s | ratio | "
+          "compile s |\n|---|---|---|---|---|---|")
     for posterior in args.posteriors.split(","):
         for guide in args.guides.split(","):
             try:

@@ -29,7 +29,7 @@ def synthetic_coin(n: int = 100, p: float = 0.3, seed: int = 0):
     return {"flips": (_uniform(rng, n) < p).float()}
 
 
-def synthetic_regression(n: int = 200, coefficients: list[float] = [1.5, -2.0, 0.5],
+def synthetic_regression(n: int = 200, coefficients: list[float] = [1.5, -2.0, 0.5],  # noqa: B006 (shown by vibench list; never changed)
                          intercept: float = 1.0, noise: float = 0.5, seed: int = 0):
     """Synthetic linear-regression data x, y with known coefficients, intercept and noise.
 
@@ -46,7 +46,7 @@ def synthetic_regression(n: int = 200, coefficients: list[float] = [1.5, -2.0, 0
     return {"x": x, "y": y}
 
 
-def synthetic_classification(n: int = 500, coefficients: list[float] = [2.0, -1.0],
+def synthetic_classification(n: int = 500, coefficients: list[float] = [2.0, -1.0],  # noqa: B006 (shown by vibench list; never changed)
                              intercept: float = 0.5, seed: int = 0):
     """Synthetic logistic-regression data x, y (0 or 1) with known coefficients and intercept.
 
@@ -62,7 +62,7 @@ def synthetic_classification(n: int = 500, coefficients: list[float] = [2.0, -1.
     return {"x": x, "y": (_uniform(rng, n) < torch.sigmoid(logits)).float()}
 
 
-def synthetic_mixture(n: int = 500, locs: list[float] = [-3.0, 3.0],
+def synthetic_mixture(n: int = 500, locs: list[float] = [-3.0, 3.0],  # noqa: B006 (shown by vibench list; never changed)
                       weights: list[float] | None = None, scale: float = 1.0, seed: int = 0):
     """Synthetic mixture data y: n draws from Normal(locs[k], scale), k picked by weights.
 

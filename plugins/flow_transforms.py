@@ -12,9 +12,9 @@ from torch import nn
 def laplace_start(guide, args: tuple, kwargs: dict) -> list[str]:
     """Put the guide's fixed affine map at the Laplace approximation: the mode by L-BFGS and
     the inverse Hessian there (or its diagonal's inverse where that is all there is)."""
-    from vibench_plugins import laplace
-
     from pyro.infer.autoguide.initialization import InitMessenger, init_to_feasible
+
+    from vibench_plugins import laplace
 
     sites = laplace.layout(guide)
     with InitMessenger(init_to_feasible):  # a draw from an improper prior may be no number

@@ -1,10 +1,10 @@
 """A full-rank Gaussian guide, optionally with normalizing flows, fitted in whitened
 coordinates: z = m + C (a + S f(eps)), with (m, C) a fixed start (the Laplace approximation
-with ``init: laplace``, Pathfinder's with ``init: pathfinder``, or a fitted Gaussian given to ``start_at``), a and S (lower
-triangular) learnt, and f inverse autoregressive flows (Kingma et al. 2016) whose last layers
-start at zero, so that f starts as the identity and the guide as N(m, C C'). Learning a and S
-instead of the Gaussian's own location and Cholesky factor makes one step size fit every
-coordinate: a step of 0.01 is 0.01 posterior sds in each direction, whether a coefficient's sd
+with ``init: laplace``, Pathfinder's with ``init: pathfinder``, or a fitted Gaussian given to
+``start_at``), a and S (lower triangular) learnt, and f inverse autoregressive flows (Kingma et
+al. 2016) whose last layers start at zero, so that f starts as the identity and the guide as
+N(m, C C'). Learning a and S instead of the Gaussian's own location and Cholesky factor makes
+one step size fit every coordinate: a step of 0.01 is 0.01 posterior sds in each direction, whether a coefficient's sd
 is 30 or 0.007 (kilpisjarvi's). Pyro's AutoIAFNormal starts at N(0, I) instead.
 """
 
@@ -28,8 +28,13 @@ def auto_gaussian_flow(model, num_transforms: int = 2, hidden_factor: int = 4,
     from pyro.distributions.torch_transform import ComposeTransformModule
     from pyro.infer.autoguide import AutoNormalizingFlow
 
-    from vibench_plugins.flow_transforms import (CholeskyAffine, FixedAffine, iaf_stack,
-                                                 laplace_start, pathfinder_start)
+    from vibench_plugins.flow_transforms import (
+        CholeskyAffine,
+        FixedAffine,
+        iaf_stack,
+        laplace_start,
+        pathfinder_start,
+    )
     from vibench_plugins.guides import _continuous, _init_loc, _positive
 
     if num_transforms < 0 or hidden_factor < 1:

@@ -1,12 +1,12 @@
 """Default guides (variational families): the seed's Beta guide and Pyro's autoguides."""
 
-from functools import lru_cache
-from typing import Literal, Union
+from functools import cache
+from typing import Literal
 
 from workbench import hookimpl
 
 # How an autoguide picks its starting point: a Pyro strategy by name, or values per site.
-InitLoc = Union[Literal["median", "mean", "sample", "feasible"], dict]
+InitLoc = Literal["median", "mean", "sample", "feasible"] | dict
 # How a Gaussian autoguide starts: at init_loc with init_scale, at the Laplace approximation
 # (the mode, found from init_loc, and the inverse Hessian there; see laplace.py), or at
 # Pathfinder's best Gaussian (4 paths, the first from init_loc; see pathfinder.py).
@@ -44,8 +44,10 @@ class BetaGuide:
         if self.sites is None:
             self.sites = self._find_sites(*args, **kwargs)
         for site, (alpha_name, beta_name, shape) in self.sites.items():
-            log_alpha = pyro.param(alpha_name, lambda: torch.full(shape, float(self.init[0])).log())
-            log_beta = pyro.param(beta_name, lambda: torch.full(shape, float(self.init[1])).log())
+            log_alpha = pyro.param(
+                alpha_name, lambda shape=shape: torch.full(shape, float(self.init[0])).log())
+            log_beta = pyro.param(
+                beta_name, lambda shape=shape: torch.full(shape, float(self.init[1])).log())
             fn = dist.Beta(log_alpha.exp(), log_beta.exp())
             pyro.sample(site, fn.to_event(len(shape)))
 
@@ -119,6 +121,7 @@ def pathfinder(model, num_paths: int = 4, max_iter: int = 1000, history: int = 2
     draws' moments where k-hat < 0.7, else the best path's Gaussian; train.steps 0 keeps it
     as Pathfinder left it, more steps go on with SVI from there."""
     from pyro.infer.autoguide import AutoMultivariateNormal
+
     from vibench_plugins.pathfinder import check_options
 
     check_options(num_paths, max_iter, history, draws)
@@ -169,7 +172,7 @@ def _gaussian(cls, model, init: str, **options):
     return guide
 
 
-@lru_cache(maxsize=None)
+@cache
 def _start_class(cls, init: str):
     """``cls`` with the start ``init`` names, under the same name: its parameters keep their
     names."""
@@ -191,8 +194,8 @@ def _continuous(model):
 
 def _init_loc(init_loc):
     """Pyro's init strategy for a name, or init_to_value for per-site values."""
-    from pyro.infer import autoguide
     import torch
+    from pyro.infer import autoguide
 
     strategies = {"median": autoguide.init_to_median, "mean": autoguide.init_to_mean,
                   "sample": autoguide.init_to_sample, "feasible": autoguide.init_to_feasible}

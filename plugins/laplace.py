@@ -12,12 +12,11 @@ created the guide's parameters and before training; it overwrites them in place.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 from pyro import poutine
-
 from pyro.nn.module import PyroModule
 from pyro.poutine.util import site_is_subsample
 from torch.distributions import biject_to, transform_to
@@ -249,8 +248,12 @@ def write(guide, sites: list[Site], mode: torch.Tensor, covariance: torch.Tensor
           precision_diag: torch.Tensor | None) -> None:
     """Overwrite the guide's parameters in place: its location with the mode, its scales with
     the Laplace Gaussian's (as much of it as the family holds)."""
-    from pyro.infer.autoguide import (AutoDiagonalNormal, AutoLowRankMultivariateNormal,
-                                      AutoMultivariateNormal, AutoNormal)
+    from pyro.infer.autoguide import (
+        AutoDiagonalNormal,
+        AutoLowRankMultivariateNormal,
+        AutoMultivariateNormal,
+        AutoNormal,
+    )
 
     positive = transform_to(guide.scale_constraint)
     with torch.no_grad():

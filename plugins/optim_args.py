@@ -18,7 +18,8 @@ class PerParam:
         self.rules = dict(rules or {})
         for pattern, settings in self.rules.items():
             if not isinstance(settings, dict):
-                raise ValueError(f"rule {pattern!r}: expected a mapping of settings, got {settings!r}")
+                raise ValueError(f"rule {pattern!r}: expected a mapping of settings, "
+                                 f"got {settings!r}")
 
     def __call__(self, param_name: str) -> dict:
         settings = {}

@@ -23,13 +23,15 @@ weights divide by the paths' mixture (see the functions).
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import pyro
 import torch
 
 from vibench_plugins import laplace
+from workbench.device import default_dtype
+from workbench.report.thresholds import khat_trusted
 
 NUM_PATHS = 4
 MAX_ITER = 1000  # L-BFGS iterations per path at most
@@ -41,7 +43,6 @@ FINAL_DRAWS = 50  # ... from this many draws
 PSIS_DRAWS = 1000
 # Below this k-hat the weighted draws' moments are trusted (Yao et al. 2018) and the guide
 # takes them, if their effective sample size is MOMENT_ESS times the dimension or more.
-KHAT_TRUSTED = 0.7
 MOMENT_ESS = 5  # draws from the paths' best Gaussians, pooled, for PSIS's k-hat
 MAX_DENSE_DIM = laplace.MAX_HESSIAN_DIM  # beyond it the guide gets the location and scales
 CURVATURE_EPS = 1e-12  # a pair with s'y <= this |y|^2 is dropped (Algorithm 3)
@@ -282,6 +283,7 @@ def batch_potential(model, sites: list[laplace.Site], args: tuple, kwargs: dict,
     plate of n draws where its first evaluation agrees with ``potential`` row by row (as
     Pyro's vectorised particles), else one trace a row."""
     from pyro import poutine
+
     from workbench.report.posterior import log_joint, plate_nesting
 
     nesting = plate_nesting(poutine.trace(model).get_trace(*args, **kwargs))
@@ -371,8 +373,8 @@ def multi_path(potential: Callable, potentials: Callable, starts: list[torch.Ten
     and a resample of it. Where the dimension allows (the dense covariances), a draw's weight
     divides by the equal mixture of the paths' Gaussians, not by its own path's alone (the
     paper's): the balance heuristic (Veach and Guibas 1995), whose weights stay bounded
-    wherever some path covers the posterior. The best Gaussian is the one whose ELBO from these fresh draws is
-    highest: the path's own estimate, a maximum over its iterates, is biased up."""
+    wherever some path covers the posterior. The best Gaussian is the one whose ELBO from these
+    fresh draws is highest: the path's own estimate, a maximum over its iterates, is biased up."""
     from workbench.report.posterior import psis
 
     paths = [single_path(potential, potentials, start, max_iter, history, draws)
@@ -478,21 +480,18 @@ def approximate(guide, sites: list[laplace.Site], args: tuple, kwargs: dict,
     result = None
     for dtype in dict.fromkeys([torch.float64, first.dtype]):
         wide_args, wide_kwargs = _cast((args, kwargs), dtype)
-        previous = torch.get_default_dtype()
-        torch.set_default_dtype(dtype)
         try:
-            potential = laplace.potential_fn(guide.model, sites, wide_args, wide_kwargs)
-            start = first.to(dtype)
-            potential(start)  # a model that holds tensors of its own dtype refuses float64
-            starts = [start] + [torch.rand_like(start) * 4 - 2 for _ in range(num_paths - 1)]
-            potentials = batch_potential(guide.model, sites, wide_args, wide_kwargs, potential)
-            result = multi_path(potential, potentials, starts, max_iter, history, draws)
+            with default_dtype(dtype):
+                potential = laplace.potential_fn(guide.model, sites, wide_args, wide_kwargs)
+                start = first.to(dtype)
+                potential(start)  # a model that holds tensors of its own dtype refuses float64
+                starts = [start] + [torch.rand_like(start) * 4 - 2 for _ in range(num_paths - 1)]
+                potentials = batch_potential(guide.model, sites, wide_args, wide_kwargs, potential)
+                result = multi_path(potential, potentials, starts, max_iter, history, draws)
             break
         except RuntimeError:
             if dtype == first.dtype:
                 raise
-        finally:
-            torch.set_default_dtype(previous)
     guide.pathfinder_result = result
     if result.best is None:
         return None, [f"pathfinder: no path found a Gaussian with a finite ELBO in {num_paths} "
@@ -500,7 +499,7 @@ def approximate(guide, sites: list[laplace.Site], args: tuple, kwargs: dict,
                 "its default start"]
     best = result.best
     dense = best.mean.numel() <= MAX_DENSE_DIM
-    if result.moments is not None and result.khat < KHAT_TRUSTED:
+    if result.moments is not None and khat_trusted(result.khat):
         mean, covariance = result.moments
         precision_diag = torch.linalg.inv(covariance).diagonal()
         source = "the importance-weighted draws' mean and covariance"

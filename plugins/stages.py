@@ -17,6 +17,7 @@ import math
 from typing import Literal
 
 from workbench import hookimpl
+from workbench.report.thresholds import KHAT_TRUSTED, RHAT_AGREE
 from workbench.rundir.jsonsafe import numbers
 
 # full rank: a Gaussian learnt in coordinates whitened by its start (plugins/flows.py)
@@ -159,7 +160,7 @@ def _overdispersed(gaussian, spread: float, seed: int):
     return start
 
 
-def rhat(threshold: float = 1.01):
+def rhat(threshold: float = RHAT_AGREE):
     """R-hat across the independent fits' posterior draws; flag the result above threshold."""
     return RHat(threshold)
 
@@ -191,7 +192,7 @@ def between_fits(posteriors: list[dict]) -> dict[str, float]:
     sqrt(1 + B / W), B the variance of the fits' means, W the mean of their variances (Gelman
     and Rubin's R-hat as the chains grow long)."""
     found = {}
-    for site, first in posteriors[0].items():
+    for site in posteriors[0]:
         means = [numbers(post[site]["mean"]) for post in posteriors]
         sds = [numbers(post[site]["std"]) for post in posteriors]
         for i in range(len(means[0])):
@@ -205,7 +206,7 @@ def between_fits(posteriors: list[dict]) -> dict[str, float]:
     return found
 
 
-def flow(khat: float = 0.7, num_transforms: int = 2, hidden_factor: int = 4,
+def flow(khat: float = KHAT_TRUSTED, num_transforms: int = 2, hidden_factor: int = 4,
          lr: float | str = "auto", num_particles: int = 4,
          estimator: Literal["stl", "reparam"] = "stl", max_steps: int | None = 300,
          window: int = 100, skl: float = 0.001, lr_factor: float = 0.5, rhat: float = 1.1):
@@ -253,11 +254,11 @@ class Flow:
                 f"({fit.ending()}); kept the Gaussian")
 
 
-def psis(khat: float = 0.7):
+def psis(khat: float = KHAT_TRUSTED):
     """Report importance-weighted (PSIS) estimates of the fits whose k-hat is below khat."""
-    if not 0 < khat <= 0.7:
-        raise ValueError(f"khat must be in (0, 0.7] (the report weighs only below 0.7), "
-                         f"got {khat!r}")
+    if not 0 < khat <= KHAT_TRUSTED:
+        raise ValueError(f"khat must be in (0, {KHAT_TRUSTED}] (the report weighs only up to "
+                         f"{KHAT_TRUSTED}), got {khat!r}")
     return PSIS(khat)
 
 

@@ -1,4 +1,5 @@
-"""A coin's fairness from its flips: a plain Pyro model, no package, named by recipes/my_model.yaml."""
+"""A coin's fairness from its flips: a plain Pyro model, no package, named by
+recipes/my_model.yaml."""
 
 import pyro
 import pyro.distributions as dist

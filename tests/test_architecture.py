@@ -12,7 +12,8 @@ from conftest import REPO
 
 # Each room may import only from rooms before it (and itself).
 ORDER = ["errors", "hookspecs", "signals", "progress", "distributed", "seams", "rundir", "data",
-         "config", "plugins", "report", "compile", "train", "auto", "compare", "service", "cli"]
+         "config", "device", "plugins", "report", "compile", "train", "auto", "compare",
+         "service", "cli"]
 
 
 def room(module: str) -> str:

@@ -12,10 +12,10 @@ import yaml
 from conftest import vibench
 from workbench import service
 from workbench.auto import pipeline
-from workbench.train.callbacks import iterate_rhat
-from workbench.rundir.jsonsafe import numbers
 from workbench.config.recipe import DEFAULT_STAGES, resolve
 from workbench.plugins.registry import get_registry
+from workbench.rundir.jsonsafe import numbers
+from workbench.train.callbacks import iterate_rhat
 
 HERE = Path(__file__).resolve().parent
 QUIET = {"loggers": [], "train": {"plots": False, "eval_every": 0}}

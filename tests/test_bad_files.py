@@ -9,8 +9,8 @@ import os
 import random
 import struct
 import zipfile
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import numpy
 import pytest
@@ -90,7 +90,7 @@ BAD_FILES: list[tuple[str, Callable[[], bytes], str]] = [
      "flips.npz member 'flips.npy': holds object values"),
     ("flips.npz", lambda: b"PK\x05\x06" + struct.pack("<HHHHIIH", 0, 0, 1, 1, 50 * MB, 0, 0),
      "lists too many arrays"),
-    ("flips.csv", lambda: "flips,flips\n1,0\n1,1\n0,0\n".encode(),
+    ("flips.csv", lambda: b"flips,flips\n1,0\n1,1\n0,0\n",
      "flips.csv: the header names column 'flips' twice (columns 1 and 2); give each column "
      "its own name"),
     ("flips.csv", lambda: b'flips\n"' + b"1" * 200_000 + b'"\n',

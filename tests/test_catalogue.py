@@ -11,8 +11,8 @@ import pytest
 from tests.conftest import COIN
 from workbench.config import recipe as recipes
 from workbench.errors import UsageError
-from workbench.seams import torch_optimizer
 from workbench.plugins.registry import get_registry
+from workbench.seams import torch_optimizer
 from workbench.train.runner import Run
 
 EXACT_MEAN, MODE = 16 / 30, 15 / 28
@@ -27,7 +27,8 @@ FAST = ["optimizer.lr=0.05", "optimizer.schedule=exponential", "optimizer.schedu
 
 def defaults(kind: str) -> list[str]:
     registry = get_registry()
-    return [n for n in registry.names(kind) if registry.components[kind][n].plugin.startswith("vibench.")]
+    return [n for n in registry.names(kind)
+            if registry.components[kind][n].plugin.startswith("vibench.")]
 
 
 def prepare(*sets: str) -> Run:

@@ -95,7 +95,8 @@ def test_list_shows_every_component_with_plugin_options_and_description():
     assert "data_arguments" not in beta
 
     text = vibench("list").stdout
-    assert "beta_bernoulli" in text and "init_alpha=15.0" in text and "[plugin vibench.guides]" in text
+    assert "beta_bernoulli" in text and "init_alpha=15.0" in text
+    assert "[plugin vibench.guides]" in text
     assert "data: flips" in text
 
 
@@ -178,7 +179,8 @@ def test_version_is_the_installed_package_version():
     from importlib.metadata import version
 
     result = vibench("--version")
-    assert (result.returncode, result.stdout, result.stderr) == (0, f"vibench {version('vibench')}\n", "")
+    expected = (0, f"vibench {version('vibench')}\n", "")
+    assert (result.returncode, result.stdout, result.stderr) == expected
 
 
 def test_bare_vibench_shows_the_help_and_exits_0():
@@ -215,7 +217,8 @@ def test_the_app_s_help_shows_completion_and_no_bool_labels():
 def test_ctrl_c_stops_saves_and_exits_130(tmp_path: Path):
     out = tmp_path / "r"
     child = subprocess.Popen(
-        [sys.executable, "-m", "workbench", "run", str(COIN), "--steps", "1000000", "--out", str(out)],
+        [sys.executable, "-m", "workbench", "run", str(COIN), "--steps", "1000000",
+         "--out", str(out)],
         cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )
     deadline = time.monotonic() + 120

@@ -20,10 +20,10 @@ from tests.test_catalogue import EXACT_MEAN, EXACT_STD, REFUSED, defaults, prepa
 from tests.test_resume import FlakyPlugin
 from workbench.compile import compiled_step
 from workbench.config import recipe as recipes
-from workbench.train import checkpoint
 from workbench.errors import UsageError
-from workbench.seams import torch_optimizer
 from workbench.plugins.registry import collect, get_registry, make_plugin_manager
+from workbench.seams import torch_optimizer
+from workbench.train import checkpoint
 from workbench.train.runner import Run
 
 # What keeps a default loss from compiling; every other pair must compile.
@@ -348,7 +348,8 @@ def test_a_packaged_step_is_keyed_by_what_it_runs(tmp_path: Path, monkeypatch):
     assert record != package_cache.record(_toy(), [inputs[0], inputs[1].double()])
     assert record != package_cache.record(_toy(), [inputs[0], inputs[1].t().contiguous().t()])
     a, b = torch.ones(3), torch.zeros(3)
-    assert package_cache.record(torch.sub, [a, b]) != package_cache.record(lambda x, y: y - x, [a, b])
+    swapped = package_cache.record(lambda x, y: y - x, [a, b])
+    assert package_cache.record(torch.sub, [a, b]) != swapped
     key = package_cache.key(record, inputs, 2, [((0.9, 0.999), 1e-8, 0)])
     assert key != package_cache.key(record, inputs, 2, [((0.9, 0.99), 1e-8, 0)])
     path = package_cache._path(key)
@@ -372,7 +373,8 @@ def test_the_package_folder_is_inductors_cache_found_without_importing_inductor(
     env = {k: v for k, v in os.environ.items() if k != "TORCHINDUCTOR_CACHE_DIR"}
     if given:
         env["TORCHINDUCTOR_CACHE_DIR"] = str(tmp_path / "cache")
-    probe = ("import sys; from workbench.compile import package_cache; mine = package_cache.cache_dir()\n"
+    probe = ("import sys; from workbench.compile import package_cache\n"
+             "mine = package_cache.cache_dir()\n"
              "print(any(m.startswith(('torch._inductor', 'torch._dynamo')) for m in sys.modules))\n"
              "from torch._inductor.runtime.cache_dir_utils import cache_dir\n"
              "print(str(mine) == cache_dir())")

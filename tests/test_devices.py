@@ -9,11 +9,11 @@ import math
 import pyro
 import torch
 
+from workbench.data.minibatch import Minibatch
+from workbench.device import run_context
+from workbench.report.posterior import psis
 from workbench.train import checkpoint
 from workbench.train.callbacks import Averaging
-from workbench.data.minibatch import Minibatch
-from workbench.report.posterior import psis
-from workbench.train.runner import run_context
 
 META = torch.device("meta")
 

@@ -19,9 +19,9 @@ from pyro import poutine
 from pyro.infer import Trace_ELBO
 
 from tests.conftest import REPO, checkpointed_step, wait_for_checkpoint
+from workbench.data.minibatch import Minibatch
 from workbench.data.sources import Rows, read_file
 from workbench.distributed import World
-from workbench.data.minibatch import Minibatch
 from workbench.plugins.registry import get_registry
 from workbench.train.tensors import load_data, shard
 

@@ -12,8 +12,8 @@ import pytest
 import torch
 
 from tests.test_catalogue import EXACT_STD, FAST, TOLERANCE, prepare, train
+from workbench.device import run_context
 from workbench.errors import UsageError
-from workbench.train.runner import run_context
 
 GAUSSIAN = ["auto_normal", "auto_diagonal_normal", "auto_multivariate_normal",
             "auto_lowrank_multivariate_normal"]
@@ -143,6 +143,7 @@ def test_stl_refuses_what_it_cannot_apply_to():
 def coin_guide(loc: float, scale: float):
     """auto_normal on the coin, set to Normal(loc, scale) in logit space."""
     from pyro.distributions import constraints
+
     from vibench_plugins import guides
     from vibench_plugins.models import BetaBernoulli
 

@@ -265,8 +265,8 @@ def test_a_scalar_observation_is_written_and_read_back(tmp_path: Path):
 
 def test_a_failing_writer_costs_the_run_nothing(tmp_path: Path, monkeypatch):
     from workbench import service
-    from workbench.report import inference_data
     from workbench.plugins.registry import get_registry
+    from workbench.report import inference_data
 
     def broken(*args, **kwargs):
         raise RuntimeError("no space for draws")

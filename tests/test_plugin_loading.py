@@ -22,11 +22,17 @@ import torch
 
 from tests.conftest import COIN, REPO
 from tests.conftest import vibench as run_vibench
-from tests.test_third_party_plugins import (_env, _vibench_script, by_name, pip_install, vibench,
-                                            write_package)
+from tests.test_third_party_plugins import (
+    _env,
+    _vibench_script,
+    by_name,
+    pip_install,
+    vibench,
+    write_package,
+)
 from workbench import hookimpl, hookspecs
-from workbench.errors import UsageError, did_you_mean
 from workbench.config.options import Option, read_options
+from workbench.errors import UsageError, did_you_mean
 from workbench.plugins.registry import collect
 
 

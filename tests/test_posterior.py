@@ -13,8 +13,12 @@ from pyro import poutine
 from pyro.infer import SVI, Trace_ELBO
 from pyro.optim import ClippedAdam
 
-from vibench_plugins.guides import (auto_delta, auto_diagonal_normal, auto_multivariate_normal,
-                                    auto_normal)
+from vibench_plugins.guides import (
+    auto_delta,
+    auto_diagonal_normal,
+    auto_multivariate_normal,
+    auto_normal,
+)
 from vibench_plugins.models import BetaBernoulli
 from workbench.report import posterior
 

@@ -12,10 +12,10 @@ import pytest
 import torch
 
 from workbench import hookimpl
-from workbench.config import recipe as recipes
-from workbench.report import reference
 from workbench.cli import report_lines
+from workbench.config import recipe as recipes
 from workbench.plugins.registry import collect, make_plugin_manager
+from workbench.report import reference
 from workbench.train.runner import Run
 
 X = [[0.5, -1.0], [1.5, -0.5], [1.0, -2.0], [0.0, -1.5], [2.0, -1.0]]

@@ -8,8 +8,8 @@ import sys
 
 import pyro.optim
 import torch
-from conftest import REPO
 
+from conftest import REPO
 from workbench.seams import torch_optimizer
 
 

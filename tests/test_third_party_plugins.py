@@ -200,7 +200,8 @@ def broken_site(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("broken")
     src = root / "src"
     packages = [
-        write_package(src, "vibench-tp-broken", "tp_broken", "tp_broken_import", BROKEN_IMPORT_SOURCE),
+        write_package(src, "vibench-tp-broken", "tp_broken", "tp_broken_import",
+                      BROKEN_IMPORT_SOURCE),
         write_package(src, "vibench-tp-typo", "tp_typo", "tp_typo", MISSPELT_SOURCE),
         write_package(src, "vibench-tp-guides", "tp_guides", "tp_guides", GOOD_SOURCE),
     ]
@@ -319,7 +320,8 @@ def test_run_warns_about_broken_plugin_and_still_works(broken_site, tmp_path):
     assert result.returncode == 0, result.stderr
     assert "Traceback" not in result.stderr
     warnings = [l for l in result.stderr.splitlines() if l.startswith("warning")]
-    assert any("tp_broken_import" in l and "exploded on purpose" in l for l in warnings), result.stderr
+    assert any("tp_broken_import" in line and "exploded on purpose" in line
+               for line in warnings), result.stderr
     summary = json.loads((out / "summary.json").read_text())
     assert summary["recipe"]["guide"]["name"] == "beta"
     assert summary["steps"] == 10

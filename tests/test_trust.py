@@ -15,8 +15,7 @@ import pytest
 import torch
 import yaml
 
-from tests.conftest import (COIN, REPO, checkpointed_step, start, vibench,
-                            wait_for_checkpoint)
+from tests.conftest import COIN, REPO, checkpointed_step, start, vibench, wait_for_checkpoint
 from workbench import hookimpl
 
 LINEAR = REPO / "recipes" / "linear_regression.yaml"

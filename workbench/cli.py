@@ -14,8 +14,9 @@ import os
 import signal
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated, Any, Callable, Optional
+from typing import Annotated, Any
 
 import typer
 from typer.core import TyperGroup
@@ -110,23 +111,23 @@ def _stoppable(command: Callable) -> Callable:
 @app.command()
 @_stoppable
 def run(
-    recipe: Annotated[Optional[Path], typer.Argument(
+    recipe: Annotated[Path | None, typer.Argument(
         help="The recipe, a YAML file.", show_default=False)] = None,
     set_: Annotated[
-        Optional[list[str]],
+        list[str] | None,
         typer.Option("--set", metavar="KEY=VALUE", show_default=False,
                      help="Change the recipe: loss.num_particles=16, or guide=auto_normal to "
                           "swap a whole component. The value is YAML. Repeatable."),
     ] = None,
-    out: Annotated[Optional[Path], typer.Option(
+    out: Annotated[Path | None, typer.Option(
         help="The run directory (new or empty). Default: runs/<name>-<timestamp>.")] = None,
-    device: Annotated[Optional[str], typer.Option(help="auto, cpu or cuda.")] = None,
-    seed: Annotated[Optional[int], typer.Option(help="The random seed.")] = None,
-    steps: Annotated[Optional[int], typer.Option(help="The number of SVI steps.")] = None,
-    resume: Annotated[Optional[Path], typer.Option(
+    device: Annotated[str | None, typer.Option(help="auto, cpu or cuda.")] = None,
+    seed: Annotated[int | None, typer.Option(help="The random seed.")] = None,
+    steps: Annotated[int | None, typer.Option(help="The number of SVI steps.")] = None,
+    resume: Annotated[Path | None, typer.Option(
         help="Go on with a stopped run, in its directory, from its last checkpoint.",
         show_default=False)] = None,
-    threads: Annotated[Optional[int], typer.Option(
+    threads: Annotated[int | None, typer.Option(
         min=1, help="CPU threads for torch. Default: torch's (every core); fewer when "
                     "several runs share the machine.")] = None,
 ) -> None:
@@ -143,8 +144,7 @@ def run(
       vibench run --resume runs/coin-20261125-141502 --steps 8000
       vibench run recipes/coin.yaml --threads 1
     """
-    from workbench import service
-    from workbench import distributed
+    from workbench import distributed, service
     from workbench.errors import UsageError
     from workbench.plugins.registry import get_registry
 
@@ -179,7 +179,7 @@ def run(
 
 @app.command("list")
 def list_components(
-    kind: Annotated[Optional[str], typer.Argument(
+    kind: Annotated[str | None, typer.Argument(
         help="Only this kind: model, dataset, guide, loss, optimizer, optim_args or schedule.",
         metavar="KIND", show_default=False)] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
@@ -193,9 +193,9 @@ def list_components(
       vibench list guide
       vibench list model --json
     """
-    from workbench.rundir import jsonsafe
     from workbench.errors import UsageError, did_you_mean
     from workbench.plugins.registry import KINDS, get_registry
+    from workbench.rundir import jsonsafe
     from workbench.service import data_arguments
 
     if kind is not None and kind not in KINDS:
@@ -271,7 +271,7 @@ def compare(
         help="The recipe, a YAML file; or several (a suite: each runs with every grid "
              "combination, and the table has a row per recipe).", show_default=False)],
     grid: Annotated[
-        Optional[list[str]],
+        list[str] | None,
         typer.Option("--grid", metavar="KEY=V1,V2", show_default=False,
                      help="Values to compare: optimizer.lr=0.01,0.05, or guide=beta,auto_normal "
                           "to swap whole components. Each value is YAML, as for --set. "
@@ -279,18 +279,18 @@ def compare(
     ] = None,
     seeds: Annotated[int, typer.Option(min=1, help="Run each combination with seeds 0..N-1.")] = 1,
     set_: Annotated[
-        Optional[list[str]],
+        list[str] | None,
         typer.Option("--set", metavar="KEY=VALUE", show_default=False,
                      help="Change the recipe for every run (the grid goes on top). Repeatable."),
     ] = None,
-    steps: Annotated[Optional[int], typer.Option(min=1, help="The number of SVI steps.")] = None,
-    jobs: Annotated[Optional[int], typer.Option(
+    steps: Annotated[int | None, typer.Option(min=1, help="The number of SVI steps.")] = None,
+    jobs: Annotated[int | None, typer.Option(
         min=1, help="Runs at a time. Default: one per CPU core (with --backend ray: all, "
                      "as the cluster has room).")] = None,
-    out: Annotated[Optional[Path], typer.Option(
+    out: Annotated[Path | None, typer.Option(
         help="The compare directory (new or empty). Default: runs/compare-<name>-<timestamp>.")
     ] = None,
-    timeout: Annotated[Optional[float], typer.Option(
+    timeout: Annotated[float | None, typer.Option(
         metavar="SECONDS", show_default=False,
         help="Stop a run that takes longer (SIGTERM: it saves, then is killed if it does not "
              "stop); it is reported as timed out and the others go on. Default: no limit.")
@@ -299,14 +299,14 @@ def compare(
         metavar="local|ray",
         help="Where the runs go: child processes here, or Ray tasks on a Ray cluster "
              "(pip install 'vibench\\[ray]').")] = "local",
-    address: Annotated[Optional[str], typer.Option(
+    address: Annotated[str | None, typer.Option(
         show_default=False,
         help="With --backend ray: the cluster to use (as for ray.init; default RAY_ADDRESS, "
              "else a Ray started for this comparison on this machine's cores).")] = None,
-    cpus_per_run: Annotated[Optional[float], typer.Option(
+    cpus_per_run: Annotated[float | None, typer.Option(
         show_default=False, help="With --backend ray: CPUs each run's task asks for. "
                                  "Default: 1.")] = None,
-    gpus_per_run: Annotated[Optional[float], typer.Option(
+    gpus_per_run: Annotated[float | None, typer.Option(
         show_default=False, help="With --backend ray: GPUs each run's task asks for (a run "
                                  "with device auto uses the one Ray gives it). Default: 0.")
     ] = None,
@@ -324,7 +324,7 @@ def compare(
       vibench compare recipes/coin.yaml --grid guide=beta,auto_normal
       vibench compare recipes/coin.yaml --grid optimizer.lr=0.01,0.05 --seeds 3
       vibench compare recipes/coin.yaml --grid loss=elbo,renyi_elbo --jobs 2
-      vibench compare recipes/coin.yaml --grid guide=beta,auto_normal --backend ray --address HOST:6379
+      vibench compare recipes/coin.yaml --grid loss=elbo,iwae --backend ray --address HOST:6379
       vibench compare packages/vibench-posteriordb/recipes/*.yaml --grid guide=auto,auto_normal
     """
     from workbench.compare.grid import compare as run_compare

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import difflib
-from typing import Iterable
+from collections.abc import Iterable
 
 
 class VibenchError(Exception):
@@ -74,7 +74,10 @@ def did_you_mean(word: str, choices: Iterable[str], see: str = "") -> str:
 
 
 def one_line(exc: BaseException) -> str:
-    """An exception's message on one line, without the trace tables Pyro appends."""
+    """An exception's message on one line, without the trace tables Pyro appends; for an
+    operating system's error, its reason alone (the caller names the file)."""
+    if isinstance(exc, OSError) and exc.strerror:
+        return exc.strerror
     lines = []
     for line in str(exc).strip().splitlines():
         if line.strip().startswith("Trace Shapes"):

@@ -15,25 +15,23 @@ import math
 import os
 import shutil
 import sys
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
-from workbench.rundir import files
 from workbench.config import recipe as recipes
 from workbench.errors import UsageError, one_line
 from workbench.plugins.registry import Registry
-from workbench.rundir.claim import LOCK, RunDir, claim, reopen
+from workbench.rundir import files
+from workbench.rundir.claim import RunDir, claim, reopen
+from workbench.rundir.layout import CHECKPOINT, LOCK, LOSSES, RECIPE, SUMMARY
 
 # What --resume may change: the remedies for a run that diverged or needs more steps, and how
 # a step runs (train.compile: the state is the same either way; a run made before the key
 # existed resumes).
 RESUMABLE = ("optimizer", "train.steps", "train.skip_bad_steps", "train.compile")
-SUMMARY = "summary.json"
-CHECKPOINT = "checkpoint.pt"  # workbench.train.checkpoint.FILENAME, named here to keep torch out
-LOSSES = "losses.f64"  # workbench.train.runner.LOSSES
-RECIPE = "recipe.yaml"  # the recipe as the run goes, written as training starts
 FINAL_LOSS_STEPS = 100  # summary.json's final_loss is the mean loss of the last 100 steps
 
 
@@ -108,8 +106,8 @@ def resume(run_dir: Path, sets: Sequence[str], registry: Registry) -> Job:
     RESUMABLE names; a recipe.yaml edited to another model, guide, loss or data, or data that
     changed on disk, is refused, since the result would be no run at all."""
     from workbench import distributed
-    from workbench.train import checkpoint
     from workbench.rundir.jsonsafe import plain
+    from workbench.train import checkpoint
     from workbench.train.runner import Run
 
     world = distributed.start()
@@ -123,7 +121,7 @@ def resume(run_dir: Path, sets: Sequence[str], registry: Registry) -> Job:
     try:
         saved = checkpoint.load(run_dir, where)
         _check_world(saved, world.size, where)
-        source = run_dir / "recipe.yaml"
+        source = run_dir / RECIPE
         raw, overridden = recipes.apply_overrides(recipes.load(source), list(sets))
         resolved = recipes.resolve(raw, registry, str(source), overridden,
                                    code=_announce_code(where))
@@ -153,12 +151,13 @@ def load(run_dir: Path, registry: Registry, trust_code: bool = False,
     in Python: ``load(path, get_registry()).guide`` draws from the fitted posterior. Reads
     the checkpoint safely; takes no lock, changes nothing. A run whose recipe names code
     (``file.py:attr``) is refused unless ``trust_code``: the directory may come from anyone."""
+    from workbench.device import run_context
     from workbench.train import checkpoint
-    from workbench.train.runner import Run, run_context
+    from workbench.train.runner import Run
 
     where = where or f"load {run_dir}"
     saved = checkpoint.load(run_dir, where)
-    resolved = recipes.resolve(saved["recipe"], registry, str(run_dir / "recipe.yaml"),
+    resolved = recipes.resolve(saved["recipe"], registry, str(run_dir / RECIPE),
                                code=None if trust_code else _refuse_code(where))
     run = Run.setup(resolved, registry)
     with run_context(run.device, run.dtype):
@@ -188,12 +187,12 @@ def export(run_dir: Path, registry: Registry, trust_code: bool = False) -> Path:
     """posterior.nc (ArviZ InferenceData) for a run, written from what it learned (its last
     checkpoint) on the random stream its report uses, so a run from before posterior.nc
     gets the file its report would have written. Holds the run directory's lock meanwhile."""
+    from workbench.device import run_context
     from workbench.report import inference_data
     from workbench.train import checkpoint
-    from workbench.train.runner import run_context
 
-    if not (run_dir / checkpoint.FILENAME).is_file():
-        raise UsageError(f"{run_dir}: not a vibench run directory (no {checkpoint.FILENAME}); "
+    if not (run_dir / CHECKPOINT).is_file():
+        raise UsageError(f"{run_dir}: not a vibench run directory (no {CHECKPOINT}); "
                          "give the directory `vibench run` wrote")
     where = f"export {run_dir}"
     held = reopen(run_dir, where)

@@ -37,7 +37,8 @@ def main(argv=None) -> int:
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("names", nargs="*", metavar="NAME",
-                        help=f"posteriors to check (default: all): {', '.join(reference.POSTERIORS)}")
+                        help="posteriors to check (default: all): "
+                             f"{', '.join(reference.POSTERIORS)}")
     parser.add_argument("--warmup", type=int, default=500)
     parser.add_argument("--samples", type=int, default=1000)
     parser.add_argument("--seed", type=int, default=0)
@@ -75,7 +76,6 @@ def check(name: str, args) -> bool:
     import torch
     from pyro.infer import MCMC, NUTS
     from pyro.ops.stats import effective_sample_size
-
     from vibench_posteriordb import plugin, reference
 
     model = plugin.MODELS[name]()
@@ -147,7 +147,8 @@ def laplace(model, data, starts: int = 4):
     def pack(unconstrained):
         return torch.cat([unconstrained[name].reshape(-1) for name in names]).detach()
 
-    means = {name: stats["mean"] for name, stats in model.reference_posterior(**data)["params"].items()}
+    params = model.reference_posterior(**data)["params"]
+    means = {name: stats["mean"] for name, stats in params.items()}
     at_mean = model.latent_values(means, torch.get_default_dtype())
     candidates = {"the reference mean": pack({k: transforms[k](v) for k, v in at_mean.items()})}
     for i in range(starts):

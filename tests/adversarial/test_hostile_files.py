@@ -11,15 +11,23 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import COIN, vibench
-from hostile import (can_chown, inflating_checkpoint, link_to_victim, names_code,
-                     others_can_write, owned_by_another_user, rewrite_checkpoint, shared_list,
-                     sparse_file)
+from hostile import (
+    can_chown,
+    inflating_checkpoint,
+    link_to_victim,
+    names_code,
+    others_can_write,
+    owned_by_another_user,
+    rewrite_checkpoint,
+    shared_list,
+    sparse_file,
+)
 
+from conftest import COIN, vibench
 from workbench.compile import package_cache
+from workbench.errors import UsageError
 from workbench.rundir import files
 from workbench.train import checkpoint
-from workbench.errors import UsageError
 
 QUICK = ["--steps", "40", "--set", "train.plots=false", "--set", "train.diagnostics=false"]
 

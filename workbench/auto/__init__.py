@@ -1,1 +1,2 @@
-"""The automatic pipeline: a recipe that names a model and its data but no guide (``pipeline``)."""
+"""The automatic pipeline: a recipe that names a model and its data but no guide
+(``pipeline``)."""

@@ -11,15 +11,16 @@ and why.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import SimpleNamespace
-from typing import Any, Callable
+from typing import Any
 
-from workbench.rundir import files
 from workbench.errors import Interrupted, RunError, UsageError, VibenchError, one_line
 from workbench.plugins.registry import Registry
-
+from workbench.report import thresholds
+from workbench.rundir import files, layout
 
 # What ``vibench list guide`` says of ``guide: auto``.
 DESCRIPTION = ("The automatic pipeline: Gaussian fits from good starts, checked against each "
@@ -115,10 +116,11 @@ class Pipeline:
         or to train is a Fit with the error (an interruption stops the pipeline, and a recipe
         the checks refuse is the user's error)."""
         from workbench.config import recipe as recipes
-        from workbench.train import stepsize
+        from workbench.device import run_context
         from workbench.report.gaussians import fitted_gaussian
         from workbench.rundir.claim import claim
-        from workbench.train.runner import Run, run_context
+        from workbench.train import stepsize
+        from workbench.train.runner import Run
 
         base = {key: self.recipe[key] for key in ("seed", "device", "dtype", "data", "model",
                                                   "loggers")}
@@ -129,7 +131,7 @@ class Pipeline:
                # costs (tens of seconds with a cold cache); the pipeline was measured so
                "train": {**self.recipe["train"], "compile": False, **train}}
         path = self.run_dir / "fits" / label
-        resolved = recipes.resolve(sub, self.registry, str(self.run_dir / "recipe.yaml"))
+        resolved = recipes.resolve(sub, self.registry, str(self.run_dir / layout.RECIPE))
         held = claim(resolved["name"], path)
         try:
             searching = stepsize.wanted(resolved)
@@ -184,8 +186,8 @@ def latent_dimension(recipe: dict, registry: Registry) -> int:
     from pyro.poutine.util import site_is_subsample
     from torch.distributions import biject_to
 
+    from workbench.device import DTYPES, pick_device, run_context
     from workbench.plugins.build import build
-    from workbench.train.runner import DTYPES, pick_device, run_context
     from workbench.train.tensors import load_data
 
     device = pick_device(recipe["device"])
@@ -252,9 +254,9 @@ def assemble(pipeline: Pipeline, records: list[dict], wall: float) -> dict:
     if unchecked:
         flags.append(f"no k-hat for {', '.join(unchecked)} (see its summary.json): its "
                      "estimates could not be checked by importance sampling")
-    if worst is not None and worst > 0.7:
-        flags.append(f"k-hat {worst:.2f} > 0.7: the fit is not a good importance sampler of "
-                     "the posterior; do not trust its estimates")
+    if worst is not None and not thresholds.khat_trusted(worst):
+        flags.append(f"k-hat {worst:.2f} > {thresholds.KHAT_TRUSTED}: the fit is not a good "
+                     "importance sampler of the posterior; do not trust its estimates")
     source = ("importance-weighted (PSIS)" if len(weighted) == len(used) else
               "the guide's own" if not weighted else "mixed (importance-weighted where "
               "k-hat allows)")
@@ -264,7 +266,7 @@ def assemble(pipeline: Pipeline, records: list[dict], wall: float) -> dict:
     diagnostics.pop("sites", None)
     compared = {}
     if pipeline.last_run is not None:
-        from workbench.train.runner import run_context
+        from workbench.device import run_context
 
         run = pipeline.last_run
         with run_context(run.device, run.dtype):

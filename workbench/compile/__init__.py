@@ -1,1 +1,2 @@
-"""The compiled SVI step (``compiled_step``) and the cache of packaged CPU steps (``package_cache``)."""
+"""The compiled SVI step (``compiled_step``) and the cache of packaged CPU steps
+(``package_cache``)."""

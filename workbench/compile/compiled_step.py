@@ -20,8 +20,9 @@ import contextlib
 import hashlib
 import math
 import sys
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any
 
 import pyro
 import torch
@@ -29,8 +30,8 @@ from pyro import poutine
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from workbench.compile import package_cache
-from workbench.rundir import files
 from workbench.errors import UsageError, one_line
+from workbench.rundir import files
 from workbench.seams import torch_optimizer
 
 # the code that wraps, rewrites, compiles and packages a step: part of a packaged step's key,
@@ -215,7 +216,8 @@ def compile_step(svi: Any, data: dict, steps: int | None = None, backend: str = 
             # step is always given the same tensors (10-13 us a step of the coin's)
             isa = _vector_isa_known() if cpu else {}
             with torch._inductor.config.patch(compile_threads=1, size_asserts=False, **isa):
-                replay = package_cache.build(stepper, _copies(inputs, mutable), key) if key else None
+                replay = (package_cache.build(stepper, _copies(inputs, mutable), key)
+                          if key else None)
                 if replay is None:  # reads inductor's cache, if it can
                     run = torch._inductor.standalone_compile(
                         stepper, _copies(inputs, mutable), dynamic_shapes="from_example_inputs")

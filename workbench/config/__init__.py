@@ -1,1 +1,2 @@
-"""Recipes: read the YAML, apply overrides, check it whole against the components (``recipe``), and the options a component's factory takes (``options``)."""
+"""Recipes: read the YAML, apply ``--set`` overrides and check the whole recipe against the
+components (``recipe``); the options a component's factory takes (``options``)."""

@@ -10,13 +10,14 @@ import copy
 import os
 import re
 import stat
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Iterable, Literal, Sequence
+from typing import TYPE_CHECKING, Any, Literal
 
 import yaml
 
-from workbench.errors import RecipeError, UsageError, did_you_mean
 from workbench.config.options import Option
+from workbench.errors import RecipeError, UsageError, did_you_mean, one_line
 
 if TYPE_CHECKING:  # the registry is handed in; config sits below the plugins
     from workbench.plugins.registry import Registry
@@ -61,7 +62,7 @@ TRAIN: dict[str, Option] = {
         Option("converge_rhat", 1.1, float),  # a guide with no Gaussian nor draws: R-hat below
         Option("diagnostics", True, bool),  # PSIS k-hat and importance-weighted estimates
         Option("plots", True, bool),  # the loss and per-site density plots
-        Option("compile", "auto", Literal["auto", True, False]),  # workbench.compile.compiled_step's step
+        Option("compile", "auto", Literal["auto", True, False]),  # compile/compiled_step.py
     )
 }
 MAX_BYTES = 1_000_000
@@ -71,7 +72,7 @@ MAX_BYTES = 1_000_000
 COMPILE_ENV = "VIBENCH_COMPILE"
 NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 DEVICE_PATTERN = re.compile(r"auto|cpu|cuda(:\d+)?")
-DTYPES = ("float32", "float64")
+DTYPE_NAMES = ("float32", "float64")  # workbench/device.py makes them torch dtypes
 
 
 def compile_default() -> str | bool:
@@ -194,13 +195,14 @@ def apply_overrides(recipe: dict, sets: Sequence[str]) -> tuple[dict, set[str]]:
             continue
         if parts[0] not in SECTIONS:
             problems.append(
-                f"--set {item!r}: no recipe section {parts[0]!r}; {did_you_mean(parts[0], SECTIONS)}"
+                f"--set {item!r}: no recipe section {parts[0]!r}; "
+                f"{did_you_mean(parts[0], SECTIONS)}"
             )
             continue
         try:
             value = yaml.load(text, Loader=_SafeLoader)
         except yaml.YAMLError as exc:
-            problems.append(f"--set {item!r}: the value is not valid YAML ({_first_line(exc)})")
+            problems.append(f"--set {item!r}: the value is not valid YAML ({one_line(exc)})")
             continue
         if parts in COMPONENTS and isinstance(value, str):
             value = {"name": value}
@@ -242,12 +244,13 @@ def resolve(
         recipe, "name", Path(source).stem or "run", str,
         lambda v: NAME_PATTERN.fullmatch(v), "a name of letters, digits, '.', '_' and '-'",
     )
-    resolved["seed"] = checker.value(recipe, "seed", 0, int, lambda v: v >= 0, "a whole number >= 0")
+    resolved["seed"] = checker.value(recipe, "seed", 0, int, lambda v: v >= 0,
+                                     "a whole number >= 0")
     resolved["device"] = checker.value(
         recipe, "device", "auto", str, DEVICE_PATTERN.fullmatch, "auto, cpu, cuda or cuda:N"
     )
     resolved["dtype"] = checker.value(
-        recipe, "dtype", "float32", str, lambda v: v in DTYPES, "float32 or float64"
+        recipe, "dtype", "float32", str, lambda v: v in DTYPE_NAMES, "float32 or float64"
     )
     resolved["data"] = checker.data(recipe.get("data"), Path(source).parent)
     automatic = _automatic(recipe)
@@ -315,7 +318,8 @@ class _Checker:
         if data is None:
             return {}
         if not isinstance(data, dict):
-            self.problem("data", f"expected a mapping of the model's arguments, got {_describe(data)}")
+            self.problem("data", "expected a mapping of the model's arguments, got "
+                                 f"{_describe(data)}")
             return {}
         resolved = dict(data)
         if "file" in data and "dataset" in data:
@@ -355,7 +359,8 @@ class _Checker:
 
     def train(self, train: Any) -> dict:
         if not isinstance(train, dict):
-            self.problem("train", f"expected a mapping of training settings, got {_describe(train)}")
+            self.problem("train", "expected a mapping of training settings, got "
+                                  f"{_describe(train)}")
             train = {}
         lowest = {"steps": 0, "batch_size": 1, "early_stop_window": 1}
         for key, value in train.items():
@@ -394,7 +399,8 @@ class _Checker:
             return {"stages": []}
         for key in section:
             if key != "stages":
-                self.problem(f"auto.{key}", f"unknown setting; {did_you_mean(str(key), ['stages'])}")
+                self.problem(f"auto.{key}",
+                             f"unknown setting; {did_you_mean(str(key), ['stages'])}")
         return {"stages": self.component_list(("auto", "stages"),
                                               section.get("stages", DEFAULT_STAGES))}
 
@@ -502,7 +508,3 @@ def _describe(value: Any) -> str:
             bool: "true/false"}.get(type(value), type(value).__name__)
     text = repr(value)
     return f"{kind} ({text if len(text) <= 40 else text[:37] + '...'})"
-
-
-def _first_line(exc: Exception) -> str:
-    return str(exc).strip().splitlines()[0]

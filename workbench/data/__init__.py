@@ -1,1 +1,2 @@
-"""A recipe's data: read from inline values, files or data sets (``sources``), made tensors on the run's device (``tensors``), and minibatches (``minibatch``)."""
+"""A recipe's data before it meets torch's device: read from inline values, files or data sets
+(``sources``), and one plate's minibatch of rows each step (``minibatch``)."""

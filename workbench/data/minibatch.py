@@ -3,8 +3,8 @@ rank's batch comes from its own shard of that plate."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import pyro
 import torch
@@ -113,7 +113,7 @@ class Minibatch(Messenger):
         autoguides, whose prototype sees the full plate) is told to subsample it too."""
         if self.plate is None:
             return fn
-        if hasattr(fn, "create_plates") and getattr(fn, "create_plates") is None:
+        if hasattr(fn, "create_plates") and fn.create_plates is None:
             fn.create_plates = self.guide_plates
         return super().__call__(fn)
 

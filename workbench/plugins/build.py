@@ -6,10 +6,9 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from workbench.errors import UsageError, one_line
 from workbench.config.recipe import COMPONENTS, LISTS, options
+from workbench.errors import UsageError, one_line
 from workbench.plugins.registry import Registry
-
 
 LOGGER_METHODS = ("scalar", "histogram", "image", "flush", "close")
 

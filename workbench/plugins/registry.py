@@ -27,17 +27,18 @@ import sys
 import threading
 import time
 import traceback
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from importlib.metadata import entry_points
 from pathlib import Path
 from types import ModuleType
-from typing import Any, Callable, Iterable
+from typing import Any
 
 import pluggy
 
 from workbench import hookspecs
-from workbench.errors import UsageError, VibenchError, did_you_mean
 from workbench.config.options import Option, read_options
+from workbench.errors import UsageError, VibenchError, did_you_mean
 
 PLUGIN_TIMEOUT = 30.0  # seconds a plugin may take to import, or to run one registration hook
 
@@ -146,7 +147,8 @@ class Registry:
     def add(self, kind: str, name: Any, factory: Any, plugin: str) -> None:
         where = f"register_{kind} {name!r}"
         if not isinstance(name, str) or not name:
-            self.problems.append(PluginProblem(plugin, where, "the name must be a non-empty string"))
+            self.problems.append(PluginProblem(plugin, where,
+                                               "the name must be a non-empty string"))
             return
         if not callable(factory):
             self.problems.append(PluginProblem(plugin, where, f"{factory!r} is not callable"))
@@ -394,7 +396,7 @@ def _recorder(into: list[tuple[Any, Any]]) -> Callable[[str, Callable], None]:
     return register
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def get_registry() -> Registry:
     """The registry of every installed plugin, loaded once per process."""
     with _Loader() as loader:

@@ -1,1 +1,3 @@
-"""What a fitted guide says: moments and PSIS (``posterior``, ``sized_psis``), Gaussians, the reference posterior, plots and ArviZ InferenceData."""
+"""What a fitted guide says: its moments and PSIS (``posterior``, ``sized_psis``), the
+Gaussian it stands for, the reference posterior, plots, ArviZ InferenceData, and the
+thresholds every verdict uses (``thresholds``)."""

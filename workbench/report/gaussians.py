@@ -8,7 +8,6 @@ from typing import Any
 
 import torch
 
-
 # With ``diagonal``, guides of more dimensions are compared by their marginals: a full
 # comparison is a D x D matrix and a Cholesky factorisation (O(D^3)) at every check.
 FULL_UP_TO = 1000

@@ -26,18 +26,20 @@ from __future__ import annotations
 
 import math
 import warnings
+from collections.abc import Callable
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import torch
 from pyro import poutine
 
-from workbench.report import posterior
+from workbench.device import rng_devices
+from workbench.report import posterior, thresholds
 from workbench.rundir import files
+from workbench.rundir.layout import POSTERIOR
 
-FILENAME = "posterior.nc"
 NUM_DRAWS = 1000  # guide draws in posterior.nc
 MIN_DRAWS = 100  # fewer than this and the per-observation groups are left out
 MAX_NUMBERS = 2**23  # numbers posterior.nc may hold (32 MB of float32)
@@ -49,9 +51,8 @@ def write(run: Any, run_dir: Path, guide: Callable | None = None,
     it) and write ``posterior.nc`` in ``run_dir``, whole or not at all; returns its path."""
     import pyro
 
-    path = Path(run_dir) / FILENAME
-    devices = [run.device.index or 0] if run.device.type == "cuda" else []
-    with torch.no_grad(), torch.random.fork_rng(devices=devices), \
+    path = Path(run_dir) / POSTERIOR
+    with torch.no_grad(), torch.random.fork_rng(devices=rng_devices(run.device)), \
             posterior.whole_data(run.minibatch):
         torch.manual_seed(run.recipe["seed"])
         if guide is None:
@@ -306,7 +307,7 @@ def _khat(log_weight: np.ndarray, draws: dict[str, np.ndarray]) -> dict[str, Any
     if torch.isnan(log_w).any() or (log_w == math.inf).any() or not torch.isfinite(log_w).any():
         return {"khat": math.nan, "khat_reading": "the log weights are not finite"}
     khat, _ = posterior.psis(log_w)
-    return {"khat": khat, "khat_reading": posterior.reading(khat)}
+    return {"khat": khat, "khat_reading": thresholds.khat_reading(khat)}
 
 
 def _numpy(values: torch.Tensor) -> np.ndarray:

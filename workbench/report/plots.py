@@ -15,12 +15,14 @@ from __future__ import annotations
 
 import math
 import re
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 
 from workbench.rundir import files
+from workbench.rundir.layout import PLOTS
 
 DPI = 100
 COLOURS = {"prior": "#7f7f7f", "guide": "#1f77b4", "exact": "#d62728"}
@@ -538,7 +540,7 @@ def write_plots(run_dir: Path | str, losses: Sequence[float], sources: dict[str,
     TensorBoard as ``Plots/loss``, ``Plots/<site>`` and ``Plots/ppc`` when given the
     run's ``Loggers`` as ``writer`` (at ``step``). ``sources`` is what
     ``workbench.report.posterior.plot_sources`` returns. Returns the paths written."""
-    folder = files.make_folder(Path(run_dir) / "plots")
+    folder = files.make_folder(Path(run_dir) / PLOTS)
     written = []
     path = folder / "loss.png"
     image = loss_figure(losses, path)

@@ -17,7 +17,8 @@ from __future__ import annotations
 
 import contextlib
 import math
-from typing import Any, Callable, Iterator
+from collections.abc import Callable, Iterator
+from typing import Any
 
 import pyro
 import torch
@@ -25,7 +26,8 @@ from pyro import poutine
 from pyro.distributions import Delta
 from pyro.poutine.util import site_is_subsample
 
-from workbench.report import sized_psis
+from workbench.errors import one_line
+from workbench.report import sized_psis, thresholds
 
 NUM_DRAWS = 10_000  # guide draws behind sampled moments, quantiles and Monte Carlo KL
 NUM_IS_DRAWS = 10_000  # importance-sampling draws behind diagnostics()
@@ -606,7 +608,7 @@ def diagnostics(model: Callable, guide: Callable, data: dict[str, Any], nesting:
                     parts[name].append(model_trace.nodes[name]["value"].reshape(n, *shape))
         except (RuntimeError, ValueError, NotImplementedError, IndexError) as exc:
             return {"khat": None, "reason": f"the guide and model cannot be run vectorised "
-                                            f"over {num_draws} draws: {_first_line(exc)}"}
+                                            f"over {num_draws} draws: {one_line(exc)}"}
         log_w = torch.cat(log_ws)
         draws = {name: torch.cat(chunks) for name, chunks in parts.items()}
         result = weighed(log_w, draws, sites, num_draws)
@@ -634,11 +636,11 @@ def weighed(log_w: torch.Tensor, draws: dict[str, torch.Tensor], sites: dict,
     raw = torch.softmax(log_w, 0)
     ess = 1.0 / float((raw * raw).sum())
     result: dict[str, Any] = {
-        "khat": khat, "reading": reading(khat), "ess": ess,
+        "khat": khat, "reading": thresholds.khat_reading(khat), "ess": ess,
         "ess_fraction": ess / num_draws, "num_draws": num_draws,
         **_evidence(log_w),
     }
-    if khat < 0.7:
+    if thresholds.khat_trusted(khat):
         weights = torch.softmax(smoothed, 0)
         result["sites"] = {}
         for name, d in draws.items():
@@ -666,15 +668,6 @@ def _se(values: torch.Tensor) -> float:
     """The standard error of the mean of ``values`` (NaN for a single value)."""
     count = values.numel()
     return float(values.std()) / math.sqrt(count) if count > 1 else math.nan
-
-
-def reading(khat: float) -> str:
-    """What a PSIS k-hat says (Yao et al. 2018)."""
-    if khat < 0.5:
-        return "good"
-    if khat <= 0.7:
-        return "ok"
-    return "bad: do not trust"
 
 
 def psis(log_w: torch.Tensor) -> tuple[float, torch.Tensor]:
@@ -721,11 +714,6 @@ def log_joint(trace: poutine.Trace, n: int, nesting: int) -> torch.Tensor:
             part = _per_draw(site["log_prob"], n, nesting)
             total = total.to(part.device) + part
     return total
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return text[0] if text else type(exc).__name__
 
 
 # --------------------------------------------------------------------------------------------

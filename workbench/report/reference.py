@@ -7,18 +7,21 @@ A model may have ``reference_posterior(**data)`` (see ``hookspecs.register_model
      "draws": path}                                       # optional, not read here
 
 ``section`` reads each parameter's guide mean and sd off the run's posterior summary (its
-``pyro.deterministic`` sites included, as ``posterior.summarize`` gives them) and scores them against the reference: z = |mean - ref mean| / ref sd, r = sd / ref sd, and
-the same for the importance-weighted estimates where PSIS gave them. The fit is good when
-every z <= ``MAX_Z`` and every r lies in ``R_RANGE``. ``lines`` says it on the terminal.
+``pyro.deterministic`` sites included, as ``posterior.summarize`` gives them) and scores them
+against the reference: z = |mean - ref mean| / ref sd, r = sd / ref sd, and the same for the
+importance-weighted estimates where PSIS gave them. The fit is good when every z <= ``MAX_Z``
+and every r lies in ``SD_RATIO`` (workbench/report/thresholds.py); ``lines`` says it on the
+terminal.
 """
 
 from __future__ import annotations
 
 import math
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
-MAX_Z = 0.2
-R_RANGE = (0.8, 1.2)
+from workbench.report import thresholds
+
 MAX_LINES = 12
 
 
@@ -114,9 +117,9 @@ def extremes(rows, prefix: str) -> dict:
 
 
 def passes(result: dict, prefix: str = "") -> bool:
-    """Every z <= MAX_Z and every r within R_RANGE (False for NaN)."""
-    low, high = R_RANGE
-    return bool(result[f"{prefix}max_z"] <= MAX_Z and low <= result[f"{prefix}min_r"]
+    """Every z <= thresholds.MAX_Z and every r within thresholds.SD_RATIO (False for NaN)."""
+    low, high = thresholds.SD_RATIO
+    return bool(result[f"{prefix}max_z"] <= thresholds.MAX_Z and low <= result[f"{prefix}min_r"]
                 and result[f"{prefix}max_r"] <= high)
 
 

@@ -6,7 +6,8 @@ The estimator is the difference estimator with a first-order Taylor control vari
 the draws' mean z0 (Quiroz, Kohn, Villani and Tran 2019; Magnusson, Andersen, Jonasson and
 Vehtari 2019 use it to subsample PSIS-LOO)::
 
-    log p(x | z) ~ L(z0) + G(z0) . (z - z0) + N/m sum_{i in S} [l_i(z) - l_i(z0) - g_i(z0) . (z - z0)]
+    log p(x | z) ~ L(z0) + G(z0) . (z - z0)
+                   + N/m sum_{i in S} [l_i(z) - l_i(z0) - g_i(z0) . (z - z0)]
 
 L and G (the whole data's log likelihood and its gradient in z) cost one pass over the data;
 the sum runs over m random rows S per draw. The remainder is second order in z - z0, so its
@@ -22,13 +23,16 @@ instead and reports k-hat's Monte Carlo standard error (a bootstrap over the dra
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 import pyro
 import torch
 from pyro import poutine
 from pyro.poutine.util import site_is_subsample
+
+from workbench.errors import one_line
 
 WORK = 2**25  # draws x numbers of the model's sites evaluated in full; above it, sized
 SUBSAMPLE_WORK = 2**24  # draws x numbers of the rows of a subsample
@@ -133,7 +137,7 @@ def subsampled(model: Callable, guide: Callable, data: dict, nesting: int,
                 guide_traces.append((n, poutine.trace(guide).get_trace(**data)))
     except (RuntimeError, ValueError, NotImplementedError, IndexError) as exc:
         return {"khat": None, "reason": f"the guide cannot be run vectorised over "
-                                        f"{num_draws} draws: {posterior._first_line(exc)}"}
+                                        f"{num_draws} draws: {one_line(exc)}"}
     missing = [name for name in sites if name not in guide_traces[0][1].nodes]
     if missing:
         return {"khat": None, "reason": "the guide does not sample " + ", ".join(
@@ -177,7 +181,7 @@ def subsampled(model: Callable, guide: Callable, data: dict, nesting: int,
             for name, shape in derived.items():
                 derived_parts[name].append(model_trace.nodes[name]["value"].reshape(n, *shape))
     except (RuntimeError, ValueError, NotImplementedError, IndexError) as exc:
-        return f"the model cannot be run on a subset of rows: {posterior._first_line(exc)}"
+        return f"the model cannot be run on a subset of rows: {one_line(exc)}"
     shift = shift.cpu()
     remainder = (torch.cat(per_group) - group_totals
                  - shift @ group_gradients.T)  # (draws, groups): second order in the shift
@@ -216,7 +220,6 @@ def _anchor(model: Callable, data: dict, plate: Plate, centre: dict, groups: lis
     """At the centre z0: the whole data's log likelihood and its gradient in the latent
     values, and each group's; or why the model cannot be subsampled (it does not index its
     data by the plate, or a deterministic site sees the rows)."""
-    from workbench.report import posterior
 
     def likelihood(indices: torch.Tensor | None) -> tuple[float, torch.Tensor, dict]:
         values = {name: value.detach().clone().requires_grad_() for name, value in
@@ -237,7 +240,7 @@ def _anchor(model: Callable, data: dict, plate: Plate, centre: dict, groups: lis
         total, gradient, whole = likelihood(None)
         parts = [likelihood(g) for g in groups]
     except (RuntimeError, ValueError, NotImplementedError, IndexError) as exc:
-        return f"the model cannot be run on a subset of rows: {posterior._first_line(exc)}"
+        return f"the model cannot be run on a subset of rows: {one_line(exc)}"
     first, indices = parts[0][2], groups[0]
     for name in observed:
         full = whole.nodes[name]["value"]

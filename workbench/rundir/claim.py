@@ -10,10 +10,9 @@ from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 
+from workbench.errors import UsageError, one_line
 from workbench.rundir import files
-from workbench.errors import UsageError
-
-LOCK = ".lock"
+from workbench.rundir.layout import LOCK
 
 
 @dataclass
@@ -69,7 +68,7 @@ def claim(name: str, out: Path | None = None, lock: bool = True) -> RunDir:
             made = (*made, path)
             return _lock(path, where, made) if lock else RunDir(path, -1, made)
     except OSError as exc:
-        raise UsageError(f"{where}: cannot make the run directory: {_reason(exc)}") from None
+        raise UsageError(f"{where}: cannot make the run directory: {one_line(exc)}") from None
     raise UsageError(f"cannot find a free run directory next to {base}")
 
 
@@ -80,7 +79,7 @@ def reopen(path: Path, where: str) -> RunDir:
     try:
         return _lock(path, where)
     except OSError as exc:
-        raise UsageError(f"{where}: cannot lock the run directory: {_reason(exc)}") from None
+        raise UsageError(f"{where}: cannot lock the run directory: {one_line(exc)}") from None
 
 
 def _missing(path: Path) -> tuple[Path, ...]:
@@ -107,7 +106,3 @@ def _lock(path: Path, where: str, made: tuple[Path, ...] = ()) -> RunDir:
     os.ftruncate(fd, 0)
     os.write(fd, str(os.getpid()).encode())
     return RunDir(path, fd, made)
-
-
-def _reason(exc: OSError) -> str:
-    return exc.strerror or errno.errorcode.get(exc.errno or 0, str(exc))

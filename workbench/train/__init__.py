@@ -1,1 +1,3 @@
-"""Training: the run and its loop (``runner``), callbacks and loggers, optimizers and the step-size search, checkpoints, and data-parallel training."""
+"""Training a run: set-up and the loop (``runner``), the data as tensors on the run's device
+(``tensors``), callbacks and loggers, optimizers and the step-size search (``optim``,
+``stepsize``), and checkpoints."""

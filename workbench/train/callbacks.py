@@ -5,14 +5,15 @@ restore, so a resumed run's callbacks go on exactly as an uninterrupted run's wo
 from __future__ import annotations
 
 import math
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import pyro
 import torch
 
 from workbench.report.gaussians import symmetric_kl
-from workbench.train.loggers import Loggers
 from workbench.seams import torch_optimizer
+from workbench.train.loggers import Loggers
 
 
 class Callback:

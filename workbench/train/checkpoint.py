@@ -18,10 +18,10 @@ from typing import Any
 
 import torch
 
-from workbench.rundir import files
 from workbench.errors import UsageError, one_line
+from workbench.rundir import files
+from workbench.rundir.layout import CHECKPOINT
 
-FILENAME = "checkpoint.pt"
 VERSION = 2
 KEYS = ("version", "recipe", "data_hash", "state", "params", "buffers", "optim", "rng")
 
@@ -50,7 +50,7 @@ def set_rng_state(state: dict[str, Any], where: str) -> None:
         if "cuda" in state and torch.cuda.is_available():
             torch.cuda.set_rng_state_all([s.cpu() for s in state["cuda"]])
     except Exception as exc:
-        raise UsageError(f"{where}: {FILENAME} is damaged: its random generators' state "
+        raise UsageError(f"{where}: {CHECKPOINT} is damaged: its random generators' state "
                          f"cannot be restored ({one_line(exc)[:120]})") from None
 
 
@@ -88,7 +88,7 @@ def save(run_dir: Path, checkpoint: dict[str, Any]) -> None:
     """Write ``checkpoint`` (the keys in KEYS but ``version``) whole or not at all."""
     buffer = io.BytesIO()  # torch.save reports a full disk as "iostream error": write the
     torch.save({"version": VERSION, **checkpoint}, buffer)  # bytes ourselves, for an OSError
-    files.write_atomic(run_dir / FILENAME, buffer.getbuffer(), durable=True)
+    files.write_atomic(run_dir / CHECKPOINT, buffer.getbuffer(), durable=True)
 
 
 def load(run_dir: Path, where: str | None = None) -> dict[str, Any]:
@@ -96,9 +96,9 @@ def load(run_dir: Path, where: str | None = None) -> dict[str, Any]:
     names the command in messages (``--resume DIR`` if None). A UsageError says why it
     cannot be used."""
     where = where or f"--resume {run_dir}"
-    path = run_dir / FILENAME
+    path = run_dir / CHECKPOINT
     if not path.is_file():
-        raise UsageError(f"{where}: no {FILENAME} there; is it a vibench run directory?")
+        raise UsageError(f"{where}: no {CHECKPOINT} there; is it a vibench run directory?")
     return read(path, where)
 
 
@@ -110,22 +110,22 @@ def read(path: Path, where: str, mmap: bool = False) -> dict[str, Any]:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except pickle.UnpicklingError as exc:
-        raise UsageError(f"{where}: {FILENAME} holds more than tensors and plain values "
+        raise UsageError(f"{where}: {CHECKPOINT} holds more than tensors and plain values "
                          f"(vibench never loads code from a file): {one_line(exc)[:120]}"
                          ) from None
     except Exception as exc:
-        raise UsageError(f"{where}: cannot read {FILENAME}: {one_line(exc)[:200]}") from None
+        raise UsageError(f"{where}: cannot read {CHECKPOINT}: {one_line(exc)[:200]}") from None
     if not isinstance(state, dict) or state.get("version") != VERSION:
-        raise UsageError(f"{where}: {FILENAME} is not a checkpoint of this vibench "
+        raise UsageError(f"{where}: {CHECKPOINT} is not a checkpoint of this vibench "
                          f"(format {VERSION})")
     missing = [key for key in KEYS if key not in state]
     if missing:
-        raise UsageError(f"{where}: {FILENAME} lacks {', '.join(missing)}")
+        raise UsageError(f"{where}: {CHECKPOINT} lacks {', '.join(missing)}")
     files.check_shape({key: state.get(key) for key in ("recipe", "state", "callbacks")},
-                      f"{where}: {FILENAME}", items=MAX_PLAIN_VALUES)
+                      f"{where}: {CHECKPOINT}", items=MAX_PLAIN_VALUES)
     problem = _problem(state)
     if problem:
-        raise UsageError(f"{where}: {FILENAME} is damaged: {problem}")
+        raise UsageError(f"{where}: {CHECKPOINT} is damaged: {problem}")
     return state
 
 
@@ -140,11 +140,11 @@ def _check_archive(path: Path, where: str) -> None:
         with zipfile.ZipFile(path) as archive:
             infos = archive.infolist()
     except (OSError, zipfile.BadZipFile, ValueError) as exc:
-        raise UsageError(f"{where}: {FILENAME} is not a checkpoint archive: "
+        raise UsageError(f"{where}: {CHECKPOINT} is not a checkpoint archive: "
                          f"{one_line(exc)[:120]}") from None
     inflated = sum(info.file_size for info in infos)
     if inflated > size or any(info.compress_type != zipfile.ZIP_STORED for info in infos):
-        raise UsageError(f"{where}: {FILENAME} would inflate to {inflated:,} bytes from "
+        raise UsageError(f"{where}: {CHECKPOINT} would inflate to {inflated:,} bytes from "
                          f"{size:,}; vibench writes no compressed checkpoint")
 
 

@@ -8,8 +8,8 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-from workbench.plugins.build import build
 from workbench.errors import one_line
+from workbench.plugins.build import build
 from workbench.plugins.registry import Registry
 
 

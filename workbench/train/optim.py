@@ -4,17 +4,18 @@ learning-rate schedule, and how the runner steps that schedule."""
 from __future__ import annotations
 
 import inspect
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import pyro
 import torch
 from pyro.optim import PyroLRScheduler
 from pyro.optim.optim import _load_state_dict
 
-from workbench.plugins.build import build
-from workbench.seams import no_dynamo_import
 from workbench.errors import UsageError, did_you_mean
+from workbench.plugins.build import build
 from workbench.plugins.registry import Component, Registry
+from workbench.seams import no_dynamo_import
 
 
 def make_optimizers(optim: Any, params: list[torch.Tensor]) -> None:

@@ -10,7 +10,6 @@ callbacks' state, so a resumed run ends bitwise where an uninterrupted one would
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import hashlib
 import logging
@@ -18,9 +17,10 @@ import math
 import os
 import time
 import warnings
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any
 
 import pyro
 import torch
@@ -28,70 +28,33 @@ from pyro import poutine
 from pyro.infer import SVI
 from pyro.infer.util import torch_item, zero_grads
 
-from workbench import signals
+from workbench import distributed, signals
 from workbench.compile import compiled_step
-from workbench.report import posterior
-from workbench.rundir import files
-from workbench import distributed
-from workbench.train import checkpoint
-from workbench.plugins.build import build
-from workbench.train.callbacks import (Averaging, Callback, Converged, EarlyStopping, MetricLogging,
-                                 log_params)
+from workbench.config.recipe import dump
+from workbench.data.minibatch import Minibatch
 from workbench.data.sources import Rows
+from workbench.device import DTYPES, pick_device, rng_devices, run_context, seed_device
 from workbench.distributed import World
 from workbench.errors import Interrupted, PeerLost, RunError, UsageError, VibenchError, one_line
-from workbench.train.loggers import Loggers
-from workbench.data.minibatch import Minibatch
-from workbench.seams import torch_optimizer
-from workbench.train.optim import (make_optimizer, make_optimizers, optimizer_state,
-                                   schedule_stepper)
-from workbench.config.recipe import dump
+from workbench.plugins.build import build
 from workbench.plugins.registry import Registry
+from workbench.report import posterior
+from workbench.rundir import files, layout
+from workbench.seams import torch_optimizer
+from workbench.train import checkpoint
+from workbench.train.callbacks import (
+    Averaging,
+    Callback,
+    Converged,
+    EarlyStopping,
+    MetricLogging,
+    log_params,
+)
+from workbench.train.loggers import Loggers
+from workbench.train.optim import make_optimizer, make_optimizers, optimizer_state, schedule_stepper
 from workbench.train.tensors import check_support, load_data, shard
 
 StepCallback = Callable[[int, float], None]
-DTYPES = {"float32": torch.float32, "float64": torch.float64}
-LOSSES = "losses.f64"  # every good step's loss, as raw little-endian float64
-
-
-def pick_device(name: str, world: World = World()) -> torch.device:
-    """The torch device for a recipe's ``device`` value; ``auto`` takes CUDA when present.
-    Under torchrun each process takes the GPU of its local rank."""
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    device = torch.device(name)
-    if world.distributed and device.type == "cuda":
-        if device.index is not None:
-            raise UsageError(f"device {name!r}: under torchrun each process takes the GPU of "
-                             "its local rank; set device: cuda")
-        device = torch.device("cuda", world.local_rank)
-    if device.type == "cuda":
-        if not torch.cuda.is_available():
-            build = "a CPU-only build" if torch.version.cuda is None else "no GPU found"
-            raise UsageError(
-                f"device {name!r}: CUDA is not available here (torch {torch.__version__}, "
-                f"{build}); use --device cpu"
-            )
-        if (device.index or 0) >= torch.cuda.device_count():
-            raise UsageError(f"device {name!r}: there are {torch.cuda.device_count()} GPUs")
-        if device.index is None:  # the one used, as summary.json records it: cuda:0, say
-            device = torch.device("cuda", torch.cuda.current_device())
-    return device
-
-
-@contextlib.contextmanager
-def run_context(device: torch.device, dtype: torch.dtype = torch.float32) -> Iterator[None]:
-    """Make new tensors on the run's device and in its dtype, so plugins never name either."""
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(dtype)
-    try:
-        if device.type == "cpu":
-            yield
-        else:
-            with device:
-                yield
-    finally:
-        torch.set_default_dtype(previous)
 
 
 @dataclass
@@ -196,7 +159,7 @@ class Run:
             can_evaluate = recipe["train"]["eval_every"] > 0
             if can_evaluate:
                 try:
-                    with torch.random.fork_rng(devices=_rng_devices(device)):
+                    with torch.random.fork_rng(devices=rng_devices(device)):
                         minibatch.resample()
                         svi.evaluate_loss(**data)
                 except NotImplementedError:
@@ -278,17 +241,17 @@ class Run:
         with run_context(self.device, self.dtype):
             if resume is not None:
                 state = self.restore(resume, callbacks, run_dir, changes)
-        losses = LossFile(run_dir / LOSSES, len(state.losses))
+        losses = LossFile(run_dir / layout.LOSSES, len(state.losses))
         try:
             log = Loggers([])  # only rank 0 writes the run directory
             if self.world.leader:  # the recipe first: a run whose logger fails says what it was
-                files.write_atomic(run_dir / "recipe.yaml",
+                files.write_atomic(run_dir / layout.RECIPE,
                                    recipe_text(self.recipe, state.resumes).encode())
                 log = Loggers.of(self.registry, self.recipe, run_dir, state.step)
             if resume is None:  # a run killed before its first checkpoint can still resume
                 self.save(run_dir, state, callbacks, losses)
         except OSError as exc:
-            raise RunError(f"cannot write to {run_dir}: {_reason(exc)}") from None
+            raise RunError(f"cannot write to {run_dir}: {one_line(exc)}") from None
         failure: VibenchError | None = None
         good = True  # whether the run's state is fit to checkpoint
         start = time.perf_counter()
@@ -300,7 +263,7 @@ class Run:
                                        lambda: self.save(run_dir, state, callbacks, losses,
                                                          start, log))
             except OSError as exc:
-                failure = RunError(f"cannot write to {run_dir}: {_reason(exc)}")
+                failure = RunError(f"cannot write to {run_dir}: {one_line(exc)}")
             except PeerLost as exc:  # another rank is gone: no more collectives, no checkpoint
                 good = False
                 failure = exc
@@ -344,7 +307,7 @@ class Run:
                     write_results(run_dir, summary, params=False)
                 log.close(summary)
             except OSError as exc:
-                failure = RunError(f"cannot write to {run_dir}: {_reason(exc)}")
+                failure = RunError(f"cannot write to {run_dir}: {one_line(exc)}")
             except _Follower:
                 pass
         if failure is not None:
@@ -421,7 +384,7 @@ class Run:
     def evaluate(self, step: int) -> float:
         """SVI's gradient-free loss estimate, on its own random stream (seeded by the run's
         seed and the step), so logging it never changes the fit."""
-        with torch.random.fork_rng(devices=_rng_devices(self.device)):
+        with torch.random.fork_rng(devices=rng_devices(self.device)):
             seed_device(self.device, self.recipe["seed"] * 1_000_003 + step)
             self.minibatch.resample()
             value = self.svi.evaluate_loss(**self.data)
@@ -514,7 +477,7 @@ class Run:
             callback.load_state_dict(saved.get("callbacks", {}).get(type(callback).__name__))
         known = {f.name for f in dataclasses.fields(TrainState)}
         fields = {key: value for key, value in saved["state"].items() if key in known}
-        state = TrainState(**{**fields, "losses": LossFile.read(run_dir / LOSSES,
+        state = TrainState(**{**fields, "losses": LossFile.read(run_dir / layout.LOSSES,
                                                                  fields["losses"], where)})
         if state.trained and state.step < self.recipe["train"]["steps"] and \
                 "train.steps" in (changes or {}):  # asked to run longer
@@ -564,7 +527,7 @@ class Run:
         sources: dict = {}
         whole = self.minibatch.plate is None
         guide = self.guide
-        with torch.no_grad(), torch.random.fork_rng(devices=_rng_devices(self.device)), \
+        with torch.no_grad(), torch.random.fork_rng(devices=rng_devices(self.device)), \
                 posterior.whole_data(self.minibatch):
             torch.manual_seed(self.recipe["seed"])  # the same numbers after any resume
             try:
@@ -596,8 +559,8 @@ class Run:
                     diagnostics["inference_data"] = "written"
                 except Exception as exc:
                     diagnostics["inference_data"] = f"failed: {one_line(exc)}"
-                    warnings.warn(f"vibench could not write {inference_data.FILENAME}: "
-                                  f"{one_line(exc)}")
+                    warnings.warn(f"vibench could not write {layout.POSTERIOR}: "
+                                  f"{one_line(exc)}", stacklevel=1)
             try:
                 if settings["plots"] and not stop:
                     ppc = inference_data.ppc_sources(written) if written else {}
@@ -606,7 +569,8 @@ class Run:
             except OSError:
                 raise
             except Exception as exc:
-                warnings.warn(f"vibench could not draw the plots: {one_line(exc)}")
+                warnings.warn(f"vibench could not draw the plots: {one_line(exc)}",
+                              stacklevel=1)
         return {"posterior": post, "diagnostics": diagnostics, **compared,
                 "report_seconds": time.perf_counter() - began}
 
@@ -813,30 +777,12 @@ def write_results(run_dir: Path, summary: dict, params: bool = True) -> None:
     written whole or not at all."""
     from workbench.rundir import jsonsafe
 
-    files.write_atomic(run_dir / "summary.json", jsonsafe.dumps(summary, indent=2).encode())
+    files.write_atomic(run_dir / layout.SUMMARY, jsonsafe.dumps(summary, indent=2).encode())
     if params:
-        with files.atomic_path(run_dir / "params.pt") as tmp:
+        with files.atomic_path(run_dir / layout.PARAMS) as tmp:
             pyro.get_param_store().save(str(tmp))
 
 
 def _status(failure: VibenchError | None) -> str:
     return ("completed" if failure is None else
             "interrupted" if isinstance(failure, Interrupted) else "failed")
-
-
-def _reason(exc: OSError) -> str:
-    return exc.strerror or one_line(exc)
-
-
-def seed_device(device: torch.device, seed: int) -> None:
-    """Seed the generators a run on ``device`` draws from: on the CPU only the CPU's, which
-    draws what ``torch.manual_seed`` would without its 0.1 ms of queueing seeds for GPUs
-    that the run never initialises."""
-    if device.type == "cpu":
-        torch.default_generator.manual_seed(seed)
-    else:
-        torch.manual_seed(seed)
-
-
-def _rng_devices(device: torch.device) -> list[int]:
-    return [device.index or 0] if device.type == "cuda" else []

@@ -39,8 +39,8 @@ def adapt(run: Any, candidates: tuple[float, ...] = CANDIDATES,
     import pyro
     import torch
 
+    from workbench.device import run_context
     from workbench.train.optim import make_optimizers, schedule_stepper
-    from workbench.train.runner import run_context
 
     store = pyro.get_param_store()
     params = [param for _, param in store.named_parameters()]

@@ -10,8 +10,8 @@ import torch
 from pyro import poutine
 
 from workbench.data import sources as data_module
-from workbench.plugins.build import build
 from workbench.errors import UsageError, did_you_mean, one_line
+from workbench.plugins.build import build
 from workbench.plugins.registry import Registry
 
 

@@ -79,9 +79,11 @@ class NormalGuide:
         if self.sites is None:
             self.sites = self._find_sites(*args, **kwargs)
         for name, (shape, event_dim, plates) in self.sites.items():
-            loc = pyro.param(f"{name}.loc", lambda: torch.full(shape, float(self.init_loc)))
+            loc = pyro.param(f"{name}.loc",
+                             lambda shape=shape: torch.full(shape, float(self.init_loc)))
             log_scale = pyro.param(f"{name}.log_scale",
-                                   lambda: torch.full(shape, math.log(self.init_scale)))
+                                   lambda shape=shape: torch.full(shape,
+                                                                  math.log(self.init_scale)))
             with contextlib.ExitStack() as stack:  # the model's plates, so batch shapes match
                 for frame in plates:
                     stack.enter_context(pyro.plate(frame.name, frame.size, dim=frame.dim))

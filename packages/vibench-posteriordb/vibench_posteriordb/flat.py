@@ -29,7 +29,7 @@ class FlatPrior(ImproperUniform):
     _options: dict = {}  # dtype and device of draws; torch's defaults unless made with like
 
     @classmethod
-    def over(cls, support, event_shape=(), like: torch.Tensor | None = None) -> "FlatPrior":
+    def over(cls, support, event_shape=(), like: torch.Tensor | None = None) -> FlatPrior:
         """A flat prior over ``support`` for a site of shape ``event_shape``."""
         flat = cls(support, torch.Size(), torch.Size(event_shape))
         if like is not None:

@@ -53,7 +53,8 @@ class _Port:
 
 
 class Kilpisjarvi(_Port):
-    """posteriordb kilpisjarvi_mod-kilpisjarvi: summer temperature on year, Normal priors on alpha and beta."""
+    """posteriordb kilpisjarvi_mod-kilpisjarvi: summer temperature on year, Normal priors on alpha
+    and beta."""
 
     posterior = "kilpisjarvi_mod-kilpisjarvi"
 
@@ -72,7 +73,8 @@ class Kilpisjarvi(_Port):
 
 
 class Earnings(_Port):
-    """posteriordb earnings-logearn_interaction: log earnings on height, sex and their interaction, flat priors."""
+    """posteriordb earnings-logearn_interaction: log earnings on height, sex and their interaction,
+    flat priors."""
 
     posterior = "earnings-logearn_interaction"
 
@@ -94,7 +96,8 @@ class Earnings(_Port):
 
 
 class Nes(_Port):
-    """posteriordb nes2000-nes: party identification on ideology, race, age group, education, gender and income."""
+    """posteriordb nes2000-nes: party identification on ideology, race, age group, education,
+    gender and income."""
 
     posterior = "nes2000-nes"
 
@@ -121,7 +124,8 @@ class Nes(_Port):
 
 
 class Diamonds(_Port):
-    """posteriordb diamonds-diamonds: log price on 24 centred predictors (brms), Student-t priors on Intercept and sigma."""
+    """posteriordb diamonds-diamonds: log price on 24 centred predictors (brms), Student-t priors
+    on Intercept and sigma."""
 
     posterior = "diamonds-diamonds"
 
@@ -218,7 +222,8 @@ class Garch11(_Port):
 
 
 class GaussMix(_Port):
-    """posteriordb low_dim_gauss_mix-low_dim_gauss_mix: two-component 1-D Gaussian mixture with ordered means."""
+    """posteriordb low_dim_gauss_mix-low_dim_gauss_mix: two-component 1-D Gaussian mixture with
+    ordered means."""
 
     posterior = "low_dim_gauss_mix-low_dim_gauss_mix"
 
@@ -242,7 +247,8 @@ class GaussMix(_Port):
 
 
 class HmmDrive(_Port):
-    """posteriordb bball_drive_event_0-hmm_drive_0: two-state HMM with exponential emissions, states summed out."""
+    """posteriordb bball_drive_event_0-hmm_drive_0: two-state HMM with exponential emissions,
+    states summed out."""
 
     posterior = "bball_drive_event_0-hmm_drive_0"
 

@@ -5,9 +5,8 @@ Only ``hookimpl`` comes from vibench, and torch and pyro are imported inside the
 that use them, so ``vibench list`` does not pay for importing them.
 """
 
-from workbench import hookimpl
-
 from vibench_posteriordb import models, reference
+from workbench import hookimpl
 
 # vibench name -> the model class (its docstring's first line is what `vibench list` shows).
 MODELS = {
@@ -24,8 +23,8 @@ MODELS = {
 
 # vibench name -> what its data set holds (the keys of data.json), for `vibench list`.
 DATA = {
-    "pdb_kilpisjarvi": "62 values of a year-like x and temperatures y, the priors' pmualpha, psalpha, pmubeta, "
-                       "psbeta, and N, xpred",
+    "pdb_kilpisjarvi": "62 values of a year-like x and temperatures y, the priors' pmualpha, "
+                       "psalpha, pmubeta, psbeta, and N, xpred",
     "pdb_earnings": "earn, height and male of 1,192 people, and N",
     "pdb_nes": "partyid7, real_ideo, race_adj, educ1, gender, income, age_discrete and year of "
                "476 respondents, and N",
