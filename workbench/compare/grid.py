@@ -12,13 +12,13 @@ ELBO and log evidence as the common yardstick, errors in exact sds, untrusted fi
 TensorBoard hparams in each successful run's directory (``hparams``).
 
 Ctrl-C, SIGTERM or SIGHUP asks the runs to save and stop, a second one kills them; the results
-so far are written either way. The children die with compare (or with their Ray worker), even when it is
+so far are written either way, and compare exits as ``vibench run`` does, 128 + the first
+signal's number. The children die with compare (or with their Ray worker), even when it is
 killed.
 """
 
 from __future__ import annotations
 
-import signal
 import sys
 from pathlib import Path
 from typing import Sequence
@@ -112,12 +112,12 @@ def write_report(compare_dir: Path, grids: list[Grid], results: list[Result]) ->
 
 
 def exit_status(results: list[Result], signals: list[int], compare_dir: Path) -> None:
-    """How compare ends: Interrupted (exit code 130) if a stop signal came, else a RunError if
-    any run failed, else nothing."""
+    """How compare ends: Interrupted (128 + the first stop signal's number) if one came, else
+    a RunError if any run failed, else nothing."""
     failures = [r for r in results if r.status != "ok"]
     if signals:
         raise Interrupted(f"interrupted: {len(results) - len(failures)} of {len(results)} runs "
-                          f"finished; results so far in {compare_dir}", signal.SIGINT)
+                          f"finished; results so far in {compare_dir}", signals[0])
     if failures:
         raise RunError(f"{len(failures)} of {len(results)} runs failed; see the table and "
                        f"each run's stderr.txt in {compare_dir}")
