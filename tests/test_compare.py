@@ -2,19 +2,20 @@
 
 from __future__ import annotations
 
+import ast
 import csv
 import json
-import signal
-import subprocess
-import sys
-import time
+import math
 from pathlib import Path
 
 import pytest
 
-from tests.conftest import COIN, vibench
-from workbench.compare.grid import (CSV_TAIL, METRICS, Result, Spec, combined, metrics, parse_grid,
-                               print_table, write_csv, write_plot)
+from tests.conftest import COIN, REPO, vibench
+from workbench.compare.metrics import METRICS, combined, metrics, untrusted
+from workbench.compare.plan import Spec, parse_grid
+from workbench.compare.plot import from_best, write_plot
+from workbench.compare.results import Result, group
+from workbench.compare.table import CSV_TAIL, print_table, write_csv
 from workbench.errors import UsageError
 
 
@@ -378,47 +379,51 @@ def test_the_plot_draws_every_combination_whatever_it_lacks(tmp_path: Path):
     assert write_plot(tmp_path / "failed.png", grids, SYNTHETIC[-2:])
 
 
-@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGHUP])
-def test_ctrl_c_stops_every_run_reports_what_finished_and_exits_130(tmp_path: Path, signum):
-    """Ctrl-C, and the terminal closing (SIGHUP), stop the runs; each saves."""
-    out = tmp_path / "cmp"
-    child = subprocess.Popen(
-        [sys.executable, "-m", "workbench", "compare", str(COIN), "--grid",
-         "optimizer.lr=0.01,0.02", "--steps", "1000000", "--jobs", "1", "--out", str(out)],
-        cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-    )
-    run = out / "optimizer.lr=0.01,seed=0"
-    deadline = time.monotonic() + 120
-    while not list(run.glob("events.out.tfevents.*")) and time.monotonic() < deadline:
-        time.sleep(0.1)
-    time.sleep(0.5)
-    child.send_signal(signum)
-    stdout, stderr = child.communicate(timeout=120)
-    assert child.returncode == 130, stderr
-    assert "Traceback" not in stderr
-    assert stderr.strip().splitlines()[-1].startswith("interrupted: 0 of 2 runs finished")
-    rows = read_csv(out / "compare.csv")
-    assert [r["status"] for r in rows] == ["interrupted", "interrupted"]
-    assert rows[1]["error"] == "not started: interrupted"  # one at a time: never started
-    summary = json.loads((run / "summary.json").read_text())  # saved as on Ctrl-C
-    assert 0 < summary["steps"] < 1_000_000
-    assert "optimizer.lr" in stdout
-
-
 def test_a_suites_plot_measures_each_elbo_from_the_best_of_its_recipe(tmp_path: Path):
     """Two models' ELBOs (about -7 and -2000) share no scale: the suite's ELBO and log
     evidence panels show each run's distance from its own recipe's best."""
-    from workbench.compare.grid import _from_best, group
-
     results = []
     for recipe, shift in (("coin", 0.0), ("nes", -2000.0)):
         for guide, khat in (("a", 0.1), ("b", 0.5)):
             run = synthetic((recipe, guide), 0, khat, 0.1, 1.0)
             run.metrics["elbo"] += shift
             results.append(run)
-    shifted = _from_best(group(results), "elbo")
+    shifted = from_best(group(results), "elbo")
     assert [[round(r.metrics["elbo"], 6) for r in rs] for rs in shifted] == [
         [0.0], [-0.4], [0.0], [-0.4]]
     assert results[3].metrics["elbo"] == pytest.approx(-2007.5)  # the runs are left as they were
     grids = parse_grid(["recipe=coin,nes", "guide=a,b"])
     assert write_plot(tmp_path / "suite.png", grids, results)
+
+
+def test_compare_takes_each_shared_name_from_its_one_owner():
+    """The interruption and its exit code (workbench.errors), the stop signals
+    (workbench.signals), the k-hat threshold (workbench.report.thresholds) and the names of a
+    run directory's files (workbench.rundir.layout) each have one owner: compare defines none
+    of them again."""
+    from workbench.rundir import layout
+
+    file_names = {value for name, value in vars(layout).items() if name.isupper()}
+    owned = {"Interrupted", "STOP_SIGNALS", "KHAT_LIMIT", "KHAT_TRUSTED", "KHAT_GOOD"}
+    found = []
+    for path in sorted((REPO / "workbench" / "compare").glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ClassDef) and node.name in owned:
+                found.append(f"{path.name}:{node.lineno}: class {node.name}")
+            elif isinstance(node, ast.Name) and isinstance(node.ctx, ast.Store) \
+                    and node.id in owned:
+                found.append(f"{path.name}:{node.lineno}: {node.id} = ...")
+            elif isinstance(node, ast.Constant) and node.value in file_names:
+                found.append(f"{path.name}:{node.lineno}: {node.value!r}")
+    assert not found, "\n".join(found)
+
+
+def test_the_k_hat_verdict_is_the_thresholds_and_nan_is_not_trusted(monkeypatch):
+    """Over KHAT_TRUSTED, or NaN, is not to be trusted; no k-hat at all is no verdict. The
+    limit is workbench.report.thresholds': moved there, compare's verdict moves with it."""
+    from workbench.report import thresholds
+
+    assert [untrusted(k) for k in (0.3, 0.7, 0.71, math.nan, math.inf, None)] == [
+        False, False, True, True, True, False]
+    monkeypatch.setattr(thresholds, "KHAT_TRUSTED", 0.9)
+    assert not untrusted(0.85) and untrusted(0.95)

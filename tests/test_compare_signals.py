@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -14,6 +15,7 @@ import pytest
 
 from tests.conftest import COIN
 from tests.test_compare import read_csv
+from workbench.rundir.layout import LOSSES
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"),
                                 reason="reads /proc and relies on Linux's parent-death signal")
@@ -49,25 +51,44 @@ atexit.register(linger)
 
 
 def start_compare(tmp_path: Path, out: Path, *args: str, env: dict | None = None,
-                  unset: tuple[str, ...] = ()) -> subprocess.Popen:
+                  unset: tuple[str, ...] = (), stderr: Path | None = None) -> subprocess.Popen:
     """``vibench compare COIN ARGS --out OUT`` in a child process, as a user would start it,
-    with ``env`` added to this environment and ``unset`` taken out."""
+    with ``env`` added to this environment and ``unset`` taken out; its stderr to a pipe, or
+    to the file ``stderr`` for a test to read while it runs."""
     full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
     for name in ("VIBENCH_DEBUG", *unset):
         full_env.pop(name, None)
-    return subprocess.Popen(
-        [sys.executable, "-m", "workbench", "compare", str(COIN), *args, "--out", str(out)],
-        cwd=tmp_path, env=full_env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-    )
+    with open(stderr, "w") if stderr is not None else contextlib.nullcontext() as log:
+        return subprocess.Popen(
+            [sys.executable, "-m", "workbench", "compare", str(COIN), *args, "--out", str(out)],
+            cwd=tmp_path, env=full_env, stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE if log is None else log, text=True,
+        )
 
 
 def wait_training(out: Path, names: list[str], timeout: float = 120) -> None:
-    """Wait until each named run in ``out`` has logged to TensorBoard, i.e. is training."""
+    """Wait until each named run in ``out`` is in its training loop, where a stop signal has
+    it save and stop: it has checkpointed there once (its losses file holds losses; the
+    checkpoint before the loop leaves it empty)."""
     deadline = time.monotonic() + timeout
-    while not all(list((out / name).glob("events.out.tfevents.*")) for name in names):
-        assert time.monotonic() < deadline, f"the runs did not start: {names}"
+    while not all(_size(out / name / LOSSES) > 0 for name in names):
+        assert time.monotonic() < deadline, f"the runs did not start training: {names}"
         time.sleep(0.1)
-    time.sleep(0.5)
+
+
+def _size(path: Path) -> int:
+    try:
+        return path.stat().st_size
+    except OSError:
+        return 0
+
+
+def wait_line(path: Path, text: str, timeout: float = 60) -> None:
+    """Wait until the file ``path`` (a child's stderr) has a line starting with ``text``."""
+    deadline = time.monotonic() + timeout
+    while not any(line.startswith(text) for line in path.read_text().splitlines()):
+        assert time.monotonic() < deadline, f"no line {text!r} in {path.name}"
+        time.sleep(0.1)
 
 
 def runs_of(out: Path) -> dict[int, list[str]]:
@@ -125,16 +146,18 @@ def test_a_run_over_the_timeout_is_stopped_and_reported_and_the_others_finish(tm
 
 def test_two_quick_ctrl_cs_kill_the_runs_and_still_write_the_results(tmp_path: Path):
     out = tmp_path / "cmp"
+    log = tmp_path / "stderr.txt"
     child = start_compare(tmp_path, out, "--grid", "optimizer.lr=0.01,0.02", "--steps", LONG,
-                          "--jobs", "2", env={"OMP_NUM_THREADS": "2"})
+                          "--jobs", "2", env={"OMP_NUM_THREADS": "2"}, stderr=log)
     wait_training(out, ["optimizer.lr=0.01,seed=0", "optimizer.lr=0.02,seed=0"])
     runs = runs_of(out)
     assert len(runs) == 2
     assert all(environ(pid)["OMP_NUM_THREADS"] == "2" for pid in runs)  # the user's choice
     child.send_signal(signal.SIGINT)
-    time.sleep(0.1)
+    wait_line(log, "stopping: ")  # the first was heard: the second is a second one
     child.send_signal(signal.SIGINT)
-    stdout, stderr = child.communicate(timeout=60)
+    stdout, _ = child.communicate(timeout=60)
+    stderr = log.read_text()
     assert child.returncode == 130, stderr
     assert "Traceback" not in stderr
     assert stderr.strip().splitlines()[-1].startswith("interrupted: 0 of 2 runs finished")
@@ -189,3 +212,27 @@ def test_a_run_that_saved_is_waited_for_and_shown_with_its_numbers(tmp_path: Pat
     assert row["error"].startswith(f"interrupted after step {steps}")
     table = next(line for line in stdout.splitlines() if line.strip().startswith("0.01"))
     assert f"{float(row['final_loss']):.4f}" in table and "interrupted after step" in table
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM, signal.SIGHUP])
+def test_a_stop_signal_stops_every_run_and_compare_exits_as_vibench_run_does(
+        tmp_path: Path, signum: int):
+    """Ctrl-C, SIGTERM (what Slurm and Kubernetes send) and the terminal closing (SIGHUP) stop
+    the runs, each saving what it learned, and compare exits 128 + the signal's number, as
+    ``vibench run`` does: 130, 143, 129."""
+    out = tmp_path / "cmp"
+    child = start_compare(tmp_path, out, "--grid", "optimizer.lr=0.01,0.02", "--steps", LONG,
+                          "--jobs", "1")
+    run = out / "optimizer.lr=0.01,seed=0"
+    wait_training(out, [run.name])
+    child.send_signal(signum)
+    stdout, stderr = child.communicate(timeout=120)
+    assert child.returncode == 128 + signum, stderr
+    assert "Traceback" not in stderr
+    assert stderr.strip().splitlines()[-1].startswith("interrupted: 0 of 2 runs finished")
+    rows = read_csv(out / "compare.csv")
+    assert [r["status"] for r in rows] == ["interrupted", "interrupted"]
+    assert rows[1]["error"] == "not started: interrupted"  # one at a time: never started
+    summary = json.loads((run / "summary.json").read_text())  # saved as on Ctrl-C
+    assert 0 < summary["steps"] < 1_000_000
+    assert "optimizer.lr" in stdout

@@ -26,8 +26,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Protocol
 
-from workbench.rundir import files
 from workbench.errors import UsageError, one_line
+from workbench.rundir import files
+from workbench.rundir.layout import LOCK
+from workbench.signals import STOP_SIGNALS
 
 BACKENDS = ("local", "ray")
 RAY_INSTALL = "pip install 'vibench[ray]'"
@@ -36,7 +38,6 @@ POLL_SECONDS = 0.25
 STOP_IDLE = 30.0  # a run asked to stop is killed after this long without progress
 STOP_LIMIT = 120.0  # or this long after it was asked, whatever it does
 PR_SET_PDEATHSIG = 1
-STOP_SIGNALS = {signal.SIGINT, signal.SIGTERM, getattr(signal, "SIGHUP", signal.SIGTERM)}
 MARKER = ".vibench-compare"  # in the compare directory: a task that reads it sees its files
 
 
@@ -435,7 +436,7 @@ def pack(run_dir: Path) -> bytes:
     with tarfile.open(fileobj=buffer, mode="w:gz") as tar:
         if run_dir.is_dir():
             for path in sorted(run_dir.rglob("*")):
-                if path.is_file() and path.name != ".lock":
+                if path.is_file() and path.name != LOCK:
                     tar.add(path, arcname=str(path.relative_to(run_dir)), recursive=False)
     return buffer.getvalue()
 
