@@ -4,8 +4,9 @@ with ``init: laplace``, Pathfinder's with ``init: pathfinder``, or a fitted Gaus
 ``start_at``), a and S (lower triangular) learnt, and f inverse autoregressive flows (Kingma et
 al. 2016) whose last layers start at zero, so that f starts as the identity and the guide as
 N(m, C C'). Learning a and S instead of the Gaussian's own location and Cholesky factor makes
-one step size fit every coordinate: a step of 0.01 is 0.01 posterior sds in each direction, whether a coefficient's sd
-is 30 or 0.007 (kilpisjarvi's). Pyro's AutoIAFNormal starts at N(0, I) instead.
+one step size fit every coordinate: a step of 0.01 is 0.01 posterior sds in each direction,
+whether a coefficient's sd is 30 or 0.007 (kilpisjarvi's). Pyro's AutoIAFNormal starts at
+N(0, I) instead.
 """
 
 from __future__ import annotations

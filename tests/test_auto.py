@@ -361,3 +361,15 @@ def test_a_flow_stops_at_convergence_by_its_draws_moments(tmp_path):
     assert torch.equal(torch.rand(1), after)  # the run's random stream is untouched
     assert all(torch.equal(a, b) for a, b in zip(first, sampled_gaussian(guide)))
     pyro.clear_param_store()
+
+
+def test_a_stage_that_cannot_be_built_leaves_no_run_directory(tmp_path: Path):
+    recipe = tmp_path / "auto.yaml"
+    recipe.write_text(yaml.safe_dump({"model": {"name": "beta_bernoulli"},
+                                      "data": {"flips": [1, 0, 1, 1]},
+                                      "auto": {"stages": [{"name": "psis", "khat": 0.9}]}}))
+    out = tmp_path / "out"
+    result = vibench("run", str(recipe), "--out", str(out))
+    assert result.returncode == 2, result.stderr
+    assert "khat" in result.stderr and "Traceback" not in result.stderr
+    assert not out.exists()

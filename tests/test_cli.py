@@ -242,3 +242,10 @@ def test_threads_sets_torch_s_thread_count(tmp_path: Path):
     assert json.loads((out / "summary.json").read_text())["threads"] == 2
     bad = vibench("run", str(COIN), "--threads", "0")
     assert bad.returncode == 2 and "--threads" in bad.stderr
+
+
+def test_list_help_names_every_kind():
+    from workbench.config.kinds import KINDS
+
+    text = " ".join(vibench("list", "--help", env={"COLUMNS": "200"}).stdout.split())
+    assert all(kind in text for kind in KINDS), text

@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 
 from workbench import hookspecs
-from workbench.plugins.registry import INJECTED, KINDS
+from workbench.config.kinds import INJECTED, KINDS
 
 REPO = Path(__file__).resolve().parents[1]
 COIN = REPO / "recipes" / "coin.yaml"

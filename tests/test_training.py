@@ -142,3 +142,30 @@ print("loaded", float(fresh.optim_objs[param].state[param]["step"]))
                           text=True, timeout=120)
     assert done.stdout.splitlines() == ["made ['param_groups', 'state'] False False",
                                         "loaded 1.0"], done.stderr
+
+
+def test_callback_states_are_kept_apart_by_their_state_keys():
+    from workbench.train.callbacks import Callback, restore, states
+
+    class Counter(Callback):
+        def __init__(self, key: str):
+            self.key, self.count = key, 0
+
+        @property
+        def state_key(self) -> str:
+            return f"Counter[{self.key}]"
+
+        def state_dict(self) -> dict:
+            return {"count": self.count}
+
+        def load_state_dict(self, state: dict | None) -> None:
+            self.count = (state or {}).get("count", 0)
+
+    first, second = Counter("a"), Counter("b")
+    first.count, second.count = 3, 5
+    saved = states([first, second])
+    again = [Counter("a"), Counter("b")]
+    restore(again, saved)
+    assert [c.count for c in again] == [3, 5]
+    with pytest.raises(ValueError, match="share the state key"):
+        states([Counter("a"), Counter("a")])

@@ -366,3 +366,15 @@ def test_a_stop_signal_during_set_up_is_one_line_and_leaves_nothing(tmp_path: Pa
     else:
         assert stderr.strip().splitlines()[-1] == "interrupted"
         assert not (tmp_path / "r").exists()
+
+
+def test_loading_a_compiled_run_back_compiles_nothing(tmp_path: Path):
+    out = tmp_path / "r"
+    done = vibench("run", str(COIN), "--steps", "30", "--set", "train.compile=auto",
+                   *QUIET, "--out", str(out))
+    assert done.returncode == 0, done.stderr
+    from workbench import service
+    from workbench.plugins.registry import get_registry
+
+    run = service.load(out, get_registry())
+    assert run.compiled is None

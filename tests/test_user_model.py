@@ -235,3 +235,38 @@ def test_each_failure_is_one_line_and_exit_2(tmp_path: Path, case: str):
     assert result.stderr.splitlines() == [
         f"error: {recipe}: {expected.format(dir=tmp_path.resolve())}"], result.stderr
     assert not (tmp_path / "run").exists()
+
+
+NOT_BROADCASTING = """
+    import pyro
+    import pyro.distributions as dist
+    import torch
+
+    def model(x, y):
+        beta = pyro.sample("beta", dist.Normal(torch.zeros(2), 1.0).to_event(1))
+        with pyro.plate("rows", len(y)):
+            pyro.sample("y", dist.Normal(x @ beta, 1.0), obs=y)
+"""
+
+
+def test_a_report_failure_is_one_line_in_summary_json(tmp_path: Path):
+    """A plain model that does not broadcast over draws fails in the report's batched draws;
+    what summary.json says of it is one line (Pyro's shape tables left out)."""
+    (tmp_path / "plain.py").write_text(textwrap.dedent(NOT_BROADCASTING))
+    (tmp_path / "plain.yaml").write_text(yaml.safe_dump({
+        "model": {"name": "plain.py:model"}, "guide": {"name": "auto_normal"},
+        "loss": {"name": "elbo"}, "optimizer": {"name": "adam", "lr": 0.01},
+        "data": {"x": [[1.0, 0.5], [0.2, -1.0], [0.3, 0.3]], "y": [1.0, -0.5, 0.2]},
+        "loggers": [], "train": {"steps": 20, "plots": False}}))
+    result = vibench("run", str(tmp_path / "plain.yaml"), "--out", str(tmp_path / "r"))
+    assert result.returncode == 0, result.stderr
+    summary = json.loads((tmp_path / "r" / "summary.json").read_text())
+
+    def texts(value):
+        if isinstance(value, dict):
+            return [t for v in value.values() for t in texts(v)]
+        if isinstance(value, list):
+            return [t for v in value for t in texts(v)]
+        return [value] if isinstance(value, str) else []
+
+    assert all("\n" not in text for text in texts(summary["diagnostics"]))

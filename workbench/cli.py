@@ -22,6 +22,7 @@ import typer
 from typer.core import TyperGroup
 
 from workbench import signals
+from workbench.config.kinds import KINDS
 from workbench.errors import VibenchError
 from workbench.progress import TerminalBar
 
@@ -180,7 +181,7 @@ def run(
 @app.command("list")
 def list_components(
     kind: Annotated[str | None, typer.Argument(
-        help="Only this kind: model, dataset, guide, loss, optimizer, optim_args or schedule.",
+        help=f"Only this kind: {', '.join(KINDS)}.",
         metavar="KIND", show_default=False)] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
 ) -> None:
@@ -194,7 +195,7 @@ def list_components(
       vibench list model --json
     """
     from workbench.errors import UsageError, did_you_mean
-    from workbench.plugins.registry import KINDS, get_registry
+    from workbench.plugins.registry import get_registry
     from workbench.rundir import jsonsafe
     from workbench.service import data_arguments
 

@@ -84,12 +84,15 @@ def start(source: Path, sets: Sequence[str], out: Path | None, registry: Registr
 
     world = distributed.start()
     resolved = prepare(source, sets, registry)
-    if "auto" in resolved:  # no guide named: the automatic pipeline (workbench/pipeline.py)
-        from workbench.auto import pipeline
-
-        return pipeline.start(resolved, registry, _claim_as(world, resolved["name"], out), world)
+    automatic = "auto" in resolved  # no guide named: the automatic pipeline
+    if automatic and world.distributed:
+        raise UsageError("the automatic pipeline runs as one process; run it without torchrun")
     held = _claim_as(world, resolved["name"], out)
     try:
+        if automatic:
+            from workbench.auto import pipeline
+
+            return pipeline.start(resolved, registry, held)
         if not stepsize.wanted(resolved):
             return Job(Run.setup(resolved, registry), held)
         run = Run.setup(stepsize.placeholder(resolved), registry, compile=False)
@@ -159,7 +162,7 @@ def load(run_dir: Path, registry: Registry, trust_code: bool = False,
     saved = checkpoint.load(run_dir, where)
     resolved = recipes.resolve(saved["recipe"], registry, str(run_dir / RECIPE),
                                code=None if trust_code else _refuse_code(where))
-    run = Run.setup(resolved, registry)
+    run = Run.setup(resolved, registry, compile=False)  # it draws; it never steps
     with run_context(run.device, run.dtype):
         checkpoint.restore_params(saved["params"], saved["buffers"], run.guide, str(run_dir))
     return run

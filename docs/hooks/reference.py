@@ -32,7 +32,8 @@ def workbench() -> SimpleNamespace:
     import typer.main
 
     from workbench.cli import app
-    from workbench.config.recipe import COMPONENTS, DEFAULT_STAGES, LISTS, SECTIONS, TRAIN
+    from workbench.config.kinds import COMPONENTS, LISTS
+    from workbench.config.recipe import DEFAULT_STAGES, SECTIONS, TRAIN
 
     def catalogue() -> dict:  # what `vibench list --json` prints, from a fresh process
         out = subprocess.run([sys.executable, "-m", "workbench", "list", "--json"],

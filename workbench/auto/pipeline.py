@@ -364,17 +364,11 @@ class AutoJob:
             self.run_dir.release()
 
 
-def start(recipe: dict, registry: Registry, held: Any, world: Any) -> AutoJob:
-    """An automatic pipeline for a checked recipe, its run directory claimed (``held``)."""
-    if world.distributed:
-        held.release()
-        raise UsageError("the automatic pipeline runs as one process; run it without torchrun")
-    for section in recipe["auto"]["stages"]:
-        try:
-            from workbench.plugins.build import build
+def start(recipe: dict, registry: Registry, held: Any) -> AutoJob:
+    """An automatic pipeline for a checked recipe, its run directory claimed (``held``); a
+    stage that cannot be built raises (the caller lets the directory go)."""
+    from workbench.plugins.build import build
 
-            build(registry, "stage", section)
-        except UsageError:
-            held.release()
-            raise
+    for section in recipe["auto"]["stages"]:
+        build(registry, "stage", section)
     return AutoJob(Pipeline(recipe, registry, held.path), held)

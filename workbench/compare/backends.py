@@ -22,9 +22,10 @@ import sys
 import tarfile
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Protocol
+from typing import Any, Protocol
 
 from workbench.errors import UsageError, one_line
 from workbench.rundir import files
@@ -85,7 +86,7 @@ class Outcome:
 class Backend(Protocol):
     """Starts runs and waits for them; a context manager around the whole comparison."""
 
-    def __enter__(self) -> "Backend": ...
+    def __enter__(self) -> Backend: ...
 
     def __exit__(self, *exc: Any) -> None: ...
 
@@ -111,7 +112,7 @@ class LocalBackend:
         self.env = child_env(jobs)
         self.preexec = die_with_parent()
 
-    def __enter__(self) -> "LocalBackend":
+    def __enter__(self) -> LocalBackend:
         return self
 
     def __exit__(self, *exc: Any) -> None:
@@ -273,7 +274,7 @@ class RayBackend:
         self.task: Any = None
         self.where = ""
 
-    def __enter__(self) -> "RayBackend":
+    def __enter__(self) -> RayBackend:
         import logging
 
         self.ray = ray = import_ray()
@@ -289,7 +290,8 @@ class RayBackend:
                          logging_level=logging.ERROR, log_to_driver=False)
         except (ConnectionError, ValueError, RuntimeError) as exc:
             raise UsageError(f"--address {connect}: no Ray cluster there ({one_line(exc)})"
-                             if connect else f"could not start Ray here: {one_line(exc)}")
+                             if connect else f"could not start Ray here: {one_line(exc)}"
+                             ) from None
         self.where = f"the Ray cluster at {connect}" if connect else "a Ray started here"
         try:
             self._check_resources(bool(connect))

@@ -20,11 +20,17 @@ killed.
 from __future__ import annotations
 
 import sys
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
-from workbench.compare.backends import BACKENDS, Backend, LocalBackend, RayBackend, cpu_count, \
-    import_ray
+from workbench.compare.backends import (
+    BACKENDS,
+    Backend,
+    LocalBackend,
+    RayBackend,
+    cpu_count,
+    import_ray,
+)
 from workbench.compare.hparams import write_hparams
 from workbench.compare.plan import Grid, Spec, parse_grid, plan_suite
 from workbench.compare.plot import write_plot

@@ -11,9 +11,10 @@ import hashlib
 import itertools
 import re
 import sys
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, NamedTuple, Sequence
+from typing import Any, NamedTuple
 
 from workbench.errors import RecipeError, UsageError
 

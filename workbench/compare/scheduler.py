@@ -12,9 +12,10 @@ import contextlib
 import signal
 import sys
 import threading
+from collections.abc import Callable, Iterator
 from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any
 
 from workbench.compare.backends import NOT_STARTED, POLL_SECONDS, Backend, Control, Job
 from workbench.compare.metrics import untrusted

@@ -16,24 +16,13 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import yaml
 
+from workbench.config.kinds import COMPONENTS, LISTS
 from workbench.config.options import Option
 from workbench.errors import RecipeError, UsageError, did_you_mean, one_line
 
 if TYPE_CHECKING:  # the registry is handed in; config sits below the plugins
     from workbench.plugins.registry import Registry
 
-# Component sections by their path in the recipe, with the kind of component each names.
-COMPONENTS: dict[tuple[str, ...], str] = {
-    ("model",): "model",
-    ("guide",): "guide",
-    ("loss",): "loss",
-    ("optimizer",): "optimizer",
-    ("optimizer", "optim_args"): "optim_args",
-    ("optimizer", "schedule"): "schedule",
-    ("data", "dataset"): "dataset",
-}
-# Sections that list components of one kind, each item a name or a component section.
-LISTS: dict[tuple[str, ...], str] = {("loggers",): "logger", ("auto", "stages"): "stage"}
 DEFAULT_LOGGERS = ["tensorboard"]
 SECTIONS = ("name", "seed", "device", "dtype", "data", "model", "guide", "loss", "optimizer",
             "train", "loggers", "auto")

@@ -6,7 +6,8 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from workbench.config.recipe import COMPONENTS, LISTS, options
+from workbench.config.kinds import COMPONENTS, LISTS
+from workbench.config.recipe import options
 from workbench.errors import UsageError, one_line
 from workbench.plugins.registry import Registry
 

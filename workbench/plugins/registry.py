@@ -37,40 +37,11 @@ from typing import Any
 import pluggy
 
 from workbench import hookspecs
+from workbench.config.kinds import INJECTED, ITSELF, KINDS
 from workbench.config.options import Option, read_options
 from workbench.errors import UsageError, VibenchError, did_you_mean
 
 PLUGIN_TIMEOUT = 30.0  # seconds a plugin may take to import, or to run one registration hook
-
-# kind -> the hook that registers it; the kind is also the recipe section's name.
-KINDS: dict[str, str] = {
-    "model": "register_models",
-    "dataset": "register_datasets",
-    "guide": "register_guides",
-    "loss": "register_losses",
-    "optimizer": "register_optimizers",
-    "optim_args": "register_optim_args",
-    "schedule": "register_schedules",
-    "logger": "register_loggers",
-    "stage": "register_stages",
-}
-
-# Factory parameters vibench fills in from the run instead of the recipe, per kind.
-INJECTED: dict[str, frozenset[str]] = {
-    "model": frozenset({"device"}),
-    "dataset": frozenset({"device", "rows"}),
-    "guide": frozenset({"device", "model"}),
-    "loss": frozenset({"device"}),
-    "optimizer": frozenset({"device", "optim_args"}),
-    "optim_args": frozenset({"device", "defaults"}),
-    "schedule": frozenset({"device", "optimizer", "steps"}),
-    "logger": frozenset({"device", "run_dir", "start_step", "recipe"}),
-    "stage": frozenset({"device"}),
-}
-
-# Kinds for which a function named by its place (``file.py:attr``) is the component itself,
-# as Pyro writes models and guides; a class is a factory for every kind.
-ITSELF = frozenset({"model", "guide"})
 
 
 @dataclass(frozen=True)

@@ -329,9 +329,9 @@ def _log_q_or_reason(trace, name, guide, sites, n, nesting, fixed) -> torch.Tens
     try:
         return _site_log_q(trace, name, guide, sites, n, nesting, fixed)
     except _NoDensity as exc:
-        return str(exc)
+        return one_line(exc)
     except (NotImplementedError, ValueError, RuntimeError) as exc:
-        return f"the guide's density of the site failed: {exc}"
+        return f"the guide's density of the site failed: {one_line(exc)}"
 
 
 def _site_log_q(trace: poutine.Trace, name: str, guide: Callable, sites: dict, n: int,
@@ -513,7 +513,8 @@ def _kl(fn: Any, draws: torch.Tensor, log_q: torch.Tensor | str,
     try:
         log_p = target.log_prob(draws)
     except (ValueError, RuntimeError) as exc:
-        return {"kl_method": f"unavailable: the exact posterior's density failed: {exc}"}
+        return {"kl_method": f"unavailable: the exact posterior's density failed: "
+                                  f"{one_line(exc)}"}
     log_p = log_p.reshape(draws.shape[0], -1).sum(-1)
     diff = (log_q.double() - log_p.double())
     if not torch.isfinite(diff).all():
@@ -565,7 +566,7 @@ def diagnostics(model: Callable, guide: Callable, data: dict[str, Any], nesting:
         try:
             single = site_trace(model, **data)
         except Exception as exc:  # noqa: BLE001 - reported, not raised
-            return {"khat": None, "reason": f"the model failed: {exc}"}
+            return {"khat": None, "reason": f"the model failed: {one_line(exc)}"}
         enumerated = [name for name, site in single.nodes.items()
                       if site["type"] == "sample" and site["infer"].get("enumerate")]
         if enumerated:

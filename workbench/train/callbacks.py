@@ -30,6 +30,12 @@ class Callback:
     def go_on(self) -> None:
         """A finished run was resumed to run longer."""
 
+    @property
+    def state_key(self) -> str:
+        """The name of this callback's state in a checkpoint: its class's, unless two of a
+        class could run together (then a subclass says what tells them apart)."""
+        return type(self).__qualname__
+
     def state_dict(self) -> dict:
         return {}
 
@@ -39,6 +45,23 @@ class Callback:
     def summary(self) -> dict:
         """What this callback adds to summary.json."""
         return {}
+
+
+def states(callbacks: list[Callback]) -> dict[str, dict]:
+    """Every callback's state by its ``state_key``, for a checkpoint; two callbacks with one
+    key would overwrite each other's, so that is a bug (a ValueError)."""
+    found: dict[str, dict] = {}
+    for callback in callbacks:
+        if callback.state_key in found:
+            raise ValueError(f"two callbacks share the state key {callback.state_key!r}")
+        found[callback.state_key] = callback.state_dict()
+    return found
+
+
+def restore(callbacks: list[Callback], saved: dict) -> None:
+    """Give each callback its state from a checkpoint's ``states``."""
+    for callback in callbacks:
+        callback.load_state_dict(saved.get(callback.state_key))
 
 
 class MetricLogging(Callback):

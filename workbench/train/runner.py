@@ -50,6 +50,8 @@ from workbench.train.callbacks import (
     MetricLogging,
     log_params,
 )
+from workbench.train.callbacks import restore as restore_callbacks
+from workbench.train.callbacks import states as callback_states
 from workbench.train.loggers import Loggers
 from workbench.train.optim import make_optimizer, make_optimizers, optimizer_state, schedule_stepper
 from workbench.train.tensors import check_support, load_data, shard
@@ -440,7 +442,7 @@ class Run:
         checkpoint.save(run_dir, {
             "recipe": self.recipe, "data_hash": self.data_hash,
             "state": {**state.to_checkpoint(), "wall": wall},
-            "callbacks": {type(c).__name__: c.state_dict() for c in callbacks},
+            "callbacks": callback_states(callbacks),
             "params": params, "buffers": buffers,
             "optim": optimizer_state(self.svi.optim), "rng": rngs[0],
             **({"world_size": self.world.size, "rng_ranks": rngs}
@@ -473,8 +475,7 @@ class Run:
             self.compiled.adopt_optimizer()
         checkpoint.set_rng_state(saved["rng_ranks"][self.world.rank] if self.world.distributed
                                  else saved["rng"], where)
-        for callback in callbacks:
-            callback.load_state_dict(saved.get("callbacks", {}).get(type(callback).__name__))
+        restore_callbacks(callbacks, saved.get("callbacks", {}))
         known = {f.name for f in dataclasses.fields(TrainState)}
         fields = {key: value for key, value in saved["state"].items() if key in known}
         state = TrainState(**{**fields, "losses": LossFile.read(run_dir / layout.LOSSES,
@@ -576,7 +577,8 @@ class Run:
 
     def summarize(self, state: TrainState, callbacks: list[Callback], wall: float,
                   report: dict, failure: VibenchError | None) -> dict:
-        """The run's summary.json content (DESIGN.md's contract, plus how the run went)."""
+        """The run's summary.json content (the contract docs/reference/summary-json.md gives,
+        plus how the run went)."""
         tail = state.losses[-100:]
         summary = {
             "recipe": self.recipe,
