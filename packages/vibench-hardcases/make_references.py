@@ -14,10 +14,10 @@ check of the Pyro model's log density against the analytic one).
 ``nuts`` runs NumPyro's NUTS on this file's own NumPyro port of a real model (8 chains run one
 after another, 2,000 warm-up and 5,000 draws each by default) in float64, and writes the run's
 diagnostics (rank-normalised split R-hat, bulk and tail ESS by ArviZ; divergences, step sizes
-and tree sizes per chain) to ``runs/<name>-<param>.json`` beside the posterior's files, with the
-check of the port's log density against the Pyro model's. With ``--write`` (only when the run
-passes: R-hat < 1.01, bulk ESS > 4,000, no divergence) its draws become the reference:
-draws.npz, reference.json and info.json. The centred and the non-centred port sample the same
+and tree sizes per chain) to ``nuts_runs/<name>-<param>-<settings>.json`` beside the
+posterior's files, with the check of the port's log density against the Pyro model's. With
+``--write`` (only when the run passes: R-hat < 1.01, bulk ESS > 4,000, no divergence) its
+draws become the reference: draws.npz, reference.json and info.json. The centred and the non-centred port sample the same
 posterior (the non-centred one in other coordinates, with alpha or f as deterministic sites);
 which run became the reference, and what the other said, is in info.json.
 
@@ -75,12 +75,17 @@ def main(argv=None) -> int:
     nuts.add_argument("--seed", type=int, default=0)
     nuts.add_argument("--write", action="store_true",
                       help="make this run the reference (refused unless it passes)")
+    info = sub.add_parser("info", help="rewrite a real model's info.json from its data "
+                                       "section, its reference run and its other runs")
+    info.add_argument("name", choices=["hier_centred", "latent_gp"])
     args = parser.parse_args(argv)
     if args.command == "data":
         write_data()
     elif args.command == "analytic":
         for name in ("funnel10", "banana", "mixture2", "student_t"):
             write_analytic(name)
+    elif args.command == "info":
+        write_nuts_info(args.name)
     else:
         run_nuts(args)
     return 0
@@ -403,9 +408,12 @@ def write_analytic(name: str) -> None:
         params[key]["draws_sd"] = float(value.std(ddof=1))
         params[key]["draws_mean_z"] = (abs(float(value.mean()) - params[key]["mean"])
                                        / (params[key]["sd"] / np.sqrt(n)))
+    # the model's log evidence log p(data): 0 where the model's density is the normalised
+    # target itself (no observations), log p(y) for the mixture
+    log_evidence = target["how"].get("components", {}).get("log_evidence", 0.0)
     write_json(folder / "reference.json", {
         "posterior": name, "kind": "analytic", "draws": "draws.npz", "n_draws": N_EXACT,
-        "computed": target["how"], "params": params})
+        "computed": target["how"], "log_evidence": log_evidence, "params": params})
 
     # the Pyro model's log density against the analytic one, at 5 exact draws and at a few
     # points far in the tails or between the modes
@@ -632,7 +640,9 @@ def run_nuts(args) -> None:
                         "seed": args.seed, "dtype": "float64 (numpyro.enable_x64)"},
            **provenance(), "wall_s": round(wall, 1), "diagnostics": diagnostics,
            "checks": checks, "params": params}
-    out = folder / "runs" / f"{args.name}-{args.param}.json"
+    out = folder / "nuts_runs" / (f"{args.name}-{args.param}-accept{args.target_accept}-"
+                                  f"{args.chains}x{args.warmup}+{args.samples}"
+                                  f"{'-dense' if args.dense else ''}-seed{args.seed}.json")
     write_json(out, run)
     print(f"{args.name} {args.param}: {wall:.0f} s; max R-hat {diagnostics['max_rhat']:.4f}, "
           f"min bulk ESS {diagnostics['min_ess_bulk']:.0f}, min tail ESS "
@@ -646,11 +656,59 @@ def run_nuts(args) -> None:
         write_draws(folder, {k: v.reshape(-1) for k, v in draws.items()})
         write_json(folder / "reference.json", {
             "posterior": args.name, "kind": "nuts", "draws": "draws.npz", "n_draws": n,
-            "n_chains": args.chains, "run": f"runs/{out.name}",
+            "n_chains": args.chains, "run": f"nuts_runs/{out.name}",
             "computed": {"all": "from the pooled NUTS draws (chains concatenated in order); "
                                 "rhat, ess_bulk, ess_tail, mcse by ArviZ"},
             "params": params})
         print("wrote the reference:", folder / "reference.json")
+        write_nuts_info(args.name)
+
+
+def write_nuts_info(name: str) -> None:
+    """info.json of a real model: how its data were made (kept from ``data``), the reference
+    run (settings, provenance, diagnostics, the log-density checks of the ports) and every
+    other run in nuts_runs/, each compared with the reference (largest z = |mean - ref mean| /
+    ref sd, range of sd / ref sd over the parameters)."""
+    folder = DATA / name
+    reference = json.loads((folder / "reference.json").read_text())
+    info = json.loads((folder / "info.json").read_text())
+    chosen = json.loads((folder / reference["run"]).read_text())
+    others = []
+    for path in sorted((folder / "nuts_runs").glob("*.json")):
+        if path.name == Path(reference["run"]).name:
+            continue
+        run = json.loads(path.read_text())
+        zs = {k: abs(run["params"][k]["mean"] - r["mean"]) / r["sd"]
+              for k, r in reference["params"].items()}
+        rs = {k: run["params"][k]["sd"] / r["sd"] for k, r in reference["params"].items()}
+        worst = max(zs, key=zs.get)
+        others.append({"run": f"nuts_runs/{path.name}", "parameterisation": run["parameterisation"],
+                       "settings": run["settings"], "command": run["command"],
+                       "date": run["date"], "wall_s": run["wall_s"],
+                       "diagnostics": run["diagnostics"],
+                       "against_reference": {"max_z": zs[worst], "max_z_param": worst,
+                                             "min_sd_ratio": min(rs.values()),
+                                             "max_sd_ratio": max(rs.values())}})
+    d = chosen["diagnostics"]
+    info.update({
+        "posterior": name, "kind": "nuts",
+        "reference": {
+            "method": f"NumPyro NUTS on make_references.py's {chosen['parameterisation']} port "
+                      "(the same posterior as the Pyro model's; a non-centred port samples "
+                      "standardised values and records the model's sites as deterministic "
+                      "ones)",
+            "run": reference["run"], "parameterisation": chosen["parameterisation"],
+            "settings": chosen["settings"], "command": chosen["command"], "date": chosen["date"],
+            "versions": chosen["versions"], "machine": chosen["machine"],
+            "git_commit_before": chosen["git_commit_before"], "wall_s": chosen["wall_s"],
+            "n_draws": reference["n_draws"], "dtype_in_draws_npz": "float32",
+            "diagnostics": d},
+        "checks": {k: v for k, v in chosen["checks"].items() if k != "at"},
+        "checks_at": chosen["checks"].get("at"),
+        "other_runs": others,
+    })
+    write_json(folder / "info.json", info)
+    print("wrote", folder / "info.json")
 
 
 if __name__ == "__main__":

@@ -12,8 +12,8 @@ target (the generative form of the funnel and of the banana, a ``MultivariateStu
 the data set holds the target's constants. The mixture is a real posterior: a Normal prior
 and one observation through a two-component mixture likelihood, whose posterior is a
 two-component Gaussian mixture known in closed form (a ``MixtureSameFamily`` cannot be a latent
-site: autoguides and NUTS find no bijection to its support). ``check_references.py`` compares each model's log density with the
-analytic one.
+site: autoguides and NUTS find no bijection to its support). ``check_references.py``
+compares each model's log density with the analytic one.
 
 Each model has ``reference_posterior(**data)`` (see ``reference.reference_posterior``; it
 refuses data other than its data.json's) and, where a site's posterior is a known
@@ -25,9 +25,9 @@ from __future__ import annotations
 from vibench_hardcases import reference
 
 # The GP's kernel gets this much white noise on its diagonal (variance; a "nugget"), so that
-# its Cholesky factor exists in float32, vibench's default dtype, for any lengthscale and an
-# amplitude up to about 5 (tested in check_references.py). It is part of the model: the
-# NumPyro port that made the reference has the same.
+# its Cholesky factor exists in float32, vibench's default dtype, for amplitudes 0.01 to 20
+# and lengthscales 0.05 to 100 at the data's inputs (check_references.py tests it; 1e-4 fails
+# at amplitude 20). It is part of the model: the NumPyro port that made the reference has it.
 GP_JITTER = 1e-3
 
 
