@@ -373,3 +373,20 @@ def test_a_stage_that_cannot_be_built_leaves_no_run_directory(tmp_path: Path):
     assert result.returncode == 2, result.stderr
     assert "khat" in result.stderr and "Traceback" not in result.stderr
     assert not out.exists()
+
+
+def test_each_stage_and_fit_says_so_as_it_starts_and_records_its_time(tmp_path: Path):
+    recipe = tmp_path / "auto.yaml"
+    recipe.write_text(yaml.safe_dump({
+        "model": {"name": "beta_bernoulli"}, "data": {"flips": [1, 1, 0, 1]}, **QUIET,
+        "auto": {"stages": [{"name": f"{HERE / 'auto_models.py'}:OneFit", "steps": 15},
+                            "psis"]}}))
+    result = vibench("run", str(recipe), "--out", str(tmp_path / "r"))
+    assert result.returncode == 0, result.stderr
+    said = [line for line in result.stderr.splitlines() if line.startswith("auto: ")]
+    assert said[0].startswith("auto: stage ") and said[0].endswith("OneFit ...")
+    assert said[1] == "auto: fit mine: auto_normal, elbo ..." or said[1].startswith("auto: fit ")
+    assert said[-1] == "auto: stage psis ..."
+    stages = json.loads((tmp_path / "r" / "summary.json").read_text())["auto"]["stages"]
+    assert all(stage["seconds"] >= 0 for stage in stages)
+    assert "s)" in result.stdout  # the report gives each stage's time

@@ -160,7 +160,8 @@ def load(run_dir: Path, registry: Registry, trust_code: bool = False,
 
     where = where or f"load {run_dir}"
     saved = checkpoint.load(run_dir, where)
-    resolved = recipes.resolve(saved["recipe"], registry, str(run_dir / RECIPE),
+    # a run from before defaults were stored as lists holds tuples (Adam's betas)
+    resolved = recipes.resolve(recipes.as_yaml(saved["recipe"]), registry, str(run_dir / RECIPE),
                                code=None if trust_code else _refuse_code(where))
     run = Run.setup(resolved, registry, compile=False)  # it draws; it never steps
     with run_context(run.device, run.dtype):

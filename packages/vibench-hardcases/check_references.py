@@ -51,7 +51,8 @@ def _normal(x, loc, scale):
     import numpy as np
 
     x, loc, scale = np.asarray(x, float), np.asarray(loc, float), np.asarray(scale, float)
-    return float(np.sum(-0.5 * ((x - loc) / scale) ** 2 - np.log(scale) - 0.5 * math.log(2 * math.pi)))
+    return float(np.sum(-0.5 * ((x - loc) / scale) ** 2 - np.log(scale)
+                        - 0.5 * math.log(2 * math.pi)))
 
 
 def _mvn(x, loc, cov):
@@ -79,7 +80,8 @@ def log_density(name: str, point: dict, data: dict) -> float:
     if name == "hard_banana":
         s1, b = float(data["sigma1"]), float(data["b"])
         # Haario et al. (1999): N(phi_b(x); 0, diag(s1^2, 1)), phi_b(x) = (x1, x2 + b x1^2 - b s1^2)
-        return _normal(point["x1"], 0, s1) + _normal(point["x2"] + b * point["x1"] ** 2 - b * s1 ** 2, 0, 1)
+        return (_normal(point["x1"], 0, s1)
+                + _normal(point["x2"] + b * point["x1"] ** 2 - b * s1 ** 2, 0, 1))
     if name == "hard_mixture2":
         theta = _vector(point, "theta", 2)
         prior = _normal(theta, 0, data["prior_scale"])
@@ -92,7 +94,8 @@ def log_density(name: str, point: dict, data: dict) -> float:
         d = _vector(point, "x", p) - loc
         L = np.linalg.cholesky(scale)
         z = np.linalg.solve(L, d)
-        return float(math.lgamma((df + p) / 2) - math.lgamma(df / 2) - p / 2 * math.log(df * math.pi)
+        return float(math.lgamma((df + p) / 2) - math.lgamma(df / 2)
+                     - p / 2 * math.log(df * math.pi)
                      - np.log(np.diag(L)).sum() - (df + p) / 2 * math.log1p(z @ z / df))
     if name == "hard_hier_centred":
         J = int(data["J"])
@@ -111,7 +114,8 @@ def log_density(name: str, point: dict, data: dict) -> float:
         x, y = np.asarray(data["x"]), np.asarray(data["y"])
         a, ls, m = point["amplitude"], point["lengthscale"], point["mean"]
         f = _vector(point, "f", len(x))
-        K = a ** 2 * np.exp(-0.5 * (x[:, None] - x[None, :]) ** 2 / ls ** 2) + GP_JITTER * np.eye(len(x))
+        K = (a ** 2 * np.exp(-0.5 * (x[:, None] - x[None, :]) ** 2 / ls ** 2)
+             + GP_JITTER * np.eye(len(x)))
         inv_gamma = 4.0 * math.log(6.0) - math.lgamma(4.0) - 5.0 * math.log(ls) - 6.0 / ls
         poisson = float(np.sum(y * (m + f) - np.exp(m + f) - [math.lgamma(k + 1) for k in y]))
         return (_normal(a, 0, 1.5) + math.log(2) + inv_gamma + _normal(m, 0, 2)
@@ -137,7 +141,7 @@ FAR_POINTS = {  # far in the tails, in the funnel's neck, between the modes
 
 
 def main(argv=None) -> int:
-    from vibench_hardcases import plugin, reference
+    from vibench_hardcases import plugin
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("names", nargs="*", metavar="NAME",
@@ -164,7 +168,6 @@ def main(argv=None) -> int:
 
 def check(name: str) -> tuple[list[str], bool]:
     import numpy as np
-
     from vibench_hardcases import plugin, reference
 
     folder = reference.POSTERIORS[name]
@@ -196,7 +199,8 @@ def check(name: str) -> tuple[list[str], bool]:
             sd_ratios.append(sd / row["sd"])
             # the sample variance's own standard error, from the draws' fourth central moment
             m4 = np.mean((value - mean) ** 4)
-            worst_v = max(worst_v, abs(sd ** 2 - row["sd"] ** 2) / math.sqrt((m4 - sd ** 4) / len(value)))
+            worst_v = max(worst_v, abs(sd ** 2 - row["sd"] ** 2)
+                          / math.sqrt((m4 - sd ** 4) / len(value)))
         else:
             worst_float = max(worst_float, abs(mean - row["mean"]) / row["sd"],
                               abs(sd / row["sd"] - 1),
@@ -215,7 +219,8 @@ def check(name: str) -> tuple[list[str], bool]:
 
     # the log density against the numpy transcription (and the NumPyro ports)
     n = len(next(iter(draws.values())))
-    points = [{k: float(v[i]) for k, v in draws.items()} for i in np.linspace(0, n - 1, 5).astype(int)]
+    points = [{k: float(v[i]) for k, v in draws.items()}
+              for i in np.linspace(0, n - 1, 5).astype(int)]
     points += FAR_POINTS[name]
     pyro_values = pyro_log_density(model, points, data)
     numpy_values = [log_density(name, p, data) for p in points]
@@ -234,7 +239,7 @@ def check(name: str) -> tuple[list[str], bool]:
             jax.config.update("jax_enable_x64", True)
             checks = make_references.port_checks(folder, json.loads(
                 (HERE / "vibench_hardcases" / "data" / folder / "data.json").read_text()), points)
-            for key, check in checks.items():
+            for check in checks.values():
                 say(check["max_abs_deviation"] < 1e-8, f"{check['what']}: largest deviation "
                     f"{check['max_abs_deviation']:.1e} (< 1e-8)")
     recorded = info.get("checks", {})
@@ -318,7 +323,6 @@ def _trace(model, data):
 def pyro_log_density(model, points, data) -> list[float]:
     import torch
     from pyro import poutine
-
     from vibench_hardcases import reference
 
     tensors = {k: torch.as_tensor(v, dtype=torch.float64) for k, v in data.items()}
@@ -336,7 +340,6 @@ def vectorised_deviation(model, points, data) -> float:
     import pyro
     import torch
     from pyro import poutine
-
     from vibench_hardcases import reference
 
     tensors = {k: torch.as_tensor(v, dtype=torch.float64) for k, v in data.items()}
@@ -367,7 +370,6 @@ def vectorised_deviation(model, points, data) -> float:
 
 def gp_float32_cholesky(data) -> bool:
     import torch
-
     from vibench_hardcases.models import GP_JITTER
 
     x = torch.as_tensor(data["x"], dtype=torch.float32)

@@ -17,9 +17,10 @@ diagnostics (rank-normalised split R-hat, bulk and tail ESS by ArviZ; divergence
 and tree sizes per chain) to ``nuts_runs/<name>-<param>-<settings>.json`` beside the
 posterior's files, with the check of the port's log density against the Pyro model's. With
 ``--write`` (only when the run passes: R-hat < 1.01, bulk ESS > 4,000, no divergence) its
-draws become the reference: draws.npz, reference.json and info.json. The centred and the non-centred port sample the same
-posterior (the non-centred one in other coordinates, with alpha or f as deterministic sites);
-which run became the reference, and what the other said, is in info.json.
+draws become the reference: draws.npz, reference.json and info.json. The centred and the
+non-centred port sample the same posterior (the non-centred one in other coordinates, with
+alpha or f as deterministic sites); which run became the reference, and what the other said,
+is in info.json.
 
 Needs numpy, scipy, torch and pyro (the Pyro models), and for ``nuts`` numpyro, jax and arviz.
 """
@@ -112,7 +113,8 @@ def write_draws(folder: Path, draws: dict) -> None:
     import numpy as np
 
     np.savez_compressed(folder / "draws.npz",
-                        **{name: np.asarray(value, dtype=np.float32) for name, value in draws.items()})
+                        **{name: np.asarray(value, dtype=np.float32)
+                           for name, value in draws.items()})
 
 
 def versions() -> dict:
@@ -255,7 +257,8 @@ def analytic_target(name: str) -> dict:
             x2 = rng.standard_normal(N_EXACT) - b * (x1 ** 2 - s1 ** 2)
             return {"x1": x1, "x2": x2}
 
-        def log_density(p):  # Haario: N(phi_b(x); 0, diag(s1^2, 1)), phi_b(x) = (x1, x2 + b x1^2 - b s1^2)
+        # Haario: N(phi_b(x); 0, diag(s1^2, 1)), phi_b(x) = (x1, x2 + b x1^2 - b s1^2)
+        def log_density(p):
             return (stats.norm.logpdf(p["x1"], 0, s1)
                     + stats.norm.logpdf(p["x2"] + b * p["x1"] ** 2 - b * s1 ** 2, 0, 1))
 
@@ -289,7 +292,8 @@ def analytic_target(name: str) -> dict:
         def log_density(p):  # the normalised posterior, plus the log evidence: the log joint
             t = np.array([p["theta[1]"], p["theta[2]"]])
             return log_evidence + float(np.logaddexp(
-                *[np.log(w[k]) + stats.multivariate_normal.logpdf(t, m[k], S[k]) for k in range(2)]))
+                *[np.log(w[k]) + stats.multivariate_normal.logpdf(t, m[k], S[k])
+                  for k in range(2)]))
 
         params = {}
         for i in range(2):
@@ -364,7 +368,6 @@ def pyro_log_density(name: str, points: list[dict], data: dict) -> list[float]:
     """The installed Pyro model's log joint density (float64) at each point (name -> value)."""
     import torch
     from pyro import poutine
-
     from vibench_hardcases import plugin, reference
 
     vibench_name = next(k for k, v in reference.POSTERIORS.items() if v == name)
@@ -519,7 +522,6 @@ def port_checks(name: str, data: dict, points: list[dict]) -> dict:
     import jax.numpy as jnp
     import numpy as np
     from numpyro.infer.util import log_density
-
     from vibench_hardcases.models import GP_JITTER
 
     jdata = {k: jnp.asarray(v) for k, v in data.items()}

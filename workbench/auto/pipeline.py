@@ -10,6 +10,7 @@ and why.
 
 from __future__ import annotations
 
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -103,6 +104,11 @@ class Pipeline:
     last_run: Any = None
     _dimension: int | None = None
 
+    @staticmethod
+    def say(line: str) -> None:
+        """What the pipeline is starting, on stderr as it starts (a stage or a fit)."""
+        print(line, file=sys.stderr, flush=True)
+
     @property
     def dimension(self) -> int:
         """The number of unconstrained latent dimensions of the model."""
@@ -122,6 +128,7 @@ class Pipeline:
         from workbench.train import stepsize
         from workbench.train.runner import Run
 
+        self.say(f"auto: fit {label}: {guide['name']}, {loss['name']} ...")
         base = {key: self.recipe[key] for key in ("seed", "device", "dtype", "data", "model",
                                                   "loggers")}
         sub = {**base, "name": f"{self.recipe['name']}-{label}",
@@ -214,13 +221,16 @@ def execute(pipeline: Pipeline) -> dict:
     records, began = [], time.perf_counter()
     for section in pipeline.recipe["auto"]["stages"]:
         stage = build(pipeline.registry, "stage", section)
+        pipeline.say(f"auto: stage {section['name']} ...")
+        started = time.perf_counter()
         try:
             said = stage.run(pipeline)
         except (Interrupted, UsageError):
             raise
         except Exception as exc:
             raise RunError(f"stage {section['name']!r} failed: {one_line(exc)}") from exc
-        records.append({"stage": section["name"], "said": said})
+        records.append({"stage": section["name"], "said": said,
+                        "seconds": time.perf_counter() - started})
     summary = assemble(pipeline, records, time.perf_counter() - began)
     from workbench.train.runner import write_results
 
@@ -255,8 +265,12 @@ def assemble(pipeline: Pipeline, records: list[dict], wall: float) -> dict:
         flags.append(f"no k-hat for {', '.join(unchecked)} (see its summary.json): its "
                      "estimates could not be checked by importance sampling")
     if worst is not None and not thresholds.khat_trusted(worst):
-        flags.append(f"k-hat {worst:.2f} > {thresholds.KHAT_TRUSTED}: the fit is not a good "
-                     "importance sampler of the posterior; do not trust its estimates")
+        ess = min(((fit.summary.get("diagnostics") or {}).get("ess_fraction") or 0.0)
+                  for fit, k in zip(used, khats) if k is not None)
+        note = thresholds.tails_note(ess)
+        flags.append(f"k-hat {worst:.2f} > {thresholds.KHAT_TRUSTED}: " + (
+            f"do not trust{note}" if note else "the fit is not a good importance sampler of "
+            "the posterior; do not trust its estimates"))
     source = ("importance-weighted (PSIS)" if len(weighted) == len(used) else
               "the guide's own" if not weighted else "mixed (importance-weighted where "
               "k-hat allows)")
@@ -328,7 +342,9 @@ def lines(summary: dict) -> list[str]:
     section = summary.get("auto")
     if not section:
         return []
-    found = [f"auto: {record['stage']}: {record['said']}" for record in section["stages"]]
+    found = [f"auto: {record['stage']}: {record['said']}"
+             + (f" ({record['seconds']:.1f} s)" if "seconds" in record else "")
+             for record in section["stages"]]
     found.append(f"auto: {section['estimates']}")
     found += [f"auto: FLAG: {flag}" for flag in section["flags"]]
     if not section["flags"]:

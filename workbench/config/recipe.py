@@ -213,6 +213,16 @@ def apply_overrides(recipe: dict, sets: Sequence[str]) -> tuple[dict, set[str]]:
     return recipe, overridden
 
 
+def as_yaml(value: Any) -> Any:
+    """``value`` as YAML would give it back: tuples (a factory's defaults) become lists, so a
+    resolved recipe, saved and checked again, is the same recipe."""
+    if isinstance(value, dict):
+        return {key: as_yaml(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [as_yaml(item) for item in value]
+    return value
+
+
 def resolve(
     recipe: dict, registry: Registry, source: str, overridden: Iterable[str] = (),
     code: Callable[[str], None] | None = None,
@@ -444,7 +454,7 @@ class _Checker:
             elif option.required:
                 self.problem(f"{where}.{option.name}", f"required by {kind} {name!r}")
             else:
-                resolved[option.name] = option.default
+                resolved[option.name] = as_yaml(option.default)
         if path == ("optimizer",) and section.get("lr") == AUTO and section.get("schedule"):
             self.problem(f"{where}.lr", "lr auto searches one step size for the whole run; "
                                         "it does not combine with a schedule")

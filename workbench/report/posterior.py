@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import re
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -577,9 +578,10 @@ def diagnostics(model: Callable, guide: Callable, data: dict[str, Any], nesting:
         derived = deterministic_sites(single)  # weighed too: e.g. eight schools' theta
         sized = ""
         if num_draws * sized_psis.draw_numbers(single) > sized_psis.WORK:
-            found = sized_psis.subsampled(model, guide, data, nesting, single, num_draws)
+            found, precision = _widened(guide, data, lambda wide_data: sized_psis.subsampled(
+                model, guide, wide_data, nesting, single, num_draws))
             if isinstance(found, dict):
-                return found
+                return {**found, "precision": precision}
             num_draws, sized = sized_psis.fewer_draws(single, num_draws, found)
             if not num_draws:
                 return {"khat": None, "reason": sized}
@@ -589,34 +591,86 @@ def diagnostics(model: Callable, guide: Callable, data: dict[str, Any], nesting:
                         if site["type"] == "sample" and torch.is_tensor(site["value"])),
                        default=1)
         chunk = max(1, min(num_draws, MAX_ELEMENTS // max(per_draw, 1)))
-        log_ws, parts = [], {name: [] for name in {**sites, **derived}}
         try:
-            for start in range(0, num_draws, chunk):
-                n = min(chunk, num_draws - start)
-                with pyro.plate(DRAWS_PLATE, n, dim=-(nesting + 1)):
-                    guide_trace = poutine.trace(guide).get_trace(**data)
-                    model_trace = poutine.trace(
-                        poutine.replay(model, trace=guide_trace)).get_trace(**data)
-                missing = [name for name in sites if name not in guide_trace.nodes]
-                if missing:
-                    return {"khat": None, "reason": "the guide does not sample " + ", ".join(
-                        repr(name) for name in missing)}
-                log_ws.append(log_joint(model_trace, n, nesting)
-                              - log_joint(guide_trace, n, nesting))
-                for name, shape in sites.items():
-                    parts[name].append(guide_trace.nodes[name]["value"].reshape(n, *shape))
-                for name, shape in derived.items():
-                    parts[name].append(model_trace.nodes[name]["value"].reshape(n, *shape))
+            found, precision = _widened(guide, data, lambda wide_data: _weigh(
+                model, guide, wide_data, nesting, num_draws, chunk, sites, derived))
         except (RuntimeError, ValueError, NotImplementedError, IndexError) as exc:
             return {"khat": None, "reason": f"the guide and model cannot be run vectorised "
                                             f"over {num_draws} draws: {one_line(exc)}"}
-        log_w = torch.cat(log_ws)
-        draws = {name: torch.cat(chunks) for name, chunks in parts.items()}
+        if isinstance(found, str):
+            return {"khat": None, "reason": found}
+        log_w, draws = found
         result = weighed(log_w, draws, sites, num_draws)
+        result["precision"] = precision
     if sized and result.get("khat") is not None:
         result["khat_se"] = sized_psis.draws_khat_se(log_w.detach().double().cpu())
         result["sized"] = sized
     return result
+
+
+def _weigh(model: Callable, guide: Callable, data: dict, nesting: int, num_draws: int,
+           chunk: int, sites: dict, derived: dict
+           ) -> tuple[torch.Tensor, dict[str, torch.Tensor]] | str:
+    """The log importance weights of ``num_draws`` guide draws (in chunks of ``chunk``) and
+    the draws of each latent and deterministic site; or why the guide cannot be weighed."""
+    log_ws, parts = [], {name: [] for name in {**sites, **derived}}
+    for start in range(0, num_draws, chunk):
+        n = min(chunk, num_draws - start)
+        with pyro.plate(DRAWS_PLATE, n, dim=-(nesting + 1)):
+            guide_trace = poutine.trace(guide).get_trace(**data)
+            model_trace = poutine.trace(
+                poutine.replay(model, trace=guide_trace)).get_trace(**data)
+        missing = [name for name in sites if name not in guide_trace.nodes]
+        if missing:
+            return "the guide does not sample " + ", ".join(repr(name) for name in missing)
+        log_ws.append(log_joint(model_trace, n, nesting) - log_joint(guide_trace, n, nesting))
+        for name, shape in sites.items():
+            parts[name].append(guide_trace.nodes[name]["value"].reshape(n, *shape))
+        for name, shape in derived.items():
+            parts[name].append(model_trace.nodes[name]["value"].reshape(n, *shape))
+    return torch.cat(log_ws), {name: torch.cat(chunks) for name, chunks in parts.items()}
+
+
+_DTYPE_CLASH = re.compile(r"dtype|Double|Float|Half")
+
+
+def _widened(guide: Callable, data: dict, compute: Callable[[dict], Any]) -> tuple[Any, str]:
+    """``compute(data)`` in float64 (``wide``): float32 rounding in the tails is noise that
+    k-hat reads as a tail. Where the model or guide keeps tensors of its own dtype (a dtype
+    error), in the run's dtype instead; and which one it was."""
+    try:
+        with wide(guide) as widen:
+            found = compute(widen(data))
+        if not (isinstance(found, str) and _DTYPE_CLASH.search(found)):
+            return found, "float64"
+    except (RuntimeError, TypeError):
+        pass
+    return compute(data), str(torch.get_default_dtype()).removeprefix("torch.")
+
+
+@contextlib.contextmanager
+def wide(guide: Callable) -> Iterator[Callable[[dict], dict]]:
+    """The guide's parameters (the parameter store's and its module's buffers) and new tensors
+    in float64 while inside, put back exactly after (float32 values survive the round trip);
+    yields what turns the data to float64. A model or guide holding float32 tensors of its
+    own then fails with a dtype error, which the caller takes as the answer to weigh in the
+    run's own dtype."""
+    from workbench.device import default_dtype
+
+    params = [p for _, p in pyro.get_param_store().named_parameters()
+              if p.is_floating_point()]
+    buffers = ([b for b in guide.buffers() if b.is_floating_point()]
+               if isinstance(guide, torch.nn.Module) else [])
+    kept = [t.data for t in (*params, *buffers)]
+    try:
+        for tensor in (*params, *buffers):
+            tensor.data = tensor.data.double()
+        with default_dtype(torch.float64):
+            yield lambda data: {k: v.double() if torch.is_tensor(v) and v.is_floating_point()
+                                else v for k, v in data.items()}
+    finally:
+        for tensor, data in zip((*params, *buffers), kept):
+            tensor.data = data
 
 
 def weighed(log_w: torch.Tensor, draws: dict[str, torch.Tensor], sites: dict,
@@ -637,7 +691,7 @@ def weighed(log_w: torch.Tensor, draws: dict[str, torch.Tensor], sites: dict,
     raw = torch.softmax(log_w, 0)
     ess = 1.0 / float((raw * raw).sum())
     result: dict[str, Any] = {
-        "khat": khat, "reading": thresholds.khat_reading(khat), "ess": ess,
+        "khat": khat, "reading": thresholds.khat_reading(khat, ess / num_draws), "ess": ess,
         "ess_fraction": ess / num_draws, "num_draws": num_draws,
         **_evidence(log_w),
     }

@@ -7,6 +7,10 @@ the automatic pipeline's stages, compare's table and plot, and Pathfinder all as
 - Against a reference posterior: a fit is good when every |mean error| / reference sd is at
   most ``MAX_Z`` and every sd ratio lies in ``SD_RATIO``.
 - Agreement of independent fits: split R-hat at most ``RHAT_AGREE`` (Vehtari et al. 2021).
+- A k-hat over ``KHAT_TRUSTED`` beside an importance-sampling ESS of at least
+  ``ESS_NEARLY_ALL`` of the draws is no contradiction, and the reading says why: the weights
+  barely vary where the draws reach, but grow without bound past them (a Gaussian guide of a
+  skewed posterior, say), so the guide's tails, not its bulk, are not to be trusted.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ KHAT_TRUSTED = 0.7
 MAX_Z = 0.2
 SD_RATIO = (0.8, 1.2)
 RHAT_AGREE = 1.01
+ESS_NEARLY_ALL = 0.99
 
 
 def khat_trusted(khat: float | None) -> bool:
@@ -25,10 +30,20 @@ def khat_trusted(khat: float | None) -> bool:
     return khat is not None and math.isfinite(khat) and khat <= KHAT_TRUSTED
 
 
-def khat_reading(khat: float) -> str:
-    """What a k-hat says, in the words the report prints."""
+def khat_reading(khat: float, ess_fraction: float | None = None) -> str:
+    """What a k-hat says, in the words the report prints; with the importance-sampling ESS
+    as a fraction of the draws, why a bad k-hat can sit beside nearly equal weights."""
     if khat < KHAT_GOOD:
         return "good"
     if khat_trusted(khat):
         return "ok"
-    return "bad: do not trust"
+    return "bad: do not trust" + tails_note(ess_fraction)
+
+
+def tails_note(ess_fraction: float | None) -> str:
+    """Why a bad k-hat beside an ESS of nearly all the draws is no contradiction, or ''."""
+    if ess_fraction is None or not ess_fraction >= ESS_NEARLY_ALL:
+        return ""
+    shown = math.floor(ess_fraction * 1000) / 10  # 99.96% is not all of them
+    return (f" its tails: the weights barely vary (ESS {shown:.1f}% of the draws) but grow "
+            "past where the draws reach, so the guide's tails are lighter than the posterior's")

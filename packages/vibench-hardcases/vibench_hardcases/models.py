@@ -44,7 +44,9 @@ class _Hard:
 
 
 class Funnel10(_Hard):
-    """Neal's funnel in 10 dimensions, centred: v ~ Normal(0, 3), x[1..9] | v ~ Normal(0, exp(v/2))."""
+    """Neal's funnel in 10 dimensions, centred: v ~ Normal(0, 3),
+    x[1..9] | v ~ Normal(0, exp(v/2)).
+    """
 
     posterior = "funnel10"
 
@@ -69,7 +71,9 @@ class Funnel10(_Hard):
 
 
 class Banana(_Hard):
-    """Haario's twisted Gaussian (banana) in 2-d: x1 ~ Normal(0, 10), x2 | x1 ~ Normal(-b (x1^2 - 100), 1), b = 0.1."""
+    """Haario's twisted Gaussian (banana) in 2-d: x1 ~ Normal(0, 10),
+    x2 | x1 ~ Normal(-b (x1^2 - 100), 1), b = 0.1.
+    """
 
     posterior = "banana"
 
@@ -92,7 +96,9 @@ class Banana(_Hard):
 
 
 class Mixture2(_Hard):
-    """A 2-d location with a Normal(0, 5) prior seen through a two-component mixture likelihood: a two-mode posterior, weights 0.70 and 0.30, modes 8 sds apart."""
+    """A 2-d location with a Normal(0, 5) prior seen through a two-component mixture
+    likelihood: a two-mode posterior, weights 0.70 and 0.30, modes 8 sds apart.
+    """
 
     posterior = "mixture2"
 
@@ -130,7 +136,9 @@ class Mixture2(_Hard):
 
 
 class StudentT(_Hard):
-    """A correlated 4-d Student-t with 3 degrees of freedom (heavy tails; finite variance, infinite kurtosis)."""
+    """A correlated 4-d Student-t with 3 degrees of freedom (heavy tails; finite variance,
+    infinite kurtosis).
+    """
 
     posterior = "student_t"
 
@@ -152,7 +160,9 @@ class StudentT(_Hard):
 
 
 class HierCentred(_Hard):
-    """Centred hierarchical logistic regression, 10 groups of 3 to 10 binary outcomes: alpha_j ~ Normal(mu, tau), y ~ Bernoulli(logit(alpha[group] + beta x))."""
+    """Centred hierarchical logistic regression, 10 groups of 3 to 10 binary outcomes:
+    alpha_j ~ Normal(mu, tau), y ~ Bernoulli(logit(alpha[group] + beta x)).
+    """
 
     posterior = "hier_centred"
 
@@ -173,7 +183,9 @@ class HierCentred(_Hard):
 
 
 class LatentGP(_Hard):
-    """Latent Gaussian process, Poisson counts at 20 points: f ~ GP(0, amplitude^2 exp(-d^2 / (2 lengthscale^2))), y ~ Poisson(exp(mean + f))."""
+    """Latent Gaussian process, Poisson counts at 20 points:
+    f ~ GP(0, amplitude^2 exp(-d^2 / (2 lengthscale^2))), y ~ Poisson(exp(mean + f)).
+    """
 
     posterior = "latent_gp"
 

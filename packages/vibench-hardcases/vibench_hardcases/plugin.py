@@ -5,9 +5,8 @@ Only ``hookimpl`` comes from vibench, and torch and pyro are imported inside the
 that use them, so ``vibench list`` does not pay for importing them.
 """
 
-from workbench import hookimpl
-
 from vibench_hardcases import models, reference
+from workbench import hookimpl
 
 # vibench name -> the model class (its docstring's first line is what `vibench list` shows).
 MODELS = {
