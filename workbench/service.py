@@ -191,12 +191,14 @@ class Progress(TerminalBar):
             self.bar.update(self.task, completed=step, loss=f"{loss:.4f}")
 
 
-def with_objects(registry: Registry, values: dict) -> tuple[Registry, dict]:
+def with_objects(registry: Registry, values: dict, names: dict[str, str] | None = None
+                 ) -> tuple[Registry, dict]:
     """For the Python API: each component section in ``values`` given as a Python object (a
     model function defined in a notebook) registered, for this run only, in a copy of
-    ``registry`` under ``notebook:<its qualified name>``, as a ``file.py:attr`` name would
-    be read; and ``values`` naming it there, so the recipe stays data and is checked as any
-    other. A run directory cannot hold such an object: ``load`` needs it handed in again."""
+    ``registry`` under ``notebook:<its qualified name>`` (or the name ``names`` gives its
+    section: a run's own, to read it back), as a ``file.py:attr`` name would be read; and
+    ``values`` naming it there, so the recipe stays data and is checked as any other. A run
+    directory cannot hold such an object: ``load`` needs it handed in again."""
     objects = {key: value for key, value in values.items()
                if (key,) in COMPONENTS and callable(value) and not isinstance(value, str)}
     if not objects:
@@ -206,8 +208,9 @@ def with_objects(registry: Registry, values: dict) -> tuple[Registry, dict]:
     named = dict(values)
     for key, value in objects.items():
         kind = COMPONENTS[(key,)]
-        name = SESSION + getattr(value, "__qualname__", type(value).__qualname__)
-        # read as locate reads a file's attribute (registry.py offers no public name for it)
+        name = (names or {}).get(key) or SESSION + getattr(value, "__qualname__",
+                                                           type(value).__qualname__)
+        # read as locate reads a file's attribute (registry.py has no public name for it)
         scoped.components[kind][name] = registries._component(kind, name, value, "python", name)
         named[key] = {"name": name}
     return scoped, named
