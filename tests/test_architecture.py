@@ -13,7 +13,7 @@ from conftest import REPO
 # Each room may import only from rooms before it (and itself).
 ORDER = ["errors", "hookspecs", "signals", "progress", "distributed", "seams", "rundir", "data",
          "config", "device", "plugins", "report", "compile", "train", "auto", "compare",
-         "service", "cli"]
+         "service", "api", "cli"]
 
 
 def room(module: str) -> str:

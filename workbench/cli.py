@@ -13,7 +13,6 @@ import gc
 import os
 import signal
 import sys
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any
@@ -24,7 +23,6 @@ from typer.core import TyperGroup
 from workbench import signals
 from workbench.config.kinds import KINDS
 from workbench.errors import VibenchError
-from workbench.progress import TerminalBar
 
 # Click's exception classes, found through typer so this works whether typer bundles click
 # (typer >= 0.2x) or depends on it.
@@ -145,7 +143,7 @@ def run(
       vibench run --resume runs/coin-20261125-141502 --steps 8000
       vibench run recipes/coin.yaml --threads 1
     """
-    from workbench import distributed, service
+    from workbench import service
     from workbench.errors import UsageError
     from workbench.plugins.registry import get_registry
 
@@ -154,28 +152,15 @@ def run(
     if resume is not None and (out or device or seed is not None):
         raise UsageError("--resume goes on with a run in its own directory, device and seed: "
                          "only --steps and --set optimizer.* may change")
-    sets = list(set_ or [])
-    shorthands = {"device": device, "seed": seed, "train.steps": steps}
-    sets += [f"{key}={value}" for key, value in shorthands.items() if value is not None]
-    registry = get_registry()
-    leader = distributed.detect().leader  # under torchrun rank 0 speaks for all
-    for problem in registry.problems if leader else []:
-        _err(f"warning: {problem}")
-    service.set_threads(threads)
-    with _setup_without_gc():
-        job = (service.start(recipe, sets, out, registry) if resume is None
-               else service.resume(resume, sets, registry))
-    if not leader:
-        job.train()
+    sets = list(set_ or []) + service.shorthands(device, seed, steps)
+    done = service.run_recipe(recipe, sets, out, get_registry(), resume_dir=resume,
+                              threads=threads, say=_err, setup=_setup_without_gc)
+    if done is None:  # under torchrun, a process other than rank 0
         return
-    for note in job.run.notes:
-        _err(f"note: {note}")
-    _err(f"run directory: {job.path}")
-    with Progress(job.run.recipe["train"]["steps"]) as progress:
-        summary = job.train(progress.update)
+    summary, run_dir = done
     for line in report_lines(summary):
         print(line)
-    print(final_line(summary, job.path))
+    print(final_line(summary, run_dir))
 
 
 @app.command("list")
@@ -433,69 +418,18 @@ def export(
 
 
 def report_lines(summary: dict, limit: int = 10) -> list[str]:
-    """One line per latent site (per element for a tensor site, up to ``limit``): mean +- sd,
-    and the exact posterior's beside it where known; under it the 90% interval, the KL to the
-    exact posterior and the importance-weighted estimate; then PSIS k-hat and its reading,
-    and the ELBO and log evidence from the same draws; then, where the model has a reference
-    posterior, z and r per parameter and the verdict."""
-    lines = []
-    for site, entry in summary["posterior"].items():
-        keys = [k for k in ("mean", "std", "exact_mean", "exact_std", "q05", "q95",
-                            "iw_mean", "iw_std") if k in entry]
-        flat = {k: list(_flatten(entry[k])) for k in keys}
-        count = len(flat["mean"])
-        for i in range(min(count, limit)):
-            label = site if not isinstance(entry["mean"], list) else f"{site}[{i}]"
-            line = f"{label}: {flat['mean'][i]:.3f} +- {flat['std'][i]:.3f}"
-            if "exact_mean" in flat:
-                line += f" (exact {flat['exact_mean'][i]:.3f} +- {flat['exact_std'][i]:.3f})"
-            lines.append(line)
-            details = []
-            if "q05" in flat:
-                details.append(f"90% in [{flat['q05'][i]:.3f}, {flat['q95'][i]:.3f}]")
-            if "iw_mean" in flat:
-                details.append(f"importance-weighted {flat['iw_mean'][i]:.3f} +- "
-                               f"{flat['iw_std'][i]:.3f}")
-            if details:
-                lines.append("    " + "; ".join(details))
-        if "kl" in entry:
-            lines.append(f"    KL(guide || exact) {entry['kl']:.4f} ({entry['kl_method']})")
-        if count > limit:
-            lines.append(f"{site}: {count - limit} more elements in summary.json")
-    diagnostics = summary.get("diagnostics") or {}
-    if "auto" in summary:
-        from workbench.auto.pipeline import lines as auto_lines
+    """The report's lines, as ``workbench.service.report_lines`` words them for the terminal
+    and for Python alike (imported here when asked for: the service stays out of --help)."""
+    from workbench.service import report_lines as lines
 
-        lines.extend(auto_lines(summary))
-    if diagnostics.get("khat") is not None:
-        se = diagnostics.get("khat_se")
-        lines.append(f"PSIS k-hat {diagnostics['khat']:.2f}"
-                     + ("" if se is None else f" +- {se:.2f}")
-                     + f" ({diagnostics['reading']}); importance-sampling ESS "
-                     f"{diagnostics['ess']:.0f} of {diagnostics['num_draws']}")
-        if diagnostics.get("sized"):
-            lines.append(f"    {diagnostics['sized']}")
-        if diagnostics.get("log_evidence") is not None:
-            elbo = "-inf" if diagnostics.get("elbo") is None else f"{diagnostics['elbo']:.4f}"
-            se = diagnostics.get("log_evidence_se")
-            lines.append(f"ELBO {elbo}; log evidence {diagnostics['log_evidence']:.4f}"
-                         + ("" if se is None else f" +- {se:.4f}")
-                         + " (importance-sampled, from the same draws)")
-    elif diagnostics.get("reason"):
-        lines.append(f"PSIS k-hat not computed: {diagnostics['reason']}")
-    if summary.get("reference"):
-        from workbench.report import reference
-
-        lines += reference.lines(summary["reference"])
-    return lines
+    return lines(summary, limit)
 
 
 def final_line(summary: dict, run_dir: Path | str) -> str:
-    """The report's last line: final loss, steps, time and speed, and where the run is."""
-    loss = summary["final_loss"]
-    return (f"final loss {'-' if loss is None else format(loss, '.4f')} | {summary['steps']} "
-            f"steps in {summary['wall_seconds']:.1f} s ({summary['steps_per_second']:.0f} "
-            f"steps/s) | {run_dir}")
+    """The report's last line (``workbench.service.final_line``)."""
+    from workbench.service import final_line as line
+
+    return line(summary, run_dir)
 
 
 def _shown(value: Any, spec: str) -> str:
@@ -523,34 +457,6 @@ def _table(header: list[str], rows: list[list[str]], right: set[int]) -> list[st
                          for i, (cell, width) in enumerate(zip(cells, widths))).rstrip()
 
     return [line(header), *map(line, rows)]
-
-
-def _flatten(value: Any):
-    if isinstance(value, list):
-        for item in value:
-            yield from _flatten(item)
-    else:
-        yield value
-
-
-class Progress(TerminalBar):
-    """A progress bar with the current loss on a terminal; a line every tenth otherwise."""
-
-    def __init__(self, total: int):
-        super().__init__("SVI", total, ["loss {task.fields[loss]}", "TimeElapsedColumn",
-                                        "TimeRemainingColumn"], loss="-")
-        self.total = total
-        self.last = 0.0
-
-    def update(self, step: int, loss: float) -> None:
-        if self.bar is None:
-            if step == self.total or step % max(1, self.total // 10) == 0:
-                _err(f"step {step}/{self.total}  loss {loss:.4f}")
-            return
-        now = time.monotonic()
-        if step == self.total or now - self.last >= 0.1:
-            self.last = now
-            self.bar.update(self.task, completed=step, loss=f"{loss:.4f}")
 
 
 def _text_width() -> int | None:

@@ -1,13 +1,15 @@
 """The work behind the commands: check a recipe, start a run, go on with a stopped one, find
-and read the runs already made, export a run's posterior.
+and read the runs already made, export a run's posterior, and the report's lines.
 
-The CLI parses and prints; ``run``, ``compare``, the tests and any later command share these
-functions, so a recipe is checked, a run directory claimed and a checkpoint trusted in one way.
+The CLI parses and prints; ``run``, ``compare``, the Python API (``workbench.api``), the tests
+and any later command share these functions, so a recipe is checked, a run directory claimed,
+a checkpoint trusted and a report worded in one way.
 """
 
 from __future__ import annotations
 
 import array
+import contextlib
 import fcntl
 import inspect
 import json
@@ -15,6 +17,7 @@ import math
 import os
 import shutil
 import sys
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -22,8 +25,10 @@ from pathlib import Path
 from typing import Any
 
 from workbench.config import recipe as recipes
+from workbench.config.kinds import COMPONENTS
 from workbench.errors import UsageError, one_line
 from workbench.plugins.registry import Registry
+from workbench.progress import TerminalBar
 from workbench.rundir import files
 from workbench.rundir.claim import RunDir, claim, reopen
 from workbench.rundir.layout import CHECKPOINT, LOCK, LOSSES, RECIPE, SUMMARY
@@ -33,6 +38,8 @@ from workbench.rundir.layout import CHECKPOINT, LOCK, LOSSES, RECIPE, SUMMARY
 # existed resumes).
 RESUMABLE = ("optimizer", "train.steps", "train.skip_bad_steps", "train.compile")
 FINAL_LOSS_STEPS = 100  # summary.json's final_loss is the mean loss of the last 100 steps
+DICT_SOURCE = "<dict>"  # how a recipe handed in as a dict (the Python API) is named in messages
+SESSION = "notebook:"  # the name's prefix of a component handed in as a Python object
 
 
 @dataclass
@@ -69,21 +76,32 @@ def set_threads(count: int | None) -> None:
         torch.set_num_threads(count)
 
 
-def prepare(source: Path, sets: Sequence[str], registry: Registry) -> dict:
-    """A recipe file with ``--set`` overrides, checked whole and with every default filled."""
-    raw, overridden = recipes.apply_overrides(recipes.load(source), list(sets))
-    return recipes.resolve(raw, registry, str(source), overridden)
+def prepare(source: Path | dict, sets: Sequence[str], registry: Registry,
+            values: dict | None = None) -> dict:
+    """A recipe with ``--set`` overrides, checked whole and with every default filled. The
+    recipe is a file, or one already read (a dict, as YAML would give it: named ``<dict>`` in
+    messages, its relative paths taken from the working directory, its name "run" if it has
+    none). ``values`` sets whole sections to Python values, as ``--set SECTION=...`` would,
+    before ``sets`` (the Python API's keywords: ``guide="auto_normal"``, ``data={...}``)."""
+    if isinstance(source, dict):
+        raw, where = {"name": "run", **source}, DICT_SOURCE
+    else:
+        raw, where = recipes.load(source), str(source)
+    raw, overridden = recipes.apply_overrides({**raw, **(values or {})}, list(sets))
+    return recipes.resolve(raw, registry, where, overridden | set(values or {}))
 
 
-def start(source: Path, sets: Sequence[str], out: Path | None, registry: Registry) -> Job:
-    """A new run of a recipe: checked, its run directory claimed, its components built. A
-    recipe that fails to set up leaves no run directory behind."""
+def start(source: Path | dict, sets: Sequence[str], out: Path | None, registry: Registry,
+          values: dict | None = None) -> Job:
+    """A new run of a recipe (a file, or a dict: see ``prepare``): checked, its run directory
+    claimed, its components built. A recipe that fails to set up leaves no run directory
+    behind."""
     from workbench import distributed
     from workbench.train import stepsize
     from workbench.train.runner import Run
 
     world = distributed.start()
-    resolved = prepare(source, sets, registry)
+    resolved = prepare(source, sets, registry, values)
     automatic = "auto" in resolved  # no guide named: the automatic pipeline
     if automatic and world.distributed:
         raise UsageError("the automatic pipeline runs as one process; run it without torchrun")
@@ -102,6 +120,109 @@ def start(source: Path, sets: Sequence[str], out: Path | None, registry: Registr
         held.release()
         _remove_unused(held)
         raise
+
+
+def shorthands(device: str | None = None, seed: int | None = None,
+               steps: int | None = None) -> list[str]:
+    """``--device``, ``--seed`` and ``--steps`` (``device=``, ``seed=``, ``steps=`` in Python)
+    as the ``--set`` items they stand for."""
+    given = {"device": device, "seed": seed, "train.steps": steps}
+    return [f"{key}={value}" for key, value in given.items() if value is not None]
+
+
+def run_recipe(source: Path | dict | None, sets: Sequence[str], out: Path | None,
+               registry: Registry, *, values: dict | None = None,
+               resume_dir: Path | None = None, threads: int | None = None,
+               progress: Callable[[int], Any] | None = None,
+               say: Callable[[str], None] | None = None,
+               setup: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext
+               ) -> tuple[dict, Path] | None:
+    """What ``vibench run`` and ``workbench.fit`` do, one way: warn of plugins that failed to
+    load, start the run (or go on with ``resume_dir``), say its notes and its directory, train
+    it with ``progress(total)`` (a context manager whose ``update(step, loss)`` is called
+    after each step) and return its summary and directory. ``say`` takes each line for the
+    user (default: stderr); ``setup`` is a context manager set-up runs inside. Under
+    torchrun, a process other than rank 0 trains and returns None."""
+    from workbench import distributed
+
+    say = say or _say
+    leader = distributed.detect().leader  # under torchrun rank 0 speaks for all
+    for problem in registry.problems if leader else []:
+        say(f"warning: {problem}")
+    set_threads(threads)
+    with setup():
+        job = (start(source, sets, out, registry, values) if resume_dir is None
+               else resume(resume_dir, sets, registry))
+    if not leader:
+        job.train()
+        return None
+    for note in job.run.notes:
+        say(f"note: {note}")
+    say(f"run directory: {job.path}")
+    with (progress or Progress)(job.run.recipe["train"]["steps"]) as bar:
+        summary = job.train(bar.update)
+    return summary, job.path
+
+
+def _say(line: str) -> None:
+    print(line, file=sys.stderr)
+
+
+class Progress(TerminalBar):
+    """A progress bar with the current loss on a terminal; otherwise a line every tenth (none
+    with ``lines=False``)."""
+
+    def __init__(self, total: int, lines: bool = True):
+        super().__init__("SVI", total, ["loss {task.fields[loss]}", "TimeElapsedColumn",
+                                        "TimeRemainingColumn"], loss="-")
+        self.total = total
+        self.lines = lines
+        self.last = 0.0
+
+    def update(self, step: int, loss: float) -> None:
+        if self.bar is None:
+            if self.lines and (step == self.total or step % max(1, self.total // 10) == 0):
+                _say(f"step {step}/{self.total}  loss {loss:.4f}")
+            return
+        now = time.monotonic()
+        if step == self.total or now - self.last >= 0.1:
+            self.last = now
+            self.bar.update(self.task, completed=step, loss=f"{loss:.4f}")
+
+
+def with_objects(registry: Registry, values: dict, names: dict[str, str] | None = None
+                 ) -> tuple[Registry, dict]:
+    """For the Python API: each component section in ``values`` given as a Python object (a
+    model function defined in a notebook) registered, for this run only, in a copy of
+    ``registry`` under ``notebook:<its qualified name>`` (or the name ``names`` gives its
+    section: a run's own, to read it back), as a ``file.py:attr`` name would be read; and
+    ``values`` naming it there, so the recipe stays data and is checked as any other. A run
+    directory cannot hold such an object: ``load`` needs it handed in again."""
+    objects = {key: value for key, value in values.items()
+               if (key,) in COMPONENTS and callable(value) and not isinstance(value, str)}
+    if not objects:
+        return registry, values
+    named, added = dict(values), {}
+    for key, value in objects.items():
+        name = (names or {}).get(key) or SESSION + getattr(value, "__qualname__",
+                                                           type(value).__qualname__)
+        added[(COMPONENTS[(key,)], name)] = value
+        named[key] = {"name": name}
+    return registry.with_objects(added), named
+
+
+def session_names(recipe: Any) -> dict[str, str]:
+    """The component sections of a recipe (or a summary's) that name a Python object of the
+    session that ran it (``notebook:...``), each with that name."""
+    found = {}
+    for path in COMPONENTS:
+        section: Any = recipe
+        for part in path:
+            section = section.get(part) if isinstance(section, dict) else None
+        name = section.get("name") if isinstance(section, dict) else None
+        if isinstance(name, str) and name.startswith(SESSION):
+            found[".".join(path)] = name
+    return found
 
 
 def resume(run_dir: Path, sets: Sequence[str], registry: Registry) -> Job:
@@ -160,6 +281,13 @@ def load(run_dir: Path, registry: Registry, trust_code: bool = False,
 
     where = where or f"load {run_dir}"
     saved = checkpoint.load(run_dir, where)
+    for path, name in session_names(saved["recipe"]).items():
+        kind = COMPONENTS[tuple(path.split("."))]
+        if name not in registry.components[kind]:
+            raise UsageError(
+                f"{where}: its {kind} ({name}) was a Python object of the session that ran it "
+                f"(fit({path.split('.')[0]}=...)), which a run directory cannot hold; use what "
+                f"fit returned, or hand it in again: load(run_dir, {path.split('.')[0]}=...)")
     # a run from before defaults were stored as lists holds tuples (Adam's betas)
     resolved = recipes.resolve(recipes.as_yaml(saved["recipe"]), registry, str(run_dir / RECIPE),
                                code=None if trust_code else _refuse_code(where))
@@ -515,3 +643,95 @@ def _lock_pid(run_dir: Path) -> int | None:
     except OSError:
         return None
     return int(text) if text.isdigit() else None
+
+
+# --------------------------------------------------------------------------------------------
+# the report
+
+
+def report_lines(summary: dict, limit: int = 10) -> list[str]:
+    """One line per latent site (per element for a tensor site, up to ``limit``): mean +- sd,
+    and the exact posterior's beside it where known; under it the 90% interval, the KL to the
+    exact posterior and the importance-weighted estimate; then PSIS k-hat and its reading,
+    and the ELBO and log evidence from the same draws; then, where the model has a reference
+    posterior, z and r per parameter and the verdict."""
+    lines = []
+    for site, entry in summary["posterior"].items():
+        keys = [k for k in ("mean", "std", "exact_mean", "exact_std", "q05", "q95",
+                            "iw_mean", "iw_std") if k in entry]
+        flat = {k: list(_flatten(entry[k])) for k in keys}
+        count = len(flat["mean"])
+        for i in range(min(count, limit)):
+            label = site if not isinstance(entry["mean"], list) else f"{site}[{i}]"
+            line = f"{label}: {flat['mean'][i]:.3f} +- {flat['std'][i]:.3f}"
+            if "exact_mean" in flat:
+                line += f" (exact {flat['exact_mean'][i]:.3f} +- {flat['exact_std'][i]:.3f})"
+            lines.append(line)
+            details = []
+            if "q05" in flat:
+                details.append(f"90% in [{flat['q05'][i]:.3f}, {flat['q95'][i]:.3f}]")
+            if "iw_mean" in flat:
+                details.append(f"importance-weighted {flat['iw_mean'][i]:.3f} +- "
+                               f"{flat['iw_std'][i]:.3f}")
+            if details:
+                lines.append("    " + "; ".join(details))
+        if "kl" in entry:
+            lines.append(f"    KL(guide || exact) {entry['kl']:.4f} ({entry['kl_method']})")
+        if count > limit:
+            lines.append(f"{site}: {count - limit} more elements in summary.json")
+    diagnostics = summary.get("diagnostics") or {}
+    if "auto" in summary:
+        from workbench.auto.pipeline import lines as auto_lines
+
+        lines.extend(auto_lines(summary))
+    lines += khat_lines(diagnostics)
+    if summary.get("reference"):
+        from workbench.report import reference
+
+        lines += reference.lines(summary["reference"])
+    return lines
+
+
+def final_line(summary: dict, run_dir: Path | str) -> str:
+    """The report's last line: final loss, steps, time and speed, and where the run is."""
+    loss = summary["final_loss"]
+    return (f"final loss {'-' if loss is None else format(loss, '.4f')} | {summary['steps']} "
+            f"steps in {summary['wall_seconds']:.1f} s ({summary['steps_per_second']:.0f} "
+            f"steps/s) | {run_dir}")
+
+
+def khat_lines(diagnostics: dict) -> list[str]:
+    """The report's trust verdict: PSIS k-hat and its reading (or why there is none), then
+    the ELBO and log evidence from the same draws."""
+    lines = []
+    if diagnostics.get("khat") is not None:
+        se = diagnostics.get("khat_se")
+        lines.append(f"PSIS k-hat {diagnostics['khat']:.2f}"
+                     + ("" if se is None else f" +- {se:.2f}")
+                     + f" ({diagnostics['reading']}); importance-sampling ESS "
+                     f"{diagnostics['ess']:.0f} of {diagnostics['num_draws']}")
+        if diagnostics.get("sized"):
+            lines.append(f"    {diagnostics['sized']}")
+        if diagnostics.get("log_evidence") is not None:
+            elbo = "-inf" if diagnostics.get("elbo") is None else f"{diagnostics['elbo']:.4f}"
+            se = diagnostics.get("log_evidence_se")
+            lines.append(f"ELBO {elbo}; log evidence {diagnostics['log_evidence']:.4f}"
+                         + ("" if se is None else f" +- {se:.4f}")
+                         + " (importance-sampled, from the same draws)")
+    elif diagnostics.get("reason"):
+        lines.append(f"PSIS k-hat not computed: {diagnostics['reason']}")
+    return lines
+
+
+def verdict(summary: dict) -> str:
+    """The report's k-hat line, its reading in brackets ("PSIS k-hat 0.04 (good); ..."), or
+    why there is no k-hat; "" where the summary has neither."""
+    return next(iter(khat_lines(summary.get("diagnostics") or {})), "")
+
+
+def _flatten(value: Any):
+    if isinstance(value, list):
+        for item in value:
+            yield from _flatten(item)
+    else:
+        yield value

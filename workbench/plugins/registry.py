@@ -115,6 +115,17 @@ class Registry:
             hint += " (some plugins failed to load: see 'vibench list')"
         raise UsageError(f"unknown {kind} {name!r}; {hint}")
 
+    def with_objects(self, objects: dict[tuple[str, str], Any],
+                     source: str = "python") -> Registry:
+        """A copy of this registry with Python objects added, ``(kind, name) -> object``, each
+        read as ``locate`` reads a file's attribute: the Python API's session objects (a
+        model function defined in a notebook), for one run."""
+        scoped = Registry({kind: dict(found) for kind, found in self.components.items()},
+                          dict(self.conflicts), list(self.problems))
+        for (kind, name), value in objects.items():
+            scoped.components[kind][name] = _component(kind, name, value, source, name)
+        return scoped
+
     def add(self, kind: str, name: Any, factory: Any, plugin: str) -> None:
         where = f"register_{kind} {name!r}"
         if not isinstance(name, str) or not name:

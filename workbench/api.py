@@ -1,0 +1,416 @@
+"""vibench from Python, the shell's twin: ``fit`` runs a recipe as ``vibench run`` does and
+``load`` reads back any finished run; both give a ``Fit``: the run's summary, the trust
+verdict the terminal prints, draws from the fitted posterior, its ArviZ InferenceData, its
+plots and its run directory.
+
+``fit`` goes through the function ``vibench run`` goes through (``service.run_recipe``): the
+same checks, the same errors (a ``UsageError`` whose message is the line the CLI prints), the
+same run directory and, for the same recipe and seed, the same numbers. ``from workbench
+import fit, load`` imports this module (and torch) only when first asked for.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import random
+import re
+import sys
+import time
+import warnings
+from collections.abc import Callable, Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+from workbench import service
+from workbench.config.recipe import SECTIONS
+from workbench.errors import UsageError, did_you_mean
+from workbench.plugins.registry import Registry, get_registry
+from workbench.rundir.layout import PLOTS, POSTERIOR
+
+FITS = "fits"  # where the automatic pipeline keeps its fits, each a run directory
+IS_POOL = 10_000  # draws a pipeline fit's importance-weighted draws are resampled from
+ARVIZ_DRAWS = 1000  # draws in a pipeline run's InferenceData, as in a run's posterior.nc
+
+
+def fit(recipe: str | Path | Mapping | None = None, /, *, steps: int | None = None,
+        seed: int | None = None, device: str | None = None, out: str | Path | None = None,
+        threads: int | None = None, set: Mapping[str, Any] | None = None,
+        progress: bool = True, **sections: Any) -> Fit:
+    """Run a recipe as ``vibench run`` does and return the finished run.
+
+    ``recipe`` is a YAML file's path, or a recipe as a dict (as YAML would give it; relative
+    paths in it are taken from the working directory), or nothing when the keywords give the
+    model and its data. ``steps``, ``seed``, ``device``, ``out`` and ``threads`` are
+    ``vibench run``'s options; ``set`` is its ``--set`` pairs as a dict
+    (``{"loss.num_particles": 16}``). Any other keyword sets a whole section of the recipe, as
+    ``--set SECTION=VALUE`` does: ``guide="auto_normal"``, ``data={"flips": [1, 0, 1]}``, and
+    ``model=my_model`` for a model function defined in the session (a guide too): it runs
+    under the name ``notebook:<its name>``. A recipe with a model and data but no guide, loss
+    or optimizer runs the automatic pipeline.
+
+    Progress shows as a notebook progress bar in Jupyter, as the CLI's bar on a terminal, and
+    not at all otherwise (or with ``progress=False``). Bad input raises the ``UsageError``
+    (or ``RecipeError``) whose lines ``vibench run`` prints; a stop (Ctrl-C) raises
+    ``Interrupted`` once what was learned is saved.
+    """
+    unknown = [key for key in sections if key not in SECTIONS]
+    if unknown:
+        own = ["steps", "seed", "device", "out", "threads", "set", "progress"]
+        raise UsageError(f"fit: no option or recipe section {unknown[0]!r}; "
+                         f"{did_you_mean(unknown[0], [*own, *SECTIONS])}")
+    if recipe is None and not sections:
+        raise UsageError("fit: give a recipe (a YAML file's path or a dict), or a model and "
+                         "its data: fit(model=my_model, data={...})")
+    source = _source(recipe)
+    values = {key: _plain_data(value) if key == "data" else value
+              for key, value in sections.items()}
+    registry, values = service.with_objects(get_registry(), values)
+    if isinstance(source, dict) and "name" not in source and "name" not in values:
+        named = sections.get("model")
+        if callable(named) and not isinstance(named, str):
+            source = {"name": _run_name(getattr(named, "__name__", "")), **source}
+    sets = [*service.shorthands(device, seed, steps),
+            *(_set_item(key, value) for key, value in (set or {}).items())]
+    done = service.run_recipe(source, sets, None if out is None else Path(out).expanduser(),
+                              registry, values=values, threads=threads,
+                              progress=_progress(progress))
+    assert done is not None  # one process: the leader
+    _, run_dir = done
+    return Fit(run_dir, service.read_summary(run_dir), registry, trust_code=True)
+
+
+def load(run_dir: str | Path, *, trust_code: bool = False, **objects: Any) -> Fit:
+    """A finished run (any run directory with a summary.json, the automatic pipeline's
+    included) as the ``Fit`` that ``fit`` returned for it. Reading it runs nothing; drawing
+    from it (``sample``) rebuilds the run from its checkpoint, and imports the code its recipe
+    names (``file.py:attr``) only with ``trust_code=True``. A run whose model was a function
+    of a Python session (``fit(model=my_model)``) needs it again: ``load(run_dir,
+    model=my_model)``."""
+    run_dir = Path(run_dir).expanduser()
+    summary = service.read_summary(run_dir)
+    registry = None
+    if objects:
+        saved = service.session_names(summary.get("recipe") or {})
+        for key in objects:
+            if key not in saved:
+                raise UsageError(f"load {run_dir}: {key}= hands in a {key} that was a Python "
+                                 f"object; this run's {key} was not (its recipe.yaml names "
+                                 "it)")
+        registry, _ = service.with_objects(get_registry(), objects, saved)
+    return Fit(run_dir, summary, registry, trust_code)
+
+
+class Fit:
+    """A finished run: ``run_dir``, ``summary`` (its summary.json), ``verdict`` (the k-hat
+    line the terminal prints), ``sample(n)``, ``to_arviz()``, ``plot()``; ``str()`` is the
+    terminal's whole report."""
+
+    def __init__(self, run_dir: Path, summary: dict, registry: Registry | None = None,
+                 trust_code: bool = False):
+        self.run_dir = Path(run_dir)
+        self.summary = summary
+        self._registry = registry
+        self._trust_code = trust_code
+
+    @property
+    def name(self) -> str | None:
+        """The recipe's name."""
+        return (self.summary.get("recipe") or {}).get("name")
+
+    @property
+    def status(self) -> str:
+        """completed, or how the run ended (interrupted, diverged, ...)."""
+        return self.summary.get("status", "completed")
+
+    @property
+    def pipeline(self) -> bool:
+        """Whether the automatic pipeline made the run."""
+        return "auto" in self.summary
+
+    @property
+    def verdict(self) -> str:
+        """The report's trust verdict as the terminal prints it: "PSIS k-hat 0.04 (good);
+        importance-sampling ESS ..." or why there is no k-hat."""
+        return service.verdict(self.summary)
+
+    @property
+    def reading(self) -> str | None:
+        """The k-hat's reading alone ("good", ...); None without a k-hat."""
+        diagnostics = self.summary.get("diagnostics") or {}
+        return diagnostics.get("reading") if diagnostics.get("khat") is not None else None
+
+    def report(self) -> list[str]:
+        """The lines ``vibench run`` (and ``vibench show``) print for the run."""
+        return [*service.report_lines(self.summary),
+                service.final_line(self.summary, self.run_dir)]
+
+    def __str__(self) -> str:
+        return "\n".join(self.report())
+
+    def __repr__(self) -> str:
+        status = "" if self.status == "completed" else f" ({self.status})"
+        return (f"<Fit {self.name}{status}: {self.verdict or 'no k-hat'} | "
+                f"{self.run_dir}>")
+
+    def sample(self, n: int, seed: int | None = None) -> dict:
+        """``n`` draws from the fitted posterior: ``{site: tensor of shape (n, ...)}`` for
+        each latent site and ``pyro.deterministic`` site, rebuilt from the run's checkpoint.
+        With ``seed`` the same draws each time; without, from torch's random stream.
+
+        For the automatic pipeline, draws of its reported answer: an equal mixture of the
+        fits it used (as its pooled estimates are), each fit's draws resampled by their PSIS
+        weights where it reported importance-weighted estimates for that fit (from
+        ``IS_POOL`` draws; a draw may then repeat), so their moments are the reported ones up
+        to Monte Carlo error."""
+        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+            raise UsageError(f"sample: n is a number of draws >= 1, got {n!r}")
+        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
+            raise UsageError(f"sample: seed is a whole number, got {seed!r}")
+        if not self.pipeline:
+            run = self._load(self.run_dir)
+            with _seeded(seed, run.device):
+                draws, _ = _draw(run, n, weigh=False)
+            return draws
+        return self._pipeline_sample(n, seed)
+
+    def _pipeline_sample(self, n: int, seed: int | None) -> dict:
+        import torch
+
+        auto = self.summary["auto"]
+        khats = {entry["label"]: entry.get("khat") for entry in auto["fits"]}
+        stages = ((self.summary.get("recipe") or {}).get("auto") or {}).get("stages") or []
+        threshold = next((stage.get("khat") for stage in stages
+                          if stage.get("name") == "psis"), None)  # the stage that weighs
+        used = list(auto["used"])
+        runs = [self._load(self.run_dir / FITS / label) for label in used]
+        parts = []
+        with _seeded(seed, runs[0].device):
+            for i, (label, run) in enumerate(zip(used, runs)):
+                count = n // len(used) + (i < n % len(used))
+                if not count:
+                    continue
+                khat = khats.get(label)
+                if threshold is None or khat is None or not khat < threshold:
+                    parts.append(_draw(run, count, weigh=False)[0])
+                    continue
+                from workbench.report.posterior import psis
+
+                pool, log_w = _draw(run, max(count, IS_POOL), weigh=True)
+                _, smoothed = psis(log_w)
+                chosen = torch.multinomial(torch.softmax(smoothed, 0).float(), count,
+                                           replacement=True)
+                parts.append({name: values[chosen.to(values.device)]
+                              for name, values in pool.items()})
+            order = torch.randperm(n)
+        return {name: torch.cat([part[name] for part in parts])[order.to(parts[0][name].device)]
+                for name in parts[0]}
+
+    def _load(self, path: Path) -> Any:
+        """The run in ``path`` rebuilt from its checkpoint, afresh each time (a guide may keep
+        its parameters in Pyro's global store, which another run clears), leaving the
+        session's random streams as they were (set-up seeds them)."""
+        with _keeping_random():
+            return service.load(path, self._registry or get_registry(), self._trust_code,
+                                where=f"load {path}")
+
+    def to_arviz(self) -> Any:
+        """The run's posterior.nc as ArviZ InferenceData (posterior, posterior predictive,
+        log likelihood, observed data, sample stats). A pipeline run has none of its own: its
+        InferenceData holds ``ARVIZ_DRAWS`` draws of ``sample`` (seeded by the recipe's seed)
+        as the posterior group alone."""
+        az = _arviz()
+        if self.pipeline:
+            seed = (self.summary.get("recipe") or {}).get("seed", 0)
+            draws = self.sample(ARVIZ_DRAWS, seed=seed)
+            return az.from_dict(posterior={name: values.cpu().numpy()[None]
+                                           for name, values in draws.items()})
+        path = self.run_dir / POSTERIOR
+        if not path.is_file():
+            raise UsageError(f"{self.run_dir}: no {POSTERIOR}; write it with: vibench export "
+                             f"{self.run_dir}")
+        return az.from_netcdf(str(path))
+
+    def plot(self) -> list[Path]:
+        """The run's plots (PNG files; for a pipeline run, those of the fits it used), shown
+        inline in a notebook; returns their paths ([] for a run made with train.plots
+        false)."""
+        folders = ([self.run_dir / FITS / label / PLOTS for label in self.summary["auto"]["used"]]
+                   if self.pipeline else [self.run_dir / PLOTS])
+        paths = [path for folder in folders for path in sorted(folder.glob("*.png"))]
+        if paths and in_notebook():
+            from IPython.display import Image, display
+
+            for path in paths:
+                display(Image(filename=str(path)))
+        return paths
+
+
+def _draw(run: Any, n: int, weigh: bool) -> tuple[dict, Any]:
+    """``n`` draws of every latent and deterministic site from the run's fitted guide, the
+    model replayed against each, as ``{site: (n, ...)}``; with ``weigh``, also each draw's log
+    importance weight log p(x, z) - log q(z)."""
+    import torch
+
+    from workbench.device import run_context
+    from workbench.report import inference_data, posterior
+
+    with run_context(run.device, run.dtype), torch.no_grad(), \
+            posterior.whole_data(run.minibatch):
+        guide = inference_data.fitted_guide(run)
+        trace = posterior.site_trace(run.model, **run.data)
+        sites = {**posterior.latent_sites(trace), **posterior.deterministic_sites(trace)}
+        per_draw = posterior.trace_numbers(trace)
+        parts: dict[str, list] = {name: [] for name in sites}
+        weights = []
+        got = 0
+        while got < n:  # a guide that cannot be vectorised gives a tenth of the draws asked
+            for k, guide_trace, model_trace in posterior.replayed(
+                    run.model, guide, run.data, run.nesting, n - got, per_draw):
+                for name, shape in sites.items():
+                    parts[name].append(posterior.draws_of(model_trace.nodes[name]["value"], k,
+                                                          shape))
+                if weigh:
+                    weights.append(posterior.log_joint(model_trace, k, run.nesting)
+                                   - posterior.log_joint(guide_trace, k, run.nesting))
+                got += k
+    draws = {name: torch.cat(values)[:n].detach() for name, values in parts.items()}
+    return draws, torch.cat(weights)[:n].detach().double().cpu() if weigh else None
+
+
+@contextlib.contextmanager
+def _seeded(seed: int | None, device: Any) -> Iterator[None]:
+    """With a seed, torch's random stream seeded by it, and put back after; else untouched."""
+    if seed is None:
+        yield
+        return
+    import torch
+
+    from workbench.device import rng_devices
+
+    with torch.random.fork_rng(devices=rng_devices(device)):
+        torch.manual_seed(seed)
+        yield
+
+
+@contextlib.contextmanager
+def _keeping_random() -> Iterator[None]:
+    """Python's, NumPy's and torch's random streams as they were before (Pyro seeds all
+    three when a run is set up)."""
+    import numpy as np
+    import torch
+
+    python, numpy = random.getstate(), np.random.get_state()
+    devices = list(range(torch.cuda.device_count())) if torch.cuda.is_initialized() else []
+    with torch.random.fork_rng(devices=devices):
+        try:
+            yield
+        finally:
+            random.setstate(python)
+            np.random.set_state(numpy)
+
+
+def _source(recipe: Any) -> Path | dict:
+    """What ``fit`` was given as its recipe, as the service takes it."""
+    if recipe is None:
+        return {}
+    if isinstance(recipe, (str, Path)):
+        return Path(recipe).expanduser()
+    if isinstance(recipe, Mapping):
+        recipe = dict(recipe)
+        if isinstance(recipe.get("data"), Mapping):
+            recipe["data"] = _plain_data(recipe["data"])
+        return recipe
+    raise UsageError(f"fit: a recipe is a YAML file's path or a dict, not "
+                     f"{type(recipe).__name__}")
+
+
+def _plain_data(data: Any) -> Any:
+    """A data section with arrays (NumPy, torch, pandas) made lists, as a recipe holds them."""
+    if not isinstance(data, Mapping):
+        return data
+    return {key: value.tolist() if hasattr(value, "tolist") and not isinstance(value, str)
+            else value for key, value in data.items()}
+
+
+def _set_item(key: str, value: Any) -> str:
+    """A ``set=`` pair as the ``--set KEY=VALUE`` item it stands for (the value as YAML)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        text = ".nan" if math.isnan(value) else ".inf" if value > 0 else "-.inf"
+    else:
+        try:  # JSON is YAML, and quotes every string (so "1e-3" stays text)
+            text = json.dumps(value, allow_nan=False)
+        except (TypeError, ValueError):
+            raise UsageError(f"fit: set[{key!r}]: {value!r} is not a value a recipe holds "
+                             "(numbers, text, true/false, lists and dicts of them)") from None
+    return f"{key}={text}"
+
+
+def _run_name(name: str) -> str:
+    """A function's name as a run's name (letters, digits, '.', '_' and '-')."""
+    return re.sub(r"[^A-Za-z0-9._-]", "_", name).lstrip("._-") or "run"
+
+
+def in_notebook() -> bool:
+    """Whether this is a Jupyter kernel (IPython with a kernel), without importing IPython."""
+    ipython = sys.modules.get("IPython")
+    shell = getattr(ipython, "get_ipython", lambda: None)() if ipython else None
+    return getattr(shell, "kernel", None) is not None
+
+
+def _progress(wanted: bool) -> Callable[[int], Any]:
+    """The progress display ``fit`` trains under: a notebook bar in Jupyter, the CLI's bar on
+    a terminal, none otherwise."""
+    if not wanted:
+        return _Silent
+    if in_notebook():
+        return NotebookBar
+    return lambda total: service.Progress(total, lines=False)
+
+
+class _Silent:
+    def __init__(self, total: int):
+        pass
+
+    def __enter__(self) -> _Silent:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        pass
+
+    def update(self, step: int, loss: float) -> None:
+        pass
+
+
+class NotebookBar:
+    """The steps and the loss as a notebook progress bar (tqdm's, a widget where ipywidgets
+    is installed)."""
+
+    def __init__(self, total: int):
+        from tqdm.auto import tqdm
+
+        self.bar = tqdm(total=total, desc="SVI", unit="step", dynamic_ncols=True)
+        self.last = 0.0
+
+    def __enter__(self) -> NotebookBar:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.bar.close()
+
+    def update(self, step: int, loss: float) -> None:
+        now = time.monotonic()
+        if step == self.bar.total or now - self.last >= 0.1:
+            self.last = now
+            self.bar.n = step
+            self.bar.set_postfix_str(f"loss {loss:.4f}")  # refreshes it
+
+
+def _arviz() -> Any:
+    """ArviZ, imported quietly (its import warns of its next major version)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        import arviz
+
+    return arviz
