@@ -428,4 +428,18 @@ def test_a_second_run_loads_its_packaged_step_without_importing_inductor(tmp_pat
         finals.append(summary["final_loss"])
         if n == 2:
             assert "imported: []" in done.stdout, done.stdout
+            assert "compiling the step" not in done.stderr  # it loads what run 1 compiled
     assert finals[0] == finals[1]
+
+
+@pytest.mark.slow
+def test_a_cold_compile_says_what_it_is_doing(tmp_path: Path):
+    """A model's first compile (a cache of its own here) is announced before its silence."""
+    done = subprocess.run(
+        [sys.executable, "-m", "workbench", "run", str(REPO / "recipes" / "coin.yaml"),
+         "--steps", "100", "--set", "train.compile=true", "--set", "train.plots=false",
+         "--out", str(tmp_path / "r")], cwd=REPO, capture_output=True, text=True,
+        timeout=600, env={**os.environ, "TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "cache")})
+    assert done.returncode == 0, done.stderr
+    line = next(x for x in done.stderr.splitlines() if x.startswith("compiling the step"))
+    assert "operations" in line and "first compile usually takes" in line

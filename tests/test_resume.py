@@ -131,3 +131,20 @@ def test_a_bad_step_stops_the_run_naming_it_and_keeps_a_good_checkpoint(tmp_path
     state = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
     assert all(torch.isfinite(p).all() for p in state["params"].values())
     assert json.loads((tmp_path / "summary.json").read_text())["status"] == "failed"
+
+
+def test_resume_keeps_the_threads_the_run_was_given_and_says_so(tmp_path: Path):
+    """--threads is recorded in the checkpoint: the "go on with" line repeats it, and a
+    resume without it trains on as many threads as the run had (the suite's default is 1)."""
+    out = tmp_path / "r"
+    child = start_run(COIN, out, "--steps", "200000", "--threads", "2",
+                      "--set", "train.checkpoint_every=50")
+    wait_for_checkpoint(out, 50, child)
+    child.send_signal(signal.SIGINT)
+    _, stderr = child.communicate(timeout=120)
+    assert child.returncode == 130, stderr
+    assert f"go on with: vibench run --resume {out} --threads 2" in stderr
+    step = checkpointed_step(out)
+    resumed = vibench("run", "--resume", str(out), "--steps", str(step + 20))
+    assert resumed.returncode == 0, resumed.stderr
+    assert json.loads((out / "summary.json").read_text())["threads"] == 2

@@ -152,7 +152,8 @@ def run_recipe(source: Path | dict | None, sets: Sequence[str], out: Path | None
     set_threads(threads)
     with setup():
         job = (start(source, sets, out, registry, values) if resume_dir is None
-               else resume(resume_dir, sets, registry))
+               else resume(resume_dir, sets, registry, threads))
+    job.run.threads = getattr(job.run, "threads", None) or threads
     if not leader:
         job.train()
         return None
@@ -225,7 +226,8 @@ def session_names(recipe: Any) -> dict[str, str]:
     return found
 
 
-def resume(run_dir: Path, sets: Sequence[str], registry: Registry) -> Job:
+def resume(run_dir: Path, sets: Sequence[str], registry: Registry,
+           threads: int | None = None) -> Job:
     """A stopped run, set up to go on from its checkpoint. ``sets`` may change only what
     RESUMABLE names; a recipe.yaml edited to another model, guide, loss or data, or data that
     changed on disk, is refused, since the result would be no run at all."""
@@ -244,6 +246,8 @@ def resume(run_dir: Path, sets: Sequence[str], registry: Registry) -> Job:
     held = reopen(run_dir, where) if world.leader else RunDir(run_dir, -1)
     try:
         saved = checkpoint.load(run_dir, where)
+        threads = threads or saved.get("threads")  # the run's own, unless given again
+        set_threads(threads)
         _check_world(saved, world.size, where)
         source = run_dir / RECIPE
         raw, overridden = recipes.apply_overrides(recipes.load(source), list(sets))
@@ -263,6 +267,7 @@ def resume(run_dir: Path, sets: Sequence[str], registry: Registry) -> Job:
         if run.data_hash and run.data_hash != saved["data_hash"]:  # "": a rank's rows only
             raise UsageError(f"{where}: the data are not the data this run started with "
                              "(a data file changed?); start a new run for new data")
+        run.threads = threads
         return Job(run, held, saved, changes)
     except BaseException:
         held.release()

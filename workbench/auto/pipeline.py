@@ -275,7 +275,10 @@ def assemble(pipeline: Pipeline, records: list[dict], wall: float) -> dict:
               "the guide's own" if not weighted else "mixed (importance-weighted where "
               "k-hat allows)")
     how = f"pooled over {len(used)} fits" if len(used) > 1 else f"from {used[0].label}"
-    diagnostics = {**(best.summary.get("diagnostics") or {}), "khat": worst,
+    # the worst fit's k-hat with its own reading, ESS and evidence, so the report's line
+    # about it holds together; every fit's k-hat beside it
+    worst_fit = next((fit for fit, k in zip(used, khats) if k is not None and k == worst), best)
+    diagnostics = {**(worst_fit.summary.get("diagnostics") or {}),
                    "khats": dict(zip([fit.label for fit in used], khats))}
     diagnostics.pop("sites", None)
     compared = {}

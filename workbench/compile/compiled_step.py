@@ -182,6 +182,10 @@ def compile_step(svi: Any, data: dict, steps: int | None = None, backend: str = 
         packaged, key = _packaged(loss_and_grads, svi.optim, params, feeds, names)
         if packaged is not None:
             return packaged
+    if backend == "inductor":  # what follows is silent for tens of seconds
+        print(f"compiling the step ({counted.ops} operations): a model's first compile usually "
+              "takes 20-60 s; later runs of it load it from the cache", file=sys.stderr,
+              flush=True)
     graph = _trace(loss_and_grads, [*params, *feeds])
     again = _trace(loss_and_grads, [*params, *feeds], seed_offset=1)
     if graph.code != again.code:

@@ -174,6 +174,9 @@ def _problem(saved: dict[str, Any]) -> str:
     if not isinstance(optim, dict) or not set(optim) <= set(saved["params"]) or not all(
             map(_optimizer_state, optim.values())):
         return "optim is not an optimizer state per parameter"
+    threads = saved.get("threads")
+    if threads is not None and (not isinstance(threads, int) or threads < 1):
+        return "threads is not a number of threads"
     if "world_size" in saved and (not isinstance(saved["world_size"], int)
                                   or saved["world_size"] < 1):
         return "world_size is not a number of processes"

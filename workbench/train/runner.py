@@ -102,6 +102,7 @@ class Run:
     peers_stop: bool = False  # under torchrun: some rank was asked to stop at the last step
     rank_rngs: list[dict] = field(default_factory=list)  # every rank's, at the last checkpoint
     compiled: compiled_step.CompiledStep | None = None  # the step, compiled (train.compile)
+    threads: int | None = None  # CPU threads the user gave (--threads), kept by --resume
 
     @classmethod
     def setup(cls, recipe: dict, registry: Registry, compile: bool = True) -> Run:
@@ -444,7 +445,7 @@ class Run:
             "state": {**state.to_checkpoint(), "wall": wall},
             "callbacks": callback_states(callbacks),
             "params": params, "buffers": buffers,
-            "optim": optimizer_state(self.svi.optim), "rng": rngs[0],
+            "optim": optimizer_state(self.svi.optim), "rng": rngs[0], "threads": self.threads,
             **({"world_size": self.world.size, "rng_ranks": rngs}
                if self.world.distributed else {}),
         })
@@ -492,6 +493,8 @@ class Run:
 
     def how_to_go_on(self, run_dir: Path, good: bool, failure: VibenchError) -> str:
         resume = f"vibench run --resume {run_dir}"
+        if self.threads:
+            resume += f" --threads {self.threads}"
         if self.world.distributed:
             resume = (f"torchrun --nproc-per-node {self.world.size} -m workbench run "
                       f"--resume {run_dir} (the same number of processes)")
