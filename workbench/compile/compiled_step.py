@@ -140,6 +140,41 @@ def compile_step(svi: Any, data: dict, steps: int | None = None, backend: str = 
     estimate counts the step's torch operations, so a resumed run decides as the first did.
     ``backend="fx"`` replays the traced graph uncompiled (the same random draws as eager).
     ``refusal``: the caller's reason not to compile, raised only where compiling would pay."""
+    params, ops = _probe(svi, data)
+    device = params[0].device if params else torch.device("cpu")
+    per_op = EAGER_OP_SECONDS.get(device.type, EAGER_OP_SECONDS["cpu"])
+    pays = PAYS_SECONDS.get(device.type, PAYS_SECONDS["cpu"])
+    if steps is not None and steps * ops * per_op < pays:
+        return None
+    _check_compilable(svi, params, refusal)
+    store = pyro.get_param_store()
+    names = [store.param_name(p) or "?" for p in params]
+    # the data's tensors are inputs of the graph, not constants (which inductor would fold
+    # and hash, at a cost growing with the data); single numbers stay constants, so a model
+    # may read a size or a flag given as data in Python (they never change between steps)
+    feeds = [value for value in data.values() if torch.is_tensor(value) and value.numel() > 1]
+    loss_and_grads = _loss_and_grads(svi, data, params)
+    key = None
+    if device.type == "cpu" and backend == "inductor":  # a CPU step runs from a package
+        packaged, key = _packaged(loss_and_grads, svi.optim, params, feeds, names)
+        if packaged is not None:
+            return packaged
+    if backend == "inductor":  # what follows is silent for tens of seconds
+        print(f"compiling the step ({ops} operations): a model's first compile usually "
+              "takes 20-60 s; later runs of it load it from the cache", file=sys.stderr,
+              flush=True)
+    graph = _checked_graph(loss_and_grads, svi, data, params, feeds, device)
+    update = _adam_update(svi.optim, params)
+    states = update.tensors if update else []
+    inputs = [t.detach() for t in (*params, *states, *feeds)]  # the same storage, no autograd
+    replay = _compiled(_step_function(graph, update, len(params), len(params) + len(states)),
+                       inputs, len(params) + len(states), device, backend, key)
+    return CompiledStep(replay, params, inputs, svi.optim, update, names)
+
+
+def _probe(svi: Any, data: dict) -> tuple[list[torch.Tensor], int]:
+    """One eager step on a forked random stream, its gradients dropped: the parameters it
+    touches (unconstrained) and how many torch operations it runs."""
     with poutine.trace(param_only=True) as capture, torch.random.fork_rng(), \
             _Counting() as counted:
         svi.loss_and_grads(svi.model, svi.guide, **data)
@@ -147,11 +182,11 @@ def compile_step(svi: Any, data: dict, steps: int | None = None, backend: str = 
                                       for site in capture.trace.nodes.values())}.values())
     for param in params:  # that step's gradients must not reach the first real one
         param.grad = None
-    device = params[0].device if params else torch.device("cpu")
-    per_op = EAGER_OP_SECONDS.get(device.type, EAGER_OP_SECONDS["cpu"])
-    pays = PAYS_SECONDS.get(device.type, PAYS_SECONDS["cpu"])
-    if steps is not None and steps * counted.ops * per_op < pays:
-        return None
+    return params, counted.ops
+
+
+def _check_compilable(svi: Any, params: list[torch.Tensor], refusal: str | None) -> None:
+    """Refuse (CannotCompile) what a traced graph cannot replay, or the caller's reason."""
     if refusal:
         raise CannotCompile(refusal)
     elbo = getattr(svi.loss_and_grads, "__self__", None)
@@ -159,13 +194,10 @@ def compile_step(svi: Any, data: dict, steps: int | None = None, backend: str = 
         raise CannotCompile("the loss enumerates discrete sites")
     if not params:
         raise CannotCompile("the guide has no parameters")
-    store = pyro.get_param_store()
-    names = [store.param_name(p) or "?" for p in params]
 
-    # the data's tensors are inputs of the graph, not constants (which inductor would fold
-    # and hash, at a cost growing with the data); single numbers stay constants, so a model
-    # may read a size or a flag given as data in Python (they never change between steps)
-    feeds = [value for value in data.values() if torch.is_tensor(value) and value.numel() > 1]
+
+def _loss_and_grads(svi: Any, data: dict, params: list[torch.Tensor]) -> Callable:
+    """The step to trace: the loss and each parameter's gradient, as plain tensors."""
 
     def loss_and_grads(*values: torch.Tensor) -> tuple:  # values: parameters, data (as traced)
         for param in params:
@@ -177,15 +209,13 @@ def compile_step(svi: Any, data: dict, steps: int | None = None, backend: str = 
             param.grad = None
         return (torch.as_tensor(value, dtype=params[0].dtype), *grads)
 
-    key = None
-    if device.type == "cpu" and backend == "inductor":  # a CPU step runs from a package
-        packaged, key = _packaged(loss_and_grads, svi.optim, params, feeds, names)
-        if packaged is not None:
-            return packaged
-    if backend == "inductor":  # what follows is silent for tens of seconds
-        print(f"compiling the step ({counted.ops} operations): a model's first compile usually "
-              "takes 20-60 s; later runs of it load it from the cache", file=sys.stderr,
-              flush=True)
+    return loss_and_grads
+
+
+def _checked_graph(loss_and_grads: Callable, svi: Any, data: dict, params: list[torch.Tensor],
+                   feeds: list[torch.Tensor], device: torch.device) -> torch.fx.GraphModule:
+    """The step traced twice (the same structure on two random streams), its whole-data
+    gathers dropped, checked against Pyro's eager step, its long sums split where that pays."""
     graph = _trace(loss_and_grads, [*params, *feeds])
     again = _trace(loss_and_grads, [*params, *feeds], seed_offset=1)
     if graph.code != again.code:
@@ -194,9 +224,13 @@ def compile_step(svi: Any, data: dict, steps: int | None = None, backend: str = 
     _check_against_eager(svi, data, params, feeds, graph)
     if _sums_in_two_stages(device):  # after the check, like inductor's own reordering of sums
         _split_long_sums(graph)
-    update = _adam_update(svi.optim, params)
-    states = update.tensors if update else []
-    at, mutable = len(params), len(params) + len(states)  # the inputs the step writes: [:mutable]
+    return graph
+
+
+def _step_function(graph: torch.fx.GraphModule, update: _AdamUpdate | None, at: int,
+                   mutable: int) -> Callable:
+    """The whole step on its inputs (parameters ``[:at]``, optimizer state ``[at:mutable]``,
+    data): loss, whether it is finite, and the update applied in place where it is."""
 
     def step(*values: torch.Tensor) -> tuple:  # values: parameters, optimizer state, data
         loss_value, *grads = graph(*values[:at], *values[mutable:])
@@ -208,16 +242,22 @@ def compile_step(svi: Any, data: dict, steps: int | None = None, backend: str = 
             return head, finite
         return (head, finite, *grads)
 
-    inputs = [t.detach() for t in (*params, *states, *feeds)]  # the same storage, no autograd
-    try:  # tracing runs the step: on copies, on a forked random stream
+    return step
+
+
+def _compiled(step: Callable, inputs: list[torch.Tensor], mutable: int,
+              device: torch.device, backend: str, key: str | None) -> Callable:
+    """``step`` traced into plain operations and compiled: packaged under ``key`` (a CPU
+    step), else by inductor, replayed as a CUDA graph on a GPU; ``backend="fx"`` replays the
+    traced graph uncompiled. Tracing runs the step on copies, on a forked random stream."""
+    try:
         with package_cache.trial_stream(), torch.no_grad():
             stepper = _make_fx(step, _copies(inputs, mutable))
             if backend == "fx":
-                return CompiledStep(lambda values: stepper(*values), params, inputs, svi.optim,
-                                    update, names)
+                return lambda values: stepper(*values)
             cpu = device.type == "cpu"
             # no worker processes; no per-call checks of the inputs' sizes and strides: the
-            # step is always given the same tensors (10-13 us a step of the coin's)
+            # step is always given the same tensors
             isa = _vector_isa_known() if cpu else {}
             with torch._inductor.config.patch(compile_threads=1, size_asserts=False, **isa):
                 replay = (package_cache.build(stepper, _copies(inputs, mutable), key)
@@ -237,7 +277,7 @@ def compile_step(svi: Any, data: dict, steps: int | None = None, backend: str = 
         except Exception as exc:
             raise CannotCompile(f"capturing the step as a CUDA graph failed: "
                                 f"{one_line(exc)}") from exc
-    return CompiledStep(replay, params, inputs, svi.optim, update, names)
+    return replay
 
 
 def _packaged(loss_and_grads: Callable, optim: Any, params: list[torch.Tensor],
