@@ -179,76 +179,60 @@ def list_components(
       vibench list guide
       vibench list model --json
     """
+    from workbench import service
     from workbench.errors import UsageError, did_you_mean
     from workbench.plugins.registry import get_registry
     from workbench.rundir import jsonsafe
-    from workbench.service import data_arguments
 
     if kind is not None and kind not in KINDS:
         raise UsageError(f"unknown kind {kind!r}; {did_you_mean(kind, KINDS)}")
     kinds = [kind] if kind else list(KINDS)
     registry = get_registry()
-    listing: dict[str, Any] = {
-        k: [
-            {
-                "name": c.name,
-                "plugin": c.plugin,
-                "description": c.description,
-                "options": {
-                    o.name: {"default": None if o.required else _plain(o.default),
-                             "required": o.required, "type": o.type_name()}
-                    for o in c.options.values()
-                },
-                **({"data_arguments": data_arguments(c.factory)} if k == "model" else {}),
-            }
-            for c in (registry.components[k][n] for n in registry.names(k))
-        ]
-        for k in kinds
-    }
-    if "guide" in listing:  # guide auto: the recipe takes it, though nothing registers it
-        from workbench.auto.pipeline import catalogue_entry
-
-        listing["guide"] = sorted([*listing["guide"], catalogue_entry()],
-                                  key=lambda entry: entry["name"])
-    listing["conflicts"] = [
-        {"kind": k, "name": name, "plugins": plugins}
-        for (k, name), plugins in registry.conflicts.items() if k in kinds
-    ]
-    listing["broken"] = [
-        {"plugin": p.plugin, "where": p.where, "error": p.error} for p in registry.problems
-    ]
+    listing = service.catalogue(registry, kinds)
     if as_json:
         print(jsonsafe.dumps(listing, indent=2))
         return
+    for line in _catalogue_lines(listing, registry, kinds, _text_width()):
+        print(line)
+
+
+def _catalogue_lines(listing: dict, registry: Any, kinds: list[str],
+                     columns: int | None) -> list[str]:
+    """``vibench list``'s text: per kind, each component's name and wrapped description, its
+    options with their defaults and its plugin (and a model's data); then conflicts and
+    broken plugins."""
 
     def shown(default: Any) -> str:
-        plain = _plain(default)
+        from workbench.service import json_default
+
+        plain = json_default(default)
         return plain if isinstance(plain, str) and not isinstance(default, str) else repr(plain)
 
-    columns = _text_width()
+    lines = []
     for k in kinds:
-        print(f"{k}:")
+        lines.append(f"{k}:")
         width = max((len(entry["name"]) for entry in listing[k]), default=0)
         for entry in listing[k]:
+            lines.append(_wrapped(entry["name"], width, entry["description"], columns))
             if entry.get("built_in"):
-                print(_wrapped(entry["name"], width, entry["description"], columns))
-                print(f"  {'':<{width}}  options: -; its stages under auto.stages, default "
-                      f"{', '.join(entry['stages'])} (vibench list stage)   [built in]")
+                lines.append(f"  {'':<{width}}  options: -; its stages under auto.stages, "
+                             f"default {', '.join(entry['stages'])} (vibench list stage)   "
+                             "[built in]")
                 continue
             component = registry.components[k][entry["name"]]
             options = ", ".join(
                 o.name if o.required else f"{o.name}={shown(o.default)}"
                 for o in component.options.values()
             )
-            print(_wrapped(entry["name"], width, entry["description"], columns))
-            print(f"  {'':<{width}}  options: {options or '-'}   [plugin {entry['plugin']}]")
+            lines.append(f"  {'':<{width}}  options: {options or '-'}   "
+                         f"[plugin {entry['plugin']}]")
             if entry.get("data_arguments") is not None:
-                print(f"  {'':<{width}}  data: {', '.join(entry['data_arguments']) or '-'}")
-    for conflict in listing["conflicts"]:
-        print(f"conflict: {conflict['kind']} {conflict['name']!r} is registered by "
-              + " and ".join(conflict["plugins"]))
-    for problem in registry.problems:
-        print(f"broken: {problem}")
+                lines.append(f"  {'':<{width}}  data: "
+                             f"{', '.join(entry['data_arguments']) or '-'}")
+    lines += [f"conflict: {c['kind']} {c['name']!r} is registered by " + " and ".join(c["plugins"])
+              for c in listing["conflicts"]]
+    lines += [f"broken: {problem}" for problem in registry.problems]
+    return lines
 
 
 @app.command()
@@ -483,17 +467,6 @@ def _wrapped(name: str, width: int, text: str, columns: int | None) -> str:
     return textwrap.fill(text, max(columns, len(indent) + 30), initial_indent=indent,
                          subsequent_indent=indent, break_long_words=False,
                          break_on_hyphens=False).replace(indent, f"  {name:<{width}}  ", 1)
-
-
-def _plain(value: Any, limit: int = 200) -> Any:
-    """A default as JSON holds it: tuples as lists, anything else not JSON as its repr on one
-    line (an array's repr spans lines), cut to ``limit`` characters."""
-    if isinstance(value, tuple):
-        return [_plain(v) for v in value]
-    if value is None or isinstance(value, (bool, int, float, str, list, dict)):
-        return value
-    text = " ".join(repr(value).split())
-    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def _leads() -> bool:

@@ -740,3 +740,40 @@ def _flatten(value: Any):
             yield from _flatten(item)
     else:
         yield value
+
+
+def catalogue(registry: Registry, kinds: list[str]) -> dict[str, Any]:
+    """What ``vibench list --json`` prints: each kind's components with their plugin,
+    description, options (default, required, type) and, for a model, the data it takes;
+    ``guide: auto`` among the guides; then name conflicts and broken plugins."""
+    listing: dict[str, Any] = {
+        kind: [{
+            "name": c.name, "plugin": c.plugin, "description": c.description,
+            "options": {o.name: {"default": None if o.required else json_default(o.default),
+                                 "required": o.required, "type": o.type_name()}
+                        for o in c.options.values()},
+            **({"data_arguments": data_arguments(c.factory)} if kind == "model" else {}),
+        } for c in (registry.components[kind][n] for n in registry.names(kind))]
+        for kind in kinds
+    }
+    if "guide" in listing:  # guide auto: the recipe takes it, though nothing registers it
+        from workbench.auto.pipeline import catalogue_entry
+
+        listing["guide"] = sorted([*listing["guide"], catalogue_entry()],
+                                  key=lambda entry: entry["name"])
+    listing["conflicts"] = [{"kind": k, "name": name, "plugins": plugins}
+                            for (k, name), plugins in registry.conflicts.items() if k in kinds]
+    listing["broken"] = [{"plugin": p.plugin, "where": p.where, "error": p.error}
+                         for p in registry.problems]
+    return listing
+
+
+def json_default(value: Any, limit: int = 200) -> Any:
+    """A default as JSON holds it: tuples as lists, anything else not JSON as its repr on one
+    line (an array's repr spans lines), cut to ``limit`` characters."""
+    if isinstance(value, tuple):
+        return [json_default(v) for v in value]
+    if value is None or isinstance(value, (bool, int, float, str, list, dict)):
+        return value
+    text = " ".join(repr(value).split())
+    return text if len(text) <= limit else text[: limit - 3] + "..."
