@@ -138,27 +138,36 @@ def test_fit_a_notebook_model_alone_runs_the_pipeline(pipeline_fit):
     draws = pipeline_fit.sample(4000, seed=0)["fairness"]
     assert draws.shape == (4000,)
     assert near(draws, post["mean"], post["std"], 4000)
-    assert "posterior" in pipeline_fit.to_arviz().groups()
+    data = pipeline_fit.to_arviz()  # the pipeline's own posterior.nc: its answer's draws
+    assert {"posterior", "posterior_predictive", "sample_stats"} <= set(data.groups())
+    assert data.posterior.attrs["fits"] == ",".join(pipeline_fit.summary["auto"]["used"])
+    assert near(data.posterior["fairness"].values[0], post["mean"], post["std"], 1000)
     loaded = load(pipeline_fit.run_dir, model=coin)
     assert loaded.summary == pipeline_fit.summary and loaded.verdict == pipeline_fit.verdict
-    assert all(path.suffix == ".png" for path in loaded.plot()) and loaded.plot()
+    assert sorted(path.name for path in loaded.plot()) == ["ppc.png", "site-fairness.png"]
+    assert all(path.parent == pipeline_fit.run_dir / "plots" for path in loaded.plot())
 
 
 def test_pipeline_draws_are_resampled_by_weight_where_it_weighed(pipeline_fit, tmp_path: Path):
     """A pipeline run that reported importance-weighted estimates: its draws are its fits'
-    draws resampled by their PSIS weights (the same run directory, its fits' k-hats said to
-    be good)."""
+    draws resampled by their PSIS weights (the same run directory, said to have weighed every
+    fit it used; and, as a summary from before ``auto.weighted``, its fits' k-hats said to be
+    good)."""
     import shutil
 
     copy = tmp_path / "auto"
     shutil.copytree(pipeline_fit.run_dir, copy)
     summary = json.loads((copy / "summary.json").read_text())
-    for entry in summary["auto"]["fits"]:
-        entry["khat"] = 0.1
+    summary["auto"]["weighted"] = list(summary["auto"]["used"])
     (copy / "summary.json").write_text(json.dumps(summary))
     draws = load(copy, model=coin).sample(2000, seed=0)["fairness"]
     assert draws.unique().numel() < 2000  # resampled: some draws repeat
     assert near(draws, 16 / 30, math.sqrt(16 * 14 / (30**2 * 31)), 2000)
+    del summary["auto"]["weighted"]
+    for entry in summary["auto"]["fits"]:
+        entry["khat"] = 0.1
+    (copy / "summary.json").write_text(json.dumps(summary))
+    assert (load(copy, model=coin).sample(2000, seed=0)["fairness"] == draws).all()
 
 
 def test_load_imports_a_run_s_code_only_with_trust_code(tmp_path: Path):

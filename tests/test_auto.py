@@ -390,3 +390,118 @@ def test_each_stage_and_fit_says_so_as_it_starts_and_records_its_time(tmp_path: 
     stages = json.loads((tmp_path / "r" / "summary.json").read_text())["auto"]["stages"]
     assert all(stage["seconds"] >= 0 for stage in stages)
     assert "s)" in result.stdout  # the report gives each stage's time
+
+
+# --------------------------------------------------------------------------------------------
+# the pipeline's answer as draws and pictures (workbench/auto/answer.py)
+
+FLIPS = [1, 1, 0, 1, 0, 1, 1]
+
+
+def arviz():
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # ArviZ announces its 1.0 on import
+        import arviz
+
+    return arviz
+
+
+@pytest.fixture(scope="module")
+def answered(tmp_path_factory) -> tuple[dict, Path]:
+    """The coin through one mean-field fit of 300 steps and the psis stage, with plots: its
+    k-hat (about 0.07) lets the pipeline report importance-weighted estimates (about 5 s)."""
+    return run(tmp_path_factory.mktemp("answer"), {
+        "model": {"name": "beta_bernoulli"}, "data": {"flips": FLIPS},
+        "train": {**QUIET["train"], "plots": True},
+        "auto": {"stages": [{"name": f"{HERE / 'auto_models.py'}:OneFit", "steps": 300},
+                            "psis"]}})
+
+
+def test_a_pipeline_writes_its_answer_as_posterior_nc(answered):
+    summary, path = answered
+    assert summary["auto"]["weighted"] == ["mine"]
+    assert summary["diagnostics"]["inference_data"] == "written"
+    data = arviz().from_netcdf(path / "posterior.nc")
+    assert set(data.groups()) == {"posterior", "posterior_predictive", "log_likelihood",
+                                  "sample_stats", "observed_data"}
+    draws = data.posterior["latent_fairness"].values
+    assert draws.shape == (1, 1000) and data.posterior.attrs["num_draws"] == 1000
+    reported = summary["posterior"]["latent_fairness"]
+    assert abs(draws.mean() - reported["mean"]) < 0.2 * reported["std"]
+    assert abs(draws.std() / reported["std"] - 1) < 0.15
+    assert len(set(draws.ravel().tolist())) < 1000  # resampled by weight: draws repeat
+    stats = data.sample_stats
+    assert (stats["fit"].values == 0).all() and stats["resampled"].values.all()
+    assert {"lp", "log_weight"} <= set(stats.data_vars)
+    assert stats.attrs["khat"] == summary["diagnostics"]["khat"]
+    attrs = data.posterior.attrs
+    assert attrs["fits"] == attrs["resampled_fits"] == "mine" and attrs["guide"] == "auto"
+    assert "automatic pipeline" in attrs["method"]
+    assert data.posterior_predictive["obs"].shape == (1, 1000, len(FLIPS))
+    assert data.observed_data["obs"].values.tolist() == FLIPS
+
+
+def test_a_pipeline_draws_its_answer_s_densities_and_predictive_check(answered):
+    _, path = answered
+    shown = {p.name: p.stat().st_size for p in (path / "plots").iterdir()}
+    assert set(shown) == {"site-latent_fairness.png", "ppc.png"}  # no loss: one a fit
+    assert all(size > 10_000 for size in shown.values())
+
+
+def test_show_export_and_runs_take_a_pipeline_folder_as_a_run(answered, tmp_path: Path):
+    import shutil
+
+    import numpy as np
+
+    summary, path = answered
+    copy = tmp_path / "auto"
+    shutil.copytree(path, copy)
+    (copy / "posterior.nc").unlink()
+    exported = vibench("export", str(copy))
+    assert exported.returncode == 0, exported.stderr
+    assert exported.stdout.strip() == str(copy / "posterior.nc")
+    az = arviz()
+    before, after = az.from_netcdf(path / "posterior.nc"), az.from_netcdf(copy / "posterior.nc")
+    for group in before.groups():  # the recipe's seed: the draws the pipeline wrote
+        for name in before[group].data_vars:
+            assert np.array_equal(before[group][name].values, after[group][name].values)
+    shown = vibench("show", str(copy))
+    assert shown.returncode == 0, shown.stderr
+    lines = shown.stdout.splitlines()
+    assert lines[0].startswith("latent_fairness: ") and "auto: psis: " in shown.stdout
+    assert lines[-1].endswith(str(copy))
+    listed = vibench("runs", str(tmp_path), "--json")
+    assert listed.returncode == 0, listed.stderr
+    runs = json.loads(listed.stdout)
+    assert [(r["path"], r["status"], r["steps"]) for r in runs] == [
+        (str(copy), "completed", summary["steps"])]
+
+
+def test_a_pipeline_that_stopped_before_its_summary_is_listed_as_such(tmp_path: Path):
+    folder = tmp_path / "auto"
+    (folder / "fits" / "gaussian-1").mkdir(parents=True)
+    (folder / "recipe.yaml").write_text("name: coin\n")
+    info = service.run_info(folder)
+    assert info["name"] == "coin" and info["status"] == "failed"
+    assert info["error"].startswith("the automatic pipeline stopped before its summary")
+
+
+def test_a_failing_answer_costs_the_pipeline_nothing(tmp_path: Path, monkeypatch):
+    from workbench.auto import answer
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("no space for draws")
+
+    monkeypatch.setattr(answer, "write", broken)
+    with pytest.warns(UserWarning, match="could not write posterior.nc: no space for draws"):
+        summary, path = run(tmp_path, {
+            "model": {"name": "beta_bernoulli"}, "data": {"flips": FLIPS},
+            "auto": {"stages": [{"name": f"{HERE / 'auto_models.py'}:OneFit", "steps": 15},
+                                "psis"]}})
+    assert summary["status"] == "completed" and summary["posterior"]
+    assert summary["diagnostics"]["inference_data"] == "failed: no space for draws"
+    assert json.loads((path / "summary.json").read_text())["diagnostics"] == \
+        summary["diagnostics"]
+    assert not (path / "posterior.nc").exists()

@@ -11,27 +11,22 @@ import fit, load`` imports this module (and torch) only when first asked for.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
-import random
 import re
 import sys
 import time
 import warnings
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
 from workbench import service
+from workbench.auto.answer import FITS, keeping_random, seeded
 from workbench.config.recipe import SECTIONS
 from workbench.errors import UsageError, did_you_mean
 from workbench.plugins.registry import Registry, get_registry
 from workbench.rundir.layout import PLOTS, POSTERIOR
-
-FITS = "fits"  # where the automatic pipeline keeps its fits, each a run directory
-IS_POOL = 10_000  # draws a pipeline fit's importance-weighted draws are resampled from
-ARVIZ_DRAWS = 1000  # draws in a pipeline run's InferenceData, as in a run's posterior.nc
 
 
 def fit(recipe: str | Path | Mapping | None = None, /, *, steps: int | None = None,
@@ -159,73 +154,40 @@ class Fit:
         each latent site and ``pyro.deterministic`` site, rebuilt from the run's checkpoint.
         With ``seed`` the same draws each time; without, from torch's random stream.
 
-        For the automatic pipeline, draws of its reported answer: an equal mixture of the
-        fits it used (as its pooled estimates are), each fit's draws resampled by their PSIS
-        weights where it reported importance-weighted estimates for that fit (from
-        ``IS_POOL`` draws; a draw may then repeat), so their moments are the reported ones up
-        to Monte Carlo error."""
+        For the automatic pipeline, draws of its reported answer
+        (``workbench.auto.answer.answer_draws``, as its posterior.nc holds them): an equal
+        mixture of the fits it used (as its pooled estimates are), each fit's draws resampled
+        by their PSIS weights where it reported importance-weighted estimates for that fit
+        (from ``IS_POOL`` draws; a draw may then repeat), so their moments are the reported
+        ones up to Monte Carlo error."""
+        from workbench.auto import answer
+        from workbench.report import inference_data
+
         if isinstance(n, bool) or not isinstance(n, int) or n < 1:
             raise UsageError(f"sample: n is a number of draws >= 1, got {n!r}")
         if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
             raise UsageError(f"sample: seed is a whole number, got {seed!r}")
-        if not self.pipeline:
-            run = self._load(self.run_dir)
-            with _seeded(seed, run.device):
-                draws, _ = _draw(run, n, weigh=False)
-            return draws
-        return self._pipeline_sample(n, seed)
-
-    def _pipeline_sample(self, n: int, seed: int | None) -> dict:
-        import torch
-
-        auto = self.summary["auto"]
-        khats = {entry["label"]: entry.get("khat") for entry in auto["fits"]}
-        stages = ((self.summary.get("recipe") or {}).get("auto") or {}).get("stages") or []
-        threshold = next((stage.get("khat") for stage in stages
-                          if stage.get("name") == "psis"), None)  # the stage that weighs
-        used = list(auto["used"])
-        runs = [self._load(self.run_dir / FITS / label) for label in used]
-        parts = []
-        with _seeded(seed, runs[0].device):
-            for i, (label, run) in enumerate(zip(used, runs)):
-                count = n // len(used) + (i < n % len(used))
-                if not count:
-                    continue
-                khat = khats.get(label)
-                if threshold is None or khat is None or not khat < threshold:
-                    parts.append(_draw(run, count, weigh=False)[0])
-                    continue
-                from workbench.report.posterior import psis
-
-                pool, log_w = _draw(run, max(count, IS_POOL), weigh=True)
-                _, smoothed = psis(log_w)
-                chosen = torch.multinomial(torch.softmax(smoothed, 0).float(), count,
-                                           replacement=True)
-                parts.append({name: values[chosen.to(values.device)]
-                              for name, values in pool.items()})
-            order = torch.randperm(n)
-        return {name: torch.cat([part[name] for part in parts])[order.to(parts[0][name].device)]
-                for name in parts[0]}
+        if self.pipeline:
+            return answer.answer_draws(self.run_dir, self.summary, n, self._load, seed).draws
+        run = self._load(self.run_dir)
+        with seeded(seed, run.device):
+            draws, _ = inference_data.site_draws(run, n)
+        return draws
 
     def _load(self, path: Path) -> Any:
         """The run in ``path`` rebuilt from its checkpoint, afresh each time (a guide may keep
         its parameters in Pyro's global store, which another run clears), leaving the
         session's random streams as they were (set-up seeds them)."""
-        with _keeping_random():
+        with keeping_random():
             return service.load(path, self._registry or get_registry(), self._trust_code,
                                 where=f"load {path}")
 
     def to_arviz(self) -> Any:
         """The run's posterior.nc as ArviZ InferenceData (posterior, posterior predictive,
-        log likelihood, observed data, sample stats). A pipeline run has none of its own: its
-        InferenceData holds ``ARVIZ_DRAWS`` draws of ``sample`` (seeded by the recipe's seed)
-        as the posterior group alone."""
+        log likelihood, observed data, sample stats); a pipeline run's holds draws of its
+        answer, ``sample_stats`` saying which fit each came from and whether it was drawn by
+        importance weight."""
         az = _arviz()
-        if self.pipeline:
-            seed = (self.summary.get("recipe") or {}).get("seed", 0)
-            draws = self.sample(ARVIZ_DRAWS, seed=seed)
-            return az.from_dict(posterior={name: values.cpu().numpy()[None]
-                                           for name, values in draws.items()})
         path = self.run_dir / POSTERIOR
         if not path.is_file():
             raise UsageError(f"{self.run_dir}: no {POSTERIOR}; write it with: vibench export "
@@ -233,11 +195,13 @@ class Fit:
         return az.from_netcdf(str(path))
 
     def plot(self) -> list[Path]:
-        """The run's plots (PNG files; for a pipeline run, those of the fits it used), shown
-        inline in a notebook; returns their paths ([] for a run made with train.plots
-        false)."""
-        folders = ([self.run_dir / FITS / label / PLOTS for label in self.summary["auto"]["used"]]
-                   if self.pipeline else [self.run_dir / PLOTS])
+        """The run's plots (PNG files; for a pipeline run, its answer's, or for one made
+        before it drew its own, those of the fits it used), shown inline in a notebook;
+        returns their paths ([] for a run made with train.plots false)."""
+        folders = [self.run_dir / PLOTS]
+        if self.pipeline and not any(folders[0].glob("*.png")):
+            folders = [self.run_dir / FITS / label / PLOTS
+                       for label in self.summary["auto"]["used"]]
         paths = [path for folder in folders for path in sorted(folder.glob("*.png"))]
         if paths and in_notebook():
             from IPython.display import Image, display
@@ -245,70 +209,6 @@ class Fit:
             for path in paths:
                 display(Image(filename=str(path)))
         return paths
-
-
-def _draw(run: Any, n: int, weigh: bool) -> tuple[dict, Any]:
-    """``n`` draws of every latent and deterministic site from the run's fitted guide, the
-    model replayed against each, as ``{site: (n, ...)}``; with ``weigh``, also each draw's log
-    importance weight log p(x, z) - log q(z)."""
-    import torch
-
-    from workbench.device import run_context
-    from workbench.report import inference_data, posterior
-
-    with run_context(run.device, run.dtype), torch.no_grad(), \
-            posterior.whole_data(run.minibatch):
-        guide = inference_data.fitted_guide(run)
-        trace = posterior.site_trace(run.model, **run.data)
-        sites = {**posterior.latent_sites(trace), **posterior.deterministic_sites(trace)}
-        per_draw = posterior.trace_numbers(trace)
-        parts: dict[str, list] = {name: [] for name in sites}
-        weights = []
-        got = 0
-        while got < n:  # a guide that cannot be vectorised gives a tenth of the draws asked
-            for k, guide_trace, model_trace in posterior.replayed(
-                    run.model, guide, run.data, run.nesting, n - got, per_draw):
-                for name, shape in sites.items():
-                    parts[name].append(posterior.draws_of(model_trace.nodes[name]["value"], k,
-                                                          shape))
-                if weigh:
-                    weights.append(posterior.log_joint(model_trace, k, run.nesting)
-                                   - posterior.log_joint(guide_trace, k, run.nesting))
-                got += k
-    draws = {name: torch.cat(values)[:n].detach() for name, values in parts.items()}
-    return draws, torch.cat(weights)[:n].detach().double().cpu() if weigh else None
-
-
-@contextlib.contextmanager
-def _seeded(seed: int | None, device: Any) -> Iterator[None]:
-    """With a seed, torch's random stream seeded by it, and put back after; else untouched."""
-    if seed is None:
-        yield
-        return
-    import torch
-
-    from workbench.device import rng_devices
-
-    with torch.random.fork_rng(devices=rng_devices(device)):
-        torch.manual_seed(seed)
-        yield
-
-
-@contextlib.contextmanager
-def _keeping_random() -> Iterator[None]:
-    """Python's, NumPy's and torch's random streams as they were before (Pyro seeds all
-    three when a run is set up)."""
-    import numpy as np
-    import torch
-
-    python, numpy = random.getstate(), np.random.get_state()
-    devices = list(range(torch.cuda.device_count())) if torch.cuda.is_initialized() else []
-    with torch.random.fork_rng(devices=devices):
-        try:
-            yield
-        finally:
-            random.setstate(python)
-            np.random.set_state(numpy)
 
 
 def _source(recipe: Any) -> Path | dict:

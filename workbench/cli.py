@@ -386,8 +386,10 @@ def export(
     """Write a run's posterior draws as ArviZ InferenceData, posterior.nc in its directory.
 
     For a run from before every run wrote it: the draws its report would have
-    written, from its last checkpoint. Read it with arviz.from_netcdf. A run whose
-    recipe names your own code needs --trust-code: read recipe.yaml first.
+    written, from its last checkpoint. For an automatic pipeline's directory: the
+    draws of its answer, from its fits' checkpoints, as the pipeline wrote them.
+    Read it with arviz.from_netcdf. A run whose recipe names your own code needs
+    --trust-code: read recipe.yaml first.
 
     Examples:
       vibench export runs/coin-20261125-141502

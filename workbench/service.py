@@ -24,6 +24,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+from workbench.auto.answer import FITS
 from workbench.config import recipe as recipes
 from workbench.config.kinds import COMPONENTS
 from workbench.errors import UsageError, one_line
@@ -323,25 +324,59 @@ def _refuse_code(where: str) -> Callable[[str], None]:
 def export(run_dir: Path, registry: Registry, trust_code: bool = False) -> Path:
     """posterior.nc (ArviZ InferenceData) for a run, written from what it learned (its last
     checkpoint) on the random stream its report uses, so a run from before posterior.nc
-    gets the file its report would have written. Holds the run directory's lock meanwhile."""
+    gets the file its report would have written. For the automatic pipeline's directory, the
+    draws of its answer, from its fits' checkpoints (``workbench.auto.answer``), as the
+    pipeline writes them. Holds the run directory's lock meanwhile."""
     from workbench.device import run_context
     from workbench.report import inference_data
-    from workbench.train import checkpoint
 
+    where = f"export {run_dir}"
     if not (run_dir / CHECKPOINT).is_file():
+        if is_pipeline_dir(run_dir):
+            return _export_pipeline(run_dir, registry, trust_code, where)
         raise UsageError(f"{run_dir}: not a vibench run directory (no {CHECKPOINT}); "
                          "give the directory `vibench run` wrote")
-    where = f"export {run_dir}"
     held = reopen(run_dir, where)
     try:
-        run = load(run_dir, registry, trust_code, where)
-        if run.data_hash != checkpoint.load(run_dir, where)["data_hash"]:
-            raise UsageError(f"export {run_dir}: the data are not the data this run was fitted "
-                             "to (a data file changed?); its posterior would not match them")
+        run = _load_fitted(run_dir, registry, trust_code, where)
         with run_context(run.device, run.dtype):
             return inference_data.write(run, run_dir)
     finally:
         held.release()
+
+
+def is_pipeline_dir(run_dir: Path) -> bool:
+    """Whether the automatic pipeline wrote ``run_dir``: its fits, each a run directory,
+    are in ``fits/``."""
+    return (run_dir / FITS).is_dir() and not (run_dir / CHECKPOINT).is_file()
+
+
+def _export_pipeline(run_dir: Path, registry: Registry, trust_code: bool, where: str) -> Path:
+    """posterior.nc of a finished pipeline's directory, rewritten from its fits."""
+    from workbench.auto import answer
+
+    summary = read_summary(run_dir)
+    if "auto" not in summary:
+        raise UsageError(f"{where}: its {SUMMARY} is not the automatic pipeline's (no auto "
+                         "section), and it has no checkpoint.pt")
+    held = reopen(run_dir, where)
+    try:
+        path, _ = answer.write(run_dir, summary, lambda fit: _load_fitted(
+            fit, registry, trust_code, f"{where}: fit {fit.name}"))
+        return path
+    finally:
+        held.release()
+
+
+def _load_fitted(run_dir: Path, registry: Registry, trust_code: bool, where: str) -> Any:
+    """``load``, refused where the data are not those the run was fitted to."""
+    from workbench.train import checkpoint
+
+    run = load(run_dir, registry, trust_code, where)
+    if run.data_hash != checkpoint.load(run_dir, where)["data_hash"]:
+        raise UsageError(f"{where}: the data are not the data this run was fitted to (a data "
+                         "file changed?); its posterior would not match them")
+    return run
 
 
 def differences(old: Any, new: Any, prefix: str = "") -> dict[str, list]:
@@ -436,8 +471,10 @@ def run_info(run_dir: Path) -> dict:
     time, from summary.json, or from the checkpoint while the run is running or when it was
     killed before its first summary. The status is "running" while a live process holds the
     directory's lock, "failed" (with ``error``) for a run that stopped in set-up (neither
-    file; its name from recipe.yaml if it got that far), and "unreadable" (with ``error``)
-    when neither file can be read."""
+    file; its name from recipe.yaml if it got that far) or an automatic pipeline that stopped
+    before its summary, and "unreadable" (with ``error``) when neither file can be read. An
+    automatic pipeline's directory is one run (its summary.json the pipeline's answer); its
+    fits are runs in its ``fits/``."""
     info: dict[str, Any] = {
         "name": None, "status": "unreadable", "steps": None, "final_loss": None, "khat": None,
         "wall_seconds": None, "path": str(run_dir),
@@ -461,7 +498,10 @@ def run_info(run_dir: Path) -> dict:
     if info["source"] is None and not errors:  # neither file: set-up is going on, or failed
         info["name"] = _recipe_name(run_dir)
         if not running:
-            info.update(status="failed", error="stopped in set-up, before its first checkpoint")
+            info.update(status="failed", error=(
+                f"the automatic pipeline stopped before its summary (interrupted, or no fit "
+                f"succeeded); its fits are runs in {FITS}/" if is_pipeline_dir(run_dir)
+                else "stopped in set-up, before its first checkpoint"))
     elif info["source"] is None:
         info["error"] = "; ".join(errors)
     return info

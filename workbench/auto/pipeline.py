@@ -5,19 +5,23 @@ default start, gaussian, rhat, flow, psis; ``plugins/stages.py``). Each stage fi
 directory's ``fits/<label>``; the pipeline then reports one set of estimates, pooled over the
 fits that agree or taken from the best, importance-weighted where k-hat allows, with the
 reasons not to trust them (``flags``). summary.json's ``auto`` section says which stages ran
-and why.
+and why; ``posterior.nc`` holds draws of that answer and ``plots/`` its densities and
+posterior predictive check (``workbench/auto/answer.py``), so the pipeline's directory reads as
+a run's.
 """
 
 from __future__ import annotations
 
 import sys
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
+from workbench.auto import answer
 from workbench.errors import Interrupted, RunError, UsageError, VibenchError, one_line
 from workbench.plugins.registry import Registry
 from workbench.report import thresholds
@@ -137,7 +141,7 @@ class Pipeline:
                # eager: a fit is a few hundred steps, fewer than compiling a large graph
                # costs (tens of seconds with a cold cache); the pipeline was measured so
                "train": {**self.recipe["train"], "compile": False, **train}}
-        path = self.run_dir / "fits" / label
+        path = self.run_dir / answer.FITS / label
         resolved = recipes.resolve(sub, self.registry, str(self.run_dir / layout.RECIPE))
         held = claim(resolved["name"], path)
         try:
@@ -178,6 +182,24 @@ class Pipeline:
         found = Fit(label, path, summary, gaussian, run.recipe["optimizer"].get("lr"))
         self.fits.append(found)
         return found
+
+    def load(self, path: Path) -> Any:
+        """A fit of this pipeline rebuilt from its run directory's checkpoint, for drawing
+        (``service.load`` does the same for a run read back later, with its checks of code
+        and session objects, which a fit this pipeline just ran needs no more)."""
+        from workbench.config import recipe as recipes
+        from workbench.device import run_context
+        from workbench.train import checkpoint
+        from workbench.train.runner import Run
+
+        where = f"the pipeline's fit {path}"
+        saved = checkpoint.load(path, where)
+        resolved = recipes.resolve(recipes.as_yaml(saved["recipe"]), self.registry,
+                                   str(path / layout.RECIPE))
+        run = Run.setup(resolved, self.registry, compile=False)  # it draws; it never steps
+        with run_context(run.device, run.dtype):
+            checkpoint.restore_params(saved["params"], saved["buffers"], run.guide, where)
+        return run
 
     @staticmethod
     def best(fits: list[Fit]) -> Fit:
@@ -232,10 +254,39 @@ def execute(pipeline: Pipeline) -> dict:
         records.append({"stage": section["name"], "said": said,
                         "seconds": time.perf_counter() - started})
     summary = assemble(pipeline, records, time.perf_counter() - began)
+    summary["diagnostics"]["inference_data"] = answer_files(pipeline, summary)
     from workbench.train.runner import write_results
 
     write_results(pipeline.run_dir, summary, params=False)
     return summary
+
+
+def answer_files(pipeline: Pipeline, summary: dict) -> str:
+    """The answer's posterior.nc and (unless ``train.plots`` is off) plots in the pipeline's
+    directory; what became of posterior.nc, for summary.json's ``diagnostics.inference_data``
+    (as a run's). A failure here costs the pipeline nothing but these files; a stop signal
+    meanwhile (the fits are done) lets posterior.nc finish, skips the plots, and the summary
+    is written (a third signal stops at once)."""
+    from workbench import signals
+
+    with signals.deferred() as stop:
+        try:
+            path, drawn = answer.write(pipeline.run_dir, summary, pipeline.load)
+        except Interrupted:
+            raise
+        except Exception as exc:
+            warnings.warn(f"vibench could not write {layout.POSTERIOR}: {one_line(exc)}",
+                          stacklevel=1)
+            return f"failed: {one_line(exc)}"
+        if pipeline.recipe["train"].get("plots", True) and not stop:
+            try:
+                answer.write_plots(pipeline.run_dir, summary, drawn, pipeline.load, path)
+            except OSError:
+                raise
+            except Exception as exc:
+                warnings.warn(f"vibench could not draw the plots: {one_line(exc)}",
+                              stacklevel=1)
+    return "written"
 
 
 def assemble(pipeline: Pipeline, records: list[dict], wall: float) -> dict:
@@ -316,6 +367,7 @@ def assemble(pipeline: Pipeline, records: list[dict], wall: float) -> dict:
                      for fit in pipeline.fits],
             "estimates": f"{source} estimates, {how}",
             "used": [fit.label for fit in used],
+            "weighted": weighted,
             "rhat": pipeline.rhat and {k: v for k, v in pipeline.rhat.items() if k != "params"},
             "flags": flags,
             "trusted": not flags,
@@ -365,7 +417,7 @@ class AutoJob:
         stages = ", ".join(s["name"] for s in pipeline.recipe["auto"]["stages"])
         self.run = SimpleNamespace(recipe=pipeline.recipe, notes=[
             f"automatic pipeline: stages {stages}; each fit is a run in "
-            f"{run_dir.path / 'fits'}"])
+            f"{run_dir.path / answer.FITS}"])
 
     @property
     def path(self) -> Path:

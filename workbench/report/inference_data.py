@@ -76,6 +76,37 @@ def fitted_guide(run: Any) -> Callable:
     return run.guide
 
 
+def site_draws(run: Any, n: int, weigh: bool = False) -> tuple[dict, torch.Tensor | None]:
+    """``n`` draws of every latent and deterministic site from the run's fitted guide, the
+    model replayed against each, as ``{site: tensor (n, ...)}`` on the run's device, from
+    torch's random stream; with ``weigh``, also each draw's log importance weight
+    log p(x, z) - log q(z) (float64, on the CPU). Not the file's groups: as many draws as
+    asked, whatever the data's size (``Fit.sample``, the automatic pipeline's answer)."""
+    from workbench.device import run_context
+
+    with run_context(run.device, run.dtype), torch.no_grad(), \
+            posterior.whole_data(run.minibatch):
+        guide = fitted_guide(run)
+        trace = posterior.site_trace(run.model, **run.data)
+        sites = {**posterior.latent_sites(trace), **posterior.deterministic_sites(trace)}
+        per_draw = posterior.trace_numbers(trace)
+        parts: dict[str, list] = {name: [] for name in sites}
+        weights = []
+        got = 0
+        while got < n:  # a guide that cannot be vectorised gives a tenth of the draws asked
+            for k, guide_trace, model_trace in posterior.replayed(
+                    run.model, guide, run.data, run.nesting, n - got, per_draw):
+                for name, shape in sites.items():
+                    parts[name].append(posterior.draws_of(model_trace.nodes[name]["value"], k,
+                                                          shape))
+                if weigh:
+                    weights.append(posterior.log_joint(model_trace, k, run.nesting)
+                                   - posterior.log_joint(guide_trace, k, run.nesting))
+                got += k
+    draws = {name: torch.cat(values)[:n].detach() for name, values in parts.items()}
+    return draws, torch.cat(weights)[:n].detach().double().cpu() if weigh else None
+
+
 def draw(model: Callable, guide: Callable, data: dict, nesting: int,
          num_draws: int = NUM_DRAWS) -> tuple[dict[str, dict], dict[str, dict[str, Any]]]:
     """The groups as ``{group: {variable: (numpy array, dims)}}`` (dims after chain and draw)

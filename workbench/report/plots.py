@@ -113,7 +113,8 @@ def _ema(values: np.ndarray, span: int) -> np.ndarray:
 
 
 def site_figure(site: str, guide: Any, path: Path | str | None = None, prior: Any = None,
-                exact: Any = None, max_elements: int = 4) -> np.ndarray:
+                exact: Any = None, max_elements: int = 4, guide_label: str = "guide"
+                ) -> np.ndarray:
     """The prior, the guide and (where known) the exact posterior of one latent site on one
     axis per element.
 
@@ -125,7 +126,9 @@ def site_figure(site: str, guide: Any, path: Path | str | None = None, prior: An
     vertical line. A tensor site of up to ``max_elements`` elements shows them side by side,
     each titled with its index; a larger one is a forest plot of every element (up to
     MAX_FOREST_ROWS). ``workbench.report.posterior.plot_sources`` gives all three per site.
-    Writes a PNG to ``path`` when given; returns the image as an ``(H, W, 3)`` uint8 array.
+    ``guide_label`` names the guide's curve in the legend (the automatic pipeline's answer is
+    draws of several fits). Writes a PNG to ``path`` when given; returns the image as an
+    ``(H, W, 3)`` uint8 array.
     """
     import torch
 
@@ -134,13 +137,13 @@ def site_figure(site: str, guide: Any, path: Path | str | None = None, prior: An
     count = math.prod(shape)
     samples = {key: _flat_draws(src) for key, src in sources.items() if src is not None}
     if count > max_elements:
-        return forest_figure(site, shape, samples, path)
+        return forest_figure(site, shape, samples, path, guide_label=guide_label)
     shown = count
     fig = _figure(4.2 * shown + 0.6, 4.4)
     for i in range(shown):
         ax = fig.add_subplot(1, shown, i + 1)
         label = site if not shape else f"{site}[{', '.join(map(str, np.unravel_index(i, shape)))}]"
-        _draw_element(ax, i, sources, samples, torch)
+        _draw_element(ax, i, sources, samples, torch, guide_label)
         ax.set_title(label, fontsize=10)
         ax.set_xlabel("value")
         if i == 0:
@@ -151,7 +154,8 @@ def site_figure(site: str, guide: Any, path: Path | str | None = None, prior: An
 
 
 def forest_figure(site: str, shape: tuple, samples: dict[str, np.ndarray],
-                  path: Path | str | None = None, max_rows: int = MAX_FOREST_ROWS) -> np.ndarray:
+                  path: Path | str | None = None, max_rows: int = MAX_FOREST_ROWS,
+                  guide_label: str = "guide") -> np.ndarray:
     """A tensor site with many elements as a forest plot: per element (a row), the guide's
     mean and central 50% and 90% intervals, with the exact posterior's and the prior's 90%
     intervals beside it where given; all from draws (``samples``: source -> (n, elements))."""
@@ -166,7 +170,7 @@ def forest_figure(site: str, shape: tuple, samples: dict[str, np.ndarray],
         draws = samples[key][:, :rows]
         q05, q25, q75, q95 = np.quantile(draws, [0.05, 0.25, 0.75, 0.95], axis=0)
         y = np.arange(rows)[::-1] + offsets[key]
-        name = {"prior": "prior", "guide": "guide", "exact": "exact posterior"}[key]
+        name = {"prior": "prior", "guide": guide_label, "exact": "exact posterior"}[key]
         ax.hlines(y, q05, q95, color=COLOURS[key], linewidth=1.2,
                   label=f"{name}: 90% interval" + ("; 50%, mean" if key == "guide" else ""))
         if key == "guide":
@@ -183,7 +187,8 @@ def forest_figure(site: str, shape: tuple, samples: dict[str, np.ndarray],
     return _finish(fig, path)
 
 
-def _draw_element(ax: Any, i: int, sources: dict, samples: dict, torch: Any) -> None:
+def _draw_element(ax: Any, i: int, sources: dict, samples: dict, torch: Any,
+                  guide_label: str = "guide") -> None:
     """One element's densities on one axis, over a range that covers the guide and the exact
     posterior (the prior is drawn over the same range; it is usually wider), or the prior's
     central 90% for a point mass without an exact posterior."""
@@ -213,7 +218,7 @@ def _draw_element(ax: Any, i: int, sources: dict, samples: dict, torch: Any) -> 
         src = sources[key]
         if src is None:
             continue
-        name = {"prior": "prior", "guide": "guide", "exact": "exact posterior"}[key]
+        name = {"prior": "prior", "guide": guide_label, "exact": "exact posterior"}[key]
         column = samples[key][:, i]
         moments = _moments(src, i, column, torch)
         stats = "no finite mean" if moments is None else f"{moments[0]:.3g} ± {moments[1]:.2g}"
@@ -531,26 +536,29 @@ def _ppc_densities(ax: Any, site: str, observed: np.ndarray, replicated: np.ndar
 # a whole run
 
 
-def write_plots(run_dir: Path | str, losses: Sequence[float], sources: dict[str, dict],
-                writer: Any = None, step: int = 0, ppc: dict[str, dict] | None = None
-                ) -> list[Path]:
-    """Every figure of a run as PNGs in ``run_dir/plots``: ``loss.png``, one
+def write_plots(run_dir: Path | str, losses: Sequence[float] | None, sources: dict[str, dict],
+                writer: Any = None, step: int = 0, ppc: dict[str, dict] | None = None,
+                guide_label: str = "guide") -> list[Path]:
+    """Every figure of a run as PNGs in ``run_dir/plots``: ``loss.png`` (unless ``losses`` is
+    None: the automatic pipeline has one loss a fit), one
     ``site-<name>.png`` per latent site and, given ``ppc`` (what
     ``workbench.report.inference_data.ppc_sources`` returns), ``ppc.png``; also logged to
     TensorBoard as ``Plots/loss``, ``Plots/<site>`` and ``Plots/ppc`` when given the
     run's ``Loggers`` as ``writer`` (at ``step``). ``sources`` is what
-    ``workbench.report.posterior.plot_sources`` returns. Returns the paths written."""
+    ``workbench.report.posterior.plot_sources`` returns; ``guide_label`` names its guide in
+    the legends. Returns the paths written."""
     folder = files.make_folder(Path(run_dir) / PLOTS)
     written = []
-    path = folder / "loss.png"
-    image = loss_figure(losses, path)
-    written.append(path)
-    if writer is not None:
-        writer.image("Plots/loss", image, step)
+    if losses is not None:
+        path = folder / "loss.png"
+        image = loss_figure(losses, path)
+        written.append(path)
+        if writer is not None:
+            writer.image("Plots/loss", image, step)
     for name, src in sources.items():
         path = folder / f"site-{_file_name(name)}.png"
         image = site_figure(name, src["guide"], path, prior=src.get("prior"),
-                            exact=src.get("exact"))
+                            exact=src.get("exact"), guide_label=guide_label)
         written.append(path)
         if writer is not None:
             writer.image(f"Plots/{name}", image, step)

@@ -1,0 +1,318 @@
+"""The automatic pipeline's answer as draws, and the files a pipeline run gets from them.
+
+The answer the pipeline reports (``summary.json``) is an equal mixture of the fits it used
+(``auto.used``: its pooled estimates are that mixture's moments), each fit taken at its
+importance-weighted (PSIS) estimates where the pipeline reported those (``auto.weighted``).
+Its draws are drawn the same way: ``n`` split evenly over those fits, each weighted fit's draws
+resampled by their Pareto-smoothed weights out of ``IS_POOL`` draws (so a draw may repeat),
+the whole shuffled; their moments are the reported ones up to Monte Carlo error.
+
+``answer_draws`` is the one implementation: as ``{site: tensor}`` for ``Fit.sample``, or as
+the groups of ``posterior.nc`` (``workbench.report.inference_data``'s, draw for draw: the
+replicated data and pointwise log-likelihood of each draw too). ``write`` saves that file in
+the pipeline's directory (the pipeline at its end, ``vibench export``); ``write_plots`` draws
+the answer's densities per latent site (beside the exact posterior where the model gives it)
+and its posterior predictive check in ``plots/``. A fit is read back from its checkpoint by the
+``load`` its caller hands in (``workbench.service.load``), each afresh: a guide may keep its
+parameters in Pyro's global store, which the next fit's set-up clears.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import random
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from workbench.rundir import files
+from workbench.rundir.layout import POSTERIOR
+
+FITS = "fits"  # where the pipeline keeps its fits, each a run directory
+IS_POOL = 10_000  # draws a weighted fit's draws are resampled from
+NUM_DRAWS = 1000  # draws in a pipeline's posterior.nc, as in a run's
+ANSWER = "the pipeline's answer"  # the answer's name in the plots' legends
+SAMPLE_STATS_NOTE = (
+    "fit: the index, in the attribute fits, of the fit the draw came from; resampled: whether "
+    "it was drawn by that fit's PSIS weights (its log_weight is then already applied: weighing "
+    "the draws again counts it twice); lp and log_weight: log p(x, z) and "
+    "log p(x, z) - log q(z) under that fit's guide")
+
+Loader = Callable[[Path], Any]  # a fit's run directory -> the run, rebuilt from its checkpoint
+_FIT, _RESAMPLED = ("", "fit"), ("", "resampled")  # keys no site's or group's name can be
+
+
+@dataclass
+class Answer:
+    """Draws of the pipeline's answer: ``draws`` (``{site: (n, ...)}`` tensors) or, drawn
+    whole, ``groups`` and ``attrs`` as ``inference_data.draw`` gives them; ``fit`` (the index
+    in ``used`` of each draw's fit) and ``resampled`` (whether it was drawn by weight)."""
+
+    used: list[str]
+    weighted: list[str]  # resampled by their PSIS weights
+    fit: Any = None
+    resampled: Any = None
+    draws: dict = field(default_factory=dict)
+    groups: dict = field(default_factory=dict)
+    attrs: dict = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)  # why a fit to weigh was not
+
+
+def plan(summary: dict) -> list[tuple[str, bool]]:
+    """The fits the answer mixes, each with whether the pipeline reported its
+    importance-weighted estimates: ``auto.weighted``, or for a summary from before that key,
+    the psis stage's rule (a k-hat below its ``khat``)."""
+    auto = summary["auto"]
+    used = list(auto["used"])
+    if "weighted" in auto:
+        weighted = set(auto["weighted"])
+    else:
+        khats = {entry["label"]: entry.get("khat") for entry in auto["fits"]}
+        stages = ((summary.get("recipe") or {}).get("auto") or {}).get("stages") or []
+        threshold = next((stage.get("khat") for stage in stages if isinstance(stage, dict)
+                          and stage.get("name") == "psis"), None)  # the stage that weighs
+        weighted = {label for label in used if threshold is not None
+                    and khats.get(label) is not None and khats[label] < threshold}
+    return [(label, label in weighted) for label in used]
+
+
+def answer_draws(run_dir: Path, summary: dict, n: int, load: Loader, seed: int | None = None,
+                 whole: bool = False) -> Answer:
+    """``n`` draws of the answer of the pipeline in ``run_dir`` (its ``summary``), each fit
+    rebuilt by ``load``. With ``seed`` the same draws each time (torch's stream seeded, and
+    put back after); without, from torch's random stream. ``whole``: the groups of
+    ``posterior.nc`` (posterior, posterior_predictive, log_likelihood, sample_stats with
+    ``fit`` and ``resampled``, observed_data) rather than the sites' draws; where the data
+    are too big for them, ``inference_data`` leaves groups out, and may give fewer draws."""
+    import torch
+
+    from workbench.report.posterior import psis
+
+    planned = plan(summary)
+    answer = Answer([label for label, _ in planned], [])
+    parts: list[dict] = []
+    meta: list[tuple[dict, dict]] = []  # per part: its groups' dims and observed data, attrs
+    with seeded(seed, _device(summary)):
+        for i, (label, weigh) in enumerate(planned):
+            count = n // len(planned) + (i < n % len(planned))
+            if not count:
+                continue
+            with keeping_random():  # set-up seeds every stream
+                run = load(Path(run_dir) / FITS / label)
+            size = max(count, IS_POOL) if weigh else count
+            rows, log_w, extra = (_whole(run, size) if whole else _sites(run, size, weigh))
+            got = len(next(iter(rows.values())))
+            why = _unweighable(log_w) if weigh else ""
+            if weigh and why:
+                answer.notes.append(f"{label}: drawn unweighted: {why}")
+            if weigh and not why:
+                _, smoothed = psis(log_w)
+                index = torch.multinomial(torch.softmax(smoothed, 0).float(), count,
+                                          replacement=True)
+                answer.weighted.append(label)
+            else:
+                index = torch.arange(min(count, got))
+            rows = {key: _take(values, index) for key, values in rows.items()}
+            rows[_FIT] = torch.full((len(index),), i, dtype=torch.int64)
+            rows[_RESAMPLED] = torch.full((len(index),), weigh and not why)
+            parts.append(rows)
+            meta.append(extra)
+        keys = [key for key in parts[0] if all(key in part for part in parts)]
+        joined = {key: _cat([part[key] for part in parts]) for key in keys}
+        order = torch.randperm(len(joined[_FIT]))
+        joined = {key: _take(values, order) for key, values in joined.items()}
+    answer.fit, answer.resampled = joined.pop(_FIT), joined.pop(_RESAMPLED)
+    if not whole:
+        answer.draws = joined
+        return answer
+    dims, attrs = meta[0]
+    groups: dict[str, dict] = {}
+    for (group, name), values in joined.items():
+        groups.setdefault(group, {})[name] = (values, dims[group, name])
+    stats = groups.setdefault("sample_stats", {})
+    stats["fit"] = (answer.fit.numpy(), [])
+    stats["resampled"] = (answer.resampled.numpy(), [])
+    if "observed_data" in dims:
+        groups["observed_data"] = dims["observed_data"]
+    left_out = sorted({part_attrs[""]["left_out"] for _, part_attrs in meta
+                       if "left_out" in part_attrs[""]})
+    answer.groups = groups
+    answer.attrs = {"": {"num_draws": len(answer.fit),
+                         **({"left_out": "; ".join(left_out)} if left_out else {}),
+                         **({"unweighted": "; ".join(answer.notes)} if answer.notes else {})},
+                    **({"posterior_predictive": attrs["posterior_predictive"]}
+                       if "posterior_predictive" in attrs and "posterior_predictive" in groups
+                       else {})}
+    return answer
+
+
+def _sites(run: Any, size: int, weigh: bool) -> tuple[dict, Any, tuple]:
+    """``size`` draws of the fit's latent and deterministic sites (and their log weights)."""
+    from workbench.report import inference_data
+
+    draws, log_w = inference_data.site_draws(run, size, weigh)
+    return draws, log_w, ({}, {})
+
+
+def _whole(run: Any, size: int) -> tuple[dict, Any, tuple]:
+    """``size`` draws of the fit as posterior.nc's groups: ``{(group, name): values}`` (draws
+    first), the log weights where the file has them, and each variable's dims (the observed
+    data under "observed_data") with the attributes."""
+    import torch
+
+    from workbench.device import run_context
+    from workbench.report import inference_data, posterior
+
+    with run_context(run.device, run.dtype), torch.no_grad(), \
+            posterior.whole_data(run.minibatch):
+        groups, attrs = inference_data.draw(run.model, inference_data.fitted_guide(run),
+                                            run.data, run.nesting, size)
+    rows, dims = {}, {}
+    for group, variables in groups.items():
+        if group == "observed_data":
+            dims["observed_data"] = variables
+            continue
+        for name, (values, names) in variables.items():
+            rows[group, name] = values
+            dims[group, name] = names
+    stats = groups.get("sample_stats", {})
+    log_w = (torch.as_tensor(stats["log_weight"][0], dtype=torch.float64)
+             if "log_weight" in stats else None)
+    return rows, log_w, (dims, attrs)
+
+
+def _unweighable(log_w: Any) -> str:
+    """Why these log weights cannot resample the draws, or ""."""
+    import torch
+
+    if log_w is None:
+        return "the fit's draws have no log weights (see posterior.nc's left_out)"
+    if torch.isnan(log_w).any() or (log_w == float("inf")).any() \
+            or not torch.isfinite(log_w).any():
+        return "its log weights are not finite"
+    return ""
+
+
+def _take(values: Any, index: Any) -> Any:
+    import numpy as np
+
+    if isinstance(values, np.ndarray):
+        return values[index.cpu().numpy()]
+    return values[index.to(values.device)]
+
+
+def _cat(values: list) -> Any:
+    import numpy as np
+    import torch
+
+    if isinstance(values[0], np.ndarray):
+        return np.concatenate(values)
+    return torch.cat([v.to(values[0].device) for v in values])
+
+
+def _device(summary: dict) -> Any:
+    """The device the fits ran on, whose random stream a seed forks (the CPU where that is
+    a GPU this machine lacks: loading the fits then says why)."""
+    import torch
+
+    try:
+        device = torch.device(summary.get("device") or "cpu")
+    except (RuntimeError, TypeError):
+        return torch.device("cpu")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        return torch.device("cpu")
+    return device
+
+
+@contextlib.contextmanager
+def seeded(seed: int | None, device: Any) -> Iterator[None]:
+    """With a seed, torch's random stream seeded by it, and put back after; else untouched."""
+    if seed is None:
+        yield
+        return
+    import torch
+
+    from workbench.device import rng_devices
+
+    with torch.random.fork_rng(devices=rng_devices(device)):
+        torch.manual_seed(seed)
+        yield
+
+
+@contextlib.contextmanager
+def keeping_random() -> Iterator[None]:
+    """Python's, NumPy's and torch's random streams as they were before (Pyro seeds all
+    three when a run is set up)."""
+    import numpy as np
+    import torch
+
+    python, numpy = random.getstate(), np.random.get_state()
+    devices = list(range(torch.cuda.device_count())) if torch.cuda.is_initialized() else []
+    with torch.random.fork_rng(devices=devices):
+        try:
+            yield
+        finally:
+            random.setstate(python)
+            np.random.set_state(numpy)
+
+
+# --------------------------------------------------------------------------------------------
+# the pipeline's own files
+
+
+def write(run_dir: Path, summary: dict, load: Loader, num_draws: int = NUM_DRAWS
+          ) -> tuple[Path, Answer]:
+    """``posterior.nc`` in the pipeline's ``run_dir``: ``num_draws`` draws of its answer
+    (seeded by the recipe's seed, so ``vibench export`` writes the same file again), whole or
+    not at all; returns its path and the draws."""
+    import pyro
+
+    from workbench.report import inference_data
+
+    answer = answer_draws(run_dir, summary, num_draws, load,
+                          seed=(summary.get("recipe") or {}).get("seed", 0), whole=True)
+    diagnostics = summary.get("diagnostics") or {}
+    attrs = {**answer.attrs}
+    attrs[""] = {**attrs[""], "inference_library": "pyro",
+                 "inference_library_version": pyro.__version__,
+                 "method": "stochastic variational inference: the automatic pipeline's answer",
+                 "guide": "auto", "seed": (summary.get("recipe") or {}).get("seed", 0),
+                 "estimates": summary["auto"].get("estimates", ""),
+                 "fits": ",".join(answer.used), "resampled_fits": ",".join(answer.weighted)}
+    attrs["sample_stats"] = {"description": SAMPLE_STATS_NOTE}
+    if diagnostics.get("khat") is not None:  # the reported k-hat: the worst fit's
+        attrs["sample_stats"].update(khat=diagnostics["khat"],
+                                     khat_reading=str(diagnostics.get("reading", "")))
+    path = Path(run_dir) / POSTERIOR
+    with files.atomic_path(path) as tmp:
+        inference_data.save(answer.groups, attrs, tmp)
+    return path, answer
+
+
+def write_plots(run_dir: Path, summary: dict, answer: Answer, load: Loader, nc: Path
+                ) -> list[Path]:
+    """``plots/`` of the pipeline's ``run_dir``: per latent site the density of the answer's
+    draws (``answer``, as written to posterior.nc) beside the prior and, where the model gives
+    it, the exact posterior (from the best fit used), and the posterior predictive check of the
+    answer's replicated data (from ``nc``). Returns the paths written."""
+    import torch
+
+    from workbench.device import run_context
+    from workbench.report import inference_data, plots, posterior
+
+    elbos = {entry["label"]: entry.get("elbo") for entry in summary["auto"]["fits"]}
+    best = max(answer.used, key=lambda label: -float("inf") if elbos.get(label) is None
+               else elbos[label])
+    with keeping_random():
+        run = load(Path(run_dir) / FITS / best)
+        with run_context(run.device, run.dtype), torch.no_grad(), \
+                posterior.whole_data(run.minibatch):
+            torch.manual_seed((summary.get("recipe") or {}).get("seed", 0))
+            sources = posterior.plot_sources(run.model, inference_data.fitted_guide(run),
+                                             run.data, run.sites, run.nesting, run.exact)
+    drawn = answer.groups.get("posterior", {})
+    for name, source in sources.items():
+        source["guide"] = torch.as_tensor(drawn[name][0])
+    return plots.write_plots(run_dir, None, sources, ppc=inference_data.ppc_sources(nc),
+                             guide_label=ANSWER)
