@@ -22,11 +22,11 @@ from pathlib import Path
 from typing import Any
 
 from workbench import service
-from workbench.auto.answer import FITS, keeping_random, seeded
+from workbench.auto.answer import keeping_random, seeded
 from workbench.config.recipe import SECTIONS
 from workbench.errors import UsageError, did_you_mean
 from workbench.plugins.registry import Registry, get_registry
-from workbench.rundir.layout import PLOTS, POSTERIOR
+from workbench.rundir.layout import FITS, PLOTS, POSTERIOR
 
 
 def fit(recipe: str | Path | Mapping | None = None, /, *, steps: int | None = None,

@@ -24,7 +24,6 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from workbench.auto.answer import FITS
 from workbench.config import recipe as recipes
 from workbench.config.kinds import COMPONENTS
 from workbench.errors import UsageError, one_line
@@ -32,7 +31,7 @@ from workbench.plugins.registry import Registry
 from workbench.progress import TerminalBar
 from workbench.rundir import files
 from workbench.rundir.claim import RunDir, claim, reopen
-from workbench.rundir.layout import CHECKPOINT, LOCK, LOSSES, RECIPE, SUMMARY
+from workbench.rundir.layout import CHECKPOINT, FITS, LOCK, LOSSES, RECIPE, SUMMARY
 
 # What --resume may change: the remedies for a run that diverged or needs more steps, and how
 # a step runs (train.compile: the state is the same either way; a run made before the key

@@ -27,9 +27,8 @@ from pathlib import Path
 from typing import Any
 
 from workbench.rundir import files
-from workbench.rundir.layout import POSTERIOR
+from workbench.rundir.layout import FITS, POSTERIOR
 
-FITS = "fits"  # where the pipeline keeps its fits, each a run directory
 IS_POOL = 10_000  # draws a weighted fit's draws are resampled from
 NUM_DRAWS = 1000  # draws in a pipeline's posterior.nc, as in a run's
 ANSWER = "the pipeline's answer"  # the answer's name in the plots' legends

@@ -298,7 +298,7 @@ def assemble(pipeline: Pipeline, records: list[dict], wall: float) -> dict:
     if not fits:
         errors = "; ".join(f"{fit.label}: {fit.error}" for fit in pipeline.fits) or "none ran"
         raise RunError(f"the automatic pipeline fitted nothing ({errors}); see "
-                       f"{pipeline.run_dir / 'fits'}")
+                       f"{pipeline.run_dir / layout.FITS}")
     agree = (len(fits) > 1 and pipeline.rhat is not None
              and pipeline.rhat["max"] <= pipeline.rhat["threshold"])
     used = fits if agree else [pipeline.best(fits)]

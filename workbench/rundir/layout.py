@@ -9,3 +9,4 @@ PARAMS = "params.pt"  # Pyro's parameter store
 POSTERIOR = "posterior.nc"  # the draws as ArviZ InferenceData
 PLOTS = "plots"  # the figures, as PNG files
 LOCK = ".lock"  # the pid of the process writing the directory, locked while it runs
+FITS = "fits"  # the automatic pipeline's fits, each a run directory of its own
