@@ -73,7 +73,7 @@ def test_a_cache_folder_others_can_write_is_never_compiled_into(tmp_path: Path, 
                       "--out", str(tmp_path / "a"), env=env)
     one_line_exit_2(refused, str(cache), "TORCHINDUCTOR_CACHE_DIR")
     assert not (cache / package_cache.FOLDER).exists()
-    auto = vibench("run", str(COIN), *QUICK, "--steps", "4000", "--set", "train.compile=auto",
+    auto = vibench("run", str(COIN), *QUICK, "--set", "train.compile=auto",
                    "--out", str(tmp_path / "b"), env=env)
     assert auto.returncode == 0, auto.stderr
     assert "training eagerly" in auto.stderr and str(cache) in auto.stderr
