@@ -270,3 +270,242 @@ def test_a_report_failure_is_one_line_in_summary_json(tmp_path: Path):
         return [value] if isinstance(value, str) else []
 
     assert all("\n" not in text for text in texts(summary["diagnostics"]))
+
+
+# --------------------------------------------------------------------------------------------
+# plain Pyro: models that do not broadcast over a leading dimension (tests/plain_models.py)
+
+PLAIN = REPO / "tests" / "plain_models.py"
+REGRESSION = {"dataset": {"name": "synthetic_regression", "n": 100}}
+TWINS = {  # case: (plain model, its broadcasting twin, data, its line that fails with draws)
+    "coin": (f"{PLAIN}:coin", {"name": "beta_bernoulli"}, {"flips": FLIPS * 3},
+             "Bernoulli(fairness.expand(len(flips)))"),
+    "linear": (f"{PLAIN}:linear", {"name": "linear_regression", "noise": 0.5}, REGRESSION,
+               "intercept + x @ coefficients"),
+    "hierarchical": (f"{PLAIN}:hierarchical", {"name": f"{PLAIN}:hierarchical_broadcasting"},
+                     None, "a[g.index_select(0, ind)] + X.index_select(0, ind) @ beta"),
+}
+GUIDES = {"auto_normal": 1, "auto_multivariate_normal": 4}  # guide: particles
+
+
+def plain_recipe(directory: Path, model: dict, data: dict | None, guide: str = "auto_normal",
+                 particles: int = 1, steps: int = 600, **sections) -> Path:
+    """A recipe for a plain model or its twin: Adam with a decaying step size and the last
+    half of the iterates averaged, so that two fits' means differ by far less than a
+    posterior sd."""
+    from tests import plain_models
+
+    recipe = {"data": data or plain_models.hierarchical_data(rows=400), "model": model,
+              "guide": {"name": guide}, "loss": {"name": "elbo", "num_particles": particles},
+              "optimizer": {"name": "adam", "lr": 0.05,
+                            "schedule": {"name": "exponential", "gamma": 0.995}},
+              "loggers": [], "train": {"steps": steps, "eval_every": 0, "average_last": 0.5},
+              **sections}
+    directory.mkdir(parents=True, exist_ok=True)
+    return write(directory / "recipe.yaml", yaml.safe_dump(recipe))
+
+
+def fit(path: Path) -> tuple[Run, dict, Path]:
+    run = Run.setup(resolve(path), get_registry())
+    out = path.parent / "out"
+    out.mkdir()
+    return run, run.train(out), out
+
+
+def means(summary: dict) -> dict[str, tuple]:
+    """Per latent site, the guide's mean and sd as flat tensors."""
+    import torch
+
+    return {name: (torch.tensor(entry["mean"]).reshape(-1), torch.tensor(entry["std"]).reshape(-1))
+            for name, entry in summary["posterior"].items()}
+
+
+@pytest.mark.parametrize("guide", GUIDES)
+@pytest.mark.parametrize("case", TWINS)
+def test_a_plain_model_is_fitted_and_reported_as_its_broadcasting_twin(tmp_path: Path,
+                                                                        case: str, guide: str):
+    """Each plain model trains (its particles one after another), gets a PSIS k-hat over every
+    draw (vmap), density plots and posterior.nc with its posterior predictive, and agrees with
+    its broadcasting twin within a fraction of a posterior sd."""
+    import h5netcdf
+
+    plain, twin, data, line = TWINS[case]
+    particles = GUIDES[guide]
+    run, summary, out = fit(plain_recipe(tmp_path / "plain", {"name": plain}, data, guide,
+                                         particles))
+    assert run.notes[0].startswith(f"model {plain!r} does not broadcast over a leading "
+                                   "dimension of draws: plain_models.py:"), run.notes
+    assert line in run.notes[0]
+    assert "torch.func.vmap" in run.notes[1]
+    assert ("one after another" in run.notes[1]) == (particles > 1)
+    assert not run.svi.loss.__self__.vectorize_particles
+    assert summary["status"] == "completed"
+    diagnostics = summary["diagnostics"]
+    assert diagnostics["khat"] is not None, diagnostics
+    assert diagnostics["num_draws"] == 10_000 and "vmap" in diagnostics["per_draw"]
+    assert diagnostics["inference_data"] == "written"
+    for site in summary["posterior"]:
+        assert (out / "plots" / f"site-{site}.png").exists(), site
+    assert (out / "plots" / "ppc.png").exists()
+    with h5netcdf.File(str(out / "posterior.nc"), "r") as nc:
+        assert set(summary["posterior"]) <= set(nc.groups["posterior"].variables)
+        assert {"posterior_predictive", "log_likelihood", "sample_stats"} <= set(nc.groups)
+
+    twin_run, twin_summary, _ = fit(plain_recipe(tmp_path / "twin", twin, data, guide,
+                                                 particles))
+    assert twin_run.notes == [] and twin_run.svi.loss.__self__.vectorize_particles == (
+        particles > 1)
+    assert twin_summary["diagnostics"]["num_draws"] == 10_000
+    assert "per_draw" not in twin_summary["diagnostics"]
+    theirs = means(twin_summary)
+    for site, (mean, sd) in means(summary).items():
+        twin_mean, twin_sd = theirs[site]
+        assert ((mean - twin_mean).abs() <= 0.25 * twin_sd).all(), (site, mean, twin_mean, sd)
+        # a full-rank Gaussian's sd is still moving after these steps, in either fit
+        assert ((sd / twin_sd - 1).abs() <= 0.8).all(), (site, sd, twin_sd)
+
+
+def test_a_model_that_mixes_its_draws_is_found_out(tmp_path: Path):
+    """A model that runs with a plate of draws but sums over it (``effects.sum()``) would
+    train silently wrong with vectorised particles: the check compares draws at once with
+    each alone, and its particles run one after another."""
+    run, summary, _ = fit(plain_recipe(tmp_path, {"name": f"{PLAIN}:soft_sum_to_zero"},
+                                       REGRESSION, "auto_normal", 4, steps=100,
+                                       train={"steps": 100, "eval_every": 0, "plots": False}))
+    assert "site 'sum_to_zero' for two draws at once is not each draw's alone (it mixes the " \
+           "draws)" in run.notes[0]
+    assert "its 4 particles run one after another" in run.notes[1]
+    assert not run.svi.loss.__self__.vectorize_particles
+    assert summary["diagnostics"]["khat"] is not None
+
+
+def test_where_vmap_does_not_apply_the_report_runs_the_model_once_per_draw(tmp_path: Path):
+    """A model that reads a draw in Python (``intercept.item()``) is run once per draw: on
+    1,000 draws for k-hat (with its Monte Carlo error), the plots and posterior.nc, each
+    saying so; its answer is its broadcasting twin's."""
+    run, summary, out = fit(plain_recipe(tmp_path / "plain", {"name": f"{PLAIN}:guarded"},
+                                         REGRESSION))
+    assert "plain_models.py:" in run.notes[0] and "intercept.item()" in run.notes[0]
+    assert "the report runs it once per draw, on 1,000 draws instead of 10,000 " \
+           "(torch.func.vmap does not apply: plain_models.py:" in run.notes[1]
+    diagnostics = summary["diagnostics"]
+    assert diagnostics["khat"] is not None and diagnostics["num_draws"] == 1000
+    assert diagnostics["khat_se"] >= 0
+    assert diagnostics["sized"] == ("PSIS on 1000 of 10000 draws: the model does not "
+                                    "broadcast over draws, so each is one run of it")
+    assert "once per draw" in diagnostics["per_draw"]
+    assert {f"site-{site}.png" for site in summary["posterior"]} <= {
+        path.name for path in (out / "plots").iterdir()}
+    assert diagnostics["inference_data"] == "written"
+    _, twin, _, _ = TWINS["linear"]
+    _, twin_summary, _ = fit(plain_recipe(tmp_path / "twin", twin, REGRESSION))
+    theirs = means(twin_summary)
+    for site, (mean, _) in means(summary).items():
+        assert ((mean - theirs[site][0]).abs() <= 0.25 * theirs[site][1]).all(), site
+
+
+def test_models_that_broadcast_keep_the_vectorised_path():
+    """The check is a few runs of the model; a model that broadcasts is evaluated as before."""
+    import time
+
+    import torch
+
+    from tests import plain_models
+    from vibench_plugins.models import BetaBernoulli, LinearRegression
+    from workbench.report import broadcast
+
+    data = {key: torch.tensor(value, dtype=torch.float32)
+            for key, value in plain_models.hierarchical_data(rows=2000).items()}
+    regression = {"x": torch.randn(200, 3), "y": torch.randn(200)}
+    for model, values in [(BetaBernoulli(), {"flips": FLIPS_TENSOR()}),
+                          (LinearRegression(noise=0.5), regression),
+                          (plain_models.hierarchical_broadcasting, data)]:
+        began = time.perf_counter()
+        state = torch.random.get_rng_state()
+        way = broadcast.check(model, values, 1)
+        assert way.broadcasts and way.why == "" and way.draws(10_000) == 10_000
+        assert torch.equal(torch.random.get_rng_state(), state)  # the run's streams untouched
+        assert time.perf_counter() - began < 1.0
+    way = broadcast.check(plain_models.hierarchical, data, 1)
+    assert way.method == broadcast.VMAP and way.draws(10_000) == 10_000
+
+
+def FLIPS_TENSOR():
+    import torch
+
+    return torch.tensor(FLIPS, dtype=torch.float32)
+
+
+BROKEN = """
+    import pyro
+    import pyro.distributions as dist
+    import torch
+
+
+    def model(x, y):
+        coefficients = pyro.sample("coefficients", dist.Normal(torch.zeros(2), 1.0).to_event(1))
+        with pyro.plate("data", len(y)):
+            pyro.sample("obs", dist.Normal(x @ coefficients, 0.5), obs=y)
+"""
+
+
+def test_a_model_that_cannot_work_is_named_with_its_line(tmp_path: Path):
+    """A model that fails for one draw is a one-line error naming the model and the line of
+    its file that failed."""
+    write(tmp_path / "broken.py", BROKEN)
+    recipe = recipe_file(tmp_path, model={"name": "broken.py:model"},
+                         data={"x": [[1.0, 2.0, 3.0] for _ in range(4)],
+                               "y": [1.0, 2.0, 3.0, 4.0]})
+    result = vibench("run", str(recipe), "--out", str(tmp_path / "run"), cwd=tmp_path)
+    assert result.returncode == 2, result.stderr
+    (line,) = result.stderr.splitlines()
+    assert line.startswith(  # then torch's own words: "size mismatch, got input (4), ..."
+        f"error: model '{tmp_path.resolve() / 'broken.py'}:model': broken.py:9 "
+        "`pyro.sample(\"obs\", dist.Normal(x @ coefficients, 0.5), obs=y)`: "), line
+
+
+def test_a_loss_that_needs_particles_at_once_names_the_model_and_its_line(tmp_path: Path):
+    from workbench.errors import UsageError
+
+    path = plain_recipe(tmp_path, {"name": f"{PLAIN}:linear"}, REGRESSION,
+                        loss={"name": "tail_adaptive_elbo", "num_particles": 4})
+    with pytest.raises(UsageError) as caught:
+        Run.setup(resolve(path), get_registry())
+    message = str(caught.value)
+    assert message.startswith("loss 'tail_adaptive_elbo' needs particles evaluated at once, "
+                              f"and model '{PLAIN}:linear' does not broadcast"), message
+    assert "plain_models.py:" in message and "`pyro.sample(\"obs\"" in message
+
+
+def test_the_automatic_pipeline_fits_a_plain_hierarchical_model(tmp_path: Path):
+    """The newcomer's model through the pipeline (full-rank Gaussians with 4 particles each,
+    started at the Laplace approximation, the step size searched): every fit an answer, a
+    k-hat and posterior.nc. The stages are cut short for time; the next test runs them all."""
+    check_pipeline(tmp_path, "[start, {name: gaussian, runs: 2, max_steps: 50}, rhat, psis]")
+
+
+@pytest.mark.slow
+def test_the_whole_automatic_pipeline_fits_a_plain_hierarchical_model(tmp_path: Path):
+    check_pipeline(tmp_path, None)
+
+
+def check_pipeline(tmp_path: Path, stages: str | None) -> None:
+    from tests import plain_models
+
+    write(tmp_path / "recipe.yaml", yaml.safe_dump({
+        "model": {"name": f"{PLAIN}:hierarchical"},
+        "data": plain_models.hierarchical_data(rows=400)}))
+    out = tmp_path / "run"
+    result = vibench("run", str(tmp_path / "recipe.yaml"), "--out", str(out),
+                     *(["--set", f"auto.stages={stages}"] if stages else []), cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["status"] == "completed" and summary["diagnostics"]["khat"] is not None
+    fits = sorted((out / "fits").iterdir())
+    assert fits
+    for fitted in fits:
+        inner = json.loads((fitted / "summary.json").read_text())
+        assert inner["status"] == "completed", inner.get("error")
+        assert inner["diagnostics"]["khat"] is not None, inner["diagnostics"]
+        assert "vmap" in inner["diagnostics"]["per_draw"]
+        assert (fitted / "posterior.nc").exists()

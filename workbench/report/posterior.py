@@ -28,7 +28,7 @@ from pyro.distributions import Delta
 from pyro.poutine.util import site_is_subsample
 
 from workbench.errors import one_line
-from workbench.report import sized_psis, thresholds
+from workbench.report import broadcast, sized_psis, thresholds
 
 NUM_DRAWS = 10_000  # guide draws behind sampled moments, quantiles and Monte Carlo KL
 NUM_IS_DRAWS = 10_000  # importance-sampling draws behind diagnostics()
@@ -186,7 +186,8 @@ def deterministic_summary(model: Callable, guide: Callable, data: dict, nesting:
     per_draw = trace_numbers(trace)
     num_draws = max(min(num_draws, MAX_ELEMENTS // per_draw), min(num_draws, 100))
     parts: dict[str, list] = {name: [] for name in sites}
-    for n, _, model_trace in replayed(model, guide, data, nesting, num_draws, per_draw):
+    for n, _, model_trace in replayed(model, guide, data, nesting, num_draws, per_draw,
+                                      predictive=False):
         for name, shape in sites.items():
             parts[name].append(draws_of(model_trace.nodes[name]["value"], n, shape))
     summary = {}
@@ -208,34 +209,48 @@ def trace_numbers(trace: poutine.Trace) -> int:
 
 
 def replayed(model: Callable | None, guide: Callable, data: dict, nesting: int,
-             num_draws: int, per_draw: int
+             num_draws: int, per_draw: int, predictive: bool = True
              ) -> Iterator[tuple[int, poutine.Trace, poutine.Trace | None]]:
     """``num_draws`` guide draws, each with the model replayed against it, as ``(n, guide
     trace, model trace)``: vectorised under a plate of n draws, in chunks of at most
     ``MAX_ELEMENTS`` numbers (``per_draw`` a draw); one trace per draw (a tenth as many, n = 1)
-    where the guide or the model cannot be vectorised. No model trace without a ``model``."""
+    where the guide cannot be vectorised. No model trace without a ``model``. A model that
+    does not broadcast over draws (``workbench.report.broadcast``) is replayed draw by draw
+    against the vectorised guide trace (on fewer draws where that is a loop); its trace has
+    each observed site's replicates and pointwise density only where ``predictive``."""
+    way = None if model is None else broadcast.verdict(model, data, nesting)
+    if way is not None and not way.broadcasts:
+        num_draws = way.draws(num_draws)
     chunk = max(1, min(num_draws, MAX_ELEMENTS // max(per_draw, 1)))
     try:
-        first = _replay(model, guide, data, min(chunk, num_draws), nesting)
+        first = _replay(model, guide, data, min(chunk, num_draws), nesting, way, predictive)
     except (RuntimeError, ValueError, NotImplementedError, IndexError):
         for _ in range(max(1, num_draws // 10)):
             yield (1, *_replay(model, guide, data))
         return
     yield first
     for start in range(chunk, num_draws, chunk):
-        yield _replay(model, guide, data, min(chunk, num_draws - start), nesting)
+        yield _replay(model, guide, data, min(chunk, num_draws - start), nesting, way,
+                      predictive)
 
 
 def _replay(model: Callable | None, guide: Callable, data: dict, n: int | None = None,
-            nesting: int = 0) -> tuple:
+            nesting: int = 0, way: broadcast.Verdict | None = None,
+            predictive: bool = True) -> tuple:
     """One guide trace (under a plate of ``n`` draws, unless n is None) and the model replayed
-    against it."""
+    against it (draw by draw where ``way`` says the model does not broadcast)."""
     plate = (pyro.plate(DRAWS_PLATE, n, dim=-(nesting + 1)) if n is not None
              else contextlib.nullcontext())
     with plate:
         guide_trace = poutine.trace(guide).get_trace(**data)
-        model_trace = None if model is None else poutine.trace(
-            poutine.replay(model, trace=guide_trace)).get_trace(**data)
+        if model is None or (n is not None and way is not None and not way.broadcasts):
+            model_trace = None
+        else:
+            model_trace = poutine.trace(
+                poutine.replay(model, trace=guide_trace)).get_trace(**data)
+    if model is not None and model_trace is None:
+        model_trace = broadcast.replay(model, guide_trace, data, n, nesting, way,
+                                       site_trace(model, **data), predictive)
     return (guide_trace, model_trace) if n is None else (n, guide_trace, model_trace)
 
 
@@ -567,7 +582,8 @@ def diagnostics(model: Callable, guide: Callable, data: dict[str, Any], nesting:
         try:
             single = site_trace(model, **data)
         except Exception as exc:  # noqa: BLE001 - reported, not raised
-            return {"khat": None, "reason": f"the model failed: {one_line(exc)}"}
+            return {"khat": None,
+                    "reason": f"the model failed: {broadcast.described(exc, model)}"}
         enumerated = [name for name, site in single.nodes.items()
                       if site["type"] == "sample" and site["infer"].get("enumerate")]
         if enumerated:
@@ -577,14 +593,24 @@ def diagnostics(model: Callable, guide: Callable, data: dict[str, Any], nesting:
         sites = latent_sites(single)
         derived = deterministic_sites(single)  # weighed too: e.g. eight schools' theta
         sized = ""
+        way = broadcast.verdict(model, data, nesting, single)
+        asked = num_draws
         if num_draws * sized_psis.draw_numbers(single) > sized_psis.WORK:
-            found, precision = _widened(guide, data, lambda wide_data: sized_psis.subsampled(
-                model, guide, wide_data, nesting, single, num_draws))
-            if isinstance(found, dict):
-                return {**found, "precision": precision}
+            if way.broadcasts:
+                found, precision = _widened(guide, data, lambda wide_data: (
+                    sized_psis.subsampled(model, guide, wide_data, nesting, single,
+                                          num_draws)))
+                if isinstance(found, dict):
+                    return {**found, "precision": precision}
+            else:  # subsampling rows replays the model vectorised
+                found = "the model does not broadcast over draws"
             num_draws, sized = sized_psis.fewer_draws(single, num_draws, found)
             if not num_draws:
                 return {"khat": None, "reason": sized}
+        if way.draws(num_draws) < num_draws:
+            num_draws = way.draws(num_draws)
+            sized = (f"PSIS on {num_draws} of {asked} draws: the model does not broadcast over "
+                     "draws, so each is one run of it")
         # Draws in chunks, so that a chunk's tensors (draws x the model's largest site) stay
         # within MAX_ELEMENTS numbers.
         per_draw = max((site["value"].numel() for site in single.nodes.values()
@@ -593,15 +619,20 @@ def diagnostics(model: Callable, guide: Callable, data: dict[str, Any], nesting:
         chunk = max(1, min(num_draws, MAX_ELEMENTS // max(per_draw, 1)))
         try:
             found, precision = _widened(guide, data, lambda wide_data: _weigh(
-                model, guide, wide_data, nesting, num_draws, chunk, sites, derived))
+                model, guide, wide_data, nesting, num_draws, chunk, sites, derived, way,
+                single))
         except (RuntimeError, ValueError, NotImplementedError, IndexError) as exc:
-            return {"khat": None, "reason": f"the guide and model cannot be run vectorised "
-                                            f"over {num_draws} draws: {one_line(exc)}"}
+            how = "vectorised" if way.broadcasts else "draw by draw"
+            return {"khat": None, "reason": f"the guide and model cannot be run {how} over "
+                                            f"{num_draws} draws: "
+                                            f"{broadcast.described(exc, model)}"}
         if isinstance(found, str):
             return {"khat": None, "reason": found}
         log_w, draws = found
         result = weighed(log_w, draws, sites, num_draws)
         result["precision"] = precision
+        if not way.broadcasts:
+            result["per_draw"] = way.report_cost(asked)
     if sized and result.get("khat") is not None:
         result["khat_se"] = sized_psis.draws_khat_se(log_w.detach().double().cpu())
         result["sized"] = sized
@@ -609,17 +640,23 @@ def diagnostics(model: Callable, guide: Callable, data: dict[str, Any], nesting:
 
 
 def _weigh(model: Callable, guide: Callable, data: dict, nesting: int, num_draws: int,
-           chunk: int, sites: dict, derived: dict
-           ) -> tuple[torch.Tensor, dict[str, torch.Tensor]] | str:
+           chunk: int, sites: dict, derived: dict, way: broadcast.Verdict,
+           single: poutine.Trace) -> tuple[torch.Tensor, dict[str, torch.Tensor]] | str:
     """The log importance weights of ``num_draws`` guide draws (in chunks of ``chunk``) and
-    the draws of each latent and deterministic site; or why the guide cannot be weighed."""
+    the draws of each latent and deterministic site; or why the guide cannot be weighed. A
+    model that does not broadcast (``way``) is replayed draw by draw (``single``: it run
+    once)."""
     log_ws, parts = [], {name: [] for name in {**sites, **derived}}
     for start in range(0, num_draws, chunk):
         n = min(chunk, num_draws - start)
         with pyro.plate(DRAWS_PLATE, n, dim=-(nesting + 1)):
             guide_trace = poutine.trace(guide).get_trace(**data)
-            model_trace = poutine.trace(
-                poutine.replay(model, trace=guide_trace)).get_trace(**data)
+            if way.broadcasts:
+                model_trace = poutine.trace(
+                    poutine.replay(model, trace=guide_trace)).get_trace(**data)
+        if not way.broadcasts:
+            model_trace = broadcast.replay(model, guide_trace, data, n, nesting, way, single,
+                                           predictive=False)
         missing = [name for name in sites if name not in guide_trace.nodes]
         if missing:
             return "the guide does not sample " + ", ".join(repr(name) for name in missing)
@@ -803,9 +840,15 @@ def plot_sources(model: Callable, guide: Callable, data: dict[str, Any],
         prior_draws = {}
         wanted = [n for n in sites if n not in prior_fixed]
         if wanted:
-            with pyro.plate(DRAWS_PLATE, num_draws, dim=-(nesting + 1)):
-                prior_trace = poutine.trace(model).get_trace(**data)
-            prior_draws = {n: prior_trace.nodes[n]["value"].reshape(num_draws, *sites[n])
+            way = broadcast.verdict(model, data, nesting)
+            count = num_draws if way.broadcasts else min(num_draws, broadcast.LOOP_DRAWS)
+            if way.broadcasts:
+                with pyro.plate(DRAWS_PLATE, count, dim=-(nesting + 1)):
+                    prior_trace = poutine.trace(model).get_trace(**data)
+            else:  # one run of the model a draw (vmap cannot sample)
+                prior_trace = broadcast.prior(model, data, count, nesting,
+                                              site_trace(model, **data))
+            prior_draws = {n: prior_trace.nodes[n]["value"].reshape(count, *sites[n])
                            for n in wanted}
         return {
             name: {

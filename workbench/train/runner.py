@@ -38,7 +38,7 @@ from workbench.distributed import World
 from workbench.errors import Interrupted, PeerLost, RunError, UsageError, VibenchError, one_line
 from workbench.plugins.build import build
 from workbench.plugins.registry import Registry
-from workbench.report import posterior
+from workbench.report import broadcast, posterior
 from workbench.rundir import files, layout
 from workbench.seams import torch_optimizer
 from workbench.train import checkpoint
@@ -136,6 +136,8 @@ class Run:
             check_support(trace, data, origin)
             guide = build(registry, "guide", recipe["guide"], model=model, device=device)
             loss = build(registry, "loss", recipe["loss"], device=device)
+            notes.extend(fit_particles(loss, broadcast.verdict(
+                model, data, posterior.plate_nesting(trace), trace), names))
             check_step_memory(trace, loss, device)
             optimizer, optim_args = make_optimizer(registry, recipe, device)
             minibatch = Minibatch.of(trace, recipe["train"], device, world, total)
@@ -144,7 +146,7 @@ class Run:
                 notes.append(parallel_note(minibatch, world))
             svi = SVI(minibatch(model), minibatch(guide), optimizer, loss=loss)
             minibatch.resample()
-            try_once(svi, data, names)
+            try_once(svi, data, names, model)
             if hasattr(guide, "initialise"):  # its parameters exist now: set their start
                 try:
                     notes.extend(guide.initialise(**data) or [])
@@ -636,7 +638,7 @@ def trace_model(model: Any, data: dict, name: str) -> poutine.Trace:
     try:
         return posterior.site_trace(model, **data)
     except Exception as exc:
-        raise UsageError(f"model {name!r}: {one_line(exc)}") from exc
+        raise UsageError(f"model {name!r}: {broadcast.described(exc, model)}") from exc
 
 
 def rank_data(data: dict, minibatch: Minibatch) -> dict:
@@ -688,6 +690,27 @@ def recipe_text(recipe: dict, resumes: list[dict]) -> str:
                             for key, (old, new) in resume["changes"].items())
         lines.append(f"# resumed at step {resume['step']}: {changed}")
     return "\n".join(lines) + "\n"
+
+
+def fit_particles(loss: Any, way: broadcast.Verdict, names: dict[str, str]) -> list[str]:
+    """Where the model does not broadcast over a leading dimension (``way``), a loss with
+    vectorised particles takes them one after another instead; the notes say so, where the
+    model failed, and what it costs (the report's cost too)."""
+    if way.broadcasts:
+        return []
+    cost = way.report_cost(posterior.NUM_IS_DRAWS)
+    particles = getattr(loss, "num_particles", 1)
+    if getattr(loss, "vectorize_particles", False) and particles > 1:
+        from pyro.infer import TraceTailAdaptive_ELBO
+
+        if isinstance(loss, TraceTailAdaptive_ELBO):
+            raise UsageError(f"loss {names['loss']!r} needs particles evaluated at once, and "
+                             f"{way.line(names['model'])}; make the model broadcast "
+                             "(docs: Your own model) or use another loss")
+        loss.vectorize_particles = False
+        cost = (f"its {particles} particles run one after another (about {particles}x the "
+                f"step's time); {cost}")
+    return [way.line(names["model"]), cost]
 
 
 def check_step_memory(trace: poutine.Trace, loss: Any, device: torch.device) -> None:
@@ -744,9 +767,10 @@ def versions() -> dict[str, str]:
     return {"vibench": own, "torch": torch.__version__, "pyro": pyro.__version__}
 
 
-def try_once(svi: SVI, data: dict, names: dict[str, str]) -> None:
+def try_once(svi: SVI, data: dict, names: dict[str, str], model: Any = None) -> None:
     """One loss and gradient, as a step takes them (it also creates the guide's parameters):
-    what the model, guide and loss cannot do together fails here, before the run."""
+    what the model, guide and loss cannot do together fails here, before the run, named by
+    the line of the ``model``'s file that failed where it was there."""
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         try:
@@ -754,7 +778,7 @@ def try_once(svi: SVI, data: dict, names: dict[str, str]) -> None:
         except Exception as exc:
             raise UsageError(
                 f"model {names['model']!r}, guide {names['guide']!r} and loss "
-                f"{names['loss']!r} do not work together: {one_line(exc)}"
+                f"{names['loss']!r} do not work together: {broadcast.described(exc, model)}"
             ) from exc
     for warning in caught:
         if "in model but not guide" in str(warning.message):
