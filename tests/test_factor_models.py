@@ -52,8 +52,9 @@ def test_a_factor_likelihood_draws_its_densities_and_says_why_there_is_no_ppc(ru
     out, caught = run
     assert not [w for w in caught if "could not draw the plots" in w], caught
     notes = [w for w in caught if "no posterior predictive check" in w]
-    assert notes == ["no posterior predictive check: the model's likelihood is pyro.factor "
-                     "site(s) forward, with no distribution to draw data from"]
+    assert notes == ["no posterior predictive check: the model observes nothing but "
+                     "pyro.factor site(s) forward, which have no distribution to draw data "
+                     "from"]
     plots = {path.name for path in (out / "plots").iterdir()}
     assert plots == {"loss.png", "site-stay.png", "site-mu.png"}
 

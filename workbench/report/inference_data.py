@@ -120,9 +120,9 @@ def draw(model: Callable, guide: Callable, data: dict, nesting: int,
     count, whole = _draw_count(latent, derived, observed, num_draws)
     left_out = [_factor_note(factors)] if factors else []
     if factors and not observed:  # one note for posterior.nc and ppc.png alike
-        warnings.warn(f"no posterior predictive check: the model's likelihood is pyro.factor "
-                      f"site(s) {', '.join(factors)}, with no distribution to draw data from",
-                      stacklevel=2)
+        warnings.warn(f"no posterior predictive check: the model observes nothing but "
+                      f"pyro.factor site(s) {', '.join(factors)}, which have no distribution "
+                      "to draw data from", stacklevel=2)
     left_out += [] if whole else [
         f"deterministic sites, posterior_predictive, log_likelihood and sample_stats: "
         f"{min(num_draws, MIN_DRAWS)} draws of the data's replicated values and pointwise "
