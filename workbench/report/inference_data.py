@@ -119,10 +119,11 @@ def draw(model: Callable, guide: Callable, data: dict, nesting: int,
     observed = {name: shape for name, shape in observed.items() if name not in factors}
     count, whole = _draw_count(latent, derived, observed, num_draws)
     left_out = [_factor_note(factors)] if factors else []
-    if factors and not observed:  # one note for posterior.nc and ppc.png alike
+    if factors and not observed:  # one note for posterior.nc and ppc.png alike, from this
+        # line whoever calls (stacklevel 1): Python's default filter shows it once a process
         warnings.warn(f"no posterior predictive check: the model observes nothing but "
                       f"pyro.factor site(s) {', '.join(factors)}, which have no distribution "
-                      "to draw data from", stacklevel=2)
+                      "to draw data from", stacklevel=1)
     left_out += [] if whole else [
         f"deterministic sites, posterior_predictive, log_likelihood and sample_stats: "
         f"{min(num_draws, MIN_DRAWS)} draws of the data's replicated values and pointwise "
