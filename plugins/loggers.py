@@ -1,5 +1,5 @@
-"""Default loggers: TensorBoard (every run's, unless a recipe lists others), a CSV file, and
-MLflow (with the optional ``mlflow`` extra)."""
+"""Default loggers: TensorBoard (every run's, unless a recipe lists others), a CSV file,
+MLflow (with the optional ``mlflow`` extra) and Weights & Biases (with the ``wandb`` extra)."""
 
 from __future__ import annotations
 
@@ -20,6 +20,7 @@ def register_loggers(register):
     register("tensorboard", tensorboard)
     register("csv", csv_logger)
     register("mlflow", mlflow_logger)
+    register("wandb", wandb_logger)
 
 
 def tensorboard(run_dir, start_step):
@@ -168,3 +169,65 @@ def _flat(value, prefix: str = "") -> dict:
             out.update(_flat(item, f"{prefix}{key}."))
         return out
     return {prefix.rstrip("."): value}
+
+
+def wandb_logger(run_dir, start_step, recipe, project: str = "vibench", mode: str = "offline",
+                 dir: str | None = None, entity: str | None = None):
+    """Weights & Biases: the recipe as config, scalars by step, the summary and the plots.
+
+    Offline by default, into ``dir`` (the run directory unless given), for ``wandb sync`` to
+    upload later; ``mode: online`` logs to the W&B server as the run goes. A resumed run
+    goes on in the same W&B run."""
+    return WandbLog(Path(run_dir), start_step, recipe, project, mode, dir, entity)
+
+
+class WandbLog:
+    """Logs to one W&B run of its own (not the global ``wandb.run``); scalars and images are
+    kept per step and sent at each checkpoint, as one history row per step."""
+
+    RUN_ID = "wandb_run_id"
+
+    def __init__(self, run_dir: Path, start_step: int, recipe: dict, project: str, mode: str,
+                 folder: str | None, entity: str | None):
+        try:
+            import wandb
+        except ImportError:
+            raise ValueError("needs Weights & Biases: pip install 'vibench[wandb]'") from None
+        self.wandb = wandb
+        self.rows: dict[int, dict] = {}
+        saved = run_dir / self.RUN_ID
+        resumed = bool(start_step) and saved.exists()
+        root = Path(folder).expanduser() if folder else run_dir
+        files.make_folder(root)
+        # W&B's own console capture would come between the run and its terminal; its git
+        # lookup starts from ``dir``, a run folder outside any repository
+        settings = wandb.Settings(console="off", silent=True, disable_git=True)
+        try:
+            self.run = wandb.init(
+                project=project, entity=entity, mode=mode, dir=str(root), name=run_dir.name,
+                id=saved.read_text().strip() if resumed else None,
+                resume="allow" if resumed else None, config=recipe, settings=settings,
+                reinit="create_new")
+        except Exception as exc:  # W&B's own message says what to do (wandb login, ...)
+            raise ValueError(f"W&B did not start: {exc}") from None
+        if not resumed:
+            files.write_atomic(saved, self.run.id.encode())
+
+    def scalar(self, tag: str, value: float, step: int) -> None:
+        self.rows.setdefault(step, {})[tag] = float(value)
+
+    def image(self, tag: str, image, step: int) -> None:
+        self.rows.setdefault(step, {})[tag] = self.wandb.Image(image)
+
+    def flush(self) -> None:
+        """One history row per step, in order: W&B drops a row logged at an earlier step."""
+        for step in sorted(self.rows):
+            self.run.log(self.rows[step], step=step)
+        self.rows.clear()
+
+    def close(self, summary=None) -> None:
+        self.flush()
+        summary = summary or {}
+        self.run.summary.update({key: value for key, value in summary.items()
+                                 if key not in ("recipe", "params")})
+        self.run.finish(exit_code=0 if summary.get("status") == "completed" else 1)

@@ -283,3 +283,30 @@ def test_a_failing_writer_costs_the_run_nothing(tmp_path: Path, monkeypatch):
     assert not (tmp_path / "r" / "posterior.nc").exists()
     assert {p.name for p in (tmp_path / "r" / "plots").iterdir()} == {
         "loss.png", "site-latent_fairness.png"}
+
+
+def test_a_factor_beside_observed_sites_is_left_out_of_their_groups_alone():
+    """A model with a likelihood and a ``pyro.factor`` (a prior written as a log density):
+    the observed site is replicated and read pointwise as before; the factor, which has no
+    distribution to draw from, is left out of those groups, said in ``left_out``, with no
+    warning (the posterior predictive check is whole)."""
+    import pyro
+    import pyro.distributions as dist
+    import torch
+
+    from workbench.report import inference_data
+
+    def model(flips):
+        fairness = pyro.sample("fairness", dist.Uniform(0.0, 1.0))
+        pyro.factor("beta_prior", dist.Beta(10.0, 10.0).log_prob(fairness))
+        with pyro.plate("flips", flips.shape[0]):
+            pyro.sample("obs", dist.Bernoulli(fairness), obs=flips)
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        groups, attrs = inference_data.draw(model, coin_guide, {"flips": torch.ones(10)}, 1)
+    assert set(groups) == GROUPS
+    for group in ("posterior_predictive", "log_likelihood", "observed_data"):
+        assert set(groups[group]) == {"obs"}
+    assert groups["posterior_predictive"]["obs"][0].shape == (1000, 10)
+    assert attrs[""]["left_out"].startswith("pyro.factor site(s) beta_prior in")

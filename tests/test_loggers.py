@@ -216,3 +216,80 @@ def test_mlflow_logs_to_a_local_mlflow_server(tmp_path: Path, mlflow_server: str
                      "--out", str(out), cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     read_mlflow_run(mlflow_server, out)
+
+
+def wandb_records(run_dir: Path) -> tuple[list[dict], dict]:
+    """The W&B offline run in ``run_dir``, read back by W&B's own reader of its ``.wandb``
+    files (``wandb leet inspect``: the public API reads only from a server): its history rows
+    and the run's state, config and summary. Skips where wandb is not installed."""
+    pytest.importorskip("wandb")
+
+    def inspect(folder: Path, *options: str) -> str:
+        done = subprocess.run([sys.executable, "-m", "wandb", "leet", "inspect", *options,
+                               str(folder)], capture_output=True, text=True, timeout=120)
+        assert done.returncode == 0, done.stderr
+        return done.stdout
+
+    rows, state = [], {}
+    for folder in sorted((run_dir / "wandb").glob("offline-run-*")):
+        records = [json.loads(line) for line in inspect(folder, "--json").splitlines()]
+        rows += [r["history"] for r in records if r["type"] == "history"]
+        state = json.loads(inspect(folder, "--summary", "--json"))
+    return rows, state
+
+
+def test_wandb_logs_offline_into_the_run_folder(tmp_path: Path):
+    """Offline by default, in the run directory: the recipe as config, every step's loss, the
+    plots as images and summary.json's numbers as the run's summary."""
+    pytest.importorskip("wandb")
+    out = tmp_path / "r"
+    result = vibench("run", str(COIN), "--steps", "40", "--set",
+                     "loggers=[tensorboard, wandb]", "--out", str(out), cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert "warning" not in result.stderr.lower() and "wandb:" not in result.stderr
+    rows, state = wandb_records(out)
+    assert (state["state"], state["exit_code"], state["name"]) == ("finished", 0, "r")
+    assert state["config"]["loss"]["num_particles"] == 7
+    assert state["config"]["model"]["name"] == "beta_bernoulli"
+    summary = json.loads((out / "summary.json").read_text())
+    assert state["summary"]["final_loss"] == summary["final_loss"]
+    assert state["summary"]["status"] == "completed"
+    losses = {row["step"]["num"]: row["item"]["Train/loss"] for row in rows
+              if "Train/loss" in row["item"]}
+    assert sorted(losses) == list(range(40))
+    assert {"Plots/loss", "Plots/ppc", "Plots/latent_fairness"} <= {
+        key for key, value in state["summary"].items()
+        if isinstance(value, dict) and value.get("_type") == "image-file"}
+
+
+def test_wandb_online_without_a_key_says_wandbs_remedy(tmp_path: Path):
+    """``mode: online`` with no API key: one line with W&B's own advice, before the run."""
+    pytest.importorskip("wandb")
+    result = vibench("run", str(COIN), "--steps", "5", "--set",
+                     "loggers=[{name: wandb, mode: online}]", "--out", str(tmp_path / "r"),
+                     env={"WANDB_API_KEY": "", "HOME": str(tmp_path), "NETRC": "",
+                          "WANDB_CONFIG_DIR": str(tmp_path / "config")})
+    assert result.returncode == 2
+    (line,) = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert line.startswith("error: logger 'wandb': W&B did not start:"), line
+    assert "wandb login" in line and "Traceback" not in result.stderr
+
+
+def test_a_stopped_and_resumed_run_goes_on_in_the_same_wandb_run(tmp_path: Path):
+    """Stopped (Ctrl-C) and resumed: a second offline folder under the same W&B run id,
+    which ``wandb sync`` joins; between them each step's loss once."""
+    pytest.importorskip("wandb")
+    out = tmp_path / "r"
+    child = start(COIN, out, "--steps", "100000", "--set", "train.checkpoint_every=20",
+                  "--set", "loggers=[wandb]")
+    wait_for_checkpoint(out, 40, child)
+    child.send_signal(signal.SIGINT)
+    child.communicate(timeout=120)
+    resumed = vibench("run", "--resume", str(out), "--steps", "300")
+    assert resumed.returncode == 0, resumed.stderr
+    rows, state = wandb_records(out)
+    folders = sorted((out / "wandb").glob("offline-run-*"))
+    assert len(folders) == 2 and {f.name.rsplit("-", 1)[1] for f in folders} == {
+        state["run_id"]}
+    steps = [row["step"]["num"] for row in rows if "Train/loss" in row["item"]]
+    assert sorted(steps) == list(range(300)) and state["state"] == "finished"

@@ -1,8 +1,12 @@
-"""A rich progress bar on stderr, when stderr is a terminal; the CLI's run and compare share it."""
+"""A rich progress bar on stderr, when stderr is a terminal; the CLI's run and compare share it.
+Also a spinner for silent work of unknown length (compiling the step)."""
 
 from __future__ import annotations
 
+import contextlib
 import sys
+import time
+from collections.abc import Iterator
 from typing import Any
 
 
@@ -38,3 +42,26 @@ class TerminalBar:
     def __exit__(self, *exc: object) -> None:
         if self.bar is not None:
             self.bar.stop()
+
+
+@contextlib.contextmanager
+def working(line: str, done: str) -> Iterator[None]:
+    """Say on stderr what a long, silent piece of work is doing. On a terminal: ``line`` with
+    a spinner and the seconds so far, then, if the work ends well, ``done`` formatted with
+    ``seconds`` (the spinner leaves nothing when the work fails or a stop signal ends it:
+    whoever handles that says so). Elsewhere (a file, a pipe, a notebook's stream): ``line``
+    alone, at the start."""
+    if not sys.stderr.isatty():
+        print(line, file=sys.stderr, flush=True)
+        yield
+        return
+    from rich.console import Console
+    from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+
+    console = Console(stderr=True)
+    began = time.monotonic()
+    with Progress(SpinnerColumn(), TextColumn(line, markup=False), TimeElapsedColumn(),
+                  console=console, transient=True) as spinner:
+        spinner.add_task(line, total=None)
+        yield
+    console.print(done.format(seconds=time.monotonic() - began), highlight=False, markup=False)

@@ -29,6 +29,7 @@ import torch
 from pyro import poutine
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from workbench import progress
 from workbench.compile import package_cache
 from workbench.errors import UsageError, one_line
 from workbench.rundir import files
@@ -159,16 +160,21 @@ def compile_step(svi: Any, data: dict, steps: int | None = None, backend: str = 
         packaged, key = _packaged(loss_and_grads, svi.optim, params, feeds, names)
         if packaged is not None:
             return packaged
+    saying = contextlib.nullcontext()
     if backend == "inductor":  # what follows is silent for tens of seconds
-        print(f"compiling the step ({ops} operations): a model's first compile usually "
-              "takes 20-60 s; later runs of it load it from the cache", file=sys.stderr,
-              flush=True)
-    graph = _checked_graph(loss_and_grads, svi, data, params, feeds, device)
-    update = _adam_update(svi.optim, params)
-    states = update.tensors if update else []
-    inputs = [t.detach() for t in (*params, *states, *feeds)]  # the same storage, no autograd
-    replay = _compiled(_step_function(graph, update, len(params), len(params) + len(states)),
-                       inputs, len(params) + len(states), device, backend, key)
+        saying = progress.working(
+            f"compiling the step ({ops} operations): a model's first compile usually takes "
+            "20-60 s; later runs of it load it from the cache",
+            f"compiled the step ({ops} operations) in {{seconds:.1f}} s; later runs of it "
+            "load it from the cache")
+    with saying:
+        graph = _checked_graph(loss_and_grads, svi, data, params, feeds, device)
+        update = _adam_update(svi.optim, params)
+        states = update.tensors if update else []
+        inputs = [t.detach() for t in (*params, *states, *feeds)]  # the same storage
+        replay = _compiled(_step_function(graph, update, len(params),
+                                          len(params) + len(states)),
+                           inputs, len(params) + len(states), device, backend, key)
     return CompiledStep(replay, params, inputs, svi.optim, update, names)
 
 

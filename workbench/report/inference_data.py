@@ -115,8 +115,16 @@ def draw(model: Callable, guide: Callable, data: dict, nesting: int,
     latent = posterior.latent_sites(trace)
     derived = posterior.deterministic_sites(trace)
     observed = posterior.observed_sites(trace)
+    factors = [name for name in observed if _is_factor(trace.nodes[name])]
+    observed = {name: shape for name, shape in observed.items() if name not in factors}
     count, whole = _draw_count(latent, derived, observed, num_draws)
-    left_out = [] if whole else [
+    left_out = [_factor_note(factors)] if factors else []
+    if factors and not observed:  # one note for posterior.nc and ppc.png alike, from this
+        # line whoever calls (stacklevel 1): Python's default filter shows it once a process
+        warnings.warn(f"no posterior predictive check: the model observes nothing but "
+                      f"pyro.factor site(s) {', '.join(factors)}, which have no distribution "
+                      "to draw data from", stacklevel=1)
+    left_out += [] if whole else [
         f"deterministic sites, posterior_predictive, log_likelihood and sample_stats: "
         f"{min(num_draws, MIN_DRAWS)} draws of the data's replicated values and pointwise "
         f"log-likelihood would pass {MAX_NUMBERS} numbers"]
@@ -131,6 +139,19 @@ def draw(model: Callable, guide: Callable, data: dict, nesting: int,
                      posterior.trace_numbers(trace))
     groups = _named(parts, trace, observed, left_out)
     return groups, _attrs(groups, trace, observed, count, left_out)
+
+
+def _is_factor(site: dict) -> bool:
+    """Whether an observed site is a ``pyro.factor``: a log density added to the joint, with
+    no distribution to draw replicated data from or to read pointwise."""
+    return bool(site["infer"].get("is_auxiliary")) and type(site["fn"]).__name__ == "Unit"
+
+
+def _factor_note(factors: list[str]) -> str:
+    """Why posterior.nc leaves the factor sites out."""
+    return (f"pyro.factor site(s) {', '.join(factors)} in posterior_predictive, observed_data "
+            "and log_likelihood: a factor is a log density with no distribution to draw "
+            "data from (lp and the log weights include it)")
 
 
 def _draw_count(latent: dict, derived: dict, observed: dict, num_draws: int

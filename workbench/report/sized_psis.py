@@ -127,17 +127,9 @@ def subsampled(model: Callable, guide: Callable, data: dict, nesting: int,
     if any(not trace.nodes[n]["value"].is_floating_point() for n in sites):
         return "a latent site is discrete (no gradient for the control variate)"
     # The guide's draws first: their mean is the control variate's centre.
-    chunk = max(1, min(num_draws, posterior.MAX_ELEMENTS // max(
-        posterior.trace_numbers(trace) * rows // plate.size, 1)))
-    guide_traces = []
-    try:
-        for start in range(0, num_draws, chunk):
-            n = min(chunk, num_draws - start)
-            with pyro.plate(posterior.DRAWS_PLATE, n, dim=-(nesting + 1)):
-                guide_traces.append((n, poutine.trace(guide).get_trace(**data)))
-    except (RuntimeError, ValueError, NotImplementedError, IndexError) as exc:
-        return {"khat": None, "reason": f"the guide cannot be run vectorised over "
-                                        f"{num_draws} draws: {one_line(exc)}"}
+    guide_traces = _guide_traces(guide, data, nesting, num_draws, trace, rows, plate)
+    if isinstance(guide_traces, dict):
+        return guide_traces
     missing = [name for name in sites if name not in guide_traces[0][1].nodes]
     if missing:
         return {"khat": None, "reason": "the guide does not sample " + ", ".join(
@@ -151,9 +143,54 @@ def subsampled(model: Callable, guide: Callable, data: dict, nesting: int,
     anchor = _anchor(model, data, plate, centre, groups, derived, observed)
     if isinstance(anchor, str):
         return anchor
+    terms = _subset_terms(model, data, nesting, plate, indices, groups, guide_traces,
+                          observed, derived)
+    if isinstance(terms, str):
+        return terms
+    log_rest, log_q, per_group, derived_parts = terms
     total, gradient, group_totals, group_gradients = anchor
     shift = torch.cat([(d - centre[name]).reshape(num_draws, -1).double()
-                       for name, d in draws.items()], 1)
+                       for name, d in draws.items()], 1).cpu()
+    # (draws, groups): what the control variate leaves, second order in the shift
+    remainder = per_group - group_totals - shift @ group_gradients.T
+    base = log_rest + total + shift @ gradient - log_q
+    scale = plate.size / rows
+    draws.update(derived_parts)
+    result = posterior.weighed(base + scale * remainder.sum(1), draws, sites, num_draws)
+    if result.get("khat") is None:
+        return result
+    return _with_errors(result, base, remainder, plate, rows)
+
+
+def _guide_traces(guide: Callable, data: dict, nesting: int, num_draws: int,
+                  trace: poutine.Trace, rows: int, plate: Plate) -> list | dict[str, Any]:
+    """The guide's ``num_draws`` draws as ``(count, trace)`` chunks (each vectorised, small
+    enough for the subset's model to run on), or the diagnostic's result saying why not."""
+    from workbench.report import posterior
+
+    chunk = max(1, min(num_draws, posterior.MAX_ELEMENTS // max(
+        posterior.trace_numbers(trace) * rows // plate.size, 1)))
+    guide_traces = []
+    try:
+        for start in range(0, num_draws, chunk):
+            n = min(chunk, num_draws - start)
+            with pyro.plate(posterior.DRAWS_PLATE, n, dim=-(nesting + 1)):
+                guide_traces.append((n, poutine.trace(guide).get_trace(**data)))
+    except (RuntimeError, ValueError, NotImplementedError, IndexError) as exc:
+        return {"khat": None, "reason": f"the guide cannot be run vectorised over "
+                                        f"{num_draws} draws: {one_line(exc)}"}
+    return guide_traces
+
+
+def _subset_terms(model: Callable, data: dict, nesting: int, plate: Plate,
+                  indices: torch.Tensor, groups: list, guide_traces: list, observed: set[str],
+                  derived: dict) -> tuple | str:
+    """The model replayed on the subset's rows against each guide draw: per draw, the log
+    density of everything but the likelihood, log q, each group's likelihood (unscaled), and
+    the deterministic sites' values; or why the model cannot run on a subset of rows."""
+    from workbench.report import posterior
+
+    rows = len(indices)
     rows_model = _rows(model, plate, indices)
     log_rest, log_q, per_group, derived_parts = [], [], [], {name: [] for name in derived}
     try:
@@ -182,16 +219,17 @@ def subsampled(model: Callable, guide: Callable, data: dict, nesting: int,
                 derived_parts[name].append(model_trace.nodes[name]["value"].reshape(n, *shape))
     except (RuntimeError, ValueError, NotImplementedError, IndexError) as exc:
         return f"the model cannot be run on a subset of rows: {one_line(exc)}"
-    shift = shift.cpu()
-    remainder = (torch.cat(per_group) - group_totals
-                 - shift @ group_gradients.T)  # (draws, groups): second order in the shift
+    return (torch.cat(log_rest), torch.cat(log_q), torch.cat(per_group),
+            {name: torch.cat(parts) for name, parts in derived_parts.items()})
+
+
+def _with_errors(result: dict[str, Any], base: torch.Tensor, remainder: torch.Tensor,
+                 plate: Plate, rows: int) -> dict[str, Any]:
+    """``result`` with the standard errors subsampling adds: each log weight's and the
+    ELBO's from the spread of the group sums, k-hat's from resampling the groups."""
+    from workbench.report import posterior
+
     scale = plate.size / rows
-    base = torch.cat(log_rest) + total + shift @ gradient - torch.cat(log_q)
-    log_w = base + scale * remainder.sum(1)
-    draws.update({name: torch.cat(parts) for name, parts in derived_parts.items()})
-    result = posterior.weighed(log_w, draws, sites, num_draws)
-    if result.get("khat") is None:
-        return result
     correction = 1.0 - rows / plate.size
     log_w_se = scale * (GROUPS * remainder.var(1) * correction).sqrt()
     gen = torch.Generator().manual_seed(0)
