@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import COIN, vibench
+from tests.helpers import COIN, vibench
 
 EXACT_MEAN = 16 / 30
 EXACT_STD = math.sqrt(16 * 14 / (30**2 * 31))

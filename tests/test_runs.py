@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import COIN, REPO, vibench
+from tests.helpers import COIN, REPO, vibench
 
 QUICK = ("--steps", "30", "--set", "train.plots=false")
 
