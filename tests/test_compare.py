@@ -3,25 +3,19 @@
 from __future__ import annotations
 
 import ast
-import csv
 import json
 import math
 from pathlib import Path
 
 import pytest
 
-from tests.conftest import COIN, REPO, vibench
+from tests.helpers import COIN, REPO, read_csv, vibench
 from workbench.compare.metrics import METRICS, combined, metrics, untrusted
 from workbench.compare.plan import Spec, parse_grid
 from workbench.compare.plot import from_best, write_plot
 from workbench.compare.results import Result, group
 from workbench.compare.table import CSV_TAIL, print_table, write_csv
 from workbench.errors import UsageError
-
-
-def read_csv(path: Path) -> list[dict]:
-    with path.open(newline="") as handle:
-        return list(csv.DictReader(handle))
 
 
 def session_hparams(run_dir: Path) -> dict:
