@@ -10,12 +10,17 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.conftest import COIN, checkpointed_step, vibench, wait_for_checkpoint
-from tests.conftest import start as start_run
-from workbench import hookimpl
-from workbench.config import recipe as recipes
+from tests.helpers import (
+    COIN,
+    FLAKY,
+    checkpointed_step,
+    flaky_registry,
+    setup,
+    vibench,
+    wait_for_checkpoint,
+)
+from tests.helpers import start as start_run
 from workbench.errors import RunError
-from workbench.plugins.registry import collect, make_plugin_manager
 from workbench.train.runner import Run
 
 ARGS = ["--steps", "400", "--set", "train.checkpoint_every=25", "--set", "loss.num_particles=3"]
@@ -83,36 +88,11 @@ def test_resume_refuses_what_it_cannot_do(tmp_path: Path):
         assert expected in result.stderr and len(result.stderr.strip().splitlines()) == 1
 
 
-class Flaky:
-    """A model whose log density is -inf on about a third of its draws."""
-
-    def __call__(self, y):
-        import pyro
-        import pyro.distributions as dist
-
-        z = pyro.sample("z", dist.Normal(0.0, 1.0))
-        pyro.sample("y", dist.Normal(z, 1.0), obs=y)
-        if torch.rand(()) < 0.3:
-            pyro.factor("trouble", torch.tensor(float("-inf")))
-
-
-class FlakyPlugin:
-    @hookimpl
-    def register_models(self, register):
-        register("flaky", Flaky)
-
-
 def flaky_run(*sets: str) -> Run:
-    pm, problems = make_plugin_manager()
-    pm.register(FlakyPlugin(), name="test-flaky")
-    registry = collect(pm, problems)
-    raw = {"name": "flaky", "data": {"y": 0.5}, "model": "flaky", "guide": "auto_normal",
-           "loss": "elbo", "optimizer": {"name": "adam", "lr": 0.05}, "train": {"steps": 200}}
-    raw, overridden = recipes.apply_overrides(raw, list(sets))
-    resolved = recipes.resolve(raw, registry, "flaky.yaml", overridden)
+    registry = flaky_registry()
     for seed in range(50):  # a seed whose dry run draws a good step
         try:
-            return Run.setup({**resolved, "seed": seed}, registry)
+            return setup(*sets, source=FLAKY, registry=registry, seed=seed)
         except Exception:
             continue
     raise AssertionError("no seed gave a good first step")
