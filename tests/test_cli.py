@@ -6,12 +6,11 @@ import json
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 
-from tests.conftest import COIN, REPO, vibench
+from tests.helpers import COIN, LONG, REPO, start, vibench, wait_training
 
 
 @pytest.mark.parametrize("args, expected", [
@@ -216,15 +215,8 @@ def test_the_app_s_help_shows_completion_and_no_bool_labels():
 
 def test_ctrl_c_stops_saves_and_exits_130(tmp_path: Path):
     out = tmp_path / "r"
-    child = subprocess.Popen(
-        [sys.executable, "-m", "workbench", "run", str(COIN), "--steps", "1000000",
-         "--out", str(out)],
-        cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-    )
-    deadline = time.monotonic() + 120
-    while not list(out.glob("events.out.tfevents.*")) and time.monotonic() < deadline:
-        time.sleep(0.1)
-    time.sleep(1.0)
+    child = start(COIN, out, "--steps", LONG)
+    wait_training([out], child)
     child.send_signal(signal.SIGINT)
     stdout, stderr = child.communicate(timeout=120)
     assert child.returncode == 130, stderr
