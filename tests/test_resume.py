@@ -14,6 +14,7 @@ from tests.helpers import (
     COIN,
     FLAKY,
     checkpointed_step,
+    fit,
     flaky_registry,
     setup,
     vibench,
@@ -75,17 +76,25 @@ def test_ctrl_c_finishes_the_step_saves_and_says_how_to_resume(tmp_path: Path):
 
 
 def test_resume_refuses_what_it_cannot_do(tmp_path: Path):
-    done = tmp_path / "done"
-    assert vibench("run", str(COIN), "--steps", "5", "--out", str(done)).returncode == 0
+    """The command line's own refusals, as the user sees them (one line, exit 2); what the
+    service refuses, as the UsageError the CLI prints as that line."""
+    from workbench import service
+    from workbench.errors import UsageError
+    from workbench.plugins.registry import get_registry
+
+    _, done = fit(tmp_path, "train.steps=5", "train.plots=false")
     for args, expected in [
-        (["--resume", str(done)], "the run already took all its 5 steps"),
-        (["--resume", str(tmp_path)], "no checkpoint.pt there"),
         (["--resume", str(done), "--seed", "3"], "only --steps and --set optimizer.* may change"),
         ([str(COIN), "--resume", str(done)], "give a RECIPE to run, or --resume"),
     ]:
         result = vibench("run", *args)
         assert result.returncode == 2, result.stderr
         assert expected in result.stderr and len(result.stderr.strip().splitlines()) == 1
+    for run_dir, expected in [(done, "the run already took all its 5 steps"),
+                              (tmp_path, "no checkpoint.pt there")]:
+        with pytest.raises(UsageError, match=expected) as refused:
+            service.resume(run_dir, [], get_registry())
+        assert "\n" not in str(refused.value)
 
 
 def flaky_run(*sets: str) -> Run:
