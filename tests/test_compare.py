@@ -17,6 +17,9 @@ from workbench.compare.results import Result, group
 from workbench.compare.table import CSV_TAIL, print_table, write_csv
 from workbench.errors import UsageError
 
+# Each run's own plots, which no test here reads (compare.png is compare's).
+NO_PLOTS = ("--set", "train.plots=false")
+
 
 def session_hparams(run_dir: Path) -> dict:
     """The hparams of the TensorBoard HParams session in a run directory, read with
@@ -43,8 +46,8 @@ def session_hparams(run_dir: Path) -> dict:
 def test_a_grid_runs_every_combination_and_reports_them(tmp_path: Path):
     out = tmp_path / "cmp"
     result = vibench("compare", str(COIN), "--grid", "guide=beta,auto_normal",
-                     "--grid", "loss.num_particles=1,4", "--steps", "30", "--out", str(out),
-                     cwd=tmp_path)
+                     "--grid", "loss.num_particles=1,4", "--steps", "30", *NO_PLOTS,
+                     "--out", str(out), cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     assert "Traceback" not in result.stderr
     names = {f"guide={g},loss.num_particles={n},seed=0" for g in ("beta", "auto_normal")
@@ -102,7 +105,7 @@ def test_a_grid_runs_every_combination_and_reports_them(tmp_path: Path):
 def test_a_failing_combination_is_reported_and_the_others_complete(tmp_path: Path):
     out = tmp_path / "cmp"
     result = vibench("compare", str(COIN), "--grid", "loss=elbo,analytic_kl_elbo",
-                     "--set", "guide=auto_normal", "--steps", "30", "--out", str(out),
+                     "--set", "guide=auto_normal", "--steps", "30", *NO_PLOTS, "--out", str(out),
                      cwd=tmp_path)
     assert result.returncode == 1, result.stderr
     assert "Traceback" not in result.stderr
@@ -128,7 +131,7 @@ def test_seeds_multiply_the_runs_and_a_name_grid_keeps_options(tmp_path: Path):
     while beta's run."""
     out = tmp_path / "cmp"
     result = vibench("compare", str(COIN), "--grid", "guide.name=beta,auto_normal",
-                     "--seeds", "2", "--steps", "10", "--out", str(out), cwd=tmp_path)
+                     "--seeds", "2", "--steps", "10", *NO_PLOTS, "--out", str(out), cwd=tmp_path)
     assert result.returncode == 1, result.stderr
     rows = read_csv(out / "compare.csv")
     assert [(r["guide.name"], r["seed"], r["status"]) for r in rows] == [
@@ -260,7 +263,7 @@ def test_a_suite_of_recipes_runs_each_with_every_combination(tmp_path: Path):
     out = tmp_path / "suite"
     linear = COIN.parent / "linear_regression.yaml"
     result = vibench("compare", str(COIN), str(linear), "--grid", "guide=auto_normal",
-                     "--steps", "20", "--set", "train.plots=false", "--out", str(out),
+                     "--steps", "20", *NO_PLOTS, "--out", str(out),
                      cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     rows = read_csv(out / "compare.csv")

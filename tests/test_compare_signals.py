@@ -48,15 +48,16 @@ atexit.register(linger)
 
 def start_compare(tmp_path: Path, out: Path, *args: str, env: dict | None = None,
                   unset: tuple[str, ...] = (), stderr: Path | None = None) -> subprocess.Popen:
-    """``vibench compare COIN ARGS --out OUT`` in a child process, as a user would start it,
-    with ``env`` added to this environment and ``unset`` taken out; its stderr to a pipe, or
-    to the file ``stderr`` for a test to read while it runs."""
+    """``vibench compare COIN ARGS --out OUT`` (runs without plots) in a child process, as a
+    user would start it, with ``env`` added to this environment and ``unset`` taken out; its
+    stderr to a pipe, or to the file ``stderr`` for a test to read while it runs."""
     full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
     for name in ("VIBENCH_DEBUG", *unset):
         full_env.pop(name, None)
     with open(stderr, "w") if stderr is not None else contextlib.nullcontext() as log:
         return subprocess.Popen(
-            [sys.executable, "-m", "workbench", "compare", str(COIN), *args, "--out", str(out)],
+            [sys.executable, "-m", "workbench", "compare", str(COIN), *args,
+             "--set", "train.plots=false", "--out", str(out)],  # no test here reads them
             cwd=tmp_path, env=full_env, stdout=subprocess.PIPE,
             stderr=subprocess.PIPE if log is None else log, text=True,
         )
