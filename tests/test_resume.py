@@ -24,7 +24,8 @@ from tests.helpers import start as start_run
 from workbench.errors import RunError
 from workbench.train.runner import Run
 
-ARGS = ["--steps", "400", "--set", "train.checkpoint_every=25", "--set", "loss.num_particles=3"]
+SETS = ["train.steps=400", "train.checkpoint_every=25", "loss.num_particles=3"]
+ARGS = [arg for item in SETS for arg in ("--set", item)]
 
 
 def start(out: Path, *args: str) -> subprocess.Popen:
@@ -32,8 +33,7 @@ def start(out: Path, *args: str) -> subprocess.Popen:
 
 
 def test_sigkill_then_resume_ends_bitwise_equal_to_an_uninterrupted_run(tmp_path: Path):
-    whole = tmp_path / "whole"
-    assert vibench("run", str(COIN), *ARGS, "--out", str(whole)).returncode == 0
+    _, whole = fit(tmp_path, *SETS)  # in this process: the same numbers as vibench run
 
     killed = tmp_path / "killed"
     child = start(killed)
