@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import COIN, REPO, vibench
+from tests.helpers import COIN, REPO, vibench
 from workbench import fit, load
 from workbench.errors import RecipeError, UsageError
 

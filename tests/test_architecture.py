@@ -8,7 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from conftest import REPO
+from tests.helpers import REPO
 
 # Each room may import only from rooms before it (and itself).
 ORDER = ["errors", "hookspecs", "signals", "progress", "distributed", "seams", "rundir", "data",

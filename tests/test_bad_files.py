@@ -16,7 +16,7 @@ import numpy
 import pytest
 from numpy.lib import format as npy
 
-from tests.conftest import COIN, vibench
+from tests.helpers import COIN, vibench
 from workbench.data import sources as data_module
 from workbench.data.sources import gather, read_file
 from workbench.errors import UsageError

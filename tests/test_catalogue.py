@@ -8,44 +8,23 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import COIN
-from workbench.config import recipe as recipes
+from tests.helpers import (
+    EXACT_MEAN,
+    EXACT_STD,
+    FAST,
+    MODE,
+    QUICK,
+    TOLERANCE,
+    coin_fit,
+    defaults,
+    refused,
+    setup,
+)
 from workbench.errors import UsageError
-from workbench.plugins.registry import get_registry
 from workbench.seams import torch_optimizer
 from workbench.train.runner import Run
 
-EXACT_MEAN, MODE = 16 / 30, 15 / 28
-EXACT_STD = math.sqrt(16 * 14 / (30**2 * 31))
-# A quarter of the posterior's sd: a fit's error, whatever the random stream (CPU or CUDA).
-TOLERANCE = 0.25 * EXACT_STD
-# The seed's settings take 4000 steps; a decaying, larger learning rate gets there in 1000.
-QUICK = ["train.eval_every=0", "train.plots=false", "train.diagnostics=false"]
-FAST = ["optimizer.lr=0.05", "optimizer.schedule=exponential", "optimizer.schedule.gamma=0.997",
-        "train.steps=1000", *QUICK]
-
-
-def defaults(kind: str) -> list[str]:
-    registry = get_registry()
-    return [n for n in registry.names(kind)
-            if registry.components[kind][n].plugin.startswith("vibench.")]
-
-
-def prepare(*sets: str) -> Run:
-    raw, overridden = recipes.apply_overrides(recipes.load(COIN), list(sets))
-    return Run.setup(recipes.resolve(raw, get_registry(), str(COIN), overridden), get_registry())
-
-
-def train(tmp_path: Path, *sets: str) -> tuple[Run, dict]:
-    run = prepare(*sets, *QUICK[1:])
-    run_dir = tmp_path / f"run{len(list(tmp_path.iterdir()))}"
-    run_dir.mkdir()
-    return run, run.train(run_dir)
-
-
-# Closed-form KL needs a guide of plain densities: every autoguide samples an auxiliary
-# latent or a point mass, so analytic_kl_elbo must refuse it before training.
-REFUSED = {(g, "analytic_kl_elbo") for g in defaults("guide") if g != "beta"}
+REFUSED = refused()
 
 
 def _pairs() -> list:
@@ -63,9 +42,9 @@ def test_every_guide_with_every_loss(tmp_path: Path, guide: str, loss: str):
     sets = [f"guide={guide}", f"loss={loss}", *FAST]
     if (guide, loss) in REFUSED:
         with pytest.raises(UsageError, match="no closed-form KL|no KL"):
-            prepare(*sets)
+            setup(*sets)
         return
-    _, summary = train(tmp_path, *sets)
+    _, summary = coin_fit(tmp_path, *sets)
     post = summary["posterior"]["latent_fairness"]
     if guide == "auto_delta":  # MAP: the posterior's mode, no spread
         assert post["mean"] == pytest.approx(MODE, abs=0.002) and post["std"] < 1e-5
@@ -75,7 +54,7 @@ def test_every_guide_with_every_loss(tmp_path: Path, guide: str, loss: str):
 
 
 def test_refusal_is_one_line_before_any_training(tmp_path: Path):
-    from tests.conftest import vibench
+    from tests.helpers import COIN, vibench
 
     result = vibench("run", str(COIN), "--set", "guide=auto_normal", "--set",
                      "loss=analytic_kl_elbo", cwd=tmp_path)
@@ -89,7 +68,7 @@ def test_refusal_is_one_line_before_any_training(tmp_path: Path):
 
 def test_analytic_kl_loss_agrees_with_elbo_on_the_coin(tmp_path: Path):
     """The same fit by two routes: Monte Carlo KL and closed-form KL (both Beta)."""
-    fits = {loss: train(tmp_path, f"loss={loss}", *FAST)[1]["posterior"]["latent_fairness"]
+    fits = {loss: coin_fit(tmp_path, f"loss={loss}", *FAST)[1]["posterior"]["latent_fairness"]
             for loss in ("elbo", "analytic_kl_elbo")}
     assert fits["elbo"]["mean"] == pytest.approx(fits["analytic_kl_elbo"]["mean"], abs=0.01)
     assert fits["elbo"]["std"] == pytest.approx(fits["analytic_kl_elbo"]["std"], abs=0.005)
@@ -97,7 +76,7 @@ def test_analytic_kl_loss_agrees_with_elbo_on_the_coin(tmp_path: Path):
 
 @pytest.mark.parametrize("loss", ["elbo", "graph_elbo", "enum_elbo"])
 def test_jit_variants_run(tmp_path: Path, loss: str):
-    _, summary = train(tmp_path, f"loss={loss}", "loss.jit=true", *FAST)
+    _, summary = coin_fit(tmp_path, f"loss={loss}", "loss.jit=true", *FAST)
     assert abs(summary["posterior"]["latent_fairness"]["mean"] - EXACT_MEAN) < TOLERANCE
 
 
@@ -117,9 +96,9 @@ def test_every_default_optimizer_is_covered():
 
 @pytest.mark.parametrize("name", sorted(OPTIMIZERS))
 def test_every_optimizer_fits_the_coin(tmp_path: Path, name: str):
-    _, summary = train(tmp_path, f"optimizer={name}", *OPTIMIZERS[name],
-                       "optimizer.schedule=exponential", "optimizer.schedule.gamma=0.997",
-                       "train.steps=1000", *QUICK)
+    _, summary = coin_fit(tmp_path, f"optimizer={name}", *OPTIMIZERS[name],
+                          "optimizer.schedule=exponential", "optimizer.schedule.gamma=0.997",
+                          "train.steps=1000", *QUICK)
     post = summary["posterior"]["latent_fairness"]
     assert abs(post["mean"] - EXACT_MEAN) < TOLERANCE and abs(post["std"] - EXACT_STD) < TOLERANCE
 
@@ -141,32 +120,32 @@ def learning_rate(run: Run, param: str = "log_alpha_q") -> float:
      0.001 + 0.009 * (1 + math.cos(math.pi * 200 / 400)) / 2),
 ])
 def test_schedules_are_stepped_once_per_svi_step(tmp_path: Path, schedule, sets, expected):
-    run, _ = train(tmp_path, "optimizer.lr=0.01", f"optimizer.schedule={schedule}", *sets,
-                   "train.steps=200")
+    run, _ = coin_fit(tmp_path, "optimizer.lr=0.01", f"optimizer.schedule={schedule}", *sets,
+                      "train.steps=200")
     assert learning_rate(run) == pytest.approx(expected, rel=1e-6, abs=1e-12)
 
 
 def test_reduce_on_plateau_gets_the_loss_and_cuts_the_rate(tmp_path: Path):
-    run, _ = train(tmp_path, "optimizer.lr=0.01", "optimizer.schedule=reduce_on_plateau",
-                   "optimizer.schedule.patience=20", "optimizer.schedule.factor=0.5",
-                   "train.steps=300")
+    run, _ = coin_fit(tmp_path, "optimizer.lr=0.01", "optimizer.schedule=reduce_on_plateau",
+                      "optimizer.schedule.patience=20", "optimizer.schedule.factor=0.5",
+                      "train.steps=300")
     assert learning_rate(run) < 0.01
     assert math.log2(0.01 / learning_rate(run)) == pytest.approx(
         round(math.log2(0.01 / learning_rate(run))))  # whole halvings
 
 
 def test_schedule_keeps_per_param_rules(tmp_path: Path):
-    run, _ = train(tmp_path, "optimizer.lr=0.01", "optimizer.schedule=exponential",
-                   "optimizer.schedule.gamma=0.99", "optimizer.optim_args=per_param",
-                   "optimizer.optim_args.rules.log_beta_q.lr=0.001", "train.steps=100")
+    run, _ = coin_fit(tmp_path, "optimizer.lr=0.01", "optimizer.schedule=exponential",
+                      "optimizer.schedule.gamma=0.99", "optimizer.optim_args=per_param",
+                      "optimizer.optim_args.rules.log_beta_q.lr=0.001", "train.steps=100")
     assert learning_rate(run, "log_alpha_q") == pytest.approx(0.01 * 0.99**100)
     assert learning_rate(run, "log_beta_q") == pytest.approx(0.001 * 0.99**100)
 
 
 def test_lr_by_size_scales_each_parameter(tmp_path: Path):
-    run, _ = train(tmp_path, "optimizer.lr=0.01", "optimizer.optim_args=lr_by_size",
-                   "optimizer.optim_args.reference=4", "optimizer.optim_args.power=1.0",
-                   "train.steps=5")
+    run, _ = coin_fit(tmp_path, "optimizer.lr=0.01", "optimizer.optim_args=lr_by_size",
+                      "optimizer.optim_args.reference=4", "optimizer.optim_args.power=1.0",
+                      "train.steps=5")
     assert learning_rate(run, "log_alpha_q") == pytest.approx(0.04)  # 0.01 * (4 / 1) ** 1
 
 
@@ -174,7 +153,7 @@ def test_init_loc_by_name_and_by_value(tmp_path: Path):
     import pyro
 
     for init_loc, expected in [("mean", 0.5), ("{latent_fairness: 0.8}", 0.8)]:
-        run = prepare("guide=auto_delta", f"guide.init_loc={init_loc}")
+        run = setup("guide=auto_delta", f"guide.init_loc={init_loc}")
         assert pyro.param("AutoDelta.latent_fairness").item() == pytest.approx(expected, abs=1e-6)
         del run
 
@@ -190,4 +169,4 @@ def test_bad_catalogue_options_are_recipe_errors():
         (["optimizer=sgd", "optimizer.nesterov=true"], "optimizer 'sgd': Nesterov momentum"),
     ]:
         with pytest.raises(UsageError, match=expected.replace("(", r"\(").replace("?", r"\?")):
-            prepare(*sets)
+            setup(*sets)

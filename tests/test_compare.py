@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import ast
-import csv
 import json
 import math
 from pathlib import Path
 
 import pytest
 
-from tests.conftest import COIN, REPO, vibench
+from tests.helpers import COIN, REPO, read_csv, vibench
 from workbench.compare.metrics import METRICS, combined, metrics, untrusted
 from workbench.compare.plan import Spec, parse_grid
 from workbench.compare.plot import from_best, write_plot
@@ -18,10 +17,8 @@ from workbench.compare.results import Result, group
 from workbench.compare.table import CSV_TAIL, print_table, write_csv
 from workbench.errors import UsageError
 
-
-def read_csv(path: Path) -> list[dict]:
-    with path.open(newline="") as handle:
-        return list(csv.DictReader(handle))
+# Each run's own plots, which no test here reads (compare.png is compare's).
+NO_PLOTS = ("--set", "train.plots=false")
 
 
 def session_hparams(run_dir: Path) -> dict:
@@ -49,8 +46,8 @@ def session_hparams(run_dir: Path) -> dict:
 def test_a_grid_runs_every_combination_and_reports_them(tmp_path: Path):
     out = tmp_path / "cmp"
     result = vibench("compare", str(COIN), "--grid", "guide=beta,auto_normal",
-                     "--grid", "loss.num_particles=1,4", "--steps", "30", "--out", str(out),
-                     cwd=tmp_path)
+                     "--grid", "loss.num_particles=1,4", "--steps", "30", *NO_PLOTS,
+                     "--out", str(out), cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     assert "Traceback" not in result.stderr
     names = {f"guide={g},loss.num_particles={n},seed=0" for g in ("beta", "auto_normal")
@@ -108,7 +105,7 @@ def test_a_grid_runs_every_combination_and_reports_them(tmp_path: Path):
 def test_a_failing_combination_is_reported_and_the_others_complete(tmp_path: Path):
     out = tmp_path / "cmp"
     result = vibench("compare", str(COIN), "--grid", "loss=elbo,analytic_kl_elbo",
-                     "--set", "guide=auto_normal", "--steps", "30", "--out", str(out),
+                     "--set", "guide=auto_normal", "--steps", "30", *NO_PLOTS, "--out", str(out),
                      cwd=tmp_path)
     assert result.returncode == 1, result.stderr
     assert "Traceback" not in result.stderr
@@ -134,7 +131,7 @@ def test_seeds_multiply_the_runs_and_a_name_grid_keeps_options(tmp_path: Path):
     while beta's run."""
     out = tmp_path / "cmp"
     result = vibench("compare", str(COIN), "--grid", "guide.name=beta,auto_normal",
-                     "--seeds", "2", "--steps", "10", "--out", str(out), cwd=tmp_path)
+                     "--seeds", "2", "--steps", "10", *NO_PLOTS, "--out", str(out), cwd=tmp_path)
     assert result.returncode == 1, result.stderr
     rows = read_csv(out / "compare.csv")
     assert [(r["guide.name"], r["seed"], r["status"]) for r in rows] == [
@@ -266,7 +263,7 @@ def test_a_suite_of_recipes_runs_each_with_every_combination(tmp_path: Path):
     out = tmp_path / "suite"
     linear = COIN.parent / "linear_regression.yaml"
     result = vibench("compare", str(COIN), str(linear), "--grid", "guide=auto_normal",
-                     "--steps", "20", "--set", "train.plots=false", "--out", str(out),
+                     "--steps", "20", *NO_PLOTS, "--out", str(out),
                      cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     rows = read_csv(out / "compare.csv")

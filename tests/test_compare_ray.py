@@ -12,9 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import REPO
-from tests.test_compare import read_csv
-from tests.test_compare_signals import LONG, alive, runs_of, wait_training
+from tests.helpers import LONG, REPO, alive, read_csv, runs_of, wait_training
 from workbench.compare.grid import compare as run_compare
 from workbench.errors import UsageError
 
@@ -147,7 +145,7 @@ def test_ctrl_c_cancels_the_ray_tasks_and_reports_what_they_saved(
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         running = ["optimizer.lr=0.01,seed=0", "optimizer.lr=0.02,seed=0"]
-        wait_training(out, running)
+        wait_training([out / name for name in running])
         pids = list(runs_of(out))
         child.send_signal(signal.SIGINT)
         stdout, stderr = child.communicate(timeout=120)

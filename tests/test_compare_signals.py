@@ -13,14 +13,10 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import COIN
-from tests.test_compare import read_csv
-from workbench.rundir.layout import LOSSES
+from tests.helpers import COIN, LONG, alive, read_csv, runs_of, wait_training
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"),
                                 reason="reads /proc and relies on Linux's parent-death signal")
-
-LONG = "1000000"  # steps: a run that goes on until it is stopped
 
 # A child that, once it has saved an interrupted run, goes on writing to its run directory
 # (as a slow report would) for LINGER_SECONDS, longer than compare once waited, then exits
@@ -52,35 +48,19 @@ atexit.register(linger)
 
 def start_compare(tmp_path: Path, out: Path, *args: str, env: dict | None = None,
                   unset: tuple[str, ...] = (), stderr: Path | None = None) -> subprocess.Popen:
-    """``vibench compare COIN ARGS --out OUT`` in a child process, as a user would start it,
-    with ``env`` added to this environment and ``unset`` taken out; its stderr to a pipe, or
-    to the file ``stderr`` for a test to read while it runs."""
+    """``vibench compare COIN ARGS --out OUT`` (runs without plots) in a child process, as a
+    user would start it, with ``env`` added to this environment and ``unset`` taken out; its
+    stderr to a pipe, or to the file ``stderr`` for a test to read while it runs."""
     full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
     for name in ("VIBENCH_DEBUG", *unset):
         full_env.pop(name, None)
     with open(stderr, "w") if stderr is not None else contextlib.nullcontext() as log:
         return subprocess.Popen(
-            [sys.executable, "-m", "workbench", "compare", str(COIN), *args, "--out", str(out)],
+            [sys.executable, "-m", "workbench", "compare", str(COIN), *args,
+             "--set", "train.plots=false", "--out", str(out)],  # no test here reads them
             cwd=tmp_path, env=full_env, stdout=subprocess.PIPE,
             stderr=subprocess.PIPE if log is None else log, text=True,
         )
-
-
-def wait_training(out: Path, names: list[str], timeout: float = 120) -> None:
-    """Wait until each named run in ``out`` is in its training loop, where a stop signal has
-    it save and stop: it has checkpointed there once (its losses file holds losses; the
-    checkpoint before the loop leaves it empty)."""
-    deadline = time.monotonic() + timeout
-    while not all(_size(out / name / LOSSES) > 0 for name in names):
-        assert time.monotonic() < deadline, f"the runs did not start training: {names}"
-        time.sleep(0.1)
-
-
-def _size(path: Path) -> int:
-    try:
-        return path.stat().st_size
-    except OSError:
-        return 0
 
 
 def wait_line(path: Path, text: str, timeout: float = 60) -> None:
@@ -89,32 +69,6 @@ def wait_line(path: Path, text: str, timeout: float = 60) -> None:
     while not any(line.startswith(text) for line in path.read_text().splitlines()):
         assert time.monotonic() < deadline, f"no line {text!r} in {path.name}"
         time.sleep(0.1)
-
-
-def runs_of(out: Path) -> dict[int, list[str]]:
-    """Each live ``vibench run`` process whose run directory is inside ``out``: its pid and
-    command line."""
-    found = {}
-    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
-        try:
-            args = cmdline.read_bytes().decode().split("\0")
-        except OSError:
-            continue
-        if args[1:4] == ["-m", "workbench", "run"] and any(
-                a.startswith(f"{out}{os.sep}") for a in args):
-            pid = int(cmdline.parent.name)
-            if alive(pid):
-                found[pid] = args
-    return found
-
-
-def alive(pid: int) -> bool:
-    """Whether a process exists and has not ended (a zombie has ended)."""
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[0]
-    except OSError:
-        return False
-    return state not in ("Z", "X")
 
 
 def environ(pid: int) -> dict[str, str]:
@@ -149,7 +103,7 @@ def test_two_quick_ctrl_cs_kill_the_runs_and_still_write_the_results(tmp_path: P
     log = tmp_path / "stderr.txt"
     child = start_compare(tmp_path, out, "--grid", "optimizer.lr=0.01,0.02", "--steps", LONG,
                           "--jobs", "2", env={"OMP_NUM_THREADS": "2"}, stderr=log)
-    wait_training(out, ["optimizer.lr=0.01,seed=0", "optimizer.lr=0.02,seed=0"])
+    wait_training([out / "optimizer.lr=0.01,seed=0", out / "optimizer.lr=0.02,seed=0"])
     runs = runs_of(out)
     assert len(runs) == 2
     assert all(environ(pid)["OMP_NUM_THREADS"] == "2" for pid in runs)  # the user's choice
@@ -173,7 +127,7 @@ def test_the_runs_die_with_compare_even_when_it_is_killed(tmp_path: Path):
     child = start_compare(tmp_path, out, "--grid", "optimizer.lr=0.01,0.02", "--steps", LONG,
                           "--jobs", "2", unset=("OMP_NUM_THREADS", "MKL_NUM_THREADS"))
     try:
-        wait_training(out, ["optimizer.lr=0.01,seed=0", "optimizer.lr=0.02,seed=0"])
+        wait_training([out / "optimizer.lr=0.01,seed=0", out / "optimizer.lr=0.02,seed=0"])
         runs = runs_of(out)
         assert len(runs) == 2
         threads = str(max(1, len(os.sched_getaffinity(0)) // 2))  # the cores shared by 2 jobs
@@ -200,7 +154,7 @@ def test_a_run_that_saved_is_waited_for_and_shown_with_its_numbers(tmp_path: Pat
     child = start_compare(tmp_path, out, "--grid", "optimizer.lr=0.01", "--steps", LONG,
                           env={"PYTHONPATH": path, "LINGER_SECONDS": "16"})
     run = out / "optimizer.lr=0.01,seed=0"
-    wait_training(out, [run.name])
+    wait_training([run])
     child.send_signal(signal.SIGINT)
     stdout, stderr = child.communicate(timeout=120)
     assert child.returncode == 130, stderr
@@ -224,7 +178,7 @@ def test_a_stop_signal_stops_every_run_and_compare_exits_as_vibench_run_does(
     child = start_compare(tmp_path, out, "--grid", "optimizer.lr=0.01,0.02", "--steps", LONG,
                           "--jobs", "1")
     run = out / "optimizer.lr=0.01,seed=0"
-    wait_training(out, [run.name])
+    wait_training([run])
     child.send_signal(signum)
     stdout, stderr = child.communicate(timeout=120)
     assert child.returncode == 128 + signum, stderr

@@ -15,16 +15,23 @@ import pyro
 import pytest
 import torch
 
-from tests.conftest import COIN, REPO
-from tests.test_catalogue import EXACT_MEAN, EXACT_STD, REFUSED, defaults, prepare
-from tests.test_resume import FlakyPlugin
+from tests.helpers import (
+    COIN,
+    EXACT_MEAN,
+    EXACT_STD,
+    FLAKY,
+    RECIPES,
+    REPO,
+    defaults,
+    flaky_registry,
+    refused,
+    setup,
+)
 from workbench.compile import compiled_step
 from workbench.config import recipe as recipes
 from workbench.errors import UsageError
-from workbench.plugins.registry import collect, get_registry, make_plugin_manager
 from workbench.seams import torch_optimizer
 from workbench.train import checkpoint
-from workbench.train.runner import Run
 
 # What keeps a default loss from compiling; every other pair must compile.
 EAGER_ONLY = {"enum_elbo": "the loss enumerates discrete sites"}
@@ -42,11 +49,11 @@ def fitted(run=None) -> dict[str, torch.Tensor]:
 def test_every_guide_and_loss_compiles_to_the_eager_step_or_says_why_not(guide: str, loss: str):
     """The traced graph replayed uncompiled draws the random numbers eager Pyro draws, so the
     two fits agree to rounding, far inside the posterior's sd; inductor compiles that graph."""
-    if (guide, loss) in REFUSED:
+    if (guide, loss) in refused():
         pytest.skip("refused before training")
     sets = [f"guide={guide}", f"loss={loss}", "train.compile=false", "train.eval_every=0",
             "optimizer.lr=0.01"]
-    run = prepare(*sets)  # seeded: the same start, the same random stream, each time
+    run = setup(*sets)  # seeded: the same start, the same random stream, each time
     why = EAGER_ONLY.get(loss) or EAGER_PAIRS.get((guide, loss))
     if why:
         with pytest.raises(compiled_step.CannotCompile, match=why):
@@ -55,7 +62,7 @@ def test_every_guide_and_loss_compiles_to_the_eager_step_or_says_why_not(guide: 
     for _ in range(STEPS):
         assert run.step()[1] == ""
     eager = fitted(run)
-    run = prepare(*sets)
+    run = setup(*sets)
     run.compiled = compiled_step.compile_step(run.svi, run.data, backend="fx")
     assert run.compiled is not None and run.compiled.updates
     for _ in range(STEPS):
@@ -74,11 +81,11 @@ def test_a_scheduled_adam_updates_inside_the_graph_as_it_does_eagerly(schedule: 
     schedule stepped before the optimizer."""
     sets = ["guide=auto_normal", "train.compile=false", "train.eval_every=0",
             "optimizer.lr=0.05", f"optimizer.schedule={schedule}"]
-    run = prepare(*sets)
+    run = setup(*sets)
     for _ in range(STEPS):
         assert run.step()[1] == ""
     eager, eager_lr = fitted(run), _lrs(run)
-    run = prepare(*sets)
+    run = setup(*sets)
     run.compiled = compiled_step.compile_step(run.svi, run.data, backend="fx")
     assert run.compiled is not None and run.compiled.updates
     with warnings.catch_warnings():
@@ -98,9 +105,9 @@ def _lrs(run) -> list[float]:
 def test_compiled_coin_reaches_the_exact_posterior(tmp_path: Path):
     """Inductor's own random numbers, Adam's update in the graph: the posterior within a
     quarter of its sd of the exact one, as the eager catalogue test asks."""
-    run = prepare("train.compile=true", "train.steps=1500", "optimizer.lr=0.01",
-                  "train.average_last=0.5", "train.eval_every=0", "train.plots=false",
-                  "train.diagnostics=false")
+    run = setup("train.compile=true", "train.steps=1500", "optimizer.lr=0.01",
+                "train.average_last=0.5", "train.eval_every=0", "train.plots=false",
+                "train.diagnostics=false")
     assert run.compiled is not None and run.compiled.updates
     summary = run.train(tmp_path)
     post = summary["posterior"]["latent_fairness"]
@@ -110,20 +117,16 @@ def test_compiled_coin_reaches_the_exact_posterior(tmp_path: Path):
 
 
 def test_auto_falls_back_with_one_note_and_true_refuses_in_one_line():
-    run = prepare("loss=enum_elbo", "train.steps=100000", "train.eval_every=0",
-                  "train.compile=auto")
+    run = setup("loss=enum_elbo", "train.steps=100000", "train.eval_every=0",
+                "train.compile=auto")
     assert run.compiled is None
     assert [n for n in run.notes if "compiled" in n] == [
         "training eagerly, not compiled: the loss enumerates discrete sites"]
-    pm, problems = make_plugin_manager()
-    pm.register(FlakyPlugin(), name="test-flaky")
-    registry = collect(pm, problems)
-    raw = {"name": "flaky", "data": {"y": 0.5}, "model": "flaky", "guide": "auto_normal",
-           "loss": "elbo", "optimizer": "adam", "train": {"steps": 100000, "compile": True}}
-    resolved = recipes.resolve(raw, registry, "flaky.yaml", set())
+    registry = flaky_registry()
     for seed in range(10):  # the model's own -inf may refuse a seed's trial step first
         with pytest.raises(UsageError) as caught:
-            Run.setup({**resolved, "seed": seed}, registry)
+            setup("train.steps=100000", "train.compile=true", source=FLAKY, registry=registry,
+                  seed=seed)
         if "train.compile" in str(caught.value):
             break
     assert str(caught.value) == ("train.compile: true, but this step cannot be compiled: "
@@ -132,7 +135,7 @@ def test_auto_falls_back_with_one_note_and_true_refuses_in_one_line():
 
 
 def test_auto_keeps_short_runs_eager_and_false_never_compiles():
-    run = prepare("train.compile=false", "train.steps=100000")
+    run = setup("train.compile=false", "train.steps=100000")
     assert run.compiled is None and not any("compiled" in n for n in run.notes)
 
 
@@ -143,7 +146,7 @@ def test_a_run_auto_leaves_eager_is_bitwise_the_eager_run(sets: list[str]):
     draw taken, no gradient left over for the first real step."""
     fits = []
     for setting in ("auto", "false"):
-        run = prepare(*sets, f"train.compile={setting}", "train.eval_every=0")
+        run = setup(*sets, f"train.compile={setting}", "train.eval_every=0")
         assert run.compiled is None
         for _ in range(3):
             run.step()
@@ -153,9 +156,9 @@ def test_a_run_auto_leaves_eager_is_bitwise_the_eager_run(sets: list[str]):
 
 def test_minibatches_stay_eager_saying_so_only_where_compiling_would_pay():
     with pytest.raises(UsageError, match="draws new indices each step"):
-        prepare("train.compile=true", "train.batch_size=5")
-    assert prepare("train.batch_size=5", "train.steps=100", "train.compile=auto").notes == []
-    assert prepare("train.batch_size=5", "train.steps=100000", "train.compile=auto").notes == [
+        setup("train.compile=true", "train.batch_size=5")
+    assert setup("train.batch_size=5", "train.steps=100", "train.compile=auto").notes == []
+    assert setup("train.batch_size=5", "train.steps=100000", "train.compile=auto").notes == [
         "training eagerly, not compiled: a minibatch (train.batch_size) draws new indices "
         "each step"]
 
@@ -163,16 +166,16 @@ def test_minibatches_stay_eager_saying_so_only_where_compiling_would_pay():
 def test_compiled_runs_resume_exactly_and_eager_can_take_over(tmp_path: Path):
     sets = ["train.compile=true", "train.eval_every=0", "train.plots=false",
             "train.diagnostics=false", "optimizer.lr=0.01", "train.checkpoint_every=10"]
-    whole = prepare(*sets, "train.steps=60")
+    whole = setup(*sets, "train.steps=60")
     (tmp_path / "whole").mkdir()
     whole.train(tmp_path / "whole")
     want = fitted()
     for compile_again, exact in (("true", True), ("false", False)):
         out = tmp_path / compile_again
         out.mkdir()
-        prepare(*sets, "train.steps=30").train(out)
+        setup(*sets, "train.steps=30").train(out)
         saved = checkpoint.load(out)
-        resumed = prepare(*sets, "train.steps=60", f"train.compile={compile_again}")
+        resumed = setup(*sets, "train.steps=60", f"train.compile={compile_again}")
         assert (resumed.compiled is not None) == exact
         summary = resumed.train(out, resume=saved, changes={"train.steps": [30, 60]})
         assert summary["steps"] == 60 and summary["status"] == "completed"
@@ -193,8 +196,8 @@ def test_the_machine_default_comes_from_vibench_compile(monkeypatch):
     with pytest.raises(UsageError, match="VIBENCH_COMPILE='sometimes': expected auto, true or"):
         recipes.compile_default()
     monkeypatch.setenv("VIBENCH_COMPILE", "false")
-    assert prepare("train.steps=100000").recipe["train"]["compile"] is False
-    assert prepare("train.steps=100000", "train.compile=auto").recipe["train"]["compile"] == "auto"
+    assert setup("train.steps=100000").recipe["train"]["compile"] is False
+    assert setup("train.steps=100000", "train.compile=auto").recipe["train"]["compile"] == "auto"
 
 
 def test_the_vector_isa_probe_is_skipped_only_where_it_found_every_reported_set(
@@ -273,8 +276,6 @@ def test_long_sums_to_few_outputs_are_summed_in_two_stages():
     assert len(reductions) == 2 * 2 + 4, graph.code  # two sums split in two, four not
     for got, want in zip(graph(x, w, prime), expected):
         assert got.shape == want.shape and torch.allclose(got, want)
-    assert compiled_step._divisor_near_root(10**8) == 10**4
-    assert compiled_step._divisor_near_root(65537) is None
 
 
 @pytest.mark.slow
@@ -285,16 +286,9 @@ def test_two_stage_sums_train_as_eager_does(monkeypatch, guide: str, loss: str):
     """The GPU's rewrite, forced on here: logistic regression on 70,000 rows (4 particles:
     the gradient is a sum over the rows, split in two) compiles and its steps follow eager
     Pyro's to rounding."""
-    recipe = Path(__file__).resolve().parents[1] / "recipes" / "logistic_regression.yaml"
     sets = [f"guide={guide}", f"loss={loss}", "loss.num_particles=4", "data.dataset.n=70000",
             "train.compile=false", "train.eval_every=0", "optimizer.lr=0.01"]
-
-    def setup() -> Run:
-        raw, overridden = recipes.apply_overrides(recipes.load(recipe), sets)
-        registry = get_registry()
-        return Run.setup(recipes.resolve(raw, registry, str(recipe), overridden), registry)
-
-    run = setup()
+    run = setup(*sets, source=RECIPES / "logistic_regression.yaml")
     for _ in range(STEPS):
         assert run.step()[1] == ""
     eager = fitted(run)
@@ -306,7 +300,7 @@ def test_two_stage_sums_train_as_eager_does(monkeypatch, guide: str, loss: str):
 
     monkeypatch.setattr(compiled_step, "_sums_in_two_stages", lambda device: True)
     monkeypatch.setattr(compiled_step, "_split_long_sums", counted)
-    run = setup()
+    run = setup(*sets, source=RECIPES / "logistic_regression.yaml")
     run.compiled = compiled_step.compile_step(run.svi, run.data, backend="fx")
     assert run.compiled is not None and split and split[0] > 0
     for _ in range(STEPS):
@@ -352,9 +346,8 @@ def test_a_packaged_step_is_keyed_by_what_it_runs(tmp_path: Path, monkeypatch):
     assert package_cache.record(torch.sub, [a, b]) != swapped
     key = package_cache.key(record, inputs, 2, [((0.9, 0.999), 1e-8, 0)])
     assert key != package_cache.key(record, inputs, 2, [((0.9, 0.99), 1e-8, 0)])
-    path = package_cache._path(key)
-    assert path.parent == tmp_path / "vibench-steps"
     assert package_cache.load(key) is None
+    path = tmp_path / package_cache.FOLDER / f"{key}.pt2"  # where a package is kept
     graph = _graph(_toy(), *_toy_inputs())
     path.parent.mkdir(exist_ok=True)
     path.write_bytes(b"not a package")

@@ -9,27 +9,15 @@ from pathlib import Path
 import numpy
 import pytest
 
-from tests.conftest import COIN, REPO
-from workbench.config import recipe as recipes
+from tests.helpers import REPO, setup, train
 from workbench.data.sources import gather
 from workbench.errors import UsageError
-from workbench.plugins.registry import get_registry
-from workbench.train.runner import Run
 
 FLIPS = [1, 1, 1, 1, 1, 1, 0, 0, 0, 0]
 
 
-def prepare(*sets: str, source: Path = COIN) -> Run:
-    raw, overridden = recipes.apply_overrides(recipes.load(source), list(sets))
-    return Run.setup(recipes.resolve(raw, get_registry(), str(source), overridden),
-                     get_registry())
-
-
 def params_after(tmp_path: Path, *sets: str) -> dict:
-    run = prepare("train.steps=30", *sets)
-    run_dir = tmp_path / f"run{len(list(tmp_path.iterdir()))}"
-    run_dir.mkdir()
-    return run.train(run_dir)["params"]
+    return train(setup("train.steps=30", *sets), tmp_path)["params"]
 
 
 def write(tmp_path: Path, name: str, flips=FLIPS, column: str = "flips") -> Path:
@@ -55,7 +43,7 @@ def test_flips_from_any_file_kind_train_exactly_as_inline(tmp_path: Path, suffix
 
 
 def test_coin_csv_recipe_reads_its_file_relative_to_the_recipe(tmp_path: Path):
-    run = prepare("train.steps=5", source=REPO / "recipes" / "coin_csv.yaml")
+    run = setup("train.steps=5", source=REPO / "recipes" / "coin_csv.yaml")
     assert run.data["flips"].tolist() == FLIPS
     assert run.recipe["data"]["file"] == str(REPO / "recipes" / "data" / "coin.csv")
 
@@ -89,10 +77,10 @@ def test_bad_data_files_name_file_and_column(tmp_path: Path, content, sets, expe
     path.write_text(content)
     sets = ["data=null", f"data.file={path}", *sets]
     if expected is None:
-        assert prepare(*sets).data["flips"].tolist() == [1.0]
+        assert setup(*sets).data["flips"].tolist() == [1.0]
         return
     with pytest.raises(UsageError) as caught:
-        prepare(*sets)
+        setup(*sets)
     assert str(caught.value).startswith(expected), str(caught.value)
 
 
@@ -104,14 +92,14 @@ def test_bad_data_files_name_file_and_column(tmp_path: Path, content, sets, expe
 ])
 def test_bad_data_sections_are_recipe_problems(sets: list[str], expected: str):
     with pytest.raises(UsageError) as caught:
-        prepare(*sets)
+        setup(*sets)
     assert expected in str(caught.value), str(caught.value)
 
 
 def test_minibatches_subsample_the_data_plate_with_its_scale(tmp_path: Path):
     import pyro.poutine as poutine
 
-    run = prepare("data.flips=" + str([1, 0] * 500), "train.batch_size=10")
+    run = setup("data.flips=" + str([1, 0] * 500), "train.batch_size=10")
     run.minibatch.resample()
     trace = poutine.trace(run.svi.model).get_trace(**run.data)
     assert trace.nodes["flips"]["value"].shape == (10,)
@@ -127,16 +115,16 @@ def test_minibatches_subsample_the_data_plate_with_its_scale(tmp_path: Path):
 ])
 def test_bad_minibatch_settings(sets: list[str], expected: str):
     with pytest.raises(UsageError, match=expected.replace("(", r"\(").replace(")", r"\)")):
-        prepare(*sets)
+        setup(*sets)
 
 
 def test_minibatches_with_local_latents_and_an_autoguide(tmp_path: Path):
     """The autoguide's own plate is subsampled with the model's (its prototype saw all of it)."""
-    run = prepare("data=null", "data.dataset=synthetic_schools", "data.dataset.schools=1000",
-                  "model=eight_schools", "guide=auto_normal", "optimizer.lr=0.05",
-                  "train.batch_size=100", "train.steps=800", "train.eval_every=0",
-                  "train.plots=false", "loggers=[]",  # unread here; the fit is the same
-                  source=REPO / "recipes" / "eight_schools.yaml")
+    run = setup("data=null", "data.dataset=synthetic_schools", "data.dataset.schools=1000",
+                "model=eight_schools", "guide=auto_normal", "optimizer.lr=0.05",
+                "train.batch_size=100", "train.steps=800", "train.eval_every=0",
+                "train.plots=false", "loggers=[]",  # unread here; the fit is the same
+                source=REPO / "recipes" / "eight_schools.yaml")
     summary = run.train(tmp_path)
     assert abs(summary["posterior"]["mu"]["mean"] - 5.0) < 0.3
     assert abs(summary["posterior"]["tau"]["mean"] - 2.0) < 0.3

@@ -18,7 +18,7 @@ import torch
 from pyro import poutine
 from pyro.infer import Trace_ELBO
 
-from tests.conftest import REPO, checkpointed_step, wait_for_checkpoint
+from tests.helpers import REPO, checkpointed_step, wait_for_checkpoint
 from workbench.data.minibatch import Minibatch
 from workbench.data.sources import Rows, read_file
 from workbench.distributed import World

@@ -11,45 +11,14 @@ import pyro.distributions as dist
 import pytest
 import torch
 
-from tests.test_catalogue import EXACT_STD, FAST, TOLERANCE, prepare, train
+from tests.gaussian_models import GAUSSIAN, data_for, independent, regression, regression_posterior
+from tests.helpers import EXACT_STD, FAST, REPO, TOLERANCE, coin_fit, setup
 from workbench.device import run_context
 from workbench.errors import UsageError
 
-GAUSSIAN = ["auto_normal", "auto_diagonal_normal", "auto_multivariate_normal",
-            "auto_lowrank_multivariate_normal"]
 DRAWS = 50
 COIN_LOC = math.log(16 / 14)  # the mode of Beta(16, 14) in logit space
 COIN_SCALE = math.sqrt(30 / (16 * 14))  # 1 / sqrt of the potential's curvature there
-DESIGN = [[1.0, 0.9], [0.8, 1.0], [1.0, 1.1], [0.9, 0.7], [1.2, 1.0]]
-
-
-def independent(y):
-    """Two Normal means with unit-variance observations: the posterior is a diagonal Gaussian."""
-    mu = pyro.sample("mu", dist.Normal(torch.zeros(2), 1.0).to_event(1))
-    with pyro.plate("data", y.shape[0]):
-        pyro.sample("y", dist.Normal(mu, 1.0).to_event(1), obs=y)
-
-
-def regression(y):
-    """A regression on two correlated columns: the posterior is a correlated Gaussian."""
-    design = torch.tensor(DESIGN)
-    first = pyro.sample("first", dist.Normal(0.0, 1.0))
-    second = pyro.sample("second", dist.Normal(0.0, 1.0))
-    with pyro.plate("data", y.shape[0]):
-        pyro.sample("y", dist.Normal(first * design[:, 0] + second * design[:, 1], 0.5), obs=y)
-
-
-def regression_posterior(y) -> tuple[torch.Tensor, torch.Tensor]:
-    design = torch.tensor(DESIGN)
-    covariance = torch.linalg.inv(torch.eye(2) + design.T @ design / 0.25)
-    return covariance @ design.T @ y / 0.25, covariance
-
-
-def data_for(model) -> dict:
-    torch.manual_seed(0)
-    if model is independent:
-        return {"y": torch.randn(6, 2) + torch.tensor([1.0, -1.0])}
-    return {"y": torch.tensor(DESIGN) @ torch.tensor([0.5, -0.3]) + 0.5 * torch.randn(5)}
 
 
 def build_guide(model, name: str, data: dict, init: str = "laplace"):
@@ -114,7 +83,7 @@ def test_stl_is_unbiased_away_from_the_optimum(float64):
 
 
 def test_stl_fits_the_coin(tmp_path: Path):
-    _, summary = train(tmp_path, "guide=auto_normal", "loss.estimator=stl", *FAST)
+    _, summary = coin_fit(tmp_path, "guide=auto_normal", "loss.estimator=stl", *FAST)
     post = summary["posterior"]["latent_fairness"]
     assert abs(post["mean"] - 16 / 30) < TOLERANCE and abs(post["std"] - EXACT_STD) < TOLERANCE
 
@@ -133,7 +102,7 @@ def test_stl_refuses_what_it_cannot_apply_to():
         with pytest.raises(ValueError, match="needs reparameterised guide sites; 'coin'"):
             loss.loss_and_grads(model, guide)
     with pytest.raises(UsageError, match="estimator 'stl' does not run under jit"):
-        prepare("loss.jit=true", "loss.estimator=stl")
+        setup("loss.jit=true", "loss.estimator=stl")
 
 
 # ------------------------------------------------------------------------------------------
@@ -182,8 +151,8 @@ def test_dreg_lowers_the_gradient_variance_at_16_particles(float64, loc, scale):
 
 
 def test_iwae_with_dreg_fits_the_coin(tmp_path: Path):
-    _, summary = train(tmp_path, "guide=auto_normal", "loss=iwae", "loss.num_particles=16",
-                       "loss.estimator=dreg", *FAST)
+    _, summary = coin_fit(tmp_path, "guide=auto_normal", "loss=iwae", "loss.num_particles=16",
+                          "loss.estimator=dreg", *FAST)
     post = summary["posterior"]["latent_fairness"]
     assert abs(post["mean"] - 16 / 30) < TOLERANCE and abs(post["std"] - EXACT_STD) < TOLERANCE
 
@@ -214,7 +183,7 @@ def test_laplace_is_exact_on_a_gaussian_posterior(float64, name):
 
 @pytest.mark.parametrize("name", GAUSSIAN)
 def test_laplace_starts_the_coin_at_the_mode(name):
-    run = prepare(f"guide={name}", "guide.init=laplace", "train.eval_every=0")
+    run = setup(f"guide={name}", "guide.init=laplace", "train.eval_every=0")
     assert run.notes == []
     with run_context(run.device, run.dtype), torch.no_grad():
         if name == "auto_normal":
@@ -231,8 +200,8 @@ def test_laplace_refuses_discrete_sites_and_notes_its_fallbacks(float64):
 
     with pytest.raises(UsageError, match="init 'laplace' needs continuous latent sites; "
                                          "'assignment' is discrete"):
-        prepare("guide=auto_normal", "guide.init=laplace", "model=gaussian_mixture",
-                "loss=enum_elbo", "data={dataset: {name: synthetic_mixture, n: 50}}")
+        setup("guide=auto_normal", "guide.init=laplace", "model=gaussian_mixture",
+              "loss=enum_elbo", "data={dataset: {name: synthetic_mixture, n: 50}}")
 
     def flat(y):  # 'free' does not touch the likelihood: the Hessian is singular
         pyro.sample("free", dist.Normal(0.0, 1.0).mask(False))  # no density: flat
@@ -265,12 +234,11 @@ def test_laplace_gets_kilpisjarvi_right_in_far_fewer_steps(tmp_path: Path):
     pytest.importorskip("vibench_posteriordb")
     from workbench.report import posterior
 
-    recipe = Path(__file__).resolve().parent.parent / "packages" / "vibench-posteriordb" / \
-        "recipes" / "pdb_kilpisjarvi.yaml"
+    recipe = REPO / "packages" / "vibench-posteriordb" / "recipes" / "pdb_kilpisjarvi.yaml"
     first = {}
     for init in ("laplace", "init_loc"):
-        run = prepare_recipe(recipe, "dtype=float64", "optimizer.lr=0.0001",
-                             "train.eval_every=0", f"guide.init={init}")
+        run = setup("dtype=float64", "optimizer.lr=0.0001", "train.eval_every=0",
+                    f"guide.init={init}", source=recipe)
         reference = run.model.reference_posterior()["params"]
         history = []
         with run_context(run.device, run.dtype):
@@ -292,11 +260,3 @@ def test_laplace_gets_kilpisjarvi_right_in_far_fewer_steps(tmp_path: Path):
     assert first.get("laplace", math.inf) <= 500
     assert "init_loc" not in first
 
-
-def prepare_recipe(path: Path, *sets: str):
-    from workbench.config import recipe as recipes
-    from workbench.plugins.registry import get_registry
-    from workbench.train.runner import Run
-
-    raw, overridden = recipes.apply_overrides(recipes.load(path), list(sets))
-    return Run.setup(recipes.resolve(raw, get_registry(), str(path), overridden), get_registry())

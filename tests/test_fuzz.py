@@ -9,7 +9,7 @@ import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from tests.conftest import COIN
+from tests.helpers import COIN
 from workbench.config import recipe as recipes
 from workbench.errors import UsageError
 from workbench.plugins.registry import get_registry

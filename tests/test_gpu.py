@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.conftest import COIN, GPU_DEVICES, REPO, vibench
+from tests.helpers import COIN, GPU_DEVICES, REPO, vibench
 
 EXACT_MEAN, EXACT_STD = 16 / 30, math.sqrt(16 * 14 / (30**2 * 31))
 

@@ -24,13 +24,10 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import REPO, vibench
-from workbench.config import recipe as recipes
+from tests.helpers import RECIPES, setup, train, vibench
 from workbench.errors import UsageError
-from workbench.plugins.registry import get_registry
 from workbench.train.runner import Run
 
-RECIPES = REPO / "recipes"
 # Adam with a shorter memory of squared gradients than its default (0.999), so that the
 # guide's scales, whose early gradients are large, still move late in the run; the rate
 # decays to a hundredth by the last step.
@@ -42,16 +39,11 @@ FAST = ["optimizer=adam", "optimizer.lr=0.1", "optimizer.betas=[0.9, 0.99]",
 
 
 def prepare(recipe: str, *sets: str) -> Run:
-    path = RECIPES / recipe
-    raw, overridden = recipes.apply_overrides(recipes.load(path), list(sets))
-    return Run.setup(recipes.resolve(raw, get_registry(), str(path), overridden), get_registry())
+    return setup(*sets, source=RECIPES / recipe)
 
 
 def fit(tmp_path: Path, recipe: str, *sets: str) -> dict:
-    run = prepare(recipe, *FAST, *sets)
-    run_dir = tmp_path / f"run{len(list(tmp_path.iterdir()))}"
-    run_dir.mkdir()
-    return run.train(run_dir)["posterior"]
+    return train(prepare(recipe, *FAST, *sets), tmp_path)["posterior"]
 
 
 def test_linear_regression_matches_the_exact_posterior_and_the_truth(tmp_path: Path):

@@ -10,8 +10,8 @@ import pyro.distributions as dist
 import pytest
 import torch
 
-from tests.test_catalogue import EXACT_MEAN, EXACT_STD, TOLERANCE, prepare, train
-from tests.test_estimators import GAUSSIAN, data_for, regression, regression_posterior
+from tests.gaussian_models import GAUSSIAN, data_for, regression, regression_posterior
+from tests.helpers import EXACT_MEAN, EXACT_STD, TOLERANCE, coin_fit, setup
 from workbench.errors import UsageError
 
 # A correlated 4-d Gaussian target with sds from 0.1 to 3: the scales differ 30-fold.
@@ -104,15 +104,15 @@ def test_the_flow_guide_starts_at_pathfinders_gaussian(float64):
 
 
 def test_init_pathfinder_then_svi_on_the_coin(tmp_path: Path):
-    run, summary = train(tmp_path, "guide=auto_multivariate_normal", "guide.init=pathfinder",
-                         "train.steps=50", "optimizer.lr=0.01")
+    run, summary = coin_fit(tmp_path, "guide=auto_multivariate_normal", "guide.init=pathfinder",
+                            "train.steps=50", "optimizer.lr=0.01")
     assert any(note.startswith("pathfinder: 4 paths") for note in run.notes), run.notes
     post = summary["posterior"]["latent_fairness"]
     assert abs(post["mean"] - EXACT_MEAN) < TOLERANCE and abs(post["std"] - EXACT_STD) < TOLERANCE
 
 
 def test_pathfinder_guide_with_no_steps_is_pathfinder_alone(tmp_path: Path):
-    run, summary = train(tmp_path, "guide=pathfinder", "guide.num_paths=2", "train.steps=0")
+    run, summary = coin_fit(tmp_path, "guide=pathfinder", "guide.num_paths=2", "train.steps=0")
     assert run.notes[0].startswith("pathfinder: 2 paths, "), run.notes
     assert summary["steps"] == 0
     post = summary["posterior"]["latent_fairness"]
@@ -127,12 +127,12 @@ def test_bad_pathfinder_options_are_one_line():
         (["guide=auto_normal", "guide.init=pathfindr"], "guide.init: expected one of"),
     ]:
         with pytest.raises(UsageError, match=expected) as caught:
-            prepare(*sets)
+            setup(*sets)
         assert len(str(caught.value).strip().splitlines()) == 1
     with pytest.raises(UsageError, match="init 'pathfinder' needs continuous latent sites; "
                                          "'assignment' is discrete"):
-        prepare("guide=auto_normal", "guide.init=pathfinder", "model=gaussian_mixture",
-                "loss=enum_elbo", "data={dataset: {name: synthetic_mixture, n: 50}}")
+        setup("guide=auto_normal", "guide.init=pathfinder", "model=gaussian_mixture",
+              "loss=enum_elbo", "data={dataset: {name: synthetic_mixture, n: 50}}")
 
 
 def test_lbfgs_history_gives_the_exact_inverse_hessian_on_a_quadratic(float64, monkeypatch):

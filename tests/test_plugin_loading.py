@@ -1,7 +1,7 @@
 """Plugins and options that misbehave must neither take vibench down nor make it lie.
 
 Each case was found by an adversarial tester. Plugins that act at import are real packages,
-pip-installed into a private directory (helpers from ``test_third_party_plugins``); hooks and
+pip-installed into a private directory (``tests/plugin_packages.py``); hooks and
 factories are tested in process, on a plugin manager holding only the plugin under test.
 """
 
@@ -12,6 +12,7 @@ import math
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -20,14 +21,14 @@ import pluggy
 import pytest
 import torch
 
-from tests.conftest import COIN, REPO
-from tests.conftest import vibench as run_vibench
-from tests.test_third_party_plugins import (
-    _env,
-    _vibench_script,
+from tests.helpers import COIN, REPO
+from tests.helpers import vibench as run_vibench
+from tests.plugin_packages import (
     by_name,
     pip_install,
+    plugin_env,
     vibench,
+    vibench_script,
     write_package,
 )
 from workbench import hookimpl, hookspecs
@@ -443,9 +444,9 @@ def test_run_goes_on_without_a_blocked_plugin_and_keeps_its_late_output_off_stdo
 
 def test_ctrl_c_while_a_plugin_loads_exits_130_naming_it(sleepy_site, tmp_path):
     marker = tmp_path / "importing"
-    env = {**_env(sleepy_site), "TP_SLEEPY_MARKER": str(marker)}
+    env = {**plugin_env(sleepy_site), "TP_SLEEPY_MARKER": str(marker)}
     child = subprocess.Popen(
-        [_vibench_script(), "list"], cwd=REPO, env=env, text=True,
+        [vibench_script(), "list"], cwd=REPO, env=env, text=True,
         stdout=subprocess.PIPE, stderr=subprocess.PIPE,
         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
@@ -465,11 +466,17 @@ def test_ctrl_c_while_a_plugin_loads_exits_130_naming_it(sleepy_site, tmp_path):
 
 
 class SlowHook:
+    """A hook that overruns the time limit, then registers once more and says so."""
+
+    def __init__(self):
+        self.done = threading.Event()
+
     @hookimpl
     def register_guides(self, register):
         register("slow_early", tensor_and_array_defaults)
         time.sleep(1)
         register("slow_late", tensor_and_array_defaults)
+        self.done.set()
 
     @hookimpl
     def register_losses(self, register):
@@ -478,12 +485,13 @@ class SlowHook:
 
 def test_hook_that_overruns_is_left_out_with_the_plugins_later_hooks(monkeypatch):
     monkeypatch.setenv("VIBENCH_PLUGIN_TIMEOUT", "0.2")
-    registry = collect(manager(SlowHook(), ArrayDefaults()))
+    slow = SlowHook()
+    registry = collect(manager(slow, ArrayDefaults()))
     assert [(p.plugin, p.where) for p in registry.problems] == [("SlowHook", "register_guides")]
     assert "did not return within 0.2 s" in registry.problems[0].error
     assert registry.names("guide") == ["array_guide"]
     assert registry.names("loss") == []
-    time.sleep(1.2)  # the hook goes on in its thread; what it registers late is not taken
+    assert slow.done.wait(60)  # the hook goes on in its thread and registers late: not taken
     assert registry.names("guide") == ["array_guide"]
 
 

@@ -16,7 +16,7 @@ import time
 
 import pytest
 
-from tests.conftest import REPO
+from tests.helpers import REPO
 
 # rich's "dots" spinner, the one progress.working shows
 FRAMES = "⠋⠙⠹⠸⠼⠴⠦⠧⠇⠏"
@@ -120,14 +120,14 @@ def test_off_a_terminal_only_the_line():
 BROKEN_COMPILE = """
 import sys
 import torch._inductor
-from tests.test_catalogue import prepare
+from tests.helpers import setup
 from workbench.compile import package_cache
 
 def broken(*args, **kwargs):
     raise RuntimeError("inductor broke")
 
 package_cache.build = torch._inductor.standalone_compile = broken
-run = prepare("train.compile=auto", "train.steps=100000", "train.eval_every=0")
+run = setup("train.compile=auto", "train.steps=100000", "train.eval_every=0")
 print("notes:", run.notes, file=sys.stderr)
 """
 

@@ -7,26 +7,20 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import COIN, vibench
+from tests.helpers import COIN, resolved, vibench
 from workbench.config import recipe as recipes
 from workbench.errors import RecipeError, UsageError
-from workbench.plugins.registry import get_registry
-
-
-def resolve(sets: list[str] = (), recipe: dict | None = None) -> dict:
-    raw = recipes.load(COIN) if recipe is None else recipe
-    raw, overridden = recipes.apply_overrides(raw, list(sets))
-    return recipes.resolve(raw, get_registry(), "coin.yaml", overridden)
 
 
 def problems(sets: list[str] = (), recipe: dict | None = None) -> list[str]:
+    """What checking the coin with ``sets`` (or the recipe ``recipe``) finds wrong."""
     with pytest.raises(RecipeError) as caught:
-        resolve(sets, recipe)
+        resolved(*sets, source=COIN if recipe is None else recipe)
     return caught.value.problems
 
 
 def test_coin_recipe_is_the_seed_value_for_value():
-    coin = resolve()
+    coin = resolved()
     assert coin["data"]["flips"] == [1] * 6 + [0] * 4
     assert coin["model"] == {"name": "beta_bernoulli", "prior_alpha": 10.0, "prior_beta": 10.0}
     assert coin["guide"] == {"name": "beta", "init_alpha": 15.0, "init_beta": 15.0}
@@ -36,16 +30,16 @@ def test_coin_recipe_is_the_seed_value_for_value():
 
 
 def test_resolved_recipe_fills_every_default_and_round_trips(tmp_path: Path):
-    coin = resolve()
+    coin = resolved()
     assert coin["optimizer"]["eps"] == 1e-8 and coin["seed"] == 0 and coin["device"] == "auto"
     saved = tmp_path / "recipe.yaml"
     saved.write_text(recipes.dump(coin))
-    again = recipes.resolve(recipes.load(saved), get_registry(), str(saved))
+    again = resolved(source=saved)
     assert again == coin
 
 
 def test_set_swaps_a_whole_component_leaving_no_old_option():
-    swapped = resolve(["guide=auto_normal"])
+    swapped = resolved("guide=auto_normal")
     assert swapped["guide"] == {"name": "auto_normal", "init": "init_loc", "init_scale": 0.1,
                                    "init_loc": "feasible"}
 
@@ -57,21 +51,21 @@ def test_set_name_only_keeps_options_and_says_when_they_do_not_fit():
 
 
 def test_set_changes_one_option_parsed_as_yaml():
-    changed = resolve(["loss.num_particles=16", "optimizer.lr=0.01", "optimizer.betas=[0.8, 0.99]"])
+    changed = resolved("loss.num_particles=16", "optimizer.lr=0.01", "optimizer.betas=[0.8, 0.99]")
     assert changed["loss"]["num_particles"] == 16
     assert changed["optimizer"]["lr"] == 0.01 and changed["optimizer"]["betas"] == [0.8, 0.99]
     assert changed["guide"]["name"] == "beta"
 
 
 def test_scientific_notation_is_a_number_as_users_write_it():
-    changed = resolve(["optimizer.lr=1e-3", "optimizer.eps=2E-8", "model.prior_alpha=1e1"])
+    changed = resolved("optimizer.lr=1e-3", "optimizer.eps=2E-8", "model.prior_alpha=1e1")
     assert changed["optimizer"]["lr"] == 0.001 and changed["optimizer"]["eps"] == 2e-8
     assert changed["model"]["prior_alpha"] == 10.0
 
 
 def test_set_per_parameter_rules_into_a_nested_component():
-    changed = resolve(["optimizer.optim_args=per_param",
-                       "optimizer.optim_args.rules.log_alpha_q.lr=0"])
+    changed = resolved("optimizer.optim_args=per_param",
+                       "optimizer.optim_args.rules.log_alpha_q.lr=0")
     assert changed["optimizer"]["optim_args"] == {
         "name": "per_param", "rules": {"log_alpha_q": {"lr": 0}}
     }

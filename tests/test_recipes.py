@@ -6,24 +6,19 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import REPO
-from workbench.config import recipe as recipes
-from workbench.plugins.registry import get_registry
-from workbench.train.runner import Run
+from tests.helpers import RECIPES, setup, train
 
-RECIPES = sorted((REPO / "recipes").glob("*.yaml"))
+SHIPPED = sorted(RECIPES.glob("*.yaml"))
 
 
 def test_there_are_recipes_for_the_first_swaps():
-    names = {path.stem for path in RECIPES}
+    names = {path.stem for path in SHIPPED}
     assert {"coin", "coin_auto_normal", "coin_renyi", "coin_schedule", "coin_per_param"} <= names
 
 
-@pytest.mark.parametrize("path", RECIPES, ids=lambda p: p.stem)
+@pytest.mark.parametrize("path", SHIPPED, ids=lambda p: p.stem)
 def test_recipe_runs_a_few_steps(tmp_path: Path, path: Path):
     text = path.read_text()
     assert text.startswith("#") and f"vibench run recipes/{path.name}" in text
-    raw, overridden = recipes.apply_overrides(recipes.load(path), ["train.steps=20"])
-    recipe = recipes.resolve(raw, get_registry(), str(path), overridden)
-    summary = Run.setup(recipe, get_registry()).train(tmp_path)
+    summary = train(setup("train.steps=20", source=path), tmp_path)
     assert summary["steps"] == 20 and summary["posterior"]

@@ -11,12 +11,11 @@ from pathlib import Path
 import pytest
 import torch
 
+from tests.helpers import setup
 from workbench import hookimpl
 from workbench.cli import report_lines
-from workbench.config import recipe as recipes
 from workbench.plugins.registry import collect, make_plugin_manager
 from workbench.report import reference
-from workbench.train.runner import Run
 
 X = [[0.5, -1.0], [1.5, -0.5], [1.0, -2.0], [0.0, -1.5], [2.0, -1.0]]
 PRIOR_SD = 10.0
@@ -79,8 +78,7 @@ def train(registry, run_dir: Path, **options) -> dict:
            "loss": {"name": "elbo", "num_particles": 4}, "optimizer": {"name": "adam", "lr": 0.05,
                          "schedule": {"name": "exponential", "gamma": 0.993}},
            "train": {"steps": 600, "plots": False, "eval_every": 0}, "loggers": []}
-    resolved = recipes.resolve(raw, registry, "test", set())
-    summary = Run.setup(resolved, registry).train(run_dir)
+    summary = setup(source=raw, registry=registry).train(run_dir)
     assert summary["status"] == "completed"
     return summary
 

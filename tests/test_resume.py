@@ -10,15 +10,22 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.conftest import COIN, checkpointed_step, vibench, wait_for_checkpoint
-from tests.conftest import start as start_run
-from workbench import hookimpl
-from workbench.config import recipe as recipes
+from tests.helpers import (
+    COIN,
+    FLAKY,
+    checkpointed_step,
+    fit,
+    flaky_registry,
+    setup,
+    vibench,
+    wait_for_checkpoint,
+)
+from tests.helpers import start as start_run
 from workbench.errors import RunError
-from workbench.plugins.registry import collect, make_plugin_manager
 from workbench.train.runner import Run
 
-ARGS = ["--steps", "400", "--set", "train.checkpoint_every=25", "--set", "loss.num_particles=3"]
+SETS = ["train.steps=400", "train.checkpoint_every=25", "loss.num_particles=3"]
+ARGS = [arg for item in SETS for arg in ("--set", item)]
 
 
 def start(out: Path, *args: str) -> subprocess.Popen:
@@ -26,8 +33,7 @@ def start(out: Path, *args: str) -> subprocess.Popen:
 
 
 def test_sigkill_then_resume_ends_bitwise_equal_to_an_uninterrupted_run(tmp_path: Path):
-    whole = tmp_path / "whole"
-    assert vibench("run", str(COIN), *ARGS, "--out", str(whole)).returncode == 0
+    _, whole = fit(tmp_path, *SETS)  # in this process: the same numbers as vibench run
 
     killed = tmp_path / "killed"
     child = start(killed)
@@ -70,49 +76,32 @@ def test_ctrl_c_finishes_the_step_saves_and_says_how_to_resume(tmp_path: Path):
 
 
 def test_resume_refuses_what_it_cannot_do(tmp_path: Path):
-    done = tmp_path / "done"
-    assert vibench("run", str(COIN), "--steps", "5", "--out", str(done)).returncode == 0
+    """The command line's own refusals, as the user sees them (one line, exit 2); what the
+    service refuses, as the UsageError the CLI prints as that line."""
+    from workbench import service
+    from workbench.errors import UsageError
+    from workbench.plugins.registry import get_registry
+
+    _, done = fit(tmp_path, "train.steps=5", "train.plots=false")
     for args, expected in [
-        (["--resume", str(done)], "the run already took all its 5 steps"),
-        (["--resume", str(tmp_path)], "no checkpoint.pt there"),
         (["--resume", str(done), "--seed", "3"], "only --steps and --set optimizer.* may change"),
         ([str(COIN), "--resume", str(done)], "give a RECIPE to run, or --resume"),
     ]:
         result = vibench("run", *args)
         assert result.returncode == 2, result.stderr
         assert expected in result.stderr and len(result.stderr.strip().splitlines()) == 1
-
-
-class Flaky:
-    """A model whose log density is -inf on about a third of its draws."""
-
-    def __call__(self, y):
-        import pyro
-        import pyro.distributions as dist
-
-        z = pyro.sample("z", dist.Normal(0.0, 1.0))
-        pyro.sample("y", dist.Normal(z, 1.0), obs=y)
-        if torch.rand(()) < 0.3:
-            pyro.factor("trouble", torch.tensor(float("-inf")))
-
-
-class FlakyPlugin:
-    @hookimpl
-    def register_models(self, register):
-        register("flaky", Flaky)
+    for run_dir, expected in [(done, "the run already took all its 5 steps"),
+                              (tmp_path, "no checkpoint.pt there")]:
+        with pytest.raises(UsageError, match=expected) as refused:
+            service.resume(run_dir, [], get_registry())
+        assert "\n" not in str(refused.value)
 
 
 def flaky_run(*sets: str) -> Run:
-    pm, problems = make_plugin_manager()
-    pm.register(FlakyPlugin(), name="test-flaky")
-    registry = collect(pm, problems)
-    raw = {"name": "flaky", "data": {"y": 0.5}, "model": "flaky", "guide": "auto_normal",
-           "loss": "elbo", "optimizer": {"name": "adam", "lr": 0.05}, "train": {"steps": 200}}
-    raw, overridden = recipes.apply_overrides(raw, list(sets))
-    resolved = recipes.resolve(raw, registry, "flaky.yaml", overridden)
+    registry = flaky_registry()
     for seed in range(50):  # a seed whose dry run draws a good step
         try:
-            return Run.setup({**resolved, "seed": seed}, registry)
+            return setup(*sets, source=FLAKY, registry=registry, seed=seed)
         except Exception:
             continue
     raise AssertionError("no seed gave a good first step")

@@ -8,10 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import COIN, vibench
+from tests.helpers import COIN, EXACT_MEAN, EXACT_STD, FAST, QUICK, fit, vibench
 
-EXACT_MEAN = 16 / 30
-EXACT_STD = math.sqrt(16 * 14 / (30**2 * 31))
 # For runs whose plots and event files no test here reads: the fit is the same without them.
 UNSEEN = ("--set", "train.plots=false", "--set", "loggers=[]")
 
@@ -80,7 +78,8 @@ def test_tensorboard_reads_back_loss_eval_and_params(coin_run):
 
 
 def test_auto_normal_swapped_in_by_set_alone(tmp_path: Path):
-    result = vibench("run", str(COIN), "--set", "guide=auto_normal", *UNSEEN,
+    fast = [item for pair in zip(["--set"] * len(FAST), FAST) for item in pair]
+    result = vibench("run", str(COIN), "--set", "guide=auto_normal", *UNSEEN, *fast,
                      "--out", str(tmp_path / "r"))
     assert result.returncode == 0, result.stderr
     summary = json.loads((tmp_path / "r" / "summary.json").read_text())
@@ -91,27 +90,30 @@ def test_auto_normal_swapped_in_by_set_alone(tmp_path: Path):
 
 
 def test_same_recipe_and_seed_give_the_same_numbers(tmp_path: Path):
-    summaries = []
-    for name in ("a", "b"):
-        result = vibench("run", str(COIN), "--steps", "200", "--seed", "7", *UNSEEN,
-                         "--set", "loss.num_particles=3", "--out", str(tmp_path / name))
-        assert result.returncode == 0, result.stderr
-        summaries.append(json.loads((tmp_path / name / "summary.json").read_text()))
-    for key in ("params", "posterior", "final_loss", "recipe"):
-        assert summaries[0][key] == summaries[1][key]
-    other = vibench("run", str(COIN), "--steps", "200", "--seed", "8", *UNSEEN,
-                    "--set", "train.diagnostics=false",  # only its parameters are compared
-                    "--set", "loss.num_particles=3", "--out", str(tmp_path / "c"))
-    changed = json.loads((tmp_path / "c" / "summary.json").read_text())["params"]
-    assert changed != summaries[0]["params"]
-    assert other.returncode == 0
+    """vibench run in a fresh process and the same recipe run again in this one (as
+    ``workbench.fit`` runs it, after other runs here) give the same numbers."""
+    sets = ["train.steps=200", "train.plots=false", "loggers=[]", "loss.num_particles=3"]
+    result = vibench("run", str(COIN), "--seed", "7", *(f"--set={s}" for s in sets),
+                     "--out", str(tmp_path / "a"))
+    assert result.returncode == 0, result.stderr
+    child = json.loads((tmp_path / "a" / "summary.json").read_text())
+    here, _ = fit(tmp_path, "seed=7", *sets)
+    for key in ("params", "posterior", "final_loss"):
+        assert child[key] == here[key], key
+    assert child["recipe"] == here["recipe"]
+    other, _ = fit(tmp_path, "seed=8", *sets, "train.diagnostics=false")
+    assert other["params"] != child["params"]
 
 
-def test_default_run_directories_never_overwrite(tmp_path: Path):
-    quiet = (*UNSEEN, "--set", "train.diagnostics=false")
-    first = vibench("run", str(COIN), "--steps", "3", *quiet, cwd=tmp_path)
-    second = vibench("run", str(COIN), "--steps", "3", *quiet, cwd=tmp_path)
-    assert first.returncode == second.returncode == 0
+def test_default_run_directories_never_overwrite(tmp_path: Path, monkeypatch):
+    """Without --out, runs go to runs/NAME-TIME in the working directory; two in the same
+    second get two directories."""
+    from workbench import service
+    from workbench.plugins.registry import get_registry
+
+    monkeypatch.chdir(tmp_path)
+    for _ in range(2):
+        service.start(COIN, ["train.steps=3", *QUICK], None, get_registry()).train()
     runs = sorted(p.name for p in (tmp_path / "runs").iterdir())
     assert len(runs) == 2 and all(name.startswith("coin-") for name in runs)
 

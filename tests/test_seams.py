@@ -9,7 +9,7 @@ import sys
 import pyro.optim
 import torch
 
-from conftest import REPO
+from tests.helpers import REPO
 from workbench.seams import torch_optimizer
 
 

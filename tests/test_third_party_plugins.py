@@ -11,47 +11,12 @@ interfere with one another.
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import subprocess
-import sys
-import textwrap
 from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
-COIN = "recipes/coin.yaml"
-TIMEOUT = 180  # seconds for one subprocess; a hang fails the test instead of the session
-
-
-def _vibench_script() -> str:
-    beside = Path(sys.executable).with_name("vibench")
-    found = str(beside) if beside.exists() else shutil.which("vibench")
-    if not found:
-        pytest.skip("the vibench console script is not installed")
-    return found
-
-
-def _env(site: Path | None) -> dict[str, str]:
-    env = dict(os.environ)
-    for name in ("PYTHONPATH", "VIBENCH_DISABLE_PLUGINS", "VIBENCH_DEBUG",
-                 "VIBENCH_PLUGIN_TIMEOUT", "VIBENCH_TRACE_PLUGINS"):
-        env.pop(name, None)
-    if site is not None:
-        env["PYTHONPATH"] = str(site)
-    env["PIP_DISABLE_PIP_VERSION_CHECK"] = "1"
-    return env
-
-
-def vibench(*args: str, site: Path | None = None, env: dict[str, str] | None = None,
-            timeout: float = TIMEOUT) -> subprocess.CompletedProcess:
-    """Run ``vibench ARGS`` from the repo root, with the plugins installed in ``site`` and
-    ``env`` added to the environment."""
-    return subprocess.run(
-        [_vibench_script(), *args], cwd=REPO, env={**_env(site), **(env or {})},
-        capture_output=True, text=True, timeout=timeout,
-    )
+from tests.helpers import COIN
+from tests.plugin_packages import by_name, pip_install, vibench, write_package
 
 
 def listing(site: Path | None) -> dict:
@@ -59,46 +24,6 @@ def listing(site: Path | None) -> dict:
     assert result.returncode == 0, result.stderr
     assert "Traceback" not in result.stderr, result.stderr
     return json.loads(result.stdout)
-
-
-def by_name(entries: list[dict]) -> dict[str, dict]:
-    return {entry["name"]: entry for entry in entries}
-
-
-def write_package(root: Path, dist: str, module: str, entry_point: str, source: str) -> Path:
-    """A minimal plugin package: ``module/__init__.py`` plus ``module/plugin.py``."""
-    pkg = root / dist
-    (pkg / module).mkdir(parents=True)
-    (pkg / "pyproject.toml").write_text(textwrap.dedent(f"""\
-        [build-system]
-        requires = ["setuptools>=64"]
-        build-backend = "setuptools.build_meta"
-
-        [project]
-        name = "{dist}"
-        version = "0.1.0"
-        requires-python = ">=3.10"
-
-        [project.entry-points.vibench]
-        {entry_point} = "{module}.plugin"
-
-        [tool.setuptools]
-        packages = ["{module}"]
-        """))
-    (pkg / module / "__init__.py").write_text("")
-    (pkg / module / "plugin.py").write_text(textwrap.dedent(source))
-    return pkg
-
-
-def pip_install(packages: list[Path], target: Path) -> Path:
-    """Install the packages into ``target`` offline, building with the environment's setuptools."""
-    result = subprocess.run(
-        [sys.executable, "-m", "pip", "install", "--no-deps", "--no-build-isolation",
-         "--no-index", "--quiet", "--target", str(target), *map(str, packages)],
-        env=_env(None), capture_output=True, text=True, timeout=TIMEOUT,
-    )
-    assert result.returncode == 0, f"pip install failed:\n{result.stdout}\n{result.stderr}"
-    return target
 
 
 # A genuinely useful guide for the coin (Pyro's AutoDiagonalNormal), and a model.
@@ -259,7 +184,7 @@ def test_third_party_guide_shows_in_text_listing(clean_site):
 def test_third_party_guide_runs_the_coin(clean_site, tmp_path):
     out = tmp_path / "run"
     result = vibench(
-        "run", COIN, "--set", "guide=tp_diag_normal", "--set", "optimizer.lr=0.02",
+        "run", str(COIN), "--set", "guide=tp_diag_normal", "--set", "optimizer.lr=0.02",
         "--steps", "300", "--out", str(out), site=clean_site,
     )
     assert result.returncode == 0, result.stderr
@@ -281,7 +206,7 @@ def test_third_party_guide_runs_the_coin(clean_site, tmp_path):
 
 def test_third_party_guide_options_are_checked(clean_site, tmp_path):
     result = vibench(
-        "run", COIN, "--set", "guide=tp_diag_normal", "--set", "guide.init_scal=0.05",
+        "run", str(COIN), "--set", "guide=tp_diag_normal", "--set", "guide.init_scal=0.05",
         "--steps", "5", "--out", str(tmp_path / "run"), site=clean_site,
     )
     assert result.returncode == 2, result.stderr
@@ -316,7 +241,7 @@ def test_import_error_is_shown_in_text_listing(broken_site):
 
 def test_run_warns_about_broken_plugin_and_still_works(broken_site, tmp_path):
     out = tmp_path / "run"
-    result = vibench("run", COIN, "--steps", "10", "--out", str(out), site=broken_site)
+    result = vibench("run", str(COIN), "--steps", "10", "--out", str(out), site=broken_site)
     assert result.returncode == 0, result.stderr
     assert "Traceback" not in result.stderr
     warnings = [l for l in result.stderr.splitlines() if l.startswith("warning")]
@@ -343,7 +268,7 @@ def test_misspelt_hook_is_listed_as_broken(broken_site, defaults):
 def test_others_keep_working_beside_a_misspelt_hook(broken_site, tmp_path):
     out = tmp_path / "run"
     result = vibench(
-        "run", COIN, "--set", "guide=tp_diag_normal", "--steps", "10", "--out", str(out),
+        "run", str(COIN), "--set", "guide=tp_diag_normal", "--steps", "10", "--out", str(out),
         site=broken_site,
     )
     assert result.returncode == 0, result.stderr
@@ -373,7 +298,7 @@ def test_conflict_is_listed_naming_both_plugins(conflict_site, defaults):
 
 def test_run_of_conflicting_name_is_an_error_naming_both(conflict_site, tmp_path):
     out = tmp_path / "run"
-    result = vibench("run", COIN, "--steps", "10", "--out", str(out), site=conflict_site)
+    result = vibench("run", str(COIN), "--steps", "10", "--out", str(out), site=conflict_site)
     assert result.returncode == 2, (result.stdout, result.stderr)
     assert "Traceback" not in result.stderr
     lines = result.stderr.strip().splitlines()
@@ -387,7 +312,7 @@ def test_run_of_conflicting_name_is_an_error_naming_both(conflict_site, tmp_path
 def test_other_guide_still_runs_beside_a_conflict(conflict_site, tmp_path):
     out = tmp_path / "run"
     result = vibench(
-        "run", COIN, "--set", "guide=auto_normal", "--steps", "10", "--out", str(out),
+        "run", str(COIN), "--set", "guide=auto_normal", "--steps", "10", "--out", str(out),
         site=conflict_site,
     )
     assert result.returncode == 0, result.stderr

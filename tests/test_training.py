@@ -11,31 +11,22 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import COIN, REPO, vibench
-from workbench.config import recipe as recipes
+from tests.helpers import COIN, EXACT_MEAN, EXACT_STD, REPO, setup, train, vibench
 from workbench.errors import RunError
-from workbench.plugins.registry import get_registry
 from workbench.train.runner import Run
 
-EXACT_MEAN = 16 / 30
-EXACT_STD = math.sqrt(16 * 14 / (30**2 * 31))
 
-
-def train(tmp_path: Path, *sets: str) -> dict:
-    raw, overridden = recipes.apply_overrides(recipes.load(COIN), list(sets))
-    recipe = recipes.resolve(raw, get_registry(), str(COIN), overridden)
-    run_dir = tmp_path / f"run{len(list(tmp_path.iterdir()))}"
-    run_dir.mkdir()
-    return Run.setup(recipe, get_registry()).train(run_dir)
+def fit(tmp_path: Path, *sets: str) -> dict:
+    return train(setup(*sets), tmp_path)
 
 
 @pytest.mark.parametrize("seed", [1, 2])
 def test_seed_numbers_hold_for_other_seeds(tmp_path: Path, seed: int):
     # The seed's settings; evaluation, plots, the diagnostic and loggers never change the fit,
     # nor does compiling (eager's random numbers, a tenth of the time; seed 0 runs eagerly).
-    post = train(tmp_path, f"seed={seed}", "train.eval_every=0", "train.plots=false",
-                 "train.diagnostics=false", "loggers=[]", "train.compile=true"
-                 )["posterior"]["latent_fairness"]
+    post = fit(tmp_path, f"seed={seed}", "train.eval_every=0", "train.plots=false",
+               "train.diagnostics=false", "loggers=[]", "train.compile=true"
+               )["posterior"]["latent_fairness"]
     assert abs(post["mean"] - EXACT_MEAN) < 0.01
     assert abs(post["std"] - EXACT_STD) < 0.005
     assert post["method"] == "analytic"
@@ -43,16 +34,14 @@ def test_seed_numbers_hold_for_other_seeds(tmp_path: Path, seed: int):
 
 def test_per_param_rule_really_changes_the_named_parameter(tmp_path: Path):
     start = math.log(15.0)
-    plain = train(tmp_path, "train.steps=300")["params"]
-    frozen = train(tmp_path, "train.steps=300", "optimizer.optim_args=per_param",
-                   "optimizer.optim_args.rules.log_alpha_q.lr=0")["params"]
+    plain = fit(tmp_path, "train.steps=300")["params"]
+    frozen = fit(tmp_path, "train.steps=300", "optimizer.optim_args=per_param",
+                 "optimizer.optim_args.rules.log_alpha_q.lr=0")["params"]
     assert frozen["log_alpha_q"] == pytest.approx(start, abs=1e-7)  # lr 0: never moves
     assert plain["log_alpha_q"] != pytest.approx(start, abs=1e-3)
     assert frozen["log_beta_q"] != pytest.approx(start, abs=1e-3)  # the other still learns
 
-    raw, overridden = recipes.apply_overrides(recipes.load(COIN), [
-        "optimizer.optim_args=per_param", "optimizer.optim_args.rules.log_beta_q.lr=0.01"])
-    run = Run.setup(recipes.resolve(raw, get_registry(), str(COIN), overridden), get_registry())
+    run = setup("optimizer.optim_args=per_param", "optimizer.optim_args.rules.log_beta_q.lr=0.01")
     assert learning_rate(run, "log_beta_q") == 0.01
     assert learning_rate(run, "log_alpha_q") == 0.0005
 
@@ -68,8 +57,8 @@ def learning_rate(run: Run, param: str) -> float:
 
 
 def test_glob_rules_match_several_parameters(tmp_path: Path):
-    params = train(tmp_path, "train.steps=50", "optimizer.optim_args=per_param",
-                   "optimizer.optim_args.rules={'log_*_q': {lr: 0}}")["params"]
+    params = fit(tmp_path, "train.steps=50", "optimizer.optim_args=per_param",
+                 "optimizer.optim_args.rules={'log_*_q': {lr: 0}}")["params"]
     assert params == {"log_alpha_q": pytest.approx(math.log(15.0)),
                       "log_beta_q": pytest.approx(math.log(15.0))}
 
@@ -87,7 +76,7 @@ def test_a_non_finite_loss_stops_the_run_with_exit_1_and_keeps_the_results(tmp_p
 
 def test_run_error_is_raised_in_process(tmp_path: Path):
     with pytest.raises(RunError, match="step 2 failed: .* the last good checkpoint is in"):
-        train(tmp_path, "optimizer.lr=1e30", "train.steps=200")
+        fit(tmp_path, "optimizer.lr=1e30", "train.steps=200")
 
 
 @pytest.mark.slow
@@ -97,23 +86,23 @@ def test_iterate_averaging_brings_the_seed_within_a_thousandth(tmp_path: Path):
     step draws eager's random numbers (tests/test_compile.py) at a tenth of the time."""
     errors = []
     for seed in range(8):
-        summary = train(tmp_path, f"seed={seed}", "train.average_last=0.5", "train.eval_every=0",
-                        "train.compile=true",
-                        "train.plots=false", "train.diagnostics=false", "loggers=[]",
-                        "train.log_params_every=0", "train.checkpoint_every=0")
+        summary = fit(tmp_path, f"seed={seed}", "train.average_last=0.5", "train.eval_every=0",
+                      "train.compile=true",
+                      "train.plots=false", "train.diagnostics=false", "loggers=[]",
+                      "train.log_params_every=0", "train.checkpoint_every=0")
         assert summary["averaged_steps"] == 2000
         errors.append(abs(summary["posterior"]["latent_fairness"]["mean"] - EXACT_MEAN))
     assert sum(errors) / len(errors) < 0.001, errors
 
 
 def test_early_stopping_when_the_smoothed_loss_stops_improving(tmp_path: Path):
-    summary = train(tmp_path, "optimizer.lr=0.05", "train.steps=20000",
-                    "train.early_stop_patience=300", "train.early_stop_window=100",
-                    "train.early_stop_min_delta=0.01")
+    summary = fit(tmp_path, "optimizer.lr=0.05", "train.steps=20000",
+                  "train.early_stop_patience=300", "train.early_stop_window=100",
+                  "train.early_stop_min_delta=0.01")
     assert summary["stopped_early"] == summary["steps"] < 20000
     assert summary["status"] == "completed"
     assert abs(summary["posterior"]["latent_fairness"]["mean"] - EXACT_MEAN) < 0.03
-    never = train(tmp_path, "train.steps=50")
+    never = fit(tmp_path, "train.steps=50")
     assert never["stopped_early"] is None
 
 

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.conftest import REPO, vibench
+from tests.helpers import REPO, resolved, setup, train, vibench
 from workbench.config import recipe as recipes
 from workbench.errors import RecipeError
 from workbench.plugins.registry import get_registry
@@ -58,19 +58,9 @@ def recipe_file(directory: Path, **sections) -> Path:
     return write(directory / "recipe.yaml", yaml.safe_dump(recipe))
 
 
-def resolve(path: Path, *sets: str) -> dict:
-    raw, overridden = recipes.apply_overrides(recipes.load(path), list(sets))
-    return recipes.resolve(raw, get_registry(), str(path), overridden)
-
-
-def train(run: Run, directory: Path) -> dict:
-    (directory / "out").mkdir()
-    return run.train(directory / "out")
-
-
 def problems(path: Path, *sets: str) -> list[str]:
     with pytest.raises(RecipeError) as caught:
-        resolve(path, *sets)
+        resolved(*sets, source=path)
     return caught.value.problems
 
 
@@ -90,9 +80,9 @@ def test_the_example_recipe_runs_from_anywhere_and_resumes(tmp_path: Path):
 def test_a_factory_class_from_a_file_gets_its_options(tmp_path: Path):
     write(tmp_path / "coin.py", COIN_MODEL)
     path = recipe_file(tmp_path, model={"name": "coin.py:Coin", "prior": 2.0})
-    resolved = resolve(path)
-    assert resolved["model"] == {"name": f"{tmp_path / 'coin.py'}:Coin", "prior": 2.0}
-    run = Run.setup(resolved, get_registry())
+    recipe = resolved(source=path)
+    assert recipe["model"] == {"name": f"{tmp_path / 'coin.py'}:Coin", "prior": 2.0}
+    run = Run.setup(recipe, get_registry())
     assert run.model.prior == 2.0
     assert problems(path, "model.prior=abc") == [
         "model.prior: expected float, got 'abc' (set on the command line)"]
@@ -114,7 +104,7 @@ def test_a_plain_function_is_the_model_itself_and_takes_its_data(tmp_path: Path)
     """)
     path = recipe_file(tmp_path, model={"name": "line.py:model"},
                        data={"x": [0.0, 1.0, 2.0, 3.0], "y": [0.1, 2.1, 3.9, 6.2]})
-    summary = train(Run.setup(resolve(path), get_registry()), tmp_path)
+    summary = train(setup(source=path), tmp_path)
     assert summary["steps"] == 20 and "slope" in summary["posterior"]
     assert problems(path, "model.noise=1") == [
         "model.noise: model 'line.py:model' has no option 'noise'; a function is the model "
@@ -144,7 +134,7 @@ def test_a_guide_and_a_loss_from_a_file(tmp_path: Path):
     path = recipe_file(tmp_path, model={"name": "coin.py:model"},
                        guide={"name": "mine.py:guide"},
                        loss={"name": "mine.py:elbo", "num_particles": 3})
-    run = Run.setup(resolve(path), get_registry())
+    run = setup(source=path)
     assert run.svi.loss.__self__.num_particles == 3
     summary = train(run, tmp_path)
     assert set(summary["params"]) == {"a", "b"} and summary["steps"] == 20
@@ -157,13 +147,13 @@ def test_a_class_from_a_module_is_a_factory_and_its_saved_recipe_runs_again(tmp_
     write(tmp_path / "coin.py", COIN_MODEL)
     path = recipe_file(tmp_path, model={"name": "coin.py:model"},
                        guide={"name": "pyro.infer.autoguide:AutoNormal", "init_scale": 0.05})
-    resolved = resolve(path)
+    recipe = resolved(source=path)
     # init_loc_fn defaults to a function, which no recipe could hold: it is no option
-    assert resolved["guide"] == {"name": "pyro.infer.autoguide:AutoNormal",
-                                 "init_scale": 0.05, "create_plates": None}
-    saved = write(tmp_path / "saved" / "recipe.yaml", recipes.dump(resolved))
-    assert recipes.dump(resolve(saved)) == recipes.dump(resolved)
-    assert Run.setup(resolved, get_registry()).guide._init_scale == 0.05
+    assert recipe["guide"] == {"name": "pyro.infer.autoguide:AutoNormal",
+                               "init_scale": 0.05, "create_plates": None}
+    saved = write(tmp_path / "saved" / "recipe.yaml", recipes.dump(recipe))
+    assert recipes.dump(resolved(source=saved)) == recipes.dump(recipe)
+    assert Run.setup(recipe, get_registry()).guide._init_scale == 0.05
 
 
 def test_a_package_module_attribute_on_the_python_path(tmp_path: Path):
@@ -189,8 +179,8 @@ def test_a_file_is_imported_once_per_process(tmp_path: Path):
             pass
     """)
     path = recipe_file(tmp_path, model={"name": "counted.py:model"})
-    resolve(path)
-    resolve(path, f"model.name={tmp_path / 'counted.py'}:model")
+    resolved(source=path)
+    resolved(f"model.name={tmp_path / 'counted.py'}:model", source=path)
     get_registry().get("model", "counted.py:model", tmp_path)
     assert (tmp_path / "imports").read_text() == "imported\n"
 
@@ -306,7 +296,7 @@ def plain_recipe(directory: Path, model: dict, data: dict | None, guide: str = "
 
 
 def fit(path: Path) -> tuple[Run, dict, Path]:
-    run = Run.setup(resolve(path), get_registry())
+    run = setup(source=path)
     out = path.parent / "out"
     out.mkdir()
     return run, run.train(out), out
@@ -470,7 +460,7 @@ def test_a_loss_that_needs_particles_at_once_names_the_model_and_its_line(tmp_pa
     path = plain_recipe(tmp_path, {"name": f"{PLAIN}:linear"}, REGRESSION,
                         loss={"name": "tail_adaptive_elbo", "num_particles": 4})
     with pytest.raises(UsageError) as caught:
-        Run.setup(resolve(path), get_registry())
+        setup(source=path)
     message = str(caught.value)
     assert message.startswith("loss 'tail_adaptive_elbo' needs particles evaluated at once, "
                               f"and model '{PLAIN}:linear' does not broadcast"), message
