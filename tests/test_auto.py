@@ -629,3 +629,12 @@ def test_a_stop_signal_in_the_laplace_start_of_a_large_model_stops_it(tmp_path: 
     _, rest = child.communicate(timeout=120)
     assert child.returncode == 143, rest
     assert "Traceback" not in rest
+
+
+def test_scattered_starts_find_their_own_laplace_start_and_the_stage_says_so(tmp_path: Path):
+    summary, _ = run(tmp_path, {**COIN, "auto": {"stages": [
+        "start", {"name": "gaussian", "runs": 2, "scatter": 3.0, "lr": 0.01,
+                  "max_steps": 10}, "rhat", "psis"]}})
+    said = summary["auto"]["stages"][1]["said"]
+    assert "fits after the first from 3 of its sds away" in said
+    assert [fit["ok"] for fit in summary["auto"]["fits"]] == [True, True]
