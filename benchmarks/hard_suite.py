@@ -14,8 +14,8 @@ the pipeline trusts its result, its flags, and the wall time of the whole ``vibe
     nice -n 19 python benchmarks/hard_suite.py hard_banana hard_funnel10 --out /tmp/hard
     python benchmarks/hard_suite.py --set seed=1 --detail
 
-The pipeline's Gaussian stage has a CPU-time budget (20 s by default), so on a loaded
-machine it may run fewer fits: the wall times and sometimes the results depend on the load.
+The pipeline's Gaussian stage counts its budget in gradient steps, so its path depends only
+on the recipe and the seed; the wall times depend on the machine's load.
 """
 
 from __future__ import annotations

@@ -55,30 +55,78 @@ class Start:
 
 def gaussian(family: Literal["auto", "full_rank", "low_rank", "diagonal"] = "auto",
              low_rank_above: int = 200, runs: int = 4, min_runs: int = 2,
-             budget_s: float = 20.0, num_particles: int = 4,
+             budget_steps: int = 900, agree: float | None = 0.1, num_particles: int = 4,
              estimator: Literal["stl", "reparam"] = "stl", lr: float | str = "auto",
              max_steps: int | None = 300, window: int = 50, skl: float = 0.01,
-             lr_factor: float = 0.5, spread: float = 0.5):
-    """Independent Gaussian fits: STL, searched step size, stopped at convergence."""
+             lr_factor: float = 0.5, spread: float = 0.5, scatter: float = 0.0):
+    """Independent Gaussian fits: STL, searched step size, stopped at convergence; no more
+    fits once ``min_runs`` agree or the stage has taken ``budget_steps`` steps. With
+    ``scatter`` > 0, fits after the first start ``scatter`` of the start's sds away (a draw)
+    and, after a Laplace start, at the Laplace approximation found from there."""
     if lr != "auto" and not (isinstance(lr, (int, float)) and lr > 0):
         raise ValueError(f"lr must be 'auto' or a positive number, got {lr!r}")
     if not 1 <= min_runs <= runs:
         raise ValueError(f"need 1 <= min_runs <= runs, got {min_runs} and {runs}")
-    return Gaussian(family, low_rank_above, runs, min_runs, budget_s, num_particles, estimator,
-                    lr, max_steps, _stop(window, skl, lr_factor), spread)
+    if budget_steps < 1 or (agree is not None and agree < 0) or scatter < 0:
+        raise ValueError(f"need budget_steps >= 1, agree >= 0 (or null) and scatter >= 0, "
+                         f"got {budget_steps}, {agree} and {scatter}")
+    return Gaussian(family, low_rank_above, runs, min_runs, Enough(budget_steps, agree),
+                    num_particles, estimator, lr, max_steps, _stop(window, skl, lr_factor),
+                    spread, scatter)
+
+
+class Enough:
+    """When the gaussian stage launches no more fits: once its fits have taken ``budget``
+    gradient steps between them, or once they agree (R-hat across them at most RHAT_AGREE,
+    their means within ``agree`` of an sd of each other and their sds within a factor
+    1 + ``agree``). Both count what the fits did, never the clock, so the stage's path
+    depends only on the recipe and the seed."""
+
+    def __init__(self, budget: int, agree: float | None):
+        self.budget, self.agree = budget, agree
+
+    def why(self, fits: list) -> str:
+        """Why to launch no more fits after ``fits``, or "" to go on."""
+        if self.agree is not None and all(fit.ok for fit in fits):
+            found = agreement([fit.summary["posterior"] for fit in fits], self.agree)
+            if found is not None:
+                return (f"the {len(fits)} fits agree (R-hat {found:.3f} <= {RHAT_AGREE:g}, "
+                        f"means within {self.agree:g} sd, sds within {1 + self.agree:g}x)")
+        spent = sum(fit.summary["steps"] for fit in fits if fit.ok)
+        if spent >= self.budget:
+            return f"{spent} steps taken, the budget is {self.budget} (budget_steps)"
+        return ""
+
+
+def agreement(posteriors: list[dict], fraction: float) -> float | None:
+    """The largest R-hat across these fits' estimates where they agree as ``Enough`` asks,
+    else None."""
+    found = between_fits(posteriors)
+    worst = max(found.values())
+    if worst > RHAT_AGREE:
+        return None
+    for site in posteriors[0]:
+        means = [numbers(post[site]["mean"]) for post in posteriors]
+        sds = [numbers(post[site]["std"]) for post in posteriors]
+        for i in range(len(means[0])):
+            m, s = [values[i] for values in means], [values[i] for values in sds]
+            if max(m) - min(m) > fraction * min(s) or max(s) > (1 + fraction) * min(s):
+                return None
+    return worst
 
 
 class Gaussian:
-    def __init__(self, family, low_rank_above, runs, min_runs, budget_s, num_particles,
-                 estimator, lr, max_steps, train, spread):
+    def __init__(self, family, low_rank_above, runs, min_runs, enough, num_particles,
+                 estimator, lr, max_steps, train, spread, scatter):
         self.family, self.low_rank_above = family, low_rank_above
-        self.runs, self.min_runs, self.budget_s = runs, min_runs, budget_s
+        self.scatter = scatter
+        self.runs, self.min_runs, self.enough = runs, min_runs, enough
         self.loss = {"name": "elbo", "num_particles": num_particles, "estimator": estimator}
         self.lr, self.max_steps, self.spread = lr, max_steps, spread
         self.train = train
 
     def run(self, pipeline) -> str:
-        import time
+        from workbench.report.gaussians import FULL_UP_TO, fitted_gaussian
 
         dimension = pipeline.dimension
         family = self.family
@@ -88,43 +136,73 @@ class Gaussian:
         if family == "full_rank":
             guide["num_transforms"] = 0
         train = {**self.train, "steps": self.max_steps or pipeline.recipe["train"]["steps"]}
-        began = time.process_time()  # CPU time: the budget does not shrink on a busy machine
         seed = pipeline.recipe["seed"]
         captured: list = []  # the first fit's start (the Laplace Gaussian, say), for the rest
+        # beyond FULL_UP_TO dimensions no D x D covariance: the start's marginal sds
+        marginal = FULL_UP_TO if dimension > FULL_UP_TO else None
 
-        def first_start(guide) -> None:
-            from workbench.report.gaussians import fitted_gaussian
-
-            captured.append(fitted_gaussian(guide))
+        def first_start(guide, data) -> None:
+            captured.append(fitted_gaussian(guide, diagonal=marginal is not None))
             moved = _overdispersed(captured[0], self.spread, seed + 1)
             if moved is not None:
-                moved(guide)
+                moved(guide, data)
 
         first = pipeline.fit("gaussian-1", guide=guide, loss=self.loss,
                              optimizer={"name": "adam", "lr": self.lr}, train=train,
                              start=first_start)
         fits, skipped = [first], ""
         if first.ok:
-            lr = first.lr
             for i in range(2, self.runs + 1):
-                spent = time.process_time() - began
-                if i > self.min_runs and spent > self.budget_s:
-                    skipped = (f"; fits {i}-{self.runs} skipped: {spent:.0f} s of CPU spent, "
-                               f"over the budget of {self.budget_s:g} s")
+                why = self.enough.why(fits) if i > self.min_runs else ""
+                if why:
+                    skipped = f"; fits {i}-{self.runs} not launched: {why}"
+                    pipeline.say(f"auto: {skipped[2:]}")
                     break
                 fits.append(pipeline.fit(
                     f"gaussian-{i}", guide={**guide, "init": "init_loc"} if "init" in guide
                     else guide, loss=self.loss,
-                    optimizer={"name": "adam", "lr": lr}, train=train, seed_offset=i - 1,
-                    start=_overdispersed(captured[0], self.spread, seed + i)))
+                    optimizer={"name": "adam", "lr": first.lr}, train=train, seed_offset=i - 1,
+                    start=self.later_start(captured[0], guide.get("init"), marginal, seed + i)))
         pipeline.candidates = [fit for fit in fits if fit.ok]
+        return self.said(fits, family, dimension, skipped, marginal)
+
+    def later_start(self, gaussian, init: str | None, marginal: int | None, seed: int):
+        """Where fit 2, 3, ... starts: a draw from the start's Gaussian (``spread`` of its
+        sds); with ``scatter``, first a draw ``scatter`` sds away, then (after a Laplace
+        start) the Laplace approximation from there, where a second mode shows, and a draw
+        from that (``spread``)."""
+        if not self.scatter or gaussian is None:
+            return _overdispersed(gaussian, self.spread, seed)
+        if init != "laplace":
+            return _overdispersed(gaussian, self.scatter, seed)
+        spread = self.spread
+
+        def start(guide, data) -> None:
+            from workbench.report.gaussians import fitted_gaussian
+
+            _laplace_from(_draw(gaussian, self.scatter, seed), gaussian, guide, data)
+            own = fitted_gaussian(guide, diagonal=marginal is not None)
+            moved = _overdispersed(own, spread, seed + 1000)
+            if moved is not None:
+                moved(guide, data)
+
+        return start
+
+    def said(self, fits: list, family: str, dimension: int, skipped: str,
+             marginal: int | None) -> str:
+        """The stage's line: the fits, how each ended, what was skipped, where they began."""
+        first = fits[0]
         stops = ", ".join(fit.ending() for fit in fits)
         searched = " (searched)" if self.lr == "auto" and first.ok else ""
         lr_text = f"{first.lr:g}{searched}" if first.ok else str(self.lr)
+        whence = (f"the start's marginal sds (more than {marginal} dimensions: no dense "
+                  "covariance)" if marginal else "the start's Gaussian")
+        scattered = (f"; fits after the first from {self.scatter:g} of its sds away"
+                     if self.scatter else "")
         return (f"{len(fits)} {family.replace('_', '-')} Gaussian fits of {dimension} "
                 f"dimensions, {self.loss['estimator']} gradient, lr {lr_text}; {stops}"
-                f"{skipped}; each starts at its own draw from the start's Gaussian (spread "
-                f"{self.spread:g})")
+                f"{skipped}; each starts at its own draw from {whence} (spread "
+                f"{self.spread:g}){scattered}")
 
 
 def _stop(window: int, skl: float, lr_factor: float) -> dict:
@@ -138,26 +216,62 @@ def _stop(window: int, skl: float, lr_factor: float) -> dict:
 
 def _overdispersed(gaussian, spread: float, seed: int):
     """A fit's start: the start's Gaussian (the Laplace one, say) moved to a draw from it (its
-    scale times ``spread``), so the fits begin apart, as independent runs should."""
+    scale times ``spread``), so the fits begin apart, as independent runs should. A scale that
+    is a vector is the Gaussian's marginal sds (a large model's): the draw and the guide's
+    scales then come from those alone, with no D x D matrix."""
     if gaussian is None:
         return None
-    loc, scale_tril = gaussian
+    loc, scale = gaussian
 
-    def start(guide) -> None:
+    def start(guide, data) -> None:
         import torch
 
         from vibench_plugins.laplace import layout, write
 
-        generator = torch.Generator(device=loc.device).manual_seed(seed)
-        noise = torch.randn(loc.shape, generator=generator, device=loc.device, dtype=loc.dtype)
         if hasattr(guide, "start_at"):  # whitened: the start's Gaussian, shifted in its sds
-            guide.start_at(loc, scale_tril, spread * noise)
+            guide.start_at(loc, torch.diag(scale) if scale.dim() == 1 else scale,
+                           spread * _noise(loc, seed))
             return
-        moved = loc + spread * scale_tril @ noise
-        covariance = scale_tril @ scale_tril.T
+        moved = _draw(gaussian, spread, seed)
+        if scale.dim() == 1:
+            write(guide, layout(guide), moved, None, scale.pow(-2))
+            return
+        covariance = scale @ scale.T
         write(guide, layout(guide), moved, covariance, covariance.diagonal().reciprocal())
 
     return start
+
+
+def _draw(gaussian, factor: float, seed: int):
+    """A draw from the Gaussian (loc, scale_tril or marginal sds) with its scale times
+    ``factor``, from its own seed."""
+    loc, scale = gaussian
+    noise = _noise(loc, seed)
+    return loc + factor * (scale * noise if scale.dim() == 1 else scale @ noise)
+
+
+def _noise(like, seed: int):
+    """Standard normal noise shaped as ``like``, from its own seed."""
+    import torch
+
+    generator = torch.Generator(device=like.device).manual_seed(seed)
+    return torch.randn(like.shape, generator=generator, device=like.device, dtype=like.dtype)
+
+
+def _laplace_from(point, gaussian, guide, data: dict) -> None:
+    """The Laplace approximation found from ``point`` (the mode search starts there),
+    written into the guide."""
+    scale = gaussian[1]
+    if hasattr(guide, "start_at"):
+        from vibench_plugins.flow_transforms import laplace_start
+
+        guide.start_at(point, scale.diag() if scale.dim() == 1 else scale)
+        laplace_start(guide, (), data)
+    else:
+        from vibench_plugins.laplace import initialise, layout, write
+
+        write(guide, layout(guide), point, None, None)
+        initialise(guide, **data)
 
 
 def rhat(threshold: float = RHAT_AGREE):
@@ -209,20 +323,25 @@ def between_fits(posteriors: list[dict]) -> dict[str, float]:
 def flow(khat: float = KHAT_TRUSTED, num_transforms: int = 2, hidden_factor: int = 4,
          lr: float | str = "auto", num_particles: int = 4,
          estimator: Literal["stl", "reparam"] = "stl", max_steps: int | None = 300,
-         window: int = 100, skl: float = 0.001, lr_factor: float = 0.5, rhat: float = 1.1):
+         window: int = 100, skl: float = 0.001, lr_factor: float = 0.5, rhat: float = 1.1,
+         max_dimension: int = 1000):
     """Escalate to a normalizing flow, started at the best Gaussian, when its k-hat > khat.
     Its stop compares the marginal moments of its draws, which do not see the tails a flow is
     there for: ``skl`` is ten times tighter than the Gaussians' (at 0.01 kilpisjarvi's flow
-    stopped at 200 steps with k-hat 0.78, against 0.44 after its 300)."""
-    return Flow(khat, {"name": "auto_gaussian_flow", "num_transforms": num_transforms,
-                       "hidden_factor": hidden_factor},
+    stopped at 200 steps with k-hat 0.78, against 0.44 after its 300). Beyond
+    ``max_dimension`` latent dimensions no flow is tried: its parameters grow as the square of
+    the dimension (a dense Gaussian and hidden layers ``hidden_factor`` times as wide)."""
+    return Flow(khat, max_dimension, {"name": "auto_gaussian_flow",
+                                      "num_transforms": num_transforms,
+                                      "hidden_factor": hidden_factor},
                 {"name": "elbo", "num_particles": num_particles, "estimator": estimator}, lr,
                 max_steps, {**_stop(window, skl, lr_factor), "converge_rhat": rhat})
 
 
 class Flow:
-    def __init__(self, khat, guide, loss, lr, max_steps, train):
+    def __init__(self, khat, max_dimension, guide, loss, lr, max_steps, train):
         self.khat, self.guide, self.loss, self.lr = khat, guide, loss, lr
+        self.max_dimension = max_dimension
         self.max_steps, self.train = max_steps, train
 
     def run(self, pipeline) -> str:
@@ -237,11 +356,15 @@ class Flow:
                "no k-hat for the Gaussian")
         if best.gaussian is None:
             return f"skipped ({why}): the Gaussian fit left no Gaussian to start from"
+        if pipeline.dimension > self.max_dimension:
+            return (f"skipped ({why}): {pipeline.dimension} dimensions, more than "
+                    f"max_dimension {self.max_dimension} (a flow's size grows as their square)")
         train = {**self.train, "steps": self.max_steps or pipeline.recipe["train"]["steps"]}
-        loc, scale_tril = best.gaussian
+        loc, scale = best.gaussian
+        scale_tril = scale.diag() if scale.dim() == 1 else scale  # marginal sds: a diagonal
         fit = pipeline.fit("flow", guide=self.guide, loss=self.loss,
                            optimizer={"name": "adam", "lr": self.lr}, train=train,
-                           start=lambda guide: guide.start_at(loc, scale_tril))
+                           start=lambda guide, data: guide.start_at(loc, scale_tril))
         if not fit.ok:
             return f"escalated to a flow ({why}), which failed ({fit.error}); kept the Gaussian"
         new = fit.khat

@@ -23,3 +23,13 @@ class OneFit:
                            train={"steps": self.steps})
         pipeline.candidates = [fit]
         return f"my own stage: {fit.ending()}"
+
+
+def normal_means(size: int = 2000):
+    """``size`` independent Normal means, each seen once with unit noise: a large latent space
+    whose posterior is known (N(y/2, 1/2) each), for the pipeline's bounds on large models."""
+    size = int(size)  # data arrive as tensors
+    y = torch.linspace(-2.0, 2.0, size)
+    with pyro.plate("means", size):
+        mu = pyro.sample("mu", dist.Normal(torch.tensor(0.0), 1.0))
+        pyro.sample("y", dist.Normal(mu, 1.0), obs=y)

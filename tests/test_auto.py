@@ -505,3 +505,136 @@ def test_a_failing_answer_costs_the_pipeline_nothing(tmp_path: Path, monkeypatch
     assert json.loads((path / "summary.json").read_text())["diagnostics"] == \
         summary["diagnostics"]
     assert not (path / "posterior.nc").exists()
+
+
+# --------------------------------------------------------------------------------------------
+# the pipeline's path: steps, not seconds; no more fits once they agree; large models bounded
+
+COIN = {"model": {"name": "beta_bernoulli"}, "data": {"flips": [1, 1, 0, 1, 0, 1, 1]}}
+
+
+def stage_path(summary: dict) -> list:
+    """What the pipeline did: each stage's line and each fit's label and steps."""
+    return ([stage["said"] for stage in summary["auto"]["stages"]]
+            + [(fit["label"], fit["steps"]) for fit in summary["auto"]["fits"]])
+
+
+def test_the_same_recipe_and_seed_take_the_same_path_on_a_busy_machine(tmp_path: Path):
+    import subprocess
+    import sys
+
+    recipe = {**COIN, "auto": {"stages": [
+        {"name": "gaussian", "runs": 3, "min_runs": 1, "budget_steps": 40, "agree": None,
+         "lr": 0.01, "max_steps": 30}, "rhat", "psis"]}}
+    (tmp_path / "quiet").mkdir()
+    (tmp_path / "busy").mkdir()
+    quiet, _ = run(tmp_path / "quiet", recipe)
+    busy = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+    try:
+        loaded, _ = run(tmp_path / "busy", recipe)
+    finally:
+        busy.kill()
+        busy.wait()
+    assert stage_path(loaded) == stage_path(quiet)
+    said = quiet["auto"]["stages"][0]["said"]
+    assert "fits 3-3 not launched: 60 steps taken, the budget is 40 (budget_steps)" in said
+    assert [fit["label"] for fit in quiet["auto"]["fits"]] == ["gaussian-1", "gaussian-2"]
+
+
+def test_a_recipe_naming_the_old_cpu_budget_gets_one_line_naming_the_new_one(tmp_path):
+    path = write(tmp_path, {**COIN, "auto": {"stages": [
+        "start", {"name": "gaussian", "budget_s": 20}, "psis"]}})
+    result = vibench("run", str(path), "--out", str(tmp_path / "run"))
+    assert result.returncode == 2
+    errors = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(errors) == 1 and "budget_s" in errors[0] and "budget_steps" in errors[0]
+    assert "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize("agree", [0.1, None])
+def test_fits_that_agree_launch_no_more_and_the_stage_says_so(tmp_path: Path, agree):
+    # from the same start (spread 0) and a step too small to move them, the fits agree
+    summary, _ = run(tmp_path, {**COIN, "auto": {"stages": [
+        "start", {"name": "gaussian", "runs": 4, "min_runs": 2, "agree": agree, "lr": 1e-7,
+                  "max_steps": 5, "spread": 0.0}, "rhat", "psis"]}})
+    labels = [fit["label"] for fit in summary["auto"]["fits"]]
+    said = summary["auto"]["stages"][1]["said"]
+    if agree is None:
+        assert len(labels) == 4 and "not launched" not in said
+    else:
+        assert labels == ["gaussian-1", "gaussian-2"]
+        assert "fits 3-4 not launched: the 2 fits agree (R-hat" in said
+
+
+def test_each_stage_s_share_of_the_time_is_recorded(answered):
+    summary, _ = answered
+    stages = summary["auto"]["stages"]
+    assert all(0 <= stage["share"] <= 1 for stage in stages)
+    assert sum(stage["share"] for stage in stages) == pytest.approx(1.0, abs=0.01)
+    assert "%)" in pipeline.lines(summary)[0]
+
+
+def test_the_pipeline_s_lines_go_where_the_run_s_say_sends_them(tmp_path: Path):
+    heard: list[str] = []
+    recipe = write(tmp_path, {**COIN, "auto": {"stages": [
+        {"name": f"{HERE / 'auto_models.py'}:OneFit", "steps": 5}, "psis"]}})
+    service.run_recipe(recipe, [], tmp_path / "run", get_registry(), say=heard.append,
+                       progress=lambda total: service.Progress(total, lines=False))
+    started = [line for line in heard if line.startswith("auto: ")]
+    assert started[0].startswith("auto: stage ") and started[-1] == "auto: stage psis ..."
+    assert any(line.startswith("auto: fit mine") for line in started)
+
+
+LARGE = {"model": {"name": f"{HERE / 'auto_models.py'}:normal_means"}}
+
+
+def test_a_large_model_skips_the_dense_covariance_and_the_flow_and_says_so(tmp_path: Path):
+    summary, _ = run(tmp_path, {**LARGE, "data": {"size": 1001}, "auto": {"stages": [
+        {"name": "start", "method": "init_loc"},
+        {"name": "gaussian", "runs": 1, "min_runs": 1, "lr": 0.01, "max_steps": 10}, "flow",
+        "psis"]}})
+    stages = {stage["stage"]: stage["said"] for stage in summary["auto"]["stages"]}
+    assert "1001 dimensions" in stages["gaussian"]
+    assert "marginal sds (more than 1000 dimensions: no dense covariance)" in stages["gaussian"]
+    assert stages["flow"].startswith("skipped") and "max_dimension 1000" in stages["flow"]
+
+
+@pytest.mark.slow
+def test_5000_dimensions_start_at_the_mode_only_and_say_each_step_as_it_starts(tmp_path):
+    recipe = write(tmp_path, {**LARGE, "data": {"size": 5000}, "auto": {"stages": [
+        "start", {"name": "gaussian", "runs": 2, "max_steps": 20}, "rhat", "flow", "psis"]}})
+    result = vibench("run", str(recipe), "--out", str(tmp_path / "run"), "--threads", "1")
+    assert result.returncode == 0, result.stderr
+    said = [line for line in result.stderr.splitlines() if line.startswith("auto: ")]
+    assert said[0] == "auto: stage start ..." and said[1] == "auto: stage gaussian ..."
+    assert said[2].startswith("auto: fit gaussian-1: auto_lowrank_multivariate_normal")
+    assert any("only the location is set" in line for line in said)  # the Laplace note
+    stages = json.loads((tmp_path / "run" / "summary.json").read_text())["auto"]["stages"]
+    assert "no dense covariance" in stages[1]["said"]
+    assert "max_dimension" in stages[3]["said"] or "k-hat" in stages[3]["said"]
+
+
+@pytest.mark.slow
+def test_a_stop_signal_in_the_laplace_start_of_a_large_model_stops_it(tmp_path: Path):
+    import signal
+
+    from conftest import start
+
+    recipe = write(tmp_path, {**LARGE, "data": {"size": 1500}})
+    child = start(recipe, tmp_path / "run", "--threads", "1")
+    for line in child.stderr:  # ready: the first fit, whose set-up holds the Laplace start
+        if line.startswith("auto: fit gaussian-1"):
+            break
+    child.send_signal(signal.SIGTERM)
+    _, rest = child.communicate(timeout=120)
+    assert child.returncode == 143, rest
+    assert "Traceback" not in rest
+
+
+def test_scattered_starts_find_their_own_laplace_start_and_the_stage_says_so(tmp_path: Path):
+    summary, _ = run(tmp_path, {**COIN, "auto": {"stages": [
+        "start", {"name": "gaussian", "runs": 2, "scatter": 3.0, "lr": 0.01,
+                  "max_steps": 10}, "rhat", "psis"]}})
+    said = summary["auto"]["stages"][1]["said"]
+    assert "fits after the first from 3 of its sds away" in said
+    assert [fit["ok"] for fit in summary["auto"]["fits"]] == [True, True]

@@ -154,6 +154,8 @@ def run_recipe(source: Path | dict | None, sets: Sequence[str], out: Path | None
         job = (start(source, sets, out, registry, values) if resume_dir is None
                else resume(resume_dir, sets, registry, threads))
     job.run.threads = getattr(job.run, "threads", None) or threads
+    if hasattr(job, "pipeline"):  # the automatic pipeline's lines as its stages start
+        job.pipeline.say = say
     if not leader:
         job.train()
         return None

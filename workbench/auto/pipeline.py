@@ -48,7 +48,8 @@ def catalogue_entry() -> dict:
 @dataclass
 class Fit:
     """One run of the pipeline: its summary (None if it failed) and its fitted Gaussian
-    (loc, scale_tril in the unconstrained space) where the guide has one."""
+    where the guide has one: (loc, scale_tril) in the unconstrained space, or (loc, sds) for
+    a mean-field guide or one beyond ``FULL_UP_TO`` dimensions (workbench/report/gaussians.py)."""
 
     label: str
     path: Path
@@ -91,6 +92,12 @@ class Fit:
         return post, use
 
 
+def _stderr(line: str) -> None:
+    """What the pipeline is starting, on stderr as it starts (a stage or a fit), where no
+    ``say`` is given (``service.run_recipe`` passes its own)."""
+    print(line, file=sys.stderr, flush=True)
+
+
 @dataclass
 class Pipeline:
     """What the stages share: the recipe, the fits so far and what the report needs."""
@@ -99,6 +106,7 @@ class Pipeline:
     registry: Registry
     run_dir: Path
     on_step: Callable[[int, float], None] | None = None
+    say: Callable[[str], None] = _stderr  # each line for the user, as it happens
     guide: dict = field(default_factory=dict)  # options every Gaussian fit's guide gets
     fits: list[Fit] = field(default_factory=list)
     candidates: list[Fit] = field(default_factory=list)  # where the estimates come from
@@ -107,11 +115,7 @@ class Pipeline:
     flags: list[str] = field(default_factory=list)
     last_run: Any = None
     _dimension: int | None = None
-
-    @staticmethod
-    def say(line: str) -> None:
-        """What the pipeline is starting, on stderr as it starts (a stage or a fit)."""
-        print(line, file=sys.stderr, flush=True)
+    _noted: set[str] = field(default_factory=set)  # the fits' notes said so far
 
     @property
     def dimension(self) -> int:
@@ -121,10 +125,11 @@ class Pipeline:
         return self._dimension
 
     def fit(self, label: str, guide: dict, loss: dict, optimizer: dict, train: dict,
-            seed_offset: int = 0, start: Callable[[Any], None] | None = None) -> Fit:
+            seed_offset: int = 0, start: Callable[[Any, dict], None] | None = None) -> Fit:
         """One vibench run with these sections in ``fits/<label>``; a run that fails to set up
         or to train is a Fit with the error (an interruption stops the pipeline, and a recipe
-        the checks refuse is the user's error)."""
+        the checks refuse is the user's error). ``start(guide, data)`` sets the guide's
+        start after set-up, the model's data at hand."""
         from workbench.config import recipe as recipes
         from workbench.device import run_context
         from workbench.report.gaussians import fitted_gaussian
@@ -150,7 +155,7 @@ class Pipeline:
                             self.registry, compile=not searching)
             if start is not None:  # before the step-size search: it tries from the start
                 with run_context(run.device, run.dtype):
-                    start(run.guide)
+                    start(run.guide, run.data)
             if searching:
                 stepsize.adapt(run)
         except VibenchError as exc:  # the recipe was checked: this fit, not the recipe, failed
@@ -162,6 +167,10 @@ class Pipeline:
             held.release()
             raise
         self.last_run = run
+        for note in run.notes:  # the Laplace start's fallbacks, say: once per pipeline
+            if note not in self._noted:
+                self._noted.add(note)
+                self.say(f"auto: {label}: note: {note}")
         try:
             summary = run.train(held.path, self.on_step)
         except Interrupted:
@@ -177,8 +186,8 @@ class Pipeline:
             found = Fit(label, path, None, error=f"no estimates: {reason}")
             self.fits.append(found)
             return found
-        with run_context(run.device, run.dtype):
-            gaussian = fitted_gaussian(run.guide)
+        with run_context(run.device, run.dtype):  # beyond FULL_UP_TO dimensions its marginals
+            gaussian = fitted_gaussian(run.guide, diagonal=True)
         found = Fit(label, path, summary, gaussian, run.recipe["optimizer"].get("lr"))
         self.fits.append(found)
         return found
@@ -253,7 +262,10 @@ def execute(pipeline: Pipeline) -> dict:
             raise RunError(f"stage {section['name']!r} failed: {one_line(exc)}") from exc
         records.append({"stage": section["name"], "said": said,
                         "seconds": time.perf_counter() - started})
-    summary = assemble(pipeline, records, time.perf_counter() - began)
+    wall = time.perf_counter() - began
+    for record in records:  # where the time went: each stage's share of the stages' wall time
+        record["share"] = record["seconds"] / wall if wall > 0 else 0.0
+    summary = assemble(pipeline, records, wall)
     summary["diagnostics"]["inference_data"] = answer_files(pipeline, summary)
     from workbench.train.runner import write_results
 
@@ -397,14 +409,21 @@ def lines(summary: dict) -> list[str]:
     section = summary.get("auto")
     if not section:
         return []
-    found = [f"auto: {record['stage']}: {record['said']}"
-             + (f" ({record['seconds']:.1f} s)" if "seconds" in record else "")
+    found = [f"auto: {record['stage']}: {record['said']}" + _time(record)
              for record in section["stages"]]
     found.append(f"auto: {section['estimates']}")
     found += [f"auto: FLAG: {flag}" for flag in section["flags"]]
     if not section["flags"]:
         found.append("auto: no flags (R-hat and k-hat within bounds)")
     return found
+
+
+def _time(record: dict) -> str:
+    """A stage's wall time and share, as the report gives them after its line."""
+    if "seconds" not in record:
+        return ""
+    share = f", {record['share']:.0%}" if "share" in record else ""
+    return f" ({record['seconds']:.1f} s{share})"
 
 
 class AutoJob:
