@@ -94,7 +94,7 @@ def main(argv=None) -> int:
     import torch
 
     print(f"ms per compiled step in Run.fit (CPU time of this process, which a busy machine "
-          "disturbs less than wall time), medians of {args.repeats} alternated loops of "
+          f"disturbs less than wall time), medians of {args.repeats} alternated loops of "
           f"{args.steps} steps; {torch.get_num_threads()} thread(s), torch {torch.__version__}, "
           f"pyro {pyro.__version__}\n")
     for posterior in args.posteriors.split(","):
