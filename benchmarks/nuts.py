@@ -346,7 +346,9 @@ def main(argv=None) -> int:
                 found = (run_vibench(name, out, env) if side == "vibench"
                          else run_nuts(name, args.quick, env))
                 sides[side].append(found)
-                print(f"  round {i + 1} {side}: {found['wall']:.1f} s, {_accuracy(found)}",
+                extra = (f", {found['divergences']} divergences" if "divergences" in found
+                         else "")
+                print(f"  round {i + 1} {side}: {found['wall']:.1f} s, {_accuracy(found)}{extra}",
                       flush=True)
         lines.append(row(name, sides))
     nuts = "2 chains x (500 + 500), --quick" if args.quick else "4 chains x (1000 + 1000)"
