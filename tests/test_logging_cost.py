@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tests.conftest import COIN, checkpointed_step, start, wait_for_checkpoint
+from tests.helpers import COIN, checkpointed_step, start, wait_for_checkpoint
 from vibench_plugins.tensorboard_events import EventLog, masked_crc32c_many
 
 
