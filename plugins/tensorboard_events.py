@@ -25,23 +25,25 @@ from typing import Any
 
 import numpy as np
 from tensorboardX.proto.event_pb2 import Event, SessionLog
-from tensorboardX.proto.summary_pb2 import Summary
+from tensorboardX.proto.summary_pb2 import HistogramProto, Summary
 
 from workbench.rundir import files
 
 BATCH = 4096  # records queued before they are written (a flush writes them too)
 LIVE_SECONDS = 2.0  # the longest a logged event waits in the queue, while scalars come
 TOGETHER = 16  # records of one length checksummed together, with numpy, from this many
+PIECE = 64  # a long record (a histogram) is checksummed in pieces of this many bytes at once
 
 
 @functools.cache
-def _tensorflow_bins() -> list[float]:
-    """TensorBoard's own histogram buckets: +-1e-12 to 1e20, each 1.1 times the last."""
+def _tensorflow_bins() -> np.ndarray:
+    """TensorBoard's own histogram buckets: +-1e-12 to 1e20, each 1.1 times the last (an
+    array made once: numpy converting the list of 3,000 edges cost more than the histogram)."""
     edges, v = [], 1e-12
     while v < 1e20:
         edges.append(v)
         v *= 1.1
-    return [-e for e in reversed(edges)] + [0.0] + edges
+    return np.array([-e for e in reversed(edges)] + [0.0] + edges)
 
 
 class EventLog:
@@ -74,9 +76,7 @@ class EventLog:
             self._file.flush()
 
     def histogram(self, tag: str, values: Any, step: int) -> None:
-        from tensorboardX.summary import histogram
-
-        self._summary(histogram(tag, values, _tensorflow_bins()), step)
+        self._summary(Summary(value=[Summary.Value(tag=tag, histo=histogram(values))]), step)
 
     def image(self, tag: str, image: Any, step: int) -> None:
         """An HxWxC uint8 or float image array."""
@@ -109,6 +109,28 @@ class EventLog:
         if self._pending:
             records, self._pending = self._pending, []
             self._file.write(frame(records))
+
+
+def histogram(values: Any) -> HistogramProto:
+    """``values`` in TensorBoard's own buckets, as tensorboardX's ``make_histogram`` counts
+    them, each run of empty buckets between the first and last filled one written as one
+    bucket (as TensorFlow writes its histograms): the same distribution, in a record of tens
+    of bytes instead of kilobytes (bucket limits from +-1e-12 up are 1.1 apart)."""
+    values = np.asarray(values, dtype=np.float64).reshape(-1)
+    if values.size == 0:
+        raise ValueError("the histogram has no values")
+    counts, limits = np.histogram(values, bins=_tensorflow_bins())
+    filled = np.flatnonzero(counts)
+    start, end = int(filled[0]), int(filled[-1]) + 1
+    # an empty bucket first, whose right limit is the histogram's left edge (tensorboardX's)
+    counts = counts[start - 1:end] if start > 0 else np.concatenate([[0], counts[:end]])
+    limits = limits[start:end + 1]
+    last_of_run = np.ones(len(counts), dtype=bool)  # keep a bucket unless the next is empty too
+    last_of_run[:-1] = ~((counts[:-1] == 0) & (counts[1:] == 0))
+    return HistogramProto(min=values.min(), max=values.max(), num=values.size,
+                          sum=values.sum(), sum_squares=values.dot(values),
+                          bucket_limit=limits[last_of_run].tolist(),
+                          bucket=counts[last_of_run].tolist())
 
 
 def scalar_summary(tag: str) -> bytes:
@@ -182,27 +204,71 @@ def _crc_table() -> np.ndarray:
 def masked_crc32c_many(chunks: list[bytes]) -> list[int]:
     """TFRecord's masked CRC-32C of each chunk, computed for all chunks of one length at once
     (a numpy operation per byte position instead of a Python loop per byte). A length shared
-    by fewer than ``TOGETHER`` chunks (an image, say: one numpy operation per byte would cost
-    more than tensorboardX's loop) goes through tensorboardX's CRC, chunk by chunk."""
+    by fewer than ``TOGETHER`` chunks goes through tensorboardX's CRC, chunk by chunk, if
+    short, else through ``_long_crc`` (a histogram's few kilobytes cost tensorboardX's
+    pure-Python loop milliseconds)."""
     from tensorboardX.record_writer import masked_crc32c
 
-    table = _crc_table()
     by_length: dict[int, list[int]] = {}
     for i, chunk in enumerate(chunks):
         by_length.setdefault(len(chunk), []).append(i)
     out = [0] * len(chunks)
     for length, where in by_length.items():
-        if len(where) < TOGETHER:
+        if len(where) >= TOGETHER:
+            data = np.frombuffer(b"".join(chunks[i] for i in where), dtype=np.uint8)
+            crcs = _crc_columns(data.reshape(len(where), length), 0xFFFFFFFF)
+            for i, value in zip(where, _mask(crcs ^ np.uint32(0xFFFFFFFF)).tolist()):
+                out[i] = value
+        elif length >= 2 * PIECE:
+            for i in where:
+                out[i] = int(_mask(np.array([_long_crc(chunks[i])], dtype=np.uint32))[0])
+        else:
             for i in where:
                 out[i] = masked_crc32c(chunks[i])
-            continue
-        data = np.frombuffer(b"".join(chunks[i] for i in where), dtype=np.uint8)
-        columns = data.reshape(len(where), length).T.astype(np.uint32)
-        crc = np.full(len(where), 0xFFFFFFFF, dtype=np.uint32)
-        for column in columns:
-            crc = table[(crc ^ column) & 0xFF] ^ (crc >> 8)
-        crc ^= np.uint32(0xFFFFFFFF)
-        masked = ((crc >> 15) | (crc << 17)) + np.uint32(0xA282EAD8)  # wraps at 2^32
-        for i, value in zip(where, masked.tolist()):
-            out[i] = value
     return out
+
+
+def _mask(crc: np.ndarray) -> np.ndarray:
+    return ((crc >> 15) | (crc << 17)) + np.uint32(0xA282EAD8)  # wraps at 2^32
+
+
+def _crc_columns(rows: np.ndarray, start: int) -> np.ndarray:
+    """The CRC-32C register after each row of bytes, from register ``start``, without the
+    final inversion: one numpy operation per column."""
+    table = _crc_table()
+    crc = np.full(rows.shape[0], start, dtype=np.uint32)
+    for column in rows.T.astype(np.uint32):
+        crc = table[(crc ^ column) & 0xFF] ^ (crc >> 8)
+    return crc
+
+
+def _long_crc(chunk: bytes) -> int:
+    """CRC-32C of one long chunk, its pieces at once: the register is linear in the bytes, so
+    the chunk, padded in front with zeros (which leave a zero register zero) to whole
+    ``PIECE``-byte pieces, is each piece's register from zero, combined by shifting each over
+    the pieces after it (``_shift_tables``). The usual start register 0xFFFFFFFF is the first
+    four bytes inverted."""
+    data = np.frombuffer(chunk, dtype=np.uint8).copy()
+    data[:4] ^= 0xFF
+    pad = -len(data) % PIECE
+    rows = np.concatenate([np.zeros(pad, dtype=np.uint8), data]).reshape(-1, PIECE)
+    t0, t1, t2, t3 = _shift_tables()
+    crc = 0
+    for piece in _crc_columns(rows, 0).tolist():
+        crc = (t0[crc & 0xFF] ^ t1[(crc >> 8) & 0xFF] ^ t2[(crc >> 16) & 0xFF]
+               ^ t3[crc >> 24] ^ piece)
+    return crc ^ 0xFFFFFFFF
+
+
+@functools.cache
+def _shift_tables() -> tuple[list[int], ...]:
+    """The register after ``PIECE`` zero bytes, as four tables by each byte of the register
+    before (the shift is linear, so the four lookups XOR together)."""
+    values = np.arange(256, dtype=np.uint32)
+    tables = []
+    for byte in range(4):
+        crc = values << np.uint32(8 * byte)
+        for _ in range(PIECE):
+            crc = _crc_table()[crc & 0xFF] ^ (crc >> 8)
+        tables.append(crc.tolist())
+    return tuple(tables)

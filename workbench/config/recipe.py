@@ -34,8 +34,8 @@ TRAIN: dict[str, Option] = {
     option.name: option
     for option in (
         Option("steps", 1000, int),
-        Option("eval_every", 100, int),  # 0: never evaluate
-        Option("log_params_every", 10, int),  # 0: never log the parameters
+        Option("eval_every", 0, int),  # 0: never evaluate (Train/loss estimates it each step)
+        Option("log_params_every", 500, int),  # 0: only at the end
         Option("batch_size", None, int | None),  # subsample one plate of the model each step
         Option("subsample_plate", None, str | None),  # which, when the model has several
         Option("checkpoint_every", 500, int),  # 0: only at the end, on Ctrl-C and on failure

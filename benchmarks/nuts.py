@@ -1,0 +1,367 @@
+"""Time to a trustworthy answer: vibench's automatic pipeline against NumPyro's NUTS, whole
+process each side, alternated, each scored against the posterior's reference.
+
+Per posterior and round, each side in a fresh process (the order turns each round):
+
+- **vibench**: ``vibench run RECIPE --set guide=auto --threads 1 --out DIR``, the recipe as
+  shipped (the default loggers: TensorBoard, evaluation every 100 steps, parameter summaries);
+  max z and min/max r from its summary.json's ``reference`` section.
+- **NUTS**: this script with ``--nuts NAME``: NumPyro's NUTS, 4 chains x (1000 warm-up + 1000
+  draws) one after another (``chain_method="sequential"``), in float64 (``enable_x64``: the
+  posteriordb references are Stan's, in double precision), one XLA thread; its draws' means and
+  sds scored with the same code as vibench's (``workbench.report.reference.compare``).
+
+Before any timing, each NumPyro port's log joint is checked against vibench's Pyro model's at
+shared points (reference draws, in the model's constrained space, both float64): the two must
+differ by one constant (a flat prior's missing normaliser is allowed) to 1e-6. A port that
+fails is reported and not timed.
+
+The ports: posteriordb's kilpisjarvi, earnings, nes, diamonds and garch11 (written here, from
+the Stan programs); the hard suite's hier_centred and latent_gp
+(packages/vibench-hardcases/make_references.py's ports, which made their references). The
+other posteriors have no port yet and are listed as misses.
+
+    pip install -e '.[bench]' -e packages/vibench-posteriordb -e packages/vibench-hardcases
+    python benchmarks/nuts.py [--posteriors kilpisjarvi,garch11] [--rounds 3] [--quick]
+
+``--quick``: one round, NUTS 2 chains x (500 + 500) (not the comparison the target names; the
+table says so).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+PDB_RECIPES = REPO / "packages" / "vibench-posteriordb" / "recipes"
+HARD = REPO / "packages" / "vibench-hardcases"
+# name -> (vibench model name, recipe); the model names are the packages' registrations
+CASES = {
+    "kilpisjarvi": ("pdb_kilpisjarvi", PDB_RECIPES / "pdb_kilpisjarvi.yaml"),
+    "earnings": ("pdb_earnings", PDB_RECIPES / "pdb_earnings.yaml"),
+    "nes": ("pdb_nes", PDB_RECIPES / "pdb_nes.yaml"),
+    "diamonds": ("pdb_diamonds", PDB_RECIPES / "pdb_diamonds.yaml"),
+    "garch11": ("pdb_garch11", PDB_RECIPES / "pdb_garch11.yaml"),
+    "hier_centred": ("hard_hier_centred", HARD / "recipes" / "hard_hier_centred.yaml"),
+    "latent_gp": ("hard_latent_gp", HARD / "recipes" / "hard_latent_gp.yaml"),
+}
+MISSING = {"arma11": "no NumPyro port yet", "gauss_mix": "no NumPyro port yet",
+           "hmm_drive": "no NumPyro port yet",
+           "hard_funnel10, hard_banana, hard_mixture2, hard_student_t":
+               "analytic references; no NumPyro port yet",
+           "plain-Pyro hierarchical logistic regression (tests/plain_models.py)":
+               "no reference posterior and no recipe for it yet"}
+
+
+# ------------------------------------------------------------------------------------------
+# the NumPyro ports (posteriordb's, from the Stan programs; the hard suite's are reused)
+
+
+def numpyro_port(name: str):
+    """The NumPyro model of ``name`` and its data (jax-ready) -> (model, kwargs)."""
+    import jax.numpy as jnp
+    import numpyro
+    import numpyro.distributions as dist
+
+    if name in ("hier_centred", "latent_gp"):
+        sys.path.insert(0, str(HARD))
+        import make_references
+
+        data = hard_data(name)
+        return make_references.numpyro_model(name, "centred"), data
+    data = {k: jnp.asarray(v) for k, v in pdb_data(name).items()}
+
+    def flat(shape=()):  # Stan's implicit flat prior
+        return dist.ImproperUniform(dist.constraints.real, (), shape)
+
+    def flat_positive():
+        return dist.ImproperUniform(dist.constraints.positive, (), ())
+
+    def flat_unit():
+        return dist.ImproperUniform(dist.constraints.unit_interval, (), ())
+
+    def kilpisjarvi(x, y, pmualpha, psalpha, pmubeta, psbeta, **_):
+        alpha = numpyro.sample("alpha", dist.Normal(pmualpha, psalpha))
+        beta = numpyro.sample("beta", dist.Normal(pmubeta, psbeta))
+        sigma = numpyro.sample("sigma", flat_positive())
+        numpyro.sample("y", dist.Normal(alpha + beta * x, sigma), obs=y)
+
+    def regression(design, y, size):
+        beta = numpyro.sample("beta", flat((size,)))
+        sigma = numpyro.sample("sigma", flat_positive())
+        numpyro.sample("obs", dist.Normal(design @ beta, sigma), obs=y)
+
+    def earnings(earn, height, male, **_):
+        regression(jnp.stack([jnp.ones_like(height), height, male, height * male], -1),
+                   jnp.log(earn), 4)
+
+    def nes(partyid7, real_ideo, race_adj, educ1, gender, income, age_discrete, **_):
+        age = jnp.round(age_discrete)
+        regression(jnp.stack([jnp.ones_like(partyid7), real_ideo, race_adj, 1.0 * (age == 2),
+                              1.0 * (age == 3), 1.0 * (age == 4), educ1, gender, income], -1),
+                   partyid7, 9)
+
+    def diamonds(Y, X, **_):
+        Xc = X[:, 1:] - X[:, 1:].mean(0)
+        b = numpyro.sample("b", dist.Normal(0.0, 1.0).expand([Xc.shape[1]]).to_event(1))
+        intercept = numpyro.sample("Intercept", dist.StudentT(3.0, 8.0, 10.0))
+        sigma = numpyro.sample("sigma", dist.FoldedDistribution(dist.StudentT(3.0, 0.0, 10.0)))
+        numpyro.sample("Y", dist.Normal(intercept + Xc @ b, sigma), obs=Y)
+
+    def garch11(y, sigma1, **_):
+        import jax
+
+        mu = numpyro.sample("mu", flat())
+        alpha0 = numpyro.sample("alpha0", flat_positive())
+        alpha1 = numpyro.sample("alpha1", flat_unit())
+        unit = numpyro.sample("beta1_unit", flat_unit())
+        beta1 = numpyro.deterministic("beta1", unit * (1 - alpha1))
+        numpyro.factor("beta1_jacobian", jnp.log1p(-alpha1))  # as the Pyro port: Stan's density
+
+        def recursion(variance, previous_y):
+            variance = alpha0 + alpha1 * (previous_y - mu) ** 2 + beta1 * variance
+            return variance, variance
+
+        _, rest = jax.lax.scan(recursion, sigma1 ** 2, y[:-1])
+        variance = jnp.concatenate([jnp.reshape(sigma1 ** 2, (1,)), rest])
+        numpyro.sample("y", dist.Normal(mu, jnp.sqrt(variance)), obs=y)
+
+    models = {"kilpisjarvi": kilpisjarvi, "earnings": earnings, "nes": nes,
+              "diamonds": diamonds, "garch11": garch11}
+    return models[name], data
+
+
+def pdb_data(name: str) -> dict:
+    from vibench_posteriordb import reference
+
+    return reference.load_data(reference.POSTERIORS[CASES[name][0]])
+
+
+def hard_data(name: str) -> dict:
+    import numpy as np
+    from vibench_hardcases import reference
+
+    data = dict(reference.load_data(reference.POSTERIORS[CASES[name][0]]))
+    if name == "hier_centred":
+        data["J"], data["group"] = int(data["J"]), np.asarray(data["group"], dtype=np.int32)
+    return data
+
+
+# ------------------------------------------------------------------------------------------
+# the ports against vibench's models, at shared points
+
+
+def reference_of(name: str) -> dict:
+    """The reference posterior (params, sites) as vibench's model gives it."""
+    model = vibench_model(name)
+    data = hard_data(name) if name in ("hier_centred", "latent_gp") else pdb_data(name)
+    return model.reference_posterior(**data)
+
+
+def vibench_model(name: str):
+    if name in ("hier_centred", "latent_gp"):
+        from vibench_hardcases.plugin import MODELS
+    else:
+        from vibench_posteriordb.plugin import MODELS
+    return MODELS[CASES[name][0]]()
+
+
+def check_port(name: str, points: int = 5) -> dict:
+    """vibench's log joint (float64) minus the port's at ``points`` reference draws: the
+    constant between them and the largest deviation from it."""
+    import numpy as np
+
+    if name in ("hier_centred", "latent_gp"):
+        sys.path.insert(0, str(HARD))
+        import make_references
+        from vibench_hardcases import reference
+
+        draws = reference.load_draws(reference.POSTERIORS[CASES[name][0]])
+        rows = np.linspace(0, len(next(iter(draws.values()))) - 1, points).astype(int)
+        at = [{k: float(v[i]) for k, v in draws.items()} for i in rows]
+        found = make_references.port_checks(name, hard_data(name), at)["centred_port"]
+        return {"constant": found["constant"], "deviation": found["max_abs_deviation"]}
+    first, second = pdb_log_densities(name, points)
+    diff = np.array(first) - np.array(second)
+    return {"constant": float(diff.mean()),
+            "deviation": float(np.abs(diff - diff.mean()).max())}
+
+
+def pdb_log_densities(name: str, points: int) -> tuple[list[float], list[float]]:
+    """Both log joints at ``points`` posteriordb reference draws (the port's latent sites)."""
+    import jax
+    import numpy as np
+    import torch
+    from numpyro.infer.util import log_density
+    from pyro import poutine
+    from vibench_posteriordb import reference
+
+    jax.config.update("jax_enable_x64", True)
+    model = vibench_model(name)
+    draws = reference.load_draws(model.posterior)
+    rows = np.linspace(0, len(next(iter(draws.values()))) - 1, points).astype(int)
+    tensors = {k: torch.as_tensor(v, dtype=torch.float64) for k, v in pdb_data(name).items()}
+    port, jdata = numpyro_port(name)
+    first, second = [], []
+    for i in rows:
+        values = model.latent_values({k: np.float64(v[i]) for k, v in draws.items()},
+                                     dtype=torch.float64)
+        trace = poutine.trace(poutine.condition(model, data=values)).get_trace(**tensors)
+        first.append(float(trace.log_prob_sum()))
+        jvalues = {k: np.asarray(v.numpy()) for k, v in values.items()}
+        second.append(float(log_density(port, (), jdata, jvalues)[0]))
+    return first, second
+
+
+# ------------------------------------------------------------------------------------------
+# each side, in its own process
+
+
+def nuts_child(name: str, chains: int, warmup: int, draws: int) -> None:
+    """Run NUTS on ``name`` and print its score as one JSON line (the ``--nuts`` process)."""
+    os.environ.setdefault("XLA_FLAGS", "--xla_cpu_multi_thread_eigen=false "
+                                       "intra_op_parallelism_threads=1")
+    import jax
+    import numpy as np
+    import numpyro
+    from numpyro.infer import MCMC, NUTS
+
+    numpyro.enable_x64()
+    model, data = numpyro_port(name)
+    mcmc = MCMC(NUTS(model), num_warmup=warmup, num_samples=draws, num_chains=chains,
+                chain_method="sequential", progress_bar=False)
+    mcmc.run(jax.random.PRNGKey(0), extra_fields=("diverging",), **data)
+    samples = {k: np.asarray(v) for k, v in mcmc.get_samples().items()}
+    moments = {site: {"mean": value.mean(0).tolist(), "std": value.std(0, ddof=1).tolist()}
+               for site, value in samples.items()}
+    print(json.dumps({**score(name, moments),
+                      "divergences": int(np.asarray(mcmc.get_extra_fields()["diverging"]).sum())}))
+
+
+def score(name: str, moments: dict) -> dict:
+    """max z, min r, max r and the verdict, by vibench's own reference scoring."""
+    from workbench.report.reference import compare
+
+    ref = reference_of(name)
+    result = compare(dict(ref["params"]), dict(ref["sites"]), moments)
+    return {k: result[k] for k in ("max_z", "min_r", "max_r", "good")}
+
+
+def timed(command: list[str], env: dict) -> tuple[float, subprocess.CompletedProcess]:
+    start = time.perf_counter()
+    result = subprocess.run(command, capture_output=True, text=True, env=env)
+    return time.perf_counter() - start, result
+
+
+def run_vibench(name: str, out: Path, env: dict) -> dict:
+    vibench = shutil.which("vibench") or f"{sys.executable} -m workbench"
+    run_dir = out / f"{name}-{time.time_ns()}"
+    wall, result = timed([*vibench.split(), "run", str(CASES[name][1]), "--set", "guide=auto",
+                          "--threads", "1", "--out", str(run_dir)], env)
+    summary_path = run_dir / "summary.json"
+    if not summary_path.exists():
+        tail = (result.stderr or result.stdout).strip().splitlines()[-1:] or ["no output"]
+        return {"wall": wall, "failed": f"exit {result.returncode}: {tail[0]}"}
+    ref = json.loads(summary_path.read_text()).get("reference") or {}
+    return {"wall": wall, **{k: ref.get(k) for k in ("max_z", "min_r", "max_r", "good")}}
+
+
+def run_nuts(name: str, quick: bool, env: dict) -> dict:
+    sizes = ["2", "500", "500"] if quick else ["4", "1000", "1000"]
+    wall, result = timed([sys.executable, __file__, "--nuts", name, *sizes], env)
+    if result.returncode != 0:
+        tail = (result.stderr or result.stdout).strip().splitlines()[-1:] or ["no output"]
+        return {"wall": wall, "failed": f"exit {result.returncode}: {tail[0]}"}
+    return {"wall": wall, **json.loads(result.stdout.strip().splitlines()[-1])}
+
+
+# ------------------------------------------------------------------------------------------
+# the table
+
+
+def _accuracy(side: dict) -> str:
+    if "failed" in side:
+        return f"failed: {side['failed']}"
+    if side.get("max_z") is None:
+        return "no reference section"
+    verdict = {True: "good", False: "off"}.get(side.get("good"), "?")
+    return (f"{side['max_z']:.2f} / {side['min_r']:.2f}-{side['max_r']:.2f} ({verdict})")
+
+
+def _span(xs: list[float]) -> str:
+    return f"{min(xs):.0f}-{max(xs):.0f}" if len(xs) > 1 else f"{xs[0]:.0f}"
+
+
+def row(name: str, sides: dict[str, list[dict]]) -> str:
+    v = [s["wall"] for s in sides["vibench"]]
+    n = [s["wall"] for s in sides["nuts"]]
+    ratios = [a / b for a, b in zip(v, n)]
+    met = all(r <= 1 / 3 for r in ratios) and all(s.get("good") for s in sides["vibench"])
+    divergences = sides["nuts"][-1].get("divergences", "-")
+    return (f"| {name} | {_span(v)} | {_span(n)} | {min(ratios):.2f}-{max(ratios):.2f}x | "
+            f"{_accuracy(sides['vibench'][-1])} | {_accuracy(sides['nuts'][-1])} | "
+            f"{divergences} | {'yes' if met else 'no'} |")
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--posteriors", default=",".join(CASES),
+                        help=f"comma-separated, of {', '.join(CASES)}")
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--quick", action="store_true",
+                        help="one round, NUTS 2 chains x (500 + 500)")
+    parser.add_argument("--out", type=Path, default=None, help="vibench's run directories")
+    parser.add_argument("--nuts", nargs=4, metavar=("NAME", "CHAINS", "WARMUP", "DRAWS"),
+                        help=argparse.SUPPRESS)  # the NUTS side's own process
+    args = parser.parse_args(argv)
+    if args.nuts:
+        nuts_child(args.nuts[0], *map(int, args.nuts[1:]))
+        return 0
+    names = args.posteriors.split(",")
+    unknown = [n for n in names if n not in CASES]
+    if unknown:
+        parser.error(f"unknown posterior {unknown[0]!r}; choose from {', '.join(CASES)}")
+    rounds = 1 if args.quick else args.rounds
+    out = args.out or Path(tempfile.mkdtemp(prefix="nuts_bench_"))
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    lines = []
+    for name in names:
+        check = check_port(name)
+        print(f"{name}: port vs vibench's log joint at 5 reference draws: constant "
+              f"{check['constant']:.2e}, max deviation {check['deviation']:.2e}", flush=True)
+        if check["deviation"] > 1e-6:
+            lines.append(f"| {name} | port disagrees with vibench's model: not timed |||||||")
+            continue
+        sides: dict[str, list[dict]] = {"vibench": [], "nuts": []}
+        for i in range(rounds):
+            for side in (("vibench", "nuts") if i % 2 == 0 else ("nuts", "vibench")):
+                found = (run_vibench(name, out, env) if side == "vibench"
+                         else run_nuts(name, args.quick, env))
+                sides[side].append(found)
+                extra = (f", {found['divergences']} divergences" if "divergences" in found
+                         else "")
+                print(f"  round {i + 1} {side}: {found['wall']:.1f} s, {_accuracy(found)}{extra}",
+                      flush=True)
+        lines.append(row(name, sides))
+    nuts = "2 chains x (500 + 500), --quick" if args.quick else "4 chains x (1000 + 1000)"
+    print(f"\nwhole process each side, {rounds} round(s) alternated; NUTS {nuts}, sequential, "
+          "float64; vibench --set guide=auto --threads 1\n")
+    print("| posterior | vibench s | NUTS s | vibench/NUTS | vibench max z / r | "
+          "NUTS max z / r | NUTS divergences | target met (<= 1/3, good) |")
+    print("|---|---:|---:|---:|---|---|---:|---|")
+    print("\n".join(lines))
+    for what, why in MISSING.items():
+        print(f"| {what} | not run: {why} |||||||")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
