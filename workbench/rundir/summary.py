@@ -59,6 +59,21 @@ class Diagnostics(TypedDict, total=False):
     khats: dict  # the pipeline's: each fit's k-hat
 
 
+class Reference(TypedDict, total=False):
+    """``reference``: the guide scored against a reference posterior, or why it was not."""
+
+    params: dict  # per reference parameter: mean, std, ref_mean, ref_sd, z, r (iw_z, iw_r)
+    max_z: float | None
+    min_r: float | None
+    max_r: float | None
+    iw_max_z: float | None
+    iw_min_r: float | None
+    iw_max_r: float | None
+    good: bool | None
+    skipped: dict  # parameter -> why it was not compared
+    reason: str  # why nothing was compared
+
+
 class Reading(Exception):
     """A summary that does not hold what its schema says; the message names the field."""
 
@@ -101,7 +116,7 @@ class Summary:
         contract=True)
     diagnostics: Diagnostics = _field("the PSIS diagnostic and the ELBO: [below](#diagnostics)",
                                       "object", factory=dict)
-    reference: dict | None = _field(
+    reference: Reference | None = _field(
         "where the model has a reference posterior: [below](#reference)", "object",
         default=None, omit=True)
     params: dict = _field("every parameter of Pyro's parameter store, by name", "object",
