@@ -155,6 +155,39 @@ def test_show_refuses_what_it_cannot_show_in_one_line(tmp_path: Path, make, expe
     assert len(lines) == 1 and lines[0].startswith("error: " + expected.format(d=run_dir))
 
 
+# summary.json as the first vibench wrote it: no status, no diagnostics, NaN for no loss
+FIRST_LAYOUT = """{"recipe": {"name": "coin"}, "steps": 0, "wall_seconds": 0.5,
+"steps_per_second": 0.0, "final_loss": NaN, "posterior": {"p": {"mean": 0.5, "std": 0.1}},
+"params": {"p_loc": 0.0}}"""
+
+
+def test_a_summary_from_the_first_layout_is_shown_and_listed(tmp_path: Path):
+    run_dir = tmp_path / "old"
+    run_dir.mkdir()
+    (run_dir / "summary.json").write_text(FIRST_LAYOUT)
+    shown = vibench("show", str(run_dir))
+    assert (shown.returncode, shown.stderr) == (0, "")
+    assert shown.stdout == ("p: 0.500 +- 0.100\n"
+                            f"final loss - | 0 steps in 0.5 s (0 steps/s) | {run_dir}\n")
+    [listed] = strict_json(vibench("runs", str(tmp_path), "--json").stdout)
+    assert (listed["name"], listed["status"], listed["final_loss"]) == ("coin", "completed", None)
+
+
+@pytest.mark.parametrize("field, value, said", [
+    ("status", 3, "status is not a string"),
+    ("posterior", {"p": {"mean": 0.5}}, "posterior 'p' is not a mean and sd"),
+    ("recipe", None, "recipe is not an object"),
+    ("resumes", {}, "resumes is not a list"),
+])
+def test_show_names_the_field_a_summary_gets_wrong(tmp_path: Path, field, value, said):
+    summary = json.loads(FIRST_LAYOUT.replace("NaN", "null"))
+    summary[field] = value
+    (tmp_path / "summary.json").write_text(json.dumps(summary))
+    result = vibench("show", str(tmp_path))
+    assert (result.returncode, result.stdout) == (2, "")
+    assert result.stderr == f"error: {tmp_path / 'summary.json'}: not a vibench summary ({said})\n"
+
+
 def test_runs_in_a_missing_directory_is_one_line_exit_2(tmp_path: Path):
     result = vibench("runs", str(tmp_path / "nowhere"))
     assert (result.returncode, result.stdout) == (2, "")

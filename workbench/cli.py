@@ -358,17 +358,17 @@ def show(
     """
     from workbench import service
     from workbench.rundir import jsonsafe
+    from workbench.rundir import summary as schema
 
     summary = service.read_summary(run_dir)
     if as_json:
         print(jsonsafe.dumps(summary, indent=2))
         return
-    status = summary.get("status", "completed")
+    read = schema.read(summary)
     if service.is_running(run_dir):
         _err("note: a vibench process is writing this run; this is its last summary")
-    elif status != "completed":
-        _err(f"note: this run is {status}" + (f": {summary['error']}" if summary.get("error")
-                                              else ""))
+    elif read.status != "completed":
+        _err(f"note: this run is {read.status}" + (f": {read.error}" if read.error else ""))
     for line in report_lines(summary):
         print(line)
     print(final_line(summary, run_dir))

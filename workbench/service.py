@@ -13,7 +13,6 @@ import contextlib
 import fcntl
 import inspect
 import json
-import math
 import os
 import shutil
 import sys
@@ -30,6 +29,7 @@ from workbench.errors import UsageError, one_line
 from workbench.plugins.registry import Registry
 from workbench.progress import TerminalBar
 from workbench.rundir import files
+from workbench.rundir import summary as schema
 from workbench.rundir.claim import RunDir, claim, reopen
 from workbench.rundir.layout import CHECKPOINT, FITS, LOCK, LOSSES, RECIPE, SUMMARY
 
@@ -37,7 +37,6 @@ from workbench.rundir.layout import CHECKPOINT, FITS, LOCK, LOSSES, RECIPE, SUMM
 # a step runs (train.compile: the state is the same either way; a run made before the key
 # existed resumes).
 RESUMABLE = ("optimizer", "train.steps", "train.skip_bad_steps", "train.compile")
-FINAL_LOSS_STEPS = 100  # summary.json's final_loss is the mean loss of the last 100 steps
 DICT_SOURCE = "<dict>"  # how a recipe handed in as a dict (the Python API) is named in messages
 SESSION = "notebook:"  # the name's prefix of a component handed in as a Python object
 
@@ -537,7 +536,7 @@ def read_summary(run_dir: Path) -> dict:
         summary = json.loads(files.read_bounded(path))
     except (OSError, ValueError, RecursionError) as exc:  # JSON and UTF-8 errors are ValueErrors
         raise UsageError(f"{path}: cannot be read: {one_line(exc)}") from None
-    problem = _summary_problem(summary)
+    problem = schema.check(summary)
     if problem:
         raise UsageError(f"{path}: not a vibench summary ({problem})")
     return summary
@@ -581,17 +580,11 @@ def data_arguments(factory: Callable) -> list[str] | None:
     return [p.name for p in parameters if p.kind is not p.VAR_POSITIONAL]
 
 
-def _from_summary(summary: dict) -> dict:
-    recipe = summary.get("recipe")
-    diagnostics = summary.get("diagnostics") or {}
-    return {
-        "name": recipe.get("name") if isinstance(recipe, dict) else None,
-        "status": summary.get("status", "completed"),
-        "steps": summary["steps"],
-        "final_loss": summary["final_loss"],
-        "khat": diagnostics.get("khat"),
-        "wall_seconds": summary["wall_seconds"],
-    }
+def _from_summary(data: dict) -> dict:
+    summary = schema.read(data)
+    return {"name": summary.name, "status": summary.status, "steps": summary.steps,
+            "final_loss": summary.final_loss, "khat": summary.khat,
+            "wall_seconds": summary.wall_seconds}
 
 
 def _from_checkpoint(run_dir: Path) -> dict:
@@ -623,7 +616,7 @@ def _final_loss(path: Path, count: Any) -> float | None:
     if not isinstance(count, int) or count <= 0:
         return None
     tail = array.array("d")
-    start = max(0, count - FINAL_LOSS_STEPS)
+    start = max(0, count - schema.FINAL_LOSS_STEPS)
     try:
         with open(path, "rb") as handle:
             handle.seek(start * tail.itemsize)
@@ -631,30 +624,6 @@ def _final_loss(path: Path, count: Any) -> float | None:
     except (OSError, EOFError):
         return None
     return sum(tail) / len(tail)
-
-
-def _summary_problem(summary: Any) -> str:
-    """What a summary lacks that a report shows, or "" when it holds all of it."""
-    if not isinstance(summary, dict):
-        return "not a JSON object"
-    numbers = {"steps": int, "wall_seconds": (int, float), "steps_per_second": (int, float)}
-    for key, kind in numbers.items():
-        if not isinstance(summary.get(key), kind) or isinstance(summary.get(key), bool):
-            return f"{key} is not a number"
-    if summary.get("final_loss") is not None and not _is_number(summary["final_loss"]):
-        return "final_loss is not a number"
-    posterior = summary.get("posterior")
-    if not isinstance(posterior, dict) or not all(
-            isinstance(entry, dict) and "mean" in entry and "std" in entry
-            for entry in posterior.values()):
-        return "posterior is not a mean and sd per site"
-    if not isinstance(summary.get("diagnostics", {}), dict):
-        return "diagnostics is not an object"
-    return ""
-
-
-def _is_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def _folders(path: Path) -> list[Path]:
@@ -701,8 +670,9 @@ def report_lines(summary: dict, limit: int = 10) -> list[str]:
     exact posterior and the importance-weighted estimate; then PSIS k-hat and its reading,
     and the ELBO and log evidence from the same draws; then, where the model has a reference
     posterior, z and r per parameter and the verdict."""
+    read = schema.read(summary)
     lines = []
-    for site, entry in summary["posterior"].items():
+    for site, entry in read.posterior.items():
         keys = [k for k in ("mean", "std", "exact_mean", "exact_std", "q05", "q95",
                             "iw_mean", "iw_std") if k in entry]
         flat = {k: list(_flatten(entry[k])) for k in keys}
@@ -725,28 +695,28 @@ def report_lines(summary: dict, limit: int = 10) -> list[str]:
             lines.append(f"    KL(guide || exact) {entry['kl']:.4f} ({entry['kl_method']})")
         if count > limit:
             lines.append(f"{site}: {count - limit} more elements in summary.json")
-    diagnostics = summary.get("diagnostics") or {}
-    if "auto" in summary:
+    if isinstance(read, schema.PipelineSummary):
         from workbench.auto.pipeline import lines as auto_lines
 
         lines.extend(auto_lines(summary))
-    lines += khat_lines(diagnostics)
-    if summary.get("reference"):
+    lines += khat_lines(read.diagnostics)
+    if read.reference:
         from workbench.report import reference
 
-        lines += reference.lines(summary["reference"])
+        lines += reference.lines(read.reference)
     return lines
 
 
 def final_line(summary: dict, run_dir: Path | str) -> str:
     """The report's last line: final loss, steps, time and speed, and where the run is."""
-    loss = summary["final_loss"]
-    return (f"final loss {'-' if loss is None else format(loss, '.4f')} | {summary['steps']} "
-            f"steps in {summary['wall_seconds']:.1f} s ({summary['steps_per_second']:.0f} "
+    read = schema.read(summary)
+    loss = read.final_loss
+    return (f"final loss {'-' if loss is None else format(loss, '.4f')} | {read.steps} "
+            f"steps in {read.wall_seconds:.1f} s ({read.steps_per_second:.0f} "
             f"steps/s) | {run_dir}")
 
 
-def khat_lines(diagnostics: dict) -> list[str]:
+def khat_lines(diagnostics: schema.Diagnostics) -> list[str]:
     """The report's trust verdict: PSIS k-hat and its reading (or why there is none), then
     the ELBO and log evidence from the same draws."""
     lines = []
@@ -772,7 +742,7 @@ def khat_lines(diagnostics: dict) -> list[str]:
 def verdict(summary: dict) -> str:
     """The report's k-hat line, its reading in brackets ("PSIS k-hat 0.04 (good); ..."), or
     why there is no k-hat; "" where the summary has neither."""
-    return next(iter(khat_lines(summary.get("diagnostics") or {})), "")
+    return next(iter(khat_lines(schema.read(summary).diagnostics)), "")
 
 
 def _flatten(value: Any):

@@ -34,6 +34,7 @@ def workbench() -> SimpleNamespace:
     from workbench.cli import app
     from workbench.config.kinds import COMPONENTS, LISTS
     from workbench.config.recipe import DEFAULT_STAGES, SECTIONS, TRAIN
+    from workbench.rundir import summary
 
     def catalogue() -> dict:  # what `vibench list --json` prints, from a fresh process
         out = subprocess.run([sys.executable, "-m", "workbench", "list", "--json"],
@@ -54,6 +55,7 @@ def workbench() -> SimpleNamespace:
         own_plugin=lambda entry: entry.get("built_in") or str(entry["plugin"]).startswith(
             "vibench."),
         sources=[ROOT / "workbench", ROOT / "plugins"],  # where environment variables are read
+        summary=summary,  # summary.json's schema: FIELDS, Summary, RunSummary, PipelineSummary
     )
 
 
@@ -256,6 +258,29 @@ def environment() -> str:
     return "\n".join(rows)
 
 
+# -- summary.json ---------------------------------------------------------------------------
+
+def summary_fields() -> str:
+    import dataclasses
+
+    schema = _wb().summary
+    common = {f.name for f in dataclasses.fields(schema.Summary)}
+    run = {f.name for f in dataclasses.fields(schema.RunSummary)}
+    rows = ["| key | type | in | what | read as, where an older summary lacks it |",
+            "| --- | --- | --- | --- | --- |"]
+    for name, spec in schema.FIELDS:
+        meta = spec.metadata
+        said = meta["kind"] + (" or null" if meta["null"] and not meta["omit"] else "")
+        where = "every" if name in common else "a run's" if name in run else "the pipeline's"
+        required = spec.default is dataclasses.MISSING and \
+            spec.default_factory is dataclasses.MISSING
+        default = "required" if required else "absent" if meta["omit"] else \
+            _code(meta["default"])
+        what = meta["doc"] + (" (contract)" if meta["contract"] else "")
+        rows.append(f"| `{name}` | {said} | {where} | {_cell(what)} | {default} |")
+    return "\n".join(rows)
+
+
 GENERATORS = {
     "cli": cli,
     "recipe_sections": recipe_sections,
@@ -263,6 +288,7 @@ GENERATORS = {
     "train_options": train_options,
     "components": components,
     "environment": environment,
+    "summary_fields": summary_fields,
 }
 
 

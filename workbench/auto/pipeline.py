@@ -305,6 +305,7 @@ def assemble(pipeline: Pipeline, records: list[dict], wall: float) -> dict:
     """summary.json of the pipeline: the fits' estimates (pooled when R-hat says they agree,
     else the highest-ELBO fit's), scored against the reference where the model has one."""
     from workbench.report import reference
+    from workbench.rundir.summary import PipelineSummary
 
     fits = [fit for fit in pipeline.candidates if fit.ok]
     if not fits:
@@ -316,34 +317,15 @@ def assemble(pipeline: Pipeline, records: list[dict], wall: float) -> dict:
     used = fits if agree else [pipeline.best(fits)]
     parts = [fit.estimates(pipeline.weighted) for fit in used]
     post = pool([estimates for estimates, _ in parts])
-    for site, entry in pipeline.best(used).summary["posterior"].items():  # the exact answer
+    best = pipeline.best(used)
+    for site, entry in best.summary["posterior"].items():  # the exact answer
         post[site].update({k: entry[k] for k in ("exact_mean", "exact_std") if k in entry})
     weighted = [fit.label for fit, (_, w) in zip(used, parts) if w]
     khats = [fit.khat for fit in used]
-    worst = max((k for k in khats if k is not None), default=None)
-    best = pipeline.best(used)
-    flags = list(pipeline.flags)
-    unchecked = [fit.label for fit, k in zip(used, khats) if k is None]
-    if unchecked:
-        flags.append(f"no k-hat for {', '.join(unchecked)} (see its summary.json): its "
-                     "estimates could not be checked by importance sampling")
-    if worst is not None and not thresholds.khat_trusted(worst):
-        ess = min(((fit.summary.get("diagnostics") or {}).get("ess_fraction") or 0.0)
-                  for fit, k in zip(used, khats) if k is not None)
-        note = thresholds.tails_note(ess)
-        flags.append(f"k-hat {worst:.2f} > {thresholds.KHAT_TRUSTED}: " + (
-            f"do not trust{note}" if note else "the fit is not a good importance sampler of "
-            "the posterior; do not trust its estimates"))
     source = ("importance-weighted (PSIS)" if len(weighted) == len(used) else
               "the guide's own" if not weighted else "mixed (importance-weighted where "
               "k-hat allows)")
     how = f"pooled over {len(used)} fits" if len(used) > 1 else f"from {used[0].label}"
-    # the worst fit's k-hat with its own reading, ESS and evidence, so the report's line
-    # about it holds together; every fit's k-hat beside it
-    worst_fit = next((fit for fit, k in zip(used, khats) if k is not None and k == worst), best)
-    diagnostics = {**(worst_fit.summary.get("diagnostics") or {}),
-                   "khats": dict(zip([fit.label for fit in used], khats))}
-    diagnostics.pop("sites", None)
     compared = {}
     if pipeline.last_run is not None:
         from workbench.device import run_context
@@ -352,39 +334,60 @@ def assemble(pipeline: Pipeline, records: list[dict], wall: float) -> dict:
         with run_context(run.device, run.dtype):
             compared = reference.section(run.model, run.data, post)
     steps = sum(fit.summary["steps"] for fit in pipeline.fits if fit.ok)
-    return {
-        "recipe": pipeline.recipe,
-        "steps": steps,
-        "wall_seconds": wall,
-        "steps_per_second": steps / wall if wall > 0 else 0.0,
-        "final_loss": best.summary["final_loss"],
-        "posterior": post,
-        "diagnostics": diagnostics,
-        **compared,
-        "params": best.summary["params"],
-        "status": "completed",
-        "device": best.summary["device"],
-        "dtype": best.summary["dtype"],
-        "versions": best.summary["versions"],
-        "data_hash": best.summary["data_hash"],
-        "world_size": 1,
-        "auto": {
-            "stages": records,
-            "fits": [{"label": fit.label, "path": str(fit.path), "ok": fit.ok,
-                      "steps": fit.summary["steps"] if fit.ok else None, "lr": fit.lr,
-                      "converged_at": ((fit.summary or {}).get("converged") or {}).get(
-                          "at_step"),
-                      "khat": fit.khat, "elbo": fit.elbo if fit.ok else None,
-                      "ending": fit.ending(), **({"error": fit.error} if fit.error else {})}
-                     for fit in pipeline.fits],
-            "estimates": f"{source} estimates, {how}",
-            "used": [fit.label for fit in used],
-            "weighted": weighted,
-            "rhat": pipeline.rhat and {k: v for k, v in pipeline.rhat.items() if k != "params"},
-            "flags": flags,
-            "trusted": not flags,
-        },
-    }
+    flags = _flags(pipeline, used, khats)
+    return PipelineSummary(
+        recipe=pipeline.recipe, steps=steps, wall_seconds=wall,
+        steps_per_second=steps / wall if wall > 0 else 0.0,
+        final_loss=best.summary["final_loss"], posterior=post,
+        diagnostics=_worst_diagnostics(used, khats, best),
+        reference=compared.get("reference"), params=best.summary["params"],
+        status="completed", device=best.summary["device"], dtype=best.summary["dtype"],
+        versions=best.summary["versions"], data_hash=best.summary["data_hash"], world_size=1,
+        auto={"stages": records, "fits": [_fit_record(fit) for fit in pipeline.fits],
+              "estimates": f"{source} estimates, {how}",
+              "used": [fit.label for fit in used], "weighted": weighted,
+              "rhat": pipeline.rhat and {k: v for k, v in pipeline.rhat.items()
+                                         if k != "params"},
+              "flags": flags, "trusted": not flags},
+    ).to_json()
+
+
+def _flags(pipeline: Pipeline, used: list, khats: list) -> list[str]:
+    """Every reason not to trust the pipeline's answer: the stages', then its fits' k-hats."""
+    flags = list(pipeline.flags)
+    unchecked = [fit.label for fit, k in zip(used, khats) if k is None]
+    if unchecked:
+        flags.append(f"no k-hat for {', '.join(unchecked)} (see its summary.json): its "
+                     "estimates could not be checked by importance sampling")
+    worst = max((k for k in khats if k is not None), default=None)
+    if worst is not None and not thresholds.khat_trusted(worst):
+        ess = min(((fit.summary.get("diagnostics") or {}).get("ess_fraction") or 0.0)
+                  for fit, k in zip(used, khats) if k is not None)
+        note = thresholds.tails_note(ess)
+        flags.append(f"k-hat {worst:.2f} > {thresholds.KHAT_TRUSTED}: " + (
+            f"do not trust{note}" if note else "the fit is not a good importance sampler of "
+            "the posterior; do not trust its estimates"))
+    return flags
+
+
+def _worst_diagnostics(used: list, khats: list, best: Any) -> dict:
+    """The worst fit's diagnostics (its k-hat with its own reading, ESS and evidence, so the
+    report's line about it holds together), and every used fit's k-hat beside it."""
+    worst = max((k for k in khats if k is not None), default=None)
+    worst_fit = next((fit for fit, k in zip(used, khats) if k is not None and k == worst), best)
+    diagnostics = {**(worst_fit.summary.get("diagnostics") or {}),
+                   "khats": dict(zip([fit.label for fit in used], khats))}
+    diagnostics.pop("sites", None)
+    return diagnostics
+
+
+def _fit_record(fit: Any) -> dict:
+    """One fit as summary.json's ``auto.fits`` lists it."""
+    return {"label": fit.label, "path": str(fit.path), "ok": fit.ok,
+            "steps": fit.summary["steps"] if fit.ok else None, "lr": fit.lr,
+            "converged_at": ((fit.summary or {}).get("converged") or {}).get("at_step"),
+            "khat": fit.khat, "elbo": fit.elbo if fit.ok else None,
+            "ending": fit.ending(), **({"error": fit.error} if fit.error else {})}
 
 
 def pool(estimates: list[dict]) -> dict:

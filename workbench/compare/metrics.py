@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Any
 
 from workbench.report.thresholds import khat_trusted
 from workbench.rundir import files
+from workbench.rundir import summary as schema
 from workbench.rundir.layout import SUMMARY
 
 if TYPE_CHECKING:
@@ -20,28 +21,28 @@ METRICS = ("elbo", "elbo_se", "log_evidence", "log_evidence_se", "mean_error_sd"
 WORST_OF_SEEDS = ("mean_error_sd", "sd_ratio", "khat")  # the rest: the mean over seeds
 
 
-def read_summary(result: Result) -> dict | None:
+def read_summary(result: Result) -> schema.Summary | None:
     """Fill in a result's metrics from its run's summary.json, and return it, where there is
-    one."""
+    one that holds what a summary must."""
     try:
-        summary = json.loads(files.read_bounded(result.run_dir / SUMMARY))
+        data = json.loads(files.read_bounded(result.run_dir / SUMMARY))
     except (OSError, ValueError, files.UnsafeFile):
         return None
-    if not isinstance(summary, dict):
+    if schema.check(data):
         return None
-    result.metrics = metrics(summary)
-    diagnostics = summary.get("diagnostics")
-    if isinstance(diagnostics, dict):
-        result.khat_reading = str(diagnostics.get("reading") or "")
-        draws = diagnostics.get("num_draws")
-        result.draws = draws if isinstance(draws, int) else None
-    result.steps = summary.get("steps")
-    result.wall_seconds = number(summary.get("wall_seconds"))
+    summary = schema.read(data)
+    result.metrics = metrics(data)
+    result.khat_reading = str(summary.diagnostics.get("reading") or "")
+    draws = summary.diagnostics.get("num_draws")
+    result.draws = draws if isinstance(draws, int) else None
+    result.steps = summary.steps
+    result.wall_seconds = number(summary.wall_seconds)
     return summary
 
 
 def metrics(summary: dict) -> dict[str, float | None]:
-    """One run's numbers from its summary.json.
+    """One run's numbers from its summary.json's content (any part of it: a number it lacks
+    is None).
 
     The same yardstick for every run whatever its loss: the ELBO and the importance-sampled
     log evidence, each with its Monte Carlo se, from the report's guide draws. Where the exact

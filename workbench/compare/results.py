@@ -59,7 +59,7 @@ def classify(result: Result, outcome: Outcome, timeout: float | None) -> None:
     code (it may have been killed after saving); else its exit code, or why its task
     was lost, does."""
     summary = read_summary(result)
-    saved = summary.get("status") if summary else None
+    saved = summary.status if summary else None
     code, reason = outcome.exit_code, outcome.reason
     lines = [line.strip() for line in outcome.stderr.splitlines() if line.strip()]
     last = lines[-1] if lines else ""
@@ -73,7 +73,7 @@ def classify(result: Result, outcome: Outcome, timeout: float | None) -> None:
         result.error = outcome.lost or "lost"
     elif saved in ("interrupted", "failed"):
         result.status = saved
-        result.error = last or str(summary.get("error") or saved)
+        result.error = last or str(summary.error or saved)
     else:
         stopped = bool(reason) or code in STOPPED_CODES
         result.status = "interrupted" if stopped else "failed"

@@ -579,64 +579,90 @@ def diagnostics(model: Callable, guide: Callable, data: dict[str, Any], nesting:
     Pass the model itself (not wrapped for minibatches) and the guide that ``summarize`` got.
     """
     with torch.no_grad():
-        try:
-            single = site_trace(model, **data)
-        except Exception as exc:  # noqa: BLE001 - reported, not raised
-            return {"khat": None,
-                    "reason": f"the model failed: {broadcast.described(exc, model)}"}
-        enumerated = [name for name, site in single.nodes.items()
-                      if site["type"] == "sample" and site["infer"].get("enumerate")]
-        if enumerated:
-            return {"khat": None, "reason": "the loss sums out site(s) " + ", ".join(
-                repr(n) for n in enumerated) + " by enumeration; importance weights would "
-                "need that sum too"}
-        sites = latent_sites(single)
-        derived = deterministic_sites(single)  # weighed too: e.g. eight schools' theta
-        sized = ""
+        single = _weighable_trace(model, data)
+        if isinstance(single, str):
+            return {"khat": None, "reason": single}
         way = broadcast.verdict(model, data, nesting, single)
-        asked = num_draws
-        if num_draws * sized_psis.draw_numbers(single) > sized_psis.WORK:
-            if way.broadcasts:
-                found, precision = _widened(guide, data, lambda wide_data: (
-                    sized_psis.subsampled(model, guide, wide_data, nesting, single,
-                                          num_draws)))
-                if isinstance(found, dict):
-                    return {**found, "precision": precision}
-            else:  # subsampling rows replays the model vectorised
-                found = "the model does not broadcast over draws"
-            num_draws, sized = sized_psis.fewer_draws(single, num_draws, found)
-            if not num_draws:
-                return {"khat": None, "reason": sized}
-        if way.draws(num_draws) < num_draws:
-            num_draws = way.draws(num_draws)
-            sized = (f"PSIS on {num_draws} of {asked} draws: the model does not broadcast over "
-                     "draws, so each is one run of it")
-        # Draws in chunks, so that a chunk's tensors (draws x the model's largest site) stay
-        # within MAX_ELEMENTS numbers.
-        per_draw = max((site["value"].numel() for site in single.nodes.values()
-                        if site["type"] == "sample" and torch.is_tensor(site["value"])),
-                       default=1)
-        chunk = max(1, min(num_draws, MAX_ELEMENTS // max(per_draw, 1)))
-        try:
-            found, precision = _widened(guide, data, lambda wide_data: _weigh(
-                model, guide, wide_data, nesting, num_draws, chunk, sites, derived, way,
-                single))
-        except (RuntimeError, ValueError, NotImplementedError, IndexError) as exc:
-            how = "vectorised" if way.broadcasts else "draw by draw"
-            return {"khat": None, "reason": f"the guide and model cannot be run {how} over "
-                                            f"{num_draws} draws: "
-                                            f"{broadcast.described(exc, model)}"}
-        if isinstance(found, str):
-            return {"khat": None, "reason": found}
-        log_w, draws = found
-        result = weighed(log_w, draws, sites, num_draws)
-        result["precision"] = precision
-        if not way.broadcasts:
-            result["per_draw"] = way.report_cost(asked)
-    if sized and result.get("khat") is not None:
+        plan = _draw_plan(model, guide, data, nesting, single, way, num_draws)
+        if isinstance(plan, dict):  # a subsampled likelihood's answer, or why there is none
+            return plan
+        draws, sized = plan
+        result, log_w = _psis_draws(model, guide, data, nesting, single, way, draws, num_draws)
+    if sized and log_w is not None and result.get("khat") is not None:
         result["khat_se"] = sized_psis.draws_khat_se(log_w.detach().double().cpu())
         result["sized"] = sized
     return result
+
+
+def _weighable_trace(model: Callable, data: dict) -> poutine.Trace | str:
+    """The model traced once, or why its draws cannot be weighed: it fails, or a loss sums
+    some of its sites out by enumeration."""
+    try:
+        single = site_trace(model, **data)
+    except Exception as exc:  # noqa: BLE001 - reported, not raised
+        return f"the model failed: {broadcast.described(exc, model)}"
+    enumerated = [name for name, site in single.nodes.items()
+                  if site["type"] == "sample" and site["infer"].get("enumerate")]
+    if enumerated:
+        return ("the loss sums out site(s) " + ", ".join(repr(n) for n in enumerated)
+                + " by enumeration; importance weights would need that sum too")
+    return single
+
+
+def _draw_plan(model: Callable, guide: Callable, data: dict, nesting: int,
+               single: poutine.Trace, way: broadcast.Verdict,
+               num_draws: int) -> tuple[int, str] | dict[str, Any]:
+    """How many draws PSIS takes, and the line saying how they were sized ("" where as
+    asked): fewer where the draws outgrow ``sized_psis.WORK`` or the model takes them one
+    run each. Or the whole diagnostics, where a subsampled likelihood gave them (or why
+    there are none)."""
+    asked, sized = num_draws, ""
+    if num_draws * sized_psis.draw_numbers(single) > sized_psis.WORK:
+        if way.broadcasts:
+            found, precision = _widened(guide, data, lambda wide_data: (
+                sized_psis.subsampled(model, guide, wide_data, nesting, single, num_draws)))
+            if isinstance(found, dict):
+                return {**found, "precision": precision}
+        else:  # subsampling rows replays the model vectorised
+            found = "the model does not broadcast over draws"
+        num_draws, sized = sized_psis.fewer_draws(single, num_draws, found)
+        if not num_draws:
+            return {"khat": None, "reason": sized}
+    if way.draws(num_draws) < num_draws:
+        num_draws = way.draws(num_draws)
+        sized = (f"PSIS on {num_draws} of {asked} draws: the model does not broadcast over "
+                 "draws, so each is one run of it")
+    return num_draws, sized
+
+
+def _psis_draws(model: Callable, guide: Callable, data: dict, nesting: int,
+                single: poutine.Trace, way: broadcast.Verdict, num_draws: int,
+                asked: int) -> tuple[dict[str, Any], torch.Tensor | None]:
+    """PSIS over ``num_draws`` guide draws (``asked`` were asked for), in chunks whose
+    tensors (draws x the model's largest site) stay within MAX_ELEMENTS numbers; with the
+    log weights, or None where the draws could not be weighed."""
+    per_draw = max((site["value"].numel() for site in single.nodes.values()
+                    if site["type"] == "sample" and torch.is_tensor(site["value"])),
+                   default=1)
+    chunk = max(1, min(num_draws, MAX_ELEMENTS // max(per_draw, 1)))
+    sites = latent_sites(single)
+    derived = deterministic_sites(single)  # weighed too: e.g. eight schools' theta
+    try:
+        found, precision = _widened(guide, data, lambda wide_data: _weigh(
+            model, guide, wide_data, nesting, num_draws, chunk, sites, derived, way, single))
+    except (RuntimeError, ValueError, NotImplementedError, IndexError) as exc:
+        how = "vectorised" if way.broadcasts else "draw by draw"
+        return {"khat": None, "reason": f"the guide and model cannot be run {how} over "
+                                        f"{num_draws} draws: "
+                                        f"{broadcast.described(exc, model)}"}, None
+    if isinstance(found, str):
+        return {"khat": None, "reason": found}, None
+    log_w, draws = found
+    result = weighed(log_w, draws, sites, num_draws)
+    result["precision"] = precision
+    if not way.broadcasts:
+        result["per_draw"] = way.report_cost(asked)
+    return result, log_w
 
 
 def _weigh(model: Callable, guide: Callable, data: dict, nesting: int, num_draws: int,

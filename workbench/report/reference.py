@@ -21,6 +21,7 @@ from collections.abc import Callable
 from typing import Any
 
 from workbench.report import thresholds
+from workbench.rundir.summary import Reference
 
 MAX_LINES = 12
 
@@ -131,7 +132,7 @@ def _nan_or(pick: Callable, values: list[float]) -> float:
 # the terminal
 
 
-def lines(reference: dict, limit: int = MAX_LINES) -> list[str]:
+def lines(reference: Reference, limit: int = MAX_LINES) -> list[str]:
     """The report's lines: a parameter a line (up to ``limit``), what was not compared, and
     the verdict."""
     if "params" not in reference:
@@ -154,7 +155,7 @@ def lines(reference: dict, limit: int = MAX_LINES) -> list[str]:
     return out
 
 
-def verdict(reference: dict) -> str:
+def verdict(reference: Reference) -> str:
     """"reference: max z 0.05, r 0.93-1.04: good" (or off, or incomplete)."""
     if not reference.get("params"):
         return "reference: no parameter compared"
