@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import yaml
 
 OTHER_UID = 65534  # "nobody": the other local user of a shared machine
 
@@ -86,3 +87,31 @@ def owned_by_another_user(folder: Path) -> None:
 
 def can_chown() -> bool:
     return hasattr(os, "geteuid") and os.geteuid() == 0
+
+
+def one_line_exit_2(result, *words: str) -> str:
+    """The line a refused command printed: exit 2, no traceback, one ``error`` line holding
+    each of ``words``."""
+    assert result.returncode == 2, result.stderr
+    assert "Traceback" not in result.stderr
+    lines = [line for line in result.stderr.splitlines() if line.startswith("error")]
+    assert len(lines) == 1, result.stderr
+    for word in words:
+        assert word in lines[0], lines[0]
+    return lines[0]
+
+
+def nested(depth: int, leaf: Any = 1.0) -> Any:
+    """``leaf`` inside ``depth`` lists of one item each: deeper than any array can be."""
+    for _ in range(depth):
+        leaf = [leaf]
+    return leaf
+
+
+def recipe_with(base: Path, folder: Path, name: str = "hostile.yaml", **sections: Any) -> Path:
+    """A copy of the recipe ``base`` in ``folder`` with ``sections`` replaced whole."""
+    recipe = yaml.safe_load(base.read_text())
+    recipe.update(sections)
+    path = folder / name
+    path.write_text(yaml.safe_dump(recipe))
+    return path

@@ -62,6 +62,7 @@ COMPILE_ENV = "VIBENCH_COMPILE"
 NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 DEVICE_PATTERN = re.compile(r"auto|cpu|cuda(:\d+)?")
 DTYPE_NAMES = ("float32", "float64")  # workbench/device.py makes them torch dtypes
+MAX_SEED = 2**32 - 1  # the widest seed every generator a run seeds (numpy's included) takes
 
 
 def compile_default() -> str | bool:
@@ -243,8 +244,8 @@ def resolve(
         recipe, "name", Path(source).stem or "run", str,
         lambda v: NAME_PATTERN.fullmatch(v), "a name of letters, digits, '.', '_' and '-'",
     )
-    resolved["seed"] = checker.value(recipe, "seed", 0, int, lambda v: v >= 0,
-                                     "a whole number >= 0")
+    resolved["seed"] = checker.value(recipe, "seed", 0, int, lambda v: 0 <= v <= MAX_SEED,
+                                     f"a whole number from 0 to {MAX_SEED}")
     resolved["device"] = checker.value(
         recipe, "device", "auto", str, DEVICE_PATTERN.fullmatch, "auto, cpu, cuda or cuda:N"
     )
