@@ -3,10 +3,11 @@ with one line naming what and where, exit 2, and leaves nothing behind."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
-from hostile import one_line_exit_2
+from hostile import nested, one_line_exit_2, recipe_with
 
 from conftest import COIN, vibench
 
@@ -18,3 +19,15 @@ def test_a_seed_no_generator_takes_is_one_line(tmp_path: Path, seed: str):
     refused = vibench("run", str(COIN), *QUICK, "--seed", seed, "--out", str(tmp_path / "run"))
     one_line_exit_2(refused, "seed", "4294967295", seed)
     assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("depth", [33, 65, 199])
+def test_data_nested_deeper_than_an_array_is_one_line(tmp_path: Path, depth: int):
+    (tmp_path / "deep.json").write_text(json.dumps({"flips": nested(depth)}))
+    from_file = recipe_with(COIN, tmp_path, data={"file": "deep.json"})
+    refused = vibench("run", str(from_file), *QUICK, "--out", str(tmp_path / "a"))
+    one_line_exit_2(refused, "deep.json", "'flips'", "32")
+    inline = recipe_with(COIN, tmp_path, "inline.yaml", data={"flips": nested(depth)})
+    refused = vibench("run", str(inline), *QUICK, "--out", str(tmp_path / "b"))
+    one_line_exit_2(refused, "data.flips", "32")
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
