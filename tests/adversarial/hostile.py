@@ -115,3 +115,13 @@ def recipe_with(base: Path, folder: Path, name: str = "hostile.yaml", **sections
     path = folder / name
     path.write_text(yaml.safe_dump(recipe))
     return path
+
+
+def optim_args_plugin(folder: Path) -> Path:
+    """A file of optim_args rules that fail the ways a plugin's bug does: ``Raises`` raises,
+    ``GivesInt`` gives 3 where a mapping of settings belongs."""
+    path = folder / "hostile_rules.py"
+    path.write_text("class Raises:\n    def __call__(self, name):\n"
+                    "        raise RuntimeError('boom in the plugin')\n\n\n"
+                    "class GivesInt:\n    def __call__(self, name):\n        return 3\n")
+    return path

@@ -7,7 +7,7 @@ import json
 from pathlib import Path
 
 import pytest
-from hostile import nested, one_line_exit_2, recipe_with
+from hostile import nested, one_line_exit_2, optim_args_plugin, recipe_with
 
 from conftest import COIN, vibench
 
@@ -31,3 +31,14 @@ def test_data_nested_deeper_than_an_array_is_one_line(tmp_path: Path, depth: int
     refused = vibench("run", str(inline), *QUICK, "--out", str(tmp_path / "b"))
     one_line_exit_2(refused, "data.flips", "32")
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+
+
+@pytest.mark.parametrize("rules, says", [("Raises", "failed on parameter 'log_alpha_q' "
+                                                    "(RuntimeError: boom in the plugin)"),
+                                         ("GivesInt", "gave parameter 'log_alpha_q' int 3")])
+def test_an_optim_args_plugin_that_fails_is_named(tmp_path: Path, rules: str, says: str):
+    plugin = optim_args_plugin(tmp_path)
+    refused = vibench("run", str(COIN), *QUICK, "--out", str(tmp_path / "run"),
+                      "--set", f"optimizer.optim_args={{name: '{plugin}:{rules}'}}")
+    one_line_exit_2(refused, "optimizer.optim_args", f"from '{plugin}'", says, "a bug in")
+    assert not (tmp_path / "run").exists()
