@@ -15,7 +15,6 @@ import inspect
 import json
 import math
 import os
-import shutil
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -26,7 +25,7 @@ from typing import Any
 
 from workbench.config import recipe as recipes
 from workbench.config.kinds import COMPONENTS
-from workbench.errors import UsageError, one_line
+from workbench.errors import RunError, UsageError, one_line
 from workbench.plugins.registry import Registry
 from workbench.progress import TerminalBar
 from workbench.rundir import files
@@ -117,8 +116,7 @@ def start(source: Path | dict, sets: Sequence[str], out: Path | None, registry: 
         stepsize.adapt(run)
         return Job(run, held)
     except BaseException:
-        held.release()
-        _remove_unused(held)
+        held.abandon()
         raise
 
 
@@ -161,7 +159,12 @@ def run_recipe(source: Path | dict | None, sets: Sequence[str], out: Path | None
         say(f"note: {note}")
     say(f"run directory: {job.path}")
     with (progress or Progress)(job.run.recipe["train"]["steps"]) as bar:
-        summary = job.train(bar.update)
+        try:
+            summary = job.train(bar.update)
+        except (UsageError, RunError):
+            if resume_dir is None:
+                _abandon_unused(job.run_dir)
+            raise
     return summary, job.path
 
 
@@ -426,14 +429,12 @@ def _resumable(key: str) -> bool:
     return any(key == allowed or key.startswith(allowed + ".") for allowed in RESUMABLE)
 
 
-def _remove_unused(held: RunDir) -> None:
-    """Remove the directories claiming a run directory made, if nothing else came into them."""
-    for path in reversed(held.created):
-        try:
-            if all(p.name == LOCK for p in path.iterdir()):
-                shutil.rmtree(path)
-        except OSError:
-            return
+def _abandon_unused(held: RunDir) -> None:
+    """Remove a new run's directory that failed before it learned anything: no checkpoint and
+    no summary in it or its fits (the README's "nothing is written" for a run that fails to
+    set up, the automatic pipeline's included)."""
+    if not any(held.path.rglob(CHECKPOINT)) and not any(held.path.rglob(SUMMARY)):
+        held.abandon()
 
 
 def list_runs(root: Path) -> list[dict]:

@@ -125,3 +125,19 @@ def optim_args_plugin(folder: Path) -> Path:
                     "        raise RuntimeError('boom in the plugin')\n\n\n"
                     "class GivesInt:\n    def __call__(self, name):\n        return 3\n")
     return path
+
+
+def failing_models(folder: Path) -> Path:
+    """A file of models that fail at set-up: ``broken`` raises, ``discrete`` has a discrete
+    latent (no Gaussian guide fits it), ``no_latent`` has nothing to infer."""
+    path = folder / "failing_models.py"
+    path.write_text(
+        "import pyro\nimport pyro.distributions as dist\n\n\n"
+        "def broken(flips):\n    pyro.sample('f', dist.Beta(10.0, 10.0))\n"
+        "    raise RuntimeError('broken model')\n\n\n"
+        "def discrete(flips):\n    k = pyro.sample('k', dist.Bernoulli(0.5))\n"
+        "    with pyro.plate('flips', len(flips)):\n"
+        "        pyro.sample('obs', dist.Bernoulli(0.3 + 0.4 * k), obs=flips)\n\n\n"
+        "def no_latent(flips):\n    with pyro.plate('flips', len(flips)):\n"
+        "        pyro.sample('obs', dist.Bernoulli(0.5), obs=flips)\n")
+    return path

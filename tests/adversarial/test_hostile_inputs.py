@@ -7,7 +7,7 @@ import json
 from pathlib import Path
 
 import pytest
-from hostile import nested, one_line_exit_2, optim_args_plugin, recipe_with
+from hostile import failing_models, nested, one_line_exit_2, optim_args_plugin, recipe_with
 
 from conftest import COIN, vibench
 
@@ -42,3 +42,26 @@ def test_an_optim_args_plugin_that_fails_is_named(tmp_path: Path, rules: str, sa
                       "--set", f"optimizer.optim_args={{name: '{plugin}:{rules}'}}")
     one_line_exit_2(refused, "optimizer.optim_args", f"from '{plugin}'", says, "a bug in")
     assert not (tmp_path / "run").exists()
+
+
+def test_a_run_that_fails_to_set_up_leaves_nothing(tmp_path: Path):
+    models = failing_models(tmp_path)
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / ".lock").write_text("12345")  # a stale lock, as a killed run leaves
+    for where in (["--out", str(out)], []):
+        failed = vibench("run", str(COIN), *QUICK, "--set", f"model={models}:broken", *where,
+                         cwd=tmp_path)
+        one_line_exit_2(failed, "broken model")
+    assert list(out.iterdir()) == [] and not (tmp_path / "runs").exists()
+
+
+@pytest.mark.parametrize("model", ["discrete", "no_latent"])
+def test_a_pipeline_that_fits_nothing_leaves_nothing(tmp_path: Path, model: str):
+    models = failing_models(tmp_path)
+    recipe = tmp_path / "auto.yaml"
+    recipe.write_text(f"data: {{flips: [1, 1, 0]}}\nmodel: {{name: '{models}:{model}'}}\n")
+    failed = vibench("run", str(recipe), cwd=tmp_path)
+    assert failed.returncode in (1, 2) and "Traceback" not in failed.stderr, failed.stderr
+    assert not (tmp_path / "runs").exists(), sorted((tmp_path / "runs").rglob("*"))
+    assert " see " not in failed.stderr.splitlines()[-1]
