@@ -141,3 +141,44 @@ def failing_models(folder: Path) -> Path:
         "def no_latent(flips):\n    with pyro.plate('flips', len(flips)):\n"
         "        pyro.sample('obs', dist.Bernoulli(0.5), obs=flips)\n")
     return path
+
+
+def packed(*members: tuple[str, str, str]) -> bytes:
+    """A run folder as a Ray task sends it back (.tar.gz bytes), of ``(name, kind, what)``
+    members: kind "file" (``what`` its text), "dir", "symlink" or "hardlink" (``what`` the
+    link's target)."""
+    import tarfile
+
+    types = {"dir": tarfile.DIRTYPE, "symlink": tarfile.SYMTYPE, "hardlink": tarfile.LNKTYPE}
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w:gz") as tar:
+        for name, kind, what in members:
+            info = tarfile.TarInfo(name)
+            if kind == "file":
+                info.size = len(what.encode())
+                tar.addfile(info, io.BytesIO(what.encode()))
+                continue
+            info.type, info.linkname, info.mode = types[kind], what, 0o777
+            tar.addfile(info)
+    return buffer.getvalue()
+
+
+def escaping_link_chain(dest: Path) -> list[tuple[str, str, str]]:
+    """The CVE-2025-4517 pattern (CPython's test_realpath_limit_attack), for unpacking into
+    ``dest``: links under names so long that the expanded path passes PATH_MAX, where
+    ``os.path.realpath`` (and so tarfile's ``data`` filter before Python 3.11.13) stops
+    resolving; through them a link to ``dest``'s parent, and a hard link to its ``flag``
+    file, which the last member writes."""
+    steps = "abcdefghijklmnop"
+    length = (os.pathconf(dest.parent, "PC_PATH_MAX") - len(str(dest)) - 1) // (len(steps) + 1)
+    component, path, members = "d" * length, "", []
+    for step in steps:
+        members += [(os.path.join(path, component), "dir", ""),
+                    (os.path.join(path, step), "symlink", component)]
+        path = os.path.join(path, component)
+    link = os.path.join(*steps, "l" * 254)
+    members.append((link, "symlink", os.path.join(*[".."] * len(steps))))
+    members.append(("escape", "symlink", os.path.join(link, "..")))
+    members.append(("flaglink", "hardlink", os.path.join("escape", "flag")))
+    members.append(("flaglink", "file", "overwritten\n"))
+    return members

@@ -7,9 +7,19 @@ import json
 from pathlib import Path
 
 import pytest
-from hostile import failing_models, nested, one_line_exit_2, optim_args_plugin, recipe_with
+from hostile import (
+    escaping_link_chain,
+    failing_models,
+    nested,
+    one_line_exit_2,
+    optim_args_plugin,
+    packed,
+    recipe_with,
+)
 
 from conftest import COIN, vibench
+from workbench.compare import backends
+from workbench.rundir import files
 
 QUICK = ["--steps", "5", "--set", "train.plots=false", "--set", "train.diagnostics=false"]
 
@@ -65,3 +75,32 @@ def test_a_pipeline_that_fits_nothing_leaves_nothing(tmp_path: Path, model: str)
     assert failed.returncode in (1, 2) and "Traceback" not in failed.stderr, failed.stderr
     assert not (tmp_path / "runs").exists(), sorted((tmp_path / "runs").rglob("*"))
     assert " see " not in failed.stderr.splitlines()[-1]
+
+
+@pytest.mark.parametrize("members", [
+    lambda dest: escaping_link_chain(dest),
+    lambda dest: [("flag", "symlink", str(dest.parent / "flag")), ("flag", "file", "x")],
+    lambda dest: [("inside", "symlink", "summary.json"), ("summary.json", "file", "{}")],
+    lambda dest: [("flag", "hardlink", str(dest.parent / "flag"))],
+    lambda dest: [(str(dest.parent / "flag"), "file", "overwritten")],
+    lambda dest: [("plots/../../flag", "file", "overwritten")],
+], ids=["CVE-2025-4517 chain", "symlink out", "symlink in", "hard link", "absolute", "dot-dot"])
+def test_a_ray_task_s_files_with_a_link_or_a_way_out_are_refused_whole(tmp_path: Path, members):
+    dest = tmp_path / "outer" / "run"
+    dest.parent.mkdir()
+    (dest.parent / "flag").write_text("precious\n")
+    with pytest.raises(files.UnsafeFile, match="none were unpacked") as refused:
+        backends.unpack(packed(*members(dest)), dest)
+    assert "\n" not in str(refused.value) and str(dest) in str(refused.value)
+    assert (dest.parent / "flag").read_text() == "precious\n"
+    assert sorted(p.name for p in tmp_path.rglob("*")) == ["flag", "outer"]
+
+
+def test_a_ray_task_s_plain_run_folder_is_unpacked(tmp_path: Path):
+    source = tmp_path / "source"
+    (source / "plots").mkdir(parents=True)
+    (source / "summary.json").write_text("{}")
+    (source / "plots" / "loss.png").write_bytes(b"png")
+    backends.unpack(backends.pack(source), tmp_path / "run")
+    assert (tmp_path / "run" / "plots" / "loss.png").read_bytes() == b"png"
+    assert (tmp_path / "run" / "summary.json").read_text() == "{}"
