@@ -104,3 +104,14 @@ def test_a_ray_task_s_plain_run_folder_is_unpacked(tmp_path: Path):
     backends.unpack(backends.pack(source), tmp_path / "run")
     assert (tmp_path / "run" / "plots" / "loss.png").read_bytes() == b"png"
     assert (tmp_path / "run" / "summary.json").read_text() == "{}"
+
+
+def test_a_ray_task_s_resume_hint_names_the_folder_its_files_are_copied_to(tmp_path: Path):
+    job = backends.Job(COIN, tmp_path / "compare" / "lr=1e6,seed=0", 0, [
+        "train.steps=5", "optimizer.lr=1e6", "train.skip_bad_steps=0", "train.plots=false"])
+    outcome = backends.run_task(job, "no compare folder here", None, "1")  # as on a cluster
+    assert outcome.exit_code == 1, outcome.stderr
+    assert f"--resume {job.run_dir} " in outcome.stderr
+    assert "vibench-run-" not in outcome.stderr + outcome.stdout
+    backends.unpack(outcome.files, job.run_dir)
+    assert (job.run_dir / "checkpoint.pt").exists()

@@ -421,8 +421,10 @@ def run_task(job: Job, token: str, timeout: float | None, threads: str) -> Outco
         stdout, stderr, reason = watch(process, run_dir, control)
         outcome = Outcome(process.returncode, stdout, stderr, reason,
                           time.perf_counter() - start)
-        if scratch is not None:
+        if scratch is not None:  # its lines name the folder its files are copied back to
             outcome.files = pack(run_dir)
+            outcome.stdout = outcome.stdout.replace(str(run_dir), str(job.run_dir))
+            outcome.stderr = outcome.stderr.replace(str(run_dir), str(job.run_dir))
     finally:
         if scratch is not None:
             shutil.rmtree(scratch, ignore_errors=True)
