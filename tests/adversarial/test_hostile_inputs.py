@@ -115,3 +115,21 @@ def test_a_ray_task_s_resume_hint_names_the_folder_its_files_are_copied_to(tmp_p
     assert "vibench-run-" not in outcome.stderr + outcome.stdout
     backends.unpack(outcome.files, job.run_dir)
     assert (job.run_dir / "checkpoint.pt").exists()
+
+
+def test_recipe_paths_start_from_its_folder_and_set_paths_from_the_working_one(tmp_path: Path):
+    (tmp_path / "models").mkdir()
+    (tmp_path / "recipes").mkdir()
+    (tmp_path / "elsewhere").mkdir()
+    models = failing_models(tmp_path / "models")  # its "broken" model names each run's source
+    recipe = recipe_with(COIN, tmp_path / "recipes", model={
+        "name": f"../models/{models.name}:broken"})
+    from_recipe = vibench("run", str(recipe), *QUICK, cwd=tmp_path / "elsewhere")
+    one_line_exit_2(from_recipe, "broken model")
+    from_set = vibench("run", str(recipe), *QUICK, "--set", f"model=models/{models.name}:broken",
+                       cwd=tmp_path)
+    one_line_exit_2(from_set, "broken model")
+    wrong = vibench("run", str(recipe), *QUICK, "--set", f"model=../models/{models.name}:broken",
+                    cwd=tmp_path)
+    one_line_exit_2(wrong, f"looked for {tmp_path.parent / 'models'}", "(set on the command line)")
+

@@ -252,7 +252,7 @@ def resolve(
     resolved["dtype"] = checker.value(
         recipe, "dtype", "float32", str, lambda v: v in DTYPE_NAMES, "float32 or float64"
     )
-    resolved["data"] = checker.data(recipe.get("data"), Path(source).parent)
+    resolved["data"] = checker.data(recipe.get("data"))
     automatic = _automatic(recipe)
     for (section,), kind in ((p, k) for p, k in COMPONENTS.items() if len(p) == 1):
         if automatic and section in ("guide", "loss", "optimizer"):
@@ -297,8 +297,15 @@ class _Checker:
         self.code = code
         self.registry = registry
         self.overridden = overridden
-        self.base = base  # the recipe's directory: where file.py:attr names start from
+        self.base = base  # the recipe's directory: where its relative paths start from
         self.problems: list[str] = []
+
+    def base_of(self, path: str) -> Path:
+        """Where a relative path at ``path`` starts from: the working directory for one given
+        on the command line (``--set``, as every path typed in a shell), else the recipe's
+        directory, wherever vibench runs from."""
+        given = any(path == key or path.startswith(key + ".") for key in self.overridden)
+        return Path(".") if given else self.base
 
     def problem(self, path: str, message: str) -> None:
         if any(path == key or key.startswith(path + ".") or path.startswith(key + ".")
@@ -312,9 +319,9 @@ class _Checker:
             self.problem(key, f"expected {wanted}, got {value!r}")
         return value
 
-    def data(self, data: Any, base: Path) -> dict:
-        """Inline arguments, plus at most one of ``file`` (made absolute, relative to the
-        recipe) and ``dataset`` (a component); ``columns`` maps arguments to a file's names."""
+    def data(self, data: Any) -> dict:
+        """Inline arguments, plus at most one of ``file`` (made absolute: see ``base_of``)
+        and ``dataset`` (a component); ``columns`` maps arguments to a file's names."""
         if data is None:
             return {}
         if not isinstance(data, dict):
@@ -325,7 +332,7 @@ class _Checker:
         if "file" in data and "dataset" in data:
             self.problem("data", "give either a file or a dataset, not both")
         if "file" in data:
-            resolved["file"] = self.data_file(data["file"], base)
+            resolved["file"] = self.data_file(data["file"], self.base_of("data.file"))
         if "dataset" in data:
             resolved["dataset"] = self.component(("data", "dataset"), data["dataset"])
         columns = data.get("columns")
@@ -428,7 +435,7 @@ class _Checker:
             self.problem(f"{where}.name", f"{got}; name the {kind} component, one of: {choices}")
             return None
         try:
-            component = self.registry.get(kind, name, self.base, self.code)
+            component = self.registry.get(kind, name, self.base_of(f"{where}.name"), self.code)
         except UsageError as exc:
             self.problem(f"{where}.name", str(exc))
             return None
