@@ -87,7 +87,16 @@ def prepare(source: Path | dict, sets: Sequence[str], registry: Registry,
     else:
         raw, where = recipes.load(source), str(source)
     raw, overridden = recipes.apply_overrides({**raw, **(values or {})}, list(sets))
-    return recipes.resolve(raw, registry, where, overridden | set(values or {}))
+    return recipes.resolve(raw, registry, where, overridden | set(values or {}),
+                           code=_notice_code)
+
+
+def _notice_code(name: str) -> None:
+    """For ``recipes.resolve``: say, before it is imported, whose code a recipe runs (a file
+    or module it names, not a registered plugin), as pip says it runs a package's build."""
+    where, _, attr = name.rpartition(":")
+    what = f"file {where}" if where.endswith(".py") else f"module {where}"
+    print(f"note: the recipe runs code from {what}: {attr}", file=sys.stderr, flush=True)
 
 
 def start(source: Path | dict, sets: Sequence[str], out: Path | None, registry: Registry,

@@ -133,3 +133,15 @@ def test_recipe_paths_start_from_its_folder_and_set_paths_from_the_working_one(t
                     cwd=tmp_path)
     one_line_exit_2(wrong, f"looked for {tmp_path.parent / 'models'}", "(set on the command line)")
 
+
+def test_a_recipe_naming_a_shell_as_its_model_is_refused_and_its_code_announced(tmp_path: Path):
+    marker = tmp_path / "ran"
+    shell = recipe_with(COIN, tmp_path, model={"name": "os:system"},
+                        data={"command": f"touch {marker}"})
+    refused = vibench("run", str(shell), *QUICK, "--out", str(tmp_path / "a"))
+    one_line_exit_2(refused, "os:system", "a built-in function, not a model")
+    assert refused.stderr.splitlines()[0] == "note: the recipe runs code from module os: system"
+    assert not marker.exists() and not (tmp_path / "a").exists()
+    models = failing_models(tmp_path)
+    named = vibench("run", str(COIN), *QUICK, "--set", f"model={models}:broken")
+    assert named.stderr.splitlines()[0] == f"note: the recipe runs code from file {models}: broken"

@@ -244,6 +244,9 @@ def _component(kind: str, name: str, value: Any, source: str, shown: str) -> Com
     it, or, for a model or guide, a function that is the component itself (no options)."""
     if not callable(value):
         raise UsageError(f"{shown}: not a function or class (it is {type(value).__name__})")
+    if inspect.isbuiltin(value):  # os:system would run its data as a shell command
+        raise UsageError(f"{shown}: a built-in function, not a {kind}: name Python code "
+                         f"written as a {kind}")
     description = _description(inspect.getdoc(value))
     if kind in ITSELF and not inspect.isclass(value):
         note = (f"a function is the {kind} itself (its parameters are the data), so it takes "
