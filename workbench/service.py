@@ -592,6 +592,7 @@ def data_arguments(factory: Callable) -> list[str] | None:
 def _from_summary(summary: dict) -> dict:
     recipe = summary.get("recipe")
     diagnostics = summary.get("diagnostics") or {}
+    missing = report_missing(summary)
     return {
         "name": recipe.get("name") if isinstance(recipe, dict) else None,
         "status": summary.get("status", "completed"),
@@ -599,7 +600,21 @@ def _from_summary(summary: dict) -> dict:
         "final_loss": summary["final_loss"],
         "khat": diagnostics.get("khat"),
         "wall_seconds": summary["wall_seconds"],
+        **({"report_missing": missing} if missing else {}),
     }
+
+
+def report_missing(summary: dict) -> str:
+    """Why a completed run's summary holds no report ('' where it does): the report failed,
+    or was stopped or killed before it finished (``--resume`` writes it)."""
+    if summary.get("status", "completed") != "completed" or "auto" in summary:
+        return ""  # a pipeline's answer is its fits' report
+    reason = str((summary.get("diagnostics") or {}).get("reason") or "")
+    if reason.startswith("the report failed"):
+        return reason
+    if "report_seconds" not in summary:
+        return "its report did not finish (stopped or killed while it was written)"
+    return ""
 
 
 def _from_checkpoint(run_dir: Path) -> dict:

@@ -182,3 +182,17 @@ def escaping_link_chain(dest: Path) -> list[tuple[str, str, str]]:
     members.append(("flaglink", "hardlink", os.path.join("escape", "flag")))
     members.append(("flaglink", "file", "overwritten\n"))
     return members
+
+
+def report_lost(run_dir: Path, reason: str | None = None) -> None:
+    """summary.json as a run leaves it whose report was killed (the summary written before
+    the report), or, with ``reason``, whose report failed that way."""
+    import json
+
+    path = run_dir / "summary.json"
+    summary = json.loads(path.read_text())
+    summary.pop("report_seconds")
+    summary["posterior"], summary["diagnostics"] = {}, {"khat": None}
+    if reason is not None:
+        summary["report_seconds"], summary["diagnostics"]["reason"] = 0.1, reason
+    path.write_text(json.dumps(summary))

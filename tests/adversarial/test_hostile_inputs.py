@@ -15,6 +15,7 @@ from hostile import (
     optim_args_plugin,
     packed,
     recipe_with,
+    report_lost,
 )
 
 from conftest import COIN, vibench
@@ -145,3 +146,18 @@ def test_a_recipe_naming_a_shell_as_its_model_is_refused_and_its_code_announced(
     models = failing_models(tmp_path)
     named = vibench("run", str(COIN), *QUICK, "--set", f"model={models}:broken")
     assert named.stderr.splitlines()[0] == f"note: the recipe runs code from file {models}: broken"
+
+
+@pytest.mark.parametrize("reason", [None, "the report failed: boom"])
+def test_runs_and_show_say_a_completed_run_s_report_is_missing(tmp_path: Path, reason):
+    out = tmp_path / "run"
+    assert vibench("run", str(COIN), *QUICK, "--out", str(out)).returncode == 0
+    report_lost(out, reason)
+    [line] = vibench("runs", str(tmp_path)).stdout.splitlines()[1:]
+    assert "completed (report missing)" in line
+    [info] = json.loads(vibench("runs", str(tmp_path), "--json").stdout)
+    assert info["status"] == "completed" and info["report_missing"]
+    shown = vibench("show", str(out))
+    assert shown.returncode == 0
+    assert f"completed (report missing): {reason or 'its report did not finish'}" in shown.stderr
+    assert f"--resume {out} writes it" in shown.stderr
