@@ -196,3 +196,25 @@ def report_lost(run_dir: Path, reason: str | None = None) -> None:
     if reason is not None:
         summary["report_seconds"], summary["diagnostics"]["reason"] = 0.1, reason
     path.write_text(json.dumps(summary))
+
+
+def plugin_site(folder: Path, module: str, source: str) -> dict[str, str]:
+    """An installed vibench plugin, ``module`` with ``source``, as a folder to put on
+    PYTHONPATH (a module and its dist-info with the entry point): the environment to run
+    vibench with it."""
+    site = folder / "site"
+    info = site / f"vibench_{module}-0.1.dist-info"
+    info.mkdir(parents=True)
+    (site / f"{module}.py").write_text(source)
+    (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: vibench-{module}\n"
+                                   "Version: 0.1\n")
+    (info / "entry_points.txt").write_text(f"[vibench]\n{module} = {module}\n")
+    return {"PYTHONPATH": str(site)}
+
+
+ECHO_AT_IMPORT = """import subprocess
+import sys
+
+subprocess.run(["echo", "from the plugin's import"], check=True)
+print("and from print", flush=True)
+"""

@@ -8,12 +8,14 @@ from pathlib import Path
 
 import pytest
 from hostile import (
+    ECHO_AT_IMPORT,
     escaping_link_chain,
     failing_models,
     nested,
     one_line_exit_2,
     optim_args_plugin,
     packed,
+    plugin_site,
     recipe_with,
     report_lost,
 )
@@ -161,3 +163,13 @@ def test_runs_and_show_say_a_completed_run_s_report_is_missing(tmp_path: Path, r
     assert shown.returncode == 0
     assert f"completed (report missing): {reason or 'its report did not finish'}" in shown.stderr
     assert f"--resume {out} writes it" in shown.stderr
+
+
+def test_a_plugin_writing_to_file_descriptor_1_at_import_leaves_list_json_whole(tmp_path: Path):
+    env = plugin_site(tmp_path, "tp_echo", ECHO_AT_IMPORT)
+    listed = vibench("list", "--json", env=env)
+    assert listed.returncode == 0, listed.stderr
+    assert json.loads(listed.stdout)["model"]  # stdout is the JSON and nothing else
+    assert "from the plugin's import" in listed.stderr
+    assert "plugin 'tp_echo' printed to stdout" in listed.stderr
+
