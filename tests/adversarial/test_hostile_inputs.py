@@ -173,3 +173,10 @@ def test_a_plugin_writing_to_file_descriptor_1_at_import_leaves_list_json_whole(
     assert "from the plugin's import" in listed.stderr
     assert "plugin 'tp_echo' printed to stdout" in listed.stderr
 
+
+def test_a_billion_particles_one_after_another_is_refused_before_set_up(tmp_path: Path):
+    refused = vibench("run", str(COIN), *QUICK, "--set", "loss.num_particles=1000000000",
+                      "--set", "loss.vectorize_particles=false", "--out", str(tmp_path / "run"),
+                      timeout=120)
+    one_line_exit_2(refused, "loss.num_particles", "10000", "vectorize_particles: true")
+    assert not (tmp_path / "run").exists()

@@ -62,6 +62,7 @@ COMPILE_ENV = "VIBENCH_COMPILE"
 NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 DEVICE_PATTERN = re.compile(r"auto|cpu|cuda(:\d+)?")
 DTYPE_NAMES = ("float32", "float64")  # workbench/device.py makes them torch dtypes
+MAX_LOOPED_PARTICLES = 10_000  # a loss's particles one after another: minutes a step beyond
 MAX_SEED = 2**32 - 1  # the widest seed every generator a run seeds (numpy's included) takes
 
 
@@ -468,7 +469,19 @@ class _Checker:
                                         "it does not combine with a schedule")
         for key, value in section.items():  # options a **kwargs factory takes unchecked
             resolved.setdefault(key, value)
+        if path == ("loss",):
+            self.particles(resolved)
         return resolved
+
+    def particles(self, loss: dict) -> None:
+        """Refuse more particles one after another than a step can take: each runs the model
+        and guide once in a Python loop (vectorised ones are sized against memory at set-up)."""
+        count = loss.get("num_particles")
+        if (isinstance(count, int) and count > MAX_LOOPED_PARTICLES
+                and loss.get("vectorize_particles") is not True):
+            self.problem("loss.num_particles", (
+                f"{count} particles one after another run the model {count} times a step "
+                f"(the most is {MAX_LOOPED_PARTICLES}); use fewer, or vectorize_particles: true"))
 
 
 def _automatic(recipe: dict) -> bool:
