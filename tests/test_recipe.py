@@ -95,7 +95,7 @@ def test_bad_overrides_are_named(item: str, expected: str):
     (["optimizer.lr=fast"], "optimizer.lr: expected float, got 'fast'"),
     (["train.step=10"], "train.step: unknown setting; did you mean 'steps'"),  # or 'stop'
     (["train.steps=-1"], "train.steps: expected a whole number >= 0, got -1"),
-    (["seed=-1"], "seed: expected a whole number >= 0, got -1"),
+    (["seed=-1"], "seed: expected a whole number from 0 to 4294967295, got -1"),
     (["device=gpu"], "device: expected auto, cpu, cuda or cuda:N, got 'gpu'"),
     (["name=a/b"], "name: expected a name of letters"),
     (["data=[1, 0]"], "data: expected a mapping of the model's arguments"),

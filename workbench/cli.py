@@ -334,7 +334,8 @@ def runs(
         _err(f"no runs in {directory}")
         return
     header = ["name", "status", "steps", "final loss", "k-hat", "wall", "directory"]
-    rows = [[info["name"] or "?", info["status"], _shown(info["steps"], "d"),
+    rows = [[info["name"] or "?", info["status"] + (" (report missing)" if info.get(
+        "report_missing") else ""), _shown(info["steps"], "d"),
              _shown(info["final_loss"], ".4f"), _shown(info["khat"], ".2f"),
              _duration(info["wall_seconds"]), info["path"]] for info in found]
     for line in _table(header, rows, right={2, 3, 4, 5}):
@@ -369,6 +370,9 @@ def show(
         _err("note: a vibench process is writing this run; this is its last summary")
     elif read.status != "completed":
         _err(f"note: this run is {read.status}" + (f": {read.error}" if read.error else ""))
+    elif service.report_missing(summary):
+        _err(f"note: this run is completed (report missing): {service.report_missing(summary)}"
+             f"; vibench run --resume {run_dir} writes it")
     for line in report_lines(summary):
         print(line)
     print(final_line(summary, run_dir))

@@ -14,7 +14,6 @@ import fcntl
 import inspect
 import json
 import os
-import shutil
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -25,7 +24,7 @@ from typing import Any
 
 from workbench.config import recipe as recipes
 from workbench.config.kinds import COMPONENTS
-from workbench.errors import UsageError, one_line
+from workbench.errors import RunError, UsageError, one_line
 from workbench.plugins.registry import Registry
 from workbench.progress import TerminalBar
 from workbench.rundir import files
@@ -87,7 +86,16 @@ def prepare(source: Path | dict, sets: Sequence[str], registry: Registry,
     else:
         raw, where = recipes.load(source), str(source)
     raw, overridden = recipes.apply_overrides({**raw, **(values or {})}, list(sets))
-    return recipes.resolve(raw, registry, where, overridden | set(values or {}))
+    return recipes.resolve(raw, registry, where, overridden | set(values or {}),
+                           code=_notice_code)
+
+
+def _notice_code(name: str) -> None:
+    """For ``recipes.resolve``: say, before it is imported, whose code a recipe runs (a file
+    or module it names, not a registered plugin), as pip says it runs a package's build."""
+    where, _, attr = name.rpartition(":")
+    what = f"file {where}" if where.endswith(".py") else f"module {where}"
+    print(f"note: the recipe runs code from {what}: {attr}", file=sys.stderr, flush=True)
 
 
 def start(source: Path | dict, sets: Sequence[str], out: Path | None, registry: Registry,
@@ -116,8 +124,7 @@ def start(source: Path | dict, sets: Sequence[str], out: Path | None, registry: 
         stepsize.adapt(run)
         return Job(run, held)
     except BaseException:
-        held.release()
-        _remove_unused(held)
+        held.abandon()
         raise
 
 
@@ -162,7 +169,12 @@ def run_recipe(source: Path | dict | None, sets: Sequence[str], out: Path | None
         say(f"note: {note}")
     say(f"run directory: {job.path}")
     with (progress or Progress)(job.run.recipe["train"]["steps"]) as bar:
-        summary = job.train(bar.update)
+        try:
+            summary = job.train(bar.update)
+        except (UsageError, RunError):
+            if resume_dir is None:
+                _abandon_unused(job.run_dir)
+            raise
     return summary, job.path
 
 
@@ -427,14 +439,12 @@ def _resumable(key: str) -> bool:
     return any(key == allowed or key.startswith(allowed + ".") for allowed in RESUMABLE)
 
 
-def _remove_unused(held: RunDir) -> None:
-    """Remove the directories claiming a run directory made, if nothing else came into them."""
-    for path in reversed(held.created):
-        try:
-            if all(p.name == LOCK for p in path.iterdir()):
-                shutil.rmtree(path)
-        except OSError:
-            return
+def _abandon_unused(held: RunDir) -> None:
+    """Remove a new run's directory that failed before it learned anything: no checkpoint and
+    no summary in it or its fits (the README's "nothing is written" for a run that fails to
+    set up, the automatic pipeline's included)."""
+    if not any(held.path.rglob(CHECKPOINT)) and not any(held.path.rglob(SUMMARY)):
+        held.abandon()
 
 
 def list_runs(root: Path) -> list[dict]:
@@ -582,9 +592,24 @@ def data_arguments(factory: Callable) -> list[str] | None:
 
 def _from_summary(data: dict) -> dict:
     summary = schema.read(data)
+    missing = report_missing(data)
     return {"name": summary.name, "status": summary.status, "steps": summary.steps,
             "final_loss": summary.final_loss, "khat": summary.khat,
-            "wall_seconds": summary.wall_seconds}
+            "wall_seconds": summary.wall_seconds,
+            **({"report_missing": missing} if missing else {})}
+
+
+def report_missing(summary: dict) -> str:
+    """Why a completed run's summary holds no report ('' where it does): the report failed,
+    or was stopped or killed before it finished (``--resume`` writes it)."""
+    if summary.get("status", "completed") != "completed" or "auto" in summary:
+        return ""  # a pipeline's answer is its fits' report
+    reason = str((summary.get("diagnostics") or {}).get("reason") or "")
+    if reason.startswith("the report failed"):
+        return reason
+    if "report_seconds" not in summary:
+        return "its report did not finish (stopped or killed while it was written)"
+    return ""
 
 
 def _from_checkpoint(run_dir: Path) -> dict:

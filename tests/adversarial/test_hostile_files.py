@@ -16,6 +16,7 @@ from hostile import (
     inflating_checkpoint,
     link_to_victim,
     names_code,
+    one_line_exit_2,
     others_can_write,
     owned_by_another_user,
     rewrite_checkpoint,
@@ -46,16 +47,6 @@ def run_dir(finished: Path, tmp_path: Path) -> Path:
     shutil.copytree(finished, copy)
     (copy / ".lock").unlink(missing_ok=True)
     return copy
-
-
-def one_line_exit_2(result, *words: str) -> str:
-    assert result.returncode == 2, result.stderr
-    assert "Traceback" not in result.stderr
-    lines = [line for line in result.stderr.splitlines() if line.startswith("error")]
-    assert len(lines) == 1, result.stderr
-    for word in words:
-        assert word in lines[0], lines[0]
-    return lines[0]
 
 
 # --- cache folders and compiled-step packages -------------------------------------------

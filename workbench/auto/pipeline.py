@@ -159,7 +159,7 @@ class Pipeline:
             if searching:
                 stepsize.adapt(run)
         except VibenchError as exc:  # the recipe was checked: this fit, not the recipe, failed
-            held.release()
+            held.abandon()
             found = Fit(label, path, None, error=one_line(exc))
             self.fits.append(found)
             return found
@@ -310,8 +310,9 @@ def assemble(pipeline: Pipeline, records: list[dict], wall: float) -> dict:
     fits = [fit for fit in pipeline.candidates if fit.ok]
     if not fits:
         errors = "; ".join(f"{fit.label}: {fit.error}" for fit in pipeline.fits) or "none ran"
-        raise RunError(f"the automatic pipeline fitted nothing ({errors}); see "
-                       f"{pipeline.run_dir / layout.FITS}")
+        kept = pipeline.run_dir / layout.FITS  # a fit that failed to set up left no folder
+        raise RunError(f"the automatic pipeline fitted nothing ({errors})"
+                       + (f"; see {kept}" if kept.exists() else ""))
     agree = (len(fits) > 1 and pipeline.rhat is not None
              and pipeline.rhat["max"] <= pipeline.rhat["threshold"])
     used = fits if agree else [pipeline.best(fits)]

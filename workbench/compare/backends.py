@@ -355,7 +355,11 @@ class RayBackend:
         except ray.exceptions.RayError as exc:
             outcome = Outcome(None, reason="interrupted" if asked else "", lost=lost(exc))
         if outcome.files is not None:
-            unpack(outcome.files, job.run_dir)
+            try:
+                unpack(outcome.files, job.run_dir)
+            except files.UnsafeFile as exc:  # the task's files, not the comparison, are bad
+                outcome = Outcome(None, outcome.stdout, outcome.stderr, outcome.reason,
+                                  outcome.seconds, lost=str(exc))
             outcome.files = None
         return outcome
 
@@ -417,8 +421,10 @@ def run_task(job: Job, token: str, timeout: float | None, threads: str) -> Outco
         stdout, stderr, reason = watch(process, run_dir, control)
         outcome = Outcome(process.returncode, stdout, stderr, reason,
                           time.perf_counter() - start)
-        if scratch is not None:
+        if scratch is not None:  # its lines name the folder its files are copied back to
             outcome.files = pack(run_dir)
+            outcome.stdout = outcome.stdout.replace(str(run_dir), str(job.run_dir))
+            outcome.stderr = outcome.stderr.replace(str(run_dir), str(job.run_dir))
     finally:
         if scratch is not None:
             shutil.rmtree(scratch, ignore_errors=True)
@@ -444,12 +450,32 @@ def pack(run_dir: Path) -> bytes:
 
 
 def unpack(data: bytes, run_dir: Path) -> None:
-    """Write a packed run directory under ``run_dir``: plain files only, none outside it."""
-    run_dir.mkdir(parents=True, exist_ok=True)
+    """Write a packed run directory under ``run_dir``: plain files only, none outside it.
+    Every member is checked here, whatever the tarfile filters of this Python catch (3.11.7's
+    ``data`` filter follows a long chain of links out of the folder: CVE-2025-4517); a
+    member that is a link, a device, an absolute path or climbs with ``..`` refuses the
+    whole archive before anything is written."""
     with tarfile.open(fileobj=io.BytesIO(data), mode="r:gz") as tar:
-        try:
-            tar.extractall(run_dir, filter="data")
-        except TypeError:  # a Python without extraction filters: check the names here
-            members = [m for m in tar.getmembers() if m.isfile() and not m.name.startswith(
-                ("/", "..")) and ".." not in Path(m.name).parts]
-            tar.extractall(run_dir, members=members)
+        members = tar.getmembers()
+        for member in members:
+            problem = _member_problem(member)
+            if problem:
+                raise files.UnsafeFile(f"{run_dir}: the run's files from its Ray task hold "
+                                       f"{member.name[:200]!r}, {problem}; none were unpacked")
+        files.make_folder(run_dir)
+        for member in members:
+            if member.isfile():
+                target = run_dir / member.name
+                for folder in reversed(target.relative_to(run_dir).parents[:-1]):
+                    files.make_folder(run_dir / folder)
+                files.write_atomic(target, tar.extractfile(member).read())
+
+
+def _member_problem(member: tarfile.TarInfo) -> str:
+    """Why an archive member may not be unpacked into a run folder ('' if it may)."""
+    if not (member.isfile() or member.isdir()):
+        return "which is a link or a special file, not a plain file"
+    parts = Path(member.name).parts
+    if not parts or member.name.startswith(("/", "\\")) or ".." in parts:
+        return "a path that leads outside the run folder"
+    return ""

@@ -62,6 +62,8 @@ COMPILE_ENV = "VIBENCH_COMPILE"
 NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 DEVICE_PATTERN = re.compile(r"auto|cpu|cuda(:\d+)?")
 DTYPE_NAMES = ("float32", "float64")  # workbench/device.py makes them torch dtypes
+MAX_LOOPED_PARTICLES = 10_000  # a loss's particles one after another: minutes a step beyond
+MAX_SEED = 2**32 - 1  # the widest seed every generator a run seeds (numpy's included) takes
 
 
 def compile_default() -> str | bool:
@@ -243,15 +245,15 @@ def resolve(
         recipe, "name", Path(source).stem or "run", str,
         lambda v: NAME_PATTERN.fullmatch(v), "a name of letters, digits, '.', '_' and '-'",
     )
-    resolved["seed"] = checker.value(recipe, "seed", 0, int, lambda v: v >= 0,
-                                     "a whole number >= 0")
+    resolved["seed"] = checker.value(recipe, "seed", 0, int, lambda v: 0 <= v <= MAX_SEED,
+                                     f"a whole number from 0 to {MAX_SEED}")
     resolved["device"] = checker.value(
         recipe, "device", "auto", str, DEVICE_PATTERN.fullmatch, "auto, cpu, cuda or cuda:N"
     )
     resolved["dtype"] = checker.value(
         recipe, "dtype", "float32", str, lambda v: v in DTYPE_NAMES, "float32 or float64"
     )
-    resolved["data"] = checker.data(recipe.get("data"), Path(source).parent)
+    resolved["data"] = checker.data(recipe.get("data"))
     automatic = _automatic(recipe)
     for (section,), kind in ((p, k) for p, k in COMPONENTS.items() if len(p) == 1):
         if automatic and section in ("guide", "loss", "optimizer"):
@@ -296,8 +298,15 @@ class _Checker:
         self.code = code
         self.registry = registry
         self.overridden = overridden
-        self.base = base  # the recipe's directory: where file.py:attr names start from
+        self.base = base  # the recipe's directory: where its relative paths start from
         self.problems: list[str] = []
+
+    def base_of(self, path: str) -> Path:
+        """Where a relative path at ``path`` starts from: the working directory for one given
+        on the command line (``--set``, as every path typed in a shell), else the recipe's
+        directory, wherever vibench runs from."""
+        given = any(path == key or path.startswith(key + ".") for key in self.overridden)
+        return Path(".") if given else self.base
 
     def problem(self, path: str, message: str) -> None:
         if any(path == key or key.startswith(path + ".") or path.startswith(key + ".")
@@ -311,9 +320,9 @@ class _Checker:
             self.problem(key, f"expected {wanted}, got {value!r}")
         return value
 
-    def data(self, data: Any, base: Path) -> dict:
-        """Inline arguments, plus at most one of ``file`` (made absolute, relative to the
-        recipe) and ``dataset`` (a component); ``columns`` maps arguments to a file's names."""
+    def data(self, data: Any) -> dict:
+        """Inline arguments, plus at most one of ``file`` (made absolute: see ``base_of``)
+        and ``dataset`` (a component); ``columns`` maps arguments to a file's names."""
         if data is None:
             return {}
         if not isinstance(data, dict):
@@ -324,7 +333,7 @@ class _Checker:
         if "file" in data and "dataset" in data:
             self.problem("data", "give either a file or a dataset, not both")
         if "file" in data:
-            resolved["file"] = self.data_file(data["file"], base)
+            resolved["file"] = self.data_file(data["file"], self.base_of("data.file"))
         if "dataset" in data:
             resolved["dataset"] = self.component(("data", "dataset"), data["dataset"])
         columns = data.get("columns")
@@ -427,7 +436,7 @@ class _Checker:
             self.problem(f"{where}.name", f"{got}; name the {kind} component, one of: {choices}")
             return None
         try:
-            component = self.registry.get(kind, name, self.base, self.code)
+            component = self.registry.get(kind, name, self.base_of(f"{where}.name"), self.code)
         except UsageError as exc:
             self.problem(f"{where}.name", str(exc))
             return None
@@ -460,7 +469,19 @@ class _Checker:
                                         "it does not combine with a schedule")
         for key, value in section.items():  # options a **kwargs factory takes unchecked
             resolved.setdefault(key, value)
+        if path == ("loss",):
+            self.particles(resolved)
         return resolved
+
+    def particles(self, loss: dict) -> None:
+        """Refuse more particles one after another than a step can take: each runs the model
+        and guide once in a Python loop (vectorised ones are sized against memory at set-up)."""
+        count = loss.get("num_particles")
+        if (isinstance(count, int) and count > MAX_LOOPED_PARTICLES
+                and loss.get("vectorize_particles") is not True):
+            self.problem("loss.num_particles", (
+                f"{count} particles one after another run the model {count} times a step "
+                f"(the most is {MAX_LOOPED_PARTICLES}); use fewer, or vectorize_particles: true"))
 
 
 def _automatic(recipe: dict) -> bool:

@@ -30,6 +30,7 @@ MAX_ZIP_DIRECTORY = MB  # an NPZ file's list of members: thousands of arrays
 NPY_HEADER_BYTES = 2**16 + 16  # the magic string, the header's length and the header
 ZIP_TAIL = 2**16 + 22 + 20  # a zip's end record, its comment, and a ZIP64 locator
 READ_CHUNK = 16 * MB
+MAX_DIMENSIONS = 32  # numpy's limit before 2.0; torch and numpy 2 stop at 64 with a traceback
 _TEXT_ADVICE = f"save it as NPY or NPZ (up to {MAX_BINARY_BYTES // MB} MB)"
 _BINARY_ADVICE = "use a sample of it, or a data set plugin that loads it"
 
@@ -83,6 +84,7 @@ def gather(section: dict, takes: dict[str, bool], dataset: Any = None,
             raise UsageError(f"{source}: gave {type(dataset).__name__}, not a mapping of arrays")
         arrays = dict(dataset)
     else:
+        _check_nesting(data)
         return data
     columns = section.get("columns") or {}
     for arg in columns:
@@ -107,7 +109,29 @@ def gather(section: dict, takes: dict[str, bool], dataset: Any = None,
                                  f"argument {arg!r} needs at least one")
         data.values[arg] = _stack(values, source, names) if isinstance(wanted, list) else values[0]
         data.origin[arg] = f"{source} column " + ", ".join(repr(name) for name in names)
+    _check_nesting(data)
     return data
+
+
+def _check_nesting(data: Data) -> None:
+    """Refuse an argument nested deeper than any array can be, before it reaches torch."""
+    for arg, value in data.values.items():
+        depth = _nesting(value, MAX_DIMENSIONS, {})
+        if depth > MAX_DIMENSIONS:
+            raise UsageError(f"{data.origin[arg]}: nested more than {MAX_DIMENSIONS} deep; data "
+                             f"are arrays of at most {MAX_DIMENSIONS} dimensions")
+
+
+def _nesting(value: Any, room: int, seen: dict[int, int]) -> int:
+    """How deep lists nest in ``value`` (an array's dimensions count), looking no more than
+    ``room`` below it; each list shared by YAML aliases is walked once."""
+    if not isinstance(value, (list, tuple)):
+        return len(getattr(value, "shape", ()))
+    if room <= 0:
+        return 1
+    if id(value) not in seen:
+        seen[id(value)] = 1 + max((_nesting(item, room - 1, seen) for item in value), default=0)
+    return seen[id(value)]
 
 
 def read_file(path: Path, rows: Rows | None = None) -> dict[str, Any]:

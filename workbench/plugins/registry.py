@@ -244,6 +244,9 @@ def _component(kind: str, name: str, value: Any, source: str, shown: str) -> Com
     it, or, for a model or guide, a function that is the component itself (no options)."""
     if not callable(value):
         raise UsageError(f"{shown}: not a function or class (it is {type(value).__name__})")
+    if inspect.isbuiltin(value):  # os:system would run its data as a shell command
+        raise UsageError(f"{shown}: a built-in function, not a {kind}: name Python code "
+                         f"written as a {kind}")
     description = _description(inspect.getdoc(value))
     if kind in ITSELF and not inspect.isclass(value):
         note = (f"a function is the {kind} itself (its parameters are the data), so it takes "
@@ -418,14 +421,36 @@ class _Loader:
         self.tracing = bool(os.environ.get("VIBENCH_TRACE_PLUGINS"))
         self.stdout = _RoutedStdout(sys.stdout)
         self.overran: list[threading.Thread] = []
+        self.saved_fd: int | None = None  # file descriptor 1 while it points at stderr
+        self.done = False
 
     def __enter__(self) -> _Loader:
+        """Stand in for sys.stdout, and point file descriptor 1 at stderr: what a plugin's
+        child process or C code writes there never reaches vibench's output either."""
         sys.stdout = self.stdout
+        try:
+            self.stdout.real.flush()
+            self.saved_fd = os.dup(1)
+            os.dup2(2, 1)
+        except (OSError, ValueError):  # no descriptor 1 or 2 (an embedding host): leave it
+            self.saved_fd = None
         return self
 
     def __exit__(self, *exc_info: Any) -> None:
-        """Give stdout back, unless a plugin that overran could still print to it."""
-        if sys.stdout is self.stdout and not any(t.is_alive() for t in self.overran):
+        """Give file descriptor 1 back, and stdout, unless a plugin that overran could still
+        print to it: then its thread gives stdout back when it ends."""
+        if self.saved_fd is not None:
+            with contextlib.suppress(OSError, ValueError):
+                self.stdout.real.flush()
+            os.dup2(self.saved_fd, 1)
+            os.close(self.saved_fd)
+            self.saved_fd = None
+        self.done = True
+        self._give_back_stdout()
+
+    def _give_back_stdout(self) -> None:
+        others = [t for t in self.overran if t is not threading.current_thread()]
+        if self.done and sys.stdout is self.stdout and not any(t.is_alive() for t in others):
             sys.stdout = self.stdout.real
 
     def call(self, plugin: str, what: str, function: Callable[[], Any]) -> _Outcome:
@@ -453,6 +478,8 @@ class _Loader:
                 outcome.value = function()
             except BaseException as exc:  # even SystemExit or KeyboardInterrupt: the plugin's
                 outcome.error = exc
+            finally:  # a plugin that overran, ending after loading did
+                self._give_back_stdout()
 
         thread = threading.Thread(target=target, name=f"vibench {plugin}", daemon=True)
         thread.start()

@@ -6,6 +6,7 @@ from __future__ import annotations
 import errno
 import fcntl
 import os
+import shutil
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -22,11 +23,34 @@ class RunDir:
     path: Path
     fd: int
     created: tuple[Path, ...] = ()  # the directories claiming it made, outermost first
+    claimed: bool = False  # this process found it empty and locked it: all it holds is ours
 
     def release(self) -> None:
         if self.fd >= 0:
             os.close(self.fd)
             self.fd = -1
+
+    def abandon(self) -> None:
+        """Let the directory go and remove what this process put there (a run that failed to
+        set up writes nothing): the directory, if claiming made it, with the folders made on
+        the way to it that are left empty; else everything in it."""
+        self.release()
+        if not self.claimed:
+            return
+        try:
+            if self.path in self.created:
+                shutil.rmtree(self.path)
+            else:
+                for child in self.path.iterdir():
+                    if child.is_dir() and not child.is_symlink():
+                        shutil.rmtree(child)
+                    else:
+                        child.unlink()
+            for folder in reversed(self.created):
+                if folder != self.path:
+                    folder.rmdir()
+        except OSError:  # a folder someone else has written into since stays, as it is
+            pass
 
     def __fspath__(self) -> str:
         return str(self.path)
@@ -55,6 +79,7 @@ def claim(name: str, out: Path | None = None, lock: bool = True) -> RunDir:
             if any(p.name != LOCK for p in out.iterdir()):
                 held.release()
                 raise UsageError(f"{where}: already exists and is not an empty directory")
+            held.claimed = lock
             return held
         base = Path("runs") / f"{name}-{datetime.now():%Y%m%d-%H%M%S}"
         made = _missing(base.parent)
@@ -66,7 +91,7 @@ def claim(name: str, out: Path | None = None, lock: bool = True) -> RunDir:
             except FileExistsError:
                 continue
             made = (*made, path)
-            return _lock(path, where, made) if lock else RunDir(path, -1, made)
+            return _lock(path, where, made, claimed=True) if lock else RunDir(path, -1, made)
     except OSError as exc:
         raise UsageError(f"{where}: cannot make the run directory: {one_line(exc)}") from None
     raise UsageError(f"cannot find a free run directory next to {base}")
@@ -88,7 +113,7 @@ def _missing(path: Path) -> tuple[Path, ...]:
     return tuple(reversed(absent))
 
 
-def _lock(path: Path, where: str, made: tuple[Path, ...] = ()) -> RunDir:
+def _lock(path: Path, where: str, made: tuple[Path, ...] = (), claimed: bool = False) -> RunDir:
     try:  # never through a link: a planted .lock would have us write over its target
         fd = os.open(path / LOCK, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)
     except OSError as exc:
@@ -105,4 +130,4 @@ def _lock(path: Path, where: str, made: tuple[Path, ...] = ()) -> RunDir:
                          "directory; wait for it to finish") from None
     os.ftruncate(fd, 0)
     os.write(fd, str(os.getpid()).encode())
-    return RunDir(path, fd, made)
+    return RunDir(path, fd, made, claimed)

@@ -4,7 +4,7 @@ learning-rate schedule, and how the runner steps that schedule."""
 from __future__ import annotations
 
 import inspect
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import pyro
@@ -12,7 +12,7 @@ import torch
 from pyro.optim import PyroLRScheduler
 from pyro.optim.optim import _load_state_dict
 
-from workbench.errors import UsageError, did_you_mean
+from workbench.errors import UsageError, did_you_mean, one_line
 from workbench.plugins.build import build
 from workbench.plugins.registry import Component, Registry
 from workbench.seams import no_dynamo_import
@@ -44,17 +44,35 @@ def optimizer_state(optim: Any) -> dict:
 
 class OptimArgs:
     """Pyro's per-parameter ``optim_args``: the optimizer's options, overridden by what the
-    recipe's optim_args component gives each parameter."""
+    recipe's optim_args component (``source`` names it and its plugin) gives each parameter."""
 
     def __init__(self, defaults: dict, rules: Callable[[str], dict] | None,
-                 optimizer: Component, where: str):
+                 optimizer: Component, where: str, source: str = ""):
         self.defaults = defaults
         self.rules = rules
         self.optimizer = optimizer
         self.where = where
+        self.source = source
 
     def __call__(self, param_name: str) -> dict:
-        return {**self.defaults, **(self.rules(param_name) if self.rules else {})}
+        return {**self.defaults, **(self._given(param_name) if self.rules else {})}
+
+    def _given(self, param_name: str) -> dict:
+        """What the rules give one parameter; a rule that fails or gives other than a mapping
+        of settings is a bug in its plugin, which the error names."""
+        try:
+            given = self.rules(param_name)
+        except (ValueError, TypeError) as exc:
+            raise UsageError(f"{self.where}: {one_line(exc)}") from None
+        except Exception as exc:
+            raise UsageError(f"{self.where}: {self.source} failed on parameter {param_name!r} "
+                             f"({type(exc).__name__}: {one_line(exc)}): a bug in that plugin"
+                             ) from None
+        if not isinstance(given, Mapping) or not all(isinstance(k, str) for k in given):
+            raise UsageError(f"{self.where}: {self.source} gave parameter {param_name!r} "
+                             f"{type(given).__name__} {given!r:.60}, not a mapping of settings: "
+                             "a bug in that plugin")
+        return dict(given)
 
     def check(self, param_names: list[str]) -> None:
         """Refuse rules that match no parameter, or settings the optimizer does not take."""
@@ -64,9 +82,9 @@ class OptimArgs:
             check = getattr(self.rules, "check", None)
             if check is not None:
                 check(param_names)
-            given = {name: self.rules(name) for name in param_names}
         except (ValueError, TypeError) as exc:
             raise UsageError(f"{self.where}: {exc}") from None
+        given = {name: self._given(name) for name in param_names}
         for param, settings in given.items():
             for key, value in settings.items():
                 option = self.optimizer.options.get(key)
@@ -87,9 +105,12 @@ def make_optim_args(registry: Registry, section: dict, optimizer: Component,
                     device: torch.device) -> OptimArgs:
     defaults = {k: v for k, v in section.items() if k in optimizer.options}
     nested = section.get("optim_args")
-    rules = (build(registry, "optim_args", nested, defaults=dict(defaults), device=device)
-             if nested else None)
-    return OptimArgs(defaults, rules, optimizer, "optimizer.optim_args")
+    if not nested:
+        return OptimArgs(defaults, None, optimizer, "optimizer.optim_args")
+    rules = build(registry, "optim_args", nested, defaults=dict(defaults), device=device)
+    component = registry.get("optim_args", nested["name"])
+    return OptimArgs(defaults, rules, optimizer, "optimizer.optim_args",
+                     f"optim_args {component.name!r} from {component.plugin!r}")
 
 
 def make_optimizer(registry: Registry, recipe: dict, device: torch.device

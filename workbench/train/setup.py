@@ -190,8 +190,10 @@ def check_step_memory(trace: poutine.Trace, loss: Any, device: torch.device) -> 
         return
     numbers = sum(site["value"].numel() for site in trace.nodes.values()
                   if site["type"] in ("sample", "param") and torch.is_tensor(site["value"]))
-    need = 4 * numbers * particles * torch.get_default_dtype().itemsize  # values, densities,
-    have = available_memory(device)  # gradients and the guide's copy of each
+    # values, densities, gradients and the guide's copy of each, and autograd's saved
+    # intermediates: six copies
+    need = 6 * numbers * particles * torch.get_default_dtype().itemsize
+    have = available_memory(device)
     if have is not None and need > have:
         raise UsageError(f"loss.num_particles: {particles} particles need about "
                          f"{need / 1e9:.1f} GB a step ({numbers} numbers a trace), more than "
