@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import difflib
+import errno
 from collections.abc import Iterable
 
 
@@ -46,6 +47,17 @@ class RunError(VibenchError):
     """A failure while training, after the recipe was accepted (exit code 1)."""
 
     exit_code = 1
+
+
+class CannotWrite(RunError):
+    """A file of the run could not be written (a full disk, a quota or file-size limit, a
+    folder made read-only); the last checkpoint stands (exit code 1)."""
+
+    def __init__(self, folder: object, exc: OSError):
+        no_room = exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+        advice = ("no room left to write (a full disk, a quota or a file-size limit): free "
+                  "space or raise the limit" if no_room else f"check that {folder} can be written")
+        super().__init__(f"cannot write to {folder}: {one_line(exc)}; {advice}")
 
 
 class PeerLost(RunError):

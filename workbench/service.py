@@ -91,11 +91,13 @@ def prepare(source: Path | dict, sets: Sequence[str], registry: Registry,
 
 
 def _notice_code(name: str) -> None:
-    """For ``recipes.resolve``: say, before it is imported, whose code a recipe runs (a file
-    or module it names, not a registered plugin), as pip says it runs a package's build."""
+    """For ``recipes.resolve``: say, before it is imported, that a recipe runs code from a
+    module it names (not a registered plugin), as pip says it runs a package's build. A file
+    the recipe names by its path (``model.py:model``) is the user's own model: no note."""
     where, _, attr = name.rpartition(":")
-    what = f"file {where}" if where.endswith(".py") else f"module {where}"
-    print(f"note: the recipe runs code from {what}: {attr}", file=sys.stderr, flush=True)
+    if not where.endswith(".py"):
+        print(f"note: the recipe runs code from module {where}: {attr}", file=sys.stderr,
+              flush=True)
 
 
 def start(source: Path | dict, sets: Sequence[str], out: Path | None, registry: Registry,

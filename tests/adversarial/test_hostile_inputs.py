@@ -147,7 +147,7 @@ def test_a_recipe_naming_a_shell_as_its_model_is_refused_and_its_code_announced(
     assert not marker.exists() and not (tmp_path / "a").exists()
     models = failing_models(tmp_path)
     named = vibench("run", str(COIN), *QUICK, "--set", f"model={models}:broken")
-    assert named.stderr.splitlines()[0] == f"note: the recipe runs code from file {models}: broken"
+    assert "note: the recipe runs code" not in named.stderr  # a model file the user names
 
 
 @pytest.mark.parametrize("reason", [None, "the report failed: boom"])

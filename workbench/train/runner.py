@@ -33,7 +33,7 @@ from workbench.compile import compiled_step
 from workbench.data.minibatch import Minibatch
 from workbench.device import rng_devices, run_context, seed_device
 from workbench.distributed import World
-from workbench.errors import Interrupted, PeerLost, RunError, VibenchError, one_line
+from workbench.errors import CannotWrite, Interrupted, PeerLost, RunError, VibenchError, one_line
 from workbench.plugins.build import build
 from workbench.plugins.registry import Registry
 from workbench.report import posterior
@@ -236,7 +236,8 @@ class Run:
             summary = self.finish(run_dir, state, callbacks, ending, wall, log, stop, save)
         if ending.failure is not None:
             ending.failure.args = (
-                f"{ending.failure}; {self.how_to_go_on(run_dir, ending.good, ending.failure)}",)
+                f"{ending.failure}; "
+                f"{self.how_to_go_on(run_dir, ending.good, ending.failure, bool(state.losses))}",)
             raise ending.failure
         return summary
 
@@ -254,7 +255,7 @@ class Run:
             if fresh:
                 self.save(run_dir, state, callbacks, losses)
         except OSError as exc:
-            raise RunError(f"cannot write to {run_dir}: {one_line(exc)}") from None
+            raise CannotWrite(run_dir, exc) from None
         return log
 
     def train_steps(self, run_dir: Path, state: TrainState, callbacks: list[Callback],
@@ -267,7 +268,7 @@ class Run:
         try:
             return Ending(self.fit(state, callbacks, log, stop, on_step, save))
         except OSError as exc:
-            return Ending(RunError(f"cannot write to {run_dir}: {one_line(exc)}"))
+            return Ending(CannotWrite(run_dir, exc))
         except PeerLost as exc:  # another rank is gone: no more collectives, no checkpoint
             return Ending(exc, good=False)
         except Exception as exc:  # the model, guide or optimizer broke: keep the last good
@@ -313,7 +314,7 @@ class Run:
                 summary = self.report(run_dir, state, callbacks, ending, wall, log, stop, save)
             log.close(summary)
         except OSError as exc:
-            ending.failure = RunError(f"cannot write to {run_dir}: {one_line(exc)}")
+            ending.failure = CannotWrite(run_dir, exc)
         return summary
 
     def report(self, run_dir: Path, state: TrainState, callbacks: list[Callback],
@@ -506,7 +507,10 @@ class Run:
             state.resumes.append({"step": state.step, "changes": changes})
         return state
 
-    def how_to_go_on(self, run_dir: Path, good: bool, failure: VibenchError) -> str:
+    def how_to_go_on(self, run_dir: Path, good: bool, failure: VibenchError,
+                     any_finite: bool = True) -> str:
+        """Advice fitting the failure: free the disk, check the model where no step ever had a
+        finite loss, else a smaller step size; each with the command that goes on."""
         resume = f"vibench run --resume {run_dir}"
         if self.threads:
             resume += f" --threads {self.threads}"
@@ -517,6 +521,12 @@ class Run:
             return f"saved in {run_dir}; go on with: {resume}"
         if isinstance(failure, PeerLost):
             return f"the last checkpoint is in {run_dir}; go on from it with: {resume}"
+        if isinstance(failure, CannotWrite):
+            return f"then go on from the last checkpoint with: {resume}"
+        if not any_finite:
+            return ("no step had a finite loss: the model's log density is not finite where "
+                    "training starts (check the data for values outside the likelihood's "
+                    "support or too large, and the priors); a smaller step size will not help")
         lr = self.recipe["optimizer"].get("lr")
         lower = f" --set optimizer.lr={lr / 10:g}" if isinstance(lr, (int, float)) else ""
         kept = f"saved in {run_dir}" if good else f"the last good checkpoint is in {run_dir}"
