@@ -99,8 +99,7 @@ def _stoppable(command: Callable) -> Callable:
         except KeyboardInterrupt as exc:
             from workbench.errors import Interrupted
 
-            raise Interrupted("interrupted",
-                              getattr(exc, "signum", signal.SIGINT)) from None
+            raise Interrupted("interrupted", _signum(exc)) from None
         except EOFError as exc:  # typer would report it as a Ctrl-C
             raise RuntimeError(f"EOFError: {exc}") from exc
 
@@ -516,6 +515,16 @@ def main(argv: list[str] | None = None) -> None:
     _OWNS_PROCESS = True
     signals.install()
     try:
+        code = _command(argv)
+        signals.finishing()
+    except KeyboardInterrupt as exc:  # a stop signal while an error was being reported
+        signals.stop_now(_signum(exc))
+    _exit(code)
+
+
+def _command(argv: list[str] | None) -> int:
+    """Run the app; its exit code, each error of ours told in one line."""
+    try:
         code = app(args=argv, prog_name="vibench", standalone_mode=False)
     except ClickUsageError as exc:
         command = exc.ctx.command_path if exc.ctx else "vibench"
@@ -524,9 +533,9 @@ def main(argv: list[str] | None = None) -> None:
     except ClickException as exc:
         _err(f"error: {exc.format_message()}")
         code = exc.exit_code
-    except (typer.Abort, KeyboardInterrupt) as exc:
+    except (typer.Abort, KeyboardInterrupt) as exc:  # click makes a Ctrl-C in parsing an Abort
         _err("interrupted")
-        code = 128 + getattr(exc, "signum", signal.SIGINT)
+        code = 128 + _signum(exc)
     except VibenchError as exc:
         if os.environ.get("VIBENCH_DEBUG"):
             raise
@@ -543,7 +552,29 @@ def main(argv: list[str] | None = None) -> None:
         _err(f"error: unexpected {type(exc).__name__}: {one_line(exc)} (a bug: VIBENCH_DEBUG=1 "
              "shows the traceback; please report it)")
         code = 1
+    return code if isinstance(code, int) else 0
+
+
+def _signum(exc: BaseException) -> int:
+    """The stop signal behind a KeyboardInterrupt (or click's Abort made of one): its own, else
+    the first this process was sent, else Ctrl-C's."""
+    return getattr(exc, "signum", None) or signals.first() or signal.SIGINT
+
+
+def _exit(code: int) -> None:
+    """Exit with ``code``, or with a stop signal's, which is never ignored: one that came while
+    the command went on to succeed still ends it as a stop. After a stop signal the process
+    ends at once, so no thread left in an import (a plugin's) or exit handler can hang or
+    abort its exit."""
+    if signals.first() is not None:
+        if code == 0:
+            _err("interrupted")
+            code = 128 + signals.first()
+        for stream in (sys.stdout, sys.stderr):
+            with contextlib.suppress(Exception):
+                stream.flush()
+        os._exit(code)
     # Python's last collections at exit would walk every object left, only to drop them all
     # (0.6 s after a compiled run); frozen, they are skipped. Every file is closed by now.
     gc.freeze()
-    sys.exit(code if isinstance(code, int) else 0)
+    sys.exit(code)
