@@ -126,8 +126,9 @@ def run(
         help="Go on with a stopped run, in its directory, from its last checkpoint.",
         show_default=False)] = None,
     threads: Annotated[int | None, typer.Option(
-        min=1, help="CPU threads for torch. Default: torch's (every core); fewer when "
-                    "several runs share the machine.")] = None,
+        min=1, help="CPU threads for torch. Default: 1 (or OMP_NUM_THREADS), which gives "
+                    "the same numbers run to run and suits small models; more may speed up "
+                    "large ones. --resume keeps the run's.")] = None,
 ) -> None:
     """Run SVI as a recipe says and report the posterior.
 
