@@ -235,6 +235,22 @@ def _catalogue_lines(listing: dict, registry: Any, kinds: list[str],
     return lines
 
 
+# ``vibench compare``'s options for where its runs go (--backend ray and its settings).
+_Backend = Annotated[str, typer.Option(
+    metavar="local|ray",
+    help="Where the runs go: child processes here, or Ray tasks on a Ray cluster "
+         "(pip install 'vibench\\[ray]').")]
+_Address = Annotated[str | None, typer.Option(
+    show_default=False,
+    help="With --backend ray: the cluster to use (as for ray.init; default RAY_ADDRESS, "
+         "else a Ray started for this comparison on this machine's cores).")]
+_CpusPerRun = Annotated[float | None, typer.Option(
+    show_default=False, help="With --backend ray: CPUs each run's task asks for. Default: 1.")]
+_GpusPerRun = Annotated[float | None, typer.Option(
+    show_default=False, help="With --backend ray: GPUs each run's task asks for (a run "
+                             "with device auto uses the one Ray gives it). Default: 0.")]
+
+
 @app.command()
 def compare(
     recipe: Annotated[list[Path], typer.Argument(
@@ -265,21 +281,10 @@ def compare(
         help="Stop a run that takes longer (SIGTERM: it saves, then is killed if it does not "
              "stop); it is reported as timed out and the others go on. Default: no limit.")
     ] = None,
-    backend: Annotated[str, typer.Option(
-        metavar="local|ray",
-        help="Where the runs go: child processes here, or Ray tasks on a Ray cluster "
-             "(pip install 'vibench\\[ray]').")] = "local",
-    address: Annotated[str | None, typer.Option(
-        show_default=False,
-        help="With --backend ray: the cluster to use (as for ray.init; default RAY_ADDRESS, "
-             "else a Ray started for this comparison on this machine's cores).")] = None,
-    cpus_per_run: Annotated[float | None, typer.Option(
-        show_default=False, help="With --backend ray: CPUs each run's task asks for. "
-                                 "Default: 1.")] = None,
-    gpus_per_run: Annotated[float | None, typer.Option(
-        show_default=False, help="With --backend ray: GPUs each run's task asks for (a run "
-                                 "with device auto uses the one Ray gives it). Default: 0.")
-    ] = None,
+    backend: _Backend = "local",
+    address: _Address = None,
+    cpus_per_run: _CpusPerRun = None,
+    gpus_per_run: _GpusPerRun = None,
 ) -> None:
     """Run a recipe (or a suite of recipes) for every combination of --grid values and
     seeds, side by side.
