@@ -532,6 +532,8 @@ def _command(argv: list[str] | None) -> int:
     """Run the app; its exit code, each error of ours told in one line."""
     try:
         code = app(args=argv, prog_name="vibench", standalone_mode=False)
+        if code == 128 + signal.SIGINT and signals.first() is not None:
+            raise KeyboardInterrupt  # typer's silent Exit(130) for a signal while it parsed
     except ClickUsageError as exc:
         command = exc.ctx.command_path if exc.ctx else "vibench"
         _err(f"error: {exc.format_message()} (see '{command} --help')")
@@ -539,7 +541,7 @@ def _command(argv: list[str] | None) -> int:
     except ClickException as exc:
         _err(f"error: {exc.format_message()}")
         code = exc.exit_code
-    except (typer.Abort, KeyboardInterrupt) as exc:  # click makes a Ctrl-C in parsing an Abort
+    except (typer.Abort, KeyboardInterrupt) as exc:  # click makes one in parsing an Abort
         _err("interrupted")
         code = 128 + _signum(exc)
     except VibenchError as exc:
