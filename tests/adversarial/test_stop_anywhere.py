@@ -76,9 +76,9 @@ def launch(args: list[str], out: Path, env: dict | None = None
     return child, time.monotonic()
 
 
-def life(args: list[str], out: Path) -> float:
+def life(args: list[str], out: Path, env: dict | None = None) -> float:
     """Seconds an unsignalled run lives once it handles signals (it must succeed)."""
-    child, ready = launch(args, out)
+    child, ready = launch(args, out, env)
     _, stderr = child.communicate(timeout=600)
     assert child.returncode == 0, stderr
     return time.monotonic() - ready
@@ -91,9 +91,10 @@ def completed(out: Path) -> bool:
         return False
 
 
-def signalled(args: list[str], out: Path, signum: int, delay: float) -> Outcome:
+def signalled(args: list[str], out: Path, signum: int, delay: float,
+              env: dict | None = None) -> Outcome:
     """A run sent ``signum`` ``delay`` seconds after it handles signals, and its end."""
-    child, ready = launch(args, out)
+    child, ready = launch(args, out, env)
     lines: list[str] = []
     reader = threading.Thread(target=lambda: lines.extend(child.stderr), daemon=True)
     reader.start()
@@ -143,13 +144,14 @@ def whole_files(out: Path) -> list[str]:
     return problems
 
 
-def sweep(tmp_path: Path, args: list[str], count: int, seed: int) -> list[Outcome]:
+def sweep(tmp_path: Path, args: list[str], count: int, seed: int, env: dict | None = None
+          ) -> list[Outcome]:
     """``count`` runs of ``args``, each sent a signal at a random moment of its life, more
     of them early (imports, plugins, set-up: where most can go wrong) than late."""
-    span = life(args, tmp_path / "whole")
+    span = life(args, tmp_path / "whole", env)
     chance = random.Random(seed)
     return [signalled(args, tmp_path / f"r{i}", chance.choice(SIGNALS),
-                      span * chance.random() ** 2) for i in range(count)]
+                      span * chance.random() ** 2, env) for i in range(count)]
 
 
 def failures(outcomes: list[Outcome]) -> list[str]:
@@ -163,10 +165,13 @@ def test_a_stop_signal_at_a_few_moments_of_a_run_ends_it_with_its_code(tmp_path:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("args,count", [pytest.param(COIN_RUN, 45, id="coin"),
-                                        pytest.param(AUTO_RUN, 20, id="auto")])
+@pytest.mark.parametrize("args,count,env", [
+    pytest.param(COIN_RUN, 45, {}, id="coin"),
+    pytest.param(AUTO_RUN, 20, {}, id="auto"),  # lr: auto, each stage, the answer's report
+    pytest.param(COIN_RUN, 10, {"VIBENCH_COMPILE": "true"}, id="coin-compiled"),
+])
 def test_a_stop_signal_at_any_moment_of_a_run_ends_it_with_its_code(tmp_path: Path,
                                                                     args: list[str],
-                                                                    count: int):
-    outcomes = sweep(tmp_path, args, count, seed=count)
+                                                                    count: int, env: dict):
+    outcomes = sweep(tmp_path, args, count, count, env)
     assert not failures(outcomes), "\n".join(failures(outcomes))
