@@ -11,9 +11,10 @@ def main() -> None:
     signals.install()
     try:
         from workbench import cli
-    except KeyboardInterrupt as exc:  # a stop signal while the command line was imported
+
+        cli.main()
+    except KeyboardInterrupt as exc:  # a stop signal before cli.main's own handling begins
         signals.stop_now(getattr(exc, "signum", None) or signals.first() or 2)
-    cli.main()
 
 
 if __name__ == "__main__":

@@ -518,9 +518,9 @@ def _err(line: str) -> None:
 def main(argv: list[str] | None = None) -> None:
     """The console script: runs the app and turns our errors into one line each and an exit code."""
     global _OWNS_PROCESS
-    _OWNS_PROCESS = True
-    signals.install()
     try:
+        _OWNS_PROCESS = True
+        signals.install()
         code = _command(argv)
         signals.finishing()
     except KeyboardInterrupt as exc:  # a stop signal while an error was being reported
