@@ -8,6 +8,9 @@ import json
 import math
 import os
 import signal
+import socket
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -15,6 +18,7 @@ import pytest
 import torch
 import yaml
 
+from tests.adversarial.test_stop_anywhere import launch
 from tests.conftest import COIN, REPO, checkpointed_step, start, vibench, wait_for_checkpoint
 from workbench import hookimpl
 
@@ -355,17 +359,67 @@ def pyro_params():
 
 
 def test_a_stop_signal_during_set_up_is_one_line_and_leaves_nothing(tmp_path: Path):
-    child = start(COIN, tmp_path / "r")
-    time.sleep(0.7)  # importing torch and building the run
+    child, _ = launch([str(COIN)], tmp_path / "r")  # its handlers in, its imports to come
     child.send_signal(signal.SIGTERM)
     _, stderr = child.communicate(timeout=60)
     assert child.returncode == 143, stderr
     assert "Traceback" not in stderr
-    if (tmp_path / "r" / "summary.json").exists():  # the signal came once training had begun
-        assert strict_json(tmp_path / "r" / "summary.json")["status"] == "interrupted"
-    else:
-        assert stderr.strip().splitlines()[-1] == "interrupted"
-        assert not (tmp_path / "r").exists()
+    assert stderr.strip().splitlines()[-1] == "interrupted"
+    assert not (tmp_path / "r").exists()
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_a_rank_whose_rank_0_never_answers_stops_at_a_signal(tmp_path: Path, signum: int):
+    """Rank 1 of two waits to join a rank 0 that never started; a stop signal ends it at
+    once with its code, not after VIBENCH_DIST_TIMEOUT."""
+    with socket.socket() as s:  # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {"WORLD_SIZE": "2", "RANK": "1", "LOCAL_RANK": "1", "MASTER_ADDR": "127.0.0.1",
+           "MASTER_PORT": str(port), "VIBENCH_DIST_TIMEOUT": "600"}
+    child, _ = launch([str(COIN)], tmp_path / "r", env)
+    while not has_a_socket(child.pid):  # trying to reach rank 0
+        assert child.poll() is None, child.communicate()
+        time.sleep(0.01)
+    child.send_signal(signum)
+    _, stderr = child.communicate(timeout=120)
+    assert child.returncode == 128 + signum, stderr
+    assert "Traceback" not in stderr
+
+
+def has_a_socket(pid: int) -> bool:
+    """Whether the process has a socket open."""
+    for fd in Path(f"/proc/{pid}/fd").iterdir():
+        try:
+            if os.readlink(fd).startswith("socket:"):
+                return True
+        except OSError:  # closed meanwhile
+            pass
+    return False
+
+
+def test_a_rank_outside_the_world_is_bad_input(tmp_path: Path):
+    result = vibench("run", str(COIN), "--out", str(tmp_path / "r"),
+                     env={"WORLD_SIZE": "2", "RANK": "2", "LOCAL_RANK": "0"})
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.strip() == ("error: RANK is 2 and LOCAL_RANK 0, but WORLD_SIZE is 2: "
+                                     "RANK must be 0 to 1; start vibench with torchrun")
+
+
+def test_two_runs_on_the_default_threads_give_the_same_numbers(tmp_path: Path):
+    """Without --threads (and without OMP_NUM_THREADS) a run uses one thread, whose sums add
+    in one order: the same recipe and seed give the same numbers bit for bit."""
+    env = {k: v for k, v in os.environ.items() if k not in ("OMP_NUM_THREADS", "MKL_NUM_THREADS")}
+    summaries = []
+    for name in ("a", "b"):
+        done = subprocess.run([sys.executable, "-m", "workbench", "run", str(COIN), "--steps",
+                               "200", "--out", str(tmp_path / name), *QUIET], cwd=REPO,
+                              env=env, capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stderr
+        summaries.append(strict_json(tmp_path / name / "summary.json"))
+    assert summaries[0]["threads"] == 1
+    for key in ("params", "posterior", "final_loss"):
+        assert summaries[0][key] == summaries[1][key], key
 
 
 def test_loading_a_compiled_run_back_compiles_nothing(tmp_path: Path):

@@ -1,5 +1,21 @@
-"""``python -m workbench`` is the ``vibench`` command."""
+"""``python -m workbench`` is the ``vibench`` command (the console script runs ``main`` too).
 
-from workbench.cli import main
+The stop signals' handlers go in first, before the command line's imports (typer, then torch
+for a run): a signal during them is then a stop like any other (``workbench.signals``)."""
 
-main()
+from workbench import signals
+
+
+def main() -> None:
+    """Install the stop signals' handlers, then import and run the command line."""
+    signals.install()
+    try:
+        from workbench import cli
+
+        cli.main()
+    except KeyboardInterrupt as exc:  # a stop signal before cli.main's own handling begins
+        signals.stop_now(getattr(exc, "signum", None) or signals.first() or 2)
+
+
+if __name__ == "__main__":
+    main()

@@ -99,8 +99,7 @@ def _stoppable(command: Callable) -> Callable:
         except KeyboardInterrupt as exc:
             from workbench.errors import Interrupted
 
-            raise Interrupted("interrupted",
-                              getattr(exc, "signum", signal.SIGINT)) from None
+            raise Interrupted("interrupted", _signum(exc)) from None
         except EOFError as exc:  # typer would report it as a Ctrl-C
             raise RuntimeError(f"EOFError: {exc}") from exc
 
@@ -127,8 +126,9 @@ def run(
         help="Go on with a stopped run, in its directory, from its last checkpoint.",
         show_default=False)] = None,
     threads: Annotated[int | None, typer.Option(
-        min=1, help="CPU threads for torch. Default: torch's (every core); fewer when "
-                    "several runs share the machine.")] = None,
+        min=1, help="CPU threads for torch. Default: 1 (or OMP_NUM_THREADS), which gives "
+                    "the same numbers run to run and suits small models; more may speed up "
+                    "large ones. --resume keeps the run's.")] = None,
 ) -> None:
     """Run SVI as a recipe says and report the posterior.
 
@@ -235,6 +235,22 @@ def _catalogue_lines(listing: dict, registry: Any, kinds: list[str],
     return lines
 
 
+# ``vibench compare``'s options for where its runs go (--backend ray and its settings).
+_Backend = Annotated[str, typer.Option(
+    metavar="local|ray",
+    help="Where the runs go: child processes here, or Ray tasks on a Ray cluster "
+         "(pip install 'vibench\\[ray]').")]
+_Address = Annotated[str | None, typer.Option(
+    show_default=False,
+    help="With --backend ray: the cluster to use (as for ray.init; default RAY_ADDRESS, "
+         "else a Ray started for this comparison on this machine's cores).")]
+_CpusPerRun = Annotated[float | None, typer.Option(
+    show_default=False, help="With --backend ray: CPUs each run's task asks for. Default: 1.")]
+_GpusPerRun = Annotated[float | None, typer.Option(
+    show_default=False, help="With --backend ray: GPUs each run's task asks for (a run "
+                             "with device auto uses the one Ray gives it). Default: 0.")]
+
+
 @app.command()
 def compare(
     recipe: Annotated[list[Path], typer.Argument(
@@ -265,21 +281,10 @@ def compare(
         help="Stop a run that takes longer (SIGTERM: it saves, then is killed if it does not "
              "stop); it is reported as timed out and the others go on. Default: no limit.")
     ] = None,
-    backend: Annotated[str, typer.Option(
-        metavar="local|ray",
-        help="Where the runs go: child processes here, or Ray tasks on a Ray cluster "
-             "(pip install 'vibench\\[ray]').")] = "local",
-    address: Annotated[str | None, typer.Option(
-        show_default=False,
-        help="With --backend ray: the cluster to use (as for ray.init; default RAY_ADDRESS, "
-             "else a Ray started for this comparison on this machine's cores).")] = None,
-    cpus_per_run: Annotated[float | None, typer.Option(
-        show_default=False, help="With --backend ray: CPUs each run's task asks for. "
-                                 "Default: 1.")] = None,
-    gpus_per_run: Annotated[float | None, typer.Option(
-        show_default=False, help="With --backend ray: GPUs each run's task asks for (a run "
-                                 "with device auto uses the one Ray gives it). Default: 0.")
-    ] = None,
+    backend: _Backend = "local",
+    address: _Address = None,
+    cpus_per_run: _CpusPerRun = None,
+    gpus_per_run: _GpusPerRun = None,
 ) -> None:
     """Run a recipe (or a suite of recipes) for every combination of --grid values and
     seeds, side by side.
@@ -517,10 +522,22 @@ def _err(line: str) -> None:
 def main(argv: list[str] | None = None) -> None:
     """The console script: runs the app and turns our errors into one line each and an exit code."""
     global _OWNS_PROCESS
-    _OWNS_PROCESS = True
-    signals.install()
+    try:
+        _OWNS_PROCESS = True
+        signals.install()
+        code = _command(argv)
+        signals.finishing()
+    except KeyboardInterrupt as exc:  # a stop signal while an error was being reported
+        signals.stop_now(_signum(exc))
+    _exit(code)
+
+
+def _command(argv: list[str] | None) -> int:
+    """Run the app; its exit code, each error of ours told in one line."""
     try:
         code = app(args=argv, prog_name="vibench", standalone_mode=False)
+        if code == 128 + signal.SIGINT and signals.first() is not None:
+            raise KeyboardInterrupt  # typer's silent Exit(130) for a signal while it parsed
     except ClickUsageError as exc:
         command = exc.ctx.command_path if exc.ctx else "vibench"
         _err(f"error: {exc.format_message()} (see '{command} --help')")
@@ -528,9 +545,9 @@ def main(argv: list[str] | None = None) -> None:
     except ClickException as exc:
         _err(f"error: {exc.format_message()}")
         code = exc.exit_code
-    except (typer.Abort, KeyboardInterrupt) as exc:
+    except (typer.Abort, KeyboardInterrupt) as exc:  # click makes one in parsing an Abort
         _err("interrupted")
-        code = 128 + getattr(exc, "signum", signal.SIGINT)
+        code = 128 + _signum(exc)
     except VibenchError as exc:
         if os.environ.get("VIBENCH_DEBUG"):
             raise
@@ -547,7 +564,29 @@ def main(argv: list[str] | None = None) -> None:
         _err(f"error: unexpected {type(exc).__name__}: {one_line(exc)} (a bug: VIBENCH_DEBUG=1 "
              "shows the traceback; please report it)")
         code = 1
+    return code if isinstance(code, int) else 0
+
+
+def _signum(exc: BaseException) -> int:
+    """The stop signal behind a KeyboardInterrupt (or click's Abort made of one): its own, else
+    the first this process was sent, else Ctrl-C's."""
+    return getattr(exc, "signum", None) or signals.first() or signal.SIGINT
+
+
+def _exit(code: int) -> None:
+    """Exit with ``code``, or with a stop signal's, which is never ignored: one that came while
+    the command went on to succeed still ends it as a stop. After a stop signal the process
+    ends at once, so no thread left in an import (a plugin's) or exit handler can hang or
+    abort its exit."""
+    if signals.first() is not None:
+        if code == 0:
+            _err("interrupted")
+            code = 128 + signals.first()
+        for stream in (sys.stdout, sys.stderr):
+            with contextlib.suppress(Exception):
+                stream.flush()
+        os._exit(code)
     # Python's last collections at exit would walk every object left, only to drop them all
     # (0.6 s after a compiled run); frozen, they are skipped. Every file is closed by now.
     gc.freeze()
-    sys.exit(code if isinstance(code, int) else 0)
+    sys.exit(code)

@@ -14,6 +14,7 @@ fails, so a rank that dies or hangs stops the others with one line instead of a 
 from __future__ import annotations
 
 import os
+import threading
 import warnings
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
@@ -56,11 +57,16 @@ def detect(env: Mapping[str, str] = os.environ) -> World:
         size = int(env.get("WORLD_SIZE", "1") or 1)
         if size <= 1:
             return World()
-        return World(int(env["RANK"]), size, int(env.get("LOCAL_RANK", "0") or 0))
+        found = World(int(env["RANK"]), size, int(env.get("LOCAL_RANK", "0") or 0))
     except (KeyError, ValueError) as exc:
         raise UsageError(f"WORLD_SIZE is {env.get('WORLD_SIZE')!r} but RANK or LOCAL_RANK is "
                          f"missing or not a number ({one_line(exc)}); start vibench with "
                          "torchrun") from None
+    if not 0 <= found.rank < size or found.local_rank < 0:
+        raise UsageError(f"RANK is {found.rank} and LOCAL_RANK {found.local_rank}, but "
+                         f"WORLD_SIZE is {size}: RANK must be 0 to {size - 1}; start vibench "
+                         "with torchrun")
+    return found
 
 
 def timeout() -> float:
@@ -98,7 +104,8 @@ def start() -> World:
             torch.cuda.set_device(found.local_rank % torch.cuda.device_count())
             backend = "cpu:gloo,cuda:nccl"
         try:
-            dist.init_process_group(backend, timeout=timedelta(seconds=timeout()))
+            _interruptible(dist.init_process_group, backend,
+                           timeout=timedelta(seconds=timeout()))
         except Exception as exc:
             raise PeerLost(f"rank {found.rank}: cannot join the other processes of this "
                            f"torchrun run: {one_line(exc)}") from None
@@ -106,6 +113,27 @@ def start() -> World:
         warnings.simplefilter("ignore")
     _world = found
     return found
+
+
+def _interruptible(fn: Any, *args: Any, **kwargs: Any) -> Any:
+    """``fn(*args, **kwargs)``, a call that waits on other processes in C++ (which runs no
+    signal handler until it returns), in a daemon thread, so that a stop signal stops this
+    process at once rather than after the wait's timeout (a rank 0 that never answers)."""
+    outcome: dict[str, Any] = {}
+
+    def target() -> None:
+        try:
+            outcome["value"] = fn(*args, **kwargs)
+        except BaseException as exc:  # handed to the caller's thread below
+            outcome["error"] = exc
+
+    thread = threading.Thread(target=target, name="vibench joining the ranks", daemon=True)
+    thread.start()
+    while thread.is_alive():
+        thread.join(0.1)  # the main thread runs the stop signals' handlers here
+    if "error" in outcome:
+        raise outcome["error"]
+    return outcome.get("value")
 
 
 def finish(together: bool = False) -> None:

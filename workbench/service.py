@@ -38,6 +38,7 @@ from workbench.rundir.layout import CHECKPOINT, FITS, LOCK, LOSSES, RECIPE, SUMM
 RESUMABLE = ("optimizer", "train.steps", "train.skip_bad_steps", "train.compile")
 DICT_SOURCE = "<dict>"  # how a recipe handed in as a dict (the Python API) is named in messages
 SESSION = "notebook:"  # the name's prefix of a component handed in as a Python object
+DEFAULT_THREADS = 1  # torch's CPU threads without --threads or OMP_NUM_THREADS (set_threads)
 
 
 @dataclass
@@ -66,12 +67,18 @@ class Job:
 
 
 def set_threads(count: int | None) -> None:
-    """Use ``count`` CPU threads for torch's operations (None: torch's default, every core).
-    Small models run faster on one thread when other runs share the cores."""
-    if count is not None:
-        import torch
+    """Use ``count`` CPU threads for torch's operations; None: one thread, or as many as
+    OMP_NUM_THREADS says where it is set (as ``vibench compare`` sets it for each run).
 
-        torch.set_num_threads(count)
+    One thread by default: the same recipe and seed then give the same numbers bit for bit
+    (torch's reductions split over threads add in an order that varies run to run), and a
+    small model, whose tensors are too small to share out, runs several times faster on one
+    thread than on every core of a busy machine (benchmarks/threads.py)."""
+    if count is None and os.environ.get("OMP_NUM_THREADS"):
+        return
+    import torch
+
+    torch.set_num_threads(count or DEFAULT_THREADS)
 
 
 def prepare(source: Path | dict, sets: Sequence[str], registry: Registry,

@@ -23,6 +23,7 @@ import keyword
 import math
 import os
 import re
+import signal
 import sys
 import threading
 import time
@@ -39,7 +40,7 @@ import pluggy
 from workbench import hookspecs
 from workbench.config.kinds import INJECTED, ITSELF, KINDS
 from workbench.config.options import Option, read_options
-from workbench.errors import UsageError, VibenchError, did_you_mean
+from workbench.errors import Interrupted, UsageError, did_you_mean
 
 PLUGIN_TIMEOUT = 30.0  # seconds a plugin may take to import, or to run one registration hook
 
@@ -396,10 +397,8 @@ def _describe(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {message}" if message else type(exc).__name__
 
 
-class LoadInterrupted(VibenchError):
-    """Ctrl-C while a plugin was loading."""
-
-    exit_code = 130
+class LoadInterrupted(Interrupted):
+    """A stop signal while a plugin was loading."""
 
 
 @dataclass
@@ -490,8 +489,9 @@ class _Loader:
         it is still running. Ctrl-C here is the user's: a plugin's own is raised in its thread."""
         try:
             thread.join(self.limit)
-        except KeyboardInterrupt:
-            raise LoadInterrupted(f"interrupted while loading {doing}") from None
+        except KeyboardInterrupt as exc:
+            raise LoadInterrupted(f"interrupted while loading {doing}",
+                                  getattr(exc, "signum", signal.SIGINT)) from None
         finally:
             done = not thread.is_alive()
             if done:
