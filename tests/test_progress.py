@@ -43,14 +43,15 @@ except signals.Signalled as exc:
 
 
 def on_a_terminal(how: str, then, code: str = CHILD, env: dict | None = None) -> str:
-    """``code``'s output on a pseudo-terminal (200 columns); ``then(child, go)`` runs once two
-    different spinner frames have appeared. Returns everything the terminal received."""
+    """``code``'s output on a pseudo-terminal of 60 columns, narrower than the line;
+    ``then(child, go)`` runs once two different spinner frames have appeared. Returns
+    everything the terminal received."""
     master, slave = pty.openpty()
-    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 200, 0, 0))
+    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 60, 0, 0))
     go_read, go = os.pipe()
     env_extra = env
     env = {key: value for key, value in os.environ.items()
-           if key not in ("NO_COLOR", "TTY_COMPATIBLE", "JUPYTER_COLUMNS")}
+           if key not in ("NO_COLOR", "TTY_COMPATIBLE", "JUPYTER_COLUMNS", "COLUMNS", "LINES")}
     child = subprocess.Popen([sys.executable, "-c", code, how, str(go_read)], cwd=REPO,
                              stdin=slave, stdout=slave, stderr=slave, pass_fds=(go_read,),
                              env={**env, "TERM": "xterm-256color", **(env_extra or {})})

@@ -57,11 +57,15 @@ def working(line: str, done: str) -> Iterator[None]:
         return
     from rich.console import Console
     from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+    from rich.table import Column
 
     console = Console(stderr=True)
     began = time.monotonic()
-    with Progress(SpinnerColumn(), TextColumn(line, markup=False), TimeElapsedColumn(),
-                  console=console, transient=True) as spinner:
+    # a narrow terminal shortens the text, never the spinner or the seconds
+    text = Column(ratio=1, no_wrap=True, overflow="ellipsis")
+    with Progress(SpinnerColumn(), TextColumn(line, markup=False, table_column=text),
+                  TimeElapsedColumn(), expand=True, console=console,
+                  transient=True) as spinner:
         spinner.add_task(line, total=None)
         yield
     console.print(done.format(seconds=time.monotonic() - began), highlight=False, markup=False)

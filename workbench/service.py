@@ -616,7 +616,9 @@ def report_missing(summary: dict) -> str:
     reason = str((summary.get("diagnostics") or {}).get("reason") or "")
     if reason.startswith("the report failed"):
         return reason
-    if "report_seconds" not in summary:
+    # the summary written before the report has no posterior yet (summaries of the first
+    # layout have no report_seconds, but their posterior)
+    if "report_seconds" not in summary and not summary.get("posterior"):
         return "its report did not finish (stopped or killed while it was written)"
     return ""
 
