@@ -24,6 +24,9 @@ def laplace_start(guide, args: tuple, kwargs: dict) -> list[str]:
     if fit is None:
         return ["init laplace: no start gave a finite log density; the guide keeps its "
                 "default start"]
+    why = laplace.degenerate(fit, sites)
+    if why:
+        return [f"init laplace: {why}; the guide keeps its init_loc start"]
     covariance, precision_diag, note = laplace.curvature(fit.hessian)
     notes = [note] if note else []
     if not fit.converged:

@@ -5,6 +5,10 @@ ch. 27). SVI then starts from what a second-order fit already knows: the locatio
 and, for a full-rank guide, the correlations, which Adam's per-coordinate steps of size about
 ``lr`` learn slowly or not at all where the posterior's scales differ by orders of magnitude.
 
+Where the search runs to a constrained site's edge instead (a centred hierarchical model's
+scale tau -> 0, where the density grows without bound and there is no mode), the guide keeps
+its start and a note says why (``degenerate``).
+
 vibench calls ``initialise(**data)`` once at set-up, after the first loss and gradient have
 created the guide's parameters and before training; it overwrites them in place.
 """
@@ -25,6 +29,10 @@ MAX_ITER = 500  # L-BFGS iterations from each start
 RESTARTS = 3  # further starts, uniform in (-2, 2) unconstrained (Stan's, Pyro's init_to_uniform)
 NEWTON_STEPS = 5  # Newton steps that polish L-BFGS's answer where the Hessian allows
 MAX_HESSIAN_DIM = 2000  # beyond it, the mode only: the Hessian costs a backward pass a dimension
+# An unconstrained value beyond it on a constrained site (a scale below exp(-15) = 3e-7 of its
+# unit, say) is its support's edge: where a mode search that did not converge went, the
+# density grows without bound (a centred hierarchical model's tau -> 0) and there is no mode.
+BOUNDARY = 15.0
 # The largest Newton decrement g' H^-1 g (twice the potential a Newton step would still gain) at
 # which a start counts as converged: rounding in float32 leaves about this much.
 TOLERANCE = {torch.float64: 1e-8, torch.float32: 1e-3}
@@ -76,6 +84,9 @@ def initialise(guide, *args, **kwargs) -> list[str]:
     if fit is None:
         return ["init laplace: no start gave a finite log density; the guide keeps its "
                 "default start"]
+    why = degenerate(fit, sites)
+    if why:
+        return [f"init laplace: {why}; the guide keeps its init_loc start"]
     if not fit.converged:
         notes.append(f"init laplace: L-BFGS did not converge from {1 + RESTARTS} starts; the "
                      f"guide starts at the best point found (potential {fit.potential:.4g})")
@@ -129,7 +140,10 @@ def potential_fn(model, sites: list[Site], args: tuple,
                                                                                  **kwargs)
         except ValueError:  # a parameter the model's validation refuses, from a long step
             return flat.new_tensor(math.inf)
-        return -(trace.log_prob_sum() + log_jacobian)
+        value = -(trace.log_prob_sum() + log_jacobian)
+        # a density that is no number there (NaN, or +inf in a funnel's neck) is no mode:
+        # +inf keeps L-BFGS's line search out (its bracket cannot hold a NaN)
+        return value if torch.isfinite(value) else flat.new_tensor(math.inf)
 
     return potential
 
@@ -201,6 +215,36 @@ def _descend(potential: Callable, start: torch.Tensor, with_hessian: bool) -> Fi
     step = _newton_step(hessian, gradient)
     converged = step is not None and float(gradient @ step) <= TOLERANCE.get(point.dtype, 1e-3)
     return Fit(point, value, hessian, converged)
+
+
+def degenerate(fit: Fit, sites: list[Site]) -> str:
+    """Why the point a mode search found is no mode to start from, or "": it did not
+    converge and a constrained site went to its support's edge (a funnel's neck, where the
+    density is unbounded). A flat direction alone (a singular Hessian) is no reason: the
+    other coordinates' mode still helps, and ``curvature`` notes the rest."""
+    if fit.converged:
+        return ""
+    for site in sites:
+        values = fit.point[site.start:site.stop]
+        if _identity(site.transform) or not len(values):
+            continue
+        worst = int(values.abs().argmax())
+        if float(values[worst].abs()) > BOUNDARY:
+            edge = site.transform(values.reshape(site.shape)).reshape(-1)
+            at = (f"{float(edge[worst]):.2g}" if len(edge) == len(values)
+                  else f"unconstrained {float(values[worst]):.3g}")
+            return (f"no mode: the search ran to the edge of {site.name}'s support "
+                    f"({at}), where the density grows without bound (a "
+                    "degenerate mode, as at a centred hierarchical model's tau -> 0)")
+    return ""
+
+
+def _identity(transform) -> bool:
+    """Whether ``transform`` (biject_to's for a site's support) is the identity: a real site."""
+    while isinstance(transform, torch.distributions.transforms.IndependentTransform):
+        transform = transform.base_transform
+    return isinstance(transform, torch.distributions.transforms.ComposeTransform) \
+        and not transform.parts
 
 
 def _value_and_grad(potential: Callable, point: torch.Tensor) -> tuple[float, torch.Tensor]:

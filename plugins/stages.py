@@ -152,11 +152,12 @@ class Gaussian:
                              start=first_start)
         fits, skipped = [first], ""
         if first.ok:
+            skipped = _no_mode(pipeline.last_run)
             for i in range(2, self.runs + 1):
                 why = self.enough.why(fits) if i > self.min_runs else ""
                 if why:
-                    skipped = f"; fits {i}-{self.runs} not launched: {why}"
-                    pipeline.say(f"auto: {skipped[2:]}")
+                    skipped += f"; fits {i}-{self.runs} not launched: {why}"
+                    pipeline.say(f"auto: fits {i}-{self.runs} not launched: {why}")
                     break
                 fits.append(pipeline.fit(
                     f"gaussian-{i}", guide={**guide, "init": "init_loc"} if "init" in guide
@@ -203,6 +204,15 @@ class Gaussian:
                 f"dimensions, {self.loss['estimator']} gradient, lr {lr_text}; {stops}"
                 f"{skipped}; each starts at its own draw from {whence} (spread "
                 f"{self.spread:g}){scattered}")
+
+
+def _no_mode(run) -> str:
+    """The stage line's words where the first fit's Laplace start found no mode (a degenerate
+    one: plugins/laplace.py ``degenerate``) and the fits started at init_loc instead."""
+    for note in getattr(run, "notes", None) or []:
+        if note.startswith("init laplace: no mode"):
+            return f"; gaussian-1's Laplace start: {note.removeprefix('init laplace: ')}"
+    return ""
 
 
 def _stop(window: int, skl: float, lr_factor: float) -> dict:
