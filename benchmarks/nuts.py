@@ -4,7 +4,7 @@ process each side, alternated, each scored against the posterior's reference.
 Per posterior and round, each side in a fresh process (the order turns each round):
 
 - **vibench**: ``vibench run RECIPE --set guide=auto --threads 1 --out DIR``, the recipe as
-  shipped (the default loggers: TensorBoard, evaluation every 100 steps, parameter summaries);
+  shipped (the default loggers: TensorBoard, with parameter summaries every 500 steps);
   max z and min/max r from its summary.json's ``reference`` section.
 - **NUTS**: this script with ``--nuts NAME``: NumPyro's NUTS, 4 chains x (1000 warm-up + 1000
   draws) one after another (``chain_method="sequential"``), in float64 (``enable_x64``: the
@@ -177,8 +177,10 @@ def vibench_model(name: str):
 def check_port(name: str, points: int = 5) -> dict:
     """vibench's log joint (float64) minus the port's at ``points`` reference draws: the
     constant between them and the largest deviation from it."""
+    import jax
     import numpy as np
 
+    jax.config.update("jax_enable_x64", True)  # the ports' densities in float64, as the models'
     if name in ("hier_centred", "latent_gp"):
         sys.path.insert(0, str(HARD))
         import make_references
