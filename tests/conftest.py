@@ -51,3 +51,33 @@ def float64():
     yield
     torch.set_default_dtype(previous)
     pyro.clear_param_store()
+
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Put the tests sharing a test module's module-scoped fixture in one xdist group, so that
+    ``--dist loadgroup`` builds the fixture once rather than once on each worker."""
+    for item in items:
+        module = item.getparent(pytest.Module).nodeid
+        if not item.get_closest_marker("xdist_group"):
+            for name, defs in item._fixtureinfo.name2fixturedefs.items():
+                if defs[-1].scope == "module" and defs[-1].baseid == module:
+                    item.add_marker(pytest.mark.xdist_group(f"{module}::{name}"))
+                    break
+    if getattr(config.option, "loadgroup", False):  # set on xdist workers by --dist loadgroup
+        name_the_groups(items)
+
+
+def name_the_groups(items: list[pytest.Item]) -> None:
+    """End each grouped test's node id with ``@group``, which is how the xdist controller
+    learns the groups: pytest-xdist 3.8 sets the old ``_nodeid`` that pytest 9 no longer reads,
+    so without this every ``xdist_group`` is ignored."""
+    from _pytest.nodeid import NodeId
+
+    for item in items:
+        mark = item.get_closest_marker("xdist_group")
+        if mark is None or item.nodeid.rfind("@") > item.nodeid.rfind("]"):
+            continue
+        group = mark.args[0] if mark.args else mark.kwargs.get("name", "default")
+        item._id = NodeId.parse(f"{item.nodeid}@{group}")

@@ -27,13 +27,18 @@ from workbench.train.runner import Run
 REFUSED = refused()
 
 
+# Guides shaped as another (a diagonal as auto_normal, a low rank factor as a full one) or
+# a flow as auto_iaf_normal fit with elbo in the slow suite only.
+ALIKE = {"auto_diagonal_normal", "auto_lowrank_multivariate_normal", "auto_gaussian_flow"}
+
+
 def _pairs() -> list:
-    """Every guide with every loss; each guide with elbo and each loss with auto_normal run
-    in the quick suite, the other pairs are marked slow (``pytest -m slow``)."""
+    """Every guide with every loss; each loss with auto_normal and each guide but the ALIKE
+    with elbo run in the quick suite, the other pairs are marked slow (``pytest -m slow``)."""
     # pathfinder is an auto_multivariate_normal with another start: tests/test_pathfinder.py
     guides = [g for g in defaults("guide") if g != "pathfinder"]
-    return [pytest.param(g, loss, marks=() if loss == "elbo" or g == "auto_normal"
-                         else pytest.mark.slow)
+    return [pytest.param(g, loss, marks=() if g == "auto_normal" or (
+                loss == "elbo" and g not in ALIKE) else pytest.mark.slow)
             for g in guides for loss in defaults("loss")]
 
 
@@ -94,7 +99,14 @@ def test_every_default_optimizer_is_covered():
     assert sorted(OPTIMIZERS) == defaults("optimizer")
 
 
-@pytest.mark.parametrize("name", sorted(OPTIMIZERS))
+# adam, sgd and adagrad fit the coin in the quick suite; Adam's variants (adamw,
+# clipped_adam) and rmsprop, which scales steps as Adam does, in the slow suite.
+QUICK_OPTIMIZERS = {"adam", "sgd", "adagrad"}
+
+
+@pytest.mark.parametrize("name", [
+    pytest.param(name, marks=() if name in QUICK_OPTIMIZERS else pytest.mark.slow)
+    for name in sorted(OPTIMIZERS)])
 def test_every_optimizer_fits_the_coin(tmp_path: Path, name: str):
     _, summary = coin_fit(tmp_path, f"optimizer={name}", *OPTIMIZERS[name],
                           "optimizer.schedule=exponential", "optimizer.schedule.gamma=0.997",

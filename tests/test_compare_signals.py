@@ -177,7 +177,11 @@ def test_a_run_that_saved_is_waited_for_and_shown_with_its_numbers(tmp_path: Pat
     assert f"{float(row['final_loss']):.4f}" in table and "interrupted after step" in table
 
 
-@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM, signal.SIGHUP])
+# The quick suite sends SIGHUP, the terminal closing (Ctrl-C is sent quick by the two-Ctrl-Cs
+# test above); SIGINT and SIGTERM here run in the slow suite.
+@pytest.mark.parametrize("signum", [pytest.param(signal.SIGINT, marks=pytest.mark.slow),
+                                    pytest.param(signal.SIGTERM, marks=pytest.mark.slow),
+                                    signal.SIGHUP])
 def test_a_stop_signal_stops_every_run_and_compare_exits_as_vibench_run_does(
         tmp_path: Path, signum: int):
     """Ctrl-C, SIGTERM (what Slurm and Kubernetes send) and the terminal closing (SIGHUP) stop

@@ -310,8 +310,15 @@ def means(summary: dict) -> dict[str, tuple]:
             for name, entry in summary["posterior"].items()}
 
 
-@pytest.mark.parametrize("guide", GUIDES)
-@pytest.mark.parametrize("case", TWINS)
+# The quick suite fits the coin with one particle and the hierarchical model with four, one
+# after another; the other pairs run in the slow suite.
+QUICK_TWINS = {("coin", "auto_normal"), ("hierarchical", "auto_multivariate_normal")}
+
+
+@pytest.mark.parametrize("case,guide", [
+    pytest.param(case, guide, id=f"{case}-{guide}",
+                 marks=() if (case, guide) in QUICK_TWINS else pytest.mark.slow)
+    for case in TWINS for guide in GUIDES])
 def test_a_plain_model_is_fitted_and_reported_as_its_broadcasting_twin(tmp_path: Path,
                                                                         case: str, guide: str):
     """Each plain model trains (its particles one after another), gets a PSIS k-hat over every
