@@ -1,0 +1,87 @@
+"""The last findings of the second adversarial pass: a plugin that blocks at import, an
+automatic pipeline killed mid-way, and the vectorised memory guard."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+from hostile import plugin_site
+
+from conftest import COIN, vibench
+
+QUICK = ["--steps", "5", "--set", "train.plots=false", "--set", "train.diagnostics=false"]
+
+# A plugin whose import blocks far longer than any command here may take.
+BLOCKS = "import time\ntime.sleep(120)\n"
+
+# A plugin whose import works hard (4 s of its own CPU time) before it registers a model.
+WORKS = """import time
+
+from workbench import hookimpl
+
+spent = time.thread_time()
+while time.thread_time() - spent < 4.0:
+    pass
+
+
+def worked(**data):
+    '''A model from a plugin that took a while to import.'''
+
+
+@hookimpl
+def register_models(register):
+    register("worked", worked)
+"""
+
+
+def _without_plugin_settings() -> dict[str, str]:
+    """The environment with no plugin time limit or skip list of the caller's."""
+    return {k: v for k, v in os.environ.items()
+            if k not in ("VIBENCH_PLUGIN_TIMEOUT", "VIBENCH_DISABLE_PLUGINS")}
+
+
+def _blocking(tmp_path: Path) -> dict[str, str]:
+    """The environment with the blocking plugin installed."""
+    return {**_without_plugin_settings(), **plugin_site(tmp_path, "tp_block", BLOCKS)}
+
+
+def test_commands_that_need_no_plugin_do_not_wait_for_one_that_blocks(tmp_path: Path):
+    env = _blocking(tmp_path)
+    version = vibench("--version", env=env, timeout=60)
+    assert version.returncode == 0 and version.stdout.startswith("vibench "), version.stderr
+    listed = vibench("runs", str(tmp_path), env=env, timeout=60)
+    assert listed.returncode == 0, listed.stderr
+    helped = vibench("--help", env=env, timeout=60)
+    assert helped.returncode == 0 and "run" in helped.stdout, helped.stderr
+
+
+def test_a_plugin_that_blocks_at_import_is_left_behind_once_idle_naming_the_skip(
+        tmp_path: Path):
+    listed = vibench("list", "--json", env=_blocking(tmp_path), timeout=60)
+    assert listed.returncode == 0, listed.stderr
+    broken = [b for b in json.loads(listed.stdout)["broken"] if b["plugin"] == "tp_block"]
+    assert len(broken) == 1, broken
+    assert "used no CPU" in broken[0]["error"]  # not the whole time limit: it waits on nothing
+    assert "VIBENCH_DISABLE_PLUGINS=tp_block" in broken[0]["error"]
+
+
+def test_run_names_the_blocking_plugin_in_one_line(tmp_path: Path):
+    out = tmp_path / "run"
+    ran = vibench("run", str(COIN), *QUICK, "--out", str(out), env=_blocking(tmp_path),
+                  timeout=100)
+    assert ran.returncode == 0, ran.stderr
+    named = [line for line in ran.stderr.splitlines() if "tp_block" in line]
+    assert len(named) == 1, ran.stderr
+    assert named[0].startswith("warning: plugin 'tp_block'")
+    assert "VIBENCH_DISABLE_PLUGINS=tp_block" in named[0]
+    assert (out / "summary.json").exists()
+
+
+def test_a_plugin_that_works_hard_at_import_is_waited_for(tmp_path: Path):
+    env = {**_without_plugin_settings(), **plugin_site(tmp_path, "tp_works", WORKS)}
+    listed = vibench("list", "model", "--json", env=env, timeout=200)
+    assert listed.returncode == 0, listed.stderr
+    found = json.loads(listed.stdout)
+    assert "worked" in [entry["name"] for entry in found["model"]], found["broken"]
