@@ -24,7 +24,7 @@ from typing import Any
 
 from workbench.config import recipe as recipes
 from workbench.config.kinds import COMPONENTS
-from workbench.errors import RunError, UsageError, one_line
+from workbench.errors import RunError, UsageError, VibenchError, one_line
 from workbench.plugins.registry import Registry
 from workbench.progress import TerminalBar
 from workbench.rundir import files
@@ -267,6 +267,7 @@ def resume(run_dir: Path, sets: Sequence[str], registry: Registry,
                              "--steps and --set optimizer.* (or train.skip_bad_steps) can")
     held = reopen(run_dir, where) if world.leader else RunDir(run_dir, -1)
     try:
+        _refuse_pipeline(run_dir, where)
         saved = checkpoint.load(run_dir, where)
         threads = threads or saved.get("threads")  # the run's own, unless given again
         set_threads(threads)
@@ -294,6 +295,23 @@ def resume(run_dir: Path, sets: Sequence[str], registry: Registry,
     except BaseException:
         held.release()
         raise
+
+
+def _refuse_pipeline(run_dir: Path, where: str) -> None:
+    """An automatic pipeline's directory has no checkpoint of its own to go on from: say so,
+    and what to do, rather than that there is no checkpoint."""
+    if (run_dir / CHECKPOINT).is_file():
+        return
+    pipeline = is_pipeline_dir(run_dir)
+    if not pipeline and (run_dir / RECIPE).is_file():
+        with contextlib.suppress(VibenchError):  # a damaged recipe: the checkpoint's error
+            guide = recipes.load(run_dir / RECIPE).get("guide")
+            pipeline = isinstance(guide, dict) and guide.get("name") == recipes.AUTO
+    if pipeline:
+        fits = run_dir / FITS
+        raise UsageError(f"{where}: an automatic pipeline's run cannot go on from where it "
+                         f"stopped; run its recipe again (vibench run {run_dir / RECIPE})"
+                         + (f"; the fits it finished are in {fits}" if fits.is_dir() else ""))
 
 
 def load(run_dir: Path, registry: Registry, trust_code: bool = False,

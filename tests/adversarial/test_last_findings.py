@@ -5,9 +5,13 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
+import time
 from pathlib import Path
 
-from hostile import plugin_site
+import yaml
+from hostile import one_line_exit_2, plugin_site
 
 from conftest import COIN, vibench
 
@@ -85,3 +89,45 @@ def test_a_plugin_that_works_hard_at_import_is_waited_for(tmp_path: Path):
     assert listed.returncode == 0, listed.stderr
     found = json.loads(listed.stdout)
     assert "worked" in [entry["name"] for entry in found["model"]], found["broken"]
+
+
+# A stage that fits once, says so in a file, then waits to be killed.
+FIT_THEN_WAIT = """import os
+import time
+from pathlib import Path
+
+
+class FitThenWait:
+    '''One short fit, then a wait: a pipeline to kill after its first fit.'''
+
+    def run(self, pipeline):
+        pipeline.fit("first", guide={"name": "auto_normal"}, loss={"name": "elbo"},
+                     optimizer={"name": "adam", "lr": 0.05}, train={"steps": 10})
+        Path(os.environ["VIBENCH_TEST_READY"]).write_text("fitted")
+        time.sleep(600)
+"""
+
+
+def test_a_killed_pipeline_is_not_resumed_and_says_what_to_do(tmp_path: Path):
+    (tmp_path / "slow.py").write_text(FIT_THEN_WAIT)
+    recipe = tmp_path / "auto.yaml"
+    recipe.write_text(yaml.safe_dump({
+        "name": "killed", "loggers": [], "train": {"plots": False, "eval_every": 0},
+        "model": {"name": "beta_bernoulli"}, "data": {"flips": [1, 1, 0, 1]},
+        "auto": {"stages": [{"name": "slow.py:FitThenWait"}, "psis"]}}))
+    out, ready = tmp_path / "run", tmp_path / "ready"
+    child = subprocess.Popen([sys.executable, "-m", "workbench", "run", str(recipe), "--out",
+                              str(out)], env={**os.environ, "VIBENCH_TEST_READY": str(ready)},
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 240
+        while not ready.exists() and child.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert ready.exists(), "the pipeline never finished its first fit"
+    finally:
+        child.kill()
+        child.wait()
+    assert (out / "fits" / "first" / "summary.json").is_file()
+    resumed = vibench("run", "--resume", str(out), timeout=120)
+    line = one_line_exit_2(resumed, "automatic pipeline", "run its recipe again")
+    assert str(out / "fits") in line and "no checkpoint" not in line
