@@ -267,7 +267,8 @@ def resume(run_dir: Path, sets: Sequence[str], registry: Registry,
                              "--steps and --set optimizer.* (or train.skip_bad_steps) can")
     held = reopen(run_dir, where) if world.leader else RunDir(run_dir, -1)
     try:
-        _refuse_pipeline(run_dir, where)
+        if _is_stopped_pipeline(run_dir):
+            return _resume_pipeline(run_dir, sets, registry, held, where)
         saved = checkpoint.load(run_dir, where)
         threads = threads or saved.get("threads")  # the run's own, unless given again
         set_threads(threads)
@@ -297,21 +298,36 @@ def resume(run_dir: Path, sets: Sequence[str], registry: Registry,
         raise
 
 
-def _refuse_pipeline(run_dir: Path, where: str) -> None:
-    """An automatic pipeline's directory has no checkpoint of its own to go on from: say so,
-    and what to do, rather than that there is no checkpoint."""
+def _is_stopped_pipeline(run_dir: Path) -> bool:
+    """Whether ``run_dir`` is an automatic pipeline's (its fits in ``fits/``, or its
+    recipe.yaml naming guide auto), which has no checkpoint of its own."""
     if (run_dir / CHECKPOINT).is_file():
-        return
-    pipeline = is_pipeline_dir(run_dir)
-    if not pipeline and (run_dir / RECIPE).is_file():
+        return False
+    if is_pipeline_dir(run_dir):
+        return True
+    if (run_dir / RECIPE).is_file():
         with contextlib.suppress(VibenchError):  # a damaged recipe: the checkpoint's error
             guide = recipes.load(run_dir / RECIPE).get("guide")
-            pipeline = isinstance(guide, dict) and guide.get("name") == recipes.AUTO
-    if pipeline:
-        fits = run_dir / FITS
-        raise UsageError(f"{where}: an automatic pipeline's run cannot go on from where it "
-                         f"stopped; run its recipe again (vibench run {run_dir / RECIPE})"
-                         + (f"; the fits it finished are in {fits}" if fits.is_dir() else ""))
+            return isinstance(guide, dict) and guide.get("name") == recipes.AUTO
+    return False
+
+
+def _resume_pipeline(run_dir: Path, sets: Sequence[str], registry: Registry, held: RunDir,
+                     where: str) -> Any:
+    """A stopped automatic pipeline, set up to run its stages again from its recipe.yaml,
+    keeping each fit that finished before the stop (``Pipeline.fit``)."""
+    from workbench.auto import pipeline
+
+    if sets:
+        raise UsageError(f"{where}: an automatic pipeline goes on with its own recipe; "
+                         "--steps and --set cannot change it")
+    source = run_dir / RECIPE
+    resolved = recipes.resolve(recipes.load(source), registry, str(source), set(),
+                               code=_announce_code(where))
+    if "auto" not in resolved:
+        raise UsageError(f"{where}: {source} no longer names the automatic pipeline "
+                         "(guide: auto); start a new run for that")
+    return pipeline.start(resolved, registry, held, resumed=True)
 
 
 def load(run_dir: Path, registry: Registry, trust_code: bool = False,

@@ -92,7 +92,8 @@ def test_a_plugin_that_works_hard_at_import_is_waited_for(tmp_path: Path):
     assert "worked" in [entry["name"] for entry in found["model"]], found["broken"]
 
 
-# A stage that fits once, says so in a file, then waits to be killed.
+# A stage that fits once, then (where VIBENCH_TEST_READY names a file) says so in that file
+# and waits to be killed.
 FIT_THEN_WAIT = """import os
 import time
 from pathlib import Path
@@ -102,14 +103,20 @@ class FitThenWait:
     '''One short fit, then a wait: a pipeline to kill after its first fit.'''
 
     def run(self, pipeline):
-        pipeline.fit("first", guide={"name": "auto_normal"}, loss={"name": "elbo"},
-                     optimizer={"name": "adam", "lr": 0.05}, train={"steps": 10})
-        Path(os.environ["VIBENCH_TEST_READY"]).write_text("fitted")
-        time.sleep(600)
+        fit = pipeline.fit("first", guide={"name": "auto_normal"}, loss={"name": "elbo"},
+                           optimizer={"name": "adam", "lr": 0.05}, train={"steps": 10})
+        pipeline.candidates = [fit]
+        ready = os.environ.get("VIBENCH_TEST_READY")
+        if ready:
+            Path(ready).write_text("fitted")
+            time.sleep(600)
+        return "one fit"
 """
 
 
-def test_a_killed_pipeline_is_not_resumed_and_says_what_to_do(tmp_path: Path):
+def _killed_after_its_first_fit(tmp_path: Path) -> Path:
+    """An automatic pipeline's run directory, the run killed (SIGKILL) once its first fit
+    has finished and before its next stage."""
     (tmp_path / "slow.py").write_text(FIT_THEN_WAIT)
     recipe = tmp_path / "auto.yaml"
     recipe.write_text(yaml.safe_dump({
@@ -128,10 +135,26 @@ def test_a_killed_pipeline_is_not_resumed_and_says_what_to_do(tmp_path: Path):
     finally:
         child.kill()
         child.wait()
-    assert (out / "fits" / "first" / "summary.json").is_file()
-    resumed = vibench("run", "--resume", str(out), timeout=120)
-    line = one_line_exit_2(resumed, "automatic pipeline", "run its recipe again")
-    assert str(out / "fits") in line and "no checkpoint" not in line
+    assert not (out / "summary.json").exists()
+    return out
+
+
+def test_a_killed_pipeline_resumes_keeping_the_fits_it_finished(tmp_path: Path):
+    out = _killed_after_its_first_fit(tmp_path)
+    fitted = (out / "fits" / "first" / "summary.json").read_bytes()
+    resumed = vibench("run", "--resume", str(out), timeout=300)
+    assert resumed.returncode == 0, resumed.stderr
+    assert "auto: fit first: finished before the stop, kept" in resumed.stderr
+    assert (out / "fits" / "first" / "summary.json").read_bytes() == fitted  # not fitted again
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["status"] == "completed" and summary["auto"]["used"] == ["first"]
+    assert "latent_fairness" in resumed.stdout
+
+
+def test_a_killed_pipeline_resumes_only_as_it_was(tmp_path: Path):
+    out = _killed_after_its_first_fit(tmp_path)
+    changed = vibench("run", "--resume", str(out), "--steps", "50", timeout=120)
+    one_line_exit_2(changed, "automatic pipeline", "cannot change")
 
 
 # In a child: one warm vectorised iwae step of 2000 particles over 2000 Normal means, its peak
@@ -195,3 +218,13 @@ def test_the_memory_guard_does_not_underestimate_a_vectorised_step(tmp_path: Pat
                            capture_output=True, text=True, timeout=300)
     assert child.returncode == 0, child.stderr
     assert child.stdout.startswith("refused: loss.num_particles"), child.stdout
+
+
+def test_a_fit_the_kill_left_unfinished_is_fitted_again(tmp_path: Path):
+    out = _killed_after_its_first_fit(tmp_path)
+    (out / "fits" / "first" / "summary.json").unlink()  # as if killed before its summary
+    resumed = vibench("run", "--resume", str(out), timeout=300)
+    assert resumed.returncode == 0, resumed.stderr
+    assert "kept" not in resumed.stderr
+    assert json.loads((out / "fits" / "first" / "summary.json").read_text())["status"] \
+        == "completed"
