@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -114,9 +115,9 @@ class FitThenWait:
 """
 
 
-def _killed_after_its_first_fit(tmp_path: Path) -> Path:
-    """An automatic pipeline's run directory, the run killed (SIGKILL) once its first fit
-    has finished and before its next stage."""
+def _killed_after_its_first_fit(tmp_path: Path, stop: int = signal.SIGKILL) -> Path:
+    """An automatic pipeline's run directory, the run sent ``stop`` once its first fit has
+    finished and before its next stage (its stderr in ``tmp_path / "stderr"``)."""
     (tmp_path / "slow.py").write_text(FIT_THEN_WAIT)
     recipe = tmp_path / "auto.yaml"
     recipe.write_text(yaml.safe_dump({
@@ -126,12 +127,15 @@ def _killed_after_its_first_fit(tmp_path: Path) -> Path:
     out, ready = tmp_path / "run", tmp_path / "ready"
     child = subprocess.Popen([sys.executable, "-m", "workbench", "run", str(recipe), "--out",
                               str(out)], env={**os.environ, "VIBENCH_TEST_READY": str(ready)},
-                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                             stdout=subprocess.DEVNULL,
+                             stderr=(tmp_path / "stderr").open("w"))
     try:
         deadline = time.monotonic() + 240
         while not ready.exists() and child.poll() is None and time.monotonic() < deadline:
             time.sleep(0.1)
         assert ready.exists(), "the pipeline never finished its first fit"
+        child.send_signal(stop)
+        assert child.wait(timeout=120) == (-stop if stop == signal.SIGKILL else 128 + stop)
     finally:
         child.kill()
         child.wait()
@@ -149,6 +153,13 @@ def test_a_killed_pipeline_resumes_keeping_the_fits_it_finished(tmp_path: Path):
     summary = json.loads((out / "summary.json").read_text())
     assert summary["status"] == "completed" and summary["auto"]["used"] == ["first"]
     assert "latent_fairness" in resumed.stdout
+
+
+def test_a_stopped_pipeline_says_to_go_on_with_the_pipeline_not_a_fit(tmp_path: Path):
+    out = _killed_after_its_first_fit(tmp_path, signal.SIGTERM)
+    said = (tmp_path / "stderr").read_text().strip().splitlines()[-1]
+    assert said.startswith("interrupted") and said.endswith(
+        f"go on with: vibench run --resume {out} (the fits that finished are kept)"), said
 
 
 def test_a_killed_pipeline_resumes_only_as_it_was(tmp_path: Path):

@@ -503,6 +503,13 @@ class AutoJob:
             files.write_atomic(self.path / "recipe.yaml",
                                recipe_text(self.pipeline.recipe, []).encode())
             return execute(self.pipeline)
+        except (Interrupted, KeyboardInterrupt) as exc:  # a fit's advice goes on with it alone
+            from workbench import signals
+
+            signum = (exc.exit_code - 128 if isinstance(exc, Interrupted) else
+                      getattr(exc, "signum", None) or signals.first() or 2)
+            raise Interrupted(f"interrupted; go on with: vibench run --resume {self.path} "
+                              "(the fits that finished are kept)", signum) from None
         finally:
             self.run_dir.release()
 
