@@ -24,7 +24,7 @@ from typing import Any
 
 from workbench.config import recipe as recipes
 from workbench.config.kinds import COMPONENTS
-from workbench.errors import RunError, UsageError, one_line
+from workbench.errors import RunError, UsageError, VibenchError, one_line
 from workbench.plugins.registry import Registry
 from workbench.progress import TerminalBar
 from workbench.rundir import files
@@ -267,6 +267,8 @@ def resume(run_dir: Path, sets: Sequence[str], registry: Registry,
                              "--steps and --set optimizer.* (or train.skip_bad_steps) can")
     held = reopen(run_dir, where) if world.leader else RunDir(run_dir, -1)
     try:
+        if _is_stopped_pipeline(run_dir):
+            return _resume_pipeline(run_dir, sets, registry, held, where)
         saved = checkpoint.load(run_dir, where)
         threads = threads or saved.get("threads")  # the run's own, unless given again
         set_threads(threads)
@@ -294,6 +296,38 @@ def resume(run_dir: Path, sets: Sequence[str], registry: Registry,
     except BaseException:
         held.release()
         raise
+
+
+def _is_stopped_pipeline(run_dir: Path) -> bool:
+    """Whether ``run_dir`` is an automatic pipeline's (its fits in ``fits/``, or its
+    recipe.yaml naming guide auto), which has no checkpoint of its own."""
+    if (run_dir / CHECKPOINT).is_file():
+        return False
+    if is_pipeline_dir(run_dir):
+        return True
+    if (run_dir / RECIPE).is_file():
+        with contextlib.suppress(VibenchError):  # a damaged recipe: the checkpoint's error
+            guide = recipes.load(run_dir / RECIPE).get("guide")
+            return isinstance(guide, dict) and guide.get("name") == recipes.AUTO
+    return False
+
+
+def _resume_pipeline(run_dir: Path, sets: Sequence[str], registry: Registry, held: RunDir,
+                     where: str) -> Any:
+    """A stopped automatic pipeline, set up to run its stages again from its recipe.yaml,
+    keeping each fit that finished before the stop (``Pipeline.fit``)."""
+    from workbench.auto import pipeline
+
+    if sets:
+        raise UsageError(f"{where}: an automatic pipeline goes on with its own recipe; "
+                         "--steps and --set cannot change it")
+    source = run_dir / RECIPE
+    resolved = recipes.resolve(recipes.load(source), registry, str(source), set(),
+                               code=_announce_code(where))
+    if "auto" not in resolved:
+        raise UsageError(f"{where}: {source} no longer names the automatic pipeline "
+                         "(guide: auto); start a new run for that")
+    return pipeline.start(resolved, registry, held, resumed=True)
 
 
 def load(run_dir: Path, registry: Registry, trust_code: bool = False,

@@ -12,6 +12,8 @@ a run's.
 
 from __future__ import annotations
 
+import json
+import shutil
 import sys
 import time
 import warnings
@@ -114,6 +116,7 @@ class Pipeline:
     rhat: dict | None = None
     flags: list[str] = field(default_factory=list)
     last_run: Any = None
+    resumed: bool = False  # going on after a stop (--resume): a fit finished before is kept
     _dimension: int | None = None
     _noted: set[str] = field(default_factory=set)  # the fits' notes said so far
 
@@ -148,6 +151,10 @@ class Pipeline:
                "train": {**self.recipe["train"], "compile": False, **train}}
         path = self.run_dir / answer.FITS / label
         resolved = recipes.resolve(sub, self.registry, str(self.run_dir / layout.RECIPE))
+        kept = self._finished(label, path, resolved) if self.resumed else None
+        if kept is not None:
+            self.fits.append(kept)
+            return kept
         held = claim(resolved["name"], path)
         try:
             searching = stepsize.wanted(resolved)
@@ -192,6 +199,26 @@ class Pipeline:
         self.fits.append(found)
         return found
 
+    def _finished(self, label: str, path: Path, resolved: dict) -> Fit | None:
+        """The fit ``label`` as it finished before the pipeline was stopped, if it did, with
+        this recipe; else None, its unfinished folder removed, to fit it again."""
+        from workbench.device import run_context
+        from workbench.report.gaussians import fitted_gaussian
+
+        summary = _completed(path, resolved)
+        if summary is None:
+            if path.is_dir() and not path.is_symlink() and not path.parent.is_symlink():
+                shutil.rmtree(path)  # a link is never followed: claiming it is refused
+            return None
+        self.say(f"auto: fit {label}: finished before the stop, kept")
+        if not summary.get("posterior"):
+            reason = (summary.get("diagnostics") or {}).get("reason", "no posterior")
+            return Fit(label, path, None, error=f"no estimates: {reason}")
+        run = self.last_run = self.load(path)
+        with run_context(run.device, run.dtype):
+            gaussian = fitted_gaussian(run.guide, diagonal=True)
+        return Fit(label, path, summary, gaussian, run.recipe["optimizer"].get("lr"))
+
     def load(self, path: Path) -> Any:
         """A fit of this pipeline rebuilt from its run directory's checkpoint, for drawing
         (``service.load`` does the same for a run read back later, with its checks of code
@@ -214,6 +241,28 @@ class Pipeline:
     def best(fits: list[Fit]) -> Fit:
         """The fit with the highest ELBO (the same draws' estimate as its k-hat's)."""
         return max(fits, key=lambda fit: fit.elbo)
+
+
+def _completed(path: Path, resolved: dict) -> dict | None:
+    """The summary of a fit that completed in ``path`` with the recipe ``resolved`` (its
+    step size aside, which a search may have chosen), or None."""
+    from workbench.rundir import summary as schema
+    from workbench.rundir.jsonsafe import plain
+
+    if not (path / layout.SUMMARY).is_file() or not (path / layout.CHECKPOINT).is_file():
+        return None
+    try:
+        summary = json.loads(files.read_bounded(path / layout.SUMMARY))
+    except (OSError, ValueError, RecursionError):
+        return None
+    if schema.check(summary) or summary.get("status") != "completed":
+        return None
+
+    def settled(recipe: dict) -> dict:
+        return {**recipe, "optimizer": {k: v for k, v in recipe["optimizer"].items()
+                                        if k != "lr"}}
+
+    return summary if plain(settled(summary["recipe"])) == plain(settled(resolved)) else None
 
 
 def latent_dimension(recipe: dict, registry: Registry) -> int:
@@ -454,15 +503,23 @@ class AutoJob:
             files.write_atomic(self.path / "recipe.yaml",
                                recipe_text(self.pipeline.recipe, []).encode())
             return execute(self.pipeline)
+        except (Interrupted, KeyboardInterrupt) as exc:  # a fit's advice goes on with it alone
+            from workbench import signals
+
+            signum = (exc.exit_code - 128 if isinstance(exc, Interrupted) else
+                      getattr(exc, "signum", None) or signals.first() or 2)
+            raise Interrupted(f"interrupted; go on with: vibench run --resume {self.path} "
+                              "(the fits that finished are kept)", signum) from None
         finally:
             self.run_dir.release()
 
 
-def start(recipe: dict, registry: Registry, held: Any) -> AutoJob:
+def start(recipe: dict, registry: Registry, held: Any, resumed: bool = False) -> AutoJob:
     """An automatic pipeline for a checked recipe, its run directory claimed (``held``); a
-    stage that cannot be built raises (the caller lets the directory go)."""
+    stage that cannot be built raises (the caller lets the directory go). ``resumed``: it
+    goes on after a stop, keeping the fits that finished before it."""
     from workbench.plugins.build import build
 
     for section in recipe["auto"]["stages"]:
         build(registry, "stage", section)
-    return AutoJob(Pipeline(recipe, registry, held.path), held)
+    return AutoJob(Pipeline(recipe, registry, held.path, resumed=resumed), held)

@@ -43,6 +43,10 @@ from workbench.config.options import Option, read_options
 from workbench.errors import Interrupted, UsageError, did_you_mean
 
 PLUGIN_TIMEOUT = 30.0  # seconds a plugin may take to import, or to run one registration hook
+# Unless VIBENCH_PLUGIN_TIMEOUT is set, a plugin that has used next to no CPU (IDLE_SHARE of
+# the time) for IDLE_S seconds is waiting on something, not working, and is left behind then.
+IDLE_S = 3.0
+IDLE_SHARE = 0.05
 
 
 @dataclass(frozen=True)
@@ -310,9 +314,9 @@ def make_plugin_manager(loader: _Loader | None = None
             outcome = loader.call(ep.name, f"importing {ep.value}", ep.load)
             if outcome.timed_out:
                 problems.append(PluginProblem(ep.name, where, (
-                    f"did not finish importing within {loader.limit:g} s, so vibench goes on "
-                    f"without it; set VIBENCH_PLUGIN_TIMEOUT to wait longer, or "
-                    f"VIBENCH_DISABLE_PLUGINS={ep.name} to skip it")))
+                    f"did not finish importing {loader.overran_by(outcome)}, so vibench goes "
+                    f"on without it; set VIBENCH_DISABLE_PLUGINS={ep.name} to skip it, or "
+                    f"VIBENCH_PLUGIN_TIMEOUT to wait longer")))
                 continue
             if outcome.error is not None:
                 problems.append(PluginProblem(ep.name, where, _describe(outcome.error)))
@@ -362,8 +366,9 @@ def _call_hook(loader: _Loader, registry: Registry, kind: str, impl: pluggy.Hook
                           lambda: impl.function(**{arg: given[arg] for arg in impl.argnames}))
     if outcome.timed_out:
         registry.problems.append(PluginProblem(plugin, hook_name, (
-            f"did not return within {loader.limit:g} s, so vibench goes on without this "
-            f"hook and the plugin's later ones; set VIBENCH_PLUGIN_TIMEOUT to wait longer")))
+            f"did not return {loader.overran_by(outcome)}, so vibench goes on without this "
+            f"hook and the plugin's later ones; set VIBENCH_DISABLE_PLUGINS={plugin} to skip "
+            f"the plugin, or VIBENCH_PLUGIN_TIMEOUT to wait longer")))
         return False
     for name, factory in added:
         registry.add(kind, name, factory, plugin)
@@ -409,6 +414,7 @@ class _Outcome:
     value: Any = None
     error: BaseException | None = None
     timed_out: bool = False
+    idle: bool = False  # left behind for using no CPU, not for the time limit
 
 
 class _Loader:
@@ -417,6 +423,7 @@ class _Loader:
 
     def __init__(self) -> None:
         self.limit = plugin_timeout()
+        self.idle_s = None if os.environ.get("VIBENCH_PLUGIN_TIMEOUT", "").strip() else IDLE_S
         self.tracing = bool(os.environ.get("VIBENCH_TRACE_PLUGINS"))
         self.stdout = _RoutedStdout(sys.stdout)
         self.overran: list[threading.Thread] = []
@@ -458,7 +465,7 @@ class _Loader:
         self.trace(f"plugin {plugin!r}: {what} ...")
         started = time.perf_counter()
         thread = self._start(plugin, function, outcome, printed)
-        outcome.timed_out = not self._wait(thread, f"plugin {plugin!r} ({what})")
+        outcome.timed_out = not self._wait(thread, f"plugin {plugin!r} ({what})", outcome)
         self.trace(f"plugin {plugin!r}: {what}: {_result(outcome, self.limit)} "
                    f"({time.perf_counter() - started:.3f} s)")
         if printed.getvalue():
@@ -484,11 +491,19 @@ class _Loader:
         thread.start()
         return thread
 
-    def _wait(self, thread: threading.Thread, doing: str) -> bool:
-        """Wait out the time limit for a plugin's thread; False, its later output dropped, if
-        it is still running. Ctrl-C here is the user's: a plugin's own is raised in its thread."""
+    def overran_by(self, outcome: _Outcome) -> str:
+        """How a call into a plugin ended, in words: why it was left behind, if it was."""
+        if outcome.idle:
+            return (f"and used no CPU for {self.idle_s:g} s (it waits on something: a "
+                    "network, a lock, a sleep)")
+        return f"within {self.limit:g} s"
+
+    def _wait(self, thread: threading.Thread, doing: str, outcome: _Outcome) -> bool:
+        """Wait out the time limit for a plugin's thread, or less if it sits idle; False, its
+        later output dropped, if it is still running. Ctrl-C here is the user's: a plugin's
+        own is raised in its thread."""
         try:
-            thread.join(self.limit)
+            outcome.idle = _join(thread, self.limit, self.idle_s)
         except KeyboardInterrupt as exc:
             raise LoadInterrupted(f"interrupted while loading {doing}",
                                   getattr(exc, "signum", signal.SIGINT)) from None
@@ -557,8 +572,40 @@ def plugin_timeout() -> float:
     return PLUGIN_TIMEOUT
 
 
+def _join(thread: threading.Thread, limit: float, idle_s: float | None) -> bool:
+    """Wait for ``thread`` at most ``limit`` seconds, or until it has used less than
+    IDLE_SHARE of the last ``idle_s`` seconds in CPU time (it blocks); True if cut short so."""
+    clock = _cpu_clock(thread)
+    if idle_s is None or clock is None:
+        thread.join(limit)
+        return False
+    started = time.monotonic()
+    marks = [(started, time.clock_gettime(clock))]  # (wall, the thread's CPU) every slice
+    while thread.is_alive() and marks[-1][0] - started < limit:
+        thread.join(min(0.25, limit - (marks[-1][0] - started)))
+        try:
+            now = (time.monotonic(), time.clock_gettime(clock))
+        except OSError:  # the thread ended between the join and the reading
+            return False
+        marks.append(now)
+        before = [m for m in marks if m[0] <= now[0] - idle_s]
+        if thread.is_alive() and before and now[1] - before[-1][1] < IDLE_SHARE * idle_s:
+            return True
+    return False
+
+
+def _cpu_clock(thread: threading.Thread) -> int | None:
+    """The clock of a thread's CPU time, where the platform has one."""
+    try:
+        return time.pthread_getcpuclockid(thread.ident)  # type: ignore[arg-type]
+    except (AttributeError, OSError, TypeError):
+        return None
+
+
 def _result(outcome: _Outcome, limit: float) -> str:
     """How a call into a plugin ended, for the trace."""
+    if outcome.idle:
+        return "idle (no CPU used), left behind"
     if outcome.timed_out:
         return f"still running after {limit:g} s, left behind"
     if outcome.error is not None:

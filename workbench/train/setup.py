@@ -182,6 +182,13 @@ def fit_particles(loss: Any, way: broadcast.Verdict, names: dict[str, str]) -> l
     return [way.line(names["model"]), cost]
 
 
+# The bytes a vectorised step holds at its peak, in copies of the model trace's numbers per
+# particle: values, densities, gradients, the guide's copy of each, autograd's saved
+# intermediates, and (iwae, renyi_elbo) the per-particle weights: the highest peak resident
+# memory of real steps (benchmarks/README.md), 10 copies, and a fifth more for the allocator.
+STEP_COPIES = 12
+
+
 def check_step_memory(trace: poutine.Trace, loss: Any, device: torch.device) -> None:
     """Refuse a loss whose vectorised particles would need more memory in one step than the
     device has: a huge ``num_particles`` is a typo, not a run."""
@@ -190,9 +197,7 @@ def check_step_memory(trace: poutine.Trace, loss: Any, device: torch.device) -> 
         return
     numbers = sum(site["value"].numel() for site in trace.nodes.values()
                   if site["type"] in ("sample", "param") and torch.is_tensor(site["value"]))
-    # values, densities, gradients and the guide's copy of each, and autograd's saved
-    # intermediates: six copies
-    need = 6 * numbers * particles * torch.get_default_dtype().itemsize
+    need = STEP_COPIES * numbers * particles * torch.get_default_dtype().itemsize
     have = available_memory(device)
     if have is not None and need > have:
         raise UsageError(f"loss.num_particles: {particles} particles need about "
