@@ -56,7 +56,7 @@ def test_no_room_to_write_says_so_and_leaves_no_temporary_file(tmp_path: Path):
     failed = subprocess.run(
         [sys.executable, "-m", "workbench", "run", str(COIN), "--out", str(run),
          "--steps", "8000", "--set", "train.plots=false", "--set", "loggers=[]",
-         "--set", "train.checkpoint_every=100"],
+         "--set", "train.checkpoint_every=1000"],
         cwd=REPO, capture_output=True, text=True, timeout=300, preexec_fn=_limit_file_size)
     assert failed.returncode == 1, failed.stderr
     assert "Traceback" not in failed.stderr
