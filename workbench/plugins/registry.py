@@ -576,17 +576,19 @@ def _join(thread: threading.Thread, limit: float, idle_s: float | None) -> bool:
     """Wait for ``thread`` at most ``limit`` seconds, or until it has used less than
     IDLE_SHARE of the last ``idle_s`` seconds in CPU time (it blocks); True if cut short so."""
     clock = _cpu_clock(thread)
-    if idle_s is None or clock is None:
+    started = time.monotonic()
+    first = _cpu_seconds(clock)
+    if idle_s is None or first is None:
         thread.join(limit)
         return False
-    started = time.monotonic()
-    marks = [(started, time.clock_gettime(clock))]  # (wall, the thread's CPU) every slice
+    marks = [(started, first)]  # (wall, the thread's CPU) every slice
     while thread.is_alive() and marks[-1][0] - started < limit:
         thread.join(min(0.25, limit - (marks[-1][0] - started)))
-        try:
-            now = (time.monotonic(), time.clock_gettime(clock))
-        except OSError:  # the thread ended between the join and the reading
+        used = _cpu_seconds(clock)
+        if used is None:  # the thread ended between the join and the reading
+            thread.join(max(0.0, limit - (time.monotonic() - started)))
             return False
+        now = (time.monotonic(), used)
         marks.append(now)
         before = [m for m in marks if m[0] <= now[0] - idle_s]
         if thread.is_alive() and before and now[1] - before[-1][1] < IDLE_SHARE * idle_s:
@@ -599,6 +601,17 @@ def _cpu_clock(thread: threading.Thread) -> int | None:
     try:
         return time.pthread_getcpuclockid(thread.ident)  # type: ignore[arg-type]
     except (AttributeError, OSError, TypeError):
+        return None
+
+
+def _cpu_seconds(clock: int | None) -> float | None:
+    """A thread's CPU seconds so far; None where there is no clock or the thread has ended
+    (its clock is then invalid: EINVAL)."""
+    if clock is None:
+        return None
+    try:
+        return time.clock_gettime(clock)
+    except OSError:
         return None
 
 
