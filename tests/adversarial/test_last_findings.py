@@ -155,6 +155,21 @@ def test_a_killed_pipeline_resumes_keeping_the_fits_it_finished(tmp_path: Path):
     assert "latent_fairness" in resumed.stdout
 
 
+def test_a_pipeline_resumed_with_its_default_stages_keeps_its_fits_and_its_answer(
+        tmp_path: Path):
+    """The default gaussian stage draws its later fits around the first fit's start: a kept
+    first fit must give that start again (it once failed: 'list index out of range')."""
+    out = tmp_path / "run"
+    first = vibench("run", str(COIN), "--set", "guide=auto", "--set", "train.plots=false",
+                    "--out", str(out), timeout=300)
+    assert first.returncode == 0, first.stderr
+    answer = json.loads((out / "summary.json").read_text())["posterior"]
+    resumed = vibench("run", "--resume", str(out), timeout=300)
+    assert resumed.returncode == 0, resumed.stderr
+    assert "auto: fit gaussian-1: finished before the stop, kept" in resumed.stderr
+    assert json.loads((out / "summary.json").read_text())["posterior"] == answer
+
+
 def test_a_stopped_pipeline_says_to_go_on_with_the_pipeline_not_a_fit(tmp_path: Path):
     out = _killed_after_its_first_fit(tmp_path, signal.SIGTERM)
     said = (tmp_path / "stderr").read_text().strip().splitlines()[-1]

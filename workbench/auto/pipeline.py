@@ -151,7 +151,7 @@ class Pipeline:
                "train": {**self.recipe["train"], "compile": False, **train}}
         path = self.run_dir / answer.FITS / label
         resolved = recipes.resolve(sub, self.registry, str(self.run_dir / layout.RECIPE))
-        kept = self._finished(label, path, resolved) if self.resumed else None
+        kept = self._finished(label, path, resolved, start) if self.resumed else None
         if kept is not None:
             self.fits.append(kept)
             return kept
@@ -199,9 +199,12 @@ class Pipeline:
         self.fits.append(found)
         return found
 
-    def _finished(self, label: str, path: Path, resolved: dict) -> Fit | None:
+    def _finished(self, label: str, path: Path, resolved: dict,
+                  start: Callable | None = None) -> Fit | None:
         """The fit ``label`` as it finished before the pipeline was stopped, if it did, with
-        this recipe; else None, its unfinished folder removed, to fit it again."""
+        this recipe; else None, its unfinished folder removed, to fit it again. ``start`` is
+        run again on a fresh set-up of the fit, so that what it records for the later fits
+        (the first fit's start, which theirs are drawn around) is there as it was."""
         from workbench.device import run_context
         from workbench.report.gaussians import fitted_gaussian
 
@@ -211,6 +214,14 @@ class Pipeline:
                 shutil.rmtree(path)  # a link is never followed: claiming it is refused
             return None
         self.say(f"auto: fit {label}: finished before the stop, kept")
+        if start is not None:
+            from workbench.train import stepsize
+            from workbench.train.runner import Run
+
+            fresh = Run.setup(stepsize.placeholder(resolved) if stepsize.wanted(resolved)
+                              else resolved, self.registry, compile=False)
+            with run_context(fresh.device, fresh.dtype):
+                start(fresh.guide, fresh.data)
         if not summary.get("posterior"):
             reason = (summary.get("diagnostics") or {}).get("reason", "no posterior")
             return Fit(label, path, None, error=f"no estimates: {reason}")
