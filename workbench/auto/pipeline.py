@@ -138,7 +138,6 @@ class Pipeline:
         from workbench.report.gaussians import fitted_gaussian
         from workbench.rundir.claim import claim
         from workbench.train import stepsize
-        from workbench.train.runner import Run
 
         self.say(f"auto: fit {label}: {guide['name']}, {loss['name']} ...")
         base = {key: self.recipe[key] for key in ("seed", "device", "dtype", "data", "model",
@@ -158,11 +157,7 @@ class Pipeline:
         held = claim(resolved["name"], path)
         try:
             searching = stepsize.wanted(resolved)
-            run = Run.setup(stepsize.placeholder(resolved) if searching else resolved,
-                            self.registry, compile=not searching)
-            if start is not None:  # before the step-size search: it tries from the start
-                with run_context(run.device, run.dtype):
-                    start(run.guide, run.data)
+            run = self._set_up(resolved, start, compile=not searching)
             if searching:
                 stepsize.adapt(run)
         except VibenchError as exc:  # the recipe was checked: this fit, not the recipe, failed
@@ -199,6 +194,20 @@ class Pipeline:
         self.fits.append(found)
         return found
 
+    def _set_up(self, resolved: dict, start: Callable | None, compile: bool) -> Any:
+        """A fit set up (with a placeholder step size where one is to be searched) and put at
+        its ``start``, before any step-size search: the search tries from the start."""
+        from workbench.device import run_context
+        from workbench.train import stepsize
+        from workbench.train.runner import Run
+
+        run = Run.setup(stepsize.placeholder(resolved) if stepsize.wanted(resolved)
+                        else resolved, self.registry, compile=compile)
+        if start is not None:
+            with run_context(run.device, run.dtype):
+                start(run.guide, run.data)
+        return run
+
     def _finished(self, label: str, path: Path, resolved: dict,
                   start: Callable | None = None) -> Fit | None:
         """The fit ``label`` as it finished before the pipeline was stopped, if it did, with
@@ -215,13 +224,7 @@ class Pipeline:
             return None
         self.say(f"auto: fit {label}: finished before the stop, kept")
         if start is not None:
-            from workbench.train import stepsize
-            from workbench.train.runner import Run
-
-            fresh = Run.setup(stepsize.placeholder(resolved) if stepsize.wanted(resolved)
-                              else resolved, self.registry, compile=False)
-            with run_context(fresh.device, fresh.dtype):
-                start(fresh.guide, fresh.data)
+            self._set_up(resolved, start, compile=False)
         if not summary.get("posterior"):
             reason = (summary.get("diagnostics") or {}).get("reason", "no posterior")
             return Fit(label, path, None, error=f"no estimates: {reason}")
