@@ -4,8 +4,10 @@ as ``vibench run`` does, and waits on a run's own files in place of sleeps."""
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import functools
+import io
 import math
 import os
 import subprocess
@@ -37,9 +39,13 @@ GPU_DEVICES = None if os.environ.get("VIBENCH_TEST_GPUS", "<unset>") == "<unset>
 
 
 def vibench(*args: str, cwd: Path = REPO, env: dict | None = None, timeout: float = 300,
-            gpu: bool = False) -> subprocess.CompletedProcess:
-    """Run ``vibench ARGS`` as a user would, in a child process, capturing its output; with
-    ``gpu``, the child sees the machine's GPUs."""
+            gpu: bool = False, child: bool = False) -> subprocess.CompletedProcess:
+    """Run ``vibench ARGS`` as a user would, capturing its output and exit code: in this
+    process through the command line's own entry (``cli.invoke``), or in a child process
+    where the process is what is tested (``child``: its exit, signals or imports), where an
+    environment is given (read at import) or where it must see the machine's GPUs."""
+    if not (child or env or gpu):
+        return _in_process(args, cwd)
     full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
     full_env.pop("VIBENCH_DEBUG", None)
     if gpu:
@@ -50,6 +56,24 @@ def vibench(*args: str, cwd: Path = REPO, env: dict | None = None, timeout: floa
         [sys.executable, "-m", "workbench", *args],
         cwd=cwd, env=full_env, capture_output=True, text=True, timeout=timeout,
     )
+
+
+def _in_process(args: tuple[str, ...], cwd: Path) -> subprocess.CompletedProcess:
+    """``vibench ARGS`` run by ``cli.invoke`` in this process, from ``cwd``, with what it
+    printed: the same command line and errors as the child's, without importing torch again."""
+    from workbench import cli
+    from workbench.plugins import registry
+
+    stdout, stderr, here = io.StringIO(), io.StringIO(), Path.cwd()
+    os.chdir(cwd)
+    try:
+        with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
+            code = cli.invoke(list(args))
+    finally:
+        os.chdir(here)
+        registry._FILES.clear()  # a test may rewrite a model file between two commands
+    return subprocess.CompletedProcess(["vibench", *args], code, stdout.getvalue(),
+                                       stderr.getvalue())
 
 
 def start(recipe: Path, out: Path, *args: str) -> subprocess.Popen:

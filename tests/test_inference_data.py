@@ -36,7 +36,7 @@ def runs(tmp_path_factory) -> dict[str, tuple[Path, subprocess.CompletedProcess]
     recipes = {"coin": COIN, "schools": SCHOOLS}
     with ThreadPoolExecutor(2) as pool:
         done = {name: pool.submit(vibench, "run", str(recipe), "--steps", "300",
-                                  "--out", str(base / name))
+                                  "--out", str(base / name), child=True)  # side by side
                 for name, recipe in recipes.items()}
         results = {name: (base / name, future.result()) for name, future in done.items()}
     for _, result in results.values():

@@ -525,15 +525,17 @@ def main(argv: list[str] | None = None) -> None:
     try:
         _OWNS_PROCESS = True
         signals.install()
-        code = _command(argv)
+        code = invoke(argv)
         signals.finishing()
     except KeyboardInterrupt as exc:  # a stop signal while an error was being reported
         signals.stop_now(_signum(exc))
     _exit(code)
 
 
-def _command(argv: list[str] | None) -> int:
-    """Run the app; its exit code, each error of ours told in one line."""
+def invoke(argv: list[str] | None) -> int:
+    """Run the command line inside this process (``main`` does, and so can a notebook or a
+    test) and return its exit code, each error of ours told in one line; unlike ``main`` it
+    neither takes over the stop signals nor exits."""
     try:
         code = app(args=argv, prog_name="vibench", standalone_mode=False)
         if code == 128 + signal.SIGINT and signals.first() is not None:
