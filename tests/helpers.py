@@ -61,16 +61,20 @@ def vibench(*args: str, cwd: Path = REPO, env: dict | None = None, timeout: floa
 def _in_process(args: tuple[str, ...], cwd: Path) -> subprocess.CompletedProcess:
     """``vibench ARGS`` run by ``cli.invoke`` in this process, from ``cwd``, with what it
     printed: the same command line and errors as the child's, without importing torch again."""
+    import torch
+
     from workbench import cli
     from workbench.plugins import registry
 
     stdout, stderr, here = io.StringIO(), io.StringIO(), Path.cwd()
+    threads = torch.get_num_threads()
     os.chdir(cwd)
     try:
         with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
             code = cli.invoke(list(args))
     finally:
         os.chdir(here)
+        torch.set_num_threads(threads)  # as --threads leaves it, for the tests that follow
         registry._FILES.clear()  # a test may rewrite a model file between two commands
     return subprocess.CompletedProcess(["vibench", *args], code, stdout.getvalue(),
                                        stderr.getvalue())

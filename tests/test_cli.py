@@ -242,6 +242,25 @@ def test_threads_sets_torch_s_thread_count(tmp_path: Path):
     assert bad.returncode == 2 and "--threads" in bad.stderr
 
 
+def test_a_run_without_threads_takes_omp_num_threads_again_after_one_with_them(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    """In one process (a notebook, say), ``threads=2`` does not outlive its run: the next run
+    without it has the count OMP_NUM_THREADS says."""
+    import torch
+
+    from workbench import fit
+
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    before = torch.get_num_threads()
+    try:
+        fit(COIN, steps=2, threads=2, out=tmp_path / "a", progress=False)
+        assert torch.get_num_threads() == 2
+        assert fit(COIN, steps=2, out=tmp_path / "b", progress=False).summary["threads"] == 1
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)
+
+
 def test_list_help_names_every_kind():
     from workbench.config.kinds import KINDS
 

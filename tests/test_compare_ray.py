@@ -12,8 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import (LONG, REPO, alive, read_csv, runs_of, wait_training,
-                           wait_until)
+from tests.helpers import LONG, REPO, alive, read_csv, runs_of, wait_training, wait_until
 from workbench.compare.grid import compare as run_compare
 from workbench.errors import UsageError
 

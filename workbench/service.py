@@ -75,7 +75,10 @@ def set_threads(count: int | None) -> None:
     small model, whose tensors are too small to share out, runs several times faster on one
     thread than on every core of a busy machine (benchmarks/threads.py)."""
     if count is None and os.environ.get("OMP_NUM_THREADS"):
-        return
+        said = os.environ["OMP_NUM_THREADS"].strip()
+        if not said.isdigit() or int(said) < 1:
+            return  # torch read it at import, and made of it what it could
+        count = int(said)  # again: an earlier run in this process may have set another count
     import torch
 
     torch.set_num_threads(count or DEFAULT_THREADS)
