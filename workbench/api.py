@@ -26,6 +26,7 @@ from workbench.auto.answer import keeping_random, seeded
 from workbench.config.recipe import SECTIONS
 from workbench.errors import UsageError, did_you_mean
 from workbench.plugins.registry import Registry, get_registry
+from workbench.rundir import summary as schema
 from workbench.rundir.layout import FITS, PLOTS, POSTERIOR
 
 
@@ -98,31 +99,32 @@ def load(run_dir: str | Path, *, trust_code: bool = False, **objects: Any) -> Fi
 
 
 class Fit:
-    """A finished run: ``run_dir``, ``summary`` (its summary.json), ``verdict`` (the k-hat
-    line the terminal prints), ``sample(n)``, ``to_arviz()``, ``plot()``; ``str()`` is the
-    terminal's whole report."""
+    """A finished run: ``run_dir``, ``summary`` (its summary.json as a dict; ``record``, the
+    same read through its schema), ``verdict`` (the k-hat line the terminal prints),
+    ``sample(n)``, ``to_arviz()``, ``plot()``; ``str()`` is the terminal's whole report."""
 
     def __init__(self, run_dir: Path, summary: dict, registry: Registry | None = None,
                  trust_code: bool = False):
         self.run_dir = Path(run_dir)
         self.summary = summary
+        self.record = schema.read(summary)
         self._registry = registry
         self._trust_code = trust_code
 
     @property
     def name(self) -> str | None:
         """The recipe's name."""
-        return (self.summary.get("recipe") or {}).get("name")
+        return self.record.name
 
     @property
     def status(self) -> str:
         """completed, or how the run ended (interrupted, diverged, ...)."""
-        return self.summary.get("status", "completed")
+        return self.record.status
 
     @property
     def pipeline(self) -> bool:
         """Whether the automatic pipeline made the run."""
-        return "auto" in self.summary
+        return isinstance(self.record, schema.PipelineSummary)
 
     @property
     def verdict(self) -> str:
@@ -133,8 +135,7 @@ class Fit:
     @property
     def reading(self) -> str | None:
         """The k-hat's reading alone ("good", ...); None without a k-hat."""
-        diagnostics = self.summary.get("diagnostics") or {}
-        return diagnostics.get("reading") if diagnostics.get("khat") is not None else None
+        return self.record.diagnostics.get("reading") if self.record.khat is not None else None
 
     def report(self) -> list[str]:
         """The lines ``vibench run`` (and ``vibench show``) print for the run."""
@@ -201,7 +202,7 @@ class Fit:
         folders = [self.run_dir / PLOTS]
         if self.pipeline and not any(folders[0].glob("*.png")):
             folders = [self.run_dir / FITS / label / PLOTS
-                       for label in self.summary["auto"]["used"]]
+                       for label in self.record.auto["used"]]
         paths = [path for folder in folders for path in sorted(folder.glob("*.png"))]
         if paths and in_notebook():
             from IPython.display import Image, display

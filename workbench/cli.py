@@ -375,8 +375,8 @@ def show(
         _err("note: a vibench process is writing this run; this is its last summary")
     elif read.status != "completed":
         _err(f"note: this run is {read.status}" + (f": {read.error}" if read.error else ""))
-    elif service.report_missing(summary):
-        _err(f"note: this run is completed (report missing): {service.report_missing(summary)}"
+    elif read.report_missing:
+        _err(f"note: this run is completed (report missing): {read.report_missing}"
              f"; vibench run --resume {run_dir} writes it")
     for line in report_lines(summary):
         print(line)

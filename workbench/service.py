@@ -638,26 +638,11 @@ def data_arguments(factory: Callable) -> list[str] | None:
 
 def _from_summary(data: dict) -> dict:
     summary = schema.read(data)
-    missing = report_missing(data)
+    missing = summary.report_missing
     return {"name": summary.name, "status": summary.status, "steps": summary.steps,
             "final_loss": summary.final_loss, "khat": summary.khat,
             "wall_seconds": summary.wall_seconds,
             **({"report_missing": missing} if missing else {})}
-
-
-def report_missing(summary: dict) -> str:
-    """Why a completed run's summary holds no report ('' where it does): the report failed,
-    or was stopped or killed before it finished (``--resume`` writes it)."""
-    if summary.get("status", "completed") != "completed" or "auto" in summary:
-        return ""  # a pipeline's answer is its fits' report
-    reason = str((summary.get("diagnostics") or {}).get("reason") or "")
-    if reason.startswith("the report failed"):
-        return reason
-    # the summary written before the report has no posterior yet (summaries of the first
-    # layout have no report_seconds, but their posterior)
-    if "report_seconds" not in summary and not summary.get("posterior"):
-        return "its report did not finish (stopped or killed while it was written)"
-    return ""
 
 
 def _from_checkpoint(run_dir: Path) -> dict:

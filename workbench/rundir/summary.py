@@ -151,6 +151,12 @@ class Summary:
         name = self.recipe.get("name")
         return name if isinstance(name, str) else None
 
+    @property
+    def report_missing(self) -> str:
+        """Why a completed summary holds no report ('' where it does, or where the report is
+        its fits')."""
+        return ""
+
 
 @dataclass(kw_only=True)
 class RunSummary(Summary):
@@ -173,6 +179,21 @@ class RunSummary(Summary):
     threads: int | None = _field("torch's CPU threads", _INTEGER, default=None, null=True)
     compiled: bool = _field("whether the steps ran compiled (`train.compile`)",
                             "boolean", default=False)
+
+    @property
+    def report_missing(self) -> str:
+        """Why a completed run's summary holds no report ('' where it does): the report
+        failed, or was stopped or killed before it finished (``--resume`` writes it)."""
+        if self.status != "completed":
+            return ""
+        reason = str(self.diagnostics.get("reason") or "")
+        if reason.startswith("the report failed"):
+            return reason
+        # the summary written before the report has no posterior yet (summaries of the
+        # first layout have no report_seconds, but their posterior)
+        if self.report_seconds is None and not self.posterior:
+            return "its report did not finish (stopped or killed while it was written)"
+        return ""
 
 
 @dataclass(kw_only=True)
