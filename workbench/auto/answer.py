@@ -125,6 +125,13 @@ def answer_draws(run_dir: Path, summary: dict, n: int, load: Loader, seed: int |
     if not whole:
         answer.draws = joined
         return answer
+    _as_groups(answer, joined, meta)
+    return answer
+
+
+def _as_groups(answer: Answer, joined: dict, meta: list[tuple[dict, dict]]) -> None:
+    """Put the joined draws into ``answer.groups`` as posterior.nc's groups, with their attrs
+    (what was left out, which fits were drawn unweighted)."""
     dims, attrs = meta[0]
     groups: dict[str, dict] = {}
     for (group, name), values in joined.items():
@@ -143,7 +150,6 @@ def answer_draws(run_dir: Path, summary: dict, n: int, load: Loader, seed: int |
                     **({"posterior_predictive": attrs["posterior_predictive"]}
                        if "posterior_predictive" in attrs and "posterior_predictive" in groups
                        else {})}
-    return answer
 
 
 def _sites(run: Any, size: int, weigh: bool) -> tuple[dict, Any, tuple]:

@@ -127,29 +127,43 @@ class Pipeline:
             self._dimension = latent_dimension(self.recipe, self.registry)
         return self._dimension
 
-    def fit(self, label: str, guide: dict, loss: dict, optimizer: dict, train: dict,
-            seed_offset: int = 0, start: Callable[[Any, dict], None] | None = None) -> Fit:
-        """One vibench run with these sections in ``fits/<label>``; a run that fails to set up
-        or to train is a Fit with the error (an interruption stops the pipeline, and a recipe
-        the checks refuse is the user's error). ``start(guide, data)`` sets the guide's
-        start after set-up, the model's data at hand."""
+    def _fit_recipe(self, label: str, guide: dict, loss: dict, optimizer: dict, train: dict,
+                    seed_offset: int) -> dict:
+        """The recipe of fit ``label``: the pipeline's model, data and loggers with these
+        sections, checked whole."""
         from workbench.config import recipe as recipes
-        from workbench.device import run_context
-        from workbench.report.gaussians import fitted_gaussian
-        from workbench.rundir.claim import claim
-        from workbench.train import stepsize
 
-        self.say(f"auto: fit {label}: {guide['name']}, {loss['name']} ...")
         base = {key: self.recipe[key] for key in ("seed", "device", "dtype", "data", "model",
                                                   "loggers")}
         sub = {**base, "name": f"{self.recipe['name']}-{label}",
                "seed": self.recipe["seed"] + seed_offset, "guide": guide, "loss": loss,
                "optimizer": optimizer,
                # eager: a fit is a few hundred steps, fewer than compiling a large graph
-               # costs (tens of seconds with a cold cache); the pipeline was measured so
+               # costs (tens of seconds with a cold cache)
                "train": {**self.recipe["train"], "compile": False, **train}}
+        return recipes.resolve(sub, self.registry, str(self.run_dir / layout.RECIPE))
+
+    def _say_notes(self, label: str, notes: list[str]) -> None:
+        """A fit's notes (the Laplace start's fallbacks, say), each once per pipeline."""
+        for note in notes:
+            if note not in self._noted:
+                self._noted.add(note)
+                self.say(f"auto: {label}: note: {note}")
+
+    def fit(self, label: str, guide: dict, loss: dict, optimizer: dict, train: dict,
+            seed_offset: int = 0, start: Callable[[Any, dict], None] | None = None) -> Fit:
+        """One vibench run with these sections in ``fits/<label>``; a run that fails to set up
+        or to train is a Fit with the error (an interruption stops the pipeline, and a recipe
+        the checks refuse is the user's error). ``start(guide, data)`` sets the guide's
+        start after set-up, the model's data at hand."""
+        from workbench.device import run_context
+        from workbench.report.gaussians import fitted_gaussian
+        from workbench.rundir.claim import claim
+        from workbench.train import stepsize
+
+        self.say(f"auto: fit {label}: {guide['name']}, {loss['name']} ...")
         path = self.run_dir / answer.FITS / label
-        resolved = recipes.resolve(sub, self.registry, str(self.run_dir / layout.RECIPE))
+        resolved = self._fit_recipe(label, guide, loss, optimizer, train, seed_offset)
         kept = self._finished(label, path, resolved, start) if self.resumed else None
         if kept is not None:
             self.fits.append(kept)
@@ -169,10 +183,7 @@ class Pipeline:
             held.release()
             raise
         self.last_run = run
-        for note in run.notes:  # the Laplace start's fallbacks, say: once per pipeline
-            if note not in self._noted:
-                self._noted.add(note)
-                self.say(f"auto: {label}: note: {note}")
+        self._say_notes(label, run.notes)
         try:
             summary = run.train(held.path, self.on_step)
         except Interrupted:

@@ -255,6 +255,25 @@ def resolve(
     )
     resolved["data"] = checker.data(recipe.get("data"))
     automatic = _automatic(recipe)
+    resolved.update(_components(recipe, checker, registry, automatic))
+    resolved["train"] = checker.train(recipe.get("train", {}))
+    resolved["loggers"] = checker.component_list(("loggers",),
+                                                 recipe.get("loggers", DEFAULT_LOGGERS))
+    if automatic:
+        resolved["auto"] = checker.auto(recipe.get("auto") or {})
+    elif "auto" in recipe:
+        checker.problem("auto", f"the automatic pipeline's stages; it runs only with no guide "
+                                f"or 'guide: {{name: {AUTO}}}'")
+    if checker.problems:
+        raise RecipeError(source, checker.problems)
+    return resolved
+
+
+def _components(recipe: dict, checker: _Checker, registry: Registry,
+                automatic: bool) -> dict[str, Any]:
+    """The model, guide, loss and optimizer sections, checked; with the automatic pipeline,
+    the guide alone (it picks the loss and optimizer itself)."""
+    resolved: dict[str, Any] = {}
     for (section,), kind in ((p, k) for p, k in COMPONENTS.items() if len(p) == 1):
         if automatic and section in ("guide", "loss", "optimizer"):
             if section == "guide":
@@ -277,16 +296,6 @@ def resolve(
             )
         else:
             resolved[section] = checker.component((section,), recipe[section])
-    resolved["train"] = checker.train(recipe.get("train", {}))
-    resolved["loggers"] = checker.component_list(("loggers",),
-                                                 recipe.get("loggers", DEFAULT_LOGGERS))
-    if automatic:
-        resolved["auto"] = checker.auto(recipe.get("auto") or {})
-    elif "auto" in recipe:
-        checker.problem("auto", f"the automatic pipeline's stages; it runs only with no guide "
-                                f"or 'guide: {{name: {AUTO}}}'")
-    if checker.problems:
-        raise RecipeError(source, checker.problems)
     return resolved
 
 
