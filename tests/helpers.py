@@ -80,6 +80,13 @@ def _in_process(args: tuple[str, ...], cwd: Path) -> subprocess.CompletedProcess
                                        stderr.getvalue())
 
 
+def python(code: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    """``python -c CODE`` in a fresh interpreter from the repository, capturing its output:
+    what importing a module does to a process (the modules it pulls in, say)."""
+    return subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True,
+                          text=True, timeout=120, env=env)
+
+
 def start(recipe: Path, out: Path, *args: str) -> subprocess.Popen:
     """``vibench run RECIPE ARGS --out OUT`` started in a child process, not waited for."""
     return subprocess.Popen([sys.executable, "-m", "workbench", "run", str(recipe), *args,

@@ -5,13 +5,11 @@ from __future__ import annotations
 
 import json
 import math
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-from tests.helpers import COIN, REPO, vibench
+from tests.helpers import COIN, REPO, python, vibench
 from workbench import fit, load
 from workbench.errors import RecipeError, UsageError
 
@@ -223,7 +221,6 @@ def test_from_workbench_import_fit_is_lazy_and_hookimpl_stays_torch_free():
              "print('workbench.api' in sys.modules, 'torch' in sys.modules)\n"
              "from workbench import fit, load\n"
              "print(callable(fit) and callable(load), sorted(workbench.__all__))")
-    done = subprocess.run([sys.executable, "-c", probe], cwd=REPO, capture_output=True,
-                          text=True, timeout=120)
+    done = python(probe)
     assert done.stdout.splitlines() == ["False False", "True ['fit', 'hookimpl', 'load']"], \
         done.stderr

@@ -4,11 +4,9 @@ below), and the modules that only read run directories or recipes import no torc
 from __future__ import annotations
 
 import ast
-import subprocess
-import sys
 from pathlib import Path
 
-from tests.helpers import REPO
+from tests.helpers import REPO, python
 
 # Each room may import only from rooms before it (and itself).
 ORDER = ["errors", "hookspecs", "signals", "progress", "distributed", "seams", "rundir", "data",
@@ -64,6 +62,5 @@ def test_reading_runs_and_recipes_imports_no_torch():
              "import workbench.rundir.claim, workbench.rundir.files, workbench.rundir.jsonsafe\n"
              "import workbench.config.recipe, workbench.service, workbench.cli\n"
              "print('torch' in sys.modules)")
-    done = subprocess.run([sys.executable, "-c", probe], cwd=REPO, capture_output=True,
-                          text=True, timeout=120)
+    done = python(probe)
     assert done.stdout.strip() == "False", done.stderr

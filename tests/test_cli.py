@@ -4,13 +4,11 @@ from __future__ import annotations
 
 import json
 import signal
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-from tests.helpers import COIN, LONG, REPO, start, vibench, wait_training
+from tests.helpers import COIN, LONG, python, start, vibench, wait_training
 
 
 @pytest.mark.parametrize("args, expected", [
@@ -168,8 +166,7 @@ def test_listing_and_help_import_nothing_heavy():
             "             ['show', '--help'], ['export', '--help'], ['--version'], []):\n"
             "    app(args=args, standalone_mode=False)\n"
             f"print(*(name in sys.modules for name in {HEAVY!r}))")
-    result = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True,
-                            text=True, timeout=60)
+    result = python(code)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip().splitlines()[-1] == " ".join(["False"] * len(HEAVY))
 

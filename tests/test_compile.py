@@ -24,6 +24,7 @@ from tests.helpers import (
     REPO,
     defaults,
     flaky_registry,
+    python,
     refused,
     setup,
 )
@@ -371,8 +372,7 @@ def test_the_package_folder_is_inductors_cache_found_without_importing_inductor(
              "print(any(m.startswith(('torch._inductor', 'torch._dynamo')) for m in sys.modules))\n"
              "from torch._inductor.runtime.cache_dir_utils import cache_dir\n"
              "print(str(mine) == cache_dir())")
-    done = subprocess.run([sys.executable, "-c", probe], cwd=REPO, env=env,
-                          capture_output=True, text=True, timeout=120)
+    done = python(probe, env=env)
     assert done.stdout.split() == ["False", "True"], done.stderr
 
 

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import COIN, REPO, vibench
+from tests.helpers import COIN, REPO, python, vibench
 
 QUICK = ("--steps", "30", "--set", "train.plots=false")
 
@@ -74,8 +74,7 @@ def test_runs_of_finished_runs_does_not_import_torch(two_runs):
     code = ("import sys; from workbench.cli import app\n"
             f"app(args=['runs', {str(root)!r}], standalone_mode=False)\n"
             "print('torch' in sys.modules)")
-    result = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True,
-                            text=True, timeout=60)
+    result = python(code)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip().splitlines()[-1] == "False"
 

@@ -3,13 +3,10 @@ the versions installed: checked on torch 2.13.0 (CPU) with Pyro 1.9.2."""
 
 from __future__ import annotations
 
-import subprocess
-import sys
-
 import pyro.optim
 import torch
 
-from tests.helpers import REPO
+from tests.helpers import python
 from workbench.seams import torch_optimizer
 
 
@@ -31,6 +28,5 @@ def test_optimizers_are_made_and_saved_without_importing_dynamo():
              "with no_dynamo_import():\n"
              "    o = torch.optim.Adam([p]); o.load_state_dict(o.state_dict())\n"
              "print('torch._dynamo' in sys.modules)")
-    done = subprocess.run([sys.executable, "-c", probe], cwd=REPO, capture_output=True,
-                          text=True, timeout=120)
+    done = python(probe)
     assert done.stdout.strip() == "False", done.stderr

@@ -5,13 +5,11 @@ from __future__ import annotations
 
 import json
 import math
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-from tests.helpers import COIN, EXACT_MEAN, EXACT_STD, REPO, setup, train, vibench
+from tests.helpers import COIN, EXACT_MEAN, EXACT_STD, python, setup, train, vibench
 from workbench.errors import RunError
 from workbench.train.runner import Run
 
@@ -127,8 +125,7 @@ fresh.set_state(optimizer_state(optim))
 make_optimizers(fresh, [param])
 print("loaded", float(fresh.optim_objs[param].state[param]["step"]))
 """
-    done = subprocess.run([sys.executable, "-c", probe], cwd=REPO, capture_output=True,
-                          text=True, timeout=120)
+    done = python(probe)
     assert done.stdout.splitlines() == ["made ['param_groups', 'state'] False False",
                                         "loaded 1.0"], done.stderr
 

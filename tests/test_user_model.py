@@ -227,6 +227,8 @@ def test_each_failure_is_one_line_and_exit_2(tmp_path: Path, case: str):
     assert not (tmp_path / "run").exists()
 
 
+# A regression on two predictors, written for one draw (``x @ beta``): it does not broadcast
+# over draws, and data with another number of predictors break it at its last line.
 NOT_BROADCASTING = """
     import pyro
     import pyro.distributions as dist
@@ -433,23 +435,10 @@ def FLIPS_TENSOR():
     return torch.tensor(FLIPS, dtype=torch.float32)
 
 
-BROKEN = """
-    import pyro
-    import pyro.distributions as dist
-    import torch
-
-
-    def model(x, y):
-        coefficients = pyro.sample("coefficients", dist.Normal(torch.zeros(2), 1.0).to_event(1))
-        with pyro.plate("data", len(y)):
-            pyro.sample("obs", dist.Normal(x @ coefficients, 0.5), obs=y)
-"""
-
-
 def test_a_model_that_cannot_work_is_named_with_its_line(tmp_path: Path):
     """A model that fails for one draw is a one-line error naming the model and the line of
     its file that failed."""
-    write(tmp_path / "broken.py", BROKEN)
+    write(tmp_path / "broken.py", NOT_BROADCASTING)
     recipe = recipe_file(tmp_path, model={"name": "broken.py:model"},
                          data={"x": [[1.0, 2.0, 3.0] for _ in range(4)],
                                "y": [1.0, 2.0, 3.0, 4.0]})
@@ -457,8 +446,8 @@ def test_a_model_that_cannot_work_is_named_with_its_line(tmp_path: Path):
     assert result.returncode == 2, result.stderr
     (line,) = [said for said in result.stderr.splitlines() if not said.startswith("note: ")]
     assert line.startswith(  # then torch's own words: "size mismatch, got input (4), ..."
-        f"error: model '{tmp_path.resolve() / 'broken.py'}:model': broken.py:9 "
-        "`pyro.sample(\"obs\", dist.Normal(x @ coefficients, 0.5), obs=y)`: "), line
+        f"error: model '{tmp_path.resolve() / 'broken.py'}:model': broken.py:8 "
+        "`pyro.sample(\"y\", dist.Normal(x @ beta, 1.0), obs=y)`: "), line
 
 
 def test_a_loss_that_needs_particles_at_once_names_the_model_and_its_line(tmp_path: Path):
