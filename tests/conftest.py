@@ -23,15 +23,7 @@ os.environ["CUDA_VISIBLE_DEVICES"] = ""
 # suite's time. The eager step is the reference every compiled one is tested against.
 os.environ["VIBENCH_COMPILE"] = "false"
 
-from tests.helpers import (  # noqa: E402,F401  (also importable from here)
-    COIN,
-    GPU_DEVICES,
-    REPO,
-    checkpointed_step,
-    start,
-    vibench,
-    wait_for_checkpoint,
-)
+from tests.helpers import vibench  # noqa: E402
 
 
 @pytest.fixture

@@ -87,6 +87,30 @@ def python(code: str, env: dict | None = None) -> subprocess.CompletedProcess:
                           text=True, timeout=120, env=env)
 
 
+def arviz():
+    """ArviZ, imported without its announcement of 1.0 (a FutureWarning)."""
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        import arviz
+    return arviz
+
+
+def exported_again(run_dir: Path, where: Path) -> tuple:
+    """A copy of ``run_dir`` at ``where`` without its posterior.nc, written again by ``vibench
+    export``: the run's InferenceData and the export's, to compare."""
+    import shutil
+
+    shutil.copytree(run_dir, where)
+    (where / "posterior.nc").unlink()
+    result = vibench("export", str(where))
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == str(where / "posterior.nc")
+    az = arviz()
+    return az.from_netcdf(run_dir / "posterior.nc"), az.from_netcdf(where / "posterior.nc")
+
+
 def start(recipe: Path, out: Path, *args: str) -> subprocess.Popen:
     """``vibench run RECIPE ARGS --out OUT`` started in a child process, not waited for."""
     return subprocess.Popen([sys.executable, "-m", "workbench", "run", str(recipe), *args,

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import vibench
+from tests.helpers import arviz, exported_again, vibench
 from workbench import service
 from workbench.auto import pipeline
 from workbench.config.recipe import DEFAULT_STAGES, resolve
@@ -398,15 +398,6 @@ def test_each_stage_and_fit_says_so_as_it_starts_and_records_its_time(tmp_path: 
 FLIPS = [1, 1, 0, 1, 0, 1, 1]
 
 
-def arviz():
-    import warnings
-
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", FutureWarning)  # ArviZ announces its 1.0 on import
-        import arviz
-
-    return arviz
-
 
 @pytest.fixture(scope="module")
 def answered(tmp_path_factory) -> tuple[dict, Path]:
@@ -451,19 +442,11 @@ def test_a_pipeline_draws_its_answer_s_densities_and_predictive_check(answered):
 
 
 def test_show_export_and_runs_take_a_pipeline_folder_as_a_run(answered, tmp_path: Path):
-    import shutil
-
     import numpy as np
 
     summary, path = answered
     copy = tmp_path / "auto"
-    shutil.copytree(path, copy)
-    (copy / "posterior.nc").unlink()
-    exported = vibench("export", str(copy))
-    assert exported.returncode == 0, exported.stderr
-    assert exported.stdout.strip() == str(copy / "posterior.nc")
-    az = arviz()
-    before, after = az.from_netcdf(path / "posterior.nc"), az.from_netcdf(copy / "posterior.nc")
+    before, after = exported_again(path, copy)
     for group in before.groups():  # the recipe's seed: the draws the pipeline wrote
         for name in before[group].data_vars:
             assert np.array_equal(before[group][name].values, after[group][name].values)
@@ -618,7 +601,7 @@ def test_5000_dimensions_start_at_the_mode_only_and_say_each_step_as_it_starts(t
 def test_a_stop_signal_in_the_laplace_start_of_a_large_model_stops_it(tmp_path: Path):
     import signal
 
-    from conftest import start
+    from tests.helpers import start
 
     recipe = write(tmp_path, {**LARGE, "data": {"size": 1500}})
     child = start(recipe, tmp_path / "run", "--threads", "1")

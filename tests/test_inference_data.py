@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import math
-import shutil
 import subprocess
 import warnings
 from concurrent.futures import ThreadPoolExecutor
@@ -14,19 +13,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tests.conftest import COIN, REPO, vibench
+from tests.helpers import COIN, REPO, arviz, exported_again, vibench
 
 SCHOOLS = REPO / "recipes" / "eight_schools.yaml"
 GROUPS = {"posterior", "posterior_predictive", "log_likelihood", "sample_stats",
           "observed_data"}
 
-
-def arviz():
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", FutureWarning)  # ArviZ announces its 1.0 on import
-        import arviz
-
-    return arviz
 
 
 @pytest.fixture(scope="module")
@@ -178,14 +170,7 @@ def test_a_posterior_predictive_plot_for_each_run(runs):
 
 def test_export_rewrites_a_missing_posterior_nc(runs, tmp_path: Path):
     original, _ = runs["coin"]
-    copy = tmp_path / "old-run"
-    shutil.copytree(original, copy)
-    (copy / "posterior.nc").unlink()
-    result = vibench("export", str(copy))
-    assert result.returncode == 0, result.stderr
-    assert result.stdout.strip() == str(copy / "posterior.nc")
-    az = arviz()
-    old, new = az.from_netcdf(original / "posterior.nc"), az.from_netcdf(copy / "posterior.nc")
+    old, new = exported_again(original, tmp_path / "old-run")
     assert old.groups() == new.groups()
     for group in old.groups():
         before, after = old[group], new[group]

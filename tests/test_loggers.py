@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import COIN, start, vibench, wait_for_checkpoint
+from tests.helpers import COIN, start, vibench, wait_for_checkpoint
 from workbench import hookimpl
 
 STEPS = ["--steps", "60", "--set", "train.plots=false", "--set", "train.diagnostics=false"]

@@ -19,7 +19,7 @@ import torch
 import yaml
 
 from tests.adversarial.test_stop_anywhere import launch
-from tests.conftest import COIN, REPO, checkpointed_step, start, vibench, wait_for_checkpoint
+from tests.helpers import COIN, REPO, checkpointed_step, start, vibench, wait_for_checkpoint
 from workbench import hookimpl
 
 LINEAR = REPO / "recipes" / "linear_regression.yaml"

@@ -24,7 +24,7 @@ from hostile import (
     sparse_file,
 )
 
-from conftest import COIN, vibench
+from tests.helpers import COIN, vibench
 from workbench.compile import package_cache
 from workbench.errors import UsageError
 from workbench.rundir import files

@@ -20,7 +20,7 @@ from hostile import (
     report_lost,
 )
 
-from conftest import COIN, vibench
+from tests.helpers import COIN, vibench
 from workbench.compare import backends
 from workbench.rundir import files
 

@@ -15,7 +15,7 @@ import pytest
 import yaml
 from hostile import one_line_exit_2, plugin_site
 
-from conftest import COIN, vibench
+from tests.helpers import COIN, vibench
 
 QUICK = ["--steps", "5", "--set", "train.plots=false", "--set", "train.diagnostics=false"]
 

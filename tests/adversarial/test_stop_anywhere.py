@@ -25,7 +25,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import COIN, REPO
+from tests.helpers import COIN, REPO
 
 pytestmark = pytest.mark.skipif(not Path("/proc/self/status").exists(),
                                 reason="readiness is read from /proc/PID/status (Linux)")
