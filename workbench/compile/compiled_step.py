@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import math
+import os
 import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -46,6 +47,12 @@ EAGER_OP_SECONDS = {"cpu": 5e-6, "cuda": 2.5e-5}
 # auto compiles where the eager steps would take longer than compiling costs: 1-3 s on the
 # CPU; on an H100 the coin's compiled run spent 6.3 s more outside its loop than an eager one
 PAYS_SECONDS = {"cpu": 2.0, "cuda": 6.0}
+# auto compiles a step of at most this many torch operations: compiling costs about 8 s of
+# CPU plus 25 ms per operation (a loop the trace unrolls: an ODE solver's 30,000 ran past 7
+# minutes), so a longer step stays eager, decided from the count before anything is traced;
+# every shipped model and port runs at most 1,100 (benchmarks/README.md, "Loops")
+MAX_OPS = 4000
+MAX_OPS_ENV = "VIBENCH_COMPILE_MAX_OPS"
 
 
 class CannotCompile(Exception):
@@ -102,6 +109,7 @@ def prepare(setting: str | bool, svi: Any, data: dict, device: torch.device, ste
     mode = {True: "true", False: "false"}.get(setting, setting)  # YAML's true/false are bools
     if mode == "false":
         return None, None
+    bound = max_ops()
     try:
         if type(getattr(svi.loss_and_grads, "__self__", None)).__name__.startswith("Jit"):
             raise CannotCompile("the loss is Pyro's JIT ELBO already (loss.jit: true)")
@@ -118,7 +126,9 @@ def prepare(setting: str | bool, svi: Any, data: dict, device: torch.device, ste
             package_cache.check_folders()
         except files.UnsafeFile as exc:
             raise CannotCompile(str(exc)) from None
-        return compile_step(svi, data, steps if mode == "auto" else None, refusal=refusal), None
+        auto = mode == "auto"
+        return compile_step(svi, data, steps if auto else None, refusal=refusal,
+                            max_ops=bound, refuse_above=auto), None
     except CannotCompile as exc:
         if mode == "true":
             raise UsageError(f"train.compile: true, but this step cannot be compiled: {exc}")\
@@ -135,12 +145,15 @@ def prepare(setting: str | bool, svi: Any, data: dict, device: torch.device, ste
 
 
 def compile_step(svi: Any, data: dict, steps: int | None = None, backend: str = "inductor",
-                 refusal: str | None = None) -> CompiledStep | None:
+                 refusal: str | None = None, max_ops: int = MAX_OPS,
+                 refuse_above: bool = False) -> CompiledStep | None:
     """Trace, check and compile one step of ``svi`` (whose parameters and optimizers exist).
     Given ``steps``, None where so few eager steps would cost less than compiling: the
     estimate counts the step's torch operations, so a resumed run decides as the first did.
     ``backend="fx"`` replays the traced graph uncompiled (the same random draws as eager).
-    ``refusal``: the caller's reason not to compile, raised only where compiling would pay."""
+    ``refusal``: the caller's reason not to compile, raised only where compiling would pay.
+    A step of more than ``max_ops`` operations is refused before tracing where
+    ``refuse_above``, else compiled with a warning that it may take long."""
     params, ops = _probe(svi, data)
     device = params[0].device if params else torch.device("cpu")
     per_op = EAGER_OP_SECONDS.get(device.type, EAGER_OP_SECONDS["cpu"])
@@ -148,6 +161,11 @@ def compile_step(svi: Any, data: dict, steps: int | None = None, backend: str = 
     if steps is not None and steps * ops * per_op < pays:
         return None
     _check_compilable(svi, params, refusal)
+    long = ops > max_ops
+    if long and refuse_above:
+        raise CannotCompile(f"one step runs {ops} torch operations (a loop unrolled?), above "
+                            f"the {max_ops} that train.compile: auto compiles ({MAX_OPS_ENV} "
+                            "sets it; train.compile: true compiles anyway)")
     store = pyro.get_param_store()
     names = [store.param_name(p) or "?" for p in params]
     # the data's tensors are inputs of the graph, not constants (which inductor would fold
@@ -162,9 +180,11 @@ def compile_step(svi: Any, data: dict, steps: int | None = None, backend: str = 
             return packaged
     saying = contextlib.nullcontext()
     if backend == "inductor":  # what follows is silent for tens of seconds
+        takes = (f"above the {max_ops} auto compiles, it may take many minutes and GBs of "
+                 "memory" if long else "a model's first compile usually takes 20-60 s")
         saying = progress.working(
-            f"compiling the step ({ops} operations): a model's first compile usually takes "
-            "20-60 s; later runs of it load it from the cache",
+            f"compiling the step ({ops} operations): {takes}; later runs of it load it from "
+            "the cache",
             f"compiled the step ({ops} operations) in {{seconds:.1f}} s; later runs of it "
             "load it from the cache")
     with saying:
@@ -176,6 +196,22 @@ def compile_step(svi: Any, data: dict, steps: int | None = None, backend: str = 
                                           len(params) + len(states)),
                            inputs, len(params) + len(states), device, backend, key)
     return CompiledStep(replay, params, inputs, svi.optim, update, names)
+
+
+def max_ops() -> int:
+    """The most torch operations a step may run for ``auto`` to compile it: MAX_OPS, or
+    VIBENCH_COMPILE_MAX_OPS; a value that is not a whole number >= 0 is a UsageError."""
+    text = os.environ.get(MAX_OPS_ENV, "").strip()
+    if not text:
+        return MAX_OPS
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if value < 0:
+        raise UsageError(f"{MAX_OPS_ENV}={text!r}: expected a whole number of operations "
+                         f"(default {MAX_OPS})")
+    return value
 
 
 def _probe(svi: Any, data: dict) -> tuple[list[torch.Tensor], int]:
