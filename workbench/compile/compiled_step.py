@@ -47,10 +47,10 @@ EAGER_OP_SECONDS = {"cpu": 5e-6, "cuda": 2.5e-5}
 # auto compiles where the eager steps would take longer than compiling costs: 1-3 s on the
 # CPU; on an H100 the coin's compiled run spent 6.3 s more outside its loop than an eager one
 PAYS_SECONDS = {"cpu": 2.0, "cuda": 6.0}
-# auto compiles a step of at most this many torch operations: compiling costs about 8 s of
-# CPU plus 25 ms per operation (a loop the trace unrolls: an ODE solver's 30,000 ran past 7
-# minutes), so a longer step stays eager, decided from the count before anything is traced;
-# every shipped model and port runs at most 1,100 (benchmarks/README.md, "Loops")
+# auto compiles a step of at most this many torch operations: compiling costs grow with the
+# count (a loop the trace unrolls runs tens of thousands), so a longer step stays eager,
+# decided from the count before anything is traced; benchmarks/README.md ("Loops") has the
+# costs measured and the counts of the shipped models and ports
 MAX_OPS = 4000
 MAX_OPS_ENV = "VIBENCH_COMPILE_MAX_OPS"
 
