@@ -390,6 +390,11 @@ def test_each_stage_and_fit_says_so_as_it_starts_and_records_its_time(tmp_path: 
     stages = json.loads((tmp_path / "r" / "summary.json").read_text())["auto"]["stages"]
     assert all(stage["seconds"] >= 0 for stage in stages)
     assert "s)" in result.stdout  # the report gives each stage's time
+    # progress counts each fit's own steps (the recipe's train.steps is not the fit's)
+    progress = [line for line in result.stderr.splitlines() if "step " in line
+                and not line.startswith("auto: ")]
+    assert progress and all(line.startswith("mine: step ") for line in progress), progress
+    assert progress[-1].startswith("mine: step 15/15 "), progress
 
 
 # --------------------------------------------------------------------------------------------

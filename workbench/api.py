@@ -280,6 +280,9 @@ class _Silent:
     def __exit__(self, *exc: object) -> None:
         pass
 
+    def restart(self, label: str, total: int) -> None:
+        pass
+
     def update(self, step: int, loss: float) -> None:
         pass
 
@@ -299,6 +302,11 @@ class NotebookBar:
 
     def __exit__(self, *exc: object) -> None:
         self.bar.close()
+
+    def restart(self, label: str, total: int) -> None:
+        """Count the next fit's steps afresh (the automatic pipeline's)."""
+        self.bar.reset(total=total)
+        self.bar.set_description(label)
 
     def update(self, step: int, loss: float) -> None:
         now = time.monotonic()

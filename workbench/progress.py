@@ -30,7 +30,7 @@ class TerminalBar:
                     return named() if named is not None else TextColumn(c)
                 return c()
 
-            self.bar = Progress(TextColumn(label), BarColumn(), MofNCompleteColumn(),
+            self.bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                                 *[column(c) for c in columns], console=Console(stderr=True))
             self.task = self.bar.add_task(label, total=total, **fields)
 

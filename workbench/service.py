@@ -181,6 +181,8 @@ def run_recipe(source: Path | dict | None, sets: Sequence[str], out: Path | None
         say(f"note: {note}")
     say(f"run directory: {job.path}")
     with (progress or Progress)(job.run.recipe["train"]["steps"]) as bar:
+        if hasattr(job, "pipeline"):  # each fit's steps, counted afresh
+            job.pipeline.on_fit = getattr(bar, "restart", None)
         try:
             summary = job.train(bar.update)
         except (UsageError, RunError):
@@ -204,11 +206,20 @@ class Progress(TerminalBar):
         self.total = total
         self.lines = lines
         self.last = 0.0
+        self.label = ""  # the piece of work whose steps these are (restart), if not the run
+
+    def restart(self, label: str, total: int) -> None:
+        """Count the steps of the next piece of work afresh (the automatic pipeline's next
+        fit): ``label``'s steps out of ``total``."""
+        self.total, self.label = total, label
+        if self.bar is not None:
+            self.bar.reset(self.task, total=total, completed=0, loss="-", description=label)
 
     def update(self, step: int, loss: float) -> None:
         if self.bar is None:
             if self.lines and (step == self.total or step % max(1, self.total // 10) == 0):
-                _say(f"step {step}/{self.total}  loss {loss:.4f}")
+                fit = f"{self.label}: " if self.label else ""
+                _say(f"{fit}step {step}/{self.total}  loss {loss:.4f}")
             return
         now = time.monotonic()
         if step == self.total or now - self.last >= 0.1:

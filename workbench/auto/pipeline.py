@@ -108,6 +108,7 @@ class Pipeline:
     registry: Registry
     run_dir: Path
     on_step: Callable[[int, float], None] | None = None
+    on_fit: Callable[[str, int], None] | None = None  # a fit starts: its label, its steps
     say: Callable[[str], None] = _stderr  # each line for the user, as it happens
     guide: dict = field(default_factory=dict)  # options every Gaussian fit's guide gets
     fits: list[Fit] = field(default_factory=list)
@@ -184,6 +185,8 @@ class Pipeline:
             raise
         self.last_run = run
         self._say_notes(label, run.notes)
+        if self.on_fit is not None:
+            self.on_fit(label, run.recipe["train"]["steps"])
         try:
             summary = run.train(held.path, self.on_step)
         except Interrupted:
