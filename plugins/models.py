@@ -249,6 +249,8 @@ def _dot(x, coefficients):
     dims end with the data plate's, so broadcasting does the work."""
     if coefficients.dim() == 1:
         return x @ coefficients
+    if coefficients.shape[-2] == 1:  # a matrix product, not an N x D product held in memory
+        return (coefficients @ x.mT).squeeze(-2)
     return (x * coefficients).sum(-1)
 
 

@@ -304,6 +304,8 @@ def _dot(design, coefficients):
     data plate's (vectorised particles): broadcasting then does the work."""
     if coefficients.dim() == 1:
         return design @ coefficients
+    if coefficients.shape[-2] == 1:  # a matrix product, not an N x D product held in memory
+        return (coefficients @ design.mT).squeeze(-2)
     return (design * coefficients).sum(-1)
 
 
@@ -314,6 +316,11 @@ def _linear_recurrence(c, a):
     import torch
 
     n = c.shape[-1]
+    if c[..., 0].numel() > n:  # many draws (a report's): a loop over t is O(n) per draw
+        xs = [c[..., 0]]
+        for t in range(1, n):
+            xs.append(c[..., t] + a * xs[-1])
+        return torch.stack(xs, -1)
     a = a.unsqueeze(-1)
     # a^0, a^1, ..., a^(n-1) by a running product (whose gradient is fine at a = 0)
     powers = torch.cat([torch.ones_like(a), a.expand(a.shape[:-1] + (n - 1,)).cumprod(-1)], -1)
