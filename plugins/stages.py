@@ -58,21 +58,24 @@ def gaussian(family: Literal["auto", "full_rank", "low_rank", "diagonal"] = "aut
              budget_steps: int = 900, agree: float | None = 0.1, num_particles: int = 4,
              estimator: Literal["stl", "reparam"] = "stl", lr: float | str = "auto",
              max_steps: int | None = 300, window: int = 50, skl: float = 0.01,
-             lr_factor: float = 0.5, spread: float = 0.5, scatter: float = 0.0):
+             lr_factor: float = 0.5, spread: float = 0.5, scatter: float = 0.0,
+             modes: int = 0):
     """Independent Gaussian fits: STL, searched step size, stopped at convergence; no more
     fits once ``min_runs`` agree or the stage has taken ``budget_steps`` steps. With
     ``scatter`` > 0, fits after the first start ``scatter`` of the start's sds away (a draw)
-    and, after a Laplace start, at the Laplace approximation found from there."""
+    and, after a Laplace start, at the Laplace approximation found from there. With
+    ``modes`` > 0, that many mode searches from overdispersed starts (plugins/modes.py) and
+    the fits start at the distinct modes in turn, at least one fit each."""
     if lr != "auto" and not (isinstance(lr, (int, float)) and lr > 0):
         raise ValueError(f"lr must be 'auto' or a positive number, got {lr!r}")
     if not 1 <= min_runs <= runs:
         raise ValueError(f"need 1 <= min_runs <= runs, got {min_runs} and {runs}")
-    if budget_steps < 1 or (agree is not None and agree < 0) or scatter < 0:
-        raise ValueError(f"need budget_steps >= 1, agree >= 0 (or null) and scatter >= 0, "
-                         f"got {budget_steps}, {agree} and {scatter}")
+    if budget_steps < 1 or (agree is not None and agree < 0) or scatter < 0 or modes < 0:
+        raise ValueError(f"need budget_steps >= 1, agree >= 0 (or null), scatter >= 0 and "
+                         f"modes >= 0, got {budget_steps}, {agree}, {scatter} and {modes}")
     return Gaussian(family, low_rank_above, runs, min_runs, Enough(budget_steps, agree),
                     num_particles, estimator, lr, max_steps, _stop(window, skl, lr_factor),
-                    spread, scatter)
+                    spread, scatter, modes)
 
 
 class Enough:
@@ -117,9 +120,9 @@ def agreement(posteriors: list[dict], fraction: float) -> float | None:
 
 class Gaussian:
     def __init__(self, family, low_rank_above, runs, min_runs, enough, num_particles,
-                 estimator, lr, max_steps, train, spread, scatter):
+                 estimator, lr, max_steps, train, spread, scatter, modes):
         self.family, self.low_rank_above = family, low_rank_above
-        self.scatter = scatter
+        self.scatter, self.modes = scatter, modes
         self.runs, self.min_runs, self.enough = runs, min_runs, enough
         self.loss = {"name": "elbo", "num_particles": num_particles, "estimator": estimator}
         self.lr, self.max_steps, self.spread = lr, max_steps, spread
@@ -138,11 +141,16 @@ class Gaussian:
         train = {**self.train, "steps": self.max_steps or pipeline.recipe["train"]["steps"]}
         seed = pipeline.recipe["seed"]
         captured: list = []  # the first fit's start (the Laplace Gaussian, say), for the rest
+        found: list = []  # with ``modes``: what the mode searches found (plugins/modes.py)
         # beyond FULL_UP_TO dimensions no D x D covariance: the start's marginal sds
         marginal = FULL_UP_TO if dimension > FULL_UP_TO else None
 
         def first_start(guide, data) -> None:
             captured.append(fitted_gaussian(guide, diagonal=marginal is not None))
+            if self.modes and marginal is None and captured[0] is not None:
+                from vibench_plugins.modes import search
+
+                found[:] = [search(guide, data, self.modes, seed + 2, first=captured[0][0])]
             moved = _overdispersed(captured[0], self.spread, seed + 1)
             if moved is not None:
                 moved(guide, data)
@@ -150,22 +158,28 @@ class Gaussian:
         first = pipeline.fit("gaussian-1", guide=guide, loss=self.loss,
                              optimizer={"name": "adam", "lr": self.lr}, train=train,
                              start=first_start)
+        pipeline.modes = found[0] if found else None
         fits, skipped = [first], ""
         if first.ok:
             skipped = _no_mode(pipeline.last_run)
+            later = {**guide, "init": "init_loc"} if "init" in guide else guide
+            distinct = len(pipeline.modes.modes) if pipeline.modes else 0
+            at_least = min(self.runs, max(self.min_runs, distinct))  # a fit at each mode
             for i in range(2, self.runs + 1):
-                why = self.enough.why(fits) if i > self.min_runs else ""
+                why = self.enough.why(fits) if i > at_least else ""
                 if why:
                     skipped += f"; fits {i}-{self.runs} not launched: {why}"
                     pipeline.say(f"auto: fits {i}-{self.runs} not launched: {why}")
                     break
+                start = (_at_mode(pipeline.modes, i, self.spread, seed + i) if distinct > 1
+                         else self.later_start(captured[0], guide.get("init"), marginal,
+                                               seed + i))
                 fits.append(pipeline.fit(
-                    f"gaussian-{i}", guide={**guide, "init": "init_loc"} if "init" in guide
-                    else guide, loss=self.loss,
+                    f"gaussian-{i}", guide=later, loss=self.loss,
                     optimizer={"name": "adam", "lr": first.lr}, train=train, seed_offset=i - 1,
-                    start=self.later_start(captured[0], guide.get("init"), marginal, seed + i)))
+                    start=start))
         pipeline.candidates = [fit for fit in fits if fit.ok]
-        return self.said(fits, family, dimension, skipped, marginal)
+        return self.said(fits, family, dimension, skipped, marginal, pipeline.modes)
 
     def later_start(self, gaussian, init: str | None, marginal: int | None, seed: int):
         """Where fit 2, 3, ... starts: a draw from the start's Gaussian (``spread`` of its
@@ -190,7 +204,7 @@ class Gaussian:
         return start
 
     def said(self, fits: list, family: str, dimension: int, skipped: str,
-             marginal: int | None) -> str:
+             marginal: int | None, found=None) -> str:
         """The stage's line: the fits, how each ended, what was skipped, where they began."""
         first = fits[0]
         stops = ", ".join(fit.ending() for fit in fits)
@@ -200,10 +214,23 @@ class Gaussian:
                   "covariance)" if marginal else "the start's Gaussian")
         scattered = (f"; fits after the first from {self.scatter:g} of its sds away"
                      if self.scatter else "")
+        if found is not None:
+            scattered += f"; {found.said()}" + (
+                ", the fits start at each in turn" if len(found.modes) > 1 else "")
         return (f"{len(fits)} {family.replace('_', '-')} Gaussian fits of {dimension} "
                 f"dimensions, {self.loss['estimator']} gradient, lr {lr_text}; {stops}"
                 f"{skipped}; each starts at its own draw from {whence} (spread "
                 f"{self.spread:g}){scattered}")
+
+
+def _at_mode(found, i: int, spread: float, seed: int):
+    """Fit ``i``'s start where the mode searches found several modes: a draw (``spread``)
+    from the Laplace Gaussian of the modes in turn, fit 1's own mode first where it is known."""
+    import torch
+
+    modes = found.modes
+    mode = modes[(i - 1 if found.first_known else i - 2) % len(modes)]
+    return _overdispersed((mode.point, torch.linalg.cholesky(mode.covariance)), spread, seed)
 
 
 def _no_mode(run) -> str:
@@ -303,8 +330,11 @@ class RHat:
         pipeline.rhat = {"max": found[worst], "worst": worst, "threshold": self.threshold,
                          "fits": len(fits), "params": found}
         if found[worst] > self.threshold:
+            searched = getattr(pipeline, "modes", None)
+            several = (f": several modes ({len(searched.modes)} found by the mode searches)"
+                       if searched is not None and len(searched.modes) > 1 else "")
             pipeline.flags.append(f"R-hat {found[worst]:.3f} > {self.threshold:g} across "
-                                  f"{len(fits)} fits ({worst}): the fits disagree")
+                                  f"{len(fits)} fits ({worst}): the fits disagree{several}")
             return (f"R-hat across {len(fits)} fits {found[worst]:.3f} > {self.threshold:g} "
                     f"({worst}): the fits disagree; reporting the one with the highest ELBO")
         return (f"R-hat across {len(fits)} fits {found[worst]:.3f} <= {self.threshold:g}: "

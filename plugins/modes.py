@@ -1,0 +1,143 @@
+"""Mode searches from overdispersed starts, for the gaussian stage's ``modes`` option
+(plugins/stages.py): independent fits that all begin around one Laplace mode cannot disagree,
+so R-hat across them cannot reveal a second mode. Here L-BFGS (plugins/laplace.py) climbs the
+log joint from ``count`` starts spread over the prior, and the converged modes are grouped into
+distinct ones, each with its Laplace Gaussian, for the fits to start at in turn.
+
+The starts come in antithetic pairs about the origin of the unconstrained space: a draw of the
+prior (Stan's advice: start overdispersed relative to the posterior), or where the prior gives
+no finite draw, uniform in (-2, 2) as Stan and Pyro's ``init_to_uniform``; then its reflection
+through 0, which is the prior draw's twin for a prior symmetric there. A posterior whose modes
+lie on either side of the origin is searched on both sides whatever the random stream.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from vibench_plugins import laplace
+
+SAME_SDS = 1.0  # two modes within this many of each other's marginal sds, per coordinate, are one
+UNIFORM_RADIUS = 2.0  # the fallback start's box, as Stan's
+
+
+@dataclass
+class Mode:
+    """A distinct mode: where it is, -log p there, its Laplace covariance, the log of its
+    Laplace mass (log p + log det(2 pi covariance) / 2) and how many searches reached it."""
+
+    point: torch.Tensor
+    potential: float
+    covariance: torch.Tensor
+    log_mass: float
+    hits: int = 1
+
+    def sds(self) -> torch.Tensor:
+        return self.covariance.diagonal().sqrt()
+
+    def same(self, other: Mode) -> bool:
+        """Whether ``other`` is this mode: each within SAME_SDS of the other's marginal sds."""
+        gap = (self.point - other.point).abs()
+        return bool((gap <= SAME_SDS * self.sds()).all() and (gap <= SAME_SDS * other.sds()).all())
+
+
+@dataclass
+class Found:
+    """What the searches found: the distinct modes, the first search's first where it
+    converged (``first_known``), the others heaviest (by Laplace mass) first; the number of
+    searches and how many converged."""
+
+    modes: list[Mode]
+    searches: int
+    converged: int
+    first_known: bool = False
+
+    def said(self) -> str:
+        """In a few words, for the gaussian stage's line."""
+        if len(self.modes) < 2:
+            return (f"{self.searches} mode searches from overdispersed starts: "
+                    f"{self.converged} converged, one mode")
+        shares = _shares(self.modes)
+        return (f"{self.searches} mode searches from overdispersed starts: {len(self.modes)} "
+                f"distinct modes (Laplace mass {', '.join(f'{s:.2f}' for s in shares)})")
+
+
+def search(guide, data: dict, count: int, seed: int, first: torch.Tensor | None = None
+           ) -> Found:
+    """``count`` mode searches for ``guide``'s model from overdispersed starts (``seed`` draws
+    them); ``first``, where given, is a mode already found (the first fit's Laplace start),
+    searched from again and listed first."""
+    sites = laplace.layout(guide)
+    potential = laplace.potential_fn(guide.model, sites, (), data)
+    dimension = sites[-1].stop
+    if dimension > laplace.MAX_HESSIAN_DIM:
+        return Found([], 0, 0)
+    like = first if first is not None else torch.zeros(dimension)
+    starts = ([first] if first is not None else []) + overdispersed(guide, sites, data, like,
+                                                                     count, seed)
+    modes: list[Mode] = []
+    converged, first_known = 0, False
+    for index, start in enumerate(starts):
+        mode = _climb(potential, start)
+        if mode is None:
+            continue
+        converged += 1
+        first_known = first_known or (index == 0 and first is not None)
+        same = next((known for known in modes if known.same(mode)), None)
+        if same is None:
+            modes.append(mode)
+        else:
+            same.hits += 1
+    head = modes[:1] if first_known else []
+    rest = sorted(modes[len(head):], key=lambda mode: -mode.log_mass)
+    return Found(head + rest, len(starts), converged, first_known)
+
+
+def overdispersed(guide, sites: list[laplace.Site], data: dict, like: torch.Tensor,
+                  count: int, seed: int) -> list[torch.Tensor]:
+    """``count`` starts in the guide's unconstrained space (shaped as ``like``): prior draws
+    (uniform in (-2, 2) where a draw is no number) and their reflections through 0, in pairs."""
+    from pyro import poutine
+
+    generator = torch.Generator().manual_seed(seed)
+    model = getattr(guide, "source_model", (guide.model,))[0]  # guide.model draws init_loc
+    starts = []
+    for _ in range((count + 1) // 2):
+        torch_state = torch.random.get_rng_state()
+        torch.manual_seed(int(torch.randint(2 ** 62, (), generator=generator)))
+        try:
+            with torch.no_grad():
+                trace = poutine.trace(model).get_trace(**data)
+            draw = torch.cat([site.transform.inv(trace.nodes[site.name]["value"]).reshape(-1)
+                              for site in sites]).to(like)
+        except (KeyError, NotImplementedError, RuntimeError, ValueError):
+            draw = torch.full_like(like, math.nan)
+        finally:
+            torch.random.set_rng_state(torch_state)
+        if draw.shape != like.shape or not torch.isfinite(draw).all():
+            uniform = torch.rand(like.shape, generator=generator, dtype=like.dtype)
+            draw = (uniform * 2 - 1).to(like.device) * UNIFORM_RADIUS
+        starts += [draw, -draw]
+    return starts[:count]
+
+
+def _climb(potential, start: torch.Tensor) -> Mode | None:
+    """The mode L-BFGS reaches from ``start`` with its Laplace Gaussian, or None where it did
+    not converge to one with a positive definite Hessian."""
+    fit = laplace._descend(potential, start, True)
+    if fit is None or not fit.converged or fit.hessian is None:
+        return None
+    covariance, _, note = laplace.curvature(fit.hessian)
+    if covariance is None or note:
+        return None
+    log_det = float(torch.linalg.slogdet(2 * math.pi * covariance.double())[1])
+    return Mode(fit.point, fit.potential, covariance, -fit.potential + log_det / 2)
+
+
+def _shares(modes: list[Mode]) -> list[float]:
+    """Each mode's share of the modes' summed Laplace masses."""
+    masses = torch.tensor([mode.log_mass for mode in modes], dtype=torch.float64)
+    return torch.softmax(masses, 0).tolist()
