@@ -141,3 +141,64 @@ def _shares(modes: list[Mode]) -> list[float]:
     """Each mode's share of the modes' summed Laplace masses."""
     masses = torch.tensor([mode.log_mass for mode in modes], dtype=torch.float64)
     return torch.softmax(masses, 0).tolist()
+
+
+@dataclass
+class Weighed:
+    """The fits' equal mixture importance-weighted against the model: its PSIS k-hat, the
+    effective sample size's fraction, and per site the weighted mean and sd of its values."""
+
+    khat: float
+    ess_fraction: float
+    moments: dict[str, tuple[list[float], list[float]]]
+
+    def said(self) -> str:
+        """The k-hat and each element's mean +- sd, for the rhat stage's line."""
+        shown = []
+        for site, (means, sds) in self.moments.items():
+            for i, (mean, sd) in enumerate(zip(means, sds)):
+                label = site if len(means) == 1 else f"{site}[{i}]"
+                shown.append(f"{label} {mean:.3g} +- {sd:.3g}")
+        return (f"the fits' equal mixture importance-weighted against the model: k-hat "
+                f"{self.khat:.2f}, ESS {self.ess_fraction:.0%}: {', '.join(shown)}")
+
+
+def weigh_mixture(guide, data: dict, gaussians: list[tuple], draws: int, seed: int
+                  ) -> Weighed | None:
+    """``draws`` draws shared evenly among the fits' Gaussians (loc, scale_tril) in the
+    guide's unconstrained space, each weighed by p(x) / q_mix(x), q_mix their equal mixture
+    (the balance heuristic, as multi-path Pathfinder's), in float64; None where no weight is
+    finite. Each fit then need only be good near its own mode: the weights set the modes'
+    shares."""
+    from pyro.distributions import MultivariateNormal
+
+    from vibench_plugins.pathfinder import batch_potential
+    from workbench.report.posterior import psis
+
+    sites = laplace.layout(guide)
+    potential = laplace.potential_fn(guide.model, sites, (), data)
+    potentials = batch_potential(guide.model, sites, (), data, potential)
+    components = [MultivariateNormal(loc.double(), scale_tril=tril.double())
+                  for loc, tril in gaussians]
+    generator = torch.Generator().manual_seed(seed)
+    share = max(draws // len(components), 1)
+    points = torch.cat([c.loc + torch.randn(share, c.loc.numel(), generator=generator,
+                                            dtype=torch.float64) @ c.scale_tril.T
+                        for c in components])
+    log_q = torch.logsumexp(torch.stack([c.log_prob(points) for c in components]), 0) \
+        - math.log(len(components))
+    log_w = -potentials(points.to(gaussians[0][0].dtype)).double() - log_q
+    finite = torch.isfinite(log_w)
+    if not finite.any():
+        return None
+    points, log_w = points[finite], log_w[finite]
+    khat, smoothed = psis(log_w)
+    weights = torch.softmax(smoothed, 0)
+    moments = {}
+    for site in sites:
+        unconstrained = points[:, site.start:site.stop].reshape(-1, *site.shape)
+        values = site.transform(unconstrained).reshape(len(points), -1)
+        mean = weights @ values
+        sd = (weights @ (values - mean).pow(2)).sqrt()
+        moments[site.name] = (mean.tolist(), sd.tolist())
+    return Weighed(khat, float(1 / weights.pow(2).sum()) / len(weights), moments)

@@ -5,8 +5,11 @@
 - ``gaussian``: several independent Gaussian fits (full-rank, low-rank beyond
   ``low_rank_above`` dimensions) with the STL gradient, the step size searched (``lr: auto``)
   and each stopped at convergence (``train.stop: converged``: its iterate average settles,
-  the step size halves, and the next average agrees with it);
-- ``rhat``: R-hat across those fits (Dhaka et al. 2020), flagged above ``threshold``;
+  the step size halves, and the next average agrees with it); with ``modes``, the fits start
+  at each of the distinct modes that searches from overdispersed starts found, in turn;
+- ``rhat``: R-hat across those fits (Dhaka et al. 2020), flagged above ``threshold``; where
+  the fits sit at several modes (``gaussian``'s ``modes``), the flag says so and gives the
+  fits' equal mixture importance-weighted against the model (plugins/modes.py);
 - ``flow``: when the best Gaussian's PSIS k-hat is above ``khat``, a flow started at it;
 - ``psis``: report the importance-weighted (PSIS) estimates of fits with k-hat below ``khat``.
 """
@@ -333,12 +336,36 @@ class RHat:
             searched = getattr(pipeline, "modes", None)
             several = (f": several modes ({len(searched.modes)} found by the mode searches)"
                        if searched is not None and len(searched.modes) > 1 else "")
+            mixture = _weighed(pipeline, fits) if several else None
+            weighed = mixture.said() if mixture is not None else ""
+            if mixture is not None:  # summary.json's auto.rhat.mixture
+                pipeline.rhat["mixture"] = {"khat": mixture.khat,
+                                            "ess_fraction": mixture.ess_fraction,
+                                            "moments": mixture.moments}
             pipeline.flags.append(f"R-hat {found[worst]:.3f} > {self.threshold:g} across "
-                                  f"{len(fits)} fits ({worst}): the fits disagree{several}")
+                                  f"{len(fits)} fits ({worst}): the fits disagree{several}"
+                                  + (f" ({weighed})" if weighed else ""))
             return (f"R-hat across {len(fits)} fits {found[worst]:.3f} > {self.threshold:g} "
-                    f"({worst}): the fits disagree; reporting the one with the highest ELBO")
+                    f"({worst}): the fits disagree; reporting the one with the highest ELBO"
+                    + (f"; {weighed}" if weighed else ""))
         return (f"R-hat across {len(fits)} fits {found[worst]:.3f} <= {self.threshold:g}: "
                 f"they agree; their estimates are pooled")
+
+
+def _weighed(pipeline, fits: list, draws: int = 4000):
+    """Where the fits sit at several modes: their equal mixture, importance-weighted against
+    the model (plugins/modes.py ``weigh_mixture``); None where it cannot be."""
+    import torch
+
+    from vibench_plugins.modes import weigh_mixture
+    from workbench.device import run_context
+
+    run = pipeline.last_run
+    gaussians = [fit.gaussian for fit in fits]
+    if run is None or any(g is None or g[1].dim() != 2 for g in gaussians):
+        return None
+    with run_context(run.device, run.dtype), torch.no_grad():
+        return weigh_mixture(run.guide, run.data, gaussians, draws, pipeline.recipe["seed"] + 3)
 
 
 def between_fits(posteriors: list[dict]) -> dict[str, float]:
