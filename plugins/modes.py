@@ -69,7 +69,14 @@ def search(guide, data: dict, count: int, seed: int, first: torch.Tensor | None 
            ) -> Found:
     """``count`` mode searches for ``guide``'s model from overdispersed starts (``seed`` draws
     them); ``first``, where given, is a mode already found (the first fit's Laplace start),
-    searched from again and listed first."""
+    searched from again and listed first. torch's random stream is left as it was: the
+    model's potential draws from it (the guide's init_loc strategy runs at each site), and
+    the fit's path must not depend on how many searches ran."""
+    with torch.random.fork_rng(devices=[]):
+        return _search(guide, data, count, seed, first)
+
+
+def _search(guide, data: dict, count: int, seed: int, first: torch.Tensor | None) -> Found:
     sites = laplace.layout(guide)
     potential = laplace.potential_fn(guide.model, sites, (), data)
     dimension = sites[-1].stop
@@ -99,14 +106,14 @@ def search(guide, data: dict, count: int, seed: int, first: torch.Tensor | None 
 def overdispersed(guide, sites: list[laplace.Site], data: dict, like: torch.Tensor,
                   count: int, seed: int) -> list[torch.Tensor]:
     """``count`` starts in the guide's unconstrained space (shaped as ``like``): prior draws
-    (uniform in (-2, 2) where a draw is no number) and their reflections through 0, in pairs."""
+    (uniform in (-2, 2) where a draw is no number) and their reflections through 0, in pairs.
+    It reseeds torch's random stream (``search`` puts it back)."""
     from pyro import poutine
 
     generator = torch.Generator().manual_seed(seed)
     model = getattr(guide, "source_model", (guide.model,))[0]  # guide.model draws init_loc
     starts = []
     for _ in range((count + 1) // 2):
-        torch_state = torch.random.get_rng_state()
         torch.manual_seed(int(torch.randint(2 ** 62, (), generator=generator)))
         try:
             with torch.no_grad():
@@ -115,8 +122,6 @@ def overdispersed(guide, sites: list[laplace.Site], data: dict, like: torch.Tens
                               for site in sites]).to(like)
         except (KeyError, NotImplementedError, RuntimeError, ValueError):
             draw = torch.full_like(like, math.nan)
-        finally:
-            torch.random.set_rng_state(torch_state)
         if draw.shape != like.shape or not torch.isfinite(draw).all():
             uniform = torch.rand(like.shape, generator=generator, dtype=like.dtype)
             draw = (uniform * 2 - 1).to(like.device) * UNIFORM_RADIUS
@@ -169,7 +174,12 @@ def weigh_mixture(guide, data: dict, gaussians: list[tuple], draws: int, seed: i
     guide's unconstrained space, each weighed by p(x) / q_mix(x), q_mix their equal mixture
     (the balance heuristic, as multi-path Pathfinder's), in float64; None where no weight is
     finite. Each fit then need only be good near its own mode: the weights set the modes'
-    shares."""
+    shares. torch's random stream is left as it was."""
+    with torch.random.fork_rng(devices=[]):
+        return _weigh(guide, data, gaussians, draws, seed)
+
+
+def _weigh(guide, data: dict, gaussians: list[tuple], draws: int, seed: int) -> Weighed | None:
     from pyro.distributions import MultivariateNormal
 
     from vibench_plugins.pathfinder import batch_potential

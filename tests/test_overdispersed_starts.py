@@ -70,3 +70,19 @@ def test_a_negative_number_of_mode_searches_is_refused(tmp_path: Path):
 
     with pytest.raises(UsageError, match="modes >= 0"):
         run(tmp_path, modes=-1)
+
+
+def test_the_searches_leave_the_first_fit_s_path_as_it_was(tmp_path: Path):
+    """The model's potential draws from torch's stream (the guide's init_loc strategy): the
+    searches put it back, so a one-mode posterior's fit takes the same path with them."""
+    coin = {"model": {"name": "beta_bernoulli"}, "data": {"flips": [1, 1, 0, 1, 0, 1, 1]},
+            "loggers": [], "train": {"plots": False, "eval_every": 0}}
+    losses = []
+    for modes in (0, 4):
+        stages = ["start", {"name": "gaussian", "runs": 1, "min_runs": 1, "max_steps": 40,
+                            "modes": modes}, "rhat", "psis"]
+        path = tmp_path / f"recipe{modes}.yaml"
+        path.write_text(yaml.safe_dump({**coin, "auto": {"stages": stages}}))
+        summary = service.start(path, [], tmp_path / f"run{modes}", get_registry()).train()
+        losses.append(summary["final_loss"])
+    assert losses[0] == losses[1]
