@@ -54,9 +54,15 @@ class Found:
     searches: int
     converged: int
     first_known: bool = False
+    edge: str = ""  # why the first search found no mode, where it ran to a support's edge
 
     def said(self) -> str:
         """In a few words, for the gaussian stage's line."""
+        if self.edge:
+            return ("mode searches stopped: the first ran to a support's edge, where the "
+                    "density grows without bound")
+        if not self.modes:
+            return f"{self.searches} mode searches from overdispersed starts: none converged"
         if len(self.modes) < 2:
             return (f"{self.searches} mode searches from overdispersed starts: "
                     f"{self.converged} converged, one mode")
@@ -69,9 +75,10 @@ def search(guide, data: dict, count: int, seed: int, first: torch.Tensor | None 
            ) -> Found:
     """``count`` mode searches for ``guide``'s model from overdispersed starts (``seed`` draws
     them); ``first``, where given, is a mode already found (the first fit's Laplace start),
-    searched from again and listed first. torch's random stream is left as it was: the
-    model's potential draws from it (the guide's init_loc strategy runs at each site), and
-    the fit's path must not depend on how many searches ran."""
+    searched from again and listed first; where that search runs to a support's edge (a
+    funnel's neck) the density has no mode and no more are searched. torch's random stream
+    is left as it was: the model's potential draws from it (the guide's init_loc strategy
+    runs at each site), and the fit's path must not depend on how many searches ran."""
     with torch.random.fork_rng(devices=[]):
         return _search(guide, data, count, seed, first)
 
@@ -88,7 +95,11 @@ def _search(guide, data: dict, count: int, seed: int, first: torch.Tensor | None
     modes: list[Mode] = []
     converged, first_known = 0, False
     for index, start in enumerate(starts):
-        mode = _climb(potential, start)
+        fit = laplace._descend(potential, start, True)
+        edge = laplace.degenerate(fit, sites) if fit is not None else ""
+        if edge and index == 0 and first is not None:  # unbounded: there are no modes
+            return Found([], 1, 0, edge=edge)
+        mode = _laplace(fit)
         if mode is None:
             continue
         converged += 1
@@ -129,10 +140,9 @@ def overdispersed(guide, sites: list[laplace.Site], data: dict, like: torch.Tens
     return starts[:count]
 
 
-def _climb(potential, start: torch.Tensor) -> Mode | None:
-    """The mode L-BFGS reaches from ``start`` with its Laplace Gaussian, or None where it did
-    not converge to one with a positive definite Hessian."""
-    fit = laplace._descend(potential, start, True)
+def _laplace(fit: laplace.Fit | None) -> Mode | None:
+    """The mode an L-BFGS search reached with its Laplace Gaussian, or None where it did not
+    converge to one with a positive definite Hessian."""
     if fit is None or not fit.converged or fit.hessian is None:
         return None
     covariance, _, note = laplace.curvature(fit.hessian)

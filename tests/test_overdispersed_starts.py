@@ -86,3 +86,19 @@ def test_the_searches_leave_the_first_fit_s_path_as_it_was(tmp_path: Path):
         summary = service.start(path, [], tmp_path / f"run{modes}", get_registry()).train()
         losses.append(summary["final_loss"])
     assert losses[0] == losses[1]
+
+
+def test_a_density_without_a_mode_stops_the_searches_at_the_first(tmp_path: Path):
+    """A centred hierarchical model's density grows without bound as tau -> 0: the first
+    search runs there, and searching from more starts would only do so again."""
+    recipe = {"model": {"name": f"{Path(__file__).resolve().parent / 'test_hard_starts.py'}"
+                                 ":centred"},
+              "data": {"y": [0.3, -0.2, 0.5, 0.1, -0.4]}, "loggers": [],
+              "train": {"plots": False, "eval_every": 0},
+              "auto": {"stages": ["start", {"name": "gaussian", "runs": 2, "lr": 0.01,
+                                            "max_steps": 20, "modes": 8}, "rhat", "psis"]}}
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    summary = service.start(path, [], tmp_path / "run", get_registry()).train()
+    said = {stage["stage"]: stage["said"] for stage in summary["auto"]["stages"]}
+    assert "mode searches stopped: the first ran to a support's edge" in said["gaussian"]
