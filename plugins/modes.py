@@ -54,13 +54,13 @@ class Found:
     searches: int
     converged: int
     first_known: bool = False
-    edge: str = ""  # why the first search found no mode, where it ran to a support's edge
+    stopped: bool = False  # the search from the first fit's start found no mode
 
     def said(self) -> str:
         """In a few words, for the gaussian stage's line."""
-        if self.edge:
-            return ("mode searches stopped: the first ran to a support's edge, where the "
-                    "density grows without bound")
+        if self.stopped:
+            return ("mode searches stopped: the first, from the first fit's start, found no "
+                    "mode (a density without one, as a funnel's, would send the rest astray)")
         if not self.modes:
             return f"{self.searches} mode searches from overdispersed starts: none converged"
         if len(self.modes) < 2:
@@ -75,8 +75,9 @@ def search(guide, data: dict, count: int, seed: int, first: torch.Tensor | None 
            ) -> Found:
     """``count`` mode searches for ``guide``'s model from overdispersed starts (``seed`` draws
     them); ``first``, where given, is a mode already found (the first fit's Laplace start),
-    searched from again and listed first; where that search runs to a support's edge (a
-    funnel's neck) the density has no mode and no more are searched. torch's random stream
+    searched from again and listed first; where that search finds no mode (it ran into a
+    funnel's neck, where the density grows without bound) no more are searched: each would
+    cost its L-BFGS's every iteration for nothing. torch's random stream
     is left as it was: the model's potential draws from it (the guide's init_loc strategy
     runs at each site), and the fit's path must not depend on how many searches ran."""
     with torch.random.fork_rng(devices=[]):
@@ -96,10 +97,9 @@ def _search(guide, data: dict, count: int, seed: int, first: torch.Tensor | None
     converged, first_known = 0, False
     for index, start in enumerate(starts):
         fit = laplace._descend(potential, start, True)
-        edge = laplace.degenerate(fit, sites) if fit is not None else ""
-        if edge and index == 0 and first is not None:  # unbounded: there are no modes
-            return Found([], 1, 0, edge=edge)
         mode = _laplace(fit)
+        if mode is None and index == 0 and first is not None:  # as the first fit's start
+            return Found([], 1, 0, stopped=True)
         if mode is None:
             continue
         converged += 1

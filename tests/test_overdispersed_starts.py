@@ -101,4 +101,5 @@ def test_a_density_without_a_mode_stops_the_searches_at_the_first(tmp_path: Path
     path.write_text(yaml.safe_dump(recipe))
     summary = service.start(path, [], tmp_path / "run", get_registry()).train()
     said = {stage["stage"]: stage["said"] for stage in summary["auto"]["stages"]}
-    assert "mode searches stopped: the first ran to a support's edge" in said["gaussian"]
+    assert "mode searches stopped: the first, from the first fit's start, found no mode" \
+        in said["gaussian"]
