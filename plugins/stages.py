@@ -361,9 +361,10 @@ def _weighed(pipeline, fits: list, draws: int = 4000):
     from workbench.device import run_context
 
     run = pipeline.last_run
-    gaussians = [fit.gaussian for fit in fits]
-    if run is None or any(g is None or g[1].dim() != 2 for g in gaussians):
+    if run is None or any(fit.gaussian is None for fit in fits):
         return None
+    gaussians = [(loc, scale if scale.dim() == 2 else torch.diag(scale))  # sds: a diagonal
+                 for loc, scale in (fit.gaussian for fit in fits)]
     with run_context(run.device, run.dtype), torch.no_grad():
         return weigh_mixture(run.guide, run.data, gaussians, draws, pipeline.recipe["seed"] + 3)
 
