@@ -21,6 +21,10 @@ import torch
 from vibench_plugins import laplace
 
 SAME_SDS = 1.0  # two modes within this many of each other's marginal sds, per coordinate, are one
+# A mode found beyond the first fit's own whose Laplace mass is below this share of all the
+# modes' is left out: it cannot move the answer's moments by much, and fits started there
+# would disagree with the rest for nothing (hmm_drive has one at a share of 1e-4 or less).
+MIN_SHARE = 0.01
 UNIFORM_RADIUS = 2.0  # the fallback start's box, as Stan's
 
 
@@ -55,6 +59,7 @@ class Found:
     converged: int
     first_known: bool = False
     stopped: bool = False  # the search from the first fit's start found no mode
+    light: int = 0  # modes left out, their Laplace mass below MIN_SHARE
 
     def said(self) -> str:
         """In a few words, for the gaussian stage's line."""
@@ -63,12 +68,15 @@ class Found:
                     "mode (a density without one, as a funnel's, would send the rest astray)")
         if not self.modes:
             return f"{self.searches} mode searches from overdispersed starts: none converged"
+        light = (f" ({self.light} more below {MIN_SHARE:.0%} of the Laplace mass left out)"
+                 if self.light else "")
         if len(self.modes) < 2:
             return (f"{self.searches} mode searches from overdispersed starts: "
-                    f"{self.converged} converged, one mode")
+                    f"{self.converged} converged, one mode{light}")
         shares = _shares(self.modes)
         return (f"{self.searches} mode searches from overdispersed starts: {len(self.modes)} "
-                f"distinct modes (Laplace mass {', '.join(f'{s:.2f}' for s in shares)})")
+                f"distinct modes (Laplace mass {', '.join(f'{s:.2f}' for s in shares)})"
+                f"{light}")
 
 
 def search(guide, data: dict, count: int, seed: int, first: torch.Tensor | None = None
@@ -111,7 +119,9 @@ def _search(guide, data: dict, count: int, seed: int, first: torch.Tensor | None
             same.hits += 1
     head = modes[:1] if first_known else []
     rest = sorted(modes[len(head):], key=lambda mode: -mode.log_mass)
-    return Found(head + rest, len(starts), converged, first_known)
+    shares = _shares(head + rest) if modes else []
+    kept = [mode for mode, share in zip(rest, shares[len(head):]) if share >= MIN_SHARE]
+    return Found(head + kept, len(starts), converged, first_known, light=len(rest) - len(kept))
 
 
 def overdispersed(guide, sites: list[laplace.Site], data: dict, like: torch.Tensor,
