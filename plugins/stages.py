@@ -62,7 +62,7 @@ def gaussian(family: Literal["auto", "full_rank", "low_rank", "diagonal"] = "aut
              estimator: Literal["stl", "reparam"] = "stl", lr: float | str = "auto",
              max_steps: int | None = 300, window: int = 50, skl: float = 0.01,
              lr_factor: float = 0.5, spread: float = 0.5, scatter: float = 0.0,
-             modes: int = 0):
+             modes: int = 8):
     """Independent Gaussian fits: STL, searched step size, stopped at convergence; no more
     fits once ``min_runs`` agree or the stage has taken ``budget_steps`` steps. With
     ``scatter`` > 0, fits after the first start ``scatter`` of the start's sds away (a draw)
