@@ -133,8 +133,10 @@ def vibench_row(summary: dict) -> dict:
     auto = summary.get("auto")
     flags = auto.get("flags") if auto else (
         [f"k-hat {khat:.2f}"] if khat is not None and khat > 0.7 else [])
-    return {"max_z": ref.get("max_z"), "min_r": ref.get("min_r"), "max_r": ref.get("max_r"),
-            "good": ref.get("good"), "khat": khat, "flags": flags,
+    return {"status": summary.get("status"), "max_z": ref.get("max_z"),
+            "min_r": ref.get("min_r"), "max_r": ref.get("max_r"),
+            "good": bool(ref.get("good")) and summary.get("status") == "completed",
+            "khat": khat, "flags": flags,
             "trusted": auto.get("trusted") if auto else not flags,
             "estimates": auto.get("estimates") if auto else None,
             "final_loss": summary.get("final_loss"), "steps": summary.get("steps")}
@@ -262,6 +264,23 @@ def table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def tally(rows: list[dict]) -> str:
+    """Per method: good rows, failed rows and, for vibench, misses it trusted (silent)."""
+    lines = ["| method | rows | good | failed | trusted but not good | flagged but good |",
+             "|---|---:|---:|---:|---:|---:|"]
+    for method in METHODS:
+        mine = [r for r in rows if r["method"] == method]
+        if not mine:
+            continue
+        ran = [r for r in mine if "error" not in r]
+        vb = not method.startswith("pymc")
+        silent = sum(1 for r in ran if not r["good"] and r.get("trusted")) if vb else "-"
+        alarm = sum(1 for r in ran if r["good"] and not r.get("trusted")) if vb else "-"
+        lines.append(f"| {method} | {len(mine)} | {sum(1 for r in ran if r['good'])} | "
+                     f"{len(mine) - len(ran)} | {silent} | {alarm} |")
+    return "\n".join(lines)
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("names", nargs="*", metavar="NAME", help="default: all fourteen")
@@ -275,7 +294,8 @@ def main(argv=None) -> int:
                         help="the vibench baselines' Adam step size (the recipes' 0.01)")
     parser.add_argument("--out", type=Path, default=Path("peers_advi_runs"))
     parser.add_argument("--check", action="store_true", help="only check the PyMC ports")
-    parser.add_argument("--table", type=Path, help="only print the table of a results.jsonl")
+    parser.add_argument("--table", type=Path, nargs="+",
+                        help="only print the table of these results.jsonl files, together")
     parser.add_argument("--pymc-one", nargs=5, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.pymc_one:
@@ -289,8 +309,9 @@ def main(argv=None) -> int:
     if args.check:
         return 0 if check(names) else 1
     if args.table:
-        rows = [json.loads(line) for line in args.table.read_text().splitlines() if line]
-        print(table(rows))
+        rows = [json.loads(line) for path in args.table
+                for line in path.read_text().splitlines() if line]
+        print(table(rows) + "\n\n" + tally(rows))
         return 0
     return grid(names, args)
 
@@ -311,7 +332,7 @@ def grid(names: list[str], args) -> int:
                 with results.open("a") as f:
                     f.write(json.dumps(rows[-1]) + "\n")
                 print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
-    print(table(rows))
+    print(table(rows) + "\n\n" + tally(rows))
     return 0
 
 
