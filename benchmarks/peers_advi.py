@@ -129,10 +129,16 @@ def vibench_command(name: str, method: str, seed: int, steps: int, lr: float,
 def vibench_row(summary: dict) -> dict:
     """Score, k-hat and flags from a run's summary.json."""
     ref = summary.get("reference") or {}
-    khat = (summary.get("diagnostics") or {}).get("khat")
+    diagnostics = summary.get("diagnostics") or {}
+    khat = diagnostics.get("khat")  # null where it is infinite or was not computed
     auto = summary.get("auto")
-    flags = auto.get("flags") if auto else (
-        [f"k-hat {khat:.2f}"] if khat is not None and khat > 0.7 else [])
+    if auto:
+        flags = auto.get("flags") or []
+    elif khat is None:
+        flags = ["k-hat inf" if "bad" in diagnostics.get("reading", "") else
+                 "k-hat not computed"]
+    else:
+        flags = [f"k-hat {khat:.2f}"] if khat > 0.7 else []
     return {"status": summary.get("status"), "max_z": ref.get("max_z"),
             "min_r": ref.get("min_r"), "max_r": ref.get("max_r"),
             "good": bool(ref.get("good")) and summary.get("status") == "completed",
