@@ -31,6 +31,7 @@ PORTED = {  # twin: its port's name, which names its data set too
     "diamonds": "pdb_diamonds", "arma11": "pdb_arma11", "garch11": "pdb_garch11",
     "gauss_mix": "pdb_gauss_mix", "hmm_drive": "pdb_hmm_drive",
 }
+DETERMINISTIC = {"eight_schools": {"theta"}, "garch11": {"beta1"}}  # sites with no density plot
 
 
 def twin_of(case: str) -> tuple[str, str, dict, str]:
@@ -128,8 +129,16 @@ def test_a_ports_twin_has_its_log_density(case: str, float64):
                              atol=1e-9), (i, expected)
 
 
+# The pipeline's fits use loss elbo with autoguides, which refuse the discrete site that
+# gaussian_mixture sums out by enumeration: the shipped model fails there as its twin does.
+NOT_IN_PIPELINE = pytest.mark.xfail(
+    reason="the pipeline cannot fit a model with an enumerated discrete site", strict=True)
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("case", [*PORTED, *SHIPPED])
+@pytest.mark.parametrize("case", [
+    *PORTED, *(pytest.param(case, marks=NOT_IN_PIPELINE if case == "gaussian_mixture" else ())
+               for case in SHIPPED)])
 def test_the_automatic_pipeline_fits_a_plain_twin(tmp_path: Path, case: str):
     """A recipe naming only the twin and its data: the pipeline completes with a k-hat, its
     answer's posterior.nc and plots, every fit's draws evaluated by vmap; a port's twin is
@@ -143,7 +152,8 @@ def test_the_automatic_pipeline_fits_a_plain_twin(tmp_path: Path, case: str):
     summary = json.loads((out / "summary.json").read_text())
     assert summary["status"] == "completed" and summary["diagnostics"]["khat"] is not None
     assert (out / "posterior.nc").exists()
-    assert {f"site-{site}.png" for site in summary["posterior"]} <= {
+    latent = set(summary["posterior"]) - DETERMINISTIC.get(case, set())
+    assert {f"site-{site}.png" for site in latent} <= {
         path.name for path in (out / "plots").iterdir()}
     for fitted in sorted((out / "fits").iterdir()):
         inner = json.loads((fitted / "summary.json").read_text())
