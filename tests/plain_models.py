@@ -84,6 +84,40 @@ def guarded(x, y):
         pyro.sample("obs", dist.Normal(intercept + x @ coefficients, 0.5), obs=y)
 
 
+def logistic(x, y):
+    """logistic_regression, plain: a matrix-vector product for the logits."""
+    intercept = pyro.sample("intercept", dist.Normal(0.0, 10.0))
+    coefficients = pyro.sample("coefficients",
+                               dist.Normal(torch.zeros(x.shape[1]), 10.0).to_event(1))
+    with pyro.plate("data", len(y)):
+        pyro.sample("obs", dist.Bernoulli(logits=intercept + x @ coefficients), obs=y)
+
+
+def eight_schools(y, sigma):
+    """eight_schools (non-centred), plain: each school's effect in a loop, as Stan writes
+    ``for (j in 1:J) theta[j] = mu + tau * theta_tilde[j]``."""
+    mu = pyro.sample("mu", dist.Normal(0.0, 5.0))
+    tau = pyro.sample("tau", dist.HalfCauchy(5.0))
+    with pyro.plate("schools", len(y)):
+        theta_tilde = pyro.sample("theta_tilde", dist.Normal(0.0, 1.0))
+        theta = torch.stack([mu + tau * theta_tilde[j] for j in range(len(y))])
+        pyro.deterministic("theta", theta, event_dim=0)
+        pyro.sample("obs", dist.Normal(theta, sigma), obs=y)
+
+
+def gaussian_mixture(y):
+    """gaussian_mixture (two components, the scale learned), plain: each datum's mean picked
+    by ``locs[assignment]``; fit it with loss enum_elbo."""
+    weights = pyro.sample("weights", dist.Dirichlet(torch.ones(2)))
+    with pyro.plate("components", 2):
+        locs = pyro.sample("locs", dist.Normal(0.0, 10.0))
+    scale = pyro.sample("scale", dist.HalfNormal(5.0))
+    with pyro.plate("data", len(y)):
+        assignment = pyro.sample("assignment", dist.Categorical(weights),
+                                 infer={"enumerate": "parallel"})
+        pyro.sample("obs", dist.Normal(locs[assignment], scale), obs=y)
+
+
 def costs(rows: int = 2000, steps: int = 100) -> None:
     """Print what not broadcasting costs on ``hierarchical`` beside its broadcasting twin:
     a step with 4 particles (at once, one after another), and the report's parts (k-hat on
