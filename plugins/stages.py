@@ -333,7 +333,7 @@ class RHat:
         pipeline.rhat = {"max": found[worst], "worst": worst, "threshold": self.threshold,
                          "fits": len(fits), "params": found}
         if found[worst] > self.threshold:
-            searched = getattr(pipeline, "modes", None)
+            searched = pipeline.modes
             several = (f": several modes ({len(searched.modes)} found by the mode searches)"
                        if searched is not None and len(searched.modes) > 1 else "")
             mixture = _weighed(pipeline, fits) if several else None

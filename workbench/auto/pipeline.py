@@ -115,6 +115,7 @@ class Pipeline:
     candidates: list[Fit] = field(default_factory=list)  # where the estimates come from
     weighted: float | None = None  # report PSIS estimates of fits with k-hat below this
     rhat: dict | None = None
+    modes: Any = None  # what the gaussian stage's mode searches found (plugins/modes.py)
     flags: list[str] = field(default_factory=list)
     last_run: Any = None
     resumed: bool = False  # going on after a stop (--resume): a fit finished before is kept
