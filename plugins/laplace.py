@@ -162,7 +162,7 @@ def find_mode(potential: Callable, start: torch.Tensor, with_hessian: bool) -> F
     fits = []
     for attempt in range(1 + RESTARTS):
         point = start if attempt == 0 else torch.rand_like(start) * 4 - 2
-        fit = _descend(potential, point, with_hessian)
+        fit = descend(potential, point, with_hessian)
         if fit is not None:
             fits.append(fit)
             if fit.converged:
@@ -171,7 +171,7 @@ def find_mode(potential: Callable, start: torch.Tensor, with_hessian: bool) -> F
     return min(converged or fits, key=lambda fit: fit.potential, default=None)
 
 
-def _descend(potential: Callable, start: torch.Tensor, with_hessian: bool) -> Fit | None:
+def descend(potential: Callable, start: torch.Tensor, with_hessian: bool) -> Fit | None:
     """L-BFGS from one start, then a few Newton steps where the Hessian is positive definite
     (they fix what L-BFGS leaves along badly scaled directions, such as kilpisjarvi's)."""
     point = start.detach().clone().requires_grad_(True)

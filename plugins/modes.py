@@ -104,7 +104,7 @@ def _search(guide, data: dict, count: int, seed: int, first: torch.Tensor | None
     modes: list[Mode] = []
     converged, first_known = 0, False
     for index, start in enumerate(starts):
-        fit = laplace._descend(potential, start, True)
+        fit = laplace.descend(potential, start, True)
         mode = _laplace(fit)
         if mode is None and index == 0 and first is not None:  # as the first fit's start
             return Found([], 1, 0, stopped=True)
