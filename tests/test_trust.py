@@ -19,7 +19,7 @@ import torch
 import yaml
 
 from tests.adversarial.test_stop_anywhere import launch
-from tests.helpers import COIN, REPO, checkpointed_step, start, vibench, wait_for_checkpoint
+from tests.helpers import COIN, REPO, checkpointed_step, python, start, vibench, wait_for_checkpoint
 from workbench import hookimpl
 
 LINEAR = REPO / "recipes" / "linear_regression.yaml"
@@ -370,6 +370,27 @@ def test_a_stop_signal_during_set_up_is_one_line_and_leaves_nothing(tmp_path: Pa
     last = stderr.strip().splitlines()[-1]  # "interrupted", or where: "... while loading plugin"
     assert last == "interrupted" or last.startswith("interrupted while loading plugin "), stderr
     assert not (tmp_path / "r").exists()
+
+
+def test_a_stop_signal_inside_a_finalizer_is_raised_after_it_not_dropped():
+    """A signal whose handler runs inside a finalizer (``__del__``, where Python can only
+    print "Exception ignored" and drop the exception) still stops the process once it is out."""
+    done = python(
+        "import os, signal, time\n"
+        "from workbench import signals\n"
+        "signals.install()\n"
+        "class Finalized:\n"
+        "    def __del__(self):\n"
+        "        os.kill(os.getpid(), signal.SIGTERM)\n"
+        "        sum(range(10_000))  # the handler runs here, inside the finalizer\n"
+        "try:\n"
+        "    Finalized()\n"
+        "    time.sleep(30)\n"
+        "    print('not stopped')\n"
+        "except signals.Signalled as exc:\n"
+        "    print('stopped by', exc)\n")
+    assert done.stdout.strip() == "stopped by SIGTERM", done.stdout + done.stderr
+    assert "Exception ignored" not in done.stderr, done.stderr
 
 
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])

@@ -6,8 +6,10 @@ The policy, in one place: in training (``deferred``) a signal is recorded and th
 at a safe point, saving first. Anywhere else it raises ``Signalled`` at once, unless the
 process is inside an import: an exception there can leave a module half-imported for code that
 goes on (numpy without its functions), so it is raised as soon as the import is over, and a
-second signal meanwhile ends the process at once. ``finishing`` covers the process's last
-moments, after the command's code is known."""
+second signal meanwhile ends the process at once. Where the interpreter cannot raise it (a
+finalizer or callback that ran during the signal: Python would print "Exception ignored" and
+drop it), it is deferred the same way. ``finishing`` covers the process's last moments, after
+the command's code is known."""
 
 from __future__ import annotations
 
@@ -104,6 +106,23 @@ def install() -> None:
     if threading.current_thread() is threading.main_thread():
         for signum in STOP_SIGNALS:
             signal.signal(signum, _raise)
+        if sys.unraisablehook is not _unraisable:
+            _unraisable.default = sys.unraisablehook
+            sys.unraisablehook = _unraisable
+
+
+def _unraisable(unraisable: object) -> None:
+    """A ``Signalled`` raised where Python can only drop it (inside a finalizer) is raised
+    again at the next safe point; anything else is Python's to print."""
+    exc = getattr(unraisable, "exc_value", None)
+    if isinstance(exc, Signalled) and threading.current_thread() is threading.main_thread():
+        _pending.append(exc.signum)
+        _retry_later()
+        return
+    _unraisable.default(unraisable)
+
+
+_unraisable.default = sys.unraisablehook
 
 
 def _late(signum: int, frame: FrameType | None) -> None:
