@@ -277,7 +277,7 @@ TWINS = {  # case: (plain model, its broadcasting twin, data, its line that fail
     "hierarchical": (f"{PLAIN}:hierarchical", {"name": f"{PLAIN}:hierarchical_broadcasting"},
                      None, "a[g.index_select(0, ind)] + X.index_select(0, ind) @ beta"),
 }
-GUIDES = {"auto_normal": 1, "auto_multivariate_normal": 4}  # guide: particles
+GUIDES = {"auto_normal": 1, "auto_multivariate_normal": 2}  # guide: particles
 
 
 def plain_recipe(directory: Path, model: dict, data: dict | None, guide: str = "auto_normal",
@@ -312,7 +312,7 @@ def means(summary: dict) -> dict[str, tuple]:
             for name, entry in summary["posterior"].items()}
 
 
-# The quick suite fits the coin with one particle and the hierarchical model with four, one
+# The quick suite fits the coin with one particle and the hierarchical model with two, one
 # after another; the other pairs run in the slow suite.
 QUICK_TWINS = {("coin", "auto_normal"), ("hierarchical", "auto_multivariate_normal")}
 
