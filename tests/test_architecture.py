@@ -9,9 +9,9 @@ from pathlib import Path
 from tests.helpers import REPO, python
 
 # Each room may import only from rooms before it (and itself).
-ORDER = ["errors", "hookspecs", "signals", "progress", "distributed", "seams", "rundir", "data",
-         "config", "device", "plugins", "report", "compile", "train", "auto", "compare",
-         "service", "api", "cli"]
+ORDER = ["errors", "environment", "hookspecs", "signals", "progress", "distributed", "seams",
+         "rundir", "data", "config", "device", "plugins", "report", "compile", "train", "auto",
+         "compare", "service", "api", "cli"]
 
 
 def room(module: str) -> str:

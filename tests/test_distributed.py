@@ -282,6 +282,20 @@ def test_a_run_goes_on_with_as_many_processes_as_it_trained_on():
         _check_world({}, 2, "--resume r")
 
 
+@pytest.mark.parametrize("value", ["soon", "0", "-5", "inf", "nan"])
+def test_a_timeout_that_is_not_seconds_is_one_line(monkeypatch, value: str):
+    from workbench import distributed
+    from workbench.errors import UsageError
+
+    monkeypatch.setenv("VIBENCH_DIST_TIMEOUT", value)
+    with pytest.raises(UsageError) as caught:
+        distributed.timeout()
+    assert str(caught.value) == (f"VIBENCH_DIST_TIMEOUT={value!r}: expected a number of "
+                                 f"seconds above 0 (default {distributed.DEFAULT_TIMEOUT:g})")
+    monkeypatch.setenv("VIBENCH_DIST_TIMEOUT", " 2.5 ")
+    assert distributed.timeout() == 2.5
+
+
 def test_a_dead_rank_stops_the_others_with_one_line_and_keeps_the_checkpoint(tmp_path: Path):
     out = tmp_path / "killed"
     child = torchrun("run", str(LINEAR), *RESUMABLE, "--out", str(out), popen=True,

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from datetime import timedelta
 from typing import TYPE_CHECKING, Any
 
+from workbench import environment
 from workbench.errors import PeerLost, UsageError, one_line
 
 if TYPE_CHECKING:
@@ -71,16 +72,7 @@ def detect(env: Mapping[str, str] = os.environ) -> World:
 
 def timeout() -> float:
     """Seconds a collective waits for the other ranks before it fails (VIBENCH_DIST_TIMEOUT)."""
-    text = os.environ.get(TIMEOUT_ENV)
-    if not text:
-        return DEFAULT_TIMEOUT
-    try:
-        seconds = float(text)
-    except ValueError:
-        seconds = -1.0
-    if not seconds > 0:
-        raise UsageError(f"{TIMEOUT_ENV}: {text!r} is not a positive number of seconds")
-    return seconds
+    return environment.seconds(TIMEOUT_ENV, DEFAULT_TIMEOUT)
 
 
 def world() -> World:

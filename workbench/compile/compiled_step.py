@@ -19,7 +19,6 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import math
-import os
 import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -30,7 +29,7 @@ import torch
 from pyro import poutine
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from workbench import progress
+from workbench import environment, progress
 from workbench.compile import package_cache
 from workbench.errors import UsageError, one_line
 from workbench.rundir import files
@@ -201,17 +200,7 @@ def compile_step(svi: Any, data: dict, steps: int | None = None, backend: str = 
 def max_ops() -> int:
     """The most torch operations a step may run for ``auto`` to compile it: MAX_OPS, or
     VIBENCH_COMPILE_MAX_OPS; a value that is not a whole number >= 0 is a UsageError."""
-    text = os.environ.get(MAX_OPS_ENV, "").strip()
-    if not text:
-        return MAX_OPS
-    try:
-        value = int(text)
-    except ValueError:
-        value = -1
-    if value < 0:
-        raise UsageError(f"{MAX_OPS_ENV}={text!r}: expected a whole number of operations "
-                         f"(default {MAX_OPS})")
-    return value
+    return environment.count(MAX_OPS_ENV, MAX_OPS, "operations")
 
 
 def _probe(svi: Any, data: dict) -> tuple[list[torch.Tensor], int]:

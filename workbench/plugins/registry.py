@@ -20,7 +20,6 @@ import importlib.util
 import inspect
 import io
 import keyword
-import math
 import os
 import re
 import signal
@@ -37,7 +36,7 @@ from typing import Any
 
 import pluggy
 
-from workbench import hookspecs
+from workbench import environment, hookspecs
 from workbench.config.kinds import INJECTED, ITSELF, KINDS
 from workbench.config.options import Option, read_options
 from workbench.errors import Interrupted, UsageError, did_you_mean
@@ -557,19 +556,13 @@ class _Discard:
 
 
 def plugin_timeout() -> float:
-    """Seconds a plugin may take to import or to run one hook: VIBENCH_PLUGIN_TIMEOUT, if set."""
-    raw = os.environ.get("VIBENCH_PLUGIN_TIMEOUT", "").strip()
-    if not raw:
-        return PLUGIN_TIMEOUT
+    """Seconds a plugin may take to import or to run one hook: VIBENCH_PLUGIN_TIMEOUT, if set.
+    A bad value is a warning, not an error: every command loads the plugins, ``--help`` too."""
     try:
-        seconds = float(raw)
-    except ValueError:
-        seconds = math.nan
-    if math.isfinite(seconds) and seconds > 0:
-        return seconds
-    _warn(f"VIBENCH_PLUGIN_TIMEOUT={raw!r} is not a number of seconds above 0; "
-          f"using {PLUGIN_TIMEOUT:g}")
-    return PLUGIN_TIMEOUT
+        return environment.seconds("VIBENCH_PLUGIN_TIMEOUT", PLUGIN_TIMEOUT)
+    except UsageError as exc:
+        _warn(f"{exc}; using {PLUGIN_TIMEOUT:g}")
+        return PLUGIN_TIMEOUT
 
 
 def _join(thread: threading.Thread, limit: float, idle_s: float | None) -> bool:
