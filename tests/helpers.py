@@ -30,9 +30,10 @@ EXACT_STD = math.sqrt(16 * 14 / (30**2 * 31))
 TOLERANCE = 0.25 * EXACT_STD
 # Nothing but the fit: no evaluation, plots or diagnostic (none of them changes the fit).
 QUICK = ["train.eval_every=0", "train.plots=false", "train.diagnostics=false"]
-# The seed's settings take 4000 steps; a decaying, larger learning rate gets there in 1000.
-FAST = ["optimizer.lr=0.05", "optimizer.schedule=exponential", "optimizer.schedule.gamma=0.997",
-        "train.steps=1000", *QUICK]
+# The seed's settings take 4000 steps; a larger learning rate decaying to 1/50 of itself gets
+# there in 500 (on seeds 0-3, every quick guide and loss within 0.62 of TOLERANCE).
+FAST = ["optimizer.lr=0.1", "optimizer.schedule=exponential", "optimizer.schedule.gamma=0.992",
+        "train.steps=500", *QUICK]
 # The machine's own CUDA_VISIBLE_DEVICES, kept by conftest.py before it hides the GPUs.
 GPU_DEVICES = None if os.environ.get("VIBENCH_TEST_GPUS", "<unset>") == "<unset>" else \
     os.environ["VIBENCH_TEST_GPUS"]

@@ -75,8 +75,8 @@ def test_analytic_kl_loss_agrees_with_elbo_on_the_coin(tmp_path: Path):
     """The same fit by two routes: Monte Carlo KL and closed-form KL (both Beta)."""
     fits = {loss: coin_fit(tmp_path, f"loss={loss}", *FAST)[1]["posterior"]["latent_fairness"]
             for loss in ("elbo", "analytic_kl_elbo")}
-    assert fits["elbo"]["mean"] == pytest.approx(fits["analytic_kl_elbo"]["mean"], abs=0.01)
-    assert fits["elbo"]["std"] == pytest.approx(fits["analytic_kl_elbo"]["std"], abs=0.005)
+    for key in ("mean", "std"):  # each route's own noise is a tenth of an sd or less
+        assert fits["elbo"][key] == pytest.approx(fits["analytic_kl_elbo"][key], abs=TOLERANCE)
 
 
 @pytest.mark.parametrize("loss", ["elbo", "graph_elbo", "enum_elbo"])
