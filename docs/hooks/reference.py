@@ -212,10 +212,17 @@ def _is_environ(node: ast.AST) -> bool:
             or (isinstance(node, ast.Name) and node.id in ("environ", "env")))
 
 
+def _is_reader(func: ast.Attribute) -> bool:
+    """``environment.seconds`` or ``environment.count`` (workbench/environment.py)."""
+    return (func.attr in ("seconds", "count") and isinstance(func.value, ast.Name)
+            and func.value.id == "environment")
+
+
 def _env_names(tree: ast.Module) -> set[str]:
     """The environment variables a module reads or sets: os.environ.get(X), os.environ[X],
-    X in os.environ, os.getenv(X) (also through a mapping named env), X a string or a
-    module-level constant holding one."""
+    X in os.environ, os.getenv(X) (also through a mapping named env),
+    environment.seconds(X, ...) or .count(X, ...), X a string or a module-level constant
+    holding one."""
     constants = {target.id: node.value.value for node in tree.body
                  if isinstance(node, ast.Assign) and isinstance(node.value, ast.Constant)
                  and isinstance(node.value.value, str)
@@ -231,7 +238,7 @@ def _env_names(tree: ast.Module) -> set[str]:
         key = None
         if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.args:
             if ((node.func.attr in ("get", "pop", "setdefault") and _is_environ(node.func.value))
-                    or node.func.attr == "getenv"):
+                    or node.func.attr == "getenv" or _is_reader(node.func)):
                 key = name(node.args[0])
         elif isinstance(node, ast.Subscript) and _is_environ(node.value):
             key = name(node.slice)
