@@ -14,7 +14,7 @@ lie on either side of the origin is searched on both sides whatever the random s
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -60,6 +60,17 @@ class Found:
     first_known: bool = False
     stopped: bool = False  # the search from the first fit's start found no mode
     light: int = 0  # modes left out, their Laplace mass below MIN_SHARE
+
+    def unvisited(self, gaussians: list[tuple]) -> int:
+        """How many of the distinct modes no fit sits at: no Gaussian (loc, scale_tril or
+        marginal sds) of ``gaussians`` is the same mode (``Mode.same``). The fits' weighed
+        mixture cannot stand for a posterior with a mode that none of them covers."""
+        fitted = []
+        for loc, scale in gaussians:
+            sds = scale if scale.dim() == 1 else scale.pow(2).sum(-1).sqrt()
+            fitted.append(Mode(loc.detach().cpu(), 0.0, torch.diag(sds.detach().cpu() ** 2),
+                               0.0))
+        return sum(not any(mode.same(fit) for fit in fitted) for mode in self.modes)
 
     def said(self) -> str:
         """In a few words, for the gaussian stage's line."""
@@ -171,11 +182,18 @@ def _shares(modes: list[Mode]) -> list[float]:
 @dataclass
 class Weighed:
     """The fits' equal mixture importance-weighted against the model: its PSIS k-hat, the
-    effective sample size's fraction, and per site the weighted mean and sd of its values."""
+    effective sample size's fraction of ``draws``, per site the weighted mean and sd of its
+    values (flat), and per site the entry the pipeline reports when this mixture is its
+    answer (``entries``: mean, std and the quantiles QUANTILES, in the site's shape); the
+    ELBO and log evidence the same weights give (log of the mean weight)."""
 
     khat: float
     ess_fraction: float
     moments: dict[str, tuple[list[float], list[float]]]
+    entries: dict[str, dict] = field(default_factory=dict)
+    draws: int = 0
+    elbo: float | None = None
+    log_evidence: float | None = None
 
     def said(self) -> str:
         """The k-hat and each element's mean +- sd, for the rhat stage's line."""
@@ -186,6 +204,15 @@ class Weighed:
                 shown.append(f"{label} {mean:.3g} +- {sd:.3g}")
         return (f"the fits' equal mixture importance-weighted against the model: k-hat "
                 f"{self.khat:.2f}, ESS {self.ess_fraction:.0%}: {', '.join(shown)}")
+
+    def diagnostics(self) -> dict:
+        """summary.json's ``diagnostics`` where this mixture is the pipeline's answer, in
+        the keys a run's report reads (workbench/rundir/summary.py ``Diagnostics``)."""
+        from workbench.report.thresholds import khat_reading
+
+        return {"khat": self.khat, "reading": khat_reading(self.khat, self.ess_fraction),
+                "ess": self.ess_fraction * self.draws, "ess_fraction": self.ess_fraction,
+                "num_draws": self.draws, "elbo": self.elbo, "log_evidence": self.log_evidence}
 
 
 def weigh_mixture(guide, data: dict, gaussians: list[tuple], draws: int, seed: int
@@ -224,11 +251,31 @@ def _weigh(guide, data: dict, gaussians: list[tuple], draws: int, seed: int) -> 
     points, log_w = points[finite], log_w[finite]
     khat, smoothed = psis(log_w)
     weights = torch.softmax(smoothed, 0)
-    moments = {}
+    moments, entries = {}, {}
     for site in sites:
         unconstrained = points[:, site.start:site.stop].reshape(-1, *site.shape)
-        values = site.transform(unconstrained).reshape(len(points), -1)
+        constrained = site.transform(unconstrained)
+        values = constrained.reshape(len(points), -1)
         mean = weights @ values
         sd = (weights @ (values - mean).pow(2)).sqrt()
         moments[site.name] = (mean.tolist(), sd.tolist())
-    return Weighed(khat, float(1 / weights.pow(2).sum()) / len(weights), moments)
+        entries[site.name] = _entry(values, weights, mean, sd, constrained.shape[1:])
+    return Weighed(khat, float(1 / weights.pow(2).sum()) / len(weights), moments, entries,
+                   len(weights), float(log_w.mean()),
+                   float(torch.logsumexp(log_w, 0)) - math.log(len(log_w)))
+
+
+def _entry(values: torch.Tensor, weights: torch.Tensor, mean: torch.Tensor, sd: torch.Tensor,
+           shape: torch.Size) -> dict:
+    """A site's entry in the pipeline's ``posterior`` from weighted draws (``values``, one
+    row a draw): mean, std and weighted quantiles, numbers for a scalar site, nested lists in
+    its ``shape`` else."""
+    from workbench.report.posterior import QUANTILES
+
+    ordered, order = values.sort(0)
+    cumulative = weights[order].cumsum(0)
+    entry = {"mean": mean, "std": sd}
+    for key, q in QUANTILES.items():
+        index = (cumulative < q).sum(0, keepdim=True).clamp(max=len(values) - 1)
+        entry[key] = ordered.gather(0, index)[0]
+    return {key: value.reshape(shape).tolist() for key, value in entry.items()}
