@@ -27,8 +27,9 @@ from workbench.plugins.registry import get_registry
 
 def two_modes(light: float = 0.5):
     """x's posterior: a mixture of about N(-4, 0.5^2) and N(4, 0.5^2), the second with weight
-    about ``light`` (equal: mean 0, sd 4)."""
+    about ``light`` (equal: mean 0, sd 4); x2 = x^2, a deterministic site."""
     x = pyro.sample("x", dist.Normal(torch.tensor(0.0), 3.0))
+    pyro.deterministic("x2", x ** 2)
     weights = torch.stack([1 - torch.as_tensor(light), torch.as_tensor(light)]).float()
     likelihood = dist.MixtureSameFamily(dist.Categorical(weights),
                                         dist.Normal(x[..., None] + torch.tensor([4.0, -4.0]), 0.5))
@@ -90,6 +91,12 @@ def test_fits_at_the_modes_the_searches_found_are_answered_by_their_weighed_mixt
     entry = summary["posterior"]["x"]
     assert abs(entry["mean"] - mean) < 0.15 * sd and abs(entry["std"] / sd - 1) < 0.15
     assert entry["q05"] < -3 and entry["q95"] > 3  # both modes inside the 90% interval
+    # x^2 at either mode N(+-c, v): mean c^2 + v, sd sqrt(4 c^2 v + 2 v^2), whatever light
+    centre, variance = 4 / 0.25 / (1 / 9 + 4), 1 / (1 / 9 + 4)
+    square = summary["posterior"]["x2"]
+    square_sd = math.sqrt(4 * centre ** 2 * variance + 2 * variance ** 2)
+    assert abs(square["mean"] - centre ** 2 - variance) < 0.15 * square_sd
+    assert abs(square["std"] / square_sd - 1) < 0.15
     assert summary["diagnostics"]["khat"] == auto["rhat"]["mixture"]["khat"] < 0.5
     data = az.from_netcdf(tmp_path / "run" / "posterior.nc")
     drawn = data.posterior["x"].values.ravel()
