@@ -200,3 +200,21 @@ def test_where_a_mode_found_has_no_fit_at_it_the_answer_stays_flagged(tmp_path: 
     assert "3 distinct modes" in said["gaussian"]
     assert not auto["trusted"] and auto["answer"] == "best"
     assert any("1 of the modes found has no fit at it" in flag for flag in auto["flags"])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_the_hard_two_mode_posterior_is_answered_by_the_weighed_mixture(tmp_path: Path,
+                                                                         seed: int):
+    """hard_mixture2 (packages/vibench-hardcases): modes 8 sds apart with weights 0.70 and
+    0.30; its reference is exact. The answer, its draws and plots are the weighed mixture's,
+    good against the reference (every z <= 0.2, 0.8 <= r <= 1.2) and trusted."""
+    pytest.importorskip("vibench_hardcases")
+    from tests.helpers import REPO
+
+    recipe = REPO / "packages" / "vibench-hardcases" / "recipes" / "hard_mixture2.yaml"
+    summary = service.start(recipe, [f"seed={seed}"], tmp_path / "run", get_registry()).train()
+    assert summary["auto"]["answer"] == "weighed mixture" and summary["auto"]["trusted"]
+    assert summary["reference"]["good"]
+    assert (tmp_path / "run" / "posterior.nc").is_file()
+    assert (tmp_path / "run" / "plots" / "site-theta.png").is_file()
