@@ -261,8 +261,12 @@ def _weigh(guide, data: dict, gaussians: list[tuple], draws: int, seed: int) -> 
         sd = (weights @ (values - mean).pow(2)).sqrt()
         moments[name] = (mean.tolist(), sd.tolist())
         entries[name] = _entry(values, weights, mean, sd, drawn.shape[1:])
-    for name, drawn in _derived(guide.model, data, constrained).items():
-        values = drawn.double().reshape(len(points), -1)
+    try:
+        derived = _derived(guide.model, data, constrained)
+    except (RuntimeError, ValueError, IndexError, NotImplementedError):
+        derived = {}  # a draw the model refuses: the answer's entries hold the latent sites
+    for name, drawn in derived.items():
+        values = drawn.to(weights).reshape(len(points), -1)
         mean = weights @ values
         sd = (weights @ (values - mean).pow(2)).sqrt()
         entries[name] = _entry(values, weights, mean, sd, drawn.shape[1:])

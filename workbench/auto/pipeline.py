@@ -446,9 +446,9 @@ def _answer(pipeline: Pipeline, fits: list[Fit]) -> tuple:
 
 def _mixed(pipeline: Pipeline, fits: list[Fit]) -> tuple:
     """The answer where it is the fits' weighed mixture (the rhat stage's
-    ``pipeline.mixture``): its moments and quantiles for the latent sites (a deterministic
-    site the mixture does not weigh is left out), its k-hat and ESS as the diagnostics,
-    each fit's k-hat beside them."""
+    ``pipeline.mixture``): its moments and quantiles per latent and deterministic site, its
+    k-hat and ESS as the diagnostics, each fit's k-hat beside them; the flags are the
+    stages' (the fits' own k-hats judge their guides, not the mixture)."""
     mixture = pipeline.mixture
     post = {site: dict(entry) for site, entry in mixture.entries.items()}
     labels = [fit.label for fit in fits]
