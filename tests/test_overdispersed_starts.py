@@ -36,13 +36,14 @@ def two_modes(light: float = 0.5):
     pyro.sample("y", likelihood, obs=torch.tensor(0.0))
 
 
-def run(tmp_path: Path, modes: int, light: float | None = 0.5, model: str = "two_modes"
-        ) -> dict:
+def run(tmp_path: Path, modes: int, light: float | None = 0.5, model: str = "two_modes",
+        max_steps: int = 20, lr: float = 0.01) -> dict:
     recipe = {"model": {"name": f"{Path(__file__).resolve()}:{model}"}, "loggers": [],
               "data": {"light": light} if model == "two_modes" else {},
               "train": {"plots": False, "eval_every": 0},
-              "auto": {"stages": ["start", {"name": "gaussian", "runs": 2, "lr": 0.01,
-                                            "max_steps": 20, "modes": modes}, "rhat", "psis"]}}
+              "auto": {"stages": ["start", {"name": "gaussian", "runs": 2, "lr": lr,
+                                            "max_steps": max_steps, "modes": modes}, "rhat",
+                                 "psis"]}}
     path = tmp_path / "recipe.yaml"
     path.write_text(yaml.safe_dump(recipe))
     return service.start(path, [], tmp_path / "run", get_registry()).train()
@@ -71,12 +72,16 @@ def test_fits_at_the_modes_the_searches_found_are_answered_by_their_weighed_mixt
     answer: its mean within 0.15 sd and its sd within 15% of the exact ones (4,000 draws at
     k-hat < 0.5 leave Monte Carlo errors near a tenth of that), trusted. posterior.nc's
     1,000 draws, resampled from the pooled draws of both fits, and ``Fit.sample``'s have the
-    same moments within 0.2 sd and 20%."""
+    same moments within 0.2 sd and 20%. The fits take 60 steps (lr 0.05) to their modes: one
+    left 0.7 of an sd off its mode after 20 steps (lr 0.01) gives the mixture a bad k-hat
+    (1.3 on seed 4 of 0-9, light 0.3), and the answer is then flagged, as it should be; with
+    60, all of seeds 0-9 are answered by the mixture, their errors below a third of these
+    bounds."""
     import arviz as az
 
     from workbench import load
 
-    summary = run(tmp_path, modes=4, light=light)
+    summary = run(tmp_path, modes=4, light=light, max_steps=60, lr=0.05)
     auto = summary["auto"]
     said = {stage["stage"]: stage["said"] for stage in auto["stages"]}
     shares = f"Laplace mass {max(light, 1 - light):.2f}, {min(light, 1 - light):.2f}"
