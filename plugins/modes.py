@@ -14,8 +14,9 @@ lie on either side of the origin is searched on both sides whatever the random s
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
+import pyro
 import torch
 
 from vibench_plugins import laplace
@@ -60,6 +61,17 @@ class Found:
     first_known: bool = False
     stopped: bool = False  # the search from the first fit's start found no mode
     light: int = 0  # modes left out, their Laplace mass below MIN_SHARE
+
+    def unvisited(self, gaussians: list[tuple]) -> int:
+        """How many of the distinct modes no fit sits at: no Gaussian (loc, scale_tril or
+        marginal sds) of ``gaussians`` is the same mode (``Mode.same``). The fits' weighed
+        mixture cannot stand for a posterior with a mode that none of them covers."""
+        fitted = []
+        for loc, scale in gaussians:
+            sds = scale if scale.dim() == 1 else scale.pow(2).sum(-1).sqrt()
+            fitted.append(Mode(loc.detach().cpu(), 0.0, torch.diag(sds.detach().cpu() ** 2),
+                               0.0))
+        return sum(not any(mode.same(fit) for fit in fitted) for mode in self.modes)
 
     def said(self) -> str:
         """In a few words, for the gaussian stage's line."""
@@ -171,11 +183,18 @@ def _shares(modes: list[Mode]) -> list[float]:
 @dataclass
 class Weighed:
     """The fits' equal mixture importance-weighted against the model: its PSIS k-hat, the
-    effective sample size's fraction, and per site the weighted mean and sd of its values."""
+    effective sample size's fraction of ``draws``, per site the weighted mean and sd of its
+    values (flat), and per site the entry the pipeline reports when this mixture is its
+    answer (``entries``: mean, std and the quantiles QUANTILES, in the site's shape); the
+    ELBO and log evidence the same weights give (log of the mean weight)."""
 
     khat: float
     ess_fraction: float
     moments: dict[str, tuple[list[float], list[float]]]
+    entries: dict[str, dict] = field(default_factory=dict)
+    draws: int = 0
+    elbo: float | None = None
+    log_evidence: float | None = None
 
     def said(self) -> str:
         """The k-hat and each element's mean +- sd, for the rhat stage's line."""
@@ -186,6 +205,15 @@ class Weighed:
                 shown.append(f"{label} {mean:.3g} +- {sd:.3g}")
         return (f"the fits' equal mixture importance-weighted against the model: k-hat "
                 f"{self.khat:.2f}, ESS {self.ess_fraction:.0%}: {', '.join(shown)}")
+
+    def diagnostics(self) -> dict:
+        """summary.json's ``diagnostics`` where this mixture is the pipeline's answer, in
+        the keys a run's report reads (workbench/rundir/summary.py ``Diagnostics``)."""
+        from workbench.report.thresholds import khat_reading
+
+        return {"khat": self.khat, "reading": khat_reading(self.khat, self.ess_fraction),
+                "ess": self.ess_fraction * self.draws, "ess_fraction": self.ess_fraction,
+                "num_draws": self.draws, "elbo": self.elbo, "log_evidence": self.log_evidence}
 
 
 def weigh_mixture(guide, data: dict, gaussians: list[tuple], draws: int, seed: int
@@ -224,11 +252,98 @@ def _weigh(guide, data: dict, gaussians: list[tuple], draws: int, seed: int) -> 
     points, log_w = points[finite], log_w[finite]
     khat, smoothed = psis(log_w)
     weights = torch.softmax(smoothed, 0)
-    moments = {}
-    for site in sites:
-        unconstrained = points[:, site.start:site.stop].reshape(-1, *site.shape)
-        values = site.transform(unconstrained).reshape(len(points), -1)
+    moments, entries = {}, {}
+    constrained = {site.name: site.transform(points[:, site.start:site.stop]
+                                             .reshape(-1, *site.shape)) for site in sites}
+    for name, drawn in constrained.items():
+        values = drawn.reshape(len(points), -1)
         mean = weights @ values
         sd = (weights @ (values - mean).pow(2)).sqrt()
-        moments[site.name] = (mean.tolist(), sd.tolist())
-    return Weighed(khat, float(1 / weights.pow(2).sum()) / len(weights), moments)
+        moments[name] = (mean.tolist(), sd.tolist())
+        entries[name] = _entry(values, weights, mean, sd, drawn.shape[1:])
+    try:
+        derived = _derived(guide.model, data, constrained)
+    except (RuntimeError, ValueError, IndexError, NotImplementedError):
+        derived = {}  # a draw the model refuses: the answer's entries hold the latent sites
+    for name, drawn in derived.items():
+        values = drawn.to(weights).reshape(len(points), -1)
+        mean = weights @ values
+        sd = (weights @ (values - mean).pow(2)).sqrt()
+        entries[name] = _entry(values, weights, mean, sd, drawn.shape[1:])
+    return Weighed(khat, float(1 / weights.pow(2).sum()) / len(weights), moments, entries,
+                   len(weights), float(log_w.mean()),
+                   float(torch.logsumexp(log_w, 0)) - math.log(len(log_w)))
+
+
+def _derived(model, data: dict, values: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Each ``pyro.deterministic`` site's value at each draw (``values``: each latent site's
+    draws, draws first), the model run conditioned on them: in one trace under a plate of
+    the draws where that agrees with one trace a draw on the first two, else one trace a
+    draw (a model that does not broadcast); {} where the model has none."""
+    from pyro import poutine
+
+    from workbench.report.posterior import deterministic_sites, plate_nesting
+
+    trace = poutine.trace(model).get_trace(**data)
+    derived = deterministic_sites(trace)
+    if not derived:
+        return {}
+    values = {name: value.to(trace.nodes[name]["value"].dtype) for name, value in values.items()}
+    count = len(next(iter(values.values())))
+    first = _one_by_one(model, data, {name: value[:2] for name, value in values.items()},
+                        derived)
+    try:
+        found = _vectorised(model, data, values, derived, trace, plate_nesting(trace))
+        if all(torch.allclose(found[name][:2], first[name], rtol=1e-4, atol=1e-6)
+               for name in derived):
+            return found
+    except (RuntimeError, ValueError, IndexError, NotImplementedError):
+        pass
+    return _one_by_one(model, data, values, derived) if count > 2 else first
+
+
+def _vectorised(model, data: dict, values: dict, derived: dict, trace, nesting: int) -> dict:
+    """The deterministic sites at every draw, in one trace under a plate of the draws."""
+    from pyro import poutine
+
+    from workbench.report.posterior import draws_of
+
+    count = len(next(iter(values.values())))
+    shaped = {}
+    for name, value in values.items():  # the draws' dim left of the model's plates
+        batch = value.dim() - 1 - trace.nodes[name]["fn"].event_dim
+        shaped[name] = value.reshape(count, *(1,) * (nesting - batch), *value.shape[1:])
+    with pyro.plate("_mixture_draws", count, dim=-(nesting + 1)):
+        traced = poutine.trace(poutine.condition(model, data=shaped)).get_trace(**data)
+    return {name: draws_of(traced.nodes[name]["value"], count, shape)
+            for name, shape in derived.items()}
+
+
+def _one_by_one(model, data: dict, values: dict, derived: dict) -> dict:
+    """The deterministic sites at every draw, one trace a draw."""
+    from pyro import poutine
+
+    found: dict[str, list] = {name: [] for name in derived}
+    for i in range(len(next(iter(values.values())))):
+        conditioned = poutine.condition(model, data={name: value[i]
+                                                     for name, value in values.items()})
+        traced = poutine.trace(conditioned).get_trace(**data)
+        for name in derived:
+            found[name].append(traced.nodes[name]["value"])
+    return {name: torch.stack(drawn) for name, drawn in found.items()}
+
+
+def _entry(values: torch.Tensor, weights: torch.Tensor, mean: torch.Tensor, sd: torch.Tensor,
+           shape: torch.Size) -> dict:
+    """A site's entry in the pipeline's ``posterior`` from weighted draws (``values``, one
+    row a draw): mean, std and weighted quantiles, numbers for a scalar site, nested lists in
+    its ``shape`` else."""
+    from workbench.report.posterior import QUANTILES
+
+    ordered, order = values.sort(0)
+    cumulative = weights[order].cumsum(0)
+    entry = {"mean": mean, "std": sd}
+    for key, q in QUANTILES.items():
+        index = (cumulative < q).sum(0, keepdim=True).clamp(max=len(values) - 1)
+        entry[key] = ordered.gather(0, index)[0]
+    return {key: value.reshape(shape).tolist() for key, value in entry.items()}

@@ -8,9 +8,11 @@
   the step size halves, and the next average agrees with it); with ``modes``, the fits start
   at each of the distinct modes that searches from overdispersed starts found, in turn;
 - ``rhat``: R-hat across those fits (Dhaka et al. 2020), flagged above ``threshold``; where
-  the fits sit at several modes (``gaussian``'s ``modes``), the flag says so and gives the
-  fits' equal mixture importance-weighted against the model (plugins/modes.py);
-- ``flow``: when the best Gaussian's PSIS k-hat is above ``khat``, a flow started at it;
+  the fits sit at several modes (``gaussian``'s ``modes``), their equal mixture
+  importance-weighted against the model (plugins/modes.py) is the answer where its k-hat is
+  trusted, else the flag says so and gives that mixture's moments;
+- ``flow``: when the best Gaussian's PSIS k-hat is above ``khat``, a flow started at it
+  (not where the answer is the fits' weighed mixture);
 - ``psis``: report the importance-weighted (PSIS) estimates of fits with k-hat below ``khat``.
 """
 
@@ -333,23 +335,41 @@ class RHat:
         pipeline.rhat = {"max": found[worst], "worst": worst, "threshold": self.threshold,
                          "fits": len(fits), "params": found}
         if found[worst] > self.threshold:
-            searched = pipeline.modes
-            several = (f": several modes ({len(searched.modes)} found by the mode searches)"
-                       if searched is not None and len(searched.modes) > 1 else "")
-            mixture = _weighed(pipeline, fits) if several else None
-            weighed = mixture.said() if mixture is not None else ""
-            if mixture is not None:  # summary.json's auto.rhat.mixture
-                pipeline.rhat["mixture"] = {"khat": mixture.khat,
-                                            "ess_fraction": mixture.ess_fraction,
-                                            "moments": mixture.moments}
-            pipeline.flags.append(f"R-hat {found[worst]:.3f} > {self.threshold:g} across "
-                                  f"{len(fits)} fits ({worst}): the fits disagree{several}"
-                                  + (f" ({weighed})" if weighed else ""))
-            return (f"R-hat across {len(fits)} fits {found[worst]:.3f} > {self.threshold:g} "
-                    f"({worst}): the fits disagree; reporting the one with the highest ELBO"
-                    + (f"; {weighed}" if weighed else ""))
+            return self.disagree(pipeline, fits, found[worst], worst)
         return (f"R-hat across {len(fits)} fits {found[worst]:.3f} <= {self.threshold:g}: "
                 f"they agree; their estimates are pooled")
+
+    def disagree(self, pipeline, fits: list, worst: float, where: str) -> str:
+        """The fits disagree. Where they sit at several modes and their mixture weighed
+        against the model has a trusted k-hat, that mixture is the pipeline's answer
+        (``pipeline.mixture``) and the disagreement is information, not a flag: its
+        importance-weighted estimates are as sound as any fit's at that k-hat, and what no
+        fit found (another mode) is as unseen as it is by a single fit. Where a mode the
+        searches found has no fit at it, or the k-hat is bad, the answer is the fit with
+        the highest ELBO, flagged."""
+        from workbench.report.thresholds import khat_trusted
+
+        searched = pipeline.modes
+        several = (f": several modes ({len(searched.modes)} found by the mode searches)"
+                   if searched is not None and len(searched.modes) > 1 else "")
+        mixture = _weighed(pipeline, fits) if several else None
+        said = (f"R-hat across {len(fits)} fits {worst:.3f} > {self.threshold:g} ({where}): "
+                f"the fits disagree{several}")
+        if mixture is not None:  # summary.json's auto.rhat.mixture
+            pipeline.rhat["mixture"] = {"khat": mixture.khat,
+                                        "ess_fraction": mixture.ess_fraction,
+                                        "moments": mixture.moments}
+        unvisited = searched.unvisited([fit.gaussian for fit in fits]) if several else 0
+        if mixture is not None and khat_trusted(mixture.khat) and not unvisited:
+            pipeline.mixture = mixture
+            return f"{said}: answered by their weighed mixture ({mixture.said()})"
+        weighed = f" ({mixture.said()})" if mixture is not None else ""
+        if unvisited:
+            weighed += f"; {unvisited} of the modes found has no fit at it (raise runs)"
+        pipeline.flags.append(f"R-hat {worst:.3f} > {self.threshold:g} across {len(fits)} "
+                              f"fits ({where}): the fits disagree{several}{weighed}")
+        return f"{said}; reporting the one with the highest ELBO" + (
+            f"; {mixture.said()}" if mixture is not None else "")
 
 
 def _weighed(pipeline, fits: list, draws: int = 4000):
@@ -416,6 +436,9 @@ class Flow:
         fits = pipeline.candidates
         if not fits:
             return "skipped: no Gaussian fit to start from"
+        if pipeline.mixture is not None:  # a flow from one fit would see one mode
+            return (f"skipped: the answer is the fits' weighed mixture (k-hat "
+                    f"{pipeline.mixture.khat:.2f})")
         best = pipeline.best(fits)
         khat = best.khat
         if khat is not None and khat <= self.khat:
@@ -463,6 +486,9 @@ class PSIS:
         good = [fit for fit in fits if fit.khat is not None and fit.khat < self.khat]
         if not fits:
             return "skipped: no fit"
+        if pipeline.mixture is not None:
+            return (f"importance-weighted (PSIS) estimates of the {len(fits)} fits' mixture: "
+                    f"k-hat {pipeline.mixture.khat:.2f}")
         if len(good) == len(fits):
             return (f"importance-weighted (PSIS) estimates: k-hat "
                     f"{', '.join(f'{fit.khat:.2f}' for fit in fits)} < {self.khat:g}")

@@ -159,8 +159,9 @@ class Fit:
         (``workbench.auto.answer.answer_draws``, as its posterior.nc holds them): an equal
         mixture of the fits it used (as its pooled estimates are), each fit's draws resampled
         by their PSIS weights where it reported importance-weighted estimates for that fit
-        (from ``IS_POOL`` draws; a draw may then repeat), so their moments are the reported
-        ones up to Monte Carlo error."""
+        (from ``IS_POOL`` draws; a draw may then repeat), or where the answer is the fits'
+        weighed mixture, their pooled draws resampled as one by their weights against it;
+        so their moments are the reported ones up to Monte Carlo error."""
         from workbench.auto import answer
         from workbench.report import inference_data
 

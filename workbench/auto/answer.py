@@ -5,7 +5,10 @@ The answer the pipeline reports (``summary.json``) is an equal mixture of the fi
 importance-weighted (PSIS) estimates where the pipeline reported those (``auto.weighted``).
 Its draws are drawn the same way: ``n`` split evenly over those fits, each weighted fit's draws
 resampled by their Pareto-smoothed weights out of ``IS_POOL`` draws (so a draw may repeat),
-the whole shuffled; their moments are the reported ones up to Monte Carlo error.
+the whole shuffled; their moments are the reported ones up to Monte Carlo error. Where the
+fits sit at several modes and the answer is their mixture weighed against the model
+(``auto.answer`` is ``MIXTURE``: the rhat stage, plugins/stages.py), ``IS_POOL`` draws are
+shared evenly among the fits, each weighed against that mixture, and resampled as one.
 
 ``answer_draws`` is the one implementation: as ``{site: tensor}`` for ``Fit.sample``, or as
 the groups of ``posterior.nc`` (``workbench.report.inference_data``'s, draw for draw: the
@@ -32,11 +35,18 @@ from workbench.rundir.layout import FITS, POSTERIOR
 IS_POOL = 10_000  # draws a weighted fit's draws are resampled from
 NUM_DRAWS = 1000  # draws in a pipeline's posterior.nc, as in a run's
 ANSWER = "the pipeline's answer"  # the answer's name in the plots' legends
+# summary.json's auto.answer where the answer is the fits' mixture weighed against the model
+MIXTURE = "weighed mixture"
 SAMPLE_STATS_NOTE = (
     "fit: the index, in the attribute fits, of the fit the draw came from; resampled: whether "
     "it was drawn by that fit's PSIS weights (its log_weight is then already applied: weighing "
     "the draws again counts it twice); lp and log_weight: log p(x, z) and "
     "log p(x, z) - log q(z) under that fit's guide")
+MIXTURE_STATS_NOTE = (
+    "fit: the index, in the attribute fits, of the fit whose guide drew the draw; resampled: "
+    "every draw was drawn by PSIS weights out of the fits' pooled draws (its log_weight is "
+    "then already applied: weighing the draws again counts it twice); lp and log_weight: "
+    "log p(x, z) and log p(x, z) - log q_mix(z), q_mix the fits' mixture")
 
 Loader = Callable[[Path], Any]  # a fit's run directory -> the run, rebuilt from its checkpoint
 _FIT, _RESAMPLED = ("", "fit"), ("", "resampled")  # keys no site's or group's name can be
@@ -56,6 +66,7 @@ class Answer:
     groups: dict = field(default_factory=dict)
     attrs: dict = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)  # why a fit to weigh was not
+    mixture: bool = False  # drawn as the fits' weighed mixture, resampled as one
 
 
 def plan(summary: dict) -> list[tuple[str, bool]]:
@@ -86,37 +97,12 @@ def answer_draws(run_dir: Path, summary: dict, n: int, load: Loader, seed: int |
     are too big for them, ``inference_data`` leaves groups out, and may give fewer draws."""
     import torch
 
-    from workbench.report.posterior import psis
-
     planned = plan(summary)
     answer = Answer([label for label, _ in planned], [])
-    parts: list[dict] = []
-    meta: list[tuple[dict, dict]] = []  # per part: its groups' dims and observed data, attrs
     with seeded(seed, _device(summary)):
-        for i, (label, weigh) in enumerate(planned):
-            count = n // len(planned) + (i < n % len(planned))
-            if not count:
-                continue
-            with keeping_random():  # set-up seeds every stream
-                run = load(Path(run_dir) / FITS / label)
-            size = max(count, IS_POOL) if weigh else count
-            rows, log_w, extra = (_whole(run, size) if whole else _sites(run, size, weigh))
-            got = len(next(iter(rows.values())))
-            why = _unweighable(log_w) if weigh else ""
-            if weigh and why:
-                answer.notes.append(f"{label}: drawn unweighted: {why}")
-            if weigh and not why:
-                _, smoothed = psis(log_w)
-                index = torch.multinomial(torch.softmax(smoothed, 0).float(), count,
-                                          replacement=True)
-                answer.weighted.append(label)
-            else:
-                index = torch.arange(min(count, got))
-            rows = {key: _take(values, index) for key, values in rows.items()}
-            rows[_FIT] = torch.full((len(index),), i, dtype=torch.int64)
-            rows[_RESAMPLED] = torch.full((len(index),), weigh and not why)
-            parts.append(rows)
-            meta.append(extra)
+        found = (_mixture(answer, run_dir, n, load, whole)
+                 if summary["auto"].get("answer") == MIXTURE else None)
+        parts, meta = found or _separately(answer, planned, run_dir, n, load, whole)
         keys = [key for key in parts[0] if all(key in part for part in parts)]
         joined = {key: _cat([part[key] for part in parts]) for key in keys}
         order = torch.randperm(len(joined[_FIT]))
@@ -127,6 +113,127 @@ def answer_draws(run_dir: Path, summary: dict, n: int, load: Loader, seed: int |
         return answer
     _as_groups(answer, joined, meta)
     return answer
+
+
+def _separately(answer: Answer, planned: list[tuple[str, bool]], run_dir: Path, n: int,
+                load: Loader, whole: bool) -> tuple[list[dict], list[tuple]]:
+    """The draws of an equal mixture of the fits: ``n`` split evenly over them, each weighed
+    fit's resampled by its own PSIS weights. Per fit its rows (``_FIT`` and ``_RESAMPLED``
+    among them) and its groups' dims and attrs."""
+    import torch
+
+    from workbench.report.posterior import psis
+
+    parts: list[dict] = []
+    meta: list[tuple[dict, dict]] = []
+    for i, (label, weigh) in enumerate(planned):
+        count = n // len(planned) + (i < n % len(planned))
+        if not count:
+            continue
+        with keeping_random():  # set-up seeds every stream
+            run = load(Path(run_dir) / FITS / label)
+        size = max(count, IS_POOL) if weigh else count
+        rows, log_w, extra = (_whole(run, size) if whole else _sites(run, size, weigh))
+        got = len(next(iter(rows.values())))
+        why = _unweighable(log_w) if weigh else ""
+        if weigh and why:
+            answer.notes.append(f"{label}: drawn unweighted: {why}")
+        if weigh and not why:
+            _, smoothed = psis(log_w)
+            index = torch.multinomial(torch.softmax(smoothed, 0).float(), count,
+                                      replacement=True)
+            answer.weighted.append(label)
+        else:
+            index = torch.arange(min(count, got))
+        rows = {key: _take(values, index) for key, values in rows.items()}
+        rows[_FIT] = torch.full((len(index),), i, dtype=torch.int64)
+        rows[_RESAMPLED] = torch.full((len(index),), weigh and not why)
+        parts.append(rows)
+        meta.append(extra)
+    return parts, meta
+
+
+def _mixture(answer: Answer, run_dir: Path, n: int, load: Loader, whole: bool
+             ) -> tuple[list[dict], list[tuple]] | None:
+    """The draws of the fits' weighed mixture (``auto.answer`` is MIXTURE): IS_POOL draws
+    (``n`` where more) shared evenly among the fits' guides, each draw's log weight
+    log p - log q_i turned into log p - log q_mix (q_mix the fits' mixture in those shares,
+    each q_j the Gaussian its guide is in the unconstrained space, where the Jacobians of
+    p and q cancel), the pooled draws resampled once by their Pareto-smoothed weights; the
+    log weights are posterior.nc's ``log_weight``. None where a fit has no Gaussian or no
+    finite weights (``answer.notes`` says why; the fits are then mixed as ``_separately``)."""
+    import torch
+
+    from workbench.report.posterior import psis
+
+    share = -(-max(n, IS_POOL) // len(answer.used))
+    parts, meta, pooled = [], [], []
+    for i, label in enumerate(answer.used):
+        with keeping_random():
+            run = load(Path(run_dir) / FITS / label)
+        rows, log_w, extra = _whole(run, share) if whole else _sites(run, share, True)
+        gaussian, points = _in_unconstrained(run, rows, whole)
+        why = _unweighable(log_w) or ("" if gaussian is not None else "its guide is no Gaussian")
+        if why:
+            answer.notes.append(f"{label}: the fits' mixture not weighed: {why}")
+            return None
+        rows[_FIT] = torch.full((len(log_w),), i, dtype=torch.int64)
+        rows[_RESAMPLED] = torch.full((len(log_w),), True)
+        parts.append(rows)
+        meta.append(extra)
+        pooled.append((gaussian, points, log_w))
+    log_w = _mixture_weights(pooled)
+    _, smoothed = psis(log_w)
+    index = torch.multinomial(torch.softmax(smoothed, 0).float(), n, replacement=True)
+    joined = {key: _cat([part[key] for part in parts]) for key in parts[0]
+              if all(key in part for part in parts)}
+    if whole:
+        joined["sample_stats", "log_weight"] = log_w.numpy()
+    answer.weighted, answer.mixture = list(answer.used), True
+    return [{key: _take(values, index) for key, values in joined.items()}], meta
+
+
+def _mixture_weights(pooled: list[tuple]) -> Any:
+    """Each pooled draw's log p - log q_mix from its own fit's log p - log q_i: ``pooled``
+    holds per fit its Gaussian (loc, scale_tril), its draws in the unconstrained space and
+    their log weights; q_mix weighs each fit by its share of the draws. In float64."""
+    import math
+
+    import torch
+    from torch.distributions import MultivariateNormal
+
+    points = torch.cat([p for _, p, _ in pooled])
+    counts = torch.tensor([len(p) for _, p, _ in pooled], dtype=torch.float64)
+    log_q = torch.stack([MultivariateNormal(loc, scale_tril=tril).log_prob(points)
+                         for (loc, tril), _, _ in pooled])
+    log_mix = torch.logsumexp(log_q + (counts.log() - math.log(counts.sum()))[:, None], 0)
+    own = torch.cat([log_q[i, int(counts[:i].sum()):int(counts[:i + 1].sum())]
+                     for i in range(len(pooled))])
+    return torch.cat([w for _, _, w in pooled]) + own - log_mix
+
+
+def _in_unconstrained(run: Any, rows: dict, whole: bool) -> tuple[tuple | None, Any]:
+    """The fit's guide as a Gaussian (loc, scale_tril) in the unconstrained space, None where
+    it is no Gaussian, and its draws ``rows`` there: each latent site's values taken back
+    through its support's bijection, flattened in the guide's order, in float64."""
+    import torch
+    from torch.distributions import biject_to
+
+    from workbench.device import run_context
+    from workbench.report.gaussians import fitted_gaussian
+
+    with run_context(run.device, run.dtype):
+        gaussian = fitted_gaussian(run.guide, diagonal=True)
+    if gaussian is None:
+        return None, None
+    loc, scale = (part.detach().double().cpu() for part in gaussian)
+    columns = []
+    for name, site in run.guide.prototype_trace.iter_stochastic_nodes():
+        values = torch.as_tensor(rows["posterior", name] if whole else rows[name])
+        values = values.to(device="cpu", dtype=torch.float64)
+        unconstrained = biject_to(site["fn"].support).inv(values)
+        columns.append(unconstrained.reshape(len(values), -1))
+    return (loc, scale if scale.dim() == 2 else torch.diag(scale)), torch.cat(columns, 1)
 
 
 def _as_groups(answer: Answer, joined: dict, meta: list[tuple[dict, dict]]) -> None:
@@ -278,15 +385,17 @@ def write(run_dir: Path, summary: dict, load: Loader, num_draws: int = NUM_DRAWS
     answer = answer_draws(run_dir, summary, num_draws, load,
                           seed=(summary.get("recipe") or {}).get("seed", 0), whole=True)
     diagnostics = summary.get("diagnostics") or {}
+    mixed = answer.mixture
     attrs = {**answer.attrs}
     attrs[""] = {**attrs[""], "inference_library": "pyro",
                  "inference_library_version": pyro.__version__,
-                 "method": "stochastic variational inference: the automatic pipeline's answer",
+                 "method": "stochastic variational inference: the automatic pipeline's answer"
+                 + (", the fits' mixture weighed against the model" if mixed else ""),
                  "guide": "auto", "seed": (summary.get("recipe") or {}).get("seed", 0),
                  "estimates": summary["auto"].get("estimates", ""),
                  "fits": ",".join(answer.used), "resampled_fits": ",".join(answer.weighted)}
-    attrs["sample_stats"] = {"description": SAMPLE_STATS_NOTE}
-    if diagnostics.get("khat") is not None:  # the reported k-hat: the worst fit's
+    attrs["sample_stats"] = {"description": MIXTURE_STATS_NOTE if mixed else SAMPLE_STATS_NOTE}
+    if diagnostics.get("khat") is not None:  # the reported k-hat: the worst fit's or mixture's
         attrs["sample_stats"].update(khat=diagnostics["khat"],
                                      khat_reading=str(diagnostics.get("reading", "")))
     path = Path(run_dir) / POSTERIOR

@@ -116,6 +116,7 @@ class Pipeline:
     weighted: float | None = None  # report PSIS estimates of fits with k-hat below this
     rhat: dict | None = None
     modes: Any = None  # what the gaussian stage's mode searches found (plugins/modes.py)
+    mixture: Any = None  # the fits' weighed mixture where it is the answer (the rhat stage)
     flags: list[str] = field(default_factory=list)
     last_run: Any = None
     resumed: bool = False  # going on after a stop (--resume): a fit finished before is kept
@@ -381,7 +382,8 @@ def answer_files(pipeline: Pipeline, summary: dict) -> str:
 
 def assemble(pipeline: Pipeline, records: list[dict], wall: float) -> dict:
     """summary.json of the pipeline: the fits' estimates (pooled when R-hat says they agree,
-    else the highest-ELBO fit's), scored against the reference where the model has one."""
+    their weighed mixture where they sit at several modes and it has a trusted k-hat, else
+    the highest-ELBO fit's), scored against the reference where the model has one."""
     from workbench.report import reference
     from workbench.rundir.summary import PipelineSummary
 
@@ -391,20 +393,12 @@ def assemble(pipeline: Pipeline, records: list[dict], wall: float) -> dict:
         kept = pipeline.run_dir / layout.FITS  # a fit that failed to set up left no folder
         raise RunError(f"the automatic pipeline fitted nothing ({errors})"
                        + (f"; see {kept}" if kept.exists() else ""))
-    agree = (len(fits) > 1 and pipeline.rhat is not None
-             and pipeline.rhat["max"] <= pipeline.rhat["threshold"])
-    used = fits if agree else [pipeline.best(fits)]
-    parts = [fit.estimates(pipeline.weighted) for fit in used]
-    post = pool([estimates for estimates, _ in parts])
+    found = _mixed(pipeline, fits) if pipeline.mixture is not None else _answer(pipeline, fits)
+    used, post, weighted, estimates, diagnostics, flags = found
     best = pipeline.best(used)
     for site, entry in best.summary["posterior"].items():  # the exact answer
-        post[site].update({k: entry[k] for k in ("exact_mean", "exact_std") if k in entry})
-    weighted = [fit.label for fit, (_, w) in zip(used, parts) if w]
-    khats = [fit.khat for fit in used]
-    source = ("importance-weighted (PSIS)" if len(weighted) == len(used) else
-              "the guide's own" if not weighted else "mixed (importance-weighted where "
-              "k-hat allows)")
-    how = f"pooled over {len(used)} fits" if len(used) > 1 else f"from {used[0].label}"
+        if site in post:
+            post[site].update({k: entry[k] for k in ("exact_mean", "exact_std") if k in entry})
     compared = {}
     if pipeline.last_run is not None:
         from workbench.device import run_context
@@ -413,22 +407,64 @@ def assemble(pipeline: Pipeline, records: list[dict], wall: float) -> dict:
         with run_context(run.device, run.dtype):
             compared = reference.section(run.model, run.data, post)
     steps = sum(fit.summary["steps"] for fit in pipeline.fits if fit.ok)
-    flags = _flags(pipeline, used, khats)
     return PipelineSummary(
         recipe=pipeline.recipe, steps=steps, wall_seconds=wall,
         steps_per_second=steps / wall if wall > 0 else 0.0,
-        final_loss=best.summary["final_loss"], posterior=post,
-        diagnostics=_worst_diagnostics(used, khats, best),
+        final_loss=best.summary["final_loss"], posterior=post, diagnostics=diagnostics,
         reference=compared.get("reference"), params=best.summary["params"],
         status="completed", device=best.summary["device"], dtype=best.summary["dtype"],
         versions=best.summary["versions"], data_hash=best.summary["data_hash"], world_size=1,
         auto={"stages": records, "fits": [_fit_record(fit) for fit in pipeline.fits],
-              "estimates": f"{source} estimates, {how}",
+              "estimates": estimates, "answer": _kind(pipeline, used),
               "used": [fit.label for fit in used], "weighted": weighted,
               "rhat": pipeline.rhat and {k: v for k, v in pipeline.rhat.items()
                                          if k != "params"},
               "flags": flags, "trusted": not flags},
     ).to_json()
+
+
+def _answer(pipeline: Pipeline, fits: list[Fit]) -> tuple:
+    """The answer from the fits alone: pooled where they agree, else the highest-ELBO
+    fit's; each fit's importance-weighted estimates where the psis stage allows. As
+    ``_mixed``: the fits used, the estimates, the fits weighted, the estimates' line, the
+    diagnostics and the flags."""
+    agree = (len(fits) > 1 and pipeline.rhat is not None
+             and pipeline.rhat["max"] <= pipeline.rhat["threshold"])
+    used = fits if agree else [pipeline.best(fits)]
+    parts = [fit.estimates(pipeline.weighted) for fit in used]
+    post = pool([estimates for estimates, _ in parts])
+    weighted = [fit.label for fit, (_, w) in zip(used, parts) if w]
+    khats = [fit.khat for fit in used]
+    source = ("importance-weighted (PSIS)" if len(weighted) == len(used) else
+              "the guide's own" if not weighted else "mixed (importance-weighted where "
+              "k-hat allows)")
+    how = f"pooled over {len(used)} fits" if len(used) > 1 else f"from {used[0].label}"
+    return (used, post, weighted, f"{source} estimates, {how}",
+            _worst_diagnostics(used, khats, pipeline.best(used)),
+            _flags(pipeline, used, khats))
+
+
+def _mixed(pipeline: Pipeline, fits: list[Fit]) -> tuple:
+    """The answer where it is the fits' weighed mixture (the rhat stage's
+    ``pipeline.mixture``): its moments and quantiles per latent and deterministic site, its
+    k-hat and ESS as the diagnostics, each fit's k-hat beside them; the flags are the
+    stages' (the fits' own k-hats judge their guides, not the mixture)."""
+    mixture = pipeline.mixture
+    post = {site: dict(entry) for site, entry in mixture.entries.items()}
+    labels = [fit.label for fit in fits]
+    diagnostics = {**mixture.diagnostics(), "khats": {fit.label: fit.khat for fit in fits}}
+    estimates = (f"importance-weighted (PSIS) estimates of the weighed mixture of "
+                 f"{len(fits)} fits ({', '.join(labels)}), which sit at several modes")
+    return fits, post, labels, estimates, diagnostics, list(pipeline.flags)
+
+
+def _kind(pipeline: Pipeline, used: list[Fit]) -> str:
+    """summary.json's ``auto.answer``: what the answer is, for its readers
+    (workbench/auto/answer.py): ``answer.MIXTURE`` (the fits' weighed mixture, resampled as one),
+    ``pooled`` (the fits' equal mixture) or ``best`` (one fit)."""
+    if pipeline.mixture is not None:
+        return answer.MIXTURE
+    return "pooled" if len(used) > 1 else "best"
 
 
 def _flags(pipeline: Pipeline, used: list, khats: list) -> list[str]:
@@ -496,7 +532,9 @@ def lines(summary: dict) -> list[str]:
     found.append(f"auto: {section['estimates']}")
     found += [f"auto: FLAG: {flag}" for flag in section["flags"]]
     if not section["flags"]:
-        found.append("auto: no flags (R-hat and k-hat within bounds)")
+        found.append("auto: no flags (k-hat within bounds; the fits' disagreement is answered "
+                     "by their weighed mixture)" if section.get("answer") == answer.MIXTURE
+                     else "auto: no flags (R-hat and k-hat within bounds)")
     return found
 
 
