@@ -40,13 +40,14 @@ GPU_DEVICES = None if os.environ.get("VIBENCH_TEST_GPUS", "<unset>") == "<unset>
 
 
 def vibench(*args: str, cwd: Path = REPO, env: dict | None = None, timeout: float = 300,
-            gpu: bool = False, child: bool = False) -> subprocess.CompletedProcess:
+            gpu: bool = False, child: bool | None = None) -> subprocess.CompletedProcess:
     """Run ``vibench ARGS`` as a user would, capturing its output and exit code: in this
     process through the command line's own entry (``cli.invoke``), or in a child process
     where the process is what is tested (``child``: its exit, signals or imports), where an
-    environment is given (read at import) or where it must see the machine's GPUs."""
-    if not (child or env or gpu):
-        return _in_process(args, cwd)
+    environment is given (unless ``child=False``: variables read when the command runs,
+    not at import) or where it must see the machine's GPUs."""
+    if not (child or gpu or (env and child is None)):
+        return _in_process(args, cwd, env or {})
     full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
     full_env.pop("VIBENCH_DEBUG", None)
     if gpu:
@@ -59,9 +60,10 @@ def vibench(*args: str, cwd: Path = REPO, env: dict | None = None, timeout: floa
     )
 
 
-def _in_process(args: tuple[str, ...], cwd: Path) -> subprocess.CompletedProcess:
-    """``vibench ARGS`` run by ``cli.invoke`` in this process, from ``cwd``, with what it
-    printed: the same command line and errors as the child's, without importing torch again."""
+def _in_process(args: tuple[str, ...], cwd: Path, env: dict) -> subprocess.CompletedProcess:
+    """``vibench ARGS`` run by ``cli.invoke`` in this process, from ``cwd`` with ``env`` added
+    to the environment, with what it printed: the same command line and errors as the
+    child's, without importing torch again."""
     import torch
 
     from workbench import cli
@@ -69,11 +71,18 @@ def _in_process(args: tuple[str, ...], cwd: Path) -> subprocess.CompletedProcess
 
     stdout, stderr, here = io.StringIO(), io.StringIO(), Path.cwd()
     threads = torch.get_num_threads()
+    saved = {key: os.environ.get(key) for key in env}
     os.chdir(cwd)
+    os.environ.update(env)
     try:
         with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
             code = cli.invoke(list(args))
     finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
         os.chdir(here)
         torch.set_num_threads(threads)  # as --threads leaves it, for the tests that follow
         registry._FILES.clear()  # a test may rewrite a model file between two commands

@@ -118,7 +118,7 @@ def test_list_shows_whole_descriptions_wrapped_and_guide_auto():
     assert [c["name"] for c in listing["guide"]][:2] == ["auto", "auto_delta"]
     assert "auto" not in get_registry().components["guide"]
 
-    text = vibench("list", "guide", env={"COLUMNS": "80"}).stdout.splitlines()
+    text = vibench("list", "guide", env={"COLUMNS": "80"}, child=False).stdout.splitlines()
     for name in ("pathfinder", "auto"):
         (at,) = [i for i, line in enumerate(text) if line.split()[:1] == [name]]
         end = next(i for i in range(at, len(text)) if text[i].split()[:1] == ["options:"])
@@ -261,5 +261,5 @@ def test_a_run_without_threads_takes_omp_num_threads_again_after_one_with_them(
 def test_list_help_names_every_kind():
     from workbench.config.kinds import KINDS
 
-    text = " ".join(vibench("list", "--help", env={"COLUMNS": "200"}).stdout.split())
+    text = " ".join(vibench("list", "--help", env={"COLUMNS": "200"}, child=False).stdout.split())
     assert all(kind in text for kind in KINDS), text

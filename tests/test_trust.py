@@ -425,7 +425,7 @@ def has_a_socket(pid: int) -> bool:
 
 def test_a_rank_outside_the_world_is_bad_input(tmp_path: Path):
     result = vibench("run", str(COIN), "--out", str(tmp_path / "r"),
-                     env={"WORLD_SIZE": "2", "RANK": "2", "LOCAL_RANK": "0"})
+                     env={"WORLD_SIZE": "2", "RANK": "2", "LOCAL_RANK": "0"}, child=False)
     assert result.returncode == 2, result.stderr
     assert result.stderr.strip() == ("error: RANK is 2 and LOCAL_RANK 0, but WORLD_SIZE is 2: "
                                      "RANK must be 0 to 1; start vibench with torchrun")
