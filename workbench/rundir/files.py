@@ -139,25 +139,35 @@ def read_bounded(path: Path, limit: int = MAX_TEXT_BYTES) -> bytes:
 def check_shape(value: Any, where: str, depth: int = MAX_DEPTH, items: int = MAX_ITEMS) -> None:
     """Refuse a value nested deeper than ``depth`` or holding more than ``items`` containers
     and leaves, counting a container met twice (a pickle may share one) each time: whatever
-    walks the value later then walks at most that much."""
-    budget = [items]
+    walks the value later then walks at most that much. Each shared container is measured
+    once (its count and height remembered), so the check costs the value's size in memory,
+    not the size it unfolds to."""
+    measured: dict[int, tuple[int, int]] = {}  # id -> (values it unfolds to, its height)
 
-    def walk(node: Any, level: int) -> None:
-        budget[0] -= 1
-        if budget[0] < 0:
-            raise UsageError(f"{where}: holds more than {items:,} values")
+    def measure(node: Any, level: int) -> tuple[int, int]:
         if isinstance(node, dict):
             children = node.values()
         elif isinstance(node, (list, tuple)):
             children = node
         else:
-            return
+            return 1, -1
         if level >= depth:
             raise UsageError(f"{where}: nested more than {depth} deep")
-        for child in children:
-            walk(child, level + 1)
+        known = measured.get(id(node))
+        if known is None:
+            count, height = 1, 0
+            for child in children:
+                inner, below = measure(child, level + 1)
+                count, height = count + inner, max(height, below + 1)
+                if count > items:
+                    raise UsageError(f"{where}: holds more than {items:,} values")
+            known = measured[id(node)] = (count, height)
+        if level + known[1] >= depth:
+            raise UsageError(f"{where}: nested more than {depth} deep")
+        return known
 
-    walk(value, 0)
+    if measure(value, 0)[0] > items:
+        raise UsageError(f"{where}: holds more than {items:,} values")
 
 
 def _is_link(path: Path) -> bool:
