@@ -121,8 +121,8 @@ def test_bad_minibatch_settings(sets: list[str], expected: str):
 def test_minibatches_with_local_latents_and_an_autoguide(tmp_path: Path):
     """The autoguide's own plate is subsampled with the model's (its prototype saw all of it)."""
     run = setup("data=null", "data.dataset=synthetic_schools", "data.dataset.schools=1000",
-                "model=eight_schools", "guide=auto_normal", "optimizer.lr=0.05",
-                "train.batch_size=100", "train.steps=800", "train.eval_every=0",
+                "model=eight_schools", "guide=auto_normal", "optimizer.lr=0.1",
+                "train.batch_size=100", "train.steps=400", "train.eval_every=0",
                 "train.plots=false", "loggers=[]",  # unread here; the fit is the same
                 source=REPO / "recipes" / "eight_schools.yaml")
     summary = run.train(tmp_path)
