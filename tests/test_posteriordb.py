@@ -309,6 +309,16 @@ def test_log_density_matches_the_stan_program_between_draws(registry, name):
 
 
 @pytest.mark.parametrize("name", NAMES)
+def test_many_draws_at_once_give_each_draws_density(registry, name):
+    """A report's many draws take other code paths in some ports (a loop over time instead of
+    a pairwise product or a T x T matrix): the densities are the same as a few draws'."""
+    model, data, draws = setup(registry, name)
+    few = batched_log_joint(model, data, draws)
+    many = batched_log_joint(model, data, {k: np.tile(v, 30) for k, v in draws.items()})
+    np.testing.assert_allclose(many.numpy(), np.tile(few.numpy(), 30), rtol=1e-10)
+
+
+@pytest.mark.parametrize("name", NAMES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_the_data_dtype_decides(registry, name, dtype):
     """Data in one dtype while torch's default is the other: the model follows its data."""

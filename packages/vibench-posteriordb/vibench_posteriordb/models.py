@@ -278,9 +278,13 @@ class HmmDrive(_Port):
         # The forward algorithm: gamma[t, k] = log_sum_exp_j(gamma[t-1, j] + log theta[j, k])
         # + emission[t, k], gamma[1] = emission[1], and the likelihood log_sum_exp(gamma[N]).
         # Each step is a (log, +) matrix product, so gamma[N] = gamma[1] * step[2] * ... *
-        # step[N]; the steps are multiplied pairwise (depth log2 N) instead of one by one.
-        steps = log_theta.unsqueeze(-3) + emission[..., 1:, :].unsqueeze(-2)
-        gamma = _log_vecmat(emission[..., 0, :], _log_matmul_chain(steps))
+        # step[N]; for a step's few particles the steps are multiplied pairwise (depth log2 N
+        # for autograd and compile), for many draws (a report's) one by one: O(N) per draw.
+        if emission[..., 0, :].numel() > emission.shape[-2]:
+            gamma = _forward_loop(emission, log_theta)
+        else:
+            steps = log_theta.unsqueeze(-3) + emission[..., 1:, :].unsqueeze(-2)
+            gamma = _log_vecmat(emission[..., 0, :], _log_matmul_chain(steps))
         pyro.factor("forward", torch.logsumexp(gamma, dim=-1))
 
 
@@ -352,6 +356,21 @@ def _log_matmul_chain(m):
         product = _log_matmul(m[..., 0:even:2, :, :], m[..., 1:even:2, :, :])
         m = torch.cat([product, m[..., even:, :, :]], dim=-3) if n % 2 else product
     return m.squeeze(-3)
+
+
+def _forward_loop(emission, log_theta):
+    """The two-state forward algorithm one step at a time: gamma[t, k] = log(exp(gamma[t-1, 0]
+    + log theta[0, k]) + exp(gamma[t-1, 1] + log theta[1, k])) + emission[t, k], with time
+    first in memory so each step reads one contiguous slice."""
+    import torch
+
+    by_time = emission.movedim(-2, 0).contiguous()
+    from_first, from_second = log_theta[..., 0, :], log_theta[..., 1, :]
+    gamma = by_time[0]
+    for emitted in by_time[1:]:
+        gamma = torch.logaddexp(gamma[..., 0:1] + from_first,
+                                gamma[..., 1:2] + from_second) + emitted
+    return gamma
 
 
 def _vectors(size_name, size, **vectors):
