@@ -78,6 +78,24 @@ def coin_sources(guide_kind: str) -> dict:
                                   model.exact_posterior(**data))
 
 
+@pytest.mark.parametrize("shape", ["normal", "skewed", "two modes", "three values"])
+def test_kde_is_the_kernel_sum_on_a_plot_s_grid(shape):
+    """The density a plot draws (binned draws, smoothed) is the direct sum of Gaussian
+    kernels at every grid point, to a thousandth of its peak, the grid inside the draws or
+    around them."""
+    rng = np.random.default_rng(0)
+    draws = {"normal": rng.normal(size=4000), "skewed": rng.lognormal(sigma=1.5, size=4000),
+             "two modes": np.r_[rng.normal(-5, 0.1, 2000), rng.normal(5, 1, 2000)],
+             "three values": rng.integers(0, 3, 4000).astype(float)}[shape]
+    spread = min(draws.std(), (np.quantile(draws, 0.75) - np.quantile(draws, 0.25)) / 1.349)
+    bandwidth = spread * draws.size ** (-1 / 5)
+    for grid in (np.linspace(*np.quantile(draws, [0.005, 0.995]), plots.GRID),
+                 np.linspace(draws.min() - 1, draws.max() + 1, plots.GRID)):
+        z = (grid[:, None] - draws[None, :]) / bandwidth
+        direct = np.exp(-0.5 * z * z).sum(1) / (draws.size * bandwidth * np.sqrt(2 * np.pi))
+        assert np.abs(plots.kde(draws, grid) - direct).max() < 2e-3 * direct.max()
+
+
 def test_site_figure_for_the_coin(tmp_path: Path):
     """The seed's figure: prior Beta(10, 10), the guide and the exact Beta(16, 14)."""
     beta = coin_sources("beta")["latent_fairness"]

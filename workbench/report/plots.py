@@ -225,14 +225,14 @@ def _draw_element(ax: Any, i: int, sources: dict, samples: dict, torch: Any,
         if _is_dist(src, torch):
             density = _marginal_density(src, i, grid, torch)
             if density is None:  # no per-element density: estimate it from draws
-                density = _kde(column, grid)
+                density = kde(column, grid)
                 name += " (KDE)"
         elif column.std() <= 1e-6 * max(1.0, abs(column.mean())):
             ax.axvline(column.mean(), color=COLOURS[key], linewidth=2,
                        label=f"{name}: point mass at {column.mean():.3g}")
             continue
         else:
-            density = _kde(column, grid)
+            density = kde(column, grid)
             name += " (KDE)"
         style = {"prior": ":", "guide": "-", "exact": "--"}[key]
         ax.plot(grid, density, color=COLOURS[key], linestyle=style, linewidth=2,
@@ -342,8 +342,14 @@ def _inside_point(dist: Any) -> float:
     return 0.0
 
 
-def _kde(draws: np.ndarray, grid: np.ndarray) -> np.ndarray:
-    """A Gaussian kernel density estimate with Scott's bandwidth."""
+def kde(draws: np.ndarray, grid: np.ndarray) -> np.ndarray:
+    """A Gaussian kernel density estimate with Scott's bandwidth, at the points of ``grid``.
+
+    On an evenly spaced grid (every plot's) the draws are binned linearly onto a grid at
+    most a quarter of the bandwidth apart and the bins smoothed by the kernel: the same
+    curve to well under a percent of its peak, at a cost that does not grow with grid x
+    draws. Draws more than ``KERNEL_REACH`` bandwidths outside the grid are left out of the
+    sum (each adds under 4e-6 of a draw's peak)."""
     draws = draws[np.isfinite(draws)]
     if draws.size == 0:
         return np.zeros_like(grid)
@@ -352,8 +358,39 @@ def _kde(draws: np.ndarray, grid: np.ndarray) -> np.ndarray:
     if not spread > 0:
         spread = draws.std() or 1e-3
     bandwidth = spread * draws.size ** (-1 / 5)
-    z = (grid[:, None] - draws[None, :]) / bandwidth
-    return np.exp(-0.5 * z * z).sum(1) / (draws.size * bandwidth * math.sqrt(2 * math.pi))
+    binned = _binned_kernel_sum(draws, grid, bandwidth)
+    if binned is None:
+        z = (grid[:, None] - draws[None, :]) / bandwidth
+        binned = np.exp(-0.5 * z * z).sum(1)
+    return binned / (draws.size * bandwidth * math.sqrt(2 * math.pi))
+
+
+KERNEL_REACH = 5.0  # bandwidths either side of a draw that its kernel covers when binned
+
+
+def _binned_kernel_sum(draws: np.ndarray, grid: np.ndarray, bandwidth: float
+                       ) -> np.ndarray | None:
+    """sum over draws of exp(-z^2 / 2) at each grid point, from linearly binned draws; None
+    where the grid is not evenly spaced or binning would cost more than the direct sum."""
+    if grid.size < 2 or not bandwidth > 0:
+        return None
+    step = (grid[-1] - grid[0]) / (grid.size - 1)
+    if not step > 0 or not np.allclose(np.diff(grid), step, rtol=1e-6, atol=0.0):
+        return None
+    ratio = math.ceil(4 * step / bandwidth)  # fine points a grid step: spacing <= h / 4
+    fine = step / ratio
+    pad = math.ceil(KERNEL_REACH * bandwidth / fine)
+    count = (grid.size - 1) * ratio + 1 + 2 * pad
+    if count * (2 * pad + 1) > grid.size * draws.size:
+        return None
+    position = (draws - grid[0]) / fine + pad
+    position = position[(position >= 0) & (position <= count - 1)]
+    low = np.floor(position).astype(np.int64)
+    frac = position - low
+    weights = (np.bincount(low, 1 - frac, minlength=count + 1)
+               + np.bincount(low + 1, frac, minlength=count + 1))[:count]
+    kernel = np.exp(-0.5 * (np.arange(-pad, pad + 1) * (fine / bandwidth)) ** 2)
+    return np.convolve(weights, kernel, mode="same")[pad:count - pad:ratio]
 
 
 # --------------------------------------------------------------------------------------------
@@ -519,9 +556,9 @@ def _ppc_densities(ax: Any, site: str, observed: np.ndarray, replicated: np.ndar
     pad = 0.1 * (high - low) or 1.0
     grid = np.linspace(low - pad, high + pad, GRID)
     for j, values in enumerate(sets):
-        ax.plot(grid, _kde(values, grid), color=COLOURS["guide"], alpha=0.25, linewidth=0.8,
+        ax.plot(grid, kde(values, grid), color=COLOURS["guide"], alpha=0.25, linewidth=0.8,
                 label=f"replicated data sets ({len(pick)})" if j == 0 else None)
-    ax.plot(grid, _kde(observed, grid), color="black", linewidth=2.2,
+    ax.plot(grid, kde(observed, grid), color="black", linewidth=2.2,
             label=f"observed ({size} values)")
     if size <= 200:
         ax.plot(observed, np.zeros_like(observed), "|", color="black", markersize=10)
@@ -585,13 +622,14 @@ def _figure(width: float, height: float) -> Any:
 
 
 def _finish(fig: Any, path: Path | str | None) -> np.ndarray:
-    """Lay out, write the PNG if asked, and return the pixels as (H, W, 3) uint8."""
+    """Lay out, write the PNG if asked (zlib's fastest level: a tenth larger, a third of
+    the time), and return the pixels as (H, W, 3) uint8."""
     fig.tight_layout()
     fig.canvas.draw()
     rgba = np.asarray(fig.canvas.buffer_rgba())
     if path is not None:  # the pixels just drawn, not a second rendering
         from matplotlib.image import imsave
 
-        files.write_atomic(Path(path), lambda handle: imsave(handle, rgba, format="png",
-                                                             dpi=DPI))
+        files.write_atomic(Path(path), lambda handle: imsave(
+            handle, rgba, format="png", dpi=DPI, pil_kwargs={"compress_level": 1}))
     return rgba[..., :3].copy()
