@@ -365,3 +365,46 @@ def test_elbo_and_log_evidence_are_estimated_from_the_same_draws(coin, fitted_be
         kl = summarize(coin, guide)["kl"]
         assert result["elbo"] == pytest.approx(exact - kl, abs=4 * result["elbo_se"] + 1e-4)
         assert result["elbo"] < result["log_evidence"]
+
+
+def test_log_joint_over_draws_is_pyro_s_own_density():
+    """The report's log density of a vectorised trace (each site's distribution evaluated
+    before the plates expanded it) is, number for number, the one Pyro computes from the
+    expanded distributions: a regression's Normal, a mixture, a masked and scaled site, a
+    factor and a multivariate site."""
+
+    def model(x, y):
+        b = pyro.sample("b", dist.Normal(0.0, 1.0).expand([2]).to_event(1))
+        sigma = pyro.sample("sigma", dist.HalfNormal(1.0))
+        theta = pyro.sample("theta", dist.Beta(2.0, 2.0))
+        pyro.factor("penalty", -(b ** 2).sum(-1))
+        with pyro.plate("rows", len(y), subsample_size=30) as rows:
+            x, y = x[rows], y[rows]
+            mean = b[..., 0] + b[..., 1] * x
+            pyro.sample("y", dist.Normal(mean, sigma), obs=y)
+            with poutine.scale(scale=0.5), poutine.mask(mask=y > -1):
+                pyro.sample("z", dist.Normal(mean, sigma), obs=y)
+            weights = dist.Categorical(probs=torch.stack([theta, 1 - theta], -1))
+            pyro.sample("w", dist.MixtureSameFamily(weights, dist.Normal(b, 1.0)), obs=y)
+            pyro.sample("v", dist.MultivariateNormal(mean.unsqueeze(-1).expand(
+                mean.shape + (2,)), torch.eye(2)), obs=torch.stack([y, y], -1))
+
+    torch.manual_seed(0)
+    x, y = torch.randn(50), torch.randn(50)
+    n = 7
+    with pyro.plate("draws", n, dim=-2):
+        prior = poutine.trace(model).get_trace(x, y)
+        ours = poutine.trace(poutine.replay(model, trace=prior)).get_trace(x, y)
+    theirs = poutine.Trace()
+    for name, site in ours.nodes.items():
+        theirs.add_node(name, **site)
+    assert posterior.compacted(ours.nodes["y"]["fn"]) is not None  # the case at stake
+    total = posterior.log_joint(ours, n, 1)
+    theirs.compute_log_prob()
+    expected = sum(posterior._per_draw(site["log_prob"], n, 1)
+                   for site in theirs.nodes.values()
+                   if site["type"] == "sample" and "log_prob" in site)
+    assert torch.equal(total, expected)
+    for name in ("y", "z", "w", "v", "penalty"):
+        assert torch.equal(ours.nodes[name]["unscaled_log_prob"],
+                           ours.nodes[name]["fn"].log_prob(ours.nodes[name]["value"])), name

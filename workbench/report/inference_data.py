@@ -194,7 +194,7 @@ def _collect(model: Callable | None, guide: Callable, data: dict, nesting: int, 
             if likelihood:
                 batch = shape[:len(shape) - site["fn"].event_dim]
                 add("log_likelihood", name,
-                    posterior.draws_of(site["fn"].log_prob(site["value"]), n, batch))
+                    posterior.draws_of(posterior.site_log_prob(site), n, batch))
         if likelihood:
             lp = posterior.log_joint(model_trace, n, nesting)
             add("sample_stats", "lp", lp)

@@ -25,6 +25,7 @@ import pyro
 import torch
 from pyro import poutine
 from pyro.distributions import Delta
+from pyro.distributions.util import scale_and_mask
 from pyro.poutine.util import site_is_subsample
 
 from workbench.errors import one_line
@@ -825,13 +826,76 @@ def psis(log_w: torch.Tensor) -> tuple[float, torch.Tensor]:
 def log_joint(trace: poutine.Trace, n: int, nesting: int) -> torch.Tensor:
     """Each draw's log density over all sample sites of a vectorised trace (scaled and masked
     as Pyro's losses do), as a ``(n,)`` tensor."""
-    trace.compute_log_prob(site_filter=lambda name, site: not site_is_subsample(site))
+    compute_log_prob(trace)
     total = torch.zeros(n)
     for site in trace.nodes.values():
         if site["type"] == "sample" and not site_is_subsample(site):
             part = _per_draw(site["log_prob"], n, nesting)
             total = total.to(part.device) + part
     return total
+
+
+def compute_log_prob(trace: poutine.Trace) -> None:
+    """Pyro's ``trace.compute_log_prob`` over the sample sites but a plate's indices, each
+    site's density by ``site_log_prob``: the same numbers and fields."""
+    for site in trace.nodes.values():
+        if site["type"] == "sample" and not site_is_subsample(site) and "log_prob" not in site:
+            raw = site_log_prob(site)
+            site["unscaled_log_prob"] = raw
+            site["log_prob"] = scale_and_mask(raw, site["scale"], site["mask"])
+            site["log_prob_sum"] = site["log_prob"].sum()
+
+
+def site_log_prob(site: dict) -> torch.Tensor:
+    """A sample site's unscaled log density of its value, as ``site["fn"].log_prob`` gives it,
+    computed on the distribution's parameters as they were before a plate expanded them
+    (``compacted``): the same numbers, without a log or a square of a regression's sd per
+    draw x row. Where that fails or gives another shape, the expanded distribution's."""
+    fn, value = site["fn"], site["value"]
+    compact = compacted(fn)
+    if compact is not None and torch.is_tensor(value):
+        try:
+            log_p = compact.log_prob(value, *site["args"], **site["kwargs"])
+            batch = value.shape[:value.dim() - fn.event_dim]
+            shape = torch.Size(_broadcast(tuple(batch), tuple(fn.batch_shape)))
+            if torch.is_tensor(log_p) and log_p.shape != shape:
+                log_p = log_p.expand(shape)
+            return log_p
+        except (RuntimeError, ValueError, TypeError, NotImplementedError, AttributeError):
+            pass
+    return fn.log_prob(value, *site["args"], **site["kwargs"])
+
+
+def compacted(fn: Any) -> Any:
+    """A shallow copy of a distribution whose tensors (its own and its parts': a mixture's
+    components) lose the dims that ``expand`` made (stride 0, kept at size 1, so they
+    broadcast as before); None where nothing was expanded."""
+    if not isinstance(fn, torch.distributions.Distribution):
+        return None
+    changed = {}
+    for key, value in vars(fn).items():
+        if torch.is_tensor(value) and 0 in value.stride() and value.numel() > 1:
+            changed[key] = value[tuple(slice(0, 1) if stride == 0 and size > 1 else slice(None)
+                                       for size, stride in zip(value.shape, value.stride()))]
+        elif isinstance(value, torch.distributions.Distribution):
+            part = compacted(value)
+            if part is not None:
+                changed[key] = part
+    if not changed:
+        return None
+    twin = object.__new__(type(fn))
+    twin.__dict__.update(vars(fn))
+    twin.__dict__.update(changed)
+    return twin
+
+
+def _broadcast(one: tuple, two: tuple) -> tuple:
+    """Two shapes broadcast together (ValueError where they do not)."""
+    size = max(len(one), len(two))
+    one, two = (1,) * (size - len(one)) + one, (1,) * (size - len(two)) + two
+    if any(a != b and 1 not in (a, b) for a, b in zip(one, two)):
+        raise ValueError(f"shapes {one} and {two} do not broadcast")
+    return tuple(b if a == 1 else a for a, b in zip(one, two))
 
 
 # --------------------------------------------------------------------------------------------

@@ -198,7 +198,7 @@ def _subset_terms(model: Callable, data: dict, nesting: int, plate: Plate,
             with pyro.plate(posterior.DRAWS_PLATE, n, dim=-(nesting + 1)):
                 model_trace = poutine.trace(
                     poutine.replay(rows_model, trace=guide_trace)).get_trace(**data)
-            model_trace.compute_log_prob(site_filter=lambda _, s: not site_is_subsample(s))
+            posterior.compute_log_prob(model_trace)
             # the sums are made on the CPU: the model's device is the default one here
             rest = torch.zeros(n, dtype=torch.float64, device="cpu")
             likelihood = torch.zeros(n, rows, dtype=torch.float64, device="cpu")
