@@ -318,6 +318,27 @@ def test_many_draws_at_once_give_each_draws_density(registry, name):
     np.testing.assert_allclose(many.numpy(), np.tile(few.numpy(), 30), rtol=1e-10)
 
 
+def test_the_normal_mixture_is_pyro_s_mixture_same_family():
+    """gauss_mix's likelihood: Pyro's mixture of Normals in density and, seed for seed, in
+    draws, expanded over a plate as a model's site is."""
+    from vibench_posteriordb.mixture import NormalMixture
+
+    torch.manual_seed(0)
+    probs = torch.distributions.Dirichlet(torch.ones(3)).sample((5, 1))
+    loc, scale = torch.randn(5, 1, 3), torch.rand(5, 1, 3) + 0.5
+    ours = NormalMixture(probs, loc, scale).expand([5, 40])
+    pyros = dist.MixtureSameFamily(dist.Categorical(probs=probs), dist.Normal(loc, scale)
+                                   ).expand([5, 40])
+    value = torch.randn(40) * 3
+    assert ours.batch_shape == pyros.batch_shape
+    torch.testing.assert_close(ours.log_prob(value), pyros.log_prob(value))
+    torch.manual_seed(1)
+    drawn = ours.sample((2,))
+    torch.manual_seed(1)
+    assert torch.equal(drawn, pyros.sample((2,)))
+    torch.testing.assert_close(ours.mean, pyros.mean)
+
+
 @pytest.mark.parametrize("name", NAMES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_the_data_dtype_decides(registry, name, dtype):

@@ -240,10 +240,12 @@ class GaussMix(_Port):
         theta = pyro.sample("theta", dist.Beta(_like(y, 5.0), _like(y, 5.0)))
         # log_mix(theta, normal(y | mu[1], sigma[1]), normal(y | mu[2], sigma[2])): the
         # component labels summed out.
-        weights = dist.Categorical(probs=torch.stack([theta, 1 - theta], dim=-1))
+        # A MixtureSameFamily(Categorical, Normal), with a log density quick over many draws.
+        from vibench_posteriordb.mixture import NormalMixture
+
+        probs = torch.stack([theta, 1 - theta], dim=-1)
         with pyro.plate("data", y.shape[0]) as ind:
-            pyro.sample("y", dist.MixtureSameFamily(weights, dist.Normal(mu, sigma)),
-                        obs=y.index_select(0, ind))
+            pyro.sample("y", NormalMixture(probs, mu, sigma), obs=y.index_select(0, ind))
 
 
 class HmmDrive(_Port):
