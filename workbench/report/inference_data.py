@@ -267,7 +267,8 @@ def save(groups: dict[str, dict], attrs: dict[str, dict[str, Any]], path: Path) 
     ``InferenceData.to_netcdf`` writes it: dims chain (one) and draw first with their
     coordinates, except for the observed data; each group with the common attributes, ArviZ's
     (``created_at``, ``arviz_version``) and its own; numbers compressed (zlib level 1 after a
-    byte shuffle: as small as its default here, in half the time). Written with h5netcdf
+    byte shuffle: as small as its default here, in half the time), except continuous
+    replicated data (``_compressible``). Written with h5netcdf
     directly: xarray's import alone cost more than the rest of a small run's report."""
     import h5netcdf
 
@@ -292,13 +293,22 @@ def save(groups: dict[str, dict], attrs: dict[str, dict[str, Any]], path: Path) 
             for name, (values, names) in arrays.items():
                 values = np.require(values, requirements="C")  # keeps a 0-d array 0-d
                 options = ({"compression": "gzip", "compression_opts": 1, "shuffle": True}
-                           if values.dtype.kind in "biufc" and values.ndim else {})
+                           if _compressible(group, values) else {})
                 if values.dtype.kind == "b":  # NetCDF has no bool: xarray's encoding
                     out.create_variable(name, tuple(names), data=values.astype("i1"),
                                         **options).attrs["dtype"] = "bool"
                 else:
                     out.create_variable(name, tuple(names), data=values, **options)
             out.attrs.update({**made, **attrs[""], **attrs.get(group, {})})
+
+
+def _compressible(group: str, values: np.ndarray) -> bool:
+    """Whether a variable is worth zlib's time: numbers, not a 0-d one, and not continuous
+    replicated data, whose random low bits leave nine tenths of their size (diamonds'
+    836 x 5,000: 88%, against 62% for the log likelihood beside them)."""
+    if values.dtype.kind not in "biufc" or not values.ndim:
+        return False
+    return not (group == "posterior_predictive" and values.dtype.kind in "fc")
 
 
 def ppc_sources(path: Path) -> dict[str, dict[str, Any]]:

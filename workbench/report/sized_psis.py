@@ -201,14 +201,15 @@ def _subset_terms(model: Callable, data: dict, nesting: int, plate: Plate,
             posterior.compute_log_prob(model_trace)
             # the sums are made on the CPU: the model's device is the default one here
             rest = torch.zeros(n, dtype=torch.float64, device="cpu")
-            likelihood = torch.zeros(n, rows, dtype=torch.float64, device="cpu")
+            likelihood = None
             for name, site in model_trace.nodes.items():
                 if site["type"] != "sample" or site_is_subsample(site):
                     continue
                 if name in observed:
                     # log_prob is scaled by N/m: each row's own term, unscaled.
-                    likelihood += _per_row(site["log_prob"] * (rows / plate.size), n, rows,
-                                           nesting, plate.dim)
+                    part = _per_row(site["log_prob"] * (rows / plate.size), n, rows, nesting,
+                                    plate.dim)
+                    likelihood = part if likelihood is None else likelihood + part
                 else:
                     rest += posterior._per_draw(site["log_prob"], n, nesting).double().cpu()
             log_rest.append(rest)
@@ -312,7 +313,8 @@ def _per_row(log_prob: torch.Tensor, n: int, rows: int, nesting: int, dim: int
     dims = nesting + 1
     log_prob = log_prob.reshape((1,) * (dims - log_prob.dim()) + log_prob.shape)
     moved = log_prob.movedim((-dims, dim), (0, 1))
-    return moved.expand(n, rows, *moved.shape[2:]).reshape(n, rows, -1).sum(-1).double().cpu()
+    flat = moved.expand(n, rows, *moved.shape[2:]).reshape(n, rows, -1)
+    return (flat[..., 0] if flat.shape[-1] == 1 else flat.sum(-1)).double().cpu()
 
 
 def _spread(values: list[float]) -> float:
