@@ -855,7 +855,9 @@ def site_log_prob(site: dict) -> torch.Tensor:
     compact = compacted(fn)
     if compact is not None and torch.is_tensor(value):
         try:
-            log_p = compact.log_prob(value, *site["args"], **site["kwargs"])
+            log_p = _normal_log_prob(compact, value, *site["args"], **site["kwargs"])
+            if log_p is None:
+                log_p = compact.log_prob(value, *site["args"], **site["kwargs"])
             batch = value.shape[:value.dim() - fn.event_dim]
             shape = torch.Size(_broadcast(tuple(batch), tuple(fn.batch_shape)))
             if torch.is_tensor(log_p) and log_p.shape != shape:
@@ -864,6 +866,22 @@ def site_log_prob(site: dict) -> torch.Tensor:
         except (RuntimeError, ValueError, TypeError, NotImplementedError, AttributeError):
             pass
     return fn.log_prob(value, *site["args"], **site["kwargs"])
+
+
+def _normal_log_prob(fn: Any, value: torch.Tensor, *args: Any, **kwargs: Any
+                     ) -> torch.Tensor | None:
+    """torch's ``Normal.log_prob``, the same operations in the same order, in place on one
+    draws x rows tensor instead of five new ones (each a fresh allocation the kernel pages
+    in); None for any other distribution."""
+    if type(fn).log_prob is not torch.distributions.Normal.log_prob or args or kwargs:
+        return None
+    if fn._validate_args:
+        fn._validate_sample(value)
+    log_p = value - fn.loc
+    if torch.broadcast_shapes(log_p.shape, fn.scale.shape) != log_p.shape:
+        return None
+    log_p.square_().neg_().div_(2 * fn.scale ** 2)
+    return log_p.sub_(fn.scale.log()).sub_(math.log(math.sqrt(2 * math.pi)))
 
 
 def compacted(fn: Any) -> Any:
