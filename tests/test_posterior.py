@@ -351,6 +351,15 @@ def test_diagnostics_in_chunks_equal_diagnostics_at_once(coin, monkeypatch):
     assert chunked == pytest.approx(whole)
 
 
+def test_the_model_replayed_in_slices_of_draws_gives_the_same_diagnostics(coin, monkeypatch):
+    """The same guide draws, the model evaluated on slices of them (``draw_slices``): the same
+    numbers, exactly."""
+    guide = fixed_beta_guide(15, 15)
+    whole = diagnose(coin, guide, num_draws=3000)
+    monkeypatch.setattr(posterior, "SLICE_NUMBERS", 300)  # slices of a few dozen draws
+    assert diagnose(coin, guide, num_draws=3000) == whole
+
+
 def test_elbo_and_log_evidence_are_estimated_from_the_same_draws(coin, fitted_beta):
     """The coin's evidence is known in closed form, log p(x) = log B(16, 14) - log B(10, 10):
     the importance-sampled estimate is within 4 standard errors of it for a good guide and a

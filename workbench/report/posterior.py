@@ -674,25 +674,60 @@ def _weigh(model: Callable, guide: Callable, data: dict, nesting: int, num_draws
     model that does not broadcast (``way``) is replayed draw by draw (``single``: it run
     once)."""
     log_ws, parts = [], {name: [] for name in {**sites, **derived}}
+    per_draw = trace_numbers(single)
     for start in range(0, num_draws, chunk):
         n = min(chunk, num_draws - start)
         with pyro.plate(DRAWS_PLATE, n, dim=-(nesting + 1)):
             guide_trace = poutine.trace(guide).get_trace(**data)
-            if way.broadcasts:
-                model_trace = poutine.trace(
-                    poutine.replay(model, trace=guide_trace)).get_trace(**data)
-        if not way.broadcasts:
-            model_trace = broadcast.replay(model, guide_trace, data, n, nesting, way, single,
-                                           predictive=False)
         missing = [name for name in sites if name not in guide_trace.nodes]
         if missing:
             return "the guide does not sample " + ", ".join(repr(name) for name in missing)
-        log_ws.append(log_joint(model_trace, n, nesting) - log_joint(guide_trace, n, nesting))
+        log_p = []
+        for m, part in draw_slices(guide_trace, n, nesting, per_draw):
+            if way.broadcasts:
+                with pyro.plate(DRAWS_PLATE, m, dim=-(nesting + 1)):
+                    model_trace = poutine.trace(
+                        poutine.replay(model, trace=part)).get_trace(**data)
+            else:
+                model_trace = broadcast.replay(model, part, data, m, nesting, way, single,
+                                               predictive=False)
+            log_p.append(log_joint(model_trace, m, nesting))
+            for name, shape in derived.items():
+                parts[name].append(model_trace.nodes[name]["value"].reshape(m, *shape))
+        log_ws.append(torch.cat(log_p) - log_joint(guide_trace, n, nesting))
         for name, shape in sites.items():
             parts[name].append(guide_trace.nodes[name]["value"].reshape(n, *shape))
-        for name, shape in derived.items():
-            parts[name].append(model_trace.nodes[name]["value"].reshape(n, *shape))
     return torch.cat(log_ws), {name: torch.cat(chunks) for name, chunks in parts.items()}
+
+
+SLICE_NUMBERS = 2**21  # numbers a draw slice's model tensors hold (16 MB in float64)
+
+
+def draw_slices(trace: poutine.Trace, n: int, nesting: int, per_draw: int
+                ) -> Iterator[tuple[int, poutine.Trace]]:
+    """A vectorised guide trace of ``n`` draws as traces of at most ``SLICE_NUMBERS //
+    per_draw`` draws each, to replay the model on: each sample site's value narrowed along
+    the draws dim (a value without that dim as it is). The model's tensors of draws x rows
+    then stay under glibc's 32 MB ceiling for reusing freed memory, where each larger one
+    is fresh memory the kernel pages in: the same numbers, in about half the time."""
+    step = max(1, SLICE_NUMBERS // max(per_draw, 1))
+    if step >= n:
+        yield n, trace
+        return
+    for start in range(0, n, step):
+        m = min(step, n - start)
+        part = poutine.Trace()
+        for name, site in trace.nodes.items():
+            if site["type"] != "sample":
+                continue
+            value = site["value"]
+            dim = value.dim() - getattr(site["fn"], "event_dim", 0) - nesting - 1 \
+                if torch.is_tensor(value) else -1
+            if dim >= 0 and value.shape[dim] == n:
+                value = value.narrow(dim, start, m)
+            part.add_node(name, type="sample", name=name, value=value, fn=site["fn"],
+                          is_observed=site["is_observed"], infer=site["infer"])
+        yield m, part
 
 
 _DTYPE_CLASH = re.compile(r"dtype|Double|Float|Half")

@@ -192,36 +192,50 @@ def _subset_terms(model: Callable, data: dict, nesting: int, plate: Plate,
 
     rows = len(indices)
     rows_model = _rows(model, plate, indices)
+    per_draw = plate.per_row * rows  # the likelihood's numbers a draw: the largest tensors
     log_rest, log_q, per_group, derived_parts = [], [], [], {name: [] for name in derived}
     try:
         for n, guide_trace in guide_traces:
-            with pyro.plate(posterior.DRAWS_PLATE, n, dim=-(nesting + 1)):
-                model_trace = poutine.trace(
-                    poutine.replay(rows_model, trace=guide_trace)).get_trace(**data)
-            posterior.compute_log_prob(model_trace)
-            # the sums are made on the CPU: the model's device is the default one here
-            rest = torch.zeros(n, dtype=torch.float64, device="cpu")
-            likelihood = None
-            for name, site in model_trace.nodes.items():
-                if site["type"] != "sample" or site_is_subsample(site):
-                    continue
-                if name in observed:
-                    # log_prob is scaled by N/m: each row's own term, unscaled.
-                    part = _per_row(site["log_prob"] * (rows / plate.size), n, rows, nesting,
-                                    plate.dim)
-                    likelihood = part if likelihood is None else likelihood + part
-                else:
-                    rest += posterior._per_draw(site["log_prob"], n, nesting).double().cpu()
-            log_rest.append(rest)
             log_q.append(posterior.log_joint(guide_trace, n, nesting).double().cpu())
-            per_group.append(torch.stack([part.sum(1) for part in
-                                          likelihood.split([len(g) for g in groups], 1)], 1))
-            for name, shape in derived.items():
-                derived_parts[name].append(model_trace.nodes[name]["value"].reshape(n, *shape))
+            for m, part in posterior.draw_slices(guide_trace, n, nesting, per_draw):
+                with pyro.plate(posterior.DRAWS_PLATE, m, dim=-(nesting + 1)):
+                    model_trace = poutine.trace(
+                        poutine.replay(rows_model, trace=part)).get_trace(**data)
+                rest, likelihood = _split_terms(model_trace, m, rows, plate, nesting, observed)
+                log_rest.append(rest)
+                per_group.append(torch.stack([
+                    group.sum(1) for group in likelihood.split([len(g) for g in groups], 1)],
+                    1))
+                for name, shape in derived.items():
+                    derived_parts[name].append(
+                        model_trace.nodes[name]["value"].reshape(m, *shape))
     except (RuntimeError, ValueError, NotImplementedError, IndexError) as exc:
         return f"the model cannot be run on a subset of rows: {one_line(exc)}"
     return (torch.cat(log_rest), torch.cat(log_q), torch.cat(per_group),
             {name: torch.cat(parts) for name, parts in derived_parts.items()})
+
+
+def _split_terms(model_trace: poutine.Trace, n: int, rows: int, plate: Plate, nesting: int,
+                 observed: set[str]) -> tuple[torch.Tensor, torch.Tensor]:
+    """A replayed subset trace's log density as ``(n,)`` for everything but the likelihood
+    and ``(n, rows)`` for each row's likelihood (unscaled), both float64 on the CPU."""
+    from workbench.report import posterior
+
+    posterior.compute_log_prob(model_trace)
+    # the sums are made on the CPU: the model's device is the default one here
+    rest = torch.zeros(n, dtype=torch.float64, device="cpu")
+    likelihood = None
+    for name, site in model_trace.nodes.items():
+        if site["type"] != "sample" or site_is_subsample(site):
+            continue
+        if name in observed:
+            # log_prob is scaled by N/m: each row's own term, unscaled.
+            part = _per_row(site["log_prob"] * (rows / plate.size), n, rows, nesting,
+                            plate.dim)
+            likelihood = part if likelihood is None else likelihood + part
+        else:
+            rest += posterior._per_draw(site["log_prob"], n, nesting).double().cpu()
+    return rest, likelihood
 
 
 def _with_errors(result: dict[str, Any], base: torch.Tensor, remainder: torch.Tensor,
