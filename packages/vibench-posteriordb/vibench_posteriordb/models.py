@@ -280,9 +280,10 @@ class HmmDrive(_Port):
         # The forward algorithm: gamma[t, k] = log_sum_exp_j(gamma[t-1, j] + log theta[j, k])
         # + emission[t, k], gamma[1] = emission[1], and the likelihood log_sum_exp(gamma[N]).
         # Each step is a (log, +) matrix product, so gamma[N] = gamma[1] * step[2] * ... *
-        # step[N]; for a step's few particles the steps are multiplied pairwise (depth log2 N
-        # for autograd and compile), for many draws (a report's) one by one: O(N) per draw.
-        if emission[..., 0, :].numel() > emission.shape[-2]:
+        # step[N]; the steps are multiplied pairwise (depth log2 N for autograd and compile,
+        # log2 N roundings), or one by one for many draws in float64 (a report's PSIS), where
+        # N roundings stay far below what the numbers mean: O(N) per draw.
+        if emission.dtype == torch.float64 and emission[..., 0, :].numel() > emission.shape[-2]:
             gamma = _forward_loop(emission, log_theta)
         else:
             steps = log_theta.unsqueeze(-3) + emission[..., 1:, :].unsqueeze(-2)
