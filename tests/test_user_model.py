@@ -463,27 +463,30 @@ def test_a_loss_that_needs_particles_at_once_names_the_model_and_its_line(tmp_pa
     assert "plain_models.py:" in message and "`pyro.sample(\"obs\"" in message
 
 
-def test_the_automatic_pipeline_fits_a_plain_hierarchical_model(tmp_path: Path):
-    """The newcomer's model through the pipeline (full-rank Gaussians with 4 particles each,
-    started at the Laplace approximation, the step size searched): every fit an answer, a
-    k-hat and posterior.nc. The stages are cut short for time; the next test runs them all."""
-    check_pipeline(tmp_path, "[start, {name: gaussian, runs: 2, max_steps: 50}, rhat, psis]")
+def test_the_automatic_pipeline_fits_a_plain_model(tmp_path: Path):
+    """A plain regression through the pipeline (full-rank Gaussians, started at the Laplace
+    approximation, the step size searched): every fit an answer, a k-hat over draws
+    evaluated by vmap, and posterior.nc. The stages are cut short for time; the slow test
+    below runs them all on the newcomer's hierarchical model."""
+    check_pipeline(tmp_path, "[start, {name: gaussian, runs: 2, max_steps: 50}, rhat, psis]",
+                   f"{PLAIN}:linear", REGRESSION, "train.plots=false")  # the twins' test draws them
 
 
 @pytest.mark.slow
 def test_the_whole_automatic_pipeline_fits_a_plain_hierarchical_model(tmp_path: Path):
-    check_pipeline(tmp_path, None)
-
-
-def check_pipeline(tmp_path: Path, stages: str | None) -> None:
     from tests import plain_models
 
-    write(tmp_path / "recipe.yaml", yaml.safe_dump({
-        "model": {"name": f"{PLAIN}:hierarchical"},
-        "data": plain_models.hierarchical_data(rows=400)}))
+    check_pipeline(tmp_path, None, f"{PLAIN}:hierarchical",
+                   plain_models.hierarchical_data(rows=400))
+
+
+def check_pipeline(tmp_path: Path, stages: str | None, model: str, data: dict,
+                   *sets: str) -> None:
+    write(tmp_path / "recipe.yaml", yaml.safe_dump({"model": {"name": model}, "data": data}))
     out = tmp_path / "run"
     result = vibench("run", str(tmp_path / "recipe.yaml"), "--out", str(out),
-                     *(["--set", f"auto.stages={stages}"] if stages else []), cwd=tmp_path)
+                     *(["--set", f"auto.stages={stages}"] if stages else []),
+                     *(arg for item in sets for arg in ("--set", item)), cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     summary = json.loads((out / "summary.json").read_text())
     assert summary["status"] == "completed" and summary["diagnostics"]["khat"] is not None
