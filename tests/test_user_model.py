@@ -383,7 +383,7 @@ def test_where_vmap_does_not_apply_the_report_runs_the_model_once_per_draw(tmp_p
     1,000 draws for k-hat (with its Monte Carlo error), the plots and posterior.nc, each
     saying so; its answer is its broadcasting twin's."""
     run, summary, out = fit(plain_recipe(tmp_path / "plain", {"name": f"{PLAIN}:guarded"},
-                                         REGRESSION))
+                                         REGRESSION, steps=300))
     assert "plain_models.py:" in run.notes[0] and "intercept.item()" in run.notes[0]
     assert "the report runs it once per draw, on 1,000 draws instead of 10,000 " \
            "(torch.func.vmap does not apply: plain_models.py:" in run.notes[1]
@@ -397,7 +397,7 @@ def test_where_vmap_does_not_apply_the_report_runs_the_model_once_per_draw(tmp_p
         path.name for path in (out / "plots").iterdir()}
     assert diagnostics["inference_data"] == "written"
     _, twin, _, _ = TWINS["linear"]
-    _, twin_summary, _ = fit(plain_recipe(tmp_path / "twin", twin, REGRESSION))
+    _, twin_summary, _ = fit(plain_recipe(tmp_path / "twin", twin, REGRESSION, steps=300))
     theirs = means(twin_summary)
     for site, (mean, _) in means(summary).items():
         assert ((mean - theirs[site][0]).abs() <= 0.25 * theirs[site][1]).all(), site
