@@ -59,6 +59,16 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
                     break
     if getattr(config.option, "loadgroup", False):  # set on xdist workers by --dist loadgroup
         name_the_groups(items)
+    items.sort(key=lambda item: item.nodeid.split("::")[0] not in LONG_FIRST)  # stable
+
+
+# Modules whose tests wait on child processes (torchrun, Ray, compare, signals) or fit for
+# tens of seconds: handed out first, so that the two workers finish together rather than
+# one waiting while the other runs a long group at the end.
+LONG_FIRST = {"tests/test_distributed.py", "tests/test_compare_ray.py",
+              "tests/test_compare_signals.py", "tests/test_compare.py",
+              "tests/adversarial/test_stop_anywhere.py", "tests/adversarial/test_advice.py",
+              "tests/test_user_model.py", "tests/test_run.py"}
 
 
 def name_the_groups(items: list[pytest.Item]) -> None:
