@@ -89,10 +89,23 @@ def centred_sites(model: Any, data: dict) -> list[str]:
     import torch
     from pyro import poutine
     from pyro.infer.autoguide.initialization import InitMessenger, init_to_feasible
+
+    state = torch.get_rng_state()  # a subsampling plate draws: the fits' paths stay as they were
+    try:
+        with torch.no_grad(), InitMessenger(init_to_feasible):
+            first = poutine.trace(model).get_trace(**data)
+        return _scale_depends(model, data, first)
+    finally:
+        torch.set_rng_state(state)
+
+
+def _scale_depends(model: Any, data: dict, first: Any) -> list[str]:
+    """The location-scale sites of the trace ``first`` whose scale depends on another latent
+    site's value (autograd through the model conditioned on the trace's latent values)."""
+    import torch
+    from pyro import poutine
     from pyro.poutine.util import site_is_subsample
 
-    with torch.no_grad(), InitMessenger(init_to_feasible):
-        first = poutine.trace(model).get_trace(**data)
     latent = {name: site["value"].detach().clone().requires_grad_(True)
               for name, site in first.nodes.items()
               if site["type"] == "sample" and not site["is_observed"]
