@@ -73,7 +73,7 @@ def gaussian(family: Literal["auto", "full_rank", "low_rank", "diagonal"] = "aut
     the fits start at the distinct modes in turn, at least one fit each. With ``reparam:
     auto``, where the fits are poor (k-hat above KHAT_TRUSTED, or no mode at the Laplace
     start) and the model has centred location-scale sites, the fits again on the model with
-    those sites non-centred (plugins/reparam.py), kept where their k-hat is better."""
+    those sites non-centred (plugins/reparam.py), kept where their best ELBO is higher."""
     if lr != "auto" and not (isinstance(lr, (int, float)) and lr > 0):
         raise ValueError(f"lr must be 'auto' or a positive number, got {lr!r}")
     if not 1 <= min_runs <= runs:
@@ -242,8 +242,9 @@ class Gaussian:
 def noncentred(stage: Gaussian, pipeline) -> str:
     """``reparam: auto``: where the fits are poor and the model has centred location-scale
     sites, the stage's fits again on the model with those sites non-centred (the same
-    posterior), kept, with the run that stands for them (``pipeline.last_run``), where the
-    best fit's k-hat is lower; the words the stage's line gains."""
+    posterior, so the ELBOs compare: the higher, the nearer the fit in KL), kept, with the
+    run that stands for them (``pipeline.last_run``), where the best ELBO is higher; the
+    words the stage's line gains."""
     from vibench_plugins import reparam
     from workbench.device import run_context
 
@@ -268,14 +269,16 @@ def noncentred(stage: Gaussian, pipeline) -> str:
     named = ", ".join(sites)
     pipeline.say(f"auto: {why}: the fits again with {named} non-centred")
     again = stage.fit_all(pipeline, "noncentred")
-    new = pipeline.best(pipeline.candidates).khat if pipeline.candidates else None
-    if new is not None and (best is None or new < best):
-        return f"; {why}: refitted with {named} non-centred: {again}; kept (k-hat {new:.2f})"
+    elbo = pipeline.best(fits).elbo
+    found = pipeline.best(pipeline.candidates).elbo if pipeline.candidates else None
+    if found is not None and found > elbo:
+        return (f"; {why}: refitted with {named} non-centred: {again}; kept (ELBO "
+                f"{found:.2f} against the centred fits' {elbo:.2f})")
     pipeline.candidates, pipeline.last_run, pipeline.modes = kept
     pipeline.model = None
-    shown = "none" if new is None else f"{new:.2f}"
-    return (f"; {why}: refitted with {named} non-centred (k-hat {shown}), no better: "
-            "kept the centred fits")
+    shown = "none" if found is None else f"{found:.2f}"
+    return (f"; {why}: refitted with {named} non-centred (ELBO {shown} against the "
+            f"centred fits' {elbo:.2f}), no better: kept the centred fits")
 
 
 def _at_mode(found, i: int, spread: float, seed: int):
