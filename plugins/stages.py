@@ -7,6 +7,8 @@
   and each stopped at convergence (``train.stop: converged``: its iterate average settles,
   the step size halves, and the next average agrees with it); with ``modes``, the fits start
   at each of the distinct modes that searches from overdispersed starts found, in turn;
+  with ``reparam: auto``, where the fits are poor and the model is a centred funnel, the fits
+  again on it with those sites non-centred (plugins/reparam.py), kept where their ELBO is higher;
 - ``rhat``: R-hat across those fits (Dhaka et al. 2020), flagged above ``threshold``; where
   the fits sit at several modes (``gaussian``'s ``modes``), their equal mixture
   importance-weighted against the model (plugins/modes.py) is the answer where its k-hat is
