@@ -7,6 +7,8 @@
   and each stopped at convergence (``train.stop: converged``: its iterate average settles,
   the step size halves, and the next average agrees with it); with ``modes``, the fits start
   at each of the distinct modes that searches from overdispersed starts found, in turn;
+  with ``reparam: auto``, where the fits are poor and the model is a centred funnel, the fits
+  again on it with those sites non-centred (plugins/reparam.py), kept where their ELBO is higher;
 - ``rhat``: R-hat across those fits (Dhaka et al. 2020), flagged above ``threshold``; where
   the fits sit at several modes (``gaussian``'s ``modes``), their equal mixture
   importance-weighted against the model (plugins/modes.py) is the answer where its k-hat is
@@ -64,13 +66,16 @@ def gaussian(family: Literal["auto", "full_rank", "low_rank", "diagonal"] = "aut
              estimator: Literal["stl", "reparam"] = "stl", lr: float | str = "auto",
              max_steps: int | None = 300, window: int = 50, skl: float = 0.01,
              lr_factor: float = 0.5, spread: float = 0.5, scatter: float = 0.0,
-             modes: int = 8):
+             modes: int = 8, reparam: Literal["auto", "none"] = "auto"):
     """Independent Gaussian fits: STL, searched step size, stopped at convergence; no more
     fits once ``min_runs`` agree or the stage has taken ``budget_steps`` steps. With
     ``scatter`` > 0, fits after the first start ``scatter`` of the start's sds away (a draw)
     and, after a Laplace start, at the Laplace approximation found from there. With
     ``modes`` > 0, that many mode searches from overdispersed starts (plugins/modes.py) and
-    the fits start at the distinct modes in turn, at least one fit each."""
+    the fits start at the distinct modes in turn, at least one fit each. With ``reparam:
+    auto``, where the fits are poor (k-hat above KHAT_TRUSTED, or no mode at the Laplace
+    start) and the model has centred location-scale sites, the fits again on the model with
+    those sites non-centred (plugins/reparam.py), kept where their best ELBO is higher."""
     if lr != "auto" and not (isinstance(lr, (int, float)) and lr > 0):
         raise ValueError(f"lr must be 'auto' or a positive number, got {lr!r}")
     if not 1 <= min_runs <= runs:
@@ -80,7 +85,7 @@ def gaussian(family: Literal["auto", "full_rank", "low_rank", "diagonal"] = "aut
                          f"modes >= 0, got {budget_steps}, {agree}, {scatter} and {modes}")
     return Gaussian(family, low_rank_above, runs, min_runs, Enough(budget_steps, agree),
                     num_particles, estimator, lr, max_steps, _stop(window, skl, lr_factor),
-                    spread, scatter, modes)
+                    spread, scatter, modes, reparam)
 
 
 class Enough:
@@ -125,8 +130,9 @@ def agreement(posteriors: list[dict], fraction: float) -> float | None:
 
 class Gaussian:
     def __init__(self, family, low_rank_above, runs, min_runs, enough, num_particles,
-                 estimator, lr, max_steps, train, spread, scatter, modes):
-        self.family, self.low_rank_above = family, low_rank_above
+                 estimator, lr, max_steps, train, spread, scatter, modes, reparam):
+        self.family, self.low_rank_above, self.reparam = family, low_rank_above, reparam
+        self.no_mode = ""  # the first fit's Laplace start found no mode: why (_no_mode)
         self.scatter, self.modes = scatter, modes
         self.runs, self.min_runs, self.enough = runs, min_runs, enough
         self.loss = {"name": "elbo", "num_particles": num_particles, "estimator": estimator}
@@ -134,6 +140,13 @@ class Gaussian:
         self.train = train
 
     def run(self, pipeline) -> str:
+        said = self.fit_all(pipeline, "gaussian")
+        if self.reparam == "none":
+            return said
+        return said + noncentred(self, pipeline)
+
+    def fit_all(self, pipeline, name: str) -> str:
+        """The stage's fits, labelled ``name``-1, -2, ...: ``pipeline.candidates``."""
         from workbench.report.gaussians import FULL_UP_TO, fitted_gaussian
 
         dimension = pipeline.dimension
@@ -160,13 +173,13 @@ class Gaussian:
             if moved is not None:
                 moved(guide, data)
 
-        first = pipeline.fit("gaussian-1", guide=guide, loss=self.loss,
+        first = pipeline.fit(f"{name}-1", guide=guide, loss=self.loss,
                              optimizer={"name": "adam", "lr": self.lr}, train=train,
                              start=first_start)
         pipeline.modes = found[0] if found else None
         fits, skipped = [first], ""
         if first.ok:
-            skipped = _no_mode(pipeline.last_run)
+            skipped = self.no_mode = _no_mode(pipeline.last_run)
             later = {**guide, "init": "init_loc"} if "init" in guide else guide
             distinct = len(pipeline.modes.modes) if pipeline.modes else 0
             at_least = min(self.runs, max(self.min_runs, distinct))  # a fit at each mode
@@ -180,7 +193,7 @@ class Gaussian:
                          else self.later_start(captured[0], guide.get("init"), marginal,
                                                seed + i))
                 fits.append(pipeline.fit(
-                    f"gaussian-{i}", guide=later, loss=self.loss,
+                    f"{name}-{i}", guide=later, loss=self.loss,
                     optimizer={"name": "adam", "lr": first.lr}, train=train, seed_offset=i - 1,
                     start=start))
         pipeline.candidates = [fit for fit in fits if fit.ok]
@@ -226,6 +239,48 @@ class Gaussian:
                 f"dimensions, {self.loss['estimator']} gradient, lr {lr_text}; {stops}"
                 f"{skipped}; each starts at its own draw from {whence} (spread "
                 f"{self.spread:g}){scattered}")
+
+
+def noncentred(stage: Gaussian, pipeline) -> str:
+    """``reparam: auto``: where the fits are poor and the model has centred location-scale
+    sites, the stage's fits again on the model with those sites non-centred (the same
+    posterior, so the ELBOs compare: the higher, the nearer the fit in KL), kept, with the
+    run that stands for them (``pipeline.last_run``), where the best ELBO is higher; the
+    words the stage's line gains."""
+    from vibench_plugins import reparam
+    from workbench.device import run_context
+
+    fits, run = pipeline.candidates, pipeline.last_run
+    if not fits or run is None:
+        return ""
+    best = pipeline.best(fits).khat
+    if best is None:
+        why = "no k-hat"
+    elif best > KHAT_TRUSTED:
+        why = f"k-hat {best:.2f} > {KHAT_TRUSTED:g}"
+    elif stage.no_mode:
+        why = "no mode at the Laplace start"
+    else:
+        return ""
+    with run_context(run.device, run.dtype):
+        sites = reparam.centred_sites(run.model, run.data)
+    if not sites:
+        return ""
+    kept = (fits, run, pipeline.modes)
+    pipeline.model = reparam.section(pipeline.recipe["model"], sites)
+    named = ", ".join(sites)
+    pipeline.say(f"auto: {why}: the fits again with {named} non-centred")
+    again = stage.fit_all(pipeline, "noncentred")
+    elbo = pipeline.best(fits).elbo
+    found = pipeline.best(pipeline.candidates).elbo if pipeline.candidates else None
+    if found is not None and found > elbo:
+        return (f"; {why}: refitted with {named} non-centred: {again}; kept (ELBO "
+                f"{found:.2f} against the centred fits' {elbo:.2f})")
+    pipeline.candidates, pipeline.last_run, pipeline.modes = kept
+    pipeline.model = None
+    shown = "none" if found is None else f"{found:.2f}"
+    return (f"; {why}: refitted with {named} non-centred (ELBO {shown} against the "
+            f"centred fits' {elbo:.2f}), no better: kept the centred fits")
 
 
 def _at_mode(found, i: int, spread: float, seed: int):

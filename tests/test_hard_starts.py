@@ -58,7 +58,7 @@ def test_a_degenerate_laplace_start_is_seen_and_the_fits_start_elsewhere(tmp_pat
         "model": {"name": f"{Path(__file__).resolve()}:centred"},
         "data": {"y": [0.3, -0.2, 0.5, 0.1, -0.4]},
         "auto": {"stages": ["start", {"name": "gaussian", "runs": 2, "lr": 0.01,
-                                      "max_steps": 20}, "rhat", "psis"]}}
+                                      "max_steps": 20, "reparam": "none"}, "rhat", "psis"]}}
     summary = run(tmp_path, recipe)
     said = {stage["stage"]: stage["said"] for stage in summary["auto"]["stages"]}
     assert "gaussian-1's Laplace start: no mode" in said["gaussian"]

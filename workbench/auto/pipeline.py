@@ -117,6 +117,7 @@ class Pipeline:
     rhat: dict | None = None
     modes: Any = None  # what the gaussian stage's mode searches found (plugins/modes.py)
     mixture: Any = None  # the fits' weighed mixture where it is the answer (the rhat stage)
+    model: dict | None = None  # the fits' model section where a stage changed it, else the recipe's
     flags: list[str] = field(default_factory=list)
     last_run: Any = None
     resumed: bool = False  # going on after a stop (--resume): a fit finished before is kept
@@ -138,6 +139,8 @@ class Pipeline:
 
         base = {key: self.recipe[key] for key in ("seed", "device", "dtype", "data", "model",
                                                   "loggers")}
+        if self.model is not None:  # the same posterior, reparameterised (plugins/reparam.py)
+            base["model"] = self.model
         sub = {**base, "name": f"{self.recipe['name']}-{label}",
                "seed": self.recipe["seed"] + seed_offset, "guide": guide, "loss": loss,
                "optimizer": optimizer,

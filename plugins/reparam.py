@@ -1,0 +1,138 @@
+"""Automatic non-centring for the gaussian stage (``reparam: auto``): a funnel lever.
+
+A centred hierarchical model (``x ~ Normal(mu, tau)`` with ``tau`` itself a latent) has a
+funnel-shaped posterior: no Gaussian fits its neck and its mouth at once, and its density
+often has no mode. The same model with those sites non-centred (``x = mu + tau * z``,
+``z ~ Normal(0, 1)``: Pyro's ``LocScaleReparam(centered=0)`` under ``poutine.reparam``) is the
+same posterior in coordinates where the funnel is gone. ``noncentred`` is that model as a
+registered model component wrapping the user's; its trace keeps each reparameterised site
+under the user's name as a ``pyro.deterministic`` site (the report's summary, PSIS weights,
+posterior.nc and reference scoring read it there) beside the auxiliary ``<site>_decentered``.
+"""
+
+from __future__ import annotations
+
+import inspect
+from typing import Any
+
+from workbench import hookimpl
+
+NAME = "noncentred"
+# What a site needs for LocScaleReparam: loc and scale parameters over the real line.
+LOC_SCALE = ("Normal", "StudentT", "Cauchy", "Laplace")
+
+
+@hookimpl
+def register_models(register):
+    register(NAME, noncentred)
+
+
+def noncentred(of: dict, sites: list[str], device=None):
+    """The model ``of`` (a recipe's model section) with ``sites`` non-centred
+    (LocScaleReparam(centered=0)): the same posterior, without the funnel between a site and
+    the latent scale it is drawn with."""
+    from workbench.plugins.build import build
+    from workbench.plugins.registry import get_registry
+
+    if not sites or not all(isinstance(site, str) for site in sites):
+        raise ValueError(f"sites must be a non-empty list of site names, got {sites!r}")
+    inner = build(get_registry(), "model", of, device=device)
+    return NonCentred(inner, list(sites))
+
+
+class NonCentred:
+    """The user's model under ``poutine.reparam``: called as the model is (its signature is
+    the model's, so the data are checked against it), and offering what the model offers
+    besides (its reference and exact posteriors, which speak of the user's sites)."""
+
+    def __init__(self, model: Any, sites: list[str]):
+        from pyro import poutine
+        from pyro.infer.reparam import LocScaleReparam
+
+        self.model, self.sites = model, sites
+        config = {site: LocScaleReparam(centered=0.0) for site in sites}
+        self._reparameterised = _Deterministic(sites)(poutine.reparam(model, config=config))
+        self.__signature__ = inspect.signature(model)
+
+    def __call__(self, *args, **kwargs):
+        return self._reparameterised(*args, **kwargs)
+
+    def __getattr__(self, name: str):
+        if name.startswith("__") or name in ("model", "sites", "_reparameterised"):
+            raise AttributeError(name)
+        return getattr(self.model, name)
+
+
+def _Deterministic(sites: list[str]):
+    """A handler that marks the reparameterised sites (which poutine.reparam records as
+    observed Delta sites) as ``pyro.deterministic`` marks its sites, so that the report reads
+    them as derived values, not as a likelihood."""
+    from pyro.poutine.messenger import Messenger
+
+    class Deterministic(Messenger):
+        def _pyro_sample(self, msg):
+            if msg["name"] in sites and msg["is_observed"]:
+                msg["infer"] = {**msg["infer"], "_deterministic": True}
+
+    return Deterministic()
+
+
+def section(model_section: dict, sites: list[str]) -> dict:
+    """The recipe's model section of the user's model with ``sites`` non-centred."""
+    return {"name": NAME, "of": dict(model_section), "sites": list(sites)}
+
+
+def centred_sites(model: Any, data: dict) -> list[str]:
+    """The model's latent location-scale sites over the real line whose scale depends on
+    another latent site: the necks of its funnels. A location that depends on a latent alone
+    is a shift, no funnel, and is left centred."""
+    import torch
+    from pyro import poutine
+    from pyro.infer.autoguide.initialization import InitMessenger, init_to_feasible
+
+    state = torch.get_rng_state()  # a subsampling plate draws: the fits' paths stay as they were
+    try:
+        with torch.no_grad(), InitMessenger(init_to_feasible):
+            first = poutine.trace(model).get_trace(**data)
+        return _scale_depends(model, data, first)
+    finally:
+        torch.set_rng_state(state)
+
+
+def _scale_depends(model: Any, data: dict, first: Any) -> list[str]:
+    """The location-scale sites of the trace ``first`` whose scale depends on another latent
+    site's value (autograd through the model conditioned on the trace's latent values)."""
+    import torch
+    from pyro import poutine
+    from pyro.poutine.util import site_is_subsample
+
+    latent = {name: site["value"].detach().clone().requires_grad_(True)
+              for name, site in first.nodes.items()
+              if site["type"] == "sample" and not site["is_observed"]
+              and not site_is_subsample(site) and torch.is_floating_point(site["value"])}
+    if len(latent) < 2:
+        return []
+    with torch.enable_grad():
+        again = poutine.trace(poutine.condition(model, data=latent)).get_trace(**data)
+        found = []
+        for name in latent:
+            fn = _unwrapped(again.nodes[name]["fn"])
+            scale = getattr(fn, "scale", None)
+            if type(fn).__name__ not in LOC_SCALE or not torch.is_tensor(scale) \
+                    or not scale.requires_grad:
+                continue
+            others = [value for other, value in latent.items() if other != name]
+            grads = torch.autograd.grad(scale.sum(), others, allow_unused=True,
+                                        retain_graph=True)
+            if any(grad is not None for grad in grads):
+                found.append(name)
+    return found
+
+
+def _unwrapped(fn: Any) -> Any:
+    """The distribution inside Independent wrappers (the ones LocScaleReparam sees through)."""
+    import torch
+
+    while isinstance(fn, torch.distributions.Independent):
+        fn = fn.base_dist
+    return fn
