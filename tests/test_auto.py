@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from tests.helpers import COIN as COIN_RECIPE
 from tests.helpers import arviz, exported_again, vibench
 from workbench import service
 from workbench.auto import pipeline
@@ -133,17 +134,17 @@ def test_the_pipeline_finds_a_conjugate_regressions_posterior(tmp_path):
     assert summary["auto"]["stages"][3]["said"].startswith("skipped: the best Gaussian's k-hat")
 
 
+@pytest.mark.xdist_group("compiled_coin")  # the coin's step, compiled once for the group
 def test_lr_auto_searches_eagerly_then_compiles_with_the_chosen_step_size(tmp_path):
     """The trials run eagerly (a compiled step holds its optimizer); the compiled step that
     trains holds the optimizer with the chosen lr, and the recipe keeps no trace of it."""
-    path = write(tmp_path, {"model": {"name": "beta_bernoulli"}, "data": {"flips": [1, 0, 1]},
-                            "guide": {"name": "auto_normal"}, "loss": {"name": "elbo"},
-                            "optimizer": {"name": "adam", "lr": "auto"},
-                            "train": {**QUIET["train"], "steps": 50, "compile": True}})
-    job = service.start(path, [], tmp_path / "run", get_registry())
+    sets = ["optimizer.lr=auto", "train.compile=true", "train.steps=50", "train.plots=false",
+            "train.eval_every=0", "loggers=[]"]
+    job = service.start(COIN_RECIPE, sets, tmp_path / "run", get_registry())
     run = job.run
     assert run.compiled is not None and run.compiled._optim is run.svi.optim
     chosen = run.recipe["optimizer"]["lr"]
+    assert chosen != "auto"
     assert all(group["lr"] == chosen for opt in run.svi.optim.optim_objs.values()
                for group in opt.param_groups)
     assert run.recipe["train"]["compile"] is True

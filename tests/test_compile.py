@@ -103,6 +103,7 @@ def _lrs(run) -> list[float]:
     return [torch_optimizer(o).param_groups[0]["lr"] for o in run.svi.optim.optim_objs.values()]
 
 
+@pytest.mark.xdist_group("compiled_coin")  # the coin's step, compiled once for the group
 def test_compiled_coin_reaches_the_exact_posterior(tmp_path: Path):
     """Inductor's own random numbers, Adam's update in the graph: the posterior within a
     quarter of its sd of the exact one, as the eager catalogue test asks."""
@@ -164,6 +165,7 @@ def test_minibatches_stay_eager_saying_so_only_where_compiling_would_pay():
         "each step"]
 
 
+@pytest.mark.xdist_group("compiled_coin")  # the coin's step, compiled once for the group
 def test_compiled_runs_resume_exactly_and_eager_can_take_over(tmp_path: Path):
     sets = ["train.compile=true", "train.eval_every=0", "train.plots=false",
             "train.diagnostics=false", "optimizer.lr=0.01", "train.checkpoint_every=10"]
