@@ -18,6 +18,7 @@ def fit(tmp_path: Path, *sets: str) -> dict:
     return train(setup(*sets), tmp_path)
 
 
+@pytest.mark.xdist_group("compiled_coin")  # the coin's step, compiled once for the group
 @pytest.mark.parametrize("seed", [1, 2])
 def test_seed_numbers_hold_for_other_seeds(tmp_path: Path, seed: int):
     # The seed's settings; evaluation, plots, the diagnostic and loggers never change the fit,

@@ -447,6 +447,7 @@ def test_two_runs_on_the_default_threads_give_the_same_numbers(tmp_path: Path):
         assert summaries[0][key] == summaries[1][key], key
 
 
+@pytest.mark.xdist_group("compiled_coin")  # the coin's step, compiled once for the group
 def test_loading_a_compiled_run_back_compiles_nothing(tmp_path: Path):
     out = tmp_path / "r"
     done = vibench("run", str(COIN), "--steps", "30", "--set", "train.compile=auto",
