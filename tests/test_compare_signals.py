@@ -153,7 +153,7 @@ def test_the_runs_die_with_compare_even_when_it_is_killed(tmp_path: Path):
 
 
 def test_a_run_that_saved_is_waited_for_and_shown_with_its_numbers(tmp_path: Path):
-    """After Ctrl-C a run that saved, then goes on working for 8 s (writing a file: progress
+    """After Ctrl-C a run that saved, then goes on working for 4 s (writing a file: progress
     compare sees) and exits 3, is not killed, and is reported as interrupted with its numbers."""
     hook = tmp_path / "hook"
     hook.mkdir()
@@ -161,7 +161,7 @@ def test_a_run_that_saved_is_waited_for_and_shown_with_its_numbers(tmp_path: Pat
     out = tmp_path / "cmp"
     path = os.pathsep.join(filter(None, [str(hook), os.environ.get("PYTHONPATH")]))
     child = start_compare(tmp_path, out, "--grid", "optimizer.lr=0.01", "--steps", LONG,
-                          env={"PYTHONPATH": path, "LINGER_SECONDS": "8"})
+                          env={"PYTHONPATH": path, "LINGER_SECONDS": "4"})
     run = out / "optimizer.lr=0.01,seed=0"
     wait_training([run])
     child.send_signal(signal.SIGINT)
