@@ -18,7 +18,7 @@ from workbench import service
 from workbench.plugins.registry import get_registry
 
 HERE = Path(__file__).resolve()
-STAGES = ["start", {"name": "gaussian", "runs": 2, "modes": 0, "lr": 0.03, "max_steps": 80},
+STAGES = ["start", {"name": "gaussian", "runs": 2, "modes": 0, "lr": 0.03, "max_steps": 50},
           "rhat", "psis"]
 HARD = HERE.parent.parent / "packages" / "vibench-hardcases" / "recipes"
 
