@@ -177,7 +177,8 @@ def test_a_density_without_a_mode_stops_the_searches_at_the_first(tmp_path: Path
               "data": {"y": [0.3, -0.2, 0.5, 0.1, -0.4]}, "loggers": [],
               "train": {"plots": False, "eval_every": 0},
               "auto": {"stages": ["start", {"name": "gaussian", "runs": 2, "lr": 0.01,
-                                            "max_steps": 20, "modes": 8}, "rhat", "psis"]}}
+                                            "max_steps": 20, "modes": 8, "reparam": "none"},
+                                  "rhat", "psis"]}}  # the searches alone, not the funnel lever
     path = tmp_path / "recipe.yaml"
     path.write_text(yaml.safe_dump(recipe))
     summary = service.start(path, [], tmp_path / "run", get_registry()).train()
