@@ -238,6 +238,7 @@ def test_two_processes_reach_the_exact_posterior_and_rank_0_alone_writes(whole_r
     assert not (whole_run.parent / "runs").exists()
 
 
+@pytest.mark.slow  # the shards' arithmetic is tested in-process above; the processes below
 def test_a_minibatch_run_under_torchrun_reaches_the_posterior(tmp_path: Path):
     """... from a CSV file, which rank 1 reads only its rows of."""
     from plugins.datasets import synthetic_regression
