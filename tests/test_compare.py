@@ -424,3 +424,29 @@ def test_the_k_hat_verdict_is_the_thresholds_and_nan_is_not_trusted(monkeypatch)
         False, False, True, True, True, False]
     monkeypatch.setattr(thresholds, "KHAT_TRUSTED", 0.9)
     assert not untrusted(0.85) and untrusted(0.95)
+
+
+def test_a_run_directory_removed_while_its_output_is_written_is_made_again(tmp_path: Path,
+                                                                          monkeypatch):
+    """A run whose Ray worker died is sent SIGTERM and, stopping in its set-up, removes the
+    directory it claimed, possibly while compare writes its output there: the output is
+    written all the same and the run is reported lost, not "could not run it"."""
+    import shutil
+
+    from workbench.compare import results
+    from workbench.compare.backends import Outcome
+
+    run_dir = tmp_path / "run"
+    real, removed = results.files.write_atomic, []
+
+    def write_after_the_run_removed_its_directory(path, data):
+        if not removed:
+            removed.append(shutil.rmtree(path.parent))
+        return real(path, data)
+
+    monkeypatch.setattr(results.files, "write_atomic", write_after_the_run_removed_its_directory)
+    lost = "lost: the Ray worker running it died (killed, or out of memory)"
+    spec = Spec((), 0, [], "run")
+    result = results.collect(spec, run_dir, Outcome(None, lost=lost), None)
+    assert removed and result.status == "failed" and result.error == lost
+    assert (run_dir / results.STDERR).read_text() == f"error: {lost}\n"

@@ -44,13 +44,26 @@ def refused(spec: Spec, run_dir: Path) -> Result:
 def collect(spec: Spec, run_dir: Path, outcome: Outcome, timeout: float | None) -> Result:
     """A finished run's result: its output written to its run directory (made here for a run
     refused before training made one), then its status, error and numbers."""
-    run_dir.mkdir(parents=True, exist_ok=True)
     stderr = outcome.stderr + (f"error: {outcome.lost}\n" if outcome.lost else "")
-    files.write_atomic(run_dir / STDERR, stderr.encode())
-    files.write_atomic(run_dir / STDOUT, outcome.stdout.encode())
+    _write_output(run_dir, stderr, outcome.stdout)
     result = Result(spec, run_dir, "failed", outcome.exit_code, process_seconds=outcome.seconds)
     classify(result, outcome, timeout)
     return result
+
+
+def _write_output(run_dir: Path, stderr: str, stdout: str, tries: int = 3) -> None:
+    """The run's stderr and stdout in its directory, made again where it went meanwhile: a run
+    whose Ray worker died is sent SIGTERM and, stopping in its set-up, removes the directory
+    it claimed, possibly after the task was already reported lost."""
+    for attempt in range(tries):
+        try:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            files.write_atomic(run_dir / STDERR, stderr.encode())
+            files.write_atomic(run_dir / STDOUT, stdout.encode())
+            return
+        except FileNotFoundError:
+            if attempt == tries - 1:
+                raise
 
 
 def classify(result: Result, outcome: Outcome, timeout: float | None) -> None:
