@@ -152,6 +152,7 @@ def test_the_runs_die_with_compare_even_when_it_is_killed(tmp_path: Path):
             os.kill(pid, signal.SIGKILL)
 
 
+@pytest.mark.slow  # quick: the timeout and Ctrl-C tests above stop runs that save
 def test_a_run_that_saved_is_waited_for_and_shown_with_its_numbers(tmp_path: Path):
     """After Ctrl-C a run that saved, then goes on working for 4 s (writing a file: progress
     compare sees) and exits 3, is not killed, and is reported as interrupted with its numbers."""
