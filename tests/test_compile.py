@@ -203,6 +203,7 @@ def test_the_machine_default_comes_from_vibench_compile(monkeypatch):
     assert setup("train.steps=100000", "train.compile=auto").recipe["train"]["compile"] == "auto"
 
 
+@pytest.mark.slow  # the compiled-coin group's cold compile runs the probe and notes it
 def test_the_vector_isa_probe_is_skipped_only_where_it_found_every_reported_set(
         tmp_path: Path, monkeypatch):
     """Inductor's probe of the CPU's vector instruction sets (a child process per set, about
