@@ -7,35 +7,35 @@ from __future__ import annotations
 
 import math
 import os
+from collections.abc import Callable
+from typing import Any
 
 from workbench.errors import UsageError
 
 
 def seconds(name: str, default: float) -> float:
     """A positive, finite number of seconds from ``name``, else ``default`` where unset."""
-    text = os.environ.get(name, "").strip()
-    if not text:
-        return default
-    try:
-        value = float(text)
-    except ValueError:
-        value = math.nan
-    if not (math.isfinite(value) and value > 0):
-        raise UsageError(f"{name}={text!r}: expected a number of seconds above 0 "
-                         f"(default {default:g})")
-    return value
+    return _number(name, default, float, lambda v: math.isfinite(v) and v > 0,
+                   f"a number of seconds above 0 (default {default:g})")
 
 
 def count(name: str, default: int, what: str) -> int:
     """A whole number >= 0 of ``what`` from ``name``, else ``default`` where unset."""
+    return _number(name, default, int, lambda v: v >= 0,
+                   f"a whole number of {what} (default {default})")
+
+
+def _number(name: str, default: Any, parse: Callable[[str], Any],
+            valid: Callable[[Any], bool], expected: str) -> Any:
+    """``name``'s value parsed, ``default`` where unset or empty; one line where it does not
+    parse or is not ``valid``."""
     text = os.environ.get(name, "").strip()
     if not text:
         return default
     try:
-        value = int(text)
+        value = parse(text)
     except ValueError:
-        value = -1
-    if value < 0:
-        raise UsageError(f"{name}={text!r}: expected a whole number of {what} "
-                         f"(default {default})")
+        value = None
+    if value is None or not valid(value):
+        raise UsageError(f"{name}={text!r}: expected {expected}")
     return value

@@ -28,6 +28,7 @@ RETRY_SECONDS = 0.02  # how often a signal deferred out of an import looks for t
 # Every stop signal this process was sent, first first, and those raised nowhere yet.
 received: list[int] = []
 _pending: list[int] = []
+_python_unraisable = sys.unraisablehook  # the hook ``install`` replaces: the rest go there
 
 
 class Signalled(KeyboardInterrupt):
@@ -57,8 +58,7 @@ def _raise(signum: int, frame: FrameType | None) -> None:
     if _pending:  # a second signal while the first waits for an import to end
         stop_now(_pending[0])
     if _importing(frame):
-        _pending.append(signum)
-        _retry_later()
+        _defer(signum)
         return
     raise Signalled(signum)
 
@@ -71,6 +71,12 @@ def _retry(signum: int, frame: FrameType | None) -> None:
         _retry_later()
         return
     raise Signalled(_pending.pop(0))
+
+
+def _defer(signum: int) -> None:
+    """Raise ``signum`` at the next safe point rather than now."""
+    _pending.append(signum)
+    _retry_later()
 
 
 def _retry_later() -> None:
@@ -103,11 +109,12 @@ def stop_now(signum: int) -> NoReturn:
 def install() -> None:
     """Make SIGINT, SIGTERM and SIGHUP stop the process (a ``Signalled``), outside the
     training loop, where there is nothing to save. Called first thing by ``vibench``."""
+    global _python_unraisable
     if threading.current_thread() is threading.main_thread():
         for signum in STOP_SIGNALS:
             signal.signal(signum, _raise)
         if sys.unraisablehook is not _unraisable:
-            _unraisable.default = sys.unraisablehook
+            _python_unraisable = sys.unraisablehook
             sys.unraisablehook = _unraisable
 
 
@@ -116,13 +123,9 @@ def _unraisable(unraisable: object) -> None:
     again at the next safe point; anything else is Python's to print."""
     exc = getattr(unraisable, "exc_value", None)
     if isinstance(exc, Signalled) and threading.current_thread() is threading.main_thread():
-        _pending.append(exc.signum)
-        _retry_later()
+        _defer(exc.signum)
         return
-    _unraisable.default(unraisable)
-
-
-_unraisable.default = sys.unraisablehook
+    _python_unraisable(unraisable)
 
 
 def _late(signum: int, frame: FrameType | None) -> None:

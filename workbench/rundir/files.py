@@ -143,6 +143,8 @@ def check_shape(value: Any, where: str, depth: int = MAX_DEPTH, items: int = MAX
     once (its count and height remembered), so the check costs the value's size in memory,
     not the size it unfolds to."""
     measured: dict[int, tuple[int, int]] = {}  # id -> (values it unfolds to, its height)
+    too_deep = f"{where}: nested more than {depth} deep"
+    too_many = f"{where}: holds more than {items:,} values"
 
     def measure(node: Any, level: int) -> tuple[int, int]:
         if isinstance(node, dict):
@@ -152,7 +154,7 @@ def check_shape(value: Any, where: str, depth: int = MAX_DEPTH, items: int = MAX
         else:
             return 1, -1
         if level >= depth:
-            raise UsageError(f"{where}: nested more than {depth} deep")
+            raise UsageError(too_deep)
         known = measured.get(id(node))
         if known is None:
             count, height = 1, 0
@@ -160,14 +162,14 @@ def check_shape(value: Any, where: str, depth: int = MAX_DEPTH, items: int = MAX
                 inner, below = measure(child, level + 1)
                 count, height = count + inner, max(height, below + 1)
                 if count > items:
-                    raise UsageError(f"{where}: holds more than {items:,} values")
+                    raise UsageError(too_many)
             known = measured[id(node)] = (count, height)
         if level + known[1] >= depth:
-            raise UsageError(f"{where}: nested more than {depth} deep")
+            raise UsageError(too_deep)
         return known
 
     if measure(value, 0)[0] > items:
-        raise UsageError(f"{where}: holds more than {items:,} values")
+        raise UsageError(too_many)
 
 
 def _is_link(path: Path) -> bool:
