@@ -277,60 +277,32 @@ def _weigh(guide, data: dict, gaussians: list[tuple], draws: int, seed: int) -> 
 
 def _derived(model, data: dict, values: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Each ``pyro.deterministic`` site's value at each draw (``values``: each latent site's
-    draws, draws first), the model run conditioned on them: in one trace under a plate of
-    the draws where that agrees with one trace a draw on the first two, else one trace a
-    draw (a model that does not broadcast); {} where the model has none."""
+    draws, draws first), the model replayed against them as the report replays it: in one
+    trace under a plate of the draws where the model broadcasts, else draw by draw
+    (``workbench.report.broadcast``); {} where the model has none."""
     from pyro import poutine
 
-    from workbench.report.posterior import deterministic_sites, plate_nesting
+    from workbench.report import broadcast
+    from workbench.report.posterior import DRAWS_PLATE, deterministic_sites, draws_of, plate_nesting
 
-    trace = poutine.trace(model).get_trace(**data)
-    derived = deterministic_sites(trace)
+    single = poutine.trace(model).get_trace(**data)
+    derived = deterministic_sites(single)
     if not derived:
         return {}
-    values = {name: value.to(trace.nodes[name]["value"].dtype) for name, value in values.items()}
-    count = len(next(iter(values.values())))
-    first = _one_by_one(model, data, {name: value[:2] for name, value in values.items()},
-                        derived)
-    try:
-        found = _vectorised(model, data, values, derived, trace, plate_nesting(trace))
-        if all(torch.allclose(found[name][:2], first[name], rtol=1e-4, atol=1e-6)
-               for name in derived):
-            return found
-    except (RuntimeError, ValueError, IndexError, NotImplementedError):
-        pass
-    return _one_by_one(model, data, values, derived) if count > 2 else first
-
-
-def _vectorised(model, data: dict, values: dict, derived: dict, trace, nesting: int) -> dict:
-    """The deterministic sites at every draw, in one trace under a plate of the draws."""
-    from pyro import poutine
-
-    from workbench.report.posterior import draws_of
-
-    count = len(next(iter(values.values())))
-    shaped = {}
-    for name, value in values.items():  # the draws' dim left of the model's plates
-        batch = value.dim() - 1 - trace.nodes[name]["fn"].event_dim
-        shaped[name] = value.reshape(count, *(1,) * (nesting - batch), *value.shape[1:])
-    with pyro.plate("_mixture_draws", count, dim=-(nesting + 1)):
-        traced = poutine.trace(poutine.condition(model, data=shaped)).get_trace(**data)
+    nesting, count = plate_nesting(single), len(next(iter(values.values())))
+    drawn = broadcast.to_replay({
+        name: broadcast.lay_out(value.to(single.nodes[name]["value"].dtype), nesting,
+                                getattr(single.nodes[name]["fn"], "event_dim", 0))
+        for name, value in values.items()}, single)
+    way = broadcast.verdict(model, data, nesting, single)
+    if way.broadcasts:
+        with pyro.plate(DRAWS_PLATE, count, dim=-(nesting + 1)):
+            traced = poutine.trace(poutine.replay(model, trace=drawn)).get_trace(**data)
+    else:
+        traced = broadcast.replay(model, drawn, data, count, nesting, way, single,
+                                  predictive=False)
     return {name: draws_of(traced.nodes[name]["value"], count, shape)
             for name, shape in derived.items()}
-
-
-def _one_by_one(model, data: dict, values: dict, derived: dict) -> dict:
-    """The deterministic sites at every draw, one trace a draw."""
-    from pyro import poutine
-
-    found: dict[str, list] = {name: [] for name in derived}
-    for i in range(len(next(iter(values.values())))):
-        conditioned = poutine.condition(model, data={name: value[i]
-                                                     for name, value in values.items()})
-        traced = poutine.trace(conditioned).get_trace(**data)
-        for name in derived:
-            found[name].append(traced.nodes[name]["value"])
-    return {name: torch.stack(drawn) for name, drawn in found.items()}
 
 
 def _entry(values: torch.Tensor, weights: torch.Tensor, mean: torch.Tensor, sd: torch.Tensor,

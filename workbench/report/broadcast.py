@@ -115,7 +115,7 @@ def check(model: Callable, data: dict, nesting: int,
                  for name in names}
         try:
             with pyro.plate(_plate_name(), 2, dim=-(nesting + 1)):
-                both = poutine.trace(poutine.replay(model, trace=_to_replay(
+                both = poutine.trace(poutine.replay(model, trace=to_replay(
                     {n: lay_out(d, nesting, _event_dim(first.nodes[n])) for n, d in
                      draws.items()}, first))).get_trace(**data)
             why = _differs(_densities(both, 2, nesting), alone)
@@ -241,7 +241,7 @@ def _event_dim(site: dict) -> int:
     return getattr(site["fn"], "event_dim", 0)
 
 
-def _to_replay(values: dict[str, torch.Tensor], source: poutine.Trace) -> poutine.Trace:
+def to_replay(values: dict[str, torch.Tensor], source: poutine.Trace) -> poutine.Trace:
     """A trace for ``poutine.replay`` holding ``values``, each with its site's infer in
     ``source`` (replay hands it on, as from a guide's trace)."""
     trace = poutine.Trace()
@@ -258,8 +258,8 @@ def _one_draw(model: Callable, data: dict, source: poutine.Trace,
     site's pointwise unscaled density (``pointwise``) and a draw from it (``sample``)."""
 
     def one(draw: dict) -> dict:
-        to_replay = _to_replay(draw, source)
-        trace = poutine.trace(poutine.replay(model, trace=to_replay)).get_trace(**data)
+        drawn = to_replay(draw, source)
+        trace = poutine.trace(poutine.replay(model, trace=drawn)).get_trace(**data)
         out = {}
         for name, site in trace.nodes.items():
             if site["type"] != "sample" or site_is_subsample(site):
