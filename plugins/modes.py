@@ -231,6 +231,7 @@ def _weigh(guide, data: dict, gaussians: list[tuple], draws: int, seed: int) -> 
     from pyro.distributions import MultivariateNormal
 
     from vibench_plugins.pathfinder import batch_potential
+    from workbench.report.gaussians import mixture_log_prob
     from workbench.report.posterior import psis
 
     sites = laplace.layout(guide)
@@ -243,8 +244,7 @@ def _weigh(guide, data: dict, gaussians: list[tuple], draws: int, seed: int) -> 
     points = torch.cat([c.loc + torch.randn(share, c.loc.numel(), generator=generator,
                                             dtype=torch.float64) @ c.scale_tril.T
                         for c in components])
-    log_q = torch.logsumexp(torch.stack([c.log_prob(points) for c in components]), 0) \
-        - math.log(len(components))
+    _, log_q = mixture_log_prob(gaussians, points)
     log_w = -potentials(points.to(gaussians[0][0].dtype)).double() - log_q
     finite = torch.isfinite(log_w)
     if not finite.any():
@@ -255,20 +255,16 @@ def _weigh(guide, data: dict, gaussians: list[tuple], draws: int, seed: int) -> 
     moments, entries = {}, {}
     constrained = {site.name: site.transform(points[:, site.start:site.stop]
                                              .reshape(-1, *site.shape)) for site in sites}
-    for name, drawn in constrained.items():
-        values = drawn.reshape(len(points), -1)
-        mean = weights @ values
-        sd = (weights @ (values - mean).pow(2)).sqrt()
-        moments[name] = (mean.tolist(), sd.tolist())
-        entries[name] = _entry(values, weights, mean, sd, drawn.shape[1:])
     try:
         derived = _derived(guide.model, data, constrained)
     except (RuntimeError, ValueError, IndexError, NotImplementedError):
         derived = {}  # a draw the model refuses: the answer's entries hold the latent sites
-    for name, drawn in derived.items():
+    for name, drawn in {**constrained, **derived}.items():
         values = drawn.to(weights).reshape(len(points), -1)
         mean = weights @ values
         sd = (weights @ (values - mean).pow(2)).sqrt()
+        if name in constrained:
+            moments[name] = (mean.tolist(), sd.tolist())
         entries[name] = _entry(values, weights, mean, sd, drawn.shape[1:])
     return Weighed(khat, float(1 / weights.pow(2).sum()) / len(weights), moments, entries,
                    len(weights), float(log_w.mean()),

@@ -197,16 +197,13 @@ def _mixture_weights(pooled: list[tuple]) -> Any:
     """Each pooled draw's log p - log q_mix from its own fit's log p - log q_i: ``pooled``
     holds per fit its Gaussian (loc, scale_tril), its draws in the unconstrained space and
     their log weights; q_mix weighs each fit by its share of the draws. In float64."""
-    import math
-
     import torch
-    from torch.distributions import MultivariateNormal
+
+    from workbench.report.gaussians import mixture_log_prob
 
     points = torch.cat([p for _, p, _ in pooled])
     counts = torch.tensor([len(p) for _, p, _ in pooled], dtype=torch.float64)
-    log_q = torch.stack([MultivariateNormal(loc, scale_tril=tril).log_prob(points)
-                         for (loc, tril), _, _ in pooled])
-    log_mix = torch.logsumexp(log_q + (counts.log() - math.log(counts.sum()))[:, None], 0)
+    log_q, log_mix = mixture_log_prob([gaussian for gaussian, _, _ in pooled], points, counts)
     own = torch.cat([log_q[i, int(counts[:i].sum()):int(counts[:i + 1].sum())]
                      for i in range(len(pooled))])
     return torch.cat([w for _, _, w in pooled]) + own - log_mix

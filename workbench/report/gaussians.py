@@ -103,3 +103,19 @@ def symmetric_kl(first: tuple[torch.Tensor, torch.Tensor],
                    + torch.linalg.solve_triangular(l2, delta, upper=False).pow(2).sum())
     value = 0.5 * (trace_term(l1, l2) + trace_term(l2, l1) + mahalanobis) - dimension
     return max(float(value), 0.0)
+
+
+def mixture_log_prob(gaussians: list[tuple[torch.Tensor, torch.Tensor]], points: torch.Tensor,
+                     counts: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each Gaussian's (loc, scale_tril) log density at each of ``points`` (K x N) and their
+    mixture's (N), each weighed by its share of ``counts`` (equal shares where None); in
+    float64: what importance weights against a mixture of fits divide by."""
+    import math
+
+    points = points.double()
+    log_q = torch.stack([torch.distributions.MultivariateNormal(
+        loc.double(), scale_tril=tril.double()).log_prob(points) for loc, tril in gaussians])
+    if counts is None:
+        counts = torch.ones(len(gaussians), dtype=torch.float64)
+    shares = counts.double().log() - math.log(float(counts.sum()))
+    return log_q, torch.logsumexp(log_q + shares[:, None], 0)
