@@ -90,13 +90,11 @@ def centred_sites(model: Any, data: dict) -> list[str]:
     from pyro import poutine
     from pyro.infer.autoguide.initialization import InitMessenger, init_to_feasible
 
-    state = torch.get_rng_state()  # a subsampling plate draws: the fits' paths stay as they were
-    try:
+    # a subsampling plate draws: torch's stream is put back, so the fits' paths stay as they were
+    with torch.random.fork_rng(devices=[]):
         with torch.no_grad(), InitMessenger(init_to_feasible):
             first = poutine.trace(model).get_trace(**data)
         return _scale_depends(model, data, first)
-    finally:
-        torch.set_rng_state(state)
 
 
 def _scale_depends(model: Any, data: dict, first: Any) -> list[str]:
