@@ -15,6 +15,7 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
+from unittest import mock
 
 from workbench import hookimpl
 
@@ -71,18 +72,12 @@ def _in_process(args: tuple[str, ...], cwd: Path, env: dict) -> subprocess.Compl
 
     stdout, stderr, here = io.StringIO(), io.StringIO(), Path.cwd()
     threads = torch.get_num_threads()
-    saved = {key: os.environ.get(key) for key in env}
     os.chdir(cwd)
-    os.environ.update(env)
     try:
-        with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
+        with mock.patch.dict(os.environ, env), contextlib.redirect_stdout(stdout), \
+                contextlib.redirect_stderr(stderr):
             code = cli.invoke(list(args))
     finally:
-        for key, value in saved.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
         os.chdir(here)
         torch.set_num_threads(threads)  # as --threads leaves it, for the tests that follow
         registry._FILES.clear()  # a test may rewrite a model file between two commands
