@@ -894,7 +894,7 @@ def site_log_prob(site: dict) -> torch.Tensor:
             if log_p is None:
                 log_p = compact.log_prob(value, *site["args"], **site["kwargs"])
             batch = value.shape[:value.dim() - fn.event_dim]
-            shape = torch.Size(_broadcast(tuple(batch), tuple(fn.batch_shape)))
+            shape = torch.broadcast_shapes(batch, fn.batch_shape)
             if torch.is_tensor(log_p) and log_p.shape != shape:
                 log_p = log_p.expand(shape)
             return log_p
@@ -940,15 +940,6 @@ def compacted(fn: Any) -> Any:
     twin.__dict__.update(vars(fn))
     twin.__dict__.update(changed)
     return twin
-
-
-def _broadcast(one: tuple, two: tuple) -> tuple:
-    """Two shapes broadcast together (ValueError where they do not)."""
-    size = max(len(one), len(two))
-    one, two = (1,) * (size - len(one)) + one, (1,) * (size - len(two)) + two
-    if any(a != b and 1 not in (a, b) for a, b in zip(one, two)):
-        raise ValueError(f"shapes {one} and {two} do not broadcast")
-    return tuple(b if a == 1 else a for a, b in zip(one, two))
 
 
 # --------------------------------------------------------------------------------------------
