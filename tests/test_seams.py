@@ -30,3 +30,35 @@ def test_optimizers_are_made_and_saved_without_importing_dynamo():
              "print('torch._dynamo' in sys.modules)")
     done = python(probe)
     assert done.stdout.strip() == "False", done.stderr
+
+
+def test_an_eager_step_leaves_dynamo_unimported_and_equals_pyros_own():
+    """``step_optimizers`` steps beneath torch's graph-break guard: bit for bit Pyro's step,
+    for plain, momentum, scheduled and clipped optimizers, and with no schedule warning."""
+    probe = """
+import sys, warnings, torch, pyro.optim
+from workbench.train.optim import step_optimizers
+warnings.simplefilter("error")
+
+def run(step):
+    found = []
+    for optim in [pyro.optim.Adam({"lr": 0.1}), pyro.optim.SGD({"lr": 0.1, "momentum": 0.9}),
+                  pyro.optim.ExponentialLR({"optimizer": torch.optim.AdamW,
+                                            "optim_args": {"lr": 0.1}, "gamma": 0.9}),
+                  pyro.optim.ClippedAdam({"lr": 0.1, "clip_norm": 0.5})]:
+        param = torch.linspace(-1, 1, 4).requires_grad_()
+        for k in range(3):
+            param.grad = 3 * torch.sin(param.detach() * (k + 1))
+            step(optim, [param])
+            if isinstance(optim, pyro.optim.PyroLRScheduler):
+                optim.step()
+        found.append(param.detach())
+    return found
+
+mine = run(step_optimizers)
+print("dynamo", "torch._dynamo" in sys.modules)
+theirs = run(lambda optim, params: optim(params))
+print("equal", all(torch.equal(a, b) for a, b in zip(mine, theirs)), len(mine))
+"""
+    done = python(probe)
+    assert done.stdout.splitlines() == ["dynamo False", "equal True 4"], done.stderr

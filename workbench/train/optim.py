@@ -9,13 +9,13 @@ from typing import Any
 
 import pyro
 import torch
-from pyro.optim import PyroLRScheduler
+from pyro.optim import PyroLRScheduler, PyroOptim
 from pyro.optim.optim import _load_state_dict
 
 from workbench.errors import UsageError, did_you_mean, one_line
 from workbench.plugins.build import build
 from workbench.plugins.registry import Component, Registry
-from workbench.seams import no_dynamo_import
+from workbench.seams import no_dynamo_import, step_without_dynamo, torch_optimizer
 
 
 def make_optimizers(optim: Any, params: list[torch.Tensor]) -> None:
@@ -33,6 +33,23 @@ def make_optimizers(optim: Any, params: list[torch.Tensor]) -> None:
             state = optim._state_waiting_to_be_consumed.pop(store.param_name(param), None)
             if state is not None:
                 _load_state_dict(made, state)
+
+
+def step_optimizers(optim: Any, params: list[torch.Tensor]) -> None:
+    """Pyro's ``PyroOptim.__call__``: each parameter's gradient clipped as its settings say,
+    then its optimizer stepped, without importing torch._dynamo where nothing needs it."""
+    if not isinstance(optim, PyroOptim):
+        optim(params)
+        return
+    make_optimizers(optim, params)
+    for param in params:
+        if optim.grad_clip[param] is not None:
+            optim.grad_clip[param](param)
+        optimizer = torch_optimizer(optim.optim_objs[param])
+        if isinstance(optimizer, torch.optim.Optimizer):
+            step_without_dynamo(optimizer)
+        else:
+            optimizer.step()
 
 
 def optimizer_state(optim: Any) -> dict:

@@ -52,7 +52,13 @@ from workbench.train.callbacks import (
 from workbench.train.callbacks import restore as restore_callbacks
 from workbench.train.callbacks import states as callback_states
 from workbench.train.loggers import Loggers
-from workbench.train.optim import make_optimizer, make_optimizers, optimizer_state, schedule_stepper
+from workbench.train.optim import (
+    make_optimizer,
+    make_optimizers,
+    optimizer_state,
+    schedule_stepper,
+    step_optimizers,
+)
 from workbench.train.results import LossFile, recipe_text, summarize, write_results
 from workbench.train.setup import trace_model
 
@@ -164,10 +170,12 @@ class Run:
         return run
 
     def take_first_optimizer_step(self) -> None:
-        """torch's first optimizer step imports torch._dynamo (a second; several where triton
-        is installed): taken in set-up, with no gradients (it changes nothing), not in the
-        loop; a step that updates in its graph never takes it."""
-        if self.compiled is None or not self.compiled.updates:
+        """A compiled step that leaves the update to Pyro's optimizer imports torch._dynamo at
+        its first optimizer step (a second; several where triton is installed): taken in
+        set-up, with no gradients (it changes nothing), not in the loop. An eager step steps
+        without that import (``step_optimizers``); a step that updates in its graph never
+        takes it."""
+        if self.compiled is not None and not self.compiled.updates:
             self.svi.optim([p for _, p in pyro.get_param_store().named_parameters()
                             if p.grad is None])
 
@@ -394,7 +402,7 @@ class Run:
                          if p.grad is not None and not torch.isfinite(p.grad).all()]
                 bad = f"the gradient of {', '.join(sorted(names))} is not finite"
         if not bad:
-            svi.optim(params)
+            step_optimizers(svi.optim, list(params))
             if self.schedule is not None:
                 self.schedule(loss)
         zero_grads(params)
