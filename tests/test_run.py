@@ -21,6 +21,7 @@ def coin_run(tmp_path_factory) -> tuple[Path, object]:
     return out, vibench("run", str(COIN), "--out", str(out))
 
 
+@pytest.mark.xdist_group("compiled_coin")  # the coin's step, compiled once for the group
 def test_coin_reproduces_the_seed(coin_run):
     out, result = coin_run
     assert result.returncode == 0, result.stderr
@@ -35,6 +36,7 @@ def test_coin_reproduces_the_seed(coin_run):
     assert line in result.stdout.splitlines()
 
 
+@pytest.mark.xdist_group("compiled_coin")  # the coin's step, compiled once for the group
 def test_run_directory_holds_what_the_contract_says(coin_run):
     out, result = coin_run
     assert {"recipe.yaml", "summary.json", "params.pt", "checkpoint.pt"} <= {
@@ -60,6 +62,7 @@ def test_run_directory_holds_what_the_contract_says(coin_run):
     assert str(out) in result.stdout
 
 
+@pytest.mark.xdist_group("compiled_coin")  # the coin's step, compiled once for the group
 def test_tensorboard_reads_back_loss_eval_and_params(coin_run):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
