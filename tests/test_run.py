@@ -16,9 +16,11 @@ UNSEEN = ("--set", "train.plots=false", "--set", "loggers=[]")
 
 @pytest.fixture(scope="module")
 def coin_run(tmp_path_factory) -> tuple[Path, object]:
-    """The coin recipe exactly as shipped: 4000 steps, seed 0."""
+    """The coin recipe exactly as shipped: 4000 steps, seed 0, its step compiled (the suite's
+    default is eager): the compiled_coin group compiles it once and loads it after."""
     out = tmp_path_factory.mktemp("coin") / "run"
-    return out, vibench("run", str(COIN), "--out", str(out))
+    return out, vibench("run", str(COIN), "--out", str(out), env={"VIBENCH_COMPILE": "auto"},
+                        child=False)
 
 
 @pytest.mark.xdist_group("compiled_coin")  # the coin's step, compiled once for the group
