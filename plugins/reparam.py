@@ -18,8 +18,6 @@ from typing import Any
 from workbench import hookimpl
 
 NAME = "noncentred"
-# What a site needs for LocScaleReparam: loc and scale parameters over the real line.
-LOC_SCALE = ("Normal", "StudentT", "Cauchy", "Laplace")
 
 
 @hookimpl
@@ -116,7 +114,7 @@ def _scale_depends(model: Any, data: dict, first: Any) -> list[str]:
         for name in latent:
             fn = _unwrapped(again.nodes[name]["fn"])
             scale = getattr(fn, "scale", None)
-            if type(fn).__name__ not in LOC_SCALE or not torch.is_tensor(scale) \
+            if not isinstance(fn, loc_scale_families()) or not torch.is_tensor(scale) \
                     or not scale.requires_grad:
                 continue
             others = [value for other, value in latent.items() if other != name]
@@ -125,6 +123,21 @@ def _scale_depends(model: Any, data: dict, first: Any) -> list[str]:
             if any(grad is not None for grad in grads):
                 found.append(name)
     return found
+
+
+def loc_scale_families() -> tuple[type, ...]:
+    """The distributions LocScaleReparam non-centres: location-scale families over the real
+    line (``x = loc + scale * z``, z from the family at loc 0 and scale 1, its other
+    parameters such as StudentT's df kept), the ones Pyro's ``AutoReparam`` hands it (``loc``
+    and ``scale`` among its parameters, real support), subclasses included. Not LogNormal or
+    LogisticNormal (their support is not the real line), nor Stable (Pyro's StableReparam
+    is its lever, and a copy of its parameters would drop its ``coords``)."""
+    import pyro.distributions as dist
+    import torch.distributions as torch_dist
+
+    return (torch_dist.Normal, torch_dist.StudentT, torch_dist.Cauchy, torch_dist.Laplace,
+            torch_dist.Gumbel, dist.Logistic, dist.SkewLogistic, dist.SoftLaplace,
+            dist.AsymmetricLaplace, dist.SoftAsymmetricLaplace)
 
 
 def _unwrapped(fn: Any) -> Any:

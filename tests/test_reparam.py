@@ -58,6 +58,32 @@ def test_the_funnels_sites_are_the_ones_whose_scale_is_another_latent():
     assert centred_sites(regression, {"x": x, "y": x}) == []
 
 
+@pytest.mark.parametrize("family", [
+    lambda loc, scale: dist.Gumbel(loc, scale),
+    lambda loc, scale: dist.Logistic(loc, scale),
+    lambda loc, scale: dist.AsymmetricLaplace(loc, scale, torch.tensor(1.5)),
+    lambda loc, scale: dist.NanMaskedNormal(loc, scale),  # a subclass of Normal
+], ids=["gumbel", "logistic", "asymmetric_laplace", "normal_subclass"])
+def test_every_location_scale_family_of_locscalereparam_is_a_funnels_site(family):
+    def model(y):
+        tau = pyro.sample("tau", dist.HalfNormal(torch.tensor(1.0)))
+        with pyro.plate("groups", 8):
+            alpha = pyro.sample("alpha", family(torch.zeros(8), tau[..., None]))
+            pyro.sample("y", dist.Normal(alpha, 2.0), obs=y)
+
+    assert centred_sites(model, {"y": torch.zeros(8)}) == ["alpha"]
+
+
+def test_a_scale_family_off_the_real_line_is_no_funnels_site():
+    def model(y):
+        tau = pyro.sample("tau", dist.HalfNormal(torch.tensor(1.0)))
+        with pyro.plate("groups", 8):
+            alpha = pyro.sample("alpha", dist.LogNormal(torch.zeros(8), tau[..., None]))
+            pyro.sample("y", dist.Normal(alpha, 2.0), obs=y)
+
+    assert centred_sites(model, {"y": torch.zeros(8)}) == []
+
+
 def test_a_centred_funnel_is_refitted_non_centred_under_the_users_site_names(tmp_path):
     summary = run(tmp_path, "centred", {"y": [1.0, -0.5, 0.3, 2.0, -1.2, 0.8, 0.1, -0.3]})
     said = {stage["stage"]: stage["said"] for stage in summary["auto"]["stages"]}
