@@ -23,7 +23,9 @@ import torch
 from pyro import poutine
 from pyro.nn.module import PyroModule
 from pyro.poutine.util import site_is_subsample
-from torch.distributions import biject_to, transform_to
+from torch.distributions import transform_to
+
+from workbench.report.gaussians import bijections
 
 MAX_ITER = 500  # L-BFGS iterations from each start
 RESTARTS = 3  # further starts, uniform in (-2, 2) unconstrained (Stan's, Pyro's init_to_uniform)
@@ -99,14 +101,15 @@ def initialise(guide, *args, **kwargs) -> list[str]:
 
 def layout(guide) -> list[Site]:
     """The guide's latent sites in the order of its flat latent vector (AutoContinuous's
-    ``_unpack_latent``), each with its unconstrained shape (full plate sizes)."""
+    ``_unpack_latent``), each with its unconstrained shape (full plate sizes) and its
+    bijection (``workbench.report.gaussians.bijections``)."""
     sites, start = [], 0
-    for name, site in guide.prototype_trace.iter_stochastic_nodes():
+    for name, _, transform in bijections(guide.prototype_trace):
         if hasattr(guide, "_unconstrained_shapes"):
             shape = guide._unconstrained_shapes[name]
         else:
             shape = _leaf(guide.locs, name).shape
-        sites.append(Site(name, torch.Size(shape), start, biject_to(site["fn"].support)))
+        sites.append(Site(name, torch.Size(shape), start, transform))
         start = sites[-1].stop
     return sites
 

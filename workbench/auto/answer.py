@@ -211,26 +211,22 @@ def _mixture_weights(pooled: list[tuple]) -> Any:
 
 def _in_unconstrained(run: Any, rows: dict, whole: bool) -> tuple[tuple | None, Any]:
     """The fit's guide as a Gaussian (loc, scale_tril) in the unconstrained space, None where
-    it is no Gaussian, and its draws ``rows`` there: each latent site's values taken back
-    through its support's bijection, flattened in the guide's order, in float64."""
+    it is no Gaussian, and its draws ``rows`` there (``gaussians.unconstrained_draws``)."""
     import torch
-    from torch.distributions import biject_to
 
     from workbench.device import run_context
-    from workbench.report.gaussians import fitted_gaussian
+    from workbench.report.gaussians import fitted_gaussian, unconstrained_draws
 
     with run_context(run.device, run.dtype):
         gaussian = fitted_gaussian(run.guide, diagonal=True)
     if gaussian is None:
         return None, None
     loc, scale = (part.detach().double().cpu() for part in gaussian)
-    columns = []
-    for name, site in run.guide.prototype_trace.iter_stochastic_nodes():
-        values = torch.as_tensor(rows["posterior", name] if whole else rows[name])
-        values = values.to(device="cpu", dtype=torch.float64)
-        unconstrained = biject_to(site["fn"].support).inv(values)
-        columns.append(unconstrained.reshape(len(values), -1))
-    return (loc, scale if scale.dim() == 2 else torch.diag(scale)), torch.cat(columns, 1)
+    trace = run.guide.prototype_trace
+    draws = {name: rows["posterior", name] if whole else rows[name]
+             for name, _ in trace.iter_stochastic_nodes()}
+    points = unconstrained_draws(trace, draws)
+    return (loc, scale if scale.dim() == 2 else torch.diag(scale)), points
 
 
 def _as_groups(answer: Answer, joined: dict, meta: list[tuple[dict, dict]]) -> None:

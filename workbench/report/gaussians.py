@@ -1,12 +1,17 @@
-"""The Gaussian a guide stands for, and the symmetric KL divergence between two Gaussians:
-what ``train.stop: converged`` compares iterate averages by (Welandawe et al. 2022) and what
-the automatic pipeline starts its fits from."""
+"""The Gaussian a guide stands for, the unconstrained space it lives in, and the symmetric
+KL divergence between two Gaussians: what ``train.stop: converged`` compares iterate averages
+by (Welandawe et al. 2022) and what the automatic pipeline starts its fits from. The space is
+each latent site's values taken through the bijection from its support to the real line,
+laid side by side in the guide's order: where the Laplace start (plugins/laplace.py) seeks
+its mode and where the pipeline's weighed mixture (workbench/auto/answer.py) weighs draws."""
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 import torch
+from torch.distributions import Transform, biject_to
 
 # With ``diagonal``, guides of more dimensions are compared by their marginals: a full
 # comparison is a D x D matrix and a Cholesky factorisation (O(D^3)) at every check.
@@ -45,6 +50,24 @@ def fitted_gaussian(guide: Any, whole: bool = False, diagonal: bool = False
             return loc, torch.linalg.cholesky(covariance.detach())
         except Exception:  # a guide whose posterior is no Gaussian (a flow)
             return None
+
+
+def bijections(trace: Any) -> list[tuple[str, dict, Transform]]:
+    """Each latent site of ``trace`` (a guide's ``prototype_trace``: the order of its flat
+    latent vector) with the bijection from the real numbers onto the site's support."""
+    return [(name, site, biject_to(site["fn"].support))
+            for name, site in trace.iter_stochastic_nodes()]
+
+
+def unconstrained_draws(trace: Any, draws: Mapping[str, Any]) -> torch.Tensor:
+    """``draws`` of each latent site of ``trace`` (draws first) taken back through its
+    bijection and flattened side by side in ``bijections``' order: (draws, D), in float64 on
+    the CPU."""
+    columns = []
+    for name, _, transform in bijections(trace):
+        values = torch.as_tensor(draws[name]).to(device="cpu", dtype=torch.float64)
+        columns.append(transform.inv(values).reshape(len(values), -1))
+    return torch.cat(columns, 1)
 
 
 DRAWS = 1000  # a flow's draws for its moments
