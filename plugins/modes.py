@@ -232,7 +232,7 @@ def _weigh(guide, data: dict, gaussians: list[tuple], draws: int, seed: int) -> 
 
     from vibench_plugins.pathfinder import batch_potential
     from workbench.report.gaussians import mixture_log_prob
-    from workbench.report.posterior import psis
+    from workbench.report.posterior import psis, shown
 
     sites = laplace.layout(guide)
     potential = laplace.potential_fn(guide.model, sites, (), data)
@@ -259,7 +259,7 @@ def _weigh(guide, data: dict, gaussians: list[tuple], draws: int, seed: int) -> 
         derived = _derived(guide.model, data, constrained)
     except (RuntimeError, ValueError, IndexError, NotImplementedError):
         derived = {}  # a draw the model refuses: the answer's entries hold the latent sites
-    for name, drawn in {**constrained, **derived}.items():
+    for name, drawn in shown({**constrained, **derived}, guide.prototype_trace).items():
         values = drawn.to(weights).reshape(len(points), -1)
         mean = weights @ values
         sd = (weights @ (values - mean).pow(2)).sqrt()

@@ -5,9 +5,12 @@ funnel-shaped posterior: no Gaussian fits its neck and its mouth at once, and it
 often has no mode. The same model with those sites non-centred (``x = mu + tau * z``,
 ``z ~ Normal(0, 1)``: Pyro's ``LocScaleReparam(centered=0)`` under ``poutine.reparam``) is the
 same posterior in coordinates where the funnel is gone. ``noncentred`` is that model as a
-registered model component wrapping the user's; its trace keeps each reparameterised site
-under the user's name as a ``pyro.deterministic`` site (the report's summary, PSIS weights,
-posterior.nc and reference scoring read it there) beside the auxiliary ``<site>_decentered``.
+registered model component wrapping the user's. The answer is the model as the user wrote it:
+its trace keeps each reparameterised site under the user's name as a ``pyro.deterministic``
+site marked as a latent site as written, which the report summarises, writes to posterior.nc
+and plots as a latent site (``workbench.report.posterior.AS_WRITTEN``), and marks the
+auxiliary ``<site>_decentered`` that the guide samples as a coordinate of the fit alone
+(``AUXILIARY``): its density counts in the diagnostics, but no output shows it.
 """
 
 from __future__ import annotations
@@ -64,13 +67,20 @@ class NonCentred:
 def _Deterministic(sites: list[str]):
     """A handler that marks the reparameterised sites (which poutine.reparam records as
     observed Delta sites) as ``pyro.deterministic`` marks its sites, so that the report reads
-    them as derived values, not as a likelihood."""
+    them as derived values, not as a likelihood, and as the latent sites of the model as
+    written; and their ``<site>_decentered`` (LocScaleReparam's name) as auxiliary."""
     from pyro.poutine.messenger import Messenger
+
+    from workbench.report.posterior import AS_WRITTEN, AUXILIARY
+
+    auxiliary = {f"{site}_decentered" for site in sites}
 
     class Deterministic(Messenger):
         def _pyro_sample(self, msg):
             if msg["name"] in sites and msg["is_observed"]:
-                msg["infer"] = {**msg["infer"], "_deterministic": True}
+                msg["infer"] = {**msg["infer"], "_deterministic": True, AS_WRITTEN: True}
+            elif msg["name"] in auxiliary and not msg["is_observed"]:
+                msg["infer"] = {**msg["infer"], AUXILIARY: True}
 
     return Deterministic()
 

@@ -5,6 +5,7 @@ not fire."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pyro
@@ -13,6 +14,7 @@ import pytest
 import torch
 import yaml
 
+from tests.helpers import arviz, exported_again, vibench
 from vibench_plugins.reparam import centred_sites
 from workbench import service
 from workbench.plugins.registry import get_registry
@@ -43,12 +45,21 @@ def regression(x, y):
         pyro.sample("y", dist.Normal(a[..., None] + b[..., None] * x, sigma[..., None]), obs=y)
 
 
-def run(tmp_path: Path, model: str, data: dict) -> dict:
+def run(tmp_path: Path, model: str, data: dict, plots: bool = False) -> dict:
     path = tmp_path / "recipe.yaml"
     path.write_text(yaml.safe_dump({
         "model": {"name": f"{HERE}:{model}"}, "data": data, "loggers": [],
-        "train": {"plots": False, "eval_every": 0}, "auto": {"stages": STAGES}}))
+        "train": {"plots": plots, "eval_every": 0}, "auto": {"stages": STAGES}}))
     return service.start(path, [], tmp_path / "run", get_registry()).train()
+
+
+@pytest.fixture(scope="module")
+def refitted(tmp_path_factory) -> tuple[dict, Path]:
+    """The centred funnel through the pipeline, refitted non-centred, with its plots."""
+    where = tmp_path_factory.mktemp("refitted")
+    summary = run(where, "centred", {"y": [1.0, -0.5, 0.3, 2.0, -1.2, 0.8, 0.1, -0.3]},
+                  plots=True)
+    return summary, where / "run"
 
 
 def test_the_funnels_sites_are_the_ones_whose_scale_is_another_latent():
@@ -84,8 +95,8 @@ def test_a_scale_family_off_the_real_line_is_no_funnels_site():
     assert centred_sites(model, {"y": torch.zeros(8)}) == []
 
 
-def test_a_centred_funnel_is_refitted_non_centred_under_the_users_site_names(tmp_path):
-    summary = run(tmp_path, "centred", {"y": [1.0, -0.5, 0.3, 2.0, -1.2, 0.8, 0.1, -0.3]})
+def test_a_centred_funnel_is_refitted_non_centred_under_the_users_site_names(refitted):
+    summary, _ = refitted
     said = {stage["stage"]: stage["said"] for stage in summary["auto"]["stages"]}
     assert "refitted with alpha non-centred" in said["gaussian"]
     labels = [fit["label"] for fit in summary["auto"]["fits"]]
@@ -95,6 +106,33 @@ def test_a_centred_funnel_is_refitted_non_centred_under_the_users_site_names(tmp
     alpha = summary["posterior"]["alpha"]
     assert len(alpha["mean"]) == 8 and min(alpha["std"]) > 0.3  # the groups, not collapsed
     assert summary["auto"]["used"][0].startswith("noncentred-")
+
+
+def test_the_refitted_answer_is_the_model_as_written(refitted, tmp_path):
+    """The user's alpha is reported, written and plotted as a latent site; the fit's
+    coordinate alpha_decentered nowhere; the diagnostics are the fit's."""
+    import workbench
+
+    summary, path = refitted
+    assert list(summary["posterior"]) == ["mu", "tau", "alpha"]
+    assert summary["diagnostics"]["khat"] is not None
+    assert "alpha_decentered" not in json.dumps(summary["auto"]["rhat"])
+    az = arviz()
+    for folder in (path, path / "fits" / summary["auto"]["used"][0]):
+        assert list(az.from_netcdf(folder / "posterior.nc").posterior.data_vars) == [
+            "mu", "tau", "alpha"]
+        plotted = {p.name for p in (folder / "plots").glob("site-*.png")}
+        assert plotted == {"site-mu.png", "site-tau.png", "site-alpha.png"}
+    fit = json.loads((path / "fits" / summary["auto"]["used"][0] / "summary.json").read_text())
+    assert list(fit["posterior"]) == ["mu", "tau", "alpha"]
+    assert {"q05", "q95"} <= set(fit["posterior"]["alpha"])
+    shown = vibench("show", str(path))
+    assert shown.returncode == 0 and "alpha[7]: " in shown.stdout, shown.stderr
+    assert "decentered" not in shown.stdout
+    before, after = exported_again(path, tmp_path / "copy")
+    assert list(after.posterior.data_vars) == list(before.posterior.data_vars)
+    draws = workbench.load(path).sample(20, seed=0)
+    assert set(draws) == {"mu", "tau", "alpha"} and draws["alpha"].shape == (20, 8)
 
 
 @pytest.mark.filterwarnings("ignore::UserWarning")

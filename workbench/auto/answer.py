@@ -171,8 +171,10 @@ def _mixture(answer: Answer, run_dir: Path, n: int, load: Loader, whole: bool
     for i, label in enumerate(answer.used):
         with keeping_random():
             run = load(Path(run_dir) / FITS / label)
-        rows, log_w, extra = _whole(run, share) if whole else _sites(run, share, True)
+        rows, log_w, extra = (_whole(run, share, auxiliary=True) if whole
+                              else _sites(run, share, True, auxiliary=True))
         gaussian, points = _in_unconstrained(run, rows, whole)
+        rows = _shown(run, rows, whole)
         why = _unweighable(log_w) or ("" if gaussian is not None else "its guide is no Gaussian")
         if why:
             answer.notes.append(f"{label}: the fits' mixture not weighed: {why}")
@@ -229,6 +231,17 @@ def _in_unconstrained(run: Any, rows: dict, whole: bool) -> tuple[tuple | None, 
     return (loc, scale if scale.dim() == 2 else torch.diag(scale)), points
 
 
+def _shown(run: Any, rows: dict, whole: bool) -> dict:
+    """The fit's draws ``rows`` without its guide's auxiliary sites (the coordinates it was
+    fitted in, as ``workbench.report.posterior.AUXILIARY`` marks them), which only its
+    density needed."""
+    from workbench.report.posterior import auxiliary_sites
+
+    hidden = auxiliary_sites(run.guide.prototype_trace)
+    return {key: values for key, values in rows.items()
+            if (key[1] if whole and isinstance(key, tuple) else key) not in hidden}
+
+
 def _as_groups(answer: Answer, joined: dict, meta: list[tuple[dict, dict]]) -> None:
     """Put the joined draws into ``answer.groups`` as posterior.nc's groups, with their attrs
     (what was left out, which fits were drawn unweighted)."""
@@ -252,18 +265,21 @@ def _as_groups(answer: Answer, joined: dict, meta: list[tuple[dict, dict]]) -> N
                        else {})}
 
 
-def _sites(run: Any, size: int, weigh: bool) -> tuple[dict, Any, tuple]:
-    """``size`` draws of the fit's latent and deterministic sites (and their log weights)."""
+def _sites(run: Any, size: int, weigh: bool, auxiliary: bool = False
+           ) -> tuple[dict, Any, tuple]:
+    """``size`` draws of the fit's latent and deterministic sites (and their log weights);
+    its auxiliary sites too with ``auxiliary``."""
     from workbench.report import inference_data
 
-    draws, log_w = inference_data.site_draws(run, size, weigh)
+    draws, log_w = inference_data.site_draws(run, size, weigh, auxiliary)
     return draws, log_w, ({}, {})
 
 
-def _whole(run: Any, size: int) -> tuple[dict, Any, tuple]:
+def _whole(run: Any, size: int, auxiliary: bool = False) -> tuple[dict, Any, tuple]:
     """``size`` draws of the fit as posterior.nc's groups: ``{(group, name): values}`` (draws
     first), the log weights where the file has them, and each variable's dims (the observed
-    data under "observed_data") with the attributes."""
+    data under "observed_data") with the attributes; its auxiliary sites too with
+    ``auxiliary``."""
     import torch
 
     from workbench.device import run_context
@@ -272,7 +288,7 @@ def _whole(run: Any, size: int) -> tuple[dict, Any, tuple]:
     with run_context(run.device, run.dtype), torch.no_grad(), \
             posterior.whole_data(run.minibatch):
         groups, attrs = inference_data.draw(run.model, inference_data.fitted_guide(run),
-                                            run.data, run.nesting, size)
+                                            run.data, run.nesting, size, auxiliary)
     rows, dims = {}, {}
     for group, variables in groups.items():
         if group == "observed_data":
@@ -420,6 +436,7 @@ def write_plots(run_dir: Path, summary: dict, answer: Answer, load: Loader, nc: 
                                              run.data, run.sites, run.nesting, run.exact)
     drawn = answer.groups.get("posterior", {})
     for name, source in sources.items():
-        source["guide"] = torch.as_tensor(drawn[name][0])
+        if name in drawn:  # not a site as written where the data left deterministic sites out
+            source["guide"] = torch.as_tensor(drawn[name][0])
     return plots.write_plots(run_dir, None, sources, ppc=inference_data.ppc_sources(nc),
                              guide_label=ANSWER)

@@ -5,7 +5,8 @@ reader take a fit as they take an MCMC run.
 The groups follow ArviZ's conventions, dims ``chain`` and ``draw`` first (one chain: a guide
 is one fit), a plate's name for the dims it indexes and ``<site>_dim_<i>`` for the others:
 
-- ``posterior``: every latent site and every ``pyro.deterministic`` site, per guide draw;
+- ``posterior``: every latent site and every ``pyro.deterministic`` site, per guide draw
+  (not the sites a model marks auxiliary: ``posterior.AUXILIARY``);
 - ``posterior_predictive``: each observed site drawn again from the model given each draw;
 - ``log_likelihood``: each observed site's log density per observation and draw (``az.loo``);
 - ``observed_data``: the observed values (these and their replicates are integers for a
@@ -76,12 +77,14 @@ def fitted_guide(run: Any) -> Callable:
     return run.guide
 
 
-def site_draws(run: Any, n: int, weigh: bool = False) -> tuple[dict, torch.Tensor | None]:
+def site_draws(run: Any, n: int, weigh: bool = False, auxiliary: bool = False
+               ) -> tuple[dict, torch.Tensor | None]:
     """``n`` draws of every latent and deterministic site from the run's fitted guide, the
     model replayed against each, as ``{site: tensor (n, ...)}`` on the run's device, from
     torch's random stream; with ``weigh``, also each draw's log importance weight
     log p(x, z) - log q(z) (float64, on the CPU). Not the file's groups: as many draws as
-    asked, whatever the data's size (``Fit.sample``, the automatic pipeline's answer)."""
+    asked, whatever the data's size (``Fit.sample``, the automatic pipeline's answer). The
+    auxiliary sites only with ``auxiliary`` (the guide's whole space, for its density)."""
     from workbench.device import run_context
 
     with run_context(run.device, run.dtype), torch.no_grad(), \
@@ -89,6 +92,7 @@ def site_draws(run: Any, n: int, weigh: bool = False) -> tuple[dict, torch.Tenso
         guide = fitted_guide(run)
         trace = posterior.site_trace(run.model, **run.data)
         sites = {**posterior.latent_sites(trace), **posterior.deterministic_sites(trace)}
+        sites = sites if auxiliary else posterior.shown(sites, trace)
         per_draw = posterior.trace_numbers(trace)
         parts: dict[str, list] = {name: [] for name in sites}
         weights = []
@@ -108,11 +112,14 @@ def site_draws(run: Any, n: int, weigh: bool = False) -> tuple[dict, torch.Tenso
 
 
 def draw(model: Callable, guide: Callable, data: dict, nesting: int,
-         num_draws: int = NUM_DRAWS) -> tuple[dict[str, dict], dict[str, dict[str, Any]]]:
+         num_draws: int = NUM_DRAWS, auxiliary: bool = False
+         ) -> tuple[dict[str, dict], dict[str, dict[str, Any]]]:
     """The groups as ``{group: {variable: (numpy array, dims)}}`` (dims after chain and draw)
-    and the attributes of each group (under ``""`` those every group gets)."""
+    and the attributes of each group (under ``""`` those every group gets); the auxiliary
+    sites in ``posterior`` only with ``auxiliary``."""
     trace = posterior.site_trace(model, **data)
     latent = posterior.latent_sites(trace)
+    latent = latent if auxiliary else posterior.shown(latent, trace)
     derived = posterior.deterministic_sites(trace)
     observed = posterior.observed_sites(trace)
     factors = [name for name in observed if _is_factor(trace.nodes[name])]

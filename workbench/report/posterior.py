@@ -58,6 +58,36 @@ def deterministic_sites(trace: poutine.Trace) -> dict[str, torch.Size]:
             if site["type"] == "sample" and site["infer"].get("_deterministic")}
 
 
+# Marks (keys of a site's ``infer``) by which a model that wraps the user's says which of its
+# sites are the model as the user wrote it (plugins/reparam.py's non-centred model sets
+# them). AUXILIARY: a latent site that is only a coordinate the fit is done in (a
+# ``<site>_decentered``): the guide samples it and the fit's density (k-hat, ELBO) counts it,
+# but the report shows it nowhere. AS_WRITTEN: a ``pyro.deterministic`` site that is a latent
+# site of the model as written: reported, written to posterior.nc and plotted as one.
+AUXILIARY = "_vibench_auxiliary"
+AS_WRITTEN = "_vibench_as_written"
+
+
+def auxiliary_sites(trace: poutine.Trace) -> set[str]:
+    """The latent sites of ``trace`` marked AUXILIARY: the fit's coordinates, not the
+    model's parameters."""
+    return {name for name, site in trace.nodes.items()
+            if site["type"] == "sample" and site["infer"].get(AUXILIARY)}
+
+
+def as_written_sites(trace: poutine.Trace) -> dict[str, torch.Size]:
+    """The deterministic sites of ``trace`` marked AS_WRITTEN (latent sites of the model as
+    written) and their shapes."""
+    return {name: shape for name, shape in deterministic_sites(trace).items()
+            if trace.nodes[name]["infer"].get(AS_WRITTEN)}
+
+
+def shown(values: dict, trace: poutine.Trace) -> dict:
+    """``values`` (keyed by site) without the auxiliary sites of ``trace``."""
+    hidden = auxiliary_sites(trace)
+    return {name: value for name, value in values.items() if name not in hidden}
+
+
 def observed_sites(trace: poutine.Trace) -> dict[str, torch.Size]:
     """The model's observed sample sites (its likelihood, not its deterministic sites) and
     their shapes."""
@@ -126,6 +156,7 @@ def summarize(
 
     A deterministic site's entry has ``mean``, ``std`` and the quantiles over the model
     replayed against guide draws (``method`` "sampled"), as ``deterministic_summary`` gives.
+    The model's auxiliary sites (``AUXILIARY``) are left out.
 
     Values are floats for a scalar site, nested lists (the site's shape) otherwise. The draws
     are fewer than ``num_draws`` where draws x the sites' numbers would pass ``MAX_ELEMENTS``.
@@ -155,7 +186,10 @@ def summarize(
                 entry.update(_kl(fixed.get(name), draws[name], log_q[name], target))
             summary[name] = entry
         if model is not None:
-            summary.update(deterministic_summary(model, guide, data, nesting, num_draws))
+            trace = site_trace(model, **data)
+            summary.update(deterministic_summary(model, guide, data, nesting, num_draws,
+                                                 trace, exact))
+            summary = shown(summary, trace)
     return summary
 
 
@@ -177,11 +211,14 @@ def site_trace(model: Callable, *args: Any, **kwargs: Any) -> poutine.Trace:
 
 
 def deterministic_summary(model: Callable, guide: Callable, data: dict, nesting: int,
-                          num_draws: int = NUM_DRAWS) -> dict[str, dict[str, Any]]:
+                          num_draws: int = NUM_DRAWS, trace: poutine.Trace | None = None,
+                          exact: dict | None = None) -> dict[str, dict[str, Any]]:
     """Per ``pyro.deterministic`` site of the model: ``mean``, ``std``, ``method``
     ("sampled") and the quantiles, over the model replayed against guide draws (fewer than
-    ``num_draws`` where draws x the model's numbers would pass ``MAX_ELEMENTS``)."""
-    trace = site_trace(model, **data)
+    ``num_draws`` where draws x the model's numbers would pass ``MAX_ELEMENTS``); where
+    ``exact`` gives the site's posterior (a latent site of the model as written, say), its
+    moments and the errors as ``summarize`` has them. ``trace``: the model run once."""
+    trace = site_trace(model, **data) if trace is None else trace
     sites = deterministic_sites(trace)
     if not sites:
         return {}
@@ -200,6 +237,12 @@ def deterministic_summary(model: Callable, guide: Callable, data: dict, nesting:
                                  "method": "sampled"}
         for key, value in zip(QUANTILES, quantiles(draws, list(QUANTILES.values()))):
             entry[key] = to_plain(value)
+        if exact and name in exact:
+            mean, std = _real(draws).mean(0), _real(draws).std(0)
+            entry.update(exact_mean=to_plain(exact[name].mean),
+                         exact_std=to_plain(exact[name].stddev),
+                         mean_error=to_plain(mean - exact[name].mean),
+                         std_error=to_plain(std - exact[name].stddev))
         summary[name] = entry
     return summary
 
@@ -587,12 +630,20 @@ def diagnostics(model: Callable, guide: Callable, data: dict[str, Any], nesting:
         way = broadcast.verdict(model, data, nesting, single)
         plan = _draw_plan(model, guide, data, nesting, single, way, num_draws)
         if isinstance(plan, dict):  # a subsampled likelihood's answer, or why there is none
-            return plan
+            return _shown_sites(plan, single)
         draws, sized = plan
         result, log_w = _psis_draws(model, guide, data, nesting, single, way, draws, num_draws)
+        result = _shown_sites(result, single)
     if sized and log_w is not None and result.get("khat") is not None:
         result["khat_se"] = sized_psis.draws_khat_se(log_w.detach().double().cpu())
         result["sized"] = sized
+    return result
+
+
+def _shown_sites(result: dict[str, Any], trace: poutine.Trace) -> dict[str, Any]:
+    """``diagnostics``' result with the importance-weighted moments of the shown sites only."""
+    if "sites" in result:
+        result["sites"] = shown(result["sites"], trace)
     return result
 
 
@@ -951,7 +1002,8 @@ def plot_sources(model: Callable, guide: Callable, data: dict[str, Any],
                  sites: dict[str, torch.Size], nesting: int,
                  exact: dict[str, torch.distributions.Distribution] | None = None,
                  num_draws: int = NUM_PLOT_DRAWS) -> dict[str, dict[str, Any]]:
-    """Per latent site, what ``workbench.report.plots.site_figure`` draws::
+    """Per latent site of the model as written, what ``workbench.report.plots.site_figure``
+    draws::
 
         {SITE: {"guide": Distribution | Tensor, "prior": Distribution | Tensor,
                 "exact": Distribution | None}}
@@ -961,8 +1013,13 @@ def plot_sources(model: Callable, guide: Callable, data: dict[str, Any],
     draws shaped ``(num_draws, *site
     shape)`` (a density estimated from them). The prior's draws come from running the whole
     model, so for a site with latent parents they are its marginal prior, not a conditional.
+    ``sites`` (the model's latent sites) lose the auxiliary ones and gain the deterministic
+    sites that are latent sites as written (``AS_WRITTEN``: their guide draws are the model
+    replayed against the guide's), in the model's order.
     """
     with torch.no_grad():
+        marks = _forked(lambda: site_trace(model, **data))
+        sites, written = shown(sites, marks), as_written_sites(marks)
         guide_fixed = _fixed_fns(guide, data, sites)
         for name in sites:
             marginal = None if name in guide_fixed else guide_marginal(guide, name)
@@ -972,27 +1029,59 @@ def plot_sources(model: Callable, guide: Callable, data: dict[str, Any],
         guide_draws, _ = _guide_draws(guide, data,
                                       {n: s for n, s in sites.items() if n not in guide_fixed},
                                       nesting, num_draws)
-        prior_draws = {}
-        wanted = [n for n in sites if n not in prior_fixed]
-        if wanted:
-            way = broadcast.verdict(model, data, nesting)
-            count = num_draws if way.broadcasts else min(num_draws, broadcast.LOOP_DRAWS)
-            if way.broadcasts:
-                with pyro.plate(DRAWS_PLATE, count, dim=-(nesting + 1)):
-                    prior_trace = poutine.trace(model).get_trace(**data)
-            else:  # one run of the model a draw (vmap cannot sample)
-                prior_trace = broadcast.prior(model, data, count, nesting,
-                                              site_trace(model, **data))
-            prior_draws = {n: prior_trace.nodes[n]["value"].reshape(count, *sites[n])
-                           for n in wanted}
+        guide_draws.update(_written_draws(model, guide, data, nesting, num_draws, written,
+                                          marks))
+        wanted = {**{n: s for n, s in sites.items() if n not in prior_fixed}, **written}
+        prior_draws = _prior_draws(model, data, nesting, num_draws, wanted) if wanted else {}
+        place = {name: i for i, name in enumerate(marks.nodes)}
+        order = sorted([*sites, *(n for n in written if n not in sites)],
+                       key=lambda name: place.get(name, len(place)))
         return {
             name: {
                 "guide": guide_fixed.get(name, guide_draws.get(name)),
                 "prior": prior_fixed.get(name, prior_draws.get(name)),
                 "exact": (exact or {}).get(name),
             }
-            for name in sites
+            for name in order
         }
+
+
+def _forked(compute: Callable[[], Any]) -> Any:
+    """``compute()`` on a fork of torch's random streams (the default device's too): the
+    draws after it are the ones they would have been without it."""
+    from workbench.device import rng_devices
+
+    with torch.random.fork_rng(devices=rng_devices(torch.get_default_device())):
+        return compute()
+
+
+def _written_draws(model: Callable, guide: Callable, data: dict, nesting: int,
+                   num_draws: int, written: dict, trace: poutine.Trace) -> dict:
+    """Draws of the latent sites as written (deterministic sites, ``written``) from the
+    model replayed against the guide's draws (``trace``: the model run once)."""
+    if not written:
+        return {}
+    parts: dict[str, list] = {name: [] for name in written}
+    for n, _, model_trace in replayed(model, guide, data, nesting, num_draws,
+                                      trace_numbers(trace), predictive=False):
+        for name, shape in written.items():
+            parts[name].append(draws_of(model_trace.nodes[name]["value"], n, shape))
+    return {name: torch.cat(chunks) for name, chunks in parts.items()}
+
+
+def _prior_draws(model: Callable, data: dict, nesting: int, num_draws: int,
+                 wanted: dict) -> dict:
+    """Draws of the ``wanted`` sites from the prior: the whole model run under a plate of
+    draws, or one run a draw where it does not broadcast (vmap cannot sample)."""
+    way = broadcast.verdict(model, data, nesting)
+    count = num_draws if way.broadcasts else min(num_draws, broadcast.LOOP_DRAWS)
+    if way.broadcasts:
+        with pyro.plate(DRAWS_PLATE, count, dim=-(nesting + 1)):
+            prior_trace = poutine.trace(model).get_trace(**data)
+    else:
+        prior_trace = broadcast.prior(model, data, count, nesting, site_trace(model, **data))
+    return {n: prior_trace.nodes[n]["value"].reshape(count, *shape)
+            for n, shape in wanted.items()}
 
 
 def to_plain(value: torch.Tensor) -> float | list:
