@@ -135,6 +135,24 @@ def test_the_refitted_answer_is_the_model_as_written(refitted, tmp_path):
     assert set(draws) == {"mu", "tau", "alpha"} and draws["alpha"].shape == (20, 8)
 
 
+def test_a_weighed_mixture_of_non_centred_fits_draws_the_model_as_written(refitted):
+    """Where the answer is the fits' weighed mixture, its density lives in the guides'
+    space, alpha_decentered's: drawn to weigh, then left out."""
+    from workbench.auto import answer
+
+    summary, path = refitted
+    mixed = {**summary, "auto": {**summary["auto"], "answer": answer.MIXTURE}}
+
+    def load(fit: Path):
+        return service.load(fit, get_registry(), trust_code=True)
+
+    for whole in (False, True):
+        drawn = answer.answer_draws(path, mixed, 40, load, seed=0, whole=whole)
+        assert drawn.mixture, drawn.notes
+        names = set(drawn.groups["posterior"]) if whole else set(drawn.draws)
+        assert names == {"mu", "tau", "alpha"}
+
+
 @pytest.mark.filterwarnings("ignore::UserWarning")
 def test_a_model_with_a_mode_is_not_reparameterised(tmp_path):
     x = [float(v) for v in torch.linspace(-1, 1, 20)]
