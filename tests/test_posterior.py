@@ -195,20 +195,25 @@ def test_a_guide_that_cannot_be_vectorised(coin):
     assert result["khat"] is None and "vectorised" in result["reason"]
 
 
-def test_enumerated_models_are_out_of_scope():
+@pytest.mark.parametrize("how", ["parallel", "sequential"])
+def test_enumerated_models_are_weighed_with_their_sites_summed_out(how: str):
+    """Parallel enumeration is summed out of the weights (tests/test_enumerated.py checks
+    the sum); sequential enumeration is out of scope, and the reason says so."""
     def model(y):
         weights = torch.tensor([0.5, 0.5])
         locs = pyro.sample("locs", dist.Normal(torch.zeros(2), 10.0).to_event(1))
         with pyro.plate("data", y.shape[0]):
-            which = pyro.sample("which", dist.Categorical(weights),
-                                infer={"enumerate": "parallel"})
+            which = pyro.sample("which", dist.Categorical(weights), infer={"enumerate": how})
             pyro.sample("obs", dist.Normal(locs[which], 1.0), obs=y)
 
     def guide(y):
         pyro.sample("locs", dist.Normal(torch.zeros(2), 1.0).to_event(1))
 
     result = posterior.diagnostics(model, guide, {"y": torch.tensor([-1.0, 1.0])}, 1)
-    assert result["khat"] is None and "enumeration" in result["reason"]
+    if how == "parallel":
+        assert result["khat"] is not None and "locs" in result["sites"], result
+    else:
+        assert result["khat"] is None and "sequentially" in result["reason"]
 
 
 class VectorModel:

@@ -16,6 +16,7 @@ Three entry points, each called inside the run's device context and after traini
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 import re
 from collections.abc import Callable, Iterator
@@ -30,7 +31,7 @@ from pyro.distributions.util import scale_and_mask
 from pyro.poutine.util import site_is_subsample
 
 from workbench.errors import one_line
-from workbench.report import broadcast, sized_psis, thresholds
+from workbench.report import broadcast, marginal, sized_psis, thresholds
 
 NUM_DRAWS = 10_000  # guide draws behind sampled moments, quantiles and Monte Carlo KL
 NUM_IS_DRAWS = 10_000  # importance-sampling draws behind diagnostics()
@@ -617,7 +618,7 @@ def diagnostics(model: Callable, guide: Callable, data: dict[str, Any], nesting:
     ``iw_mean`` and ``iw_std`` are self-normalised importance-weighted estimates of the
     posterior's mean and sd, with Pareto-smoothed weights (PSIS); floats for a scalar site,
     nested lists otherwise. When the diagnostic cannot be computed the result is
-    ``{"khat": None, "reason": str}``: a model with sites a loss enumerates, a guide that
+    ``{"khat": None, "reason": str}``: a model with sites enumerated sequentially, a guide that
     cannot be vectorised, a point-mass guide (no density), a guide that leaves latent sites
     to the model, or non-finite weights.
 
@@ -628,6 +629,9 @@ def diagnostics(model: Callable, guide: Callable, data: dict[str, Any], nesting:
         if isinstance(single, str):
             return {"khat": None, "reason": single}
         way = broadcast.verdict(model, data, nesting, single)
+        if marginal.enumerated_sites(single) and way.method == broadcast.VMAP:
+            way = dataclasses.replace(way, method=broadcast.LOOP, why_not_vmap=(
+                "the sum over its enumerated sites is one run of the model a draw"))
         plan = _draw_plan(model, guide, data, nesting, single, way, num_draws)
         if isinstance(plan, dict):  # a subsampled likelihood's answer, or why there is none
             return _shown_sites(plan, single)
@@ -648,17 +652,16 @@ def _shown_sites(result: dict[str, Any], trace: poutine.Trace) -> dict[str, Any]
 
 
 def _weighable_trace(model: Callable, data: dict) -> poutine.Trace | str:
-    """The model traced once, or why its draws cannot be weighed: it fails, or a loss sums
-    some of its sites out by enumeration."""
+    """The model traced once, or why its draws cannot be weighed: it fails, or it marks
+    sites for sequential enumeration (summed here only in parallel)."""
     try:
         single = site_trace(model, **data)
     except Exception as exc:  # noqa: BLE001 - reported, not raised
         return f"the model failed: {broadcast.described(exc, model)}"
-    enumerated = [name for name, site in single.nodes.items()
-                  if site["type"] == "sample" and site["infer"].get("enumerate")]
-    if enumerated:
-        return ("the loss sums out site(s) " + ", ".join(repr(n) for n in enumerated)
-                + " by enumeration; importance weights would need that sum too")
+    sequential = marginal.sequential_sites(single)
+    if sequential:
+        return ("the model enumerates site(s) " + ", ".join(repr(n) for n in sequential)
+                + " sequentially; importance weights sum out only parallel enumeration")
     return single
 
 
@@ -671,7 +674,9 @@ def _draw_plan(model: Callable, guide: Callable, data: dict, nesting: int,
     there are none)."""
     asked, sized = num_draws, ""
     if num_draws * sized_psis.draw_numbers(single) > sized_psis.WORK:
-        if way.broadcasts:
+        if marginal.enumerated_sites(single):  # subsampling rows would split their sum
+            found = "the model sums out discrete sites by enumeration"
+        elif way.broadcasts:
             found, precision = _widened(guide, data, lambda wide_data: (
                 sized_psis.subsampled(model, guide, wide_data, nesting, single, num_draws)))
             if isinstance(found, dict):
@@ -725,6 +730,9 @@ def _weigh(model: Callable, guide: Callable, data: dict, nesting: int, num_draws
     the draws of each latent and deterministic site; or why the guide cannot be weighed. A
     model that does not broadcast (``way``) is replayed draw by draw (``single``: it run
     once)."""
+    enumerated = marginal.enumerated_sites(single)
+    if enumerated:  # their values, summed out, are no draw's
+        derived = {}
     log_ws, parts = [], {name: [] for name in {**sites, **derived}}
     per_draw = trace_numbers(single)
     for start in range(0, num_draws, chunk):
@@ -735,7 +743,9 @@ def _weigh(model: Callable, guide: Callable, data: dict, nesting: int, num_draws
         if missing:
             return "the guide does not sample " + ", ".join(repr(name) for name in missing)
         log_p = []
-        for m, part in draw_slices(guide_trace, n, nesting, per_draw):
+        if enumerated:
+            log_p.append(_summed_out(model, guide_trace, data, n, nesting, way, sites))
+        for m, part in ([] if enumerated else draw_slices(guide_trace, n, nesting, per_draw)):
             if way.broadcasts:
                 with pyro.plate(DRAWS_PLATE, m, dim=-(nesting + 1)):
                     model_trace = poutine.trace(
@@ -750,6 +760,20 @@ def _weigh(model: Callable, guide: Callable, data: dict, nesting: int, num_draws
         for name, shape in sites.items():
             parts[name].append(guide_trace.nodes[name]["value"].reshape(n, *shape))
     return torch.cat(log_ws), {name: torch.cat(chunks) for name, chunks in parts.items()}
+
+
+def _summed_out(model: Callable, guide_trace: poutine.Trace, data: dict, n: int, nesting: int,
+                way: broadcast.Verdict, sites: dict) -> torch.Tensor:
+    """log p(data, z) of a vectorised guide trace's ``n`` draws, the model's enumerated sites
+    summed out: in one run under the draws plate, or one run a draw (``way``)."""
+    if way.broadcasts:
+        with pyro.plate(DRAWS_PLATE, n, dim=-(nesting + 1)):
+            model_trace = poutine.trace(marginal.enumerated(
+                poutine.replay(model, trace=guide_trace), nesting + 1)).get_trace(**data)
+        return marginal.log_density(model_trace, DRAWS_PLATE, n)
+    draws = {name: draws_of(guide_trace.nodes[name]["value"], n, shape)
+             for name, shape in sites.items()}
+    return marginal.each_draw(model, data, draws, n, nesting)
 
 
 SLICE_NUMBERS = 2**21  # numbers a draw slice's model tensors hold (16 MB in float64)

@@ -1,0 +1,111 @@
+"""A model's log density with its enumerated discrete sites summed out: log p(data, z) for
+continuous draws z, where the model marks discrete sites ``infer={"enumerate": "parallel"}``
+for a loss (TraceEnum_ELBO) to sum out and no guide samples them.
+
+The sum is Pyro's own: the model runs under ``poutine.enum`` (its enumeration dims left of
+its plates and of a plate of draws), and the sites' log-density factors are contracted over
+those dims by ``pyro.ops.contract.contract_to_tensor``, plate by plate, as TraceEnum_ELBO
+builds them (a factor that depends on an enumerated value is masked inside the sum and scaled
+outside it).
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Callable
+
+import torch
+from pyro import poutine
+from pyro.ops import packed
+from pyro.ops.contract import contract_to_tensor
+from pyro.ops.rings import LogRing
+from pyro.poutine.util import site_is_subsample
+
+
+def enumerated_sites(trace: poutine.Trace) -> list[str]:
+    """The sample sites a loss sums out by enumeration, in the order the model samples them."""
+    return [name for name, site in trace.nodes.items()
+            if site["type"] == "sample" and not site["is_observed"]
+            and site["infer"].get("enumerate")]
+
+
+def sequential_sites(trace: poutine.Trace) -> list[str]:
+    """The enumerated sites marked ``"sequential"``: each value a run of the model, which
+    this module does not sum."""
+    return [name for name in enumerated_sites(trace)
+            if trace.nodes[name]["infer"]["enumerate"] != "parallel"]
+
+
+def enumerated(model: Callable, dims: int) -> Callable:
+    """The model under ``poutine.enum``, its enumeration dims left of ``dims`` batch dims
+    (the model's plate nesting, plus one where a plate of draws surrounds it)."""
+    return poutine.enum(model, first_available_dim=-(dims + 1))
+
+
+def log_density(trace: poutine.Trace, draws: str | None = None, n: int = 1) -> torch.Tensor:
+    """log p(data, z) of each draw, the enumerated sites summed out: from a trace of
+    ``enumerated(model, ...)``, the draws in the plate named ``draws`` (``n`` of them; shape
+    ``(n,)``), or one draw without such a plate (a scalar)."""
+    trace.compute_log_prob(lambda name, site: not site_is_subsample(site))
+    trace.pack_tensors()
+    symbols = trace.plate_to_symbol
+    target = frozenset({symbols[draws]}) if draws is not None and draws in symbols \
+        else frozenset()
+    sum_dims = {site["infer"]["_enumerate_symbol"] for site in trace.nodes.values()
+                if site["type"] == "sample" and "_enumerate_symbol" in site["infer"]}
+    costs, factors, scales = OrderedDict(), OrderedDict(), set()
+    for site in trace.nodes.values():
+        if site["type"] != "sample" or site_is_subsample(site):
+            continue
+        ordinal = frozenset(symbols[f.name] for f in site["cond_indep_stack"] if f.vectorized)
+        parts = site["packed"]
+        if sum_dims.isdisjoint(parts["log_prob"]._pyro_dims):
+            costs.setdefault(ordinal, []).append(parts["log_prob"])
+            continue
+        term = parts["unscaled_log_prob"]
+        if "_enumerate_symbol" not in site["infer"]:  # masked inside the sum, scaled outside
+            term = packed.scale_and_mask(term, mask=parts["mask"])
+        factors.setdefault(ordinal, []).append(term)
+        scales.add(_scalar_scale(site))
+    total = _contracted(costs, set(), target, symbols.get(draws), n)
+    if factors:
+        if len(scales) != 1:
+            raise ValueError("the enumerated sites do not share one poutine.scale")
+        total = total + scales.pop() * _contracted(factors, sum_dims, target,
+                                                   symbols.get(draws), n)
+    return total if draws is not None else total.reshape(())
+
+
+def _contracted(tree: OrderedDict, sum_dims: set, target: frozenset, draws: str | None,
+                n: int) -> torch.Tensor:
+    """The factors of ``tree`` contracted to the draws' plate (``target``): ``(n,)``."""
+    sizes = {dim: size for terms in tree.values() for term in terms
+             for dim, size in zip(term._pyro_dims, term.shape)}
+    if draws is not None:
+        sizes[draws] = n
+    if not tree:
+        return torch.zeros(n)
+    term = contract_to_tensor(tree, sum_dims, target_ordinal=target,
+                              ring=LogRing(dim_to_size=sizes))
+    return term.reshape(-1).expand(n) if term.numel() == 1 else term.reshape(n)
+
+
+def _scalar_scale(site: dict) -> float:
+    """A site's subsampling scale as one number (enumeration supports no other)."""
+    scale = site["scale"]
+    if torch.is_tensor(scale):
+        if scale.dim():
+            raise ValueError("enumeration supports only a scalar poutine.scale")
+        return float(scale)
+    return float(scale)
+
+
+def each_draw(model: Callable, data: dict, draws: dict[str, torch.Tensor], n: int,
+              nesting: int) -> torch.Tensor:
+    """``log_density`` of ``n`` draws (each site's ``(n, *shape)``) one run of the model
+    each: for a model that does not broadcast over a leading dimension of draws."""
+    out = []
+    for i in range(n):
+        one = poutine.condition(model, data={name: d[i] for name, d in draws.items()})
+        out.append(log_density(poutine.trace(enumerated(one, nesting)).get_trace(**data)))
+    return torch.stack(out)
