@@ -12,14 +12,15 @@ from torch import nn
 def laplace_start(guide, args: tuple, kwargs: dict) -> list[str]:
     """Put the guide's fixed affine map at the Laplace approximation: the mode by L-BFGS and
     the inverse Hessian there (or its diagonal's inverse where that is all there is)."""
-    from pyro.infer.autoguide.initialization import InitMessenger, init_to_feasible
+    from pyro.infer.autoguide.initialization import InitMessenger
 
     from vibench_plugins import laplace
+    from workbench.report.marginal import init_to_feasible
 
     sites = laplace.layout(guide)
     with InitMessenger(init_to_feasible):  # a draw from an improper prior may be no number
         laplace.check_continuous(guide, args, kwargs)
-    potential = laplace.potential_fn(guide.model, sites, args, kwargs)
+    potential = laplace.potential_fn(laplace.source(guide), sites, args, kwargs)
     fit = laplace.find_mode(potential, guide.transform[-1].loc.detach().clone(), True)
     if fit is None:
         return ["init laplace: no start gave a finite log density; the guide keeps its "

@@ -165,9 +165,8 @@ def auto_iaf_normal(model, num_transforms: int = 1, hidden_dim: list[int] | None
 def _gaussian(cls, model, init: str, **options):
     """A Gaussian autoguide of class ``cls``; with init laplace or pathfinder, one that
     vibench's ``initialise`` call moves to that start before training."""
-    if init == "init_loc":
-        return cls(_continuous(model), **options)
-    guide = _start_class(cls, init)(_continuous(model), **options)
+    guide = (cls if init == "init_loc" else _start_class(cls, init))(_continuous(model),
+                                                                     **options)
     guide.source_model = (model,)  # a tuple, so that a PyroModule model is no submodule
     return guide
 

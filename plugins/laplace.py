@@ -79,7 +79,7 @@ def initialise(guide, *args, **kwargs) -> list[str]:
     sites = layout(guide)
     check_continuous(guide, args, kwargs)
     dimension = sites[-1].stop
-    potential = potential_fn(guide.model, sites, args, kwargs)
+    potential = potential_fn(source(guide), sites, args, kwargs)
     start = current_loc(guide, sites)
     fit = find_mode(potential, start, dimension <= MAX_HESSIAN_DIM)
     notes = []
@@ -114,14 +114,22 @@ def layout(guide) -> list[Site]:
     return sites
 
 
+def source(guide):
+    """The model a guide was made for, its enumerated sites in view (``guide.model`` hides
+    them from the guide)."""
+    return getattr(guide, "source_model", (guide.model,))[0]
+
+
 def check_continuous(guide, args: tuple, kwargs: dict, method: str = "laplace") -> None:
-    """Refuse a model with discrete latent sites (summed out by enum_elbo): their values are
-    not the guide's, so the log joint the mode is sought on would be a random draw."""
-    model = getattr(guide, "source_model", (guide.model,))[0]
-    trace = poutine.trace(model).get_trace(*args, **kwargs)
+    """Refuse a model with discrete latent sites that the potential cannot sum out: their
+    values are not the guide's, so the log joint the mode is sought on would be a random
+    draw. The Laplace start sums out sites marked for parallel enumeration (as enum_elbo)."""
+    trace = poutine.trace(source(guide)).get_trace(*args, **kwargs)
     for name, site in trace.nodes.items():
-        if site["type"] == "sample" and not site["is_observed"] and not site_is_subsample(site) \
-                and (site["infer"].get("enumerate") or site["fn"].support.is_discrete):
+        if site["type"] != "sample" or site["is_observed"] or site_is_subsample(site):
+            continue
+        summed = method == "laplace" and site["infer"].get("enumerate") == "parallel"
+        if (site["infer"].get("enumerate") or site["fn"].support.is_discrete) and not summed:
             raise ValueError(f"init {method!r} needs continuous latent sites; {name!r} is "
                              "discrete")
 
@@ -129,7 +137,9 @@ def check_continuous(guide, args: tuple, kwargs: dict, method: str = "laplace") 
 def potential_fn(model, sites: list[Site], args: tuple,
                  kwargs: dict) -> Callable[[torch.Tensor], torch.Tensor]:
     """-log p(data, z) as a function of the flat unconstrained z, with the log-Jacobian of
-    each site's bijection, so its mode and Hessian are those of the density the guide fits."""
+    each site's bijection, so its mode and Hessian are those of the density the guide fits;
+    the model's enumerated sites summed out (``workbench.report.marginal``)."""
+    nesting = _enumerated_nesting(model, args, kwargs)
 
     def potential(flat: torch.Tensor) -> torch.Tensor:
         values, log_jacobian = {}, 0.0
@@ -139,16 +149,38 @@ def potential_fn(model, sites: list[Site], args: tuple,
             log_jacobian = log_jacobian + site.transform.log_abs_det_jacobian(
                 unconstrained, values[site.name]).sum()
         try:
-            trace = poutine.trace(poutine.condition(model, data=values)).get_trace(*args,
-                                                                                 **kwargs)
+            log_p = _log_joint(poutine.condition(model, data=values), nesting, args, kwargs)
         except ValueError:  # a parameter the model's validation refuses, from a long step
             return flat.new_tensor(math.inf)
-        value = -(trace.log_prob_sum() + log_jacobian)
+        value = -(log_p + log_jacobian)
         # a density that is no number there (NaN, or +inf in a funnel's neck) is no mode:
         # +inf keeps L-BFGS's line search out (its bracket cannot hold a NaN)
         return value if torch.isfinite(value) else flat.new_tensor(math.inf)
 
     return potential
+
+
+def _enumerated_nesting(model, args: tuple, kwargs: dict) -> int | None:
+    """The model's plate nesting where it marks sites for enumeration, else None."""
+    from workbench.report.marginal import enumerated_sites
+    from workbench.report.posterior import plate_nesting, site_trace
+
+    try:
+        trace = site_trace(model, *args, **kwargs)
+    except Exception:  # noqa: BLE001 - the potential's own runs say what fails
+        return None
+    return plate_nesting(trace) if enumerated_sites(trace) else None
+
+
+def _log_joint(model, nesting: int | None, args: tuple, kwargs: dict) -> torch.Tensor:
+    """log p(data, z) of a model whose latent values are conditioned, summed over its
+    enumerated sites where ``nesting`` says it has some."""
+    if nesting is None:
+        return poutine.trace(model).get_trace(*args, **kwargs).log_prob_sum()
+    from workbench.report import marginal
+
+    summing = marginal.enumerated(model, nesting)
+    return marginal.log_density(poutine.trace(summing).get_trace(*args, **kwargs))
 
 
 def current_loc(guide, sites: list[Site]) -> torch.Tensor:

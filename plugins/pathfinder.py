@@ -284,9 +284,11 @@ def batch_potential(model, sites: list[laplace.Site], args: tuple, kwargs: dict,
     Pyro's vectorised particles), else one trace a row."""
     from pyro import poutine
 
+    from workbench.report import marginal
     from workbench.report.posterior import log_joint, plate_nesting
 
-    nesting = plate_nesting(poutine.trace(model).get_trace(*args, **kwargs))
+    single = poutine.trace(model).get_trace(*args, **kwargs)
+    nesting, summed = plate_nesting(single), bool(marginal.enumerated_sites(single))
 
     def vectorised(points: torch.Tensor) -> torch.Tensor:
         count = points.shape[0]
@@ -299,10 +301,13 @@ def batch_potential(model, sites: list[laplace.Site], args: tuple, kwargs: dict,
             values[site.name] = site.transform(unconstrained)
             log_jacobian = log_jacobian + site.transform.log_abs_det_jacobian(
                 unconstrained, values[site.name]).reshape(count, -1).sum(-1)
+        conditioned = poutine.condition(model, data=values)
         with pyro.plate("_pathfinder_draws", count, dim=-(nesting + 1)):
-            trace = poutine.trace(poutine.condition(model, data=values)).get_trace(*args,
-                                                                                 **kwargs)
-        return -(log_joint(trace, count, nesting) + log_jacobian)
+            trace = poutine.trace(marginal.enumerated(conditioned, nesting + 1) if summed
+                                  else conditioned).get_trace(*args, **kwargs)
+        log_p = marginal.log_density(trace, "_pathfinder_draws", count) if summed \
+            else log_joint(trace, count, nesting)
+        return -(log_p + log_jacobian)
 
     def one_by_one(points: torch.Tensor) -> torch.Tensor:
         return torch.stack([potential(point) for point in points])

@@ -197,7 +197,7 @@ class Gaussian:
                     optimizer={"name": "adam", "lr": first.lr}, train=train, seed_offset=i - 1,
                     start=start))
         pipeline.candidates = [fit for fit in fits if fit.ok]
-        return self.said(fits, family, dimension, skipped, marginal, pipeline.modes)
+        return self.said(pipeline, fits, family, dimension, skipped, marginal, pipeline.modes)
 
     def later_start(self, gaussian, init: str | None, marginal: int | None, seed: int):
         """Where fit 2, 3, ... starts: a draw from the start's Gaussian (``spread`` of its
@@ -221,7 +221,7 @@ class Gaussian:
 
         return start
 
-    def said(self, fits: list, family: str, dimension: int, skipped: str,
+    def said(self, pipeline, fits: list, family: str, dimension: int, skipped: str,
              marginal: int | None, found=None) -> str:
         """The stage's line: the fits, how each ended, what was skipped, where they began."""
         first = fits[0]
@@ -235,8 +235,11 @@ class Gaussian:
         if found is not None:
             scattered += f"; {found.said()}" + (
                 ", the fits start at each in turn" if len(found.modes) > 1 else "")
+        loss = pipeline.summing_out(self.loss)
+        gradient = (f"{self.loss['estimator']} gradient" if loss is self.loss
+                    else f"loss {loss['name']}")
         return (f"{len(fits)} {family.replace('_', '-')} Gaussian fits of {dimension} "
-                f"dimensions, {self.loss['estimator']} gradient, lr {lr_text}; {stops}"
+                f"dimensions, {gradient}, lr {lr_text}; {stops}"
                 f"{skipped}; each starts at its own draw from {whence} (spread "
                 f"{self.spread:g}){scattered}")
 

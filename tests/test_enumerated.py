@@ -11,11 +11,12 @@ import pyro
 import pyro.distributions as dist
 import pytest
 import torch
+import yaml
 from pyro import poutine
 from pyro.infer import TraceEnum_ELBO
 
 from tests import plain_models
-from tests.helpers import QUICK, RECIPES, fit
+from tests.helpers import QUICK, RECIPES, fit, setup
 from vibench_plugins.models import GaussianMixture
 from workbench.report import marginal
 
@@ -96,3 +97,45 @@ def test_the_report_weighs_a_fit_of_an_enumerated_model(tmp_path: Path):
     assert found["khat"] < 0.5
     assert found["ess_fraction"] > 0.5
     assert found["elbo"] == pytest.approx(-summary["final_loss"], abs=5.0)
+
+
+def test_the_laplace_start_finds_the_mode_of_the_summed_out_density():
+    """init laplace on the mixture, from the shipped recipe's start (locs apart: at 0 both,
+    the search stays on the symmetric ridge of one wide component): its potential sums the
+    assignments out, so the mode has one loc at each cluster's mean, where a draw of the
+    assignments would give a random point."""
+    run = setup("guide.init=laplace", "train.steps=1", "data.dataset.n=200",
+                source=RECIPES / "gaussian_mixture.yaml")
+    y = run.data["y"]
+    locs = sorted(run.guide.locs.locs.tolist())
+    assert locs == pytest.approx([y[y < 0].mean().item(), y[y > 0].mean().item()], abs=0.1)
+    assert run.guide.scales.locs.max().item() < 0.2  # the curvature's sds, not init_scale's
+
+
+@pytest.mark.slow  # the pipeline's fits and the shipped recipe's: about 45 s
+def test_the_pipeline_fits_an_enumerated_model_with_enum_elbo(tmp_path: Path):
+    """A recipe naming only the mixture and its data: every fit trains on enum_elbo at the
+    model's plate nesting, and the answer (posterior.nc and plots with it) agrees with the
+    shipped recipe's fit within a quarter of its sds, up to the components' labels: the
+    posterior is symmetric in them, so the fits may sit at either labelling (and the
+    pipeline flag that they disagree; no error)."""
+    data = {"dataset": {"name": "synthetic_mixture", "n": 500, "locs": [-3.0, 3.0],
+                        "scale": 1.0}}
+    (tmp_path / "auto.yaml").write_text(yaml.safe_dump(
+        {"name": "mixture-auto", "model": {"name": "gaussian_mixture"}, "data": data}))
+    answer, where = fit(tmp_path, source=tmp_path / "auto.yaml")
+    shipped, _ = fit(tmp_path, *QUICK, source=RECIPES / "gaussian_mixture.yaml")
+    for recipe in where.glob("fits/*/recipe.yaml"):
+        loss = yaml.safe_load(recipe.read_text())["loss"]
+        assert loss["name"] == "enum_elbo" and loss["max_plate_nesting"] == 1, recipe
+    assert (where / "posterior.nc").is_file() and (where / "plots" / "site-locs.png").is_file()
+    assert answer["diagnostics"]["khat"] < 0.5
+    got, expected = answer["posterior"], shipped["posterior"]
+    order = sorted(range(2), key=lambda i: got["locs"]["mean"][i])
+    for name in ("locs", "weights"):
+        for i, j in enumerate(order):
+            sd = expected[name]["std"][i]
+            assert got[name]["mean"][j] == pytest.approx(expected[name]["mean"][i], abs=sd / 4)
+            assert got[name]["std"][j] == pytest.approx(sd, rel=0.25)
+    sd = expected["scale"]["std"]
+    assert got["scale"]["mean"] == pytest.approx(expected["scale"]["mean"], abs=sd / 4)

@@ -196,19 +196,21 @@ def test_laplace_starts_the_coin_at_the_mode(name):
 
 
 def test_laplace_refuses_discrete_sites_and_notes_its_fallbacks(float64):
-    from vibench_plugins import laplace
+    from vibench_plugins import guides, laplace, losses
 
-    with pytest.raises(UsageError, match="init 'laplace' needs continuous latent sites; "
-                                         "'assignment' is discrete"):
-        setup("guide=auto_normal", "guide.init=laplace", "model=gaussian_mixture",
-              "loss=enum_elbo", "data={dataset: {name: synthetic_mixture, n: 50}}")
+    def coin(y):  # a discrete site no loss sums out (enumerated ones: test_enumerated.py)
+        heads = pyro.sample("heads", dist.Bernoulli(0.5))
+        pyro.sample("y", dist.Normal(heads, 1.0), obs=y)
+
+    with pytest.raises(ValueError, match="init 'laplace' needs continuous latent sites; "
+                                         "'heads' is discrete"):
+        laplace.check_continuous(guides.auto_normal(coin, init="laplace"), (),
+                                 {"y": torch.tensor(0.5)})
 
     def flat(y):  # 'free' does not touch the likelihood: the Hessian is singular
         pyro.sample("free", dist.Normal(0.0, 1.0).mask(False))  # no density: flat
         mu = pyro.sample("mu", dist.Normal(0.0, 1.0))
         pyro.sample("y", dist.Normal(mu, 1.0), obs=y)
-
-    from vibench_plugins import guides, losses
 
     data = {"y": torch.tensor(0.5)}
     guide = guides.auto_normal(flat, init="laplace", init_loc="feasible")

@@ -129,16 +129,8 @@ def test_a_ports_twin_has_its_log_density(case: str, float64):
                              atol=1e-9), (i, expected)
 
 
-# The pipeline's fits use loss elbo with autoguides, which refuse the discrete site that
-# gaussian_mixture sums out by enumeration: the shipped model fails there as its twin does.
-NOT_IN_PIPELINE = pytest.mark.xfail(
-    reason="the pipeline cannot fit a model with an enumerated discrete site", strict=True)
-
-
 @pytest.mark.slow
-@pytest.mark.parametrize("case", [
-    *PORTED, *(pytest.param(case, marks=NOT_IN_PIPELINE if case == "gaussian_mixture" else ())
-               for case in SHIPPED)])
+@pytest.mark.parametrize("case", [*PORTED, *SHIPPED])
 def test_the_automatic_pipeline_fits_a_plain_twin(tmp_path: Path, case: str):
     """A recipe naming only the twin and its data: the pipeline completes with a k-hat, its
     answer's posterior.nc and plots, every fit's draws evaluated by vmap; a port's twin is

@@ -122,14 +122,34 @@ class Pipeline:
     last_run: Any = None
     resumed: bool = False  # going on after a stop (--resume): a fit finished before is kept
     _dimension: int | None = None
+    _enumerated: tuple[list[str], int] | None = None  # the sites a loss sums out, the nesting
     _noted: set[str] = field(default_factory=set)  # the fits' notes said so far
 
     @property
     def dimension(self) -> int:
         """The number of unconstrained latent dimensions of the model."""
+        return self._traced()[0]
+
+    def _traced(self) -> tuple[int, tuple[list[str], int] | None]:
+        """``latent_dimension``'s answer, found once."""
         if self._dimension is None:
-            self._dimension = latent_dimension(self.recipe, self.registry)
-        return self._dimension
+            self._dimension, self._enumerated = latent_dimension(self.recipe, self.registry)
+        return self._dimension, self._enumerated
+
+    def summing_out(self, loss: dict) -> dict:
+        """The loss a fit trains on: the stage's, or, for a model that marks discrete sites
+        for enumeration (which the guides hide), enum_elbo with as many particles, summing
+        them out at the model's plate nesting."""
+        enumerated = self._traced()[1]
+        if enumerated is None:
+            return loss
+        names, nesting = enumerated
+        if "enumerated" not in self._noted:
+            self._noted.add("enumerated")
+            self.say(f"auto: note: the model sums out {', '.join(map(repr, names))} by "
+                     "enumeration: its fits use loss enum_elbo")
+        return {"name": "enum_elbo", "num_particles": loss.get("num_particles", 1),
+                "max_plate_nesting": nesting}
 
     def _fit_recipe(self, label: str, guide: dict, loss: dict, optimizer: dict, train: dict,
                     seed_offset: int) -> dict:
@@ -167,6 +187,7 @@ class Pipeline:
         from workbench.rundir.claim import claim
         from workbench.train import stepsize
 
+        loss = self.summing_out(loss)
         self.say(f"auto: fit {label}: {guide['name']}, {loss['name']} ...")
         path = self.run_dir / answer.FITS / label
         resolved = self._fit_recipe(label, guide, loss, optimizer, train, seed_offset)
@@ -298,16 +319,20 @@ def _completed(path: Path, resolved: dict) -> dict | None:
     return summary if plain(settled(summary["recipe"])) == plain(settled(resolved)) else None
 
 
-def latent_dimension(recipe: dict, registry: Registry) -> int:
-    """The number of unconstrained numbers a guide over the model's latent sites holds."""
+def latent_dimension(recipe: dict, registry: Registry
+                     ) -> tuple[int, tuple[list[str], int] | None]:
+    """The number of unconstrained numbers a guide over the model's latent sites holds; and
+    the discrete sites the model marks for enumeration with its plate nesting, or None."""
     import torch
     from pyro import poutine
-    from pyro.infer.autoguide.initialization import InitMessenger, init_to_feasible
+    from pyro.infer.autoguide.initialization import InitMessenger
     from pyro.poutine.util import site_is_subsample
     from torch.distributions import biject_to
 
     from workbench.device import DTYPES, pick_device, run_context
     from workbench.plugins.build import build
+    from workbench.report.marginal import enumerated_sites, init_to_feasible
+    from workbench.report.posterior import plate_nesting
     from workbench.train.tensors import load_data
 
     device = pick_device(recipe["device"])
@@ -319,12 +344,13 @@ def latent_dimension(recipe: dict, registry: Registry) -> int:
                 trace = poutine.trace(model).get_trace(**data)
         except Exception as exc:
             raise UsageError(f"model {recipe['model']['name']!r}: {one_line(exc)}") from exc
+        summed = enumerated_sites(trace)
         total = 0
         for site in trace.nodes.values():
             if site["type"] == "sample" and not site["is_observed"] \
-                    and not site_is_subsample(site):
+                    and not site_is_subsample(site) and site["name"] not in summed:
                 total += biject_to(site["fn"].support).inv(site["value"]).numel()
-    return total
+    return total, ((summed, plate_nesting(trace)) if summed else None)
 
 
 def execute(pipeline: Pipeline) -> dict:

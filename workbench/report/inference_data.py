@@ -37,7 +37,7 @@ import torch
 from pyro import poutine
 
 from workbench.device import rng_devices
-from workbench.report import posterior, thresholds
+from workbench.report import broadcast, marginal, posterior, thresholds
 from workbench.rundir import files
 from workbench.rundir.layout import POSTERIOR
 
@@ -91,9 +91,12 @@ def site_draws(run: Any, n: int, weigh: bool = False, auxiliary: bool = False
             posterior.whole_data(run.minibatch):
         guide = fitted_guide(run)
         trace = posterior.site_trace(run.model, **run.data)
-        sites = {**posterior.latent_sites(trace), **posterior.deterministic_sites(trace)}
+        latent = posterior.latent_sites(trace)
+        sites = {**latent, **posterior.deterministic_sites(trace)}
         sites = sites if auxiliary else posterior.shown(sites, trace)
         per_draw = posterior.trace_numbers(trace)
+        summed = weigh and bool(marginal.enumerated_sites(trace))  # log p sums them out
+        way = broadcast.verdict(run.model, run.data, run.nesting, trace) if summed else None
         parts: dict[str, list] = {name: [] for name in sites}
         weights = []
         got = 0
@@ -104,8 +107,10 @@ def site_draws(run: Any, n: int, weigh: bool = False, auxiliary: bool = False
                     parts[name].append(posterior.draws_of(model_trace.nodes[name]["value"], k,
                                                           shape))
                 if weigh:
-                    weights.append(posterior.log_joint(model_trace, k, run.nesting)
-                                   - posterior.log_joint(guide_trace, k, run.nesting))
+                    log_p = posterior.summed_out(run.model, guide_trace, run.data, k,
+                                                 run.nesting, way, latent) if summed \
+                        else posterior.log_joint(model_trace, k, run.nesting)
+                    weights.append(log_p - posterior.log_joint(guide_trace, k, run.nesting))
                 got += k
     draws = {name: torch.cat(values)[:n].detach() for name, values in parts.items()}
     return draws, torch.cat(weights)[:n].detach().double().cpu() if weigh else None

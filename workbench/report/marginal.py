@@ -109,3 +109,11 @@ def each_draw(model: Callable, data: dict, draws: dict[str, torch.Tensor], n: in
         one = poutine.condition(model, data={name: d[i] for name, d in draws.items()})
         out.append(log_density(poutine.trace(enumerated(one, nesting)).get_trace(**data)))
     return torch.stack(out)
+
+
+def init_to_feasible(site: dict) -> torch.Tensor:
+    """Pyro's ``init_to_feasible`` for the continuous sites, which fails on a discrete one; a
+    site marked for enumeration gets a draw instead (any value: the sum covers them all)."""
+    from pyro.infer.autoguide.initialization import init_to_feasible as feasible
+
+    return site["fn"].sample() if site["infer"].get("enumerate") else feasible(site)

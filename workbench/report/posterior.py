@@ -744,7 +744,7 @@ def _weigh(model: Callable, guide: Callable, data: dict, nesting: int, num_draws
             return "the guide does not sample " + ", ".join(repr(name) for name in missing)
         log_p = []
         if enumerated:
-            log_p.append(_summed_out(model, guide_trace, data, n, nesting, way, sites))
+            log_p.append(summed_out(model, guide_trace, data, n, nesting, way, sites))
         for m, part in ([] if enumerated else draw_slices(guide_trace, n, nesting, per_draw)):
             if way.broadcasts:
                 with pyro.plate(DRAWS_PLATE, m, dim=-(nesting + 1)):
@@ -762,7 +762,7 @@ def _weigh(model: Callable, guide: Callable, data: dict, nesting: int, num_draws
     return torch.cat(log_ws), {name: torch.cat(chunks) for name, chunks in parts.items()}
 
 
-def _summed_out(model: Callable, guide_trace: poutine.Trace, data: dict, n: int, nesting: int,
+def summed_out(model: Callable, guide_trace: poutine.Trace, data: dict, n: int, nesting: int,
                 way: broadcast.Verdict, sites: dict) -> torch.Tensor:
     """log p(data, z) of a vectorised guide trace's ``n`` draws, the model's enumerated sites
     summed out: in one run under the draws plate, or one run a draw (``way``)."""
