@@ -16,7 +16,7 @@ from pyro import poutine
 from pyro.infer import TraceEnum_ELBO
 
 from tests import plain_models
-from tests.helpers import QUICK, RECIPES, fit, setup
+from tests.helpers import QUICK, RECIPES, fit, setup, vibench
 from vibench_plugins.models import GaussianMixture
 from workbench.report import marginal
 
@@ -139,3 +139,35 @@ def test_the_pipeline_fits_an_enumerated_model_with_enum_elbo(tmp_path: Path):
             assert got[name]["std"][j] == pytest.approx(sd, rel=0.25)
     sd = expected["scale"]["std"]
     assert got["scale"]["mean"] == pytest.approx(expected["scale"]["mean"], abs=sd / 4)
+
+
+SEQUENTIAL = '''
+import pyro
+import pyro.distributions as dist
+import torch
+
+
+def model(y):
+    locs = pyro.sample("locs", dist.Normal(torch.zeros(2), 10.0).to_event(1))
+    with pyro.plate("data", len(y)):
+        which = pyro.sample("which", dist.Categorical(torch.ones(2) / 2),
+                            infer={"enumerate": "sequential"})
+        pyro.sample("obs", dist.Normal(locs[which], 1.0), obs=y)
+'''
+
+
+def test_the_pipeline_refuses_sequential_enumeration_in_one_line(tmp_path: Path):
+    """Pyro sums a model's sites out only in parallel: the pipeline says so before any fit."""
+    (tmp_path / "mine.py").write_text(SEQUENTIAL)
+    (tmp_path / "recipe.yaml").write_text(yaml.safe_dump(
+        {"name": "sequential", "model": {"name": "mine.py:model"},
+         "data": {"y": [-3.0, 3.0, 2.5]}}))
+    result = vibench("run", str(tmp_path / "recipe.yaml"), "--out", str(tmp_path / "run"),
+                     cwd=tmp_path)
+    assert result.returncode == 2, result.stderr
+    error = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert error == [
+        f"error: model '{tmp_path / 'mine.py'}:model' enumerates 'which' sequentially, which "
+        "enum_elbo cannot sum out in a model: mark it infer={'enumerate': 'parallel'}"
+    ], result.stderr
+    assert "Traceback" not in result.stderr

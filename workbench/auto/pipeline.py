@@ -331,7 +331,7 @@ def latent_dimension(recipe: dict, registry: Registry
 
     from workbench.device import DTYPES, pick_device, run_context
     from workbench.plugins.build import build
-    from workbench.report.marginal import enumerated_sites, init_to_feasible
+    from workbench.report.marginal import enumerated_sites, init_to_feasible, sequential_sites
     from workbench.report.posterior import plate_nesting
     from workbench.train.tensors import load_data
 
@@ -345,6 +345,12 @@ def latent_dimension(recipe: dict, registry: Registry
         except Exception as exc:
             raise UsageError(f"model {recipe['model']['name']!r}: {one_line(exc)}") from exc
         summed = enumerated_sites(trace)
+        sequential = sequential_sites(trace)
+        if sequential:
+            raise UsageError(
+                f"model {recipe['model']['name']!r} enumerates "
+                f"{', '.join(map(repr, sequential))} sequentially, which enum_elbo cannot sum "
+                "out in a model: mark it infer={'enumerate': 'parallel'}")
         total = 0
         for site in trace.nodes.values():
             if site["type"] == "sample" and not site["is_observed"] \

@@ -661,7 +661,7 @@ def _weighable_trace(model: Callable, data: dict) -> poutine.Trace | str:
     sequential = marginal.sequential_sites(single)
     if sequential:
         return ("the model enumerates site(s) " + ", ".join(repr(n) for n in sequential)
-                + " sequentially; importance weights sum out only parallel enumeration")
+                + " sequentially; the weights sum out only parallel enumeration, as Pyro")
     return single
 
 
