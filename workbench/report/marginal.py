@@ -36,6 +36,15 @@ def sequential_sites(trace: poutine.Trace) -> list[str]:
             if trace.nodes[name]["infer"]["enumerate"] != "parallel"]
 
 
+def enumerated_size(trace: poutine.Trace) -> int:
+    """How many times larger than the model's own tensors the enumerated run's may grow: the
+    product of the enumerated sites' support sizes (1 without any)."""
+    size = 1
+    for name in enumerated_sites(trace):
+        size *= trace.nodes[name]["fn"].enumerate_support(expand=False).shape[0]
+    return size
+
+
 def enumerated(model: Callable, dims: int) -> Callable:
     """The model under ``poutine.enum``, its enumeration dims left of ``dims`` batch dims
     (the model's plate nesting, plus one where a plate of draws surrounds it)."""

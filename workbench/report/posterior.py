@@ -697,11 +697,12 @@ def _psis_draws(model: Callable, guide: Callable, data: dict, nesting: int,
                 single: poutine.Trace, way: broadcast.Verdict, num_draws: int,
                 asked: int) -> tuple[dict[str, Any], torch.Tensor | None]:
     """PSIS over ``num_draws`` guide draws (``asked`` were asked for), in chunks whose
-    tensors (draws x the model's largest site) stay within MAX_ELEMENTS numbers; with the
-    log weights, or None where the draws could not be weighed."""
+    tensors (draws x the model's largest site x its enumerated sites' values) stay within
+    MAX_ELEMENTS numbers; with the log weights, or None where the draws could not be
+    weighed."""
     per_draw = max((site["value"].numel() for site in single.nodes.values()
                     if site["type"] == "sample" and torch.is_tensor(site["value"])),
-                   default=1)
+                   default=1) * marginal.enumerated_size(single)
     chunk = max(1, min(num_draws, MAX_ELEMENTS // max(per_draw, 1)))
     sites = latent_sites(single)
     derived = deterministic_sites(single)  # weighed too: e.g. eight schools' theta
