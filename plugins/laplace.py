@@ -79,7 +79,7 @@ def initialise(guide, *args, **kwargs) -> list[str]:
     sites = layout(guide)
     check_continuous(guide, args, kwargs)
     dimension = sites[-1].stop
-    potential = potential_fn(source(guide), sites, args, kwargs)
+    potential = potential_fn(source(guide, args, kwargs), sites, args, kwargs)
     start = current_loc(guide, sites)
     fit = find_mode(potential, start, dimension <= MAX_HESSIAN_DIM)
     notes = []
@@ -114,17 +114,20 @@ def layout(guide) -> list[Site]:
     return sites
 
 
-def source(guide):
-    """The model a guide was made for, its enumerated sites in view (``guide.model`` hides
-    them from the guide)."""
-    return getattr(guide, "source_model", (guide.model,))[0]
+def source(guide, args: tuple, kwargs: dict):
+    """The model whose density the start seeks: ``guide.model``, or where the model marks
+    sites for enumeration, which ``guide.model`` hides from the guide, the model the guide
+    was made for (its potential sums them out)."""
+    model = getattr(guide, "source_model", (guide.model,))[0]
+    return model if _enumerated_nesting(model, args, kwargs) is not None else guide.model
 
 
 def check_continuous(guide, args: tuple, kwargs: dict, method: str = "laplace") -> None:
     """Refuse a model with discrete latent sites that the potential cannot sum out: their
     values are not the guide's, so the log joint the mode is sought on would be a random
     draw. The Laplace start sums out sites marked for parallel enumeration (as enum_elbo)."""
-    trace = poutine.trace(source(guide)).get_trace(*args, **kwargs)
+    model = getattr(guide, "source_model", (guide.model,))[0]
+    trace = poutine.trace(model).get_trace(*args, **kwargs)
     for name, site in trace.nodes.items():
         if site["type"] != "sample" or site["is_observed"] or site_is_subsample(site):
             continue
@@ -161,14 +164,18 @@ def potential_fn(model, sites: list[Site], args: tuple,
 
 
 def _enumerated_nesting(model, args: tuple, kwargs: dict) -> int | None:
-    """The model's plate nesting where it marks sites for enumeration, else None."""
+    """The model's plate nesting where it marks sites for enumeration, else None; found on a
+    fork of the random streams, so that the run's own draws stay as they were."""
+    from workbench.device import rng_devices
     from workbench.report.marginal import enumerated_sites
     from workbench.report.posterior import plate_nesting, site_trace
 
-    try:
-        trace = site_trace(model, *args, **kwargs)
-    except Exception:  # noqa: BLE001 - the potential's own runs say what fails
-        return None
+    tensors = [t for t in (*args, *kwargs.values()) if torch.is_tensor(t)]
+    with torch.random.fork_rng(devices=rng_devices(tensors[0].device) if tensors else []):
+        try:
+            trace = site_trace(model, *args, **kwargs)
+        except Exception:  # noqa: BLE001 - the potential's own runs say what fails
+            return None
     return plate_nesting(trace) if enumerated_sites(trace) else None
 
 

@@ -106,7 +106,7 @@ def search(guide, data: dict, count: int, seed: int, first: torch.Tensor | None 
 
 def _search(guide, data: dict, count: int, seed: int, first: torch.Tensor | None) -> Found:
     sites = laplace.layout(guide)
-    potential = laplace.potential_fn(laplace.source(guide), sites, (), data)
+    potential = laplace.potential_fn(laplace.source(guide, (), data), sites, (), data)
     dimension = sites[-1].stop
     if dimension > laplace.MAX_HESSIAN_DIM:
         return Found([], 0, 0)
@@ -235,8 +235,9 @@ def _weigh(guide, data: dict, gaussians: list[tuple], draws: int, seed: int) -> 
     from workbench.report.posterior import psis, shown
 
     sites = laplace.layout(guide)
-    potential = laplace.potential_fn(laplace.source(guide), sites, (), data)
-    potentials = batch_potential(laplace.source(guide), sites, (), data, potential)
+    model = laplace.source(guide, (), data)
+    potential = laplace.potential_fn(model, sites, (), data)
+    potentials = batch_potential(model, sites, (), data, potential)
     components = [MultivariateNormal(loc.double(), scale_tril=tril.double())
                   for loc, tril in gaussians]
     generator = torch.Generator().manual_seed(seed)
