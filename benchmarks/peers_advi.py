@@ -3,7 +3,8 @@
 The posteriors: the six of packages/vibench-hardcases and the eight of
 packages/vibench-posteriordb, each with its reference. Per posterior and seed, each method
 runs in its own process, timed whole (interpreter start, imports, compiling, fitting,
-drawing, scoring):
+drawing, scoring), in wall time and in the child's CPU time (user + system), which a
+shared machine's load moves much less:
 
 - ``pymc_advi``, ``pymc_fullrank``: ``pm.fit(n=STEPS, method="advi" | "fullrank_advi")``
   with PyMC's defaults otherwise (one Monte Carlo draw a step, adagrad_window at 0.001),
@@ -13,7 +14,11 @@ drawing, scoring):
   optimizer=adam --set optimizer.lr=LR --set train.steps=STEPS``, as a user would: the
   ADVI-like baseline of benchmarks/posteriordb.py at one fixed step size;
 - ``vb_auto``: the automatic pipeline, as benchmarks/hard_suite.py and posteriordb.py run it
-  (the hard recipes as they are; the posteriordb recipes with ``--set guide=auto``).
+  (the hard recipes as they are; the posteriordb recipes with ``--set guide=auto``);
+- ``vb_spline``, ``vb_renyi``: two of issue 21's levers as single fits, with ``vb_advi``'s
+  settings otherwise: a spline coupling flow guide (benchmarks/spline_guide.py; vibench
+  registers none) with the ELBO, and ``auto_multivariate_normal`` with Pyro's RenyiELBO at
+  alpha 0.5 (``loss=renyi_elbo``), a mass-covering bound.
 
 Each is scored against the reference with the same numbers: max z = |mean - ref mean| /
 ref sd over the parameters, r = sd / ref sd, good when every z <= 0.2 and 0.8 <= r <= 1.2
@@ -36,6 +41,7 @@ import argparse
 import json
 import math
 import os
+import resource
 import shutil
 import subprocess
 import sys
@@ -49,8 +55,12 @@ from posteriordb import QUIET
 from posteriordb import RECIPES as PDB_RECIPES
 
 NAMES = [*HARD, *(f"pdb_{n}" for n in PDB)]
-METHODS = ["pymc_advi", "pymc_fullrank", "vb_advi", "vb_fullrank", "vb_auto"]
-GUIDES = {"vb_advi": "auto_normal", "vb_fullrank": "auto_multivariate_normal"}
+METHODS = ["pymc_advi", "pymc_fullrank", "vb_advi", "vb_fullrank", "vb_auto", "vb_spline",
+           "vb_renyi"]
+SPLINE = Path(__file__).resolve().parent / "spline_guide.py"
+GUIDES = {"vb_advi": "auto_normal", "vb_fullrank": "auto_multivariate_normal",
+          "vb_spline": f"{SPLINE}:SplineFlow", "vb_renyi": "auto_multivariate_normal"}
+LOSSES = {"vb_renyi": ["loss=renyi_elbo", "loss.alpha=0.5"]}
 DRAWS = 4000
 Z_MAX, R_RANGE = 0.2, (0.8, 1.2)
 
@@ -119,8 +129,9 @@ def vibench_command(name: str, method: str, seed: int, steps: int, lr: float,
     if method == "vb_auto":
         sets += [] if hard else ["guide=auto"]
     else:
-        sets += [f"guide={GUIDES[method]}", "loss=elbo", "loss.num_particles=4",
-                 "optimizer=adam", f"optimizer.lr={lr}", f"train.steps={steps}"]
+        sets += [f"guide={GUIDES[method]}", *LOSSES.get(method, ["loss=elbo"]),
+                 "loss.num_particles=4", "optimizer=adam", f"optimizer.lr={lr}",
+                 f"train.steps={steps}"]
     vibench = shutil.which("vibench") or f"{sys.executable} -m workbench"
     return [*vibench.split(), "run", str(recipe), "--out", str(out),
             *(part for s in sets for part in ("--set", s))]
@@ -148,6 +159,12 @@ def vibench_row(summary: dict) -> dict:
             "final_loss": summary.get("final_loss"), "steps": summary.get("steps")}
 
 
+def children_cpu() -> float:
+    """User + system CPU seconds of this process's finished children, grandchildren included."""
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
 def run_one(name: str, method: str, seed: int, args, out: Path) -> dict:
     """One row: the method on the posterior with the seed, in a child process, timed."""
     folder = out / name / f"{method}-s{seed}"  # the run's folder; its log beside it
@@ -160,11 +177,12 @@ def run_one(name: str, method: str, seed: int, args, out: Path) -> dict:
                    str(args.pymc_steps), str(result)]
     else:
         command = vibench_command(name, method, seed, args.vb_steps, args.vb_lr, folder)
-    start = time.perf_counter()
+    start, used = time.perf_counter(), children_cpu()
     done = subprocess.run(command, capture_output=True, text=True)
-    wall = time.perf_counter() - start
+    wall, cpu = time.perf_counter() - start, children_cpu() - used
     folder.with_suffix(".log").write_text(done.stdout + done.stderr)
-    row = {"posterior": name, "method": method, "seed": seed, "wall_s": wall}
+    row = {"posterior": name, "method": method, "seed": seed, "wall_s": wall, "cpu_s": cpu,
+           "exit": done.returncode}
     found = (result if method.startswith("pymc") else folder / "summary.json")
     if not found.exists():
         last = (done.stderr or done.stdout).strip().splitlines()[-1:] or ["no output"]
@@ -254,19 +272,21 @@ def verdict_cell(row: dict) -> str:
 
 def table(rows: list[dict]) -> str:
     """The rows as one Markdown table, posterior by posterior."""
-    lines = ["| posterior | method | seed | steps | max z | r | good | k-hat | "
-             "vibench's verdict | wall s |", "|---|---|---:|---:|---:|---|---|---:|---|---:|"]
+    lines = ["| posterior | method | seed | exit | steps | max z | r | good | k-hat | "
+             "vibench's verdict | wall s | cpu s |",
+             "|---|---|---:|---:|---:|---:|---|---|---:|---|---:|---:|"]
     order = {m: i for i, m in enumerate(METHODS)}
     for r in sorted(rows, key=lambda r: (NAMES.index(r["posterior"]), order[r["method"]],
                                          r["seed"])):
-        head = f"| {r['posterior']} | {r['method']} | {r['seed']} |"
+        head = f"| {r['posterior']} | {r['method']} | {r['seed']} | {cell(r.get('exit'), 'd')} |"
+        times = f"{r['wall_s']:.0f} | {cell(r.get('cpu_s'), '.0f')} |"
         if "error" in r:
-            lines.append(f"{head} failed: {r['error']} | | | | | | {r['wall_s']:.0f} |")
+            lines.append(f"{head} failed: {r['error']} | | | | | | {times}")
             continue
         verdict = "-" if r["method"].startswith("pymc") else verdict_cell(r)
         lines.append(f"{head} {cell(r.get('steps'), 'd')} | {cell(r['max_z'])} | "
                      f"{cell(r['min_r'])}-{cell(r['max_r'])} | {'yes' if r['good'] else 'no'} "
-                     f"| {cell(r.get('khat'))} | {verdict} | {r['wall_s']:.0f} |")
+                     f"| {cell(r.get('khat'))} | {verdict} | {times}")
     return "\n".join(lines)
 
 
