@@ -41,6 +41,7 @@ import argparse
 import json
 import math
 import os
+import re
 import resource
 import shutil
 import subprocess
@@ -270,24 +271,41 @@ def verdict_cell(row: dict) -> str:
         "flagged: " + ", ".join(flags) if flags else "not trusted"
 
 
+def answer_cell(row: dict) -> str:
+    """The pipeline's answer in a few words ("PSIS, pooled over 4 fits", "guide's own, from
+    flow"); "-" for a single fit."""
+    text = row.get("estimates") or "-"
+    for long, short in [(" estimates", ""), ("importance-weighted (PSIS)", "PSIS"),
+                        ("mixed (importance-weighted where k-hat allows)", "mixed"),
+                        ("the guide's own", "guide's own"), (", which sit at several modes", "")]:
+        text = text.replace(long, short)
+    return re.sub(r" \(gaussian-[^)]*\)", "", text)
+
+
 def table(rows: list[dict]) -> str:
     """The rows as one Markdown table, posterior by posterior."""
     lines = ["| posterior | method | seed | exit | steps | max z | r | good | k-hat | "
-             "vibench's verdict | wall s | cpu s |",
-             "|---|---|---:|---:|---:|---:|---|---|---:|---|---:|---:|"]
+             "vibench's verdict | answer | wall s | cpu s |",
+             "|---|---|---:|---:|---:|---:|---|---|---:|---|---|---:|---:|"]
     order = {m: i for i, m in enumerate(METHODS)}
     for r in sorted(rows, key=lambda r: (NAMES.index(r["posterior"]), order[r["method"]],
                                          r["seed"])):
         head = f"| {r['posterior']} | {r['method']} | {r['seed']} | {cell(r.get('exit'), 'd')} |"
         times = f"{r['wall_s']:.0f} | {cell(r.get('cpu_s'), '.0f')} |"
         if "error" in r:
-            lines.append(f"{head} failed: {r['error']} | | | | | | {times}")
+            lines.append(f"{head} failed: {r['error']} | | | | | | | {times}")
             continue
         verdict = "-" if r["method"].startswith("pymc") else verdict_cell(r)
         lines.append(f"{head} {cell(r.get('steps'), 'd')} | {cell(r['max_z'])} | "
                      f"{cell(r['min_r'])}-{cell(r['max_r'])} | {'yes' if r['good'] else 'no'} "
-                     f"| {cell(r.get('khat'))} | {verdict} | {times}")
+                     f"| {cell(r.get('khat'))} | {verdict} | {answer_cell(r)} | {times}")
     return "\n".join(lines)
+
+
+def latest(rows: list[dict]) -> list[dict]:
+    """One row per posterior, method and seed: the last given, so that a later file's rerun
+    replaces an earlier one's."""
+    return list({(r["posterior"], r["method"], r["seed"]): r for r in rows}.values())
 
 
 def tally(rows: list[dict]) -> str:
@@ -321,7 +339,8 @@ def main(argv=None) -> int:
     parser.add_argument("--out", type=Path, default=Path("peers_advi_runs"))
     parser.add_argument("--check", action="store_true", help="only check the PyMC ports")
     parser.add_argument("--table", type=Path, nargs="+",
-                        help="only print the table of these results.jsonl files, together")
+                        help="only print the table of these results.jsonl files, together "
+                        "(where a run is in several, the last file's)")
     parser.add_argument("--pymc-one", nargs=5, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.pymc_one:
@@ -335,8 +354,8 @@ def main(argv=None) -> int:
     if args.check:
         return 0 if check(names) else 1
     if args.table:
-        rows = [json.loads(line) for path in args.table
-                for line in path.read_text().splitlines() if line]
+        rows = latest([json.loads(line) for path in args.table
+                       for line in path.read_text().splitlines() if line])
         print(table(rows) + "\n\n" + tally(rows))
         return 0
     return grid(names, args)
