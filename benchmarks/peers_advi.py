@@ -296,6 +296,8 @@ def table(rows: list[dict]) -> str:
             lines.append(f"{head} failed: {r['error']} | | | | | | | {times}")
             continue
         verdict = "-" if r["method"].startswith("pymc") else verdict_cell(r)
+        if verdict == "trusted" and not r["good"]:
+            verdict = "**trusted: a silent miss**"
         lines.append(f"{head} {cell(r.get('steps'), 'd')} | {cell(r['max_z'])} | "
                      f"{cell(r['min_r'])}-{cell(r['max_r'])} | {'yes' if r['good'] else 'no'} "
                      f"| {cell(r.get('khat'))} | {verdict} | {answer_cell(r)} | {times}")
