@@ -261,7 +261,10 @@ def check(names: list[str]) -> bool:
 # ---- the table ----
 
 def cell(value, spec=".2f") -> str:
-    return "-" if value is None else format(value, spec)
+    """A number as the table shows it: ``spec``, or powers of ten from 100,000 up."""
+    if value is None:
+        return "-"
+    return format(value, ".1e" if spec == ".2f" and abs(value) >= 1e5 else spec)
 
 
 def verdict_cell(row: dict) -> str:
