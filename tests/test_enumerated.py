@@ -24,14 +24,6 @@ Y = torch.tensor([-3.1, 2.9, 0.4, 3.3, -2.2], dtype=torch.float64)
 SITES = ("weights", "locs", "scale")
 
 
-@pytest.fixture
-def float64():
-    saved = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float64)
-    yield
-    torch.set_default_dtype(saved)
-
-
 def prior_draws(n: int) -> dict[str, torch.Tensor]:
     """``n`` draws of the mixture's continuous sites from its prior, laid out as under a plate
     of draws at dim -2."""

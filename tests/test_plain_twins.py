@@ -77,15 +77,6 @@ def registered(kind: str, name: str):
     return get_registry().get(kind, name)
 
 
-@pytest.fixture
-def float64():
-    """torch's default dtype float64 for the test, as a float64 run has it."""
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float64)
-    yield
-    torch.set_default_dtype(previous)
-
-
 @pytest.mark.parametrize("case", list(SHIPPED))
 def test_a_shipped_models_twin_has_its_log_density(case: str, float64):
     """At prior draws of the shipped model (every latent site, the mixture's assignments
