@@ -70,6 +70,9 @@ class CompiledStep:
         self._inputs = inputs
         self._optim = optim
         self.updates = update is not None  # the graph applies the optimizer's update itself
+        # how the optimizer steps after the graph where it does not update: Pyro's own step,
+        # unless the runner gives its own (workbench/train/optim.py ``step_optimizers``)
+        self.step_optimizers: Callable[[list[torch.Tensor]], None] = optim
         self._names = names
 
     def __call__(self) -> tuple[float, str]:
@@ -86,7 +89,7 @@ class CompiledStep:
         if not self.updates:
             for param, grad in zip(self.params, grads):
                 param.grad = grad
-            self._optim(self.params)
+            self.step_optimizers(self.params)
             for param in self.params:
                 param.grad = None
         return value, ""

@@ -41,7 +41,9 @@ def step_optimizers(optim: Any, params: list[torch.Tensor]) -> None:
     if not isinstance(optim, PyroOptim):
         optim(params)
         return
-    make_optimizers(optim, params)
+    missing = [param for param in params if param not in optim.optim_objs]
+    if missing:  # made once: make_optimizers opens a guard block, too much for every step
+        make_optimizers(optim, missing)
     for param in params:
         if optim.grad_clip[param] is not None:
             optim.grad_clip[param](param)

@@ -166,18 +166,7 @@ class Run:
             whole_data=loaded.values if world.distributed and world.leader else None)
         if compile:
             run.compile_step()
-        run.take_first_optimizer_step()
         return run
-
-    def take_first_optimizer_step(self) -> None:
-        """A compiled step that leaves the update to Pyro's optimizer imports torch._dynamo at
-        its first optimizer step (a second; several where triton is installed): taken in
-        set-up, with no gradients (it changes nothing), not in the loop. An eager step steps
-        without that import (``step_optimizers``); a step that updates in its graph never
-        takes it."""
-        if self.compiled is not None and not self.compiled.updates:
-            self.svi.optim([p for _, p in pyro.get_param_store().named_parameters()
-                            if p.grad is None])
 
     def compile_step(self) -> None:
         """Compile the step as train.compile asks, for the optimizer the run holds now: at the
@@ -186,6 +175,8 @@ class Run:
             self.compiled, note = compiled_step.prepare(
                 self.recipe["train"].get("compile", "auto"), self.svi, self.data, self.device,
                 self.recipe["train"]["steps"], self.minibatch.plate is not None, self.world.size)
+        if self.compiled is not None:  # an update left to the optimizer steps as eager ones do
+            self.compiled.step_optimizers = functools.partial(step_optimizers, self.svi.optim)
         if note and note not in self.notes:
             self.notes.append(note)
 
