@@ -102,10 +102,8 @@ def _contracted(tree: OrderedDict, sum_dims: set, target: frozenset, draws: str 
 def _scalar_scale(site: dict) -> float:
     """A site's subsampling scale as one number (enumeration supports no other)."""
     scale = site["scale"]
-    if torch.is_tensor(scale):
-        if scale.dim():
-            raise ValueError("enumeration supports only a scalar poutine.scale")
-        return float(scale)
+    if torch.is_tensor(scale) and scale.dim():
+        raise ValueError("enumeration supports only a scalar poutine.scale")
     return float(scale)
 
 
