@@ -3,6 +3,9 @@ the versions installed: checked on torch 2.13.0 (CPU) with Pyro 1.9.2."""
 
 from __future__ import annotations
 
+import functools
+import threading
+
 import pyro.optim
 import torch
 
@@ -62,3 +65,26 @@ print("equal", all(torch.equal(a, b) for a, b in zip(mine, theirs)), len(mine))
 """
     done = python(probe)
     assert done.stdout.splitlines() == ["dynamo False", "equal True 4"], done.stderr
+
+
+def test_the_vector_isa_probe_runs_in_a_thread_and_every_pick_waits_for_it(monkeypatch):
+    from torch._inductor import cpu_vec_isa
+
+    from workbench.seams import vector_isa_probed_beside
+
+    started, release, callers = threading.Event(), threading.Event(), []
+    avx2 = cpu_vec_isa.VecAVX2()
+
+    def probe() -> list:  # inductor's probe, held until released
+        callers.append(threading.current_thread().name)
+        started.set()
+        release.wait(30)
+        return [avx2]
+
+    monkeypatch.setattr(cpu_vec_isa, "valid_vec_isa_list", functools.cache(probe))
+    with vector_isa_probed_beside():
+        assert started.wait(30)  # it began before anyone asked
+        threading.Timer(0.2, release.set).start()
+        assert cpu_vec_isa.pick_vec_isa() is avx2  # inductor's pick waits for the thread's list
+    assert callers == ["vibench-vector-isa-probe"]
+    assert cpu_vec_isa.valid_vec_isa_list.__wrapped__ is probe  # put back as it was

@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import sys
+import threading
 from collections.abc import Iterator
 from typing import Any
 
@@ -94,3 +95,32 @@ def _has_step_hooks(optimizer: torch.optim.Optimizer) -> bool:
                 or getattr(optimizer, "_optimizer_step_post_hooks", None)
                 or getattr(_OPTIMIZER_MODULE, "_global_optimizer_pre_hooks", None)
                 or getattr(_OPTIMIZER_MODULE, "_global_optimizer_post_hooks", None))
+
+
+@contextlib.contextmanager
+def vector_isa_probed_beside() -> Iterator[None]:
+    """Inductor's probe of the CPU's vector instruction sets, started in a thread at the
+    block's start so that it runs beside the tracing: it builds a small library per set and
+    loads each in a child process (seconds, mostly waiting on the compiler). Every pick of a
+    set calls ``cpu_vec_isa.valid_vec_isa_list`` (cached), which in the block waits for the
+    thread first."""
+    from torch._inductor import codecache, cpu_vec_isa  # noqa: F401 (imported here, not in it)
+
+    probe = cpu_vec_isa.valid_vec_isa_list
+
+    def run() -> None:  # a failure here is met again, and said, by the compile that asks
+        with contextlib.suppress(Exception):
+            probe()
+
+    thread = threading.Thread(target=run, name="vibench-vector-isa-probe", daemon=True)
+    thread.start()
+
+    def joined() -> list:
+        thread.join()
+        return probe()
+
+    cpu_vec_isa.valid_vec_isa_list = joined
+    try:
+        yield
+    finally:
+        cpu_vec_isa.valid_vec_isa_list = probe

@@ -29,11 +29,10 @@ import torch
 from pyro import poutine
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from workbench import environment, progress
+from workbench import environment, progress, seams
 from workbench.compile import package_cache
 from workbench.errors import UsageError, one_line
 from workbench.rundir import files
-from workbench.seams import torch_optimizer
 
 # the code that wraps, rewrites, compiles and packages a step: part of a packaged step's key,
 # so that any change to it (AOTInductor's settings included) makes new packages
@@ -180,6 +179,9 @@ def compile_step(svi: Any, data: dict, steps: int | None = None, backend: str = 
         packaged, key = _packaged(loss_and_grads, svi.optim, params, feeds, names)
         if packaged is not None:
             return packaged
+    probing = contextlib.nullcontext()
+    if device.type == "cpu" and backend == "inductor" and not _vector_isa_known():
+        probing = seams.vector_isa_probed_beside()  # inductor asks only once it generates code
     saying = contextlib.nullcontext()
     if backend == "inductor":  # what follows is silent for tens of seconds
         takes = (f"above the {max_ops} auto compiles, it may take many minutes and GBs of "
@@ -189,7 +191,7 @@ def compile_step(svi: Any, data: dict, steps: int | None = None, backend: str = 
             "the cache",
             f"compiled the step ({ops} operations) in {{seconds:.1f}} s; later runs of it "
             "load it from the cache")
-    with saying:
+    with saying, probing:
         graph = _checked_graph(loss_and_grads, svi, data, params, feeds, device)
         update = _adam_update(svi.optim, params)
         states = update.tensors if update else []
@@ -583,7 +585,7 @@ class _AdamUpdate:
         the graph writes, which they get back."""
         keys = ("step", "exp_avg", "exp_avg_sq")
         for i, param in enumerate(params):
-            optimizer = torch_optimizer(objs[param])
+            optimizer = seams.torch_optimizer(objs[param])
             optimizer._opt_called = True
             self.optimizers[i], self._now[i] = optimizer, math.nan  # refreshed at the next step
             state = optimizer.state[param]
@@ -634,7 +636,7 @@ def _adam_update(optim: Any, params: list[torch.Tensor]) -> _AdamUpdate | None:
         torch_optim = objs.get(param)
         if getattr(torch_optim, "cycle_momentum", False):
             return None  # the schedule moves Adam's betas too
-        torch_optim = torch_optimizer(torch_optim)
+        torch_optim = seams.torch_optimizer(torch_optim)
         if type(torch_optim) is not torch.optim.Adam or len(torch_optim.param_groups) != 1:
             return None
         group = torch_optim.param_groups[0]
