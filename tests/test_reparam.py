@@ -30,8 +30,8 @@ def centred(y):
     observation each, so tau's posterior reaches down to 0: a funnel, and no mode."""
     mu = pyro.sample("mu", dist.Normal(torch.tensor(0.0), 1.0))
     tau = pyro.sample("tau", dist.HalfNormal(torch.tensor(1.0)))
-    with pyro.plate("groups", 8):
-        alpha = pyro.sample("alpha", dist.Normal(mu[..., None], tau[..., None]))
+    with pyro.plate("groups", 8):  # as Pyro writes it: particles and draws broadcast
+        alpha = pyro.sample("alpha", dist.Normal(mu, tau))
         pyro.sample("y", dist.Normal(alpha, 2.0), obs=y)
 
 
@@ -42,7 +42,7 @@ def regression(x, y):
     b = pyro.sample("b", dist.Normal(torch.tensor(0.0), 5.0))
     sigma = pyro.sample("sigma", dist.HalfNormal(torch.tensor(2.0)))
     with pyro.plate("rows", x.shape[-1]):
-        pyro.sample("y", dist.Normal(a[..., None] + b[..., None] * x, sigma[..., None]), obs=y)
+        pyro.sample("y", dist.Normal(a + b * x, sigma), obs=y)
 
 
 def run(tmp_path: Path, model: str, data: dict, plots: bool = False) -> dict:
