@@ -22,7 +22,7 @@ def centred(y):
     mu = pyro.sample("mu", dist.Normal(torch.tensor(0.0), 1.0))
     tau = pyro.sample("tau", dist.HalfNormal(torch.tensor(1.0)))
     with pyro.plate("groups", 5):
-        alpha = pyro.sample("alpha", dist.Normal(mu[..., None], tau[..., None]))
+        alpha = pyro.sample("alpha", dist.Normal(mu, tau))
         pyro.sample("y", dist.Normal(alpha, 1.0), obs=y)
 
 
