@@ -107,6 +107,7 @@ def test_a_run_over_the_timeout_is_stopped_and_reported_and_the_others_finish(tm
     assert not runs_of(out)
 
 
+@pytest.mark.slow  # quick: one stop signal to compare and its runs (below), and the timeout
 def test_two_quick_ctrl_cs_kill_the_runs_and_still_write_the_results(tmp_path: Path):
     out = tmp_path / "cmp"
     log = tmp_path / "stderr.txt"
@@ -152,7 +153,7 @@ def test_the_runs_die_with_compare_even_when_it_is_killed(tmp_path: Path):
             os.kill(pid, signal.SIGKILL)
 
 
-@pytest.mark.slow  # quick: the timeout and Ctrl-C tests above stop runs that save
+@pytest.mark.slow  # quick: the timeout test above and the Ctrl-C below stop runs that save
 def test_a_run_that_saved_is_waited_for_and_shown_with_its_numbers(tmp_path: Path):
     """After Ctrl-C a run that saved, then goes on working for 4 s (writing a file: progress
     compare sees) and exits 3, is not killed, and is reported as interrupted with its numbers."""
@@ -178,11 +179,11 @@ def test_a_run_that_saved_is_waited_for_and_shown_with_its_numbers(tmp_path: Pat
     assert f"{float(row['final_loss']):.4f}" in table and "interrupted after step" in table
 
 
-# The quick suite sends SIGHUP, the terminal closing (Ctrl-C is sent quick by the two-Ctrl-Cs
-# test above); SIGINT and SIGTERM here run in the slow suite.
-@pytest.mark.parametrize("signum", [pytest.param(signal.SIGINT, marks=pytest.mark.slow),
+# The quick suite sends Ctrl-C; SIGTERM and SIGHUP (the terminal closing) here, and two quick
+# Ctrl-Cs above, run in the slow suite.
+@pytest.mark.parametrize("signum", [signal.SIGINT,
                                     pytest.param(signal.SIGTERM, marks=pytest.mark.slow),
-                                    signal.SIGHUP])
+                                    pytest.param(signal.SIGHUP, marks=pytest.mark.slow)])
 def test_a_stop_signal_stops_every_run_and_compare_exits_as_vibench_run_does(
         tmp_path: Path, signum: int):
     """Ctrl-C, SIGTERM (what Slurm and Kubernetes send) and the terminal closing (SIGHUP) stop

@@ -316,6 +316,8 @@ def test_a_dead_rank_stops_the_others_with_one_line_and_keeps_the_checkpoint(tmp
     assert summary(out)["status"] == "failed"  # rank 0 wrote what it could
 
 
+@pytest.mark.slow  # quick: a single process's SIGKILL and resume (test_resume.py), and a dead
+# rank under torchrun (above); here four torchrun processes start twice
 def test_resume_after_killing_the_whole_torchrun_group_continues_exactly(whole_run: Path,
                                                                          tmp_path: Path):
     out = tmp_path / "group"
