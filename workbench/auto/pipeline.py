@@ -463,6 +463,8 @@ def _answer(pipeline: Pipeline, fits: list[Fit]) -> tuple:
     fit's; each fit's importance-weighted estimates where the psis stage allows. As
     ``_mixed``: the fits used, the estimates, the fits weighted, the estimates' line, the
     diagnostics and the flags."""
+    from workbench.report import iw_error  # torch: not at import, for `vibench list`
+
     agree = (len(fits) > 1 and pipeline.rhat is not None
              and pipeline.rhat["max"] <= pipeline.rhat["threshold"])
     used = fits if agree else [pipeline.best(fits)]
@@ -474,9 +476,11 @@ def _answer(pipeline: Pipeline, fits: list[Fit]) -> tuple:
               "the guide's own" if not weighted else "mixed (importance-weighted where "
               "k-hat allows)")
     how = f"pooled over {len(used)} fits" if len(used) > 1 else f"from {used[0].label}"
+    noisy = iw_error.answer_flag([fit.summary["posterior"] for fit, (_, w) in zip(used, parts)
+                                  if w], len(used), post)
     return (used, post, weighted, f"{source} estimates, {how}",
             _worst_diagnostics(used, khats, pipeline.best(used)),
-            _flags(pipeline, used, khats))
+            _flags(pipeline, used, khats) + ([noisy] if noisy else []))
 
 
 def _mixed(pipeline: Pipeline, fits: list[Fit]) -> tuple:
