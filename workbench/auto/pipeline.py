@@ -429,7 +429,7 @@ def assemble(pipeline: Pipeline, records: list[dict], wall: float) -> dict:
         raise RunError(f"the automatic pipeline fitted nothing ({errors})"
                        + (f"; see {kept}" if kept.exists() else ""))
     found = _mixed(pipeline, fits) if pipeline.mixture is not None else _answer(pipeline, fits)
-    used, post, weighted, estimates, diagnostics, flags = found
+    used, post, weighted, estimates, diagnostics, flags = answer.heavier_tails(pipeline, found)
     best = pipeline.best(used)
     for site, entry in best.summary["posterior"].items():  # the exact answer
         if site in post:
@@ -450,7 +450,8 @@ def assemble(pipeline: Pipeline, records: list[dict], wall: float) -> dict:
         status="completed", device=best.summary["device"], dtype=best.summary["dtype"],
         versions=best.summary["versions"], data_hash=best.summary["data_hash"], world_size=1,
         auto={"stages": records, "fits": [_fit_record(fit) for fit in pipeline.fits],
-              "estimates": estimates, "answer": _kind(pipeline, used),
+              "estimates": estimates, "answer": (answer.TAILS if "proposal" in diagnostics
+                                                 else _kind(pipeline, used)),
               "used": [fit.label for fit in used], "weighted": weighted,
               "rhat": pipeline.rhat and {k: v for k, v in pipeline.rhat.items()
                                          if k != "params"},
