@@ -86,3 +86,18 @@ def test_the_pipeline_answers_from_a_heavier_tailed_proposal(tmp_path):
     assert ((sds / TRUE_SD - 1).abs() < 0.2).all()
     drawn = arviz().from_netcdf(job.path / "posterior.nc").posterior["x"].values.reshape(-1, DIM)
     assert abs(drawn.std(0) / TRUE_SD - 1).max() < 0.3  # 1,000 draws of the same answer
+
+
+def test_where_no_proposal_is_trusted_the_k_hat_flag_stays_and_says_what_they_gave(tmp_path):
+    recipe = {"model": {"name": f"{HERE.parent / 'auto_models.py'}:banana"}, "data": {},
+              "loggers": [], "train": {"plots": False, "eval_every": 0},
+              "auto": {"stages": [{"name": f"{HERE.parent / 'auto_models.py'}:OneFit",
+                                   "steps": 200}, "psis"]}}
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    summary = service.start(path, [], tmp_path / "run", get_registry()).train()
+    auto = summary["auto"]
+    assert auto["answer"] != answer.TAILS and not auto["trusted"]
+    flag = next(flag for flag in auto["flags"] if flag.startswith("k-hat "))
+    assert "heavier-tailed proposals from 1 fits: k-hat defensive" in flag
+    assert set(summary["diagnostics"]["proposals"]) == set(tails.PROPOSALS)

@@ -293,7 +293,7 @@ def heavier_tails(pipeline: Any, found: tuple) -> tuple:
     if not tried:
         return found
     if best is None:
-        said = ", ".join(f"{name} {_shown(k)}" for name, k in khats.items())
+        said = ", ".join(f"{name} {_khat_text(k)}" for name, k in khats.items())
         flags = [f"{flag} (heavier-tailed proposals from {len(fits)} fits: k-hat {said})"
                  if flag.startswith("k-hat ") else flag for flag in flags]
         return used, post, weighted, estimates, {**diagnostics, "proposals": khats}, flags
@@ -341,7 +341,7 @@ def _weigh_proposals(run_dir: Path, labels: list[str], load: Loader
     return tried, kept
 
 
-def _shown(khat: float | None) -> str:
+def _khat_text(khat: float | None) -> str:
     return "-" if khat is None else f"{khat:.2f}"
 
 
