@@ -285,13 +285,13 @@ def heavier_tails(pipeline: Any, found: tuple) -> tuple:
             and fit.summary["recipe"].get("model") == pipeline.recipe.get("model")]
     tried, labels = _weigh_proposals(pipeline.run_dir, [fit.label for fit in fits],
                                      pipeline.load) if fits else ({}, [])
+    if not tried:
+        return found
     fits = [fit for fit in fits if fit.label in labels]
     best = max((name for name, result in tried.items()
                 if thresholds.khat_trusted(result.get("khat")) and "sites" in result),
                key=lambda name: tried[name]["ess"], default=None)
     khats = {name: result.get("khat") for name, result in tried.items()}
-    if not tried:
-        return found
     if best is None:
         said = ", ".join(f"{name} {_khat_text(k)}" for name, k in khats.items())
         flags = [f"{flag} (heavier-tailed proposals from {len(fits)} fits: k-hat {said})"

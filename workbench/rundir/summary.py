@@ -60,6 +60,8 @@ class Diagnostics(TypedDict, total=False):
     per_draw: str
     inference_data: str
     khats: dict  # the pipeline's: each fit's k-hat
+    proposal: dict  # the pipeline's answer from a heavier-tailed proposal: which, its fits
+    proposals: dict  # the heavier-tailed proposals' k-hats, where none was trusted
 
 
 class Reference(TypedDict, total=False):
