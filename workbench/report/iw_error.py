@@ -93,7 +93,7 @@ def answer_flag(weighted: list[dict[str, Any]], count: int, pooled: dict[str, An
     whose importance-weighted moments the answer pools, out of ``count`` fits pooled equally
     (``pooled``: the answer's per-site mean and std). The pooled variance's MCSE is the fits'
     combined, sqrt(sum MCSE(var_k)^2) / count; an infinite-variance tail in any fit is the
-    answer's."""
+    answer's. The MCSE's share of the sd is MCSE(var) / (2 sd^2)."""
     worst: tuple[float, str, str] | None = None
     for site, entry in pooled.items():
         parts = [fit[site] for fit in weighted if "iw_std_mcse" in fit.get(site, {})]
@@ -102,7 +102,7 @@ def answer_flag(weighted: list[dict[str, Any]], count: int, pooled: dict[str, An
         sd = _flat(entry["std"])
         var_mcse = sum(torch.tensor(_flat(p["iw_std_mcse"]), dtype=torch.float64).mul(
             2 * torch.tensor(_flat(p["iw_std"]), dtype=torch.float64)).pow(2) for p in parts)
-        relative = var_mcse.sqrt() / count / (2 * torch.tensor(sd, dtype=torch.float64))
+        relative = var_mcse.sqrt() / count / (2 * torch.tensor(sd, dtype=torch.float64) ** 2)
         khat = torch.stack([torch.tensor(_flat(p.get("iw_std_khat", [math.nan] * len(sd))),
                                          dtype=torch.float64) for p in parts]).amax(0)
         for i in range(len(sd)):
