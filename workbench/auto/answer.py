@@ -37,6 +37,8 @@ NUM_DRAWS = 1000  # draws in a pipeline's posterior.nc, as in a run's
 ANSWER = "the pipeline's answer"  # the answer's name in the plots' legends
 # summary.json's auto.answer where the answer is the fits' mixture weighed against the model
 MIXTURE = "weighed mixture"
+# ... and where it is importance sampling from a heavier-tailed proposal built from the fits
+TAILS = "heavier-tailed proposal"
 SAMPLE_STATS_NOTE = (
     "fit: the index, in the attribute fits, of the fit the draw came from; resampled: whether "
     "it was drawn by that fit's PSIS weights (its log_weight is then already applied: weighing "
@@ -47,6 +49,13 @@ MIXTURE_STATS_NOTE = (
     "every draw was drawn by PSIS weights out of the fits' pooled draws (its log_weight is "
     "then already applied: weighing the draws again counts it twice); lp and log_weight: "
     "log p(x, z) and log p(x, z) - log q_mix(z), q_mix the fits' mixture")
+
+TAILS_STATS_NOTE = (
+    "fit: 0, every draw was drawn from the proposal (diagnostics.proposal in summary.json) "
+    "built from the fits in the attribute fits; resampled: every draw was drawn by PSIS "
+    "weights out of the proposal's draws (its log_weight is then already applied: weighing "
+    "the draws again counts it twice); lp and log_weight: log p(x, z) and "
+    "log p(x, z) - log r(z), r the proposal")
 
 Loader = Callable[[Path], Any]  # a fit's run directory -> the run, rebuilt from its checkpoint
 _FIT, _RESAMPLED = ("", "fit"), ("", "resampled")  # keys no site's or group's name can be
@@ -100,8 +109,9 @@ def answer_draws(run_dir: Path, summary: dict, n: int, load: Loader, seed: int |
     planned = plan(summary)
     answer = Answer([label for label, _ in planned], [])
     with seeded(seed, _device(summary)):
-        found = (_mixture(answer, run_dir, n, load, whole)
-                 if summary["auto"].get("answer") == MIXTURE else None)
+        kind = summary["auto"].get("answer")
+        found = (_mixture(answer, run_dir, n, load, whole) if kind == MIXTURE else
+                 _tails(answer, summary, run_dir, n, load, whole) if kind == TAILS else None)
         parts, meta = found or _separately(answer, planned, run_dir, n, load, whole)
         keys = [key for key in parts[0] if all(key in part for part in parts)]
         joined = {key: _cat([part[key] for part in parts]) for key in keys}
@@ -193,6 +203,146 @@ def _mixture(answer: Answer, run_dir: Path, n: int, load: Loader, whole: bool
         joined["sample_stats", "log_weight"] = log_w.numpy()
     answer.weighted, answer.mixture = list(answer.used), True
     return [{key: _take(values, index) for key, values in joined.items()}], meta
+
+
+def _tails(answer: Answer, summary: dict, run_dir: Path, n: int, load: Loader, whole: bool
+           ) -> tuple[list[dict], list[tuple]]:
+    """The draws of a heavier-tailed proposal's answer (``auto.answer`` is TAILS): IS_POOL
+    draws (``n`` where more) of the proposal ``diagnostics.proposal`` names, built from its
+    fits' Gaussians, resampled by their Pareto-smoothed weights against the model."""
+    import torch
+
+    from workbench.report.posterior import psis
+
+    chosen = summary["diagnostics"]["proposal"]
+    run, _, _ = _proposal_run(run_dir, chosen["fits"], chosen["name"], load)
+    rows, log_w, extra = (_whole(run, max(n, IS_POOL)) if whole
+                          else _sites(run, max(n, IS_POOL), True))
+    why = _unweighable(log_w)
+    if why:
+        raise ValueError(f"the proposal's draws cannot be weighed: {why}")
+    _, smoothed = psis(log_w)
+    index = torch.multinomial(torch.softmax(smoothed, 0).float(), n, replacement=True)
+    rows[_FIT] = torch.zeros(len(log_w), dtype=torch.int64)
+    rows[_RESAMPLED] = torch.full((len(log_w),), True)
+    answer.weighted, answer.mixture = list(answer.used), True
+    if whole:
+        rows["sample_stats", "log_weight"] = log_w.numpy()
+    return [{key: _take(values, index) for key, values in rows.items()}], [extra]
+
+
+def _proposal_run(run_dir: Path, labels: list[str], name: str, load: Loader) -> tuple:
+    """The last of the fits ``labels`` rebuilt, its guide swapped for proposal ``name`` built
+    from the Gaussians of those that are Gaussians (workbench/report/tails.py); that guide;
+    and the labels of the fits it was built from."""
+    import copy
+
+    from workbench.report import tails
+
+    kept, gaussians, run = _gaussians(run_dir, labels, load)
+    if not kept:
+        return run, None, kept
+    proxy = copy.copy(run)
+    proxy.guide = tails.proposal_guide(getattr(run.guide, "model", run.model), name, gaussians)
+    return proxy, proxy.guide, kept
+
+
+def _gaussians(run_dir: Path, labels: list[str], load: Loader) -> tuple[list, list, Any]:
+    """Of the fits ``labels``, those whose guide is a Gaussian in the unconstrained space (a
+    flow is not), their (loc, scale_tril) in float64, and the last fit rebuilt."""
+    from workbench.device import run_context
+    from workbench.report.gaussians import fitted_gaussian
+
+    kept, gaussians, run = [], [], None
+    for label in labels:
+        with keeping_random():
+            run = load(Path(run_dir) / FITS / label)
+        with run_context(run.device, run.dtype):
+            found = fitted_gaussian(run.guide, whole=True, diagonal=True)
+        if found is None:
+            continue
+        loc, scale = (t.detach().double().cpu() for t in found)
+        kept.append(label)
+        gaussians.append((loc, scale if scale.dim() == 2 else scale.diag()))
+    return kept, gaussians, run
+
+
+def heavier_tails(pipeline: Any, found: tuple) -> tuple:
+    """The pipeline's answer (``found``, as ``pipeline._answer`` gives it) importance-sampled
+    from a heavier-tailed proposal built from its Gaussian fits of the user's model, where
+    the answer's k-hat says do not trust it: of the proposals (workbench/report/tails.py)
+    whose k-hat is trusted, the one with the largest ESS; its estimates, diagnostics (with
+    ``proposal``: which, from which fits, each one's k-hat) and flags (the stages', and the
+    sd's Monte Carlo error). Where none is trusted, ``found`` with the tried k-hats in its
+    k-hat flag; ``found`` itself where there is nothing to try."""
+    from workbench.report import thresholds
+
+    used, post, weighted, estimates, diagnostics, flags = found
+    khat = diagnostics.get("khat")
+    if pipeline.mixture is not None or khat is None or thresholds.khat_trusted(khat):
+        return found
+    fits = [fit for fit in pipeline.fits if fit.ok and fit.gaussian is not None
+            and fit.summary["recipe"].get("model") == pipeline.recipe.get("model")]
+    tried, labels = _weigh_proposals(pipeline.run_dir, [fit.label for fit in fits],
+                                     pipeline.load) if fits else ({}, [])
+    if not tried:
+        return found
+    fits = [fit for fit in fits if fit.label in labels]
+    best = max((name for name, result in tried.items()
+                if thresholds.khat_trusted(result.get("khat")) and "sites" in result),
+               key=lambda name: tried[name]["ess"], default=None)
+    khats = {name: result.get("khat") for name, result in tried.items()}
+    if best is None:
+        said = ", ".join(f"{name} {_khat_text(k)}" for name, k in khats.items())
+        flags = [f"{flag} (heavier-tailed proposals from {len(fits)} fits: k-hat {said})"
+                 if flag.startswith("k-hat ") else flag for flag in flags]
+        return used, post, weighted, estimates, {**diagnostics, "proposals": khats}, flags
+    return _tails_answer(pipeline, fits, best, tried[best], khats)
+
+
+def _tails_answer(pipeline: Any, fits: list, name: str, result: dict, khats: dict) -> tuple:
+    """The answer tuple of proposal ``name``'s weighted draws (``result``, the report's
+    diagnostics of its guide)."""
+    from workbench.report import iw_error, tails
+
+    sites = result.pop("sites")
+    post = {site: {"mean": entry["iw_mean"], "std": entry["iw_std"]}
+            for site, entry in sites.items()}
+    labels = [fit.label for fit in fits]
+    diagnostics = {**result, "khats": {fit.label: fit.khat for fit in fits},
+                   "proposal": {"name": name, "fits": labels, "nu": tails.NU,
+                                "scale": tails.SCALE, "eps": tails.EPS, "khats": khats}}
+    estimates = (f"importance-weighted (PSIS) estimates under {tails.described(name, len(fits))}"
+                 f" ({', '.join(labels)})")
+    noisy = iw_error.answer_flag([sites], 1, post)
+    return (fits, post, labels, estimates, diagnostics,
+            list(pipeline.flags) + ([noisy] if noisy else []))
+
+
+def _weigh_proposals(run_dir: Path, labels: list[str], load: Loader
+                     ) -> tuple[dict[str, dict], list[str]]:
+    """Each proposal of workbench/report/tails.py built from the Gaussians among the fits
+    ``labels``, weighed against the model as the report weighs a guide
+    (``posterior.diagnostics``), each on a stream of its own that leaves torch's as it was;
+    and the fits it was built from ({} and [] where none is a Gaussian)."""
+    import torch
+
+    from workbench.device import run_context
+    from workbench.report import posterior, tails
+
+    kept, gaussians, run = _gaussians(run_dir, labels, load)
+    tried = {}
+    for i, name in enumerate(tails.PROPOSALS if kept else ()):
+        guide = tails.proposal_guide(getattr(run.guide, "model", run.model), name, gaussians)
+        with keeping_random(), run_context(run.device, run.dtype), torch.no_grad(), \
+                posterior.whole_data(run.minibatch):
+            torch.manual_seed(run.recipe["seed"] + 7 + i)
+            tried[name] = posterior.diagnostics(run.model, guide, run.data, run.nesting)
+    return tried, kept
+
+
+def _khat_text(khat: float | None) -> str:
+    return "-" if khat is None else f"{khat:.2f}"
 
 
 def _mixture_weights(pooled: list[tuple]) -> Any:
@@ -394,16 +544,20 @@ def write(run_dir: Path, summary: dict, load: Loader, num_draws: int = NUM_DRAWS
     answer = answer_draws(run_dir, summary, num_draws, load,
                           seed=(summary.get("recipe") or {}).get("seed", 0), whole=True)
     diagnostics = summary.get("diagnostics") or {}
-    mixed = answer.mixture
+    tailed = summary["auto"].get("answer") == TAILS
+    mixed = answer.mixture and not tailed
+    how = (", importance-sampled from a heavier-tailed proposal built from the fits" if tailed
+           else ", the fits' mixture weighed against the model" if mixed else "")
     attrs = {**answer.attrs}
     attrs[""] = {**attrs[""], "inference_library": "pyro",
                  "inference_library_version": pyro.__version__,
                  "method": "stochastic variational inference: the automatic pipeline's answer"
-                 + (", the fits' mixture weighed against the model" if mixed else ""),
+                 + how,
                  "guide": "auto", "seed": (summary.get("recipe") or {}).get("seed", 0),
                  "estimates": summary["auto"].get("estimates", ""),
                  "fits": ",".join(answer.used), "resampled_fits": ",".join(answer.weighted)}
-    attrs["sample_stats"] = {"description": MIXTURE_STATS_NOTE if mixed else SAMPLE_STATS_NOTE}
+    attrs["sample_stats"] = {"description": TAILS_STATS_NOTE if tailed else
+                             MIXTURE_STATS_NOTE if mixed else SAMPLE_STATS_NOTE}
     if diagnostics.get("khat") is not None:  # the reported k-hat: the worst fit's or mixture's
         attrs["sample_stats"].update(khat=diagnostics["khat"],
                                      khat_reading=str(diagnostics.get("reading", "")))

@@ -429,7 +429,7 @@ def assemble(pipeline: Pipeline, records: list[dict], wall: float) -> dict:
         raise RunError(f"the automatic pipeline fitted nothing ({errors})"
                        + (f"; see {kept}" if kept.exists() else ""))
     found = _mixed(pipeline, fits) if pipeline.mixture is not None else _answer(pipeline, fits)
-    used, post, weighted, estimates, diagnostics, flags = found
+    used, post, weighted, estimates, diagnostics, flags = answer.heavier_tails(pipeline, found)
     best = pipeline.best(used)
     for site, entry in best.summary["posterior"].items():  # the exact answer
         if site in post:
@@ -450,7 +450,8 @@ def assemble(pipeline: Pipeline, records: list[dict], wall: float) -> dict:
         status="completed", device=best.summary["device"], dtype=best.summary["dtype"],
         versions=best.summary["versions"], data_hash=best.summary["data_hash"], world_size=1,
         auto={"stages": records, "fits": [_fit_record(fit) for fit in pipeline.fits],
-              "estimates": estimates, "answer": _kind(pipeline, used),
+              "estimates": estimates, "answer": (answer.TAILS if "proposal" in diagnostics
+                                                 else _kind(pipeline, used)),
               "used": [fit.label for fit in used], "weighted": weighted,
               "rhat": pipeline.rhat and {k: v for k, v in pipeline.rhat.items()
                                          if k != "params"},
@@ -463,6 +464,8 @@ def _answer(pipeline: Pipeline, fits: list[Fit]) -> tuple:
     fit's; each fit's importance-weighted estimates where the psis stage allows. As
     ``_mixed``: the fits used, the estimates, the fits weighted, the estimates' line, the
     diagnostics and the flags."""
+    from workbench.report import iw_error  # torch: not at import, for `vibench list`
+
     agree = (len(fits) > 1 and pipeline.rhat is not None
              and pipeline.rhat["max"] <= pipeline.rhat["threshold"])
     used = fits if agree else [pipeline.best(fits)]
@@ -474,9 +477,11 @@ def _answer(pipeline: Pipeline, fits: list[Fit]) -> tuple:
               "the guide's own" if not weighted else "mixed (importance-weighted where "
               "k-hat allows)")
     how = f"pooled over {len(used)} fits" if len(used) > 1 else f"from {used[0].label}"
+    noisy = iw_error.answer_flag([fit.summary["posterior"] for fit, (_, w) in zip(used, parts)
+                                  if w], len(used), post)
     return (used, post, weighted, f"{source} estimates, {how}",
             _worst_diagnostics(used, khats, pipeline.best(used)),
-            _flags(pipeline, used, khats))
+            _flags(pipeline, used, khats) + ([noisy] if noisy else []))
 
 
 def _mixed(pipeline: Pipeline, fits: list[Fit]) -> tuple:

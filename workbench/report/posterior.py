@@ -31,7 +31,7 @@ from pyro.distributions.util import scale_and_mask
 from pyro.poutine.util import site_is_subsample
 
 from workbench.errors import one_line
-from workbench.report import broadcast, marginal, sized_psis, thresholds
+from workbench.report import broadcast, iw_error, marginal, sized_psis, thresholds
 
 NUM_DRAWS = 10_000  # guide draws behind sampled moments, quantiles and Monte Carlo KL
 NUM_IS_DRAWS = 10_000  # importance-sampling draws behind diagnostics()
@@ -608,7 +608,8 @@ def diagnostics(model: Callable, guide: Callable, data: dict[str, Any], nesting:
          "elbo_se": float,        #   Monte Carlo standard error
          "log_evidence": float,   # log mean exp of the log weights: log p(x) by importance
          "log_evidence_se": float,  # sampling, and its standard error (delta method)
-         "sites": {SITE: {"iw_mean": ..., "iw_std": ...}}}   # only when khat < 0.7
+         "sites": {SITE: {"iw_mean": ..., "iw_std": ..., "iw_mean_mcse": ...,
+                          "iw_std_mcse": ..., "iw_std_khat": ...}}}   # only when khat < 0.7
 
     ``elbo`` and ``log_evidence`` are one yardstick for every fit, whatever loss trained it:
     the same draws, the same estimators. The log evidence estimate is below log p(x) in
@@ -617,10 +618,11 @@ def diagnostics(model: Callable, guide: Callable, data: dict[str, Any], nesting:
 
     ``iw_mean`` and ``iw_std`` are self-normalised importance-weighted estimates of the
     posterior's mean and sd, with Pareto-smoothed weights (PSIS); floats for a scalar site,
-    nested lists otherwise. When the diagnostic cannot be computed the result is
-    ``{"khat": None, "reason": str}``: a model with sites enumerated sequentially, a guide that
-    cannot be vectorised, a point-mass guide (no density), a guide that leaves latent sites
-    to the model, or non-finite weights.
+    nested lists otherwise; beside them their Monte Carlo standard errors and the k-hat of
+    the sd's tail (workbench/report/iw_error.py). When the diagnostic cannot be computed the
+    result is ``{"khat": None, "reason": str}``: a model with sites enumerated sequentially, a
+    guide that cannot be vectorised, a point-mass guide (no density), a guide that leaves
+    latent sites to the model, or non-finite weights.
 
     Pass the model itself (not wrapped for minibatches) and the guide that ``summarize`` got.
     """
@@ -873,14 +875,18 @@ def weighed(log_w: torch.Tensor, draws: dict[str, torch.Tensor], sites: dict,
     }
     if thresholds.khat_trusted(khat):
         weights = torch.softmax(smoothed, 0)
-        result["sites"] = {}
-        for name, d in draws.items():
-            w = weights.to(d.device).reshape(-1, *([1] * (d.dim() - 1)))
-            mean = (w * d.double()).sum(0)
-            var = (w * (d.double() - mean) ** 2).sum(0)
-            result["sites"][name] = {"iw_mean": to_plain(mean.to(d.dtype)),
-                                     "iw_std": to_plain(var.sqrt().to(d.dtype))}
+        result["sites"] = {name: _iw_entry(d, weights, raw) for name, d in draws.items()}
     return result
+
+
+def _iw_entry(draws: torch.Tensor, weights: torch.Tensor, raw: torch.Tensor) -> dict:
+    """A site's importance-weighted mean and sd under the smoothed ``weights``, with their
+    Monte Carlo standard errors and the k-hat of the sd's tail (``iw_error.moments``; the
+    tail under the ``raw`` weights), in the site's shape and dtype."""
+    found = iw_error.moments(draws.reshape(len(draws), -1).cpu(), weights, raw)
+    shape = draws.shape[1:]
+    return {f"iw_{key}": to_plain(value.reshape(shape).to(draws.dtype))
+            for key, value in found.items()}
 
 
 def _evidence(log_w: torch.Tensor) -> dict[str, float]:

@@ -11,6 +11,10 @@ the automatic pipeline's stages, compare's table and plot, and Pathfinder all as
   ``ESS_NEARLY_ALL`` of the draws is no contradiction, and the reading says why: the weights
   barely vary where the draws reach, but grow without bound past them (a Gaussian guide of a
   skewed posterior, say), so the guide's tails, not its bulk, are not to be trusted.
+- An importance-weighted sd is known to +-``SD_MCSE_MAX`` when its Monte Carlo standard error
+  is at most that fraction of it and the tail of its squared deviations has a k-hat within
+  ``KHAT_TRUSTED`` (workbench/report/iw_error.py). 0.1 because a reference's sd ratio r must
+  lie in ``SD_RATIO``, +-20%: at two standard errors, an sd known to +-10% can tell.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ MAX_Z = 0.2
 SD_RATIO = (0.8, 1.2)
 RHAT_AGREE = 1.01
 ESS_NEARLY_ALL = 0.99
+SD_MCSE_MAX = 0.1
 
 
 def khat_trusted(khat: float | None) -> bool:
@@ -47,3 +52,15 @@ def tails_note(ess_fraction: float | None) -> str:
     shown = math.floor(ess_fraction * 1000) / 10  # 99.96% is not all of them
     return (f" its tails: the weights barely vary (ESS {shown:.1f}% of the draws) but grow "
             "past where the draws reach, so the guide's tails are lighter than the posterior's")
+
+
+def sd_unknown(relative_mcse: float, khat: float) -> str:
+    """Why an importance-weighted sd is not known to +-SD_MCSE_MAX, in a few words, or "":
+    its MCSE as a fraction of it, or the k-hat of its squared deviations' tail (above
+    KHAT_TRUSTED the estimate's variance is not finite, so no MCSE bounds its error)."""
+    if math.isfinite(khat) and khat > KHAT_TRUSTED:
+        return (f"the tail of its squared deviations has k-hat {khat:.2f} > {KHAT_TRUSTED}, "
+                "so its Monte Carlo error cannot be bounded from these draws")
+    if math.isfinite(relative_mcse) and relative_mcse > SD_MCSE_MAX:
+        return f"its Monte Carlo standard error is {relative_mcse:.0%} of it"
+    return ""

@@ -37,6 +37,9 @@ class SiteSummary(TypedDict, total=False):
     kl_se: float | None
     iw_mean: Any
     iw_std: Any
+    iw_mean_mcse: Any  # their Monte Carlo standard errors (workbench/report/iw_error.py)
+    iw_std_mcse: Any
+    iw_std_khat: Any  # the k-hat of the tail of the sd's weighted squared deviations
 
 
 class Diagnostics(TypedDict, total=False):
@@ -57,6 +60,8 @@ class Diagnostics(TypedDict, total=False):
     per_draw: str
     inference_data: str
     khats: dict  # the pipeline's: each fit's k-hat
+    proposal: dict  # the pipeline's answer from a heavier-tailed proposal: which, its fits
+    proposals: dict  # the heavier-tailed proposals' k-hats, where none was trusted
 
 
 class Reference(TypedDict, total=False):

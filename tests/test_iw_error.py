@@ -1,0 +1,109 @@
+"""The Monte Carlo error of the importance-weighted moments (workbench/report/iw_error.py) and
+the pipeline's flag where an answer's sd is not known to +-10%."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pyro
+import pyro.distributions as dist
+import pytest
+import torch
+import yaml
+from pyro.ops.stats import fit_generalized_pareto
+
+from workbench import service
+from workbench.plugins.registry import get_registry
+from workbench.report import iw_error, thresholds
+
+HERE = Path(__file__).resolve()
+
+
+def test_the_mcse_of_a_weighted_mean_and_sd_is_the_delta_method_s():
+    x = torch.tensor([[0.0], [1.0], [2.0], [3.0]], dtype=torch.float64)
+    w = torch.tensor([0.1, 0.2, 0.3, 0.4], dtype=torch.float64)
+    found = iw_error.moments(x, w, w)
+    # mean 2, deviations -2 -1 0 1, var 0.1*4 + 0.2 + 0 + 0.4 = 1
+    assert found["mean"].item() == pytest.approx(2.0)
+    assert found["std"].item() == pytest.approx(1.0)
+    # sum w^2 d^2 = .01*4 + .04*1 + .09*0 + .16*1; sum w^2 (d^2 - 1)^2 = .01*9 + .09*1
+    assert found["mean_mcse"].item() == pytest.approx(math.sqrt(0.24))
+    assert found["std_mcse"].item() == pytest.approx(math.sqrt(0.18) / 2)
+
+
+def test_equal_weights_give_the_plain_standard_error_of_the_mean():
+    x = torch.randn(400, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    w = torch.full((400,), 1 / 400, dtype=torch.float64)
+    found = iw_error.moments(x, w, w)
+    sd = x.std(0, unbiased=False)
+    assert torch.allclose(found["mean_mcse"], sd / 20)
+
+
+def test_the_tail_k_hat_is_pyro_s_fit_column_by_column():
+    generator = torch.Generator().manual_seed(0)
+    normal = torch.randn(5000, dtype=torch.float64, generator=generator) ** 2
+    pareto = torch.rand(5000, dtype=torch.float64, generator=generator) ** -1.0  # k = 1
+    found = iw_error.tail_khat(torch.stack([normal, pareto], 1))
+    for column, k in zip((normal, pareto), found):
+        ordered = column.sort().values
+        size = math.ceil(min(0.2 * 5000, 3 * math.sqrt(5000)))
+        expected, _ = fit_generalized_pareto((ordered[-size:] - ordered[-size - 1])
+                                             / ordered[-1])
+        assert k.item() == pytest.approx(expected, abs=1e-9)
+    assert found[0] < thresholds.KHAT_GOOD < thresholds.KHAT_TRUSTED < found[1]
+
+
+def test_sd_unknown_reads_the_mcse_and_the_tail():
+    assert thresholds.sd_unknown(0.05, 0.2) == ""
+    assert "15%" in thresholds.sd_unknown(0.15, 0.2)
+    assert "k-hat 1.10" in thresholds.sd_unknown(0.05, 1.1)
+    assert thresholds.sd_unknown(math.nan, math.nan) == ""
+
+
+def heavy():
+    """z fitted exactly by a Gaussian guide, and x = exp(z), log-normal with sigma 3: its
+    importance-weighted sd, from 10,000 draws, is not known to +-10%."""
+    z = pyro.sample("z", dist.Normal(torch.tensor(0.0), 3.0))
+    pyro.deterministic("x", torch.exp(z))
+
+
+def light():
+    """heavy's twin whose derived site is Gaussian, x = 2 z: its sd is well known."""
+    z = pyro.sample("z", dist.Normal(torch.tensor(0.0), 3.0))
+    pyro.deterministic("x", 2 * z)
+
+
+def pipeline_run(tmp_path: Path, model: str) -> dict:
+    recipe = {"model": {"name": f"{HERE}:{model}"}, "data": {}, "loggers": [],
+              "train": {"plots": False, "eval_every": 0},
+              "auto": {"stages": [{"name": f"{HERE.parent / 'auto_models.py'}:OneFit",
+                                   "steps": 300}, "psis"]}}
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    job = service.start(path, [], tmp_path / "run", get_registry())
+    return job.train()
+
+
+@pytest.mark.parametrize("model, flagged", [("heavy", True), ("light", False)])
+def test_the_pipeline_flags_an_answer_whose_sd_is_not_known(tmp_path, model, flagged):
+    summary = pipeline_run(tmp_path, model)
+    auto = summary["auto"]
+    assert auto["weighted"] == ["mine"] and summary["diagnostics"]["khat"] < 0.7
+    noisy = [flag for flag in auto["flags"] if "is not known to +-10%" in flag]
+    assert bool(noisy) == flagged and auto["trusted"] == (not flagged)
+    if flagged:
+        assert noisy[0].startswith("the sd of x is not known") and "k-hat" in noisy[0]
+
+
+def test_the_answer_s_flag_reads_the_pooled_sd_s_relative_mcse():
+    def fit(sd: float, mcse: float) -> dict:
+        return {"a": {"iw_std": [sd, sd], "iw_std_mcse": [mcse, 3 * mcse],
+                      "iw_std_khat": [0.1, 0.1]}}
+
+    pooled = {"a": {"mean": [0.0, 0.0], "std": [30.0, 30.0]}}
+    # two fits of sd 30: MCSE(var) = 2 * 30 * MCSE(sd) each, pooled sqrt(2) * that / 2
+    assert iw_error.answer_flag([fit(30.0, 0.2)] * 2, 2, pooled) == ""
+    flag = iw_error.answer_flag([fit(30.0, 4.0)] * 2, 2, pooled)
+    assert flag.startswith("the sd of a[1] is not known to +-10%")
+    assert f"{3 * 4.0 * math.sqrt(2) / 2 / 30:.0%}" in flag  # a[1]: 3 x 4 / 30 / sqrt(2)

@@ -1,0 +1,124 @@
+"""The Monte Carlo error of the importance-weighted moments, and whether it can be believed.
+
+A self-normalised importance-sampling estimate of a mean or sd is itself uncertain: with
+normalised weights w, the delta method gives (Owen 2013, "Monte Carlo theory, methods and
+examples", section 9.2)
+
+    MCSE(mean) = sqrt(sum w^2 (x - mean)^2)
+    MCSE(var)  = sqrt(sum w^2 ((x - mean)^2 - var)^2),   MCSE(sd) = MCSE(var) / (2 sd).
+
+That standard error is read off the same draws, so where the squared deviations have a heavy
+tail (a funnel's x = exp(v / 2) z) it is too small exactly when the sd came out too small. The
+Pareto k-hat of the tail of w (x - mean)^2 says when (Vehtari, Simpson, Gelman, Yao and Gabry
+2024, "Pareto smoothed importance sampling", section 3: the k-hat of h(theta) r(theta) for one
+expectation): above ``thresholds.KHAT_TRUSTED`` the variance of the sd's estimate is not finite
+and its MCSE is no bound on its error. ``thresholds.sd_unknown`` turns both into a reading."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+
+from workbench.report import thresholds
+
+COLUMNS = 256  # elements whose tails are fitted at once (each fit holds 50 x tail numbers)
+
+
+def moments(values: torch.Tensor, weights: torch.Tensor, raw: torch.Tensor
+            ) -> dict[str, torch.Tensor]:
+    """The weighted mean and sd of each column of ``values`` (draws x elements) under the
+    normalised ``weights`` (Pareto-smoothed), their delta-method MCSEs, and the k-hat of the
+    tail of each column's squared deviations under the normalised ``raw`` weights: ``mean``,
+    ``std``, ``mean_mcse``, ``std_mcse``, ``std_khat``, each of one number per element."""
+    values, weights, raw = values.double(), weights.double(), raw.double()
+    w = weights.reshape(-1, 1)
+    mean = (w * values).sum(0)
+    squared = (values - mean) ** 2
+    var = (w * squared).sum(0)
+    sd = var.sqrt()
+    w2 = w * w
+    mean_mcse = (w2 * squared).sum(0).sqrt()
+    var_mcse = (w2 * (squared - var) ** 2).sum(0).sqrt()
+    std_mcse = torch.where(sd > 0, var_mcse / (2 * sd), torch.zeros_like(sd))
+    return {"mean": mean, "std": sd, "mean_mcse": mean_mcse, "std_mcse": std_mcse,
+            "std_khat": tail_khat(raw.reshape(-1, 1) * squared)}
+
+
+def tail_khat(values: torch.Tensor) -> torch.Tensor:
+    """The generalised Pareto k-hat of the upper tail of each column of ``values`` (draws x
+    elements, non-negative), fitted as PSIS fits its weights (the largest min(0.2 S, 3 sqrt S)
+    values above the next one, Zhang and Stephens' estimate with its prior, as Pyro's
+    ``fit_generalized_pareto``), all columns at once; -inf for a column whose tail is flat."""
+    count = values.shape[0]
+    size = int(math.ceil(min(0.2 * count, 3.0 * math.sqrt(count))))
+    if count < 2 or size < 5:
+        return torch.full((values.shape[1],), math.nan, dtype=torch.float64)
+    found = []
+    for start in range(0, values.shape[1], COLUMNS):
+        part = values[:, start:start + COLUMNS].double()
+        top = part.topk(size + 1, dim=0).values.flip(0)  # ascending: the cutoff first
+        scale = top[-1:].clamp(min=torch.finfo(torch.float64).tiny)
+        found.append(_zhang_stephens((top[1:] - top[:1]) / scale))
+    return torch.cat(found)
+
+
+def _zhang_stephens(excess: torch.Tensor) -> torch.Tensor:
+    """Zhang and Stephens' (2009) posterior-mean k of a generalised Pareto fitted to each
+    column of ``excess`` (tail size x columns, ascending), with PSIS's weakly informative
+    prior towards 0.5, as Pyro's ``fit_generalized_pareto`` for one column."""
+    x = excess.T  # columns x tail
+    n = x.shape[1]
+    grid = 30 + int(math.sqrt(n))
+    flat = x[:, -1] <= 0
+    x = torch.where(flat[:, None], torch.ones_like(x), x)  # fitted, then set to -inf
+    quarter = x[:, int(n / 4 - 0.5)].clamp(min=torch.finfo(torch.float64).tiny)
+    bs = 1.0 - math.sqrt(grid) / (torch.arange(1, grid + 1, dtype=torch.float64) - 0.5).sqrt()
+    bs = bs[None, :] / (3.0 * quarter[:, None]) + 1 / x[:, -1:]
+    ks = torch.log1p(-bs[..., None] * x[:, None, :]).mean(-1)
+    log_like = n * (torch.log(-bs / ks) - (ks + 1.0))
+    weights = 1.0 / torch.exp(log_like[:, None, :] - log_like[:, :, None]).sum(-1)
+    weights = torch.where(weights > 1e-30, weights, torch.zeros_like(weights))
+    weights = weights / weights.sum(-1, keepdim=True)
+    b = (bs * weights).sum(-1)
+    k = torch.log1p(-b[:, None] * x).mean(-1)
+    k = k * n / (n + 10.0) + 5.0 / (n + 10.0)
+    return torch.where(flat, torch.full_like(k, -math.inf), k)
+
+
+def answer_flag(weighted: list[dict[str, Any]], count: int, pooled: dict[str, Any]) -> str:
+    """The one line saying the answer's worst sd is not known to the precision the reading
+    asks (``thresholds.sd_unknown``), or "": ``weighted`` holds the ``posterior`` of each fit
+    whose importance-weighted moments the answer pools, out of ``count`` fits pooled equally
+    (``pooled``: the answer's per-site mean and std). The pooled variance's MCSE is the fits'
+    combined, sqrt(sum MCSE(var_k)^2) / count; an infinite-variance tail in any fit is the
+    answer's. The MCSE's share of the sd is MCSE(var) / (2 sd^2)."""
+    worst: tuple[float, str, str] | None = None
+    for site, entry in pooled.items():
+        parts = [fit[site] for fit in weighted if "iw_std_mcse" in fit.get(site, {})]
+        if not parts:
+            continue
+        sd = _flat(entry["std"])
+        var_mcse = sum(torch.tensor(_flat(p["iw_std_mcse"]), dtype=torch.float64).mul(
+            2 * torch.tensor(_flat(p["iw_std"]), dtype=torch.float64)).pow(2) for p in parts)
+        relative = var_mcse.sqrt() / count / (2 * torch.tensor(sd, dtype=torch.float64) ** 2)
+        khat = torch.stack([torch.tensor(_flat(p.get("iw_std_khat", [math.nan] * len(sd))),
+                                         dtype=torch.float64) for p in parts]).amax(0)
+        for i in range(len(sd)):
+            reading = thresholds.sd_unknown(float(relative[i]), float(khat[i]))
+            badness = max(float(relative[i]) / thresholds.SD_MCSE_MAX,
+                          float(khat[i]) / thresholds.KHAT_TRUSTED)
+            if reading and (worst is None or badness > worst[0]):
+                label = site if not isinstance(entry["std"], list) else f"{site}[{i}]"
+                worst = (badness, label, reading)
+    if worst is None:
+        return ""
+    return f"the sd of {worst[1]} is not known to +-{thresholds.SD_MCSE_MAX:.0%}: {worst[2]}"
+
+
+def _flat(value: Any) -> list[float]:
+    """A summary's number or nested list, flat; None as NaN."""
+    if isinstance(value, list):
+        return [x for item in value for x in _flat(item)]
+    return [math.nan if value is None else float(value)]
