@@ -165,8 +165,9 @@ class Pipeline:
                "seed": self.recipe["seed"] + seed_offset, "guide": guide, "loss": loss,
                "optimizer": optimizer,
                # eager: a fit is a few hundred steps, fewer than compiling a large graph
-               # costs (tens of seconds with a cold cache)
-               "train": {**self.recipe["train"], "compile": False, **train}}
+               # costs (tens of seconds with a cold cache); no plots: the pipeline draws its
+               # answer's (answer.write_plots), and a fit's cost a second or more each
+               "train": {**self.recipe["train"], "compile": False, "plots": False, **train}}
         return recipes.resolve(sub, self.registry, str(self.run_dir / layout.RECIPE))
 
     def _say_notes(self, label: str, notes: list[str]) -> None:
