@@ -287,6 +287,10 @@ class Pipeline:
         saved = checkpoint.load(path, where)
         resolved = recipes.resolve(recipes.as_yaml(saved["recipe"]), self.registry,
                                    str(path / layout.RECIPE))
+        if resolved["guide"].get("init", "init_loc") != "init_loc":
+            # its parameters come from the checkpoint: a Laplace or Pathfinder start's search
+            # (seconds on a large model) would be overwritten
+            resolved["guide"]["init"] = "init_loc"
         run = Run.setup(resolved, self.registry, compile=False)  # it draws; it never steps
         with run_context(run.device, run.dtype):
             checkpoint.restore_params(saved["params"], saved["buffers"], run.guide, where)
