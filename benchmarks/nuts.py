@@ -24,6 +24,10 @@ other posteriors have no port yet and are listed as misses.
     pip install -e '.[bench]' -e packages/vibench-posteriordb -e packages/vibench-hardcases
     python benchmarks/nuts.py [--posteriors kilpisjarvi,garch11] [--rounds 3] [--quick]
 
+Each side's wall time and CPU time (user + system, the process and its children) are
+recorded with the load average as it began: on a shared machine the load stretches the wall
+time of each side differently, its CPU time much less.
+
 ``--quick``: one round, NUTS 2 chains x (500 + 500) (not the comparison the target names; the
 table says so).
 """
@@ -33,6 +37,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import shutil
 import subprocess
 import sys
@@ -257,32 +262,41 @@ def score(name: str, moments: dict) -> dict:
     return {k: result[k] for k in ("max_z", "min_r", "max_r", "good")}
 
 
-def timed(command: list[str], env: dict) -> tuple[float, subprocess.CompletedProcess]:
-    start = time.perf_counter()
+def timed(command: list[str], env: dict) -> tuple[dict, subprocess.CompletedProcess]:
+    """The command's wall and CPU seconds (user + system of it and its children: the load
+    stretches the wall time far more than the CPU time) and the load average as it began."""
+    load = os.getloadavg()[0]
+    start, used = time.perf_counter(), children_cpu()
     result = subprocess.run(command, capture_output=True, text=True, env=env)
-    return time.perf_counter() - start, result
+    return {"wall": time.perf_counter() - start, "cpu": children_cpu() - used,
+            "load": load}, result
+
+
+def children_cpu() -> float:
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
 
 
 def run_vibench(name: str, out: Path, env: dict) -> dict:
     vibench = shutil.which("vibench") or f"{sys.executable} -m workbench"
     run_dir = out / f"{name}-{time.time_ns()}"
-    wall, result = timed([*vibench.split(), "run", str(CASES[name][1]), "--set", "guide=auto",
-                          "--threads", "1", "--out", str(run_dir)], env)
+    times, result = timed([*vibench.split(), "run", str(CASES[name][1]), "--set", "guide=auto",
+                           "--threads", "1", "--out", str(run_dir)], env)
     summary_path = run_dir / "summary.json"
     if not summary_path.exists():
         tail = (result.stderr or result.stdout).strip().splitlines()[-1:] or ["no output"]
-        return {"wall": wall, "failed": f"exit {result.returncode}: {tail[0]}"}
+        return {**times, "failed": f"exit {result.returncode}: {tail[0]}"}
     ref = json.loads(summary_path.read_text()).get("reference") or {}
-    return {"wall": wall, **{k: ref.get(k) for k in ("max_z", "min_r", "max_r", "good")}}
+    return {**times, **{k: ref.get(k) for k in ("max_z", "min_r", "max_r", "good")}}
 
 
 def run_nuts(name: str, quick: bool, env: dict) -> dict:
     sizes = ["2", "500", "500"] if quick else ["4", "1000", "1000"]
-    wall, result = timed([sys.executable, __file__, "--nuts", name, *sizes], env)
+    times, result = timed([sys.executable, __file__, "--nuts", name, *sizes], env)
     if result.returncode != 0:
         tail = (result.stderr or result.stdout).strip().splitlines()[-1:] or ["no output"]
-        return {"wall": wall, "failed": f"exit {result.returncode}: {tail[0]}"}
-    return {"wall": wall, **json.loads(result.stdout.strip().splitlines()[-1])}
+        return {**times, "failed": f"exit {result.returncode}: {tail[0]}"}
+    return {**times, **json.loads(result.stdout.strip().splitlines()[-1])}
 
 
 # ------------------------------------------------------------------------------------------
@@ -306,9 +320,11 @@ def row(name: str, sides: dict[str, list[dict]]) -> str:
     v = [s["wall"] for s in sides["vibench"]]
     n = [s["wall"] for s in sides["nuts"]]
     ratios = [a / b for a, b in zip(v, n)]
+    cpu = [a["cpu"] / b["cpu"] for a, b in zip(sides["vibench"], sides["nuts"])]
     met = all(r <= 1 / 3 for r in ratios) and all(s.get("good") for s in sides["vibench"])
     divergences = sides["nuts"][-1].get("divergences", "-")
     return (f"| {name} | {_span(v)} | {_span(n)} | {min(ratios):.2f}-{max(ratios):.2f}x | "
+            f"{min(cpu):.2f}-{max(cpu):.2f}x | "
             f"{_accuracy(sides['vibench'][-1])} | {_accuracy(sides['nuts'][-1])} | "
             f"{divergences} | {'yes' if met else 'no'} |")
 
@@ -340,7 +356,7 @@ def main(argv=None) -> int:
         print(f"{name}: port vs vibench's log joint at 5 reference draws: constant "
               f"{check['constant']:.2e}, max deviation {check['deviation']:.2e}", flush=True)
         if check["deviation"] > 1e-6:
-            lines.append(f"| {name} | port disagrees with vibench's model: not timed |||||||")
+            lines.append(f"| {name} | port disagrees with vibench's model: not timed ||||||||")
             continue
         sides: dict[str, list[dict]] = {"vibench": [], "nuts": []}
         for i in range(rounds):
@@ -350,18 +366,18 @@ def main(argv=None) -> int:
                 sides[side].append(found)
                 extra = (f", {found['divergences']} divergences" if "divergences" in found
                          else "")
-                print(f"  round {i + 1} {side}: {found['wall']:.1f} s, {_accuracy(found)}{extra}",
-                      flush=True)
+                print(f"  round {i + 1} {side}: {found['wall']:.1f} s, CPU {found['cpu']:.1f} s, "
+                      f"load {found['load']:.1f}, {_accuracy(found)}{extra}", flush=True)
         lines.append(row(name, sides))
     nuts = "2 chains x (500 + 500), --quick" if args.quick else "4 chains x (1000 + 1000)"
     print(f"\nwhole process each side, {rounds} round(s) alternated; NUTS {nuts}, sequential, "
           "float64; vibench --set guide=auto --threads 1\n")
-    print("| posterior | vibench s | NUTS s | vibench/NUTS | vibench max z / r | "
-          "NUTS max z / r | NUTS divergences | target met (<= 1/3, good) |")
-    print("|---|---:|---:|---:|---|---|---:|---|")
+    print("| posterior | vibench s | NUTS s | vibench/NUTS | CPU vibench/NUTS | "
+          "vibench max z / r | NUTS max z / r | NUTS divergences | target met (<= 1/3, good) |")
+    print("|---|---:|---:|---:|---:|---|---|---:|---|")
     print("\n".join(lines))
     for what, why in MISSING.items():
-        print(f"| {what} | not run: {why} |||||||")
+        print(f"| {what} | not run: {why} ||||||||")
     return 0
 
 

@@ -25,6 +25,7 @@ from pyro.nn.module import PyroModule
 from pyro.poutine.util import site_is_subsample
 from torch.distributions import transform_to
 
+from workbench import seams
 from workbench.report.gaussians import bijections
 
 MAX_ITER = 500  # L-BFGS iterations from each start
@@ -217,12 +218,13 @@ def descend(potential: Callable, start: torch.Tensor, with_hessian: bool) -> Fit
     """L-BFGS from one start, then a few Newton steps where the Hessian is positive definite
     (they fix what L-BFGS leaves along badly scaled directions, such as kilpisjarvi's)."""
     point = start.detach().clone().requires_grad_(True)
-    optimizer = torch.optim.LBFGS([point], lr=1.0, max_iter=MAX_ITER, history_size=20,
-                                  tolerance_grad=1e-12, tolerance_change=1e-14,
-                                  line_search_fn="strong_wolfe")
+    with seams.no_dynamo_import():  # made without importing torch._dynamo (a second or more)
+        optimizer = torch.optim.LBFGS([point], lr=1.0, max_iter=MAX_ITER, history_size=20,
+                                      tolerance_grad=1e-12, tolerance_change=1e-14,
+                                      line_search_fn="strong_wolfe")
 
     def closure() -> torch.Tensor:
-        optimizer.zero_grad()
+        point.grad = None  # as optimizer.zero_grad(), whose guard imports torch._dynamo
         value = potential(point)
         if torch.isfinite(value):
             value.backward()

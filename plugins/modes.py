@@ -106,7 +106,10 @@ def search(guide, data: dict, count: int, seed: int, first: torch.Tensor | None 
 
 def _search(guide, data: dict, count: int, seed: int, first: torch.Tensor | None) -> Found:
     sites = laplace.layout(guide)
-    potential = laplace.potential_fn(laplace.source(guide, (), data), sites, (), data)
+    # the model itself: guide.model's init_loc strategy would draw at each site of each
+    # evaluation, for the same density; the searches' random stream is their own (search)
+    model = getattr(guide, "source_model", (guide.model,))[0]
+    potential = laplace.potential_fn(model, sites, (), data)
     dimension = sites[-1].stop
     if dimension > laplace.MAX_HESSIAN_DIM:
         return Found([], 0, 0)

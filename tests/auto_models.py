@@ -14,11 +14,12 @@ def banana():
 class OneFit:
     """A stage of the test's own: one short mean-field fit, no search, no convergence stop."""
 
-    def __init__(self, steps: int = 20):
-        self.steps = steps
+    def __init__(self, steps: int = 20, init: str = "init_loc"):
+        self.steps, self.init = steps, init
 
     def run(self, pipeline) -> str:
-        fit = pipeline.fit("mine", guide={"name": "auto_normal"}, loss={"name": "elbo"},
+        fit = pipeline.fit("mine", guide={"name": "auto_normal", "init": self.init},
+                           loss={"name": "elbo"},
                            optimizer={"name": "adam", "lr": 0.05},
                            train={"steps": self.steps})
         pipeline.candidates = [fit]

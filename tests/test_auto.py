@@ -445,6 +445,7 @@ def test_a_pipeline_draws_its_answer_s_densities_and_predictive_check(answered):
     shown = {p.name: p.stat().st_size for p in (path / "plots").iterdir()}
     assert set(shown) == {"site-latent_fairness.png", "ppc.png"}  # no loss: one a fit
     assert all(size > 10_000 for size in shown.values())
+    assert not (path / "fits" / "mine" / "plots").exists()  # the answer's plots, not a fit's
 
 
 def test_show_export_and_runs_take_a_pipeline_folder_as_a_run(answered, tmp_path: Path):

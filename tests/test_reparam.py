@@ -121,8 +121,8 @@ def test_the_refitted_answer_is_the_model_as_written(refitted, tmp_path):
     for folder in (path, path / "fits" / summary["auto"]["used"][0]):
         assert list(az.from_netcdf(folder / "posterior.nc").posterior.data_vars) == [
             "mu", "tau", "alpha"]
-        plotted = {p.name for p in (folder / "plots").glob("site-*.png")}
-        assert plotted == {"site-mu.png", "site-tau.png", "site-alpha.png"}
+    plotted = {p.name for p in (path / "plots").glob("site-*.png")}  # a fit draws none
+    assert plotted == {"site-mu.png", "site-tau.png", "site-alpha.png"}
     fit = json.loads((path / "fits" / summary["auto"]["used"][0] / "summary.json").read_text())
     assert list(fit["posterior"]) == ["mu", "tau", "alpha"]
     assert {"q05", "q95"} <= set(fit["posterior"]["alpha"])

@@ -165,8 +165,9 @@ class Pipeline:
                "seed": self.recipe["seed"] + seed_offset, "guide": guide, "loss": loss,
                "optimizer": optimizer,
                # eager: a fit is a few hundred steps, fewer than compiling a large graph
-               # costs (tens of seconds with a cold cache)
-               "train": {**self.recipe["train"], "compile": False, **train}}
+               # costs (tens of seconds with a cold cache); no plots: the pipeline draws its
+               # answer's (answer.write_plots), and a fit's cost a second or more each
+               "train": {**self.recipe["train"], "compile": False, "plots": False, **train}}
         return recipes.resolve(sub, self.registry, str(self.run_dir / layout.RECIPE))
 
     def _say_notes(self, label: str, notes: list[str]) -> None:
@@ -286,6 +287,10 @@ class Pipeline:
         saved = checkpoint.load(path, where)
         resolved = recipes.resolve(recipes.as_yaml(saved["recipe"]), self.registry,
                                    str(path / layout.RECIPE))
+        if resolved["guide"].get("init", "init_loc") != "init_loc":
+            # its parameters come from the checkpoint: a Laplace or Pathfinder start's search
+            # (seconds on a large model) would be overwritten
+            resolved["guide"]["init"] = "init_loc"
         run = Run.setup(resolved, self.registry, compile=False)  # it draws; it never steps
         with run_context(run.device, run.dtype):
             checkpoint.restore_params(saved["params"], saved["buffers"], run.guide, where)
