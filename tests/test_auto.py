@@ -587,6 +587,7 @@ def test_a_large_model_skips_the_dense_covariance_and_the_flow_and_says_so(tmp_p
     assert "1001 dimensions" in stages["gaussian"]
     assert "marginal sds (more than 1000 dimensions: no dense covariance)" in stages["gaussian"]
     assert stages["flow"].startswith("skipped") and "max_dimension 1000" in stages["flow"]
+    assert not {"proposal", "proposals"} & set(summary["diagnostics"])  # none built in 1001
 
 
 @pytest.mark.slow

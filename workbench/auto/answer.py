@@ -276,6 +276,7 @@ def heavier_tails(pipeline: Any, found: tuple) -> tuple:
     sd's Monte Carlo error). Where none is trusted, ``found`` with the tried k-hats in its
     k-hat flag; ``found`` itself where there is nothing to try."""
     from workbench.report import thresholds
+    from workbench.report.gaussians import FULL_UP_TO
 
     used, post, weighted, estimates, diagnostics, flags = found
     khat = diagnostics.get("khat")
@@ -283,6 +284,10 @@ def heavier_tails(pipeline: Any, found: tuple) -> tuple:
         return found
     fits = [fit for fit in pipeline.fits if fit.ok and fit.gaussian is not None
             and fit.summary["recipe"].get("model") == pipeline.recipe.get("model")]
+    if any(fit.gaussian[0].numel() > FULL_UP_TO for fit in fits):  # no D x D scales to widen
+        flags = [f"{flag} (no heavier-tailed proposal beyond {FULL_UP_TO} dimensions)"
+                 if flag.startswith("k-hat ") else flag for flag in flags]
+        return used, post, weighted, estimates, diagnostics, flags
     tried, labels = _weigh_proposals(pipeline.run_dir, [fit.label for fit in fits],
                                      pipeline.load) if fits else ({}, [])
     if not tried:
