@@ -47,8 +47,11 @@ class Mixture(TorchDistribution):
         shape = torch.Size(sample_shape)
         count = shape.numel()
         which = torch.multinomial(self.shares, count, replacement=True)
-        drawn = torch.stack([c.sample((count,)) for c in self.components])  # K x n x D
-        picked = drawn[which, torch.arange(count)]
+        picked = torch.empty((count, *self.event_shape), dtype=torch.float64)
+        for k, component in enumerate(self.components):  # each draws only its own points
+            rows = (which == k).nonzero().squeeze(-1)
+            if rows.numel():
+                picked[rows] = component.sample((rows.numel(),)).double()
         return picked.reshape(shape + self.event_shape).to(torch.get_default_dtype())
 
     def log_prob(self, value: torch.Tensor) -> torch.Tensor:
