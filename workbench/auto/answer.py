@@ -132,8 +132,6 @@ def _separately(answer: Answer, planned: list[tuple[str, bool]], run_dir: Path, 
     among them) and its groups' dims and attrs."""
     import torch
 
-    from workbench.report.posterior import psis
-
     parts: list[dict] = []
     meta: list[tuple[dict, dict]] = []
     for i, (label, weigh) in enumerate(planned):
@@ -149,9 +147,7 @@ def _separately(answer: Answer, planned: list[tuple[str, bool]], run_dir: Path, 
         if weigh and why:
             answer.notes.append(f"{label}: drawn unweighted: {why}")
         if weigh and not why:
-            _, smoothed = psis(log_w)
-            index = torch.multinomial(torch.softmax(smoothed, 0).float(), count,
-                                      replacement=True)
+            index = _resample(log_w, count)
             answer.weighted.append(label)
         else:
             index = torch.arange(min(count, got))
@@ -174,8 +170,6 @@ def _mixture(answer: Answer, run_dir: Path, n: int, load: Loader, whole: bool
     finite weights (``answer.notes`` says why; the fits are then mixed as ``_separately``)."""
     import torch
 
-    from workbench.report.posterior import psis
-
     share = -(-max(n, IS_POOL) // len(answer.used))
     parts, meta, pooled = [], [], []
     for i, label in enumerate(answer.used):
@@ -195,8 +189,7 @@ def _mixture(answer: Answer, run_dir: Path, n: int, load: Loader, whole: bool
         meta.append(extra)
         pooled.append((gaussian, points, log_w))
     log_w = _mixture_weights(pooled)
-    _, smoothed = psis(log_w)
-    index = torch.multinomial(torch.softmax(smoothed, 0).float(), n, replacement=True)
+    index = _resample(log_w, n)
     joined = {key: _cat([part[key] for part in parts]) for key in parts[0]
               if all(key in part for part in parts)}
     if whole:
@@ -212,8 +205,6 @@ def _tails(answer: Answer, summary: dict, run_dir: Path, n: int, load: Loader, w
     fits' Gaussians, resampled by their Pareto-smoothed weights against the model."""
     import torch
 
-    from workbench.report.posterior import psis
-
     chosen = summary["diagnostics"]["proposal"]
     run, _, _ = _proposal_run(run_dir, chosen["fits"], chosen["name"], load)
     rows, log_w, extra = (_whole(run, max(n, IS_POOL)) if whole
@@ -221,14 +212,24 @@ def _tails(answer: Answer, summary: dict, run_dir: Path, n: int, load: Loader, w
     why = _unweighable(log_w)
     if why:
         raise ValueError(f"the proposal's draws cannot be weighed: {why}")
-    _, smoothed = psis(log_w)
-    index = torch.multinomial(torch.softmax(smoothed, 0).float(), n, replacement=True)
+    index = _resample(log_w, n)
     rows[_FIT] = torch.zeros(len(log_w), dtype=torch.int64)
     rows[_RESAMPLED] = torch.full((len(log_w),), True)
-    answer.weighted, answer.mixture = list(answer.used), True
+    answer.weighted = list(answer.used)
     if whole:
         rows["sample_stats", "log_weight"] = log_w.numpy()
     return [{key: _take(values, index) for key, values in rows.items()}], [extra]
+
+
+def _resample(log_w: Any, n: int) -> Any:
+    """``n`` indices of the draws behind ``log_w``, drawn with replacement by their
+    Pareto-smoothed weights."""
+    import torch
+
+    from workbench.report.posterior import psis
+
+    _, smoothed = psis(log_w)
+    return torch.multinomial(torch.softmax(smoothed, 0).float(), n, replacement=True)
 
 
 def _proposal_run(run_dir: Path, labels: list[str], name: str, load: Loader) -> tuple:
@@ -285,8 +286,7 @@ def heavier_tails(pipeline: Any, found: tuple) -> tuple:
     fits = [fit for fit in pipeline.fits if fit.ok and fit.gaussian is not None
             and fit.summary["recipe"].get("model") == pipeline.recipe.get("model")]
     if any(fit.gaussian[0].numel() > FULL_UP_TO for fit in fits):  # no D x D scales to widen
-        flags = [f"{flag} (no heavier-tailed proposal beyond {FULL_UP_TO} dimensions)"
-                 if flag.startswith("k-hat ") else flag for flag in flags]
+        flags = _khat_noted(flags, f"no heavier-tailed proposal beyond {FULL_UP_TO} dimensions")
         return used, post, weighted, estimates, diagnostics, flags
     tried, labels = _weigh_proposals(pipeline.run_dir, [fit.label for fit in fits],
                                      pipeline.load) if fits else ({}, [])
@@ -299,8 +299,7 @@ def heavier_tails(pipeline: Any, found: tuple) -> tuple:
     khats = {name: result.get("khat") for name, result in tried.items()}
     if best is None:
         said = ", ".join(f"{name} {_khat_text(k)}" for name, k in khats.items())
-        flags = [f"{flag} (heavier-tailed proposals from {len(fits)} fits: k-hat {said})"
-                 if flag.startswith("k-hat ") else flag for flag in flags]
+        flags = _khat_noted(flags, f"heavier-tailed proposals from {len(fits)} fits: k-hat {said}")
         return used, post, weighted, estimates, {**diagnostics, "proposals": khats}, flags
     return _tails_answer(pipeline, fits, best, tried[best], khats)
 
@@ -344,6 +343,11 @@ def _weigh_proposals(run_dir: Path, labels: list[str], load: Loader
             torch.manual_seed(run.recipe["seed"] + 7 + i)
             tried[name] = posterior.diagnostics(run.model, guide, run.data, run.nesting)
     return tried, kept
+
+
+def _khat_noted(flags: list[str], note: str) -> list[str]:
+    """``flags`` with ``note`` added, in parentheses, to the k-hat flag."""
+    return [f"{flag} ({note})" if flag.startswith("k-hat ") else flag for flag in flags]
 
 
 def _khat_text(khat: float | None) -> str:
@@ -550,7 +554,7 @@ def write(run_dir: Path, summary: dict, load: Loader, num_draws: int = NUM_DRAWS
                           seed=(summary.get("recipe") or {}).get("seed", 0), whole=True)
     diagnostics = summary.get("diagnostics") or {}
     tailed = summary["auto"].get("answer") == TAILS
-    mixed = answer.mixture and not tailed
+    mixed = answer.mixture
     how = (", importance-sampled from a heavier-tailed proposal built from the fits" if tailed
            else ", the fits' mixture weighed against the model" if mixed else "")
     attrs = {**answer.attrs}
