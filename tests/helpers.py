@@ -163,6 +163,15 @@ def fit(where: Path, *sets: str, source: Path | dict = COIN) -> tuple[dict, Path
     return job.train(), job.path
 
 
+def one_fit_recipe(model: str, steps: int) -> dict:
+    """A recipe of the automatic pipeline on ``model`` (named by file) with two stages:
+    tests/auto_models.py's ``OneFit`` of ``steps`` steps, then psis; no loggers or plots."""
+    return {"model": {"name": model}, "data": {}, "loggers": [],
+            "train": {"plots": False, "eval_every": 0},
+            "auto": {"stages": [{"name": f"{REPO / 'tests' / 'auto_models.py'}:OneFit",
+                                 "steps": steps}, "psis"]}}
+
+
 def coin_fit(where: Path, *sets: str):
     """The coin with ``sets``, without plots or the diagnostic, trained in a new run directory
     inside ``where``: the run and its summary."""

@@ -10,11 +10,9 @@ import pyro
 import pyro.distributions as dist
 import pytest
 import torch
-import yaml
 from pyro.ops.stats import fit_generalized_pareto
 
-from workbench import service
-from workbench.plugins.registry import get_registry
+from tests.helpers import fit, one_fit_recipe
 from workbench.report import iw_error, thresholds
 
 HERE = Path(__file__).resolve()
@@ -74,20 +72,9 @@ def light():
     pyro.deterministic("x", 2 * z)
 
 
-def pipeline_run(tmp_path: Path, model: str) -> dict:
-    recipe = {"model": {"name": f"{HERE}:{model}"}, "data": {}, "loggers": [],
-              "train": {"plots": False, "eval_every": 0},
-              "auto": {"stages": [{"name": f"{HERE.parent / 'auto_models.py'}:OneFit",
-                                   "steps": 300}, "psis"]}}
-    path = tmp_path / "recipe.yaml"
-    path.write_text(yaml.safe_dump(recipe))
-    job = service.start(path, [], tmp_path / "run", get_registry())
-    return job.train()
-
-
 @pytest.mark.parametrize("model, flagged", [("heavy", True), ("light", False)])
 def test_the_pipeline_flags_an_answer_whose_sd_is_not_known(tmp_path, model, flagged):
-    summary = pipeline_run(tmp_path, model)
+    summary, _ = fit(tmp_path, source=one_fit_recipe(f"{HERE}:{model}", 300))
     auto = summary["auto"]
     assert auto["weighted"] == ["mine"] and summary["diagnostics"]["khat"] < 0.7
     noisy = [flag for flag in auto["flags"] if "is not known to +-10%" in flag]

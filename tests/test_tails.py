@@ -9,12 +9,9 @@ from pathlib import Path
 import pyro
 import pyro.distributions as dist
 import torch
-import yaml
 
-from tests.helpers import arviz
-from workbench import service
+from tests.helpers import arviz, fit, one_fit_recipe
 from workbench.auto import answer
-from workbench.plugins.registry import get_registry
 from workbench.report import posterior, tails
 
 HERE = Path(__file__).resolve()
@@ -68,14 +65,7 @@ def test_a_proposal_is_a_density():
 
 def test_the_pipeline_answers_from_a_heavier_tailed_proposal(tmp_path):
     # 60 steps leave the mean-field Gaussian narrower than the t: its k-hat is over 0.7
-    recipe = {"model": {"name": f"{HERE}:student"}, "data": {}, "loggers": [],
-              "train": {"plots": False, "eval_every": 0},
-              "auto": {"stages": [{"name": f"{HERE.parent / 'auto_models.py'}:OneFit",
-                                   "steps": 60}, "psis"]}}
-    path = tmp_path / "recipe.yaml"
-    path.write_text(yaml.safe_dump(recipe))
-    job = service.start(path, [], tmp_path / "run", get_registry())
-    summary = job.train()
+    summary, path = fit(tmp_path, source=one_fit_recipe(f"{HERE}:student", 60))
     auto, diagnostics = summary["auto"], summary["diagnostics"]
     assert auto["answer"] == answer.TAILS and auto["used"] == ["mine"]
     assert diagnostics["proposal"]["fits"] == ["mine"] and diagnostics["khat"] <= 0.7
@@ -84,18 +74,13 @@ def test_the_pipeline_answers_from_a_heavier_tailed_proposal(tmp_path):
     assert diagnostics["khats"]["mine"] > 0.7 and auto["flags"] == []
     sds = torch.tensor(summary["posterior"]["x"]["std"])
     assert ((sds / TRUE_SD - 1).abs() < 0.2).all()
-    drawn = arviz().from_netcdf(job.path / "posterior.nc").posterior["x"].values.reshape(-1, DIM)
+    drawn = arviz().from_netcdf(path / "posterior.nc").posterior["x"].values.reshape(-1, DIM)
     assert abs(drawn.std(0) / TRUE_SD - 1).max() < 0.3  # 1,000 draws of the same answer
 
 
 def test_where_no_proposal_is_trusted_the_k_hat_flag_stays_and_says_what_they_gave(tmp_path):
-    recipe = {"model": {"name": f"{HERE.parent / 'auto_models.py'}:banana"}, "data": {},
-              "loggers": [], "train": {"plots": False, "eval_every": 0},
-              "auto": {"stages": [{"name": f"{HERE.parent / 'auto_models.py'}:OneFit",
-                                   "steps": 200}, "psis"]}}
-    path = tmp_path / "recipe.yaml"
-    path.write_text(yaml.safe_dump(recipe))
-    summary = service.start(path, [], tmp_path / "run", get_registry()).train()
+    banana = f"{HERE.parent / 'auto_models.py'}:banana"
+    summary, _ = fit(tmp_path, source=one_fit_recipe(banana, 200))
     auto = summary["auto"]
     assert auto["answer"] != answer.TAILS and not auto["trusted"]
     flag = next(flag for flag in auto["flags"] if flag.startswith("k-hat "))
