@@ -115,11 +115,18 @@ def layout(guide) -> list[Site]:
     return sites
 
 
+def model_of(guide):
+    """The model ``guide`` was made for, as the user wrote it: ``guide.source_model`` where
+    vibench's guides keep it, else ``guide.model`` (which an autoguide may wrap in its init
+    strategy, drawing at every call)."""
+    return getattr(guide, "source_model", (guide.model,))[0]
+
+
 def source(guide, args: tuple, kwargs: dict):
     """The model whose density the start seeks: ``guide.model``, or where the model marks
     sites for enumeration, which ``guide.model`` hides from the guide, the model the guide
     was made for (its potential sums them out)."""
-    model = getattr(guide, "source_model", (guide.model,))[0]
+    model = model_of(guide)
     return model if _enumerated_nesting(model, args, kwargs) is not None else guide.model
 
 
@@ -127,7 +134,7 @@ def check_continuous(guide, args: tuple, kwargs: dict, method: str = "laplace") 
     """Refuse a model with discrete latent sites that the potential cannot sum out: their
     values are not the guide's, so the log joint the mode is sought on would be a random
     draw. The Laplace start sums out sites marked for parallel enumeration (as enum_elbo)."""
-    model = getattr(guide, "source_model", (guide.model,))[0]
+    model = model_of(guide)
     trace = poutine.trace(model).get_trace(*args, **kwargs)
     for name, site in trace.nodes.items():
         if site["type"] != "sample" or site["is_observed"] or site_is_subsample(site):

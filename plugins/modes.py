@@ -108,8 +108,7 @@ def _search(guide, data: dict, count: int, seed: int, first: torch.Tensor | None
     sites = laplace.layout(guide)
     # the model itself: guide.model's init_loc strategy would draw at each site of each
     # evaluation, for the same density; the searches' random stream is their own (search)
-    model = getattr(guide, "source_model", (guide.model,))[0]
-    potential = laplace.potential_fn(model, sites, (), data)
+    potential = laplace.potential_fn(laplace.model_of(guide), sites, (), data)
     dimension = sites[-1].stop
     if dimension > laplace.MAX_HESSIAN_DIM:
         return Found([], 0, 0)
@@ -147,7 +146,7 @@ def overdispersed(guide, sites: list[laplace.Site], data: dict, like: torch.Tens
     from pyro import poutine
 
     generator = torch.Generator().manual_seed(seed)
-    model = getattr(guide, "source_model", (guide.model,))[0]  # guide.model draws init_loc
+    model = laplace.model_of(guide)  # guide.model draws init_loc
     starts = []
     for _ in range((count + 1) // 2):
         torch.manual_seed(int(torch.randint(2 ** 62, (), generator=generator)))
