@@ -1,11 +1,14 @@
-"""Automatic non-centring for the gaussian stage (``reparam: auto``): a funnel lever.
+"""Automatic non-centring for the gaussian stage (``reparam: auto``): a lever for funnels and
+curved ridges.
 
 A centred hierarchical model (``x ~ Normal(mu, tau)`` with ``tau`` itself a latent) has a
 funnel-shaped posterior: no Gaussian fits its neck and its mouth at once, and its density
-often has no mode. The same model with those sites non-centred (``x = mu + tau * z``,
-``z ~ Normal(0, 1)``: Pyro's ``LocScaleReparam(centered=0)`` under ``poutine.reparam``) is the
-same posterior in coordinates where the funnel is gone. ``noncentred`` is that model as a
-registered model component wrapping the user's. The answer is the model as the user wrote it:
+often has no mode. A site whose location bends with another latent (``x2 ~ Normal(-b x1^2,
+1)``) lies along a curved ridge no Gaussian follows. The same model with those sites
+non-centred (``x = mu + tau * z``, ``z ~ Normal(0, 1)``: Pyro's ``LocScaleReparam(centered=0)``
+under ``poutine.reparam``) is the same posterior in coordinates where the funnel or the bend
+is gone. ``noncentred`` is that model as a registered model component wrapping the user's.
+The answer is the model as the user wrote it:
 its trace keeps each reparameterised site under the user's name as a ``pyro.deterministic``
 site marked as a latent site as written, which the report summarises, writes to posterior.nc
 and plots as a latent site (``workbench.report.posterior.AS_WRITTEN``), and marks the
@@ -92,8 +95,9 @@ def section(model_section: dict, sites: list[str]) -> dict:
 
 def centred_sites(model: Any, data: dict) -> list[str]:
     """The model's latent location-scale sites over the real line whose scale depends on
-    another latent site: the necks of its funnels. A location that depends on a latent alone
-    is a shift, no funnel, and is left centred."""
+    another latent site (the necks of its funnels) or whose location bends with one (a curved
+    ridge). A location that moves linearly with other latents is a shear, which a Gaussian
+    fits as it is: left centred."""
     import torch
     from pyro import poutine
     from pyro.infer.autoguide.initialization import InitMessenger, init_to_feasible
@@ -102,12 +106,12 @@ def centred_sites(model: Any, data: dict) -> list[str]:
     with torch.random.fork_rng(devices=[]):
         with torch.no_grad(), InitMessenger(init_to_feasible):
             first = poutine.trace(model).get_trace(**data)
-        return _scale_depends(model, data, first)
+        return _dependent(model, data, first)
 
 
-def _scale_depends(model: Any, data: dict, first: Any) -> list[str]:
-    """The location-scale sites of the trace ``first`` whose scale depends on another latent
-    site's value (autograd through the model conditioned on the trace's latent values)."""
+def _dependent(model: Any, data: dict, first: Any) -> list[str]:
+    """``centred_sites`` of the trace ``first`` (autograd through the model conditioned on the
+    trace's latent values)."""
     import torch
     from pyro import poutine
     from pyro.poutine.util import site_is_subsample
@@ -118,21 +122,39 @@ def _scale_depends(model: Any, data: dict, first: Any) -> list[str]:
               and not site_is_subsample(site) and torch.is_floating_point(site["value"])}
     if len(latent) < 2:
         return []
+    found = []
     with torch.enable_grad():
         again = poutine.trace(poutine.condition(model, data=latent)).get_trace(**data)
-        found = []
         for name in latent:
             fn = _unwrapped(again.nodes[name]["fn"])
-            scale = getattr(fn, "scale", None)
-            if not isinstance(fn, loc_scale_families()) or not torch.is_tensor(scale) \
-                    or not scale.requires_grad:
+            if not isinstance(fn, loc_scale_families()):
                 continue
             others = [value for other, value in latent.items() if other != name]
-            grads = torch.autograd.grad(scale.sum(), others, allow_unused=True,
-                                        retain_graph=True)
-            if any(grad is not None for grad in grads):
+            if _depends_on(fn.scale, others) or _bends_with(fn.loc, others):
                 found.append(name)
     return found
+
+
+def _depends_on(value: Any, others: list) -> bool:
+    """Whether the tensor ``value`` is a function of any of the tensors ``others``."""
+    import torch
+
+    if not torch.is_tensor(value) or not value.requires_grad:
+        return False
+    grads = torch.autograd.grad(value.sum(), others, allow_unused=True, retain_graph=True)
+    return any(grad is not None for grad in grads)
+
+
+def _bends_with(value: Any, others: list) -> bool:
+    """Whether ``value`` is a function of ``others`` that is not linear: its gradient is
+    itself a function of them."""
+    import torch
+
+    if not torch.is_tensor(value) or not value.requires_grad:
+        return False
+    grads = torch.autograd.grad(value.sum(), others, allow_unused=True, retain_graph=True,
+                                create_graph=True)
+    return any(grad is not None and _depends_on(grad, others) for grad in grads)
 
 
 def loc_scale_families() -> tuple[type, ...]:

@@ -45,6 +45,18 @@ def regression(x, y):
         pyro.sample("y", dist.Normal(a + b * x, sigma), obs=y)
 
 
+def banana():
+    """Haario's banana: x2's location bends with x1, a curved ridge."""
+    x1 = pyro.sample("x1", dist.Normal(torch.tensor(0.0), 10.0))
+    pyro.sample("x2", dist.Normal(-0.1 * (x1 ** 2 - 100.0), 1.0))
+
+
+def sheared():
+    """x2's location moves linearly with x1: a shear, which a Gaussian fits as it is."""
+    x1 = pyro.sample("x1", dist.Normal(torch.tensor(0.0), 10.0))
+    pyro.sample("x2", dist.Normal(0.5 * x1 + 1.0, 1.0))
+
+
 def run(tmp_path: Path, model: str, data: dict, plots: bool = False) -> dict:
     path = tmp_path / "recipe.yaml"
     path.write_text(yaml.safe_dump({
@@ -67,6 +79,11 @@ def test_the_funnels_sites_are_the_ones_whose_scale_is_another_latent():
     assert centred_sites(centred, {"y": y}) == ["alpha"]
     x = torch.linspace(-1, 1, 5)
     assert centred_sites(regression, {"x": x, "y": x}) == []
+
+
+def test_a_location_that_bends_with_another_latent_is_non_centred_and_a_shear_is_not():
+    assert centred_sites(banana, {}) == ["x2"]
+    assert centred_sites(sheared, {}) == []
 
 
 @pytest.mark.parametrize("family", [
@@ -178,3 +195,18 @@ def test_the_centred_funnel_in_ten_dimensions_is_fitted(tmp_path):
     reference = summary["reference"]
     assert reference["max_z"] <= 0.2 and 0.8 <= reference["min_r"] <= reference["max_r"] <= 1.2
     assert set(summary["posterior"]) >= {"v", "x"}
+
+
+@pytest.mark.slow
+def test_the_banana_is_fitted_non_centred(tmp_path):
+    """hard_banana seed 0 with the default pipeline: x2 non-centred, where the banana is a
+    Gaussian, trusted and right (centred: max z 0.67, r 0.08-0.22, flagged)."""
+    pytest.importorskip("vibench_hardcases")
+    summary = service.start(HARD / "hard_banana.yaml", ["seed=0", "loggers=[]",
+                            "train.plots=false", "train.eval_every=0"], tmp_path / "run",
+                            get_registry()).train()
+    assert summary["auto"]["used"][0].startswith("noncentred-")
+    assert summary["auto"]["flags"] == []
+    reference = summary["reference"]
+    assert reference["max_z"] <= 0.2 and 0.8 <= reference["min_r"] <= reference["max_r"] <= 1.2
+    assert set(summary["posterior"]) == {"x1", "x2"}
