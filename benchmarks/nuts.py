@@ -17,9 +17,11 @@ differ by one constant (a flat prior's missing normaliser is allowed) to 1e-6. A
 fails is reported and not timed.
 
 The ports: posteriordb's kilpisjarvi, earnings, nes, diamonds and garch11 (written here, from
-the Stan programs); the hard suite's hier_centred and latent_gp
-(packages/vibench-hardcases/make_references.py's ports, which made their references). The
-other posteriors have no port yet and are listed as misses.
+the Stan programs); the hard suite's hier_centred, latent_gp and hier_logistic (the plain-Pyro
+hierarchical logistic regression; packages/vibench-hardcases/make_references.py's ports,
+which made their references) and its analytic targets funnel10, banana, mixture2 and
+student_t (written here, from their maths).
+The other posteriors have no port yet and are listed as misses.
 
     pip install -e '.[bench]' -e packages/vibench-posteriordb -e packages/vibench-hardcases
     python benchmarks/nuts.py [--posteriors kilpisjarvi,garch11] [--rounds 3] [--quick]
@@ -57,13 +59,18 @@ CASES = {
     "garch11": ("pdb_garch11", PDB_RECIPES / "pdb_garch11.yaml"),
     "hier_centred": ("hard_hier_centred", HARD / "recipes" / "hard_hier_centred.yaml"),
     "latent_gp": ("hard_latent_gp", HARD / "recipes" / "hard_latent_gp.yaml"),
+    "hier_logistic": ("hard_hier_logistic", HARD / "recipes" / "hard_hier_logistic.yaml"),
+    "funnel10": ("hard_funnel10", HARD / "recipes" / "hard_funnel10.yaml"),
+    "banana": ("hard_banana", HARD / "recipes" / "hard_banana.yaml"),
+    "mixture2": ("hard_mixture2", HARD / "recipes" / "hard_mixture2.yaml"),
+    "student_t": ("hard_student_t", HARD / "recipes" / "hard_student_t.yaml"),
 }
+# the hard suite's analytic targets, ported here from their maths (models.py's docstrings)
+ANALYTIC = ("funnel10", "banana", "mixture2", "student_t")
+REAL = ("hier_centred", "latent_gp", "hier_logistic")  # make_references.py's NUTS references
+HARD_CASES = (*REAL, *ANALYTIC)
 MISSING = {"arma11": "no NumPyro port yet", "gauss_mix": "no NumPyro port yet",
-           "hmm_drive": "no NumPyro port yet",
-           "hard_funnel10, hard_banana, hard_mixture2, hard_student_t":
-               "analytic references; no NumPyro port yet",
-           "plain-Pyro hierarchical logistic regression (tests/plain_models.py)":
-               "no reference posterior and no recipe for it yet"}
+           "hmm_drive": "no NumPyro port yet"}
 
 
 # ------------------------------------------------------------------------------------------
@@ -76,12 +83,14 @@ def numpyro_port(name: str):
     import numpyro
     import numpyro.distributions as dist
 
-    if name in ("hier_centred", "latent_gp"):
+    if name in REAL:
         sys.path.insert(0, str(HARD))
         import make_references
 
         data = hard_data(name)
         return make_references.numpyro_model(name, "centred"), data
+    if name in ANALYTIC:
+        return analytic_port(name), {k: jnp.asarray(v) for k, v in hard_data(name).items()}
     data = {k: jnp.asarray(v) for k, v in pdb_data(name).items()}
 
     def flat(shape=()):  # Stan's implicit flat prior
@@ -144,6 +153,35 @@ def numpyro_port(name: str):
     return models[name], data
 
 
+def analytic_port(name: str):
+    """The NumPyro model of one of the hard suite's analytic targets, the same density as its
+    Pyro model (vibench_hardcases/models.py)."""
+    import jax.numpy as jnp
+    import numpyro
+    import numpyro.distributions as dist
+
+    def funnel10(v_scale, dim):
+        v = numpyro.sample("v", dist.Normal(0.0, v_scale))
+        with numpyro.plate("dims", int(dim) - 1):
+            numpyro.sample("x", dist.Normal(0.0, jnp.exp(v / 2)))
+
+    def banana(sigma1, b):
+        x1 = numpyro.sample("x1", dist.Normal(0.0, sigma1))
+        numpyro.sample("x2", dist.Normal(-b * (x1 ** 2 - sigma1 ** 2), 1.0))
+
+    def mixture2(y, prior_scale, weights, offsets, covs):
+        theta = numpyro.sample("theta", dist.Normal(jnp.zeros_like(y), prior_scale).to_event(1))
+        numpyro.sample("y", dist.MixtureSameFamily(
+            dist.Categorical(probs=weights),
+            dist.MultivariateNormal(theta[None, :] + offsets, covariance_matrix=covs)), obs=y)
+
+    def student_t(df, loc, scale):
+        numpyro.sample("x", dist.MultivariateStudentT(df, loc, jnp.linalg.cholesky(scale)))
+
+    return {"funnel10": funnel10, "banana": banana, "mixture2": mixture2,
+            "student_t": student_t}[name]
+
+
 def pdb_data(name: str) -> dict:
     from vibench_posteriordb import reference
 
@@ -155,6 +193,8 @@ def hard_data(name: str) -> dict:
     from vibench_hardcases import reference
 
     data = dict(reference.load_data(reference.POSTERIORS[CASES[name][0]]))
+    if name == "funnel10":
+        data["dim"] = int(data["dim"])
     if name == "hier_centred":
         data["J"], data["group"] = int(data["J"]), np.asarray(data["group"], dtype=np.int32)
     return data
@@ -167,12 +207,12 @@ def hard_data(name: str) -> dict:
 def reference_of(name: str) -> dict:
     """The reference posterior (params, sites) as vibench's model gives it."""
     model = vibench_model(name)
-    data = hard_data(name) if name in ("hier_centred", "latent_gp") else pdb_data(name)
+    data = hard_data(name) if name in HARD_CASES else pdb_data(name)
     return model.reference_posterior(**data)
 
 
 def vibench_model(name: str):
-    if name in ("hier_centred", "latent_gp"):
+    if name in HARD_CASES:
         from vibench_hardcases.plugin import MODELS
     else:
         from vibench_posteriordb.plugin import MODELS
@@ -186,7 +226,7 @@ def check_port(name: str, points: int = 5) -> dict:
     import numpy as np
 
     jax.config.update("jax_enable_x64", True)  # the ports' densities in float64, as the models'
-    if name in ("hier_centred", "latent_gp"):
+    if name in REAL:
         sys.path.insert(0, str(HARD))
         import make_references
         from vibench_hardcases import reference
@@ -196,7 +236,8 @@ def check_port(name: str, points: int = 5) -> dict:
         at = [{k: float(v[i]) for k, v in draws.items()} for i in rows]
         found = make_references.port_checks(name, hard_data(name), at)["centred_port"]
         return {"constant": found["constant"], "deviation": found["max_abs_deviation"]}
-    first, second = pdb_log_densities(name, points)
+    first, second = (analytic_log_densities if name in ANALYTIC else pdb_log_densities)(
+        name, points)
     diff = np.array(first) - np.array(second)
     return {"constant": float(diff.mean()),
             "deviation": float(np.abs(diff - diff.mean()).max())}
@@ -221,6 +262,39 @@ def pdb_log_densities(name: str, points: int) -> tuple[list[float], list[float]]
     for i in rows:
         values = model.latent_values({k: np.float64(v[i]) for k, v in draws.items()},
                                      dtype=torch.float64)
+        trace = poutine.trace(poutine.condition(model, data=values)).get_trace(**tensors)
+        first.append(float(trace.log_prob_sum()))
+        jvalues = {k: np.asarray(v.numpy()) for k, v in values.items()}
+        second.append(float(log_density(port, (), jdata, jvalues)[0]))
+    return first, second
+
+
+def analytic_log_densities(name: str, points: int) -> tuple[list[float], list[float]]:
+    """Both log joints of an analytic target at ``points`` of its reference draws (columns
+    ``site`` or ``site[i]``, put back together as each site's vector)."""
+    import jax
+    import numpy as np
+    import torch
+    from numpyro.infer.util import log_density
+    from pyro import poutine
+    from vibench_hardcases import reference
+
+    jax.config.update("jax_enable_x64", True)
+    model = vibench_model(name)
+    draws = reference.load_draws(reference.POSTERIORS[CASES[name][0]])
+    rows = np.linspace(0, len(next(iter(draws.values()))) - 1, points).astype(int)
+    data = hard_data(name)
+    tensors = {k: torch.as_tensor(v, dtype=torch.float64) if not isinstance(v, int) else v
+               for k, v in data.items()}
+    port, jdata = numpyro_port(name)
+    vectors = {column.split("[")[0] for column in draws if "[" in column}
+    first, second = [], []
+    for i in rows:
+        sites: dict[str, list[float]] = {}
+        for column, values in draws.items():
+            sites.setdefault(column.split("[")[0], []).append(float(values[i]))
+        values = {site: torch.tensor(v if site in vectors else v[0], dtype=torch.float64)
+                  for site, v in sites.items()}
         trace = poutine.trace(poutine.condition(model, data=values)).get_trace(**tensors)
         first.append(float(trace.log_prob_sum()))
         jvalues = {k: np.asarray(v.numpy()) for k, v in values.items()}

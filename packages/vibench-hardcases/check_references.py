@@ -120,6 +120,14 @@ def log_density(name: str, point: dict, data: dict) -> float:
         poisson = float(np.sum(y * (m + f) - np.exp(m + f) - [math.lgamma(k + 1) for k in y]))
         return (_normal(a, 0, 1.5) + math.log(2) + inv_gamma + _normal(m, 0, 2)
                 + _mvn(f, np.zeros(len(x)), K) + poisson)
+    if name == "hard_hier_logistic":
+        X, g, y = np.asarray(data["X"]), np.asarray(data["g"]).astype(int), np.asarray(data["y"])
+        mu, sigma = point["mu"], point["sigma"]
+        beta, a = _vector(point, "beta", X.shape[1]), _vector(point, "a", g.max() + 1)
+        eta = a[g] + X @ beta
+        loglik = float(np.sum(-np.logaddexp(0, -np.where(y == 1, eta, -eta))))
+        return (_normal(mu, 0, 2) + _normal(sigma, 0, 1) + math.log(2) + _normal(beta, 0, 1)
+                + _normal(a, mu, sigma) + loglik)
     raise KeyError(name)
 
 
@@ -133,7 +141,12 @@ FAR_POINTS = {  # far in the tails, in the funnel's neck, between the modes
                            **{f"alpha[{j + 1}]": 2.0 + 0.001 * j for j in range(10)}}],
     "hard_latent_gp": [{"amplitude": 0.05, "lengthscale": 0.3, "mean": 3.0,
                         **{f"f[{i + 1}]": 0.01 * (-1) ** i for i in range(20)}}],
+    "hard_hier_logistic": [{"mu": -3.0, "sigma": 0.02, **{f"beta[{i + 1}]": 2.0 * (-1) ** i
+                                                           for i in range(5)},
+                            **{f"a[{j + 1}]": -3.0 + 0.01 * j for j in range(10)}}],
 }
+# written as plain Pyro, as a newcomer would: they do not broadcast over a batch of points
+PLAIN = ("hard_hier_logistic",)
 
 
 # ------------------------------------------------------------------------------------------
@@ -250,9 +263,13 @@ def check(name: str) -> tuple[list[str], bool]:
                 if isinstance(c, dict) and "max_abs_deviation" in c))
 
     # vectorised: 3 points at once, in a plate left of the model's plates
-    deviation = vectorised_deviation(model, points[:3], data)
-    say(deviation < 1e-9, f"log density of 3 points in a batch plate = each alone (largest "
-        f"deviation {deviation:.1e})")
+    if name in PLAIN:
+        lines.append("- skipped: 3 points at once in a batch plate (written as plain Pyro, "
+                     "the model does not broadcast over one)")
+    else:
+        deviation = vectorised_deviation(model, points[:3], data)
+        say(deviation < 1e-9, f"log density of 3 points in a batch plate = each alone "
+            f"(largest deviation {deviation:.1e})")
 
     # sites, reference_posterior's data check, exact_posterior
     import torch

@@ -1,10 +1,11 @@
 """Make the hard posteriors' data, reference draws and reference summaries (not imported at
 run time; vibench reads only the files this writes).
 
-    python make_references.py data                    # synthetic data.json: hier_centred, latent_gp
+    python make_references.py data [NAME ...]   # synthetic data.json of the real models
     python make_references.py analytic                # funnel10, banana, mixture2, student_t
     nice -n 19 python make_references.py nuts hier_centred --param noncentred
     nice -n 19 python make_references.py nuts latent_gp --param centred --target-accept 0.95
+    nice -n 19 python make_references.py nuts hier_logistic --param noncentred
 
 ``analytic`` writes, per target, 100,000 exact i.i.d. draws (numpy, fixed seed, float32 in
 draws.npz), reference.json (mean and sd analytic; 5/50/95 % quantiles analytic or by 1-d
@@ -56,16 +57,19 @@ STUDENT = {"df": 3.0, "loc": [0.0, 1.0, -1.0, 2.0],
            "scale": [[round(_T_SCALES[i] * _T_SCALES[j] * 0.7 ** abs(i - j), 10) for j in range(4)]
                      for i in range(4)]}
 SEEDS = {"funnel10": 101, "banana": 102, "mixture2": 103, "student_t": 104,
-         "hier_centred": 201, "latent_gp": 202}
+         "hier_centred": 201, "latent_gp": 202, "hier_logistic": 203}
+REAL = ("hier_centred", "latent_gp", "hier_logistic")  # the models whose references are NUTS's
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
-    sub.add_parser("data", help="write the synthetic data.json of hier_centred and latent_gp")
+    data = sub.add_parser("data", help="write the real models' synthetic data.json")
+    data.add_argument("names", nargs="*", metavar="NAME",
+                      help=f"of {', '.join(REAL)} (default: all)")
     sub.add_parser("analytic", help="write the analytic targets' files")
     nuts = sub.add_parser("nuts", help="a NumPyro NUTS reference run of a real model")
-    nuts.add_argument("name", choices=["hier_centred", "latent_gp"])
+    nuts.add_argument("name", choices=REAL)
     nuts.add_argument("--param", choices=["centred", "noncentred"], default="centred")
     nuts.add_argument("--chains", type=int, default=8)
     nuts.add_argument("--warmup", type=int, default=2000)
@@ -78,10 +82,15 @@ def main(argv=None) -> int:
                       help="make this run the reference (refused unless it passes)")
     info = sub.add_parser("info", help="rewrite a real model's info.json from its data "
                                        "section, its reference run and its other runs")
-    info.add_argument("name", choices=["hier_centred", "latent_gp"])
+    info.add_argument("name", choices=REAL)
     args = parser.parse_args(argv)
     if args.command == "data":
-        write_data()
+        unknown = [name for name in args.names if name not in REAL]
+        if unknown:
+            parser.error(f"no real model {unknown[0]!r}; choose from {', '.join(REAL)}")
+        for name in args.names or REAL:
+            {"hier_centred": write_hier_centred_data, "latent_gp": write_latent_gp_data,
+             "hier_logistic": write_hier_logistic_data}[name]()
     elif args.command == "analytic":
         for name in ("funnel10", "banana", "mixture2", "student_t"):
             write_analytic(name)
@@ -149,11 +158,10 @@ def provenance() -> dict:
 # synthetic data
 
 
-def write_data() -> None:
-    """The real models' data, simulated from the models with fixed seeds and true values."""
+def write_hier_centred_data() -> None:
+    """hier_centred: 10 groups of 3 to 10 Bernoulli outcomes, one N(0, 1) covariate."""
     import numpy as np
 
-    # hier_centred: 10 groups of 3 to 10 Bernoulli outcomes, one N(0, 1) covariate.
     rng = np.random.default_rng(SEEDS["hier_centred"])
     truth = {"mu": -0.3, "tau": 0.6, "beta": 0.8}
     sizes = [4, 6, 8, 5, 10, 3, 7, 6, 9, 4]
@@ -170,9 +178,14 @@ def write_data() -> None:
         "true_alpha": alpha.round(4).tolist(),
         "how": "numpy.random.default_rng(seed): alpha ~ Normal(mu, tau) per group, x ~ "
                "Normal(0, 1) rounded to 2 decimals, y ~ Bernoulli(sigmoid(alpha[group] + "
-               "beta x)) (make_references.py write_data)"})
+               "beta x)) (make_references.py write_hier_centred_data)"})
+    print("wrote", folder / "data.json")
 
-    # latent_gp: 20 inputs on a jittered grid of (0, 10); f a draw of the GP; Poisson counts.
+
+def write_latent_gp_data() -> None:
+    """latent_gp: 20 inputs on a jittered grid of (0, 10); f a draw of the GP; Poisson
+    counts."""
+    import numpy as np
     from vibench_hardcases.models import GP_JITTER
 
     rng = np.random.default_rng(SEEDS["latent_gp"])
@@ -190,8 +203,35 @@ def write_data() -> None:
         "how": "numpy.random.default_rng(seed): x = 0.25 + 0.5 i + Uniform(-0.2, 0.2), i = "
                "0..19, rounded to 2 decimals; f = chol(K) z with the model's kernel (and "
                "jitter) at the true amplitude and lengthscale; y ~ Poisson(exp(mean + f)) "
-               "(make_references.py write_data)"})
-    print("wrote", DATA / "hier_centred" / "data.json", DATA / "latent_gp" / "data.json")
+               "(make_references.py write_latent_gp_data)"})
+    print("wrote", folder / "data.json")
+
+
+def write_hier_logistic_data() -> None:
+    """hier_logistic: 2,000 rows of 5 N(0, 1) predictors in 10 groups (row i in group i mod
+    10), intercepts around a common one, Bernoulli outcomes: the size of issue 21's newcomer
+    model."""
+    import numpy as np
+
+    rng = np.random.default_rng(SEEDS["hier_logistic"])
+    truth = {"mu": 0.5, "sigma": 0.8}
+    rows, predictors, groups = 2000, 5, 10
+    a = rng.normal(truth["mu"], truth["sigma"], groups)
+    beta = np.round(rng.normal(0.0, 1.0, predictors), 4)
+    X = np.round(rng.normal(0.0, 1.0, (rows, predictors)), 3)
+    g = np.arange(rows) % groups
+    p = 1 / (1 + np.exp(-(a[g] + X @ beta)))
+    y = (rng.uniform(size=rows) < p).astype(int)
+    folder = DATA / "hier_logistic"
+    write_data_json(folder / "data.json", {"X": X.tolist(), "g": g.tolist(), "y": y.tolist()})
+    write_data_info(folder, {
+        "seed": SEEDS["hier_logistic"], "truth": {**truth, "beta": beta.tolist()},
+        "true_a": a.round(4).tolist(),
+        "how": "numpy.random.default_rng(seed): a ~ Normal(mu, sigma) per group, beta ~ "
+               "Normal(0, 1) rounded to 4 decimals, X ~ Normal(0, 1) rounded to 3 decimals, "
+               "g = row mod 10, y ~ Bernoulli(sigmoid(a[g] + X beta)) (make_references.py "
+               "write_hier_logistic_data)"})
+    print("wrote", folder / "data.json")
 
 
 def write_data_info(folder: Path, how: dict) -> None:
@@ -488,7 +528,28 @@ def numpyro_model(name: str, param: str):
             numpyro.sample("y", dist.Poisson(jnp.exp(mean + f)).to_event(1), obs=y)
 
         return model
+    if name == "hier_logistic":
+        import numpy as np
+
+        def model(X, g, y):
+            groups = int(np.max(np.asarray(g))) + 1
+            g = jnp.asarray(g, dtype=jnp.int32)
+            mu = numpyro.sample("mu", dist.Normal(0.0, 2.0))
+            sigma = numpyro.sample("sigma", dist.HalfNormal(1.0))
+            beta = numpyro.sample("beta", dist.Normal(0.0, 1.0).expand([X.shape[1]]).to_event(1))
+            if param == "centred":
+                a = numpyro.sample("a", dist.Normal(mu, sigma).expand([groups]).to_event(1))
+            else:
+                raw = numpyro.sample("a_raw", dist.Normal(0.0, 1.0).expand([groups]).to_event(1))
+                a = numpyro.deterministic("a", mu + sigma * raw)
+            numpyro.sample("y", dist.Bernoulli(logits=a[g] + X @ beta).to_event(1), obs=y)
+
+        return model
     raise KeyError(name)
+
+
+# the hierarchical models' non-centred site, its location and its scale
+HIERARCHIES = {"hier_centred": ("alpha", "mu", "tau"), "hier_logistic": ("a", "mu", "sigma")}
 
 
 def flatten(samples: dict, names_of: dict) -> dict:
@@ -509,6 +570,11 @@ def flatten(samples: dict, names_of: dict) -> dict:
 
 
 def site_shapes(name: str, data: dict) -> dict:
+    if name == "hier_logistic":
+        import numpy as np
+
+        return {"mu": (), "sigma": (), "beta": (np.shape(data["X"])[1],),
+                "a": (int(np.max(data["g"])) + 1,)}
     if name == "hier_centred":
         return {"mu": (), "tau": (), "beta": (), "alpha": (int(data["J"]),)}
     return {"amplitude": (), "lengthscale": (), "mean": (), "f": (len(data["x"]),)}
@@ -528,7 +594,7 @@ def port_checks(name: str, data: dict, points: list[dict]) -> dict:
     if name == "hier_centred":
         jdata["J"] = int(data["J"])
     shapes = site_shapes(name, data)
-    vector = [site for site, shape in shapes.items() if shape][0]
+    vector = HIERARCHIES[name][0] if name in HIERARCHIES else "f"
 
     def sites(point):
         out = {}
@@ -541,9 +607,10 @@ def port_checks(name: str, data: dict, points: list[dict]) -> dict:
     for point in points:
         values = sites(point)
         centred.append(float(log_density(numpyro_model(name, "centred"), (), jdata, values)[0]))
-        if name == "hier_centred":
-            raw = (values["alpha"] - values["mu"]) / values["tau"]
-            log_jac = float(shapes["alpha"][0] * jnp.log(values["tau"]))
+        if name in HIERARCHIES:
+            site, loc, scale = HIERARCHIES[name]
+            raw = (values[site] - values[loc]) / values[scale]
+            log_jac = float(shapes[site][0] * jnp.log(values[scale]))
         else:
             x = np.asarray(data["x"])
             K = (float(values["amplitude"]) ** 2
@@ -581,7 +648,7 @@ def run_nuts(args) -> None:
     numpyro.set_host_device_count(1)
     folder = DATA / args.name
     data = json.loads((folder / "data.json").read_text())
-    jdata = {k: np.asarray(v, dtype=np.int32 if k in ("group",) else np.float64)
+    jdata = {k: np.asarray(v, dtype=np.int32 if k in ("group", "g") else np.float64)
              for k, v in data.items()}
     if args.name == "hier_centred":
         jdata["J"] = int(data["J"])

@@ -203,3 +203,30 @@ class LatentGP(_Hard):
              + GP_JITTER * torch.eye(len(x), dtype=x.dtype, device=x.device))
         f = pyro.sample("f", dist.MultivariateNormal(torch.zeros_like(x), covariance_matrix=K))
         pyro.sample("y", dist.Poisson(torch.exp(mean[..., None] + f)).to_event(1), obs=y)
+
+
+class HierLogistic(_Hard):
+    """A newcomer's hierarchical logistic regression, written as plain Pyro: 2,000 binary
+    outcomes, 5 predictors, an intercept per group (10 groups) around a common one.
+
+    Unlike the other models here it indexes and multiplies as if each site had its own shape
+    only (``a[g.index_select(0, ind)]``, ``X @ beta``), so it does not broadcast over a
+    leading draws or particles dimension: vibench has to find that out and evaluate draws
+    another way (issue 21's newcomer model, as the newcomer wrote it).
+    """
+
+    posterior = "hier_logistic"
+
+    def __call__(self, X, g, y):
+        import pyro
+        import pyro.distributions as dist
+
+        g = g.long()
+        mu = pyro.sample("mu", dist.Normal(X.new_tensor(0.0), 2.0))
+        sigma = pyro.sample("sigma", dist.HalfNormal(X.new_tensor(1.0)))
+        beta = pyro.sample("beta", dist.Normal(X.new_zeros(X.shape[1]), 1.0).to_event(1))
+        with pyro.plate("groups", int(g.max()) + 1):
+            a = pyro.sample("a", dist.Normal(mu, sigma))
+        with pyro.plate("rows", len(y)) as ind:
+            logits = a[g.index_select(0, ind)] + X.index_select(0, ind) @ beta
+            pyro.sample("y", dist.Bernoulli(logits=logits), obs=y.index_select(0, ind))

@@ -16,6 +16,7 @@ MODELS = {
     "hard_student_t": models.StudentT,
     "hard_hier_centred": models.HierCentred,
     "hard_latent_gp": models.LatentGP,
+    "hard_hier_logistic": models.HierLogistic,
 }
 
 # vibench name -> what its data set holds (the keys of data.json), for `vibench list`.
@@ -28,6 +29,8 @@ DATA = {
     "hard_hier_centred": "62 synthetic binary outcomes y with a covariate x and their 0-based "
                          "group (10 groups), and J",
     "hard_latent_gp": "20 synthetic Poisson counts y at inputs x in (0, 10)",
+    "hard_hier_logistic": "2,000 synthetic binary outcomes y, their predictors X (2,000 x 5) "
+                          "and 0-based group g (10 groups)",
 }
 
 

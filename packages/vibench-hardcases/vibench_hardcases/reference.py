@@ -26,6 +26,7 @@ POSTERIORS = {
     "hard_student_t": "student_t",
     "hard_hier_centred": "hier_centred",
     "hard_latent_gp": "latent_gp",
+    "hard_hier_logistic": "hier_logistic",
 }
 
 _NAME = re.compile(r"([A-Za-z][A-Za-z0-9_]*)(?:\[([0-9]+(?:,[0-9]+)*)\])?")
