@@ -74,7 +74,7 @@ def test_a_banana_escalates_to_a_flow(tmp_path):
         "model": {"name": f"{HERE / 'auto_models.py'}:banana"},
         "auto": {"stages": ["start",
                             {"name": "gaussian", "runs": 1, "min_runs": 1, "lr": 0.01,
-                             "max_steps": 30},
+                             "max_steps": 30, "reparam": "none"},  # non-centred, it is exact
                             {"name": "flow", "max_steps": 30, "num_transforms": 1},
                             "psis"]}})
     stages = {s["stage"]: s["said"] for s in summary["auto"]["stages"]}
