@@ -323,7 +323,7 @@ QUICK_TWINS = {("coin", "auto_normal"), ("coin", "auto_multivariate_normal")}
     for case in TWINS for guide in GUIDES])
 def test_a_plain_model_is_fitted_and_reported_as_its_broadcasting_twin(tmp_path: Path,
                                                                         case: str, guide: str):
-    """Each plain model trains (its particles one after another), gets a PSIS k-hat over every
+    """Each plain model trains (its particles at once, vmapped), gets a PSIS k-hat over every
     draw (vmap), density plots and posterior.nc with its posterior predictive, and agrees with
     its broadcasting twin within a fraction of a posterior sd."""
     import h5netcdf
@@ -336,8 +336,9 @@ def test_a_plain_model_is_fitted_and_reported_as_its_broadcasting_twin(tmp_path:
                                    "dimension of draws: plain_models.py:"), run.notes
     assert line in run.notes[0]
     assert "torch.func.vmap" in run.notes[1]
-    assert ("one after another" in run.notes[1]) == (particles > 1)
-    assert not run.svi.loss.__self__.vectorize_particles
+    assert ("particles run at once with torch.func.vmap" in run.notes[1]) == (particles > 1)
+    assert "one after another" not in run.notes[1]
+    assert run.svi.loss.__self__.vectorize_particles == (particles > 1)
     assert summary["status"] == "completed"
     diagnostics = summary["diagnostics"]
     assert diagnostics["khat"] is not None, diagnostics
@@ -364,17 +365,44 @@ def test_a_plain_model_is_fitted_and_reported_as_its_broadcasting_twin(tmp_path:
         assert ((sd / twin_sd - 1).abs() <= 0.8).all(), (site, sd, twin_sd)
 
 
+@pytest.mark.parametrize("case", ["coin", "hierarchical"])
+def test_vmapped_particles_step_as_the_broadcasting_twins_vectorised_ones(tmp_path: Path,
+                                                                          case: str):
+    """One step of a plain model's particles, vmapped, has the loss and gradients of its
+    broadcasting twin's vectorised particles, from the same seed (the same guide draws)."""
+    import pyro
+    import torch
+
+    plain, twin, data, _ = TWINS[case]
+    steps, notes = {}, {}
+    for name, model in (("plain", {"name": plain}), ("twin", twin)):
+        run = setup(source=plain_recipe(tmp_path / name, model, data,
+                                        "auto_multivariate_normal", 4, steps=1))
+        notes[name] = run.notes
+        pyro.set_rng_seed(3)
+        loss = run.svi.loss_and_grads(run.svi.model, run.svi.guide, **run.data)
+        store = pyro.get_param_store()
+        steps[name] = loss, {key: store.get_param(key).unconstrained().grad.clone()
+                             for key in store.keys()}
+    assert "its 4 particles run at once with torch.func.vmap" in notes["plain"][1]
+    assert notes["twin"] == []
+    (loss, grads), (twin_loss, twin_grads) = steps["plain"], steps["twin"]
+    assert loss == pytest.approx(twin_loss, rel=1e-5)
+    assert grads.keys() == twin_grads.keys()
+    for key, grad in grads.items():
+        assert torch.allclose(grad, twin_grads[key], rtol=1e-4, atol=1e-4), key
+
+
 def test_a_model_that_mixes_its_draws_is_found_out(tmp_path: Path):
     """A model that runs with a plate of draws but sums over it (``effects.sum()``) would
     train silently wrong with vectorised particles: the check compares draws at once with
-    each alone, and its particles run one after another."""
+    each alone, and its particles run vmapped, each one alone."""
     run, summary, _ = fit(plain_recipe(tmp_path, {"name": f"{PLAIN}:soft_sum_to_zero"},
                                        REGRESSION, "auto_normal", 4, steps=100,
                                        train={"steps": 100, "eval_every": 0, "plots": False}))
     assert "site 'sum_to_zero' for two draws at once is not each draw's alone (it mixes the " \
            "draws)" in run.notes[0]
-    assert "its 4 particles run one after another" in run.notes[1]
-    assert not run.svi.loss.__self__.vectorize_particles
+    assert "its 4 particles run at once with torch.func.vmap" in run.notes[1]
     assert summary["diagnostics"]["khat"] is not None
 
 

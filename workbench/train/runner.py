@@ -139,14 +139,15 @@ class Run:
             model = build(registry, "model", recipe["model"], device=device)
             loaded = phases.setup_data(registry, recipe, model, device, world)
             guide = phases.setup_guide(registry, recipe, model, device)
-            loss, notes = phases.setup_loss(registry, recipe, model, loaded, device)
+            loss, stepped, notes = phases.setup_loss(registry, recipe, model, loaded, device,
+                                                     world)
             optimizer, optim_args = make_optimizer(registry, recipe, device)
             minibatch = Minibatch.of(loaded.trace, recipe["train"], device, world,
                                      loaded.total)
             data = phases.rank_data(loaded.values, minibatch)
             if world.distributed:
                 notes.append(phases.parallel_note(minibatch, world))
-            svi = SVI(minibatch(model), minibatch(guide), optimizer, loss=loss)
+            svi = SVI(minibatch(stepped), minibatch(guide), optimizer, loss=loss)
             notes += phases.setup_params(svi, data, recipe, model, guide, minibatch)
             phases.setup_optimizer(svi, optim_args, recipe)
             can_evaluate, more = phases.setup_evaluation(svi, data, minibatch, device, recipe)

@@ -76,15 +76,16 @@ def setup_guide(registry: Registry, recipe: dict, model: Any, device: torch.devi
 
 
 def setup_loss(registry: Registry, recipe: dict, model: Any, loaded: Loaded,
-               device: torch.device) -> tuple[Any, list[str]]:
-    """The recipe's loss, fitted to how the model broadcasts (with notes saying how), and
-    checked to fit one step in the device's memory."""
+               device: torch.device, world: World) -> tuple[Any, Any, list[str]]:
+    """The recipe's loss and the model it steps, fitted to how the model broadcasts (with
+    notes saying how), checked to fit one step in the device's memory."""
     loss = build(registry, "loss", recipe["loss"], device=device)
     way = broadcast.verdict(model, loaded.values, posterior.plate_nesting(loaded.trace),
                             loaded.trace)
-    notes = fit_particles(loss, way, names(recipe))
+    whole = (recipe["train"].get("batch_size") is None and not world.distributed)
+    stepped, notes = fit_particles(loss, way, names(recipe), model, loaded.trace, whole)
     check_step_memory(loaded.trace, loss, device)
-    return loss, notes
+    return loss, stepped, notes
 
 
 def setup_params(svi: SVI, data: dict, recipe: dict, model: Any, guide: Any,
@@ -161,25 +162,34 @@ def rank_data(data: dict, minibatch: Minibatch) -> dict:
     return shard(data, found.size, found.owned)
 
 
-def fit_particles(loss: Any, way: broadcast.Verdict, names: dict[str, str]) -> list[str]:
-    """Where the model does not broadcast over a leading dimension (``way``), a loss with
-    vectorised particles takes them one after another instead; the notes say so, where the
+def fit_particles(loss: Any, way: broadcast.Verdict, names: dict[str, str], model: Any,
+                  trace: poutine.Trace, whole: bool) -> tuple[Any, list[str]]:
+    """The model the loss steps, and the notes, where the model does not broadcast over a
+    leading dimension (``way``): a loss's vectorised particles run the model vmapped per
+    particle where vmap applies and each step sees the ``whole`` data in one process
+    (``broadcast.particles_vmapped``), else one after another; the notes say so, where the
     model failed, and what it costs (the report's cost too)."""
     if way.broadcasts:
-        return []
+        return model, []
     cost = way.report_cost(posterior.NUM_IS_DRAWS)
     particles = getattr(loss, "num_particles", 1)
-    if getattr(loss, "vectorize_particles", False) and particles > 1:
-        from pyro.infer import TraceTailAdaptive_ELBO
+    if not getattr(loss, "vectorize_particles", False) or particles <= 1:
+        return model, [way.line(names["model"]), cost]
+    from pyro.infer import TraceEnum_ELBO, TraceTailAdaptive_ELBO
 
-        if isinstance(loss, TraceTailAdaptive_ELBO):
-            raise UsageError(f"loss {names['loss']!r} needs particles evaluated at once, and "
-                             f"{way.line(names['model'])}; make the model broadcast "
-                             "(docs: Your own model) or use another loss")
-        loss.vectorize_particles = False
-        cost = (f"its {particles} particles run one after another (about {particles}x the "
-                f"step's time); {cost}")
-    return [way.line(names["model"]), cost]
+    if isinstance(loss, TraceTailAdaptive_ELBO):
+        raise UsageError(f"loss {names['loss']!r} needs particles evaluated at once, and "
+                         f"{way.line(names['model'])}; make the model broadcast "
+                         "(docs: Your own model) or use another loss")
+    if way.method == broadcast.VMAP and whole and not isinstance(loss, TraceEnum_ELBO):
+        if loss.max_plate_nesting == float("inf"):  # the adapter hides the model's plates
+            loss.max_plate_nesting = way.nesting + 1
+        return (broadcast.particles_vmapped(model, trace, loss.max_plate_nesting - 1),
+                [way.line(names["model"]), f"its {particles} particles run at once with "
+                 f"torch.func.vmap, one particle's model batched; {cost}"])
+    loss.vectorize_particles = False
+    return model, [way.line(names["model"]), f"its {particles} particles run one after "
+                   f"another (about {particles}x the step's time); {cost}"]
 
 
 # The bytes a vectorised step holds at its peak, in copies of the model trace's numbers per
