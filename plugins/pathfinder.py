@@ -480,6 +480,7 @@ def approximate(guide, sites: list[laplace.Site], args: tuple, kwargs: dict,
     first path starts at ``first`` (default: the guide's location now)."""
     check_options(num_paths, max_iter, history, draws)
     laplace.check_continuous(guide, args, kwargs, method="pathfinder")
+    model = laplace.source(guide, args, kwargs)  # the sites it enumerates summed out
     if first is None:
         first = laplace.current_loc(guide, sites)
     result = None
@@ -487,11 +488,11 @@ def approximate(guide, sites: list[laplace.Site], args: tuple, kwargs: dict,
         wide_args, wide_kwargs = _cast((args, kwargs), dtype)
         try:
             with default_dtype(dtype):
-                potential = laplace.potential_fn(guide.model, sites, wide_args, wide_kwargs)
+                potential = laplace.potential_fn(model, sites, wide_args, wide_kwargs)
                 start = first.to(dtype)
                 potential(start)  # a model that holds tensors of its own dtype refuses float64
                 starts = [start] + [torch.rand_like(start) * 4 - 2 for _ in range(num_paths - 1)]
-                potentials = batch_potential(guide.model, sites, wide_args, wide_kwargs, potential)
+                potentials = batch_potential(model, sites, wide_args, wide_kwargs, potential)
                 result = multi_path(potential, potentials, starts, max_iter, history, draws)
             break
         except RuntimeError:

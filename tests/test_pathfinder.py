@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from tests.gaussian_models import GAUSSIAN, data_for, regression, regression_posterior
-from tests.helpers import EXACT_MEAN, EXACT_STD, TOLERANCE, coin_fit, setup
+from tests.helpers import EXACT_MEAN, EXACT_STD, QUICK, TOLERANCE, coin_fit, fit, setup
 from workbench.errors import UsageError
 
 # A correlated 4-d Gaussian target with sds from 0.1 to 3: the scales differ 30-fold.
@@ -129,10 +129,18 @@ def test_bad_pathfinder_options_are_one_line():
         with pytest.raises(UsageError, match=expected) as caught:
             setup(*sets)
         assert len(str(caught.value).strip().splitlines()) == 1
-    with pytest.raises(UsageError, match="init 'pathfinder' needs continuous latent sites; "
-                                         "'assignment' is discrete"):
-        setup("guide=auto_normal", "guide.init=pathfinder", "model=gaussian_mixture",
-              "loss=enum_elbo", "data={dataset: {name: synthetic_mixture, n: 50}}")
+
+
+def test_pathfinder_climbs_a_mixture_with_its_labels_summed_out(tmp_path: Path):
+    """The potential Pathfinder climbs sums out the sites the model enumerates (as enum_elbo
+    does): on two well-separated components its Gaussian sits at one labelling's mode."""
+    summary, _ = fit(tmp_path, "guide=pathfinder", "guide.num_paths=1", "model=gaussian_mixture",
+                     "loss=enum_elbo", "data={dataset: {name: synthetic_mixture, n: 100}}",
+                     "train.steps=0", *QUICK)
+    post = summary["posterior"]
+    assert sorted(post["locs"]["mean"]) == pytest.approx([-3.0, 3.0], abs=0.3)
+    assert post["scale"]["mean"] == pytest.approx(1.0, abs=0.15)
+    assert max(post["locs"]["std"]) < 0.3
 
 
 def test_lbfgs_history_gives_the_exact_inverse_hessian_on_a_quadratic(float64, monkeypatch):
