@@ -88,7 +88,7 @@ def test_observations_coupled_through_a_summed_out_chain_get_no_pointwise_likeli
     assert left_out.endswith("so its likelihood does not split by observation")
 
 
-@pytest.mark.slow  # a one-fit pipeline and its answer's draws: about 10 s of CPU
+@pytest.mark.slow  # a one-fit pipeline of 400 steps and its answer's draws: about 25 s
 def test_the_pipeline_s_answer_has_the_summed_out_pointwise_likelihood(tmp_path: Path):
     recipe = {"model": {"name": "gaussian_mixture"}, "loggers": [],
               "data": {"dataset": {"name": "synthetic_mixture", "n": 40}},
@@ -103,3 +103,18 @@ def test_the_pipeline_s_answer_has_the_summed_out_pointwise_likelihood(tmp_path:
     assert data.log_likelihood["obs"].shape == (1, 1000, 40)
     assert math.isfinite(found.elpd_loo)
     assert data.sample_stats["resampled"].values.all()  # the fit's draws weighed, summed out
+
+
+@pytest.mark.slow  # a short fit and the funnel lever's look at the model: 8 s of CPU
+def test_a_bad_fit_of_an_enumerated_model_is_flagged_not_a_failed_stage(tmp_path: Path):
+    """Where the fit's k-hat is bad the gaussian stage looks for funnels in the model, at a
+    feasible point: a site it enumerates gets a draw there (Pyro's init_to_feasible refuses
+    a discrete site), and the pipeline answers, flagged."""
+    recipe = {"model": {"name": "gaussian_mixture"}, "loggers": [],
+              "data": {"dataset": {"name": "synthetic_mixture", "n": 40}},
+              "train": {"plots": False, "eval_every": 0},
+              "auto": {"stages": ["start", {"name": "gaussian", "runs": 1, "min_runs": 1,
+                                            "max_steps": 40, "modes": 0}, "psis"]}}
+    (tmp_path / "auto.yaml").write_text(yaml.safe_dump(recipe))
+    summary, _ = fit(tmp_path, source=tmp_path / "auto.yaml")
+    assert summary["auto"]["flags"]
