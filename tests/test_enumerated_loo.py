@@ -17,30 +17,27 @@ import yaml
 from tests.helpers import fit
 
 MIXTURE = ["model=gaussian_mixture", "loss=enum_elbo", "loss.max_plate_nesting=1",
-           "guide=auto_multivariate_normal", "guide.init=laplace",
-           "data={dataset: {name: synthetic_mixture, n: 40}}", "train.steps=20",
-           "train.plots=false", "train.eval_every=0"]
+           "guide=auto_multivariate_normal", "data={dataset: {name: synthetic_mixture, n: 40}}",
+           "train.steps=20", "train.plots=false", "train.eval_every=0",
+           "train.diagnostics=false"]
 
 HMM = '''
 import pyro
 import pyro.distributions as dist
 import torch
+from pyro.ops.indexing import Vindex
 
 
 def model(y):
     stay = pyro.sample("stay", dist.Beta(torch.tensor(8.0), 2.0))
     locs = pyro.sample("locs", dist.Normal(torch.tensor([-2.0, 2.0]), 1.0).to_event(1))
-    moves = torch.stack([stay, 1 - stay], -1)
+    moves = torch.stack([torch.stack([stay, 1 - stay], -1), torch.stack([1 - stay, stay], -1)],
+                        -2)  # moves[..., i, j]: from state i to j
     state = 0
     for t in pyro.markov(range(len(y))):
-        probs = moves if t == 0 else torch.where(torch.as_tensor(state)[..., None] == 0,
-                                                 moves, moves.flip(-1))
-        state = pyro.sample(f"state_{t}", dist.Categorical(probs),
+        state = pyro.sample(f"state_{t}", dist.Categorical(Vindex(moves)[..., state, :]),
                             infer={"enumerate": "parallel"})
-        pyro.sample(f"y_{t}", dist.Normal(locs[..., state] if locs.dim() == 1 else
-                                          locs.gather(-1, state.long().expand(
-                                              locs.shape[:-1] + state.shape[-1:])), 1.0),
-                    obs=y[t])
+        pyro.sample(f"y_{t}", dist.Normal(Vindex(locs)[..., state], 1.0), obs=y[t])
 '''
 
 
