@@ -133,13 +133,14 @@ def source(guide, args: tuple, kwargs: dict):
 def check_continuous(guide, args: tuple, kwargs: dict, method: str = "laplace") -> None:
     """Refuse a model with discrete latent sites that the potential cannot sum out: their
     values are not the guide's, so the log joint the mode is sought on would be a random
-    draw. The Laplace start sums out sites marked for parallel enumeration (as enum_elbo)."""
+    draw. The Laplace and Pathfinder starts sum out sites marked for parallel enumeration (as
+    enum_elbo) in the potential they climb (``potential_fn``)."""
     model = model_of(guide)
     trace = poutine.trace(model).get_trace(*args, **kwargs)
     for name, site in trace.nodes.items():
         if site["type"] != "sample" or site["is_observed"] or site_is_subsample(site):
             continue
-        summed = method == "laplace" and site["infer"].get("enumerate") == "parallel"
+        summed = site["infer"].get("enumerate") == "parallel"
         if (site["infer"].get("enumerate") or site["fn"].support.is_discrete) and not summed:
             raise ValueError(f"init {method!r} needs continuous latent sites; {name!r} is "
                              "discrete")

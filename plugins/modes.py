@@ -254,7 +254,7 @@ def _weigh(guide, data: dict, gaussians: list[tuple], draws: int, seed: int) -> 
         return None
     points, log_w = points[finite], log_w[finite]
     khat, smoothed = psis(log_w)
-    weights = torch.softmax(smoothed, 0)
+    weights, raw = torch.softmax(smoothed, 0), torch.softmax(log_w, 0)
     moments, entries = {}, {}
     constrained = {site.name: site.transform(points[:, site.start:site.stop]
                                              .reshape(-1, *site.shape)) for site in sites}
@@ -268,7 +268,7 @@ def _weigh(guide, data: dict, gaussians: list[tuple], draws: int, seed: int) -> 
         sd = (weights @ (values - mean).pow(2)).sqrt()
         if name in constrained:
             moments[name] = (mean.tolist(), sd.tolist())
-        entries[name] = _entry(values, weights, mean, sd, drawn.shape[1:])
+        entries[name] = _entry(values, weights, mean, sd, drawn.shape[1:], raw)
     return Weighed(khat, float(1 / weights.pow(2).sum()) / len(weights), moments, entries,
                    len(weights), float(log_w.mean()),
                    float(torch.logsumexp(log_w, 0)) - math.log(len(log_w)))
@@ -305,15 +305,19 @@ def _derived(model, data: dict, values: dict[str, torch.Tensor]) -> dict[str, to
 
 
 def _entry(values: torch.Tensor, weights: torch.Tensor, mean: torch.Tensor, sd: torch.Tensor,
-           shape: torch.Size) -> dict:
+           shape: torch.Size, raw: torch.Tensor) -> dict:
     """A site's entry in the pipeline's ``posterior`` from weighted draws (``values``, one
-    row a draw): mean, std and weighted quantiles, numbers for a scalar site, nested lists in
-    its ``shape`` else."""
+    row a draw): mean, std, weighted quantiles and the Monte Carlo error of the moments
+    (``iw_error.moments``, the sd's tail under the ``raw`` weights), numbers for a scalar
+    site, nested lists in its ``shape`` else."""
+    from workbench.report import iw_error
     from workbench.report.posterior import QUANTILES
 
     ordered, order = values.sort(0)
     cumulative = weights[order].cumsum(0)
-    entry = {"mean": mean, "std": sd}
+    errors = iw_error.moments(values, weights, raw)
+    entry = {"mean": mean, "std": sd, **{f"iw_{key}": errors[key]
+                                          for key in ("mean_mcse", "std_mcse", "std_khat")}}
     for key, q in QUANTILES.items():
         index = (cumulative < q).sum(0, keepdim=True).clamp(max=len(values) - 1)
         entry[key] = ordered.gather(0, index)[0]

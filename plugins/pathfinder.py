@@ -9,8 +9,10 @@ says how far the Gaussians are from the posterior.
 
 A Gaussian autoguide with ``init: pathfinder`` starts at the mean and covariance of the
 importance-weighted draws where k-hat < 0.7 trusts them (a short L-BFGS history leaves the
-best Gaussian too narrow along the directions it did not see, as on nes), else at the best
-Gaussian of all paths; the ``pathfinder`` guide is a full-rank Gaussian started so. Other
+best Gaussian too narrow along the directions it did not see, as on nes) and the paths do
+not sit at separate modes that share the draws (``several_modes``), else at the best
+Gaussian of all paths; the ``pathfinder`` guide is a full-rank Gaussian started so. The log
+joint climbed sums out the sites a model enumerates (``laplace.source``). Other
 departures from the paper: the Gaussians use the last 20 pairs by default, not 6 (on the
 development set, benchmarks/README.md, 12 of 16 Pathfinder-only fits good against 9); the
 first path starts from the guide's ``init_loc`` (the others uniformly in (-2, 2), as Stan's
@@ -45,6 +47,12 @@ PSIS_DRAWS = 1000
 # takes them, if their effective sample size is MOMENT_ESS times the dimension or more.
 MOMENT_ESS = 5  # draws from the paths' best Gaussians, pooled, for PSIS's k-hat
 MAX_DENSE_DIM = laplace.MAX_HESSIAN_DIM  # beyond it the guide gets the location and scales
+# Two paths sit at different modes when their best Gaussians' means lie more than SEPARATE
+# marginal sds apart in some coordinate under each; where two such paths both hold at least
+# MODE_SHARE of the weighted draws, the draws' moments would put one Gaussian between them
+# (a mixture's two labellings: both means at 0), and the guide starts at the best path's.
+SEPARATE = 10.0
+MODE_SHARE = 0.1
 CURVATURE_EPS = 1e-12  # a pair with s'y <= this |y|^2 is dropped (Algorithm 3)
 ARMIJO = 1e-4  # the line search's sufficient decrease ...
 WOLFE = 0.9  # ... and curvature constants (Nocedal and Wright's for quasi-Newton)
@@ -98,6 +106,10 @@ class Gaussian:
         tril = torch.linalg.cholesky(self.covariance())
         return torch.distributions.MultivariateNormal(self.mean, scale_tril=tril).log_prob(points)
 
+    def marginal_sds(self) -> torch.Tensor:
+        """The marginal sds: the square roots of the covariance's diagonal, without it."""
+        return (self.alpha + ((self.beta @ self.gamma) * self.beta).sum(1)).clamp(min=0).sqrt()
+
     def precision_diagonal(self) -> torch.Tensor:
         """diag of the inverse covariance: the conditional variances' inverses, which a
         mean-field guide takes (as laplace.py's); beyond ``MAX_DENSE_DIM`` by Woodbury,
@@ -136,6 +148,7 @@ class Result:
     khat: float
     draws: torch.Tensor | None
     moments: tuple[torch.Tensor, torch.Tensor] | None = None
+    several_modes: bool = False  # paths at separate modes share the weighted draws
 
     @property
     def gradient_evaluations(self) -> int:
@@ -404,15 +417,30 @@ def multi_path(potential: Callable, potentials: Callable, starts: list[torch.Ten
             log_w = log_p - (torch.logsumexp(mixture, 0) - math.log(len(usable)))
         except RuntimeError:  # a covariance whose dense form rounds to indefinite
             pass
+    owner = torch.cat([torch.full((len(p),), i) for i, p in enumerate(pooled)])
     finite = torch.isfinite(log_w)
-    points, log_w = points[finite], log_w[finite]
+    points, log_w, owner = points[finite], log_w[finite], owner[finite.cpu()]
     if log_w.numel() == 0:
         return Result(paths, best, best_elbo, math.inf, None)
     khat, smoothed = psis(log_w)
     weights = torch.softmax(smoothed, 0).to(points.dtype)
     chosen = torch.multinomial(weights, log_w.numel(), replacement=True)
+    shares = torch.zeros(len(usable), dtype=weights.dtype).index_add_(0, owner,
+                                                                      weights.cpu())
     return Result(paths, best, best_elbo, khat, points[chosen.to(points.device)],
-                  _moments(points, weights))
+                  _moments(points, weights), several_modes(usable, shares))
+
+
+def several_modes(paths: list[Path], shares: torch.Tensor) -> bool:
+    """Whether two of the ``paths`` sit at separate modes (``SEPARATE``) and each holds at
+    least ``MODE_SHARE`` of the weighted draws (``shares``, per path)."""
+    held = [path.best for path, share in zip(paths, shares.tolist()) if share >= MODE_SHARE]
+    for i, first in enumerate(held):
+        for second in held[i + 1:]:
+            apart = (first.mean - second.mean).abs()
+            if all(float((apart / g.marginal_sds()).max()) > SEPARATE for g in (first, second)):
+                return True
+    return False
 
 
 def _moments(points: torch.Tensor, weights: torch.Tensor
@@ -480,6 +508,7 @@ def approximate(guide, sites: list[laplace.Site], args: tuple, kwargs: dict,
     first path starts at ``first`` (default: the guide's location now)."""
     check_options(num_paths, max_iter, history, draws)
     laplace.check_continuous(guide, args, kwargs, method="pathfinder")
+    model = laplace.source(guide, args, kwargs)  # the sites it enumerates summed out
     if first is None:
         first = laplace.current_loc(guide, sites)
     result = None
@@ -487,11 +516,11 @@ def approximate(guide, sites: list[laplace.Site], args: tuple, kwargs: dict,
         wide_args, wide_kwargs = _cast((args, kwargs), dtype)
         try:
             with default_dtype(dtype):
-                potential = laplace.potential_fn(guide.model, sites, wide_args, wide_kwargs)
+                potential = laplace.potential_fn(model, sites, wide_args, wide_kwargs)
                 start = first.to(dtype)
                 potential(start)  # a model that holds tensors of its own dtype refuses float64
                 starts = [start] + [torch.rand_like(start) * 4 - 2 for _ in range(num_paths - 1)]
-                potentials = batch_potential(guide.model, sites, wide_args, wide_kwargs, potential)
+                potentials = batch_potential(model, sites, wide_args, wide_kwargs, potential)
                 result = multi_path(potential, potentials, starts, max_iter, history, draws)
             break
         except RuntimeError:
@@ -504,14 +533,16 @@ def approximate(guide, sites: list[laplace.Site], args: tuple, kwargs: dict,
                 "its default start"]
     best = result.best
     dense = best.mean.numel() <= MAX_DENSE_DIM
-    if result.moments is not None and khat_trusted(result.khat):
+    if result.moments is not None and khat_trusted(result.khat) and not result.several_modes:
         mean, covariance = result.moments
         precision_diag = torch.linalg.inv(covariance).diagonal()
         source = "the importance-weighted draws' mean and covariance"
     else:
         mean, covariance = best.mean, best.covariance() if dense else None
         precision_diag = best.precision_diagonal()
-        source = "the best path's Gaussian"
+        source = "the best path's Gaussian" + (
+            " (the paths found several modes, which one Gaussian cannot hold)"
+            if result.several_modes else "")
     dtype = first.dtype
     answer = (mean.to(dtype), None if covariance is None else covariance.to(dtype),
               precision_diag.to(dtype))

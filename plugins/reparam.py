@@ -100,7 +100,9 @@ def centred_sites(model: Any, data: dict) -> list[str]:
     fits as it is: left centred."""
     import torch
     from pyro import poutine
-    from pyro.infer.autoguide.initialization import InitMessenger, init_to_feasible
+    from pyro.infer.autoguide.initialization import InitMessenger
+
+    from workbench.report.marginal import init_to_feasible  # a site it enumerates: a draw
 
     # a subsampling plate draws: torch's stream is put back, so the fits' paths stay as they were
     with torch.random.fork_rng(devices=[]):

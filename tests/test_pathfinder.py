@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from tests.gaussian_models import GAUSSIAN, data_for, regression, regression_posterior
-from tests.helpers import EXACT_MEAN, EXACT_STD, TOLERANCE, coin_fit, setup
+from tests.helpers import EXACT_MEAN, EXACT_STD, RECIPES, TOLERANCE, coin_fit, setup
 from workbench.errors import UsageError
 
 # A correlated 4-d Gaussian target with sds from 0.1 to 3: the scales differ 30-fold.
@@ -129,10 +129,18 @@ def test_bad_pathfinder_options_are_one_line():
         with pytest.raises(UsageError, match=expected) as caught:
             setup(*sets)
         assert len(str(caught.value).strip().splitlines()) == 1
-    with pytest.raises(UsageError, match="init 'pathfinder' needs continuous latent sites; "
-                                         "'assignment' is discrete"):
-        setup("guide=auto_normal", "guide.init=pathfinder", "model=gaussian_mixture",
-              "loss=enum_elbo", "data={dataset: {name: synthetic_mixture, n: 50}}")
+
+
+def test_pathfinder_climbs_a_mixture_with_its_labels_summed_out():
+    """The potential Pathfinder climbs sums out the sites the model enumerates (as enum_elbo
+    does). The posterior is symmetric in the two labels, and here the paths end at both
+    labellings, each holding weight: the draws' moments would put both locs at 0, between
+    the modes, so the guide starts at the best path's Gaussian, at one labelling's mode."""
+    run = setup("guide.init=pathfinder", "data.dataset.n=100", "train.steps=0",
+                source=RECIPES / "gaussian_mixture.yaml")
+    assert "the paths found several modes" in run.notes[0], run.notes
+    assert sorted(run.guide.locs.locs.tolist()) == pytest.approx([-3.0, 3.0], abs=0.3)
+    assert run.guide.locs.scale.item() == pytest.approx(0.0, abs=0.15)  # log 1: sd 1
 
 
 def test_lbfgs_history_gives_the_exact_inverse_hessian_on_a_quadratic(float64, monkeypatch):

@@ -769,6 +769,7 @@ def report_lines(summary: dict, limit: int = 10) -> list[str]:
 
         lines.extend(auto_lines(summary))
     lines += khat_lines(read.diagnostics)
+    lines += mcse_lines(read.posterior)
     if read.reference:
         from workbench.report import reference
 
@@ -806,6 +807,56 @@ def khat_lines(diagnostics: schema.Diagnostics) -> list[str]:
     elif diagnostics.get("reason"):
         lines.append(f"PSIS k-hat not computed: {diagnostics['reason']}")
     return lines
+
+
+def mcse_lines(posterior: dict) -> list[str]:
+    """The Monte Carlo error of the importance-weighted estimates, in one line where the
+    summary has it (workbench/report/iw_error.py): the largest sd MCSE as a share of its sd
+    and the largest mean MCSE in posterior sds, each with its element, and the largest k-hat
+    of an sd's tail where one is past ``KHAT_TRUSTED`` (then no MCSE bounds that sd)."""
+    from workbench.report.thresholds import KHAT_TRUSTED
+
+    rows = list(_mcse_rows(posterior))
+    sds = [(sd, label) for label, sd, _, _ in rows if sd is not None]
+    if not sds:
+        return []
+    line = (f"MCSE of the importance-weighted estimates, largest: sd +-{max(sds)[0]:.1%} of "
+            f"itself ({max(sds)[1]})")
+    means = [(mean, label) for label, _, mean, _ in rows if mean is not None]
+    if means:
+        line += f", mean +-{max(means)[0]:.3f} posterior sd ({max(means)[1]})"
+    tails = [(k, label) for label, _, _, k in rows if k is not None and k > KHAT_TRUSTED]
+    if tails:
+        line += (f"; the sd of {max(tails)[1]} has no bound: its tail's k-hat is "
+                 f"{max(tails)[0]:.2f} > {KHAT_TRUSTED}")
+    return [line]
+
+
+def _mcse_rows(posterior: dict):
+    """Per element of each site with an sd MCSE: its label, that MCSE and the mean's as
+    shares of its sd, and its sd's tail k-hat (None where a number is missing)."""
+    for site, entry in posterior.items():
+        if "iw_std_mcse" not in entry:
+            continue
+        sds = list(_flatten(entry.get("iw_std", entry["std"])))
+        missing = [None] * len(sds)
+        columns = [list(_flatten(entry[key])) if key in entry else missing
+                   for key in ("iw_std_mcse", "iw_mean_mcse", "iw_std_khat")]
+        for i, (sd, std_mcse, mean_mcse, khat) in enumerate(zip(sds, *columns)):
+            label = site if not isinstance(entry["std"], list) else f"{site}[{i}]"
+            yield label, _share(std_mcse, sd), _share(mean_mcse, sd), _number(khat)
+
+
+def _share(value: Any, sd: Any) -> float | None:
+    """An MCSE as a share of a positive sd, or None."""
+    if _number(value) is None or _number(sd) is None or not sd > 0:
+        return None
+    return value / sd
+
+
+def _number(value: Any) -> float | None:
+    """A summary's number, None for null or NaN."""
+    return None if value is None or value != value else float(value)
 
 
 def verdict(summary: dict) -> str:

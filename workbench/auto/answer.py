@@ -310,15 +310,15 @@ def _tails_answer(pipeline: Any, fits: list, name: str, result: dict, khats: dic
     from workbench.report import iw_error, tails
 
     sites = result.pop("sites")
-    post = {site: {"mean": entry["iw_mean"], "std": entry["iw_std"]}
-            for site, entry in sites.items()}
+    post = iw_error.pooled([sites], 1, {site: {"mean": entry["iw_mean"], "std": entry["iw_std"]}
+                                        for site, entry in sites.items()})
     labels = [fit.label for fit in fits]
     diagnostics = {**result, "khats": {fit.label: fit.khat for fit in fits},
                    "proposal": {"name": name, "fits": labels, "nu": tails.NU,
                                 "scale": tails.SCALE, "eps": tails.EPS, "khats": khats}}
     estimates = (f"importance-weighted (PSIS) estimates under {tails.described(name, len(fits))}"
                  f" ({', '.join(labels)})")
-    noisy = iw_error.answer_flag([sites], 1, post)
+    noisy = iw_error.flag(post)
     return (fits, post, labels, estimates, diagnostics,
             list(pipeline.flags) + ([noisy] if noisy else []))
 

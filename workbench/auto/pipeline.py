@@ -482,8 +482,9 @@ def _answer(pipeline: Pipeline, fits: list[Fit]) -> tuple:
               "the guide's own" if not weighted else "mixed (importance-weighted where "
               "k-hat allows)")
     how = f"pooled over {len(used)} fits" if len(used) > 1 else f"from {used[0].label}"
-    noisy = iw_error.answer_flag([fit.summary["posterior"] for fit, (_, w) in zip(used, parts)
-                                  if w], len(used), post)
+    post = iw_error.pooled([fit.summary["posterior"] for fit, (_, w) in zip(used, parts) if w],
+                           len(used), post)  # with the Monte Carlo error of what is weighted
+    noisy = iw_error.flag(post)
     return (used, post, weighted, f"{source} estimates, {how}",
             _worst_diagnostics(used, khats, pipeline.best(used)),
             _flags(pipeline, used, khats) + ([noisy] if noisy else []))
@@ -493,14 +494,19 @@ def _mixed(pipeline: Pipeline, fits: list[Fit]) -> tuple:
     """The answer where it is the fits' weighed mixture (the rhat stage's
     ``pipeline.mixture``): its moments and quantiles per latent and deterministic site, its
     k-hat and ESS as the diagnostics, each fit's k-hat beside them; the flags are the
-    stages' (the fits' own k-hats judge their guides, not the mixture)."""
+    stages' (the fits' own k-hats judge their guides, not the mixture) and the sd's Monte
+    Carlo error."""
+    from workbench.report import iw_error
+
     mixture = pipeline.mixture
     post = {site: dict(entry) for site, entry in mixture.entries.items()}
     labels = [fit.label for fit in fits]
     diagnostics = {**mixture.diagnostics(), "khats": {fit.label: fit.khat for fit in fits}}
     estimates = (f"importance-weighted (PSIS) estimates of the weighed mixture of "
                  f"{len(fits)} fits ({', '.join(labels)}), which sit at several modes")
-    return fits, post, labels, estimates, diagnostics, list(pipeline.flags)
+    noisy = iw_error.flag(post)
+    return (fits, post, labels, estimates, diagnostics,
+            list(pipeline.flags) + ([noisy] if noisy else []))
 
 
 def _kind(pipeline: Pipeline, used: list[Fit]) -> str:

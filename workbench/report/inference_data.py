@@ -8,7 +8,9 @@ is one fit), a plate's name for the dims it indexes and ``<site>_dim_<i>`` for t
 - ``posterior``: every latent site and every ``pyro.deterministic`` site, per guide draw
   (not the sites a model marks auxiliary: ``posterior.AUXILIARY``);
 - ``posterior_predictive``: each observed site drawn again from the model given each draw;
-- ``log_likelihood``: each observed site's log density per observation and draw (``az.loo``);
+- ``log_likelihood``: each observed site's log density per observation and draw (``az.loo``),
+  the sites a model enumerates summed out where they are each observation's own (else left
+  out, ``left_out`` saying why: ``marginal.pointwise``);
 - ``observed_data``: the observed values (these and their replicates are integers for a
   discrete likelihood, so ``az.plot_ppc`` draws them as a histogram);
 - ``sample_stats``: ``lp`` (log p(x, z)) and ``log_weight`` (log p(x, z) - log q(z)) per draw,
@@ -140,15 +142,11 @@ def draw(model: Callable, guide: Callable, data: dict, nesting: int,
         f"deterministic sites, posterior_predictive, log_likelihood and sample_stats: "
         f"{min(num_draws, MIN_DRAWS)} draws of the data's replicated values and pointwise "
         f"log-likelihood would pass {MAX_NUMBERS} numbers"]
-    enumerated = [name for name, site in trace.nodes.items()
-                  if site["type"] == "sample" and site["infer"].get("enumerate")]
-    if whole and enumerated:
-        left_out.append("log_likelihood and sample_stats: the loss sums out site(s) "
-                        + ", ".join(enumerated) + " by enumeration; the likelihood would "
-                        "need that sum too")
+    summed = (broadcast.verdict(model, data, nesting, trace), posterior.latent_sites(trace)) \
+        if whole and marginal.enumerated_sites(trace) else None
     parts = _collect(model if whole else None, guide, data, nesting, count,
-                     {**latent, **(derived if whole else {})}, observed, not enumerated,
-                     posterior.trace_numbers(trace))
+                     {**latent, **(derived if whole else {})}, observed, summed,
+                     posterior.trace_numbers(trace), left_out)
     groups = _named(parts, trace, observed, left_out)
     return groups, _attrs(groups, trace, observed, count, left_out)
 
@@ -182,12 +180,14 @@ def _draw_count(latent: dict, derived: dict, observed: dict, num_draws: int
 
 
 def _collect(model: Callable | None, guide: Callable, data: dict, nesting: int, count: int,
-             sites: dict, observed: dict, likelihood: bool, per_draw: int
-             ) -> dict[str, dict[str, np.ndarray]]:
+             sites: dict, observed: dict, summed: tuple | None, per_draw: int,
+             left_out: list[str]) -> dict[str, dict[str, np.ndarray]]:
     """The draws, group by group, as numpy arrays with the draws first: ``sites`` from the
     guide (and, with the model, the model replayed against it: its deterministic sites, the
-    replicated ``observed`` sites and, where ``likelihood``, their pointwise log density and
-    each draw's log p(x, z) and log weight)."""
+    replicated ``observed`` sites, their pointwise log density and each draw's log p(x, z)
+    and log weight). Where the model sums sites out by enumeration (``summed``: how its
+    draws are evaluated and its latent sites), log p and the pointwise density sum them too,
+    or ``left_out`` says why the density does not split by observation."""
     chunks: dict[str, dict[str, list]] = {}
 
     def add(group: str, name: str, values: torch.Tensor) -> None:
@@ -203,16 +203,36 @@ def _collect(model: Callable | None, guide: Callable, data: dict, nesting: int, 
         for name, shape in observed.items():
             site = model_trace.nodes[name]
             add("posterior_predictive", name, posterior.draws_of(site["fn"].sample(), n, shape))
-            if likelihood:
-                batch = shape[:len(shape) - site["fn"].event_dim]
-                add("log_likelihood", name,
-                    posterior.draws_of(posterior.site_log_prob(site), n, batch))
-        if likelihood:
-            lp = posterior.log_joint(model_trace, n, nesting)
-            add("sample_stats", "lp", lp)
-            add("sample_stats", "log_weight", lp - posterior.log_joint(guide_trace, n, nesting))
+        lp, pointwise = _likelihood(model, guide_trace, model_trace, data, n, nesting,
+                                    observed, summed)
+        if isinstance(pointwise, str):
+            if not any(note.startswith("log_likelihood") for note in left_out):
+                left_out.append(f"log_likelihood: {pointwise}")
+        else:
+            for name, values in pointwise.items():
+                add("log_likelihood", name, values)
+        add("sample_stats", "lp", lp)
+        add("sample_stats", "log_weight", lp - posterior.log_joint(guide_trace, n, nesting))
     return {group: {name: np.concatenate(parts) for name, parts in variables.items()}
             for group, variables in chunks.items()}
+
+
+def _likelihood(model: Callable, guide_trace: Any, model_trace: Any, data: dict, n: int,
+                nesting: int, observed: dict, summed: tuple | None
+                ) -> tuple[torch.Tensor, dict[str, torch.Tensor] | str]:
+    """Each draw's log p(x, z) and each observed site's pointwise log density (draws first),
+    from the replayed ``model_trace``; or, where the model sums sites out (``summed``: the
+    verdict on its broadcasting and its latent sites), from its enumerated run
+    (``posterior.summed_likelihood``), the density perhaps only why it does not split."""
+    if summed is not None:
+        return posterior.summed_likelihood(model, guide_trace, data, n, nesting, *summed,
+                                           observed)
+    pointwise = {}
+    for name, shape in observed.items():
+        site = model_trace.nodes[name]
+        batch = shape[:len(shape) - site["fn"].event_dim]
+        pointwise[name] = posterior.draws_of(posterior.site_log_prob(site), n, batch)
+    return posterior.log_joint(model_trace, n, nesting), pointwise
 
 
 def _named(parts: dict[str, dict[str, np.ndarray]], trace: poutine.Trace, observed: dict,

@@ -87,24 +87,46 @@ def _zhang_stephens(excess: torch.Tensor) -> torch.Tensor:
     return torch.where(flat, torch.full_like(k, -math.inf), k)
 
 
-def answer_flag(weighted: list[dict[str, Any]], count: int, pooled: dict[str, Any]) -> str:
-    """The one line saying the answer's worst sd is not known to the precision the reading
-    asks (``thresholds.sd_unknown``), or "": ``weighted`` holds the ``posterior`` of each fit
-    whose importance-weighted moments the answer pools, out of ``count`` fits pooled equally
-    (``pooled``: the answer's per-site mean and std). The pooled variance's MCSE is the fits'
-    combined, sqrt(sum MCSE(var_k)^2) / count; an infinite-variance tail in any fit is the
-    answer's. The MCSE's share of the sd is MCSE(var) / (2 sd^2)."""
-    worst: tuple[float, str, str] | None = None
-    for site, entry in pooled.items():
+def pooled(weighted: list[dict[str, Any]], count: int, answer: dict[str, Any]) -> dict:
+    """The answer's per-site entries (``answer``: mean and std of an equal mixture of
+    ``count`` fits) with the Monte Carlo error of those that ``weighted`` (the ``posterior``
+    of each fit whose importance-weighted moments the answer pools) has: ``iw_mean_mcse``
+    sqrt(sum MCSE(mean_k)^2) / count, ``iw_std_mcse`` the pooled variance's MCSE
+    sqrt(sum MCSE(var_k)^2) / count over 2 sd, and ``iw_std_khat`` the fits' largest (an
+    infinite-variance tail in any fit is the answer's), each in the site's shape."""
+    found = {}
+    for site, entry in answer.items():
         parts = [fit[site] for fit in weighted if "iw_std_mcse" in fit.get(site, {})]
         if not parts:
+            found[site] = entry
             continue
-        sd = _flat(entry["std"])
-        var_mcse = sum(torch.tensor(_flat(p["iw_std_mcse"]), dtype=torch.float64).mul(
-            2 * torch.tensor(_flat(p["iw_std"]), dtype=torch.float64)).pow(2) for p in parts)
-        relative = var_mcse.sqrt() / count / (2 * torch.tensor(sd, dtype=torch.float64) ** 2)
-        khat = torch.stack([torch.tensor(_flat(p.get("iw_std_khat", [math.nan] * len(sd))),
-                                         dtype=torch.float64) for p in parts]).amax(0)
+        sd = _tensor(entry["std"])
+        var_var = sum((2 * _tensor(p["iw_std"]) * _tensor(p["iw_std_mcse"])).pow(2)
+                      for p in parts)
+        std_mcse = torch.where(sd > 0, var_var.sqrt() / count / (2 * sd), torch.zeros_like(sd))
+        khat = torch.stack([_tensor(p.get("iw_std_khat", [math.nan] * len(sd)))
+                            for p in parts]).amax(0)
+        shape = torch.tensor(entry["std"]).shape
+        found[site] = {**entry, "iw_std_mcse": std_mcse.reshape(shape).tolist(),
+                       "iw_std_khat": khat.reshape(shape).tolist()}
+        if all("iw_mean_mcse" in p for p in parts):
+            mean_mcse = sum(_tensor(p["iw_mean_mcse"]).pow(2) for p in parts).sqrt() / count
+            found[site]["iw_mean_mcse"] = mean_mcse.reshape(shape).tolist()
+    return found
+
+
+def flag(posterior: dict[str, Any]) -> str:
+    """The one line saying the worst importance-weighted sd of ``posterior`` (per site
+    ``iw_std``, or ``std`` where the answer's sd is the weighted one, with ``iw_std_mcse``
+    and ``iw_std_khat``) is not known to the precision the reading asks
+    (``thresholds.sd_unknown``), or ""."""
+    worst: tuple[float, str, str] | None = None
+    for site, entry in posterior.items():
+        if "iw_std_mcse" not in entry:
+            continue
+        sd = _tensor(entry.get("iw_std", entry["std"]))
+        relative = _tensor(entry["iw_std_mcse"]) / sd
+        khat = _tensor(entry.get("iw_std_khat", [math.nan] * len(sd)))
         for i in range(len(sd)):
             reading = thresholds.sd_unknown(float(relative[i]), float(khat[i]))
             badness = max(float(relative[i]) / thresholds.SD_MCSE_MAX,
@@ -115,6 +137,16 @@ def answer_flag(weighted: list[dict[str, Any]], count: int, pooled: dict[str, An
     if worst is None:
         return ""
     return f"the sd of {worst[1]} is not known to +-{thresholds.SD_MCSE_MAX:.0%}: {worst[2]}"
+
+
+def answer_flag(weighted: list[dict[str, Any]], count: int, answer: dict[str, Any]) -> str:
+    """``flag`` of the pooled answer (``pooled``'s arguments)."""
+    return flag(pooled(weighted, count, answer))
+
+
+def _tensor(value: Any) -> torch.Tensor:
+    """A summary's number or nested list, flat, as float64; None as NaN."""
+    return torch.tensor(_flat(value), dtype=torch.float64)
 
 
 def _flat(value: Any) -> list[float]:

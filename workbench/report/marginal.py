@@ -85,6 +85,63 @@ def log_density(trace: poutine.Trace, draws: str | None = None, n: int = 1) -> t
     return total if draws is not None else total.reshape(())
 
 
+def pointwise(trace: poutine.Trace, observed: list[str]) -> dict[str, torch.Tensor] | str:
+    """Each ``observed`` site's unscaled log density per observation with the enumerated
+    sites it depends on summed out (``az.loo``'s pointwise log-likelihood), from a trace
+    ``log_density`` has read; or why there is none. Summed out per observation only where
+    those sites are local to it: inside the same plates as it, and depending on nothing
+    else that is observed or continuous (an HMM's chain, a global label or a factor couples
+    the observations, and the likelihood does not split)."""
+    symbols = {site["infer"]["_enumerate_symbol"]: name for name, site in trace.nodes.items()
+               if site["type"] == "sample" and "_enumerate_symbol" in site["infer"]}
+    found = {}
+    for name in observed:
+        site = trace.nodes[name]
+        group, coupled = _local_group(trace, name, symbols)
+        if coupled:
+            return (f"{name!r} depends on the summed-out site(s) {', '.join(map(repr, group))} "
+                    f"through {coupled!r}, so its likelihood does not split by observation")
+        term = site["unscaled_log_prob"]
+        dims = {trace.nodes[e]["infer"]["_enumerate_dim"] for e in group}
+        if len(dims) < len(group):
+            return f"{name!r} depends on summed-out sites that share an enumeration dim"
+        for e in group:
+            term = term + trace.nodes[e]["unscaled_log_prob"]
+        for dim in sorted(dims):
+            term = term.logsumexp(dim, keepdim=True) if term.dim() >= -dim else term
+        found[name] = term
+    return found
+
+
+def _local_group(trace: poutine.Trace, name: str, symbols: dict[str, str]
+                 ) -> tuple[list[str], str]:
+    """The enumerated sites observed site ``name`` depends on, directly or through each
+    other, and the first site outside them (``name`` aside) that depends on them too, or one
+    of them in other plates than ``name``'s ("" where none: they are its alone)."""
+    def enum_symbols(site: dict) -> set[str]:
+        return set(site["packed"]["log_prob"]._pyro_dims) & set(symbols)
+
+    def plates(site: dict) -> frozenset:
+        return frozenset(f.name for f in site["cond_indep_stack"] if f.vectorized)
+
+    sites = {n: s for n, s in trace.nodes.items()
+             if s["type"] == "sample" and not site_is_subsample(s) and "packed" in s}
+    reached, group = enum_symbols(sites[name]), []
+    while True:
+        more = [symbols[sym] for sym in reached if symbols[sym] not in group]
+        if not more:
+            break
+        group += more
+        for e in more:
+            reached |= enum_symbols(sites[e])
+    for other, site in sites.items():
+        outside = other != name and other not in group
+        if outside and enum_symbols(site) & reached:
+            return group, other
+    wrong = [e for e in group if plates(sites[e]) != plates(sites[name])]
+    return group, wrong[0] if wrong else ""
+
+
 def _contracted(tree: OrderedDict, sum_dims: set, target: frozenset, draws: str | None,
                 n: int) -> torch.Tensor:
     """The factors of ``tree`` contracted to the draws' plate (``target``): ``(n,)``."""

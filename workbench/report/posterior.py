@@ -779,6 +779,42 @@ def summed_out(model: Callable, guide_trace: poutine.Trace, data: dict, n: int, 
     return marginal.each_draw(model, data, draws, n, nesting)
 
 
+def summed_likelihood(model: Callable, guide_trace: poutine.Trace, data: dict, n: int,
+                      nesting: int, way: broadcast.Verdict, sites: dict, observed: dict
+                      ) -> tuple[torch.Tensor, dict[str, torch.Tensor] | str]:
+    """``summed_out``'s log p(data, z) of each draw and, from the same run of the model, each
+    ``observed`` site's pointwise log density ``(n, *batch)`` with the enumerated sites summed
+    out (``marginal.pointwise``), or why that does not split by observation."""
+    if way.broadcasts:
+        with pyro.plate(DRAWS_PLATE, n, dim=-(nesting + 1)):
+            model_trace = poutine.trace(marginal.enumerated(
+                poutine.replay(model, trace=guide_trace), nesting + 1)).get_trace(**data)
+        log_p = marginal.log_density(model_trace, DRAWS_PLATE, n)
+        found = marginal.pointwise(model_trace, list(observed))
+        if isinstance(found, str):
+            return log_p, found
+        return log_p, {name: draws_of(value, n, _batch(model_trace.nodes[name], observed[name]))
+                       for name, value in found.items()}
+    draws = {name: draws_of(guide_trace.nodes[name]["value"], n, shape)
+             for name, shape in sites.items()}
+    log_ps, parts = [], []
+    for i in range(n):
+        one = poutine.condition(model, data={name: d[i] for name, d in draws.items()})
+        model_trace = poutine.trace(marginal.enumerated(one, nesting)).get_trace(**data)
+        log_ps.append(marginal.log_density(model_trace))
+        parts.append(marginal.pointwise(model_trace, list(observed)))
+    if isinstance(parts[0], str):
+        return torch.stack(log_ps), parts[0]
+    return torch.stack(log_ps), {
+        name: torch.stack([part[name].reshape(_batch(model_trace.nodes[name], shape))
+                           for part in parts]) for name, shape in observed.items()}
+
+
+def _batch(site: dict, shape: torch.Size) -> torch.Size:
+    """An observed site's shape without its event dims: its pointwise density's."""
+    return shape[:len(shape) - site["fn"].event_dim]
+
+
 SLICE_NUMBERS = 2**21  # numbers a draw slice's model tensors hold (16 MB in float64)
 
 
