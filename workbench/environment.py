@@ -1,7 +1,7 @@
-"""The numbers vibench reads from environment variables (``VIBENCH_DIST_TIMEOUT``,
-``VIBENCH_COMPILE_MAX_OPS``, ``VIBENCH_PLUGIN_TIMEOUT``), read one way: unset or empty is the
-default; anything else must be a number of the right kind, or it is one line naming the
-variable, its value and what was expected."""
+"""The numbers and switches vibench reads from environment variables (``VIBENCH_DIST_TIMEOUT``,
+``VIBENCH_COMPILE_MAX_OPS``, ``VIBENCH_PLUGIN_TIMEOUT``, ``VIBENCH_BACKGROUND_COMPILE``), read
+one way: unset or empty is the default; anything else must be a value of the right kind, or it
+is one line naming the variable, its value and what was expected."""
 
 from __future__ import annotations
 
@@ -25,6 +25,16 @@ def count(name: str, default: int, what: str) -> int:
                    f"a whole number of {what} (default {default})")
 
 
+def switch(name: str, default: bool) -> bool:
+    """true or false (also 1 or 0, yes or no, on or off) from ``name``, else ``default``."""
+    return _number(name, default, lambda text: _SWITCHES[text.lower()], lambda v: True,
+                   f"true or false (default {str(default).lower()})")
+
+
+_SWITCHES = {"true": True, "1": True, "yes": True, "on": True,
+             "false": False, "0": False, "no": False, "off": False}
+
+
 def _number(name: str, default: Any, parse: Callable[[str], Any],
             valid: Callable[[Any], bool], expected: str) -> Any:
     """``name``'s value parsed, ``default`` where unset or empty; one line where it does not
@@ -34,7 +44,7 @@ def _number(name: str, default: Any, parse: Callable[[str], Any],
         return default
     try:
         value = parse(text)
-    except ValueError:
+    except (ValueError, KeyError):
         value = None
     if value is None or not valid(value):
         raise UsageError(f"{name}={text!r}: expected {expected}")

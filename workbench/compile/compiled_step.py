@@ -8,7 +8,10 @@ data-dependent control flow (a tensor's value read in Python), enumeration, mini
 indices each step), several processes, a trace whose structure changes between steps, or a
 gradient that is not the eager one. ``train.compile: auto`` then notes why in one line,
 ``true`` stops with that line, ``false`` never tries. On the CPU a step compiled by an earlier
-run is found by a record of its operations (``stepcache``) and loaded, with no tracing.
+run is found by a record of its operations (``package_cache``) and loaded, with no tracing;
+where none is, ``auto`` compiles only where the eager steps would cost more than a first
+compile, else trains eagerly and compiles the step for later runs in the background
+(``background``).
 
 The optimizer's state stays in Pyro's optimizers (the update writes it in place), so
 checkpoints are the eager ones and a run resumes with or without compiling.
@@ -30,7 +33,7 @@ from pyro import poutine
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from workbench import environment, progress, seams
-from workbench.compile import package_cache
+from workbench.compile import background, package_cache
 from workbench.errors import UsageError, one_line
 from workbench.rundir import files
 
@@ -45,6 +48,12 @@ EAGER_OP_SECONDS = {"cpu": 5e-6, "cuda": 2.5e-5}
 # auto compiles where the eager steps would take longer than compiling costs: 1-3 s on the
 # CPU; on an H100 the coin's compiled run spent 6.3 s more outside its loop than an eager one
 PAYS_SECONDS = {"cpu": 2.0, "cuda": 6.0}
+# what a CPU step's first compile costs where no package of it is cached (tracing, checking,
+# export, inductor's lowering, the C++ compiler): COLD_SECONDS plus COLD_OP_SECONDS for each
+# torch operation of the step; benchmarks/README.md ("A new model's first run") has the
+# measurements
+COLD_SECONDS = 15.0
+COLD_OP_SECONDS = 0.025
 # auto compiles a step of at most this many torch operations: compiling costs grow with the
 # count (a loop the trace unrolls runs tens of thousands), so a longer step stays eager,
 # decided from the count before anything is traced; benchmarks/README.md ("Loops") has the
@@ -55,6 +64,15 @@ MAX_OPS_ENV = "VIBENCH_COMPILE_MAX_OPS"
 
 class CannotCompile(Exception):
     """Why this run's step cannot be compiled, in one line."""
+
+
+class NotYet(CannotCompile):
+    """``auto``: no package of this step is cached, and a first compile would cost more than
+    the eager steps; ``key`` is the package's, to compile it for later runs."""
+
+    def __init__(self, why: str, key: str):
+        super().__init__(why)
+        self.key = key
 
 
 class CompiledStep:
@@ -101,15 +119,17 @@ class CompiledStep:
 
 
 def prepare(setting: str | bool, svi: Any, data: dict, device: torch.device, steps: int,
-            minibatch: bool = False, processes: int = 1
-            ) -> tuple[CompiledStep | None, str | None]:
+            minibatch: bool = False, processes: int = 1, recipe: dict | None = None
+            ) -> tuple[CompiledStep | None, list[str]]:
     """The compiled step for ``svi`` on ``data`` as ``train.compile`` asks, or None and the
-    note saying why not (no note for ``false``, nor where ``auto`` finds ``steps`` too few to
+    notes saying why not (none for ``false``, nor where ``auto`` finds ``steps`` too few to
     pay for compiling). Under ``true`` a step that cannot compile is a UsageError;
-    ``minibatch`` (new indices each step) and several ``processes`` cannot."""
+    ``minibatch`` (new indices each step) and several ``processes`` cannot. Where ``auto``
+    leaves a step eager until it is cached, a child compiles it from ``recipe`` (resolved),
+    if given."""
     mode = {True: "true", False: "false"}.get(setting, setting)  # YAML's true/false are bools
     if mode == "false":
-        return None, None
+        return None, []
     bound = max_ops()
     try:
         if type(getattr(svi.loss_and_grads, "__self__", None)).__name__.startswith("Jit"):
@@ -129,17 +149,21 @@ def prepare(setting: str | bool, svi: Any, data: dict, device: torch.device, ste
             raise CannotCompile(str(exc)) from None
         auto = mode == "auto"
         return compile_step(svi, data, steps if auto else None, refusal=refusal,
-                            max_ops=bound, refuse_above=auto), None
+                            max_ops=bound, refuse_above=auto), []
+    except NotYet as exc:
+        later = background.start(recipe, exc.key) if recipe is not None else None
+        return None, [f"training eagerly, not compiled: {exc}", *([later] if later else [])]
     except CannotCompile as exc:
         if mode == "true":
             raise UsageError(f"train.compile: true, but this step cannot be compiled: {exc}")\
                 from None
-        return None, f"training eagerly, not compiled: {exc}"
+        return None, [f"training eagerly, not compiled: {exc}"]
     except Exception as exc:  # tracing broke (a JIT loss, say): eager is still right
         if mode == "true":
             raise UsageError(f"train.compile: true, but tracing the step failed: "
                              f"{one_line(exc)}") from None
-        return None, f"training eagerly, not compiled: tracing the step failed: {one_line(exc)}"
+        return None, [f"training eagerly, not compiled: tracing the step failed: "
+                      f"{one_line(exc)}"]
     finally:  # no gradient of the trial steps may reach the first real step
         for _, param in pyro.get_param_store().named_parameters():
             param.grad = None
@@ -149,9 +173,10 @@ def compile_step(svi: Any, data: dict, steps: int | None = None, backend: str = 
                  refusal: str | None = None, max_ops: int = MAX_OPS,
                  refuse_above: bool = False) -> CompiledStep | None:
     """Trace, check and compile one step of ``svi`` (whose parameters and optimizers exist).
-    Given ``steps``, None where so few eager steps would cost less than compiling: the
-    estimate counts the step's torch operations, so a resumed run decides as the first did.
-    ``backend="fx"`` replays the traced graph uncompiled (the same random draws as eager).
+    Given ``steps``, None where so few eager steps would cost less than loading a compiled
+    step, and NotYet where no package of it is cached and they cost less than compiling it:
+    the estimates count the step's torch operations, so a resumed run decides as the first
+    did. ``backend="fx"`` replays the traced graph uncompiled (the same random draws as eager).
     ``refusal``: the caller's reason not to compile, raised only where compiling would pay.
     A step of more than ``max_ops`` operations is refused before tracing where
     ``refuse_above``, else compiled with a warning that it may take long."""
@@ -159,7 +184,8 @@ def compile_step(svi: Any, data: dict, steps: int | None = None, backend: str = 
     device = params[0].device if params else torch.device("cpu")
     per_op = EAGER_OP_SECONDS.get(device.type, EAGER_OP_SECONDS["cpu"])
     pays = PAYS_SECONDS.get(device.type, PAYS_SECONDS["cpu"])
-    if steps is not None and steps * ops * per_op < pays:
+    eager = None if steps is None else steps * ops * per_op
+    if eager is not None and eager < pays:
         return None
     _check_compilable(svi, params, refusal)
     long = ops > max_ops
@@ -179,18 +205,12 @@ def compile_step(svi: Any, data: dict, steps: int | None = None, backend: str = 
         packaged, key = _packaged(loss_and_grads, svi.optim, params, feeds, names)
         if packaged is not None:
             return packaged
+        if eager is not None and key is not None:
+            _first_compile_pays(ops, steps, eager, key)
     probing = contextlib.nullcontext()
     if device.type == "cpu" and backend == "inductor" and not _vector_isa_known():
         probing = seams.vector_isa_probed_beside()  # inductor asks only once it generates code
-    saying = contextlib.nullcontext()
-    if backend == "inductor":  # what follows is silent for tens of seconds
-        takes = (f"above the {max_ops} auto compiles, it may take many minutes and GBs of "
-                 "memory" if long else "a model's first compile usually takes 20-60 s")
-        saying = progress.working(
-            f"compiling the step ({ops} operations): {takes}; later runs of it load it from "
-            "the cache",
-            f"compiled the step ({ops} operations) in {{seconds:.1f}} s; later runs of it "
-            "load it from the cache")
+    saying = _saying(ops, max_ops) if backend == "inductor" else contextlib.nullcontext()
     with saying, probing:
         graph = _checked_graph(loss_and_grads, svi, data, params, feeds, device)
         update = _adam_update(svi.optim, params)
@@ -200,6 +220,26 @@ def compile_step(svi: Any, data: dict, steps: int | None = None, backend: str = 
                                           len(params) + len(states)),
                            inputs, len(params) + len(states), device, backend, key)
     return CompiledStep(replay, params, inputs, svi.optim, update, names)
+
+
+def _first_compile_pays(ops: int, steps: int, eager: float, key: str) -> None:
+    """NotYet where ``steps`` eager steps (``eager`` seconds) cost less than a first compile of
+    a step of ``ops`` operations, whose package is ``key``."""
+    cold = COLD_SECONDS + COLD_OP_SECONDS * ops
+    if eager < cold:
+        raise NotYet(f"a first compile of this step ({ops} operations) takes about {cold:.0f} s, "
+                     f"more than its {steps} eager steps (about {eager:.0f} s)", key)
+
+
+def _saying(ops: int, max_ops: int) -> contextlib.AbstractContextManager:
+    """The line (a spinner on a terminal) over a compile, silent for tens of seconds."""
+    takes = (f"above the {max_ops} auto compiles, it may take many minutes and GBs of "
+             "memory" if ops > max_ops else "a model's first compile usually takes 20-60 s")
+    return progress.working(
+        f"compiling the step ({ops} operations): {takes}; later runs of it load it from "
+        "the cache",
+        f"compiled the step ({ops} operations) in {{seconds:.1f}} s; later runs of it "
+        "load it from the cache")
 
 
 def max_ops() -> int:

@@ -148,7 +148,21 @@ def _quiet(name: str) -> Iterator[None]:
 
 
 def _path(key: str) -> Path:
-    return check_folders() / f"{key}.pt2"
+    return file(key, ".pt2")
+
+
+def file(key: str, suffix: str) -> Path:
+    """One of ``key``'s files in our folder: its package (``.pt2``), the note why it could not
+    be built (``.failed``), and the background compile's (``workbench.compile.background``)."""
+    return check_folders() / f"{key}{suffix}"
+
+
+def state(key: str) -> str:
+    """Whether ``key``'s step is ``packaged``, ``failed`` (it cannot be: a ``.failed`` note)
+    or ``absent``."""
+    if _path(key).is_file():
+        return "packaged"
+    return "failed" if file(key, ".failed").is_file() else "absent"
 
 
 def cache_dir() -> Path:

@@ -173,13 +173,13 @@ class Run:
         """Compile the step as train.compile asks, for the optimizer the run holds now: at the
         end of set-up, and again where ``optimizer.lr: auto`` swaps the optimizer."""
         with run_context(self.device, self.dtype):
-            self.compiled, note = compiled_step.prepare(
+            self.compiled, notes = compiled_step.prepare(
                 self.recipe["train"].get("compile", "auto"), self.svi, self.data, self.device,
-                self.recipe["train"]["steps"], self.minibatch.plate is not None, self.world.size)
+                self.recipe["train"]["steps"], self.minibatch.plate is not None, self.world.size,
+                recipe=self.recipe)
         if self.compiled is not None:  # an update left to the optimizer steps as eager ones do
             self.compiled.step_optimizers = functools.partial(step_optimizers, self.svi.optim)
-        if note and note not in self.notes:
-            self.notes.append(note)
+        self.notes += [note for note in notes if note not in self.notes]
 
     def scale_lr(self, factor: float) -> None:
         """Multiply every parameter's step size by ``factor`` (``train.stop: converged``

@@ -1,0 +1,108 @@
+"""A step compiled for later runs, in a child process, while this run trains eagerly.
+
+Where ``train.compile: auto`` finds no package of a CPU step and its eager steps cost less than
+a first compile, the run trains eagerly at once; where a package would pay in later runs, a
+child process (``python -m workbench.train.background``: its own session, nice 10, one thread)
+rebuilds the run from the resolved recipe written beside the package, traces, checks and
+packages the step into the cache, and exits. The child reads only that recipe, as
+``vibench run`` would read it, never a pickle.
+
+One child per package at a time: the child holds an exclusive ``flock`` on the key's lock file
+(which names its pid) for as long as it lives, taken by this process before starting it and
+handed over, so a second run of the same step starts none, and a child that died leaves a
+lock the next run takes over. A child that fails leaves a one-line note, and no later run
+starts another for that key. Nothing here makes a run fail: a child that cannot be started is
+a note. ``VIBENCH_BACKGROUND_COMPILE=false`` switches it off.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from workbench import environment
+from workbench.compile import package_cache
+from workbench.config import recipe as recipes
+from workbench.errors import one_line
+from workbench.rundir import files
+
+try:
+    import fcntl
+except ImportError:  # no flock (Windows): no background compiles
+    fcntl = None
+
+ENV = "VIBENCH_BACKGROUND_COMPILE"
+CHILD = "workbench.train.background"  # the child's module: a run is set up in train/
+RECIPE, LOCK, LOG, FAILED = ".later.yaml", ".later.lock", ".later.log", ".later.failed"
+# the run's own environment, less what would make the child one of a torchrun group
+NOT_INHERITED = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "GROUP_RANK",
+                 "MASTER_ADDR", "MASTER_PORT", "TORCHELASTIC_RUN_ID")
+
+_started: dict[str, str] = {}  # key -> the line said, once per process (lr: auto asks twice)
+_children: list[subprocess.Popen] = []  # kept, so none is reported as left running
+
+
+def start(recipe: dict, key: str) -> str | None:
+    """Start compiling ``key``'s step for later runs from ``recipe`` (resolved), unless
+    switched off, an earlier child failed, or one is at it; the line to say (None: none)."""
+    if key in _started:
+        return _started[key]
+    try:
+        if not environment.switch(ENV, True) or fcntl is None:
+            return None
+        said = _start(recipe, key)
+    except Exception as exc:  # the run goes on eagerly whatever happens here
+        said = f"could not start compiling this step in the background: {one_line(exc)}"
+    if said:
+        _started[key] = said
+    return said
+
+
+def _start(recipe: dict, key: str) -> str | None:
+    """The child started, holding ``key``'s lock; or None where it is packaged or failed
+    before, or a line naming the child at it already."""
+    if package_cache.state(key) != "absent" or package_cache.file(key, FAILED).exists():
+        return None
+    lock = os.open(package_cache.file(key, LOCK), os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW,
+                   0o600)
+    try:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(lock, 32, 0).decode(errors="replace").strip() or "?"
+            return (f"this step is being compiled for later runs in the background already "
+                    f"(pid {holder})")
+        return _spawn(recipe, key, lock)
+    finally:  # the child holds the lock (the same open file) as long as it lives
+        os.close(lock)
+
+
+def _spawn(recipe: dict, key: str, lock: int) -> str:
+    """The child, given the recipe and the locked file ``lock``; its pid written there."""
+    text = package_cache.file(key, RECIPE)
+    files.write_atomic(text, recipes.dump(recipe).encode(), mode=0o600)
+    log = package_cache.file(key, LOG)
+    env = {name: value for name, value in os.environ.items() if name not in NOT_INHERITED}
+    env.update(OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
+    with files.open_for_writing(log) as out:
+        child = subprocess.Popen(
+            [sys.executable, "-m", CHILD, str(text), key], stdin=subprocess.DEVNULL,
+            stdout=out, stderr=subprocess.STDOUT, pass_fds=(lock,), start_new_session=True,
+            env=env)
+    os.ftruncate(lock, 0)
+    os.pwrite(lock, f"{child.pid}\n".encode(), 0)
+    _children.append(child)
+    return f"compiling this step for later runs in the background (pid {child.pid}, log {log})"
+
+
+
+def recipe_of(key: str) -> Path:
+    """The resolved recipe the child of ``key`` rebuilds the run from."""
+    return package_cache.file(key, RECIPE)
+
+
+def failed(key: str, why: str) -> None:
+    """Note that the child of ``key`` failed (one line), so that no later run starts another."""
+    files.write_atomic(package_cache.file(key, FAILED), f"{why}\n".encode(), mode=0o600)
