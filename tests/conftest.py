@@ -22,6 +22,9 @@ os.environ["CUDA_VISIBLE_DEVICES"] = ""
 # machine meets a cold compile cache, tens of seconds per graph, which would be most of the
 # suite's time. The eager step is the reference every compiled one is tested against.
 os.environ["VIBENCH_COMPILE"] = "false"
+# Nor does a run start a compile for later runs in the background unless a test asks
+# (tests/test_compile_later.py does).
+os.environ["VIBENCH_BACKGROUND_COMPILE"] = "false"
 
 from tests.helpers import vibench  # noqa: E402
 

@@ -213,15 +213,15 @@ def _is_environ(node: ast.AST) -> bool:
 
 
 def _is_reader(func: ast.Attribute) -> bool:
-    """``environment.seconds`` or ``environment.count`` (workbench/environment.py)."""
-    return (func.attr in ("seconds", "count") and isinstance(func.value, ast.Name)
+    """``environment.seconds``, ``.count`` or ``.switch`` (workbench/environment.py)."""
+    return (func.attr in ("seconds", "count", "switch") and isinstance(func.value, ast.Name)
             and func.value.id == "environment")
 
 
 def _env_names(tree: ast.Module) -> set[str]:
     """The environment variables a module reads or sets: os.environ.get(X), os.environ[X],
     X in os.environ, os.getenv(X) (also through a mapping named env),
-    environment.seconds(X, ...) or .count(X, ...), X a string or a module-level constant
+    environment.seconds(X, ...), .count(X, ...) or .switch(X, ...), X a string or a module-level constant
     holding one."""
     constants = {target.id: node.value.value for node in tree.body
                  if isinstance(node, ast.Assign) and isinstance(node.value, ast.Constant)

@@ -40,7 +40,7 @@ RECIPE, LOCK, LOG, FAILED = ".later.yaml", ".later.lock", ".later.log", ".later.
 NOT_INHERITED = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "GROUP_RANK",
                  "MASTER_ADDR", "MASTER_PORT", "TORCHELASTIC_RUN_ID")
 
-_started: dict[str, str] = {}  # key -> the line said, once per process (lr: auto asks twice)
+_started: dict[str, str] = {}  # key -> its child's line: one child a process (lr: auto asks twice)
 _children: list[subprocess.Popen] = []  # kept, so none is reported as left running
 
 
@@ -55,8 +55,6 @@ def start(recipe: dict, key: str) -> str | None:
         said = _start(recipe, key)
     except Exception as exc:  # the run goes on eagerly whatever happens here
         said = f"could not start compiling this step in the background: {one_line(exc)}"
-    if said:
-        _started[key] = said
     return said
 
 
@@ -94,7 +92,9 @@ def _spawn(recipe: dict, key: str, lock: int) -> str:
     os.ftruncate(lock, 0)
     os.pwrite(lock, f"{child.pid}\n".encode(), 0)
     _children.append(child)
-    return f"compiling this step for later runs in the background (pid {child.pid}, log {log})"
+    _started[key] = (f"compiling this step for later runs in the background (pid {child.pid}, "
+                     f"log {log})")
+    return _started[key]
 
 
 

@@ -1,0 +1,176 @@
+"""A new model's first run: ``train.compile: auto`` trains eagerly where no package of the step
+is cached and a first compile would cost more than the eager steps, saying so, and compiles
+the step for later runs in a child process (one per package at a time, switched off by
+VIBENCH_BACKGROUND_COMPILE=false); the next run loads what the child packaged."""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pyro
+import pytest
+import torch
+
+from tests.helpers import COIN, QUICK, setup, vibench
+from workbench.compile import background, compiled_step, package_cache
+
+SWITCH = "VIBENCH_BACKGROUND_COMPILE"
+EAGER = re.compile(r"training eagerly, not compiled: a first compile of this step \((\d+) "
+                   r"operations\) takes about (\d+) s, more than its (\d+) eager steps \(about "
+                   r"(\d+) s\)")
+STARTED = re.compile(r"compiling this step for later runs in the background \(pid (\d+), log "
+                     r"(.+)\)")
+
+
+class Traced(Exception):
+    """Raised where the step would be traced."""
+
+
+@pytest.fixture
+def cold(tmp_path: Path, monkeypatch) -> Path:
+    """An empty compile cache (ours, in its folder), and no step ever traced."""
+    def refuse(*args, **kwargs):
+        raise Traced("traced")
+
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setattr(compiled_step, "_make_fx", refuse)
+    return package_cache.check_folders()
+
+
+def later_files(folder: Path) -> list[str]:
+    return sorted(p.name for p in folder.iterdir() if ".later." in p.name)
+
+
+def test_auto_trains_eagerly_on_a_cold_cache_where_compiling_would_not_pay(cold: Path):
+    run = setup("train.compile=auto", "train.steps=4000", "train.eval_every=0")
+    assert run.compiled is None and len(run.notes) == 1, run.notes
+    ops, first, steps, eager = map(int, EAGER.fullmatch(run.notes[0]).groups())
+    assert steps == 4000 and eager < first and ops > 100
+    assert later_files(cold) == []  # switched off for the suite (tests/conftest.py)
+    many = setup("train.compile=auto", "train.steps=1000000", "train.eval_every=0")
+    assert many.notes == ["training eagerly, not compiled: tracing failed: traced"]
+
+
+def test_a_run_left_eager_for_a_cold_cache_is_bitwise_the_eager_run(cold: Path):
+    fits = []
+    for setting in ("auto", "false"):
+        run = setup("train.steps=4000", f"train.compile={setting}", "train.eval_every=0")
+        assert run.compiled is None
+        for _ in range(3):
+            run.step()
+        fits.append({k: v.detach().clone() for k, v in pyro.get_param_store().items()})
+    assert all(torch.equal(fits[0][k], fits[1][k]) for k in fits[0])
+
+
+def key_of_the_coin() -> str:
+    run = setup("train.compile=false", "train.steps=4000", "train.eval_every=0")
+    with pytest.raises(compiled_step.NotYet) as caught:
+        compiled_step.compile_step(run.svi, run.data, steps=4000)
+    return caught.value.key
+
+
+def test_one_child_per_step_and_a_dead_ones_lock_is_taken_over(cold: Path, monkeypatch):
+    """A child holding the step's lock keeps a second from starting; once it is gone (its
+    pid still in the file), the next run starts one, which holds the lock in its turn."""
+    monkeypatch.setenv(SWITCH, "true")
+    lock = package_cache.file(key_of_the_coin(), background.LOCK)
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import fcntl, os, sys\n"
+         f"fd = os.open({str(lock)!r}, os.O_RDWR | os.O_CREAT)\n"
+         "fcntl.flock(fd, fcntl.LOCK_EX)\n"
+         "os.write(fd, b'%d' % os.getpid())\n"
+         "print('ready', flush=True)\n"
+         "sys.stdin.read()"], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    assert holder.stdout.readline() == "ready\n"
+    run = setup("train.compile=auto", "train.steps=4000", "train.eval_every=0")
+    assert run.notes[1:] == [f"this step is being compiled for later runs in the background "
+                             f"already (pid {holder.pid})"]
+    assert not any(name.endswith(background.LOG) for name in later_files(cold))
+    holder.communicate("")  # it exits; its pid stays in the lock file
+    assert lock.read_text() == str(holder.pid)
+    run = setup("train.compile=auto", "train.steps=4000", "train.eval_every=0")
+    pid = int(STARTED.fullmatch(run.notes[1])[1])
+    try:
+        assert lock.read_text() == f"{pid}\n"
+        with open(lock, "rb") as handle:  # the child holds it
+            with pytest.raises(BlockingIOError):
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    finally:
+        os.killpg(pid, signal.SIGKILL)  # its own session: it and anything it started
+    again = setup("train.compile=auto", "train.steps=4000", "train.eval_every=0")
+    assert again.notes == run.notes  # one child a process, however often set-up asks
+
+
+@pytest.mark.parametrize("value, said", [
+    ("false", None),
+    ("maybe", "could not start compiling this step in the background: "
+              "VIBENCH_BACKGROUND_COMPILE='maybe': expected true or false (default true)")])
+def test_the_switch_turns_it_off_and_a_bad_value_is_a_note(cold: Path, monkeypatch, value: str,
+                                                          said: str | None):
+    monkeypatch.setenv(SWITCH, value)
+    run = setup("train.compile=auto", "train.steps=4000", "train.eval_every=0")
+    assert run.compiled is None and EAGER.fullmatch(run.notes[0])
+    assert run.notes[1:] == ([said] if said else [])
+    assert later_files(cold) == []
+
+
+def wait_for_the_child(log: Path) -> str:
+    """The child's log once it has exited: its lock is free then."""
+    lock = log.with_name(log.name.replace(background.LOG, background.LOCK))
+    with open(lock, "rb") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+    return log.read_text()
+
+
+@pytest.mark.slow  # a real cold compile in the child
+def test_the_child_fills_the_cache_and_the_next_run_loads_the_step(tmp_path: Path):
+    env = {"TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "cache"), "VIBENCH_COMPILE": "auto",
+           SWITCH: "true"}
+    sets = [x for s in QUICK for x in ("--set", s)]
+    first = vibench("run", str(COIN), *sets, "--out", str(tmp_path / "a"), env=env,
+                    timeout=600)
+    assert first.returncode == 0, first.stderr
+    assert EAGER.search(first.stderr), first.stderr
+    started = STARTED.search(first.stderr)
+    log = wait_for_the_child(Path(started[2]))
+    assert "packaged the step" in log, log
+    second = vibench("run", str(COIN), *sets, "--out", str(tmp_path / "b"), env=env,
+                     timeout=600)
+    assert second.returncode == 0, second.stderr
+    assert "training eagerly" not in second.stderr and "compiling" not in second.stderr
+    summaries = [json.loads((tmp_path / d / "summary.json").read_text()) for d in "ab"]
+    assert [s["compiled"] for s in summaries] == [False, True]
+    assert summaries[0]["final_loss"] == pytest.approx(summaries[1]["final_loss"], rel=1e-4)
+
+
+@pytest.mark.slow  # a real child, which fails once it has imported vibench
+def test_a_child_that_fails_leaves_a_note_and_no_run_starts_another(tmp_path: Path):
+    """A recipe naming a notebook's model cannot be set up in another process."""
+    script = ("import sys\n"
+              "import pyro, pyro.distributions as dist\n"
+              "from workbench import fit\n"
+              "def coin(flips):\n"
+              "    fairness = pyro.sample('fairness', dist.Beta(10.0, 10.0))\n"
+              "    with pyro.plate('flips', flips.shape[0]):\n"
+              "        pyro.sample('obs', dist.Bernoulli(fairness), obs=flips)\n"
+              "fit(model=coin, data={'flips': [1.0] * 6 + [0.0] * 4}, guide='auto_normal',\n"
+              "    loss='elbo', optimizer={'name': 'adam', 'lr': 0.01}, out=sys.argv[1],\n"
+              "    train={'steps': 2000, 'eval_every': 0, 'plots': False,\n"
+              "           'diagnostics': False})\n")
+    env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "cache"),
+           "VIBENCH_COMPILE": "auto", SWITCH: "true"}
+    done = subprocess.run([sys.executable, "-c", script, str(tmp_path / "a")], env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    log = wait_for_the_child(Path(STARTED.search(done.stderr)[2]))
+    assert log.startswith("failed: ") and "notebook:" in log, log
+    again = subprocess.run([sys.executable, "-c", script, str(tmp_path / "b")], env=env,
+                           capture_output=True, text=True, timeout=300)
+    assert EAGER.search(again.stderr) and not STARTED.search(again.stderr), again.stderr
