@@ -221,8 +221,8 @@ def _is_reader(func: ast.Attribute) -> bool:
 def _env_names(tree: ast.Module) -> set[str]:
     """The environment variables a module reads or sets: os.environ.get(X), os.environ[X],
     X in os.environ, os.getenv(X) (also through a mapping named env),
-    environment.seconds(X, ...), .count(X, ...) or .switch(X, ...), X a string or a module-level constant
-    holding one."""
+    environment.seconds(X, ...), .count(X, ...) or .switch(X, ...), X a string or a
+    module-level constant holding one."""
     constants = {target.id: node.value.value for node in tree.body
                  if isinstance(node, ast.Assign) and isinstance(node.value, ast.Constant)
                  and isinstance(node.value.value, str)

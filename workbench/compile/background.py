@@ -91,7 +91,7 @@ def _spawn(recipe: dict, key: str, lock: int) -> str:
             env=env)
     os.ftruncate(lock, 0)
     os.pwrite(lock, f"{child.pid}\n".encode(), 0)
-    _children.append(child)
+    _children[:] = [c for c in _children if c.poll() is None] + [child]  # reaped when done
     _started[key] = (f"compiling this step for later runs in the background (pid {child.pid}, "
                      f"log {log})")
     return _started[key]
