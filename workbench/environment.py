@@ -15,19 +15,19 @@ from workbench.errors import UsageError
 
 def seconds(name: str, default: float) -> float:
     """A positive, finite number of seconds from ``name``, else ``default`` where unset."""
-    return _number(name, default, float, lambda v: math.isfinite(v) and v > 0,
+    return _read(name, default, float, lambda v: math.isfinite(v) and v > 0,
                    f"a number of seconds above 0 (default {default:g})")
 
 
 def count(name: str, default: int, what: str) -> int:
     """A whole number >= 0 of ``what`` from ``name``, else ``default`` where unset."""
-    return _number(name, default, int, lambda v: v >= 0,
+    return _read(name, default, int, lambda v: v >= 0,
                    f"a whole number of {what} (default {default})")
 
 
 def switch(name: str, default: bool) -> bool:
     """true or false (also 1 or 0, yes or no, on or off) from ``name``, else ``default``."""
-    return _number(name, default, lambda text: _SWITCHES[text.lower()], lambda v: True,
+    return _read(name, default, lambda text: _SWITCHES[text.lower()], lambda v: True,
                    f"true or false (default {str(default).lower()})")
 
 
@@ -35,7 +35,7 @@ _SWITCHES = {"true": True, "1": True, "yes": True, "on": True,
              "false": False, "0": False, "no": False, "off": False}
 
 
-def _number(name: str, default: Any, parse: Callable[[str], Any],
+def _read(name: str, default: Any, parse: Callable[[str], Any],
             valid: Callable[[Any], bool], expected: str) -> Any:
     """``name``'s value parsed, ``default`` where unset or empty; one line where it does not
     parse or is not ``valid``."""

@@ -20,7 +20,6 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 from workbench import environment
 from workbench.compile import package_cache
@@ -52,10 +51,9 @@ def start(recipe: dict, key: str) -> str | None:
     try:
         if not environment.switch(ENV, True) or fcntl is None:
             return None
-        said = _start(recipe, key)
+        return _start(recipe, key)
     except Exception as exc:  # the run goes on eagerly whatever happens here
-        said = f"could not start compiling this step in the background: {one_line(exc)}"
-    return said
+        return f"could not start compiling this step in the background: {one_line(exc)}"
 
 
 def _start(recipe: dict, key: str) -> str | None:
@@ -96,11 +94,6 @@ def _spawn(recipe: dict, key: str, lock: int) -> str:
                      f"log {log})")
     return _started[key]
 
-
-
-def recipe_of(key: str) -> Path:
-    """The resolved recipe the child of ``key`` rebuilds the run from."""
-    return package_cache.file(key, RECIPE)
 
 
 def failed(key: str, why: str) -> None:

@@ -52,8 +52,8 @@ PAYS_SECONDS = {"cpu": 2.0, "cuda": 6.0}
 # export, inductor's lowering, the C++ compiler): COLD_SECONDS plus COLD_OP_SECONDS for each
 # torch operation of the step; benchmarks/README.md ("A new model's first run") has the
 # measurements
-COLD_SECONDS = 15.0
-COLD_OP_SECONDS = 0.025
+COLD_SECONDS = 10.0
+COLD_OP_SECONDS = 0.03
 # auto compiles a step of at most this many torch operations: compiling costs grow with the
 # count (a loop the trace unrolls runs tens of thousands), so a longer step stays eager,
 # decided from the count before anything is traced; benchmarks/README.md ("Loops") has the
