@@ -104,6 +104,7 @@ def test_one_child_per_step_and_a_dead_ones_lock_is_taken_over(cold: Path, monke
                 fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
     finally:
         os.killpg(pid, signal.SIGKILL)  # its own session: it and anything it started
+        os.waitpid(pid, 0)  # this process started it
     again = setup("train.compile=auto", "train.steps=4000", "train.eval_every=0")
     assert again.notes == run.notes  # one child a process, however often set-up asks
 

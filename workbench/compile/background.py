@@ -20,6 +20,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 from workbench import environment
 from workbench.compile import package_cache
@@ -39,30 +40,28 @@ RECIPE, LOCK, LOG, FAILED = ".later.yaml", ".later.lock", ".later.log", ".later.
 NOT_INHERITED = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "GROUP_RANK",
                  "MASTER_ADDR", "MASTER_PORT", "TORCHELASTIC_RUN_ID")
 
-_started: dict[str, str] = {}  # key -> its child's line: one child a process (lr: auto asks twice)
-_children: list[subprocess.Popen] = []  # kept, so none is reported as left running
+_started: dict[Path, str] = {}  # by lock file: one child a process (lr: auto asks twice)
+_children: list[subprocess.Popen] = []  # polled as others start: a finished one is reaped
 
 
 def start(recipe: dict, key: str) -> str | None:
     """Start compiling ``key``'s step for later runs from ``recipe`` (resolved), unless
     switched off, an earlier child failed, or one is at it; the line to say (None: none)."""
-    if key in _started:
-        return _started[key]
     try:
         if not environment.switch(ENV, True) or fcntl is None:
             return None
-        return _start(recipe, key)
+        lock = package_cache.file(key, LOCK)
+        return _started.get(lock) or _start(recipe, key, lock)
     except Exception as exc:  # the run goes on eagerly whatever happens here
         return f"could not start compiling this step in the background: {one_line(exc)}"
 
 
-def _start(recipe: dict, key: str) -> str | None:
-    """The child started, holding ``key``'s lock; or None where it is packaged or failed
-    before, or a line naming the child at it already."""
+def _start(recipe: dict, key: str, path: Path) -> str | None:
+    """The child started, holding ``key``'s lock at ``path``; or None where it is packaged or
+    failed before, or a line naming the child at it already."""
     if package_cache.state(key) != "absent" or package_cache.file(key, FAILED).exists():
         return None
-    lock = os.open(package_cache.file(key, LOCK), os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW,
-                   0o600)
+    lock = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o600)
     try:
         try:
             fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -70,7 +69,8 @@ def _start(recipe: dict, key: str) -> str | None:
             holder = os.pread(lock, 32, 0).decode(errors="replace").strip() or "?"
             return (f"this step is being compiled for later runs in the background already "
                     f"(pid {holder})")
-        return _spawn(recipe, key, lock)
+        _started[path] = _spawn(recipe, key, lock)
+        return _started[path]
     finally:  # the child holds the lock (the same open file) as long as it lives
         os.close(lock)
 
@@ -89,11 +89,8 @@ def _spawn(recipe: dict, key: str, lock: int) -> str:
             env=env)
     os.ftruncate(lock, 0)
     os.pwrite(lock, f"{child.pid}\n".encode(), 0)
-    _children[:] = [c for c in _children if c.poll() is None] + [child]  # reaped when done
-    _started[key] = (f"compiling this step for later runs in the background (pid {child.pid}, "
-                     f"log {log})")
-    return _started[key]
-
+    _children[:] = [c for c in _children if c.poll() is None] + [child]
+    return f"compiling this step for later runs in the background (pid {child.pid}, log {log})"
 
 
 def failed(key: str, why: str) -> None:
