@@ -176,7 +176,8 @@ def compile_step(svi: Any, data: dict, steps: int | None = None, backend: str = 
     Given ``steps``, None where so few eager steps would cost less than loading a compiled
     step, and NotYet where no package of it is cached and they cost less than compiling it:
     the estimates count the step's torch operations, so a resumed run decides as the first
-    did. ``backend="fx"`` replays the traced graph uncompiled (the same random draws as eager).
+    did (unless the package has been cached since). ``backend="fx"`` replays the traced
+    graph uncompiled (the same random draws as eager).
     ``refusal``: the caller's reason not to compile, raised only where compiling would pay.
     A step of more than ``max_ops`` operations is refused before tracing where
     ``refuse_above``, else compiled with a warning that it may take long."""
