@@ -27,11 +27,13 @@ def main(argv: list[str]) -> int:
     began = time.perf_counter()
     try:
         _compile(path)
-        if package_cache.state(key) != "packaged":
-            raise RuntimeError("the step set up here is not the one the run asked for "
+        state = package_cache.state(key)
+        if state != "packaged":
+            raise RuntimeError("AOTInductor could not package the step" if state == "failed"
+                               else "the step set up here is not the one the run asked for "
                                "(another package key)")
-    except BaseException as exc:  # noted, so no later run tries again
-        why = one_line(exc) if isinstance(exc, Exception) else type(exc).__name__
+    except Exception as exc:  # noted, so no later run tries again (not so if interrupted)
+        why = one_line(exc)
         print(f"failed: {why}", flush=True)
         with contextlib.suppress(Exception):
             background.failed(key, why)
