@@ -14,7 +14,8 @@
   importance-weighted against the model (plugins/modes.py) is the answer where its k-hat is
   trusted, else the flag says so and gives that mixture's moments;
 - ``flow``: when the best Gaussian's PSIS k-hat is above ``khat``, a flow started at it
-  (not where the answer is the fits' weighed mixture);
+  (not where the answer is the fits' weighed mixture, nor where a heavier-tailed proposal
+  built from the Gaussian fits, which the answer then comes from, has a trusted k-hat);
 - ``psis``: report the importance-weighted (PSIS) estimates of fits with k-hat below ``khat``.
 """
 
@@ -470,8 +471,11 @@ def flow(khat: float = KHAT_TRUSTED, num_transforms: int = 2, hidden_factor: int
          lr: float | str = "auto", num_particles: int = 4,
          estimator: Literal["stl", "reparam"] = "stl", max_steps: int | None = 300,
          window: int = 100, skl: float = 0.001, lr_factor: float = 0.5, rhat: float = 1.1,
-         max_dimension: int = 1000):
-    """Escalate to a normalizing flow, started at the best Gaussian, when its k-hat > khat.
+         max_dimension: int = 1000, proposals: bool = True):
+    """Escalate to a normalizing flow, started at the best Gaussian, when its k-hat > khat;
+    with ``proposals``, not where a heavier-tailed proposal built from the Gaussian fits with
+    no training (workbench/auto/answer.py ``proposals``) has a trusted k-hat: the answer is
+    importance-sampled from it, as it would be after a flow that fell short.
     Its stop compares the marginal moments of its draws, which do not see the tails a flow is
     there for: ``skl`` is ten times tighter than the Gaussians' (at 0.01 kilpisjarvi's flow
     stopped at 200 steps with k-hat 0.78, against 0.44 after its 300). Beyond
@@ -481,13 +485,14 @@ def flow(khat: float = KHAT_TRUSTED, num_transforms: int = 2, hidden_factor: int
                                       "num_transforms": num_transforms,
                                       "hidden_factor": hidden_factor},
                 {"name": "elbo", "num_particles": num_particles, "estimator": estimator}, lr,
-                max_steps, {**_stop(window, skl, lr_factor), "converge_rhat": rhat})
+                max_steps, {**_stop(window, skl, lr_factor), "converge_rhat": rhat},
+                proposals)
 
 
 class Flow:
-    def __init__(self, khat, max_dimension, guide, loss, lr, max_steps, train):
+    def __init__(self, khat, max_dimension, guide, loss, lr, max_steps, train, proposals):
         self.khat, self.guide, self.loss, self.lr = khat, guide, loss, lr
-        self.max_dimension = max_dimension
+        self.max_dimension, self.proposals = max_dimension, proposals
         self.max_steps, self.train = max_steps, train
 
     def run(self, pipeline) -> str:
@@ -505,6 +510,9 @@ class Flow:
                "no k-hat for the Gaussian")
         if best.gaussian is None:
             return f"skipped ({why}): the Gaussian fit left no Gaussian to start from"
+        proposed = self.proposal(pipeline, khat)
+        if proposed:
+            return f"skipped ({why}): {proposed}"
         if pipeline.dimension > self.max_dimension:
             return (f"skipped ({why}): {pipeline.dimension} dimensions, more than "
                     f"max_dimension {self.max_dimension} (a flow's size grows as their square)")
@@ -524,6 +532,24 @@ class Flow:
         shown = "none" if new is None else f"{new:.2f}"
         return (f"escalated to a flow: {why}; the flow's k-hat {shown} is no better "
                 f"({fit.ending()}); kept the Gaussian")
+
+    def proposal(self, pipeline, khat: float | None) -> str:
+        """Where the answer's k-hat is not trusted and a heavier-tailed proposal built from
+        the Gaussian fits is (weighed once: the answer reuses it), the words saying the answer
+        comes from it; else "", and the flow is trained."""
+        from workbench.auto import answer
+        from workbench.report.thresholds import khat_trusted
+
+        if not self.proposals or khat is None or khat_trusted(khat) or pipeline.model is not None:
+            return ""  # refitted non-centred: the proposals come from other fits than these
+        fits, tried, _ = answer.proposals(pipeline)
+        name = answer.trusted_proposal(tried)
+        if name is None:
+            return ""
+        found = tried[name]
+        return (f"the {name} proposal built from {len(fits)} Gaussian fits has k-hat "
+                f"{found['khat']:.2f} <= {KHAT_TRUSTED:g} (ESS {found['ess']:.0f}); the answer "
+                "is importance-sampled from it")
 
 
 def psis(khat: float = KHAT_TRUSTED):

@@ -63,10 +63,23 @@ def test_a_proposal_is_a_density():
         assert abs(float(density.sum() * (grid[1] - grid[0])) - 1) < 2e-3, name
 
 
-def test_the_pipeline_answers_from_a_heavier_tailed_proposal(tmp_path):
+def test_the_pipeline_answers_from_a_heavier_tailed_proposal(tmp_path, monkeypatch):
+    """The flow stage weighs the proposals first and, one being trusted, trains no flow; the
+    answer reuses that weighing (each proposal's guide built once to weigh, once to draw)."""
+    built = []
+    monkeypatch.setattr(tails, "proposal_guide", lambda *args, make=tails.proposal_guide:
+                        built.append(args[1]) or make(*args))
     # 60 steps leave the mean-field Gaussian narrower than the t: its k-hat is over 0.7
-    summary, path = fit(tmp_path, source=one_fit_recipe(f"{HERE}:student", 60))
+    recipe = one_fit_recipe(f"{HERE}:student", 60)
+    recipe["auto"]["stages"].insert(1, {"name": "flow", "max_steps": 30})
+    summary, path = fit(tmp_path, source=recipe)
     auto, diagnostics = summary["auto"], summary["diagnostics"]
+    said = {stage["stage"]: stage["said"] for stage in auto["stages"]}
+    assert said["flow"].startswith(f"skipped (k-hat {diagnostics['khats']['mine']:.2f} > 0.7): "
+                                   f"the {diagnostics['proposal']['name']} proposal built from "
+                                   "1 Gaussian fits has k-hat")
+    assert [entry["label"] for entry in auto["fits"]] == ["mine"]
+    assert sorted(built) == sorted([*tails.PROPOSALS, diagnostics["proposal"]["name"]])
     assert auto["answer"] == answer.TAILS and auto["used"] == ["mine"]
     assert diagnostics["proposal"]["fits"] == ["mine"] and diagnostics["khat"] <= 0.7
     chosen = diagnostics["proposal"]

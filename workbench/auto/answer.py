@@ -271,31 +271,23 @@ def _gaussians(run_dir: Path, labels: list[str], load: Loader) -> tuple[list, li
 def heavier_tails(pipeline: Any, found: tuple) -> tuple:
     """The pipeline's answer (``found``, as ``pipeline._answer`` gives it) importance-sampled
     from a heavier-tailed proposal built from its Gaussian fits of the user's model, where
-    the answer's k-hat says do not trust it: of the proposals (workbench/report/tails.py)
-    whose k-hat is trusted, the one with the largest ESS; its estimates, diagnostics (with
-    ``proposal``: which, from which fits, each one's k-hat) and flags (the stages', and the
-    sd's Monte Carlo error). Where none is trusted, ``found`` with the tried k-hats in its
+    the answer's k-hat says do not trust it: of the proposals (``proposals``) whose k-hat is
+    trusted, the one with the largest ESS (``trusted_proposal``); its estimates, diagnostics
+    (with ``proposal``: which, from which fits, each one's k-hat) and flags (the stages', and
+    the sd's Monte Carlo error). Where none is trusted, ``found`` with the tried k-hats in its
     k-hat flag; ``found`` itself where there is nothing to try."""
     from workbench.report import thresholds
-    from workbench.report.gaussians import FULL_UP_TO
 
     used, post, weighted, estimates, diagnostics, flags = found
     khat = diagnostics.get("khat")
     if pipeline.mixture is not None or khat is None or thresholds.khat_trusted(khat):
         return found
-    fits = [fit for fit in pipeline.fits if fit.ok and fit.gaussian is not None
-            and fit.summary["recipe"].get("model") == pipeline.recipe.get("model")]
-    if any(fit.gaussian[0].numel() > FULL_UP_TO for fit in fits):  # no D x D scales to widen
-        flags = _khat_noted(flags, f"no heavier-tailed proposal beyond {FULL_UP_TO} dimensions")
-        return used, post, weighted, estimates, diagnostics, flags
-    tried, labels = _weigh_proposals(pipeline.run_dir, [fit.label for fit in fits],
-                                     pipeline.load) if fits else ({}, [])
+    fits, tried, why = proposals(pipeline)
+    if why:
+        return used, post, weighted, estimates, diagnostics, _khat_noted(flags, why)
     if not tried:
         return found
-    fits = [fit for fit in fits if fit.label in labels]
-    best = max((name for name, result in tried.items()
-                if thresholds.khat_trusted(result.get("khat")) and "sites" in result),
-               key=lambda name: tried[name]["ess"], default=None)
+    best = trusted_proposal(tried)
     khats = {name: result.get("khat") for name, result in tried.items()}
     if best is None:
         said = ", ".join(f"{name} {_khat_text(k)}" for name, k in khats.items())
@@ -304,16 +296,49 @@ def heavier_tails(pipeline: Any, found: tuple) -> tuple:
     return _tails_answer(pipeline, fits, best, tried[best], khats)
 
 
+def proposals(pipeline: Any) -> tuple[list, dict[str, dict], str]:
+    """The heavier-tailed proposals built from the pipeline's Gaussian fits of the user's
+    model (a flow's guide is no Gaussian to widen), each weighed against the model
+    (``_weigh_proposals``): the fits they were built from, each proposal's weighing, and why
+    none could be built ("" where they were). Weighed once per set of fits, kept in
+    ``pipeline.proposals``: the flow stage asks first (and skips the flow where one is
+    trusted), the answer after."""
+    from workbench.report.gaussians import FULL_UP_TO
+
+    fits = [fit for fit in pipeline.fits if fit.ok and fit.gaussian is not None
+            and fit.summary["recipe"].get("model") == pipeline.recipe.get("model")
+            and not fit.summary["recipe"]["guide"].get("num_transforms")]
+    if any(fit.gaussian[0].numel() > FULL_UP_TO for fit in fits):  # no D x D scales to widen
+        return [], {}, f"no heavier-tailed proposal beyond {FULL_UP_TO} dimensions"
+    labels = [fit.label for fit in fits]
+    if pipeline.proposals is None or pipeline.proposals[0] != labels:
+        tried, kept = _weigh_proposals(pipeline.run_dir, labels, pipeline.load) if fits \
+            else ({}, [])
+        pipeline.proposals = (labels, [fit for fit in fits if fit.label in kept], tried)
+    return pipeline.proposals[1], pipeline.proposals[2], ""
+
+
+def trusted_proposal(tried: dict[str, dict]) -> str | None:
+    """Of the weighed proposals (``proposals``), the one with a trusted k-hat and the largest
+    ESS; None where none is trusted."""
+    from workbench.report import thresholds
+
+    return max((name for name, result in tried.items()
+                if thresholds.khat_trusted(result.get("khat")) and "sites" in result),
+               key=lambda name: tried[name]["ess"], default=None)
+
+
 def _tails_answer(pipeline: Any, fits: list, name: str, result: dict, khats: dict) -> tuple:
     """The answer tuple of proposal ``name``'s weighted draws (``result``, the report's
     diagnostics of its guide)."""
     from workbench.report import iw_error, tails
 
-    sites = result.pop("sites")
+    sites = result["sites"]
     post = iw_error.pooled([sites], 1, {site: {"mean": entry["iw_mean"], "std": entry["iw_std"]}
                                         for site, entry in sites.items()})
     labels = [fit.label for fit in fits]
-    diagnostics = {**result, "khats": {fit.label: fit.khat for fit in fits},
+    diagnostics = {**{k: v for k, v in result.items() if k != "sites"},
+                   "khats": {fit.label: fit.khat for fit in fits},
                    "proposal": {"name": name, "fits": labels, "nu": tails.NU,
                                 "scale": tails.SCALE, "eps": tails.EPS, "khats": khats}}
     estimates = (f"importance-weighted (PSIS) estimates under {tails.described(name, len(fits))}"

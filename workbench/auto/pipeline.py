@@ -117,6 +117,7 @@ class Pipeline:
     rhat: dict | None = None
     modes: Any = None  # what the gaussian stage's mode searches found (plugins/modes.py)
     mixture: Any = None  # the fits' weighed mixture where it is the answer (the rhat stage)
+    proposals: Any = None  # heavier-tailed proposals weighed, kept (answer.proposals)
     model: dict | None = None  # the fits' model section where a stage changed it, else the recipe's
     flags: list[str] = field(default_factory=list)
     last_run: Any = None
