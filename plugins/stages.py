@@ -134,6 +134,7 @@ class Gaussian:
                  estimator, lr, max_steps, train, spread, scatter, modes, reparam):
         self.family, self.low_rank_above, self.reparam = family, low_rank_above, reparam
         self.no_mode = ""  # the first fit's Laplace start found no mode: why (_no_mode)
+        self.deferred = None  # the centred fits after the first, where they wait (defers)
         self.scatter, self.modes = scatter, modes
         self.runs, self.min_runs, self.enough = runs, min_runs, enough
         self.loss = {"name": "elbo", "num_particles": num_particles, "estimator": estimator}
@@ -141,6 +142,7 @@ class Gaussian:
         self.train = train
 
     def run(self, pipeline) -> str:
+        self.deferred = None
         said = self.fit_all(pipeline, "gaussian")
         if self.reparam == "none":
             return said
@@ -148,7 +150,7 @@ class Gaussian:
 
     def fit_all(self, pipeline, name: str) -> str:
         """The stage's fits, labelled ``name``-1, -2, ...: ``pipeline.candidates``."""
-        from workbench.report.gaussians import FULL_UP_TO, fitted_gaussian
+        from workbench.report.gaussians import FULL_UP_TO
 
         dimension = pipeline.dimension
         family = self.family
@@ -164,7 +166,54 @@ class Gaussian:
         # beyond FULL_UP_TO dimensions no D x D covariance: the start's marginal sds
         marginal = FULL_UP_TO if dimension > FULL_UP_TO else None
 
-        def first_start(guide, data) -> None:
+        first = pipeline.fit(f"{name}-1", guide=guide, loss=self.loss,
+                             optimizer={"name": "adam", "lr": self.lr}, train=train,
+                             start=self.first_start(captured, found, marginal, seed))
+        pipeline.modes = found[0] if found else None
+        fits, skipped = [first], ""
+
+        def more() -> str:
+            """Fits 2, 3, ... until enough; the stage line's words on those not launched."""
+            later = {**guide, "init": "init_loc"} if "init" in guide else guide
+            distinct = len(pipeline.modes.modes) if pipeline.modes else 0
+            at_least = min(self.runs, max(self.min_runs, distinct))  # a fit at each mode
+            for i in range(len(fits) + 1, self.runs + 1):
+                why = self.enough.why(fits) if i > at_least else ""
+                if why:
+                    pipeline.say(f"auto: fits {i}-{self.runs} not launched: {why}")
+                    return f"; fits {i}-{self.runs} not launched: {why}"
+                start = (_at_mode(pipeline.modes, i, self.spread, seed + i) if distinct > 1
+                         else self.later_start(captured[0], guide.get("init"), marginal,
+                                               seed + i))
+                fits.append(pipeline.fit(
+                    f"{name}-{i}", guide=later, loss=self.loss,
+                    optimizer={"name": "adam", "lr": first.lr}, train=train, seed_offset=i - 1,
+                    start=start))
+            return ""
+
+        def said(skipped: str) -> str:
+            pipeline.candidates = [fit for fit in fits if fit.ok]
+            return self.said(pipeline, fits, family, dimension, skipped, marginal,
+                             pipeline.modes)
+
+        if first.ok:
+            skipped = self.no_mode = _no_mode(pipeline.last_run)
+            if name == "gaussian" and self.defers(pipeline):
+                self.deferred = lambda: said(skipped + more())
+                waiting = f"fits 2-{self.runs}" if self.runs > 2 else "fit 2"
+                return said(f"{skipped}; {waiting} not launched yet: the non-centred fits come "
+                            "first, and these follow only where the first's ELBO is the higher")
+            skipped += more()
+        return said(skipped)
+
+    def first_start(self, captured: list, found: list, marginal: int | None, seed: int):
+        """Fit 1's start: its guide's own (the Laplace one, say) kept in ``captured`` for the
+        later fits, the mode searches' findings in ``found`` (with ``modes``), then a draw
+        from that start (``spread``)."""
+
+        def start(guide, data) -> None:
+            from workbench.report.gaussians import fitted_gaussian
+
             captured.append(fitted_gaussian(guide, diagonal=marginal is not None))
             if self.modes and marginal is None and captured[0] is not None:
                 from vibench_plugins.modes import search
@@ -174,31 +223,22 @@ class Gaussian:
             if moved is not None:
                 moved(guide, data)
 
-        first = pipeline.fit(f"{name}-1", guide=guide, loss=self.loss,
-                             optimizer={"name": "adam", "lr": self.lr}, train=train,
-                             start=first_start)
-        pipeline.modes = found[0] if found else None
-        fits, skipped = [first], ""
-        if first.ok:
-            skipped = self.no_mode = _no_mode(pipeline.last_run)
-            later = {**guide, "init": "init_loc"} if "init" in guide else guide
-            distinct = len(pipeline.modes.modes) if pipeline.modes else 0
-            at_least = min(self.runs, max(self.min_runs, distinct))  # a fit at each mode
-            for i in range(2, self.runs + 1):
-                why = self.enough.why(fits) if i > at_least else ""
-                if why:
-                    skipped += f"; fits {i}-{self.runs} not launched: {why}"
-                    pipeline.say(f"auto: fits {i}-{self.runs} not launched: {why}")
-                    break
-                start = (_at_mode(pipeline.modes, i, self.spread, seed + i) if distinct > 1
-                         else self.later_start(captured[0], guide.get("init"), marginal,
-                                               seed + i))
-                fits.append(pipeline.fit(
-                    f"{name}-{i}", guide=later, loss=self.loss,
-                    optimizer={"name": "adam", "lr": first.lr}, train=train, seed_offset=i - 1,
-                    start=start))
-        pipeline.candidates = [fit for fit in fits if fit.ok]
-        return self.said(pipeline, fits, family, dimension, skipped, marginal, pipeline.modes)
+        return start
+
+    def defers(self, pipeline) -> bool:
+        """Whether the fits after the first wait for the non-centred ones (``reparam: auto``):
+        the first fit's Laplace start found no mode (a centred funnel's density grows without
+        bound at its neck) and the model has centred sites to refit non-centred. The choice
+        between them is still made by ELBO; the centred fits go on where the first wins."""
+        from vibench_plugins import reparam
+        from workbench.device import run_context
+
+        run = pipeline.last_run
+        if self.reparam != "auto" or not self.no_mode or run is None or self.runs < 2 or (
+                pipeline.modes is not None and len(pipeline.modes.modes) > 1):
+            return False
+        with run_context(run.device, run.dtype):
+            return bool(reparam.centred_sites(run.model, run.data))
 
     def later_start(self, gaussian, init: str | None, marginal: int | None, seed: int):
         """Where fit 2, 3, ... starts: a draw from the start's Gaussian (``spread`` of its
@@ -276,15 +316,20 @@ def noncentred(stage: Gaussian, pipeline) -> str:
     pipeline.say(f"auto: {why}: the fits again with {named} non-centred")
     again = stage.fit_all(pipeline, "noncentred")
     elbo = pipeline.best(fits).elbo
+    centred = "the centred fit's" if len(fits) == 1 else "the centred fits'"
     found = pipeline.best(pipeline.candidates).elbo if pipeline.candidates else None
     if found is not None and found > elbo:
         return (f"; {why}: refitted with {named} non-centred: {again}; kept (ELBO "
-                f"{found:.2f} against the centred fits' {elbo:.2f})")
+                f"{found:.2f} against {centred} {elbo:.2f})")
     pipeline.candidates, pipeline.last_run, pipeline.modes = kept
     pipeline.model = None
     shown = "none" if found is None else f"{found:.2f}"
-    return (f"; {why}: refitted with {named} non-centred (ELBO {shown} against the "
-            f"centred fits' {elbo:.2f}), no better: kept the centred fits")
+    said = (f"; {why}: refitted with {named} non-centred (ELBO {shown} against {centred} "
+            f"{elbo:.2f}), no better: kept the centred fits")
+    if stage.deferred is not None:
+        pipeline.say("auto: the centred fits go on")
+        said += f"; the centred fits went on: {stage.deferred()}"
+    return said
 
 
 def _at_mode(found, i: int, spread: float, seed: int):

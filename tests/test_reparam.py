@@ -117,8 +117,10 @@ def test_a_centred_funnel_is_refitted_non_centred_under_the_users_site_names(ref
     said = {stage["stage"]: stage["said"] for stage in summary["auto"]["stages"]}
     assert "refitted with alpha non-centred" in said["gaussian"]
     labels = [fit["label"] for fit in summary["auto"]["fits"]]
-    assert "gaussian-1" in labels and "noncentred-1" in labels
-    assert "kept (ELBO" in said["gaussian"]
+    # no mode at gaussian-1's Laplace start: the non-centred fits before any other centred one
+    assert labels == ["gaussian-1", "noncentred-1", "noncentred-2"]
+    assert "fit 2 not launched yet: the non-centred fits come first" in said["gaussian"]
+    assert "kept (ELBO" in said["gaussian"] and "against the centred fit's" in said["gaussian"]
     assert set(summary["posterior"]) >= {"mu", "tau", "alpha"}
     alpha = summary["posterior"]["alpha"]
     assert len(alpha["mean"]) == 8 and min(alpha["std"]) > 0.3  # the groups, not collapsed
@@ -168,6 +170,23 @@ def test_a_weighed_mixture_of_non_centred_fits_draws_the_model_as_written(refitt
         assert drawn.mixture, drawn.notes
         names = set(drawn.groups["posterior"]) if whole else set(drawn.draws)
         assert names == {"mu", "tau", "alpha"}
+
+
+@pytest.mark.slow
+@pytest.mark.filterwarnings("ignore::UserWarning")
+def test_where_the_centred_fit_has_the_higher_elbo_the_centred_fits_go_on(tmp_path, monkeypatch):
+    from workbench.auto import pipeline
+
+    elbo = pipeline.Fit.elbo.fget  # the non-centred fits made worse, as data could make them
+    monkeypatch.setattr(pipeline.Fit, "elbo", property(
+        lambda fit: elbo(fit) - (1e3 if fit.label.startswith("noncentred") else 0)))
+    summary = run(tmp_path, "centred", {"y": [1.0, -0.5, 0.3, 2.0, -1.2, 0.8, 0.1, -0.3]})
+    said = {stage["stage"]: stage["said"] for stage in summary["auto"]["stages"]}
+    labels = [fit["label"] for fit in summary["auto"]["fits"]]
+    assert labels == ["gaussian-1", "noncentred-1", "noncentred-2", "gaussian-2"]
+    assert "no better: kept the centred fits; the centred fits went on: 2 " in said["gaussian"]
+    assert summary["auto"]["used"][0].startswith("gaussian-")
+    assert said["rhat"].startswith("R-hat across 2 fits")
 
 
 @pytest.mark.filterwarnings("ignore::UserWarning")
