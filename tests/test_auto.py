@@ -151,6 +151,25 @@ def test_lr_auto_searches_eagerly_then_compiles_with_the_chosen_step_size(tmp_pa
     job.train()
 
 
+def test_lr_auto_goes_on_from_the_winning_trial(tmp_path):
+    """The run starts where the winning step size's trial ended: its parameters moved from
+    their start, its optimizer's state (Adam's step count) the trial's, and the note says so."""
+    import pyro
+
+    sets = ["optimizer.lr=auto", "train.steps=20", "train.plots=false", "train.eval_every=0",
+            "loggers=[]"]
+    job = service.start(COIN_RECIPE, sets, tmp_path / "run", get_registry())
+    optimizers = list(job.run.svi.optim.optim_objs.values())
+    assert optimizers and all(opt.state for opt in optimizers)
+    assert all(int(state["step"]) == 30 for opt in optimizers
+                              for state in opt.state.values())
+    store = pyro.get_param_store()
+    assert all(abs(store[name].item() - 15.0) > 1e-3 for name in store.keys())  # from 15
+    note = next(note for note in job.run.notes if note.startswith("optimizer.lr auto: "))
+    assert note.endswith("the run goes on from its 30 trial steps")
+    assert job.train()["steps"] == 20
+
+
 REGRESSION = {"data": {"dataset": {"name": "synthetic_regression", "n": 50,
                                     "coefficients": [1.5, -2.0], "noise": 0.5}},
               "model": {"name": "linear_regression", "noise": 0.5}}

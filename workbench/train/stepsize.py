@@ -2,7 +2,10 @@
 ADVI adapts eta (Kucukelbir et al. 2017, sec. 3.3): from the largest candidate down, each
 trial starts from the same parameters and runs a few steps; the one whose loss over the second
 half of its trial is lowest wins, and the search stops at the first candidate worse than the
-best so far. The trials' parameters are thrown away: the run starts where they did.
+best so far. The winner's trial is kept: the run goes on from its parameters and its
+optimizer's state, as a run at that step size would be after those steps; the others' are
+thrown away. The run's step count is the recipe's, after the search (its trial steps are
+said in the note, as the losers' are).
 """
 
 from __future__ import annotations
@@ -46,25 +49,18 @@ def adapt(run: Any, candidates: tuple[float, ...] = CANDIDATES,
     params = [param for _, param in store.named_parameters()]
     start = [param.detach().clone() for param in params]
     svi, trials, best = run.svi, {}, None  # each trial swaps in its own optimizer
+    kept: tuple = ()  # the best trial's parameters and optimizer, to go on from
     with run_context(run.device, run.dtype):
         for lr in sorted(candidates, reverse=True):
             svi.optim = _optimizer(run, lr)
-            losses = []
-            try:
-                for _ in range(steps):
-                    loss, bad = run.step()
-                    losses.append(loss if not bad else math.inf)
-            except Exception:  # a step size the model cannot take: a failed candidate
-                losses.append(math.inf)
-            tail = losses[len(losses) // 2:]
-            score = sum(tail) / len(tail)
-            trials[lr] = score if math.isfinite(score) else None
+            trials[lr] = _trial(run, steps)
+            better = trials[lr] is not None and (best is None or trials[lr] < trials[best])
             with torch.no_grad():
+                if better:
+                    best, kept = lr, ([param.detach().clone() for param in params], svi.optim)
                 for param, value in zip(params, start):
                     param.copy_(value)
-            if trials[lr] is not None and (best is None or score < trials[best]):
-                best = lr
-            elif best is not None:
+            if not better and best is not None:
                 break
         if best is None:
             from workbench.errors import RunError
@@ -72,7 +68,10 @@ def adapt(run: Any, candidates: tuple[float, ...] = CANDIDATES,
             raise RunError("optimizer.lr auto: every step size tried gave a non-finite loss "
                            f"({', '.join(f'{lr:g}' for lr in trials)})")
         run.recipe["optimizer"]["lr"] = best
-        optimizer = _optimizer(run, best)
+        values, optimizer = kept
+        with torch.no_grad():
+            for param, value in zip(params, values):
+                param.copy_(value)
         make_optimizers(optimizer, params)
         svi.optim = optimizer
         run.schedule = schedule_stepper(optimizer)
@@ -80,8 +79,24 @@ def adapt(run: Any, candidates: tuple[float, ...] = CANDIDATES,
     tried = ", ".join(f"{lr:g}: " + ("failed" if value is None else f"{value:.4g}")
                       for lr, value in trials.items())
     run.notes.append(f"optimizer.lr auto: {best:g} (mean loss over the second half of "
-                     f"{steps} trial steps: {tried})")
+                     f"{steps} trial steps: {tried}); the run goes on from its {steps} trial "
+                     "steps")
     return {"lr": best, "trials": trials, "steps": steps}
+
+
+def _trial(run: Any, steps: int) -> float | None:
+    """``steps`` steps of the run with the optimizer it holds: the mean loss over their second
+    half, None where a step was bad or failed (a step size the model cannot take)."""
+    losses = []
+    try:
+        for _ in range(steps):
+            loss, bad = run.step()
+            losses.append(loss if not bad else math.inf)
+    except Exception:
+        losses.append(math.inf)
+    tail = losses[len(losses) // 2:]
+    score = sum(tail) / len(tail)
+    return score if math.isfinite(score) else None
 
 
 def _optimizer(run: Any, lr: float) -> Any:
