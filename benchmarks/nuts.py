@@ -28,7 +28,8 @@ The other posteriors have no port yet and are listed as misses.
 
 Each side's wall time and CPU time (user + system, the process and its children) are
 recorded with the load average as it began: on a shared machine the load stretches the wall
-time of each side differently, its CPU time much less.
+time of each side differently, its CPU time much less, so the target (vibench at most a third
+of NUTS, and good) is read off the CPU ratio.
 
 ``--quick``: one round, NUTS 2 chains x (500 + 500) (not the comparison the target names; the
 table says so).
@@ -395,7 +396,8 @@ def row(name: str, sides: dict[str, list[dict]]) -> str:
     n = [s["wall"] for s in sides["nuts"]]
     ratios = [a / b for a, b in zip(v, n)]
     cpu = [a["cpu"] / b["cpu"] for a, b in zip(sides["vibench"], sides["nuts"])]
-    met = all(r <= 1 / 3 for r in ratios) and all(s.get("good") for s in sides["vibench"])
+    # by CPU: on a shared machine a side stopped or crowded for minutes stretches its wall time
+    met = all(r <= 1 / 3 for r in cpu) and all(s.get("good") for s in sides["vibench"])
     divergences = sides["nuts"][-1].get("divergences", "-")
     return (f"| {name} | {_span(v)} | {_span(n)} | {min(ratios):.2f}-{max(ratios):.2f}x | "
             f"{min(cpu):.2f}-{max(cpu):.2f}x | "
@@ -447,7 +449,7 @@ def main(argv=None) -> int:
     print(f"\nwhole process each side, {rounds} round(s) alternated; NUTS {nuts}, sequential, "
           "float64; vibench --set guide=auto --threads 1\n")
     print("| posterior | vibench s | NUTS s | vibench/NUTS | CPU vibench/NUTS | "
-          "vibench max z / r | NUTS max z / r | NUTS divergences | target met (<= 1/3, good) |")
+          "vibench max z / r | NUTS max z / r | NUTS divergences | target met (CPU <= 1/3, good) |")
     print("|---|---:|---:|---:|---:|---|---|---:|---|")
     print("\n".join(lines))
     for what, why in MISSING.items():
