@@ -585,8 +585,8 @@ class Flow:
         from workbench.auto import answer
         from workbench.report.thresholds import khat_trusted
 
-        if not self.proposals or khat is None or khat_trusted(khat) or pipeline.model is not None:
-            return ""  # refitted non-centred: the proposals come from other fits than these
+        if not self.proposals or khat is None or khat_trusted(khat):
+            return ""
         fits, tried, _ = answer.proposals(pipeline)
         name = answer.trusted_proposal(tried)
         if name is None:

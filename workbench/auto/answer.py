@@ -270,7 +270,7 @@ def _gaussians(run_dir: Path, labels: list[str], load: Loader) -> tuple[list, li
 
 def heavier_tails(pipeline: Any, found: tuple) -> tuple:
     """The pipeline's answer (``found``, as ``pipeline._answer`` gives it) importance-sampled
-    from a heavier-tailed proposal built from its Gaussian fits of the user's model, where
+    from a heavier-tailed proposal built from its Gaussian fits (``proposals``), where
     the answer's k-hat says do not trust it: of the proposals (``proposals``) whose k-hat is
     trusted, the one with the largest ESS (``trusted_proposal``); its estimates, diagnostics
     (with ``proposal``: which, from which fits, each one's k-hat) and flags (the stages', and
@@ -297,16 +297,18 @@ def heavier_tails(pipeline: Any, found: tuple) -> tuple:
 
 
 def proposals(pipeline: Any) -> tuple[list, dict[str, dict], str]:
-    """The heavier-tailed proposals built from the pipeline's Gaussian fits of the user's
-    model (a flow's guide is no Gaussian to widen), each weighed against the model
+    """The heavier-tailed proposals built from the pipeline's Gaussian fits of the model its
+    candidates are fits of (the user's, or the same posterior non-centred: plugins/reparam.py;
+    a flow's guide is no Gaussian to widen), each weighed against that model
     (``_weigh_proposals``): the fits they were built from, each proposal's weighing, and why
     none could be built ("" where they were). Weighed once per set of fits, kept in
     ``pipeline.proposals``: the flow stage asks first (and skips the flow where one is
     trusted), the answer after."""
     from workbench.report.gaussians import FULL_UP_TO
 
+    models = [fit.summary["recipe"].get("model") for fit in pipeline.candidates if fit.ok]
     fits = [fit for fit in pipeline.fits if fit.ok and fit.gaussian is not None
-            and fit.summary["recipe"].get("model") == pipeline.recipe.get("model")
+            and fit.summary["recipe"].get("model") == (models or [None])[0]
             and not fit.summary["recipe"]["guide"].get("num_transforms")]
     if any(fit.gaussian[0].numel() > FULL_UP_TO for fit in fits):  # no D x D scales to widen
         return [], {}, f"no heavier-tailed proposal beyond {FULL_UP_TO} dimensions"
