@@ -32,7 +32,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 RECIPES = REPO / "packages" / "vibench-hardcases" / "recipes"
 NAMES = ["hard_funnel10", "hard_banana", "hard_mixture2", "hard_student_t",
-         "hard_hier_centred", "hard_latent_gp"]
+         "hard_hier_centred", "hard_latent_gp", "hard_hier_logistic"]
 
 
 def main(argv=None) -> int:
