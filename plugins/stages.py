@@ -286,8 +286,9 @@ class Gaussian:
 
 
 def noncentred(stage: Gaussian, pipeline) -> str:
-    """``reparam: auto``: where the fits are poor (their median k-hat over 0.7, or no mode
-    at the Laplace start) and the model has centred location-scale sites, the stage's fits
+    """``reparam: auto``: where the fits are poor (their median k-hat over 0.7 and no
+    heavier-tailed proposal built from them trusted, or no mode at the Laplace start) and the
+    model has centred location-scale sites, the stage's fits
     again on the model with those sites non-centred (the same posterior, so the ELBOs
     compare: the higher, the nearer the fit in KL), kept, with the run that stands for them
     (``pipeline.last_run``), where the best ELBO is higher; the words the stage's line
@@ -313,6 +314,9 @@ def noncentred(stage: Gaussian, pipeline) -> str:
         sites = reparam.centred_sites(run.model, run.data)
     if not sites:
         return ""
+    trusted = trusted_proposal(pipeline) if not stage.no_mode else ""
+    if trusted:  # the answer comes from it, as good as a refit could give
+        return f"; {why}, but {trusted}: no non-centred refit"
     kept = (fits, run, pipeline.modes)
     pipeline.model = reparam.section(pipeline.recipe["model"], sites)
     named = ", ".join(sites)
@@ -592,19 +596,27 @@ class Flow:
         """Where the answer's k-hat is not trusted and a heavier-tailed proposal built from
         the Gaussian fits is (weighed once: the answer reuses it), the words saying the answer
         comes from it; else "", and the flow is trained."""
-        from workbench.auto import answer
         from workbench.report.thresholds import khat_trusted
 
         if not self.proposals or khat is None or khat_trusted(khat):
             return ""
-        fits, tried, _ = answer.proposals(pipeline)
-        name = answer.trusted_proposal(tried)
-        if name is None:
-            return ""
-        found = tried[name]
-        return (f"the {name} proposal built from {len(fits)} Gaussian fits has k-hat "
-                f"{found['khat']:.2f} <= {KHAT_TRUSTED:g} (ESS {found['ess']:.0f}); the answer "
-                "is importance-sampled from it")
+        trusted = trusted_proposal(pipeline)
+        return f"{trusted}; the answer is importance-sampled from it" if trusted else ""
+
+
+def trusted_proposal(pipeline) -> str:
+    """Where a heavier-tailed proposal built from the pipeline's Gaussian fits
+    (workbench/auto/answer.py ``proposals``: weighed once, the answer reuses it) has a trusted
+    k-hat, the words saying which; else ""."""
+    from workbench.auto import answer
+
+    fits, tried, _ = answer.proposals(pipeline)
+    name = answer.trusted_proposal(tried)
+    if name is None:
+        return ""
+    found = tried[name]
+    return (f"the {name} proposal built from {len(fits)} Gaussian fits has k-hat "
+            f"{found['khat']:.2f} <= {KHAT_TRUSTED:g} (ESS {found['ess']:.0f})")
 
 
 def psis(khat: float = KHAT_TRUSTED):
