@@ -361,6 +361,26 @@ def pyro_params():
     return ((name, p.detach()) for name, p in pyro.get_param_store().named_parameters())
 
 
+def test_a_stop_signal_while_the_handlers_go_in_is_one_line():
+    """A signal that lands inside ``signals.install``, once a handler is in, stops the
+    process as any other stop does: one line, 128 + signum, no traceback."""
+    import subprocess
+    import sys
+
+    code = ("import os, signal\n"
+            "from workbench import __main__ as entry, signals\n"
+            "installed = signals.install\n"
+            "def install():\n"
+            "    installed()\n"
+            "    os.kill(os.getpid(), signal.SIGTERM)  # handled here, still in install\n"
+            "signals.install = install\n"
+            "entry.main()\n")
+    child = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                           timeout=120)
+    assert child.returncode == 128 + signal.SIGTERM, child.stderr
+    assert child.stderr.strip() == "interrupted", child.stderr
+
+
 def test_a_stop_signal_during_set_up_is_one_line_and_leaves_nothing(tmp_path: Path):
     child, _ = launch([str(COIN)], tmp_path / "r")  # its handlers in, its imports to come
     child.send_signal(signal.SIGTERM)

@@ -7,9 +7,10 @@ from workbench import signals
 
 
 def main() -> None:
-    """Install the stop signals' handlers, then import and run the command line."""
-    signals.install()
+    """Install the stop signals' handlers, then import and run the command line. A signal
+    while the handlers go in (the first is in, the rest to come) is a stop as well."""
     try:
+        signals.install()
         from workbench import cli
 
         cli.main()
