@@ -16,11 +16,11 @@ shared points (reference draws, in the model's constrained space, both float64):
 differ by one constant (a flat prior's missing normaliser is allowed) to 1e-6. A port that
 fails is reported and not timed.
 
-The ports: posteriordb's kilpisjarvi, earnings, nes, diamonds and garch11 (written here, from
-the Stan programs); the hard suite's hier_centred, latent_gp and hier_logistic (the plain-Pyro
-hierarchical logistic regression; packages/vibench-hardcases/make_references.py's ports,
-which made their references) and its analytic targets funnel10, banana, mixture2 and
-student_t (written here, from their maths).
+The ports: posteriordb's kilpisjarvi, earnings, nes, diamonds, garch11, arma11 and gauss_mix
+(written here, from the Stan programs); the hard suite's hier_centred, latent_gp and
+hier_logistic (the plain-Pyro hierarchical logistic regression;
+packages/vibench-hardcases/make_references.py's ports, which made their references) and its
+analytic targets funnel10, banana, mixture2 and student_t (written here, from their maths).
 The other posteriors have no port yet and are listed as misses.
 
     pip install -e '.[bench]' -e packages/vibench-posteriordb -e packages/vibench-hardcases
@@ -58,6 +58,8 @@ CASES = {
     "nes": ("pdb_nes", PDB_RECIPES / "pdb_nes.yaml"),
     "diamonds": ("pdb_diamonds", PDB_RECIPES / "pdb_diamonds.yaml"),
     "garch11": ("pdb_garch11", PDB_RECIPES / "pdb_garch11.yaml"),
+    "arma11": ("pdb_arma11", PDB_RECIPES / "pdb_arma11.yaml"),
+    "gauss_mix": ("pdb_gauss_mix", PDB_RECIPES / "pdb_gauss_mix.yaml"),
     "hier_centred": ("hard_hier_centred", HARD / "recipes" / "hard_hier_centred.yaml"),
     "latent_gp": ("hard_latent_gp", HARD / "recipes" / "hard_latent_gp.yaml"),
     "hier_logistic": ("hard_hier_logistic", HARD / "recipes" / "hard_hier_logistic.yaml"),
@@ -70,8 +72,7 @@ CASES = {
 ANALYTIC = ("funnel10", "banana", "mixture2", "student_t")
 REAL = ("hier_centred", "latent_gp", "hier_logistic")  # make_references.py's NUTS references
 HARD_CASES = (*REAL, *ANALYTIC)
-MISSING = {"arma11": "no NumPyro port yet", "gauss_mix": "no NumPyro port yet",
-           "hmm_drive": "no NumPyro port yet"}
+MISSING = {"hmm_drive": "no NumPyro port yet"}
 
 
 # ------------------------------------------------------------------------------------------
@@ -149,8 +150,35 @@ def numpyro_port(name: str):
         variance = jnp.concatenate([jnp.reshape(sigma1 ** 2, (1,)), rest])
         numpyro.sample("y", dist.Normal(mu, jnp.sqrt(variance)), obs=y)
 
+    def arma11(y, **_):
+        import jax
+
+        mu = numpyro.sample("mu", dist.Normal(0.0, 10.0))
+        phi = numpyro.sample("phi", dist.Normal(0.0, 2.0))
+        theta = numpyro.sample("theta", dist.Normal(0.0, 2.0))
+        sigma = numpyro.sample("sigma", dist.HalfCauchy(2.5))
+        previous = jnp.concatenate([jnp.reshape(mu, (1,)), y[:-1]])
+
+        def recursion(error, surprise):  # err[t] = y[t] - mu - phi y[t-1] - theta err[t-1]
+            error = surprise - theta * error
+            return error, error
+
+        _, errors = jax.lax.scan(recursion, jnp.zeros(()), y - mu - phi * previous)
+        numpyro.sample("y", dist.Normal(y - errors, sigma), obs=y)
+
+    def gauss_mix(y, **_):
+        mu = numpyro.sample("mu", dist.ImproperUniform(dist.constraints.ordered_vector, (),
+                                                       (2,)))
+        numpyro.factor("mu_prior", dist.Normal(0.0, 2.0).log_prob(mu).sum())
+        sigma = numpyro.sample("sigma", dist.HalfNormal(2.0).expand([2]).to_event(1))
+        theta = numpyro.sample("theta", dist.Beta(5.0, 5.0))
+        numpyro.sample("y", dist.MixtureSameFamily(
+            dist.Categorical(probs=jnp.stack([theta, 1 - theta])), dist.Normal(mu, sigma)),
+            obs=y)
+
     models = {"kilpisjarvi": kilpisjarvi, "earnings": earnings, "nes": nes,
-              "diamonds": diamonds, "garch11": garch11}
+              "diamonds": diamonds, "garch11": garch11, "arma11": arma11,
+              "gauss_mix": gauss_mix}
     return models[name], data
 
 
