@@ -151,9 +151,10 @@ def replay(model: Callable, guide_trace: poutine.Trace, data: dict, n: int, nest
     return _trace_of(out, single, n, nesting)
 
 
-def particles_vmapped(model: Callable, single: poutine.Trace, nesting: int) -> Callable:
-    """The model as a loss's vectorised particles can run it where it does not broadcast but
-    vmap applies: each latent site a placeholder of density 0 whose value the guide's
+def particles_vmapped(model: Callable, single: poutine.Trace, nesting: int,
+                      particles: int) -> Callable:
+    """The model as a loss's ``particles`` vectorised particles can run it where it does not
+    broadcast but vmap applies: each latent site a placeholder of density 0 whose value the guide's
     particles give (by replay), then each particle's whole log joint, one draw's model
     vmapped, as one factor. The particles' plate must sit at dim ``-(nesting + 1)`` (the
     loss's ``max_plate_nesting`` is ``nesting + 1``: the placeholders show none of the
@@ -174,14 +175,12 @@ def particles_vmapped(model: Callable, single: poutine.Trace, nesting: int) -> C
                         plates.enter_context(pyro.plate(frame.name, frame.size, dim=frame.dim))
                 values[name] = pyro.sample(name, dist.ImproperUniform(
                     fn.support, fn.batch_shape, fn.event_shape), infer=dict(site["infer"]))
-        n = max(values[name].numel() // max(single.nodes[name]["value"].numel(), 1)
-                for name in latent)
-        draws = {name: _draws_of(values[name], n, shape) for name, shape in latent.items()}
+        draws = {name: _draws_of(values[name], particles, shape)
+                 for name, shape in latent.items()}
         with poutine.block():  # the loss's handlers (its trace, the particles' plate) see
             out = _vmapped(model, data, draws, single, False)  # only the placeholders
         total = sum(entry["log_prob"] for entry in out.values())
-        pyro.factor("_vibench_log_joint", total.reshape(n, *([1] * nesting)) if n > 1
-                    else total.sum())
+        pyro.factor("_vibench_log_joint", total.reshape(particles, *([1] * nesting)))
 
     return vmapped
 

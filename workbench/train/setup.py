@@ -184,7 +184,8 @@ def fit_particles(loss: Any, way: broadcast.Verdict, names: dict[str, str], mode
     if way.method == broadcast.VMAP and whole and not isinstance(loss, TraceEnum_ELBO):
         if loss.max_plate_nesting == float("inf"):  # the adapter hides the model's plates
             loss.max_plate_nesting = way.nesting + 1
-        return (broadcast.particles_vmapped(model, trace, loss.max_plate_nesting - 1),
+        return (broadcast.particles_vmapped(model, trace, loss.max_plate_nesting - 1,
+                                            particles),
                 [way.line(names["model"]), f"its {particles} particles run at once with "
                  f"torch.func.vmap, one particle's model batched; {cost}"])
     loss.vectorize_particles = False
