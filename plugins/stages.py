@@ -22,6 +22,7 @@
 from __future__ import annotations
 
 import math
+import statistics
 from typing import Literal
 
 from workbench import hookimpl
@@ -300,7 +301,7 @@ def noncentred(stage: Gaussian, pipeline) -> str:
     if not fits or run is None:
         return ""
     khats = [fit.khat for fit in fits if fit.khat is not None]
-    typical = _median(khats) if khats else None  # one fit's k-hat is noisy
+    typical = statistics.median(khats) if khats else None  # one fit's k-hat is noisy
     if typical is None:
         why = "no k-hat"
     elif typical > KHAT_TRUSTED:
@@ -337,13 +338,6 @@ def noncentred(stage: Gaussian, pipeline) -> str:
         pipeline.say("auto: the centred fits go on")
         said += f"; the centred fits went on: {stage.deferred()}"
     return said
-
-
-def _median(values: list[float]) -> float:
-    """The median of the numbers ``values``."""
-    ordered = sorted(values)
-    half = len(ordered) // 2
-    return ordered[half] if len(ordered) % 2 else (ordered[half - 1] + ordered[half]) / 2
 
 
 def _at_mode(found, i: int, spread: float, seed: int):
