@@ -265,65 +265,44 @@ def check_port(name: str, points: int = 5) -> dict:
         at = [{k: float(v[i]) for k, v in draws.items()} for i in rows]
         found = make_references.port_checks(name, hard_data(name), at)["centred_port"]
         return {"constant": found["constant"], "deviation": found["max_abs_deviation"]}
-    first, second = (analytic_log_densities if name in ANALYTIC else pdb_log_densities)(
-        name, points)
+    first, second = port_log_densities(name, points)
     diff = np.array(first) - np.array(second)
     return {"constant": float(diff.mean()),
             "deviation": float(np.abs(diff - diff.mean()).max())}
 
 
-def pdb_log_densities(name: str, points: int) -> tuple[list[float], list[float]]:
-    """Both log joints at ``points`` posteriordb reference draws (the port's latent sites)."""
+def port_log_densities(name: str, points: int) -> tuple[list[float], list[float]]:
+    """Both log joints at ``points`` reference draws of a posteriordb posterior or an
+    analytic target, as vibench's model's latent values (the port's sites are the same)."""
     import jax
     import numpy as np
     import torch
     from numpyro.infer.util import log_density
     from pyro import poutine
-    from vibench_posteriordb import reference
 
     jax.config.update("jax_enable_x64", True)
     model = vibench_model(name)
-    draws = reference.load_draws(model.posterior)
+    if name in ANALYTIC:
+        from vibench_hardcases import reference
+
+        draws, data = reference.load_draws(reference.POSTERIORS[CASES[name][0]]), hard_data(name)
+
+        def latent(row: dict) -> dict:
+            return reference.to_sites(row, dtype=torch.float64)
+    else:
+        from vibench_posteriordb import reference
+
+        draws, data = reference.load_draws(model.posterior), pdb_data(name)
+
+        def latent(row: dict) -> dict:
+            return model.latent_values(row, dtype=torch.float64)
     rows = np.linspace(0, len(next(iter(draws.values()))) - 1, points).astype(int)
-    tensors = {k: torch.as_tensor(v, dtype=torch.float64) for k, v in pdb_data(name).items()}
-    port, jdata = numpyro_port(name)
-    first, second = [], []
-    for i in rows:
-        values = model.latent_values({k: np.float64(v[i]) for k, v in draws.items()},
-                                     dtype=torch.float64)
-        trace = poutine.trace(poutine.condition(model, data=values)).get_trace(**tensors)
-        first.append(float(trace.log_prob_sum()))
-        jvalues = {k: np.asarray(v.numpy()) for k, v in values.items()}
-        second.append(float(log_density(port, (), jdata, jvalues)[0]))
-    return first, second
-
-
-def analytic_log_densities(name: str, points: int) -> tuple[list[float], list[float]]:
-    """Both log joints of an analytic target at ``points`` of its reference draws (columns
-    ``site`` or ``site[i]``, put back together as each site's vector)."""
-    import jax
-    import numpy as np
-    import torch
-    from numpyro.infer.util import log_density
-    from pyro import poutine
-    from vibench_hardcases import reference
-
-    jax.config.update("jax_enable_x64", True)
-    model = vibench_model(name)
-    draws = reference.load_draws(reference.POSTERIORS[CASES[name][0]])
-    rows = np.linspace(0, len(next(iter(draws.values()))) - 1, points).astype(int)
-    data = hard_data(name)
-    tensors = {k: torch.as_tensor(v, dtype=torch.float64) if not isinstance(v, int) else v
+    tensors = {k: v if isinstance(v, int) else torch.as_tensor(v, dtype=torch.float64)
                for k, v in data.items()}
     port, jdata = numpyro_port(name)
-    vectors = {column.split("[")[0] for column in draws if "[" in column}
     first, second = [], []
     for i in rows:
-        sites: dict[str, list[float]] = {}
-        for column, values in draws.items():
-            sites.setdefault(column.split("[")[0], []).append(float(values[i]))
-        values = {site: torch.tensor(v if site in vectors else v[0], dtype=torch.float64)
-                  for site, v in sites.items()}
+        values = latent({k: np.float64(v[i]) for k, v in draws.items()})
         trace = poutine.trace(poutine.condition(model, data=values)).get_trace(**tensors)
         first.append(float(trace.log_prob_sum()))
         jvalues = {k: np.asarray(v.numpy()) for k, v in values.items()}
