@@ -90,7 +90,7 @@ def test_the_answer_s_flag_reads_the_pooled_sd_s_relative_mcse():
 
     pooled = {"a": {"mean": [0.0, 0.0], "std": [30.0, 30.0]}}
     # two fits of sd 30: MCSE(var) = 2 * 30 * MCSE(sd) each, pooled sqrt(2) * that / 2
-    assert iw_error.answer_flag([fit(30.0, 0.2)] * 2, 2, pooled) == ""
-    flag = iw_error.answer_flag([fit(30.0, 4.0)] * 2, 2, pooled)
+    assert iw_error.flag(iw_error.pooled([fit(30.0, 0.2)] * 2, 2, pooled)) == ""
+    flag = iw_error.flag(iw_error.pooled([fit(30.0, 4.0)] * 2, 2, pooled))
     assert flag.startswith("the sd of a[1] is not known to +-10%")
     assert f"{3 * 4.0 * math.sqrt(2) / 2 / 30:.0%}" in flag  # a[1]: 3 x 4 / 30 / sqrt(2)

@@ -139,11 +139,6 @@ def flag(posterior: dict[str, Any]) -> str:
     return f"the sd of {worst[1]} is not known to +-{thresholds.SD_MCSE_MAX:.0%}: {worst[2]}"
 
 
-def answer_flag(weighted: list[dict[str, Any]], count: int, answer: dict[str, Any]) -> str:
-    """``flag`` of the pooled answer (``pooled``'s arguments)."""
-    return flag(pooled(weighted, count, answer))
-
-
 def _tensor(value: Any) -> torch.Tensor:
     """A summary's number or nested list, flat, as float64; None as NaN."""
     return torch.tensor(_flat(value), dtype=torch.float64)
