@@ -18,7 +18,7 @@ from pyro.infer import TraceEnum_ELBO
 from tests import plain_models
 from tests.helpers import QUICK, RECIPES, fit, setup, vibench
 from vibench_plugins.models import GaussianMixture
-from workbench.report import marginal
+from workbench.report import broadcast, marginal, posterior
 
 Y = torch.tensor([-3.1, 2.9, 0.4, 3.3, -2.2], dtype=torch.float64)
 SITES = ("weights", "locs", "scale")
@@ -72,7 +72,13 @@ def test_a_model_that_does_not_broadcast_is_summed_one_draw_a_run(float64):
     draws = prior_draws(3)
     flat = {"weights": draws["weights"][:, 0], "locs": draws["locs"],
             "scale": draws["scale"][:, 0]}
-    found = marginal.each_draw(plain_models.gaussian_mixture, {"y": Y}, flat, 3, 1)
+    guide_trace = poutine.Trace()  # the draws as a guide's trace holds them
+    for name, value in flat.items():
+        guide_trace.add_node(name, type="sample", name=name, value=value, is_observed=False,
+                             infer={})
+    found = posterior.summed_out(plain_models.gaussian_mixture, guide_trace, {"y": Y}, 3, 1,
+                                 broadcast.Verdict(broadcast.LOOP, 1),
+                                 {name: value.shape[1:] for name, value in flat.items()})
     expected = torch.stack([brute_force(one(draws, i)) for i in range(3)])
     assert torch.allclose(found, expected, rtol=1e-12, atol=1e-10)
 

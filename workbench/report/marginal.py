@@ -164,17 +164,6 @@ def _scalar_scale(site: dict) -> float:
     return float(scale)
 
 
-def each_draw(model: Callable, data: dict, draws: dict[str, torch.Tensor], n: int,
-              nesting: int) -> torch.Tensor:
-    """``log_density`` of ``n`` draws (each site's ``(n, *shape)``) one run of the model
-    each: for a model that does not broadcast over a leading dimension of draws."""
-    out = []
-    for i in range(n):
-        one = poutine.condition(model, data={name: d[i] for name, d in draws.items()})
-        out.append(log_density(poutine.trace(enumerated(one, nesting)).get_trace(**data)))
-    return torch.stack(out)
-
-
 def init_to_feasible(site: dict) -> torch.Tensor:
     """Pyro's ``init_to_feasible`` for the continuous sites, which fails on a discrete one; a
     site marked for enumeration gets a draw instead (any value: the sum covers them all)."""

@@ -769,14 +769,7 @@ def summed_out(model: Callable, guide_trace: poutine.Trace, data: dict, n: int, 
                 way: broadcast.Verdict, sites: dict) -> torch.Tensor:
     """log p(data, z) of a vectorised guide trace's ``n`` draws, the model's enumerated sites
     summed out: in one run under the draws plate, or one run a draw (``way``)."""
-    if way.broadcasts:
-        with pyro.plate(DRAWS_PLATE, n, dim=-(nesting + 1)):
-            model_trace = poutine.trace(marginal.enumerated(
-                poutine.replay(model, trace=guide_trace), nesting + 1)).get_trace(**data)
-        return marginal.log_density(model_trace, DRAWS_PLATE, n)
-    draws = {name: draws_of(guide_trace.nodes[name]["value"], n, shape)
-             for name, shape in sites.items()}
-    return marginal.each_draw(model, data, draws, n, nesting)
+    return summed_likelihood(model, guide_trace, data, n, nesting, way, sites, {})[0]
 
 
 def summed_likelihood(model: Callable, guide_trace: poutine.Trace, data: dict, n: int,
