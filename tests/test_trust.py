@@ -381,6 +381,37 @@ def test_a_stop_signal_while_the_handlers_go_in_is_one_line():
     assert child.stderr.strip() == "interrupted", child.stderr
 
 
+@pytest.mark.parametrize("where", ["reporting", "leaving"])
+def test_a_stop_signal_that_cuts_into_a_failure_still_tells_the_failure(where: str):
+    """A signal on the heels of a failure (torchrun's SIGTERM after another rank died) does not
+    hide why the run ended: the error's line and exit code, once, and no traceback."""
+    code = (
+        "import os, signal\n"
+        "from workbench import cli, service, signals\n"
+        "from workbench.errors import PeerLost\n"
+        "told = cli._err\n"
+        "def stop():\n"
+        "    if not signals.received:  # one signal\n"
+        "        os.kill(os.getpid(), signal.SIGTERM)\n"
+        "    sum(range(10_000))  # the handler runs here\n"
+        "def err(line):\n"
+        f"    if line.startswith('error:') and {where == 'reporting'}:\n"
+        "        stop()\n"
+        "    told(line)\n"
+        "def run_recipe(*args, **kwargs):\n"
+        "    try:\n"
+        "        raise PeerLost('rank 0 lost contact with the other processes')\n"
+        "    finally:\n"
+        f"        if {where == 'leaving'}:\n"
+        "            stop()\n"
+        "cli._err, service.run_recipe = err, run_recipe\n"
+        f"cli.main(['run', {str(COIN)!r}])\n")
+    child = python(code)
+    assert child.returncode == 1, child.stderr
+    assert child.stderr.strip() == "error: rank 0 lost contact with the other processes", \
+        child.stderr
+
+
 def test_a_stop_signal_during_set_up_is_one_line_and_leaves_nothing(tmp_path: Path):
     child, _ = launch([str(COIN)], tmp_path / "r")  # its handlers in, its imports to come
     child.send_signal(signal.SIGTERM)

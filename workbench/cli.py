@@ -22,7 +22,7 @@ from typer.core import TyperGroup
 
 from workbench import signals
 from workbench.config.kinds import KINDS
-from workbench.errors import VibenchError
+from workbench.errors import Interrupted, PeerLost, VibenchError
 
 # Click's exception classes, found through typer so this works whether typer bundles click
 # (typer >= 0.2x) or depends on it.
@@ -97,8 +97,6 @@ def _stoppable(command: Callable) -> Callable:
         try:
             return command(*args, **kwargs)
         except KeyboardInterrupt as exc:
-            from workbench.errors import Interrupted
-
             raise Interrupted("interrupted", _signum(exc)) from None
         except EOFError as exc:  # typer would report it as a Ctrl-C
             raise RuntimeError(f"EOFError: {exc}") from exc
@@ -528,7 +526,11 @@ def main(argv: list[str] | None = None) -> None:
         code = invoke(argv)
         signals.finishing()
     except KeyboardInterrupt as exc:  # a stop signal while an error was being reported
-        signals.stop_now(_signum(exc))
+        signals.finishing()  # a further one ends the process at once
+        cut = _cut_short(exc)
+        if cut is None:
+            signals.stop_now(_signum(exc))
+        code = _report(cut)
     _exit(code)
 
 
@@ -553,11 +555,7 @@ def invoke(argv: list[str] | None) -> int:
     except VibenchError as exc:
         if os.environ.get("VIBENCH_DEBUG"):
             raise
-        prefix = "" if exc.exit_code > 128 else "error: "
-        if exc.exit_code <= 128 or _leads():  # rank 0 alone says it was interrupted
-            for line in exc.lines():
-                _err(prefix + line)
-        code = exc.exit_code
+        code = _report(_cut_short(exc, PeerLost) or exc)
     except Exception as exc:  # a bug, ours or a plugin's: still one line, and how to see more
         if os.environ.get("VIBENCH_DEBUG"):
             raise
@@ -567,6 +565,33 @@ def invoke(argv: list[str] | None) -> int:
              "shows the traceback; please report it)")
         code = 1
     return code if isinstance(code, int) else 0
+
+
+def _report(exc: VibenchError) -> int:
+    """Tell one of our errors in its lines (under torchrun, an interruption by rank 0 alone)
+    and give its exit code."""
+    if not getattr(exc, "reported", False):
+        prefix = "" if exc.exit_code > 128 else "error: "
+        if exc.exit_code <= 128 or _leads():
+            for line in exc.lines():
+                _err(prefix + line)
+        exc.reported = True
+    return exc.exit_code
+
+
+def _cut_short(exc: BaseException, kind: type[VibenchError] = VibenchError
+               ) -> VibenchError | None:
+    """The error of this ``kind`` that a stop signal cut into, if ``exc`` is that signal and
+    came while the error was on its way out: the error says why the run ended. Under torchrun
+    a rank that dies is both at once, as torchrun then stops the other ranks."""
+    if not isinstance(exc, (KeyboardInterrupt, Interrupted)):
+        return None
+    seen = exc.__context__
+    while seen is not None:
+        if isinstance(seen, kind) and not isinstance(seen, Interrupted):
+            return seen
+        seen = seen.__context__
+    return None
 
 
 def _signum(exc: BaseException) -> int:

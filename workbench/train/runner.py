@@ -234,10 +234,10 @@ class Run:
             self.end_training(state, callbacks, ending, stop)
             wall = state.wall + time.perf_counter() - start
             summary = self.finish(run_dir, state, callbacks, ending, wall, log, stop, save)
+            if ending.failure is not None:  # told while a signal still waits its turn
+                how = self.how_to_go_on(run_dir, ending.good, ending.failure, bool(state.losses))
+                ending.failure.args = (f"{ending.failure}; {how}",)
         if ending.failure is not None:
-            ending.failure.args = (
-                f"{ending.failure}; "
-                f"{self.how_to_go_on(run_dir, ending.good, ending.failure, bool(state.losses))}",)
             raise ending.failure
         return summary
 
