@@ -77,9 +77,13 @@ def table(raws: dict[str, Path]) -> str:
     columns = {}
     for name, raw in raws.items():
         counts: collections.Counter = collections.Counter()
-        for line in raw.read_text().splitlines():
-            stack, _, samples = line.rpartition(" ")
-            counts[part(stack.split(";"))] += int(samples)
+        record = ""
+        for line in raw.read_text(errors="replace").splitlines():
+            record += line  # a frame's name may hold a newline: a record ends with its count
+            stack, _, samples = record.rpartition(" ")
+            if samples.isdigit():
+                counts[part(stack.split(";"))] += int(samples)
+                record = ""
         columns[name] = counts
     lines = ["| part | " + " | ".join(raws) + " |", "|---|" + "---:|" * len(raws)]
     for name in [*PARTS, "other"]:
