@@ -99,6 +99,21 @@ def test_a_scheduled_adam_updates_inside_the_graph_as_it_does_eagerly(schedule: 
         assert torch.allclose(value, eager[name], rtol=1e-3, atol=1e-4), name
 
 
+def test_fits_from_different_starts_ask_for_one_package(tmp_path: Path, monkeypatch):
+    """The whitened Gaussian's fixed map (buffers each fit of a pipeline sets to its own
+    start) is an input of the step's graph, not a constant folded into it, so the fits of one
+    model share one package, whatever their starts."""
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path))
+    keys = set()
+    for loc, scale in [(0.3, 0.5), (-1.0, 2.0)]:
+        run = setup("guide=auto_gaussian_flow", "guide.num_transforms=0", "train.compile=false")
+        run.guide.start_at(torch.tensor([loc]), torch.tensor([[scale]]))
+        with pytest.raises(compiled_step.NotYet) as cold:  # none cached; too few steps to pay
+            compiled_step.compile_step(run.svi, run.data, steps=5000)
+        keys.add(cold.value.key)
+    assert len(keys) == 1
+
+
 def _lrs(run) -> list[float]:
     return [torch_optimizer(o).param_groups[0]["lr"] for o in run.svi.optim.optim_objs.values()]
 

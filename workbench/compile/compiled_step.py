@@ -198,8 +198,11 @@ def compile_step(svi: Any, data: dict, steps: int | None = None, backend: str = 
     names = [store.param_name(p) or "?" for p in params]
     # the data's tensors are inputs of the graph, not constants (which inductor would fold
     # and hash, at a cost growing with the data); single numbers stay constants, so a model
-    # may read a size or a flag given as data in Python (they never change between steps)
+    # may read a size or a flag given as data in Python (they never change between steps).
+    # The guide's buffers are inputs too (a whitened Gaussian's fixed map, which each fit of
+    # a pipeline sets to its own start): one package serves every start
     feeds = [value for value in data.values() if torch.is_tensor(value) and value.numel() > 1]
+    feeds += _buffers(svi.guide)
     loss_and_grads = _loss_and_grads(svi, data, params)
     key = None
     if device.type == "cpu" and backend == "inductor":  # a CPU step runs from a package
@@ -221,6 +224,13 @@ def compile_step(svi: Any, data: dict, steps: int | None = None, backend: str = 
                                           len(params) + len(states)),
                            inputs, len(params) + len(states), device, backend, key)
     return CompiledStep(replay, params, inputs, svi.optim, update, names)
+
+
+def _buffers(guide: Any) -> list[torch.Tensor]:
+    """The guide's floating-point buffers (none where it is no module)."""
+    if not isinstance(guide, torch.nn.Module):
+        return []
+    return [buffer for buffer in guide.buffers() if buffer.is_floating_point()]
 
 
 def _first_compile_pays(ops: int, steps: int, eager: float, key: str) -> None:
