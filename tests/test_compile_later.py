@@ -109,6 +109,28 @@ def test_one_child_per_step_and_a_dead_ones_lock_is_taken_over(cold: Path, monke
     assert again.notes == run.notes  # one child a process, however often set-up asks
 
 
+def test_one_child_at_a_time_another_step_waits_for_a_later_run(cold: Path, monkeypatch):
+    """While a child compiles one step (the folder's lock held), a run of another step
+    starts none, so a pipeline's refit or a grid never has several compiling beside it."""
+    monkeypatch.setenv(SWITCH, "true")
+    lock = package_cache.file(background.ANY, background.LOCK)
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import fcntl, os, sys\n"
+         f"fd = os.open({str(lock)!r}, os.O_RDWR | os.O_CREAT)\n"
+         "fcntl.flock(fd, fcntl.LOCK_EX)\n"
+         "os.write(fd, b'%d' % os.getpid())\n"
+         "print('ready', flush=True)\n"
+         "sys.stdin.read()"], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline() == "ready\n"
+        run = setup("train.compile=auto", "train.steps=4000", "train.eval_every=0")
+        assert run.notes[1:] == [f"another step is being compiled in the background (pid "
+                                 f"{holder.pid}); this one waits for a later run"]
+        assert not any(name.endswith(background.LOG) for name in later_files(cold))
+    finally:
+        holder.communicate("")
+
+
 @pytest.mark.parametrize("value, said", [
     ("false", None),
     ("maybe", "could not start compiling this step in the background: "

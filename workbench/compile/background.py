@@ -7,10 +7,12 @@ rebuilds the run from the resolved recipe written beside the package, traces, ch
 packages the step into the cache, and exits. The child reads only that recipe, as
 ``vibench run`` would read it, never a pickle.
 
-One child per package at a time: the child holds an exclusive ``flock`` on the key's lock file
-(which names its pid) for as long as it lives, taken by this process before starting it and
-handed over, so a second run of the same step starts none, and a child that died leaves a
-lock the next run takes over. A child that fails leaves a one-line note, and no later run
+One child at a time on the machine (per cache folder): the child holds an exclusive ``flock``
+on the key's lock file and on the folder's (each names its pid) for as long as it lives,
+taken by this process before starting it and handed over, so a second run of the same step,
+or a run of another step meanwhile (an automatic pipeline's refit, a ``compare`` grid), starts
+none and leaves its step for a later run; a child that died leaves locks the next run takes
+over. A child that fails leaves a one-line note, and no later run
 starts another for that key. Nothing here makes a run fail: a child that cannot be started is
 a note. ``VIBENCH_BACKGROUND_COMPILE=false`` switches it off.
 """
@@ -36,6 +38,7 @@ except ImportError:  # no flock (Windows): no background compiles
 ENV = "VIBENCH_BACKGROUND_COMPILE"
 CHILD = "workbench.train.background"  # the child's module: a run is set up in train/
 RECIPE, LOCK, LOG, FAILED = ".later.yaml", ".later.lock", ".later.log", ".later.failed"
+ANY = "any"  # the key of the folder's lock, held by whichever child is at work
 # the run's own environment, less what would make the child one of a torchrun group
 NOT_INHERITED = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "GROUP_RANK",
                  "MASTER_ADDR", "MASTER_PORT", "TORCHELASTIC_RUN_ID")
@@ -57,26 +60,41 @@ def start(recipe: dict, key: str) -> str | None:
 
 
 def _start(recipe: dict, key: str, path: Path) -> str | None:
-    """The child started, holding ``key``'s lock at ``path``; or None where it is packaged or
-    failed before, or a line naming the child at it already."""
+    """The child started, holding ``key``'s lock at ``path`` and the folder's; or None where
+    it is packaged or failed before, or a line naming the child at work already."""
     if package_cache.state(key) != "absent" or package_cache.file(key, FAILED).exists():
         return None
-    lock = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o600)
+    lock = any_lock = None
     try:
-        try:
-            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = os.pread(lock, 32, 0).decode(errors="replace").strip() or "?"
+        lock, holder = _locked(path)
+        if holder is not None:
             return (f"this step is being compiled for later runs in the background already "
                     f"(pid {holder})")
-        _started[path] = _spawn(recipe, key, lock)
+        any_lock, holder = _locked(package_cache.file(ANY, LOCK))
+        if holder is not None:
+            return (f"another step is being compiled in the background (pid {holder}); this "
+                    "one waits for a later run")
+        _started[path] = _spawn(recipe, key, (lock, any_lock))
         return _started[path]
-    finally:  # the child holds the lock (the same open file) as long as it lives
-        os.close(lock)
+    finally:  # the child holds the locks (the same open files) as long as it lives
+        for fd in (lock, any_lock):
+            if fd is not None:
+                os.close(fd)
 
 
-def _spawn(recipe: dict, key: str, lock: int) -> str:
-    """The child, given the recipe and the locked file ``lock``; its pid written there."""
+def _locked(path: Path) -> tuple[int, str | None]:
+    """``path`` opened and locked (exclusive), and None; or, where another process holds
+    it, the pid written in it."""
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return fd, os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
+    return fd, None
+
+
+def _spawn(recipe: dict, key: str, locks: tuple[int, ...]) -> str:
+    """The child, given the recipe and the locked files ``locks``; its pid written in each."""
     text = package_cache.file(key, RECIPE)
     files.write_atomic(text, recipes.dump(recipe).encode(), mode=0o600)
     log = package_cache.file(key, LOG)
@@ -85,10 +103,11 @@ def _spawn(recipe: dict, key: str, lock: int) -> str:
     with files.open_for_writing(log) as out:
         child = subprocess.Popen(
             [sys.executable, "-m", CHILD, str(text), key], stdin=subprocess.DEVNULL,
-            stdout=out, stderr=subprocess.STDOUT, pass_fds=(lock,), start_new_session=True,
+            stdout=out, stderr=subprocess.STDOUT, pass_fds=locks, start_new_session=True,
             env=env)
-    os.ftruncate(lock, 0)
-    os.pwrite(lock, f"{child.pid}\n".encode(), 0)
+    for lock in locks:
+        os.ftruncate(lock, 0)
+        os.pwrite(lock, f"{child.pid}\n".encode(), 0)
     _children[:] = [c for c in _children if c.poll() is None] + [child]
     return f"compiling this step for later runs in the background (pid {child.pid}, log {log})"
 

@@ -3,8 +3,9 @@
 ``python -m workbench.train.background RECIPE KEY``: at nice 10, on one thread, it reads the
 resolved recipe its parent wrote, checks it as ``vibench run`` would, sets the run up with
 ``train.compile: true`` (which traces, checks and packages the step into the cache) and exits,
-holding the key's lock (a file its parent opened and locked) until then. Where that leaves no
-package under ``KEY``, a note says why, so no later run starts another child for it.
+holding the key's lock and the cache folder's (files its parent opened and locked) until
+then. Where that leaves no package under ``KEY``, a note says why, so no later run starts
+another child for it.
 """
 
 from __future__ import annotations
