@@ -161,6 +161,7 @@ class Gaussian:
         if family == "full_rank":
             guide["num_transforms"] = 0
         train = {**self.train, "steps": self.max_steps or pipeline.recipe["train"]["steps"]}
+        shared = min(self.runs * train["steps"], self.enough.budget)  # the stage's fits, one step
         seed = pipeline.recipe["seed"]
         captured: list = []  # the first fit's start (the Laplace Gaussian, say), for the rest
         found: list = []  # with ``modes``: what the mode searches found (plugins/modes.py)
@@ -169,7 +170,8 @@ class Gaussian:
 
         first = pipeline.fit(f"{name}-1", guide=guide, loss=self.loss,
                              optimizer={"name": "adam", "lr": self.lr}, train=train,
-                             start=self.first_start(captured, found, marginal, seed))
+                             start=self.first_start(captured, found, marginal, seed),
+                             compile_for=shared)
         pipeline.modes = found[0] if found else None
         fits, skipped = [first], ""
 
@@ -189,7 +191,7 @@ class Gaussian:
                 fits.append(pipeline.fit(
                     f"{name}-{i}", guide=later, loss=self.loss,
                     optimizer={"name": "adam", "lr": first.lr}, train=train, seed_offset=i - 1,
-                    start=start))
+                    start=start, compile_for=shared))
             return ""
 
         def said(skipped: str) -> str:

@@ -648,3 +648,25 @@ def test_scattered_starts_find_their_own_laplace_start_and_the_stage_says_so(tmp
     said = summary["auto"]["stages"][1]["said"]
     assert "fits after the first from 3 of its sds away" in said
     assert [fit["ok"] for fit in summary["auto"]["fits"]] == [True, True]
+
+
+def test_the_fits_compile_as_the_recipe_asks_for_the_steps_they_share(tmp_path: Path,
+                                                                       monkeypatch):
+    """Each fit asks train.compile (the recipe's, not a fixed "eager") whether to compile its
+    step, counting the steps of every fit of the stage, which share one compiled step."""
+    from workbench.compile import compiled_step
+
+    asked = []
+    prepare = compiled_step.prepare
+
+    def recording(setting, svi, data, device, steps, *args, **kwargs):
+        asked.append((setting, steps))
+        return prepare(setting, svi, data, device, steps, *args, **kwargs)
+
+    monkeypatch.setattr(compiled_step, "prepare", recording)
+    summary, _ = run(tmp_path, {**COIN, "train": {**QUIET["train"], "compile": "auto"},
+                                "auto": {"stages": [
+        {"name": "gaussian", "runs": 2, "min_runs": 2, "budget_steps": 8, "agree": None,
+         "lr": 0.01, "max_steps": 5}, "rhat", "psis"]}})
+    assert [fit["label"] for fit in summary["auto"]["fits"]] == ["gaussian-1", "gaussian-2"]
+    assert asked == [("auto", 8), ("auto", 8)]  # 2 fits of 5 steps, within the budget of 8

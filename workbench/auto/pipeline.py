@@ -165,10 +165,9 @@ class Pipeline:
         sub = {**base, "name": f"{self.recipe['name']}-{label}",
                "seed": self.recipe["seed"] + seed_offset, "guide": guide, "loss": loss,
                "optimizer": optimizer,
-               # eager: a fit is a few hundred steps, fewer than compiling a large graph
-               # costs (tens of seconds with a cold cache); no plots: the pipeline draws its
-               # answer's (answer.write_plots), and a fit's cost a second or more each
-               "train": {**self.recipe["train"], "compile": False, "plots": False, **train}}
+               # no plots: the pipeline draws its answer's (answer.write_plots), and a fit's
+               # cost a second or more each
+               "train": {**self.recipe["train"], "plots": False, **train}}
         return recipes.resolve(sub, self.registry, str(self.run_dir / layout.RECIPE))
 
     def _say_notes(self, label: str, notes: list[str]) -> None:
@@ -179,11 +178,15 @@ class Pipeline:
                 self.say(f"auto: {label}: note: {note}")
 
     def fit(self, label: str, guide: dict, loss: dict, optimizer: dict, train: dict,
-            seed_offset: int = 0, start: Callable[[Any, dict], None] | None = None) -> Fit:
+            seed_offset: int = 0, start: Callable[[Any, dict], None] | None = None,
+            compile_for: int | None = None) -> Fit:
         """One vibench run with these sections in ``fits/<label>``; a run that fails to set up
         or to train is a Fit with the error (an interruption stops the pipeline, and a recipe
         the checks refuse is the user's error). ``start(guide, data)`` sets the guide's
-        start after set-up, the model's data at hand."""
+        start after set-up, the model's data at hand. ``compile_for``: the steps of every fit
+        that shares this one's step, which decide (with train.compile) whether to compile it
+        (a few hundred eager steps each: compiled only where a package of it is cached, and
+        packaged for later runs in the background where that would pay)."""
         from workbench.device import run_context
         from workbench.report.gaussians import fitted_gaussian
         from workbench.rundir.claim import claim
@@ -200,7 +203,8 @@ class Pipeline:
         held = claim(resolved["name"], path)
         try:
             searching = stepsize.wanted(resolved)
-            run = self._set_up(resolved, start, compile=not searching)
+            run = self._set_up(resolved, start, compile=not searching,
+                               compile_for=compile_for)
             if searching:
                 stepsize.adapt(run)
         except VibenchError as exc:  # the recipe was checked: this fit, not the recipe, failed
@@ -236,18 +240,22 @@ class Pipeline:
         self.fits.append(found)
         return found
 
-    def _set_up(self, resolved: dict, start: Callable | None, compile: bool) -> Any:
+    def _set_up(self, resolved: dict, start: Callable | None, compile: bool,
+                compile_for: int | None = None) -> Any:
         """A fit set up (with a placeholder step size where one is to be searched) and put at
-        its ``start``, before any step-size search: the search tries from the start."""
+        its ``start``, before any step-size search (the search tries from the start) and
+        before its step is compiled, where it is."""
         from workbench.device import run_context
         from workbench.train import stepsize
         from workbench.train.runner import Run
 
         run = Run.setup(stepsize.placeholder(resolved) if stepsize.wanted(resolved)
-                        else resolved, self.registry, compile=compile)
+                        else resolved, self.registry, compile=False, compile_for=compile_for)
         if start is not None:
             with run_context(run.device, run.dtype):
                 start(run.guide, run.data)
+        if compile:
+            run.compile_step()
         return run
 
     def _finished(self, label: str, path: Path, resolved: dict,

@@ -125,13 +125,17 @@ class Run:
     rank_rngs: list[dict] = field(default_factory=list)  # every rank's, at the last checkpoint
     compiled: compiled_step.CompiledStep | None = None  # the step, compiled (train.compile)
     threads: int | None = None  # CPU threads the user gave (--threads), kept by --resume
+    # the steps a compiled step would serve, which decide whether compiling pays: the
+    # recipe's, or (an automatic pipeline's fit) those of every fit of the same step
+    compile_for: int | None = None
 
     @classmethod
-    def setup(cls, recipe: dict, registry: Registry, compile: bool = True) -> Run:
+    def setup(cls, recipe: dict, registry: Registry, compile: bool = True,
+              compile_for: int | None = None) -> Run:
         """Build the recipe's components and try them once, phase by phase (``setup.py``);
         any misfit is a UsageError. The step is compiled as train.compile asks unless
         ``compile`` is False (``lr: auto`` compiles after its search, for the optimizer it
-        chose)."""
+        chose), for ``compile_for`` steps (default: the recipe's)."""
         logging.getLogger("pyro").setLevel(logging.WARNING)
         world = distributed.world()
         device, dtype = phases.setup_device(recipe, world)
@@ -164,7 +168,8 @@ class Run:
             data_hash=phases.data_hash(loaded.values) if whole else "",
             schedule=schedule_stepper(optimizer), can_evaluate=can_evaluate,
             notes=notes + more, minibatch=minibatch, registry=registry, world=world,
-            whole_data=loaded.values if world.distributed and world.leader else None)
+            whole_data=loaded.values if world.distributed and world.leader else None,
+            compile_for=compile_for)
         if compile:
             run.compile_step()
         return run
@@ -175,8 +180,8 @@ class Run:
         with run_context(self.device, self.dtype):
             self.compiled, notes = compiled_step.prepare(
                 self.recipe["train"].get("compile", "auto"), self.svi, self.data, self.device,
-                self.recipe["train"]["steps"], self.minibatch.plate is not None, self.world.size,
-                recipe=self.recipe)
+                self.compile_for or self.recipe["train"]["steps"],
+                self.minibatch.plate is not None, self.world.size, recipe=self.recipe)
         if self.compiled is not None:  # an update left to the optimizer steps as eager ones do
             self.compiled.step_optimizers = functools.partial(step_optimizers, self.svi.optim)
         self.notes += [note for note in notes if note not in self.notes]
