@@ -1,4 +1,4 @@
-"""The fourteen development posteriors as PyMC models, for benchmarks/peers_advi.py.
+"""The hard and development posteriors as PyMC models, for benchmarks/peers_advi.py.
 
 Each port follows its Pyro model in packages/vibench-hardcases or packages/vibench-posteriordb
 site for site: the same names, shapes and supports, so that the reference's parameter names
@@ -47,6 +47,15 @@ def hier_centred(d):
     beta = pm.Normal("beta", 0.0, 1.0)
     alpha = pm.Normal("alpha", mu, tau, shape=int(d["J"]))
     pm.Bernoulli("y", logit_p=alpha[group] + beta * d["x"], observed=d["y"])
+
+
+def hier_logistic(d):
+    group = d["g"].astype("int64")
+    mu = pm.Normal("mu", 0.0, 2.0)
+    sigma = pm.HalfNormal("sigma", 1.0)
+    beta = pm.Normal("beta", 0.0, 1.0, shape=d["X"].shape[1])
+    a = pm.Normal("a", mu, sigma, shape=int(group.max()) + 1)
+    pm.Bernoulli("y", logit_p=a[group] + pt.dot(d["X"], beta), observed=d["y"])
 
 
 GP_JITTER = 1e-3  # as vibench_hardcases.models.GP_JITTER: part of the model
@@ -172,6 +181,7 @@ def hmm_drive(d):
 PORTS = {
     "hard_funnel10": funnel10, "hard_banana": banana, "hard_mixture2": mixture2,
     "hard_student_t": student_t, "hard_hier_centred": hier_centred, "hard_latent_gp": latent_gp,
+    "hard_hier_logistic": hier_logistic,
     "pdb_kilpisjarvi": kilpisjarvi, "pdb_earnings": earnings, "pdb_nes": nes,
     "pdb_diamonds": diamonds, "pdb_arma11": arma11, "pdb_garch11": garch11,
     "pdb_gauss_mix": gauss_mix, "pdb_hmm_drive": hmm_drive,
