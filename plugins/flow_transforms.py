@@ -22,7 +22,7 @@ def laplace_start(guide, args: tuple, kwargs: dict) -> list[str]:
         laplace.check_continuous(guide, args, kwargs)
     potential = laplace.potential_fn(laplace.source(guide, args, kwargs), sites, args,
                                      kwargs)
-    fit = laplace.find_mode(potential, guide.transform[-1].loc.detach().clone(), True)
+    fit = laplace.find_mode(potential, guide.transform[-1].loc.detach().clone(), True, sites)
     if fit is None:
         return ["init laplace: no start gave a finite log density; the guide keeps its "
                 "default start"]

@@ -82,7 +82,7 @@ def initialise(guide, *args, **kwargs) -> list[str]:
     dimension = sites[-1].stop
     potential = potential_fn(source(guide, args, kwargs), sites, args, kwargs)
     start = current_loc(guide, sites)
-    fit = find_mode(potential, start, dimension <= MAX_HESSIAN_DIM)
+    fit = find_mode(potential, start, dimension <= MAX_HESSIAN_DIM, sites)
     notes = []
     if fit is None:
         return ["init laplace: no start gave a finite log density; the guide keeps its "
@@ -207,16 +207,19 @@ def current_loc(guide, sites: list[Site]) -> torch.Tensor:
         return torch.cat([_leaf(guide.locs, site.name).detach().reshape(-1) for site in sites])
 
 
-def find_mode(potential: Callable, start: torch.Tensor, with_hessian: bool) -> Fit | None:
+def find_mode(potential: Callable, start: torch.Tensor, with_hessian: bool,
+              sites: list[Site] | None = None) -> Fit | None:
     """The mode by L-BFGS (strong Wolfe line search) from ``start``, then from random starts
-    while none converges; the best converged fit, else the lowest finite one."""
+    while none converges; the best converged fit, else the lowest finite one. Given the
+    ``sites``, no restart follows a descent that ran to a support's edge (``degenerate``): the
+    density grows without bound there, so the lowest point found is no mode either way."""
     fits = []
     for attempt in range(1 + RESTARTS):
         point = start if attempt == 0 else torch.rand_like(start) * 4 - 2
         fit = descend(potential, point, with_hessian)
         if fit is not None:
             fits.append(fit)
-            if fit.converged:
+            if fit.converged or (sites is not None and degenerate(fit, sites)):
                 break
     converged = [fit for fit in fits if fit.converged]
     return min(converged or fits, key=lambda fit: fit.potential, default=None)

@@ -65,3 +65,29 @@ def test_a_degenerate_laplace_start_is_seen_and_the_fits_start_elsewhere(tmp_pat
     assert "tau's support" in said["gaussian"] and "init_loc start" in said["gaussian"]
     assert [fit["ok"] for fit in summary["auto"]["fits"]] == [True, True]
     assert summary["posterior"]["tau"]["mean"] > 0.05  # not the neck the search ran into
+
+
+def test_no_restart_follows_a_descent_into_the_neck(monkeypatch):
+    """A descent that ran to tau's edge shows a density without a mode: restarts from random
+    points would only run into the neck again (seconds on a larger model), so none is made."""
+    from tests.helpers import setup
+    from vibench_plugins import laplace
+
+    fits = []
+
+    def descend(*args):
+        fits.append(real(*args))
+        return fits[-1]
+
+    real = laplace.descend
+    monkeypatch.setattr(laplace, "descend", descend)
+    run = setup(source={
+        "model": {"name": f"{Path(__file__).resolve()}:centred"},
+        "data": {"y": [0.3, -0.2, 0.5, 0.1, -0.4]},
+        "guide": {"name": "auto_gaussian_flow", "init": "laplace", "num_transforms": 0},
+        "loss": {"name": "elbo"}, "optimizer": {"name": "adam", "lr": 0.01},
+        "train": {"steps": 1}})
+    assert "no mode: the search ran to the edge of tau's support" in " ".join(run.notes)
+    sites = laplace.layout(run.guide)
+    assert laplace.degenerate(fits[-1], sites)
+    assert not any(laplace.degenerate(fit, sites) for fit in fits[:-1])
