@@ -33,6 +33,15 @@ of NUTS, and good) is read off the CPU ratio.
 
 ``--quick``: one round, NUTS 2 chains x (500 + 500) (not the comparison the target names; the
 table says so).
+
+The compile cache: a pipeline's fits load their compiled steps where a package is cached, and
+a run that finds none trains eagerly while a child process packages the step for the next run
+(``workbench.compile.background``). After each vibench run the script waits for such a child
+to finish, so that none runs beside the next side's timing (its CPU time is not the run's).
+``--warm`` first runs vibench untimed on each posterior until a run starts no child (at most
+three: a refit's step is packaged by the run after), so the rounds time later runs of a model;
+``--cold`` gives every vibench run an empty cache, as a new model's first run; without either,
+the cache is as it is (the first round may be cold, the rest warm).
 """
 
 from __future__ import annotations
@@ -359,17 +368,42 @@ def children_cpu() -> float:
     return usage.ru_utime + usage.ru_stime
 
 
-def run_vibench(name: str, out: Path, env: dict) -> dict:
+def run_vibench(name: str, out: Path, env: dict, cold: bool = False) -> dict:
     vibench = shutil.which("vibench") or f"{sys.executable} -m workbench"
     run_dir = out / f"{name}-{time.time_ns()}"
+    if cold:
+        env = {**env, "TORCHINDUCTOR_CACHE_DIR": tempfile.mkdtemp(prefix="cold_cache_")}
     times, result = timed([*vibench.split(), "run", str(CASES[name][1]), "--set", "guide=auto",
                            "--threads", "1", "--out", str(run_dir)], env)
+    times["child"] = "in the background" in result.stderr  # a step packaged for later runs
+    wait_for_background(env)
     summary_path = run_dir / "summary.json"
     if not summary_path.exists():
         tail = (result.stderr or result.stdout).strip().splitlines()[-1:] or ["no output"]
         return {**times, "failed": f"exit {result.returncode}: {tail[0]}"}
     ref = json.loads(summary_path.read_text()).get("reference") or {}
     return {**times, **{k: ref.get(k) for k in ("max_z", "min_r", "max_r", "good")}}
+
+
+def wait_for_background(env: dict) -> None:
+    """Wait until no child compiles a step for later runs in ``env``'s cache."""
+    import fcntl
+
+    from workbench.compile import background, package_cache
+
+    folder = Path(env.get("TORCHINDUCTOR_CACHE_DIR") or package_cache.cache_dir())
+    lock = folder / package_cache.FOLDER / f"{background.ANY}{background.LOCK}"
+    if lock.exists():
+        with open(lock, "rb") as handle:
+            fcntl.flock(handle, fcntl.LOCK_EX)
+
+
+def warm_up(name: str, out: Path, env: dict) -> int:
+    """Untimed vibench runs until one starts no background compile (at most three); how many."""
+    for i in range(1, 4):
+        if not run_vibench(name, out, env)["child"]:
+            return i
+    return 3
 
 
 def run_nuts(name: str, quick: bool, env: dict) -> dict:
@@ -420,6 +454,11 @@ def main(argv=None) -> int:
     parser.add_argument("--quick", action="store_true",
                         help="one round, NUTS 2 chains x (500 + 500)")
     parser.add_argument("--out", type=Path, default=None, help="vibench's run directories")
+    cache = parser.add_mutually_exclusive_group()
+    cache.add_argument("--warm", action="store_true",
+                       help="first run vibench untimed until its compiled steps are cached")
+    cache.add_argument("--cold", action="store_true",
+                       help="every vibench run with an empty compile cache")
     parser.add_argument("--nuts", nargs=4, metavar=("NAME", "CHAINS", "WARMUP", "DRAWS"),
                         help=argparse.SUPPRESS)  # the NUTS side's own process
     args = parser.parse_args(argv)
@@ -441,20 +480,25 @@ def main(argv=None) -> int:
         if check["deviation"] > 1e-6:
             lines.append(f"| {name} | port disagrees with vibench's model: not timed ||||||||")
             continue
+        if args.warm:
+            print(f"  warmed up: {warm_up(name, out, env)} untimed vibench run(s)", flush=True)
         sides: dict[str, list[dict]] = {"vibench": [], "nuts": []}
         for i in range(rounds):
             for side in (("vibench", "nuts") if i % 2 == 0 else ("nuts", "vibench")):
-                found = (run_vibench(name, out, env) if side == "vibench"
+                found = (run_vibench(name, out, env, args.cold) if side == "vibench"
                          else run_nuts(name, args.quick, env))
                 sides[side].append(found)
                 extra = (f", {found['divergences']} divergences" if "divergences" in found
                          else "")
+                if found.get("child"):
+                    extra += ", a step packaged in the background after it"
                 print(f"  round {i + 1} {side}: {found['wall']:.1f} s, CPU {found['cpu']:.1f} s, "
                       f"load {found['load']:.1f}, {_accuracy(found)}{extra}", flush=True)
         lines.append(row(name, sides))
     nuts = "2 chains x (500 + 500), --quick" if args.quick else "4 chains x (1000 + 1000)"
+    cache = "warm" if args.warm else "empty each run" if args.cold else "as found"
     print(f"\nwhole process each side, {rounds} round(s) alternated; NUTS {nuts}, sequential, "
-          "float64; vibench --set guide=auto --threads 1\n")
+          f"float64; vibench --set guide=auto --threads 1, compile cache {cache}\n")
     print("| posterior | vibench s | NUTS s | vibench/NUTS | CPU vibench/NUTS | "
           "vibench max z / r | NUTS max z / r | NUTS divergences | target met (CPU <= 1/3, good) |")
     print("|---|---:|---:|---:|---:|---|---|---:|---|")
