@@ -1,6 +1,6 @@
-"""vibench beside PyMC's ADVI on the fourteen development posteriors (issue 21's table).
+"""vibench beside PyMC's ADVI on the hard and development posteriors (issue 21's table).
 
-The posteriors: the six of packages/vibench-hardcases and the eight of
+The posteriors: the seven of packages/vibench-hardcases and the eight of
 packages/vibench-posteriordb, each with its reference. Per posterior and seed, each method
 runs in its own process, timed whole (interpreter start, imports, compiling, fitting,
 drawing, scoring), in wall time and in the child's CPU time (user + system), which a
@@ -332,7 +332,7 @@ def tally(rows: list[dict]) -> str:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("names", nargs="*", metavar="NAME", help="default: all fourteen")
+    parser.add_argument("names", nargs="*", metavar="NAME", help="default: all")
     parser.add_argument("--methods", default=",".join(METHODS))
     parser.add_argument("--seeds", default="0,1,2", help="comma-separated")
     parser.add_argument("--pymc-steps", type=int, default=10000,
