@@ -31,6 +31,9 @@ RECIPES = {
     "garch11": "packages/vibench-posteriordb/recipes/pdb_garch11.yaml",
     "diamonds": "packages/vibench-posteriordb/recipes/pdb_diamonds.yaml",
     "hier_centred": "packages/vibench-hardcases/recipes/hard_hier_centred.yaml",
+    "hier_logistic": "packages/vibench-hardcases/recipes/hard_hier_logistic.yaml",
+    "funnel10": "packages/vibench-hardcases/recipes/hard_funnel10.yaml",
+    "banana": "packages/vibench-hardcases/recipes/hard_banana.yaml",
 }
 IMPORT = "_find_and_load (<frozen"
 ANSWER = "answer_files (auto/pipeline.py"
