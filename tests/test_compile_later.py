@@ -25,6 +25,7 @@ SWITCH = "VIBENCH_BACKGROUND_COMPILE"
 EAGER = re.compile(r"training eagerly, not compiled: a first compile of this step \((\d+) "
                    r"operations\) takes about (\d+) s, more than its (\d+) eager steps \(about "
                    r"(\d+) s\)")
+EAGER_OPS = re.compile(r"\((\d+) operations\)")
 STARTED = re.compile(r"compiling this step for later runs in the background \(pid (\d+), log "
                      r"(.+)\)")
 
@@ -56,6 +57,24 @@ def test_auto_trains_eagerly_on_a_cold_cache_where_compiling_would_not_pay(cold:
     assert later_files(cold) == []  # switched off for the suite (tests/conftest.py)
     many = setup("train.compile=auto", "train.steps=1000000", "train.eval_every=0")
     assert many.notes == ["training eagerly, not compiled: tracing failed: traced"]
+
+
+def test_a_pipelines_fit_never_compiles_its_step_itself(cold: Path):
+    """A fit of the automatic pipeline (``compile_for``: the steps its stage's fits share)
+    loads a package where one is cached; where none is, it trains eagerly even where a first
+    compile would pay, and leaves the compiling to a child (switched off here)."""
+    from tests.helpers import resolved
+    from workbench.plugins.registry import get_registry
+    from workbench.train.runner import Run
+
+    recipe = resolved("train.compile=auto", "train.steps=300", "train.eval_every=0")
+    run = Run.setup(recipe, get_registry(), compile_for=10**7)
+    assert run.compiled is None
+    assert run.notes == ["training eagerly, not compiled: no compiled package of this step "
+                         f"({EAGER_OPS.search(' '.join(run.notes))[1]} operations) is cached "
+                         "yet, and a pipeline's fits compile none themselves"]
+    alone = setup("train.compile=auto", "train.steps=10000000", "train.eval_every=0")
+    assert alone.notes == ["training eagerly, not compiled: tracing failed: traced"]
 
 
 def test_a_run_left_eager_for_a_cold_cache_is_bitwise_the_eager_run(cold: Path):

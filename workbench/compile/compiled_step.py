@@ -119,14 +119,15 @@ class CompiledStep:
 
 
 def prepare(setting: str | bool, svi: Any, data: dict, device: torch.device, steps: int,
-            minibatch: bool = False, processes: int = 1, recipe: dict | None = None
-            ) -> tuple[CompiledStep | None, list[str]]:
+            minibatch: bool = False, processes: int = 1, recipe: dict | None = None,
+            cached_only: bool = False) -> tuple[CompiledStep | None, list[str]]:
     """The compiled step for ``svi`` on ``data`` as ``train.compile`` asks, or None and the
     notes saying why not (none for ``false``, nor where ``auto`` finds ``steps`` too few to
     pay for compiling). Under ``true`` a step that cannot compile is a UsageError;
     ``minibatch`` (new indices each step) and several ``processes`` cannot. Where ``auto``
     leaves a step eager until it is cached, a child compiles it from ``recipe`` (resolved),
-    if given."""
+    if given. ``cached_only``: ``auto`` never compiles in this process (a pipeline's fit),
+    only loads a CPU step's package, and off the CPU trains eagerly."""
     mode = {True: "true", False: "false"}.get(setting, setting)  # YAML's true/false are bools
     if mode == "false":
         return None, []
@@ -149,7 +150,8 @@ def prepare(setting: str | bool, svi: Any, data: dict, device: torch.device, ste
             raise CannotCompile(str(exc)) from None
         auto = mode == "auto"
         return compile_step(svi, data, steps if auto else None, refusal=refusal,
-                            max_ops=bound, refuse_above=auto), []
+                            max_ops=bound, refuse_above=auto,
+                            cached_only=auto and cached_only), []
     except NotYet as exc:
         later = background.start(recipe, exc.key) if recipe is not None else None
         return None, [f"training eagerly, not compiled: {exc}", *([later] if later else [])]
@@ -171,7 +173,8 @@ def prepare(setting: str | bool, svi: Any, data: dict, device: torch.device, ste
 
 def compile_step(svi: Any, data: dict, steps: int | None = None, backend: str = "inductor",
                  refusal: str | None = None, max_ops: int = MAX_OPS,
-                 refuse_above: bool = False) -> CompiledStep | None:
+                 refuse_above: bool = False, cached_only: bool = False
+                 ) -> CompiledStep | None:
     """Trace, check and compile one step of ``svi`` (whose parameters and optimizers exist).
     Given ``steps``, None where so few eager steps would cost less than loading a compiled
     step, and NotYet where no package of it is cached and they cost less than compiling it:
@@ -180,13 +183,15 @@ def compile_step(svi: Any, data: dict, steps: int | None = None, backend: str = 
     graph uncompiled (the same random draws as eager).
     ``refusal``: the caller's reason not to compile, raised only where compiling would pay.
     A step of more than ``max_ops`` operations is refused before tracing where
-    ``refuse_above``, else compiled with a warning that it may take long."""
+    ``refuse_above``, else compiled with a warning that it may take long. ``cached_only``:
+    a CPU step is loaded from its package or NotYet, never compiled here; on another device
+    None."""
     params, ops = _probe(svi, data)
     device = params[0].device if params else torch.device("cpu")
     per_op = EAGER_OP_SECONDS.get(device.type, EAGER_OP_SECONDS["cpu"])
     pays = PAYS_SECONDS.get(device.type, PAYS_SECONDS["cpu"])
     eager = None if steps is None else steps * ops * per_op
-    if eager is not None and eager < pays:
+    if (eager is not None and eager < pays) or (cached_only and device.type != "cpu"):
         return None
     _check_compilable(svi, params, refusal)
     long = ops > max_ops
@@ -211,6 +216,11 @@ def compile_step(svi: Any, data: dict, steps: int | None = None, backend: str = 
             return packaged
         if eager is not None and key is not None:
             _first_compile_pays(ops, steps, eager, key)
+        if cached_only and key is None:
+            raise CannotCompile("the trace's structure changes from step to step")
+        if cached_only:
+            raise NotYet(f"no compiled package of this step ({ops} operations) is cached yet, "
+                         "and a pipeline's fits compile none themselves", key)
     probing = contextlib.nullcontext()
     if device.type == "cpu" and backend == "inductor" and not _vector_isa_known():
         probing = seams.vector_isa_probed_beside()  # inductor asks only once it generates code

@@ -125,8 +125,9 @@ class Run:
     rank_rngs: list[dict] = field(default_factory=list)  # every rank's, at the last checkpoint
     compiled: compiled_step.CompiledStep | None = None  # the step, compiled (train.compile)
     threads: int | None = None  # CPU threads the user gave (--threads), kept by --resume
-    # the steps a compiled step would serve, which decide whether compiling pays: the
-    # recipe's, or (an automatic pipeline's fit) those of every fit of the same step
+    # an automatic pipeline's fit: the steps of every fit of the same step, which decide
+    # whether a compiled one pays (else the recipe's); such a fit never compiles its step
+    # itself under train.compile: auto, it loads a package or trains eagerly
     compile_for: int | None = None
 
     @classmethod
@@ -181,7 +182,8 @@ class Run:
             self.compiled, notes = compiled_step.prepare(
                 self.recipe["train"].get("compile", "auto"), self.svi, self.data, self.device,
                 self.compile_for or self.recipe["train"]["steps"],
-                self.minibatch.plate is not None, self.world.size, recipe=self.recipe)
+                self.minibatch.plate is not None, self.world.size, recipe=self.recipe,
+                cached_only=self.compile_for is not None)
         if self.compiled is not None:  # an update left to the optimizer steps as eager ones do
             self.compiled.step_optimizers = functools.partial(step_optimizers, self.svi.optim)
         self.notes += [note for note in notes if note not in self.notes]
