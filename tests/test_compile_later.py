@@ -25,6 +25,9 @@ SWITCH = "VIBENCH_BACKGROUND_COMPILE"
 EAGER = re.compile(r"training eagerly, not compiled: a first compile of this step \((\d+) "
                    r"operations\) takes about (\d+) s, more than its (\d+) eager steps \(about "
                    r"(\d+) s\)")
+TRACED = re.compile(r"training on the traced step, replayed uncompiled: a first compile of this "
+                    r"step \((\d+) operations\) takes about (\d+) s, more than its (\d+) eager "
+                    r"steps \(about (\d+) s\)")
 EAGER_OPS = re.compile(r"\((\d+) operations\)")
 STARTED = re.compile(r"compiling this step for later runs in the background \(pid (\d+), log "
                      r"(.+)\)")
@@ -57,6 +60,24 @@ def test_auto_trains_eagerly_on_a_cold_cache_where_compiling_would_not_pay(cold:
     assert later_files(cold) == []  # switched off for the suite (tests/conftest.py)
     many = setup("train.compile=auto", "train.steps=1000000", "train.eval_every=0")
     assert many.notes == ["training eagerly, not compiled: tracing failed: traced"]
+
+
+def test_meanwhile_the_traced_step_is_replayed_where_tracing_pays(tmp_path: Path, monkeypatch):
+    """With no package cached and a first compile dearer than the eager steps, a run long
+    enough to pay for tracing replays the traced step uncompiled (no Pyro in it), checked
+    against eager: the same fit to rounding, and summary.json says it was not compiled."""
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "cache"))
+    fits = []
+    for setting in ("auto", "false"):
+        run = setup("train.steps=4000", f"train.compile={setting}", "train.eval_every=0")
+        for _ in range(20):
+            assert run.step()[1] == ""
+        fits.append({k: v.detach().clone() for k, v in pyro.get_param_store().items()})
+        if setting == "auto":
+            assert run.compiled is not None and not run.compiled.compiled
+            ops, first, steps, eager = map(int, TRACED.fullmatch(run.notes[0]).groups())
+            assert steps == 4000 and eager < first
+    assert all(torch.allclose(fits[0][k], fits[1][k], rtol=1e-5, atol=1e-6) for k in fits[0])
 
 
 def test_a_pipelines_fit_never_compiles_its_step_itself(cold: Path):
@@ -179,7 +200,7 @@ def test_the_child_fills_the_cache_and_the_next_run_loads_the_step(tmp_path: Pat
     first = vibench("run", str(COIN), *sets, "--out", str(tmp_path / "a"), env=env,
                     timeout=600)
     assert first.returncode == 0, first.stderr
-    assert EAGER.search(first.stderr), first.stderr
+    assert TRACED.search(first.stderr), first.stderr
     started = STARTED.search(first.stderr)
     log = wait_for_the_child(Path(started[2]))
     assert "packaged the step" in log, log

@@ -54,6 +54,13 @@ PAYS_SECONDS = {"cpu": 2.0, "cuda": 6.0}
 # measurements
 COLD_SECONDS = 10.0
 COLD_OP_SECONDS = 0.03
+# meanwhile (no package yet, a first compile dearer than the eager steps) the traced step is
+# replayed uncompiled where that pays for tracing it: a replay takes about REPLAY_SHARE of an
+# eager step (no Pyro in it), tracing and checking about TRACE_SECONDS plus TRACE_OP_SECONDS
+# an operation (benchmarks/README.md, "A new model's first run, traced")
+REPLAY_SHARE = 0.5
+TRACE_SECONDS = 0.8
+TRACE_OP_SECONDS = 0.0017
 # auto compiles a step of at most this many torch operations: compiling costs grow with the
 # count (a loop the trace unrolls runs tens of thousands), so a longer step stays eager,
 # decided from the count before anything is traced; benchmarks/README.md ("Loops") has the
@@ -68,11 +75,12 @@ class CannotCompile(Exception):
 
 class NotYet(CannotCompile):
     """``auto``: no package of this step is cached, and a first compile would cost more than
-    the eager steps; ``key`` is the package's, to compile it for later runs."""
+    the eager steps; ``key`` is the package's, to compile it for later runs, and ``ops`` and
+    ``eager`` the step's operations and the eager steps' estimated seconds."""
 
-    def __init__(self, why: str, key: str):
+    def __init__(self, why: str, key: str, ops: int = 0, eager: float = 0.0):
         super().__init__(why)
-        self.key = key
+        self.key, self.ops, self.eager = key, ops, eager
 
 
 class CompiledStep:
@@ -80,8 +88,10 @@ class CompiledStep:
     bad step, with a non-finite loss or gradient, is not applied)."""
 
     def __init__(self, run: Callable, params: list[torch.Tensor], inputs: list[torch.Tensor],
-                 optim: Any, update: _AdamUpdate | None, names: list[str]):
+                 optim: Any, update: _AdamUpdate | None, names: list[str],
+                 compiled: bool = True):
         self._run = run
+        self.compiled = compiled  # False: the traced graph replayed uncompiled (``fx``)
         self._update = update
         self.params = params
         self._inputs = inputs
@@ -154,7 +164,13 @@ def prepare(setting: str | bool, svi: Any, data: dict, device: torch.device, ste
                             cached_only=auto and cached_only), []
     except NotYet as exc:
         later = background.start(recipe, exc.key) if recipe is not None else None
-        return None, [f"training eagerly, not compiled: {exc}", *([later] if later else [])]
+        later_notes = [later] if later else []
+        if not cached_only and _replay_pays(exc.ops, exc.eager):
+            replayed = _replayed(svi, data)
+            if replayed is not None:
+                return replayed, [f"training on the traced step, replayed uncompiled: {exc}",
+                                  *later_notes]
+        return None, [f"training eagerly, not compiled: {exc}", *later_notes]
     except CannotCompile as exc:
         if mode == "true":
             raise UsageError(f"train.compile: true, but this step cannot be compiled: {exc}")\
@@ -233,7 +249,26 @@ def compile_step(svi: Any, data: dict, steps: int | None = None, backend: str = 
         replay = _compiled(_step_function(graph, update, len(params),
                                           len(params) + len(states)),
                            inputs, len(params) + len(states), device, backend, key)
-    return CompiledStep(replay, params, inputs, svi.optim, update, names)
+    return CompiledStep(replay, params, inputs, svi.optim, update, names,
+                        compiled=backend != "fx")
+
+
+def _replay_pays(ops: int, eager: float) -> bool:
+    """Whether replaying a step of ``ops`` operations uncompiled saves more of the ``eager``
+    steps' seconds than tracing and checking it costs."""
+    return eager * (1 - REPLAY_SHARE) > TRACE_SECONDS + TRACE_OP_SECONDS * ops
+
+
+def _replayed(svi: Any, data: dict) -> CompiledStep | None:
+    """The step traced, checked against eager and replayed uncompiled; None where it cannot
+    be (the run trains eagerly)."""
+    try:
+        return compile_step(svi, data, backend="fx")
+    except Exception:  # whatever refuses to trace refuses to compile too: eager is right
+        return None
+    finally:  # no gradient of the trial steps may reach the first real step
+        for _, param in pyro.get_param_store().named_parameters():
+            param.grad = None
 
 
 def _buffers(guide: Any) -> list[torch.Tensor]:
@@ -249,7 +284,7 @@ def _first_compile_pays(ops: int, steps: int, eager: float, key: str) -> None:
     cold = COLD_SECONDS + COLD_OP_SECONDS * ops
     if eager < cold:
         raise NotYet(f"a first compile of this step ({ops} operations) takes about {cold:.0f} s, "
-                     f"more than its {steps} eager steps (about {eager:.0f} s)", key)
+                     f"more than its {steps} eager steps (about {eager:.0f} s)", key, ops, eager)
 
 
 def _saying(ops: int, max_ops: int) -> contextlib.AbstractContextManager:

@@ -43,7 +43,8 @@ def summarize(run: Run, state: TrainState, callbacks: list[Callback], wall: floa
         resumes=state.resumes, device=str(run.device),
         dtype=str(run.dtype).removeprefix("torch."), versions=versions(),
         data_hash=run.data_hash, world_size=run.world.size,
-        threads=torch.get_num_threads(), compiled=run.compiled is not None, **extra,
+        threads=torch.get_num_threads(),
+        compiled=run.compiled is not None and run.compiled.compiled, **extra,
     ).to_json()
 
 
