@@ -34,6 +34,7 @@ RECIPES = {
     "hier_logistic": "packages/vibench-hardcases/recipes/hard_hier_logistic.yaml",
     "funnel10": "packages/vibench-hardcases/recipes/hard_funnel10.yaml",
     "banana": "packages/vibench-hardcases/recipes/hard_banana.yaml",
+    "student_t": "packages/vibench-hardcases/recipes/hard_student_t.yaml",
 }
 IMPORT = "_find_and_load (<frozen"
 ANSWER = "answer_files (auto/pipeline.py"

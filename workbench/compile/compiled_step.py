@@ -42,12 +42,18 @@ from workbench.rundir import files
 _SOURCE = hashlib.sha256(Path(__file__).read_bytes() + Path(package_cache.__file__).read_bytes()
                          ).hexdigest()
 
-# what an eager step costs per torch operation, by device type (coin: 236 ops, 1.2 ms on the
-# CPU here; 5.8 ms on an H100, where each operation is a kernel launch and a Python dispatch)
-EAGER_OP_SECONDS = {"cpu": 5e-6, "cuda": 2.5e-5}
-# auto compiles where the eager steps would take longer than compiling costs: 1-3 s on the
-# CPU; on an H100 the coin's compiled run spent 6.3 s more outside its loop than an eager one
+# what an eager step costs per torch operation, by device type (on the CPU here 7.6-9.7 us
+# for the coin's and six hard posteriors' steps, Pyro's handlers included; 5.8 ms for the
+# coin's 236 on an H100, where each operation is a kernel launch and a Python dispatch)
+EAGER_OP_SECONDS = {"cpu": 9e-6, "cuda": 2.5e-5}
+# auto compiles where the eager steps would take longer than compiling costs: on an H100 the
+# coin's compiled run spent 6.3 s more outside its loop than an eager one. On the CPU a step
+# is compiled once into a package: a package is looked up where the eager steps would take
+# more than LOAD_SECONDS (loading one, its key recorded, takes 0.05-0.1 s), and built where
+# they would take more than PAYS_SECONDS (by a child for later runs, where a first compile
+# costs more than they do)
 PAYS_SECONDS = {"cpu": 2.0, "cuda": 6.0}
+LOAD_SECONDS = 0.3
 # what a CPU step's first compile costs where no package of it is cached (tracing, checking,
 # export, inductor's lowering, the C++ compiler): COLD_SECONDS plus COLD_OP_SECONDS for each
 # torch operation of the step; benchmarks/README.md ("A new model's first run") has the
@@ -207,7 +213,9 @@ def compile_step(svi: Any, data: dict, steps: int | None = None, backend: str = 
     per_op = EAGER_OP_SECONDS.get(device.type, EAGER_OP_SECONDS["cpu"])
     pays = PAYS_SECONDS.get(device.type, PAYS_SECONDS["cpu"])
     eager = None if steps is None else steps * ops * per_op
-    if (eager is not None and eager < pays) or (cached_only and device.type != "cpu"):
+    packages = device.type == "cpu" and backend == "inductor"  # a CPU step runs from one
+    if (eager is not None and eager < (LOAD_SECONDS if packages else pays)) or \
+            (cached_only and device.type != "cpu"):
         return None
     _check_compilable(svi, params, refusal)
     long = ops > max_ops
@@ -226,10 +234,12 @@ def compile_step(svi: Any, data: dict, steps: int | None = None, backend: str = 
     feeds += _buffers(svi.guide)
     loss_and_grads = _loss_and_grads(svi, data, params)
     key = None
-    if device.type == "cpu" and backend == "inductor":  # a CPU step runs from a package
+    if packages:
         packaged, key = _packaged(loss_and_grads, svi.optim, params, feeds, names)
         if packaged is not None:
             return packaged
+        if eager is not None and eager < pays:  # too few steps to build a package for
+            return None
         if eager is not None and key is not None:
             _first_compile_pays(ops, steps, eager, key)
         if cached_only and key is None:
@@ -238,7 +248,7 @@ def compile_step(svi: Any, data: dict, steps: int | None = None, backend: str = 
             raise NotYet(f"no compiled package of this step ({ops} operations) is cached yet, "
                          "and a pipeline's fits compile none themselves", key)
     probing = contextlib.nullcontext()
-    if device.type == "cpu" and backend == "inductor" and not _vector_isa_known():
+    if packages and not _vector_isa_known():
         probing = seams.vector_isa_probed_beside()  # inductor asks only once it generates code
     saying = _saying(ops, max_ops) if backend == "inductor" else contextlib.nullcontext()
     with saying, probing:
