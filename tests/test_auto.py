@@ -136,8 +136,8 @@ def test_the_pipeline_finds_a_conjugate_regressions_posterior(tmp_path):
 
 @pytest.mark.xdist_group("compiled_coin")  # the coin's step, compiled once for the group
 def test_lr_auto_searches_eagerly_then_compiles_with_the_chosen_step_size(tmp_path):
-    """The trials run eagerly (a compiled step holds its optimizer); the compiled step that
-    trains holds the optimizer with the chosen lr, and the recipe keeps no trace of it."""
+    """The compiled step that trains holds the optimizer with the chosen lr, and the recipe
+    keeps no trace of the search."""
     sets = ["optimizer.lr=auto", "train.compile=true", "train.steps=50", "train.plots=false",
             "train.eval_every=0", "loggers=[]"]
     job = service.start(COIN_RECIPE, sets, tmp_path / "run", get_registry())
@@ -168,6 +168,48 @@ def test_lr_auto_goes_on_from_the_winning_trial(tmp_path):
     note = next(note for note in job.run.notes if note.startswith("optimizer.lr auto: "))
     assert note.endswith("the run goes on from its 30 trial steps")
     assert job.train()["steps"] == 20
+
+
+def test_lr_auto_trials_run_on_the_compiled_step_as_they_would_eagerly(tmp_path, monkeypatch):
+    """Where the step is compiled (here its traced graph replayed, as a first run does), each
+    trial runs on it with an optimizer of its own, the step size an input of the graph: the
+    trials score as eager ones do, and the run goes on from the winner's parameters and Adam
+    state."""
+    import re
+
+    import pyro
+    import torch
+
+    from workbench.compile import compiled_step
+
+    sets = ["optimizer.lr=auto", "train.steps=20", "train.plots=false", "train.eval_every=0",
+            "loggers=[]"]
+    replayed = []
+
+    def prepare(setting, svi, data, *args, **kwargs):
+        step = compiled_step.compile_step(svi, data, backend="fx")
+        graph = step._run
+        step._run = lambda inputs: replayed.append(1) or graph(inputs)
+        return step, []
+
+    found = {}
+    for how in ("eager", "compiled"):
+        if how == "compiled":
+            monkeypatch.setattr(compiled_step, "prepare", prepare)
+        job = service.start(COIN_RECIPE, sets, tmp_path / how, get_registry())
+        note = next(n for n in job.run.notes if n.startswith("optimizer.lr auto: "))
+        steps = [int(state["step"]) for opt in job.run.svi.optim.optim_objs.values()
+                 for state in opt.state.values()]
+        job.train()
+        found[how] = ([float(x) for x in re.findall(r": (-?[\d.]+(?:e-?\d+)?)[,)]", note)],
+                      steps, {k: v.detach().clone() for k, v in pyro.get_param_store().items()})
+    assert len(replayed) >= 2 * 30 + 20  # two trials at least, then the run's steps
+    (eager, eager_steps, eager_params), (compiled, compiled_steps, compiled_params) = \
+        found["eager"], found["compiled"]
+    assert eager == pytest.approx(compiled, rel=1e-3) and len(eager) >= 3
+    assert eager_steps == compiled_steps == [30] * len(eager_steps)
+    assert all(torch.allclose(eager_params[k], compiled_params[k], rtol=1e-4)
+               for k in eager_params)
 
 
 REGRESSION = {"data": {"dataset": {"name": "synthetic_regression", "n": 50,

@@ -127,9 +127,12 @@ class CompiledStep:
                 param.grad = None
         return value, ""
 
-    def adopt_optimizer(self) -> None:
-        """After the optimizers were made afresh (a resume): move their state into the
-        tensors the compiled update writes, and give them those tensors back."""
+    def adopt_optimizer(self, optim: Any = None) -> None:
+        """After the optimizers were made afresh (a resume), or to step with ``optim`` (Pyro's,
+        its optimizers made) from now on: move their state into the tensors the compiled
+        update writes, and give them those tensors back."""
+        if optim is not None:
+            self._optim = optim
         if self._update is not None:
             self._update.adopt(self._optim.optim_objs, self.params)
 

@@ -135,8 +135,8 @@ class Run:
               compile_for: int | None = None) -> Run:
         """Build the recipe's components and try them once, phase by phase (``setup.py``);
         any misfit is a UsageError. The step is compiled as train.compile asks unless
-        ``compile`` is False (``lr: auto`` compiles after its search, for the optimizer it
-        chose), for ``compile_for`` steps (default: the recipe's)."""
+        ``compile`` is False (``lr: auto`` compiles before its trials, which run on the compiled
+        step), for ``compile_for`` steps (default: the recipe's)."""
         logging.getLogger("pyro").setLevel(logging.WARNING)
         world = distributed.world()
         device, dtype = phases.setup_device(recipe, world)
@@ -187,6 +187,16 @@ class Run:
         if self.compiled is not None:  # an update left to the optimizer steps as eager ones do
             self.compiled.step_optimizers = functools.partial(step_optimizers, self.svi.optim)
         self.notes += [note for note in notes if note not in self.notes]
+
+    def use_optimizer(self, optimizer: Any) -> None:
+        """Step with ``optimizer`` (Pyro's) from now on, its state as it holds it:
+        ``optimizer.lr: auto`` swaps one in for each trial step size and the winner's after."""
+        make_optimizers(optimizer, [param for _, param in pyro.get_param_store()
+                                    .named_parameters()])
+        self.svi.optim = optimizer
+        if self.compiled is not None:  # its update takes the optimizer's state over
+            self.compiled.adopt_optimizer(optimizer)
+            self.compiled.step_optimizers = functools.partial(step_optimizers, optimizer)
 
     def scale_lr(self, factor: float) -> None:
         """Multiply every parameter's step size by ``factor`` (``train.stop: converged``

@@ -35,29 +35,33 @@ def placeholder(recipe: dict) -> dict:
 
 def adapt(run: Any, candidates: tuple[float, ...] = CANDIDATES,
           steps: int = TRIAL_STEPS) -> dict:
-    """Search the step size for a ``Run`` set up uncompiled (``Run.setup(..., compile=False)``:
-    a compiled step holds its optimizer) and give its optimizer the winner, then compile as
-    train.compile asks; returns ``{"lr": chosen, "trials": {lr: mean loss or None}}`` and
-    notes it on the run."""
+    """Search the step size for a ``Run`` set up uncompiled (``Run.setup(..., compile=False)``)
+    and give its optimizer the winner; returns ``{"lr": chosen, "trials": {lr: mean loss or
+    None}}`` and notes it on the run. The step is compiled as train.compile asks before the
+    trials, which run on it where it is (the step size is an input of a compiled step)."""
     import pyro
     import torch
 
     from workbench.device import run_context
-    from workbench.train.optim import make_optimizers, schedule_stepper
+    from workbench.train.optim import schedule_stepper
 
     store = pyro.get_param_store()
     params = [param for _, param in store.named_parameters()]
     start = [param.detach().clone() for param in params]
-    svi, trials, best = run.svi, {}, None  # each trial swaps in its own optimizer
-    kept: tuple = ()  # the best trial's parameters and optimizer, to go on from
+    trials, best = {}, None
+    kept: tuple = ()  # the best trial's parameters, optimizer and its state, to go on from
     with run_context(run.device, run.dtype):
-        for lr in sorted(candidates, reverse=True):
-            svi.optim = _optimizer(run, lr)
+        order = sorted(candidates, reverse=True)
+        run.use_optimizer(_optimizer(run, order[0]))
+        run.compile_step()  # for this optimizer; each trial's takes its state over
+        for lr in order:
+            run.use_optimizer(_optimizer(run, lr))
             trials[lr] = _trial(run, steps)
             better = trials[lr] is not None and (best is None or trials[lr] < trials[best])
             with torch.no_grad():
                 if better:
-                    best, kept = lr, ([param.detach().clone() for param in params], svi.optim)
+                    best, kept = lr, ([param.detach().clone() for param in params],
+                                      run.svi.optim, _state(run.svi.optim))
                 for param, value in zip(params, start):
                     param.copy_(value)
             if not better and best is not None:
@@ -68,20 +72,42 @@ def adapt(run: Any, candidates: tuple[float, ...] = CANDIDATES,
             raise RunError("optimizer.lr auto: every step size tried gave a non-finite loss "
                            f"({', '.join(f'{lr:g}' for lr in trials)})")
         run.recipe["optimizer"]["lr"] = best
-        values, optimizer = kept
+        values, optimizer, state = kept
         with torch.no_grad():
             for param, value in zip(params, values):
                 param.copy_(value)
-        make_optimizers(optimizer, params)
-        svi.optim = optimizer
+        _restore(optimizer, state)  # a compiled step's later trials wrote over the tensors
+        run.use_optimizer(optimizer)
         run.schedule = schedule_stepper(optimizer)
-        run.compile_step()  # the run was set up uncompiled: the trials run eagerly
     tried = ", ".join(f"{lr:g}: " + ("failed" if value is None else f"{value:.4g}")
                       for lr, value in trials.items())
     run.notes.append(f"optimizer.lr auto: {best:g} (mean loss over the second half of "
                      f"{steps} trial steps: {tried}); the run goes on from its {steps} trial "
                      "steps")
     return {"lr": best, "trials": trials, "steps": steps}
+
+
+def _state(optim: Any) -> dict:
+    """A copy of each parameter's optimizer state (a compiled step's update writes it in
+    tensors it shares with every optimizer it is given)."""
+    import torch
+
+    from workbench.seams import torch_optimizer
+
+    copies = {}
+    for param, made in optim.optim_objs.items():
+        state = torch_optimizer(made).state.get(param, {})
+        copies[param] = {key: value.detach().clone() if torch.is_tensor(value) else value
+                         for key, value in state.items()}
+    return copies
+
+
+def _restore(optim: Any, copies: dict) -> None:
+    """Give ``optim``'s optimizers the state ``_state`` copied, as their own tensors."""
+    from workbench.seams import torch_optimizer
+
+    for param, state in copies.items():
+        torch_optimizer(optim.optim_objs[param]).state[param] = dict(state)
 
 
 def _trial(run: Any, steps: int) -> float | None:
