@@ -91,3 +91,29 @@ def test_no_restart_follows_a_descent_into_the_neck(monkeypatch):
     sites = laplace.layout(run.guide)
     assert laplace.degenerate(fits[-1], sites)
     assert not any(laplace.degenerate(fit, sites) for fit in fits[:-1])
+
+
+def test_a_descent_whose_line_searches_keep_failing_stops(monkeypatch):
+    """Into the neck L-BFGS's line searches fail one after another (up to 25 evaluations
+    each); the descent stops once its evaluations far outrun its iterations, at the lowest
+    point it evaluated: here the same edge of tau's support, for a quarter of the 626
+    evaluations L-BFGS would spend."""
+    from tests.helpers import setup
+    from vibench_plugins import laplace
+
+    calls = []
+    real = laplace.potential_fn
+
+    def counted(*args, **kwargs):
+        potential = real(*args, **kwargs)
+        return lambda point: calls.append(1) or potential(point)
+
+    monkeypatch.setattr(laplace, "potential_fn", counted)
+    run = setup(source={
+        "model": {"name": f"{Path(__file__).resolve()}:centred"},
+        "data": {"y": [0.3, -0.2, 0.5, 0.1, -0.4]},
+        "guide": {"name": "auto_gaussian_flow", "init": "laplace", "num_transforms": 0},
+        "loss": {"name": "elbo"}, "optimizer": {"name": "adam", "lr": 0.01},
+        "train": {"steps": 1}})
+    assert "no mode: the search ran to the edge of tau's support" in " ".join(run.notes)
+    assert len(calls) < 2 * laplace.STALL_EVALS + laplace.MAX_ITER // 2, len(calls)
