@@ -4,9 +4,12 @@ the versions installed: checked on torch 2.13.0 (CPU) with Pyro 1.9.2."""
 from __future__ import annotations
 
 import functools
+import subprocess
+import sys
 import threading
 
 import pyro.optim
+import pytest
 import torch
 
 from tests.helpers import python
@@ -33,6 +36,40 @@ def test_optimizers_are_made_and_saved_without_importing_dynamo():
              "print('torch._dynamo' in sys.modules)")
     done = python(probe)
     assert done.stdout.strip() == "False", done.stderr
+
+
+
+def test_shapes_broadcast_without_sympy_as_torch_broadcasts_them():
+    """A transform's ``inverse_shape`` (``torch.broadcast_shapes``) imports sympy where torch's
+    own function runs, and not once the seam is in; the seam's shapes are torch's, and a
+    mismatch is torch's own error."""
+    probe = ("import sys, torch\n"
+             "from torch.distributions import AffineTransform\n"
+             "from workbench import seams\n"
+             "if sys.argv[1] == 'seam':\n"
+             "    seams.broadcast_shapes_without_sympy()\n"
+             "AffineTransform(torch.zeros(1), torch.ones(1)).inverse_shape(torch.Size([3]))\n"
+             "print('sympy' in sys.modules)")
+    for how, imported in (("torch", "True"), ("seam", "False")):
+        done = subprocess.run([sys.executable, "-c", probe, how], capture_output=True,
+                              text=True, timeout=120)
+        assert done.stdout.strip() == imported, (how, done.stderr)
+    from workbench import seams
+
+    original = torch.broadcast_shapes
+    cases = [((2,), (3, 1), (1, 1, 1)), ((), (4,)), (5, (2, 1)), ([3, 1], torch.Size([1, 4])),
+             (torch.Size([]),), ((0, 1), (1, 3))]
+    expected = [original(*shapes) for shapes in cases]
+    try:
+        seams.broadcast_shapes_without_sympy()
+        assert [torch.broadcast_shapes(*shapes) for shapes in cases] == expected
+        with pytest.raises(RuntimeError) as mismatch:
+            torch.broadcast_shapes((2, 3), (4, 3))
+        with pytest.raises(RuntimeError) as theirs:
+            original((2, 3), (4, 3))
+        assert str(mismatch.value) == str(theirs.value)
+    finally:
+        torch.broadcast_shapes = original
 
 
 def test_an_eager_step_leaves_dynamo_unimported_and_equals_pyros_own():

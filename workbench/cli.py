@@ -496,7 +496,9 @@ _OWNS_PROCESS = False
 
 @contextlib.contextmanager
 def _setup_without_gc():
-    """A run's set-up with Python's cyclic garbage collector off, the objects it leaves frozen.
+    """A run's set-up with Python's cyclic garbage collector off, the objects it leaves frozen,
+    and torch.broadcast_shapes without its import of sympy (``seams``), where the process is
+    the console script's.
 
     Importing torch's compiler and tracing the step make some 400,000 objects that live as
     long as the process; each full collection walked all of them again (0.6-0.8 s of a coin
@@ -505,6 +507,9 @@ def _setup_without_gc():
     if not _OWNS_PROCESS or not gc.isenabled():
         yield
         return
+    from workbench import seams
+
+    seams.broadcast_shapes_without_sympy()
     gc.disable()
     try:
         yield

@@ -124,3 +124,29 @@ def vector_isa_probed_beside() -> Iterator[None]:
         yield
     finally:
         cpu_vec_isa.valid_vec_isa_list = probe
+
+
+def broadcast_shapes_without_sympy() -> None:
+    """``torch.broadcast_shapes`` (torch.distributions' transforms call it) imports sympy at
+    its first call, for symbolic sizes (0.3-0.4 s of a run); for shapes of plain ints numpy
+    gives the same answer, and anything else (symbolic sizes, a mismatch to report, a trace)
+    goes to torch's own. For a process vibench owns: it replaces torch's function there."""
+    import numpy as np
+
+    original = torch.broadcast_shapes
+    if getattr(original, "_vibench", False):
+        return
+
+    def broadcast_shapes(*shapes: Any) -> torch.Size:
+        plain = [(shape,) if type(shape) is int else shape for shape in shapes]
+        if torch.jit.is_tracing() or not all(
+                isinstance(shape, (tuple, list)) and all(type(n) is int for n in shape)
+                for shape in plain):
+            return original(*shapes)
+        try:
+            return torch.Size(np.broadcast_shapes(*plain))
+        except ValueError:
+            return original(*shapes)  # torch's own error
+
+    broadcast_shapes._vibench = True
+    torch.broadcast_shapes = broadcast_shapes
