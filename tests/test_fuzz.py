@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
 import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -75,3 +76,15 @@ def test_deeply_nested_yaml_is_refused_in_one_line(tmp_path: Path):
         assert "\n" not in str(error)
     else:
         raise AssertionError("a 100,000-deep recipe was accepted")
+
+
+@pytest.mark.parametrize("key, value", [("data.file", "\0"), ("model.name", "a\0b.py:model")])
+def test_a_nul_character_in_a_path_is_refused_in_one_line(key, value):
+    """A NUL in a path (YAML can hold one) made pathlib raise ValueError: found by the fuzz
+    test above on a fresh checkout."""
+    recipe, overridden = recipes.apply_overrides(recipes.parse(yaml.safe_dump({}), "r.yaml"),
+                                                 [f"{key}={yaml.safe_dump(value).strip()}"])
+    with pytest.raises(UsageError) as refused:
+        recipes.resolve(recipe, get_registry(), "r.yaml", overridden)
+    said = [line for line in str(refused.value).splitlines() if key in line]  # one a problem
+    assert len(said) == 1 and ("NUL" in said[0] or "expected a path" in said[0]), said

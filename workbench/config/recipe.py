@@ -364,7 +364,7 @@ class _Checker:
     def data_file(self, file: Any, base: Path) -> str | None:
         from workbench.data.sources import SUFFIXES
 
-        if not isinstance(file, str) or not file:
+        if not isinstance(file, str) or not file or "\0" in file:
             self.problem("data.file", f"expected a path, got {file!r}")
             return None
         path = (base / file).resolve()

@@ -163,6 +163,8 @@ def locate(kind: str, name: str, base: Path | None = None) -> Component:
     """The component ``path/to/file.py:attr`` or ``package.module:attr`` names, its name made
     absolute so that the run directory's recipe finds it from anywhere."""
     where, _, attr = name.rpartition(":")
+    if "\0" in where:
+        raise UsageError(f"{name!r}: a path cannot hold a NUL character")
     if not attr.isidentifier() or keyword.iskeyword(attr):
         raise UsageError(f"{name}: {attr!r} is not a Python name; expected "
                          "path/to/file.py:attr or package.module:attr")
