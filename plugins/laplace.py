@@ -253,8 +253,8 @@ def descend(potential: Callable, start: torch.Tensor, with_hessian: bool) -> Fit
         value = potential(point)
         if torch.isfinite(value):
             value.backward()
-            if float(value.detach()) < lowest[0]:
-                lowest[:] = float(value.detach()), point.detach().clone()
+            if (found := float(value.detach())) < lowest[0]:
+                lowest[:] = found, point.detach().clone()
         else:
             point.grad = torch.zeros_like(point)
         return value.detach()

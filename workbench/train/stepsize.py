@@ -51,10 +51,8 @@ def adapt(run: Any, candidates: tuple[float, ...] = CANDIDATES,
     trials, best = {}, None
     kept: tuple = ()  # the best trial's parameters, optimizer and its state, to go on from
     with run_context(run.device, run.dtype):
-        order = sorted(candidates, reverse=True)
-        run.use_optimizer(_optimizer(run, order[0]))
-        run.compile_step()  # for this optimizer; each trial's takes its state over
-        for lr in order:
+        run.compile_step()  # with the optimizer set up; each trial's takes its state over
+        for lr in sorted(candidates, reverse=True):
             run.use_optimizer(_optimizer(run, lr))
             trials[lr] = _trial(run, steps)
             better = trials[lr] is not None and (best is None or trials[lr] < trials[best])
