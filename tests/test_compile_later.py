@@ -116,18 +116,24 @@ def key_of_the_coin() -> str:
     return caught.value.key
 
 
-def test_one_child_per_step_and_a_dead_ones_lock_is_taken_over(cold: Path, monkeypatch):
-    """A child holding the step's lock keeps a second from starting; once it is gone (its
-    pid still in the file), the next run starts one, which holds the lock in its turn."""
-    monkeypatch.setenv(SWITCH, "true")
-    lock = package_cache.file(key_of_the_coin(), background.LOCK)
-    holder = subprocess.Popen(
+def holding(lock: Path) -> subprocess.Popen:
+    """A process that takes ``lock`` as a child would (flock, its pid written) and keeps it
+    until its stdin closes; it prints ``ready`` once it holds it."""
+    return subprocess.Popen(
         [sys.executable, "-c", "import fcntl, os, sys\n"
          f"fd = os.open({str(lock)!r}, os.O_RDWR | os.O_CREAT)\n"
          "fcntl.flock(fd, fcntl.LOCK_EX)\n"
          "os.write(fd, b'%d' % os.getpid())\n"
          "print('ready', flush=True)\n"
          "sys.stdin.read()"], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+
+
+def test_one_child_per_step_and_a_dead_ones_lock_is_taken_over(cold: Path, monkeypatch):
+    """A child holding the step's lock keeps a second from starting; once it is gone (its
+    pid still in the file), the next run starts one, which holds the lock in its turn."""
+    monkeypatch.setenv(SWITCH, "true")
+    lock = package_cache.file(key_of_the_coin(), background.LOCK)
+    holder = holding(lock)
     assert holder.stdout.readline() == "ready\n"
     run = setup("train.compile=auto", "train.steps=4000", "train.eval_every=0")
     assert run.notes[1:] == [f"this step is being compiled for later runs in the background "
@@ -154,13 +160,7 @@ def test_one_child_at_a_time_another_step_waits_for_a_later_run(cold: Path, monk
     starts none, so a pipeline's refit or a grid never has several compiling beside it."""
     monkeypatch.setenv(SWITCH, "true")
     lock = package_cache.file(background.ANY, background.LOCK)
-    holder = subprocess.Popen(
-        [sys.executable, "-c", "import fcntl, os, sys\n"
-         f"fd = os.open({str(lock)!r}, os.O_RDWR | os.O_CREAT)\n"
-         "fcntl.flock(fd, fcntl.LOCK_EX)\n"
-         "os.write(fd, b'%d' % os.getpid())\n"
-         "print('ready', flush=True)\n"
-         "sys.stdin.read()"], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    holder = holding(lock)
     try:
         assert holder.stdout.readline() == "ready\n"
         run = setup("train.compile=auto", "train.steps=4000", "train.eval_every=0")

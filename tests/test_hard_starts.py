@@ -67,10 +67,21 @@ def test_a_degenerate_laplace_start_is_seen_and_the_fits_start_elsewhere(tmp_pat
     assert summary["posterior"]["tau"]["mean"] > 0.05  # not the neck the search ran into
 
 
+def centred_laplace_start():
+    """``centred`` on five observations set up with a Laplace start, not yet trained."""
+    from tests.helpers import setup
+
+    return setup(source={
+        "model": {"name": f"{Path(__file__).resolve()}:centred"},
+        "data": {"y": [0.3, -0.2, 0.5, 0.1, -0.4]},
+        "guide": {"name": "auto_gaussian_flow", "init": "laplace", "num_transforms": 0},
+        "loss": {"name": "elbo"}, "optimizer": {"name": "adam", "lr": 0.01},
+        "train": {"steps": 1}})
+
+
 def test_no_restart_follows_a_descent_into_the_neck(monkeypatch):
     """A descent that ran to tau's edge shows a density without a mode: restarts from random
     points would only run into the neck again (seconds on a larger model), so none is made."""
-    from tests.helpers import setup
     from vibench_plugins import laplace
 
     fits = []
@@ -81,12 +92,7 @@ def test_no_restart_follows_a_descent_into_the_neck(monkeypatch):
 
     real = laplace.descend
     monkeypatch.setattr(laplace, "descend", descend)
-    run = setup(source={
-        "model": {"name": f"{Path(__file__).resolve()}:centred"},
-        "data": {"y": [0.3, -0.2, 0.5, 0.1, -0.4]},
-        "guide": {"name": "auto_gaussian_flow", "init": "laplace", "num_transforms": 0},
-        "loss": {"name": "elbo"}, "optimizer": {"name": "adam", "lr": 0.01},
-        "train": {"steps": 1}})
+    run = centred_laplace_start()
     assert "no mode: the search ran to the edge of tau's support" in " ".join(run.notes)
     sites = laplace.layout(run.guide)
     assert laplace.degenerate(fits[-1], sites)
@@ -98,7 +104,6 @@ def test_a_descent_whose_line_searches_keep_failing_stops(monkeypatch):
     each); the descent stops once its evaluations far outrun its iterations, at the lowest
     point it evaluated: here the same edge of tau's support, for a quarter of the 626
     evaluations L-BFGS would spend."""
-    from tests.helpers import setup
     from vibench_plugins import laplace
 
     calls = []
@@ -109,11 +114,6 @@ def test_a_descent_whose_line_searches_keep_failing_stops(monkeypatch):
         return lambda point: calls.append(1) or potential(point)
 
     monkeypatch.setattr(laplace, "potential_fn", counted)
-    run = setup(source={
-        "model": {"name": f"{Path(__file__).resolve()}:centred"},
-        "data": {"y": [0.3, -0.2, 0.5, 0.1, -0.4]},
-        "guide": {"name": "auto_gaussian_flow", "init": "laplace", "num_transforms": 0},
-        "loss": {"name": "elbo"}, "optimizer": {"name": "adam", "lr": 0.01},
-        "train": {"steps": 1}})
+    run = centred_laplace_start()
     assert "no mode: the search ran to the edge of tau's support" in " ".join(run.notes)
     assert len(calls) < 2 * laplace.STALL_EVALS + laplace.MAX_ITER // 2, len(calls)
