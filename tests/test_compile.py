@@ -114,6 +114,37 @@ def test_fits_from_different_starts_ask_for_one_package(tmp_path: Path, monkeypa
     assert len(keys) == 1
 
 
+@pytest.mark.parametrize("model, compiles", [("hierarchical", True), ("guarded", False)])
+def test_a_value_read_from_the_data_alone_is_a_constant_of_the_graph(tmp_path: Path,
+                                                                    model: str, compiles: bool):
+    """A plate sized ``int(g.max()) + 1`` reads the data in Python: the value is the same every
+    step, so the graph keeps it and trains as eager does. A guard that reads a draw's value
+    (``intercept.item()``) would burn one draw into every step: it stays eager."""
+    from tests import plain_models
+    from tests.test_user_model import PLAIN
+
+    data = (plain_models.hierarchical_data(rows=200) if model == "hierarchical" else
+            {"dataset": {"name": "synthetic_regression", "n": 50}})
+    sets = ["train.compile=false", "train.eval_every=0", "optimizer.lr=0.01"]
+    source = {**FLAKY, "data": data, "model": {"name": f"{PLAIN}:{model}"}}
+    run = setup(*sets, source=source)
+    if not compiles:
+        with pytest.raises(compiled_step.CannotCompile, match="depends on the parameters or "
+                                                              "a random draw"):
+            compiled_step.compile_step(run.svi, run.data, backend="fx")
+        return
+    for _ in range(STEPS):
+        assert run.step()[1] == ""
+    eager = fitted(run)
+    run = setup(*sets, source=source)
+    run.compiled = compiled_step.compile_step(run.svi, run.data, backend="fx")
+    assert run.compiled is not None and run.compiled.updates
+    for _ in range(STEPS):
+        assert run.step()[1] == ""
+    for name, value in fitted(run).items():
+        assert torch.allclose(value, eager[name], rtol=1e-3, atol=1e-4), name
+
+
 def _lrs(run) -> list[float]:
     return [torch_optimizer(o).param_groups[0]["lr"] for o in run.svi.optim.optim_objs.values()]
 
@@ -148,7 +179,8 @@ def test_auto_falls_back_with_one_note_and_true_refuses_in_one_line():
             break
     assert str(caught.value) == ("train.compile: true, but this step cannot be compiled: "
                                  "data-dependent control flow (the model, guide or loss reads "
-                                 "a tensor's value in Python)")
+                                 "in Python a value that depends on the parameters or a random "
+                                 "draw)")
 
 
 def test_auto_keeps_short_runs_eager_and_false_never_compiles():

@@ -4,7 +4,8 @@ The step is traced once through Pyro with ``make_fx`` into a graph of plain torc
 (random draws included, so each replay draws afresh from torch's generator), checked against
 Pyro's own eager step, and compiled with TorchInductor. Anything that would make the replay
 differ from the eager step refuses to trace or fails the checks, and the run stays eager:
-data-dependent control flow (a tensor's value read in Python), enumeration, minibatches (new
+data-dependent control flow (a value read in Python that depends on a parameter or a random
+draw; one read from the data alone is kept as a constant), enumeration, minibatches (new
 indices each step), several processes, a trace whose structure changes between steps, or a
 gradient that is not the eager one. ``train.compile: auto`` then notes why in one line,
 ``true`` stops with that line, ``false`` never tries. On the CPU a step compiled by an earlier
@@ -234,6 +235,7 @@ def compile_step(svi: Any, data: dict, steps: int | None = None, backend: str = 
     # The guide's buffers are inputs too (a whitened Gaussian's fixed map, which each fit of
     # a pipeline sets to its own start): one package serves every start
     feeds = [value for value in data.values() if torch.is_tensor(value) and value.numel() > 1]
+    fixed = range(len(params), len(params) + len(feeds))  # the data's: a value read is fixed
     feeds += _buffers(svi.guide)
     loss_and_grads = _loss_and_grads(svi, data, params)
     key = None
@@ -255,7 +257,7 @@ def compile_step(svi: Any, data: dict, steps: int | None = None, backend: str = 
         probing = seams.vector_isa_probed_beside()  # inductor asks only once it generates code
     saying = _saying(ops, max_ops) if backend == "inductor" else contextlib.nullcontext()
     with saying, probing:
-        graph = _checked_graph(loss_and_grads, svi, data, params, feeds, device)
+        graph = _checked_graph(loss_and_grads, svi, data, params, feeds, device, fixed)
         update = _adam_update(svi.optim, params)
         states = update.tensors if update else []
         inputs = [t.detach() for t in (*params, *states, *feeds)]  # the same storage
@@ -358,11 +360,14 @@ def _loss_and_grads(svi: Any, data: dict, params: list[torch.Tensor]) -> Callabl
 
 
 def _checked_graph(loss_and_grads: Callable, svi: Any, data: dict, params: list[torch.Tensor],
-                   feeds: list[torch.Tensor], device: torch.device) -> torch.fx.GraphModule:
+                   feeds: list[torch.Tensor], device: torch.device, fixed: range
+                   ) -> torch.fx.GraphModule:
     """The step traced twice (the same structure on two random streams), its whole-data
-    gathers dropped, checked against Pyro's eager step, its long sums split where that pays."""
-    graph = _trace(loss_and_grads, [*params, *feeds])
-    again = _trace(loss_and_grads, [*params, *feeds], seed_offset=1)
+    gathers dropped, checked against Pyro's eager step, its long sums split where that pays.
+    A value read in Python from the inputs at ``fixed`` (the data's) alone is kept as a
+    constant."""
+    graph = _trace(loss_and_grads, [*params, *feeds], fixed=fixed)
+    again = _trace(loss_and_grads, [*params, *feeds], seed_offset=1, fixed=fixed)
     if graph.code != again.code:
         raise CannotCompile("the trace's structure changes from step to step")
     _drop_whole_gathers(graph)
@@ -521,13 +526,50 @@ def _cuda_graph(run: Callable, inputs: list[torch.Tensor], mutable: int) -> Call
     return replay
 
 
-def _make_fx(fn: Callable, inputs: list[torch.Tensor]) -> torch.fx.GraphModule:
+def _make_fx(fn: Callable, inputs: list[torch.Tensor],
+             fixed: range = range(0)) -> torch.fx.GraphModule:
+    """``fn`` traced into a graph of torch operations. A value it reads in Python (the size
+    of a plate as ``int(g.max()) + 1``, say) becomes a constant of the graph where it comes
+    from the inputs at ``fixed`` (the data, the same every step) and constants alone; one
+    that depends on another input or a random draw is a CannotCompile."""
     from torch.fx.experimental.proxy_tensor import make_fx
 
-    graph = make_fx(fn)(*inputs)
+    graph = make_fx(fn, _error_on_data_dependent_ops=False)(*inputs)
+    placeholders = [node for node in graph.graph.nodes if node.op == "placeholder"]
+    allowed = {placeholders[i] for i in fixed}
+    for node in graph.graph.nodes:
+        if node.op == "call_function" and _reads_a_value(node.target) and \
+                not _fixed_by(node, allowed):
+            raise CannotCompile("data-dependent control flow (the model, guide or loss reads "
+                                "in Python a value that depends on the parameters or a random "
+                                "draw)")
     graph.graph.eliminate_dead_code()
     graph.recompile()
     return graph
+
+
+def _reads_a_value(target: Any) -> bool:
+    """Whether an operation gives Python a tensor's value (or a shape that depends on it)."""
+    return isinstance(target, torch._ops.OpOverload) and \
+        torch.Tag.data_dependent_output in target.tags
+
+
+def _fixed_by(node: torch.fx.Node, allowed: set[torch.fx.Node]) -> bool:
+    """Whether ``node``'s value follows from the ``allowed`` placeholders and constants
+    alone, with no random draw on the way."""
+    seen, todo = set(), [node]
+    while todo:
+        current = todo.pop()
+        if current in seen:
+            continue
+        seen.add(current)
+        if current.op == "placeholder" and current not in allowed:
+            return False
+        if isinstance(current.target, torch._ops.OpOverload) and \
+                torch.Tag.nondeterministic_seeded in current.target.tags:
+            return False
+        todo.extend(current.all_input_nodes)
+    return True
 
 
 _ARANGES = {torch.ops.aten.arange.default, torch.ops.aten.arange.start,
@@ -632,13 +674,13 @@ def _viewable(value: torch.Tensor, shape: list[int]) -> bool:
     return True
 
 
-def _trace(fn: Callable, inputs: list[torch.Tensor],
-           seed_offset: int = 0) -> torch.fx.GraphModule:
-    """``fn`` as a graph of torch operations, on a ``trial_stream``; a value read in
-    Python while tracing (data-dependent control flow) is a CannotCompile."""
+def _trace(fn: Callable, inputs: list[torch.Tensor], seed_offset: int = 0,
+           fixed: range = range(0)) -> torch.fx.GraphModule:
+    """``fn`` as a graph of torch operations, on a ``trial_stream``; a value read in Python
+    while tracing is a CannotCompile unless it follows from the inputs at ``fixed``."""
     with package_cache.trial_stream(seed_offset):
         try:
-            return _make_fx(fn, inputs)
+            return _make_fx(fn, inputs, fixed)
         except CannotCompile:
             raise
         except Exception as exc:

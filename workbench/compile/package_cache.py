@@ -183,7 +183,8 @@ def cache_dir() -> Path:
 class _Recording(TorchDispatchMode):
     """Hashes each torch operation run inside it as ``make_fx`` would trace it: the
     operation, its other arguments, and each tensor argument's layout and origin (an input,
-    an earlier operation's output, or a constant, hashed by its contents)."""
+    an earlier operation's output, or a constant, hashed by its contents), and each value
+    read into Python."""
 
     @classmethod
     def _should_skip_dynamo(cls) -> bool:
@@ -212,6 +213,8 @@ class _Recording(TorchDispatchMode):
         leaves, spec = tree_flatten((args, kwargs or {}))
         self.note(f"{func} {spec}", leaves)  # before it runs: an in-place op changes them
         out = func(*args, **(kwargs or {}))
+        if not isinstance(out, torch.Tensor) and torch.Tag.data_dependent_output in func.tags:
+            self.note("value", [out])  # read in Python: the trace keeps it as a constant
         for value in tree_flatten(out)[0]:
             if isinstance(value, torch.Tensor) and value not in self.names:
                 self.names[value] = f"made {self.made}"
