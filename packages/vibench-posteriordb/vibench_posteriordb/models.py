@@ -317,24 +317,24 @@ def _dot(design, coefficients):
 
 
 def _linear_recurrence(c, a):
-    """x[..., 0] = c[..., 0] and x[..., t] = c[..., t] + a * x[..., t-1], for all t at once:
-    x[t] = sum over s <= t of a^(t-s) c[s], a matrix of powers of a (batch dims of a go
-    with c's)."""
+    """x[..., 0] = c[..., 0] and x[..., t] = c[..., t] + a * x[..., t-1], for all t at once
+    (batch dims of a go with c's): a scan by doubling (Hillis and Steele), whose k-th pass
+    adds a^(2^k) times x shifted by 2^k, so x[t] sums a^(t-s) c[s] over s <= t in
+    log2(n) passes of whole-vector arithmetic (exact at a = 0, gradients included). Over
+    many draws (a report's) a loop over t is cheaper: O(n) per draw, not O(n log n)."""
     import torch
 
     n = c.shape[-1]
-    if c[..., 0].numel() > n:  # many draws (a report's): a loop over t is O(n) per draw
+    if c[..., 0].numel() > n:
         xs = [c[..., 0]]
         for t in range(1, n):
             xs.append(c[..., t] + a * xs[-1])
         return torch.stack(xs, -1)
-    a = a.unsqueeze(-1)
-    # a^0, a^1, ..., a^(n-1) by a running product (whose gradient is fine at a = 0)
-    powers = torch.cat([torch.ones_like(a), a.expand(a.shape[:-1] + (n - 1,)).cumprod(-1)], -1)
-    steps = torch.arange(n, device=c.device)
-    lag = steps.unsqueeze(-1) - steps  # [t, s] = t - s
-    weights = torch.where(lag >= 0, powers[..., lag.clamp(min=0)], torch.zeros_like(a[..., None]))
-    return (weights @ c.unsqueeze(-1)).squeeze(-1)
+    x, power, shift = c, a.unsqueeze(-1), 1
+    while shift < n:
+        x = torch.cat([x[..., :shift], x[..., shift:] + power * x[..., :-shift]], -1)
+        power, shift = power * power, 2 * shift
+    return x
 
 
 def _log_matmul(a, b):
