@@ -249,8 +249,9 @@ def _dot(x, coefficients):
     dims end with the data plate's, so broadcasting does the work."""
     if coefficients.dim() == 1:
         return x @ coefficients
-    if coefficients.shape[-2] == 1:  # a matrix product, not an N x D product held in memory
-        return (coefficients @ x.mT).squeeze(-2)
+    if coefficients.shape[-2] == 1:  # one matrix product, not an N x D product held in memory
+        flat = coefficients.reshape(-1, coefficients.shape[-1])  # (draws, D): x @ each
+        return (flat @ x.mT).reshape(*coefficients.shape[:-2], x.shape[0])
     return (x * coefficients).sum(-1)
 
 

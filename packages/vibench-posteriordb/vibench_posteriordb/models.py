@@ -311,8 +311,9 @@ def _dot(design, coefficients):
     data plate's (vectorised particles): broadcasting then does the work."""
     if coefficients.dim() == 1:
         return design @ coefficients
-    if coefficients.shape[-2] == 1:  # a matrix product, not an N x D product held in memory
-        return (coefficients @ design.mT).squeeze(-2)
+    if coefficients.shape[-2] == 1:  # one matrix product, not an N x D product held in memory
+        flat = coefficients.reshape(-1, coefficients.shape[-1])  # (draws, D): design @ each
+        return (flat @ design.mT).reshape(*coefficients.shape[:-2], design.shape[0])
     return (design * coefficients).sum(-1)
 
 
