@@ -457,6 +457,54 @@ def test_models_that_broadcast_keep_the_vectorised_path():
     assert way.method == broadcast.VMAP and way.draws(10_000) == 10_000
 
 
+def test_a_bernoulli_under_vmap_weighs_draws_as_each_run_alone():
+    """The report's vmapped draws of a logistic model give each draw's log densities, its
+    pointwise ones among them, as the model run once a draw does, to float64's rounding
+    (vmap's Bernoulli takes a faster route to the same numbers)."""
+    import pyro
+    import torch
+
+    from tests import plain_models
+
+    data = {key: torch.tensor(value, dtype=torch.float64)
+            for key, value in plain_models.hierarchical_data(rows=300).items()}
+    model = plain_models.hierarchical
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        at_once, alone = _weighed_both_ways(model, data)
+    finally:
+        torch.set_default_dtype(default)
+        pyro.clear_param_store()
+    for name, entry in alone.items():
+        for key in ("log_prob", "pointwise"):
+            if key in entry:
+                assert torch.allclose(at_once[name][key], entry[key], rtol=1e-12,
+                                      atol=1e-10), (name, key)
+
+
+def _weighed_both_ways(model, data):
+    """50 guide draws of ``model``, evaluated vmapped and one run a draw."""
+    import pyro
+    import torch
+    from pyro.infer.autoguide import AutoNormal
+
+    from workbench.report import broadcast
+
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        guide = AutoNormal(model, init_scale=1.0)
+        guide(**data)
+        with torch.no_grad(), pyro.plate("draws", 50, dim=-2):
+            source = pyro.poutine.trace(guide).get_trace(**data)
+        draws = {name: source.nodes[name]["value"].reshape(50, -1).squeeze(-1)
+                 for name in ("mu", "sigma", "beta", "a")}
+        draws["beta"] = draws["beta"].reshape(50, -1)
+        with torch.no_grad():
+            return (broadcast._vmapped(model, data, draws, source, predictive=True),
+                    broadcast._looped(model, data, draws, source, 50, predictive=True))
+
+
 def FLIPS_TENSOR():
     import torch
 
