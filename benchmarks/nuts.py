@@ -16,12 +16,12 @@ shared points (reference draws, in the model's constrained space, both float64):
 differ by one constant (a flat prior's missing normaliser is allowed) to 1e-6. A port that
 fails is reported and not timed.
 
-The ports: posteriordb's kilpisjarvi, earnings, nes, diamonds, garch11, arma11 and gauss_mix
-(written here, from the Stan programs); the hard suite's hier_centred, latent_gp and
+The ports: posteriordb's kilpisjarvi, earnings, nes, diamonds, garch11, arma11, gauss_mix and
+hmm_drive (written here, from the Stan programs); the hard suite's hier_centred, latent_gp and
 hier_logistic (the plain-Pyro hierarchical logistic regression;
 packages/vibench-hardcases/make_references.py's ports, which made their references) and its
 analytic targets funnel10, banana, mixture2 and student_t (written here, from their maths).
-The other posteriors have no port yet and are listed as misses.
+A posterior in ``MISSING`` has no port yet and is listed as a miss.
 
     pip install -e '.[bench]' -e packages/vibench-posteriordb -e packages/vibench-hardcases
     python benchmarks/nuts.py [--posteriors kilpisjarvi,garch11] [--rounds 3] [--quick]
@@ -69,6 +69,7 @@ CASES = {
     "garch11": ("pdb_garch11", PDB_RECIPES / "pdb_garch11.yaml"),
     "arma11": ("pdb_arma11", PDB_RECIPES / "pdb_arma11.yaml"),
     "gauss_mix": ("pdb_gauss_mix", PDB_RECIPES / "pdb_gauss_mix.yaml"),
+    "hmm_drive": ("pdb_hmm_drive", PDB_RECIPES / "pdb_hmm_drive.yaml"),
     "hier_centred": ("hard_hier_centred", HARD / "recipes" / "hard_hier_centred.yaml"),
     "latent_gp": ("hard_latent_gp", HARD / "recipes" / "hard_latent_gp.yaml"),
     "hier_logistic": ("hard_hier_logistic", HARD / "recipes" / "hard_hier_logistic.yaml"),
@@ -81,7 +82,7 @@ CASES = {
 ANALYTIC = ("funnel10", "banana", "mixture2", "student_t")
 REAL = ("hier_centred", "latent_gp", "hier_logistic")  # make_references.py's NUTS references
 HARD_CASES = (*REAL, *ANALYTIC)
-MISSING = {"hmm_drive": "no NumPyro port yet"}
+MISSING: dict[str, str] = {}  # posteriors with no port yet, and why
 
 
 # ------------------------------------------------------------------------------------------
@@ -185,9 +186,31 @@ def numpyro_port(name: str):
             dist.Categorical(probs=jnp.stack([theta, 1 - theta])), dist.Normal(mu, sigma)),
             obs=y)
 
+    def hmm_drive(u, v, alpha, **_):
+        import jax
+
+        theta1 = numpyro.sample("theta1", dist.Dirichlet(alpha[0]))  # transitions from state 1
+        theta2 = numpyro.sample("theta2", dist.Dirichlet(alpha[1]))
+        ordered = dist.constraints.positive_ordered_vector
+        phi = numpyro.sample("phi", dist.ImproperUniform(ordered, (), (2,)))
+        lam = numpyro.sample("lambda", dist.ImproperUniform(ordered, (), (2,)))
+        prior = dist.Normal(jnp.array([0.0, 3.0]), 1.0)
+        numpyro.factor("phi_prior", prior.log_prob(phi).sum())
+        numpyro.factor("lambda_prior", prior.log_prob(lam).sum())
+        # emission[t, k] = exponential_lpdf(u[t] | phi[k]) + exponential_lpdf(v[t] | lambda[k])
+        emission = (jnp.log(phi) - phi * u[:, None]) + (jnp.log(lam) - lam * v[:, None])
+        log_theta = jnp.log(jnp.stack([theta1, theta2]))  # [j, k]: from j to k
+
+        def forward(gamma, now):  # Stan's forward algorithm, one observation a step
+            gamma = jax.nn.logsumexp(gamma[:, None] + log_theta, axis=0) + now
+            return gamma, None
+
+        gamma, _ = jax.lax.scan(forward, emission[0], emission[1:])
+        numpyro.factor("forward", jax.nn.logsumexp(gamma))
+
     models = {"kilpisjarvi": kilpisjarvi, "earnings": earnings, "nes": nes,
               "diamonds": diamonds, "garch11": garch11, "arma11": arma11,
-              "gauss_mix": gauss_mix}
+              "gauss_mix": gauss_mix, "hmm_drive": hmm_drive}
     return models[name], data
 
 
