@@ -30,6 +30,7 @@ RECIPES = {
     "kilpisjarvi": "packages/vibench-posteriordb/recipes/pdb_kilpisjarvi.yaml",
     "garch11": "packages/vibench-posteriordb/recipes/pdb_garch11.yaml",
     "diamonds": "packages/vibench-posteriordb/recipes/pdb_diamonds.yaml",
+    "hmm_drive": "packages/vibench-posteriordb/recipes/pdb_hmm_drive.yaml",
     "hier_centred": "packages/vibench-hardcases/recipes/hard_hier_centred.yaml",
     "hier_logistic": "packages/vibench-hardcases/recipes/hard_hier_logistic.yaml",
     "funnel10": "packages/vibench-hardcases/recipes/hard_funnel10.yaml",

@@ -281,10 +281,11 @@ class HmmDrive(_Port):
         # + emission[t, k], gamma[1] = emission[1], and the likelihood log_sum_exp(gamma[N]).
         # Each step is a (log, +) matrix product, so gamma[N] = gamma[1] * step[2] * ... *
         # step[N]; the steps are multiplied pairwise (depth log2 N for autograd and compile,
-        # log2 N roundings), or one by one for many draws in float64 (a report's PSIS), where
-        # N roundings stay far below what the numbers mean: O(N) per draw.
-        if emission.dtype == torch.float64 and emission[..., 0, :].numel() > emission.shape[-2]:
-            gamma = _forward_loop(emission, log_theta)
+        # log2 N roundings), or, for many draws (a report's), one by one in float64, where N
+        # roundings stay far below what the numbers mean: O(N) per draw, not O(N) tensors of
+        # draws x 8 for a logsumexp each.
+        if emission[..., 0, :].numel() > emission.shape[-2]:
+            gamma = _forward_loop(emission.double(), log_theta.double()).to(emission.dtype)
         else:
             steps = log_theta.unsqueeze(-3) + emission[..., 1:, :].unsqueeze(-2)
             gamma = _log_vecmat(emission[..., 0, :], _log_matmul_chain(steps))
