@@ -58,7 +58,7 @@ def test_histograms_read_back_with_tensorboardx_s_counts(tmp_path: Path):
         assert (got.bucket_limit[0], got.bucket_limit[-1]) == (limits[0], limits[-1])
 
 
-@pytest.mark.parametrize("length", [127, 128, 129, 1000, 4097, 20_000])
+@pytest.mark.parametrize("length", [127, 128, 1000, 1535, 1536, 4097, 20_000])
 def test_long_records_checksums_are_tensorboardx_s(length: int):
     from tensorboardX.record_writer import masked_crc32c
 
