@@ -5,12 +5,12 @@ not drain, and that dies silently on a full disk. Writing synchronously lets a c
 every event up to it durable with one ``flush``, and a write error reaches the run as an
 ``OSError``, which it reports.
 
-A scalar, logged every step, is encoded by hand (the few bytes of its protobuf) and queued;
-the queue is framed and written in batches (at each flush, every 4096 records, and at least
-every two seconds while scalars come, for a live TensorBoard), its CRC-32C checksums computed
-together with numpy, since tensorboardX's pure-Python CRC alone cost more per step than a
-compiled step's Python overhead. The file is byte for byte a TFRecord file of ``Event``
-protos either way.
+A scalar, logged every step, is queued as its numbers; the queue is encoded by hand (the few
+bytes of each scalar's protobuf), framed and written in batches (at each flush, every 4096
+records, and at least every two seconds while scalars come, for a live TensorBoard), each run
+of scalars of one tag encoded and checksummed (CRC-32C) together with numpy, since
+tensorboardX's pure-Python CRC alone cost more per step than a compiled step's Python
+overhead. The file is byte for byte a TFRecord file of ``Event`` protos either way.
 """
 
 from __future__ import annotations
@@ -58,7 +58,7 @@ class EventLog:
                 f".{start_step:09d}")
         self.path = run_dir / name
         self._file = files.open_for_writing(self.path)
-        self._pending: list[bytes] = []
+        self._pending: list[bytes | tuple] = []  # events, or scalars as scalar_event's args
         self._tags: dict[str, bytes] = {}  # tag -> scalar_summary(tag)
         self._due = time.time() + LIVE_SECONDS  # when queued events go to the file anyway
         self._write(Event(wall_time=time.time(), file_version="brain.Event:2"))
@@ -71,7 +71,7 @@ class EventLog:
         if fixed is None:
             fixed = self._tags[tag] = scalar_summary(tag)
         now = time.time()
-        self._pending.append(scalar_event(now, step, fixed, value))
+        self._pending.append((now, step, fixed, value))  # encoded with its run at the drain
         if len(self._pending) >= BATCH:
             self._drain()
         elif now >= self._due:  # a slow run's curve still reaches a live TensorBoard
@@ -182,9 +182,68 @@ def _varint(value: int) -> bytes:
     return bytes(out)
 
 
-def frame(records: list[bytes]) -> bytes:
+def frame(records: list[bytes | tuple]) -> bytes:
     """TFRecord framing of each record: its length, the length's masked CRC-32C, the record
-    and its masked CRC-32C."""
+    and its masked CRC-32C. A scalar queued as ``scalar_event``'s arguments is encoded here,
+    each run of scalars of one tag and one width of step at once (``_scalar_run``)."""
+    parts, start, count = [], 0, len(records)
+    while start < count:
+        first, end = records[start], start + 1
+        if type(first) is tuple:
+            fixed, width = first[2], _step_width(first[1])
+            while end < count and type(records[end]) is tuple and records[end][2] is fixed \
+                    and _step_width(records[end][1]) == width:
+                end += 1
+            parts.append(_scalar_run(records[start:end], fixed, width))
+        else:
+            while end < count and type(records[end]) is not tuple:
+                end += 1
+            parts.append(_framed(records[start:end]))
+        start = end
+    return b"".join(parts)
+
+
+def _step_width(step: int) -> int:
+    """The bytes of an event's step field after its key: none for step 0, which protobuf
+    leaves out, else its varint's."""
+    return 0 if step == 0 else 1 if 0 < step < 0x80 else 2 if 0 < step < 0x4000 \
+        else len(_varint(step))
+
+
+def _scalar_run(run: list[tuple], fixed: bytes, width: int) -> bytes:
+    """Scalar events of one tag (``fixed``) and one step ``width``, encoded as
+    ``scalar_event`` encodes each and framed, all at once with numpy (fewer than
+    ``TOGETHER`` one by one)."""
+    if len(run) < TOGETHER:
+        return _framed([scalar_event(*event) for event in run])
+    count, length = len(run), 9 + (1 + width if width else 0) + len(fixed) + 4
+    rows = np.empty((count, length), dtype=np.uint8)
+    rows[:, 0] = 9  # wall_time's key, then the double
+    rows[:, 1:9] = np.fromiter((e[0] for e in run), "<f8", count).view(np.uint8).reshape(-1, 8)
+    at = 9
+    if width:
+        steps = np.fromiter((e[1] for e in run), np.int64, count).astype(np.uint64)
+        rows[:, 9] = 0x10  # step's key, then its varint
+        for i in range(width):
+            rows[:, 10 + i] = (steps >> np.uint64(7 * i)) & np.uint64(0x7F) | \
+                np.uint64(0x80 if i < width - 1 else 0)
+        at = 10 + width
+    rows[:, at:at + len(fixed)] = np.frombuffer(fixed, dtype=np.uint8)
+    with np.errstate(over="ignore"):  # beyond float32's range: +-inf, as protobuf rounds it
+        values = np.fromiter((e[3] for e in run), np.float64, count).astype("<f4")
+    rows[:, at + len(fixed):] = values.view(np.uint8).reshape(-1, 4)
+    crcs = _mask(_crc_columns(rows, 0xFFFFFFFF) ^ np.uint32(0xFFFFFFFF)).astype("<u4")
+    size = struct.pack("<Q", length)
+    framed = np.empty((count, 12 + length + 4), dtype=np.uint8)
+    framed[:, :12] = np.frombuffer(size + struct.pack("<I", masked_crc32c_many([size])[0]),
+                                   dtype=np.uint8)
+    framed[:, 12:12 + length] = rows
+    framed[:, 12 + length:] = crcs.view(np.uint8).reshape(-1, 4)
+    return framed.tobytes()
+
+
+def _framed(records: list[bytes]) -> bytes:
+    """``frame`` of encoded records."""
     lengths = [struct.pack("<Q", len(record)) for record in records]
     length_crcs = masked_crc32c_many(lengths)
     record_crcs = masked_crc32c_many(records)

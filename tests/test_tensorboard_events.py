@@ -35,14 +35,19 @@ STEPS = [0, 1, 127, 128, 16_383, 16_384, 10**12]
 TAGS = ["Train/loss", "Eval/loss", "x" * 200, "Params/µ"]
 
 
-@pytest.mark.parametrize("batch", [3, 4096])
-def test_scalars_read_back_as_protobuf_wrote_them(tmp_path: Path, monkeypatch, batch: int):
+@pytest.mark.parametrize("batch, runs", [(3, False), (4096, False), (4096, True)])
+def test_scalars_read_back_as_protobuf_wrote_them(tmp_path: Path, monkeypatch, batch: int,
+                                                  runs: bool):
+    """Each scalar alone, or (``runs``) in runs of one tag and one width of step, which the
+    drain encodes and checksums together."""
     from tensorboardX.proto.event_pb2 import Event
     from tensorboardX.proto.summary_pb2 import Summary
 
     monkeypatch.setattr(tensorboard_events, "BATCH", batch)  # written in batches, or at close
     log = EventLog(tmp_path, start_step=5)
-    logged = [(tag, value, step) for tag in TAGS for value in VALUES for step in STEPS]
+    logged = ([(tag, value, step) for tag in TAGS for step in STEPS for value in VALUES * 3]
+              if runs else
+              [(tag, value, step) for tag in TAGS for value in VALUES for step in STEPS])
     for i, (tag, value, step) in enumerate(logged):
         log.scalar(tag, value, step)
         if i == 100:
@@ -62,6 +67,24 @@ def test_scalars_read_back_as_protobuf_wrote_them(tmp_path: Path, monkeypatch, b
             assert math.isnan(event.summary.value[0].simple_value)
         else:
             assert event.SerializeToString() == want.SerializeToString()
+    assert_checksums(log.path)
+
+
+def assert_checksums(path: Path) -> None:
+    """Every record's framing: its length and both masked CRC-32Cs as tensorboardX's."""
+    import struct
+
+    from tensorboardX.record_writer import masked_crc32c
+
+    data, at = path.read_bytes(), 0
+    while at < len(data):
+        size = data[at:at + 8]
+        length = struct.unpack("<Q", size)[0]
+        assert struct.unpack("<I", data[at + 8:at + 12])[0] == masked_crc32c(size)
+        record = data[at + 12:at + 12 + length]
+        assert struct.unpack("<I", data[at + 12 + length:at + 16 + length])[0] == \
+            masked_crc32c(record)
+        at += 16 + length
 
 
 def test_a_slow_run_s_scalars_reach_the_file_within_seconds(tmp_path: Path, monkeypatch):
