@@ -122,7 +122,14 @@ def histogram(values: Any) -> HistogramProto:
     values = np.asarray(values, dtype=np.float64).reshape(-1)
     if values.size == 0:
         raise ValueError("the histogram has no values")
-    counts, limits = np.histogram(values, bins=_tensorflow_bins())
+    limits = _tensorflow_bins()
+    # np.histogram's counts (each bucket closed on the left, the last on both sides, values
+    # outside or NaN left out), by a search per value rather than numpy's pass over 3,000
+    # edges: a few parameters' histogram in 5 us, not 35
+    index = np.searchsorted(limits, values, side="right") - 1
+    index[values == limits[-1]] = len(limits) - 2
+    inside = (index >= 0) & (index < len(limits) - 1)
+    counts = np.bincount(index[inside], minlength=len(limits) - 1)
     filled = np.flatnonzero(counts)
     start, end = int(filled[0]), int(filled[-1]) + 1
     # an empty bucket first, whose right limit is the histogram's left edge (tensorboardX's)
