@@ -54,23 +54,31 @@ def test_every_guide_and_loss_compiles_to_the_eager_step_or_says_why_not(guide: 
         pytest.skip("refused before training")
     sets = [f"guide={guide}", f"loss={loss}", "train.compile=false", "train.eval_every=0",
             "optimizer.lr=0.01"]
-    run = setup(*sets)  # seeded: the same start, the same random stream, each time
     why = EAGER_ONLY.get(loss) or EAGER_PAIRS.get((guide, loss))
     if why:
+        run = setup(*sets)
         with pytest.raises(compiled_step.CannotCompile, match=why):
             compiled_step.compile_step(run.svi, run.data, backend="fx")
         return
+    eager, traced = eager_and_traced(sets)
+    for name, value in traced.items():
+        # each step moves a parameter by about lr; rounding may differ, the fit may not
+        assert torch.allclose(value, eager[name], rtol=1e-3, atol=1e-3), name
+
+
+def eager_and_traced(sets: list[str], **source) -> tuple[dict, dict]:
+    """The parameters after STEPS eager steps of the run ``sets`` give, and after as many of
+    the same run on its traced graph replayed uncompiled (the same random draws)."""
+    run = setup(*sets, **source)  # seeded: the same start, the same random stream, each time
     for _ in range(STEPS):
         assert run.step()[1] == ""
     eager = fitted(run)
-    run = setup(*sets)
+    run = setup(*sets, **source)
     run.compiled = compiled_step.compile_step(run.svi, run.data, backend="fx")
     assert run.compiled is not None and run.compiled.updates
     for _ in range(STEPS):
         assert run.step()[1] == ""
-    for name, value in fitted(run).items():
-        # each step moves a parameter by about lr; rounding may differ, the fit may not
-        assert torch.allclose(value, eager[name], rtol=1e-3, atol=1e-3), name
+    return eager, fitted(run)
 
 
 @pytest.mark.parametrize("schedule", ["{name: exponential, gamma: 0.9}",
@@ -133,15 +141,8 @@ def test_a_value_read_from_the_data_alone_is_a_constant_of_the_graph(tmp_path: P
                                                               "a random draw"):
             compiled_step.compile_step(run.svi, run.data, backend="fx")
         return
-    for _ in range(STEPS):
-        assert run.step()[1] == ""
-    eager = fitted(run)
-    run = setup(*sets, source=source)
-    run.compiled = compiled_step.compile_step(run.svi, run.data, backend="fx")
-    assert run.compiled is not None and run.compiled.updates
-    for _ in range(STEPS):
-        assert run.step()[1] == ""
-    for name, value in fitted(run).items():
+    eager, traced = eager_and_traced(sets, source=source)
+    for name, value in traced.items():
         assert torch.allclose(value, eager[name], rtol=1e-3, atol=1e-4), name
 
 

@@ -497,9 +497,9 @@ def _weighed_both_ways(model, data):
         guide(**data)
         with torch.no_grad(), pyro.plate("draws", 50, dim=-2):
             source = pyro.poutine.trace(guide).get_trace(**data)
-        draws = {name: source.nodes[name]["value"].reshape(50, -1).squeeze(-1)
-                 for name in ("mu", "sigma", "beta", "a")}
-        draws["beta"] = draws["beta"].reshape(50, -1)
+        single = pyro.poutine.trace(model).get_trace(**data)
+        draws = {name: broadcast._draws_of(source.nodes[name]["value"], 50, shape)
+                 for name, shape in broadcast._replayable(single).items()}
         with torch.no_grad():
             return (broadcast._vmapped(model, data, draws, source, predictive=True),
                     broadcast._looped(model, data, draws, source, 50, predictive=True))
