@@ -12,9 +12,10 @@ on the key's lock file and on the folder's (each names its pid) for as long as i
 taken by this process before starting it and handed over, so a second run of the same step,
 or a run of another step meanwhile (an automatic pipeline's refit, a ``compare`` grid), starts
 none and leaves its step for a later run; a child that died leaves locks the next run takes
-over. A child that fails leaves a one-line note, and no later run
-starts another for that key. Nothing here makes a run fail: a child that cannot be started is
-a note. ``VIBENCH_BACKGROUND_COMPILE=false`` switches it off.
+over. A child that fails adds a line to a note; after two (``package_cache.TRIES``: the
+first may be the machine's passing state) no later run starts another for that key. Nothing
+here makes a run fail: a child that cannot be started is a note.
+``VIBENCH_BACKGROUND_COMPILE=false`` switches it off.
 """
 
 from __future__ import annotations
@@ -29,11 +30,6 @@ from workbench.compile import package_cache
 from workbench.config import recipe as recipes
 from workbench.errors import one_line
 from workbench.rundir import files
-
-try:
-    import fcntl
-except ImportError:  # no flock (Windows): no background compiles
-    fcntl = None
 
 ENV = "VIBENCH_BACKGROUND_COMPILE"
 CHILD = "workbench.train.background"  # the child's module: a run is set up in train/
@@ -51,7 +47,7 @@ def start(recipe: dict, key: str) -> str | None:
     """Start compiling ``key``'s step for later runs from ``recipe`` (resolved), unless
     switched off, an earlier child failed, or one is at it; the line to say (None: none)."""
     try:
-        if not environment.switch(ENV, True) or fcntl is None:
+        if not environment.switch(ENV, True) or files.fcntl is None:  # no flock, no children
             return None
         lock = package_cache.file(key, LOCK)
         return _started.get(lock) or _start(recipe, key, lock)
@@ -62,15 +58,15 @@ def start(recipe: dict, key: str) -> str | None:
 def _start(recipe: dict, key: str, path: Path) -> str | None:
     """The child started, holding ``key``'s lock at ``path`` and the folder's; or None where
     it is packaged or failed before, or a line naming the child at work already."""
-    if package_cache.state(key) != "absent" or package_cache.file(key, FAILED).exists():
+    if package_cache.state(key) != "absent" or package_cache.gave_up(key, FAILED):
         return None
     lock = any_lock = None
     try:
-        lock, holder = _locked(path)
+        lock, holder = files.try_lock(path)
         if holder is not None:
             return (f"this step is being compiled for later runs in the background already "
                     f"(pid {holder})")
-        any_lock, holder = _locked(package_cache.file(ANY, LOCK))
+        any_lock, holder = files.try_lock(package_cache.file(ANY, LOCK))
         if holder is not None:
             return (f"another step is being compiled in the background (pid {holder}); this "
                     "one waits for a later run")
@@ -80,17 +76,6 @@ def _start(recipe: dict, key: str, path: Path) -> str | None:
         for fd in (lock, any_lock):
             if fd is not None:
                 os.close(fd)
-
-
-def _locked(path: Path) -> tuple[int, str | None]:
-    """``path`` opened and locked (exclusive), and None; or, where another process holds
-    it, the pid written in it."""
-    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o600)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        return fd, os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
-    return fd, None
 
 
 def _spawn(recipe: dict, key: str, locks: tuple[int, ...]) -> str:
@@ -106,12 +91,13 @@ def _spawn(recipe: dict, key: str, locks: tuple[int, ...]) -> str:
             stdout=out, stderr=subprocess.STDOUT, pass_fds=locks, start_new_session=True,
             env=env)
     for lock in locks:
-        os.ftruncate(lock, 0)
-        os.pwrite(lock, f"{child.pid}\n".encode(), 0)
+        files.note_holder(lock, child.pid)
     _children[:] = [c for c in _children if c.poll() is None] + [child]
     return f"compiling this step for later runs in the background (pid {child.pid}, log {log})"
 
 
-def failed(key: str, why: str) -> None:
-    """Note that the child of ``key`` failed (one line), so that no later run starts another."""
-    files.write_atomic(package_cache.file(key, FAILED), f"{why}\n".encode(), mode=0o600)
+def failed(key: str, why: str, final: bool = False) -> None:
+    """Note that the child of ``key`` failed (one line); after ``package_cache.TRIES`` such
+    notes, or one ``final`` (the recipe cannot be set up in another process), no later run
+    starts another."""
+    package_cache.note_failure(key, FAILED, why, final)

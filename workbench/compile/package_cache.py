@@ -35,6 +35,12 @@ from workbench.rundir import files
 
 FOLDER = "vibench-steps"
 METADATA_KEY = "vibench_key"  # the key a package was built under, kept inside it
+BUILD_LOCK = ".build.lock"  # held by the one process building a key's package
+FAILED = ".failed"  # a line for each build of a key's package that failed
+TRIES = 2  # failed builds of a key, each in its own process, before no run tries again
+FINAL = "for good: "  # a failure's line that no retry can mend
+BUILD_WAIT = 900.0  # seconds a build waits for another process's of the same key
+_failed_here: set[str] = set()  # keys this process failed to build: one try a process
 FIX = ("remove it, or set TORCHINDUCTOR_CACHE_DIR to a folder of your own (or train.compile: "
        "false)")
 
@@ -91,35 +97,86 @@ def load(key: str) -> Callable | None:
 def build(graph: torch.fx.GraphModule, inputs: list[torch.Tensor], key: str) -> Callable | None:
     """Compile ``graph`` with AOTInductor (under the caller's inductor settings) into the
     cache under ``key`` and load it; None where it cannot be packaged (the caller compiles
-    otherwise)."""
+    otherwise). One process at a time builds a key: inductor writes every build of the same
+    graph to the same files, so a second build beside the first could package the other's
+    half-written library. A process that waited loads the package the first one built."""
     from torch._inductor import aoti_compile_and_package
 
     path = _path(key)
-    failed = path.with_suffix(".failed")  # why it could not be packaged, in one line
-    if path.is_file() or failed.is_file():  # neither is tried again in every run
-        return None
-    partial = path.with_name(f".{path.stem}-{os.getpid()}.pt2")  # renamed when whole
+    with _building(key) as alone:
+        if not alone:
+            return None
+        if path.is_file():  # built while this process waited (or by an earlier run)
+            return _open(path, key)
+        if gave_up(key) or key in _failed_here:  # not tried again in every run
+            return None
+        partial = path.with_name(f".{path.stem}-{os.getpid()}.pt2")  # renamed when whole
+        try:
+            program = torch.export.export(graph, tuple(inputs), strict=False)
+            with _quiet("torch._inductor"):  # its notes on ops it runs through its fallback
+                # constants folded when the package loads, not inlined: inlined, a number
+                # constant expanded and raised to a power fails to lower (the prior scale
+                # of a logistic regression)
+                aoti_compile_and_package(program, package_path=str(partial),
+                                         inductor_configs={
+                                             "aot_inductor.use_runtime_constant_folding": True,
+                                             "aot_inductor.metadata": {METADATA_KEY: key}})
+            os.chmod(partial, 0o600)
+            os.replace(partial, path)
+        except OSError:  # a full disk, say: tried again next time
+            return None
+        except Exception as exc:  # it cannot be lowered, or the compiler broke: noted
+            _failed_here.add(key)
+            with contextlib.suppress(OSError):
+                first = (str(exc).strip().splitlines() or [""])[0][:300]  # not a compiler's log
+                note_failure(key, FAILED, f"{type(exc).__name__}: {first}")
+            return None
+        finally:  # an interrupted or failed build leaves nothing half-written
+            partial.unlink(missing_ok=True)
+        return _open(path, key)
+
+
+def note_failure(key: str, suffix: str, why: str, final: bool = False) -> None:
+    """Add ``why`` (one line) to ``key``'s note of failures (``suffix``: the package's build,
+    or the background child's); after ``TRIES`` lines, or one ``final``, no run tries that
+    again (``gave_up``)."""
+    lines = [*failures(key, suffix), f"{FINAL}{why}" if final else why]
+    files.write_atomic(file(key, suffix), "".join(f"{line}\n" for line in lines).encode(),
+                       mode=0o600)
+
+
+def failures(key: str, suffix: str = FAILED) -> list[str]:
+    """The lines of ``key``'s note of failures (``suffix`` as in ``note_failure``)."""
     try:
-        program = torch.export.export(graph, tuple(inputs), strict=False)
-        with _quiet("torch._inductor"):  # its notes on ops it runs through its fallback
-            # constants folded when the package loads, not inlined: inlined, a number
-            # constant expanded and raised to a power fails to lower (the prior scale of a
-            # logistic regression)
-            aoti_compile_and_package(program, package_path=str(partial), inductor_configs={
-                "aot_inductor.use_runtime_constant_folding": True,
-                "aot_inductor.metadata": {METADATA_KEY: key}})
-        os.chmod(partial, 0o600)
-        os.replace(partial, path)
-    except OSError:  # a full disk, say: tried again next time
-        return None
-    except Exception as exc:  # it cannot be lowered: noted, so no run tries again
-        with contextlib.suppress(OSError):
-            files.write_atomic(failed, f"{type(exc).__name__}: "
-                               f"{(str(exc).splitlines() or [''])[0]}\n".encode(), mode=0o600)
-        return None
-    finally:  # an interrupted or failed build leaves nothing half-written
-        partial.unlink(missing_ok=True)
-    return _open(path, key)
+        text = files.read_bounded(file(key, suffix), limit=64 * 1024)
+    except (OSError, files.UnsafeFile):  # none (or not ours: a new one replaces it)
+        return []
+    return [line for line in text.decode(errors="replace").splitlines() if line.strip()]
+
+
+def gave_up(key: str, suffix: str = FAILED) -> bool:
+    """Whether ``key``'s build (or background child) failed for good: ``TRIES`` times, or once
+    ``final``. A failure may be the machine's passing state (a compiler or torch being
+    reinstalled), so it is tried again, but a step that cannot be packaged is not tried in
+    every run."""
+    noted = failures(key, suffix)
+    return len(noted) >= TRIES or any(line.startswith(FINAL) for line in noted)
+
+
+@contextlib.contextmanager
+def _building(key: str) -> Iterator[bool]:
+    """Hold ``key``'s build lock, waiting up to ``BUILD_WAIT`` seconds for a process building
+    it; yields False where that one is still at it (without ``flock``, True at once)."""
+    if files.fcntl is None:
+        yield True
+        return
+    fd, holder = files.try_lock(file(key, BUILD_LOCK), wait=BUILD_WAIT)
+    try:
+        if holder is None:
+            files.note_holder(fd, os.getpid())
+        yield holder is None
+    finally:
+        os.close(fd)
 
 
 def _open(path: Path, key: str) -> Callable | None:
@@ -153,16 +210,17 @@ def _path(key: str) -> Path:
 
 def file(key: str, suffix: str) -> Path:
     """One of ``key``'s files in our folder: its package (``.pt2``), the note why it could not
-    be built (``.failed``), and the background compile's (``workbench.compile.background``)."""
+    be built (``.failed``), its build's lock, and the background compile's
+    (``workbench.compile.background``)."""
     return check_folders() / f"{key}{suffix}"
 
 
 def state(key: str) -> str:
-    """Whether ``key``'s step is ``packaged``, ``failed`` (it cannot be: a ``.failed`` note)
-    or ``absent``."""
+    """Whether ``key``'s step is ``packaged``, ``failed`` (``TRIES`` builds failed: it is not
+    tried again) or ``absent`` (perhaps after a failure, tried again)."""
     if _path(key).is_file():
         return "packaged"
-    return "failed" if file(key, ".failed").is_file() else "absent"
+    return "failed" if gave_up(key) else "absent"
 
 
 def cache_dir() -> Path:

@@ -8,6 +8,8 @@ write, a planted symbolic link or a hostile file can neither run code nor change
 - Cache folders are this user's alone (``private_folder``), as pip and ssh check theirs.
 - A file read back is bounded in size before it is parsed (``read_bounded``), and a value
   parsed from one in depth and breadth (``check_shape``).
+- A lock between processes is an exclusive ``flock`` on a file opened with ``O_NOFOLLOW``
+  that names its holder's pid (``try_lock``).
 
 Torch-free, so the commands that only read run directories stay fast.
 """
@@ -18,11 +20,17 @@ import contextlib
 import os
 import stat
 import tempfile
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import IO, Any
 
 from workbench.errors import UsageError
+
+try:
+    import fcntl
+except ImportError:  # no flock (Windows): try_lock is not available
+    fcntl = None
 
 MAX_TEXT_BYTES = 64 * 2**20  # a recipe or summary.json read back: far above any real one
 MAX_DEPTH = 32  # nesting of a value read back (a recipe's data, a checkpoint's recipe)
@@ -79,6 +87,33 @@ def open_for_writing(path: Path, *, append: bool = False) -> IO[bytes]:
                              "link (remove it)") from None
         raise exc
     return os.fdopen(fd, "ab" if append else "wb")
+
+
+def try_lock(path: Path, wait: float = 0.0) -> tuple[int, str | None]:
+    """``path`` opened (never through a link) and locked, exclusive, and None; or, where
+    another process still holds it after ``wait`` seconds, the open file and the pid its
+    holder wrote in it. The caller closes the file (which releases the lock) or hands it to
+    a child. Waiting polls, so a stop signal is handled at once."""
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o600)
+    deadline = time.monotonic() + wait
+    try:
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                return fd, None
+            except BlockingIOError:
+                if time.monotonic() >= deadline:
+                    return fd, os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
+            time.sleep(0.05)
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+def note_holder(fd: int, pid: int) -> None:
+    """Write ``pid`` as the holder of the lock open at ``fd``."""
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"{pid}\n".encode(), 0)
 
 
 def make_folder(path: Path) -> Path:
