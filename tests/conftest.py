@@ -4,6 +4,8 @@ tests share are in tests/helpers.py."""
 from __future__ import annotations
 
 import os
+import shutil
+import tempfile
 
 import pytest
 
@@ -26,7 +28,20 @@ os.environ["VIBENCH_COMPILE"] = "false"
 # (tests/test_compile_later.py does).
 os.environ["VIBENCH_BACKGROUND_COMPILE"] = "false"
 
+# Compiled steps go to an inductor cache of the session's own, which its xdist workers share
+# and which is removed after it: no test meets the machine's earlier packages, or a failure
+# note another run left there (a build that broke while torch was being reinstalled, say),
+# and the suite leaves nothing in the user's cache.
+WORKER = "PYTEST_XDIST_WORKER" in os.environ
+if not WORKER:
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = tempfile.mkdtemp(prefix="vibench-tests-inductor-")
+
 from tests.helpers import vibench  # noqa: E402
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    if not WORKER:
+        shutil.rmtree(os.environ["TORCHINDUCTOR_CACHE_DIR"], ignore_errors=True)
 
 
 @pytest.fixture
