@@ -1,7 +1,9 @@
 """train.compile's bound on a step's size: a model whose Python loop unrolls into a long step
-stays eager under ``auto``, with one line, decided before anything is traced; ``true``
-compiles it anyway and says it may take long. The bound is lowered here
-(VIBENCH_COMPILE_MAX_OPS) so that a short loop stands for a long one."""
+is not compiled whole under ``auto``. Where its eager steps cost more than tracing it, its
+repeated blocks are rolled (tests/test_rolling.py); else it stays eager, with one line,
+decided before anything is traced. ``true`` compiles it anyway and says it may take long.
+The bound is lowered here (VIBENCH_COMPILE_MAX_OPS) so that a short loop stands for a long
+one."""
 
 from __future__ import annotations
 
@@ -29,11 +31,11 @@ def walk(y):
     pyro.sample("y", dist.Normal(torch.stack(levels, -1), 1.0).to_event(1), obs=y)
 
 
-def walk_recipe(length: int) -> dict:
+def walk_recipe(length: int, steps: int = 100000) -> dict:
     return {"name": "walk", "data": {"y": [0.5 * (t + 1) for t in range(length)]},
             "model": {"name": f"{__name__}:walk"}, "guide": {"name": "auto_normal"},
             "loss": {"name": "elbo"}, "optimizer": {"name": "adam", "lr": 0.01},
-            "train": {"steps": 100000, "eval_every": 0}}
+            "train": {"steps": steps, "eval_every": 0}}
 
 
 class Traced(Exception):
@@ -59,7 +61,7 @@ def operations(note: str) -> int:
 
 def test_auto_leaves_a_long_loop_eager_in_one_line_before_tracing(monkeypatch, no_tracing):
     monkeypatch.setenv(BOUND, "0")
-    short, long = (compile_notes(setup("train.compile=auto", source=walk_recipe(n)))
+    short, long = (compile_notes(setup("train.compile=auto", source=walk_recipe(n, 10000)))
                    for n in (3, 30))
     assert len(short) == len(long) == 1
     ops = operations(long[0])
@@ -68,9 +70,12 @@ def test_auto_leaves_a_long_loop_eager_in_one_line_before_tracing(monkeypatch, n
         f"unrolled?), above the 0 that train.compile: auto compiles ({BOUND} sets it; "
         "train.compile: true compiles anyway)")
     assert ops > operations(short[0]) + 27  # each turn of the loop is an operation or more
-    monkeypatch.setenv(BOUND, str(ops))  # at the bound, auto goes on to trace the step
-    assert compile_notes(setup("train.compile=auto", source=walk_recipe(30))) == [
-        "training eagerly, not compiled: tracing failed: traced"]
+    # at the bound auto goes on to trace the step; above it, so it does where the eager
+    # steps cost more than tracing the step and compiling its repeated blocks
+    for bound, steps in ((ops, 10000), (0, 10**6)):
+        monkeypatch.setenv(BOUND, str(bound))
+        assert compile_notes(setup("train.compile=auto", source=walk_recipe(30, steps))) == [
+            "training eagerly, not compiled: tracing failed: traced"]
 
 
 def test_true_compiles_above_the_bound_saying_it_may_take_long(monkeypatch, no_tracing,
@@ -87,7 +92,7 @@ def test_a_run_the_bound_leaves_eager_is_bitwise_the_eager_run(monkeypatch):
     monkeypatch.setenv(BOUND, "0")
     fits = []
     for setting in ("auto", "false"):
-        run = setup(f"train.compile={setting}", source=walk_recipe(10))
+        run = setup(f"train.compile={setting}", source=walk_recipe(10, 10000))
         assert run.compiled is None
         for _ in range(3):
             run.step()

@@ -34,7 +34,7 @@ from pyro import poutine
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from workbench import environment, progress, seams
-from workbench.compile import background, package_cache
+from workbench.compile import background, package_cache, rolling
 from workbench.errors import UsageError, one_line
 from workbench.rundir import files
 
@@ -74,6 +74,11 @@ TRACE_OP_SECONDS = 0.0017
 # costs measured and the counts of the shipped models and ports
 MAX_OPS = 4000
 MAX_OPS_ENV = "VIBENCH_COMPILE_MAX_OPS"
+# a longer step is traced and its repeated blocks rolled (workbench/compile/rolling.py) where
+# that pays: the rolled step takes about ROLLED_SHARE of an eager one, and compiling its
+# blocks about ROLL_SECONDS beside the tracing (benchmarks/README.md, "Loops rolled")
+ROLLED_SHARE = 0.2
+ROLL_SECONDS = 30.0
 
 
 class CannotCompile(Exception):
@@ -108,6 +113,7 @@ class CompiledStep:
         # unless the runner gives its own (workbench/train/optim.py ``step_optimizers``)
         self.step_optimizers: Callable[[list[torch.Tensor]], None] = optim
         self._names = names
+        self.note: str | None = None  # how it was compiled, where the run should say so
 
     def __call__(self) -> tuple[float, str]:
         if self._update is not None:
@@ -169,9 +175,9 @@ def prepare(setting: str | bool, svi: Any, data: dict, device: torch.device, ste
         except files.UnsafeFile as exc:
             raise CannotCompile(str(exc)) from None
         auto = mode == "auto"
-        return compile_step(svi, data, steps if auto else None, refusal=refusal,
-                            max_ops=bound, refuse_above=auto,
-                            cached_only=auto and cached_only), []
+        step = compile_step(svi, data, steps if auto else None, refusal=refusal,
+                            max_ops=bound, refuse_above=auto, cached_only=auto and cached_only)
+        return step, [step.note] if step is not None and step.note else []
     except NotYet as exc:
         later = background.start(recipe, exc.key) if recipe is not None else None
         later_notes = [later] if later else []
@@ -223,10 +229,14 @@ def compile_step(svi: Any, data: dict, steps: int | None = None, backend: str = 
         return None
     _check_compilable(svi, params, refusal)
     long = ops > max_ops
-    if long and refuse_above:
-        raise CannotCompile(f"one step runs {ops} torch operations (a loop unrolled?), above "
-                            f"the {max_ops} that train.compile: auto compiles ({MAX_OPS_ENV} "
-                            "sets it; train.compile: true compiles anyway)")
+    too_long = CannotCompile(f"one step runs {ops} torch operations (a loop unrolled?), above "
+                             f"the {max_ops} that train.compile: auto compiles "
+                             f"({MAX_OPS_ENV} sets it; train.compile: true compiles anyway)")
+    roll = long and refuse_above
+    if roll and (cached_only or eager is None or backend != "inductor" or
+                 eager * (1 - ROLLED_SHARE) < TRACE_SECONDS + TRACE_OP_SECONDS * ops
+                 + ROLL_SECONDS):
+        raise too_long
     store = pyro.get_param_store()
     names = [store.param_name(p) or "?" for p in params]
     # the data's tensors are inputs of the graph, not constants (which inductor would fold
@@ -238,6 +248,9 @@ def compile_step(svi: Any, data: dict, steps: int | None = None, backend: str = 
     fixed = range(len(params), len(params) + len(feeds))  # the data's: a value read is fixed
     feeds += _buffers(svi.guide)
     loss_and_grads = _loss_and_grads(svi, data, params)
+    if roll:
+        return _rolled(loss_and_grads, svi, data, params, feeds, names, fixed, ops, max_ops,
+                       device, too_long)
     key = None
     if packages:
         packaged, key = _packaged(loss_and_grads, svi.optim, params, feeds, names)
@@ -266,6 +279,42 @@ def compile_step(svi: Any, data: dict, steps: int | None = None, backend: str = 
                            inputs, len(params) + len(states), device, backend, key)
     return CompiledStep(replay, params, inputs, svi.optim, update, names,
                         compiled=backend != "fx")
+
+
+def _rolled(loss_and_grads: Callable, svi: Any, data: dict, params: list[torch.Tensor],
+            feeds: list[torch.Tensor], names: list[str], fixed: range, ops: int, max_ops: int,
+            device: torch.device, too_long: CannotCompile) -> CompiledStep:
+    """A step too long to compile whole, traced, checked, and its repeated blocks (a loop the
+    trace unrolled) compiled once each (``rolling``); ``too_long`` where what is left outside
+    the blocks is still above ``max_ops`` operations. Not packaged: each run compiles it
+    (inductor's own cache keeps the blocks' code)."""
+    with progress.working(f"compiling the step's repeated blocks ({ops} operations, a loop "
+                          "unrolled): tracing it takes about "
+                          f"{TRACE_SECONDS + TRACE_OP_SECONDS * ops:.0f} s",
+                          "compiled the step's repeated blocks in {seconds:.1f} s"):
+        graph = _checked_graph(loss_and_grads, svi, data, params, feeds, device, fixed)
+        inputs = [t.detach() for t in (*params, *feeds)]
+        with package_cache.trial_stream(), torch.no_grad():
+            rolled = rolling.roll(graph, inputs, _compiled_body)
+        if rolled is None or rolled.left > max_ops:
+            raise too_long
+        _check_against_eager(svi, data, params, feeds, rolled.graph)
+    step = _step_function(rolled.graph, None, len(params), len(params))
+    compiled = CompiledStep(lambda values: step(*values), params, inputs, svi.optim, None,
+                            names)
+    compiled.note = rolled.describe(ops)
+    return compiled
+
+
+def _compiled_body(block: torch.fx.GraphModule, inputs: list[torch.Tensor]) -> Callable:
+    """One repeated block compiled by inductor, for inputs laid out as ``inputs``."""
+    try:
+        with torch._inductor.config.patch(compile_threads=1, size_asserts=False):
+            return torch._inductor.standalone_compile(block, inputs,
+                                                      dynamic_shapes="from_example_inputs")
+    except Exception as exc:
+        raise CannotCompile(f"torch.compile failed on a repeated block: {one_line(exc)}") \
+            from exc
 
 
 def _replay_pays(ops: int, eager: float) -> bool:

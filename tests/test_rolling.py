@@ -1,0 +1,130 @@
+"""A long step's loop rolled back up (workbench/compile/rolling.py): its repeated blocks found
+in the traced graph, each compiled once and called in turn, giving the traced graph's
+numbers; under train.compile: auto, a step above the bound trains that way where it pays."""
+
+from __future__ import annotations
+
+import pyro
+import pyro.distributions as dist
+import pytest
+import torch
+from torch.fx.experimental.proxy_tensor import make_fx
+
+from tests.helpers import setup
+from workbench.compile import rolling
+
+BOUND = "VIBENCH_COMPILE_MAX_OPS"
+
+
+def euler(theta: torch.Tensor, z0: torch.Tensor, steps: int = 12) -> tuple:
+    """A loss through an ODE solved by Euler steps in a Python loop, and its gradients:
+    the forward loop and, in reverse, its backward."""
+    theta, z0 = theta.detach().requires_grad_(), z0.detach().requires_grad_()
+    z, path = z0, []
+    for _ in range(steps):
+        z = z + 0.1 * (torch.sin(z) * theta[0] - z * theta[1] + theta[2])
+        path.append(z)
+    loss = (torch.stack(path) - 1.0).pow(2).sum()
+    return (loss, *torch.autograd.grad(loss, (theta, z0)))
+
+
+def noisy(theta: torch.Tensor, z0: torch.Tensor, steps: int = 12) -> torch.Tensor:
+    """A loop that draws a random number at each turn."""
+    z = z0
+    for _ in range(steps):
+        z = z + 0.1 * (torch.sin(z) * theta[0] + torch.randn_like(z))
+    return z.sum()
+
+
+def traced(fn, steps: int = 12):
+    inputs = [torch.tensor([0.5, 0.3, 0.2]), torch.linspace(-1.0, 1.0, 5)]
+    return make_fx(lambda *a: fn(*a, steps=steps))(*inputs), inputs
+
+
+def as_traced(block, inputs):
+    """A body that is the block's graph itself, uncompiled: the same operations."""
+    return block
+
+
+def test_a_loop_rolls_into_calls_of_its_blocks_with_the_traced_numbers():
+    graph, inputs = traced(euler)
+    want = graph(*inputs)
+    ops = sum(1 for node in graph.graph.nodes if node.op == "call_function")
+    bodies = []
+    rolled = rolling.roll(graph, inputs, lambda block, ins: bodies.append(block) or block)
+    assert rolled is not None and rolled.graph is graph
+    got = graph(*inputs)
+    assert all(torch.equal(a, b) for a, b in zip(want, got))
+    # the forward loop and its backward, each a block (grouped where short) called in turn
+    assert 2 <= rolled.bodies == len(bodies) <= 4 and rolled.calls >= 2 * rolling.MIN_REPEATS
+    assert rolled.left < ops / 2
+    assert "rolled into" in rolled.describe(ops)
+
+
+def test_a_longer_loop_calls_the_same_blocks_more_often():
+    short, inputs = traced(euler, steps=12)
+    long, _ = traced(euler, steps=48)
+    few = rolling.roll(short, inputs, as_traced)
+    many = rolling.roll(long, inputs, as_traced)
+    assert many.calls > few.calls and many.bodies <= few.bodies + 1  # a group left over
+    # outside the blocks, one operation more a turn: the stack's gradient picked per turn
+    assert many.left - few.left <= 48 - 12
+
+
+def test_blocks_that_draw_random_numbers_are_left_as_traced():
+    graph, inputs = traced(noisy)
+    draws = [node for node in graph.graph.nodes if "randn" in str(node.target)]
+    assert len(draws) == 12
+    rolling.roll(graph, inputs, as_traced)  # a node rolled into a block leaves the graph
+    assert [node for node in graph.graph.nodes if "randn" in str(node.target)] == draws
+
+
+def drift(y):
+    """A noisy recursion over the observations as a Python loop: level += drift * tanh."""
+    rate = pyro.sample("rate", dist.Normal(torch.tensor(0.0), 1.0))
+    pull = pyro.sample("pull", dist.Normal(torch.tensor(0.0), 1.0))
+    level, levels = torch.zeros_like(rate), []
+    for _ in range(y.shape[0]):
+        level = level + rate * torch.tanh(level - pull) + 0.3
+        levels.append(level)
+    pyro.sample("y", dist.Normal(torch.stack(levels, -1), 1.0).to_event(1), obs=y)
+
+
+def drift_recipe(steps: int) -> dict:
+    return {"name": "drift", "seed": 3, "data": {"y": [0.3 * (t + 1) for t in range(40)]},
+            "model": {"name": f"{__name__}:drift"}, "guide": {"name": "auto_normal"},
+            "loss": {"name": "elbo", "num_particles": 4, "vectorize_particles": True},
+            "optimizer": {"name": "adam", "lr": 0.01},
+            "train": {"steps": steps, "eval_every": 0}}
+
+
+def params() -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in pyro.get_param_store().items()}
+
+
+def test_auto_rolls_a_step_above_the_bound_and_trains_as_eager_does(monkeypatch):
+    """A step of more operations than the bound, whose eager steps cost more than tracing
+    it, trains on its rolled blocks (compiled by inductor): one note says so, and ten steps
+    end where ten eager steps do, to rounding."""
+    monkeypatch.setenv(BOUND, "400")
+    fits = []
+    for setting in ("false", "auto"):
+        run = setup(f"train.compile={setting}", source=drift_recipe(10**6))
+        for _ in range(10):
+            run.step()
+        fits.append((run, params()))
+    (eager, want), (rolled, got) = fits
+    assert eager.compiled is None and rolled.compiled is not None
+    notes = [note for note in rolled.notes if "rolled into" in note]
+    assert len(notes) == 1 and notes[0].startswith("a loop of "), rolled.notes
+    assert want.keys() == got.keys()
+    for name in want:
+        assert torch.allclose(want[name], got[name], rtol=1e-5, atol=1e-6), name
+
+
+@pytest.mark.parametrize("steps", [2000])
+def test_auto_leaves_a_long_step_eager_where_rolling_does_not_pay(monkeypatch, steps: int):
+    monkeypatch.setenv(BOUND, "400")
+    run = setup("train.compile=auto", source=drift_recipe(steps))
+    assert run.compiled is None
+    assert any("above the 400 that train.compile: auto compiles" in n for n in run.notes)
