@@ -28,6 +28,17 @@ def euler(theta: torch.Tensor, z0: torch.Tensor, steps: int = 12) -> tuple:
     return (loss, *torch.autograd.grad(loss, (theta, z0)))
 
 
+def series(theta: torch.Tensor, y: torch.Tensor) -> tuple:
+    """A recursion that reads the series ``y`` at each turn (``y[t]``, an index that changes
+    from turn to turn), and its gradients, ``y``'s among them (put back at each turn's t)."""
+    theta, y = theta.detach().requires_grad_(), y.detach().requires_grad_()
+    z, total = theta[2], 0.0
+    for t in range(y.shape[0]):
+        z = theta[0] * torch.tanh(z) + theta[1] * y[t]
+        total = total + (z - y[t]) ** 2
+    return (total, *torch.autograd.grad(total, (theta, y)))
+
+
 def noisy(theta: torch.Tensor, z0: torch.Tensor, steps: int = 12) -> torch.Tensor:
     """A loop that draws a random number at each turn."""
     z = z0
@@ -56,19 +67,39 @@ def test_a_loop_rolls_into_calls_of_its_blocks_with_the_traced_numbers():
     got = graph(*inputs)
     assert all(torch.equal(a, b) for a, b in zip(want, got))
     # the forward loop and its backward, each a block (grouped where short) called in turn
-    assert 2 <= rolled.bodies == len(bodies) <= 4 and rolled.calls >= 2 * rolling.MIN_REPEATS
+    assert 2 <= rolled.bodies <= 4 and rolled.calls >= 2 * rolling.MIN_REPEATS
+    assert rolled.bodies + rolled.segments == len(bodies)  # each compiled once
     assert rolled.left < ops / 2
     assert "rolled into" in rolled.describe(ops)
 
 
-def test_a_longer_loop_calls_the_same_blocks_more_often():
+def test_a_longer_loop_is_rolled_into_as_few_blocks_and_leaves_as_little():
     short, inputs = traced(euler, steps=12)
     long, _ = traced(euler, steps=48)
     few = rolling.roll(short, inputs, as_traced)
     many = rolling.roll(long, inputs, as_traced)
-    assert many.calls > few.calls and many.bodies <= few.bodies + 1  # a group left over
-    # outside the blocks, one operation more a turn: the stack's gradient picked per turn
-    assert many.left - few.left <= 48 - 12
+    assert many.bodies <= few.bodies + 1  # a group of turns left over, perhaps
+    assert many.left == few.left  # what is outside the loop is the same
+
+
+def test_a_loop_that_reads_a_series_at_each_turn_rolls_too():
+    """Each turn's ``y[t]`` is taken out of the turn (one unbind before the loop), and the
+    gradient each turn puts back into ``y`` is gathered after it (one stack), so the turns
+    are the same block: what is left outside the blocks does not grow with the series."""
+    inputs = [torch.tensor([0.5, 0.3, 0.2]), torch.linspace(-1.0, 1.0, 40)]
+    left = []
+    for length in (20, 40):
+        graph = make_fx(series)(inputs[0], inputs[1][:length])
+        want = graph(inputs[0], inputs[1][:length])
+        rolled = rolling.roll(graph, [inputs[0], inputs[1][:length]], as_traced)
+        got = graph(inputs[0], inputs[1][:length])
+        assert all(torch.allclose(a, b, rtol=1e-6, atol=1e-7) for a, b in zip(want, got))
+        names = [str(node.target) for node in graph.graph.nodes]
+        assert "aten.unbind.int" in names and "aten.stack.default" in names
+        assert not any("select_backward" in name for name in names)
+        assert rolled.calls >= 2 * rolling.MIN_REPEATS
+        left.append(rolled.left)
+    assert left[1] - left[0] < 20  # far less than an operation for each turn added
 
 
 def test_blocks_that_draw_random_numbers_are_left_as_traced():

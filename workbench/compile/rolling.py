@@ -5,10 +5,14 @@ Tracing unrolls a Python loop into thousands of operations, and inductor compile
 time and memory that grow with its length: minutes and GBs for an ODE solved by RK4. Here the
 traced graph is scanned for a block of operations repeated back to back: the same operations
 on the same constants and shapes, wired the same way inside the block, taking the rest from
-outside it (the previous repeat's state, the parameters). Each distinct block is compiled
-once, for the layouts its inputs come in, and the graph calls it at each repeat; what lies
-outside every block runs as traced. The arithmetic is the traced graph's, operation for
-operation. A block that draws random numbers or writes a tensor in place is left as traced.
+outside it (the previous turn's state, the parameters). Each distinct block is compiled once,
+for the layouts its inputs come in, and the graph calls it at each turn (in groups of turns
+where a block is short). Before the scan, a loop's reads of a series at an index that changes
+from turn to turn (``y[t]``) are taken out of the turns (one ``unbind``), and the gradients
+its backward puts back into the series are gathered after the loop (one ``stack``), so that
+the turns are alike. After it, each stretch of operations between the calls is compiled as a
+block called once. The arithmetic is the traced graph's, operation for operation; an
+operation that draws random numbers or writes a tensor in place stays as traced.
 """
 
 from __future__ import annotations
@@ -27,7 +31,8 @@ MAX_PERIOD = 3000  # the most operations in one block
 MIN_PERIOD = 4  # the fewest
 # repeats of a shorter block are called in groups of this many operations or more: a call
 # costs about as much as tens of small operations
-GROUP_OPS = 100
+GROUP_OPS = 300
+SEGMENT_OPS = 16  # a stretch of operations between the calls, as long, is compiled too
 
 
 @dataclass
@@ -38,10 +43,12 @@ class Rolled:
     calls: int  # blocks the graph now calls
     bodies: int  # distinct blocks compiled
     left: int  # operations outside every block, run as traced
+    segments: int = 0  # runs of operations between the calls, compiled as blocks called once
 
     def describe(self, ops: int) -> str:
         return (f"a loop of {ops} operations rolled into {self.calls} calls of {self.bodies} "
-                f"compiled blocks, {self.left} operations left as traced")
+                f"compiled blocks and {self.segments} compiled stretches between them, "
+                f"{self.left} operations left as traced")
 
 
 @dataclass
@@ -60,6 +67,8 @@ def roll(graph: fx.GraphModule, inputs: list[torch.Tensor],
     """``graph`` (run on ``inputs``) with each run of a block repeated ``MIN_REPEATS`` times or
     more replaced by calls of ``compile_body(block, example inputs)``; None where it has
     none. ``graph`` itself is changed."""
+    _hoist_picks(graph.graph)
+    _sink_scatters(graph.graph)
     nodes = [node for node in graph.graph.nodes if node.op == "call_function"]
     where = {node: i for i, node in enumerate(nodes)}
     regions = [region for found in _repeats(nodes) for region in _grouped(nodes, where, *found)]
@@ -72,28 +81,175 @@ def roll(graph: fx.GraphModule, inputs: list[torch.Tensor],
                       for ins in region.inputs for node in ins)]
     if not regions:
         return None
-    bodies: dict[tuple, tuple[Callable, list]] = {}
+    bodies: dict[tuple, Callable] = {}
     replaced: dict[fx.Node, fx.Node] = {}
     calls = 0
     for region in regions:
         block = _block(nodes, region.start + region.period, region.period, region.outputs)
         for repeat in range(region.repeats):
             ins = [examples[node] for node in region.inputs[repeat]]
-            kind = (region.shape, tuple(_kind(value) for value in ins))
-            if kind not in bodies:  # compiled for the first repeat's strides
-                bodies[kind] = compile_body(block, ins), [value.stride() for value in ins]
-            body, strides = bodies[kind]
+            kind = (region.shape, tuple(_layout(value) for value in ins))
+            if kind not in bodies:
+                bodies[kind] = _named(compile_body(block, ins))
             first = region.start + repeat * region.period
             _replace(graph.graph, nodes[first:first + region.period], region.outputs,
-                     _called(body, strides, ins),
-                     [replaced.get(node, node) for node in region.inputs[repeat]], replaced)
+                     bodies[kind], [replaced.get(node, node) for node in region.inputs[repeat]],
+                     replaced)
             calls += 1
     graph.graph.lint()
     graph.recompile()
+    segments = _compile_segments(graph, inputs, compile_body)
     left = sum(1 for node in graph.graph.nodes if node.op == "call_function"
                and node.target is not operator.getitem
-               and getattr(node.target, "__name__", "") != "rolled_block")
-    return Rolled(graph, calls, len(bodies), left)
+               and getattr(node.target, "__name__", "") not in ("rolled_block", "segment"))
+    return Rolled(graph, calls, len(bodies), left, segments)
+
+
+def _compile_segments(graph: fx.GraphModule, inputs: list[torch.Tensor],
+                      compile_body: Callable) -> int:
+    """Compile each run of SEGMENT_OPS or more operations left between the blocks' calls
+    (none drawing random numbers or writing in place) as a block of its own, called once; how
+    many. ``graph`` is changed."""
+    values = _values(graph, inputs, set(graph.graph.nodes))
+    nodes = [node for node in graph.graph.nodes if node.op == "call_function"]
+
+    def compilable(node: fx.Node) -> bool:
+        return _rollable(node) and node.target is not operator.getitem and \
+            isinstance(values.get(node), torch.Tensor) and \
+            all(isinstance(values.get(arg), torch.Tensor) for arg in node.all_input_nodes)
+
+    runs, current = [], []
+    for node in nodes + [None]:
+        if node is not None and compilable(node):
+            current.append(node)
+        else:
+            if len(current) >= SEGMENT_OPS:
+                runs.append(current)
+            current = []
+    replaced: dict[fx.Node, fx.Node] = {}  # an earlier stretch's value: its call's output
+    for members in runs:
+        inside = set(members)
+        ins = [arg for node in members for arg in node.all_input_nodes if arg not in inside]
+        outputs = [q for q, node in enumerate(members)
+                   if any(user not in inside for user in node.users)]
+        block = _block(members, 0, len(members), outputs)
+        origin = {new: old for old, new in replaced.items()}
+        body = compile_body(block, [values[origin.get(arg, arg)] for arg in ins])
+
+        def segment(*args: torch.Tensor, _body: Callable = body):
+            return _body(*args)
+
+        _replace(graph.graph, members, outputs, segment, ins, replaced)
+    graph.graph.lint()
+    graph.recompile()
+    return len(runs)
+
+
+# an element or a slice picked from a tensor at an index given as a number: args (tensor,
+# dim, index) and (tensor, dim, start, end, step)
+_PICKS = {torch.ops.aten.select.int, torch.ops.aten.slice.Tensor}
+
+
+def _hoist_picks(graph: fx.Graph) -> None:
+    """Move the picks a loop makes from one tensor at an index that changes from turn to turn
+    (``y[t]``: the same operation at MIN_REPEATS indices or more) to just after that tensor
+    is made, so that each turn's block is the same and takes its pick as an input."""
+    families: dict[tuple, list[fx.Node]] = collections.defaultdict(list)
+    for node in graph.nodes:
+        if node.op == "call_function" and node.target in _PICKS and not node.kwargs and \
+                isinstance(node.args[0], fx.Node):
+            families[(node.target, node.args[0], node.args[1])].append(node)
+    inputs = [node for node in graph.nodes if node.op == "placeholder"]
+    for (target, source, dim), picks in families.items():
+        if len({repr(node.args[2:]) for node in picks}) < MIN_REPEATS:
+            continue
+        after = inputs[-1] if source.op == "placeholder" else source
+        if target is torch.ops.aten.select.int:  # one operation gives every element
+            with graph.inserting_after(after):
+                parts = graph.call_function(torch.ops.aten.unbind.int, (source, dim))
+            for node in picks:
+                with graph.inserting_after(parts):
+                    part = graph.call_function(operator.getitem, (parts, node.args[2]))
+                part.meta = dict(node.meta)
+                node.replace_all_uses_with(part)
+                graph.erase_node(node)
+            continue
+        for node in picks:
+            after.append(node)
+            after = node
+
+
+# a gradient put back at an index given as a number (the backward of a pick): args (grad,
+# sizes, dim, index) and (grad, sizes, dim, start, end, step)
+_SCATTERS = {torch.ops.aten.select_backward.default, torch.ops.aten.slice_backward.default}
+
+
+def _sink_scatters(graph: fx.Graph) -> None:
+    """Move the gradients a loop's backward puts back into one tensor at an index that
+    changes from turn to turn (the backward of ``y[t]``), and the sums that gather them, to
+    just before the first operation that uses the gathered gradient: each turn's block is then
+    the same and gives its gradient as an output."""
+    families: dict[tuple, list[fx.Node]] = collections.defaultdict(list)
+    for node in graph.nodes:
+        if node.op == "call_function" and node.target in _SCATTERS and not node.kwargs:
+            families[(node.target, repr(node.args[1]), node.args[2])].append(node)
+    order = {node: i for i, node in enumerate(graph.nodes)}
+    for scatters in families.values():
+        if len({repr(node.args[3:]) for node in scatters}) < MIN_REPEATS:
+            continue
+        moving = set(scatters)
+        for node in graph.nodes:  # the sums that gather them, in order
+            if _sum_of_two(node) and any(arg in moving for arg in node.args):
+                moving.add(node)
+        users = [user for node in moving for user in node.users if user not in moving]
+        if not users:
+            continue
+        before = min(users, key=order.__getitem__)
+        if not _stacked(graph, scatters, moving, before):
+            for node in sorted(moving, key=order.__getitem__):
+                if order[node] < order[before]:
+                    before.prepend(node)
+
+
+def _sum_of_two(node: fx.Node) -> bool:
+    """Whether ``node`` adds two tensors, as a backward gathers gradients."""
+    return node.target is torch.ops.aten.add.Tensor and not node.kwargs and \
+        len(node.args) == 2 and all(isinstance(arg, fx.Node) for arg in node.args)
+
+
+def _stacked(graph: fx.Graph, scatters: list[fx.Node], moving: set[fx.Node],
+             before: fx.Node) -> bool:
+    """Where ``scatters`` put gradients back at every index of their dim (select_backward at
+    0, 1, ..., n - 1), the sums gathering them (``moving``) as one stack of those gradients
+    (summed per index) plus the sums' other terms, placed before ``before``; False where
+    not so."""
+    first = scatters[0]
+    if first.target is not torch.ops.aten.select_backward.default:
+        return False
+    sizes, dim = first.args[1], first.args[2]
+    by_index: dict[int, list[fx.Node]] = collections.defaultdict(list)
+    for node in scatters:
+        by_index[node.args[3]].append(node.args[0])
+    ends = [node for node in moving if any(user not in moving for user in node.users)]
+    if sorted(by_index) != list(range(sizes[dim])) or len(ends) != 1:
+        return False
+    others = [arg for node in moving if node not in scatters for arg in node.all_input_nodes
+              if arg not in moving]
+    with graph.inserting_before(before):
+        grads = []
+        for i in range(sizes[dim]):  # an index picked twice a turn: its gradients summed
+            grad, *more = by_index[i]
+            for another in more:
+                grad = graph.call_function(torch.ops.aten.add.Tensor, (grad, another))
+            grads.append(grad)
+        total = graph.call_function(torch.ops.aten.stack.default, (grads, dim))
+        total.meta = {key: value for key, value in ends[0].meta.items() if key == "val"}
+        for other in others:
+            total = graph.call_function(torch.ops.aten.add.Tensor, (total, other))
+    ends[0].replace_all_uses_with(total)
+    for node in reversed([node for node in graph.nodes if node in moving]):
+        graph.erase_node(node)
+    return True
 
 
 def _token(node: fx.Node) -> tuple:
@@ -148,7 +304,7 @@ def _grouped(nodes: list[fx.Node], where: dict[fx.Node, int], start: int, period
              repeats: int) -> list[_Region]:
     """The run of repeats checked (``_checked``), its repeats called in groups where a block
     is shorter than GROUP_OPS, so long as MIN_REPEATS groups remain; the repeats left over
-    after the last group as a region of their own, where MIN_REPEATS."""
+    after the last group grouped alike, where MIN_REPEATS."""
     region = _checked(nodes, where, start, period, repeats)
     if region is None or period >= GROUP_OPS:
         return [region] if region else []
@@ -158,9 +314,10 @@ def _grouped(nodes: list[fx.Node], where: dict[fx.Node, int], start: int, period
     if whole is None:
         return [region]
     tail = region.repeats - whole.repeats * group
-    rest = _checked(nodes, where, whole.start + whole.repeats * whole.period, period, tail) \
-        if whole.start == region.start and tail >= MIN_REPEATS else None
-    return [whole, rest] if rest else [whole]
+    if whole.start != region.start or tail < MIN_REPEATS:
+        return [whole]
+    return [whole, *_grouped(nodes, where, whole.start + whole.repeats * whole.period, period,
+                             tail)]
 
 
 def _checked(nodes: list[fx.Node], where: dict[fx.Node, int], start: int, period: int,
@@ -224,9 +381,9 @@ def _values(graph: fx.GraphModule, inputs: list[torch.Tensor],
     return seen
 
 
-def _kind(value: torch.Tensor) -> tuple:
-    """What a compiled block is specific to, but its inputs' strides."""
-    return tuple(value.shape), value.dtype, value.device
+def _layout(value: torch.Tensor) -> tuple:
+    """What a compiled block is specific to: its inputs' shapes, strides, dtypes, devices."""
+    return tuple(value.shape), value.stride(), value.dtype, value.device
 
 
 def _block(nodes: list[fx.Node], first: int, period: int, outputs: list[int]
@@ -256,18 +413,8 @@ def _block(nodes: list[fx.Node], first: int, period: int, outputs: list[int]
     return fx.GraphModule(torch.nn.Module(), block)
 
 
-def _called(body: Callable, strides: list, inputs: list[torch.Tensor]) -> Callable:
-    """``body`` as a repeat with ``inputs`` calls it: an input laid out otherwise than the
-    block was compiled for (``strides``) is copied into that layout first (a few numbers,
-    against a compile of seconds)."""
-    moved = [i for i, value in enumerate(inputs) if value.stride() != strides[i]]
-
-    def rolled_block(*args: torch.Tensor):
-        if moved:
-            args = list(args)
-            for i in moved:
-                args[i] = torch.empty_strided(args[i].shape, strides[i], dtype=args[i].dtype,
-                                              device=args[i].device).copy_(args[i])
+def _named(body: Callable) -> Callable:
+    def rolled_block(*args: torch.Tensor):  # the name the graph's code shows
         return body(*args)
 
     return rolled_block
