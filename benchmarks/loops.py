@@ -1,10 +1,13 @@
 """Loop models against the compiled step's bound: per model, the torch operations one eager
 step runs (what ``train.compile: auto`` weighs before tracing), eager steps per second, and
-(``--compile``) the time and peak memory of compiling the step and the compiled steps per
-second, each compile in a child process under ``--limit`` seconds and ``--memory`` GB.
+(``--compile``) the time and peak memory of compiling the step whole (``train.compile:
+true``), or with ``--compile auto`` of what ``auto`` does with a long run (100,000 steps: its
+loop rolled, workbench/compile/rolling.py), and the steps per second after it, each in a
+child process under ``--limit`` seconds and ``--memory`` GB; ``auto``'s note follows the
+table.
 
     OMP_NUM_THREADS=1 nice -n 19 python benchmarks/loops.py [--models lotka_volterra,...]
-        [--compile] [--limit 300] [--memory 6]
+        [--compile [auto]] [--limit 300] [--memory 6]
 
 Models: the loop models of benchmarks/loop_models.py, the posteriordb ports (``pdb_NAME``,
 their shipped recipes) and the shipped recipes (``recipe:NAME``, e.g. ``recipe:coin``); a
@@ -70,10 +73,11 @@ def cpu_seconds() -> float:
                for part in resource.getrusage(who)[:2])
 
 
-def compiled(name: str, seconds: float) -> dict:
-    """Set-up time with ``train.compile: true`` (the compile), compiled steps per second."""
+def compiled(name: str, seconds: float, setting: str = "true") -> dict:
+    """Set-up time with ``train.compile`` as ``setting`` (the compile), compiled steps per
+    second, and (``auto``) the run's note on what it compiled."""
     start, cpu = time.perf_counter(), cpu_seconds()
-    run = set_up(name, True)
+    run = set_up(name + "|train.steps=100000" if setting == "auto" else name, setting)
     setup, cpu = time.perf_counter() - start, cpu_seconds() - cpu
     run.step()
     done, start = 0, time.perf_counter()
@@ -82,14 +86,16 @@ def compiled(name: str, seconds: float) -> dict:
         done += 1
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6
     return {"setup_s": setup, "setup_cpu_s": cpu,
-            "compiled_per_s": done / (time.perf_counter() - start), "peak_gb": peak}
+            "compiled_per_s": done / (time.perf_counter() - start), "peak_gb": peak,
+            "note": "; ".join(note for note in run.notes if "compiled" in note or "rolled" in note)}
 
 
 def child(name: str, what: str, args) -> dict:
     """``what`` for ``name`` in a child process, bounded in time and address space."""
     limit = int(args.memory * 2**30)
     command = [sys.executable, __file__, "--child", what, "--models", name,
-               "--seconds", str(args.seconds)]
+               "--seconds", str(args.seconds), *(["--compile", args.compile]
+                                                 if args.compile else [])]
 
     def bound():
         resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
@@ -111,7 +117,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", default="lotka_volterra,hmm_forward,garch_loop,pdb_garch11,"
                         "pdb_hmm_drive,recipe:coin")
-    parser.add_argument("--compile", action="store_true")
+    parser.add_argument("--compile", nargs="?", const="true", choices=["true", "auto"])
     parser.add_argument("--seconds", type=float, default=5.0)
     parser.add_argument("--limit", type=int, default=300)
     parser.add_argument("--memory", type=float, default=6.0)
@@ -119,12 +125,15 @@ def main() -> None:
     args = parser.parse_args()
     os.environ.setdefault("VIBENCH_COMPILE", "false")
     if args.child:
-        print(json.dumps({"eager": eager, "compiled": compiled}[args.child](
-            args.models, args.seconds)))
+        if args.child == "eager":
+            print(json.dumps(eager(args.models, args.seconds)))
+        else:
+            print(json.dumps(compiled(args.models, args.seconds, args.compile or "true")))
         return
     print("| model | ops / eager step | eager steps/s | compile s | compile CPU s | "
           "compiled steps/s | peak GB | speed-up |")
     print("|---|---:|---:|---:|---:|---:|---:|---:|")
+    notes = []
     for name in args.models.split(","):
         row = child(name, "eager", args)
         if args.compile:
@@ -138,6 +147,9 @@ def main() -> None:
                  f"{row['compiled_per_s']:.0f}" if "compiled_per_s" in row else "",
                  f"{row['peak_gb']:.1f}" if "peak_gb" in row else "", speed]
         print(f"| {name} | " + " | ".join(map(str, cells)) + " |", flush=True)
+        if row.get("note"):
+            notes.append(f"- {name}: {row['note']}")
+    print("\n".join(notes))
 
 
 if __name__ == "__main__":
