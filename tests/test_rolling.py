@@ -11,7 +11,8 @@ import torch
 from torch.fx.experimental.proxy_tensor import make_fx
 
 from tests.helpers import setup
-from workbench.compile import rolling
+from workbench.compile import compiled_step, rolling
+from workbench.train import checkpoint
 
 BOUND = "VIBENCH_COMPILE_MAX_OPS"
 
@@ -151,6 +152,32 @@ def test_auto_rolls_a_step_above_the_bound_and_trains_as_eager_does(monkeypatch)
     assert want.keys() == got.keys()
     for name in want:
         assert torch.allclose(want[name], got[name], rtol=1e-5, atol=1e-6), name
+
+
+@pytest.mark.slow
+def test_a_rolled_run_resumes_exactly(monkeypatch, tmp_path):
+    """Stopped at step 10 and resumed, a run on rolled blocks ends where the run of 20 steps
+    in one go does, bit for bit: the blocks' arithmetic and the optimizer's state carry over."""
+    monkeypatch.setenv(BOUND, "400")
+    for free in ("LOAD_SECONDS", "TRACE_SECONDS", "TRACE_OP_SECONDS", "ROLL_SECONDS"):
+        monkeypatch.setattr(compiled_step, free, 0.0)  # so that 20 steps roll
+    sets = ["train.compile=auto", "train.eval_every=0", "train.plots=false",
+            "train.diagnostics=false", "train.checkpoint_every=10"]
+    whole = setup(*sets, "train.steps=20", source=drift_recipe(10**6))
+    assert whole.compiled is not None and whole.compiled.note
+    (tmp_path / "whole").mkdir()
+    whole.train(tmp_path / "whole")
+    want = params()
+    half = tmp_path / "half"
+    half.mkdir()
+    setup(*sets, "train.steps=10", source=drift_recipe(10**6)).train(half)
+    resumed = setup(*sets, "train.steps=20", source=drift_recipe(10**6))
+    assert resumed.compiled is not None and resumed.compiled.note
+    summary = resumed.train(half, resume=checkpoint.load(half),
+                            changes={"train.steps": [10, 20]})
+    assert summary["steps"] == 20 and summary["status"] == "completed"
+    got = params()
+    assert all(torch.equal(got[name], want[name]) for name in want)
 
 
 @pytest.mark.parametrize("steps", [2000])

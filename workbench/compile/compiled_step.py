@@ -299,8 +299,12 @@ def _rolled(loss_and_grads: Callable, svi: Any, data: dict, params: list[torch.T
         if rolled is None or rolled.left > max_ops:
             raise too_long
         _check_against_eager(svi, data, params, feeds, rolled.graph)
-    step = _step_function(rolled.graph, None, len(params), len(params))
-    compiled = CompiledStep(lambda values: step(*values), params, inputs, svi.optim, None,
+    update = _adam_update(svi.optim, params)  # run eagerly after the graph: one pass
+    states = update.tensors if update else []
+    mutable = len(params) + len(states)
+    step = _step_function(rolled.graph, update, len(params), mutable)
+    compiled = CompiledStep(lambda values: step(*values), params,
+                            [t.detach() for t in (*params, *states, *feeds)], svi.optim, update,
                             names)
     compiled.note = rolled.describe(ops)
     return compiled
