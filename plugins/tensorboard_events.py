@@ -8,9 +8,10 @@ every event up to it durable with one ``flush``, and a write error reaches the r
 A scalar, logged every step, is queued as its numbers; the queue is encoded by hand (the few
 bytes of each scalar's protobuf), framed and written in batches (at each flush, every 4096
 records, and at least every two seconds while scalars come, for a live TensorBoard), each run
-of scalars of one tag encoded and checksummed (CRC-32C) together with numpy, since
-tensorboardX's pure-Python CRC alone cost more per step than a compiled step's Python
-overhead. The file is byte for byte a TFRecord file of ``Event`` protos either way.
+of scalars of one tag encoded together with numpy. Each record's CRC-32C is Google's C
+implementation's (``google-crc32c``): tensorboardX's pure-Python one cost more per step than a
+compiled step's Python overhead. The file is byte for byte a TFRecord file of ``Event``
+protos either way.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import google_crc32c
 import numpy as np
 from tensorboardX.proto.event_pb2 import Event, SessionLog
 from tensorboardX.proto.summary_pb2 import HistogramProto, Summary
@@ -31,11 +33,7 @@ from workbench.rundir import files
 
 BATCH = 4096  # records queued before they are written (a flush writes them too)
 LIVE_SECONDS = 2.0  # the longest a logged event waits in the queue, while scalars come
-TOGETHER = 16  # records of one length checksummed together, with numpy, from this many
-PIECE = 64  # a long record (a histogram) is checksummed in pieces of this many bytes at once
-# from this many bytes: below it tensorboardX's byte loop (0.1 us a byte) is cheaper than the
-# pieces' fixed 150 us (a histogram of a few parameters is 150-400 bytes)
-LONG = 1536
+TOGETHER = 16  # scalars of one tag encoded together, with numpy, from this many
 
 
 @functools.cache
@@ -239,10 +237,12 @@ def _scalar_run(run: list[tuple], fixed: bytes, width: int) -> bytes:
     with np.errstate(over="ignore"):  # beyond float32's range: +-inf, as protobuf rounds it
         values = np.fromiter((e[3] for e in run), np.float64, count).astype("<f4")
     rows[:, at + len(fixed):] = values.view(np.uint8).reshape(-1, 4)
-    crcs = _mask(_crc_columns(rows, 0xFFFFFFFF) ^ np.uint32(0xFFFFFFFF)).astype("<u4")
+    data = rows.tobytes()
+    crcs = np.array([masked_crc32c(data[i:i + length]) for i in range(0, len(data), length)],
+                    dtype="<u4")
     size = struct.pack("<Q", length)
     framed = np.empty((count, 12 + length + 4), dtype=np.uint8)
-    framed[:, :12] = np.frombuffer(size + struct.pack("<I", masked_crc32c_many([size])[0]),
+    framed[:, :12] = np.frombuffer(size + struct.pack("<I", masked_crc32c(size)),
                                    dtype=np.uint8)
     framed[:, 12:12 + length] = rows
     framed[:, 12 + length:] = crcs.view(np.uint8).reshape(-1, 4)
@@ -251,93 +251,15 @@ def _scalar_run(run: list[tuple], fixed: bytes, width: int) -> bytes:
 
 def _framed(records: list[bytes]) -> bytes:
     """``frame`` of encoded records."""
-    lengths = [struct.pack("<Q", len(record)) for record in records]
-    length_crcs = masked_crc32c_many(lengths)
-    record_crcs = masked_crc32c_many(records)
     parts = []
-    for length, length_crc, record, record_crc in zip(lengths, length_crcs, records,
-                                                      record_crcs):
-        parts += (length, struct.pack("<I", length_crc), record, struct.pack("<I", record_crc))
+    for record in records:
+        length = struct.pack("<Q", len(record))
+        parts += (length, struct.pack("<I", masked_crc32c(length)), record,
+                  struct.pack("<I", masked_crc32c(record)))
     return b"".join(parts)
 
 
-@functools.cache
-def _crc_table() -> np.ndarray:
-    """CRC-32C (Castagnoli, reflected polynomial 0x82F63B78), one entry per byte value."""
-    table = np.arange(256, dtype=np.uint32)
-    for _ in range(8):
-        table = np.where(table & 1, (table >> 1) ^ np.uint32(0x82F63B78), table >> 1)
-    return table.astype(np.uint32)
-
-
-def masked_crc32c_many(chunks: list[bytes]) -> list[int]:
-    """TFRecord's masked CRC-32C of each chunk, computed for all chunks of one length at once
-    (a numpy operation per byte position instead of a Python loop per byte). A length shared
-    by fewer than ``TOGETHER`` chunks goes through tensorboardX's CRC, chunk by chunk, if
-    shorter than ``LONG``, else through ``_long_crc`` (a histogram's few kilobytes cost
-    tensorboardX's pure-Python loop milliseconds)."""
-    from tensorboardX.record_writer import masked_crc32c
-
-    by_length: dict[int, list[int]] = {}
-    for i, chunk in enumerate(chunks):
-        by_length.setdefault(len(chunk), []).append(i)
-    out = [0] * len(chunks)
-    for length, where in by_length.items():
-        if len(where) >= TOGETHER:
-            data = np.frombuffer(b"".join(chunks[i] for i in where), dtype=np.uint8)
-            crcs = _crc_columns(data.reshape(len(where), length), 0xFFFFFFFF)
-            for i, value in zip(where, _mask(crcs ^ np.uint32(0xFFFFFFFF)).tolist()):
-                out[i] = value
-        elif length >= LONG:
-            for i in where:
-                out[i] = int(_mask(np.array([_long_crc(chunks[i])], dtype=np.uint32))[0])
-        else:
-            for i in where:
-                out[i] = masked_crc32c(chunks[i])
-    return out
-
-
-def _mask(crc: np.ndarray) -> np.ndarray:
-    return ((crc >> 15) | (crc << 17)) + np.uint32(0xA282EAD8)  # wraps at 2^32
-
-
-def _crc_columns(rows: np.ndarray, start: int) -> np.ndarray:
-    """The CRC-32C register after each row of bytes, from register ``start``, without the
-    final inversion: one numpy operation per column."""
-    table = _crc_table()
-    crc = np.full(rows.shape[0], start, dtype=np.uint32)
-    for column in rows.T.astype(np.uint32):
-        crc = table[(crc ^ column) & 0xFF] ^ (crc >> 8)
-    return crc
-
-
-def _long_crc(chunk: bytes) -> int:
-    """CRC-32C of one long chunk, its pieces at once: the register is linear in the bytes, so
-    the chunk, padded in front with zeros (which leave a zero register zero) to whole
-    ``PIECE``-byte pieces, is each piece's register from zero, combined by shifting each over
-    the pieces after it (``_shift_tables``). The usual start register 0xFFFFFFFF is the first
-    four bytes inverted."""
-    data = np.frombuffer(chunk, dtype=np.uint8).copy()
-    data[:4] ^= 0xFF
-    pad = -len(data) % PIECE
-    rows = np.concatenate([np.zeros(pad, dtype=np.uint8), data]).reshape(-1, PIECE)
-    t0, t1, t2, t3 = _shift_tables()
-    crc = 0
-    for piece in _crc_columns(rows, 0).tolist():
-        crc = (t0[crc & 0xFF] ^ t1[(crc >> 8) & 0xFF] ^ t2[(crc >> 16) & 0xFF]
-               ^ t3[crc >> 24] ^ piece)
-    return crc ^ 0xFFFFFFFF
-
-
-@functools.cache
-def _shift_tables() -> tuple[list[int], ...]:
-    """The register after ``PIECE`` zero bytes, as four tables by each byte of the register
-    before (the shift is linear, so the four lookups XOR together)."""
-    values = np.arange(256, dtype=np.uint32)
-    tables = []
-    for byte in range(4):
-        crc = values << np.uint32(8 * byte)
-        for _ in range(PIECE):
-            crc = _crc_table()[crc & 0xFF] ^ (crc >> 8)
-        tables.append(crc.tolist())
-    return tuple(tables)
+def masked_crc32c(data: bytes) -> int:
+    """TFRecord's masked CRC-32C of ``data``."""
+    crc = google_crc32c.value(data)
+    return (((crc >> 15) | (crc << 17)) + 0xA282EAD8) & 0xFFFFFFFF

@@ -26,8 +26,9 @@ def test_masked_crc32c_matches_tensorboardx_for_any_length():
 
     rng = random.Random(0)
     chunks = [bytes(rng.getrandbits(8) for _ in range(rng.randint(0, 70))) for _ in range(300)]
-    chunks += [bytes(rng.getrandbits(8) for _ in range(20))] * 40  # checksummed together
-    assert tensorboard_events.masked_crc32c_many(chunks) == [masked_crc32c(c) for c in chunks]
+    chunks += [rng.randbytes(length) for length in (127, 128, 1535, 1536, 4097, 20_000)]
+    assert [tensorboard_events.masked_crc32c(c) for c in chunks] == \
+        [masked_crc32c(c) for c in chunks]
 
 
 VALUES = [7.0461, 0.0, -0.0, 1e39, -1e39, math.inf, math.nan, 1e-50, -3.5]
