@@ -313,7 +313,7 @@ def _rolled(loss_and_grads: Callable, svi: Any, data: dict, params: list[torch.T
 def _compiled_body(block: torch.fx.GraphModule, inputs: list[torch.Tensor]) -> Callable:
     """One repeated block compiled by inductor, for inputs laid out as ``inputs``."""
     try:
-        with torch._inductor.config.patch(compile_threads=1, size_asserts=False):
+        with _inductor_settings(all(t.device.type == "cpu" for t in inputs)):
             return torch._inductor.standalone_compile(block, inputs,
                                                       dynamic_shapes="from_example_inputs")
     except Exception as exc:
@@ -458,19 +458,13 @@ def _compiled(step: Callable, inputs: list[torch.Tensor], mutable: int,
             stepper = _make_fx(step, _copies(inputs, mutable))
             if backend == "fx":
                 return lambda values: stepper(*values)
-            cpu = device.type == "cpu"
-            # no worker processes; no per-call checks of the inputs' sizes and strides: the
-            # step is always given the same tensors
-            isa = _vector_isa_known() if cpu else {}
-            with torch._inductor.config.patch(compile_threads=1, size_asserts=False, **isa):
+            with _inductor_settings(device.type == "cpu"):
                 replay = (package_cache.build(stepper, _copies(inputs, mutable), key)
                           if key else None)
                 if replay is None:  # reads inductor's cache, if it can
                     run = torch._inductor.standalone_compile(
                         stepper, _copies(inputs, mutable), dynamic_shapes="from_example_inputs")
                     replay = _unwrap(run)
-            if cpu and not isa:
-                _remember_vector_isa()
     except Exception as exc:
         raise CannotCompile(f"torch.compile failed: {one_line(exc)}") from exc
     if device.type == "cuda":  # captured outside the forked stream: its draws advance the run's
@@ -501,6 +495,19 @@ def _packaged(loss_and_grads: Callable, optim: Any, params: list[torch.Tensor],
     replay = package_cache.load(key)
     return (None if replay is None else
             CompiledStep(replay, params, inputs, optim, update, names)), key
+
+
+@contextlib.contextmanager
+def _inductor_settings(cpu: bool) -> Iterator[None]:
+    """Inductor's settings for every compile here: no worker processes; no per-call checks
+    of the inputs' sizes and strides (a step is always given the same tensors); on a CPU
+    whose vector instruction sets an earlier run found usable, no probe of them, else what
+    the probe found noted for later runs."""
+    isa = _vector_isa_known() if cpu else {}
+    with torch._inductor.config.patch(compile_threads=1, size_asserts=False, **isa):
+        yield
+    if cpu and not isa:
+        _remember_vector_isa()
 
 
 def _vector_isa_file() -> tuple[Any, list[str]]:

@@ -74,10 +74,9 @@ def roll(graph: fx.GraphModule, inputs: list[torch.Tensor],
     regions = [region for found in _repeats(nodes) for region in _grouped(nodes, where, *found)]
     if not regions:
         return None
-    examples = _values(graph, inputs, {node for region in regions
-                                       for ins in region.inputs for node in ins})
+    values = _values(graph, inputs)  # the blocks' and stretches' example inputs
     regions = [region for region in regions  # a tuple or a number from outside: left as is
-               if all(isinstance(examples[node], torch.Tensor)
+               if all(isinstance(values[node], torch.Tensor)
                       for ins in region.inputs for node in ins)]
     if not regions:
         return None
@@ -87,7 +86,7 @@ def roll(graph: fx.GraphModule, inputs: list[torch.Tensor],
     for region in regions:
         block = _block(nodes, region.start + region.period, region.period, region.outputs)
         for repeat in range(region.repeats):
-            ins = [examples[node] for node in region.inputs[repeat]]
+            ins = [values[node] for node in region.inputs[repeat]]
             kind = (region.shape, tuple(_layout(value) for value in ins))
             if kind not in bodies:
                 bodies[kind] = _named(compile_body(block, ins))
@@ -96,22 +95,21 @@ def roll(graph: fx.GraphModule, inputs: list[torch.Tensor],
                      bodies[kind], [replaced.get(node, node) for node in region.inputs[repeat]],
                      replaced)
             calls += 1
+    values.update({new: values[old] for old, new in replaced.items()})  # a call's outputs
+    segments = _compile_segments(graph.graph, values, compile_body)
     graph.graph.lint()
     graph.recompile()
-    segments = _compile_segments(graph, inputs, compile_body)
     left = sum(1 for node in graph.graph.nodes if node.op == "call_function"
-               and node.target is not operator.getitem
-               and getattr(node.target, "__name__", "") not in ("rolled_block", "segment"))
+               and node.target is not operator.getitem) - calls - segments
     return Rolled(graph, calls, len(bodies), left, segments)
 
 
-def _compile_segments(graph: fx.GraphModule, inputs: list[torch.Tensor],
+def _compile_segments(graph: fx.Graph, values: dict[fx.Node, object],
                       compile_body: Callable) -> int:
     """Compile each run of SEGMENT_OPS or more operations left between the blocks' calls
     (none drawing random numbers or writing in place) as a block of its own, called once; how
-    many. ``graph`` is changed."""
-    values = _values(graph, inputs, set(graph.graph.nodes))
-    nodes = [node for node in graph.graph.nodes if node.op == "call_function"]
+    many. ``values``: each node's value in one run of the step. ``graph`` is changed."""
+    nodes = [node for node in graph.nodes if node.op == "call_function"]
 
     def compilable(node: fx.Node) -> bool:
         return _rollable(node) and node.target is not operator.getitem and \
@@ -126,22 +124,16 @@ def _compile_segments(graph: fx.GraphModule, inputs: list[torch.Tensor],
             if len(current) >= SEGMENT_OPS:
                 runs.append(current)
             current = []
-    replaced: dict[fx.Node, fx.Node] = {}  # an earlier stretch's value: its call's output
     for members in runs:
         inside = set(members)
         ins = [arg for node in members for arg in node.all_input_nodes if arg not in inside]
         outputs = [q for q, node in enumerate(members)
                    if any(user not in inside for user in node.users)]
-        block = _block(members, 0, len(members), outputs)
-        origin = {new: old for old, new in replaced.items()}
-        body = compile_body(block, [values[origin.get(arg, arg)] for arg in ins])
-
-        def segment(*args: torch.Tensor, _body: Callable = body):
-            return _body(*args)
-
-        _replace(graph.graph, members, outputs, segment, ins, replaced)
-    graph.graph.lint()
-    graph.recompile()
+        body = compile_body(_block(members, 0, len(members), outputs),
+                            [values[arg] for arg in ins])
+        outs: dict[fx.Node, fx.Node] = {}
+        _replace(graph, members, outputs, _named(body), ins, outs)
+        values.update({new: values[old] for old, new in outs.items()})  # for later stretches
     return len(runs)
 
 
@@ -363,18 +355,15 @@ def _checked(nodes: list[fx.Node], where: dict[fx.Node, int], start: int, period
     return _Region(start, period, repeats, sorted(outputs), outside[best[0]:best[1]], shape)
 
 
-def _values(graph: fx.GraphModule, inputs: list[torch.Tensor],
-            wanted: set[fx.Node]) -> dict[fx.Node, torch.Tensor]:
-    """The values of the ``wanted`` nodes on ``inputs``: the blocks' example inputs, in the
-    layouts the step gives them."""
-    seen: dict[fx.Node, torch.Tensor] = {}
+def _values(graph: fx.GraphModule, inputs: list[torch.Tensor]) -> dict[fx.Node, object]:
+    """Each node's value in one run of ``graph`` on ``inputs``: the example inputs of the
+    blocks, in the layouts the step gives them."""
+    seen: dict[fx.Node, object] = {}
 
     class Recording(fx.Interpreter):
         def run_node(self, node: fx.Node):
-            out = super().run_node(node)
-            if node in wanted:
-                seen[node] = out
-            return out
+            seen[node] = super().run_node(node)
+            return seen[node]
 
     with torch.no_grad():
         Recording(graph).run(*inputs)
@@ -393,22 +382,13 @@ def _block(nodes: list[fx.Node], first: int, period: int, outputs: list[int]
     block, env = fx.Graph(), {}
     members = nodes[first:first + period]
     inside = set(members)
-    slots = 0
-
-    def argument(arg: fx.Node) -> fx.Node:
-        nonlocal slots
-        if arg in inside:
-            return env[arg]
-        slots += 1
-        return block.placeholder(f"in{slots}")
-
     for node in members:
-        # all_input_nodes order, as _checked lists the inputs: map them in that order first
-        for arg in node.all_input_nodes:
-            if arg not in inside:
-                env.setdefault(("slot", node, arg), argument(arg))
+        # a placeholder for each argument from outside, in all_input_nodes' order, as
+        # _checked lists the inputs
+        slots = {arg: block.placeholder(f"in{len(block.nodes)}")
+                 for arg in node.all_input_nodes if arg not in inside}
         env[node] = block.node_copy(
-            node, lambda arg, node=node: env[arg] if arg in inside else env[("slot", node, arg)])
+            node, lambda arg, slots=slots: env[arg] if arg in inside else slots[arg])
     block.output(tuple(env[members[q]] for q in outputs))
     return fx.GraphModule(torch.nn.Module(), block)
 
