@@ -145,6 +145,13 @@ def setup(*sets: str, source: Path | dict = COIN, registry=None, **overrides):
     return Run.setup({**recipe, **overrides}, registry)
 
 
+def fitted() -> dict:
+    """The param store's parameters now, as detached copies: a fit to compare with another."""
+    import pyro
+
+    return {name: value.detach().clone() for name, value in pyro.get_param_store().items()}
+
+
 def train(run, where: Path) -> dict:
     """Train ``run`` in a new run directory inside ``where``; its summary."""
     run_dir = fresh(where)

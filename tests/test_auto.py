@@ -10,7 +10,7 @@ import pytest
 import yaml
 
 from tests.helpers import COIN as COIN_RECIPE
-from tests.helpers import arviz, exported_again, vibench
+from tests.helpers import arviz, exported_again, fitted, vibench
 from workbench import service
 from workbench.auto import pipeline
 from workbench.config.recipe import DEFAULT_STAGES, resolve
@@ -177,7 +177,6 @@ def test_lr_auto_trials_run_on_the_compiled_step_as_they_would_eagerly(tmp_path,
     state."""
     import re
 
-    import pyro
     import torch
 
     from workbench.compile import compiled_step
@@ -202,7 +201,7 @@ def test_lr_auto_trials_run_on_the_compiled_step_as_they_would_eagerly(tmp_path,
                  for state in opt.state.values()]
         job.train()
         found[how] = ([float(x) for x in re.findall(r": (-?[\d.]+(?:e-?\d+)?)[,)]", note)],
-                      steps, {k: v.detach().clone() for k, v in pyro.get_param_store().items()})
+                      steps, fitted())
     assert len(replayed) >= 2 * 30 + 20  # two trials at least, then the run's steps
     (eager, eager_steps, eager_params), (compiled, compiled_steps, compiled_params) = \
         found["eager"], found["compiled"]
@@ -346,7 +345,7 @@ def test_a_run_interrupted_after_a_step_size_decrease_resumes_to_the_same_stop(t
     whole, _ = run(tmp_path / "whole", recipe)
     converged = whole["converged"]
     assert converged["at_step"] is not None and converged["lr_decreases"] >= 1, converged
-    want = {name: value.detach().clone() for name, value in pyro.get_param_store().items()}
+    want = fitted()
 
     job = service.start(write(tmp_path, recipe), [], tmp_path / "cut", get_registry())
     interrupted_at = []

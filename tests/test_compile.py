@@ -12,7 +12,6 @@ import threading
 import warnings
 from pathlib import Path
 
-import pyro
 import pytest
 import torch
 
@@ -24,6 +23,7 @@ from tests.helpers import (
     RECIPES,
     REPO,
     defaults,
+    fitted,
     flaky_registry,
     python,
     refused,
@@ -38,10 +38,6 @@ from workbench.train import checkpoint
 # What keeps a default loss from compiling; every other pair must compile.
 EAGER_ONLY = {"enum_elbo": "the loss enumerates discrete sites"}
 STEPS = 10
-
-
-def fitted(run=None) -> dict[str, torch.Tensor]:
-    return {name: value.detach().clone() for name, value in pyro.get_param_store().items()}
 
 
 @pytest.mark.slow
@@ -72,13 +68,13 @@ def eager_and_traced(sets: list[str], **source) -> tuple[dict, dict]:
     run = setup(*sets, **source)  # seeded: the same start, the same random stream, each time
     for _ in range(STEPS):
         assert run.step()[1] == ""
-    eager = fitted(run)
+    eager = fitted()
     run = setup(*sets, **source)
     run.compiled = compiled_step.compile_step(run.svi, run.data, backend="fx")
     assert run.compiled is not None and run.compiled.updates
     for _ in range(STEPS):
         assert run.step()[1] == ""
-    return eager, fitted(run)
+    return eager, fitted()
 
 
 @pytest.mark.parametrize("schedule", ["{name: exponential, gamma: 0.9}",
@@ -93,7 +89,7 @@ def test_a_scheduled_adam_updates_inside_the_graph_as_it_does_eagerly(schedule: 
     run = setup(*sets)
     for _ in range(STEPS):
         assert run.step()[1] == ""
-    eager, eager_lr = fitted(run), _lrs(run)
+    eager, eager_lr = fitted(), _lrs(run)
     run = setup(*sets)
     run.compiled = compiled_step.compile_step(run.svi, run.data, backend="fx")
     assert run.compiled is not None and run.compiled.updates
@@ -103,7 +99,7 @@ def test_a_scheduled_adam_updates_inside_the_graph_as_it_does_eagerly(schedule: 
             assert run.step()[1] == ""
     assert _lrs(run) == pytest.approx(eager_lr) and eager_lr != pytest.approx(
         [0.05] * len(eager_lr))
-    for name, value in fitted(run).items():
+    for name, value in fitted().items():
         assert torch.allclose(value, eager[name], rtol=1e-3, atol=1e-4), name
 
 
@@ -343,7 +339,7 @@ def test_two_stage_sums_train_as_eager_does(monkeypatch, guide: str, loss: str):
     run = setup(*sets, source=RECIPES / "logistic_regression.yaml")
     for _ in range(STEPS):
         assert run.step()[1] == ""
-    eager = fitted(run)
+    eager = fitted()
     split, rewrite = [], compiled_step._split_long_sums
 
     def counted(graph: torch.fx.GraphModule) -> None:
@@ -357,7 +353,7 @@ def test_two_stage_sums_train_as_eager_does(monkeypatch, guide: str, loss: str):
     assert run.compiled is not None and split and split[0] > 0
     for _ in range(STEPS):
         assert run.step()[1] == ""
-    for name, value in fitted(run).items():
+    for name, value in fitted().items():
         assert torch.allclose(value, eager[name], rtol=1e-3, atol=1e-3), name
 
 

@@ -14,7 +14,7 @@ import pyro.distributions as dist
 import pytest
 import torch
 
-from tests.helpers import setup
+from tests.helpers import fitted, setup
 from workbench.compile import compiled_step
 from workbench.errors import UsageError
 
@@ -96,7 +96,7 @@ def test_a_run_the_bound_leaves_eager_is_bitwise_the_eager_run(monkeypatch):
         assert run.compiled is None
         for _ in range(3):
             run.step()
-        fits.append({k: v.detach().clone() for k, v in pyro.get_param_store().items()})
+        fits.append(fitted())
     assert fits[0].keys() == fits[1].keys()
     assert all(torch.equal(fits[0][k], fits[1][k]) for k in fits[0])
 

@@ -14,11 +14,10 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pyro
 import pytest
 import torch
 
-from tests.helpers import COIN, QUICK, setup, vibench
+from tests.helpers import COIN, QUICK, fitted, setup, vibench
 from workbench.compile import background, compiled_step, package_cache
 
 SWITCH = "VIBENCH_BACKGROUND_COMPILE"
@@ -72,7 +71,7 @@ def test_meanwhile_the_traced_step_is_replayed_where_tracing_pays(tmp_path: Path
         run = setup("train.steps=4000", f"train.compile={setting}", "train.eval_every=0")
         for _ in range(20):
             assert run.step()[1] == ""
-        fits.append({k: v.detach().clone() for k, v in pyro.get_param_store().items()})
+        fits.append(fitted())
         if setting == "auto":
             assert run.compiled is not None and not run.compiled.compiled
             ops, first, steps, eager = map(int, TRACED.fullmatch(run.notes[0]).groups())
@@ -105,7 +104,7 @@ def test_a_run_left_eager_for_a_cold_cache_is_bitwise_the_eager_run(cold: Path):
         assert run.compiled is None
         for _ in range(3):
             run.step()
-        fits.append({k: v.detach().clone() for k, v in pyro.get_param_store().items()})
+        fits.append(fitted())
     assert all(torch.equal(fits[0][k], fits[1][k]) for k in fits[0])
 
 

@@ -10,7 +10,7 @@ import pytest
 import torch
 from torch.fx.experimental.proxy_tensor import make_fx
 
-from tests.helpers import setup
+from tests.helpers import fitted, setup
 from workbench.compile import compiled_step, rolling
 from workbench.train import checkpoint
 
@@ -130,10 +130,6 @@ def drift_recipe(steps: int) -> dict:
             "train": {"steps": steps, "eval_every": 0}}
 
 
-def params() -> dict[str, torch.Tensor]:
-    return {k: v.detach().clone() for k, v in pyro.get_param_store().items()}
-
-
 def test_auto_rolls_a_step_above_the_bound_and_trains_as_eager_does(monkeypatch):
     """A step of more operations than the bound, whose eager steps cost more than tracing
     it, trains on its rolled blocks (compiled by inductor): one note says so, and ten steps
@@ -144,7 +140,7 @@ def test_auto_rolls_a_step_above_the_bound_and_trains_as_eager_does(monkeypatch)
         run = setup(f"train.compile={setting}", source=drift_recipe(10**6))
         for _ in range(10):
             run.step()
-        fits.append((run, params()))
+        fits.append((run, fitted()))
     (eager, want), (rolled, got) = fits
     assert eager.compiled is None and rolled.compiled is not None
     notes = [note for note in rolled.notes if "rolled into" in note]
@@ -167,7 +163,7 @@ def test_a_rolled_run_resumes_exactly(monkeypatch, tmp_path):
     assert whole.compiled is not None and whole.compiled.note
     (tmp_path / "whole").mkdir()
     whole.train(tmp_path / "whole")
-    want = params()
+    want = fitted()
     half = tmp_path / "half"
     half.mkdir()
     setup(*sets, "train.steps=10", source=drift_recipe(10**6)).train(half)
@@ -176,7 +172,7 @@ def test_a_rolled_run_resumes_exactly(monkeypatch, tmp_path):
     summary = resumed.train(half, resume=checkpoint.load(half),
                             changes={"train.steps": [10, 20]})
     assert summary["steps"] == 20 and summary["status"] == "completed"
-    got = params()
+    got = fitted()
     assert all(torch.equal(got[name], want[name]) for name in want)
 
 
