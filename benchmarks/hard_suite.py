@@ -75,7 +75,7 @@ def main(argv=None) -> int:
             details.append(detail(name, summary))
     print(f"vibench run on {len(names)} hard posteriors; run directories and logs in {out}\n")
     print("| posterior | status | estimates | max z | r | importance-weighted max z, r | k-hat "
-          "| R-hat across fits | trusted | flags | wall s |")
+          "| R-hat across fits | trusted | flags and cautions | wall s |")
     print("|---|---|---|---:|---|---|---:|---:|---|---|---:|")
     print("\n".join(rows))
     for text in details:
@@ -95,7 +95,8 @@ def row(name: str, summary: dict, wall: float) -> str:
     iw = (f"{_f(ref.get('iw_max_z'))}, {_f(ref.get('iw_min_r'))}-{_f(ref.get('iw_max_r'))}"
           if "iw_max_z" in ref else "-")
     verdict = {True: " (good)", False: " (off)"}.get(ref.get("good"), "")
-    flags = "; ".join(auto.get("flags") or []) or "none"
+    flags = "; ".join([*(auto.get("flags") or []),
+                       *(f"caution: {line}" for line in auto.get("cautions") or [])]) or "none"
     return (f"| {name} | {summary.get('status')} | {auto.get('estimates', '-')} | "
             f"{_f(ref.get('max_z'))}{verdict} | {_f(ref.get('min_r'))}-{_f(ref.get('max_r'))} | "
             f"{iw} | {_f(diagnostics.get('khat'))} | {_f(rhat, '.3f')} | "

@@ -154,7 +154,7 @@ def vibench_row(summary: dict) -> dict:
     return {"status": summary.get("status"), "max_z": ref.get("max_z"),
             "min_r": ref.get("min_r"), "max_r": ref.get("max_r"),
             "good": bool(ref.get("good")) and summary.get("status") == "completed",
-            "khat": khat, "flags": flags,
+            "khat": khat, "flags": flags, "cautions": (auto or {}).get("cautions") or [],
             "trusted": auto.get("trusted") if auto else not flags,
             "estimates": auto.get("estimates") if auto else None,
             "final_loss": summary.get("final_loss"), "steps": summary.get("steps")}
@@ -268,10 +268,13 @@ def cell(value, spec=".2f") -> str:
 
 
 def verdict_cell(row: dict) -> str:
-    """"trusted" or "flagged: " and each flag's head ("R-hat 1.183", "k-hat 0.80")."""
+    """"trusted" (with a caution on the sd its head names: "the sd of x[4] is not known to
+    +-10%") or "flagged: " and each flag's head ("R-hat 1.183", "k-hat 0.80")."""
     flags = [f.split(" > ")[0].split(":")[0] for f in row.get("flags") or []]
-    return "trusted" if row.get("trusted") and not flags else \
-        "flagged: " + ", ".join(flags) if flags else "not trusted"
+    cautions = [c.split(" is not known")[0] for c in row.get("cautions") or []]
+    if row.get("trusted") and not flags:
+        return "trusted" + (f" (caution: {', '.join(cautions)})" if cautions else "")
+    return "flagged: " + ", ".join(flags) if flags else "not trusted"
 
 
 def answer_cell(row: dict) -> str:

@@ -209,8 +209,9 @@ def test_the_centred_funnel_in_ten_dimensions_is_fitted(tmp_path):
                             "train.plots=false", "train.eval_every=0"], tmp_path / "run",
                             get_registry()).train()
     assert summary["auto"]["used"][0].startswith("noncentred-")
-    # trusted but for the sd of x = exp(v / 2) z, which 10,000 draws do not pin down
-    assert all("is not known to +-10%" in flag for flag in summary["auto"]["flags"])
+    # trusted, with a caution on the sd of x = exp(v / 2) z, which 10,000 draws do not pin
+    assert summary["auto"]["flags"] == [] and summary["auto"]["trusted"]
+    assert all("is not known to +-10%" in line for line in summary["auto"]["cautions"])
     reference = summary["reference"]
     assert reference["max_z"] <= 0.2 and 0.8 <= reference["min_r"] <= reference["max_r"] <= 1.2
     assert set(summary["posterior"]) >= {"v", "x"}

@@ -273,9 +273,9 @@ def heavier_tails(pipeline: Any, found: tuple) -> tuple:
     from a heavier-tailed proposal built from its Gaussian fits (``proposals``), where
     the answer's k-hat says do not trust it: of the proposals (``proposals``) whose k-hat is
     trusted, the one with the largest ESS (``trusted_proposal``); its estimates, diagnostics
-    (with ``proposal``: which, from which fits, each one's k-hat) and flags (the stages', and
-    the sd's Monte Carlo error). Where none is trusted, ``found`` with the tried k-hats in its
-    k-hat flag; ``found`` itself where there is nothing to try."""
+    (with ``proposal``: which, from which fits, each one's k-hat) and flags (the stages').
+    Where none is trusted, ``found`` with the tried k-hats in its k-hat flag; ``found``
+    itself where there is nothing to try."""
     from workbench.report import thresholds
 
     used, post, weighted, estimates, diagnostics, flags = found
@@ -345,9 +345,7 @@ def _tails_answer(pipeline: Any, fits: list, name: str, result: dict, khats: dic
                                 "scale": tails.SCALE, "eps": tails.EPS, "khats": khats}}
     estimates = (f"importance-weighted (PSIS) estimates under {tails.described(name, len(fits))}"
                  f" ({', '.join(labels)})")
-    noisy = iw_error.flag(post)
-    return (fits, post, labels, estimates, diagnostics,
-            list(pipeline.flags) + ([noisy] if noisy else []))
+    return fits, post, labels, estimates, diagnostics, list(pipeline.flags)
 
 
 def _weigh_proposals(run_dir: Path, labels: list[str], load: Loader

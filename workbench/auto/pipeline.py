@@ -432,8 +432,9 @@ def answer_files(pipeline: Pipeline, summary: dict) -> str:
 def assemble(pipeline: Pipeline, records: list[dict], wall: float) -> dict:
     """summary.json of the pipeline: the fits' estimates (pooled when R-hat says they agree,
     their weighed mixture where they sit at several modes and it has a trusted k-hat, else
-    the highest-ELBO fit's), scored against the reference where the model has one."""
-    from workbench.report import reference
+    the highest-ELBO fit's), scored against the reference where the model has one, with
+    its flags and its cautions (an sd these draws do not pin down, ``iw_error.verdict``)."""
+    from workbench.report import iw_error, reference
     from workbench.rundir.summary import PipelineSummary
 
     fits = [fit for fit in pipeline.candidates if fit.ok]
@@ -444,6 +445,8 @@ def assemble(pipeline: Pipeline, records: list[dict], wall: float) -> dict:
                        + (f"; see {kept}" if kept.exists() else ""))
     found = _mixed(pipeline, fits) if pipeline.mixture is not None else _answer(pipeline, fits)
     used, post, weighted, estimates, diagnostics, flags = answer.heavier_tails(pipeline, found)
+    noisy, cautions = iw_error.verdict(post, diagnostics.get("khat"))  # the sds' own error
+    flags = [*flags, *noisy]
     best = pipeline.best(used)
     for site, entry in best.summary["posterior"].items():  # the exact answer
         if site in post:
@@ -469,7 +472,7 @@ def assemble(pipeline: Pipeline, records: list[dict], wall: float) -> dict:
               "used": [fit.label for fit in used], "weighted": weighted,
               "rhat": pipeline.rhat and {k: v for k, v in pipeline.rhat.items()
                                          if k != "params"},
-              "flags": flags, "trusted": not flags},
+              "flags": flags, "cautions": cautions, "trusted": not flags},
     ).to_json()
 
 
@@ -493,29 +496,22 @@ def _answer(pipeline: Pipeline, fits: list[Fit]) -> tuple:
     how = f"pooled over {len(used)} fits" if len(used) > 1 else f"from {used[0].label}"
     post = iw_error.pooled([fit.summary["posterior"] for fit, (_, w) in zip(used, parts) if w],
                            len(used), post)  # with the Monte Carlo error of what is weighted
-    noisy = iw_error.flag(post)
     return (used, post, weighted, f"{source} estimates, {how}",
-            _worst_diagnostics(used, khats, pipeline.best(used)),
-            _flags(pipeline, used, khats) + ([noisy] if noisy else []))
+            _worst_diagnostics(used, khats, pipeline.best(used)), _flags(pipeline, used, khats))
 
 
 def _mixed(pipeline: Pipeline, fits: list[Fit]) -> tuple:
     """The answer where it is the fits' weighed mixture (the rhat stage's
     ``pipeline.mixture``): its moments and quantiles per latent and deterministic site, its
     k-hat and ESS as the diagnostics, each fit's k-hat beside them; the flags are the
-    stages' (the fits' own k-hats judge their guides, not the mixture) and the sd's Monte
-    Carlo error."""
-    from workbench.report import iw_error
-
+    stages' (the fits' own k-hats judge their guides, not the mixture)."""
     mixture = pipeline.mixture
     post = {site: dict(entry) for site, entry in mixture.entries.items()}
     labels = [fit.label for fit in fits]
     diagnostics = {**mixture.diagnostics(), "khats": {fit.label: fit.khat for fit in fits}}
     estimates = (f"importance-weighted (PSIS) estimates of the weighed mixture of "
                  f"{len(fits)} fits ({', '.join(labels)}), which sit at several modes")
-    noisy = iw_error.flag(post)
-    return (fits, post, labels, estimates, diagnostics,
-            list(pipeline.flags) + ([noisy] if noisy else []))
+    return fits, post, labels, estimates, diagnostics, list(pipeline.flags)
 
 
 def _kind(pipeline: Pipeline, used: list[Fit]) -> str:
@@ -583,7 +579,7 @@ def pool(estimates: list[dict]) -> dict:
 
 def lines(summary: dict) -> list[str]:
     """The pipeline's part of the terminal report: each stage and what it said, the
-    estimates' source, and the flags."""
+    estimates' source, the flags and the cautions."""
     section = summary.get("auto")
     if not section:
         return []
@@ -595,7 +591,7 @@ def lines(summary: dict) -> list[str]:
         found.append("auto: no flags (k-hat within bounds; the fits' disagreement is answered "
                      "by their weighed mixture)" if section.get("answer") == answer.MIXTURE
                      else "auto: no flags (R-hat and k-hat within bounds)")
-    return found
+    return found + [f"auto: CAUTION: {caution}" for caution in section.get("cautions", [])]
 
 
 def _time(record: dict) -> str:

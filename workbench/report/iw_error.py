@@ -115,28 +115,41 @@ def pooled(weighted: list[dict[str, Any]], count: int, answer: dict[str, Any]) -
     return found
 
 
-def flag(posterior: dict[str, Any]) -> str:
-    """The one line saying the worst importance-weighted sd of ``posterior`` (per site
-    ``iw_std``, or ``std`` where the answer's sd is the weighted one, with ``iw_std_mcse``
-    and ``iw_std_khat``) is not known to the precision the reading asks
-    (``thresholds.sd_unknown``), or ""."""
-    worst: tuple[float, str, str] | None = None
+def verdict(posterior: dict[str, Any], khat: float | None) -> tuple[list[str], list[str]]:
+    """The flag or the caution (``thresholds.sd_caution_only``, by the answer's k-hat
+    ``khat``) saying which importance-weighted sds of ``posterior`` (per site ``iw_std``, or
+    ``std`` where the answer's sd is the weighted one, with ``iw_std_mcse`` and
+    ``iw_std_khat``) are not known to the precision the reading asks
+    (``thresholds.sd_unknown``), the worst first: ([flag], []), ([], [caution]) or ([], [])."""
+    unknown = []  # (badness, label, reading)
     for site, entry in posterior.items():
         if "iw_std_mcse" not in entry:
             continue
         sd = _tensor(entry.get("iw_std", entry["std"]))
         relative = _tensor(entry["iw_std_mcse"]) / sd
-        khat = _tensor(entry.get("iw_std_khat", [math.nan] * len(sd)))
+        tail = _tensor(entry.get("iw_std_khat", [math.nan] * len(sd)))
         for i in range(len(sd)):
-            reading = thresholds.sd_unknown(float(relative[i]), float(khat[i]))
-            badness = max(float(relative[i]) / thresholds.SD_MCSE_MAX,
-                          float(khat[i]) / thresholds.KHAT_TRUSTED)
-            if reading and (worst is None or badness > worst[0]):
+            reading = thresholds.sd_unknown(float(relative[i]), float(tail[i]))
+            if reading:
+                badness = max(float(relative[i]) / thresholds.SD_MCSE_MAX,
+                              float(tail[i]) / thresholds.KHAT_TRUSTED)
                 label = site if not isinstance(entry["std"], list) else f"{site}[{i}]"
-                worst = (badness, label, reading)
-    if worst is None:
-        return ""
-    return f"the sd of {worst[1]} is not known to +-{thresholds.SD_MCSE_MAX:.0%}: {worst[2]}"
+                unknown.append((badness, label, reading))
+    if not unknown:
+        return [], []
+    unknown.sort(key=lambda found: -found[0])
+    line = f"the sd of {unknown[0][1]} is not known to +-{thresholds.SD_MCSE_MAX:.0%}"
+    if len(unknown) > 1:
+        others = [label for _, label, _ in unknown[1:]]
+        named = ", ".join(others[:3]) + (f" and {len(others) - 3} more" if len(others) > 3
+                                         else "")
+        line += f" (nor {'is that' if len(others) == 1 else 'are those'} of {named})"
+    line += f": {unknown[0][2]}"
+    if not thresholds.sd_caution_only(khat):
+        return [line], []
+    return [], [f"{line}; the draws are a good importance sampler (k-hat {khat:.2f} < "
+                f"{thresholds.KHAT_GOOD}), so the means and the other sds stand: quantiles "
+                "are the robust summary of a tail this heavy"]
 
 
 def _tensor(value: Any) -> torch.Tensor:

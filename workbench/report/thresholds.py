@@ -15,6 +15,11 @@ the automatic pipeline's stages, compare's table and plot, and Pathfinder all as
   is at most that fraction of it and the tail of its squared deviations has a k-hat within
   ``KHAT_TRUSTED`` (workbench/report/iw_error.py). 0.1 because a reference's sd ratio r must
   lie in ``SD_RATIO``, +-20%: at two standard errors, an sd known to +-10% can tell.
+- An sd not known so is a caution on that sd, not a reason to distrust the answer, where the
+  draws are a good importance sampler (k-hat below ``KHAT_GOOD``): their weights then have a
+  finite variance, so the means and the other sds stand, and what is left is most likely a
+  tail of the posterior (a funnel's, a Student-t's) that no 10,000 draws pin down. Above it the weights
+  may be what makes the tail heavy, and the answer is flagged.
 """
 
 from __future__ import annotations
@@ -52,6 +57,12 @@ def tails_note(ess_fraction: float | None) -> str:
     shown = math.floor(ess_fraction * 1000) / 10  # 99.96% is not all of them
     return (f" its tails: the weights barely vary (ESS {shown:.1f}% of the draws) but grow "
             "past where the draws reach, so the guide's tails are lighter than the posterior's")
+
+
+def sd_caution_only(khat: float | None) -> bool:
+    """Whether an sd not known to +-SD_MCSE_MAX, in an answer whose importance sampler has
+    k-hat ``khat``, is a caution on that sd alone rather than a reason to distrust the answer."""
+    return khat is not None and math.isfinite(khat) and khat < KHAT_GOOD
 
 
 def sd_unknown(relative_mcse: float, khat: float) -> str:
