@@ -299,12 +299,15 @@ def _rolled(loss_and_grads: Callable, svi: Any, data: dict, params: list[torch.T
         if rolled is None or rolled.left > max_ops:
             raise too_long
         _check_against_eager(svi, data, params, feeds, rolled.graph)
-    update = _adam_update(svi.optim, params)  # run eagerly after the graph: one pass
+    update = _adam_update(svi.optim, params)  # compiled apart, after the graph
     states = update.tensors if update else []
     mutable = len(params) + len(states)
-    step = _step_function(rolled.graph, update, len(params), mutable)
-    compiled = CompiledStep(lambda values: step(*values), params,
-                            [t.detach() for t in (*params, *states, *feeds)], svi.optim, update,
+    values = [t.detach() for t in (*params, *states, *feeds)]
+    with package_cache.trial_stream(), torch.no_grad():  # its draws leave the run's stream
+        outs = list(rolled.graph(*params, *feeds))
+    finish = _compiled_finishing(update, values, len(params), mutable, outs, device)
+    step = _step_function(rolled.graph, update, len(params), mutable, finish)
+    compiled = CompiledStep(lambda values: step(*values), params, values, svi.optim, update,
                             names)
     compiled.note = rolled.describe(ops)
     return compiled
@@ -314,11 +317,31 @@ def _compiled_body(block: torch.fx.GraphModule, inputs: list[torch.Tensor]) -> C
     """One repeated block compiled by inductor, for inputs laid out as ``inputs``."""
     try:
         with _inductor_settings(all(t.device.type == "cpu" for t in inputs)):
-            return torch._inductor.standalone_compile(block, inputs,
-                                                      dynamic_shapes="from_example_inputs")
+            compiled = torch._inductor.standalone_compile(block, inputs,
+                                                          dynamic_shapes="from_example_inputs")
     except Exception as exc:
         raise CannotCompile(f"torch.compile failed on a repeated block: {one_line(exc)}") \
             from exc
+    return _bare(compiled, inputs)
+
+
+def _bare(compiled: Callable, inputs: list[torch.Tensor]) -> Callable:
+    """A compiled block's own code, called without AOTAutograd's wrappers around it (a few
+    microseconds a call, where a rolled step makes tens of calls), where on ``inputs`` it
+    gives what the wrapped block gives, bit for bit; else the wrapped block. The wrappers
+    rebuild outputs that are views of inputs for autograd, which the rolled graph, run
+    without gradients, does not need."""
+    code = getattr(getattr(compiled, "_compiled_fn", None), "current_callable", None)
+    if code is None:
+        return compiled
+    with torch.no_grad():
+        wanted, got = compiled(*inputs), code(list(inputs))
+    if not isinstance(got, (list, tuple)) or len(got) != len(wanted) or not all(
+            torch.is_tensor(a) and torch.is_tensor(b) and a.shape == b.shape
+            and a.stride() == b.stride() and a.dtype == b.dtype and torch.equal(a, b)
+            for a, b in zip(wanted, got)):
+        return compiled
+    return lambda *args: code(list(args))
 
 
 def _replay_pays(ops: int, eager: float) -> bool:
@@ -430,22 +453,55 @@ def _checked_graph(loss_and_grads: Callable, svi: Any, data: dict, params: list[
     return graph
 
 
-def _step_function(graph: torch.fx.GraphModule, update: _AdamUpdate | None, at: int,
-                   mutable: int) -> Callable:
+def _step_function(graph: Callable, update: _AdamUpdate | None, at: int, mutable: int,
+                   finish: Callable | None = None) -> Callable:
     """The whole step on its inputs (parameters ``[:at]``, optimizer state ``[at:mutable]``,
-    data): loss, whether it is finite, and the update applied in place where it is."""
+    data): the loss and gradients of ``graph``, then ``finish`` (default ``_finishing``:
+    whether they are finite, and the update applied in place where they are)."""
+    finish = finish or _finishing(update)
 
     def step(*values: torch.Tensor) -> tuple:  # values: parameters, optimizer state, data
         loss_value, *grads = graph(*values[:at], *values[mutable:])
+        return finish(loss_value, grads, values[:at], values[at:mutable])
+
+    return step
+
+
+def _finishing(update: _AdamUpdate | None) -> Callable:
+    """What a step does after its loss and gradients: the loss and whether every number is
+    finite (``head``), which gradients are (``finite``), and ``update`` applied in place where
+    all are (without one, the gradients returned for the optimizer)."""
+
+    def finish(loss_value: torch.Tensor, grads: list[torch.Tensor],
+               params: tuple[torch.Tensor, ...], states: tuple[torch.Tensor, ...]) -> tuple:
         finite = torch.stack([torch.isfinite(g).all() for g in grads])
         ok = torch.isfinite(loss_value) & finite.all()
         head = torch.stack([loss_value.reshape(()), ok.to(loss_value.dtype)])
         if update is not None:
-            update(ok, grads, values[:at], values[at:mutable])
+            update(ok, grads, params, states)
             return head, finite
         return (head, finite, *grads)
 
-    return step
+    return finish
+
+
+def _compiled_finishing(update: _AdamUpdate | None, values: list[torch.Tensor], at: int,
+                        mutable: int, outs: list[torch.Tensor], device: torch.device
+                        ) -> Callable:
+    """``_finishing(update)`` compiled for a step whose graph is called in parts (a rolled
+    loop's): one call instead of a few operations per parameter, run eagerly. ``values`` are
+    the step's inputs, ``outs`` its graph's loss and gradients. On a GPU it stays eager: a
+    CUDA graph would replay the first step's gradients."""
+    finish = _finishing(update)
+    if device.type != "cpu":
+        return finish
+
+    def flat(*args: torch.Tensor) -> tuple:  # parameters, optimizer state, loss, gradients
+        return finish(args[mutable], list(args[mutable + 1:]), args[:at], args[at:mutable])
+
+    run = _compiled(flat, [*values[:mutable], *outs], mutable, device, "inductor", None)
+    return lambda loss_value, grads, params, states: run([*params, *states, loss_value,
+                                                          *grads])
 
 
 def _compiled(step: Callable, inputs: list[torch.Tensor], mutable: int,

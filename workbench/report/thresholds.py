@@ -18,8 +18,8 @@ the automatic pipeline's stages, compare's table and plot, and Pathfinder all as
 - An sd not known so is a caution on that sd, not a reason to distrust the answer, where the
   draws are a good importance sampler (k-hat below ``KHAT_GOOD``): their weights then have a
   finite variance, so the means and the other sds stand, and what is left is most likely a
-  tail of the posterior (a funnel's, a Student-t's) that no 10,000 draws pin down. Above it the weights
-  may be what makes the tail heavy, and the answer is flagged.
+  tail of the posterior (a funnel's, a Student-t's) that no 10,000 draws pin down. Above it
+  the weights may be what makes the tail heavy, and the answer is flagged.
 """
 
 from __future__ import annotations
