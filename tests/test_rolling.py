@@ -64,9 +64,10 @@ def test_a_loop_rolls_into_calls_of_its_blocks_with_the_traced_numbers():
     ops = sum(1 for node in graph.graph.nodes if node.op == "call_function")
     bodies = []
     rolled = rolling.roll(graph, inputs, lambda block, ins: bodies.append(block) or block)
-    assert rolled is not None and rolled.graph is graph
-    got = graph(*inputs)
-    assert all(torch.equal(a, b) for a, b in zip(want, got))
+    assert rolled is not None
+    for rolled_graph in (graph, rolled.graph):  # the graph changed, and its fresh copy
+        got = rolled_graph(*inputs)
+        assert all(torch.equal(a, b) for a, b in zip(want, got))
     # the forward loop and its backward, each a block (grouped where short) called in turn
     assert 2 <= rolled.bodies <= 4 and rolled.calls >= 2 * rolling.MIN_REPEATS
     assert rolled.bodies + rolled.segments == len(bodies)  # each compiled once
@@ -101,6 +102,46 @@ def test_a_loop_that_reads_a_series_at_each_turn_rolls_too():
         assert rolled.calls >= 2 * rolling.MIN_REPEATS
         left.append(rolled.left)
     assert left[1] - left[0] < 20  # far less than an operation for each turn added
+
+
+def test_a_stack_of_many_tensors_stays_as_traced_between_the_calls():
+    """The stack gathering 40 turns' gradients is left out of the compiled stretches
+    (inductor would copy each tensor in a kernel of its own); shorter stretches compile."""
+    inputs = [torch.tensor([0.5, 0.3, 0.2]), torch.linspace(-1.0, 1.0, 40)]
+    graph = make_fx(series)(*inputs)
+    compiled = []
+    rolling.roll(graph, inputs, lambda block, ins: compiled.append(block) or block)
+    stacks = [node for node in graph.graph.nodes if node.target is torch.ops.aten.stack.default]
+    assert [len(node.args[0]) for node in stacks] == [40]
+    assert not any(len(node.all_input_nodes) > rolling.GATHER_INPUTS
+                   for block in compiled for node in block.graph.nodes
+                   if node.target in (torch.ops.aten.stack.default, torch.ops.aten.cat.default))
+
+
+class Wrapped:
+    """A compiled block as inductor gives it: callable, its own code inside."""
+
+    def __init__(self, own_code):
+        self._compiled_fn = type("Fn", (), {"current_callable": staticmethod(own_code)})
+
+    def __call__(self, *args):
+        return (args[0] + 1.0, args[0] * 2.0)
+
+
+def test_a_compiled_block_is_called_bare_only_where_its_own_code_gives_the_same():
+    x = torch.arange(6.0).reshape(2, 3)
+    same = compiled_step._bare(Wrapped(lambda args: (args[0] + 1.0, args[0] * 2.0)), [x])
+    assert not isinstance(same, Wrapped) and torch.equal(same(x)[1], x * 2.0)
+    for other in (lambda args: (args[0] + 1.0,),  # fewer outputs
+                  lambda args: (args[0] + 1.0, (args[0] * 2.0).t().contiguous().t()),  # strides
+                  lambda args: (args[0] + 1.0, args[0] * 2.0 + 1e-6)):  # numbers
+        wrapped = Wrapped(other)
+        assert compiled_step._bare(wrapped, [x]) is wrapped
+    x = torch.linspace(-1.0, 1.0, 5)
+    block = make_fx(lambda a: (torch.sin(a) * 2.0, a.cos()))(x)  # real inductor
+    bare = compiled_step._compiled_body(block, [x])
+    assert not hasattr(bare, "_compiled_fn")  # inductor's own code, called directly
+    assert all(torch.allclose(a, b) for a, b in zip(bare(x), (torch.sin(x) * 2.0, x.cos())))
 
 
 def test_blocks_that_draw_random_numbers_are_left_as_traced():

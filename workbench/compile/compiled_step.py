@@ -21,6 +21,7 @@ checkpoints are the eager ones and a run resumes with or without compiling.
 from __future__ import annotations
 
 import contextlib
+import gc
 import hashlib
 import math
 import sys
@@ -296,6 +297,7 @@ def _rolled(loss_and_grads: Callable, svi: Any, data: dict, params: list[torch.T
         inputs = [t.detach() for t in (*params, *feeds)]
         with package_cache.trial_stream(), torch.no_grad():
             rolled = rolling.roll(graph, inputs, _compiled_body)
+        del graph  # the trace, left for the collection below: rolled holds a fresh copy
         if rolled is None or rolled.left > max_ops:
             raise too_long
         _check_against_eager(svi, data, params, feeds, rolled.graph)
@@ -310,6 +312,7 @@ def _rolled(loss_and_grads: Callable, svi: Any, data: dict, params: list[torch.T
     compiled = CompiledStep(lambda values: step(*values), params, values, svi.optim, update,
                             names)
     compiled.note = rolled.describe(ops)
+    gc.collect()  # the trace's millions of objects, freed in the set-up, not in training
     return compiled
 
 

@@ -69,8 +69,8 @@ def roll(graph: fx.GraphModule, inputs: list[torch.Tensor],
          compile_body: Callable[[fx.GraphModule, list[torch.Tensor]], Callable]
          ) -> Rolled | None:
     """``graph`` (run on ``inputs``) with each run of a block repeated ``MIN_REPEATS`` times or
-    more replaced by calls of ``compile_body(block, example inputs)``; None where it has
-    none. ``graph`` itself is changed."""
+    more replaced by calls of ``compile_body(block, example inputs)``, as a new graph; None
+    where it has none. ``graph`` itself is changed too."""
     _hoist_picks(graph.graph)
     _sink_scatters(graph.graph)
     nodes = [node for node in graph.graph.nodes if node.op == "call_function"]
@@ -105,7 +105,17 @@ def roll(graph: fx.GraphModule, inputs: list[torch.Tensor],
     graph.recompile()
     left = sum(1 for node in graph.graph.nodes if node.op == "call_function"
                and node.target is not operator.getitem) - calls - segments
-    return Rolled(graph, calls, len(bodies), left, segments)
+    return Rolled(_fresh(graph), calls, len(bodies), left, segments)
+
+
+def _fresh(graph: fx.GraphModule) -> fx.GraphModule:
+    """``graph`` copied into a new graph of its live operations alone. A graph's namespace
+    keeps every node it ever made, erased ones too, with their metadata (a stack trace
+    each): tens of thousands of objects for a long loop, which the garbage collector then
+    scans in each full pass through training (over a second a pass for an RK4 loop)."""
+    fresh = fx.Graph()
+    fresh.output(fresh.graph_copy(graph.graph, {}))
+    return fx.GraphModule(graph, fresh)
 
 
 def _compile_segments(graph: fx.Graph, values: dict[fx.Node, object],
