@@ -119,7 +119,7 @@ class CompiledStep:
     def __call__(self) -> tuple[float, str]:
         if self._update is not None:
             self._update.refresh()
-        with torch.no_grad():
+        with torch.no_grad(), _no_collections():
             head, finite, *grads = self._run(self._inputs)
         value, ok = head.tolist()  # one read of the device per step: loss and whether applied
         if not ok:
@@ -143,6 +143,22 @@ class CompiledStep:
             self._optim = optim
         if self._update is not None:
             self._update.adopt(self._optim.optim_objs, self.params)
+
+
+@contextlib.contextmanager
+def _no_collections() -> Iterator[None]:
+    """The garbage collector off for one step: a rolled step makes thousands of tensors that
+    live through the collector's young passes and die by reference counting at its end;
+    counted as long-lived, they set off a full pass over the whole process every second or
+    so (0.2 s each on an RK4 loop). No cycle is made in a step's graph."""
+    if not gc.isenabled():
+        yield
+        return
+    gc.disable()
+    try:
+        yield
+    finally:
+        gc.enable()
 
 
 def prepare(setting: str | bool, svi: Any, data: dict, device: torch.device, steps: int,
