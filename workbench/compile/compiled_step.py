@@ -457,13 +457,15 @@ def _loss_and_grads(svi: Any, data: dict, params: list[torch.Tensor]) -> Callabl
 def _checked_graph(loss_and_grads: Callable, svi: Any, data: dict, params: list[torch.Tensor],
                    feeds: list[torch.Tensor], device: torch.device, fixed: range
                    ) -> torch.fx.GraphModule:
-    """The step traced twice (the same structure on two random streams), its whole-data
-    gathers dropped, checked against Pyro's eager step, its long sums split where that pays.
-    A value read in Python from the inputs at ``fixed`` (the data's) alone is kept as a
-    constant."""
-    graph = _trace(loss_and_grads, [*params, *feeds], fixed=fixed)
-    again = _trace(loss_and_grads, [*params, *feeds], seed_offset=1, fixed=fixed)
-    if graph.code != again.code:
+    """The step traced, its whole-data gathers dropped, checked against Pyro's eager step,
+    its long sums split where that pays. A value read in Python from the inputs at ``fixed``
+    (the data's) alone is kept as a constant; one read from anything else is a CannotCompile
+    of the trace, and the step recorded on two random streams must run the same operations
+    (``package_cache.record``: a twentieth of a trace's time)."""
+    inputs = [*params, *feeds]
+    graph = _trace(loss_and_grads, inputs, fixed=fixed)
+    if package_cache.record(loss_and_grads, inputs) != \
+            package_cache.record(loss_and_grads, inputs, seed_offset=1):
         raise CannotCompile("the trace's structure changes from step to step")
     _drop_whole_gathers(graph)
     _check_against_eager(svi, data, params, feeds, graph)
@@ -809,11 +811,11 @@ def _viewable(value: torch.Tensor, shape: list[int]) -> bool:
     return True
 
 
-def _trace(fn: Callable, inputs: list[torch.Tensor], seed_offset: int = 0,
-           fixed: range = range(0)) -> torch.fx.GraphModule:
+def _trace(fn: Callable, inputs: list[torch.Tensor], fixed: range = range(0)
+           ) -> torch.fx.GraphModule:
     """``fn`` as a graph of torch operations, on a ``trial_stream``; a value read in Python
     while tracing is a CannotCompile unless it follows from the inputs at ``fixed``."""
-    with package_cache.trial_stream(seed_offset):
+    with package_cache.trial_stream():
         try:
             return _make_fx(fn, inputs, fixed)
         except CannotCompile:
