@@ -288,11 +288,13 @@ def compile_step(svi: Any, data: dict, steps: int | None = None, backend: str = 
         probing = seams.vector_isa_probed_beside()  # inductor asks only once it generates code
     saying = _saying(ops, max_ops) if backend == "inductor" else contextlib.nullcontext()
     with saying, probing:
-        graph = _checked_graph(loss_and_grads, svi, data, params, feeds, device, fixed)
+        # a key means _packaged's two records agreed already
+        graph = _checked_graph(loss_and_grads, svi, data, params, feeds, device, fixed,
+                               recorded=key is not None)
         update = _adam_update(svi.optim, params)
         states = update.tensors if update else []
         inputs = [t.detach() for t in (*params, *states, *feeds)]  # the same storage
-        replay = _compiled(_step_function(graph, update, len(params),
+        replay = _compiled(_step_function(graph, _finishing(update), len(params),
                                           len(params) + len(states)),
                            inputs, len(params) + len(states), device, backend, key)
     return CompiledStep(replay, params, inputs, svi.optim, update, names,
@@ -325,7 +327,7 @@ def _rolled(loss_and_grads: Callable, svi: Any, data: dict, params: list[torch.T
     with package_cache.trial_stream(), torch.no_grad():  # its draws leave the run's stream
         outs = list(rolled.graph(*params, *feeds))
     finish = _compiled_finishing(update, values, len(params), mutable, outs, device)
-    step = _step_function(rolled.graph, update, len(params), mutable, finish)
+    step = _step_function(rolled.graph, finish, len(params), mutable)
     compiled = CompiledStep(lambda values: step(*values), params, values, svi.optim, update,
                             names)
     compiled.note = rolled.describe(ops)
@@ -456,16 +458,17 @@ def _loss_and_grads(svi: Any, data: dict, params: list[torch.Tensor]) -> Callabl
 
 
 def _checked_graph(loss_and_grads: Callable, svi: Any, data: dict, params: list[torch.Tensor],
-                   feeds: list[torch.Tensor], device: torch.device, fixed: range
-                   ) -> torch.fx.GraphModule:
+                   feeds: list[torch.Tensor], device: torch.device, fixed: range,
+                   recorded: bool = False) -> torch.fx.GraphModule:
     """The step traced, its whole-data gathers dropped, checked against Pyro's eager step,
     its long sums split where that pays. A value read in Python from the inputs at ``fixed``
     (the data's) alone is kept as a constant; one read from anything else is a CannotCompile
     of the trace, and the step recorded on two random streams must run the same operations
-    (``package_cache.record``: a twentieth of a trace's time)."""
+    (``package_cache.record``: a twentieth of a trace's time), unless the caller's two
+    records agreed already (``recorded``)."""
     inputs = [*params, *feeds]
     graph = _trace(loss_and_grads, inputs, fixed=fixed)
-    if package_cache.record(loss_and_grads, inputs) != \
+    if not recorded and package_cache.record(loss_and_grads, inputs) != \
             package_cache.record(loss_and_grads, inputs, seed_offset=1):
         raise CannotCompile("the trace's structure changes from step to step")
     _drop_whole_gathers(graph)
@@ -475,12 +478,10 @@ def _checked_graph(loss_and_grads: Callable, svi: Any, data: dict, params: list[
     return graph
 
 
-def _step_function(graph: Callable, update: _AdamUpdate | None, at: int, mutable: int,
-                   finish: Callable | None = None) -> Callable:
+def _step_function(graph: Callable, finish: Callable, at: int, mutable: int) -> Callable:
     """The whole step on its inputs (parameters ``[:at]``, optimizer state ``[at:mutable]``,
-    data): the loss and gradients of ``graph``, then ``finish`` (default ``_finishing``:
-    whether they are finite, and the update applied in place where they are)."""
-    finish = finish or _finishing(update)
+    data): the loss and gradients of ``graph``, then ``finish`` (``_finishing``: whether they
+    are finite, and the update applied in place where they are)."""
 
     def step(*values: torch.Tensor) -> tuple:  # values: parameters, optimizer state, data
         loss_value, *grads = graph(*values[:at], *values[mutable:])
