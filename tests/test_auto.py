@@ -498,6 +498,10 @@ def test_a_pipeline_writes_its_answer_as_posterior_nc(answered):
     assert "automatic pipeline" in attrs["method"]
     assert data.posterior_predictive["obs"].shape == (1, 1000, len(FLIPS))
     assert data.observed_data["obs"].values.tolist() == FLIPS
+    # a fit's file has its draws and weights, not the data-sized groups the answer's has
+    fit = arviz().from_netcdf(path / "fits" / "mine" / "posterior.nc")
+    assert set(fit.groups()) == {"posterior", "sample_stats", "observed_data"}
+    assert "train.predictive is off" in fit.posterior.attrs["left_out"]
 
 
 def test_a_pipeline_draws_its_answer_s_densities_and_predictive_check(answered):

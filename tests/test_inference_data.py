@@ -178,6 +178,27 @@ def test_export_rewrites_a_missing_posterior_nc(runs, tmp_path: Path):
             assert np.array_equal(before[name].values, after[name].values), (group, name)
 
 
+def test_predictive_off_leaves_the_data_sized_groups_out_and_export_agrees(tmp_path: Path):
+    """``train.predictive: false``: posterior.nc without replicated data or pointwise
+    log-likelihood (its left_out says why), no predictive plot, and ``vibench export``
+    rewrites the same file."""
+    out = tmp_path / "coin"
+    result = vibench("run", str(COIN), "--steps", "100", "--out", str(out), "--set",
+                     "train.predictive=false")
+    assert result.returncode == 0, result.stderr
+    idata = arviz().from_netcdf(out / "posterior.nc")
+    assert set(idata.groups()) == {"posterior", "sample_stats", "observed_data"}
+    assert idata.posterior.attrs["left_out"] == (
+        "posterior_predictive and log_likelihood: train.predictive is off")
+    assert idata.sample_stats["lp"].shape == (1, 1000)
+    assert not (out / "plots" / "ppc.png").exists()
+    assert (out / "plots" / "site-latent_fairness.png").is_file()
+    old, new = exported_again(out, tmp_path / "old-run")
+    assert old.groups() == new.groups()
+    assert np.array_equal(old.posterior["latent_fairness"].values,
+                          new.posterior["latent_fairness"].values)
+
+
 def test_export_of_a_directory_that_is_not_a_run_is_one_line(tmp_path: Path):
     result = vibench("export", str(tmp_path))
     assert result.returncode == 2

@@ -165,9 +165,10 @@ class Pipeline:
         sub = {**base, "name": f"{self.recipe['name']}-{label}",
                "seed": self.recipe["seed"] + seed_offset, "guide": guide, "loss": loss,
                "optimizer": optimizer,
-               # no plots: the pipeline draws its answer's (answer.write_plots), and a fit's
-               # cost a second or more each
-               "train": {**self.recipe["train"], "plots": False, **train}}
+               # no plots and no replicated data: the pipeline draws its answer's
+               # (answer.write_plots, answer.write), and a fit's cost a second or more each
+               "train": {**self.recipe["train"], "plots": False, "predictive": False,
+                         **train}}
         return recipes.resolve(sub, self.registry, str(self.run_dir / layout.RECIPE))
 
     def _say_notes(self, label: str, notes: list[str]) -> None:

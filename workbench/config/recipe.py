@@ -51,6 +51,7 @@ TRAIN: dict[str, Option] = {
         Option("converge_rhat", 1.1, float),  # a guide with no Gaussian nor draws: R-hat below
         Option("diagnostics", True, bool),  # PSIS k-hat and importance-weighted estimates
         Option("plots", True, bool),  # the loss and per-site density plots
+        Option("predictive", True, bool),  # posterior.nc's replicated data and log-likelihood
         Option("compile", "auto", Literal["auto", True, False]),  # compile/compiled_step.py
     )
 }

@@ -46,12 +46,14 @@ from workbench.rundir.layout import POSTERIOR
 NUM_DRAWS = 1000  # guide draws in posterior.nc
 MIN_DRAWS = 100  # fewer than this and the per-observation groups are left out
 MAX_NUMBERS = 2**23  # numbers posterior.nc may hold (32 MB of float32)
+UNPREDICTED = "train.predictive is off"  # left_out's reason for the per-observation groups
 
 
 def write(run: Any, run_dir: Path, guide: Callable | None = None,
           num_draws: int = NUM_DRAWS) -> Path:
     """Draw from the run's fitted guide (``guide``: the one the report summarised, if it has
-    it) and write ``posterior.nc`` in ``run_dir``, whole or not at all; returns its path."""
+    it) and write ``posterior.nc`` in ``run_dir``, whole or not at all; returns its path.
+    With ``train.predictive`` off it has no posterior_predictive or log_likelihood group."""
     import pyro
 
     path = Path(run_dir) / POSTERIOR
@@ -60,7 +62,8 @@ def write(run: Any, run_dir: Path, guide: Callable | None = None,
         torch.manual_seed(run.recipe["seed"])
         if guide is None:
             guide = fitted_guide(run)
-        groups, attrs = draw(run.model, guide, run.data, run.nesting, num_draws)
+        groups, attrs = draw(run.model, guide, run.data, run.nesting, num_draws,
+                             predictive=run.recipe["train"].get("predictive", True))
     attrs[""].update({"inference_library": "pyro",
                       "inference_library_version": pyro.__version__,
                       "method": "stochastic variational inference",
@@ -119,11 +122,12 @@ def site_draws(run: Any, n: int, weigh: bool = False, auxiliary: bool = False
 
 
 def draw(model: Callable, guide: Callable, data: dict, nesting: int,
-         num_draws: int = NUM_DRAWS, auxiliary: bool = False
+         num_draws: int = NUM_DRAWS, auxiliary: bool = False, predictive: bool = True
          ) -> tuple[dict[str, dict], dict[str, dict[str, Any]]]:
     """The groups as ``{group: {variable: (numpy array, dims)}}`` (dims after chain and draw)
     and the attributes of each group (under ``""`` those every group gets); the auxiliary
-    sites in ``posterior`` only with ``auxiliary``."""
+    sites in ``posterior`` only with ``auxiliary``; the replicated data and the pointwise
+    log-likelihood (a draw's cost times the data's size) only with ``predictive``."""
     trace = posterior.site_trace(model, **data)
     latent = posterior.latent_sites(trace)
     latent = latent if auxiliary else posterior.shown(latent, trace)
@@ -142,11 +146,14 @@ def draw(model: Callable, guide: Callable, data: dict, nesting: int,
         f"deterministic sites, posterior_predictive, log_likelihood and sample_stats: "
         f"{min(num_draws, MIN_DRAWS)} draws of the data's replicated values and pointwise "
         f"log-likelihood would pass {MAX_NUMBERS} numbers"]
+    if whole and observed and not predictive:
+        left_out.append(f"posterior_predictive and log_likelihood: {UNPREDICTED}")
     summed = (broadcast.verdict(model, data, nesting, trace), posterior.latent_sites(trace)) \
         if whole and marginal.enumerated_sites(trace) else None
     parts = _collect(model if whole else None, guide, data, nesting, count,
-                     {**latent, **(derived if whole else {})}, observed, summed,
-                     posterior.trace_numbers(trace), left_out)
+                     {**latent, **(derived if whole else {})},
+                     observed if predictive else {}, summed, posterior.trace_numbers(trace),
+                     left_out)
     groups = _named(parts, trace, observed, left_out)
     return groups, _attrs(groups, trace, observed, count, left_out)
 
@@ -194,7 +201,7 @@ def _collect(model: Callable | None, guide: Callable, data: dict, nesting: int, 
         chunks.setdefault(group, {}).setdefault(name, []).append(_numpy(values))
 
     for n, guide_trace, model_trace in posterior.replayed(model, guide, data, nesting, count,
-                                                          per_draw):
+                                                          per_draw, predictive=bool(observed)):
         source = guide_trace if model_trace is None else model_trace
         for name, shape in sites.items():
             add("posterior", name, posterior.draws_of(source.nodes[name]["value"], n, shape))
