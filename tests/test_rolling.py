@@ -85,9 +85,10 @@ def test_a_longer_loop_is_rolled_into_as_few_blocks_and_leaves_as_little():
 
 
 def test_a_loop_that_reads_a_series_at_each_turn_rolls_too():
-    """Each turn's ``y[t]`` is taken out of the turn (one unbind before the loop), and the
-    gradient each turn puts back into ``y`` is gathered after it (one stack), so the turns
-    are the same block: what is left outside the blocks does not grow with the series."""
+    """Each turn's ``y[t]`` is taken out of the turn, and the gradient each turn puts back
+    into ``y`` is gathered after it, so the turns are the same block; a group of turns takes
+    its stretch of ``y`` as one view and gives its gradients as one tensor (a cat of a few
+    joins them): what is left outside the blocks does not grow with the series."""
     inputs = [torch.tensor([0.5, 0.3, 0.2]), torch.linspace(-1.0, 1.0, 40)]
     left = []
     for length in (20, 40):
@@ -97,25 +98,62 @@ def test_a_loop_that_reads_a_series_at_each_turn_rolls_too():
         got = graph(inputs[0], inputs[1][:length])
         assert all(torch.allclose(a, b, rtol=1e-6, atol=1e-7) for a, b in zip(want, got))
         names = [str(node.target) for node in graph.graph.nodes]
-        assert "aten.unbind.int" in names and "aten.stack.default" in names
         assert not any("select_backward" in name for name in names)
+        views = [node for node in graph.graph.nodes if node.meta.get(rolling._CHUNK)]
+        assert len(views) >= rolling.MIN_REPEATS  # a stretch of y for each call of a group
+        joined = [node for node in graph.graph.nodes if node.target in rolling._GATHERS]
+        assert joined and all(len(node.args[0]) <= rolling.GATHER_INPUTS for node in joined)
         assert rolled.calls >= 2 * rolling.MIN_REPEATS
         left.append(rolled.left)
     assert left[1] - left[0] < 20  # far less than an operation for each turn added
 
 
 def test_a_stack_of_many_tensors_stays_as_traced_between_the_calls():
-    """The stack gathering 40 turns' gradients is left out of the compiled stretches
+    """A stack of 40 turns' gradients that the groups cannot give as runs (here each turn's
+    gradient is summed with another value first) is left out of the compiled stretches
     (inductor would copy each tensor in a kernel of its own); shorter stretches compile."""
+
+    def summed(theta, y):
+        theta, y = theta.detach().requires_grad_(), y.detach().requires_grad_()
+        z, path = theta[2], []
+        for t in range(y.shape[0]):
+            z = theta[0] * torch.tanh(z) + theta[1] * y[t]
+            path.append(z)
+        loss = sum((p - 0.5) ** 2 for p in path)
+        return (loss, torch.stack([p * 2.0 + y[0] for p in path]).sum(),
+                *torch.autograd.grad(loss, (theta, y)))
+
     inputs = [torch.tensor([0.5, 0.3, 0.2]), torch.linspace(-1.0, 1.0, 40)]
-    graph = make_fx(series)(*inputs)
+    graph = make_fx(summed)(*inputs)
     compiled = []
     rolling.roll(graph, inputs, lambda block, ins: compiled.append(block) or block)
     stacks = [node for node in graph.graph.nodes if node.target is torch.ops.aten.stack.default]
-    assert [len(node.args[0]) for node in stacks] == [40]
+    assert 40 in [len(node.args[0]) for node in stacks]
     assert not any(len(node.all_input_nodes) > rolling.GATHER_INPUTS
                    for block in compiled for node in block.graph.nodes
                    if node.target in (torch.ops.aten.stack.default, torch.ops.aten.cat.default))
+
+
+def test_a_group_takes_its_stretch_of_a_series_and_gives_its_turns_as_one_tensor():
+    """A long recursion's calls take ``y``'s stretch as one view (no tensor a turn) and give
+    the turns' values that a stack after the loop gathers as one tensor, stacked inside the
+    compiled block; the numbers are the traced graph's."""
+    inputs = [torch.tensor([0.5, 0.3, 0.2]), torch.linspace(-1.0, 1.0, 200)]
+    graph = make_fx(series)(*inputs)
+    want = graph(*inputs)
+    blocks = []
+    rolled = rolling.roll(graph, inputs, lambda block, ins: blocks.append((block, ins)) or block)
+    got = rolled.graph(*inputs)
+    assert all(torch.allclose(a, b, rtol=1e-6, atol=1e-7) for a, b in zip(want, got))
+    nodes = list(rolled.graph.graph.nodes)
+    assert not any(node.target is torch.ops.aten.unbind.int and len(node.users) > 32
+                   for node in nodes)
+    assert sum(1 for node in nodes if node.meta.get(rolling._CHUNK)) >= rolling.MIN_REPEATS
+    assert all(len(node.args[0]) <= rolling.GATHER_INPUTS for node in nodes
+               if node.target in rolling._GATHERS)  # the 200 gradients: a cat of runs
+    assert any(node.target is torch.ops.aten.stack.default
+               for block, _ in blocks for node in block.graph.nodes)
+    assert rolled.left < 40
 
 
 class Wrapped:

@@ -37,6 +37,7 @@ SEGMENT_OPS = 16  # a stretch of operations between the calls, as long, is compi
 # copies each in a kernel of its own (a loop's gradients stacked: 400 us against eager's 25)
 GATHER_INPUTS = 32
 _GATHERS = {torch.ops.aten.stack.default, torch.ops.aten.cat.default}
+_CHUNK = "vibench_chunk"  # a node's meta key: a view of a series that a call takes (_Chunk)
 
 
 @dataclass
@@ -87,24 +88,51 @@ def roll(graph: fx.GraphModule, inputs: list[torch.Tensor],
     bodies: dict[tuple, Callable] = {}
     replaced: dict[fx.Node, fx.Node] = {}
     calls = 0
+    gathered_into: dict[fx.Node, set[fx.Node]] = collections.defaultdict(set)
+    long_stacks = {node for node in nodes if node.target is torch.ops.aten.stack.default
+                   and len(node.args[0]) > GATHER_INPUTS}
     for region in regions:
-        block = _block(nodes, region.start + region.period, region.period, region.outputs)
+        gathered = _gathered(nodes, region, long_stacks)
+        outputs = _outputs(nodes, where, region, gathered)
+        block = _block(nodes, region.start + region.period, region.period, outputs,
+                       [(run.positions, _stack_dim(run.stack)) for run in gathered])
+        chunks = _chunks(region, values)
+        kept = _take_chunks(block, chunks)
+        signature = (tuple(kept), tuple((chunk.dim, tuple(sorted(chunk.offsets.items())))
+                                        for chunk in chunks),
+                     tuple(outputs), tuple(tuple(run.positions) for run in gathered))
         for repeat in range(region.repeats):
-            ins = [values[node] for node in region.inputs[repeat]]
-            kind = (region.shape, tuple(_layout(value) for value in ins))
+            first = region.start + repeat * region.period
+            ins = [values[region.inputs[repeat][slot]] for slot in kept]
+            args = [replaced.get(node, node) for node in region.inputs[repeat]]
+            args = [args[slot] for slot in kept]
+            for chunk in chunks:  # each a view of its series, made just before the turns
+                ins.append(chunk.of(values[chunk.source], repeat))
+                with graph.graph.inserting_before(nodes[first]):
+                    args.append(graph.graph.call_function(torch.ops.aten.slice.Tensor, (
+                        replaced.get(chunk.source, chunk.source), chunk.dim,
+                        chunk.starts[repeat], chunk.starts[repeat] + chunk.span)))
+                args[-1].meta[_CHUNK] = True
+            kind = (region.shape, signature, tuple(_layout(value) for value in ins))
             if kind not in bodies:
                 bodies[kind] = _named(compile_body(block, ins))
-            first = region.start + repeat * region.period
-            _replace(graph.graph, nodes[first:first + region.period], region.outputs,
-                     bodies[kind], [replaced.get(node, node) for node in region.inputs[repeat]],
-                     replaced)
+            members = nodes[first:first + region.period]
+            for run, chunk in zip(gathered, _replace(graph.graph, members, outputs,
+                                                     bodies[kind], args, replaced, gathered)):
+                values[chunk] = torch.stack([values[members[q]] for q in run.positions],
+                                            _stack_dim(run.stack))
+                gathered_into[run.stack].add(chunk)
             calls += 1
     values.update({new: values[old] for old, new in replaced.items()})  # a call's outputs
+    for stack, chunks_of_it in gathered_into.items():
+        _as_cat(graph.graph, stack, chunks_of_it, values)
+    _picks_left(graph.graph, values)
     segments = _compile_segments(graph.graph, values, compile_body)
     graph.graph.lint()
     graph.recompile()
     left = sum(1 for node in graph.graph.nodes if node.op == "call_function"
-               and node.target is not operator.getitem) - calls - segments
+               and node.target is not operator.getitem and not node.meta.get(_CHUNK)) \
+        - calls - segments
     return Rolled(_fresh(graph), calls, len(bodies), left, segments)
 
 
@@ -118,6 +146,203 @@ def _fresh(graph: fx.GraphModule) -> fx.GraphModule:
     return fx.GraphModule(graph, fresh)
 
 
+@dataclass
+class _Chunk:
+    """Picks a block's turns make from one series (``y[t]`` for each of its turns, the
+    unbind's outputs after ``_hoist_picks``) taken as one view of it: ``source`` sliced along
+    ``dim`` from ``starts[repeat]`` for ``span``, each of the block's ``offsets`` (slot: its
+    index in the view) picked inside the compiled block, where it costs nothing. A call
+    then takes one tensor for the series, not a tensor a turn."""
+
+    source: fx.Node
+    dim: int
+    offsets: dict[int, int]
+    starts: list[int]
+    span: int
+
+    def of(self, series: torch.Tensor, repeat: int) -> torch.Tensor:
+        return series.narrow(self.dim, self.starts[repeat], self.span)
+
+
+def _chunks(region: _Region, values: dict[fx.Node, object]) -> list[_Chunk]:
+    """The series a region's turns pick from at indices that move by the same amount from
+    one repeat to the next, on the CPU (inductor's CPU code takes a view at any offset);
+    two picks a repeat or more, else the pick is as cheap as the view."""
+    picked: dict[fx.Node, dict[int, list[int]]] = collections.defaultdict(dict)
+    for slot in range(len(region.inputs[0])):
+        picks = [ins[slot] for ins in region.inputs]
+        unbind = _unbound(picks[0])
+        if unbind is not None and all(_unbound(pick) is unbind for pick in picks):
+            picked[unbind][slot] = [pick.args[1] for pick in picks]
+    found = []
+    for unbind, slots in picked.items():
+        source, dim = unbind.args[0], unbind.args[1]
+        series = values.get(source)
+        if len(slots) < 2 or not isinstance(series, torch.Tensor) or \
+                series.device.type != "cpu":
+            continue
+        size = series.shape[dim]
+        indices = {slot: [index % size for index in at] for slot, at in slots.items()}
+        starts = [min(at[repeat] for at in indices.values()) for repeat in range(region.repeats)]
+        offsets = {slot: at[0] - starts[0] for slot, at in indices.items()}
+        if all(at[repeat] - starts[repeat] == offsets[slot] for slot, at in indices.items()
+               for repeat in range(region.repeats)):
+            found.append(_Chunk(source, dim, offsets, starts, max(offsets.values()) + 1))
+    return found
+
+
+def _unbound(node: fx.Node) -> fx.Node | None:
+    """The unbind whose output ``node`` is, if it is one."""
+    if node.op == "call_function" and node.target is operator.getitem and \
+            isinstance(node.args[0], fx.Node) and \
+            node.args[0].target is torch.ops.aten.unbind.int:
+        return node.args[0]
+    return None
+
+
+@dataclass
+class _Gathered:
+    """A run of a region's outputs that a long stack after the loop takes one after another,
+    at the same positions of every repeat (each turn's value of a series, gathered): the
+    block stacks them itself and gives the run as one output, the long stack becomes a cat
+    of a few runs, and a value nothing else reads is no output of its own."""
+
+    stack: fx.Node
+    positions: list[int]  # the block's positions, in the stack's order
+
+    def place(self, run: list[fx.Node], chunk: fx.Node) -> None:
+        """The stack's list with ``chunk`` in place of ``run``, one repeat's values."""
+        items = list(self.stack.args[0])
+        at = items.index(run[0])
+        items[at:at + len(run)] = [chunk]
+        self.stack.args = (items, *self.stack.args[1:])
+
+
+def _stack_dim(stack: fx.Node) -> int:
+    return stack.args[1] if len(stack.args) > 1 else stack.kwargs.get("dim", 0)
+
+
+def _gathered(nodes: list[fx.Node], region: _Region, long_stacks: set[fx.Node]
+              ) -> list[_Gathered]:
+    """The runs of ``region``'s outputs that ``long_stacks`` (of more than GATHER_INPUTS
+    tensors, left as traced) take in turn, two or more a repeat, the same positions in every
+    repeat."""
+    member_of: dict[fx.Node, tuple[int, int]] = {}
+    for repeat in range(region.repeats):
+        first = region.start + repeat * region.period
+        for q in region.outputs:
+            member_of[nodes[first + q]] = (repeat, q)
+    stacks = {user for node in member_of for user in node.users if user in long_stacks}
+    found = []
+    for stack in stacks:
+        items = list(stack.args[0])
+        if len(set(items)) != len(items):
+            continue
+        runs: dict[int, tuple[int, list[int]]] = {}
+        alike = True
+        for at, item in enumerate(items):
+            if item not in member_of:
+                continue
+            repeat, q = member_of[item]
+            start, positions = runs.setdefault(repeat, (at, []))
+            alike = alike and start + len(positions) == at
+            positions.append(q)
+        patterns = {tuple(positions) for _, positions in runs.values()}
+        if alike and len(runs) == region.repeats and len(patterns) == 1 and \
+                len(next(iter(patterns))) >= 2:
+            found.append(_Gathered(stack, list(next(iter(patterns)))))
+    return found
+
+
+def _outputs(nodes: list[fx.Node], where: dict[fx.Node, int], region: _Region,
+             gathered: list[_Gathered]) -> list[int]:
+    """The region's outputs less those that, outside their own repeat, only ``gathered``'s
+    stacks read."""
+    stacks = {run.stack for run in gathered}
+    kept = []
+    for q in region.outputs:
+        for repeat in range(region.repeats):
+            first = region.start + repeat * region.period
+            if any(not first <= where.get(user, -1) < first + region.period
+                   and user not in stacks for user in nodes[first + q].users):
+                kept.append(q)
+                break
+    return kept
+
+
+def _as_cat(graph: fx.Graph, stack: fx.Node, chunks: set[fx.Node],
+            values: dict[fx.Node, object]) -> None:
+    """A long stack whose runs ``chunks`` are now (``_Gathered``) as a cat along its dim:
+    the chunks as they are, each other value unsqueezed there."""
+    dim = _stack_dim(stack)
+    parts = []
+    with graph.inserting_before(stack):
+        for item in stack.args[0]:
+            if item in chunks:
+                parts.append(item)
+                continue
+            part = graph.call_function(torch.ops.aten.unsqueeze.default, (item, dim))
+            values[part] = values[item].unsqueeze(dim)
+            parts.append(part)
+        cat = graph.call_function(torch.ops.aten.cat.default, (parts, dim))
+    cat.meta = dict(stack.meta)
+    values[cat] = values[stack]
+    stack.replace_all_uses_with(cat)
+    graph.erase_node(stack)
+
+
+def _take_chunks(block: fx.GraphModule, chunks: list[_Chunk]) -> list[int]:
+    """``block`` changed to take each of ``chunks`` as one input (after the others) and pick
+    its turns' values inside; the slots of the inputs it still takes, in order."""
+    graph = block.graph
+    slots = [node for node in graph.nodes if node.op == "placeholder"]
+    taken = {slot for chunk in chunks for slot in chunk.offsets}
+    if not taken:
+        return list(range(len(slots)))
+    body = next(node for node in graph.nodes if node.op != "placeholder")
+    for slot in slots:  # the inputs first, in order (``_block`` makes each where first used)
+        body.prepend(slot)
+    with graph.inserting_before(body):
+        views = [graph.placeholder(f"chunk{i}") for i in range(len(chunks))]
+    for view, chunk in zip(views, chunks):
+        for slot, offset in chunk.offsets.items():
+            with graph.inserting_before(body):
+                pick = graph.call_function(torch.ops.aten.select.int, (view, chunk.dim, offset))
+            slots[slot].replace_all_uses_with(pick)
+    for slot in sorted(taken, reverse=True):
+        graph.erase_node(slots[slot])
+    graph.lint()
+    block.recompile()
+    return [slot for slot in range(len(slots)) if slot not in taken]
+
+
+def _picks_left(graph: fx.Graph, values: dict[fx.Node, object]) -> None:
+    """An unbind whose outputs the chunks took but for a few (the turns outside every
+    group): those few picked alone (a view each, once an index), and the unbind, whose every
+    output is a tensor made, gone; the picks the chunks took, gone too."""
+    for unbind in [node for node in graph.nodes if node.target is torch.ops.aten.unbind.int]:
+        for user in list(unbind.users):
+            if not user.users:  # a pick a chunk took
+                graph.erase_node(user)
+        users = list(unbind.users)
+        indices = {user.args[1] for user in users}
+        if len(indices) >= len(values.get(unbind) or ()) or \
+                not all(_unbound(user) is unbind for user in users):
+            continue  # as many tensors made either way
+        source, dim = unbind.args[0], unbind.args[1]
+        picks: dict[int, fx.Node] = {}
+        for user in users:
+            if user.args[1] not in picks:
+                with graph.inserting_before(unbind):
+                    picks[user.args[1]] = graph.call_function(torch.ops.aten.select.int,
+                                                              (source, dim, user.args[1]))
+                picks[user.args[1]].meta = dict(user.meta)
+                values[picks[user.args[1]]] = values.get(user)
+            user.replace_all_uses_with(picks[user.args[1]])
+            graph.erase_node(user)
+        graph.erase_node(unbind)
+
+
 def _compile_segments(graph: fx.Graph, values: dict[fx.Node, object],
                       compile_body: Callable) -> int:
     """Compile each run of SEGMENT_OPS or more operations left between the blocks' calls
@@ -127,6 +352,7 @@ def _compile_segments(graph: fx.Graph, values: dict[fx.Node, object],
 
     def compilable(node: fx.Node) -> bool:
         return _rollable(node) and node.target is not operator.getitem and \
+            not node.meta.get(_CHUNK) and \
             isinstance(values.get(node), torch.Tensor) and \
             all(isinstance(values.get(arg), torch.Tensor) for arg in node.all_input_nodes) \
             and not (node.target in _GATHERS and len(node.all_input_nodes) > GATHER_INPUTS)
@@ -390,10 +616,11 @@ def _layout(value: torch.Tensor) -> tuple:
     return tuple(value.shape), value.stride(), value.dtype, value.device
 
 
-def _block(nodes: list[fx.Node], first: int, period: int, outputs: list[int]
-           ) -> fx.GraphModule:
+def _block(nodes: list[fx.Node], first: int, period: int, outputs: list[int],
+           stacked: list[tuple[list[int], int]] = ()) -> fx.GraphModule:
     """One repeat as a graph of its own: an input for each argument from outside it (in the
-    order ``_checked`` lists them), the values used outside it as outputs."""
+    order ``_checked`` lists them), the values used outside it as outputs, then each of
+    ``stacked`` (positions, dim) as one more: those positions' values stacked."""
     block, env = fx.Graph(), {}
     members = nodes[first:first + period]
     inside = set(members)
@@ -404,7 +631,10 @@ def _block(nodes: list[fx.Node], first: int, period: int, outputs: list[int]
                  for arg in node.all_input_nodes if arg not in inside}
         env[node] = block.node_copy(
             node, lambda arg, slots=slots: env[arg] if arg in inside else slots[arg])
-    block.output(tuple(env[members[q]] for q in outputs))
+    stacks = [block.call_function(torch.ops.aten.stack.default,
+                                  ([env[members[q]] for q in positions], dim))
+              for positions, dim in stacked]
+    block.output(tuple(env[members[q]] for q in outputs) + tuple(stacks))
     return fx.GraphModule(torch.nn.Module(), block)
 
 
@@ -416,15 +646,23 @@ def _named(body: Callable) -> Callable:
 
 
 def _replace(graph: fx.Graph, members: list[fx.Node], outputs: list[int], call: Callable,
-             args: list[fx.Node], replaced: dict[fx.Node, fx.Node]) -> None:
-    """Put one call of ``call`` in place of the repeat ``members``."""
+             args: list[fx.Node], replaced: dict[fx.Node, fx.Node],
+             gathered: list[_Gathered] = ()) -> list[fx.Node]:
+    """Put one call of ``call`` in place of the repeat ``members``; its outputs after
+    ``outputs`` are ``gathered``'s runs stacked, each put in its stack's list in place of
+    the run: those outputs are returned."""
     inside = set(members)
     with graph.inserting_after(members[-1]):
         node = graph.call_function(call, tuple(args))
     with graph.inserting_after(node):
-        outs = [graph.call_function(operator.getitem, (node, i)) for i in range(len(outputs))]
+        outs = [graph.call_function(operator.getitem, (node, i))
+                for i in range(len(outputs) + len(gathered))]
+    chunks = outs[len(outputs):]
+    for run, chunk in zip(gathered, chunks):
+        run.place([members[q] for q in run.positions], chunk)
     for q, out in zip(outputs, outs):
         replaced[members[q]] = out
         members[q].replace_all_uses_with(out, delete_user_cb=lambda user: user not in inside)
     for member in reversed(members):
         graph.erase_node(member)
+    return chunks
