@@ -81,6 +81,10 @@ MAX_OPS_ENV = "VIBENCH_COMPILE_MAX_OPS"
 # blocks about ROLL_SECONDS beside the tracing (benchmarks/README.md, "Loops rolled")
 ROLLED_SHARE = 0.2
 ROLL_SECONDS = 30.0
+# a rolled block whose inputs are this small (a turn's few numbers a particle) is compiled to
+# scalar loops: vector code's set-up and tails cost more than they save on a few numbers
+# (benchmarks/README.md, "Loops rolled, round 3"); a whole step's larger tensors keep it
+SCALAR_UP_TO = 1024
 
 
 class CannotCompile(Exception):
@@ -338,7 +342,9 @@ def _rolled(loss_and_grads: Callable, svi: Any, data: dict, params: list[torch.T
 def _compiled_body(block: torch.fx.GraphModule, inputs: list[torch.Tensor]) -> Callable:
     """One repeated block compiled by inductor, for inputs laid out as ``inputs``."""
     try:
-        with _inductor_settings(all(t.device.type == "cpu" for t in inputs)):
+        cpu = all(t.device.type == "cpu" for t in inputs)
+        with _inductor_settings(cpu, scalar=cpu and all(t.numel() <= SCALAR_UP_TO
+                                                        for t in inputs)):
             compiled = torch._inductor.standalone_compile(block, inputs,
                                                           dynamic_shapes="from_example_inputs")
     except Exception as exc:
@@ -577,12 +583,15 @@ def _packaged(loss_and_grads: Callable, optim: Any, params: list[torch.Tensor],
 
 
 @contextlib.contextmanager
-def _inductor_settings(cpu: bool) -> Iterator[None]:
+def _inductor_settings(cpu: bool, scalar: bool = False) -> Iterator[None]:
     """Inductor's settings for every compile here: no worker processes; no per-call checks
     of the inputs' sizes and strides (a step is always given the same tensors); on a CPU
     whose vector instruction sets an earlier run found usable, no probe of them, else what
-    the probe found noted for later runs."""
+    the probe found noted for later runs. With ``scalar``, loops without vector
+    instructions: for a rolled block's few numbers a turn they are faster."""
     isa = _vector_isa_known() if cpu else {}
+    if scalar:
+        isa = {**isa, "cpp.simdlen": 1}
     with torch._inductor.config.patch(compile_threads=1, size_asserts=False, **isa):
         yield
     if cpu and not isa:
