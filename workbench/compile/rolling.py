@@ -97,7 +97,7 @@ def roll(graph: fx.GraphModule, inputs: list[torch.Tensor],
         block = _block(nodes, region.start + region.period, region.period, outputs,
                        [(run.positions, _stack_dim(run.stack)) for run in gathered])
         chunks = _chunks(region, values)
-        kept = _take_chunks(block, chunks)
+        kept = _take_chunks(block, chunks, _duplicates(region))
         signature = (tuple(kept), tuple((chunk.dim, tuple(sorted(chunk.offsets.items())))
                                         for chunk in chunks),
                      tuple(outputs), tuple(tuple(run.positions) for run in gathered))
@@ -291,12 +291,33 @@ def _as_cat(graph: fx.Graph, stack: fx.Node, chunks: set[fx.Node],
     graph.erase_node(stack)
 
 
-def _take_chunks(block: fx.GraphModule, chunks: list[_Chunk]) -> list[int]:
+def _duplicates(region: _Region) -> dict[int, int]:
+    """The slots given the same value as an earlier slot in every repeat (a parameter each
+    turn reads, say), each with that earlier slot."""
+    first: dict[tuple, int] = {}
+    same = {}
+    for slot in range(len(region.inputs[0])):
+        given = tuple(ins[slot] for ins in region.inputs)
+        if given in first:
+            same[slot] = first[given]
+        else:
+            first[given] = slot
+    return same
+
+
+def _take_chunks(block: fx.GraphModule, chunks: list[_Chunk], same: dict[int, int]
+                 ) -> list[int]:
     """``block`` changed to take each of ``chunks`` as one input (after the others) and pick
-    its turns' values inside; the slots of the inputs it still takes, in order."""
+    its turns' values inside, and to take a value given twice (``same``: slot, the earlier
+    slot) once; the slots of the inputs it still takes, in order."""
     graph = block.graph
     slots = [node for node in graph.nodes if node.op == "placeholder"]
     taken = {slot for chunk in chunks for slot in chunk.offsets}
+    same = {slot: earlier for slot, earlier in same.items()
+            if slot not in taken and earlier not in taken}
+    for slot, earlier in same.items():
+        slots[slot].replace_all_uses_with(slots[earlier])
+    taken |= set(same)
     if not taken:
         return list(range(len(slots)))
     body = next(node for node in graph.nodes if node.op != "placeholder")
