@@ -4,6 +4,8 @@ numbers; under train.compile: auto, a step above the bound trains that way where
 
 from __future__ import annotations
 
+import collections
+
 import pyro
 import pyro.distributions as dist
 import pytest
@@ -73,6 +75,12 @@ def test_a_loop_rolls_into_calls_of_its_blocks_with_the_traced_numbers():
     assert rolled.bodies + rolled.segments == len(bodies)  # each compiled once
     assert rolled.left < ops / 2
     assert "rolled into" in rolled.describe(ops)
+    # a block called in turn takes each value once, however many of its operations read it
+    calls = [node for node in rolled.graph.graph.nodes if node.op == "call_function"
+             and getattr(node.target, "__name__", "") == "rolled_block"]
+    repeated = collections.Counter(node.target for node in calls)
+    assert all(len(set(node.args)) == len(node.args) for node in calls
+               if repeated[node.target] > 1)
 
 
 def test_a_longer_loop_is_rolled_into_as_few_blocks_and_leaves_as_little():
