@@ -237,6 +237,32 @@ def test_auto_rolls_a_step_above_the_bound_and_trains_as_eager_does(monkeypatch)
         assert torch.allclose(want[name], got[name], rtol=1e-5, atol=1e-6), name
 
 
+def test_a_run_of_the_last_rolled_structure_takes_its_graph_and_a_pipeline_fit_rolls(
+        monkeypatch):
+    """In one process, a run whose step has the structure of the last rolled one (a
+    pipeline's next fit) takes its rolled graph, not tracing again, and ends where eager
+    steps do; a pipeline's fit (``cached_only``, which compiles no whole step) still rolls
+    where that pays for the steps of its fits."""
+    monkeypatch.setenv(BOUND, "400")
+    first = setup("train.compile=auto", source=drift_recipe(10**6))
+    assert first.compiled is not None
+    monkeypatch.setattr(compiled_step, "_trace",
+                        lambda *args, **kwargs: pytest.fail("traced a second time"))
+    eager = setup("train.compile=false", source=drift_recipe(10**6))
+    for _ in range(10):
+        eager.step()
+    want = fitted()
+    second = setup("train.compile=false", source=drift_recipe(10**6))
+    second.compiled, notes = compiled_step.prepare("auto", second.svi, second.data,
+                                                   second.device, 10**6, cached_only=True)
+    assert second.compiled is not None and notes[0].startswith("a loop of "), notes
+    for _ in range(10):
+        second.step()
+    got = fitted()
+    for name in want:
+        assert torch.allclose(want[name], got[name], rtol=1e-5, atol=1e-6), name
+
+
 @pytest.mark.slow
 def test_a_rolled_run_resumes_exactly(monkeypatch, tmp_path):
     """Stopped at step 10 and resumed, a run on rolled blocks ends where the run of 20 steps

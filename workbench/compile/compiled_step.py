@@ -81,6 +81,9 @@ MAX_OPS_ENV = "VIBENCH_COMPILE_MAX_OPS"
 # blocks about ROLL_SECONDS beside the tracing (benchmarks/README.md, "Loops rolled")
 ROLLED_SHARE = 0.2
 ROLL_SECONDS = 30.0
+# the last rolled step this process made, {key: (graph, note)}, for the next run of the same
+# structure (the pipeline's next fit): its graph takes the parameters as inputs
+_LAST_ROLLED: dict[str, tuple[Any, str]] = {}
 # a rolled block whose inputs are this small (a turn's few numbers a particle) is compiled to
 # scalar loops: vector code's set-up and tails cost more than they save on a few numbers
 # (benchmarks/README.md, "Loops rolled, round 3"); a whole step's larger tensors keep it
@@ -174,8 +177,10 @@ def prepare(setting: str | bool, svi: Any, data: dict, device: torch.device, ste
     pay for compiling). Under ``true`` a step that cannot compile is a UsageError;
     ``minibatch`` (new indices each step) and several ``processes`` cannot. Where ``auto``
     leaves a step eager until it is cached, a child compiles it from ``recipe`` (resolved),
-    if given. ``cached_only``: ``auto`` never compiles in this process (a pipeline's fit),
-    only loads a CPU step's package, and off the CPU trains eagerly."""
+    if given. ``cached_only``: ``auto`` never compiles a whole step in this process (a
+    pipeline's fit), only loads a CPU step's package, and off the CPU trains eagerly; a step
+    too long to compile whole is still rolled where that pays for ``steps`` (every fit that
+    shares it: the later ones take the first's rolled graph)."""
     mode = {True: "true", False: "false"}.get(setting, setting)  # YAML's true/false are bools
     if mode == "false":
         return None, []
@@ -237,9 +242,9 @@ def compile_step(svi: Any, data: dict, steps: int | None = None, backend: str = 
     graph uncompiled (the same random draws as eager).
     ``refusal``: the caller's reason not to compile, raised only where compiling would pay.
     A step of more than ``max_ops`` operations is refused before tracing where
-    ``refuse_above``, else compiled with a warning that it may take long. ``cached_only``:
-    a CPU step is loaded from its package or NotYet, never compiled here; on another device
-    None."""
+    ``refuse_above``, else compiled with a warning that it may take long (or, where
+    ``refuse_above``, rolled where that pays: ``_rolled``). ``cached_only``: a CPU step is
+    loaded from its package or NotYet, never compiled whole here; on another device None."""
     params, ops = _probe(svi, data)
     device = params[0].device if params else torch.device("cpu")
     per_op = EAGER_OP_SECONDS.get(device.type, EAGER_OP_SECONDS["cpu"])
@@ -255,7 +260,7 @@ def compile_step(svi: Any, data: dict, steps: int | None = None, backend: str = 
                              f"the {max_ops} that train.compile: auto compiles "
                              f"({MAX_OPS_ENV} sets it; train.compile: true compiles anyway)")
     roll = long and refuse_above
-    if roll and (cached_only or eager is None or backend != "inductor" or
+    if roll and (eager is None or backend != "inductor" or
                  eager * (1 - ROLLED_SHARE) < TRACE_SECONDS + TRACE_OP_SECONDS * ops
                  + ROLL_SECONDS):
         raise too_long
@@ -310,31 +315,48 @@ def _rolled(loss_and_grads: Callable, svi: Any, data: dict, params: list[torch.T
             device: torch.device, too_long: CannotCompile) -> CompiledStep:
     """A step too long to compile whole, traced, checked, and its repeated blocks (a loop the
     trace unrolled) compiled once each (``rolling``); ``too_long`` where what is left outside
-    the blocks is still above ``max_ops`` operations. Not packaged: each run compiles it
-    (inductor's own cache keeps the blocks' code)."""
-    with progress.working(f"compiling the step's repeated blocks ({ops} operations, a loop "
-                          "unrolled): tracing it takes about "
-                          f"{TRACE_SECONDS + TRACE_OP_SECONDS * ops:.0f} s",
-                          "compiled the step's repeated blocks in {seconds:.1f} s"):
-        graph = _checked_graph(loss_and_grads, svi, data, params, feeds, device, fixed)
-        inputs = [t.detach() for t in (*params, *feeds)]
-        with package_cache.trial_stream(), torch.no_grad():
-            rolled = rolling.roll(graph, inputs, _compiled_body)
-        del graph  # the trace, left for the collection below: rolled holds a fresh copy
-        if rolled is None or rolled.left > max_ops:
-            raise too_long
-        _check_against_eager(svi, data, params, feeds, rolled.graph)
+    the blocks is still above ``max_ops`` operations. Not packaged: each process compiles it
+    (inductor's own cache keeps the blocks' code), once for every run of the same structure
+    (``_LAST_ROLLED``: a pipeline's fits after the first check it against eager and go)."""
+    # recorded on the tensors themselves: the step reads the guide's buffers from the guide,
+    # and a copy of one would be recorded as a constant (a fit's own start)
+    first = package_cache.record(loss_and_grads, [*params, *feeds])
+    key = package_cache.key(first, [*params, *feeds], len(params), "rolled", _SOURCE) \
+        if first == package_cache.record(loss_and_grads, [*params, *feeds], seed_offset=1) \
+        else None
+    inputs = [t.detach() for t in (*params, *feeds)]
+    held = _LAST_ROLLED.get(key) if key is not None else None
+    if held is not None:
+        graph, note = held
+        _check_against_eager(svi, data, params, feeds, graph)
+    else:
+        _LAST_ROLLED.clear()  # one at a time: a rolled step holds the blocks' example values
+        with progress.working(f"compiling the step's repeated blocks ({ops} operations, a "
+                              "loop unrolled): tracing it takes about "
+                              f"{TRACE_SECONDS + TRACE_OP_SECONDS * ops:.0f} s",
+                              "compiled the step's repeated blocks in {seconds:.1f} s"):
+            traced = _checked_graph(loss_and_grads, svi, data, params, feeds, device, fixed,
+                                    recorded=key is not None)
+            with package_cache.trial_stream(), torch.no_grad():
+                rolled = rolling.roll(traced, inputs, _compiled_body)
+            del traced  # left for the collection below: rolled holds a fresh copy
+            if rolled is None or rolled.left > max_ops:
+                raise too_long
+            _check_against_eager(svi, data, params, feeds, rolled.graph)
+        graph, note = rolled.graph, rolled.describe(ops)
+        if key is not None:
+            _LAST_ROLLED[key] = (graph, note)
     update = _adam_update(svi.optim, params)  # compiled apart, after the graph
     states = update.tensors if update else []
     mutable = len(params) + len(states)
     values = [t.detach() for t in (*params, *states, *feeds)]
     with package_cache.trial_stream(), torch.no_grad():  # its draws leave the run's stream
-        outs = list(rolled.graph(*params, *feeds))
+        outs = list(graph(*params, *feeds))
     finish = _compiled_finishing(update, values, len(params), mutable, outs, device)
-    step = _step_function(rolled.graph, finish, len(params), mutable)
+    step = _step_function(graph, finish, len(params), mutable)
     compiled = CompiledStep(lambda values: step(*values), params, values, svi.optim, update,
                             names)
-    compiled.note = rolled.describe(ops)
+    compiled.note = note
     gc.collect()  # the trace's millions of objects, freed in the set-up, not in training
     return compiled
 
