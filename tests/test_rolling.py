@@ -220,47 +220,31 @@ def drift_recipe(steps: int) -> dict:
 def test_auto_rolls_a_step_above_the_bound_and_trains_as_eager_does(monkeypatch):
     """A step of more operations than the bound, whose eager steps cost more than tracing
     it, trains on its rolled blocks (compiled by inductor): one note says so, and ten steps
-    end where ten eager steps do, to rounding."""
+    end where ten eager steps do, to rounding. A later run of the same structure in the
+    process (a pipeline's next fit, ``cached_only``: it compiles no whole step) takes the
+    rolled graph without tracing again, and ends there too."""
     monkeypatch.setenv(BOUND, "400")
     fits = []
-    for setting in ("false", "auto"):
-        run = setup(f"train.compile={setting}", source=drift_recipe(10**6))
+    for setting in ("false", "auto", "the pipeline's next fit"):
+        run = setup(f"train.compile={'false' if ' ' in setting else setting}",
+                    source=drift_recipe(10**6))
+        if " " in setting:
+            monkeypatch.setattr(compiled_step, "_trace",
+                                lambda *args, **kwargs: pytest.fail("traced a second time"))
+            run.compiled, run.notes = compiled_step.prepare(
+                "auto", run.svi, run.data, run.device, 10**6, cached_only=True)
         for _ in range(10):
             run.step()
         fits.append((run, fitted()))
-    (eager, want), (rolled, got) = fits
-    assert eager.compiled is None and rolled.compiled is not None
-    notes = [note for note in rolled.notes if "rolled into" in note]
-    assert len(notes) == 1 and notes[0].startswith("a loop of "), rolled.notes
-    assert want.keys() == got.keys()
-    for name in want:
-        assert torch.allclose(want[name], got[name], rtol=1e-5, atol=1e-6), name
-
-
-def test_a_run_of_the_last_rolled_structure_takes_its_graph_and_a_pipeline_fit_rolls(
-        monkeypatch):
-    """In one process, a run whose step has the structure of the last rolled one (a
-    pipeline's next fit) takes its rolled graph, not tracing again, and ends where eager
-    steps do; a pipeline's fit (``cached_only``, which compiles no whole step) still rolls
-    where that pays for the steps of its fits."""
-    monkeypatch.setenv(BOUND, "400")
-    first = setup("train.compile=auto", source=drift_recipe(10**6))
-    assert first.compiled is not None
-    monkeypatch.setattr(compiled_step, "_trace",
-                        lambda *args, **kwargs: pytest.fail("traced a second time"))
-    eager = setup("train.compile=false", source=drift_recipe(10**6))
-    for _ in range(10):
-        eager.step()
-    want = fitted()
-    second = setup("train.compile=false", source=drift_recipe(10**6))
-    second.compiled, notes = compiled_step.prepare("auto", second.svi, second.data,
-                                                   second.device, 10**6, cached_only=True)
-    assert second.compiled is not None and notes[0].startswith("a loop of "), notes
-    for _ in range(10):
-        second.step()
-    got = fitted()
-    for name in want:
-        assert torch.allclose(want[name], got[name], rtol=1e-5, atol=1e-6), name
+    (eager, want), *rolled = fits
+    assert eager.compiled is None
+    for run, got in rolled:
+        assert run.compiled is not None
+        notes = [note for note in run.notes if "rolled into" in note]
+        assert len(notes) == 1 and notes[0].startswith("a loop of "), run.notes
+        assert want.keys() == got.keys()
+        for name in want:
+            assert torch.allclose(want[name], got[name], rtol=1e-5, atol=1e-6), name
 
 
 @pytest.mark.slow
