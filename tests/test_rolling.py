@@ -279,3 +279,93 @@ def test_auto_leaves_a_long_step_eager_where_rolling_does_not_pay(monkeypatch, s
     run = setup("train.compile=auto", source=drift_recipe(steps))
     assert run.compiled is None
     assert any("above the 400 that train.compile: auto compiles" in n for n in run.notes)
+
+
+def _with_gradients(loss_of):
+    """A loss of (theta, y, x) as the step's graph gives it: the loss and its gradients."""
+
+    def step(theta, y, x):
+        theta, y, x = (t.detach().requires_grad_() for t in (theta, y, x))
+        loss = loss_of(theta, y, x)
+        return (loss, *torch.autograd.grad(loss, (theta, y, x), allow_unused=True,
+                                           materialize_grads=True))
+
+    step.__name__ = loss_of.__name__
+    return step
+
+
+@_with_gradients
+def two_series(theta, y, x):
+    z, total = theta[2], 0.0
+    for t in range(y.shape[0]):
+        z = theta[0] * torch.tanh(z) + theta[1] * y[t] * x[t]
+        total = total + (z - x[t]) ** 2
+    return total
+
+
+@_with_gradients
+def read_backwards(theta, y, x):
+    z, total, last = theta[2], 0.0, y.shape[0] - 1
+    for t in range(y.shape[0]):
+        z = theta[0] * torch.tanh(z) + theta[1] * y[last - t]
+        total = total + (z - y[last - t]) ** 2
+    return total
+
+
+@_with_gradients
+def lagged(theta, y, x):
+    z, total = theta[2], 0.0
+    for t in range(1, y.shape[0]):
+        z = theta[0] * torch.tanh(z) + theta[1] * (y[t] - y[t - 1])
+        total = total + (z - y[t]) ** 2
+    return total
+
+
+@_with_gradients
+def every_other(theta, y, x):
+    z, total = theta[2], 0.0
+    for t in range(0, y.shape[0], 2):
+        z = theta[0] * torch.tanh(z) + theta[1] * y[t]
+        total = total + (z - y[t]) ** 2
+    return total
+
+
+@_with_gradients
+def stacked_path(theta, y, x):
+    z, path = theta[2], []
+    for t in range(y.shape[0]):
+        z = theta[0] * torch.tanh(z) + theta[1] * y[t]
+        path.append(z)
+    states = torch.stack(path)
+    return ((states - x) ** 2).sum() + states.max()
+
+
+def rolled_numbers(loss, compile_body) -> tuple:
+    inputs = [torch.tensor([0.5, 0.3, 0.2]), torch.linspace(-1.0, 1.0, 120),
+              torch.cos(torch.arange(120) * 0.1)]
+    graph = make_fx(loss)(*inputs)
+    want = graph(*inputs)
+    rolled = rolling.roll(graph, inputs, compile_body)
+    views = sum(1 for node in rolled.graph.graph.nodes if node.meta.get(rolling._CHUNK))
+    return want, rolled.graph(*inputs), views
+
+
+def test_a_series_read_from_its_end_rolls_into_views():
+    """A series read from its end is taken a stretch a call all the same (each pick's place
+    in the view as its turn needs it), with the traced graph's numbers (the slow test below
+    compiles this and four other ways of reading a series)."""
+    want, got, views = rolled_numbers(read_backwards, as_traced)
+    assert views >= rolling.MIN_REPEATS
+    assert all(torch.allclose(a, b, rtol=1e-6, atol=1e-7) for a, b in zip(want, got))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("loss", [two_series, read_backwards, lagged, every_other,
+                                  stacked_path])
+def test_series_read_every_way_give_the_traced_numbers_compiled(loss):
+    """The blocks compiled by inductor and called bare, each taking its stretch of a series
+    as a view at its own offset: two series a turn, read backwards, twice a turn, every other
+    value, and the turns' states stacked after the loop."""
+    want, got, views = rolled_numbers(loss, compiled_step._compiled_body)
+    assert views >= rolling.MIN_REPEATS
+    assert all(torch.allclose(a, b, rtol=1e-6, atol=1e-7) for a, b in zip(want, got))
