@@ -318,12 +318,11 @@ def _rolled(loss_and_grads: Callable, svi: Any, data: dict, params: list[torch.T
     the blocks is still above ``max_ops`` operations. Not packaged: each process compiles it
     (inductor's own cache keeps the blocks' code), once for every run of the same structure
     (``_LAST_ROLLED``: a pipeline's fits after the first check it against eager and go)."""
-    # recorded on the tensors themselves: the step reads the guide's buffers from the guide,
-    # and a copy of one would be recorded as a constant (a fit's own start)
-    first = package_cache.record(loss_and_grads, [*params, *feeds])
-    key = package_cache.key(first, [*params, *feeds], len(params), "rolled", _SOURCE) \
-        if first == package_cache.record(loss_and_grads, [*params, *feeds], seed_offset=1) \
-        else None
+    # the guide's buffers themselves, as the step reads them: copies would record each fit's
+    # start as a constant
+    steady = package_cache.steady_record(loss_and_grads, [*params, *feeds])
+    key = None if steady is None else \
+        package_cache.key(steady, [*params, *feeds], len(params), "rolled", _SOURCE)
     inputs = [t.detach() for t in (*params, *feeds)]
     held = _LAST_ROLLED.get(key) if key is not None else None
     if held is not None:
@@ -496,8 +495,7 @@ def _checked_graph(loss_and_grads: Callable, svi: Any, data: dict, params: list[
     records agreed already (``recorded``)."""
     inputs = [*params, *feeds]
     graph = _trace(loss_and_grads, inputs, fixed=fixed)
-    if not recorded and package_cache.record(loss_and_grads, inputs) != \
-            package_cache.record(loss_and_grads, inputs, seed_offset=1):
+    if not recorded and package_cache.steady_record(loss_and_grads, inputs) is None:
         raise CannotCompile("the trace's structure changes from step to step")
     _drop_whole_gathers(graph)
     _check_against_eager(svi, data, params, feeds, graph)
@@ -591,8 +589,8 @@ def _packaged(loss_and_grads: Callable, optim: Any, params: list[torch.Tensor],
     key to build it under. The step is recorded twice, on two random streams, not traced:
     where the records differ there is no key, and the traces' checks say why. A package is
     built only from a graph that passed the check against eager, for the same record."""
-    first = package_cache.record(loss_and_grads, [*params, *feeds])
-    if first != package_cache.record(loss_and_grads, [*params, *feeds], seed_offset=1):
+    first = package_cache.steady_record(loss_and_grads, [*params, *feeds])
+    if first is None:
         return None, None
     update = _adam_update(optim, params)
     settings = [(group["betas"], group["eps"], group["weight_decay"])
@@ -612,9 +610,9 @@ def _inductor_settings(cpu: bool, scalar: bool = False) -> Iterator[None]:
     the probe found noted for later runs. With ``scalar``, loops without vector
     instructions: for a rolled block's few numbers a turn they are faster."""
     isa = _vector_isa_known() if cpu else {}
-    if scalar:
-        isa = {**isa, "cpp.simdlen": 1}
-    with torch._inductor.config.patch(compile_threads=1, size_asserts=False, **isa):
+    scalar_loops = {"cpp.simdlen": 1} if scalar else {}
+    with torch._inductor.config.patch(compile_threads=1, size_asserts=False, **isa,
+                                      **scalar_loops):
         yield
     if cpu and not isa:
         _remember_vector_isa()

@@ -74,6 +74,14 @@ def record(fn: Callable, inputs: list[torch.Tensor], seed_offset: int = 0) -> st
     return recording.digest.hexdigest()
 
 
+def steady_record(fn: Callable, inputs: list[torch.Tensor]) -> str | None:
+    """``record`` of ``fn`` on two random streams where both are the same (the step runs the
+    same operations whatever it draws), else None. Give the tensors ``fn`` reads themselves:
+    a copy of one is recorded as a constant, by its contents."""
+    first = record(fn, inputs)
+    return first if first == record(fn, inputs, seed_offset=1) else None
+
+
 def key(recorded: str, inputs: list[torch.Tensor], *parts: object) -> str:
     """The package's key: the step's record, its inputs' layouts, what else shapes the
     compiled step (``parts``: the caller's code among them), torch's version and this CPU."""

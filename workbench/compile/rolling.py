@@ -97,7 +97,7 @@ def roll(graph: fx.GraphModule, inputs: list[torch.Tensor],
         block = _block(nodes, region.start + region.period, region.period, outputs,
                        [(run.positions, _stack_dim(run.stack)) for run in gathered])
         chunks = _chunks(region, values)
-        kept = _take_chunks(block, chunks, _duplicates(region))
+        kept = _fewer_inputs(block, chunks, _duplicates(region))
         signature = (tuple(kept), tuple((chunk.dim, tuple(sorted(chunk.offsets.items())))
                                         for chunk in chunks),
                      tuple(outputs), tuple(tuple(run.positions) for run in gathered))
@@ -305,7 +305,7 @@ def _duplicates(region: _Region) -> dict[int, int]:
     return same
 
 
-def _take_chunks(block: fx.GraphModule, chunks: list[_Chunk], same: dict[int, int]
+def _fewer_inputs(block: fx.GraphModule, chunks: list[_Chunk], same: dict[int, int]
                  ) -> list[int]:
     """``block`` changed to take each of ``chunks`` as one input (after the others) and pick
     its turns' values inside, and to take a value given twice (``same``: slot, the earlier
