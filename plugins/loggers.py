@@ -6,7 +6,6 @@ from __future__ import annotations
 import csv
 import io
 import os
-import time
 from contextlib import contextmanager
 from pathlib import Path
 from urllib.parse import urlparse
@@ -48,8 +47,8 @@ class CsvLog:
         self.writer.writerow(["step", "tag", "value"])
         self.writer.writerows([row["step"], row["tag"], row["value"]] for row in kept)
 
-    def scalar(self, tag: str, value: float, step: int) -> None:
-        self.writer.writerow([step, tag, repr(float(value))])
+    def scalars(self, records: list[tuple[str, float, int, float]]) -> None:
+        self.writer.writerows([step, tag, repr(float(value))] for tag, value, step, _ in records)
 
     def flush(self) -> None:
         self.handle.flush()
@@ -117,11 +116,11 @@ class MlflowLog:
             else:
                 os.environ[ALLOW_FILE_STORE] = before
 
-    def scalar(self, tag: str, value: float, step: int) -> None:
+    def scalars(self, records: list[tuple[str, float, int, float]]) -> None:
         from mlflow.entities import Metric
 
-        self.pending.append(Metric(tag.replace("/", "."), float(value), int(time.time() * 1000),
-                                   step))
+        self.pending.extend(Metric(tag.replace("/", "."), float(value), int(wall_time * 1000),
+                                   step) for tag, value, step, wall_time in records)
 
     def flush(self) -> None:
         """Send the metrics in batches: one request per step would slow training down."""
@@ -213,8 +212,9 @@ class WandbLog:
         if not resumed:
             files.write_atomic(saved, self.run.id.encode())
 
-    def scalar(self, tag: str, value: float, step: int) -> None:
-        self.rows.setdefault(step, {})[tag] = float(value)
+    def scalars(self, records: list[tuple[str, float, int, float]]) -> None:
+        for tag, value, step, _ in records:
+            self.rows.setdefault(step, {})[tag] = float(value)
 
     def image(self, tag: str, image, step: int) -> None:
         self.rows.setdefault(step, {})[tag] = self.wandb.Image(image)

@@ -65,14 +65,20 @@ class EventLog:
                               session_log=SessionLog(status=SessionLog.START)))
 
     def scalar(self, tag: str, value: float, step: int) -> None:
-        fixed = self._tags.get(tag)
-        if fixed is None:
-            fixed = self._tags[tag] = scalar_summary(tag)
-        now = time.time()
-        self._pending.append((now, step, fixed, value))  # encoded with its run at the drain
-        if len(self._pending) >= BATCH:
+        self.scalars([(tag, value, step, time.time())])
+
+    def scalars(self, records: list[tuple[str, float, int, float]]) -> None:
+        """Scalars as ``(tag, value, step, wall_time)``, queued as their numbers: each is
+        encoded with its run at the drain."""
+        tags, pending = self._tags, self._pending
+        for tag, value, step, wall_time in records:
+            fixed = tags.get(tag)
+            if fixed is None:
+                fixed = tags[tag] = scalar_summary(tag)
+            pending.append((wall_time, step, fixed, value))
+        if len(pending) >= BATCH:
             self._drain()
-        elif now >= self._due:  # a slow run's curve still reaches a live TensorBoard
+        elif time.time() >= self._due:  # a slow run's curve still reaches a live TensorBoard
             self._drain()
             self._file.flush()
 
@@ -126,12 +132,13 @@ def histogram(values: Any) -> HistogramProto:
     # edges: a few parameters' histogram in 5 us, not 35
     index = np.searchsorted(limits, values, side="right") - 1
     index[values == limits[-1]] = len(limits) - 2
-    inside = (index >= 0) & (index < len(limits) - 1)
-    counts = np.bincount(index[inside], minlength=len(limits) - 1)
-    filled = np.flatnonzero(counts)
-    start, end = int(filled[0]), int(filled[-1]) + 1
-    # an empty bucket first, whose right limit is the histogram's left edge (tensorboardX's)
-    counts = counts[start - 1:end] if start > 0 else np.concatenate([[0], counts[:end]])
+    index = index[(index >= 0) & (index < len(limits) - 1)]
+    if index.size == 0:
+        raise ValueError("the histogram has no value between -1e20 and 1e20")
+    start, end = int(index.min()), int(index.max()) + 1
+    # an empty bucket first, whose right limit is the histogram's left edge (tensorboardX's),
+    # then the buckets from the first filled one to the last
+    counts = np.concatenate([[0], np.bincount(index - start)])
     limits = limits[start:end + 1]
     last_of_run = np.ones(len(counts), dtype=bool)  # keep a bucket unless the next is empty too
     last_of_run[:-1] = ~((counts[:-1] == 0) & (counts[1:] == 0))

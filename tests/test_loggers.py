@@ -104,6 +104,56 @@ def test_a_failing_logger_is_reported_once_and_the_run_goes_on(tmp_path: Path):
     assert loss_steps(tmp_path / "metrics.csv") == list(range(30))
 
 
+class OneByOne:
+    def __init__(self):
+        self.calls = []
+
+    def scalar(self, tag, value, step):
+        self.calls.append(("scalar", tag, value, step))
+
+    def histogram(self, tag, values, step):
+        self.calls.append(("histogram", tag, step))
+
+
+class Batched:
+    def __init__(self):
+        self.batches = []
+
+    def scalars(self, records):
+        self.batches.append(list(records))
+
+
+def test_scalars_reach_each_logger_in_batches_in_the_order_logged(monkeypatch):
+    """Queued, then handed over before any other call, at a batch's size, or once due; a
+    logger without ``scalars`` gets them one by one."""
+    from workbench.train import loggers
+
+    monkeypatch.setattr(loggers, "HAND_OVER_SECONDS", 1e9)  # none due while the test runs
+    monkeypatch.setattr(loggers, "HAND_OVER_RECORDS", 4)
+    one, batched = OneByOne(), Batched()
+    log = loggers.Loggers([("one", one), ("batched", batched)])
+    before = time.time()
+    for step in range(3):
+        log.scalar("Train/loss", step / 2, step)
+    assert one.calls == [] and batched.batches == []
+    log.histogram("Params/w", [1.0, 2.0], 2)
+    after = time.time()
+    assert one.calls == [("scalar", "Train/loss", step / 2, step) for step in range(3)] + [
+        ("histogram", "Params/w", 2)]
+    (first,) = batched.batches
+    assert [record[:3] for record in first] == [("Train/loss", step / 2, step)
+                                                for step in range(3)]
+    assert all(before <= record[3] <= after for record in first)  # each its own wall time
+    for step in range(3, 7):
+        log.scalar("Train/loss", 0.0, step)
+    assert [len(batch) for batch in batched.batches] == [3, 4]  # a full batch, unasked
+    monkeypatch.setattr(loggers, "HAND_OVER_SECONDS", 0.0)
+    log.flush()  # due again at once from here
+    log.scalar("Eval/loss", 1.0, 7)
+    assert batched.batches[-1] == [("Eval/loss", 1.0, 7, batched.batches[-1][0][3])]
+    assert one.calls[-1] == ("scalar", "Eval/loss", 1.0, 7)
+
+
 def mlflow_store(tmp_path: Path, kind: str) -> str:
     """A local store as a user names it: a folder, a file: URI, a SQLite database."""
     return {"folder": str(tmp_path / "mlruns"),

@@ -135,7 +135,11 @@ def register_loggers(register: Register) -> None:
     on) and ``recipe`` (the resolved recipe, to record as the run's parameters), and returns
     an object with any of these methods, each called in the run's own thread:
 
-    - ``scalar(tag, value, step)``: a number, e.g. ``Train/loss`` after every step;
+    - ``scalars(records)``: numbers, each ``(tag, value, step, wall_time)`` in the order
+      logged, e.g. ``Train/loss`` after every step; vibench hands them over in batches, each
+      record at most about a second old, and all of them before any other call;
+    - ``scalar(tag, value, step)``: one number, for a logger without ``scalars`` (called once
+      a record, as the batch is handed over);
     - ``histogram(tag, values, step)``: a NumPy array, e.g. a tensor parameter;
     - ``image(tag, image, step)``: an ``(H, W, 3)`` uint8 array, e.g. a plot;
     - ``flush()``: make everything logged so far durable (called at every checkpoint);
