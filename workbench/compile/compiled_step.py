@@ -700,9 +700,14 @@ def _make_fx(fn: Callable, inputs: list[torch.Tensor],
     of a plate as ``int(g.max()) + 1``, say) becomes a constant of the graph where it comes
     from the inputs at ``fixed`` (the data, the same every step) and constants alone; one
     that depends on another input or a random draw is a CannotCompile."""
+    from torch._guards import TracingContext, tracing
+    from torch._subclasses.fake_tensor import FakeTensorMode
     from torch.fx.experimental.proxy_tensor import make_fx
 
-    graph = make_fx(fn, _error_on_data_dependent_ops=False)(*inputs)
+    # Each node's metadata is a fake tensor; with no fake mode to find, make_fx makes a new
+    # one per operation, half of a long step's trace. One mode serves them all.
+    with tracing(TracingContext(FakeTensorMode(allow_fallback_kernels=True))):
+        graph = make_fx(fn, _error_on_data_dependent_ops=False)(*inputs)
     placeholders = [node for node in graph.graph.nodes if node.op == "placeholder"]
     allowed = {placeholders[i] for i in fixed}
     for node in graph.graph.nodes:
