@@ -65,11 +65,11 @@ COLD_OP_SECONDS = 0.03
 # meanwhile (no package yet, a first compile dearer than the eager steps) the traced step is
 # replayed uncompiled where that pays for tracing it: a replay takes about REPLAY_SHARE of an
 # eager step (no Pyro in it), tracing and checking about TRACE_SECONDS plus TRACE_OP_SECONDS
-# an operation (benchmarks/README.md, "A new model's first run, traced", and "Loops rolled,
-# round 2": 0.8-0.9 ms an operation traced once)
+# an operation (benchmarks/README.md, "A new model's first run, traced", and "Tracing with
+# one fake mode": 0.4-0.7 ms an operation traced once)
 REPLAY_SHARE = 0.5
 TRACE_SECONDS = 0.8
-TRACE_OP_SECONDS = 0.0009
+TRACE_OP_SECONDS = 0.0005
 # auto compiles a step of at most this many torch operations: compiling costs grow with the
 # count (a loop the trace unrolls runs tens of thousands), so a longer step stays eager,
 # decided from the count before anything is traced; benchmarks/README.md ("Loops") has the
