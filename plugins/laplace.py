@@ -16,6 +16,7 @@ created the guide's parameters and before training; it overwrites them in place.
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -334,7 +335,15 @@ def _value_and_grad(potential: Callable, point: torch.Tensor) -> tuple[float, to
 
 
 def _hessian(potential: Callable, point: torch.Tensor) -> torch.Tensor:
-    hessian = torch.autograd.functional.hessian(potential, point.detach())
+    """The potential's Hessian at ``point``: its rows in one batched double backward (vmap
+    over the basis vectors), else, where vmap cannot batch an operation, one pass a row."""
+    point = point.detach()
+    try:
+        with warnings.catch_warnings():  # vmap's note on an operation it loops over
+            warnings.simplefilter("ignore", UserWarning)
+            hessian = torch.autograd.functional.hessian(potential, point, vectorize=True)
+    except Exception:  # noqa: BLE001 - the same Hessian, a row at a time
+        hessian = torch.autograd.functional.hessian(potential, point)
     return (hessian + hessian.T) / 2
 
 

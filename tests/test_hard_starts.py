@@ -117,3 +117,35 @@ def test_a_descent_whose_line_searches_keep_failing_stops(monkeypatch):
     run = centred_laplace_start()
     assert "no mode: the search ran to the edge of tau's support" in " ".join(run.notes)
     assert len(calls) < 2 * laplace.STALL_EVALS + laplace.MAX_ITER // 2, len(calls)
+
+
+class _ScaledSquare(torch.autograd.Function):
+    """x^2 * s, whose backward reads a value in Python: vmap cannot batch it."""
+
+    @staticmethod
+    def forward(ctx, x):
+        ctx.save_for_backward(x)
+        return x ** 2 * 1.5
+
+    @staticmethod
+    def backward(ctx, grad):
+        (x,) = ctx.saved_tensors
+        return grad * x * (3.0 if float(grad.sum()) == float(grad.sum()) else 0.0)
+
+
+@pytest.mark.parametrize("batchable", [True, False])
+def test_the_laplace_hessian_is_the_one_a_row_at_a_time_gives(batchable: bool):
+    """Batched (one double backward over the basis vectors) where vmap can, else a row at
+    a time, the same matrix either way."""
+    from vibench_plugins import laplace
+
+    weights = torch.tensor([[2.0, 0.3, 0.1], [0.3, 1.0, -0.2], [0.1, -0.2, 0.5]])
+
+    def potential(z: torch.Tensor) -> torch.Tensor:
+        square = z ** 2 * 1.5 if batchable else _ScaledSquare.apply(z)
+        return z @ weights @ z / 2 + torch.exp(z).sum() + square.sum() * z[0]
+
+    point = torch.tensor([0.2, -0.4, 0.7])
+    want = torch.autograd.functional.hessian(potential, point)
+    assert torch.allclose(laplace._hessian(potential, point), (want + want.T) / 2,
+                          rtol=1e-6, atol=1e-6)
