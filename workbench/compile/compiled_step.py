@@ -702,11 +702,15 @@ def _make_fx(fn: Callable, inputs: list[torch.Tensor],
     that depends on another input or a random draw is a CannotCompile."""
     from torch._guards import TracingContext, tracing
     from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.fx._lazy_graph_module import _use_lazy_graph_module
     from torch.fx.experimental.proxy_tensor import make_fx
 
     # Each node's metadata is a fake tensor; with no fake mode to find, make_fx makes a new
-    # one per operation, half of a long step's trace. One mode serves them all.
-    with tracing(TracingContext(FakeTensorMode(allow_fallback_kernels=True))):
+    # one per operation, half of a long step's trace. One mode serves them all. The graph's
+    # Python code is written when it is first run, not after each change to it (a second a
+    # change for a long loop's graph).
+    with tracing(TracingContext(FakeTensorMode(allow_fallback_kernels=True))), \
+            _use_lazy_graph_module(True):
         graph = make_fx(fn, _error_on_data_dependent_ops=False)(*inputs)
     placeholders = [node for node in graph.graph.nodes if node.op == "placeholder"]
     allowed = {placeholders[i] for i in fixed}
