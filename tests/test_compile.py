@@ -532,3 +532,25 @@ def test_a_cold_compile_says_what_it_is_doing(tmp_path: Path):
     assert done.returncode == 0, done.stderr
     line = next(x for x in done.stderr.splitlines() if x.startswith("compiling the step"))
     assert "operations" in line and "first compile usually takes" in line
+
+
+def test_a_trace_s_metadata_comes_from_one_fake_mode_and_its_code_from_its_first_run():
+    """make_fx would make a fake mode for each operation's metadata (half a long loop's
+    trace) and write the graph's Python after each change to it (a second each)."""
+    from torch._subclasses.fake_tensor import FakeTensor
+
+    x = torch.randn(5)
+
+    def loop(x):
+        for _ in range(20):
+            x = torch.sin(x) * 0.5 + x
+        return x.sum()
+
+    graph = compiled_step._make_fx(loop, [x])
+    modes = {id(node.meta["val"].fake_mode) for node in graph.graph.nodes
+             if isinstance(node.meta.get("val"), FakeTensor)}
+    assert len(modes) == 1
+    from torch.fx._lazy_graph_module import _LazyGraphModule
+
+    assert isinstance(graph, _LazyGraphModule)
+    assert torch.equal(graph(x), loop(x))
