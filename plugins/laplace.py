@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import math
 import warnings
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -39,6 +40,12 @@ STALL_PER_ITER = 3
 RESTARTS = 3  # further starts, uniform in (-2, 2) unconstrained (Stan's, Pyro's init_to_uniform)
 NEWTON_STEPS = 5  # Newton steps that polish L-BFGS's answer where the Hessian allows
 MAX_HESSIAN_DIM = 2000  # beyond it, the mode only: the Hessian costs a backward pass a dimension
+# a potential of this many torch operations or more (a loop unrolled) takes its Hessian's
+# rows in one batched pass: each row's cost is mostly the operations' own overhead there, and
+# the batch's first use imports sympy (0.25 s), which a shorter potential's Hessians do not
+# win back (benchmarks/README.md, "The Laplace Hessian in one batched pass")
+BATCHED_FROM = 1000
+_OPERATIONS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # potential -> its count
 # An unconstrained value beyond it on a constrained site (a scale below exp(-10) = 5e-5 of its
 # unit, say) is its support's edge: where a mode search that did not converge went, the
 # density grows without bound (a centred hierarchical model's tau -> 0) and there is no mode.
@@ -335,16 +342,30 @@ def _value_and_grad(potential: Callable, point: torch.Tensor) -> tuple[float, to
 
 
 def _hessian(potential: Callable, point: torch.Tensor) -> torch.Tensor:
-    """The potential's Hessian at ``point``: its rows in one batched double backward (vmap
-    over the basis vectors), else, where vmap cannot batch an operation, one pass a row."""
+    """The potential's Hessian at ``point``, a double backward a row; for a long potential
+    (``BATCHED_FROM`` operations or more) its rows in one batched double backward (vmap over
+    the basis vectors), unless vmap cannot batch an operation."""
     point = point.detach()
-    try:
-        with warnings.catch_warnings():  # vmap's note on an operation it loops over
-            warnings.simplefilter("ignore", UserWarning)
-            hessian = torch.autograd.functional.hessian(potential, point, vectorize=True)
-    except Exception:  # noqa: BLE001 - the same Hessian, a row at a time
-        hessian = torch.autograd.functional.hessian(potential, point)
+    if _operations(potential, point) >= BATCHED_FROM:
+        try:
+            with warnings.catch_warnings():  # vmap's note on an operation it loops over
+                warnings.simplefilter("ignore", UserWarning)
+                hessian = torch.autograd.functional.hessian(potential, point, vectorize=True)
+            return (hessian + hessian.T) / 2
+        except Exception:  # noqa: BLE001 - the same Hessian, a row at a time
+            pass
+    hessian = torch.autograd.functional.hessian(potential, point)
     return (hessian + hessian.T) / 2
+
+
+def _operations(potential: Callable, point: torch.Tensor) -> int:
+    """The torch operations one evaluation of ``potential`` runs, counted once per
+    potential."""
+    if potential not in _OPERATIONS:
+        with seams.Counting() as counted, torch.no_grad():
+            potential(point)
+        _OPERATIONS[potential] = counted.ops
+    return _OPERATIONS[potential]
 
 
 def _newton_step(hessian: torch.Tensor, gradient: torch.Tensor) -> torch.Tensor | None:

@@ -5,6 +5,8 @@ NaN, see a degenerate mode, start the fits elsewhere and say why in the gaussian
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 
 import pyro
@@ -134,11 +136,14 @@ class _ScaledSquare(torch.autograd.Function):
 
 
 @pytest.mark.parametrize("batchable", [True, False])
-def test_the_laplace_hessian_is_the_one_a_row_at_a_time_gives(batchable: bool):
-    """Batched (one double backward over the basis vectors) where vmap can, else a row at
-    a time, the same matrix either way."""
+@pytest.mark.parametrize("long", [True, False])
+def test_the_laplace_hessian_is_the_one_a_row_at_a_time_gives(batchable: bool, long: bool,
+                                                               monkeypatch):
+    """Batched (one double backward over the basis vectors) for a long potential where vmap
+    can, else a row at a time, the same matrix either way."""
     from vibench_plugins import laplace
 
+    monkeypatch.setattr(laplace, "BATCHED_FROM", 0 if long else 10**9)
     weights = torch.tensor([[2.0, 0.3, 0.1], [0.3, 1.0, -0.2], [0.1, -0.2, 0.5]])
 
     def potential(z: torch.Tensor) -> torch.Tensor:
@@ -149,3 +154,18 @@ def test_the_laplace_hessian_is_the_one_a_row_at_a_time_gives(batchable: bool):
     want = torch.autograd.functional.hessian(potential, point)
     assert torch.allclose(laplace._hessian(potential, point), (want + want.T) / 2,
                           rtol=1e-6, atol=1e-6)
+
+
+def test_a_short_potential_s_hessian_leaves_sympy_unimported():
+    """A batched Hessian imports sympy (0.25 s); a potential of a few operations, whose rows
+    cost less than that, takes them one at a time (a fresh process, whose imports are its
+    own)."""
+    code = ("import sys, torch\n"
+            "from vibench_plugins import laplace\n"
+            "hessian = laplace._hessian(lambda z: (z ** 3).sum() + z[0] * z[1], torch.ones(3))\n"
+            "assert hessian[0, 1] == 1 and hessian[0, 0] == 6, hessian\n"
+            "print('sympy' in sys.modules)\n")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                            timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "False"

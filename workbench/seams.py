@@ -12,6 +12,7 @@ from collections.abc import Iterator
 from typing import Any
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 
 def torch_optimizer(obj: Any) -> torch.optim.Optimizer:
@@ -150,3 +151,17 @@ def broadcast_shapes_without_sympy() -> None:
 
     broadcast_shapes._vibench = True
     torch.broadcast_shapes = broadcast_shapes
+
+
+class Counting(TorchDispatchMode):
+    """Counts the torch operations run inside it (``ops``)."""
+
+    ops = 0
+
+    @classmethod
+    def _should_skip_dynamo(cls) -> bool:
+        return False  # no dynamo runs here; guarding the mode would import it (a second)
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops += 1
+        return func(*args, **(kwargs or {}))

@@ -32,7 +32,6 @@ from typing import Any
 import pyro
 import torch
 from pyro import poutine
-from torch.utils._python_dispatch import TorchDispatchMode
 
 from workbench import environment, progress, seams
 from workbench.compile import background, package_cache, rolling
@@ -448,7 +447,7 @@ def _probe(svi: Any, data: dict) -> tuple[list[torch.Tensor], int]:
     """One eager step on a forked random stream, its gradients dropped: the parameters it
     touches (unconstrained) and how many torch operations it runs."""
     with poutine.trace(param_only=True) as capture, torch.random.fork_rng(), \
-            _Counting() as counted:
+            seams.Counting() as counted:
         svi.loss_and_grads(svi.model, svi.guide, **data)
     params = list({id(p): p for p in (site["value"].unconstrained()
                                       for site in capture.trace.nodes.values())}.values())
@@ -985,20 +984,6 @@ def _adam_update(optim: Any, params: list[torch.Tensor]) -> _AdamUpdate | None:
         optimizers.append(torch_optim)
         states += [state["step"], state["exp_avg"], state["exp_avg_sq"]]
     return _AdamUpdate(optimizers, states)
-
-
-class _Counting(TorchDispatchMode):
-    """Counts the torch operations run inside it."""
-
-    ops = 0
-
-    @classmethod
-    def _should_skip_dynamo(cls) -> bool:
-        return False  # no dynamo runs here; guarding the mode would import it (a second)
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.ops += 1
-        return func(*args, **(kwargs or {}))
 
 
 @contextlib.contextmanager
