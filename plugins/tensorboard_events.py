@@ -5,10 +5,11 @@ not drain, and that dies silently on a full disk. Writing synchronously lets a c
 every event up to it durable with one ``flush``, and a write error reaches the run as an
 ``OSError``, which it reports.
 
-A scalar, logged every step, is queued as its numbers; the queue is encoded by hand (the few
-bytes of each scalar's protobuf), framed and written in batches (at each flush, every 4096
-records, and at least every two seconds while scalars come, for a live TensorBoard), each run
-of scalars of one tag encoded together with numpy. Each record's CRC-32C is Google's C
+A scalar, logged every step, comes in a batch from the run's ``Loggers`` (at most about a
+second old) and is queued as its numbers; the queue is encoded by hand (the few bytes of each
+scalar's protobuf), framed and written in batches (at each flush, every 4096 records, and at
+least every second while scalars come, so a live TensorBoard sees a step within about two),
+each run of scalars of one tag encoded together with numpy. Each record's CRC-32C is Google's C
 implementation's (``google-crc32c``): tensorboardX's pure-Python one cost more per step than a
 compiled step's Python overhead. The file is byte for byte a TFRecord file of ``Event``
 protos either way.
@@ -32,7 +33,7 @@ from tensorboardX.proto.summary_pb2 import HistogramProto, Summary
 from workbench.rundir import files
 
 BATCH = 4096  # records queued before they are written (a flush writes them too)
-LIVE_SECONDS = 2.0  # the longest a logged event waits in the queue, while scalars come
+LIVE_SECONDS = 1.0  # the longest a logged event waits in the queue, while scalars come
 TOGETHER = 16  # scalars of one tag encoded together, with numpy, from this many
 
 

@@ -154,6 +154,22 @@ def test_scalars_reach_each_logger_in_batches_in_the_order_logged(monkeypatch):
     assert one.calls[-1] == ("scalar", "Eval/loss", 1.0, 7)
 
 
+def test_a_slow_run_s_scalars_reach_the_event_file_while_it_runs(tmp_path: Path, monkeypatch):
+    """A scalar waits in the queue at most the hand-over's time and then the event file's:
+    the next step's scalar after both have passed brings it to the file, unflushed."""
+    from vibench_plugins import tensorboard_events
+    from workbench.train import loggers
+
+    monkeypatch.setattr(loggers, "HAND_OVER_SECONDS", 0.2)
+    monkeypatch.setattr(tensorboard_events, "LIVE_SECONDS", 0.2)
+    log = loggers.Loggers([("tensorboard", tensorboard_events.EventLog(tmp_path))])
+    log.scalar("Train/loss", 7.0, 0)
+    time.sleep(0.5)  # a slow step; a busy machine only makes it longer
+    log.scalar("Train/loss", 6.5, 1)
+    assert tensorboard_steps(tmp_path) == [0, 1]
+    log.close()
+
+
 def mlflow_store(tmp_path: Path, kind: str) -> str:
     """A local store as a user names it: a folder, a file: URI, a SQLite database."""
     return {"folder": str(tmp_path / "mlruns"),
