@@ -342,9 +342,12 @@ class _BatchedBernoulli(TorchFunctionMode):
 
 def _looped(model: Callable, data: dict, draws: dict[str, torch.Tensor],
             source: poutine.Trace, n: int, predictive: bool) -> dict:
-    """``_one_draw`` for each of ``n`` draws in turn, stacked."""
+    """``_one_draw`` for each of ``n`` draws in turn, stacked, with validation off as in
+    ``_vmapped``: the values are the prior's or a guide's own draws (a third of a
+    non-broadcasting model's prior draws went to checking them)."""
     one = _one_draw(model, data, source, predictive)
-    outs = [one({name: d[i] for name, d in draws.items()}) for i in range(n)]
+    with pyro.validation_enabled(False):
+        outs = [one({name: d[i] for name, d in draws.items()}) for i in range(n)]
     if any(out.keys() != outs[0].keys() for out in outs):
         raise ValueError("the model's sample sites change from draw to draw")
     return {name: {key: torch.stack([out[name][key] for out in outs]) for key in entry}
