@@ -5,8 +5,6 @@ NaN, see a degenerate mode, start the fits elsewhere and say why in the gaussian
 
 from __future__ import annotations
 
-import subprocess
-import sys
 from pathlib import Path
 
 import pyro
@@ -15,6 +13,7 @@ import pytest
 import torch
 import yaml
 
+from tests.helpers import python
 from workbench import service
 from workbench.plugins.registry import get_registry
 
@@ -165,7 +164,6 @@ def test_a_short_potential_s_hessian_leaves_sympy_unimported():
             "hessian = laplace._hessian(lambda z: (z ** 3).sum() + z[0] * z[1], torch.ones(3))\n"
             "assert hessian[0, 1] == 1 and hessian[0, 0] == 6, hessian\n"
             "print('sympy' in sys.modules)\n")
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                            timeout=120)
+    result = python(code)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "False"

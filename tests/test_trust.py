@@ -364,9 +364,6 @@ def pyro_params():
 def test_a_stop_signal_while_the_handlers_go_in_is_one_line():
     """A signal that lands inside ``signals.install``, once a handler is in, stops the
     process as any other stop does: one line, 128 + signum, no traceback."""
-    import subprocess
-    import sys
-
     code = ("import os, signal\n"
             "from workbench import __main__ as entry, signals\n"
             "installed = signals.install\n"
@@ -375,8 +372,7 @@ def test_a_stop_signal_while_the_handlers_go_in_is_one_line():
             "    os.kill(os.getpid(), signal.SIGTERM)  # handled here, still in install\n"
             "signals.install = install\n"
             "entry.main()\n")
-    child = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                           timeout=120)
+    child = python(code)
     assert child.returncode == 128 + signal.SIGTERM, child.stderr
     assert child.stderr.strip() == "interrupted", child.stderr
 
