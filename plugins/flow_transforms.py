@@ -20,8 +20,7 @@ def laplace_start(guide, args: tuple, kwargs: dict) -> list[str]:
     sites = laplace.layout(guide)
     with InitMessenger(init_to_feasible):  # a draw from an improper prior may be no number
         laplace.check_continuous(guide, args, kwargs)
-    potential = laplace.potential_fn(laplace.source(guide, args, kwargs), sites, args,
-                                     kwargs)
+    potential = laplace.potential_fn(laplace.model_of(guide), sites, args, kwargs)
     fit = laplace.find_mode(potential, guide.transform[-1].loc.detach().clone(), True, sites)
     if fit is None:
         return ["init laplace: no start gave a finite log density; the guide keeps its "

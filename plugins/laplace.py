@@ -96,7 +96,7 @@ def initialise(guide, *args, **kwargs) -> list[str]:
     sites = layout(guide)
     check_continuous(guide, args, kwargs)
     dimension = sites[-1].stop
-    potential = potential_fn(source(guide, args, kwargs), sites, args, kwargs)
+    potential = potential_fn(model_of(guide), sites, args, kwargs)
     start = current_loc(guide, sites)
     fit = find_mode(potential, start, dimension <= MAX_HESSIAN_DIM, sites)
     notes = []
@@ -134,16 +134,10 @@ def layout(guide) -> list[Site]:
 def model_of(guide):
     """The model ``guide`` was made for, as the user wrote it: ``guide.source_model`` where
     vibench's guides keep it, else ``guide.model`` (which an autoguide may wrap in its init
-    strategy, drawing at every call)."""
+    strategy, drawing at every call). The starts seek its density (``potential_fn`` sums out
+    the sites it enumerates), not ``guide.model``'s: under the init strategy a reparameterised
+    site (plugins/reparam.py) keeps its initial value whatever its auxiliary site's is."""
     return getattr(guide, "source_model", (guide.model,))[0]
-
-
-def source(guide, args: tuple, kwargs: dict):
-    """The model whose density the start seeks: ``guide.model``, or where the model marks
-    sites for enumeration, which ``guide.model`` hides from the guide, the model the guide
-    was made for (its potential sums them out)."""
-    model = model_of(guide)
-    return model if _enumerated_nesting(model, args, kwargs) is not None else guide.model
 
 
 def check_continuous(guide, args: tuple, kwargs: dict, method: str = "laplace") -> None:

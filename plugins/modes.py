@@ -237,7 +237,7 @@ def _weigh(guide, data: dict, gaussians: list[tuple], draws: int, seed: int) -> 
     from workbench.report.posterior import psis, shown
 
     sites = laplace.layout(guide)
-    model = laplace.source(guide, (), data)
+    model = laplace.model_of(guide)
     potential = laplace.potential_fn(model, sites, (), data)
     potentials = batch_potential(model, sites, (), data, potential)
     components = [MultivariateNormal(loc.double(), scale_tril=tril.double())

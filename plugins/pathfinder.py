@@ -12,7 +12,7 @@ importance-weighted draws where k-hat < 0.7 trusts them (a short L-BFGS history 
 best Gaussian too narrow along the directions it did not see, as on nes) and the paths do
 not sit at separate modes that share the draws (``several_modes``), else at the best
 Gaussian of all paths; the ``pathfinder`` guide is a full-rank Gaussian started so. The log
-joint climbed sums out the sites a model enumerates (``laplace.source``). Other
+joint climbed sums out the sites a model enumerates (``laplace.potential_fn``). Other
 departures from the paper: the Gaussians use the last 20 pairs by default, not 6 (on the
 development set, benchmarks/README.md, 12 of 16 Pathfinder-only fits good against 9); the
 first path starts from the guide's ``init_loc`` (the others uniformly in (-2, 2), as Stan's
@@ -508,7 +508,7 @@ def approximate(guide, sites: list[laplace.Site], args: tuple, kwargs: dict,
     first path starts at ``first`` (default: the guide's location now)."""
     check_options(num_paths, max_iter, history, draws)
     laplace.check_continuous(guide, args, kwargs, method="pathfinder")
-    model = laplace.source(guide, args, kwargs)  # the sites it enumerates summed out
+    model = laplace.model_of(guide)  # the sites it enumerates summed out
     if first is None:
         first = laplace.current_loc(guide, sites)
     result = None

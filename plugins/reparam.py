@@ -7,7 +7,11 @@ often has no mode. A site whose location bends with another latent (``x2 ~ Norma
 1)``) lies along a curved ridge no Gaussian follows. The same model with those sites
 non-centred (``x = mu + tau * z``, ``z ~ Normal(0, 1)``: Pyro's ``LocScaleReparam(centered=0)``
 under ``poutine.reparam``) is the same posterior in coordinates where the funnel or the bend
-is gone. ``noncentred`` is that model as a registered model component wrapping the user's.
+is gone. A multivariate normal site whose covariance changes with another latent (a latent
+Gaussian process ``f ~ MultivariateNormal(0, K(amplitude, lengthscale))``) is the same funnel in
+many dimensions; it is non-centred as ``f = loc + L z``, ``z ~ Normal(0, 1)``, ``L`` its
+covariance's Cholesky factor (``ScaleTrilReparam``). ``noncentred`` is that model as a
+registered model component wrapping the user's.
 The answer is the model as the user wrote it:
 its trace keeps each reparameterised site under the user's name as a ``pyro.deterministic``
 site marked as a latent site as written, which the report summarises, writes to posterior.nc
@@ -54,7 +58,14 @@ class NonCentred:
         from pyro.infer.reparam import LocScaleReparam
 
         self.model, self.sites = model, sites
-        config = {site: LocScaleReparam(centered=0.0) for site in sites}
+
+        def config(msg):  # each site's reparameteriser by its family
+            if msg["name"] not in sites:
+                return None
+            if isinstance(_unwrapped(msg["fn"]), multivariate_families()):
+                return ScaleTrilReparam()
+            return LocScaleReparam(centered=0.0)
+
         self._reparameterised = _Deterministic(sites)(poutine.reparam(model, config=config))
         self.__signature__ = inspect.signature(model)
 
@@ -65,6 +76,42 @@ class NonCentred:
         if name.startswith("__") or name in ("model", "sites", "_reparameterised"):
             raise AttributeError(name)
         return getattr(self.model, name)
+
+
+def multivariate_families() -> tuple[type, ...]:
+    """The multivariate distributions ``ScaleTrilReparam`` non-centres."""
+    import torch
+
+    return (torch.distributions.MultivariateNormal,)
+
+
+def ScaleTrilReparam():
+    """A reparameteriser of a MultivariateNormal site (inside any Independent wrappers):
+    ``x = loc + scale_tril @ z``, ``z ~ Normal(0, 1)`` under ``<site>_decentered``, as
+    LocScaleReparam(centered=0) does for a location-scale site (Pyro has none for it)."""
+    import pyro
+    import pyro.distributions as dist
+    import torch
+    from pyro.infer.reparam.reparam import Reparam
+
+    class _ScaleTrilReparam(Reparam):
+        def apply(self, msg):
+            fn, event_dim = self._unwrap(msg["fn"])
+            value, shape = msg["value"], fn.batch_shape + fn.event_shape
+            standard = dist.Normal(fn.loc.new_zeros(()).expand(shape), 1.0).to_event(1)
+            decentered = None
+            if value is not None:  # differentiably inverted, as LocScaleReparam does
+                decentered = torch.linalg.solve_triangular(
+                    fn.scale_tril, (value - fn.loc).unsqueeze(-1), upper=False).squeeze(-1)
+            decentered = pyro.sample(f"{msg['name']}_decentered",
+                                     self._wrap(standard, event_dim), obs=decentered,
+                                     infer={"is_observed": msg["is_observed"]})
+            if value is None:
+                value = fn.loc + (fn.scale_tril @ decentered.unsqueeze(-1)).squeeze(-1)
+            return {"fn": dist.Delta(value, event_dim=event_dim).mask(False), "value": value,
+                    "is_observed": True}
+
+    return _ScaleTrilReparam()
 
 
 def _Deterministic(sites: list[str]):
@@ -96,8 +143,9 @@ def section(model_section: dict, sites: list[str]) -> dict:
 def centred_sites(model: Any, data: dict) -> list[str]:
     """The model's latent location-scale sites over the real line whose scale depends on
     another latent site (the necks of its funnels) or whose location bends with one (a curved
-    ridge). A location that moves linearly with other latents is a shear, which a Gaussian
-    fits as it is: left centred."""
+    ridge), and its multivariate normal sites whose covariance depends on another. A location
+    that moves linearly with other latents is a shear, which a Gaussian fits as it is: left
+    centred."""
     import torch
     from pyro import poutine
     from pyro.infer.autoguide.initialization import InitMessenger
@@ -129,10 +177,14 @@ def _dependent(model: Any, data: dict, first: Any) -> list[str]:
         again = poutine.trace(poutine.condition(model, data=latent)).get_trace(**data)
         for name in latent:
             fn = _unwrapped(again.nodes[name]["fn"])
-            if not isinstance(fn, loc_scale_families()):
+            if isinstance(fn, loc_scale_families()):
+                scale = fn.scale
+            elif isinstance(fn, multivariate_families()):
+                scale = fn.scale_tril
+            else:
                 continue
             others = [value for other, value in latent.items() if other != name]
-            if _depends_on(fn.scale, others) or _bends_with(fn.loc, others):
+            if _depends_on(scale, others) or _bends_with(fn.loc, others):
                 found.append(name)
     return found
 
