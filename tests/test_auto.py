@@ -151,6 +151,18 @@ def test_lr_auto_searches_eagerly_then_compiles_with_the_chosen_step_size(tmp_pa
     job.train()
 
 
+def test_a_smaller_step_size_wins_only_by_more_than_the_trials_noise():
+    """Near a mode every candidate's mean loss agrees up to its noise: the larger step size
+    stays (the smaller's fits would barely move); a clearly lower loss wins."""
+    from workbench.train import stepsize
+
+    best = (-57.16, 0.10)  # arma11's trials from a Laplace start: 0.1 against 0.003
+    assert not stepsize.beats((-57.25, 0.08), best)
+    assert stepsize.beats((-58.0, 0.08), best)
+    assert stepsize.beats((-57.0, 0.0), (-56.9, 0.0))  # no noise: lower wins
+    assert not stepsize.beats((-56.0, 0.01), best)
+
+
 def test_lr_auto_goes_on_from_the_winning_trial(tmp_path):
     """The run starts where the winning step size's trial ended: its parameters moved from
     their start, its optimizer's state (Adam's step count) the trial's, and the note says so."""
@@ -205,7 +217,7 @@ def test_lr_auto_trials_run_on_the_compiled_step_as_they_would_eagerly(tmp_path,
     assert len(replayed) >= 2 * 30 + 20  # two trials at least, then the run's steps
     (eager, eager_steps, eager_params), (compiled, compiled_steps, compiled_params) = \
         found["eager"], found["compiled"]
-    assert eager == pytest.approx(compiled, rel=1e-3) and len(eager) >= 3
+    assert eager == pytest.approx(compiled, rel=1e-3) and len(eager) >= 2
     assert eager_steps == compiled_steps == [30] * len(eager_steps)
     assert all(torch.allclose(eager_params[k], compiled_params[k], rtol=1e-4)
                for k in eager_params)

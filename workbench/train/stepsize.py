@@ -1,11 +1,14 @@
-"""``optimizer: {lr: auto}``: pick the step size by a short trial of each candidate, as Stan's
-ADVI adapts eta (Kucukelbir et al. 2017, sec. 3.3): from the largest candidate down, each
-trial starts from the same parameters and runs a few steps; the one whose loss over the second
-half of its trial is lowest wins, and the search stops at the first candidate worse than the
-best so far. The winner's trial is kept: the run goes on from its parameters and its
-optimizer's state, as a run at that step size would be after those steps; the others' are
-thrown away. The run's step count is the recipe's, after the search (its trial steps are
-said in the note, as the losers' are).
+"""``optimizer: {lr: auto}``: pick the step size by a short trial of each candidate, as Stan's ADVI
+adapts eta (Kucukelbir et al. 2017, sec. 3.3): from the largest candidate down, each trial starts
+from the same parameters and runs a few steps, and a smaller step size wins only where its mean loss
+over the second half of its trial is lower than the best so far by more than ``SEPARATION`` standard
+errors of the difference; the search stops at the first candidate that is not. Near a mode the
+losses of every candidate agree up to their noise, and the smallest step size would win by chance:
+its fits then barely move from where they start, and a stop that waits for the loss to settle takes
+that for convergence. The winner's trial is kept: the run goes on from its parameters and its
+optimizer's state, as a run at that step size would be after those steps; the others' are thrown
+away. The run's step count is the recipe's, after the search (its trial steps are said in the note,
+as the losers' are).
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ from workbench.config.recipe import AUTO
 
 CANDIDATES = (0.1, 0.03, 0.01, 0.003, 0.001, 0.0003, 0.0001)
 TRIAL_STEPS = 30
+SEPARATION = 2.0
 
 
 def wanted(recipe: dict) -> bool:
@@ -48,14 +52,15 @@ def adapt(run: Any, candidates: tuple[float, ...] = CANDIDATES,
     store = pyro.get_param_store()
     params = [param for _, param in store.named_parameters()]
     start = [param.detach().clone() for param in params]
-    trials, best = {}, None
+    trials, errors, best = {}, {}, None
     kept: tuple = ()  # the best trial's parameters, optimizer and its state, to go on from
     with run_context(run.device, run.dtype):
         run.compile_step()  # with the optimizer set up; each trial's takes its state over
         for lr in sorted(candidates, reverse=True):
             run.use_optimizer(_optimizer(run, lr))
-            trials[lr] = _trial(run, steps)
-            better = trials[lr] is not None and (best is None or trials[lr] < trials[best])
+            trials[lr], errors[lr] = _trial(run, steps)
+            better = trials[lr] is not None and (best is None or beats(
+                (trials[lr], errors[lr]), (trials[best], errors[best])))
             with torch.no_grad():
                 if better:
                     best, kept = lr, ([param.detach().clone() for param in params],
@@ -85,6 +90,13 @@ def adapt(run: Any, candidates: tuple[float, ...] = CANDIDATES,
     return {"lr": best, "trials": trials, "steps": steps}
 
 
+def beats(smaller: tuple[float, float], best: tuple[float, float]) -> bool:
+    """Whether a smaller step size's trial (its mean loss and that mean's standard error)
+    beats the best larger one's: lower by more than SEPARATION standard errors of the
+    difference."""
+    return smaller[0] < best[0] - SEPARATION * math.hypot(smaller[1], best[1])
+
+
 def _state(optim: Any) -> dict:
     """A copy of each parameter's optimizer state (a compiled step's update writes it in
     tensors it shares with every optimizer it is given)."""
@@ -108,9 +120,10 @@ def _restore(optim: Any, copies: dict) -> None:
         torch_optimizer(optim.optim_objs[param]).state[param] = dict(state)
 
 
-def _trial(run: Any, steps: int) -> float | None:
+def _trial(run: Any, steps: int) -> tuple[float | None, float]:
     """``steps`` steps of the run with the optimizer it holds: the mean loss over their second
-    half, None where a step was bad or failed (a step size the model cannot take)."""
+    half (None where a step was bad or failed: a step size the model cannot take) and its
+    standard error."""
     losses = []
     try:
         for _ in range(steps):
@@ -120,7 +133,10 @@ def _trial(run: Any, steps: int) -> float | None:
         losses.append(math.inf)
     tail = losses[len(losses) // 2:]
     score = sum(tail) / len(tail)
-    return score if math.isfinite(score) else None
+    if not math.isfinite(score):
+        return None, math.inf
+    spread = sum((loss - score) ** 2 for loss in tail) / max(len(tail) - 1, 1)
+    return score, math.sqrt(spread / len(tail))
 
 
 def _optimizer(run: Any, lr: float) -> Any:
