@@ -172,8 +172,8 @@ def potential_fn(model, sites: list[Site], args: tuple,
                 unconstrained, values[site.name]).sum()
         try:
             log_p = _log_joint(poutine.condition(model, data=values), nesting, args, kwargs)
-        except ValueError:  # a parameter the model's validation refuses, from a long step
-            return flat.new_tensor(math.inf)
+        except (ValueError, torch.linalg.LinAlgError):  # a parameter the model's validation
+            return flat.new_tensor(math.inf)  # refuses, a covariance no longer one (a long step)
         value = -(log_p + log_jacobian)
         # a density that is no number there (NaN, or +inf in a funnel's neck) is no mode:
         # +inf keeps L-BFGS's line search out (its bracket cannot hold a NaN)

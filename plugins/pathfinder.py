@@ -291,10 +291,12 @@ def gaussians(points: list[torch.Tensor], gradients: list[torch.Tensor], history
 
 
 def batch_potential(model, sites: list[laplace.Site], args: tuple, kwargs: dict,
-                    potential: Callable) -> Callable[[torch.Tensor], torch.Tensor]:
+                    potential: Callable, grad: bool = False
+                    ) -> Callable[[torch.Tensor], torch.Tensor]:
     """The potential of each row of an ``(n, d)`` tensor: in one trace of the model under a
     plate of n draws where its first evaluation agrees with ``potential`` row by row (as
-    Pyro's vectorised particles), else one trace a row."""
+    Pyro's vectorised particles), else one trace a row; differentiable with ``grad``. After
+    its first call its ``rowwise`` says which (True: a row at a time)."""
     from pyro import poutine
 
     from workbench.report import marginal
@@ -328,7 +330,7 @@ def batch_potential(model, sites: list[laplace.Site], args: tuple, kwargs: dict,
     chosen: list[Callable] = []
 
     def batched(points: torch.Tensor) -> torch.Tensor:
-        with torch.no_grad():
+        with torch.set_grad_enabled(grad):
             if chosen:
                 try:
                     return chosen[0](points)
@@ -342,8 +344,10 @@ def batch_potential(model, sites: list[laplace.Site], args: tuple, kwargs: dict,
             except (RuntimeError, ValueError, NotImplementedError, IndexError):
                 agrees = False
             chosen.append(vectorised if agrees else one_by_one)
+            batched.rowwise = not agrees
             return together if agrees else torch.cat([exact, one_by_one(points[2:])])
 
+    batched.rowwise = None
     return batched
 
 

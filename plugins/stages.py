@@ -16,14 +16,18 @@
 - ``flow``: when the best Gaussian's PSIS k-hat is above ``khat``, a flow started at it
   (not where the answer is the fits' weighed mixture, nor where a heavier-tailed proposal
   built from the Gaussian fits, which the answer then comes from, has a trusted k-hat);
-- ``psis``: report the importance-weighted (PSIS) estimates of fits with k-hat below ``khat``.
+- ``psis``: report the importance-weighted (PSIS) estimates of fits with k-hat below ``khat``;
+- ``hmc``: where the answer so far cannot be trusted by its k-hat (no weighed mixture, no
+  trusted heavier-tailed proposal), HMC chains started from the best Gaussian fit
+  (plugins/hmc.py); their draws are the answer, judged by their R-hat, ESS and divergences.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import statistics
-from typing import Literal
+from typing import Any, Literal
 
 from workbench import hookimpl
 from workbench.report.thresholds import KHAT_TRUSTED, RHAT_AGREE
@@ -41,6 +45,7 @@ def register_stages(register):
     register("rhat", rhat)
     register("flow", flow)
     register("psis", psis)
+    register("hmc", hmc)
 
 
 def start(method: Literal["laplace", "pathfinder", "init_loc", "none"] = "laplace"):
@@ -641,3 +646,157 @@ class PSIS:
                     f"{', '.join(f'{fit.khat:.2f}' for fit in fits)} < {self.khat:g}")
         return (f"the guide's own moments for {len(fits) - len(good)} of {len(fits)} fits "
                 f"(k-hat >= {self.khat:g}); importance-weighted for the rest")
+
+
+def hmc(chains: int = 32, groups: int = 4, warmup: int = 150, draws: int = 50, rounds: int = 8,
+        target_accept: float = 0.65, max_dimension: int = 200):
+    """Where the answer's k-hat says no variational answer can be trusted (and neither the fits'
+    weighed mixture nor a heavier-tailed proposal built from them is), ``chains`` HMC chains started
+    from the best Gaussian fit and preconditioned by it (plugins/hmc.py), in ``groups`` sharing a
+    start each: ``warmup`` transitions, then ``draws`` at a time until the chains are trusted
+    (``thresholds.chains_distrusted``, by their nested R-hat), ``rounds`` times at most. The step
+    size is tuned to ``target_accept``, the chains' harmonic-mean acceptance (ChEES-HMC's 0.65:
+    their arithmetic mean then sits near 0.95). Their draws are the answer, flagged where the chains
+    are not trusted. All chains cost one batched run of the model a leapfrog step, so many short
+    chains cost what a few do; a model that does not broadcast is run a chain at a time, and gets
+    one chain a group. Beyond ``max_dimension`` latent dimensions (a dense metric's cost grows as
+    their square) it does not run."""
+    if min(warmup, draws, rounds, max_dimension) < 1 or groups < 2 or chains % groups:
+        raise ValueError(f"need groups >= 2 dividing chains, and warmup, draws, rounds and "
+                         f"max_dimension >= 1, got chains {chains}, groups {groups}, {warmup}, "
+                         f"{draws}, {rounds} and {max_dimension}")
+    if not 0 < target_accept < 1:
+        raise ValueError(f"target_accept must be in (0, 1), got {target_accept!r}")
+    return HMC(chains, groups, warmup, draws, rounds, target_accept, max_dimension)
+
+
+class HMC:
+    def __init__(self, chains, groups, warmup, draws, rounds, target_accept, max_dimension):
+        self.chains, self.groups, self.warmup, self.draws = chains, groups, warmup, draws
+        self.rounds, self.target, self.max_dimension = rounds, target_accept, max_dimension
+
+    def run(self, pipeline) -> str:
+        from workbench.auto import answer
+        from workbench.report.thresholds import khat_trusted
+
+        fits = pipeline.candidates
+        if not fits:
+            return "skipped: no fit"
+        if pipeline.mixture is not None:
+            return (f"skipped: the answer is the fits' weighed mixture (k-hat "
+                    f"{pipeline.mixture.khat:.2f})")
+        khat = pipeline.best(fits).khat
+        if khat_trusted(khat):
+            return f"skipped: the answer's k-hat {khat:.2f} <= {KHAT_TRUSTED:g}"
+        trusted = trusted_proposal(pipeline)
+        if trusted:
+            return f"skipped: {trusted}"
+        why = "no k-hat" if khat is None else f"k-hat {khat:.2f} > {KHAT_TRUSTED:g}"
+        gaussians, _, _ = answer.proposals(pipeline)  # the Gaussian fits of the answer's model
+        if not gaussians:
+            return f"skipped ({why}): no Gaussian fit to start from"
+        if pipeline.dimension > self.max_dimension:
+            return (f"skipped ({why}): {pipeline.dimension} dimensions, more than "
+                    f"max_dimension {self.max_dimension}")
+        start = pipeline.best(gaussians)
+        pipeline.say(f"auto: {why}: HMC from {start.label}'s Gaussian")
+        pipeline.sampled = sampled = sample(pipeline, start, self)
+        said = f"{why}: HMC from {start.label}'s Gaussian, {sampled.said()}"
+        if sampled.distrusted:
+            return f"{said}; {sampled.distrusted}; the answer is its draws, flagged"
+        return f"{said}: the answer is its draws"
+
+
+@dataclasses.dataclass
+class Sampled:
+    """What the hmc stage left for the answer: the fit it started from, its chains, their
+    diagnostics (per coordinate: ``workbench.report.draws.chain_diagnostics``), each
+    coordinate's name, and why they are not to be trusted ("" where they are)."""
+
+    label: str
+    chains: Any
+    groups: int
+    diagnostics: dict
+    labels: list[str]  # each unconstrained coordinate's site and element
+    distrusted: str
+
+    def worst(self) -> tuple[float, str, float, str]:
+        """The largest nested R-hat and the smallest ESS (bulk or tail), each with its
+        coordinate."""
+        return _worst(self.diagnostics, self.labels)
+
+    def record(self) -> dict:
+        """summary.json's ``diagnostics.sampler``."""
+        rhat, at_rhat, ess, at_ess = self.worst()
+        chains = self.chains
+        return {"method": "hmc", "from": self.label, "chains": int(chains.points.shape[0]),
+                "groups": self.groups, "draws": int(chains.points.shape[1]),
+                "warmup": chains.warmup, "step_size": chains.step_size,
+                "leapfrog": chains.leapfrog, "accept": chains.accept,
+                "divergences": chains.divergences, "gradients": chains.gradients,
+                "seconds": chains.seconds, "nested_rhat": rhat, "nested_rhat_at": at_rhat,
+                "ess": ess, "ess_at": at_ess, "trusted": not self.distrusted}
+
+    def said(self) -> str:
+        rhat, _, ess, _ = self.worst()
+        chains = self.chains
+        count, length = chains.points.shape[:2]
+        return (f"{count} chains in {self.groups} groups, {length} draws each after "
+                f"{chains.warmup} warm-up (step size {chains.step_size:.3g}, "
+                f"{chains.leapfrog:.1f} leapfrog steps, acceptance {chains.accept:.2f}, "
+                f"{chains.divergences} divergent, {chains.seconds:.1f} s); nested R-hat "
+                f"{rhat:.3f}, ESS {ess:.0f}")
+
+
+def _worst(found: dict, labels: list[str]) -> tuple[float, str, float, str]:
+    import torch
+
+    rhat = found["nested_rhat"]
+    ess = torch.minimum(found["ess_bulk"], found["ess_tail"])
+    r, e = int(rhat.argmax()), int(ess.argmin())
+    return float(rhat[r]), labels[r], float(ess[e]), labels[e]
+
+
+def sample(pipeline, start, stage: HMC) -> Sampled:
+    """Run the chains from fit ``start``'s Gaussian on the model it was fitted to; their
+    draws go to the pipeline's CHAINS file, which its answer is drawn from."""
+    import numpy as np
+    import pyro
+    import torch
+
+    from vibench_plugins import hmc as sampler
+    from vibench_plugins import laplace
+    from vibench_plugins.pathfinder import batch_potential
+    from workbench.device import run_context
+    from workbench.report.draws import chain_diagnostics
+    from workbench.report.thresholds import chains_distrusted
+    from workbench.rundir import files, layout
+
+    run = pipeline.load(start.path)
+    loc, scale = start.gaussian
+    groups, chains = stage.groups, stage.chains
+    with run_context(run.device, run.dtype), torch.no_grad(), pyro.validation_enabled(False):
+        dtype = torch.get_default_dtype()
+        loc, scale = loc.to(dtype), (scale if scale.dim() == 2 else scale.diag()).to(dtype)
+        sites = laplace.layout(run.guide)
+        model = laplace.model_of(run.guide)
+        potential = laplace.potential_fn(model, sites, (), run.data)
+        potentials = batch_potential(model, sites, (), run.data, potential, grad=True)
+        potentials(loc.expand(2, -1))  # which way it runs: batched, or a row at a time
+        if potentials.rowwise:
+            chains = groups  # each chain costs a run of the model: one a group
+        labels = [site.name if site.stop - site.start == 1 else f"{site.name}[{i}]"
+                  for site in sites for i in range(site.stop - site.start)]
+
+        def distrusted(points) -> str:
+            return chains_distrusted(*_worst(chain_diagnostics(points, groups), labels), 0)
+
+        found = sampler.sample(potentials, loc, scale, chains, stage.warmup, stage.draws,
+                               pipeline.recipe["seed"] + 11, rounds=stage.rounds,
+                               enough=lambda points: not distrusted(points),
+                               target=stage.target, groups=groups)
+    diagnostics = chain_diagnostics(found.points, groups)
+    why = chains_distrusted(*_worst(diagnostics, labels), found.divergences)
+    files.write_atomic(pipeline.run_dir / layout.CHAINS,
+                       lambda handle: np.save(handle, found.points.numpy(), allow_pickle=False))
+    return Sampled(start.label, found, groups, diagnostics, labels, why)

@@ -8,7 +8,10 @@ resampled by their Pareto-smoothed weights out of ``IS_POOL`` draws (so a draw m
 the whole shuffled; their moments are the reported ones up to Monte Carlo error. Where the
 fits sit at several modes and the answer is their mixture weighed against the model
 (``auto.answer`` is ``MIXTURE``: the rhat stage, plugins/stages.py), ``IS_POOL`` draws are
-shared evenly among the fits, each weighed against that mixture, and resampled as one.
+shared evenly among the fits, each weighed against that mixture, and resampled as one. Where
+the answer is the hmc stage's chains (``CHAINS``), its draws are the chains' (the pipeline's
+``layout.CHAINS`` file), evenly spaced, through the fit they started from
+(``workbench.report.draws.DrawsGuide``).
 
 ``answer_draws`` is the one implementation: as ``{site: tensor}`` for ``Fit.sample``, or as
 the groups of ``posterior.nc`` (``workbench.report.inference_data``'s, draw for draw: the
@@ -39,6 +42,8 @@ ANSWER = "the pipeline's answer"  # the answer's name in the plots' legends
 MIXTURE = "weighed mixture"
 # ... and where it is importance sampling from a heavier-tailed proposal built from the fits
 TAILS = "heavier-tailed proposal"
+# ... and where it is the draws of the hmc stage's chains
+CHAINS = "hmc draws"
 SAMPLE_STATS_NOTE = (
     "fit: the index, in the attribute fits, of the fit the draw came from; resampled: whether "
     "it was drawn by that fit's PSIS weights (its log_weight is then already applied: weighing "
@@ -56,6 +61,10 @@ TAILS_STATS_NOTE = (
     "weights out of the proposal's draws (its log_weight is then already applied: weighing "
     "the draws again counts it twice); lp and log_weight: log p(x, z) and "
     "log p(x, z) - log r(z), r the proposal")
+CHAINS_STATS_NOTE = (
+    "fit: 0, every draw is a draw of the HMC chains (diagnostics.sampler in summary.json)"
+    " started from the fit in the attribute fits, evenly spaced over the chains; resampled: "
+    "false (the draws are not weighted)")
 
 Loader = Callable[[Path], Any]  # a fit's run directory -> the run, rebuilt from its checkpoint
 _FIT, _RESAMPLED = ("", "fit"), ("", "resampled")  # keys no site's or group's name can be
@@ -111,7 +120,8 @@ def answer_draws(run_dir: Path, summary: dict, n: int, load: Loader, seed: int |
     with seeded(seed, _device(summary)):
         kind = summary["auto"].get("answer")
         found = (_mixture(answer, run_dir, n, load, whole) if kind == MIXTURE else
-                 _tails(answer, summary, run_dir, n, load, whole) if kind == TAILS else None)
+                 _tails(answer, summary, run_dir, n, load, whole) if kind == TAILS else
+                 _chains(answer, run_dir, n, load, whole) if kind == CHAINS else None)
         parts, meta = found or _separately(answer, planned, run_dir, n, load, whole)
         keys = [key for key in parts[0] if all(key in part for part in parts)]
         joined = {key: _cat([part[key] for part in parts]) for key in keys}
@@ -219,6 +229,65 @@ def _tails(answer: Answer, summary: dict, run_dir: Path, n: int, load: Loader, w
     if whole:
         rows["sample_stats", "log_weight"] = log_w.numpy()
     return [{key: _take(values, index) for key, values in rows.items()}], [extra]
+
+
+def _chains(answer: Answer, run_dir: Path, n: int, load: Loader, whole: bool
+            ) -> tuple[list[dict], list[tuple]]:
+    """The draws of the hmc stage's answer (``auto.answer`` is CHAINS): ``n`` of the chains'
+    draws, evenly spaced (all of them where ``n`` is their number)."""
+    import torch
+
+    run = chains_run(run_dir, answer.used[0], load)
+    rows, _, extra = _whole(run, n) if whole else _sites(run, n, False)
+    count = len(next(iter(rows.values())))
+    rows[_FIT] = torch.zeros(count, dtype=torch.int64)
+    rows[_RESAMPLED] = torch.zeros(count, dtype=torch.bool)
+    return [rows], [extra]
+
+
+def chains_run(run_dir: Path, label: str, load: Loader) -> Any:
+    """Fit ``label`` (the one the chains started from) rebuilt, its guide swapped for the
+    chains' draws (``layout.CHAINS``, read without pickle) as a ``DrawsGuide``."""
+    import copy
+
+    import numpy as np
+    import torch
+
+    from workbench.report.draws import DrawsGuide
+    from workbench.rundir.layout import CHAINS as CHAINS_FILE
+
+    path = Path(run_dir) / CHAINS_FILE
+    try:
+        with open(path, "rb") as handle:
+            points = np.load(handle, allow_pickle=False)  # objects would be unpickled: code
+    except ValueError as exc:
+        raise files.UnsafeFile(f"{path}: not the draws vibench writes ({exc}); not read") \
+            from None
+    if points.ndim != 3 or points.dtype != np.float64:
+        raise files.UnsafeFile(f"{path}: holds {points.dtype} {points.shape}, not the float64 "
+                               "(chains, draws, dimensions) vibench writes; not used")
+    with keeping_random():
+        run = load(Path(run_dir) / FITS / label)
+    proxy = copy.copy(run)
+    proxy.guide = DrawsGuide(getattr(run.guide, "model", run.model),
+                             torch.from_numpy(points).flatten(0, 1))
+    return proxy
+
+
+def chains_summary(run_dir: Path, label: str, load: Loader) -> dict:
+    """summary.json's posterior of the hmc stage's answer: per latent and deterministic
+    site of the model as written, the moments and quantiles of all the chains' draws."""
+    import torch
+
+    from workbench.device import run_context
+    from workbench.report import posterior
+
+    run = chains_run(run_dir, label, load)
+    count = len(run.guide.get_posterior().points)
+    with run_context(run.device, run.dtype), torch.no_grad(), \
+            posterior.whole_data(run.minibatch):
+        return posterior.summarize(run.guide, run.data, run.sites, run.nesting, run.exact,
+                                   num_draws=count, model=run.model)
 
 
 def _resample(log_w: Any, n: int) -> Any:
@@ -579,9 +648,11 @@ def write(run_dir: Path, summary: dict, load: Loader, num_draws: int = NUM_DRAWS
                           seed=(summary.get("recipe") or {}).get("seed", 0), whole=True)
     diagnostics = summary.get("diagnostics") or {}
     tailed = summary["auto"].get("answer") == TAILS
+    sampled = summary["auto"].get("answer") == CHAINS
     mixed = answer.mixture
     how = (", importance-sampled from a heavier-tailed proposal built from the fits" if tailed
-           else ", the fits' mixture weighed against the model" if mixed else "")
+           else ", the fits' mixture weighed against the model" if mixed else
+           ", then HMC chains started from a fit" if sampled else "")
     attrs = {**answer.attrs}
     attrs[""] = {**attrs[""], "inference_library": "pyro",
                  "inference_library_version": pyro.__version__,
@@ -591,7 +662,8 @@ def write(run_dir: Path, summary: dict, load: Loader, num_draws: int = NUM_DRAWS
                  "estimates": summary["auto"].get("estimates", ""),
                  "fits": ",".join(answer.used), "resampled_fits": ",".join(answer.weighted)}
     attrs["sample_stats"] = {"description": TAILS_STATS_NOTE if tailed else
-                             MIXTURE_STATS_NOTE if mixed else SAMPLE_STATS_NOTE}
+                             MIXTURE_STATS_NOTE if mixed else
+                             CHAINS_STATS_NOTE if sampled else SAMPLE_STATS_NOTE}
     if diagnostics.get("khat") is not None:  # the reported k-hat: the worst fit's or mixture's
         attrs["sample_stats"].update(khat=diagnostics["khat"],
                                      khat_reading=str(diagnostics.get("reading", "")))

@@ -32,8 +32,9 @@ from workbench.rundir import files, layout
 # What ``vibench list guide`` says of ``guide: auto``.
 DESCRIPTION = ("The automatic pipeline: Gaussian fits from good starts, checked against each "
                "other (R-hat) and by importance sampling (k-hat), a normalizing flow where they "
-               "fall short, and importance-weighted (PSIS) estimates; a recipe with it names no "
-               "loss or optimizer.")
+               "fall short, importance-weighted (PSIS) estimates, and HMC started from the "
+               "best fit where no fit can be trusted; a recipe with it names no loss or "
+               "optimizer.")
 
 
 def catalogue_entry() -> dict:
@@ -118,6 +119,7 @@ class Pipeline:
     modes: Any = None  # what the gaussian stage's mode searches found (plugins/modes.py)
     mixture: Any = None  # the fits' weighed mixture where it is the answer (the rhat stage)
     proposals: Any = None  # heavier-tailed proposals weighed, kept (answer.proposals)
+    sampled: Any = None  # the hmc stage's chains where they are the answer (plugins/stages.py)
     model: dict | None = None  # the fits' model section where a stage changed it, else the recipe's
     flags: list[str] = field(default_factory=list)
     last_run: Any = None
@@ -444,8 +446,12 @@ def assemble(pipeline: Pipeline, records: list[dict], wall: float) -> dict:
         kept = pipeline.run_dir / layout.FITS  # a fit that failed to set up left no folder
         raise RunError(f"the automatic pipeline fitted nothing ({errors})"
                        + (f"; see {kept}" if kept.exists() else ""))
-    found = _mixed(pipeline, fits) if pipeline.mixture is not None else _answer(pipeline, fits)
-    used, post, weighted, estimates, diagnostics, flags = answer.heavier_tails(pipeline, found)
+    if pipeline.sampled is not None:
+        found = _sampled(pipeline)
+    else:
+        found = answer.heavier_tails(pipeline, _mixed(pipeline, fits) if pipeline.mixture
+                                     is not None else _answer(pipeline, fits))
+    used, post, weighted, estimates, diagnostics, flags = found
     noisy, cautions = iw_error.verdict(post, diagnostics.get("khat"))  # the sds' own error
     flags = [*flags, *noisy]
     best = pipeline.best(used)
@@ -515,10 +521,30 @@ def _mixed(pipeline: Pipeline, fits: list[Fit]) -> tuple:
     return fits, post, labels, estimates, diagnostics, list(pipeline.flags)
 
 
+def _sampled(pipeline: Pipeline) -> tuple:
+    """The answer where it is the hmc stage's chains: their moments and quantiles per site
+    of the model as written, the sampler's record as the diagnostics (there is no k-hat:
+    nothing is weighed), its flag where the chains are not trusted. The stages' flags speak
+    of the variational fits, which the answer no longer comes from."""
+    sampled = pipeline.sampled
+    start = next(fit for fit in pipeline.fits if fit.label == sampled.label)
+    post = answer.chains_summary(pipeline.run_dir, sampled.label, pipeline.load)
+    record = sampled.record()
+    diagnostics = {"khat": None, "reason": "the answer is HMC draws, not importance-sampled "
+                   "(diagnostics.sampler)", "sampler": record}
+    estimates = (f"HMC draws: {record['chains']} chains x {record['draws']} after "
+                 f"{record['warmup']} warm-up, started from {sampled.label}'s Gaussian")
+    flags = [f"HMC: {sampled.distrusted}"] if sampled.distrusted else []
+    return [start], post, [], estimates, diagnostics, flags
+
+
 def _kind(pipeline: Pipeline, used: list[Fit]) -> str:
     """summary.json's ``auto.answer``: what the answer is, for its readers
-    (workbench/auto/answer.py): ``answer.MIXTURE`` (the fits' weighed mixture, resampled as one),
-    ``pooled`` (the fits' equal mixture) or ``best`` (one fit)."""
+    (workbench/auto/answer.py): ``answer.CHAINS`` (the hmc stage's draws), ``answer.MIXTURE``
+    (the fits' weighed mixture, resampled as one), ``pooled`` (the fits' equal mixture) or
+    ``best`` (one fit)."""
+    if pipeline.sampled is not None:
+        return answer.CHAINS
     if pipeline.mixture is not None:
         return answer.MIXTURE
     return "pooled" if len(used) > 1 else "best"
@@ -591,6 +617,8 @@ def lines(summary: dict) -> list[str]:
     if not section["flags"]:
         found.append("auto: no flags (k-hat within bounds; the fits' disagreement is answered "
                      "by their weighed mixture)" if section.get("answer") == answer.MIXTURE
+                     else "auto: no flags (the HMC chains' R-hat, ESS and divergences within "
+                     "bounds)" if section.get("answer") == answer.CHAINS
                      else "auto: no flags (R-hat and k-hat within bounds)")
     return found + [f"auto: CAUTION: {caution}" for caution in section.get("cautions", [])]
 

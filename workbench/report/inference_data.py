@@ -219,7 +219,8 @@ def _collect(model: Callable | None, guide: Callable, data: dict, nesting: int, 
             for name, values in pointwise.items():
                 add("log_likelihood", name, values)
         add("sample_stats", "lp", lp)
-        add("sample_stats", "log_weight", lp - posterior.log_joint(guide_trace, n, nesting))
+        if getattr(guide, "has_density", True):  # a sampler's draws have none (report/draws.py)
+            add("sample_stats", "log_weight", lp - posterior.log_joint(guide_trace, n, nesting))
     return {group: {name: np.concatenate(parts) for name, parts in variables.items()}
             for group, variables in chunks.items()}
 
@@ -289,7 +290,7 @@ def _attrs(groups: dict[str, dict], trace: poutine.Trace, observed: dict, count:
     if "posterior_predictive" in groups:
         attrs["posterior_predictive"] = {"discrete_sites": ",".join(
             name for name in observed if trace.nodes[name]["fn"].support.is_discrete)}
-    if "sample_stats" in groups:
+    if "log_weight" in groups.get("sample_stats", {}):
         stats = _khat(groups["sample_stats"]["log_weight"][0],
                       {name: values for name, (values, _) in groups["posterior"].items()})
         attrs["sample_stats"] = stats

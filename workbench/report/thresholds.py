@@ -7,6 +7,12 @@ the automatic pipeline's stages, compare's table and plot, and Pathfinder all as
 - Against a reference posterior: a fit is good when every |mean error| / reference sd is at
   most ``MAX_Z`` and every sd ratio lies in ``SD_RATIO``.
 - Agreement of independent fits: split R-hat at most ``RHAT_AGREE`` (Vehtari et al. 2021).
+- A sampler's chains are trusted where every coordinate's rank-normalised R-hat (nested, for
+  many short chains in groups: workbench/report/draws.py) is at most ``RHAT_AGREE``, its bulk
+  and tail ESS at least ``ESS_CHAINS`` (Vehtari et al. 2021's 400: a mean's Monte Carlo error
+  then 5% of its sd, and a 5% or 95% quantile's close to that), and no transition after the
+  warm-up diverged (Betancourt 2017: a divergence marks a region the chains cannot enter, so
+  their draws miss it).
 - A k-hat over ``KHAT_TRUSTED`` beside an importance-sampling ESS of at least
   ``ESS_NEARLY_ALL`` of the draws is no contradiction, and the reading says why: the weights
   barely vary where the draws reach, but grow without bound past them (a Gaussian guide of a
@@ -32,12 +38,28 @@ MAX_Z = 0.2
 SD_RATIO = (0.8, 1.2)
 RHAT_AGREE = 1.01
 ESS_NEARLY_ALL = 0.99
+ESS_CHAINS = 400
 SD_MCSE_MAX = 0.1
 
 
 def khat_trusted(khat: float | None) -> bool:
     """Whether a k-hat lets the importance weights be used (False for None or NaN)."""
     return khat is not None and math.isfinite(khat) and khat <= KHAT_TRUSTED
+
+
+def chains_distrusted(rhat: float, worst_rhat: str, ess: float, worst_ess: str,
+                      divergences: int) -> str:
+    """Why a sampler's chains are not to be trusted (their largest R-hat and smallest ESS,
+    with the coordinates they belong to, and the divergent transitions after the warm-up),
+    or "" where they are."""
+    why = []
+    if not rhat <= RHAT_AGREE:
+        why.append(f"R-hat {rhat:.3f} > {RHAT_AGREE:g} ({worst_rhat}): the chains disagree")
+    if not ess >= ESS_CHAINS:
+        why.append(f"ESS {ess:.0f} < {ESS_CHAINS} ({worst_ess})")
+    if divergences:
+        why.append(f"{divergences} divergent transitions: a region the chains cannot enter")
+    return "; ".join(why)
 
 
 def khat_reading(khat: float, ess_fraction: float | None = None) -> str:

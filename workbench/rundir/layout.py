@@ -10,3 +10,6 @@ POSTERIOR = "posterior.nc"  # the draws as ArviZ InferenceData
 PLOTS = "plots"  # the figures, as PNG files
 LOCK = ".lock"  # the pid of the process writing the directory, locked while it runs
 FITS = "fits"  # the automatic pipeline's fits, each a run directory of its own
+# the automatic pipeline's HMC draws (its hmc stage): float64 (chains, draws, dimensions) in
+# the unconstrained coordinates of the fit it started from, a NumPy file read without pickle
+CHAINS = "chains.npy"

@@ -1,0 +1,226 @@
+"""The pipeline's hmc stage (plugins/stages.py, plugins/hmc.py): where no variational answer
+can be trusted, HMC chains started from the best Gaussian fit give the answer, judged by
+their nested R-hat, ESS and divergences (workbench/report/draws.py), and every reader of a
+pipeline run (summary.json, posterior.nc, ``vibench show``, ``workbench.load``) gets the
+chains' draws."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pyro
+import pyro.distributions as dist
+import pytest
+import torch
+import yaml
+
+from tests.helpers import arviz, vibench
+from vibench_plugins import hmc
+from workbench import service
+from workbench.plugins.registry import get_registry
+from workbench.report.draws import chain_diagnostics
+
+HERE = Path(__file__).resolve()
+
+
+def banana():
+    """x1 ~ Normal(0, 1), x2 ~ Normal(2 x1^2, 0.3): a curved ridge no Gaussian follows, and
+    no heavier-tailed Gaussian mixture weighs well (E x2 = 2, sd x2 = sqrt(8.09))."""
+    x1 = pyro.sample("x1", dist.Normal(torch.tensor(0.0), 1.0))
+    pyro.sample("x2", dist.Normal(2.0 * x1 ** 2, 0.3))
+
+
+def _ar1(chains: int, length: int, dimension: int, rho: float, seed: int) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(seed)
+    x = torch.zeros(chains, length, dimension, dtype=torch.float64)
+    x[:, 0] = torch.randn(chains, dimension, generator=generator, dtype=torch.float64)
+    for t in range(1, length):
+        x[:, t] = rho * x[:, t - 1] + math.sqrt(1 - rho ** 2) * torch.randn(
+            chains, dimension, generator=generator, dtype=torch.float64)
+    return x
+
+
+def test_the_chains_diagnostics_are_arvizs():
+    """Rank-normalised split R-hat to rounding, bulk ESS within 0.1% and tail ESS within 1%
+    (ArviZ sums the autocorrelations a little differently, and interpolates its 5% and 95%
+    quantiles differently), on autocorrelated chains, one shifted, one heavy-tailed."""
+    az = arviz()
+    chains = _ar1(4, 500, 3, 0.9, seed=0)
+    chains[0, :, 2] += 0.5
+    chains[:, :, 1] = chains[:, :, 1] ** 3  # a heavy tail: the folded R-hat's case
+    ours = chain_diagnostics(chains)
+    theirs = az.convert_to_dataset(chains.numpy())
+    assert np.allclose(ours["rhat"].numpy(), az.rhat(theirs)["x"].values, rtol=1e-6)
+    assert np.allclose(ours["ess_bulk"].numpy(), az.ess(theirs, method="bulk")["x"].values,
+                       rtol=1e-3)
+    assert np.allclose(ours["ess_tail"].numpy(), az.ess(theirs, method="tail")["x"].values,
+                       rtol=0.01)
+
+
+def test_the_nested_rhat_passes_groups_that_agree_and_flags_one_apart():
+    """32 chains of 200 independent draws in 4 groups: each group's mean is known to
+    1 / sqrt(1600) sd, so the nested R-hat sits within 1.01; one group shifted by half an
+    sd pushes it past (sqrt(1 + 0.0625 * 3 / 16) = 1.006 from the shift alone is below it:
+    a whole sd is 1.046)."""
+    chains = _ar1(32, 200, 2, 0.0, seed=1)
+    assert float(chain_diagnostics(chains, groups=4)["nested_rhat"].max()) <= 1.01
+    chains[:8, :, 0] += 1.0
+    found = chain_diagnostics(chains, groups=4)["nested_rhat"]
+    assert float(found[0]) > 1.02 and float(found[1]) <= 1.01
+
+
+def test_hmc_from_a_narrow_misplaced_gaussian_samples_a_correlated_gaussian():
+    """The metric is re-estimated from the chains: a start half as wide as the target and a
+    sd away still gives its moments, within 5 Monte Carlo standard errors (by the chains'
+    own ESS) for the means and 20% for the sds."""
+    scale = torch.tensor([[1.0, 0.0, 0.0], [1.8, 0.6, 0.0], [0.0, 0.0, 3.0]])
+    precision = torch.cholesky_inverse(scale)
+
+    def potentials(x):
+        return 0.5 * ((x @ precision) * x).sum(-1)
+
+    found = hmc.sample(potentials, torch.ones(3), 0.5 * torch.eye(3), chains=16, warmup=150,
+                       draws=100, seed=3, groups=4)
+    assert found.points.shape == (16, 100, 3) and found.divergences == 0
+    draws = found.points.flatten(0, 1)
+    sds = (scale @ scale.T).diagonal().sqrt().double()
+    ess = chain_diagnostics(found.points, 4)["ess_bulk"]
+    assert (draws.mean(0).abs() <= 5 * sds / ess.sqrt()).all(), (draws.mean(0), ess)
+    assert ((draws.std(0) / sds - 1).abs() <= 0.2).all(), draws.std(0)
+
+
+def test_a_model_refusing_a_point_sends_no_chain_there():
+    """A potential that is infinite beyond a wall (a model's support, a covariance no
+    longer one) rejects the trajectories that cross it: no draw beyond it."""
+    def potentials(x):
+        value = 0.5 * (x ** 2).sum(-1)
+        return torch.where(x[:, 0] > 1.0, torch.inf, value)
+
+    found = hmc.sample(potentials, torch.zeros(2), torch.eye(2), chains=8, warmup=60,
+                       draws=40, seed=0, groups=2)
+    assert (found.points[..., 0] <= 1.0).all()
+    assert torch.isfinite(found.points).all()
+
+
+def run(tmp_path: Path, model: str, stages: list, data: dict | None = None) -> dict:
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml.safe_dump({
+        "model": {"name": f"{HERE}:{model}"}, "data": data or {}, "loggers": [],
+        "train": {"plots": True, "eval_every": 0}, "auto": {"stages": stages}}))
+    return service.start(path, [], tmp_path / "run", get_registry()).train()
+
+
+HMC_STAGES = ["start", {"name": "gaussian", "runs": 2, "modes": 0, "reparam": "none",
+                        "max_steps": 100}, "rhat", "psis",
+              {"name": "hmc", "chains": 16, "groups": 4, "warmup": 150, "draws": 50,
+               "rounds": 6}]
+
+
+@pytest.fixture(scope="module")
+def sampled(tmp_path_factory) -> tuple[dict, Path]:
+    where = tmp_path_factory.mktemp("banana")
+    return run(where, "banana", HMC_STAGES), where / "run"
+
+
+def test_where_no_fit_can_be_trusted_the_answer_is_the_chains_draws(sampled):
+    summary, path = sampled
+    said = {stage["stage"]: stage["said"] for stage in summary["auto"]["stages"]}
+    assert said["hmc"].startswith("k-hat ") and "HMC from gaussian-" in said["hmc"]
+    auto = summary["auto"]
+    assert auto["answer"] == "hmc draws" and auto["weighted"] == []
+    sampler = summary["diagnostics"]["sampler"]
+    assert auto["used"] == [sampler["from"]] and summary["diagnostics"]["khat"] is None
+    assert sampler["chains"] == 16 and sampler["groups"] == 4
+    assert sampler["draws"] in range(50, 301, 50)  # whole rounds, stopped once trusted
+    assert sampler["trusted"] == auto["trusted"] == (not auto["flags"])
+    if not auto["trusted"]:
+        assert auto["flags"][0].startswith("HMC: ")  # the chains' own reasons, no fit's
+    chains = np.load(path / "chains.npy", allow_pickle=False)
+    assert chains.shape == (16, sampler["draws"], 2) and chains.dtype == np.float64
+    # the summary's moments are those of all the chains' draws (x1 and x2 are unconstrained)
+    x1, x2 = chains[..., 0].ravel(), chains[..., 1].ravel()
+    assert summary["posterior"]["x1"]["mean"] == pytest.approx(x1.mean(), abs=1e-5)
+    assert summary["posterior"]["x2"]["std"] == pytest.approx(x2.std(ddof=1), rel=1e-4)
+    # against the banana's exact moments: the means within 5 Monte Carlo standard errors
+    ess = sampler["ess"]
+    assert abs(x1.mean()) <= 5 / math.sqrt(ess) and abs(x2.mean() - 2) <= 5 * 2.85 / math.sqrt(ess)
+
+
+def test_the_chains_answer_reaches_every_reader(sampled, tmp_path):
+    import workbench
+
+    summary, path = sampled
+    az = arviz()
+    written = az.from_netcdf(path / "posterior.nc")
+    assert list(written.posterior.data_vars) == ["x1", "x2"]
+    assert written.posterior.sizes["draw"] == 1000
+    assert "log_weight" not in written.sample_stats
+    assert not written.sample_stats["resampled"].values.any()
+    assert "HMC" in written.posterior.attrs["method"]
+    assert written.sample_stats.attrs["description"].startswith(
+        "fit: 0, every draw is a draw of the HMC")
+    assert {p.name for p in (path / "plots").glob("site-*.png")} == {"site-x1.png",
+                                                                     "site-x2.png"}
+    shown = vibench("show", str(path))
+    assert shown.returncode == 0, shown.stderr
+    assert "auto: HMC draws: 16 chains x" in shown.stdout
+    assert "PSIS k-hat not computed: the answer is HMC draws" in shown.stdout
+    draws = workbench.load(path, trust_code=True).sample(20, seed=0)
+    assert set(draws) == {"x1", "x2"} and draws["x1"].shape == (20,)
+    recorded = json.loads((path / "summary.json").read_text())
+    assert recorded["diagnostics"]["sampler"] == summary["diagnostics"]["sampler"]
+    copy = _without_posterior(path, tmp_path / "copy")
+    done = vibench("export", str(copy), "--trust-code")  # from chains.npy: the same draws
+    assert done.returncode == 0, done.stderr
+    assert np.array_equal(written.posterior["x2"].values,
+                          az.from_netcdf(copy / "posterior.nc").posterior["x2"].values)
+
+
+def _without_posterior(path: Path, where: Path) -> Path:
+    import shutil
+
+    shutil.copytree(path, where)
+    (where / "posterior.nc").unlink()
+    return where
+
+
+def test_a_chains_file_holding_pickled_objects_is_refused_unread(sampled, tmp_path):
+    """chains.npy is read without pickle: a planted file holding Python objects (which
+    np.load would otherwise unpickle, running code) makes export fail in one line."""
+    _, path = sampled
+    copy = _without_posterior(path, tmp_path / "copy")
+    planted = tmp_path / "planted"
+    payload = np.array([_Planted(str(planted))], dtype=object)
+    np.save(copy / "chains.npy", payload, allow_pickle=True)
+    done = vibench("export", str(copy), "--trust-code")
+    assert done.returncode != 0 and "Traceback" not in done.stderr
+    assert "chains.npy" in done.stderr or "pickle" in done.stderr, done.stderr
+    assert not planted.exists() and not (copy / "posterior.nc").exists()
+
+
+class _Planted:
+    """Unpickled, it would write a file: the proof that loading ran code."""
+
+    def __init__(self, where: str):
+        self.where = where
+
+    def __reduce__(self):
+        return (Path(self.where).touch, ())
+
+
+@pytest.mark.parametrize("options, problem", [
+    ({"chains": 10, "groups": 4}, "groups >= 2 dividing chains"),
+    ({"groups": 1}, "groups >= 2 dividing chains"),
+    ({"target_accept": 1.0}, "target_accept must be in (0, 1)"),
+])
+def test_a_bad_hmc_option_is_one_line(tmp_path, options, problem):
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(yaml.safe_dump({
+        "model": {"name": f"{HERE}:banana"}, "data": {},
+        "auto": {"stages": ["start", "gaussian", {"name": "hmc", **options}]}}))
+    done = vibench("run", str(recipe), "--out", str(tmp_path / "run"))
+    assert done.returncode != 0 and "Traceback" not in done.stderr
+    assert problem in done.stderr and len(done.stderr.strip().splitlines()) == 1, done.stderr
