@@ -650,17 +650,18 @@ class PSIS:
 
 def hmc(chains: int = 32, groups: int = 4, warmup: int = 150, draws: int = 50, rounds: int = 8,
         target_accept: float = 0.65, max_dimension: int = 200):
-    """Where the answer's k-hat says no variational answer can be trusted (and neither the fits'
-    weighed mixture nor a heavier-tailed proposal built from them is), ``chains`` HMC chains started
-    from the best Gaussian fit and preconditioned by it (plugins/hmc.py), in ``groups`` sharing a
-    start each: ``warmup`` transitions, then ``draws`` at a time until the chains are trusted
-    (``thresholds.chains_distrusted``, by their nested R-hat), ``rounds`` times at most. The step
-    size is tuned to ``target_accept``, the chains' harmonic-mean acceptance (ChEES-HMC's 0.65:
-    their arithmetic mean then sits near 0.95). Their draws are the answer, flagged where the chains
-    are not trusted. All chains cost one batched run of the model a leapfrog step, so many short
-    chains cost what a few do; a model that does not broadcast is run a chain at a time, and gets
-    one chain a group. Beyond ``max_dimension`` latent dimensions (a dense metric's cost grows as
-    their square) it does not run."""
+    """Where the answer from the fits is flagged (its k-hat, the fits' disagreement, an sd it does
+    not pin down; not where it is the weighed mixture of several modes), ``chains`` HMC chains
+    started from the best Gaussian fit and preconditioned by it (plugins/hmc.py), in ``groups``
+    sharing a start each: ``warmup`` transitions, then ``draws`` at a time until the chains are
+    trusted (``thresholds.chains_distrusted``, by their nested R-hat), ``rounds`` times at most. The
+    step size is tuned to ``target_accept``, the chains' harmonic-mean acceptance (ChEES-HMC's 0.65:
+    their arithmetic mean then sits near 0.95). Their draws are the answer where the chains are
+    trusted, or where the fits' k-hat was not (then flagged if the chains are not trusted either).
+    All chains cost one batched run of the model a leapfrog step, so many short chains cost what a
+    few do; a model that does not broadcast is run a chain at a time, and gets one chain a group.
+    Beyond ``max_dimension`` latent dimensions (a dense metric's cost grows as their square) it does
+    not run."""
     if min(warmup, draws, rounds, max_dimension) < 1 or groups < 2 or chains % groups:
         raise ValueError(f"need groups >= 2 dividing chains, and warmup, draws, rounds and "
                          f"max_dimension >= 1, got chains {chains}, groups {groups}, {warmup}, "
@@ -677,21 +678,19 @@ class HMC:
 
     def run(self, pipeline) -> str:
         from workbench.auto import answer
+        from workbench.auto.pipeline import variational_answer
         from workbench.report.thresholds import khat_trusted
 
-        fits = pipeline.candidates
-        if not fits:
+        if not any(fit.ok for fit in pipeline.candidates):
             return "skipped: no fit"
-        if pipeline.mixture is not None:
+        if pipeline.mixture is not None:  # chains from one fit would see one mode
             return (f"skipped: the answer is the fits' weighed mixture (k-hat "
                     f"{pipeline.mixture.khat:.2f})")
-        khat = pipeline.best(fits).khat
-        if khat_trusted(khat):
-            return f"skipped: the answer's k-hat {khat:.2f} <= {KHAT_TRUSTED:g}"
-        trusted = trusted_proposal(pipeline)
-        if trusted:
-            return f"skipped: {trusted}"
-        why = "no k-hat" if khat is None else f"k-hat {khat:.2f} > {KHAT_TRUSTED:g}"
+        found, _ = variational_answer(pipeline)
+        flags, khat = found[5], found[4].get("khat")
+        if not flags:
+            return "skipped: the answer is trusted"
+        why = flags[0].split(":")[0]  # "k-hat 0.85 > 0.7", "R-hat 1.084 > 1.01 across 4 fits"
         gaussians, _, _ = answer.proposals(pipeline)  # the Gaussian fits of the answer's model
         if not gaussians:
             return f"skipped ({why}): no Gaussian fit to start from"
@@ -700,8 +699,12 @@ class HMC:
                     f"max_dimension {self.max_dimension}")
         start = pipeline.best(gaussians)
         pipeline.say(f"auto: {why}: HMC from {start.label}'s Gaussian")
-        pipeline.sampled = sampled = sample(pipeline, start, self)
+        sampled = sample(pipeline, start, self)
         said = f"{why}: HMC from {start.label}'s Gaussian, {sampled.said()}"
+        if sampled.distrusted and khat_trusted(khat):  # the fits' answer is the better-known
+            return f"{said}; {sampled.distrusted}: no better; the answer stays the fits'"
+        pipeline.sampled = sampled
+        sampled.write(pipeline.run_dir)
         if sampled.distrusted:
             return f"{said}; {sampled.distrusted}; the answer is its draws, flagged"
         return f"{said}: the answer is its draws"
@@ -719,6 +722,15 @@ class Sampled:
     diagnostics: dict
     labels: list[str]  # each unconstrained coordinate's site and element
     distrusted: str
+
+    def write(self, run_dir) -> None:
+        """The chains' draws to the pipeline's CHAINS file, which its answer is drawn from."""
+        import numpy as np
+
+        from workbench.rundir import files, layout
+
+        files.write_atomic(run_dir / layout.CHAINS, lambda handle: np.save(
+            handle, self.chains.points.numpy(), allow_pickle=False))
 
     def worst(self) -> tuple[float, str, float, str]:
         """The largest nested R-hat and the smallest ESS (bulk or tail), each with its
@@ -758,9 +770,7 @@ def _worst(found: dict, labels: list[str]) -> tuple[float, str, float, str]:
 
 
 def sample(pipeline, start, stage: HMC) -> Sampled:
-    """Run the chains from fit ``start``'s Gaussian on the model it was fitted to; their
-    draws go to the pipeline's CHAINS file, which its answer is drawn from."""
-    import numpy as np
+    """Run the chains from fit ``start``'s Gaussian on the model it was fitted to."""
     import pyro
     import torch
 
@@ -770,7 +780,6 @@ def sample(pipeline, start, stage: HMC) -> Sampled:
     from workbench.device import run_context
     from workbench.report.draws import chain_diagnostics
     from workbench.report.thresholds import chains_distrusted
-    from workbench.rundir import files, layout
 
     run = pipeline.load(start.path)
     loc, scale = start.gaussian
@@ -797,6 +806,4 @@ def sample(pipeline, start, stage: HMC) -> Sampled:
                                target=stage.target, groups=groups)
     diagnostics = chain_diagnostics(found.points, groups)
     why = chains_distrusted(*_worst(diagnostics, labels), found.divergences)
-    files.write_atomic(pipeline.run_dir / layout.CHAINS,
-                       lambda handle: np.save(handle, found.points.numpy(), allow_pickle=False))
     return Sampled(start.label, found, groups, diagnostics, labels, why)

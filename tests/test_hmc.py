@@ -128,7 +128,7 @@ def sampled(tmp_path_factory) -> tuple[dict, Path]:
 def test_where_no_fit_can_be_trusted_the_answer_is_the_chains_draws(sampled):
     summary, path = sampled
     said = {stage["stage"]: stage["said"] for stage in summary["auto"]["stages"]}
-    assert said["hmc"].startswith("k-hat ") and "HMC from gaussian-" in said["hmc"]
+    assert ": HMC from gaussian-" in said["hmc"]  # why: the first flag of the fits' answer
     auto = summary["auto"]
     assert auto["answer"] == "hmc draws" and auto["weighted"] == []
     sampler = summary["diagnostics"]["sampler"]

@@ -437,7 +437,7 @@ def assemble(pipeline: Pipeline, records: list[dict], wall: float) -> dict:
     their weighed mixture where they sit at several modes and it has a trusted k-hat, else
     the highest-ELBO fit's), scored against the reference where the model has one, with
     its flags and its cautions (an sd these draws do not pin down, ``iw_error.verdict``)."""
-    from workbench.report import iw_error, reference
+    from workbench.report import reference
     from workbench.rundir.summary import PipelineSummary
 
     fits = [fit for fit in pipeline.candidates if fit.ok]
@@ -446,14 +446,9 @@ def assemble(pipeline: Pipeline, records: list[dict], wall: float) -> dict:
         kept = pipeline.run_dir / layout.FITS  # a fit that failed to set up left no folder
         raise RunError(f"the automatic pipeline fitted nothing ({errors})"
                        + (f"; see {kept}" if kept.exists() else ""))
-    if pipeline.sampled is not None:
-        found = _sampled(pipeline)
-    else:
-        found = answer.heavier_tails(pipeline, _mixed(pipeline, fits) if pipeline.mixture
-                                     is not None else _answer(pipeline, fits))
+    found, cautions = ((_sampled(pipeline), []) if pipeline.sampled is not None
+                       else variational_answer(pipeline))
     used, post, weighted, estimates, diagnostics, flags = found
-    noisy, cautions = iw_error.verdict(post, diagnostics.get("khat"))  # the sds' own error
-    flags = [*flags, *noisy]
     best = pipeline.best(used)
     for site, entry in best.summary["posterior"].items():  # the exact answer
         if site in post:
@@ -481,6 +476,21 @@ def assemble(pipeline: Pipeline, records: list[dict], wall: float) -> dict:
                                          if k != "params"},
               "flags": flags, "cautions": cautions, "trusted": not flags},
     ).to_json()
+
+
+def variational_answer(pipeline: Pipeline) -> tuple[tuple, list[str]]:
+    """The answer from the fits (the hmc stage's draws aside): the fits' own (``_answer``),
+    their weighed mixture's (``_mixed``) or a heavier-tailed proposal's
+    (``answer.heavier_tails``), its flags with those of the sds it does not pin down
+    (``iw_error.verdict``); and its cautions. The hmc stage asks it whether to sample."""
+    from workbench.report import iw_error
+
+    fits = [fit for fit in pipeline.candidates if fit.ok]
+    found = answer.heavier_tails(pipeline, _mixed(pipeline, fits) if pipeline.mixture
+                                 is not None else _answer(pipeline, fits))
+    used, post, weighted, estimates, diagnostics, flags = found
+    noisy, cautions = iw_error.verdict(post, diagnostics.get("khat"))  # the sds' own error
+    return (used, post, weighted, estimates, diagnostics, [*flags, *noisy]), cautions
 
 
 def _answer(pipeline: Pipeline, fits: list[Fit]) -> tuple:
