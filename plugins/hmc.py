@@ -46,6 +46,7 @@ class Chains:
     divergences: int  # after the warm-up
     gradients: int  # batched evaluations of the density's gradient, warm-up included
     seconds: float
+    replayed: bool  # the gradients by a traced graph (``_Gradients``), not the model's runs
 
 
 def sample(potentials: Callable[[torch.Tensor], torch.Tensor], loc: torch.Tensor,
@@ -66,8 +67,9 @@ def sample(potentials: Callable[[torch.Tensor], torch.Tensor], loc: torch.Tensor
     dtype = torch.get_default_dtype()
     metric = _Metric(loc.to(dtype), scale_tril.to(dtype))
     u = _start(potentials, metric, groups, generator).repeat_interleave(chains // groups, 0)
-    value, gradient = _value_and_grad(potentials, metric, u)
-    step = _first_step(potentials, metric, u, value, gradient, generator)
+    gradients = _Gradients(potentials, metric.point(u))
+    value, gradient = _value_and_grad(gradients, metric, u)
+    step = _first_step(gradients, metric, u, value, gradient, generator)
     tuner, length = _DualAveraging(step, target), _ChEES(FIRST_LENGTH)
     window = (warmup // 4, warmup // 2)  # the draws the metric is re-estimated from
     kept, accepts, lengths, divergent, evaluations = [], [], [], 0, 0
@@ -79,7 +81,7 @@ def sample(potentials: Callable[[torch.Tensor], torch.Tensor], loc: torch.Tensor
             jitter * (length.value if tuning else length.final) / step)))
         before = u
         u, value, gradient, accept, diverged, proposed = _transition(
-            potentials, metric, u, value, gradient, step, steps, generator)
+            gradients, metric, u, value, gradient, step, steps, generator)
         evaluations += steps
         if tuning:
             tuner.update(_harmonic_mean(accept, diverged))
@@ -89,7 +91,7 @@ def sample(potentials: Callable[[torch.Tensor], torch.Tensor], loc: torch.Tensor
                 kept.append(metric.point(u).double())
             if i == window[1] - 1 and window[1] > window[0]:
                 u = metric.refit(torch.stack(kept, 1), u)
-                value, gradient = _value_and_grad(potentials, metric, u)
+                value, gradient = _value_and_grad(gradients, metric, u)
                 tuner = _DualAveraging(tuner.step, target)
                 kept = []
             continue
@@ -103,7 +105,7 @@ def sample(potentials: Callable[[torch.Tensor], torch.Tensor], loc: torch.Tensor
     points = torch.stack(kept, 1) if kept else torch.empty(chains, 0, loc.numel())
     return Chains(points.cpu(), warmup, tuner.final, sum(lengths) / max(len(lengths), 1),
                   sum(accepts) / max(len(accepts), 1), divergent, evaluations,
-                  time.perf_counter() - began)
+                  time.perf_counter() - began, gradients.graph is not None)
 
 
 class _Metric:
@@ -135,20 +137,56 @@ class _Metric:
         return torch.linalg.solve_triangular(self.A, (here - self.loc).T, upper=False).T
 
 
-def _value_and_grad(potentials: Callable, metric: _Metric, u: torch.Tensor
+class _Gradients:
+    """-log p at each chain's point and its gradient there. Where the model runs all chains
+    in one batch, a graph of torch operations traced once from ``potentials``
+    (``workbench.compile.traced``: Pyro's bookkeeping runs once) replays it, where it agrees
+    with ``potentials`` at two sets of points; else, and at a call where the replay fails (a
+    covariance no longer one: the model's own runs then say which chain), ``potentials``
+    itself through autograd."""
+
+    def __init__(self, potentials: Callable, points: torch.Tensor):
+        from workbench.compile.traced import traced
+
+        self.potentials, self.graph = potentials, None
+        if getattr(potentials, "rowwise", None) is False:
+            graph, _ = traced(lambda x: self.eager(x), [points])  # a function of x alone
+            wider = points + 0.1 * points.std(0, keepdim=True).nan_to_num()
+            if graph is not None and all(_same(graph(p), self.eager(p)) for p in (points, wider)):
+                self.graph = graph
+
+    def eager(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        x = x.detach().requires_grad_(True)
+        with torch.enable_grad():
+            value = self.potentials(x)
+            finite = torch.isfinite(value)
+            total = torch.where(finite, value, 0.0).sum()
+            gradient = (torch.autograd.grad(total, x, allow_unused=True)[0]
+                        if total.requires_grad else None)  # None: no chain's point was finite
+        gradient = torch.zeros_like(x) if gradient is None else gradient
+        return torch.where(finite, value, torch.inf).detach(), gradient
+
+    def __call__(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.graph is not None:
+            try:
+                return tuple(self.graph(x))
+            except RuntimeError:  # torch's own LinAlgError among them
+                pass
+        return self.eager(x)
+
+
+def _same(replayed: tuple, eager: tuple) -> bool:
+    return all(a.shape == b.shape and torch.allclose(a, b, rtol=1e-4, atol=1e-5, equal_nan=True)
+               for a, b in zip(replayed, eager))
+
+
+def _value_and_grad(gradients: _Gradients, metric: _Metric, u: torch.Tensor
                     ) -> tuple[torch.Tensor, torch.Tensor]:
     """The potential of each chain at ``u`` and its gradient in ``u`` (inf and 0 where the
     model refuses the point)."""
-    u = u.detach().requires_grad_(True)
-    with torch.enable_grad():
-        value = potentials(metric.point(u))
-        finite = torch.isfinite(value)
-        total = torch.where(finite, value, 0.0).sum()
-        gradient = (torch.autograd.grad(total, u, allow_unused=True)[0]
-                    if total.requires_grad else None)  # None: no chain's point was finite
-    gradient = torch.zeros_like(u) if gradient is None else gradient
-    value = torch.where(finite, value, torch.inf).detach()
-    bad = ~torch.isfinite(gradient).all(-1)
+    value, gradient = gradients(metric.point(u))
+    gradient = gradient @ metric.A  # x = loc + A u
+    bad = ~torch.isfinite(gradient).all(-1) | ~torch.isfinite(value)
     return torch.where(bad, torch.inf, value), torch.where(bad[:, None], 0.0, gradient)
 
 
@@ -168,7 +206,7 @@ def _start(potentials: Callable, metric: _Metric, chains: int, generator: torch.
     return torch.where(bad[:, None], 0.0, u)
 
 
-def _first_step(potentials: Callable, metric: _Metric, u: torch.Tensor, value: torch.Tensor,
+def _first_step(gradients: _Gradients, metric: _Metric, u: torch.Tensor, value: torch.Tensor,
                 gradient: torch.Tensor, generator: torch.Generator) -> float:
     """A first step size: halved or doubled until one leapfrog step's acceptance crosses one
     half (Hoffman and Gelman's heuristic), from 1 / d^(1/4), the scale at which a standard
@@ -177,7 +215,7 @@ def _first_step(potentials: Callable, metric: _Metric, u: torch.Tensor, value: t
     direction = None
     for _ in range(20):
         momentum = torch.randn(u.shape, generator=generator, dtype=u.dtype, device=u.device)
-        *_, accept = _leapfrog(potentials, metric, u, momentum, value, gradient, step, 1)
+        *_, accept = _leapfrog(gradients, metric, u, momentum, value, gradient, step, 1)
         above = float(accept.mean()) > 0.5
         if direction is None:
             direction = above
@@ -187,14 +225,14 @@ def _first_step(potentials: Callable, metric: _Metric, u: torch.Tensor, value: t
     return step
 
 
-def _transition(potentials: Callable, metric: _Metric, u: torch.Tensor, value: torch.Tensor,
+def _transition(gradients: _Gradients, metric: _Metric, u: torch.Tensor, value: torch.Tensor,
                 gradient: torch.Tensor, step: float, steps: int, generator: torch.Generator):
     """One HMC transition of every chain: a fresh momentum, ``steps`` leapfrog steps, a
     Metropolis correction; the new state, each chain's acceptance probability, which chains
     diverged, and the proposal (its position and momentum) whether accepted or not."""
     momentum = torch.randn(u.shape, generator=generator, dtype=u.dtype, device=u.device)
     new_u, new_value, new_gradient, new_momentum, energy, accept = _leapfrog(
-        potentials, metric, u, momentum, value, gradient, step, steps)
+        gradients, metric, u, momentum, value, gradient, step, steps)
     take = torch.rand(accept.shape, generator=generator, dtype=u.dtype,
                       device=u.device) < accept
     diverged = ~(energy < DIVERGENT)
@@ -205,7 +243,7 @@ def _transition(potentials: Callable, metric: _Metric, u: torch.Tensor, value: t
     return u, value, gradient, accept, diverged, proposed
 
 
-def _leapfrog(potentials: Callable, metric: _Metric, u: torch.Tensor, momentum: torch.Tensor,
+def _leapfrog(gradients: _Gradients, metric: _Metric, u: torch.Tensor, momentum: torch.Tensor,
               value: torch.Tensor, gradient: torch.Tensor, step: float, steps: int):
     """``steps`` leapfrog steps of size ``step``; the end point, its potential, gradient and
     momentum, each chain's energy error and acceptance probability (0 where it is no
@@ -214,7 +252,7 @@ def _leapfrog(potentials: Callable, metric: _Metric, u: torch.Tensor, momentum: 
     p = momentum - 0.5 * step * gradient
     for i in range(steps):
         u = u + step * p
-        value, gradient = _value_and_grad(potentials, metric, u)
+        value, gradient = _value_and_grad(gradients, metric, u)
         p = p - (step if i < steps - 1 else 0.5 * step) * gradient
     error = value + 0.5 * (p ** 2).sum(-1) - start_energy
     error = torch.where(torch.isnan(error), torch.inf, error)

@@ -746,8 +746,9 @@ class Sampled:
                 "warmup": chains.warmup, "step_size": chains.step_size,
                 "leapfrog": chains.leapfrog, "accept": chains.accept,
                 "divergences": chains.divergences, "gradients": chains.gradients,
-                "seconds": chains.seconds, "nested_rhat": rhat, "nested_rhat_at": at_rhat,
-                "ess": ess, "ess_at": at_ess, "trusted": not self.distrusted}
+                "seconds": chains.seconds, "replayed": chains.replayed, "nested_rhat": rhat,
+                "nested_rhat_at": at_rhat, "ess": ess, "ess_at": at_ess,
+                "trusted": not self.distrusted}
 
     def said(self) -> str:
         rhat, _, ess, _ = self.worst()

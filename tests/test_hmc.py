@@ -92,6 +92,38 @@ def test_hmc_from_a_narrow_misplaced_gaussian_samples_a_correlated_gaussian():
     assert ((draws.std(0) / sds - 1).abs() <= 0.2).all(), draws.std(0)
 
 
+def test_the_replayed_gradients_are_the_models_and_a_branching_model_runs_eagerly():
+    """A model that broadcasts over the chains has its gradients replayed from a graph traced
+    once, equal to its own runs'; one that branches in Python on a latent value is not traced
+    (the graph would keep one branch) and samples through its own runs."""
+    from pyro.infer import Trace_ELBO
+
+    from vibench_plugins import laplace
+    from vibench_plugins.guides import auto_multivariate_normal
+    from vibench_plugins.pathfinder import batch_potential
+
+    def branching():
+        x = pyro.sample("x", dist.Normal(torch.tensor(0.0), 1.0))
+        if float(x.detach().max()) > 0:  # reads a value
+            pyro.factor("pull", -x ** 2)
+
+    for model, replayed in ((banana, True), (branching, False)):
+        pyro.clear_param_store()  # each guide's own parameters, not the last one's
+        guide = auto_multivariate_normal(model)
+        Trace_ELBO().loss(model, guide)
+        sites = laplace.layout(guide)
+        potentials = batch_potential(model, sites, (), {}, laplace.potential_fn(
+            model, sites, (), {}), grad=True)
+        points = torch.randn(8, sites[-1].stop, generator=torch.Generator().manual_seed(0))
+        with pyro.validation_enabled(False):
+            potentials(points)
+            gradients = hmc._Gradients(potentials, points)
+            assert (gradients.graph is not None) == replayed
+            again = points * 1.5
+            assert all(torch.allclose(a, b) for a, b in zip(gradients(again),
+                                                            gradients.eager(again)))
+
+
 def test_a_model_refusing_a_point_sends_no_chain_there():
     """A potential that is infinite beyond a wall (a model's support, a covariance no
     longer one) rejects the trajectories that cross it: no draw beyond it."""
@@ -134,6 +166,7 @@ def test_where_no_fit_can_be_trusted_the_answer_is_the_chains_draws(sampled):
     sampler = summary["diagnostics"]["sampler"]
     assert auto["used"] == [sampler["from"]] and summary["diagnostics"]["khat"] is None
     assert sampler["chains"] == 16 and sampler["groups"] == 4
+    assert sampler["replayed"]  # the banana broadcasts and reads no value in Python
     assert sampler["draws"] in range(50, 301, 50)  # whole rounds, stopped once trusted
     assert sampler["trusted"] == auto["trusted"] == (not auto["flags"])
     if not auto["trusted"]:
