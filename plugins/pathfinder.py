@@ -325,6 +325,8 @@ def batch_potential(model, sites: list[laplace.Site], args: tuple, kwargs: dict,
         return -(log_p + log_jacobian)
 
     def one_by_one(points: torch.Tensor) -> torch.Tensor:
+        if not len(points):
+            return points.new_zeros(0)
         return torch.stack([potential(point) for point in points])
 
     chosen: list[Callable] = []

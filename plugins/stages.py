@@ -654,7 +654,8 @@ def hmc(chains: int = 32, groups: int = 4, warmup: int = 150, draws: int = 50, r
     not pin down; not where it is the weighed mixture of several modes), ``chains`` HMC chains
     started from the best Gaussian fit and preconditioned by it (plugins/hmc.py), in ``groups``
     sharing a start each: ``warmup`` transitions, then ``draws`` at a time until the chains are
-    trusted (``thresholds.chains_distrusted``, by their nested R-hat), ``rounds`` times at most. The
+    trusted (``thresholds.chains_distrusted``, by their nested R-hat), ``rounds`` times at most
+    (after a divergent transition, once more from the start with the target halfway to 1). The
     step size is tuned to ``target_accept``, the chains' harmonic-mean acceptance (ChEES-HMC's 0.65:
     their arithmetic mean then sits near 0.95). Their draws are the answer where the chains are
     trusted, or where the fits' k-hat was not (then flagged if the chains are not trusted either).
@@ -722,6 +723,7 @@ class Sampled:
     diagnostics: dict
     labels: list[str]  # each unconstrained coordinate's site and element
     distrusted: str
+    target: float  # the acceptance its step size was tuned to (raised after a divergence)
 
     def write(self, run_dir) -> None:
         """The chains' draws to the pipeline's CHAINS file, which its answer is drawn from."""
@@ -743,7 +745,8 @@ class Sampled:
         chains = self.chains
         return {"method": "hmc", "from": self.label, "chains": int(chains.points.shape[0]),
                 "groups": self.groups, "draws": int(chains.points.shape[1]),
-                "warmup": chains.warmup, "step_size": chains.step_size,
+                "warmup": chains.warmup, "target_accept": self.target,
+                "step_size": chains.step_size,
                 "leapfrog": chains.leapfrog, "accept": chains.accept,
                 "divergences": chains.divergences, "gradients": chains.gradients,
                 "seconds": chains.seconds, "replayed": chains.replayed, "nested_rhat": rhat,
@@ -755,7 +758,8 @@ class Sampled:
         chains = self.chains
         count, length = chains.points.shape[:2]
         return (f"{count} chains in {self.groups} groups, {length} draws each after "
-                f"{chains.warmup} warm-up (step size {chains.step_size:.3g}, "
+                f"{chains.warmup} warm-up (target acceptance {self.target:.2f}, step size "
+                f"{chains.step_size:.3g}, "
                 f"{chains.leapfrog:.1f} leapfrog steps, acceptance {chains.accept:.2f}, "
                 f"{chains.divergences} divergent, {chains.seconds:.1f} s); nested R-hat "
                 f"{rhat:.3f}, ESS {ess:.0f}")
@@ -801,10 +805,17 @@ def sample(pipeline, start, stage: HMC) -> Sampled:
         def distrusted(points) -> str:
             return chains_distrusted(*_worst(chain_diagnostics(points, groups), labels), 0)
 
-        found = sampler.sample(potentials, loc, scale, chains, stage.warmup, stage.draws,
-                               pipeline.recipe["seed"] + 11, rounds=stage.rounds,
-                               enough=lambda points: not distrusted(points),
-                               target=stage.target, groups=groups)
+        target = stage.target
+        for attempt in range(2):  # a divergence: once more, with smaller steps (Stan's advice)
+            found = sampler.sample(potentials, loc, scale, chains, stage.warmup, stage.draws,
+                                   pipeline.recipe["seed"] + 11 + attempt, rounds=stage.rounds,
+                                   enough=lambda points: not distrusted(points), target=target,
+                                   groups=groups)
+            if not found.divergences or attempt:
+                break
+            target = (1 + target) / 2
+            pipeline.say(f"auto: {found.divergences} divergent transitions: HMC again, the "
+                         f"step size tuned to an acceptance of {target:.2f}")
     diagnostics = chain_diagnostics(found.points, groups)
     why = chains_distrusted(*_worst(diagnostics, labels), found.divergences)
-    return Sampled(start.label, found, groups, diagnostics, labels, why)
+    return Sampled(start.label, found, groups, diagnostics, labels, why, target)

@@ -124,6 +124,31 @@ def test_the_replayed_gradients_are_the_models_and_a_branching_model_runs_eagerl
                                                             gradients.eager(again)))
 
 
+def test_a_model_that_does_not_broadcast_is_run_a_point_at_a_time_even_for_two():
+    """The hmc stage asks the batched potential, with two points, which way the model runs:
+    a model that does not broadcast over the chains is run once a point, two included."""
+    from pyro.infer import Trace_ELBO
+
+    from vibench_plugins import laplace
+    from vibench_plugins.guides import auto_multivariate_normal
+    from vibench_plugins.pathfinder import batch_potential
+
+    def unbroadcast():
+        x = pyro.sample("x", dist.Normal(torch.zeros(2), 1.0).to_event(1))
+        pyro.sample("y", dist.Normal(torch.tensor([1.0, -1.0]) @ x, 0.5), obs=torch.tensor(0.3))
+
+    pyro.clear_param_store()
+    guide = auto_multivariate_normal(unbroadcast)
+    Trace_ELBO().loss(unbroadcast, guide)
+    sites = laplace.layout(guide)
+    potential = laplace.potential_fn(unbroadcast, sites, (), {})
+    potentials = batch_potential(unbroadcast, sites, (), {}, potential, grad=True)
+    points = torch.tensor([[0.1, 0.2], [-0.5, 1.0]])
+    found = potentials(points)
+    assert potentials.rowwise is True
+    assert torch.allclose(found, torch.stack([potential(point) for point in points]))
+
+
 def test_a_model_refusing_a_point_sends_no_chain_there():
     """A potential that is infinite beyond a wall (a model's support, a covariance no
     longer one) rejects the trajectories that cross it: no draw beyond it."""
