@@ -13,13 +13,15 @@
   the fits sit at several modes (``gaussian``'s ``modes``), their equal mixture
   importance-weighted against the model (plugins/modes.py) is the answer where its k-hat is
   trusted, else the flag says so and gives that mixture's moments;
-- ``flow``: when the best Gaussian's PSIS k-hat is above ``khat``, a flow started at it
-  (not where the answer is the fits' weighed mixture, nor where a heavier-tailed proposal
-  built from the Gaussian fits, which the answer then comes from, has a trusted k-hat);
 - ``psis``: report the importance-weighted (PSIS) estimates of fits with k-hat below ``khat``;
-- ``hmc``: where the answer so far cannot be trusted by its k-hat (no weighed mixture, no
-  trusted heavier-tailed proposal), HMC chains started from the best Gaussian fit
-  (plugins/hmc.py); their draws are the answer, judged by their R-hat, ESS and divergences.
+- ``hmc``: where the fits' answer is flagged (its k-hat, their disagreement, an sd it does not
+  pin down), HMC chains started from the best Gaussian fit (plugins/hmc.py); their draws are
+  the answer where their nested R-hat, ESS and divergences say they can be trusted;
+- ``flow``: when the best Gaussian's PSIS k-hat is above ``khat``, a flow started at it
+  (not where the hmc stage's draws are the answer, by default the cheaper and surer lever
+  below ``hmc``'s ``max_dimension``; nor where the answer is the fits' weighed mixture, nor
+  where a heavier-tailed proposal built from the Gaussian fits, which the answer then comes
+  from, has a trusted k-hat).
 """
 
 from __future__ import annotations
@@ -559,6 +561,8 @@ class Flow:
         fits = pipeline.candidates
         if not fits:
             return "skipped: no Gaussian fit to start from"
+        if pipeline.sampled is not None:  # HMC answered (by default it runs first: cheaper)
+            return "skipped: the answer is the hmc stage's draws"
         if pipeline.mixture is not None:  # a flow from one fit would see one mode
             return (f"skipped: the answer is the fits' weighed mixture (k-hat "
                     f"{pipeline.mixture.khat:.2f})")

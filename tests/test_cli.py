@@ -113,7 +113,7 @@ def test_list_shows_whole_descriptions_wrapped_and_guide_auto():
     assert guides["auto"] == {
         "name": "auto", "plugin": None, "built_in": True, "options": {},
         "description": guides["auto"]["description"],
-        "stages": ["start", "gaussian", "rhat", "flow", "psis", "hmc"]}
+        "stages": ["start", "gaussian", "rhat", "psis", "hmc", "flow"]}
     assert guides["auto"]["description"].startswith("The automatic pipeline")
     assert [c["name"] for c in listing["guide"]][:2] == ["auto", "auto_delta"]
     assert "auto" not in get_registry().components["guide"]

@@ -1,6 +1,6 @@
 """The automatic pipeline: a recipe that names a model and its data but no guide (or
 ``guide: {name: auto}``) runs the stages its ``auto: {stages: [...]}`` section lists (by
-default start, gaussian, rhat, flow, psis; ``plugins/stages.py``). Each stage fits through
+default start, gaussian, rhat, psis, hmc, flow; ``plugins/stages.py``). Each stage fits through
 ``Pipeline.fit``, which is an ordinary vibench run (``Run.setup``, ``Run.train``) in the run
 directory's ``fits/<label>``; the pipeline then reports one set of estimates, pooled over the
 fits that agree or taken from the best, importance-weighted where k-hat allows, with the

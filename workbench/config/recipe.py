@@ -28,7 +28,7 @@ SECTIONS = ("name", "seed", "device", "dtype", "data", "model", "guide", "loss",
             "train", "loggers", "auto")
 AUTO = "auto"  # the guide name (or a missing guide) that asks for the automatic pipeline
 # The automatic pipeline's stages when the recipe lists none (plugins/stages.py).
-DEFAULT_STAGES = ["start", "gaussian", "rhat", "flow", "psis", "hmc"]
+DEFAULT_STAGES = ["start", "gaussian", "rhat", "psis", "hmc", "flow"]
 STOPS = ("converged",)  # train.stop: how a run may end before train.steps
 TRAIN: dict[str, Option] = {
     option.name: option
