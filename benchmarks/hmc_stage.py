@@ -1,0 +1,101 @@
+"""The automatic pipeline's hmc stage alone (plugins/hmc.py), from a finished pipeline run:
+its sampler started from the fit the run's chains started from (``diagnostics.sampler.from``,
+or ``--fit``), with the gradients replayed from a traced graph and by the model's own runs
+(``--ways``), one after the other in this process, with the stage's settings. Per way: the
+seconds, the batched gradients and their cost, the nested R-hat, ESS and divergences, and
+the largest z and smallest/largest sd ratio against the model's reference posterior where it
+has one (the run's summary.json ``reference``'s parameters, compared by name where a latent
+site's draws are its unconstrained coordinate's exp or itself).
+
+    OMP_NUM_THREADS=1 python benchmarks/hmc_stage.py RUN_DIR [--fit gaussian-1]
+        [--ways replayed,eager] [--warmup 150] [--draws 50] [--rounds 8]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("run_dir", type=Path)
+    parser.add_argument("--fit", default=None)
+    parser.add_argument("--ways", default="replayed,eager")
+    parser.add_argument("--warmup", type=int, default=150)
+    parser.add_argument("--draws", type=int, default=50)
+    parser.add_argument("--rounds", type=int, default=8)
+    parser.add_argument("--chains", type=int, default=32)
+    parser.add_argument("--groups", type=int, default=4)
+    args = parser.parse_args()
+
+    import pyro
+    import torch
+
+    from vibench_plugins import hmc, laplace
+    from vibench_plugins.pathfinder import batch_potential
+    from vibench_plugins.stages import _worst
+    from workbench import service
+    from workbench.device import run_context
+    from workbench.plugins.registry import get_registry
+    from workbench.report.draws import chain_diagnostics
+    from workbench.report.gaussians import fitted_gaussian
+    from workbench.report.thresholds import chains_distrusted
+
+    summary = json.loads((args.run_dir / "summary.json").read_text())
+    label = args.fit or summary["diagnostics"]["sampler"]["from"]
+    run = service.load(args.run_dir / "fits" / label, get_registry(), trust_code=True)
+    reference = (summary.get("reference") or {}).get("params") or {}
+    print(f"{args.run_dir.name}: HMC from {label}, {args.chains} chains in {args.groups} "
+          f"groups, warm-up {args.warmup}, {args.draws} draws a round, {args.rounds} rounds")
+    print("| way | seconds | gradients | ms a gradient | draws a chain | nested R-hat | ESS | "
+          "divergent | max z | r |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---|")
+    for way in args.ways.split(","):
+        with run_context(run.device, run.dtype), torch.no_grad(), \
+                pyro.validation_enabled(False):
+            loc, scale = (t.detach() for t in fitted_gaussian(run.guide, whole=True))
+            sites = laplace.layout(run.guide)
+            model = laplace.model_of(run.guide)
+            potentials = batch_potential(model, sites, (), run.data, laplace.potential_fn(
+                model, sites, (), run.data), grad=True)
+            potentials(loc.expand(2, -1))
+            if way == "eager":
+                potentials.rowwise = None  # not traced: the model's own runs
+            labels = [f"{site.name}[{i}]" for site in sites
+                      for i in range(site.stop - site.start)]
+
+            def enough(points, labels=labels) -> bool:
+                found = chain_diagnostics(points, args.groups)
+                return not chains_distrusted(*_worst(found, labels), 0)
+
+            began = time.perf_counter()
+            found = hmc.sample(potentials, loc, scale, args.chains, args.warmup, args.draws,
+                               seed=0, rounds=args.rounds, enough=enough,
+                               groups=args.groups)
+            seconds = time.perf_counter() - began
+        rhat, _, ess, _ = _worst(chain_diagnostics(found.points, args.groups), labels)
+        zs, rs = _against(found.points.flatten(0, 1), sites, reference)
+        shown = (f"{max(zs):.2f} | {min(rs):.2f}-{max(rs):.2f}" if zs else "- | -")
+        print(f"| {way} | {seconds:.1f} | {found.gradients} | "
+              f"{1e3 * seconds / found.gradients:.2f} | {found.points.shape[1]} | {rhat:.3f} | "
+              f"{ess:.0f} | {found.divergences} | {shown} |")
+
+
+def _against(points, sites, reference: dict) -> tuple[list[float], list[float]]:
+    """z and r of each scalar latent site the reference names, its draws constrained."""
+    zs, rs = [], []
+    for site in sites:
+        if site.stop - site.start != 1 or site.name not in reference:
+            continue
+        draws = site.transform(points[:, site.start])
+        ref = reference[site.name]
+        zs.append(abs(float(draws.mean()) - ref["ref_mean"]) / ref["ref_sd"])
+        rs.append(float(draws.std()) / ref["ref_sd"])
+    return zs, rs
+
+
+if __name__ == "__main__":
+    main()
