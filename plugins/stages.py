@@ -664,7 +664,7 @@ def hmc(chains: int = 32, groups: int = 4, warmup: int = 150, draws: int = 50, r
     their arithmetic mean then sits near 0.95). Their draws are the answer where the chains are
     trusted, or where the fits' k-hat was not (then flagged if the chains are not trusted either).
     All chains cost one batched run of the model a leapfrog step, so many short chains cost what a
-    few do; a model that does not broadcast is run a chain at a time, and gets one chain a group.
+    few do; a model that does not broadcast is run a chain at a time, and gets two chains a group.
     Beyond ``max_dimension`` latent dimensions (a dense metric's cost grows as their square) it does
     not run."""
     if min(warmup, draws, rounds, max_dimension) < 1 or groups < 2 or chains % groups:
@@ -801,8 +801,8 @@ def sample(pipeline, start, stage: HMC) -> Sampled:
         potential = laplace.potential_fn(model, sites, (), run.data)
         potentials = batch_potential(model, sites, (), run.data, potential, grad=True)
         potentials(loc.expand(2, -1))  # which way it runs: batched, or a row at a time
-        if potentials.rowwise:
-            chains = groups  # each chain costs a run of the model: one a group
+        if potentials.rowwise:  # each chain costs a run of the model: two a group
+            chains = min(chains, 2 * groups)
         labels = [site.name if site.stop - site.start == 1 else f"{site.name}[{i}]"
                   for site in sites for i in range(site.stop - site.start)]
 
