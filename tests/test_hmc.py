@@ -1,5 +1,5 @@
-"""The pipeline's hmc stage (plugins/stages.py, plugins/hmc.py): where no variational answer
-can be trusted, HMC chains started from the best Gaussian fit give the answer, judged by
+"""The pipeline's hmc stage (plugins/stages.py, plugins/hmc.py): where the fits' answer is
+flagged, HMC chains started from the best Gaussian fit give the answer, judged by
 their nested R-hat, ESS and divergences (workbench/report/draws.py), and every reader of a
 pipeline run (summary.json, posterior.nc, ``vibench show``, ``workbench.load``) gets the
 chains' draws."""
@@ -27,10 +27,10 @@ HERE = Path(__file__).resolve()
 
 
 def banana():
-    """x1 ~ Normal(0, 1), x2 ~ Normal(2 x1^2, 0.3): a curved ridge no Gaussian follows, and
-    no heavier-tailed Gaussian mixture weighs well (E x2 = 2, sd x2 = sqrt(8.09))."""
+    """x1 ~ Normal(0, 1), x2 ~ Normal(x1^2, 0.5): a curved ridge no Gaussian follows, so
+    Gaussian fits from different starts disagree (E x2 = 1, sd x2 = sqrt(2.25) = 1.5)."""
     x1 = pyro.sample("x1", dist.Normal(torch.tensor(0.0), 1.0))
-    pyro.sample("x2", dist.Normal(2.0 * x1 ** 2, 0.3))
+    pyro.sample("x2", dist.Normal(x1 ** 2, 0.5))
 
 
 def _ar1(chains: int, length: int, dimension: int, rho: float, seed: int) -> torch.Tensor:
@@ -182,7 +182,7 @@ def sampled(tmp_path_factory) -> tuple[dict, Path]:
     return run(where, "banana", HMC_STAGES), where / "run"
 
 
-def test_where_no_fit_can_be_trusted_the_answer_is_the_chains_draws(sampled):
+def test_where_the_fits_answer_is_flagged_the_answer_is_the_chains_draws(sampled):
     summary, path = sampled
     said = {stage["stage"]: stage["said"] for stage in summary["auto"]["stages"]}
     assert ": HMC from gaussian-" in said["hmc"]  # why: the first flag of the fits' answer
@@ -204,7 +204,7 @@ def test_where_no_fit_can_be_trusted_the_answer_is_the_chains_draws(sampled):
     assert summary["posterior"]["x2"]["std"] == pytest.approx(x2.std(ddof=1), rel=1e-4)
     # against the banana's exact moments: the means within 5 Monte Carlo standard errors
     ess = sampler["ess"]
-    assert abs(x1.mean()) <= 5 / math.sqrt(ess) and abs(x2.mean() - 2) <= 5 * 2.85 / math.sqrt(ess)
+    assert abs(x1.mean()) <= 5 / math.sqrt(ess) and abs(x2.mean() - 1) <= 5 * 1.5 / math.sqrt(ess)
 
 
 def test_the_chains_answer_reaches_every_reader(sampled, tmp_path):
