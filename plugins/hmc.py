@@ -58,8 +58,9 @@ def sample(potentials: Callable[[torch.Tensor], torch.Tensor], loc: torch.Tensor
     of an ``(n, d)`` tensor, differentiable. With ``rounds`` > 1, ``draws`` more at a time
     until ``enough`` says the draws so far (``(chains, n, d)``) are enough, ``rounds`` times
     ``draws`` at most; the step size tuned to an acceptance of ``target``; the chains in
-    ``groups`` equal groups (in order), each started at one draw. Draws in the default dtype,
-    kept in float64."""
+    ``groups`` equal groups (in order), each started at one draw; with ``tune_length`` off,
+    each transition runs a uniform fraction of FIRST_LENGTH (no ChEES: the comparison in
+    benchmarks/README.md). Draws in the default dtype, kept in float64."""
     if groups < 1 or chains % groups:
         raise ValueError(f"the chains ({chains}) must split into {groups} equal groups")
     began = time.perf_counter()
