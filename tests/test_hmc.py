@@ -225,7 +225,13 @@ def test_the_chains_answer_reaches_every_reader(sampled, tmp_path):
     shown = vibench("show", str(path))
     assert shown.returncode == 0, shown.stderr
     assert "auto: HMC draws: 16 chains x" in shown.stdout
-    assert "PSIS k-hat not computed: the answer is HMC draws" in shown.stdout
+    sampler = summary["diagnostics"]["sampler"]
+    assert (f"HMC draws: nested R-hat {sampler['nested_rhat']:.3f} (at most 1.01), ESS "
+            f"{sampler['ess']:.0f} (at least 400; the means' Monte Carlo error "
+            f"+-{1 / math.sqrt(sampler['ess']):.3f} sd at most), {sampler['divergences']} "
+            "divergent transitions: ") in shown.stdout
+    fitted = workbench.load(path, trust_code=True)
+    assert fitted.verdict.startswith("HMC draws: nested R-hat ")
     draws = workbench.load(path, trust_code=True).sample(20, seed=0)
     assert set(draws) == {"x1", "x2"} and draws["x1"].shape == (20,)
     recorded = json.loads((path / "summary.json").read_text())

@@ -13,6 +13,7 @@ import contextlib
 import fcntl
 import inspect
 import json
+import math
 import os
 import sys
 import time
@@ -788,8 +789,11 @@ def final_line(summary: dict, run_dir: Path | str) -> str:
 
 def khat_lines(diagnostics: schema.Diagnostics) -> list[str]:
     """The report's trust verdict: PSIS k-hat and its reading (or why there is none), then
-    the ELBO and log evidence from the same draws."""
+    the ELBO and log evidence from the same draws; where the answer is HMC draws (the
+    automatic pipeline's hmc stage), the chains' own verdict instead."""
     lines = []
+    if diagnostics.get("sampler"):
+        return [sampler_line(diagnostics["sampler"])]
     if diagnostics.get("khat") is not None:
         se = diagnostics.get("khat_se")
         lines.append(f"PSIS k-hat {diagnostics['khat']:.2f}"
@@ -807,6 +811,18 @@ def khat_lines(diagnostics: schema.Diagnostics) -> list[str]:
     elif diagnostics.get("reason"):
         lines.append(f"PSIS k-hat not computed: {diagnostics['reason']}")
     return lines
+
+
+def sampler_line(sampler: dict) -> str:
+    """The HMC chains' verdict in one line: nested R-hat, ESS and divergences against their
+    thresholds (``thresholds.chains_distrusted``)."""
+    from workbench.report.thresholds import ESS_CHAINS, RHAT_AGREE
+
+    error = 1 / math.sqrt(sampler["ess"]) if sampler["ess"] > 0 else math.inf
+    return (f"HMC draws: nested R-hat {sampler['nested_rhat']:.3f} (at most {RHAT_AGREE:g}), "
+            f"ESS {sampler['ess']:.0f} (at least {ESS_CHAINS}; the means' Monte Carlo error "
+            f"+-{error:.3f} sd at most), {sampler['divergences']} divergent transitions: "
+            + ("trusted" if sampler["trusted"] else "do not trust"))
 
 
 def mcse_lines(posterior: dict) -> list[str]:
