@@ -655,7 +655,7 @@ class PSIS:
 def hmc(chains: int = 32, groups: int = 4, warmup: int = 150, draws: int = 50, rounds: int = 8,
         target_accept: float = 0.65, max_dimension: int = 200):
     """Where the answer from the fits is flagged (its k-hat, the fits' disagreement, an sd it does
-    not pin down; not where it is the weighed mixture of several modes), ``chains`` HMC chains
+    not pin down; not where the mode searches found several modes), ``chains`` HMC chains
     started from the best Gaussian fit and preconditioned by it (plugins/hmc.py), in ``groups``
     sharing a start each: ``warmup`` transitions, then ``draws`` at a time until the chains are
     trusted (``thresholds.chains_distrusted``, by their nested R-hat), ``rounds`` times at most
@@ -691,6 +691,10 @@ class HMC:
         if pipeline.mixture is not None:  # chains from one fit would see one mode
             return (f"skipped: the answer is the fits' weighed mixture (k-hat "
                     f"{pipeline.mixture.khat:.2f})")
+        searched = pipeline.modes
+        if searched is not None and len(searched.modes) > 1:  # trusted chains at one of them
+            return (f"skipped: the mode searches found {len(searched.modes)} modes, between "
+                    "which chains from one fit would not move")
         found, _ = variational_answer(pipeline)
         flags, khat = found[5], found[4].get("khat")
         if not flags:
