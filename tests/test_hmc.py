@@ -288,3 +288,26 @@ def test_a_bad_hmc_option_is_one_line(tmp_path, options, problem):
     done = vibench("run", str(recipe), "--out", str(tmp_path / "run"))
     assert done.returncode != 0 and "Traceback" not in done.stderr
     assert problem in done.stderr and len(done.stderr.strip().splitlines()) == 1, done.stderr
+
+
+HARD = HERE.parent.parent / "packages" / "vibench-hardcases" / "recipes"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("posterior", ["hard_latent_gp", "hard_hier_centred"])
+@pytest.mark.parametrize("seed", [0, 1])
+def test_the_hard_posteriors_no_fit_pins_down_are_answered_by_the_chains(tmp_path, posterior,
+                                                                         seed):
+    """latent_gp (no Gaussian, flow or proposal with a k-hat within 0.7) and hier_centred (an
+    sd the weighted draws do not pin down) with the default pipeline: the hmc stage's draws,
+    trusted and right against the reference: every mean within 0.2 of its sd (the chains' ESS
+    of 400 or more puts their Monte Carlo error near 0.05 sd) and every sd within 20%."""
+    pytest.importorskip("vibench_hardcases")
+    summary = service.start(HARD / f"{posterior}.yaml", [f"seed={seed}", "loggers=[]",
+                            "train.plots=false", "train.eval_every=0"], tmp_path / "run",
+                            get_registry()).train()
+    auto = summary["auto"]
+    assert auto["answer"] == "hmc draws" and auto["trusted"], auto["flags"]
+    assert summary["diagnostics"]["sampler"]["ess"] >= 400
+    reference = summary["reference"]
+    assert reference["max_z"] <= 0.2 and 0.8 <= reference["min_r"] <= reference["max_r"] <= 1.2
