@@ -101,7 +101,7 @@ def sample(potentials: Callable[[torch.Tensor], torch.Tensor], loc: torch.Tensor
         lengths.append(steps)
         divergent += int(diverged.sum())
         if (i + 1 - warmup) % draws == 0 and i + 1 < warmup + draws * rounds and \
-                enough is not None and enough(torch.stack(kept, 1)):
+                enough is not None and enough(torch.stack(kept, 1).cpu()):
             break
     points = torch.stack(kept, 1) if kept else torch.empty(chains, 0, loc.numel())
     return Chains(points.cpu(), warmup, tuner.final, sum(lengths) / max(len(lengths), 1),

@@ -270,7 +270,7 @@ def chains_run(run_dir: Path, label: str, load: Loader) -> Any:
         run = load(Path(run_dir) / FITS / label)
     proxy = copy.copy(run)
     proxy.guide = DrawsGuide(getattr(run.guide, "model", run.model),
-                             torch.from_numpy(points).flatten(0, 1))
+                             torch.from_numpy(points).flatten(0, 1).to(run.device))
     return proxy
 
 

@@ -42,7 +42,8 @@ class Drawn(TorchDistribution):
         count, stored = shape.numel(), len(self.points)
         index = (torch.arange(count) * stored // max(count, 1)) if count <= stored \
             else torch.arange(count) % stored
-        return self.points[index].reshape(shape + self.event_shape).to(torch.get_default_dtype())
+        drawn = self.points[index.to(self.points.device)]
+        return drawn.reshape(shape + self.event_shape).to(torch.get_default_dtype())
 
     def log_prob(self, value: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError("a sampler's draws have no density")
