@@ -722,16 +722,22 @@ class HMC:
 @dataclasses.dataclass
 class Sampled:
     """What the hmc stage left for the answer: the fit it started from, its chains, their
-    diagnostics (per coordinate: ``workbench.report.draws.chain_diagnostics``), each
-    coordinate's name, and why they are not to be trusted ("" where they are)."""
+    diagnostics (per coordinate: ``workbench.report.draws.chain_diagnostics``) and each
+    coordinate's name."""
 
     label: str
     chains: Any
     groups: int
     diagnostics: dict
     labels: list[str]  # each unconstrained coordinate's site and element
-    distrusted: str
     target: float  # the acceptance its step size was tuned to (raised after a divergence)
+
+    @property
+    def distrusted(self) -> str:
+        """Why the chains are not to be trusted, "" where they are."""
+        from workbench.report.thresholds import chains_distrusted
+
+        return chains_distrusted(*self.worst(), self.chains.divergences)
 
     def write(self, run_dir) -> None:
         """The chains' draws to the pipeline's CHAINS file, which its answer is drawn from."""
@@ -782,14 +788,30 @@ def _worst(found: dict, labels: list[str]) -> tuple[float, str, float, str]:
     return float(rhat[r]), labels[r], float(ess[e]), labels[e]
 
 
+def chain_potentials(run, loc) -> tuple[Any, list[str]]:
+    """For chains on fit ``run``'s model in its guide's unconstrained coordinates (inside
+    its ``run_context``): the potential of each row of an ``(n, d)`` tensor, differentiable,
+    probed once at ``loc`` so that its ``rowwise`` says whether the model runs the rows in one
+    batch; and each coordinate's name."""
+    from vibench_plugins import laplace
+    from vibench_plugins.pathfinder import batch_potential
+
+    sites = laplace.layout(run.guide)
+    model = laplace.model_of(run.guide)
+    potential = laplace.potential_fn(model, sites, (), run.data)
+    potentials = batch_potential(model, sites, (), run.data, potential, grad=True)
+    potentials(loc.expand(2, -1))
+    labels = [site.name if site.stop - site.start == 1 else f"{site.name}[{i}]"
+              for site in sites for i in range(site.stop - site.start)]
+    return potentials, labels
+
+
 def sample(pipeline, start, stage: HMC) -> Sampled:
     """Run the chains from fit ``start``'s Gaussian on the model it was fitted to."""
     import pyro
     import torch
 
     from vibench_plugins import hmc as sampler
-    from vibench_plugins import laplace
-    from vibench_plugins.pathfinder import batch_potential
     from workbench.device import run_context
     from workbench.report.draws import chain_diagnostics
     from workbench.report.thresholds import chains_distrusted
@@ -800,15 +822,9 @@ def sample(pipeline, start, stage: HMC) -> Sampled:
     with run_context(run.device, run.dtype), torch.no_grad(), pyro.validation_enabled(False):
         dtype = torch.get_default_dtype()
         loc, scale = loc.to(dtype), (scale if scale.dim() == 2 else scale.diag()).to(dtype)
-        sites = laplace.layout(run.guide)
-        model = laplace.model_of(run.guide)
-        potential = laplace.potential_fn(model, sites, (), run.data)
-        potentials = batch_potential(model, sites, (), run.data, potential, grad=True)
-        potentials(loc.expand(2, -1))  # which way it runs: batched, or a row at a time
+        potentials, labels = chain_potentials(run, loc)
         if potentials.rowwise:  # each chain costs a run of the model: two a group
             chains = min(chains, 2 * groups)
-        labels = [site.name if site.stop - site.start == 1 else f"{site.name}[{i}]"
-                  for site in sites for i in range(site.stop - site.start)]
 
         def distrusted(points) -> str:
             return chains_distrusted(*_worst(chain_diagnostics(points, groups), labels), 0)
@@ -824,6 +840,5 @@ def sample(pipeline, start, stage: HMC) -> Sampled:
             target = (1 + target) / 2
             pipeline.say(f"auto: {found.divergences} divergent transitions: HMC again, the "
                          f"step size tuned to an acceptance of {target:.2f}")
-    diagnostics = chain_diagnostics(found.points, groups)
-    why = chains_distrusted(*_worst(diagnostics, labels), found.divergences)
-    return Sampled(start.label, found, groups, diagnostics, labels, why, target)
+    return Sampled(start.label, found, groups, chain_diagnostics(found.points, groups), labels,
+                   target)
