@@ -35,8 +35,7 @@ def main() -> None:
     import torch
 
     from vibench_plugins import hmc, laplace
-    from vibench_plugins.pathfinder import batch_potential
-    from vibench_plugins.stages import _worst
+    from vibench_plugins.stages import _worst, chain_potentials
     from workbench import service
     from workbench.device import run_context
     from workbench.plugins.registry import get_registry
@@ -57,15 +56,9 @@ def main() -> None:
         with run_context(run.device, run.dtype), torch.no_grad(), \
                 pyro.validation_enabled(False):
             loc, scale = (t.detach() for t in fitted_gaussian(run.guide, whole=True))
-            sites = laplace.layout(run.guide)
-            model = laplace.model_of(run.guide)
-            potentials = batch_potential(model, sites, (), run.data, laplace.potential_fn(
-                model, sites, (), run.data), grad=True)
-            potentials(loc.expand(2, -1))
+            potentials, labels = chain_potentials(run, loc)  # the stage's own
             if way == "eager":
                 potentials.rowwise = None  # not traced: the model's own runs
-            labels = [f"{site.name}[{i}]" for site in sites
-                      for i in range(site.stop - site.start)]
 
             def enough(points, labels=labels) -> bool:
                 found = chain_diagnostics(points, args.groups)
@@ -77,7 +70,7 @@ def main() -> None:
                                groups=args.groups)
             seconds = time.perf_counter() - began
         rhat, _, ess, _ = _worst(chain_diagnostics(found.points, args.groups), labels)
-        zs, rs = _against(found.points.flatten(0, 1), sites, reference)
+        zs, rs = _against(found.points.flatten(0, 1), laplace.layout(run.guide), reference)
         shown = (f"{max(zs):.2f} | {min(rs):.2f}-{max(rs):.2f}" if zs else "- | -")
         print(f"| {way} | {seconds:.1f} | {found.gradients} | "
               f"{1e3 * seconds / found.gradients:.2f} | {found.points.shape[1]} | {rhat:.3f} | "
