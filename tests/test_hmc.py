@@ -265,6 +265,18 @@ def test_a_chains_file_holding_pickled_objects_is_refused_unread(sampled, tmp_pa
     assert not planted.exists() and not (copy / "posterior.nc").exists()
 
 
+def test_a_chains_file_over_the_bound_is_refused_before_it_is_parsed(sampled, monkeypatch):
+    """chains.npy is read as every file read back is (``files.read_bounded``): one larger
+    than the bound is refused, in one line naming it, before NumPy sees it."""
+    from workbench.auto import answer
+    from workbench.rundir.files import UnsafeFile
+
+    _, path = sampled
+    monkeypatch.setattr(answer, "MAX_CHAINS_BYTES", 100)
+    with pytest.raises(UnsafeFile, match="chains.npy"):
+        answer.chains_run(path, "gaussian-1", lambda fit: None)
+
+
 class _Planted:
     """Unpickled, it would write a file: the proof that loading ran code."""
 

@@ -26,6 +26,7 @@ parameters in Pyro's global store, which the next fit's set-up clears.
 from __future__ import annotations
 
 import contextlib
+import io
 import random
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -36,6 +37,9 @@ from workbench.rundir import files
 from workbench.rundir.layout import FITS, POSTERIOR
 
 IS_POOL = 10_000  # draws a weighted fit's draws are resampled from
+# the largest chains file read back: the hmc stage's defaults write at most 20 MiB (32 chains x
+# 400 draws x 200 dimensions in float64), and a stage's options could ask for some times that
+MAX_CHAINS_BYTES = 2**30
 NUM_DRAWS = 1000  # draws in a pipeline's posterior.nc, as in a run's
 ANSWER = "the pipeline's answer"  # the answer's name in the plots' legends
 # summary.json's auto.answer where the answer is the fits' mixture weighed against the model
@@ -257,9 +261,9 @@ def chains_run(run_dir: Path, label: str, load: Loader) -> Any:
     from workbench.rundir.layout import CHAINS as CHAINS_FILE
 
     path = Path(run_dir) / CHAINS_FILE
+    content = files.read_bounded(path, MAX_CHAINS_BYTES)  # as every file read back is
     try:
-        with open(path, "rb") as handle:
-            points = np.load(handle, allow_pickle=False)  # objects would be unpickled: code
+        points = np.load(io.BytesIO(content), allow_pickle=False)  # objects: unpickled, code
     except ValueError as exc:
         raise files.UnsafeFile(f"{path}: not the draws vibench writes ({exc}); not read") \
             from None
