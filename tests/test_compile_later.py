@@ -135,8 +135,8 @@ def test_one_child_per_step_and_a_dead_ones_lock_is_taken_over(cold: Path, monke
     holder = holding(lock)
     assert holder.stdout.readline() == "ready\n"
     run = setup("train.compile=auto", "train.steps=4000", "train.eval_every=0")
-    assert run.notes[1:] == [f"this step is being compiled for later runs in the background "
-                             f"already (pid {holder.pid})"]
+    assert run.notes[1:] == [f"a child is compiling this step for later runs in the "
+                             f"background already (pid {holder.pid})"]
     assert not any(name.endswith(background.LOG) for name in later_files(cold))
     holder.communicate("")  # it exits; its pid stays in the lock file
     assert lock.read_text() == str(holder.pid)
@@ -164,7 +164,7 @@ def test_one_child_at_a_time_another_step_waits_for_a_later_run(cold: Path, monk
         assert holder.stdout.readline() == "ready\n"
         run = setup("train.compile=auto", "train.steps=4000", "train.eval_every=0")
         assert run.notes[1:] == [f"another step is being compiled in the background (pid "
-                                 f"{holder.pid}); this one waits for a later run"]
+                                 f"{holder.pid}); this step will be compiled by a later run"]
         assert not any(name.endswith(background.LOG) for name in later_files(cold))
     finally:
         holder.communicate("")

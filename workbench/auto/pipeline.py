@@ -287,26 +287,8 @@ class Pipeline:
         return Fit(label, path, summary, gaussian, run.recipe["optimizer"].get("lr"))
 
     def load(self, path: Path) -> Any:
-        """A fit of this pipeline rebuilt from its run directory's checkpoint, for drawing
-        (``service.load`` does the same for a run read back later, with its checks of code
-        and session objects, which a fit this pipeline just ran needs no more)."""
-        from workbench.config import recipe as recipes
-        from workbench.device import run_context
-        from workbench.train import checkpoint
-        from workbench.train.runner import Run
-
-        where = f"the pipeline's fit {path}"
-        saved = checkpoint.load(path, where)
-        resolved = recipes.resolve(recipes.as_yaml(saved["recipe"]), self.registry,
-                                   str(path / layout.RECIPE))
-        if resolved["guide"].get("init", "init_loc") != "init_loc":
-            # its parameters come from the checkpoint: a Laplace or Pathfinder start's search
-            # (seconds on a large model) would be overwritten
-            resolved["guide"]["init"] = "init_loc"
-        run = Run.setup(resolved, self.registry, compile=False)  # it draws; it never steps
-        with run_context(run.device, run.dtype):
-            checkpoint.restore_params(saved["params"], saved["buffers"], run.guide, where)
-        return run
+        """A fit of this pipeline rebuilt from its run directory's checkpoint, for drawing."""
+        return load_fit(path, self.registry)
 
     @staticmethod
     def best(fits: list[Fit]) -> Fit:
@@ -674,6 +656,30 @@ class AutoJob:
                               "(the fits that finished are kept)", signum) from None
         finally:
             self.run_dir.release()
+
+
+def load_fit(path: Path, registry: Registry) -> Any:
+    """A pipeline's fit rebuilt from its run directory's checkpoint, for drawing (as the
+    pipeline reads its fits back, and a child compiling for a later run: ``service.load``
+    does the same for a run read back later, with its checks of code and session objects,
+    which a fit a pipeline just ran needs no more)."""
+    from workbench.config import recipe as recipes
+    from workbench.device import run_context
+    from workbench.train import checkpoint
+    from workbench.train.runner import Run
+
+    where = f"the pipeline's fit {path}"
+    saved = checkpoint.load(path, where)
+    resolved = recipes.resolve(recipes.as_yaml(saved["recipe"]), registry,
+                               str(path / layout.RECIPE))
+    if resolved["guide"].get("init", "init_loc") != "init_loc":
+        # its parameters come from the checkpoint: a Laplace or Pathfinder start's search
+        # (seconds on a large model) would be overwritten
+        resolved["guide"]["init"] = "init_loc"
+    run = Run.setup(resolved, registry, compile=False)  # it draws; it never steps
+    with run_context(run.device, run.dtype):
+        checkpoint.restore_params(saved["params"], saved["buffers"], run.guide, where)
+    return run
 
 
 def start(recipe: dict, registry: Registry, held: Any, resumed: bool = False) -> AutoJob:

@@ -5,7 +5,9 @@ a first compile, the run trains eagerly at once; where a package would pay in la
 child process (``python -m workbench.train.background``: its own session, nice 10, one thread)
 rebuilds the run from the resolved recipe written beside the package, traces, checks and
 packages the step into the cache, and exits. The child reads only that recipe, as
-``vibench run`` would read it, never a pickle.
+``vibench run`` would read it, never a pickle. The hmc stage's gradients are packaged the same
+way by their own child (plugins/hmc_package.py), which rebuilds the fit from its run directory
+as the pipeline does.
 
 One child at a time on the machine (per cache folder): the child holds an exclusive ``flock``
 on the key's lock file and on the folder's (each names its pid) for as long as it lives,
@@ -23,6 +25,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 from workbench import environment
@@ -46,16 +49,27 @@ _children: list[subprocess.Popen] = []  # polled as others start: a finished one
 def start(recipe: dict, key: str) -> str | None:
     """Start compiling ``key``'s step for later runs from ``recipe`` (resolved), unless
     switched off, an earlier child failed, or one is at it; the line to say (None: none)."""
+    def arguments() -> list[str]:  # the recipe written for the child, as it is started
+        text = package_cache.file(key, RECIPE)
+        files.write_atomic(text, recipes.dump(recipe).encode(), mode=0o600)
+        return [CHILD, str(text), key]
+
+    return start_child(key, arguments, "this step")
+
+
+def start_child(key: str, arguments: Callable[[], list[str]], what: str) -> str | None:
+    """Start ``python -m`` with ``arguments()`` (a module of vibench's and what it reads) to
+    package ``key`` for later runs, as ``start``; ``what`` names it in the line said."""
     try:
         if not environment.switch(ENV, True) or files.fcntl is None:  # no flock, no children
             return None
         lock = package_cache.file(key, LOCK)
-        return _started.get(lock) or _start(recipe, key, lock)
-    except Exception as exc:  # the run goes on eagerly whatever happens here
-        return f"could not start compiling this step in the background: {one_line(exc)}"
+        return _started.get(lock) or _start(key, lock, arguments, what)
+    except Exception as exc:  # the run goes on whatever happens here
+        return f"could not start compiling {what} in the background: {one_line(exc)}"
 
 
-def _start(recipe: dict, key: str, path: Path) -> str | None:
+def _start(key: str, path: Path, arguments: Callable[[], list[str]], what: str) -> str | None:
     """The child started, holding ``key``'s lock at ``path`` and the folder's; or None where
     it is packaged or failed before, or a line naming the child at work already."""
     if package_cache.state(key) != "absent" or package_cache.gave_up(key, FAILED):
@@ -64,13 +78,13 @@ def _start(recipe: dict, key: str, path: Path) -> str | None:
     try:
         lock, holder = files.try_lock(path)
         if holder is not None:
-            return (f"this step is being compiled for later runs in the background already "
+            return (f"a child is compiling {what} for later runs in the background already "
                     f"(pid {holder})")
         any_lock, holder = files.try_lock(package_cache.file(ANY, LOCK))
         if holder is not None:
-            return (f"another step is being compiled in the background (pid {holder}); this "
-                    "one waits for a later run")
-        _started[path] = _spawn(recipe, key, (lock, any_lock))
+            return (f"another step is being compiled in the background (pid {holder}); "
+                    f"{what} will be compiled by a later run")
+        _started[path] = _spawn(arguments(), key, (lock, any_lock), what)
         return _started[path]
     finally:  # the child holds the locks (the same open files) as long as it lives
         for fd in (lock, any_lock):
@@ -78,22 +92,21 @@ def _start(recipe: dict, key: str, path: Path) -> str | None:
                 os.close(fd)
 
 
-def _spawn(recipe: dict, key: str, locks: tuple[int, ...]) -> str:
-    """The child, given the recipe and the locked files ``locks``; its pid written in each."""
-    text = package_cache.file(key, RECIPE)
-    files.write_atomic(text, recipes.dump(recipe).encode(), mode=0o600)
+def _spawn(arguments: list[str], key: str, locks: tuple[int, ...], what: str) -> str:
+    """The child, given ``arguments`` and the locked files ``locks``; its pid written in
+    each."""
     log = package_cache.file(key, LOG)
     env = {name: value for name, value in os.environ.items() if name not in NOT_INHERITED}
     env.update(OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
     with files.open_for_writing(log) as out:
         child = subprocess.Popen(
-            [sys.executable, "-m", CHILD, str(text), key], stdin=subprocess.DEVNULL,
+            [sys.executable, "-m", *arguments], stdin=subprocess.DEVNULL,
             stdout=out, stderr=subprocess.STDOUT, pass_fds=locks, start_new_session=True,
             env=env)
     for lock in locks:
         files.note_holder(lock, child.pid)
     _children[:] = [c for c in _children if c.poll() is None] + [child]
-    return f"compiling this step for later runs in the background (pid {child.pid}, log {log})"
+    return f"compiling {what} for later runs in the background (pid {child.pid}, log {log})"
 
 
 def failed(key: str, why: str, final: bool = False) -> None:
