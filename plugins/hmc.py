@@ -46,13 +46,14 @@ class Chains:
     divergences: int  # after the warm-up
     gradients: int  # batched evaluations of the density's gradient, warm-up included
     seconds: float
-    replayed: bool  # the gradients by a traced graph (``_Gradients``), not the model's runs
+    graph: str  # the gradients: "packaged", "traced" (a graph replayed) or "eager" (the model)
 
 
 def sample(potentials: Callable[[torch.Tensor], torch.Tensor], loc: torch.Tensor,
            scale_tril: torch.Tensor, chains: int, warmup: int, draws: int, seed: int,
            rounds: int = 1, enough: Callable[[torch.Tensor], bool] | None = None,
-           target: float = 0.65, tune_length: bool = True, groups: int = 1) -> Chains:
+           target: float = 0.65, tune_length: bool = True, groups: int = 1,
+           packaged: Callable | None = None) -> Chains:
     """``chains`` chains of ``draws`` draws after ``warmup`` transitions, started from the
     Gaussian (``loc``, ``scale_tril``); ``potentials`` is -log p (up to a constant) of each row
     of an ``(n, d)`` tensor, differentiable. With ``rounds`` > 1, ``draws`` more at a time
@@ -60,7 +61,8 @@ def sample(potentials: Callable[[torch.Tensor], torch.Tensor], loc: torch.Tensor
     ``draws`` at most; the step size tuned to an acceptance of ``target``; the chains in
     ``groups`` equal groups (in order), each started at one draw; with ``tune_length`` off,
     each transition runs a uniform fraction of FIRST_LENGTH (no ChEES: the comparison in
-    benchmarks/README.md). Draws in the default dtype, kept in float64."""
+    benchmarks/README.md); ``packaged``, ``value_and_gradient`` of ``potentials`` compiled
+    (``workbench.compile.traced.packaged``). Draws in the default dtype, kept in float64."""
     if groups < 1 or chains % groups:
         raise ValueError(f"the chains ({chains}) must split into {groups} equal groups")
     began = time.perf_counter()
@@ -68,7 +70,7 @@ def sample(potentials: Callable[[torch.Tensor], torch.Tensor], loc: torch.Tensor
     dtype = torch.get_default_dtype()
     metric = _Metric(loc.to(dtype), scale_tril.to(dtype))
     u = _start(potentials, metric, groups, generator).repeat_interleave(chains // groups, 0)
-    gradients = _Gradients(potentials, metric.point(u))
+    gradients = _Gradients(potentials, metric.point(u), packaged)
     value, gradient = _value_and_grad(gradients, metric, u)
     step = _first_step(gradients, metric, u, value, gradient, generator)
     tuner, length = _DualAveraging(step, target), _ChEES(FIRST_LENGTH)
@@ -106,7 +108,7 @@ def sample(potentials: Callable[[torch.Tensor], torch.Tensor], loc: torch.Tensor
     points = torch.stack(kept, 1) if kept else torch.empty(chains, 0, loc.numel())
     return Chains(points.cpu(), warmup, tuner.final, sum(lengths) / max(len(lengths), 1),
                   sum(accepts) / max(len(accepts), 1), divergent, evaluations,
-                  time.perf_counter() - began, gradients.graph is not None)
+                  time.perf_counter() - began, gradients.how)
 
 
 class _Metric:
@@ -138,34 +140,64 @@ class _Metric:
         return torch.linalg.solve_triangular(self.A, (here - self.loc).T, upper=False).T
 
 
-class _Gradients:
-    """-log p at each chain's point and its gradient there. Where the model runs all chains
-    in one batch, a graph of torch operations traced once from ``potentials``
-    (``workbench.compile.traced``: Pyro's bookkeeping runs once) replays it, where it agrees
-    with ``potentials`` at two sets of points; else, and at a call where the replay fails (a
-    covariance no longer one: the model's own runs then say which chain), ``potentials``
-    itself through autograd."""
+def value_and_gradient(potentials: Callable, x: torch.Tensor
+                       ) -> tuple[torch.Tensor, torch.Tensor]:
+    """-log p at each row of ``x`` and its gradient there, by autograd through
+    ``potentials`` (inf and a zero gradient where the model refuses a row)."""
+    x = x.detach().requires_grad_(True)
+    with torch.enable_grad():
+        value = potentials(x)
+        finite = torch.isfinite(value)
+        total = torch.where(finite, value, 0.0).sum()
+        gradient = (torch.autograd.grad(total, x, allow_unused=True)[0]
+                    if total.requires_grad else None)  # None: no chain's point was finite
+    gradient = torch.zeros_like(x) if gradient is None else gradient
+    return torch.where(finite, value, torch.inf).detach(), gradient
 
-    def __init__(self, potentials: Callable, points: torch.Tensor):
+
+class _Gradients:
+    """``value_and_gradient`` at each chain's point. Where the model runs all chains in one
+    batch, a graph of its torch operations replays it: ``packaged`` (compiled by an earlier
+    run: ``workbench.compile.traced``) where given, else traced once from ``potentials``
+    (Pyro's bookkeeping runs once); either only where it agrees with ``potentials`` at two
+    sets of points. Else, and at a call where the graph fails (a covariance no longer one: the
+    model's own runs then say which chain), ``potentials`` itself through autograd."""
+
+    def __init__(self, potentials: Callable, points: torch.Tensor,
+                 packaged: Callable | None = None):
         from workbench.compile.traced import traced
 
-        self.potentials, self.graph = potentials, None
-        if getattr(potentials, "rowwise", None) is False:
-            graph, _ = traced(lambda x: self.eager(x), [points])  # a function of x alone
-            wider = points + 0.1 * points.std(0, keepdim=True).nan_to_num()
-            if graph is not None and all(_same(graph(p), self.eager(p)) for p in (points, wider)):
-                self.graph = graph
+        self.potentials, self.graph, self.how = potentials, None, "eager"
+        if getattr(potentials, "rowwise", None) is not False:
+            return
+        wider = points + 0.1 * points.std(0, keepdim=True).nan_to_num()
+        for how, graph in (("packaged", lambda: packaged),
+                           ("traced", lambda: traced(self.eager, [points])[0])):
+            graph = graph()
+            if graph is not None and all(self._agrees(graph, p) for p in (points, wider)):
+                self.graph, self.how = graph, how
+                return
 
     def eager(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        x = x.detach().requires_grad_(True)
-        with torch.enable_grad():
-            value = self.potentials(x)
-            finite = torch.isfinite(value)
-            total = torch.where(finite, value, 0.0).sum()
-            gradient = (torch.autograd.grad(total, x, allow_unused=True)[0]
-                        if total.requires_grad else None)  # None: no chain's point was finite
-        gradient = torch.zeros_like(x) if gradient is None else gradient
-        return torch.where(finite, value, torch.inf).detach(), gradient
+        return value_and_gradient(self.potentials, x)
+
+    def _agrees(self, graph: Callable, x: torch.Tensor) -> bool:
+        """Whether ``graph`` gives the model's values and gradients at ``x``: to rounding, or
+        within four times what the model's own change when ``x`` moves by its dtype's
+        resolution (a compiled graph sums in another order, and a density built on a
+        Cholesky factor, as a Gaussian process's, turns float32's rounding into 0.01 nats)."""
+        wanted = self.eager(x)
+        nudge = torch.randn(x.shape, generator=torch.Generator(x.device).manual_seed(0),
+                            dtype=x.dtype, device=x.device)
+        moved = self.eager(x + torch.finfo(x.dtype).eps * x.abs() * nudge)
+        try:
+            found = tuple(graph(x))
+        except RuntimeError:
+            return False
+        return all(
+            a.shape == b.shape and (torch.allclose(a, b, rtol=1e-4, atol=1e-5, equal_nan=True)
+                                    or bool(((a - b).abs() <= 4 * (c - b).abs().max()).all()))
+            for a, b, c in zip(found, wanted, moved))
 
     def __call__(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         if self.graph is not None:
@@ -174,11 +206,6 @@ class _Gradients:
             except RuntimeError:  # torch's own LinAlgError among them
                 pass
         return self.eager(x)
-
-
-def _same(replayed: tuple, eager: tuple) -> bool:
-    return all(a.shape == b.shape and torch.allclose(a, b, rtol=1e-4, atol=1e-5, equal_nan=True)
-               for a, b in zip(replayed, eager))
 
 
 def _value_and_grad(gradients: _Gradients, metric: _Metric, u: torch.Tensor

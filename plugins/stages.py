@@ -763,7 +763,7 @@ class Sampled:
                 "step_size": chains.step_size,
                 "leapfrog": chains.leapfrog, "accept": chains.accept,
                 "divergences": chains.divergences, "gradients": chains.gradients,
-                "seconds": chains.seconds, "replayed": chains.replayed, "nested_rhat": rhat,
+                "seconds": chains.seconds, "graph": chains.graph, "nested_rhat": rhat,
                 "nested_rhat_at": at_rhat, "ess": ess, "ess_at": at_ess,
                 "trusted": not self.distrusted}
 
@@ -806,6 +806,29 @@ def chain_potentials(run, loc) -> tuple[Any, list[str]]:
     return potentials, labels
 
 
+def packaged_gradients(pipeline, fit_dir, potentials, loc, chains: int):
+    """The chains' gradients (``hmc.value_and_gradient``) compiled by an earlier run, or
+    None; where none is, a child started to compile them for later runs from the fit in
+    ``fit_dir`` (plugins/hmc_package.py), and its line said. Only for a model that runs all
+    chains in one batch (the rest are never replayed as a graph)."""
+    import functools
+
+    from vibench_plugins import hmc, hmc_package
+    from workbench.compile import background, traced
+
+    if potentials.rowwise:
+        return None
+    points = loc.expand(chains, -1).clone()  # laid out as the chains' points
+    found, key = traced.packaged(functools.partial(hmc.value_and_gradient, potentials),
+                                 [points])
+    if found is None and key is not None:
+        said = background.start_child(key, lambda: hmc_package.arguments(
+            fit_dir, chains, key), "the chains' gradients")
+        if said:
+            pipeline.say(f"auto: hmc: {said}")
+    return found
+
+
 def sample(pipeline, start, stage: HMC) -> Sampled:
     """Run the chains from fit ``start``'s Gaussian on the model it was fitted to."""
     import pyro
@@ -829,12 +852,13 @@ def sample(pipeline, start, stage: HMC) -> Sampled:
         def distrusted(points) -> str:
             return chains_distrusted(*_worst(chain_diagnostics(points, groups), labels), 0)
 
+        packaged = packaged_gradients(pipeline, start.path, potentials, loc, chains)
         target = stage.target
         for attempt in range(2):  # a divergence: once more, with smaller steps (Stan's advice)
             found = sampler.sample(potentials, loc, scale, chains, stage.warmup, stage.draws,
                                    pipeline.recipe["seed"] + 11 + attempt, rounds=stage.rounds,
                                    enough=lambda points: not distrusted(points), target=target,
-                                   groups=groups)
+                                   groups=groups, packaged=packaged)
             if not found.divergences or attempt:
                 break
             target = (1 + target) / 2

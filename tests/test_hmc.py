@@ -124,6 +124,69 @@ def test_the_replayed_gradients_are_the_models_and_a_branching_model_runs_eagerl
                                                             gradients.eager(again)))
 
 
+def _banana_potentials():
+    """The banana's chains' potential, as the hmc stage sets it up, and points for 8 chains."""
+    from pyro.infer import Trace_ELBO
+
+    from vibench_plugins import laplace
+    from vibench_plugins.guides import auto_multivariate_normal
+    from vibench_plugins.pathfinder import batch_potential
+
+    pyro.clear_param_store()
+    guide = auto_multivariate_normal(banana)
+    Trace_ELBO().loss(banana, guide)
+    sites = laplace.layout(guide)
+    potentials = batch_potential(banana, sites, (), {}, laplace.potential_fn(
+        banana, sites, (), {}), grad=True)
+    points = torch.randn(8, 2, generator=torch.Generator().manual_seed(0))
+    potentials(points)
+    return potentials, points
+
+
+def test_a_packaged_graph_that_is_not_the_models_is_not_used(monkeypatch, tmp_path):
+    """The gradients compiled by an earlier run are found by a record of the function, and
+    used only where they agree with the model's own: a package giving other values is set
+    aside for the graph traced here. A child asked to package a key the function it sets up
+    does not record to packages nothing (and compiles nothing: it stops before tracing)."""
+    import functools
+
+    from workbench.compile import traced
+
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "cache"))
+    with pyro.validation_enabled(False):
+        potentials, points = _banana_potentials()
+        function = functools.partial(hmc.value_and_gradient, potentials)
+        found, key = traced.packaged(function, [points])
+        assert found is None and len(key) == 40  # none built yet: the key to build it under
+        assert traced.packaged(function, [points * 2])[1] == key  # by layout, not values
+        assert traced.packaged(function, [points[:4]])[1] != key  # 4 chains: another graph
+
+        def wrong(x):
+            value, gradient = hmc.value_and_gradient(potentials, x)
+            return [value + 1.0, gradient]
+
+        gradients = hmc._Gradients(potentials, points, packaged=wrong)
+        assert gradients.how == "traced" and gradients.graph is not wrong
+        right = hmc._Gradients(potentials, points, packaged=function)
+        assert right.how == "packaged"
+        monkeypatch.setattr(traced, "traced", lambda *args: pytest.fail("traced"))
+        with pytest.raises(RuntimeError, match="not the one the run asked for"):
+            traced.package(function, [points], "0" * 40)
+    assert not list((tmp_path / "cache").rglob("*.pt2"))
+
+
+def test_a_function_whose_operations_change_with_the_random_stream_has_no_package():
+    """A record taken on two random streams that differ (a branch on a draw) gives no key:
+    a package of one branch would be wrong for the other."""
+    from workbench.compile import traced
+
+    def drawn(x):
+        return x * 2 if float(torch.rand(())) < 0.5 else x.exp()
+
+    keys = {traced.packaged(drawn, [torch.ones(3)])[1] for _ in range(8)}
+    assert keys == {None}
+
+
 def test_a_model_that_does_not_broadcast_is_run_a_point_at_a_time_even_for_two():
     """The hmc stage asks the batched potential, with two points, which way the model runs:
     a model that does not broadcast over the chains is run once a point, two included."""
@@ -191,7 +254,8 @@ def test_where_the_fits_answer_is_flagged_the_answer_is_the_chains_draws(sampled
     sampler = summary["diagnostics"]["sampler"]
     assert auto["used"] == [sampler["from"]] and summary["diagnostics"]["khat"] is None
     assert sampler["chains"] == 16 and sampler["groups"] == 4
-    assert sampler["replayed"]  # the banana broadcasts and reads no value in Python
+    # the banana broadcasts and reads no value in Python; the suite compiles nothing for later
+    assert sampler["graph"] == "traced"
     assert sampler["draws"] in range(50, 301, 50)  # whole rounds, stopped once trusted
     assert sampler["trusted"] == auto["trusted"] == (not auto["flags"])
     if not auto["trusted"]:
@@ -323,3 +387,34 @@ def test_the_hard_posteriors_no_fit_pins_down_are_answered_by_the_chains(tmp_pat
     assert summary["diagnostics"]["sampler"]["ess"] >= 400
     reference = summary["reference"]
     assert reference["max_z"] <= 0.2 and 0.8 <= reference["min_r"] <= reference["max_r"] <= 1.2
+
+
+@pytest.mark.slow  # a real compile in the child
+def test_a_later_run_takes_the_chains_gradients_from_the_package_a_child_built(
+        tmp_path, monkeypatch, capfd):
+    """The first run starts a child (``python -m vibench_plugins.hmc_package``) that rebuilds
+    the fit from its run directory and packages the chains' gradients; the next run of the
+    same model loads that package, checks it against the model's own gradients, samples with
+    it and gives the same answer as the chains did with the traced graph."""
+    import os
+    import re
+
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setenv("VIBENCH_BACKGROUND_COMPILE", "true")
+    (tmp_path / "first").mkdir()
+    (tmp_path / "second").mkdir()
+    first = run(tmp_path / "first", "banana", HMC_STAGES)
+    text = capfd.readouterr().err
+    started = re.search(r"compiling the chains' gradients for later runs in the background "
+                        r"\(pid (\d+), log (.+?)\)", text)
+    assert started, text
+    pid, child_log = int(started.group(1)), Path(started.group(2))
+    os.waitpid(pid, 0)  # this process started it (in a session of its own)
+    assert "packaged the chains' gradients" in child_log.read_text(), child_log.read_text()
+    second = run(tmp_path / "second", "banana", HMC_STAGES)
+    assert first["diagnostics"]["sampler"]["graph"] == "traced"
+    sampler = second["diagnostics"]["sampler"]
+    assert sampler["graph"] == "packaged" and sampler["trusted"], sampler
+    for name in ("x1", "x2"):  # the same chains but for rounding: the same moments to MC error
+        assert second["posterior"][name]["mean"] == pytest.approx(
+            first["posterior"][name]["mean"], abs=5 * 1.5 / math.sqrt(sampler["ess"]))
