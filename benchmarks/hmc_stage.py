@@ -1,14 +1,15 @@
 """The automatic pipeline's hmc stage alone (plugins/hmc.py), from a finished pipeline run:
 its sampler started from the fit the run's chains started from (``diagnostics.sampler.from``,
-or ``--fit``), with the gradients replayed from a traced graph and by the model's own runs
-(``--ways``), one after the other in this process, with the stage's settings. Per way: the
+or ``--fit``), with the gradients from their package (compiled here first, its seconds
+printed, where the cache holds none), replayed from a traced graph, and by the model's own
+runs (``--ways``), one after the other in this process, with the stage's settings. Per way: the
 seconds, the batched gradients and their cost, the nested R-hat, ESS and divergences, and
 the largest z and smallest/largest sd ratio against the model's reference posterior where it
 has one (the run's summary.json ``reference``'s parameters, compared by name where a latent
 site's draws are its unconstrained coordinate's exp or itself).
 
     OMP_NUM_THREADS=1 python benchmarks/hmc_stage.py RUN_DIR [--fit gaussian-1]
-        [--ways replayed,eager] [--warmup 150] [--draws 50] [--rounds 8]
+        [--ways packaged,replayed,eager] [--warmup 150] [--draws 50] [--rounds 8]
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("run_dir", type=Path)
     parser.add_argument("--fit", default=None)
-    parser.add_argument("--ways", default="replayed,eager")
+    parser.add_argument("--ways", default="packaged,replayed,eager")
     parser.add_argument("--warmup", type=int, default=150)
     parser.add_argument("--draws", type=int, default=50)
     parser.add_argument("--rounds", type=int, default=8)
@@ -59,6 +60,7 @@ def main() -> None:
             potentials, labels = chain_potentials(run, loc)  # the stage's own
             if way == "eager":
                 potentials.rowwise = None  # not traced: the model's own runs
+            packaged = _packaged(potentials, loc, args.chains) if way == "packaged" else None
 
             def enough(points, labels=labels) -> bool:
                 found = chain_diagnostics(points, args.groups)
@@ -67,14 +69,32 @@ def main() -> None:
             began = time.perf_counter()
             found = hmc.sample(potentials, loc, scale, args.chains, args.warmup, args.draws,
                                seed=0, rounds=args.rounds, enough=enough,
-                               groups=args.groups)
+                               groups=args.groups, packaged=packaged)
             seconds = time.perf_counter() - began
         rhat, _, ess, _ = _worst(chain_diagnostics(found.points, args.groups), labels)
         zs, rs = _against(found.points.flatten(0, 1), laplace.layout(run.guide), reference)
         shown = (f"{max(zs):.2f} | {min(rs):.2f}-{max(rs):.2f}" if zs else "- | -")
-        print(f"| {way} | {seconds:.1f} | {found.gradients} | "
+        print(f"| {way} ({found.graph}) | {seconds:.1f} | {found.gradients} | "
               f"{1e3 * seconds / found.gradients:.2f} | {found.points.shape[1]} | {rhat:.3f} | "
               f"{ess:.0f} | {found.divergences} | {shown} |")
+
+
+def _packaged(potentials, loc, chains: int):
+    """The chains' gradients from their package, built here first where none is cached."""
+    import functools
+
+    from vibench_plugins import hmc
+    from workbench.compile import traced
+
+    function = functools.partial(hmc.value_and_gradient, potentials)
+    points = [loc.expand(chains, -1).clone()]
+    found, key = traced.packaged(function, points)
+    if found is None and key is not None:
+        began = time.perf_counter()
+        traced.package(function, points, key)
+        print(f"(packaged the gradients in {time.perf_counter() - began:.1f} s)")
+        found, _ = traced.packaged(function, points)
+    return found
 
 
 def _against(points, sites, reference: dict) -> tuple[list[float], list[float]]:

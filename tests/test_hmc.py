@@ -175,6 +175,26 @@ def test_a_packaged_graph_that_is_not_the_models_is_not_used(monkeypatch, tmp_pa
     assert not list((tmp_path / "cache").rglob("*.pt2"))
 
 
+def test_a_packaged_function_that_fails_says_nothing_on_stderr(capfd):
+    """AOTInductor's runtime prints a line of C++ to fd 2 for each operation that fails in a
+    package (a Cholesky factor the chains' gradients fall back from); the caller sees the
+    exception alone, and fd 2 is the run's again afterwards."""
+    import os
+
+    from workbench.compile import traced
+
+    def failing(values):
+        os.write(2, b"Error: aoti_torch_proxy_executor_call_function ... API call failed\n")
+        raise RuntimeError("the package's operation failed")
+
+    call = traced._quiet(failing)
+    for _ in range(3):
+        with pytest.raises(RuntimeError, match="operation failed"):
+            call(torch.ones(2))
+    os.write(2, b"after\n")
+    assert capfd.readouterr().err == "after\n"
+
+
 def test_a_function_whose_operations_change_with_the_random_stream_has_no_package():
     """A record taken on two random streams that differ (a branch on a draw) gives no key:
     a package of one branch would be wrong for the other."""

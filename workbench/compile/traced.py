@@ -9,6 +9,8 @@ it."""
 from __future__ import annotations
 
 import hashlib
+import os
+import weakref
 from collections.abc import Callable
 from pathlib import Path
 
@@ -45,7 +47,27 @@ def packaged(fn: Callable, inputs: list[torch.Tensor]) -> tuple[Callable | None,
         return None, None
     key = package_cache.key(recorded, inputs, TAG, _source())
     run = package_cache.load(key)
-    return (None if run is None else lambda *values: run(list(values))), key
+    return (None if run is None else _quiet(run)), key
+
+
+def _quiet(run: Callable) -> Callable:
+    """A package's function whose failures raise without a word on stderr: AOTInductor's
+    runtime prints a line of C++ for each operation that fails in it (a Cholesky factor of a
+    matrix that is no longer positive definite, which the caller handles), so fd 2 points to
+    the null device for each call."""
+    null = os.open(os.devnull, os.O_WRONLY)
+
+    def call(*values: torch.Tensor) -> list[torch.Tensor]:
+        saved = os.dup(2)
+        os.dup2(null, 2)
+        try:
+            return run(list(values))
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+
+    weakref.finalize(call, os.close, null)
+    return call
 
 
 def package(fn: Callable, inputs: list[torch.Tensor], key: str) -> None:
