@@ -160,14 +160,15 @@ class _Gradients:
     batch, a graph of its torch operations replays it: ``packaged`` (compiled by an earlier
     run: ``workbench.compile.traced``) where given, else traced once from ``potentials``
     (Pyro's bookkeeping runs once); either only where it agrees with ``potentials`` at two
-    sets of points. Else, and at a call where the graph fails (a covariance no longer one: the
-    model's own runs then say which chain), ``potentials`` itself through autograd."""
+    sets of points. Else ``potentials`` itself through autograd, as for the chains a call of
+    the graph fails on (a covariance no longer one: the model's own run then says inf)."""
 
     def __init__(self, potentials: Callable, points: torch.Tensor,
                  packaged: Callable | None = None):
         from workbench.compile.traced import traced
 
         self.potentials, self.graph, self.how = potentials, None, "eager"
+        self.safe: torch.Tensor | None = None  # the last points the graph passed
         if getattr(potentials, "rowwise", None) is not False:
             return
         wider = points + 0.1 * points.std(0, keepdim=True).nan_to_num()
@@ -202,10 +203,50 @@ class _Gradients:
     def __call__(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         if self.graph is not None:
             try:
-                return tuple(self.graph(x))
+                found = tuple(self.graph(x))
             except RuntimeError:  # torch's own LinAlgError among them
-                pass
+                found = self._around(x)
+            else:
+                self.safe = x  # every row of it passes: a stand-in for a failing row
+            if found is not None:
+                return found
         return self.eager(x)
+
+    def _around(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """Where the graph fails at ``x`` (a chain whose covariance is no longer one), the
+        rows it fails on found by halving, each tried with the other rows at the last points
+        it passed, and the model's own verdict on those rows alone; the graph's for the rest.
+        None where there is no such point yet or the failure is no row's."""
+        safe = self.safe
+        if safe is None:
+            return None
+
+        def run(rows: list[int]) -> tuple | None:
+            mixed = safe.clone()
+            mixed[rows] = x[rows]
+            try:
+                return tuple(self.graph(mixed))
+            except RuntimeError:
+                return None
+
+        bad, suspects = [], [list(range(len(x)))]
+        while suspects:
+            rows = suspects.pop()
+            if len(rows) == 1:
+                bad += rows
+                continue
+            halves = (rows[:len(rows) // 2], rows[len(rows) // 2:])
+            failing = [half for half in halves if run(half) is None]
+            if not failing or len(bad) + len(suspects) >= len(x) // 4:
+                return None  # no row's alone, or too many to find one by one
+            suspects += failing
+        good = [row for row in range(len(x)) if row not in bad]
+        found = run(good)
+        if found is None:
+            return None
+        value, gradient = (t.clone() for t in found)
+        value[bad], gradient[bad] = self.eager(x[bad])
+        return value, gradient
 
 
 def _value_and_grad(gradients: _Gradients, metric: _Metric, u: torch.Tensor

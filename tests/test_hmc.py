@@ -175,6 +175,48 @@ def test_a_packaged_graph_that_is_not_the_models_is_not_used(monkeypatch, tmp_pa
     assert not list((tmp_path / "cache").rglob("*.pt2"))
 
 
+def test_where_the_graph_fails_on_some_chains_only_those_run_through_the_model():
+    """A density built on a Cholesky factor fails for the whole batch where one chain's
+    matrix is no longer positive definite. The rows it fails on are found with the graph
+    (the others at the last points it passed) and only they run through the model, which
+    says inf: the values and gradients are the model's own."""
+    rows_run = []
+
+    def one(point):  # the model, a point at a time: inf where it refuses the point
+        rows_run.append(point)
+        try:
+            return batched(point[None])[0]
+        except torch.linalg.LinAlgError:
+            return point.new_tensor(math.inf)  # as plugins/laplace.py's potential says
+
+    def batched(x):  # [[1, x0], [x0, 1]] is positive definite while |x0| < 1
+        matrix = torch.eye(2).expand(len(x), 2, 2) + x[:, 0, None, None] * torch.tensor(
+            [[0.0, 1.0], [1.0, 0.0]])
+        factor = torch.linalg.cholesky(matrix)
+        return 0.5 * (x ** 2).sum(-1) + factor.diagonal(dim1=-2, dim2=-1).log().sum(-1)
+
+    def potentials(x):
+        try:
+            return batched(x)
+        except RuntimeError:
+            return torch.stack([one(point) for point in x])
+
+    potentials.rowwise = False
+    generator = torch.Generator().manual_seed(0)
+    points = 0.3 * torch.randn(32, 2, generator=generator)
+    gradients = hmc._Gradients(potentials, points)
+    assert gradients.how == "traced"
+    gradients(points)
+    x = 0.3 * torch.randn(32, 2, generator=generator)
+    x[[3, 17, 18], 0] = torch.tensor([1.5, -2.0, 1.2])
+    rows_run.clear()
+    value, gradient = gradients(x)
+    assert len(rows_run) == 3  # the three refused points alone went through the model
+    wanted_value, wanted_gradient = hmc.value_and_gradient(potentials, x)
+    assert torch.isinf(value[[3, 17, 18]]).all() and torch.isinf(wanted_value[[3, 17, 18]]).all()
+    assert torch.allclose(value, wanted_value) and torch.allclose(gradient, wanted_gradient)
+
+
 def test_a_packaged_function_that_fails_says_nothing_on_stderr(capfd):
     """AOTInductor's runtime prints a line of C++ to fd 2 for each operation that fails in a
     package (a Cholesky factor the chains' gradients fall back from); the caller sees the
