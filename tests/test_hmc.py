@@ -175,10 +175,12 @@ def test_a_packaged_graph_that_is_not_the_models_is_not_used(monkeypatch, tmp_pa
     assert not list((tmp_path / "cache").rglob("*.pt2"))
 
 
-def test_where_the_graph_fails_on_some_chains_only_those_run_through_the_model():
+@pytest.mark.parametrize("reversed_batch", [False, True])
+def test_where_the_graph_fails_on_some_chains_only_those_run_through_the_model(reversed_batch):
     """A density built on a Cholesky factor fails for the whole batch where one chain's
     matrix is no longer positive definite. The rows it fails on are found with the graph
-    (the others at the last points it passed) and only they run through the model, which
+    (the others at the last points it passed: from the batch element torch's error names, or,
+    where that is not the chain, by halving) and only they run through the model, which
     says inf: the values and gradients are the model's own."""
     rows_run = []
 
@@ -190,10 +192,12 @@ def test_where_the_graph_fails_on_some_chains_only_those_run_through_the_model()
             return point.new_tensor(math.inf)  # as plugins/laplace.py's potential says
 
     def batched(x):  # [[1, x0], [x0, 1]] is positive definite while |x0| < 1
+        x = x.flip(0) if reversed_batch else x  # batch element k is then the chain n - 1 - k
         matrix = torch.eye(2).expand(len(x), 2, 2) + x[:, 0, None, None] * torch.tensor(
             [[0.0, 1.0], [1.0, 0.0]])
         factor = torch.linalg.cholesky(matrix)
-        return 0.5 * (x ** 2).sum(-1) + factor.diagonal(dim1=-2, dim2=-1).log().sum(-1)
+        value = 0.5 * (x ** 2).sum(-1) + factor.diagonal(dim1=-2, dim2=-1).log().sum(-1)
+        return value.flip(0) if reversed_batch else value
 
     def potentials(x):
         try:
