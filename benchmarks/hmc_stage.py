@@ -83,10 +83,10 @@ def _packaged(potentials, loc, chains: int):
     """The chains' gradients from their package, built here first where none is cached."""
     import functools
 
-    from vibench_plugins import hmc
+    from vibench_plugins import laplace
     from workbench.compile import traced
 
-    function = functools.partial(hmc.value_and_gradient, potentials)
+    function = functools.partial(laplace.value_and_gradient, potentials)
     points = [loc.expand(chains, -1).clone()]
     found, key = traced.packaged(function, points)
     if found is None and key is not None:

@@ -61,7 +61,7 @@ def sample(potentials: Callable[[torch.Tensor], torch.Tensor], loc: torch.Tensor
     ``draws`` at most; the step size tuned to an acceptance of ``target``; the chains in
     ``groups`` equal groups (in order), each started at one draw; with ``tune_length`` off,
     each transition runs a uniform fraction of FIRST_LENGTH (no ChEES: the comparison in
-    benchmarks/README.md); ``packaged``, ``value_and_gradient`` of ``potentials`` compiled
+    benchmarks/README.md); ``packaged``, ``laplace.value_and_gradient`` of ``potentials`` compiled
     (``workbench.compile.traced.packaged``). Draws in the default dtype, kept in float64."""
     if groups < 1 or chains % groups:
         raise ValueError(f"the chains ({chains}) must split into {groups} equal groups")
@@ -140,23 +140,8 @@ class _Metric:
         return torch.linalg.solve_triangular(self.A, (here - self.loc).T, upper=False).T
 
 
-def value_and_gradient(potentials: Callable, x: torch.Tensor
-                       ) -> tuple[torch.Tensor, torch.Tensor]:
-    """-log p at each row of ``x`` and its gradient there, by autograd through
-    ``potentials`` (inf and a zero gradient where the model refuses a row)."""
-    x = x.detach().requires_grad_(True)
-    with torch.enable_grad():
-        value = potentials(x)
-        finite = torch.isfinite(value)
-        total = torch.where(finite, value, 0.0).sum()
-        gradient = (torch.autograd.grad(total, x, allow_unused=True)[0]
-                    if total.requires_grad else None)  # None: no chain's point was finite
-    gradient = torch.zeros_like(x) if gradient is None else gradient
-    return torch.where(finite, value, torch.inf).detach(), gradient
-
-
 class _Gradients:
-    """``value_and_gradient`` at each chain's point. Where the model runs all chains in one
+    """``laplace.value_and_gradient`` at each chain's point. Where the model runs all chains in one
     batch, a graph of its torch operations replays it: ``packaged`` (compiled by an earlier
     run: ``workbench.compile.traced``) where given, else traced once from ``potentials``
     (Pyro's bookkeeping runs once); either only where it agrees with ``potentials`` at two
@@ -180,6 +165,8 @@ class _Gradients:
                 return
 
     def eager(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        from vibench_plugins.laplace import value_and_gradient
+
         return value_and_gradient(self.potentials, x)
 
     def _agrees(self, graph: Callable, x: torch.Tensor) -> bool:

@@ -5,7 +5,7 @@
 rebuilds the pipeline's fit from its run directory as the pipeline reads its fits back (the
 recipe and checkpoint vibench wrote, read as ``vibench run --resume`` reads them, never a
 pickle), sets up the chains' potential as the stage does, and packages
-``hmc.value_and_gradient`` of it for ``CHAINS`` chains under ``KEY``, which it must record
+``laplace.value_and_gradient`` of it for ``CHAINS`` chains under ``KEY``, which it must record
 to: a fit rebuilt to another function packages nothing. A failure is noted; after a second
 (``package_cache.TRIES``) no later run starts another child for ``KEY``.
 """
@@ -34,7 +34,7 @@ def main(argv: list[str]) -> int:
     import pyro
     import torch
 
-    from vibench_plugins import hmc
+    from vibench_plugins import laplace
     from vibench_plugins.stages import chain_potentials
     from workbench.auto.pipeline import load_fit
     from workbench.compile import background, package_cache, traced
@@ -52,7 +52,7 @@ def main(argv: list[str]) -> int:
                 pyro.validation_enabled(False):
             loc = fitted_gaussian(run.guide, diagonal=True)[0].to(torch.get_default_dtype())
             potentials, _ = chain_potentials(run, loc)
-            traced.package(functools.partial(hmc.value_and_gradient, potentials),
+            traced.package(functools.partial(laplace.value_and_gradient, potentials),
                            [loc.expand(chains, -1).clone()], key)
     except Exception as exc:  # perhaps the machine's passing state: a later run retries
         why = one_line(exc)

@@ -16,6 +16,9 @@ created the guide's parameters and before training; it overwrites them in place.
 from __future__ import annotations
 
 import math
+import queue
+import sys
+import threading
 import warnings
 import weakref
 from collections.abc import Callable
@@ -43,7 +46,8 @@ MAX_HESSIAN_DIM = 2000  # beyond it, the mode only: the Hessian costs a backward
 # a potential of this many torch operations or more (a loop unrolled) takes its Hessian's
 # rows in one batched pass: each row's cost is mostly the operations' own overhead there, and
 # the batch's first use imports sympy (0.25 s), which a shorter potential's Hessians do not
-# win back (benchmarks/README.md, "The Laplace Hessian in one batched pass")
+# win back (benchmarks/README.md, "The Laplace Hessian in one batched pass"); once something
+# else has imported it, every Hessian is batched (latent_gp's: 25 ms a row at a time, 6 ms)
 BATCHED_FROM = 1000
 _OPERATIONS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # potential -> its count
 # An unconstrained value beyond it on a constrained site (a scale below exp(-10) = 5e-5 of its
@@ -238,6 +242,56 @@ def find_mode(potential: Callable, start: torch.Tensor, with_hessian: bool,
 def descend(potential: Callable, start: torch.Tensor, with_hessian: bool) -> Fit | None:
     """L-BFGS from one start, then a few Newton steps where the Hessian is positive definite
     (they fix what L-BFGS leaves along badly scaled directions, such as kilpisjarvi's)."""
+    return _polished(potential, _lbfgs(lambda x: _evaluated(potential, x), start),
+                     with_hessian)
+
+
+def descend_together(potentials: Callable, potential: Callable, starts: list[torch.Tensor],
+                     with_hessian: bool) -> list[Fit | None]:
+    """``descend`` from each of ``starts``, their L-BFGS searches side by side: each runs in
+    a thread of its own, and each round of the evaluations they ask for is one batched run of
+    the model (``potentials``, the potential of each row of an ``(n, d)`` tensor:
+    pathfinder.batch_potential) in this thread, which alone runs the model (Pyro's handlers
+    are one stack for all threads); then each search's Newton polish here, one by one. A
+    model that does not broadcast over the rows (``potentials.rowwise``) gains nothing: one
+    search after another, as ``descend``."""
+    potentials(starts[0].expand(2, -1))  # it learns which way the model runs
+    if potentials.rowwise or len(starts) < 2:
+        return [descend(potential, start, with_hessian) for start in starts]
+    ends = _Lockstep(potentials).run(starts)
+    return [_polished(potential, end, with_hessian) for end in ends]
+
+
+def value_and_gradient(potentials: Callable, x: torch.Tensor
+                       ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The potential of each row of ``x`` (``potentials``: as pathfinder.batch_potential's)
+    and its gradient there, by autograd (inf and a zero gradient where the model refuses a
+    row)."""
+    x = x.detach().requires_grad_(True)
+    with torch.enable_grad():
+        value = potentials(x)
+        finite = torch.isfinite(value)
+        total = torch.where(finite, value, 0.0).sum()
+        gradient = (torch.autograd.grad(total, x, allow_unused=True)[0]
+                    if total.requires_grad else None)  # None: no row's point was finite
+    gradient = torch.zeros_like(x) if gradient is None else gradient
+    return torch.where(finite, value, torch.inf).detach(), gradient
+
+
+def _evaluated(potential: Callable, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``potential`` at the flat point ``x`` and its gradient (zero where it is no number)."""
+    x = x.detach().requires_grad_(True)
+    with torch.enable_grad():
+        value = potential(x)
+        if not torch.isfinite(value):
+            return value.detach(), torch.zeros_like(x)
+        (gradient,) = torch.autograd.grad(value, x)
+    return value.detach(), gradient
+
+
+def _lbfgs(evaluate: Callable, start: torch.Tensor) -> torch.Tensor:
+    """Where L-BFGS (strong Wolfe line search) from ``start`` ends, ``evaluate`` giving the
+    potential and its gradient at a point; the lowest point it evaluated where it stalled."""
     point = start.detach().clone().requires_grad_(True)
     with seams.no_dynamo_import():  # made without importing torch._dynamo (a second or more)
         optimizer = torch.optim.LBFGS([point], lr=1.0, max_iter=MAX_ITER, history_size=20,
@@ -251,15 +305,10 @@ def descend(potential: Callable, start: torch.Tensor, with_hessian: bool) -> Fit
         evals += 1
         if evals > STALL_EVALS + STALL_PER_ITER * optimizer.state[point].get("n_iter", 0):
             raise _Stalled
-        point.grad = None  # as optimizer.zero_grad(), whose guard imports torch._dynamo
-        value = potential(point)
-        if torch.isfinite(value):
-            value.backward()
-            if (found := float(value.detach())) < lowest[0]:
-                lowest[:] = found, point.detach().clone()
-        else:
-            point.grad = torch.zeros_like(point)
-        return value.detach()
+        value, point.grad = evaluate(point.detach())
+        if torch.isfinite(value) and (found := float(value)) < lowest[0]:
+            lowest[:] = found, point.detach().clone()
+        return value
 
     try:
         optimizer.step(closure)
@@ -267,7 +316,13 @@ def descend(potential: Callable, start: torch.Tensor, with_hessian: bool) -> Fit
         point = lowest[1] if lowest[1] is not None else point
     except (RuntimeError, ValueError, IndexError):  # a line search into a region the model
         pass  # refuses (torch's strong Wolfe search can fail with an IndexError there too)
-    point = point.detach()
+    return point.detach()
+
+
+def _polished(potential: Callable, point: torch.Tensor, with_hessian: bool) -> Fit | None:
+    """The fit where L-BFGS ended at ``point``: with the Hessian, after Newton steps while it
+    is positive definite and they gain, and whether it converged (the Newton decrement within
+    TOLERANCE); None where the potential or its gradient is no number there."""
     value, gradient = _value_and_grad(potential, point)
     if not (math.isfinite(value) and torch.isfinite(gradient).all()):
         return None
@@ -290,6 +345,73 @@ def descend(potential: Callable, start: torch.Tensor, with_hessian: bool) -> Fit
     step = _newton_step(hessian, gradient)
     converged = step is not None and float(gradient @ step) <= TOLERANCE.get(point.dtype, 1e-3)
     return Fit(point, value, hessian, converged)
+
+
+class _Lockstep:
+    """L-BFGS searches side by side, their evaluations batched: each search runs in a thread
+    of its own, one thread at a time (a torch operation lets go of Python's lock, and
+    threads taking it in turn at each would cost more than the batching saves), until it
+    asks for an evaluation; once every search still running has asked, this thread runs the
+    model on all their points at once and hands each its value and gradient in turn."""
+
+    CANCELLED = None  # an answer that ends the search where it is (a stop signal here)
+
+    def __init__(self, potentials: Callable):
+        self.potentials = potentials
+        self.asked: queue.SimpleQueue = queue.SimpleQueue()  # (search, point or None: done)
+        self.answers: list[queue.SimpleQueue] = []
+
+    def run(self, starts: list[torch.Tensor]) -> list[torch.Tensor]:
+        """Where each search from ``starts`` ended."""
+        ends: list[torch.Tensor | BaseException | None] = [None] * len(starts)
+        self.answers = [queue.SimpleQueue() for _ in starts]
+
+        def search(i: int) -> None:
+            try:
+                ends[i] = _lbfgs(lambda x: self.evaluate(i, x), starts[i])
+            except BaseException as exc:  # noqa: BLE001 - raised in this thread, below
+                ends[i] = exc
+            finally:
+                self.asked.put((i, None))
+
+        threads = [threading.Thread(target=search, args=(i,), daemon=True)
+                   for i in range(len(starts))]
+        asked: dict[int, torch.Tensor] = {}
+        try:
+            for thread in threads:  # each runs to its first evaluation before the next starts
+                thread.start()
+                self._next(asked)
+            while asked:
+                order = sorted(asked)
+                values, gradients = value_and_gradient(
+                    self.potentials, torch.stack([asked[i] for i in order]))
+                asked = {}
+                for row, i in enumerate(order):  # each runs to its next evaluation in turn
+                    self.answers[i].put((values[row], gradients[row]))
+                    self._next(asked)
+        finally:  # a stop signal here: the searches stop at their next evaluation
+            for answers in self.answers:
+                answers.put(self.CANCELLED)
+        for thread in threads:
+            thread.join()
+        for end in ends:
+            if isinstance(end, BaseException):
+                raise end
+        return ends
+
+    def _next(self, asked: dict[int, torch.Tensor]) -> None:
+        """Wait for the running search's next evaluation (or its end)."""
+        i, point = self.asked.get()
+        if point is not None:
+            asked[i] = point
+
+    def evaluate(self, i: int, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Search ``i``'s potential and gradient at ``x``, from the next batched run."""
+        self.asked.put((i, x))
+        answer = self.answers[i].get()
+        if answer is self.CANCELLED:
+            raise _Stalled  # the search ends where it is
+        return answer
 
 
 class _Stalled(Exception):
@@ -337,10 +459,10 @@ def _value_and_grad(potential: Callable, point: torch.Tensor) -> tuple[float, to
 
 def _hessian(potential: Callable, point: torch.Tensor) -> torch.Tensor:
     """The potential's Hessian at ``point``, a double backward a row; for a long potential
-    (``BATCHED_FROM`` operations or more) its rows in one batched double backward (vmap over
-    the basis vectors), unless vmap cannot batch an operation."""
+    (``BATCHED_FROM`` operations or more), or once sympy is imported, its rows in one batched
+    double backward (vmap over the basis vectors), unless vmap cannot batch an operation."""
     point = point.detach()
-    if _operations(potential, point) >= BATCHED_FROM:
+    if "sympy" in sys.modules or _operations(potential, point) >= BATCHED_FROM:
         try:
             with warnings.catch_warnings():  # vmap's note on an operation it loops over
                 warnings.simplefilter("ignore", UserWarning)

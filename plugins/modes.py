@@ -20,6 +20,7 @@ import pyro
 import torch
 
 from vibench_plugins import laplace
+from vibench_plugins.pathfinder import batch_potential
 
 SAME_SDS = 1.0  # two modes within this many of each other's marginal sds, per coordinate, are one
 # A mode found beyond the first fit's own whose Laplace mass is below this share of all the
@@ -115,13 +116,19 @@ def _search(guide, data: dict, count: int, seed: int, first: torch.Tensor | None
     like = first if first is not None else torch.zeros(dimension)
     starts = ([first] if first is not None else []) + overdispersed(guide, sites, data, like,
                                                                      count, seed)
+    fits = []
+    if first is not None:  # as the first fit's start: where it finds no mode, no more
+        fits.append(laplace.descend(potential, first, True))
+        if _laplace(fits[0]) is None:
+            return Found([], 1, 0, stopped=True)
+    if starts[len(fits):]:  # the rest side by side, a batched run of the model a round
+        potentials = batch_potential(laplace.model_of(guide), sites, (), data, potential,
+                                     grad=True)
+        fits += laplace.descend_together(potentials, potential, starts[len(fits):], True)
     modes: list[Mode] = []
     converged, first_known = 0, False
-    for index, start in enumerate(starts):
-        fit = laplace.descend(potential, start, True)
+    for index, fit in enumerate(fits):
         mode = _laplace(fit)
-        if mode is None and index == 0 and first is not None:  # as the first fit's start
-            return Found([], 1, 0, stopped=True)
         if mode is None:
             continue
         converged += 1

@@ -807,19 +807,19 @@ def chain_potentials(run, loc) -> tuple[Any, list[str]]:
 
 
 def packaged_gradients(pipeline, fit_dir, potentials, loc, chains: int):
-    """The chains' gradients (``hmc.value_and_gradient``) compiled by an earlier run, or
+    """The chains' gradients (``laplace.value_and_gradient``) compiled by an earlier run, or
     None; where none is, a child started to compile them for later runs from the fit in
     ``fit_dir`` (plugins/hmc_package.py), and its line said. Only for a model that runs all
     chains in one batch (the rest are never replayed as a graph)."""
     import functools
 
-    from vibench_plugins import hmc, hmc_package
+    from vibench_plugins import hmc_package, laplace
     from workbench.compile import background, traced
 
     if potentials.rowwise:
         return None
     points = loc.expand(chains, -1).clone()  # laid out as the chains' points
-    found, key = traced.packaged(functools.partial(hmc.value_and_gradient, potentials),
+    found, key = traced.packaged(functools.partial(laplace.value_and_gradient, potentials),
                                  [points])
     if found is None and key is not None:
         said = background.start_child(key, lambda: hmc_package.arguments(

@@ -18,7 +18,7 @@ import torch
 import yaml
 
 from tests.helpers import arviz, vibench
-from vibench_plugins import hmc
+from vibench_plugins import hmc, laplace
 from workbench import service
 from workbench.plugins.registry import get_registry
 from workbench.report.draws import chain_diagnostics
@@ -155,14 +155,14 @@ def test_a_packaged_graph_that_is_not_the_models_is_not_used(monkeypatch, tmp_pa
     monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "cache"))
     with pyro.validation_enabled(False):
         potentials, points = _banana_potentials()
-        function = functools.partial(hmc.value_and_gradient, potentials)
+        function = functools.partial(laplace.value_and_gradient, potentials)
         found, key = traced.packaged(function, [points])
         assert found is None and len(key) == 40  # none built yet: the key to build it under
         assert traced.packaged(function, [points * 2])[1] == key  # by layout, not values
         assert traced.packaged(function, [points[:4]])[1] != key  # 4 chains: another graph
 
         def wrong(x):
-            value, gradient = hmc.value_and_gradient(potentials, x)
+            value, gradient = laplace.value_and_gradient(potentials, x)
             return [value + 1.0, gradient]
 
         gradients = hmc._Gradients(potentials, points, packaged=wrong)
@@ -216,7 +216,7 @@ def test_where_the_graph_fails_on_some_chains_only_those_run_through_the_model(r
     rows_run.clear()
     value, gradient = gradients(x)
     assert len(rows_run) == 3  # the three refused points alone went through the model
-    wanted_value, wanted_gradient = hmc.value_and_gradient(potentials, x)
+    wanted_value, wanted_gradient = laplace.value_and_gradient(potentials, x)
     assert torch.isinf(value[[3, 17, 18]]).all() and torch.isinf(wanted_value[[3, 17, 18]]).all()
     assert torch.allclose(value, wanted_value) and torch.allclose(gradient, wanted_gradient)
 

@@ -227,3 +227,63 @@ def test_the_hard_two_mode_posterior_is_answered_by_the_weighed_mixture(tmp_path
     assert summary["reference"]["good"]
     assert (tmp_path / "run" / "posterior.nc").is_file()
     assert (tmp_path / "run" / "plots" / "site-theta.png").is_file()
+
+
+def _searches():
+    """A two-mode potential of 3 coordinates (modes at x0 = -4 and 4), batched as
+    pathfinder.batch_potential's, counting its runs; and 8 starts on both sides."""
+    runs = []
+
+    def potentials(x):
+        runs.append(len(x))
+        near = torch.stack([(x[:, 0] + 4) ** 2, (x[:, 0] - 4) ** 2], -1) / 0.5
+        return -torch.logsumexp(-near, -1) + 0.5 * (x[:, 1:] ** 2 * torch.tensor([1.0, 9.0])
+                                                    ).sum(-1)
+
+    potentials.rowwise = False
+    generator = torch.Generator().manual_seed(0)
+    starts = [3 * torch.randn(3, generator=generator) for _ in range(8)]
+    return potentials, (lambda point: potentials(point[None])[0]), starts, runs
+
+
+def test_the_searches_run_side_by_side_with_one_model_run_a_round():
+    """``descend_together`` ends where each search run alone ends (the same L-BFGS, only the
+    model's runs batched), and runs the model once a round for all searches still going:
+    far fewer runs than the searches' evaluations."""
+    from vibench_plugins import laplace
+
+    potentials, potential, starts, runs = _searches()
+    alone = [laplace.descend(potential, start, True) for start in starts]
+    evaluations = len(runs)
+    runs.clear()
+    together = laplace.descend_together(potentials, potential, starts, True)
+    for one, other in zip(alone, together):
+        assert one.converged and other.converged
+        assert torch.allclose(one.point, other.point, atol=1e-3)
+    assert {round(float(fit.point[0])) for fit in together} == {-4, 4}
+    batched = [count for count in runs if count > 2]
+    assert len(batched) < evaluations / 4 and max(batched) == len(starts)
+
+
+def test_a_stop_during_the_searches_ends_them_all():
+    """A stop signal arrives in the thread that runs the model (Python's signal handlers
+    run there): it propagates, and every search's thread ends at its next evaluation."""
+    import threading
+
+    from vibench_plugins import laplace
+
+    potentials, potential, starts, runs = _searches()
+
+    def stopped(x):
+        if len(runs) == 5:
+            raise KeyboardInterrupt
+        return potentials(x)
+
+    stopped.rowwise = False
+    before = threading.active_count()
+    with pytest.raises(KeyboardInterrupt):
+        laplace.descend_together(stopped, potential, starts, True)
+    for thread in threading.enumerate():
+        if thread is not threading.current_thread() and thread.daemon:
+            thread.join(timeout=10)
+    assert threading.active_count() == before
