@@ -156,8 +156,9 @@ class Gaussian:
             return said
         return said + noncentred(self, pipeline)
 
-    def fit_all(self, pipeline, name: str) -> str:
-        """The stage's fits, labelled ``name``-1, -2, ...: ``pipeline.candidates``."""
+    def fit_all(self, pipeline, name: str, search: bool = True) -> str:
+        """The stage's fits, labelled ``name``-1, -2, ...: ``pipeline.candidates``; with
+        ``search`` off, no mode searches."""
         from workbench.report.gaussians import FULL_UP_TO
 
         dimension = pipeline.dimension
@@ -177,7 +178,8 @@ class Gaussian:
 
         first = pipeline.fit(f"{name}-1", guide=guide, loss=self.loss,
                              optimizer={"name": "adam", "lr": self.lr}, train=train,
-                             start=self.first_start(captured, found, marginal, seed),
+                             start=self.first_start(captured, found if search else None,
+                                                    marginal, seed),
                              compile_for=shared)
         pipeline.modes = found[0] if found else None
         fits, skipped = [first], ""
@@ -216,16 +218,18 @@ class Gaussian:
             skipped += more()
         return said(skipped)
 
-    def first_start(self, captured: list, found: list, marginal: int | None, seed: int):
+    def first_start(self, captured: list, found: list | None, marginal: int | None,
+                    seed: int):
         """Fit 1's start: its guide's own (the Laplace one, say) kept in ``captured`` for the
-        later fits, the mode searches' findings in ``found`` (with ``modes``), then a draw
-        from that start (``spread``)."""
+        later fits, the mode searches' findings in ``found`` (with ``modes``; none where it is
+        None), then a draw from that start (``spread``)."""
 
         def start(guide, data) -> None:
             from workbench.report.gaussians import fitted_gaussian
 
             captured.append(fitted_gaussian(guide, diagonal=marginal is not None))
-            if self.modes and marginal is None and captured[0] is not None:
+            if self.modes and found is not None and marginal is None and \
+                    captured[0] is not None:
                 from vibench_plugins.modes import search
 
                 found[:] = [search(guide, data, self.modes, seed + 2, first=captured[0][0])]
@@ -331,7 +335,15 @@ def noncentred(stage: Gaussian, pipeline) -> str:
     pipeline.model = reparam.section(pipeline.recipe["model"], sites)
     named = ", ".join(sites)
     pipeline.say(f"auto: {why}: the fits again with {named} non-centred")
-    again = stage.fit_all(pipeline, "noncentred")
+    # the posterior's mass is where it was: one mode found by every search of the centred
+    # model is one mode of the non-centred (separate modes stay separate under the change
+    # of variables), so the searches are not run again
+    searched = pipeline.modes
+    once = searched is not None and len(searched.modes) == 1 and \
+        searched.converged == searched.searches
+    again = stage.fit_all(pipeline, "noncentred", search=not once)
+    if once:
+        again += "; no mode searches: every search of the centred model found its one mode"
     elbo = pipeline.best(fits).elbo
     centred = "the centred fit's" if len(fits) == 1 else "the centred fits'"
     found = pipeline.best(pipeline.candidates).elbo if pipeline.candidates else None

@@ -290,3 +290,27 @@ def test_the_banana_is_fitted_non_centred(tmp_path):
     reference = summary["reference"]
     assert reference["max_z"] <= 0.2 and 0.8 <= reference["min_r"] <= reference["max_r"] <= 1.2
     assert set(summary["posterior"]) == {"x1", "x2"}
+
+
+def test_one_mode_found_by_every_centred_search_is_not_searched_for_again(tmp_path,
+                                                                          monkeypatch):
+    """The banana has one mode: every search of the centred model finds it, and the
+    non-centred refit (the same posterior's mass under a change of variables) runs none."""
+    from vibench_plugins import modes
+
+    searched = []
+    search = modes.search
+    monkeypatch.setattr(modes, "search", lambda *args, **kwargs: searched.append(1) or
+                        search(*args, **kwargs))
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml.safe_dump({
+        "model": {"name": f"{HERE}:banana"}, "data": {}, "loggers": [],
+        "train": {"plots": False, "eval_every": 0},
+        "auto": {"stages": ["start", {"name": "gaussian", "runs": 2, "modes": 2,
+                                      "lr": 0.03, "max_steps": 50}, "rhat", "psis"]}}))
+    summary = service.start(path, [], tmp_path / "run", get_registry()).train()
+    said = {stage["stage"]: stage["said"] for stage in summary["auto"]["stages"]}["gaussian"]
+    assert "3 mode searches from overdispersed starts: 3 converged, one mode" in said
+    assert "refitted with x2 non-centred" in said
+    assert "no mode searches: every search of the centred model found its one mode" in said
+    assert len(searched) == 1
