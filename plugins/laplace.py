@@ -461,7 +461,11 @@ def _hessian(potential: Callable, point: torch.Tensor) -> torch.Tensor:
     """The potential's Hessian at ``point``, a double backward a row; for a long potential
     (``BATCHED_FROM`` operations or more), or once sympy is imported, its rows in one batched
     double backward (vmap over the basis vectors), unless vmap cannot batch an operation."""
-    point = point.detach()
+    with seams.no_dynamo_import():  # a double backward would import it (0.5 s)
+        return _hessian_rows(potential, point.detach())
+
+
+def _hessian_rows(potential: Callable, point: torch.Tensor) -> torch.Tensor:
     if "sympy" in sys.modules or _operations(potential, point) >= BATCHED_FROM:
         try:
             with warnings.catch_warnings():  # vmap's note on an operation it loops over

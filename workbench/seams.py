@@ -25,16 +25,23 @@ def torch_optimizer(obj: Any) -> torch.optim.Optimizer:
 # keep dynamo from tracing into them (``torch._disable_dynamo``)
 _DYNAMO_GUARDED = ("add_param_group", "state_dict", "load_state_dict")
 _OPTIMIZER_MODULE = sys.modules[torch.optim.Optimizer.__module__]  # its global step hooks
+# torch's Python references (torch._refs) that autograd's double backward runs (a Hessian's,
+# of a multivariate normal's log density), behind the same guard: 0.5 s at the first Hessian
+_DYNAMO_GUARDED_REFS = ("add",)
 
 
 @contextlib.contextmanager
 def no_dynamo_import() -> Iterator[None]:
-    """Inside this block torch's optimizers are made, saved and loaded without importing
-    torch._dynamo. While it is not imported nothing can be tracing, so its guard has nothing
-    to do yet; this fills the guard's own cache (``fn.__dynamo_disable``) with the plain
-    method until the block ends. A torch without that seam gets a plain block."""
-    filled = _fill_guards([getattr(getattr(torch.optim.Optimizer, name, None), "__wrapped__", None)
-                           for name in _DYNAMO_GUARDED])
+    """Inside this block torch's optimizers are made, saved and loaded, and double backward
+    passes run, without importing torch._dynamo. While it is not imported nothing can be
+    tracing, so its guard has nothing to do yet; this fills the guard's own cache
+    (``fn.__dynamo_disable``) with the plain function until the block ends. A torch without
+    that seam gets a plain block."""
+    refs = sys.modules.get("torch._refs")
+    filled = _fill_guards(
+        [getattr(getattr(torch.optim.Optimizer, name, None), "__wrapped__", None)
+         for name in _DYNAMO_GUARDED] +
+        [_below_guard(getattr(refs, name, None)) for name in _DYNAMO_GUARDED_REFS])
     try:
         yield
     finally:
@@ -82,6 +89,18 @@ def _fill_guards(functions: list) -> list:
     for fn in filled:
         fn.__dynamo_disable = fn
     return filled
+
+
+def _below_guard(fn: Any) -> Any:
+    """The function that a dynamo guard (``torch._disable_dynamo``'s ``inner``) among
+    ``fn``'s wrappers wraps, or None."""
+    while fn is not None:
+        code = getattr(fn, "__code__", None)
+        if code is not None and code.co_name == "inner" and \
+                code.co_filename.endswith("_compile.py"):
+            return getattr(fn, "__wrapped__", None)
+        fn = getattr(fn, "__wrapped__", None)
+    return None
 
 
 def _empty_guards(filled: list) -> None:
