@@ -59,8 +59,8 @@ def _quiet(run: Callable) -> Callable:
 
     def call(*values: torch.Tensor) -> list[torch.Tensor]:
         saved = os.dup(2)
-        os.dup2(null, 2)
-        try:
+        try:  # a stop signal between these lines still finds fd 2 put back
+            os.dup2(null, 2)
             return run(list(values))
         finally:
             os.dup2(saved, 2)
