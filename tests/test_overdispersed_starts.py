@@ -280,10 +280,10 @@ def test_a_stop_during_the_searches_ends_them_all():
         return potentials(x)
 
     stopped.rowwise = False
-    before = threading.active_count()
+    before = set(threading.enumerate())
     with pytest.raises(KeyboardInterrupt):
         laplace.descend_together(stopped, potential, starts, True)
-    for thread in threading.enumerate():
-        if thread is not threading.current_thread() and thread.daemon:
-            thread.join(timeout=10)
-    assert threading.active_count() == before
+    searches = set(threading.enumerate()) - before
+    for thread in searches:  # each ends at its next evaluation, handed the stop
+        thread.join(timeout=30)
+    assert not any(thread.is_alive() for thread in searches)
