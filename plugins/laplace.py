@@ -382,12 +382,10 @@ class _Lockstep:
                 thread.start()
                 self._next(asked)
             while asked:
-                order = sorted(asked)
-                values, gradients = value_and_gradient(
-                    self.potentials, torch.stack([asked[i] for i in order]))
+                answers = self._answers(asked)
                 asked = {}
-                for row, i in enumerate(order):  # each runs to its next evaluation in turn
-                    self.answers[i].put((values[row], gradients[row]))
+                for i, answer in answers.items():  # each runs to its next evaluation in turn
+                    self.answers[i].put(answer)
                     self._next(asked)
         finally:  # a stop signal here: the searches stop at their next evaluation
             for answers in self.answers:
@@ -398,6 +396,26 @@ class _Lockstep:
             if isinstance(end, BaseException):
                 raise end
         return ends
+
+    def _answers(self, asked: dict[int, torch.Tensor]) -> dict[int, tuple | Exception]:
+        """Each search's value and gradient at the point it asked for, by one batched run;
+        where that raises, a run a point, and a point's own error is its search's answer
+        (it ends that search, as it would end a search run alone)."""
+        order = sorted(asked)
+        try:
+            values, gradients = value_and_gradient(
+                self.potentials, torch.stack([asked[i] for i in order]))
+            return {i: (values[row], gradients[row]) for row, i in enumerate(order)}
+        except (RuntimeError, ValueError, IndexError):
+            pass
+        answers: dict[int, tuple | Exception] = {}
+        for i in order:
+            try:
+                values, gradients = value_and_gradient(self.potentials, asked[i][None])
+                answers[i] = (values[0], gradients[0])
+            except (RuntimeError, ValueError, IndexError) as exc:
+                answers[i] = exc
+        return answers
 
     def _next(self, asked: dict[int, torch.Tensor]) -> None:
         """Wait for the running search's next evaluation (or its end)."""
@@ -411,6 +429,8 @@ class _Lockstep:
         answer = self.answers[i].get()
         if answer is self.CANCELLED:
             raise _Stalled  # the search ends where it is
+        if isinstance(answer, Exception):
+            raise answer
         return answer
 
 

@@ -287,3 +287,31 @@ def test_a_stop_during_the_searches_ends_them_all():
     for thread in searches:  # each ends at its next evaluation, handed the stop
         thread.join(timeout=30)
     assert not any(thread.is_alive() for thread in searches)
+
+
+def test_a_point_the_model_refuses_with_an_error_is_that_search_s_answer_alone():
+    """A model that raises at some points (beyond x0 = 2 here) fails the whole batched
+    round: each point is then run alone, the refused one's error is its search's answer
+    (which ends that search, as it ends a search run alone: ``laplace._lbfgs``), and the
+    others get their values and gradients."""
+    from vibench_plugins import laplace
+
+    potentials, _, starts, runs = _searches()
+
+    def walled(x):
+        if bool((x[:, 0] > 2.0).any()):
+            raise IndexError("a point the model refuses")
+        return potentials(x)
+
+    asked = {0: torch.tensor([-1.0, 0.5, 0.2]), 3: torch.tensor([3.0, 0.0, 0.0]),
+             5: torch.tensor([-4.5, -0.1, 0.3])}
+    answers = laplace._Lockstep(walled)._answers(asked)
+    assert isinstance(answers[3], IndexError)
+    for i in (0, 5):
+        value, gradient = laplace.value_and_gradient(potentials, asked[i][None])
+        assert torch.allclose(answers[i][0], value[0]) and torch.allclose(answers[i][1],
+                                                                         gradient[0])
+    # the search handed the error ends where it was, as a search run alone does
+    end = laplace._lbfgs(lambda x: (_ for _ in ()).throw(IndexError("refused")),
+                         asked[3])
+    assert torch.equal(end, asked[3])
