@@ -44,6 +44,9 @@ def main(argv: list[str]) -> int:
     from workbench.report.gaussians import fitted_gaussian
 
     fit_dir, chains, key = Path(argv[0]), int(argv[1]), argv[2]
+    if not background.take_turn():
+        print("the child compiling before this one took too long: no turn came", flush=True)
+        return 1
     began = time.perf_counter()
     torch.set_num_threads(1)
     try:

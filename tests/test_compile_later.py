@@ -12,6 +12,7 @@ import re
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -154,20 +155,57 @@ def test_one_child_per_step_and_a_dead_ones_lock_is_taken_over(cold: Path, monke
     assert again.notes == run.notes  # one child a process, however often set-up asks
 
 
-def test_one_child_at_a_time_another_step_waits_for_a_later_run(cold: Path, monkeypatch):
-    """While a child compiles one step (the folder's lock held), a run of another step
-    starts none, so a pipeline's refit or a grid never has several compiling beside it."""
+def test_one_child_at_a_time_and_a_few_waiting_another_step_waits_for_a_later_run(
+        cold: Path, monkeypatch):
+    """While a child compiles one step (the folder's lock held) and others wait for their
+    turn (every waiting slot's lock held), a run of another step starts none, so a pipeline's
+    refit or a grid never has more than one compiling and a few waiting beside it."""
     monkeypatch.setenv(SWITCH, "true")
-    lock = package_cache.file(background.ANY, background.LOCK)
-    holder = holding(lock)
+    holders = [holding(package_cache.file(name, background.LOCK))
+               for name in (background.ANY, *background.WAITING)]
     try:
-        assert holder.stdout.readline() == "ready\n"
+        assert [holder.stdout.readline() for holder in holders] == ["ready\n"] * len(holders)
         run = setup("train.compile=auto", "train.steps=4000", "train.eval_every=0")
+        working, *waiting = (str(holder.pid) for holder in holders)
         assert run.notes[1:] == [f"another step is being compiled in the background (pid "
-                                 f"{holder.pid}); this step will be compiled by a later run"]
+                                 f"{working}) and 3 more wait for their turn (pids "
+                                 f"{', '.join(waiting)}); this step will be compiled by a "
+                                 "later run"]
         assert not any(name.endswith(background.LOG) for name in later_files(cold))
     finally:
-        holder.communicate("")
+        for holder in holders:
+            holder.communicate("")
+
+
+def test_a_step_met_by_a_child_at_work_is_compiled_after_it(cold: Path, monkeypatch):
+    """A run of another step while a child is at work starts a child that waits for its
+    turn: it holds a waiting slot's lock, not the folder's, until the child at work is done;
+    then it holds the folder's and lets the slot go, for the next run's child."""
+    monkeypatch.setenv(SWITCH, "true")
+    first = package_cache.file(background.ANY, background.LOCK)
+    second = package_cache.file(background.WAITING[0], background.LOCK)
+    holder = holding(first)
+    assert holder.stdout.readline() == "ready\n"
+    run = setup("train.compile=auto", "train.steps=4000", "train.eval_every=0")
+    waiting = re.fullmatch(r"compiling this step for later runs in the background once pid "
+                           rf"{holder.pid} is done \(pid (\d+), log .+\)", run.notes[1])
+    assert waiting, run.notes
+    pid = int(waiting[1])
+    try:
+        assert second.read_text() == f"{pid}\n" and first.read_text() == str(holder.pid)
+        holder.communicate("")  # done: the waiting child's turn
+        deadline = time.monotonic() + 60
+        while first.read_text().strip() != str(pid) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert first.read_text() == f"{pid}\n"
+        with open(first, "rb") as handle:  # it holds the first lock now
+            with pytest.raises(BlockingIOError):
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        with open(second, "rb") as handle:  # and has let the second go
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    finally:
+        os.killpg(pid, signal.SIGKILL)  # its own session: it and anything it started
+        os.waitpid(pid, 0)
 
 
 

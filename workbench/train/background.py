@@ -22,9 +22,13 @@ def main(argv: list[str]) -> int:
     """Compile the step of the recipe at ``argv[0]`` into the package ``argv[1]``."""
     with contextlib.suppress(OSError):
         os.nice(10)  # before torch is imported: the run beside it comes first
-    from workbench.compile import package_cache
+    from workbench.compile import background, package_cache
 
     path, key = Path(argv[0]), argv[1]
+    if not background.take_turn():
+        path.unlink(missing_ok=True)
+        print("the child compiling before this one took too long: no turn came", flush=True)
+        return 1
     began = time.perf_counter()
     try:
         try:
