@@ -409,16 +409,19 @@ def run_vibench(name: str, out: Path, env: dict, cold: bool = False) -> dict:
 
 
 def wait_for_background(env: dict) -> None:
-    """Wait until no child compiles a step for later runs in ``env``'s cache."""
+    """Wait until no child compiles a step for later runs in ``env``'s cache, nor waits for
+    its turn to (the waiting slots first: a waiting child takes the folder's lock before it
+    lets its slot go)."""
     import fcntl
 
     from workbench.compile import background, package_cache
 
     folder = Path(env.get("TORCHINDUCTOR_CACHE_DIR") or package_cache.cache_dir())
-    lock = folder / package_cache.FOLDER / f"{background.ANY}{background.LOCK}"
-    if lock.exists():
-        with open(lock, "rb") as handle:
-            fcntl.flock(handle, fcntl.LOCK_EX)
+    for name in (*background.WAITING, background.ANY):
+        lock = folder / package_cache.FOLDER / f"{name}{background.LOCK}"
+        if lock.exists():
+            with open(lock, "rb") as handle:
+                fcntl.flock(handle, fcntl.LOCK_EX)
 
 
 def warm_up(name: str, out: Path, env: dict) -> int:
