@@ -164,25 +164,31 @@ def potential_fn(model, sites: list[Site], args: tuple,
                  kwargs: dict) -> Callable[[torch.Tensor], torch.Tensor]:
     """-log p(data, z) as a function of the flat unconstrained z, with the log-Jacobian of
     each site's bijection, so its mode and Hessian are those of the density the guide fits;
-    the model's enumerated sites summed out (``workbench.report.marginal``)."""
+    the model's enumerated sites summed out (``workbench.report.marginal``). Its ``plain``
+    is the same without the refusals below (no Python branch on a value): what
+    ``torch.func.vmap`` can map over many points (pathfinder.batch_potential)."""
     nesting = _enumerated_nesting(model, args, kwargs)
 
-    def potential(flat: torch.Tensor) -> torch.Tensor:
+    def plain(flat: torch.Tensor) -> torch.Tensor:
         values, log_jacobian = {}, 0.0
         for site in sites:
             unconstrained = flat[site.start:site.stop].reshape(site.shape)
             values[site.name] = site.transform(unconstrained)
             log_jacobian = log_jacobian + site.transform.log_abs_det_jacobian(
                 unconstrained, values[site.name]).sum()
+        log_p = _log_joint(poutine.condition(model, data=values), nesting, args, kwargs)
+        return -(log_p + log_jacobian)
+
+    def potential(flat: torch.Tensor) -> torch.Tensor:
         try:
-            log_p = _log_joint(poutine.condition(model, data=values), nesting, args, kwargs)
+            value = plain(flat)
         except (ValueError, torch.linalg.LinAlgError):  # a parameter the model's validation
             return flat.new_tensor(math.inf)  # refuses, a covariance no longer one (a long step)
-        value = -(log_p + log_jacobian)
         # a density that is no number there (NaN, or +inf in a funnel's neck) is no mode:
         # +inf keeps L-BFGS's line search out (its bracket cannot hold a NaN)
         return value if torch.isfinite(value) else flat.new_tensor(math.inf)
 
+    potential.plain = plain
     return potential
 
 

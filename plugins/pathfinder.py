@@ -295,7 +295,9 @@ def batch_potential(model, sites: list[laplace.Site], args: tuple, kwargs: dict,
                     ) -> Callable[[torch.Tensor], torch.Tensor]:
     """The potential of each row of an ``(n, d)`` tensor: in one trace of the model under a
     plate of n draws where its first evaluation agrees with ``potential`` row by row (as
-    Pyro's vectorised particles), else one trace a row; differentiable with ``grad``. After
+    Pyro's vectorised particles); else, for a model that does not broadcast over such a
+    plate, its run on one point mapped over the rows by ``torch.func.vmap`` (``potential``'s
+    ``plain``), where that agrees; else one trace a row; differentiable with ``grad``. After
     its first call its ``rowwise`` says which (True: a row at a time)."""
     from pyro import poutine
 
@@ -329,6 +331,11 @@ def batch_potential(model, sites: list[laplace.Site], args: tuple, kwargs: dict,
             return points.new_zeros(0)
         return torch.stack([potential(point) for point in points])
 
+    plain = getattr(potential, "plain", None)
+
+    def mapped(points: torch.Tensor) -> torch.Tensor:  # the model run as if on one point
+        return torch.func.vmap(plain)(points)
+
     chosen: list[Callable] = []
 
     def batched(points: torch.Tensor) -> torch.Tensor:
@@ -339,15 +346,21 @@ def batch_potential(model, sites: list[laplace.Site], args: tuple, kwargs: dict,
                 except (RuntimeError, ValueError, NotImplementedError, IndexError):
                     return one_by_one(points)  # a draw the model refuses: inf for it alone
             exact = one_by_one(points[:2])
-            try:
-                together = vectorised(points)
-                agrees = together.shape == (points.shape[0],) and torch.allclose(
-                    together[:2].to(exact.dtype), exact, rtol=1e-4, atol=1e-4, equal_nan=True)
-            except (RuntimeError, ValueError, NotImplementedError, IndexError):
-                agrees = False
-            chosen.append(vectorised if agrees else one_by_one)
-            batched.rowwise = not agrees
-            return together if agrees else torch.cat([exact, one_by_one(points[2:])])
+            for way in (vectorised, mapped) if plain is not None else (vectorised,):
+                try:
+                    together = way(points)
+                    agrees = together.shape == (points.shape[0],) and torch.allclose(
+                        together[:2].to(exact.dtype), exact, rtol=1e-4, atol=1e-4,
+                        equal_nan=True)
+                except (RuntimeError, ValueError, NotImplementedError, IndexError):
+                    agrees = False
+                if agrees:
+                    chosen.append(way)
+                    batched.rowwise = False
+                    return together
+            chosen.append(one_by_one)
+            batched.rowwise = True
+            return torch.cat([exact, one_by_one(points[2:])])
 
     batched.rowwise = None
     return batched

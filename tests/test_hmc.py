@@ -253,29 +253,61 @@ def test_a_function_whose_operations_change_with_the_random_stream_has_no_packag
     assert keys == {None}
 
 
-def test_a_model_that_does_not_broadcast_is_run_a_point_at_a_time_even_for_two():
-    """The hmc stage asks the batched potential, with two points, which way the model runs:
-    a model that does not broadcast over the chains is run once a point, two included."""
+def _unbroadcast_potentials(model):
     from pyro.infer import Trace_ELBO
 
-    from vibench_plugins import laplace
     from vibench_plugins.guides import auto_multivariate_normal
     from vibench_plugins.pathfinder import batch_potential
 
-    def unbroadcast():
-        x = pyro.sample("x", dist.Normal(torch.zeros(2), 1.0).to_event(1))
-        pyro.sample("y", dist.Normal(torch.tensor([1.0, -1.0]) @ x, 0.5), obs=torch.tensor(0.3))
-
     pyro.clear_param_store()
-    guide = auto_multivariate_normal(unbroadcast)
-    Trace_ELBO().loss(unbroadcast, guide)
+    guide = auto_multivariate_normal(model)
+    Trace_ELBO().loss(model, guide)
     sites = laplace.layout(guide)
-    potential = laplace.potential_fn(unbroadcast, sites, (), {})
-    potentials = batch_potential(unbroadcast, sites, (), {}, potential, grad=True)
-    points = torch.tensor([[0.1, 0.2], [-0.5, 1.0]])
-    found = potentials(points)
-    assert potentials.rowwise is True
-    assert torch.allclose(found, torch.stack([potential(point) for point in points]))
+    potential = laplace.potential_fn(model, sites, (), {})
+    return potential, batch_potential(model, sites, (), {}, potential, grad=True)
+
+
+def unbroadcast():
+    """x @ a vector: right for one point, wrong (or failing) for a batch of them."""
+    x = pyro.sample("x", dist.Normal(torch.zeros(2), 1.0).to_event(1))
+    pyro.sample("y", dist.Normal(torch.tensor([1.0, -1.0]) @ x, 0.5), obs=torch.tensor(0.3))
+
+
+def test_a_model_that_does_not_broadcast_is_mapped_over_the_chains():
+    """The hmc stage (validation off) asks the batched potential, with two points, which way
+    the model runs: one that does not broadcast over the chains is run as on one point,
+    mapped over them by torch.func.vmap, with the values and gradients of its runs a point
+    at a time, and so its chains are as many and its gradients traced as a broadcasting
+    model's."""
+    with pyro.validation_enabled(False):
+        potential, potentials = _unbroadcast_potentials(unbroadcast)
+        points = torch.tensor([[0.1, 0.2], [-0.5, 1.0], [2.0, -0.3]])
+        found = potentials(points)
+        assert potentials.rowwise is False
+        assert torch.allclose(found, torch.stack([potential(point) for point in points]))
+        value, gradient = laplace.value_and_gradient(potentials, points)
+        for point, one in zip(points, gradient):
+            x = point.clone().requires_grad_(True)
+            (wanted,) = torch.autograd.grad(potential(x), x)
+            assert torch.allclose(one, wanted, atol=1e-6)
+        assert hmc._Gradients(potentials, points).how == "traced"
+
+
+def test_a_model_that_neither_broadcasts_nor_maps_is_run_a_point_at_a_time_even_for_two():
+    """A model that reads a latent value in Python can be neither broadcast nor mapped: it
+    is run once a point, two included."""
+    def branching():
+        x = pyro.sample("x", dist.Normal(torch.zeros(2), 1.0).to_event(1))
+        shift = 1.0 if float(x.detach().sum()) > 0 else -1.0  # a value read in Python
+        pyro.sample("y", dist.Normal(torch.tensor([1.0, -1.0]) @ x + shift, 0.5),
+                    obs=torch.tensor(0.3))
+
+    with pyro.validation_enabled(False):
+        potential, potentials = _unbroadcast_potentials(branching)
+        points = torch.tensor([[0.1, 0.2], [-0.5, 1.0]])
+        found = potentials(points)
+        assert potentials.rowwise is True
+        assert torch.allclose(found, torch.stack([potential(point) for point in points]))
 
 
 def test_a_model_refusing_a_point_sends_no_chain_there():
