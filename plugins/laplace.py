@@ -475,11 +475,10 @@ def _identity(transform) -> bool:
 
 
 def _value_and_grad(potential: Callable, point: torch.Tensor) -> tuple[float, torch.Tensor]:
-    point = point.detach().requires_grad_(True)
-    value = potential(point)
+    """``_evaluated`` as a number, and a gradient of NaNs where the potential is none."""
+    value, gradient = _evaluated(potential, point)
     if not torch.isfinite(value):
         return math.inf, torch.full_like(point, math.nan)
-    (gradient,) = torch.autograd.grad(value, point)
     return value.item(), gradient
 
 
