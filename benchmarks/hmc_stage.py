@@ -81,13 +81,10 @@ def main() -> None:
 
 def _packaged(potentials, loc, chains: int):
     """The chains' gradients from their package, built here first where none is cached."""
-    import functools
-
-    from vibench_plugins import laplace
+    from vibench_plugins.stages import gradient_function
     from workbench.compile import traced
 
-    function = functools.partial(laplace.value_and_gradient, potentials)
-    points = [loc.expand(chains, -1).clone()]
+    function, points = gradient_function(potentials, loc, chains)
     found, key = traced.packaged(function, points)
     if found is None and key is not None:
         began = time.perf_counter()

@@ -4,16 +4,15 @@
 ``python -m vibench_plugins.hmc_package FIT_DIR CHAINS KEY``: at nice 10, on one thread, it
 rebuilds the pipeline's fit from its run directory as the pipeline reads its fits back (the
 recipe and checkpoint vibench wrote, read as ``vibench run --resume`` reads them, never a
-pickle), sets up the chains' potential as the stage does, and packages
-``laplace.value_and_gradient`` of it for ``CHAINS`` chains under ``KEY``, which it must record
-to: a fit rebuilt to another function packages nothing. A failure is noted; after a second
+pickle), sets up the chains' potential as the stage does, and packages its gradients
+(``stages.gradient_function``) for ``CHAINS`` chains under ``KEY``, which it must record to:
+a fit rebuilt to another function packages nothing. A failure is noted; after a second
 (``package_cache.TRIES``) no later run starts another child for ``KEY``.
 """
 
 from __future__ import annotations
 
 import contextlib
-import functools
 import os
 import sys
 import time
@@ -34,18 +33,15 @@ def main(argv: list[str]) -> int:
     import pyro
     import torch
 
-    from vibench_plugins import laplace
-    from vibench_plugins.stages import chain_potentials
+    from vibench_plugins.stages import chain_potentials, gradient_function
     from workbench.auto.pipeline import load_fit
     from workbench.compile import background, package_cache, traced
     from workbench.device import run_context
-    from workbench.errors import one_line
     from workbench.plugins.registry import get_registry
     from workbench.report.gaussians import fitted_gaussian
 
     fit_dir, chains, key = Path(argv[0]), int(argv[1]), argv[2]
     if not background.take_turn():
-        print("the child compiling before this one took too long: no turn came", flush=True)
         return 1
     began = time.perf_counter()
     torch.set_num_threads(1)
@@ -55,14 +51,9 @@ def main(argv: list[str]) -> int:
                 pyro.validation_enabled(False):
             loc = fitted_gaussian(run.guide, diagonal=True)[0].to(torch.get_default_dtype())
             potentials, _ = chain_potentials(run, loc)
-            traced.package(functools.partial(laplace.value_and_gradient, potentials),
-                           [loc.expand(chains, -1).clone()], key)
+            traced.package(*gradient_function(potentials, loc, chains), key)
     except Exception as exc:  # perhaps the machine's passing state: a later run retries
-        why = one_line(exc)
-        print(f"failed: {why}", flush=True)
-        with contextlib.suppress(Exception):
-            background.failed(key, why)
-        return 1
+        return background.child_failed(key, exc)
     print(f"packaged the chains' gradients in {time.perf_counter() - began:.1f} s: "
           f"{package_cache.file(key, '.pt2')}", flush=True)
     return 0

@@ -818,21 +818,30 @@ def chain_potentials(run, loc) -> tuple[Any, list[str]]:
     return potentials, labels
 
 
+def gradient_function(potentials, loc, chains: int) -> tuple[Any, list]:
+    """The chains' gradients as the stage packages them: ``laplace.value_and_gradient`` of
+    ``potentials``, and inputs laid out as ``chains`` chains' points (the fit's location, a
+    copy a chain). The stage looks its package up and the child builds it from these alone,
+    so both record the same key."""
+    import functools
+
+    from vibench_plugins import laplace
+
+    return (functools.partial(laplace.value_and_gradient, potentials),
+            [loc.expand(chains, -1).clone()])
+
+
 def packaged_gradients(pipeline, fit_dir, potentials, loc, chains: int):
     """The chains' gradients (``laplace.value_and_gradient``) compiled by an earlier run, or
     None; where none is, a child started to compile them for later runs from the fit in
     ``fit_dir`` (plugins/hmc_package.py), and its line said. Only for a model that runs all
     chains in one batch (the rest are never replayed as a graph)."""
-    import functools
-
-    from vibench_plugins import hmc_package, laplace
+    from vibench_plugins import hmc_package
     from workbench.compile import background, traced
 
     if potentials.rowwise:
         return None
-    points = loc.expand(chains, -1).clone()  # laid out as the chains' points
-    found, key = traced.packaged(functools.partial(laplace.value_and_gradient, potentials),
-                                 [points])
+    found, key = traced.packaged(*gradient_function(potentials, loc, chains))
     if found is None and key is not None:
         said = background.start_child(key, lambda: hmc_package.arguments(
             fit_dir, chains, key), "the chains' gradients")

@@ -25,6 +25,7 @@ started is a note.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import sys
@@ -135,17 +136,30 @@ def _spawn(arguments: list[str], key: str, locks: tuple[int, ...], what: str,
             f"log {log})")
 
 
+def child_failed(key: str, exc: Exception, final: bool = False) -> int:
+    """In a child: say why in its log and note it (``failed``; not so if interrupted), so
+    that later runs stop starting children for ``key``; the child's exit code."""
+    why = one_line(exc)
+    print(f"failed: {why}", flush=True)
+    with contextlib.suppress(Exception):
+        failed(key, why, final)
+    return 1
+
+
 def take_turn() -> bool:
     """In a child: where it was started to wait for its turn (another child at work), wait
     (up to TURN_WAIT seconds) for the folder's lock, take it for as long as this process
-    lives, and let go of its waiting slot for the next run's child. False where the
-    turn did not come; True at once in a child that was started with it."""
+    lives, and let go of its waiting slot for the next run's child. False (and a line in the
+    child's log) where the turn did not come; True at once in a child that was started with
+    it."""
     slot = os.environ.pop(TURN, None)
     if slot is None:
         return True
     lock, holder = files.try_lock(package_cache.file(ANY, LOCK), wait=TURN_WAIT)
     if holder is not None:
         os.close(lock)
+        print(f"the child compiling before this one (pid {holder}) took too long: no turn "
+              "came", flush=True)
         return False
     files.note_holder(lock, os.getpid())
     _turn.append(lock)

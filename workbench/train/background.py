@@ -27,14 +27,13 @@ def main(argv: list[str]) -> int:
     path, key = Path(argv[0]), argv[1]
     if not background.take_turn():
         path.unlink(missing_ok=True)
-        print("the child compiling before this one took too long: no turn came", flush=True)
         return 1
     began = time.perf_counter()
     try:
         try:
             resolved, registry = _resolved(path)
         except Exception as exc:  # not a recipe another process can set up: for good
-            return _failed(key, exc, final=True)
+            return background.child_failed(key, exc, final=True)
         try:
             _compile(resolved, registry)
             if package_cache.state(key) != "packaged":
@@ -43,25 +42,12 @@ def main(argv: list[str]) -> int:
                                    if why else "the step set up here is not the one the run "
                                    "asked for (another package key)")
         except Exception as exc:  # perhaps the machine's passing state: a later run retries
-            return _failed(key, exc, final=False)
+            return background.child_failed(key, exc)
     finally:
         path.unlink(missing_ok=True)
     print(f"packaged the step in {time.perf_counter() - began:.1f} s: "
           f"{package_cache.file(key, '.pt2')}", flush=True)
     return 0
-
-
-def _failed(key: str, exc: Exception, final: bool) -> int:
-    """Say why in the log and note it (not so if interrupted), so that later runs stop
-    starting children for ``key``: at once where ``final``, else after a second failure."""
-    from workbench.compile import background
-    from workbench.errors import one_line
-
-    why = one_line(exc)
-    print(f"failed: {why}", flush=True)
-    with contextlib.suppress(Exception):
-        background.failed(key, why, final)
-    return 1
 
 
 def _resolved(path: Path) -> tuple[dict, Any]:
