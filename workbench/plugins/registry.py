@@ -465,7 +465,7 @@ class _Loader:
         outcome, printed = _Outcome(), io.StringIO()
         self.trace(f"plugin {plugin!r}: {what} ...")
         started = time.perf_counter()
-        thread = self._start(plugin, function, outcome, printed)
+        thread = self._thread(plugin, function, outcome, printed)
         outcome.timed_out = not self._wait(thread, f"plugin {plugin!r} ({what})", outcome)
         self.trace(f"plugin {plugin!r}: {what}: {_result(outcome, self.limit)} "
                    f"({time.perf_counter() - started:.3f} s)")
@@ -475,9 +475,10 @@ class _Loader:
                   f"{_clip(printed.getvalue())}")
         return outcome
 
-    def _start(self, plugin: str, function: Callable[[], Any], outcome: _Outcome,
-               printed: io.StringIO) -> threading.Thread:
-        """A daemon thread running ``function`` into ``outcome``, what it prints to ``printed``."""
+    def _thread(self, plugin: str, function: Callable[[], Any], outcome: _Outcome,
+                printed: io.StringIO) -> threading.Thread:
+        """A daemon thread, not started yet, to run ``function`` into ``outcome``, what it
+        prints to ``printed``."""
 
         def target() -> None:
             self.stdout.routes.setdefault(threading.get_ident(), printed)
@@ -488,9 +489,7 @@ class _Loader:
             finally:  # a plugin that overran, ending after loading did
                 self._give_back_stdout()
 
-        thread = threading.Thread(target=target, name=f"vibench {plugin}", daemon=True)
-        thread.start()
-        return thread
+        return threading.Thread(target=target, name=f"vibench {plugin}", daemon=True)
 
     def overran_by(self, outcome: _Outcome) -> str:
         """How a call into a plugin ended, in words: why it was left behind, if it was."""
@@ -500,10 +499,12 @@ class _Loader:
         return f"within {self.limit:g} s"
 
     def _wait(self, thread: threading.Thread, doing: str, outcome: _Outcome) -> bool:
-        """Wait out the time limit for a plugin's thread, or less if it sits idle; False, its
-        later output dropped, if it is still running. Ctrl-C here is the user's: a plugin's
-        own is raised in its thread."""
+        """Start a plugin's thread and wait out the time limit for it, or less if it sits
+        idle; False, its later output dropped, if it is still running. Ctrl-C here is the
+        user's (a plugin's own is raised in its thread), from the thread's start on: a busy
+        machine can run the plugin's first lines before ``start`` returns."""
         try:
+            thread.start()
             outcome.idle = _join(thread, self.limit, self.idle_s)
         except KeyboardInterrupt as exc:
             raise LoadInterrupted(f"interrupted while loading {doing}",
