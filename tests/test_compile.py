@@ -497,8 +497,14 @@ def test_a_second_run_loads_its_packaged_step_without_importing_inductor(tmp_pat
     inductor's cache is the test session's); the next loads it and trains to the
     same numbers without importing inductor or torch._dynamo (a second between them).
     Logistic regression squares its prior's scale, a constant, which failed to package
-    until the package folded its constants at load."""
-    env = {"VIBENCH_COMPILE": "true"}
+    until the package folded its constants at load. Neither leaves the package's unpacked
+    library behind in the temporary folder (torch's loader removes it only when collected)."""
+    from workbench.compile.package_cache import cache_dir
+
+    scratch = tmp_path / "tmp"
+    scratch.mkdir()
+    env = {"VIBENCH_COMPILE": "true", "TMPDIR": str(scratch),
+           "TORCHINDUCTOR_CACHE_DIR": str(cache_dir())}  # the session's, as TMPDIR moves
     probe = ("import runpy, sys; sys.argv = sys.argv[1:]\n"
              "try:\n    runpy.run_module('workbench', run_name='__main__')\n"
              "except SystemExit:\n    pass\n"
@@ -519,6 +525,7 @@ def test_a_second_run_loads_its_packaged_step_without_importing_inductor(tmp_pat
             assert "imported: []" in done.stdout, done.stdout
             assert "compiling the step" not in done.stderr  # it loads what run 1 compiled
     assert finals[0] == finals[1]
+    assert [p.name for p in scratch.iterdir() if not p.name.startswith("torchinductor_")] == []
 
 
 @pytest.mark.slow

@@ -13,6 +13,7 @@ only where the key written inside it is the key the run asked for."""
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import getpass
 import hashlib
@@ -20,6 +21,7 @@ import logging
 import os
 import platform
 import re
+import shutil
 import tempfile
 import warnings
 from collections.abc import Callable, Iterator
@@ -192,13 +194,38 @@ def _open(path: Path, key: str) -> Callable | None:
     renamed from another key is refused before its code is loaded."""
     loader = torch._C._aoti.AOTIModelPackageLoader
     try:
-        if loader.load_metadata_from_package(str(path), "model").get(METADATA_KEY) != key:
+        metadata = loader.load_metadata_from_package(str(path), "model")
+        if metadata.get(METADATA_KEY) != key:
             return None
-        # torch's own loader, as torch._inductor.package.load_package calls it (which
-        # spends a second in Python around these 2 ms)
-        return loader(str(path), "model", False, 1, -1).run
+        with _unpacked(on_cpu=metadata.get("AOTI_DEVICE_KEY") == "cpu"):
+            # torch's own loader, as torch._inductor.package.load_package calls it (which
+            # spends a second in Python around these 2 ms)
+            return loader(str(path), "model", False, 1, -1).run
     except Exception:  # damaged, say: the caller compiles as before, leaving it be
         return None
+
+
+@contextlib.contextmanager
+def _unpacked(on_cpu: bool) -> Iterator[None]:
+    """Torch's loader unpacks a package into a new folder of TMPDIR that only the loader's
+    collection removes, which a process's exit skips (2 MB left in /tmp a package a run).
+    Here it unpacks into a folder of ours, removed once the package is loaded on the CPU (its
+    library is mapped by then); a CUDA package loads its kernels at their first call, so its
+    folder goes at exit."""
+    folder = tempfile.mkdtemp(prefix="vibench-package-")
+    before = os.environ.get("TMPDIR")
+    os.environ["TMPDIR"] = folder
+    try:
+        yield
+    finally:
+        if before is None:
+            del os.environ["TMPDIR"]
+        else:
+            os.environ["TMPDIR"] = before
+        if on_cpu:
+            shutil.rmtree(folder, ignore_errors=True)
+        else:
+            atexit.register(shutil.rmtree, folder, True)
 
 
 @contextlib.contextmanager
