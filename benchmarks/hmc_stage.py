@@ -9,7 +9,7 @@ has one (the run's summary.json ``reference``'s parameters, compared by name whe
 site's draws are its unconstrained coordinate's exp or itself).
 
     OMP_NUM_THREADS=1 python benchmarks/hmc_stage.py RUN_DIR [--fit gaussian-1]
-        [--ways packaged,replayed,eager] [--warmup 150] [--draws 50] [--rounds 8]
+        [--ways packaged,replayed,eager] [--warmup 100] [--draws 50] [--rounds 8]
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ def main() -> None:
     parser.add_argument("run_dir", type=Path)
     parser.add_argument("--fit", default=None)
     parser.add_argument("--ways", default="packaged,replayed,eager")
-    parser.add_argument("--warmup", type=int, default=150)
+    parser.add_argument("--warmup", type=int, default=100)
     parser.add_argument("--draws", type=int, default=50)
     parser.add_argument("--rounds", type=int, default=8)
     parser.add_argument("--chains", type=int, default=32)

@@ -664,7 +664,7 @@ class PSIS:
                 f"(k-hat >= {self.khat:g}); importance-weighted for the rest")
 
 
-def hmc(chains: int = 32, groups: int = 4, warmup: int = 150, draws: int = 50, rounds: int = 8,
+def hmc(chains: int = 32, groups: int = 4, warmup: int = 100, draws: int = 50, rounds: int = 8,
         target_accept: float = 0.65, max_dimension: int = 200):
     """Where the answer from the fits is flagged (its k-hat, the fits' disagreement, an sd it does
     not pin down; not where the mode searches found several modes), ``chains`` HMC chains
