@@ -19,6 +19,7 @@ compares the groups' means instead, whose noise shrinks with the groups' total E
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
@@ -123,15 +124,15 @@ def _rank_normal(draws: torch.Tensor) -> torch.Tensor:
     ranks = torch.empty_like(flat)
     ranks.scatter_(0, order, torch.arange(1, size + 1, dtype=flat.dtype)[:, None]
                    .expand_as(flat).contiguous())
-    for column in range(flat.shape[1]):  # ties (a chain that stayed put) share their mean rank
-        values = flat[:, column]
-        if len(values.unique()) < size:
-            _, inverse = values.unique(return_inverse=True)
-            total = torch.zeros(int(inverse.max()) + 1, dtype=flat.dtype)
-            counts = torch.zeros_like(total)
-            total.index_add_(0, inverse, ranks[:, column])
-            counts.index_add_(0, inverse, torch.ones_like(values))
-            ranks[:, column] = (total / counts)[inverse]
+    ordered = flat.gather(0, order)
+    tied = (ordered[1:] == ordered[:-1]).any(0).nonzero().flatten().tolist()
+    for column in tied:  # ties (a chain that stayed put) share their mean rank
+        _, inverse = flat[:, column].unique(return_inverse=True)
+        total = torch.zeros(int(inverse.max()) + 1, dtype=flat.dtype)
+        counts = torch.zeros_like(total)
+        total.index_add_(0, inverse, ranks[:, column])
+        counts.index_add_(0, inverse, torch.ones(size, dtype=flat.dtype))
+        ranks[:, column] = (total / counts)[inverse]
     scores = torch.special.ndtri((ranks - 0.375) / (size + 0.25))
     return scores.reshape(draws.shape)
 
@@ -158,16 +159,9 @@ def _ess(chains: torch.Tensor) -> torch.Tensor:
     pooled = (length - 1) / length * within + chains.mean(1).var(0)
     rho = 1 - (within - autocov.mean(0)) / pooled  # (lags, d)
     rho[0] = 1.0
-    ess = torch.empty(chains.shape[2], dtype=chains.dtype)
-    for column in range(chains.shape[2]):
-        if not pooled[column] > 0:
-            ess[column] = float("nan")
-            continue
-        pairs = rho[: length - length % 2, column].reshape(-1, 2).sum(1)
-        positive = pairs > 0
-        kept = pairs[: int(positive.long().cumprod(0).sum())]
-        kept = torch.cummin(kept, 0).values  # the initial monotone sequence
-        tau = -1 + 2 * kept.sum()
-        ess[column] = count * length / max(float(tau), 1.0 / torch.log10(
-            torch.tensor(count * length, dtype=chains.dtype)).item())
-    return ess
+    pairs = rho[: length - length % 2].reshape(-1, 2, rho.shape[1]).sum(1)  # (lags / 2, d)
+    positive = (pairs > 0).long().cumprod(0).bool()  # the initial positive sequence
+    monotone = torch.cummin(pairs, 0).values  # within it, the initial monotone sequence
+    tau = -1 + 2 * torch.where(positive, monotone, 0.0).sum(0)
+    ess = count * length / tau.clamp(min=1.0 / math.log10(count * length))
+    return torch.where(pooled > 0, ess, torch.nan)
