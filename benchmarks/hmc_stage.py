@@ -64,14 +64,15 @@ def main() -> None:
 
             def enough(points, labels=labels) -> bool:
                 found = chain_diagnostics(points, args.groups)
-                return not chains_distrusted(*_worst(found, labels), 0)
+                return not chains_distrusted(*_worst(found, labels, args.groups), 0)
 
             began = time.perf_counter()
             found = hmc.sample(potentials, loc, scale, args.chains, args.warmup, args.draws,
                                seed=0, rounds=args.rounds, enough=enough,
                                groups=args.groups, packaged=packaged)
             seconds = time.perf_counter() - began
-        rhat, _, ess, _ = _worst(chain_diagnostics(found.points, args.groups), labels)
+        rhat, _, _, ess, _ = _worst(chain_diagnostics(found.points, args.groups), labels,
+                                    args.groups)
         zs, rs = _against(found.points.flatten(0, 1), laplace.layout(run.guide), reference)
         shown = (f"{max(zs):.2f} | {min(rs):.2f}-{max(rs):.2f}" if zs else "- | -")
         print(f"| {way} ({found.graph}) | {seconds:.1f} | {found.gradients} | "

@@ -760,14 +760,14 @@ class Sampled:
         files.write_atomic(run_dir / layout.CHAINS, lambda handle: np.save(
             handle, self.chains.points.numpy(), allow_pickle=False))
 
-    def worst(self) -> tuple[float, str, float, str]:
-        """The largest nested R-hat and the smallest ESS (bulk or tail), each with its
-        coordinate."""
-        return _worst(self.diagnostics, self.labels)
+    def worst(self) -> tuple[float, float, str, float, str]:
+        """The nested R-hat furthest past its limit, that limit and its coordinate; the
+        smallest ESS (bulk or tail) and its coordinate."""
+        return _worst(self.diagnostics, self.labels, self.groups)
 
     def record(self) -> dict:
         """summary.json's ``diagnostics.sampler``."""
-        rhat, at_rhat, ess, at_ess = self.worst()
+        rhat, limit, at_rhat, ess, at_ess = self.worst()
         chains = self.chains
         return {"method": "hmc", "from": self.label, "chains": int(chains.points.shape[0]),
                 "groups": self.groups, "draws": int(chains.points.shape[1]),
@@ -776,11 +776,11 @@ class Sampled:
                 "leapfrog": chains.leapfrog, "accept": chains.accept,
                 "divergences": chains.divergences, "gradients": chains.gradients,
                 "seconds": chains.seconds, "graph": chains.graph, "nested_rhat": rhat,
-                "nested_rhat_at": at_rhat, "ess": ess, "ess_at": at_ess,
+                "nested_rhat_limit": limit, "nested_rhat_at": at_rhat, "ess": ess, "ess_at": at_ess,
                 "trusted": not self.distrusted}
 
     def said(self) -> str:
-        rhat, _, ess, _ = self.worst()
+        rhat, limit, _, ess, _ = self.worst()
         chains = self.chains
         count, length = chains.points.shape[:2]
         return (f"{count} chains in {self.groups} groups, {length} draws each after "
@@ -788,16 +788,22 @@ class Sampled:
                 f"{chains.step_size:.3g}, "
                 f"{chains.leapfrog:.1f} leapfrog steps, acceptance {chains.accept:.2f}, "
                 f"{chains.divergences} divergent, {chains.seconds:.1f} s); nested R-hat "
-                f"{rhat:.3f}, ESS {ess:.0f}")
+                f"{rhat:.3f} (at most {limit:.3f}), ESS {ess:.0f}")
 
 
-def _worst(found: dict, labels: list[str]) -> tuple[float, str, float, str]:
+def _worst(found: dict, labels: list[str], groups: int) -> tuple[float, float, str, float, str]:
+    """Of ``chain_diagnostics``: the nested R-hat furthest past its limit (by its ESS), with
+    the limit and coordinate; the smallest ESS (bulk or tail) and its coordinate."""
     import torch
 
+    from workbench.report.thresholds import nested_rhat_limit
+
     rhat = found["nested_rhat"]
+    limits = torch.tensor([nested_rhat_limit(float(e), groups) for e in found["ess_bulk"]],
+                          dtype=rhat.dtype)
     ess = torch.minimum(found["ess_bulk"], found["ess_tail"])
-    r, e = int(rhat.argmax()), int(ess.argmin())
-    return float(rhat[r]), labels[r], float(ess[e]), labels[e]
+    r, e = int((rhat ** 2 - limits ** 2).argmax()), int(ess.argmin())
+    return float(rhat[r]), float(limits[r]), labels[r], float(ess[e]), labels[e]
 
 
 def chain_potentials(run, loc) -> tuple[Any, list[str]]:
@@ -871,7 +877,8 @@ def sample(pipeline, start, stage: HMC) -> Sampled:
             chains = min(chains, 2 * groups)
 
         def distrusted(points) -> str:
-            return chains_distrusted(*_worst(chain_diagnostics(points, groups), labels), 0)
+            return chains_distrusted(*_worst(chain_diagnostics(points, groups), labels, groups),
+                                     0)
 
         packaged = packaged_gradients(pipeline, start.path, potentials, loc, chains)
         target = stage.target

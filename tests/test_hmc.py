@@ -72,6 +72,35 @@ def test_the_nested_rhat_passes_groups_that_agree_and_flags_one_apart():
     assert float(found[0]) > 1.02 and float(found[1]) <= 1.01
 
 
+def _flagged(chains: torch.Tensor, groups: int = 4) -> bool:
+    from vibench_plugins.stages import _worst
+    from workbench.report.thresholds import chains_distrusted
+
+    found = chain_diagnostics(chains, groups)
+    rhat, limit, at, _, _ = _worst(found, [str(i) for i in range(chains.shape[-1])], groups)
+    return bool(chains_distrusted(rhat, limit, at, math.inf, "", 0))
+
+
+def test_the_nested_rhat_limit_follows_the_ess_stationary_chains_pass_and_groups_apart_do_not():
+    """32 stationary chains of 50 draws (AR(1), 0.5) in 4 groups, 40 coordinates: their groups'
+    means hold each its own noise (B / W about 4 / ESS), which 1.01 alone flagged in about 80%
+    of such sets; the limit allows it and flags about 30%. Groups 0.3 sd apart in one
+    coordinate are flagged (about all of them). 20 sets each; the bounds are several binomial
+    sds from those rates."""
+    from workbench.report.thresholds import RHAT_AGREE, nested_rhat_limit
+
+    assert nested_rhat_limit(1e12, 4) == pytest.approx(RHAT_AGREE)
+    assert nested_rhat_limit(400, 4) == pytest.approx(math.sqrt(RHAT_AGREE ** 2 + 0.01))
+    offsets = torch.tensor([-1.5, -0.5, 0.5, 1.5], dtype=torch.float64) / math.sqrt(1.25)
+    stationary = apart = 0
+    for seed in range(20):
+        chains = _ar1(32, 50, 40, 0.5, seed=100 + seed)
+        stationary += _flagged(chains)
+        chains[:, :, 0] += 0.3 * offsets.repeat_interleave(8)[:, None]
+        apart += _flagged(chains)
+    assert stationary <= 12 and apart >= 16, (stationary, apart)
+
+
 def test_hmc_from_a_narrow_misplaced_gaussian_samples_a_correlated_gaussian():
     """The metric is re-estimated from the chains: a start half as wide as the target and a
     sd away still gives its moments, within 5 Monte Carlo standard errors (by the chains'
@@ -388,7 +417,9 @@ def test_the_chains_answer_reaches_every_reader(sampled, tmp_path):
     assert shown.returncode == 0, shown.stderr
     assert "auto: HMC draws: 16 chains x" in shown.stdout
     sampler = summary["diagnostics"]["sampler"]
-    assert (f"HMC draws: nested R-hat {sampler['nested_rhat']:.3f} (at most 1.01), ESS "
+    assert sampler["nested_rhat"] <= sampler["nested_rhat_limit"] < 1.03
+    assert (f"HMC draws: nested R-hat {sampler['nested_rhat']:.3f} (at most "
+            f"{sampler['nested_rhat_limit']:.3f}), ESS "
             f"{sampler['ess']:.0f} (at least 400; the means' Monte Carlo error "
             f"+-{1 / math.sqrt(sampler['ess']):.3f} sd at most), {sampler['divergences']} "
             "divergent transitions: ") in shown.stdout

@@ -819,7 +819,8 @@ def sampler_line(sampler: dict) -> str:
     from workbench.report.thresholds import ESS_CHAINS, RHAT_AGREE
 
     error = 1 / math.sqrt(sampler["ess"]) if sampler["ess"] > 0 else math.inf
-    return (f"HMC draws: nested R-hat {sampler['nested_rhat']:.3f} (at most {RHAT_AGREE:g}), "
+    limit = sampler.get("nested_rhat_limit", RHAT_AGREE)  # older runs' limit was 1.01
+    return (f"HMC draws: nested R-hat {sampler['nested_rhat']:.3f} (at most {limit:.3f}), "
             f"ESS {sampler['ess']:.0f} (at least {ESS_CHAINS}; the means' Monte Carlo error "
             f"+-{error:.3f} sd at most), {sampler['divergences']} divergent transitions: "
             + ("trusted" if sampler["trusted"] else "do not trust"))
