@@ -94,8 +94,12 @@ def chain_diagnostics(chains: torch.Tensor, groups: int = 0) -> dict[str, torch.
     tail = torch.minimum(_ess((split <= low).double()), _ess((split >= high).double()))
     found = {"rhat": rhat, "ess_bulk": _ess(bulk), "ess_tail": tail}
     if groups > 1:
-        whole = _rank_normal(chains)
-        folded = _rank_normal((chains - chains.flatten(0, 1).median(0).values).abs())
+        if length % 2 == 0:  # the split chains hold every draw: the same ranks, rejoined
+            whole, folded = (torch.cat([ranked[:count], ranked[count:]], 1)
+                             for ranked in (bulk, folded))
+        else:
+            whole = _rank_normal(chains)
+            folded = _rank_normal((chains - chains.flatten(0, 1).median(0).values).abs())
         found["nested_rhat"] = torch.maximum(_nested_rhat(whole, groups),
                                              _nested_rhat(folded, groups))
     return found
