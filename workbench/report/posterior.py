@@ -709,8 +709,13 @@ def _psis_draws(model: Callable, guide: Callable, data: dict, nesting: int,
     sites = latent_sites(single)
     derived = deterministic_sites(single)  # weighed too: e.g. eight schools' theta
     try:
-        found, precision = _widened(guide, data, lambda wide_data: _weigh(
-            model, guide, wide_data, nesting, num_draws, chunk, sites, derived, way, single))
+        # unvalidated: a draw outside an observed site's support (its parameter past the
+        # data) is weighed -inf, not an error for them all; and the arguments training
+        # checked are not checked again for every draw (a covariance's Cholesky, say)
+        with pyro.validation_enabled(False):
+            found, precision = _widened(guide, data, lambda wide_data: _weigh(
+                model, guide, wide_data, nesting, num_draws, chunk, sites, derived, way,
+                single))
     except (RuntimeError, ValueError, NotImplementedError, IndexError) as exc:
         how = "vectorised" if way.broadcasts else "draw by draw"
         return {"khat": None, "reason": f"the guide and model cannot be run {how} over "
