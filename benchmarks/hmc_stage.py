@@ -9,12 +9,17 @@ has one (the run's summary.json ``reference``'s parameters, compared by name whe
 site's draws are its unconstrained coordinate's exp or itself).
 
     OMP_NUM_THREADS=1 python benchmarks/hmc_stage.py RUN_DIR [--fit gaussian-1]
-        [--ways packaged,replayed,eager] [--warmup 100] [--draws 50] [--rounds 8]
+        [--ways packaged,replayed,eager] [--warmup 100[,150]] [--draws 50] [--rounds 8]
+        [--seeds 0[,1,2,3]]
+
+Several warm-up lengths or seeds give a row for each (way, warm-up, seed), in that order.
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
+import itertools
 import json
 import time
 from pathlib import Path
@@ -25,35 +30,37 @@ def main() -> None:
     parser.add_argument("run_dir", type=Path)
     parser.add_argument("--fit", default=None)
     parser.add_argument("--ways", default="packaged,replayed,eager")
-    parser.add_argument("--warmup", type=int, default=100)
+    parser.add_argument("--warmup", default="100", help="comma-separated")
     parser.add_argument("--draws", type=int, default=50)
     parser.add_argument("--rounds", type=int, default=8)
     parser.add_argument("--chains", type=int, default=32)
     parser.add_argument("--groups", type=int, default=4)
+    parser.add_argument("--seeds", default="0", help="comma-separated")
     args = parser.parse_args()
 
     import pyro
     import torch
 
     from vibench_plugins import hmc, laplace
-    from vibench_plugins.stages import _worst, chain_potentials
+    from vibench_plugins.stages import _worst, chain_potentials, enough
     from workbench import service
     from workbench.device import run_context
     from workbench.plugins.registry import get_registry
     from workbench.report.draws import chain_diagnostics
     from workbench.report.gaussians import fitted_gaussian
-    from workbench.report.thresholds import chains_distrusted
 
     summary = json.loads((args.run_dir / "summary.json").read_text())
     label = args.fit or summary["diagnostics"]["sampler"]["from"]
     run = service.load(args.run_dir / "fits" / label, get_registry(), trust_code=True)
     reference = (summary.get("reference") or {}).get("params") or {}
     print(f"{args.run_dir.name}: HMC from {label}, {args.chains} chains in {args.groups} "
-          f"groups, warm-up {args.warmup}, {args.draws} draws a round, {args.rounds} rounds")
-    print("| way | seconds | gradients | ms a gradient | draws a chain | nested R-hat | ESS | "
-          "divergent | max z | r |")
-    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---|")
-    for way in args.ways.split(","):
+          f"groups, {args.draws} draws a round, {args.rounds} rounds")
+    print("| way | warm-up | seed | seconds | gradients | ms a gradient | leapfrog steps | "
+          "draws a chain | nested R-hat (limit) | ESS | divergent | max z | r |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|")
+    for way, warmup, seed in itertools.product(
+            args.ways.split(","), [int(w) for w in args.warmup.split(",")],
+            [int(s) for s in args.seeds.split(",")]):
         with run_context(run.device, run.dtype), torch.no_grad(), \
                 pyro.validation_enabled(False):
             loc, scale = (t.detach() for t in fitted_gaussian(run.guide, whole=True))
@@ -62,21 +69,20 @@ def main() -> None:
                 potentials.rowwise = None  # not traced: the model's own runs
             packaged = _packaged(potentials, loc, args.chains) if way == "packaged" else None
 
-            def enough(points, labels=labels) -> bool:
-                found = chain_diagnostics(points, args.groups)
-                return not chains_distrusted(*_worst(found, labels, args.groups), 0)
-
             began = time.perf_counter()
-            found = hmc.sample(potentials, loc, scale, args.chains, args.warmup, args.draws,
-                               seed=0, rounds=args.rounds, enough=enough,
+            found = hmc.sample(potentials, loc, scale, args.chains, warmup, args.draws,
+                               seed=seed, rounds=args.rounds,
+                               enough=functools.partial(enough, groups=args.groups,
+                                                        labels=labels, draws=args.draws),
                                groups=args.groups, packaged=packaged)
             seconds = time.perf_counter() - began
-        rhat, _, _, ess, _ = _worst(chain_diagnostics(found.points, args.groups), labels,
-                                    args.groups)
+        rhat, limit, _, ess, _ = _worst(chain_diagnostics(found.points, args.groups), labels,
+                                        args.groups)
         zs, rs = _against(found.points.flatten(0, 1), laplace.layout(run.guide), reference)
         shown = (f"{max(zs):.2f} | {min(rs):.2f}-{max(rs):.2f}" if zs else "- | -")
-        print(f"| {way} ({found.graph}) | {seconds:.1f} | {found.gradients} | "
-              f"{1e3 * seconds / found.gradients:.2f} | {found.points.shape[1]} | {rhat:.3f} | "
+        print(f"| {way} ({found.graph}) | {warmup} | {seed} | {seconds:.1f} | "
+              f"{found.gradients} | {1e3 * seconds / found.gradients:.2f} | "
+              f"{found.leapfrog:.1f} | {found.points.shape[1]} | {rhat:.3f} ({limit:.3f}) | "
               f"{ess:.0f} | {found.divergences} | {shown} |")
 
 

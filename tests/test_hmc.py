@@ -101,6 +101,17 @@ def test_the_nested_rhat_limit_follows_the_ess_stationary_chains_pass_and_groups
     assert stationary <= 12 and apart >= 16, (stationary, apart)
 
 
+def test_the_stage_judges_its_chains_from_the_second_round_on():
+    """Independent draws are trusted after one round of 50, but the stage's rounds go on to a
+    second: the first draws after a warm-up carry the start every group shares."""
+    from vibench_plugins.stages import enough
+
+    chains = _ar1(32, 100, 2, 0.0, seed=5)
+    assert not _flagged(chains[:, :50])
+    assert not enough(chains[:, :50], groups=4, labels=["a", "b"], draws=50)
+    assert enough(chains, groups=4, labels=["a", "b"], draws=50)
+
+
 def test_hmc_from_a_narrow_misplaced_gaussian_samples_a_correlated_gaussian():
     """The metric is re-estimated from the chains: a start half as wide as the target and a
     sd away still gives its moments, within 5 Monte Carlo standard errors (by the chains'
