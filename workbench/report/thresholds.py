@@ -19,8 +19,8 @@ the automatic pipeline's stages, compare's table and plot, and Pathfinder all as
   estimates the squared spread of the groups' means in posterior sds, which must be at most
   what ``RHAT_AGREE`` allows on chains of unlimited ESS (1.01: 0.14 sd). Against 1.01 itself,
   stationary chains of 50 draws (32 chains in 4 groups, ESS about 600, 40 coordinates) were
-  flagged 78-81% of the time; with the limit, 26-31%, while groups 0.2 sd apart still were
-  95-96% of the time (1.01: 99-100%); at 100 draws, 0-1% against 3-6% (benchmarks/README.md).
+  flagged 81% of the time; with the limit, 32%, while groups 0.2 sd apart still were 99% of
+  the time (1.01: 100%); at 100 draws, 0% against 3% (benchmarks/nested_rhat.py).
 - A k-hat over ``KHAT_TRUSTED`` beside an importance-sampling ESS of at least
   ``ESS_NEARLY_ALL`` of the draws is no contradiction, and the reading says why: the weights
   barely vary where the draws reach, but grow without bound past them (a Gaussian guide of a
