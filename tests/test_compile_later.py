@@ -82,8 +82,9 @@ def test_meanwhile_the_traced_step_is_replayed_where_tracing_pays(tmp_path: Path
 
 def test_a_pipelines_fit_never_compiles_its_step_itself(cold: Path):
     """A fit of the automatic pipeline (``compile_for``: the steps its stage's fits share)
-    loads a package where one is cached; where none is, it trains eagerly even where a first
-    compile would pay, and leaves the compiling to a child (switched off here)."""
+    loads a package where one is cached; where none is, it never compiles, even where a first
+    compile would pay, and leaves the compiling to a child (switched off here): eager where
+    the step cannot be traced (as here), else the traced step replayed (below)."""
     from tests.helpers import resolved
     from workbench.plugins.registry import get_registry
     from workbench.train.runner import Run
@@ -96,6 +97,41 @@ def test_a_pipelines_fit_never_compiles_its_step_itself(cold: Path):
                          "yet, and a pipeline's fits compile none themselves"]
     alone = setup("train.compile=auto", "train.steps=10000000", "train.eval_every=0")
     assert alone.notes == ["training eagerly, not compiled: tracing failed: traced"]
+
+
+def test_a_pipelines_fits_replay_the_first_ones_traced_step(tmp_path: Path, monkeypatch):
+    """With no package cached, a pipeline's fits (``compile_for``: the steps they share,
+    enough to pay for tracing) replay the traced step uncompiled: traced and checked once,
+    the second fit of the same step replays the first's graph, and trains as eager does."""
+    from tests.helpers import resolved
+    from workbench.plugins.registry import get_registry
+    from workbench.train.runner import Run
+
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setattr(compiled_step, "_TRACED", {})
+    checked = []
+    original = compiled_step._checked_graph
+
+    def counted(*args, **kwargs):
+        checked.append(1)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(compiled_step, "_checked_graph", counted)
+    recipe = resolved("train.compile=auto", "train.steps=300", "train.eval_every=0")
+    fits = []
+    for n in range(2):
+        run = Run.setup(recipe, get_registry(), compile_for=4000)
+        assert run.compiled is not None and not run.compiled.compiled, run.notes
+        assert TRACED.fullmatch(run.notes[0]), run.notes
+        for _ in range(20):
+            assert run.step()[1] == ""
+        fits.append(fitted())
+    assert len(checked) == 1
+    run = setup("train.steps=300", "train.compile=false", "train.eval_every=0")
+    for _ in range(20):
+        assert run.step()[1] == ""
+    eager = fitted()
+    assert all(torch.allclose(fits[1][k], eager[k], rtol=1e-5, atol=1e-6) for k in eager)
 
 
 def test_a_run_left_eager_for_a_cold_cache_is_bitwise_the_eager_run(cold: Path):

@@ -83,6 +83,9 @@ ROLL_SECONDS = 30.0
 # the last rolled step this process made, {key: (graph, note)}, for the next run of the same
 # structure (the pipeline's next fit): its graph takes the parameters as inputs
 _LAST_ROLLED: dict[str, tuple[Any, str]] = {}
+# the checked traced graphs this process replays uncompiled, by their package's key: a
+# pipeline's later fits of the same step replay the first's (its parameters are inputs)
+_TRACED: dict[str, torch.fx.GraphModule] = {}
 # a rolled block whose inputs are this small (a turn's few numbers a particle) is compiled to
 # scalar loops: vector code's set-up and tails cost more than they save on a few numbers
 # (benchmarks/README.md, "Loops rolled, round 3"); a whole step's larger tensors keep it
@@ -179,7 +182,8 @@ def prepare(setting: str | bool, svi: Any, data: dict, device: torch.device, ste
     if given. ``cached_only``: ``auto`` never compiles a whole step in this process (a
     pipeline's fit), only loads a CPU step's package, and off the CPU trains eagerly; a step
     too long to compile whole is still rolled where that pays for ``steps`` (every fit that
-    shares it: the later ones take the first's rolled graph)."""
+    shares it: the later ones take the first's rolled graph), and one with no package yet is
+    replayed traced where that pays for ``steps`` (the later fits replay the first's trace)."""
     mode = {True: "true", False: "false"}.get(setting, setting)  # YAML's true/false are bools
     if mode == "false":
         return None, []
@@ -207,8 +211,8 @@ def prepare(setting: str | bool, svi: Any, data: dict, device: torch.device, ste
     except NotYet as exc:
         later = background.start(recipe, exc.key) if recipe is not None else None
         later_notes = [later] if later else []
-        if not cached_only and _replay_pays(exc.ops, exc.eager):
-            replayed = _replayed(svi, data)
+        if _replay_pays(exc.ops, exc.eager):  # exc.eager: every fit's, for a pipeline's
+            replayed = _replayed(svi, data, exc.key)
             if replayed is not None:
                 return replayed, [f"training on the traced step, replayed uncompiled: {exc}",
                                   *later_notes]
@@ -231,8 +235,8 @@ def prepare(setting: str | bool, svi: Any, data: dict, device: torch.device, ste
 
 def compile_step(svi: Any, data: dict, steps: int | None = None, backend: str = "inductor",
                  refusal: str | None = None, max_ops: int = MAX_OPS,
-                 refuse_above: bool = False, cached_only: bool = False
-                 ) -> CompiledStep | None:
+                 refuse_above: bool = False, cached_only: bool = False,
+                 traced_key: str | None = None) -> CompiledStep | None:
     """Trace, check and compile one step of ``svi`` (whose parameters and optimizers exist).
     Given ``steps``, None where so few eager steps would cost less than loading a compiled
     step, and NotYet where no package of it is cached and they cost less than compiling it:
@@ -243,7 +247,9 @@ def compile_step(svi: Any, data: dict, steps: int | None = None, backend: str = 
     A step of more than ``max_ops`` operations is refused before tracing where
     ``refuse_above``, else compiled with a warning that it may take long (or, where
     ``refuse_above``, rolled where that pays: ``_rolled``). ``cached_only``: a CPU step is
-    loaded from its package or NotYet, never compiled whole here; on another device None."""
+    loaded from its package or NotYet, never compiled whole here; on another device None.
+    ``traced_key``: the package's key of a step replayed uncompiled, whose checked trace is
+    kept for the process's later steps of that key (a pipeline's later fits)."""
     params, ops = _probe(svi, data)
     device = params[0].device if params else torch.device("cpu")
     per_op = EAGER_OP_SECONDS.get(device.type, EAGER_OP_SECONDS["cpu"])
@@ -296,9 +302,12 @@ def compile_step(svi: Any, data: dict, steps: int | None = None, backend: str = 
         probing = seams.vector_isa_probed_beside()  # inductor asks only once it generates code
     saying = _saying(ops, max_ops) if backend == "inductor" else contextlib.nullcontext()
     with saying, probing:
-        # a key means _packaged's two records agreed already
-        graph = _checked_graph(loss_and_grads, svi, data, params, feeds, device, fixed,
-                               recorded=key is not None)
+        graph = _TRACED.get(traced_key) if traced_key is not None else None
+        if graph is None:  # a key means _packaged's two records agreed already
+            graph = _checked_graph(loss_and_grads, svi, data, params, feeds, device, fixed,
+                                   recorded=key is not None)
+        if traced_key is not None and backend == "fx":
+            _TRACED[traced_key] = graph
         update = _adam_update(svi.optim, params)
         states = update.tensors if update else []
         inputs = [t.detach() for t in (*params, *states, *feeds)]  # the same storage
@@ -398,11 +407,11 @@ def _replay_pays(ops: int, eager: float) -> bool:
     return eager * (1 - REPLAY_SHARE) > TRACE_SECONDS + TRACE_OP_SECONDS * ops
 
 
-def _replayed(svi: Any, data: dict) -> CompiledStep | None:
-    """The step traced, checked against eager and replayed uncompiled; None where it cannot
-    be (the run trains eagerly)."""
+def _replayed(svi: Any, data: dict, key: str | None) -> CompiledStep | None:
+    """The step traced, checked against eager and replayed uncompiled (traced once a process
+    for its package's ``key``); None where it cannot be (the run trains eagerly)."""
     try:
-        return compile_step(svi, data, backend="fx")
+        return compile_step(svi, data, backend="fx", traced_key=key)
     except Exception:  # whatever refuses to trace refuses to compile too: eager is right
         return None
     finally:  # no gradient of the trial steps may reach the first real step
