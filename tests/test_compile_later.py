@@ -119,7 +119,7 @@ def test_a_pipelines_fits_replay_the_first_ones_traced_step(tmp_path: Path, monk
     monkeypatch.setattr(compiled_step, "_checked_graph", counted)
     recipe = resolved("train.compile=auto", "train.steps=300", "train.eval_every=0")
     fits = []
-    for n in range(2):
+    for _ in range(2):
         run = Run.setup(recipe, get_registry(), compile_for=4000)
         assert run.compiled is not None and not run.compiled.compiled, run.notes
         assert TRACED.fullmatch(run.notes[0]), run.notes
