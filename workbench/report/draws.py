@@ -124,11 +124,10 @@ def _rank_normal(draws: torch.Tensor) -> torch.Tensor:
     averaged)."""
     flat = draws.flatten(0, 1)
     size = len(flat)
-    order = flat.argsort(0)
+    ordered, order = flat.sort(0)
     ranks = torch.empty_like(flat)
     ranks.scatter_(0, order, torch.arange(1, size + 1, dtype=flat.dtype)[:, None]
                    .expand_as(flat).contiguous())
-    ordered = flat.gather(0, order)
     tied = (ordered[1:] == ordered[:-1]).any(0).nonzero().flatten().tolist()
     for column in tied:  # ties (a chain that stayed put) share their mean rank
         _, inverse = flat[:, column].unique(return_inverse=True)
