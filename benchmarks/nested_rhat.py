@@ -1,6 +1,6 @@
 """How often the hmc stage's verdict on its chains' nested R-hat flags chains that have
 converged, and chains whose groups have not: 1.01 alone beside the limit that follows each
-coordinate's ESS (``thresholds.nested_rhat_limit``).
+coordinate's ESS (``thresholds.nested_rhat_limit``, as the stage asks it: ``stages._worst``).
 
 The chains are AR(1) with correlation ``--rho`` (stationary from their first draw), 32 in 4
 groups as the stage runs them, ``--coordinates`` of them each; for the groups that have not
@@ -18,8 +18,9 @@ import math
 
 import torch
 
+from vibench_plugins.stages import _worst
 from workbench.report.draws import chain_diagnostics
-from workbench.report.thresholds import RHAT_AGREE, nested_rhat_limit
+from workbench.report.thresholds import RHAT_AGREE, chains_distrusted
 
 CHAINS, GROUPS = 32, 4
 
@@ -36,12 +37,12 @@ def ar1(length: int, coordinates: int, rho: float, generator: torch.Generator) -
 
 
 def flagged(chains: torch.Tensor) -> tuple[bool, bool]:
-    """Whether 1.01 alone, and the ESS's limit, flag any coordinate."""
+    """Whether 1.01 alone, and the stage's verdict by the ESS's limit (its ESS bound left
+    out), flag any coordinate."""
     found = chain_diagnostics(chains, GROUPS)
-    rhat = found["nested_rhat"]
-    limits = torch.tensor([nested_rhat_limit(float(e), GROUPS) for e in found["ess_bulk"]],
-                          dtype=rhat.dtype)
-    return bool((rhat > RHAT_AGREE).any()), bool((rhat > limits).any())
+    rhat, limit, at, _, _ = _worst(found, [str(i) for i in range(chains.shape[-1])], GROUPS)
+    return (bool((found["nested_rhat"] > RHAT_AGREE).any()),
+            bool(chains_distrusted(rhat, limit, at, math.inf, "", 0)))
 
 
 def main() -> None:

@@ -672,10 +672,10 @@ def hmc(chains: int = 32, groups: int = 4, warmup: int = 100, draws: int = 50, r
     started from the best Gaussian fit and preconditioned by it (plugins/hmc.py), in ``groups``
     sharing a start each: ``warmup`` transitions, then ``draws`` at a time until the chains are
     trusted (``thresholds.chains_distrusted``, by their nested R-hat), ``rounds`` times at most
-    and judged from the second round on (the first draws after the warm-up still carry the
-    fit's narrow start in every group alike, which the groups' agreement cannot show: latent_gp's
-    sds came out 14% short at 50 draws a chain with every diagnostic passed)
-    (after a divergent transition, once more from the start with the target halfway to 1). The
+    (after a divergent transition, once more from the start with the target halfway to 1).
+    They are judged from the second round on: the first draws after the warm-up still carry
+    the fit's narrow start in every group alike, which the groups' agreement cannot show
+    (latent_gp's sds came out 14% short at 50 draws a chain with every diagnostic passed). The
     step size is tuned to ``target_accept``, the chains' harmonic-mean acceptance (ChEES-HMC's 0.65:
     their arithmetic mean then sits near 0.95). Their draws are the answer where the chains are
     trusted, or where the fits' k-hat was not (then flagged if the chains are not trusted either).
