@@ -400,6 +400,8 @@ def run_vibench(name: str, out: Path, env: dict, cold: bool = False) -> dict:
                            "--threads", "1", "--out", str(run_dir)], env)
     times["child"] = "in the background" in result.stderr  # a step packaged for later runs
     wait_for_background(env)
+    if cold:
+        shutil.rmtree(env["TORCHINDUCTOR_CACHE_DIR"], ignore_errors=True)
     summary_path = run_dir / "summary.json"
     if not summary_path.exists():
         tail = (result.stderr or result.stdout).strip().splitlines()[-1:] or ["no output"]
