@@ -13,8 +13,9 @@ import torch
 from pyro.ops.stats import fit_generalized_pareto
 
 from tests.helpers import fit, one_fit_recipe
+from workbench import service
 from workbench.auto import pipeline
-from workbench.report import iw_error, thresholds
+from workbench.report import iw_error, posterior, thresholds
 
 HERE = Path(__file__).resolve()
 
@@ -129,3 +130,32 @@ def test_the_answer_s_flag_reads_the_pooled_sd_s_relative_mcse():
     [flag], _ = iw_error.verdict(iw_error.pooled([fit(30.0, 4.0)] * 2, 2, pooled), 0.6)
     assert flag.startswith("the sd of a[1] is not known to +-10%")
     assert f"{3 * 4.0 * math.sqrt(2) / 2 / 30:.0%}" in flag  # a[1]: 3 x 4 / 30 / sqrt(2)
+
+
+def near(scale: float = 3.05):
+    """A guide for heavy and light close to their posterior (z ~ Normal(0, 3)): a good
+    importance sampler whose weights still vary."""
+    pyro.sample("z", dist.Normal(torch.tensor(0.0), scale))
+
+
+@pytest.mark.parametrize("model, more", [(heavy, True), (light, False)])
+def test_psis_takes_ten_times_the_draws_where_a_good_sampler_leaves_an_sd_s_tail_unbounded(
+        monkeypatch, model, more):
+    monkeypatch.setattr(posterior, "MORE_DRAWS_SECONDS", math.inf)  # behaviour, not timing
+    pyro.set_rng_seed(0)
+    found = posterior.diagnostics(model, near, {}, 0)
+    assert found["khat"] < thresholds.KHAT_GOOD
+    assert found["num_draws"] == (10 * posterior.NUM_IS_DRAWS if more
+                                  else posterior.NUM_IS_DRAWS)
+    assert ("more_draws" in found) == more
+    if more:
+        assert found["more_draws"].startswith("PSIS on 100000 draws, 10 times 10000")
+        assert "    " + found["more_draws"] in service.khat_lines(found)
+
+
+def test_no_more_draws_where_the_first_ones_took_too_long(monkeypatch):
+    monkeypatch.setattr(posterior, "MORE_DRAWS_SECONDS", 0.0)
+    pyro.set_rng_seed(0)
+    found = posterior.diagnostics(heavy, near, {}, 0)
+    assert found["num_draws"] == posterior.NUM_IS_DRAWS and "more_draws" not in found
+    assert max(iw_error.flat(found["sites"]["x"]["iw_std_khat"])) > thresholds.KHAT_TRUSTED

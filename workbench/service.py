@@ -800,8 +800,9 @@ def khat_lines(diagnostics: schema.Diagnostics) -> list[str]:
                      + ("" if se is None else f" +- {se:.2f}")
                      + f" ({diagnostics['reading']}); importance-sampling ESS "
                      f"{diagnostics['ess']:.0f} of {diagnostics['num_draws']}")
-        if diagnostics.get("sized"):
-            lines.append(f"    {diagnostics['sized']}")
+        for said in ("sized", "more_draws"):
+            if diagnostics.get(said):
+                lines.append(f"    {diagnostics[said]}")
         if diagnostics.get("log_evidence") is not None:
             elbo = "-inf" if diagnostics.get("elbo") is None else f"{diagnostics['elbo']:.4f}"
             se = diagnostics.get("log_evidence_se")

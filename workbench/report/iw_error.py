@@ -154,11 +154,11 @@ def verdict(posterior: dict[str, Any], khat: float | None) -> tuple[list[str], l
 
 def _tensor(value: Any) -> torch.Tensor:
     """A summary's number or nested list, flat, as float64; None as NaN."""
-    return torch.tensor(_flat(value), dtype=torch.float64)
+    return torch.tensor(flat(value), dtype=torch.float64)
 
 
-def _flat(value: Any) -> list[float]:
+def flat(value: Any) -> list[float]:
     """A summary's number or nested list, flat; None as NaN."""
     if isinstance(value, list):
-        return [x for item in value for x in _flat(item)]
+        return [x for item in value for x in flat(item)]
     return [math.nan if value is None else float(value)]

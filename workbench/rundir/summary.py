@@ -57,6 +57,7 @@ class Diagnostics(TypedDict, total=False):
     log_evidence_se: float | None
     khat_se: float | None
     sized: str
+    more_draws: str  # PSIS took MORE_DRAWS times the draws: an sd's tail was unbounded
     per_draw: str
     inference_data: str
     khats: dict  # the pipeline's: each fit's k-hat
