@@ -140,8 +140,7 @@ def near(scale: float = 3.05):
 
 @pytest.mark.parametrize("model, more", [(heavy, True), (light, False)])
 def test_psis_takes_ten_times_the_draws_where_a_good_sampler_leaves_an_sd_s_tail_unbounded(
-        monkeypatch, model, more):
-    monkeypatch.setattr(posterior, "MORE_DRAWS_SECONDS", math.inf)  # behaviour, not timing
+        model, more):
     pyro.set_rng_seed(0)
     found = posterior.diagnostics(model, near, {}, 0)
     assert found["khat"] < thresholds.KHAT_GOOD
@@ -153,8 +152,8 @@ def test_psis_takes_ten_times_the_draws_where_a_good_sampler_leaves_an_sd_s_tail
         assert "    " + found["more_draws"] in service.khat_lines(found)
 
 
-def test_no_more_draws_where_the_first_ones_took_too_long(monkeypatch):
-    monkeypatch.setattr(posterior, "MORE_DRAWS_SECONDS", 0.0)
+def test_no_more_draws_where_they_would_pass_the_work_allowed(monkeypatch):
+    monkeypatch.setattr(posterior, "MORE_DRAWS_WORK", 10 * posterior.NUM_IS_DRAWS - 1)
     pyro.set_rng_seed(0)
     found = posterior.diagnostics(heavy, near, {}, 0)
     assert found["num_draws"] == posterior.NUM_IS_DRAWS and "more_draws" not in found
