@@ -31,6 +31,11 @@ recorded with the load average as it began: on a shared machine the load stretch
 time of each side differently, its CPU time much less, so the target (vibench at most a third
 of NUTS, and good) is read off the CPU ratio.
 
+``--one-core`` pins the script to one CPU core, and so both sides and all their threads and
+children: NumPyro's process, one XLA thread or not, spends 1.2-1.4 s of CPU a wall second on a
+second core where it has one (JAX's own threads), vibench one, so on a multi-core machine the
+wall ratio and the CPU ratio part; on one core each side's wall time is what it needs there.
+
 ``--quick``: one round, NUTS 2 chains x (500 + 500) (not the comparison the target names; the
 table says so).
 
@@ -487,6 +492,8 @@ def main(argv=None) -> int:
                        help="first run vibench untimed until its compiled steps are cached")
     cache.add_argument("--cold", action="store_true",
                        help="every vibench run with an empty compile cache")
+    parser.add_argument("--one-core", action="store_true",
+                        help="pin the script, and so both sides, to one CPU core")
     parser.add_argument("--nuts", nargs=4, metavar=("NAME", "CHAINS", "WARMUP", "DRAWS"),
                         help=argparse.SUPPRESS)  # the NUTS side's own process
     args = parser.parse_args(argv)
@@ -498,6 +505,8 @@ def main(argv=None) -> int:
     if unknown:
         parser.error(f"unknown posterior {unknown[0]!r}; choose from {', '.join(CASES)}")
     rounds = 1 if args.quick else args.rounds
+    if args.one_core:  # inherited by every child: each side's process, its threads, its children
+        os.sched_setaffinity(0, {max(os.sched_getaffinity(0))})
     out = args.out or Path(tempfile.mkdtemp(prefix="nuts_bench_"))
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     lines = []
@@ -525,8 +534,9 @@ def main(argv=None) -> int:
         lines.append(row(name, sides))
     nuts = "2 chains x (500 + 500), --quick" if args.quick else "4 chains x (1000 + 1000)"
     cache = "warm" if args.warm else "empty each run" if args.cold else "as found"
+    cores = ", both sides pinned to one core" if args.one_core else ""
     print(f"\nwhole process each side, {rounds} round(s) alternated; NUTS {nuts}, sequential, "
-          f"float64; vibench --set guide=auto --threads 1, compile cache {cache}\n")
+          f"float64; vibench --set guide=auto --threads 1, compile cache {cache}{cores}\n")
     print("| posterior | vibench s | NUTS s | vibench/NUTS | CPU vibench/NUTS | "
           "vibench max z / r | NUTS max z / r | NUTS divergences | target met (CPU <= 1/3, good) |")
     print("|---|---:|---:|---:|---:|---|---|---:|---|")
