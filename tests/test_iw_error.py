@@ -148,7 +148,8 @@ def test_psis_takes_ten_times_the_draws_where_a_good_sampler_leaves_an_sd_s_tail
                                   else posterior.NUM_IS_DRAWS)
     assert ("more_draws" in found) == more
     if more:
-        assert found["more_draws"].startswith("PSIS on 100000 draws, 10 times 10000")
+        assert found["more_draws"].startswith("PSIS on 100000 draws, 10 times 10000: on those "
+                                              "the squared deviations of x had a tail k-hat")
         assert "    " + found["more_draws"] in service.khat_lines(found)
 
 
