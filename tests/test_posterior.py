@@ -424,7 +424,6 @@ def test_log_joint_over_draws_is_pyro_s_own_density():
                            ours.nodes[name]["fn"].log_prob(ours.nodes[name]["value"])), name
 
 
-
 def test_guide_draws_outside_the_models_support_are_weighed_zero_not_an_error():
     """theta ~ Uniform(0.1, 10), a guide over all positive numbers: its draws past either end
     (about 5%) have no density under the model, so their weight is 0, and the rest still weigh

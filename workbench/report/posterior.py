@@ -665,11 +665,12 @@ def _more_pay(result: dict[str, Any], single: poutine.Trace, draws: int) -> str:
     if not thresholds.sd_caution_only(khat) or "sites" not in result or \
             draws * MORE_DRAWS * sized_psis.draw_numbers(single) > MORE_DRAWS_WORK:
         return ""
-    tails = [(k, site if len(tail) == 1 else f"{site}[{i}]")
-             for site, entry in result["sites"].items()
-             for tail in [iw_error.flat(entry.get("iw_std_khat"))] for i, k in enumerate(tail)]
-    worst, label = max(tails, key=lambda found: found[0] if math.isfinite(found[0]) else -1)
-    if not worst > thresholds.KHAT_TRUSTED:
+    worst, label = thresholds.KHAT_TRUSTED, ""
+    for site, entry in result["sites"].items():
+        for i, k in enumerate(iw_error.flat(entry.get("iw_std_khat"))):
+            if k > worst:  # labelled as iw_error.verdict labels them
+                worst, label = k, site if not isinstance(entry["iw_std"], list) else f"{site}[{i}]"
+    if not label:
         return ""
     return (f"the squared deviations of {label} had a tail k-hat of {worst:.2f} > "
             f"{thresholds.KHAT_TRUSTED}")
